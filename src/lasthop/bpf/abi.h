@@ -1,0 +1,50 @@
+/* abi.h: the structs the data path shares with the agent (the map ABI).
+ * Python mirror: src/lasthop/abi.py -- keep in sync; tests/test_abi.py checks
+ * sizes and offsets against this object's BTF. */
+#pragma once
+
+#include <linux/types.h>
+
+/* A connection, always oriented as its first packet arrived on an uplink
+ * (request direction: saddr = the client). Addresses and ports in network
+ * order; IPv4 addresses sit in word 0 with words 1-3 zero. ICMP echo puts
+ * its identifier in both ports so the key reverses onto itself. */
+struct conn_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  family; /* FAMILY_V4 or FAMILY_V6 */
+	__u16 zone;   /* routing domain of the interface, host order */
+};
+
+/* Per-connection state: the last hop its request came from. 40 bytes, so an
+ * LRU element stays under 150 bytes of kernel memory. */
+struct conn_entry {
+	__u64 last_seen;    /* bpf_ktime_get_coarse_ns() of the last packet, CLOCK_MONOTONIC */
+	__u32 ifindex;      /* uplink the request arrived on */
+	__u32 vm_ifindex;   /* VM port that serves or opened the connection, 0 = none */
+	__u8  mac[ETH_ALEN];/* last hop: the request's source MAC */
+	__u16 vlan_tci[MAX_VLAN_TAGS]; /* [0] outer, [1] inner, host order, with PCP/DEI */
+	__u8  vlan_count;   /* tags in vlan_tci */
+	__u8  flags;        /* F_ENTRY_* */
+	__u32 tunnel_id;    /* tunnel endpoint index, 0 = not tunnelled (reserved) */
+	__u32 packets;      /* request packets seen (approximate: not atomic) */
+	__u32 replies;      /* reply packets redirected (approximate: not atomic) */
+};
+
+/* Per-interface settings, written by the agent (lh_ifaces value). */
+struct iface_cfg {
+	__u8  mac[ETH_ALEN]; /* the interface's own MAC: routed replies leave from it */
+	__u16 zone;          /* routing domain, host order */
+	__u8  role;          /* enum lh_role */
+	__u8  flags;         /* F_IFACE_* */
+	__u16 slot;          /* counter slot, 1 .. MAX_IFACES - 1 */
+};
+
+/* Host-wide settings (lh_settings[0]). */
+struct lh_settings {
+	__u32 flags;         /* F_SET_* */
+	__u32 reserved;
+};

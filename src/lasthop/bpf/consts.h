@@ -1,0 +1,74 @@
+/* consts.h: every constant of the lasthop data path; tunables take -D overrides. */
+#pragma once
+
+/* Connection table size. The agent sets max_entries from the config before
+ * loading, so this is only the default the object is built with. */
+#ifndef CONN_TABLE_SIZE
+#define CONN_TABLE_SIZE 1048576
+#endif
+
+/* Interfaces the agent can configure; slot 0 collects packets seen on an
+ * interface the agent did not configure. */
+#ifndef MAX_IFACES
+#define MAX_IFACES 256
+#endif
+
+#define MAX_VLAN_TAGS     2   /* 802.1ad outer + 802.1Q inner */
+#define MAX_IPV6_EXT_HDRS 6   /* extension headers skipped before giving up */
+
+/* Bytes pulled into the linear area when the headers are not there yet. */
+#define PULL_LEN 128
+
+#define ETH_ALEN   6
+#define FAMILY_V4  4
+#define FAMILY_V6  6
+
+/* Interface roles (lh_ifaces value .role). */
+enum lh_role {
+	ROLE_NONE    = 0,
+	ROLE_UPLINK  = 1,
+	ROLE_VM_PORT = 2,
+};
+
+/* lh_ifaces value .flags */
+#define F_IFACE_ROUTED (1 << 0) /* VM port of a routed host: rewrite source MAC, TTL - 1 */
+
+/* lh_settings value .flags */
+#define F_SET_RELEARN_FIRST (1 << 0) /* keep the first MAC seen; only a SYN re-learns */
+
+/* lh_conns value .flags */
+#define F_ENTRY_HOP_KNOWN    (1 << 0) /* last hop learned on an uplink */
+#define F_ENTRY_VM_ORIGIN    (1 << 1) /* connection opened by a VM (full proxy) */
+#define F_ENTRY_OUTER_8021AD (1 << 2) /* outer tag was 802.1ad (0x88a8), not 802.1Q */
+
+/* Counter slots, per interface: lh_counters key = iface slot * CNT_MAX + reason.
+ * Python mirror: lasthop.abi.Counter (checked against BTF by a test). */
+enum lh_counter {
+	CNT_LEARNED             = 0,  /* new entry from an uplink packet */
+	CNT_RELEARNED           = 1,  /* last hop changed: SYN, or a new MAC with relearn=latest */
+	CNT_REFRESHED           = 2,  /* entry seen again, last hop unchanged */
+	CNT_REDIRECTED          = 3,  /* reply sent to its last hop */
+	CNT_MISS                = 4,  /* reply with no entry: left to ordinary routing */
+	CNT_NOT_IP              = 5,  /* not IPv4/IPv6 (ARP, LLDP, ...): passed */
+	CNT_MALFORMED           = 6,  /* truncated header or bad length: passed */
+	CNT_FRAGMENT            = 7,  /* IP fragment (no ports to key on): passed */
+	CNT_ICMP_ERROR_REDIRECTED = 8, /* ICMP error sent along its connection's last hop */
+	CNT_ICMP_ERROR_MISS     = 9,  /* ICMP error about no known connection: passed */
+	CNT_ICMP_OTHER          = 10, /* ICMP neither echo nor error (ND, router adv.): passed */
+	CNT_TTL_EXPIRED         = 11, /* routed reply with TTL <= 1: left to the kernel */
+	CNT_LEARN_FAILED        = 12, /* table insert failed: passed */
+	CNT_REWRITE_FAILED      = 13, /* VLAN push failed: passed */
+	CNT_NO_IFACE            = 14, /* interface not configured by the agent: passed */
+	CNT_IP_OPTIONS          = 15, /* IPv4 header with options (handled as usual) */
+	CNT_IPV6_EXT            = 16, /* IPv6 extension headers skipped (handled as usual) */
+	CNT_VM_ORIGIN_LEARNED   = 17, /* new connection opened by a VM, remembered */
+	CNT_VM_ORIGIN_RETURNED  = 18, /* uplink packet of a VM-opened connection sent to its VM */
+	CNT_SVC_SELECTED        = 19, /* service connection: VM chosen by the Maglev table */
+	CNT_SVC_PINNED          = 20, /* service packet sent to the VM its entry holds */
+	CNT_SVC_NO_BACKEND      = 21, /* service with no healthy VM: passed */
+	CNT_SVC_REASSIGNED      = 22, /* entry's VM down: chosen again */
+	CNT_AGENT_REMOVED       = 23, /* written by the agent: entries it aged out or flushed */
+	CNT_MAX                 = 32,
+};
+
+#define COUNTERS_SIZE (MAX_IFACES * CNT_MAX)

@@ -1,0 +1,302 @@
+/* parse.h: header parsers, Ethernet to L4, for tc programs.
+ * Each parse_<hdr>(c, ...) advances the cursor past its header and returns the
+ * next protocol (>= 0) or a negative enum lh_counter reason to pass with.
+ * Fields are read in network order and stored in network order unless noted. */
+#pragma once
+
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/icmp.h>
+#include <linux/icmpv6.h>
+#include <bpf/bpf_endian.h>
+
+#include "consts.h"
+#include "abi.h"
+
+#define ETH_P_8021AD_ 0x88A8
+#define IP_MF_        0x2000
+#define IP_OFFSET_    0x1FFF
+#define TCP_FLAG_SYN_ 0x02
+#define TCP_FLAG_ACK_ 0x10
+
+struct cursor {
+	void *pos;
+	void *end;
+};
+
+/* What the ICMP header says the packet is. */
+enum icmp_kind {
+	ICMP_KIND_NONE  = 0, /* not ICMP */
+	ICMP_KIND_ECHO  = 1, /* echo request or reply: keyed by identifier */
+	ICMP_KIND_ERROR = 2, /* error quoting a packet of some connection */
+	ICMP_KIND_OTHER = 3, /* anything else: passed */
+};
+
+/* A parsed packet. key is as read (saddr = this packet's source). */
+struct pkt {
+	struct conn_key key;
+	__u16 vlan_tci[MAX_VLAN_TAGS]; /* host order, [0] outer */
+	__u8  vlan_count;
+	__u8  outer_ad;     /* outer tag is 802.1ad */
+	__u8  tcp_flags;
+	__u8  icmp_kind;    /* enum icmp_kind */
+	__u8  ip_options;   /* IPv4 header longer than 20 bytes */
+	__u8  ipv6_ext;     /* IPv6 extension headers skipped */
+	__u16 l3_off;       /* offset of the IP header from the frame start */
+	void *l3;           /* the IP header (valid until the packet changes) */
+};
+
+/* Ethernet, then up to MAX_VLAN_TAGS 802.1Q/802.1ad tags in the data.
+ * Returns the ethertype in host order. */
+static __always_inline int parse_eth(struct cursor *c, struct pkt *p)
+{
+	struct ethhdr *eth = c->pos;
+	__u16 proto;
+
+	if ((void *)(eth + 1) > c->end)
+		return -CNT_MALFORMED;
+	proto = bpf_ntohs(eth->h_proto);
+	c->pos = eth + 1;
+
+#pragma unroll
+	for (int i = 0; i < MAX_VLAN_TAGS; i++) {
+		struct vlan_hdr { __be16 tci; __be16 proto; } *vh = c->pos;
+
+		if (proto != ETH_P_8021Q && proto != ETH_P_8021AD_)
+			break;
+		if ((void *)(vh + 1) > c->end)
+			return -CNT_MALFORMED;
+		if (p->vlan_count >= MAX_VLAN_TAGS)
+			return -CNT_NOT_IP; /* a third tag: not ours to handle */
+		if (p->vlan_count == 0 && proto == ETH_P_8021AD_)
+			p->outer_ad = 1;
+		p->vlan_tci[p->vlan_count & 1] = bpf_ntohs(vh->tci);
+		p->vlan_count++;
+		proto = bpf_ntohs(vh->proto);
+		c->pos = vh + 1;
+	}
+	if (proto == ETH_P_8021Q || proto == ETH_P_8021AD_)
+		return -CNT_NOT_IP;
+	return proto;
+}
+
+/* IPv4: checks IHL and total length against the frame; options are skipped,
+ * fragments refused (no ports to key on). Returns the L4 protocol. */
+static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, __u32 frame_len)
+{
+	struct iphdr *ip = c->pos;
+	__u32 hlen, tot, off = p->l3_off;
+
+	if ((void *)(ip + 1) > c->end)
+		return -CNT_MALFORMED;
+	hlen = ip->ihl * 4;
+	tot = bpf_ntohs(ip->tot_len);
+	if (ip->version != 4 || hlen < sizeof(*ip) || tot < hlen || off + tot > frame_len)
+		return -CNT_MALFORMED;
+	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_))
+		return -CNT_FRAGMENT;
+	if (c->pos + hlen > c->end)
+		return -CNT_MALFORMED;
+	p->ip_options = hlen > sizeof(*ip);
+	p->key.family = FAMILY_V4;
+	p->key.proto = ip->protocol;
+	p->key.saddr[0] = ip->saddr;
+	p->key.daddr[0] = ip->daddr;
+	c->pos += hlen;
+	return ip->protocol;
+}
+
+/* IPv6: checks the payload length, skips hop-by-hop, routing, destination
+ * options and AH headers; refuses fragments. Returns the L4 protocol. */
+static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, __u32 frame_len)
+{
+	struct ipv6hdr *ip6 = c->pos;
+	__u32 off = p->l3_off;
+	__u8 next;
+
+	if ((void *)(ip6 + 1) > c->end)
+		return -CNT_MALFORMED;
+	if (ip6->version != 6 || off + sizeof(*ip6) + bpf_ntohs(ip6->payload_len) > frame_len)
+		return -CNT_MALFORMED;
+	p->key.family = FAMILY_V6;
+	__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
+	__builtin_memcpy(p->key.daddr, &ip6->daddr, 16);
+	next = ip6->nexthdr;
+	c->pos = ip6 + 1;
+
+#pragma unroll
+	for (int i = 0; i < MAX_IPV6_EXT_HDRS; i++) {
+		struct { __u8 next; __u8 len; } *ext = c->pos;
+		__u32 len;
+
+		if (next == IPPROTO_FRAGMENT)
+			return -CNT_FRAGMENT;
+		if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING &&
+		    next != IPPROTO_DSTOPTS && next != IPPROTO_AH)
+			break;
+		if ((void *)(ext + 1) > c->end)
+			return -CNT_MALFORMED;
+		len = next == IPPROTO_AH ? (ext->len + 2) * 4 : (ext->len + 1) * 8;
+		if (c->pos + len > c->end)
+			return -CNT_MALFORMED;
+		p->ipv6_ext = 1;
+		next = ext->next;
+		c->pos += len;
+	}
+	if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+	    next == IPPROTO_AH || next == IPPROTO_FRAGMENT)
+		return -CNT_MALFORMED; /* more extension headers than we skip */
+	p->key.proto = next;
+	return next;
+}
+
+static __always_inline int icmp4_kind(__u8 type)
+{
+	if (type == ICMP_ECHO || type == ICMP_ECHOREPLY)
+		return ICMP_KIND_ECHO;
+	if (type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB)
+		return ICMP_KIND_ERROR;
+	return ICMP_KIND_OTHER;
+}
+
+static __always_inline int icmp6_kind(__u8 type)
+{
+	if (type == ICMPV6_ECHO_REQUEST || type == ICMPV6_ECHO_REPLY)
+		return ICMP_KIND_ECHO;
+	if (type >= ICMPV6_DEST_UNREACH && type <= ICMPV6_PARAMPROB)
+		return ICMP_KIND_ERROR;
+	return ICMP_KIND_OTHER;
+}
+
+/* TCP, UDP, ICMP/ICMPv6: ports (or echo identifier) into the key. Other
+ * protocols are keyed with ports 0. Returns 0. */
+static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
+{
+	switch (p->key.proto) {
+	case IPPROTO_TCP: {
+		struct tcphdr *th = c->pos;
+
+		if ((void *)(th + 1) > c->end || th->doff < 5)
+			return -CNT_MALFORMED;
+		p->key.sport = th->source;
+		p->key.dport = th->dest;
+		p->tcp_flags = ((__u8 *)th)[13];
+		return 0;
+	}
+	case IPPROTO_UDP: {
+		struct udphdr *uh = c->pos;
+
+		if ((void *)(uh + 1) > c->end)
+			return -CNT_MALFORMED;
+		p->key.sport = uh->source;
+		p->key.dport = uh->dest;
+		return 0;
+	}
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6: {
+		struct icmphdr *ih = c->pos; /* ICMPv6 shares the first 8 bytes' layout */
+
+		if ((void *)(ih + 1) > c->end)
+			return -CNT_MALFORMED;
+		if ((p->key.proto == IPPROTO_ICMP) != (p->key.family == FAMILY_V4))
+			return -CNT_MALFORMED;
+		p->icmp_kind = p->key.proto == IPPROTO_ICMP ? icmp4_kind(ih->type)
+							    : icmp6_kind(ih->type);
+		if (p->icmp_kind == ICMP_KIND_ECHO) {
+			p->key.sport = ih->un.echo.id;
+			p->key.dport = ih->un.echo.id;
+		}
+		c->pos = ih + 1;
+		return 0;
+	}
+	default:
+		return 0;
+	}
+}
+
+/* The packet an ICMP error quotes: its IP header and first 8 L4 bytes, into
+ * key as quoted (no length checks against the frame: quotes are truncated). */
+static __always_inline int parse_quoted(struct cursor *c, struct conn_key *key)
+{
+	struct iphdr *ip = c->pos;
+
+	if ((void *)(ip + 1) > c->end)
+		return -CNT_MALFORMED;
+	if (ip->version == 4) {
+		__u32 hlen = ip->ihl * 4;
+
+		if (hlen < sizeof(*ip) || c->pos + hlen > c->end)
+			return -CNT_MALFORMED;
+		if (ip->frag_off & bpf_htons(IP_OFFSET_))
+			return -CNT_FRAGMENT;
+		key->family = FAMILY_V4;
+		key->proto = ip->protocol;
+		key->saddr[0] = ip->saddr;
+		key->daddr[0] = ip->daddr;
+		c->pos += hlen;
+	} else {
+		struct ipv6hdr *ip6 = c->pos;
+
+		if ((void *)(ip6 + 1) > c->end || ip6->version != 6)
+			return -CNT_MALFORMED;
+		key->family = FAMILY_V6;
+		key->proto = ip6->nexthdr;
+		__builtin_memcpy(key->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(key->daddr, &ip6->daddr, 16);
+		c->pos = ip6 + 1;
+	}
+
+	struct { __be16 a; __be16 b; __u8 type; __u8 code; __be16 id; } *l4 = c->pos;
+
+	if ((void *)l4 + 8 > c->end)
+		return -CNT_MALFORMED;
+	if (key->proto == IPPROTO_ICMP || key->proto == IPPROTO_ICMPV6) {
+		/* quoted echo: type, code, checksum, identifier */
+		struct icmphdr *ih = c->pos;
+
+		key->sport = ih->un.echo.id;
+		key->dport = ih->un.echo.id;
+	} else if (key->proto == IPPROTO_TCP || key->proto == IPPROTO_UDP) {
+		key->sport = l4->a;
+		key->dport = l4->b;
+	}
+	return 0;
+}
+
+/* Parses the frame at skb into p. Returns 0 or a negative reason to pass. */
+static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p, struct cursor *c)
+{
+	__u32 linear = skb->data_end - skb->data;
+	int proto;
+
+	if (linear < PULL_LEN && skb->len > linear)
+		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
+
+	c->pos = (void *)(long)skb->data;
+	c->end = (void *)(long)skb->data_end;
+
+	/* A tag the driver or the stack already took off the frame is the outer one. */
+	if (skb->vlan_present) {
+		p->vlan_tci[0] = skb->vlan_tci;
+		p->outer_ad = skb->vlan_proto == bpf_htons(ETH_P_8021AD_);
+		p->vlan_count = 1;
+	}
+	proto = parse_eth(c, p);
+	if (proto < 0)
+		return proto;
+	p->l3 = c->pos;
+	p->l3_off = c->pos - (void *)(long)skb->data;
+	if (proto == ETH_P_IP)
+		proto = parse_ipv4(c, p, skb->len);
+	else if (proto == ETH_P_IPV6)
+		proto = parse_ipv6(c, p, skb->len);
+	else
+		return -CNT_NOT_IP;
+	if (proto < 0)
+		return proto;
+	return parse_l4(c, p);
+}

@@ -1,0 +1,85 @@
+/* rewrite.h: sending a reply back to its last hop: MACs, TTL, VLAN tags, redirect. */
+#pragma once
+
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "parse.h"
+#include "maps.h"
+
+/* Routed hop: TTL or hop limit minus one, IPv4 checksum patched incrementally
+ * (RFC 1624, as the kernel's ip_decrease_ttl does). Returns 0, or
+ * -CNT_TTL_EXPIRED when the kernel must answer instead. */
+static __always_inline int rewrite_ttl(struct pkt *p, void *data_end)
+{
+	if (p->key.family == FAMILY_V4) {
+		struct iphdr *ip = p->l3;
+		__u32 check;
+
+		if ((void *)(ip + 1) > data_end)
+			return -CNT_MALFORMED;
+		if (ip->ttl <= 1)
+			return -CNT_TTL_EXPIRED;
+		check = ip->check;
+		check += bpf_htons(0x0100);
+		ip->check = (__u16)(check + (check >= 0xFFFF));
+		ip->ttl--;
+	} else {
+		struct ipv6hdr *ip6 = p->l3;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -CNT_MALFORMED;
+		if (ip6->hop_limit <= 1)
+			return -CNT_TTL_EXPIRED;
+		ip6->hop_limit--;
+	}
+	return 0;
+}
+
+/* Puts back the tags the request carried, inner first so the outer ends up
+ * outermost. Returns 0 or -CNT_REWRITE_FAILED. */
+static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn_entry *e)
+{
+	__u16 outer = e->flags & F_ENTRY_OUTER_8021AD ? ETH_P_8021AD_ : ETH_P_8021Q;
+
+	if (e->vlan_count >= 2 &&
+	    bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), e->vlan_tci[1]))
+		return -CNT_REWRITE_FAILED;
+	if (e->vlan_count >= 1 && bpf_skb_vlan_push(skb, bpf_htons(outer), e->vlan_tci[0]))
+		return -CNT_REWRITE_FAILED;
+	return 0;
+}
+
+/* Sends the packet back the way its connection's request came: destination
+ * MAC := last hop (routed: source MAC := uplink's, TTL - 1), tags restored,
+ * redirected to the uplink. Returns TC_ACT_REDIRECT, or a negative reason
+ * with the packet unchanged (but for the TTL check, which runs first). */
+static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *p,
+					     struct conn_entry *e, const struct iface_cfg *vm)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iface_cfg *up;
+	__u32 ifindex = e->ifindex;
+	int err;
+
+	up = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
+	if (!up || up->role != ROLE_UPLINK)
+		return -CNT_MISS; /* the uplink is gone: ordinary routing */
+	if ((void *)(eth + 1) > data_end)
+		return -CNT_MALFORMED;
+	if (vm->flags & F_IFACE_ROUTED) {
+		err = rewrite_ttl(p, data_end);
+		if (err)
+			return err;
+		__builtin_memcpy(eth->h_source, up->mac, ETH_ALEN);
+	}
+	__builtin_memcpy(eth->h_dest, e->mac, ETH_ALEN);
+	err = rewrite_vlan(skb, e);
+	if (err)
+		return err;
+	e->replies++;
+	return bpf_redirect(ifindex, 0);
+}
