@@ -1,0 +1,117 @@
+"""The map ABI in Python: ctypes mirrors of the structs in bpf/abi.h and the
+counters of bpf/consts.h.
+
+Keep in sync with src/lasthop/bpf/abi.h and consts.h; tests/test_abi.py checks
+sizes, offsets and enum values against the compiled object's BTF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+
+ETH_ALEN = 6
+MAX_VLAN_TAGS = 2
+MAX_IFACES = 256
+CNT_MAX = 32
+FAMILY_V4 = 4
+FAMILY_V6 = 6
+
+
+class Role(enum.IntEnum):
+    NONE = 0
+    UPLINK = 1
+    VM_PORT = 2
+
+
+# lh_ifaces value .flags
+F_IFACE_ROUTED = 1 << 0
+# lh_settings value .flags
+F_SET_RELEARN_FIRST = 1 << 0
+# lh_conns value .flags
+F_ENTRY_HOP_KNOWN = 1 << 0
+F_ENTRY_VM_ORIGIN = 1 << 1
+F_ENTRY_OUTER_8021AD = 1 << 2
+
+
+class Counter(enum.IntEnum):
+    """enum lh_counter: why a packet was handled as it was."""
+
+    LEARNED = 0
+    RELEARNED = 1
+    REFRESHED = 2
+    REDIRECTED = 3
+    MISS = 4
+    NOT_IP = 5
+    MALFORMED = 6
+    FRAGMENT = 7
+    ICMP_ERROR_REDIRECTED = 8
+    ICMP_ERROR_MISS = 9
+    ICMP_OTHER = 10
+    TTL_EXPIRED = 11
+    LEARN_FAILED = 12
+    REWRITE_FAILED = 13
+    NO_IFACE = 14
+    IP_OPTIONS = 15
+    IPV6_EXT = 16
+    VM_ORIGIN_LEARNED = 17
+    VM_ORIGIN_RETURNED = 18
+    SVC_SELECTED = 19
+    SVC_PINNED = 20
+    SVC_NO_BACKEND = 21
+    SVC_REASSIGNED = 22
+    AGENT_REMOVED = 23
+
+
+class ConnKey(ctypes.Structure):
+    _fields_ = [
+        ("saddr", ctypes.c_uint32 * 4),
+        ("daddr", ctypes.c_uint32 * 4),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("zone", ctypes.c_uint16),
+    ]
+
+
+class ConnEntry(ctypes.Structure):
+    _fields_ = [
+        ("last_seen", ctypes.c_uint64),
+        ("ifindex", ctypes.c_uint32),
+        ("vm_ifindex", ctypes.c_uint32),
+        ("mac", ctypes.c_uint8 * ETH_ALEN),
+        ("vlan_tci", ctypes.c_uint16 * MAX_VLAN_TAGS),
+        ("vlan_count", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("tunnel_id", ctypes.c_uint32),
+        ("packets", ctypes.c_uint32),
+        ("replies", ctypes.c_uint32),
+    ]
+
+
+class IfaceCfg(ctypes.Structure):
+    _fields_ = [
+        ("mac", ctypes.c_uint8 * ETH_ALEN),
+        ("zone", ctypes.c_uint16),
+        ("role", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("slot", ctypes.c_uint16),
+    ]
+
+
+class Settings(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+
+
+# name in BTF -> mirror, for the ABI test
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "conn_key": ConnKey,
+    "conn_entry": ConnEntry,
+    "iface_cfg": IfaceCfg,
+    "lh_settings": Settings,
+}
+
+
+def counter_key(slot: int, counter: Counter) -> bytes:
+    return bytes(ctypes.c_uint32(slot * CNT_MAX + int(counter)))

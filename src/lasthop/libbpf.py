@@ -1,0 +1,457 @@
+"""A thin ctypes binding to the system's libbpf (libbpf.so.1, 1.1 or later).
+
+Only what lasthop uses: open/load an object with pinned maps, map element
+I/O (single and batched), program test runs, and tc attach/detach. Every
+failing call raises :class:`BpfError` naming the call and the errno.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "BpfError",
+    "BpfObject",
+    "Map",
+    "Program",
+    "TestRun",
+    "TcHook",
+    "obj_get",
+    "obj_pin",
+    "INGRESS",
+    "EGRESS",
+    "BPF_ANY",
+    "BPF_NOEXIST",
+    "BPF_EXIST",
+]
+
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+INGRESS, EGRESS = 1, 2
+_TC_F_REPLACE = 1
+_MAP_TYPE_PERCPU = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
+
+
+class BpfError(OSError):
+    """A libbpf or bpf(2) call failed."""
+
+    def __init__(self, call: str, err: int, detail: str = "") -> None:
+        err = abs(err)
+        text = f"{call}: {os.strerror(err)} (errno {err})"
+        if detail:
+            text += f"\n{detail}"
+        super().__init__(err, text)
+        self.call = call
+
+
+def _load() -> ctypes.CDLL:
+    for name in ("libbpf.so.1", ctypes.util.find_library("bpf")):
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            continue
+    raise BpfError("dlopen libbpf", errno.ENOENT, "libbpf.so.1 not found: run scripts/setup")
+
+
+_lib = _load()
+_libc = ctypes.CDLL(None, use_errno=True)
+_c = ctypes
+
+
+class _OpenOpts(_c.Structure):
+    _fields_ = [
+        ("sz", _c.c_size_t),
+        ("object_name", _c.c_char_p),
+        ("relaxed_maps", _c.c_bool),
+        ("pin_root_path", _c.c_char_p),
+    ]
+
+
+class _TestRunOpts(_c.Structure):
+    _fields_ = [
+        ("sz", _c.c_size_t),
+        ("data_in", _c.c_void_p),
+        ("data_out", _c.c_void_p),
+        ("data_size_in", _c.c_uint32),
+        ("data_size_out", _c.c_uint32),
+        ("ctx_in", _c.c_void_p),
+        ("ctx_out", _c.c_void_p),
+        ("ctx_size_in", _c.c_uint32),
+        ("ctx_size_out", _c.c_uint32),
+        ("retval", _c.c_uint32),
+        ("repeat", _c.c_int),
+        ("duration", _c.c_uint32),
+        ("flags", _c.c_uint32),
+        ("cpu", _c.c_uint32),
+        ("batch_size", _c.c_uint32),
+    ]
+
+
+class _TcHook(_c.Structure):
+    _fields_ = [
+        ("sz", _c.c_size_t),
+        ("ifindex", _c.c_int),
+        ("attach_point", _c.c_int),
+        ("parent", _c.c_uint32),
+    ]
+
+
+class _TcOpts(_c.Structure):
+    _fields_ = [
+        ("sz", _c.c_size_t),
+        ("prog_fd", _c.c_int),
+        ("flags", _c.c_uint32),
+        ("prog_id", _c.c_uint32),
+        ("handle", _c.c_uint32),
+        ("priority", _c.c_uint32),
+    ]
+
+
+class _BatchOpts(_c.Structure):
+    _fields_ = [("sz", _c.c_size_t), ("elem_flags", _c.c_uint64), ("flags", _c.c_uint64)]
+
+
+class _MapInfo(_c.Structure):
+    _fields_ = [
+        ("type", _c.c_uint32),
+        ("id", _c.c_uint32),
+        ("key_size", _c.c_uint32),
+        ("value_size", _c.c_uint32),
+        ("max_entries", _c.c_uint32),
+        ("map_flags", _c.c_uint32),
+        ("name", _c.c_char * 16),
+        ("_rest", _c.c_uint8 * 64),
+    ]
+
+
+def _sig(name: str, restype: object, *argtypes: object) -> None:
+    fn = getattr(_lib, name)
+    fn.restype = restype
+    fn.argtypes = list(argtypes)
+
+
+_vp, _int, _u32, _cp = _c.c_void_p, _c.c_int, _c.c_uint32, _c.c_char_p
+_sig("bpf_object__open_file", _vp, _cp, _c.POINTER(_OpenOpts))
+_sig("bpf_object__load", _int, _vp)
+_sig("bpf_object__close", None, _vp)
+_sig("bpf_object__find_map_by_name", _vp, _vp, _cp)
+_sig("bpf_object__find_program_by_name", _vp, _vp, _cp)
+_sig("bpf_map__set_max_entries", _int, _vp, _u32)
+_sig("bpf_map__fd", _int, _vp)
+_sig("bpf_program__fd", _int, _vp)
+_sig("bpf_obj_get", _int, _cp)
+_sig("bpf_obj_pin", _int, _int, _cp)
+_sig("bpf_map_lookup_elem", _int, _int, _vp, _vp)
+_sig("bpf_map_update_elem", _int, _int, _vp, _vp, _c.c_uint64)
+_sig("bpf_map_delete_elem", _int, _int, _vp)
+_sig("bpf_map_get_next_key", _int, _int, _vp, _vp)
+_sig("bpf_map_lookup_batch", _int, _int, _vp, _vp, _vp, _vp, _c.POINTER(_u32), _c.POINTER(_BatchOpts))
+_sig("bpf_obj_get_info_by_fd", _int, _int, _vp, _c.POINTER(_u32))
+_sig("bpf_prog_test_run_opts", _int, _int, _c.POINTER(_TestRunOpts))
+_sig("bpf_tc_hook_create", _int, _c.POINTER(_TcHook))
+_sig("bpf_tc_hook_destroy", _int, _c.POINTER(_TcHook))
+_sig("bpf_tc_attach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
+_sig("bpf_tc_detach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
+_sig("bpf_tc_query", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
+_sig("libbpf_num_possible_cpus", _int)
+
+# libbpf prints through a callback taking a va_list; vsnprintf formats it.
+_PRINT_FN = _c.CFUNCTYPE(_int, _int, _cp, _vp)
+_libc.vsnprintf.argtypes = [_cp, _c.c_size_t, _cp, _vp]
+_libc.vsnprintf.restype = _int
+_log_lines: list[str] = []
+
+
+@_PRINT_FN
+def _on_print(level: int, fmt: bytes, args: int) -> int:
+    buf = _c.create_string_buffer(2048)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    _log_lines.append(buf.value.decode(errors="replace"))
+    del _log_lines[:-400]
+    return 0
+
+
+_sig("libbpf_set_print", _vp, _PRINT_FN)
+_lib.libbpf_set_print(_on_print)
+
+
+def _take_log() -> str:
+    text = "".join(_log_lines)
+    _log_lines.clear()
+    return text
+
+
+def _check(call: str, ret: int, *, log: bool = False) -> int:
+    if ret < 0:
+        raise BpfError(call, -ret if ret != -1 else _c.get_errno(), _take_log() if log else "")
+    return ret
+
+
+def _check_ptr(call: str, ptr: int | None) -> int:
+    if not ptr:
+        raise BpfError(call, _c.get_errno() or errno.EINVAL, _take_log())
+    return ptr
+
+
+def num_possible_cpus() -> int:
+    return _check("libbpf_num_possible_cpus", _lib.libbpf_num_possible_cpus())
+
+
+def obj_get(path: Path | str) -> int:
+    """Opens a pinned object; returns its fd (the caller closes it)."""
+    return _check(f"bpf_obj_get({path})", _lib.bpf_obj_get(str(path).encode()))
+
+
+def obj_pin(fd: int, path: Path | str) -> None:
+    _check(f"bpf_obj_pin({path})", _lib.bpf_obj_pin(fd, str(path).encode()))
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+class Map:
+    """A map by fd, with element I/O on raw bytes (ctypes structs convert)."""
+
+    def __init__(self, fd: int, *, owned: bool = False) -> None:
+        self.fd = fd
+        self._owned = owned
+        self.info = self._info()
+        self._value_size = self.info.value_size
+        if self.info.type in _MAP_TYPE_PERCPU:
+            self._value_size = ((self.info.value_size + 7) // 8 * 8) * num_possible_cpus()
+
+    @classmethod
+    def pinned(cls, path: Path | str) -> Map:
+        return cls(obj_get(path), owned=True)
+
+    def close(self) -> None:
+        if self._owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _info(self) -> MapInfo:
+        info = _MapInfo()
+        size = _u32(_c.sizeof(info))
+        _check("bpf_obj_get_info_by_fd", _lib.bpf_obj_get_info_by_fd(self.fd, _c.byref(info), _c.byref(size)))
+        return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
+                       info.name.decode())
+
+    @property
+    def percpu(self) -> bool:
+        return self.info.type in _MAP_TYPE_PERCPU
+
+    def lookup(self, key: bytes) -> bytes | None:
+        kbuf = _c.create_string_buffer(bytes(key), self.info.key_size)
+        vbuf = _c.create_string_buffer(self._value_size)
+        ret = _lib.bpf_map_lookup_elem(self.fd, kbuf, vbuf)
+        if ret < 0:
+            err = -ret if ret != -1 else _c.get_errno()
+            if err == errno.ENOENT:
+                return None
+            raise BpfError("bpf_map_lookup_elem", err)
+        return vbuf.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        kbuf = _c.create_string_buffer(bytes(key), self.info.key_size)
+        vbuf = _c.create_string_buffer(bytes(value), self._value_size)
+        _check("bpf_map_update_elem", _lib.bpf_map_update_elem(self.fd, kbuf, vbuf, flags))
+
+    def delete(self, key: bytes) -> bool:
+        kbuf = _c.create_string_buffer(bytes(key), self.info.key_size)
+        ret = _lib.bpf_map_delete_elem(self.fd, kbuf)
+        if ret < 0:
+            err = -ret if ret != -1 else _c.get_errno()
+            if err == errno.ENOENT:
+                return False
+            raise BpfError("bpf_map_delete_elem", err)
+        return True
+
+    def keys(self) -> Iterator[bytes]:
+        """Keys by bpf_map_get_next_key; entries changing meanwhile may be missed."""
+        prev = None
+        nxt = _c.create_string_buffer(self.info.key_size)
+        while True:
+            ret = _lib.bpf_map_get_next_key(self.fd, prev, nxt)
+            if ret < 0:
+                err = -ret if ret != -1 else _c.get_errno()
+                if err == errno.ENOENT:
+                    return
+                raise BpfError("bpf_map_get_next_key", err)
+            key = nxt.raw
+            yield key
+            prev = _c.create_string_buffer(key, self.info.key_size)
+
+    def items(self, batch: int = 4096) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs, read in batches where the map type allows it."""
+        ks, vs = self.info.key_size, self._value_size
+        keys = _c.create_string_buffer(ks * batch)
+        vals = _c.create_string_buffer(vs * batch)
+        token_in, token_out = _c.create_string_buffer(ks), _c.create_string_buffer(ks)
+        opts = _BatchOpts(sz=_c.sizeof(_BatchOpts))
+        first = True
+        while True:
+            count = _u32(batch)
+            ret = _lib.bpf_map_lookup_batch(
+                self.fd, None if first else token_in, token_out, keys, vals, _c.byref(count), _c.byref(opts)
+            )
+            err = 0 if ret >= 0 else (-ret if ret != -1 else _c.get_errno())
+            if err and err not in (errno.ENOENT,):
+                if err in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524, 524):
+                    yield from self._items_by_key()
+                    return
+                raise BpfError("bpf_map_lookup_batch", err)
+            raw_k, raw_v = keys.raw, vals.raw
+            for i in range(count.value):
+                yield raw_k[i * ks:(i + 1) * ks], raw_v[i * vs:(i + 1) * vs]
+            if err == errno.ENOENT:
+                return
+            _c.memmove(token_in, token_out, ks)
+            first = False
+
+    def _items_by_key(self) -> Iterator[tuple[bytes, bytes]]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+    def percpu_values(self, raw: bytes) -> list[bytes]:
+        """Splits a per-CPU value into one bytes object per possible CPU."""
+        step = (self.info.value_size + 7) // 8 * 8
+        return [raw[i:i + self.info.value_size] for i in range(0, len(raw), step)]
+
+
+class Program:
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+
+    def test_run(self, data: bytes, *, repeat: int = 1, ctx: bytes | None = None,
+                 out_size: int | None = None) -> TestRun:
+        """Runs the program on *data* with BPF_PROG_TEST_RUN (no interface needed)."""
+        out = _c.create_string_buffer(out_size or len(data) + 256)
+        din = _c.create_string_buffer(data, len(data))
+        opts = _TestRunOpts(sz=_c.sizeof(_TestRunOpts))
+        opts.data_in = _c.cast(din, _c.c_void_p)
+        opts.data_size_in = len(data)
+        opts.data_out = _c.cast(out, _c.c_void_p)
+        opts.data_size_out = len(out)
+        opts.repeat = repeat
+        ctx_in = ctx_out = None
+        if ctx is not None:
+            ctx_in = _c.create_string_buffer(ctx, len(ctx))
+            ctx_out = _c.create_string_buffer(len(ctx))
+            opts.ctx_in = _c.cast(ctx_in, _c.c_void_p)
+            opts.ctx_size_in = len(ctx)
+            opts.ctx_out = _c.cast(ctx_out, _c.c_void_p)
+            opts.ctx_size_out = len(ctx)
+        _check(f"bpf_prog_test_run_opts({self.name})", _lib.bpf_prog_test_run_opts(self.fd, _c.byref(opts)))
+        return TestRun(
+            retval=opts.retval,
+            data=out.raw[: opts.data_size_out],
+            duration_ns=opts.duration,
+            ctx=ctx_out.raw[: opts.ctx_size_out] if ctx_out is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class TestRun:
+    retval: int
+    data: bytes
+    duration_ns: int  # mean per repeat, as the kernel measured it
+    ctx: bytes | None
+
+    __test__ = False  # not a pytest class
+
+
+class BpfObject:
+    """An ELF object opened and loaded by libbpf, maps pinned by name under
+    *pin_root* (existing compatible pins are reused, so state survives)."""
+
+    def __init__(self, path: Path, *, pin_root: Path | None = None,
+                 max_entries: dict[str, int] | None = None) -> None:
+        self._keep = [str(path).encode(), str(pin_root).encode() if pin_root else None]
+        opts = _OpenOpts(sz=_c.sizeof(_OpenOpts), pin_root_path=self._keep[1])
+        self._obj = _check_ptr(f"bpf_object__open_file({path})", _lib.bpf_object__open_file(self._keep[0], _c.byref(opts)))
+        try:
+            for name, n in (max_entries or {}).items():
+                m = _check_ptr(f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode()))
+                _check(f"bpf_map__set_max_entries({name})", _lib.bpf_map__set_max_entries(m, n))
+            _check(f"bpf_object__load({path.name})", _lib.bpf_object__load(self._obj), log=True)
+        except BaseException:
+            _lib.bpf_object__close(self._obj)
+            raise
+
+    def map(self, name: str) -> Map:
+        m = _check_ptr(f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode()))
+        return Map(_lib.bpf_map__fd(m))
+
+    def program(self, name: str) -> Program:
+        p = _check_ptr(f"program {name}", _lib.bpf_object__find_program_by_name(self._obj, name.encode()))
+        return Program(_lib.bpf_program__fd(p), name)
+
+    def close(self) -> None:
+        if self._obj:
+            _lib.bpf_object__close(self._obj)
+            self._obj = 0
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class TcHook:
+    """A clsact hook (ingress or egress) of one interface in the current netns."""
+
+    ifindex: int
+    attach_point: int = INGRESS
+
+    def _hook(self) -> _TcHook:
+        return _TcHook(sz=_c.sizeof(_TcHook), ifindex=self.ifindex, attach_point=self.attach_point)
+
+    def create(self) -> None:
+        """Adds the clsact qdisc if missing."""
+        ret = _lib.bpf_tc_hook_create(_c.byref(self._hook()))
+        if ret < 0 and -ret != errno.EEXIST:
+            _check(f"bpf_tc_hook_create(ifindex {self.ifindex})", ret)
+
+    def attach(self, prog_fd: int, *, handle: int, priority: int) -> int:
+        """Attaches (or atomically replaces) our filter; returns the prog id."""
+        opts = _TcOpts(sz=_c.sizeof(_TcOpts), prog_fd=prog_fd, flags=_TC_F_REPLACE,
+                       handle=handle, priority=priority)
+        _check(f"bpf_tc_attach(ifindex {self.ifindex})", _lib.bpf_tc_attach(_c.byref(self._hook()), _c.byref(opts)))
+        return int(opts.prog_id)
+
+    def query(self, *, handle: int, priority: int) -> int | None:
+        """The prog id of our filter, or None when absent."""
+        opts = _TcOpts(sz=_c.sizeof(_TcOpts), handle=handle, priority=priority)
+        ret = _lib.bpf_tc_query(_c.byref(self._hook()), _c.byref(opts))
+        if ret < 0:
+            return None
+        return int(opts.prog_id)
+
+    def detach(self, *, handle: int, priority: int) -> bool:
+        opts = _TcOpts(sz=_c.sizeof(_TcOpts), handle=handle, priority=priority)
+        ret = _lib.bpf_tc_detach(_c.byref(self._hook()), _c.byref(opts))
+        if ret < 0:
+            err = -ret if ret != -1 else _c.get_errno()
+            if err in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                return False
+            raise BpfError(f"bpf_tc_detach(ifindex {self.ifindex})", err)
+        return True
