@@ -34,6 +34,7 @@ __all__ = [
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 INGRESS, EGRESS = 1, 2
 _TC_F_REPLACE = 1
+_CTX_OUT_SIZE = 512  # >= sizeof(struct __sk_buff) (192 on 6.x)
 _MAP_TYPE_PERCPU = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
 
 
@@ -353,11 +354,12 @@ class Program:
         ctx_in = ctx_out = None
         if ctx is not None:
             ctx_in = _c.create_string_buffer(ctx, len(ctx))
-            ctx_out = _c.create_string_buffer(len(ctx))
+            # the kernel copies its whole context back: leave room for all of it
+            ctx_out = _c.create_string_buffer(max(len(ctx), _CTX_OUT_SIZE))
             opts.ctx_in = _c.cast(ctx_in, _c.c_void_p)
             opts.ctx_size_in = len(ctx)
             opts.ctx_out = _c.cast(ctx_out, _c.c_void_p)
-            opts.ctx_size_out = len(ctx)
+            opts.ctx_size_out = len(ctx_out)
         _check(f"bpf_prog_test_run_opts({self.name})", _lib.bpf_prog_test_run_opts(self.fd, _c.byref(opts)))
         return TestRun(
             retval=opts.retval,

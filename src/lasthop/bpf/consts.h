@@ -13,6 +13,12 @@
 #define MAX_IFACES 256
 #endif
 
+/* Interfaces are looked up by ifindex in an array (inlined, unlike a hash
+ * lookup): ifindexes at or above this cannot be attached. */
+#ifndef MAX_IFINDEX
+#define MAX_IFINDEX 65536
+#endif
+
 #define MAX_VLAN_TAGS     2   /* 802.1ad outer + 802.1Q inner */
 #define MAX_IPV6_EXT_HDRS 6   /* extension headers skipped before giving up */
 

@@ -94,12 +94,14 @@ static __always_inline int conn_learn(const struct pkt *p, const __u8 *mac, __u3
 	return CNT_LEARNED;
 }
 
-/* Returns the iface config of skb's interface, or NULL (counted in slot 0). */
-static __always_inline struct iface_cfg *iface_of(struct __sk_buff *skb)
+/* Returns the config of skb's interface, or NULL when the agent did not
+ * attach it with that role (counted in slot 0). */
+static __always_inline struct iface_cfg *iface_of(struct __sk_buff *skb, __u8 role)
 {
 	__u32 ifindex = skb->ifindex;
+	struct iface_cfg *cfg = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
 
-	return bpf_map_lookup_elem(&lh_ifaces, &ifindex);
+	return cfg && cfg->role == role ? cfg : NULL;
 }
 
 static __always_inline int pass_reason(const struct pkt *p)
@@ -114,7 +116,7 @@ static __always_inline int pass_reason(const struct pkt *p)
 SEC("tc")
 int lh_uplink(struct __sk_buff *skb)
 {
-	struct iface_cfg *cfg = iface_of(skb);
+	struct iface_cfg *cfg = iface_of(skb, ROLE_UPLINK);
 	struct pkt p = {};
 	struct cursor c;
 	struct conn_entry *e;
@@ -170,7 +172,7 @@ static __always_inline int icmp_error_key(struct pkt *p, struct cursor *c)
 SEC("tc")
 int lh_vmport(struct __sk_buff *skb)
 {
-	struct iface_cfg *cfg = iface_of(skb);
+	struct iface_cfg *cfg = iface_of(skb, ROLE_VM_PORT);
 	struct pkt p = {};
 	struct cursor c;
 	struct conn_entry *e;

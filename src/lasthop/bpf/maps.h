@@ -17,10 +17,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_conns SEC(".maps");
 
-/* ifindex -> role, zone, own MAC and counter slot of an attached interface. */
+/* ifindex -> role, zone, own MAC and counter slot; role ROLE_NONE = not attached. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_IFACES);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_IFINDEX);
 	__type(key, __u32);
 	__type(value, struct iface_cfg);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -43,6 +43,26 @@ struct {
 	__type(value, struct lh_settings);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_settings SEC(".maps");
+
+#ifdef LH_TRACE_REDIRECT
+/* Test builds only: 0 -> ifindex of the last bpf_redirect(), because
+ * BPF_PROG_TEST_RUN reports the verdict but not where a redirect goes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} lh_trace SEC(".maps");
+
+static __always_inline void trace_redirect(__u32 ifindex)
+{
+	__u32 zero = 0;
+
+	bpf_map_update_elem(&lh_trace, &zero, &ifindex, BPF_ANY);
+}
+#else
+static __always_inline void trace_redirect(__u32 ifindex) {}
+#endif
 
 static __always_inline void count(__u32 slot, __u32 reason)
 {

@@ -81,5 +81,6 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 	if (err)
 		return err;
 	e->replies++;
+	trace_redirect(ifindex);
 	return bpf_redirect(ifindex, 0);
 }
