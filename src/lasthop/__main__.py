@@ -1,0 +1,5 @@
+import sys
+
+from lasthop.cli import main
+
+sys.exit(main())

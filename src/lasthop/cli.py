@@ -1,0 +1,184 @@
+"""The `lasthop` command: a thin layer over :class:`lasthop.controller.Controller`.
+
+Exit codes: 0 success, 1 runtime failure (kernel, netlink), 2 usage or
+config error (click's own), 3 nothing attached where one was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from lasthop import config as config_mod
+from lasthop.controller import Controller, DatapathError, LinkError
+from lasthop.libbpf import BpfError
+from lasthop.netns import NetnsError
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_ATTACHED = 1, 2, 3
+F = TypeVar("F", bound=Callable[..., Any])
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True)
+
+
+def _friendly(fn: F) -> F:
+    """Turns expected failures into one clear line and a meaningful exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except config_mod.ConfigError as err:
+            err_console.print(f"[red]config error:[/red] {err}", highlight=False)
+            sys.exit(EXIT_USAGE)
+        except (LinkError, NetnsError) as err:
+            err_console.print(f"[red]error:[/red] {err}", highlight=False)
+            sys.exit(EXIT_USAGE)
+        except DatapathError as err:
+            err_console.print(f"[red]error:[/red] {err}", highlight=False)
+            sys.exit(EXIT_NOT_ATTACHED if "no data path pinned" in str(err) else EXIT_FAILURE)
+        except BpfError as err:
+            err_console.print(f"[red]kernel error:[/red] {err}", highlight=False)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+netns_option = click.option("--netns", metavar="NAME", help="Named network namespace (/run/netns/NAME).")
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log what the agent does.")
+def cli(verbose: bool) -> None:
+    """lasthop: send every reply back by the MAC and interface its request came in on."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file.")
+@netns_option
+@click.option("--uplink", "uplinks", multiple=True, metavar="IF", help="Uplink interface (repeatable).")
+@click.option("--vm-port", "vm_ports", multiple=True, metavar="IF", help="VM port (repeatable).")
+@click.option("--bridge", metavar="BR", help="Attach to every non-uplink port of BR, following changes.")
+@click.option("--routed", is_flag=True, default=None, help="Routed host: replies also get the uplink's MAC and TTL-1.")
+@click.option("--relearn", type=click.Choice(["latest", "first"]), help="Which MAC a connection keeps.")
+@click.option("--table-size", type=int, help="Connection table entries.")
+@_friendly
+def run(config_path: Path | None, netns: str | None, uplinks: tuple[str, ...], vm_ports: tuple[str, ...],
+        bridge: str | None, routed: bool | None, relearn: str | None, table_size: int | None) -> None:
+    """Attach and run in the foreground; SIGTERM leaves the data path attached."""
+    from lasthop.agent import Agent
+
+    cfg = config_mod.load(config_path).merged(
+        netns=netns, uplinks=uplinks, vm_ports=vm_ports, bridge=bridge, routed=routed,
+        relearn=relearn, table_size=table_size,
+    )
+    controller = Controller(cfg.netns, cfg.pin_root)
+    try:
+        Agent(controller, cfg).run(ready=lambda line: print(line, flush=True))
+    finally:
+        controller.close()
+
+
+@cli.command()
+@netns_option
+@_friendly
+def detach(netns: str | None) -> None:
+    """Remove the programs from every interface and drop the pinned table."""
+    controller = Controller(netns)
+    names = controller.detach()
+    console.print(f"detached from {', '.join(names) if names else 'no interface'}; pins removed")
+
+
+@cli.command()
+@netns_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
+@click.option("--limit", type=int, default=0, help="Show at most this many entries (0 = all).")
+@_friendly
+def show(netns: str | None, as_json: bool, limit: int) -> None:
+    """The per-connection table."""
+    conns = Controller(netns).connections()
+    conns.sort(key=lambda c: c.age_s)
+    if limit:
+        conns = conns[:limit]
+    if as_json:
+        print(json.dumps([c.to_json() for c in conns], indent=1))
+        return
+    table = Table(title=f"{len(conns)} connections", title_justify="left")
+    for col in ("proto", "source", "destination", "zone", "last-hop MAC", "uplink", "vlan", "age s", "pkts", "replies", "VM port"):
+        table.add_column(col, justify="right" if col in ("zone", "age s", "pkts", "replies") else "left")
+    for c in conns:
+        table.add_row(c.proto, _ep(c.src, c.sport, c.family), _ep(c.dst, c.dport, c.family), str(c.zone),
+                      c.mac or "-", c.uplink or "-", ",".join(map(str, c.vlan)) or "-",
+                      f"{c.age_s:.1f}", str(c.packets), str(c.replies), c.vm_port or "-")
+    console.print(table)
+
+
+def _ep(addr: str, port: int, family: int) -> str:
+    if not port:
+        return addr
+    return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
+
+
+@cli.command()
+@netns_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
+@_friendly
+def stats(netns: str | None, as_json: bool) -> None:
+    """The counters: per reason, in total and per interface."""
+    st = Controller(netns).stats()
+    if as_json:
+        print(json.dumps(st.to_json(), indent=1))
+        return
+    names = list(st.interfaces)
+    table = Table(title=f"table: {st.entries} of {st.capacity} entries, {st.evicted} evicted",
+                  title_justify="left")
+    table.add_column("counter")
+    table.add_column("total", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for counter, total in st.totals.items():
+        if total or counter in ("learned", "redirected", "miss"):
+            table.add_row(counter, str(total), *(str(st.interfaces[n].get(counter, "")) for n in names))
+    console.print(table)
+
+
+@cli.command()
+@netns_option
+@_friendly
+def flush(netns: str | None) -> None:
+    """Remove every entry: connections fall back to ordinary routing until seen again."""
+    n = Controller(netns).flush()
+    console.print(f"flushed {n} entries")
+
+
+def _add_optional_groups() -> None:
+    """Subcommand groups that live in their own packages."""
+    for module, name in (("lasthop.lab.cli", "lab"), ("lasthop.bench.cli", "bench")):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ModuleNotFoundError as err:
+            if err.name is None or not module.startswith(err.name):
+                raise
+            continue
+        cli.add_command(getattr(mod, name))
+
+
+_add_optional_groups()
+
+
+def main() -> int:
+    cli.main(standalone_mode=True)
+    return 0

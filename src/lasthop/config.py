@@ -1,0 +1,89 @@
+"""The agent's settings: a TOML file, command-line flags on top.
+
+A bad file raises :class:`ConfigError` naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["Config", "ConfigError", "Interface", "load"]
+
+IFNAMSIZ = 15
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and why."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Interface(_Model):
+    """An uplink or a VM port."""
+
+    name: str = Field(min_length=1, max_length=IFNAMSIZ)
+    zone: int = Field(default=0, ge=0, le=65535)
+
+
+class Config(_Model):
+    netns: str | None = None
+    uplinks: list[Interface] = Field(default_factory=list, alias="uplink")
+    vm_ports: list[Interface] = Field(default_factory=list, alias="vm_port")
+    bridge: str | None = Field(default=None, max_length=IFNAMSIZ)
+    bridge_zone: int = Field(default=0, ge=0, le=65535)
+    routed: bool = False
+    relearn: Literal["latest", "first"] = "latest"
+    table_size: int = Field(default=1_048_576, ge=1, le=1 << 27)
+    idle_timeout: float = Field(default=600.0, gt=0, description="seconds before an idle entry is removed")
+    pin_root: Path | None = Field(default=None, description="bpffs folder for the pins; default: <bpffs>/lasthop/<netns>")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def merged(self, **flags: object) -> Config:
+        """This config with command-line values on top (None and empty = keep)."""
+        data = self.model_dump(by_alias=False)
+        for key, value in flags.items():
+            if value is None or value == [] or value == ():
+                continue
+            if key in ("uplinks", "vm_ports"):
+                names = {i["name"] for i in data[key]}
+                data[key] = data[key] + [
+                    {"name": n, "zone": 0} for n in value if n not in names  # type: ignore[attr-defined]
+                ]
+            else:
+                data[key] = value
+        return _validate(data, "command line")
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validate(data: dict[str, object], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{source}: key '{_where(e['loc'])}': {e['msg']}" for e in err.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load(path: Path | None) -> Config:
+    """Reads *path* (TOML), or the defaults when None."""
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    return _validate(data, str(path))

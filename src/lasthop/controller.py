@@ -1,0 +1,211 @@
+"""The one controller the CLI (and later the API) drive: attach the data path
+to a namespace's interfaces, read its table and counters, age, flush, detach.
+
+The CLI and API do no map I/O themselves; everything goes through here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lasthop import abi, netns
+from lasthop.config import Config
+from lasthop.datapath import Datapath, DatapathError, Maps, Pins, detach_filter
+from lasthop.links import Link, LinkError, Links
+from lasthop.table import Connection, counter_name, decode, now_ns
+
+__all__ = ["Controller", "Attached", "Stats", "DatapathError", "LinkError"]
+
+log = logging.getLogger("lasthop")
+
+
+@dataclass
+class Attached:
+    """What a running agent has attached, by ifindex."""
+
+    uplinks: dict[int, str] = field(default_factory=dict)
+    vm_ports: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stats:
+    totals: dict[str, int]
+    interfaces: dict[str, dict[str, int]]
+    entries: int
+    capacity: int
+    evicted: int  # derived: learned - entries - removed by the agent
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "totals": self.totals,
+            "interfaces": self.interfaces,
+            "table": {"entries": self.entries, "capacity": self.capacity, "evicted": self.evicted},
+        }
+
+
+class Controller:
+    """lasthop in one network namespace.
+
+    Entering *netns* moves the whole process into it (netlink and tc calls
+    act there), so build one controller per process.
+    """
+
+    def __init__(self, netns_name: str | None = None, pin_root: Path | None = None) -> None:
+        if netns_name:
+            netns.enter(netns_name)
+        self.netns = netns_name or netns.current_name()
+        self.pins = Pins((pin_root or netns.bpffs_root() / "lasthop") / self.netns)
+        self.links = Links()
+        self.datapath: Datapath | None = None
+        self.attached = Attached()
+        self._config: Config | None = None
+
+    def close(self) -> None:
+        if self.datapath is not None:
+            self.datapath.close()
+        self.links.close()
+
+    # -- running -----------------------------------------------------------
+    def start(self, config: Config) -> Attached:
+        """Loads (or adopts) the data path and attaches it as *config* says."""
+        self._config = config
+        uplinks = [(self.links.by_name(i.name, "uplink"), i.zone) for i in config.uplinks]
+        vm_ports = [(self.links.by_name(i.name, "VM port"), i.zone) for i in config.vm_ports]
+        if not uplinks:
+            raise LinkError("no uplink given: name at least one (--uplink IF or [[uplink]] in the config)")
+        if config.bridge:
+            bridge = self.links.by_name(config.bridge, "bridge")
+            up_index = {link.index for link, _ in uplinks}
+            known = {link.index for link, _ in vm_ports}
+            vm_ports += [(p, config.bridge_zone) for p in self.links.ports(bridge)
+                         if p.index not in up_index and p.index not in known]
+        adopted = self.pins.exist()
+        self.datapath = Datapath(self.pins, table_size=config.table_size)
+        settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
+        self.datapath.maps.set_settings(settings)
+        for link, zone in uplinks:
+            self.attach(link, abi.Role.UPLINK, zone)
+        for link, zone in vm_ports:
+            self.attach(link, abi.Role.VM_PORT, zone)
+        self._forget_stale()
+        log.info("attached in netns %s (%s table at %s)", self.netns,
+                 "adopted" if adopted else "new", self.pins.folder)
+        return self.attached
+
+    def attach(self, link: Link, role: abi.Role, zone: int = 0) -> None:
+        assert self.datapath is not None and self._config is not None
+        maps = self.datapath.maps
+        current = maps.iface(link.index)
+        slot = current.slot if current.role != abi.Role.NONE else self._free_slot(maps)
+        flags = abi.F_IFACE_ROUTED if (role == abi.Role.VM_PORT and self._config.routed) else 0
+        cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot)
+        cfg.mac[:] = list(link.mac)
+        # config first: the program must find its interface from the first packet on
+        maps.set_iface(link.index, cfg)
+        self.datapath.attach(link.index, role)
+        target = self.attached.uplinks if role == abi.Role.UPLINK else self.attached.vm_ports
+        target[link.index] = link.name
+        log.info("attached %s %s (ifindex %d, zone %d, slot %d)", role.name.lower(), link.name,
+                 link.index, zone, slot)
+
+    def forget(self, ifindex: int) -> None:
+        """A port went away: clear its config so its slot can be reused."""
+        assert self.datapath is not None
+        self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
+        name = self.attached.vm_ports.pop(ifindex, None) or self.attached.uplinks.pop(ifindex, None)
+        log.info("forgot %s (ifindex %d)", name or "interface", ifindex)
+
+    def _free_slot(self, maps: Maps) -> int:
+        used = {cfg.slot for cfg in maps.attached().values()}
+        for slot in range(1, abi.MAX_IFACES):
+            if slot not in used:
+                return slot
+        raise DatapathError(f"more than {abi.MAX_IFACES - 1} interfaces attached")
+
+    def _forget_stale(self) -> None:
+        """Interfaces a previous run attached that are now gone or not configured."""
+        assert self.datapath is not None
+        wanted = set(self.attached.uplinks) | set(self.attached.vm_ports)
+        for ifindex in self.datapath.maps.attached():
+            if ifindex not in wanted:
+                if self.links.by_index(ifindex) is not None:
+                    detach_filter(ifindex)
+                self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
+
+    # -- reading -----------------------------------------------------------
+    def _maps(self) -> tuple[Maps, bool]:
+        if self.datapath is not None:
+            return self.datapath.maps, False
+        return Maps.open_pinned(self.pins), True
+
+    def connections(self) -> list[Connection]:
+        maps, owned = self._maps()
+        try:
+            now = now_ns()
+            return [decode(k, e, now) for k, e in maps.entries()]
+        finally:
+            if owned:
+                maps.close()
+
+    def stats(self) -> Stats:
+        maps, owned = self._maps()
+        try:
+            per_slot = maps.counter_totals()
+            names = {cfg.slot: (self.links.by_index(i) or Link(i, f"if{i}", b"", 0)).name
+                     for i, cfg in maps.attached().items()}
+            totals = [0] * abi.CNT_MAX
+            interfaces: dict[str, dict[str, int]] = {}
+            for slot, counts in sorted(per_slot.items()):
+                name = names.get(slot, "unattached" if slot == 0 else f"slot{slot}")
+                interfaces[name] = {counter_name(r): n for r, n in enumerate(counts) if n}
+                totals = [a + b for a, b in zip(totals, counts, strict=True)]
+            entries = sum(1 for _ in maps.conns.keys())
+            learned = totals[abi.Counter.LEARNED] + totals[abi.Counter.VM_ORIGIN_LEARNED]
+            evicted = max(0, learned - entries - totals[abi.Counter.AGENT_REMOVED])
+            return Stats(
+                totals={c.name.lower(): totals[c] for c in abi.Counter},
+                interfaces=interfaces,
+                entries=entries,
+                capacity=maps.conns.info.max_entries,
+                evicted=evicted,
+            )
+        finally:
+            if owned:
+                maps.close()
+
+    # -- changing ----------------------------------------------------------
+    def _remove(self, maps: Maps, keys: Iterable[abi.ConnKey]) -> int:
+        removed = sum(1 for key in keys if maps.delete(key))
+        if removed:
+            maps.add_counter(0, abi.Counter.AGENT_REMOVED, removed)
+        return removed
+
+    def age(self, idle_timeout: float) -> int:
+        """Removes entries idle for longer than *idle_timeout* seconds."""
+        maps, owned = self._maps()
+        try:
+            limit = now_ns() - int(idle_timeout * 1e9)
+            stale = [k for k, e in maps.entries() if e.last_seen < limit]
+            return self._remove(maps, stale)
+        finally:
+            if owned:
+                maps.close()
+
+    def flush(self) -> int:
+        """Removes every entry; returns how many."""
+        maps, owned = self._maps()
+        try:
+            return self._remove(maps, [k for k, _ in maps.entries()])
+        finally:
+            if owned:
+                maps.close()
+
+    def detach(self) -> list[str]:
+        """Removes the programs from every attached interface and the pins."""
+        # every link, not just those the table names: pins may already be gone
+        detached = [link.name for link in self.links.all() if detach_filter(link.index)]
+        self.pins.remove()
+        return detached

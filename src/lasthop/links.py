@@ -1,0 +1,85 @@
+"""Interfaces of the current network namespace, through netlink (pyroute2):
+names, indexes, MACs, bridge ports, and a watch for ports coming and going."""
+
+from __future__ import annotations
+
+import select
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+__all__ = ["Link", "LinkError", "Links"]
+
+
+class LinkError(LookupError):
+    """An interface named in the config or on the command line is missing."""
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    mac: bytes
+    master: int  # ifindex of the bridge it is a port of, 0 = none
+
+
+def _link(msg: object) -> Link:
+    get = msg.get_attr  # type: ignore[attr-defined]
+    mac = get("IFLA_ADDRESS") or "00:00:00:00:00:00"
+    return Link(
+        index=msg["index"],  # type: ignore[index]
+        name=get("IFLA_IFNAME"),
+        mac=bytes.fromhex(mac.replace(":", ""))[:6].ljust(6, b"\0"),
+        master=get("IFLA_MASTER") or 0,
+    )
+
+
+class Links:
+    """Netlink access; one socket for queries, an optional one for events."""
+
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+        self._events: IPRoute | None = None
+
+    def close(self) -> None:
+        self._ipr.close()
+        if self._events is not None:
+            self._events.close()
+
+    def all(self) -> list[Link]:
+        return [_link(m) for m in self._ipr.get_links()]
+
+    def by_name(self, name: str, what: str = "interface") -> Link:
+        for link in self.all():
+            if link.name == name:
+                return link
+        raise LinkError(f"{what} {name!r} not found in this network namespace")
+
+    def by_index(self, index: int) -> Link | None:
+        for link in self.all():
+            if link.index == index:
+                return link
+        return None
+
+    def ports(self, bridge: Link) -> list[Link]:
+        return [link for link in self.all() if link.master == bridge.index]
+
+    def watch(self) -> None:
+        """Starts receiving link events (see :meth:`events`)."""
+        self._events = IPRoute()
+        self._events.bind(groups=RTMGRP_LINK)
+
+    def events(self, timeout: float) -> Iterator[tuple[str, Link]]:
+        """("new"|"del", link) for link changes within *timeout* seconds."""
+        assert self._events is not None, "call watch() first"
+        ready, _, _ = select.select([self._events.fileno()], [], [], timeout)
+        if not ready:
+            return
+        for msg in self._events.get():
+            event = msg.get("event")
+            if event == "RTM_NEWLINK":
+                yield "new", _link(msg)
+            elif event == "RTM_DELLINK":
+                yield "del", _link(msg)

@@ -1,0 +1,81 @@
+"""Network namespaces and the bpffs: entering a named netns, finding our own
+name, and making sure pins have a bpffs to live in."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from pathlib import Path
+
+__all__ = ["NetnsError", "enter", "current_name", "bpffs_root"]
+
+CLONE_NEWNET = 0x40000000
+BPF_FS_MAGIC = 0xCAFE4A11
+NETNS_RUN = Path("/run/netns")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetnsError(OSError):
+    """A namespace could not be entered or the bpffs not be found."""
+
+
+def enter(name: str) -> None:
+    """Moves this process (all its later sockets and netlink calls) into *name*."""
+    path = NETNS_RUN / name
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise NetnsError(f"network namespace {name!r} not found ({path} missing)") from None
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def current_name() -> str:
+    """The name of this process's netns under /run/netns, or "default"."""
+    mine = os.stat("/proc/self/ns/net")
+    if mine.st_ino == os.stat("/proc/1/ns/net").st_ino:
+        return "default"
+    if NETNS_RUN.is_dir():
+        for entry in sorted(NETNS_RUN.iterdir()):
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return entry.name
+    return f"netns-{mine.st_ino}"
+
+
+class _Statfs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+def _is_bpffs(path: Path) -> bool:
+    buf = _Statfs()
+    if _libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
+        return False
+    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+
+
+def bpffs_root(wanted: Path = Path("/sys/fs/bpf")) -> Path:
+    """A bpffs directory shared with the rest of the host.
+
+    `ip netns exec` gives its command a fresh /sys without the bpffs; then the
+    host's one is still reachable through PID 1's root. Only when neither is
+    mounted do we mount one (it lasts as long as this mount namespace).
+    """
+    if _is_bpffs(wanted):
+        return wanted
+    host = Path("/proc/1/root") / wanted.relative_to("/")
+    if _is_bpffs(host):
+        return host
+    wanted.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "bpf", "bpf", str(wanted)], capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not _is_bpffs(wanted):
+        raise NetnsError(f"no bpffs at {wanted} and mounting one failed: {result.stderr.strip()}")
+    return wanted

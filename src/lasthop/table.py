@@ -1,0 +1,100 @@
+"""Records of the per-connection table and the counters, decoded for people
+and for JSON (the shapes documented in docs/cli.md)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lasthop import abi
+
+__all__ = ["Connection", "decode", "now_ns", "PROTO_NAMES", "format_mac", "counter_name"]
+
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 47: "gre", 50: "esp", 132: "sctp"}
+_FLAG_NAMES = {
+    abi.F_ENTRY_HOP_KNOWN: "hop_known",
+    abi.F_ENTRY_VM_ORIGIN: "vm_origin",
+    abi.F_ENTRY_OUTER_8021AD: "outer_8021ad",
+}
+
+
+def now_ns() -> int:
+    """The clock the data path stamps entries with (bpf_ktime_get_coarse_ns)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def format_mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def counter_name(reason: int) -> str:
+    try:
+        return abi.Counter(reason).name.lower()
+    except ValueError:
+        return f"reason_{reason}"
+
+
+def _addr(words: Any, family: int) -> str:
+    raw = bytes(words)
+    if family == abi.FAMILY_V4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def _ifname(ifindex: int) -> str:
+    if not ifindex:
+        return ""
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return f"if{ifindex}"
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One entry: a connection (request direction) and its last hop."""
+
+    proto: str
+    family: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    zone: int
+    mac: str
+    uplink: str
+    uplink_ifindex: int
+    vlan: list[int]
+    age_s: float
+    packets: int
+    replies: int
+    vm_port: str
+    flags: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode(key: abi.ConnKey, entry: abi.ConnEntry, now: int) -> Connection:
+    icmp = key.proto in (1, 58)
+    return Connection(
+        proto=PROTO_NAMES.get(key.proto, str(key.proto)),
+        family=key.family,
+        src=_addr(key.saddr, key.family),
+        dst=_addr(key.daddr, key.family),
+        sport=socket.ntohs(key.sport),
+        dport=0 if icmp else socket.ntohs(key.dport),
+        zone=key.zone,
+        mac=format_mac(bytes(entry.mac)) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
+        uplink=_ifname(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
+        uplink_ifindex=entry.ifindex,
+        vlan=[entry.vlan_tci[i] & 0x0FFF for i in range(min(entry.vlan_count, abi.MAX_VLAN_TAGS))],
+        age_s=round(max(0, now - entry.last_seen) / 1e9, 3),
+        packets=entry.packets,
+        replies=entry.replies,
+        vm_port=_ifname(entry.vm_ifindex),
+        flags=[name for bit, name in _FLAG_NAMES.items() if entry.flags & bit],
+    )
