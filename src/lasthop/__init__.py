@@ -1,7 +1,21 @@
 """lasthop: per-connection routing for hosts that run virtual machines."""
 
-from lasthop.config import Config, ConfigError
-from lasthop.controller import Controller
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["Config", "ConfigError", "Controller"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `python -m lasthop.build` must not load libbpf or pyroute2
+    if name in ("Config", "ConfigError"):
+        from lasthop import config
+
+        return getattr(config, name)
+    if name == "Controller":
+        from lasthop.controller import Controller
+
+        return Controller
+    raise AttributeError(name)

@@ -26,8 +26,17 @@ class Role(enum.IntEnum):
 
 # lh_ifaces value .flags
 F_IFACE_ROUTED = 1 << 0
+F_IFACE_VM_DOWN = 1 << 1
+F_IFACE_VM_MAC = 1 << 2
 # lh_settings value .flags
 F_SET_RELEARN_FIRST = 1 << 0
+F_SET_SERVICES = 1 << 1
+F_SET_VM_DOWN_DROP = 1 << 2
+F_SET_NO_VM_ORIGIN = 1 << 3
+# services
+MAX_SERVICES = 256
+MAGLEV_SIZE = 65537
+MAGLEV_SEED = 0x4C617374
 # lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -61,6 +70,8 @@ class Counter(enum.IntEnum):
     SVC_NO_BACKEND = 21
     SVC_REASSIGNED = 22
     AGENT_REMOVED = 23
+    SVC_DROPPED = 24
+    VM_ORIGIN_PENDING = 25
 
 
 class ConnKey(ctypes.Structure):
@@ -97,7 +108,22 @@ class IfaceCfg(ctypes.Structure):
         ("role", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("slot", ctypes.c_uint16),
+        ("vm_mac", ctypes.c_uint8 * ETH_ALEN),
+        ("reserved", ctypes.c_uint16),
     ]
+
+
+class SvcKey(ctypes.Structure):
+    _fields_ = [
+        ("addr", ctypes.c_uint32 * 4),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+    ]
+
+
+class SvcInfo(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 class Settings(ctypes.Structure):
@@ -110,6 +136,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "conn_entry": ConnEntry,
     "iface_cfg": IfaceCfg,
     "lh_settings": Settings,
+    "svc_key": SvcKey,
+    "svc_info": SvcInfo,
 }
 
 

@@ -23,7 +23,8 @@ __all__ = ["Datapath", "DatapathError", "Pins", "TC_HANDLE", "TC_PRIORITY"]
 TC_HANDLE = 0x4C48  # "LH"
 TC_PRIORITY = 0x4C48
 MAX_IFINDEX = 65536  # keep in sync with MAX_IFINDEX in bpf/consts.h
-MAP_NAMES = ("lh_conns", "lh_ifaces", "lh_counters", "lh_settings")
+OBJECT_ENV = "LASTHOP_BPF_OBJECT"  # a prebuilt object to load instead of building bpf/lasthop.c
+MAP_NAMES = ("lh_conns", "lh_ifaces", "lh_counters", "lh_settings", "lh_services", "lh_maglev")
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 
 
@@ -61,6 +62,8 @@ class Maps:
         self.ifaces = maps["lh_ifaces"]
         self.counters = maps["lh_counters"]
         self.settings = maps["lh_settings"]
+        self.services = maps["lh_services"]
+        self.maglev = maps["lh_maglev"]
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
@@ -69,7 +72,7 @@ class Maps:
         return cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
 
     def close(self) -> None:
-        for m in (self.conns, self.ifaces, self.counters, self.settings):
+        for m in (self.conns, self.ifaces, self.counters, self.settings, self.services, self.maglev):
             m.close()
 
     # interfaces
@@ -123,6 +126,12 @@ class Maps:
         self.counters.update(key, bytes(raw))
 
 
+def _object() -> Path:
+    """The object to load: $LASTHOP_BPF_OBJECT when set, else the built one."""
+    override = os.environ.get(OBJECT_ENV)
+    return Path(override) if override else ensure_object()
+
+
 def _u32(n: int) -> bytes:
     return bytes(ctypes.c_uint32(n))
 
@@ -135,7 +144,7 @@ class Datapath:
         self.pins = pins
         try:
             self._obj = libbpf.BpfObject(
-                obj_path or ensure_object(), pin_root=pins.folder, max_entries={"lh_conns": table_size}
+                obj_path or _object(), pin_root=pins.folder, max_entries={"lh_conns": table_size}
             )
         except libbpf.BpfError as err:
             if pins.exist():

@@ -145,6 +145,8 @@ _sig("bpf_object__close", None, _vp)
 _sig("bpf_object__find_map_by_name", _vp, _vp, _cp)
 _sig("bpf_object__find_program_by_name", _vp, _vp, _cp)
 _sig("bpf_map__set_max_entries", _int, _vp, _u32)
+_sig("bpf_map__set_pin_path", _int, _vp, _cp)
+_sig("bpf_object__next_map", _vp, _vp, _vp)
 _sig("bpf_map__fd", _int, _vp)
 _sig("bpf_program__fd", _int, _vp)
 _sig("bpf_obj_get", _int, _cp)
@@ -381,7 +383,8 @@ class TestRun:
 
 class BpfObject:
     """An ELF object opened and loaded by libbpf, maps pinned by name under
-    *pin_root* (existing compatible pins are reused, so state survives)."""
+    *pin_root* (existing compatible pins are reused, so state survives), or
+    not pinned at all when *pin_root* is None (tests, benchmarks)."""
 
     def __init__(self, path: Path, *, pin_root: Path | None = None,
                  max_entries: dict[str, int] | None = None) -> None:
@@ -389,6 +392,12 @@ class BpfObject:
         opts = _OpenOpts(sz=_c.sizeof(_OpenOpts), pin_root_path=self._keep[1])
         self._obj = _check_ptr(f"bpf_object__open_file({path})", _lib.bpf_object__open_file(self._keep[0], _c.byref(opts)))
         try:
+            if pin_root is None:
+                # libbpf would otherwise pin LIBBPF_PIN_BY_NAME maps under /sys/fs/bpf
+                m = _lib.bpf_object__next_map(self._obj, None)
+                while m:
+                    _lib.bpf_map__set_pin_path(m, None)
+                    m = _lib.bpf_object__next_map(self._obj, m)
             for name, n in (max_entries or {}).items():
                 m = _check_ptr(f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode()))
                 _check(f"bpf_map__set_max_entries({name})", _lib.bpf_map__set_max_entries(m, n))

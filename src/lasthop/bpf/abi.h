@@ -34,13 +34,31 @@ struct conn_entry {
 	__u32 replies;      /* reply packets redirected (approximate: not atomic) */
 };
 
-/* Per-interface settings, written by the agent (lh_ifaces value). */
+/* Per-interface settings, written by the agent (lh_ifaces value); vm_mac
+ * is also filled in by lh_vmport the first time the VM speaks. */
 struct iface_cfg {
-	__u8  mac[ETH_ALEN]; /* the interface's own MAC: routed replies leave from it */
-	__u16 zone;          /* routing domain, host order */
-	__u8  role;          /* enum lh_role */
-	__u8  flags;         /* F_IFACE_* */
-	__u16 slot;          /* counter slot, 1 .. MAX_IFACES - 1 */
+	__u8  mac[ETH_ALEN];    /* the interface's own MAC: routed frames leave from it */
+	__u16 zone;             /* routing domain, host order */
+	__u8  role;             /* enum lh_role */
+	__u8  flags;            /* F_IFACE_* */
+	__u16 slot;             /* counter slot, 1 .. MAX_IFACES - 1 */
+	__u8  vm_mac[ETH_ALEN]; /* VM port: the guest's MAC, valid with F_IFACE_VM_MAC */
+	__u16 reserved;
+};
+
+/* A service address: lh_services key. Lookup tries (addr, proto, port), then
+ * (addr, proto, 0), then (addr, 0, 0): port 0 and proto 0 mean any. */
+struct svc_key {
+	__u32 addr[4]; /* network order, IPv4 in word 0 */
+	__u16 port;    /* network order */
+	__u8  proto;
+	__u8  family;  /* FAMILY_V4 or FAMILY_V6 */
+};
+
+/* lh_services value. */
+struct svc_info {
+	__u32 id;    /* index of the service's Maglev table in lh_maglev */
+	__u32 flags; /* reserved */
 };
 
 /* Host-wide settings (lh_settings[0]). */

@@ -19,6 +19,14 @@
 #define MAX_IFINDEX 65536
 #endif
 
+/* Services: virtual addresses whose connections are spread over VM ports. */
+#ifndef MAX_SERVICES
+#define MAX_SERVICES 256
+#endif
+#define MAX_SERVICE_KEYS (MAX_SERVICES * 4) /* a service may list several ports */
+#define MAGLEV_SIZE      65537              /* prime: Maglev lookup table slots */
+#define MAGLEV_SEED      0x4c617374         /* jhash seed of the connection key */
+
 #define MAX_VLAN_TAGS     2   /* 802.1ad outer + 802.1Q inner */
 #define MAX_IPV6_EXT_HDRS 6   /* extension headers skipped before giving up */
 
@@ -37,10 +45,15 @@ enum lh_role {
 };
 
 /* lh_ifaces value .flags */
-#define F_IFACE_ROUTED (1 << 0) /* VM port of a routed host: rewrite source MAC, TTL - 1 */
+#define F_IFACE_ROUTED  (1 << 0) /* routed host: frames leaving here get this port's MAC, TTL - 1 */
+#define F_IFACE_VM_DOWN (1 << 1) /* VM port: VM removed or down; its connections move or drop */
+#define F_IFACE_VM_MAC  (1 << 2) /* VM port: vm_mac is known */
 
 /* lh_settings value .flags */
 #define F_SET_RELEARN_FIRST (1 << 0) /* keep the first MAC seen; only a SYN re-learns */
+#define F_SET_SERVICES      (1 << 1) /* some service is configured: look new connections up */
+#define F_SET_VM_DOWN_DROP  (1 << 2) /* on_vm_down = "drop": a down VM's connections are dropped */
+#define F_SET_NO_VM_ORIGIN  (1 << 3) /* do not remember connections VMs open */
 
 /* lh_conns value .flags */
 #define F_ENTRY_HOP_KNOWN    (1 << 0) /* last hop learned on an uplink */
@@ -74,6 +87,8 @@ enum lh_counter {
 	CNT_SVC_NO_BACKEND      = 21, /* service with no healthy VM: passed */
 	CNT_SVC_REASSIGNED      = 22, /* entry's VM down: chosen again */
 	CNT_AGENT_REMOVED       = 23, /* written by the agent: entries it aged out or flushed */
+	CNT_SVC_DROPPED         = 24, /* packet for a down VM with on_vm_down = "drop" */
+	CNT_VM_ORIGIN_PENDING   = 25, /* VM packet of a connection it opened, no reply seen yet */
 	CNT_MAX                 = 32,
 };
 

@@ -1,6 +1,8 @@
 /* lasthop.c: the tc entry points.
- *  lh_uplink  (uplink ingress):  learn or refresh each connection's last hop.
- *  lh_vmport  (VM port ingress): send each reply back to its last hop.
+ *  lh_uplink  (uplink ingress):  learn or refresh each connection's last hop;
+ *                                send service and VM-opened connections to their VM.
+ *  lh_vmport  (VM port ingress): send each reply back to its last hop;
+ *                                remember connections the VM opens.
  * Both pass, unchanged and counted, whatever they cannot parse. */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -11,6 +13,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "rewrite.h"
+#include "service.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -63,10 +66,10 @@ static __always_inline __u32 settings_flags(void)
 /* Uplink packet of a known connection: refresh it, re-learn the hop on a SYN
  * or (relearn = latest) on a new MAC. Returns the counter to record. */
 static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *p,
-					const __u8 *mac, __u32 ifindex)
+					const __u8 *mac, __u32 ifindex, __u32 settings)
 {
 	int syn = (p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_;
-	int reason = CNT_REFRESHED;
+	int reason;
 
 	e->last_seen = bpf_ktime_get_coarse_ns();
 	e->packets++;
@@ -74,7 +77,7 @@ static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *
 		return CNT_REFRESHED;
 	if (!(e->flags & F_ENTRY_HOP_KNOWN))
 		reason = CNT_LEARNED; /* first uplink packet of a VM-opened connection */
-	else if (syn || !(settings_flags() & F_SET_RELEARN_FIRST))
+	else if (syn || !(settings & F_SET_RELEARN_FIRST))
 		reason = CNT_RELEARNED;
 	else
 		return CNT_REFRESHED;
@@ -82,12 +85,14 @@ static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *
 	return reason;
 }
 
-static __always_inline int conn_learn(const struct pkt *p, const __u8 *mac, __u32 ifindex)
+static __always_inline int conn_learn(const struct pkt *p, const __u8 *mac, __u32 ifindex,
+				      __u32 vm_ifindex)
 {
 	struct conn_entry e = {};
 
 	e.last_seen = bpf_ktime_get_coarse_ns();
 	e.packets = 1;
+	e.vm_ifindex = vm_ifindex;
 	conn_set_hop(&e, p, mac, ifindex);
 	if (bpf_map_update_elem(&lh_conns, &p->key, &e, BPF_ANY))
 		return CNT_LEARN_FAILED;
@@ -104,13 +109,66 @@ static __always_inline struct iface_cfg *iface_of(struct __sk_buff *skb, __u8 ro
 	return cfg && cfg->role == role ? cfg : NULL;
 }
 
-static __always_inline int pass_reason(const struct pkt *p)
+/* Notes about the packet that do not change what happens to it. */
+static __always_inline void count_notes(__u32 slot, const struct pkt *p)
 {
-	if (p->icmp_kind == ICMP_KIND_OTHER)
-		return CNT_ICMP_OTHER;
-	if (p->icmp_kind == ICMP_KIND_ERROR)
-		return CNT_ICMP_ERROR_MISS;
-	return -1;
+	if (p->ip_options)
+		count(slot, CNT_IP_OPTIONS);
+	if (p->ipv6_ext)
+		count(slot, CNT_IPV6_EXT);
+}
+
+/* The VM an existing entry sends its uplink packets to, after checking the
+ * VM is up. Returns the VM port, 0 to pass, -1 to drop. */
+static __always_inline int uplink_pinned_vm(struct conn_entry *e, const struct pkt *p,
+					    __u32 settings, int *svc_reason)
+{
+	__u32 vm = e->vm_ifindex;
+	struct iface_cfg *vmc = bpf_map_lookup_elem(&lh_ifaces, &vm);
+
+	*svc_reason = e->flags & F_ENTRY_VM_ORIGIN ? CNT_VM_ORIGIN_RETURNED : CNT_SVC_PINNED;
+	if (vmc && (vmc->flags & F_IFACE_VM_DOWN))
+		return svc_vm_down(e, &p->key, settings, svc_reason);
+	return vm;
+}
+
+/* Learns or refreshes the connection of an uplink packet and decides where it
+ * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT. */
+static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p, int *reason,
+				       int *svc_reason)
+{
+	struct ethhdr *eth = (void *)(long)skb->data;
+	__u32 settings = settings_flags();
+	struct conn_entry *e;
+	struct svc_info *s;
+	int vm = 0, ret;
+
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end) {
+		*reason = CNT_MALFORMED;
+		return TC_ACT_OK;
+	}
+	e = bpf_map_lookup_elem(&lh_conns, &p->key);
+	if (e) {
+		*reason = conn_refresh(e, p, eth->h_source, skb->ifindex, settings);
+		if (!e->vm_ifindex)
+			return TC_ACT_OK;
+		vm = uplink_pinned_vm(e, p, settings, svc_reason);
+	} else {
+		s = settings & F_SET_SERVICES ? svc_find(&p->key) : NULL;
+		if (s) {
+			vm = svc_pick(s, &p->key);
+			*svc_reason = vm ? CNT_SVC_SELECTED : CNT_SVC_NO_BACKEND;
+		}
+		*reason = conn_learn(p, eth->h_source, skb->ifindex, vm);
+	}
+	if (vm <= 0)
+		return vm < 0 ? TC_ACT_SHOT : TC_ACT_OK;
+	ret = send_to_vm(skb, p, vm);
+	if (ret < 0) {
+		*svc_reason = -ret;
+		return TC_ACT_OK;
+	}
+	return ret;
 }
 
 SEC("tc")
@@ -119,9 +177,7 @@ int lh_uplink(struct __sk_buff *skb)
 	struct iface_cfg *cfg = iface_of(skb, ROLE_UPLINK);
 	struct pkt p = {};
 	struct cursor c;
-	struct conn_entry *e;
-	struct ethhdr *eth;
-	int reason;
+	int reason, svc_reason = -1, ret = TC_ACT_OK;
 
 	if (!cfg) {
 		count(0, CNT_NO_IFACE);
@@ -132,27 +188,19 @@ int lh_uplink(struct __sk_buff *skb)
 		reason = -reason;
 		goto out;
 	}
-	reason = pass_reason(&p); /* ICMP errors and ND from outside are not connections */
-	if (reason >= 0)
-		goto out;
-	eth = (void *)(long)skb->data;
-	if ((void *)(eth + 1) > (void *)(long)skb->data_end) {
-		reason = CNT_MALFORMED;
+	/* ICMP errors and neighbour discovery from outside are not connections */
+	if (p.icmp_kind == ICMP_KIND_OTHER || p.icmp_kind == ICMP_KIND_ERROR) {
+		reason = p.icmp_kind == ICMP_KIND_OTHER ? CNT_ICMP_OTHER : CNT_ICMP_ERROR_MISS;
 		goto out;
 	}
 	p.key.zone = cfg->zone;
-	e = bpf_map_lookup_elem(&lh_conns, &p.key);
-	if (e)
-		reason = conn_refresh(e, &p, eth->h_source, skb->ifindex);
-	else
-		reason = conn_learn(&p, eth->h_source, skb->ifindex);
+	ret = uplink_conn(skb, &p, &reason, &svc_reason);
 out:
-	if (p.ip_options)
-		count(cfg->slot, CNT_IP_OPTIONS);
-	if (p.ipv6_ext)
-		count(cfg->slot, CNT_IPV6_EXT);
+	count_notes(cfg->slot, &p);
 	count(cfg->slot, reason);
-	return TC_ACT_OK;
+	if (svc_reason >= 0)
+		count(cfg->slot, svc_reason);
+	return ret;
 }
 
 /* An ICMP error a VM sends about a connection: the key is the quoted packet
@@ -169,14 +217,83 @@ static __always_inline int icmp_error_key(struct pkt *p, struct cursor *c)
 	return 0;
 }
 
+/* A VM packet with no entry: if it opens a connection, remember the VM so
+ * the server's replies come back to it (full-proxy VMs sharing an address). */
+static __always_inline int vm_origin_learn(const struct pkt *p, __u32 vm_ifindex)
+{
+	struct conn_entry e = {};
+
+	if (settings_flags() & F_SET_NO_VM_ORIGIN)
+		return CNT_MISS;
+	if (p->key.proto == IPPROTO_TCP &&
+	    (p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) != TCP_FLAG_SYN_)
+		return CNT_MISS;
+	e.last_seen = bpf_ktime_get_coarse_ns();
+	e.vm_ifindex = vm_ifindex;
+	e.flags = F_ENTRY_VM_ORIGIN;
+	if (bpf_map_update_elem(&lh_conns, &p->key, &e, BPF_NOEXIST))
+		return CNT_LEARN_FAILED;
+	return CNT_VM_ORIGIN_LEARNED;
+}
+
+/* The guest's MAC, learned once, for sending service traffic to it. */
+static __always_inline void vm_mac_learn(struct __sk_buff *skb, struct iface_cfg *cfg)
+{
+	struct ethhdr *eth = (void *)(long)skb->data;
+
+	if (cfg->flags & F_IFACE_VM_MAC || (void *)(eth + 1) > (void *)(long)skb->data_end)
+		return;
+	__builtin_memcpy(cfg->vm_mac, eth->h_source, ETH_ALEN);
+	cfg->flags |= F_IFACE_VM_MAC;
+}
+
+/* Finds the entry of a VM packet and sends it to the last hop. */
+static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, struct cursor *c,
+				       struct iface_cfg *cfg, int *reason)
+{
+	int hit = CNT_REDIRECTED, ret;
+	struct conn_entry *e;
+
+	if (p->icmp_kind == ICMP_KIND_ERROR) {
+		*reason = CNT_ICMP_ERROR_MISS;
+		if (icmp_error_key(p, c) < 0)
+			return TC_ACT_OK;
+		hit = CNT_ICMP_ERROR_REDIRECTED;
+	} else if (p->icmp_kind == ICMP_KIND_OTHER) {
+		*reason = CNT_ICMP_OTHER;
+		return TC_ACT_OK;
+	} else {
+		conn_key_reverse(&p->key);
+		*reason = CNT_MISS;
+	}
+	e = bpf_map_lookup_elem(&lh_conns, &p->key);
+	if (!e) {
+		if (hit == CNT_REDIRECTED)
+			*reason = vm_origin_learn(p, skb->ifindex);
+		return TC_ACT_OK;
+	}
+	if (!(e->flags & F_ENTRY_HOP_KNOWN)) {
+		if (e->flags & F_ENTRY_VM_ORIGIN && hit == CNT_REDIRECTED)
+			*reason = CNT_VM_ORIGIN_PENDING;
+		return TC_ACT_OK;
+	}
+	ret = reply_to_last_hop(skb, p, e, cfg);
+	if (ret < 0) {
+		if (ret != -CNT_MISS)
+			*reason = -ret;
+		return TC_ACT_OK;
+	}
+	*reason = hit;
+	return ret;
+}
+
 SEC("tc")
 int lh_vmport(struct __sk_buff *skb)
 {
 	struct iface_cfg *cfg = iface_of(skb, ROLE_VM_PORT);
 	struct pkt p = {};
 	struct cursor c;
-	struct conn_entry *e;
-	int reason, hit = CNT_REDIRECTED, ret = TC_ACT_OK;
+	int reason, ret = TC_ACT_OK;
 
 	if (!cfg) {
 		count(0, CNT_NO_IFACE);
@@ -187,39 +304,11 @@ int lh_vmport(struct __sk_buff *skb)
 		reason = -reason;
 		goto out;
 	}
+	vm_mac_learn(skb, cfg);
 	p.key.zone = cfg->zone;
-	if (p.icmp_kind == ICMP_KIND_ERROR) {
-		reason = icmp_error_key(&p, &c);
-		if (reason < 0) {
-			reason = CNT_ICMP_ERROR_MISS;
-			goto out;
-		}
-		hit = CNT_ICMP_ERROR_REDIRECTED;
-	} else if (p.icmp_kind == ICMP_KIND_OTHER) {
-		reason = CNT_ICMP_OTHER;
-		goto out;
-	} else {
-		conn_key_reverse(&p.key);
-	}
-	e = bpf_map_lookup_elem(&lh_conns, &p.key);
-	if (!e || !(e->flags & F_ENTRY_HOP_KNOWN)) {
-		reason = hit == CNT_REDIRECTED ? CNT_MISS : CNT_ICMP_ERROR_MISS;
-		goto out;
-	}
-	ret = reply_to_last_hop(skb, &p, e, cfg);
-	if (ret < 0) {
-		reason = -ret;
-		ret = TC_ACT_OK;
-		if (reason == CNT_MISS && hit != CNT_REDIRECTED)
-			reason = CNT_ICMP_ERROR_MISS;
-		goto out;
-	}
-	reason = hit;
+	ret = vmport_conn(skb, &p, &c, cfg, &reason);
 out:
-	if (p.ip_options)
-		count(cfg->slot, CNT_IP_OPTIONS);
-	if (p.ipv6_ext)
-		count(cfg->slot, CNT_IPV6_EXT);
+	count_notes(cfg->slot, &p);
 	count(cfg->slot, reason);
 	return ret;
 }

@@ -44,6 +44,34 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_settings SEC(".maps");
 
+/* Service address (and port) -> service id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICE_KEYS);
+	__type(key, struct svc_key);
+	__type(value, struct svc_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_services SEC(".maps");
+
+/* One service's Maglev table: slot -> VM port ifindex (0 = no VM). The agent
+ * builds a new one and swaps it into lh_maglev in one update, so no packet
+ * ever sees a half-built table. */
+struct maglev_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAGLEV_SIZE);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+/* Service id -> its Maglev table. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct maglev_table);
+} lh_maglev SEC(".maps");
+
 #ifdef LH_TRACE_REDIRECT
 /* Test builds only: 0 -> ifindex of the last bpf_redirect(), because
  * BPF_PROG_TEST_RUN reports the verdict but not where a redirect goes. */

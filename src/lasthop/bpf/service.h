@@ -1,0 +1,97 @@
+/* service.h: choosing a VM for a service connection (Maglev) and sending
+ * uplink packets to the VM a connection is pinned to. */
+#pragma once
+
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#include "hash.h"
+#include "maps.h"
+#include "parse.h"
+#include "rewrite.h"
+
+/* The service a new connection is for, or NULL. */
+static __always_inline struct svc_info *svc_find(const struct conn_key *k)
+{
+	struct svc_key sk = {};
+	struct svc_info *s;
+
+	__builtin_memcpy(sk.addr, k->daddr, sizeof(sk.addr));
+	sk.family = k->family;
+	sk.proto = k->proto;
+	if (k->proto == IPPROTO_TCP || k->proto == IPPROTO_UDP) {
+		sk.port = k->dport;
+		s = bpf_map_lookup_elem(&lh_services, &sk);
+		if (s)
+			return s;
+		sk.port = 0;
+	}
+	s = bpf_map_lookup_elem(&lh_services, &sk);
+	if (s)
+		return s;
+	sk.proto = 0;
+	return bpf_map_lookup_elem(&lh_services, &sk);
+}
+
+/* The VM port the service's Maglev table gives the connection, 0 = none. */
+static __always_inline __u32 svc_pick(const struct svc_info *s, const struct conn_key *k)
+{
+	__u32 id = s->id, slot;
+	__u32 *vm;
+	void *table;
+
+	table = bpf_map_lookup_elem(&lh_maglev, &id);
+	if (!table)
+		return 0;
+	slot = jhash2_10((const __u32 *)k, MAGLEV_SEED) % MAGLEV_SIZE;
+	vm = bpf_map_lookup_elem(table, &slot);
+	return vm ? *vm : 0;
+}
+
+/* Sends an uplink packet to VM port vm_ifindex: destination MAC := the VM's
+ * (routed: source MAC := the port's, TTL - 1). Returns TC_ACT_REDIRECT or a
+ * negative reason to pass with. */
+static __always_inline int send_to_vm(struct __sk_buff *skb, struct pkt *p, __u32 vm_ifindex)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = (void *)(long)skb->data;
+	struct iface_cfg *vm = bpf_map_lookup_elem(&lh_ifaces, &vm_ifindex);
+	int err;
+
+	if (!vm || vm->role != ROLE_VM_PORT || !(vm->flags & F_IFACE_VM_MAC))
+		return -CNT_MISS;
+	if ((void *)(eth + 1) > data_end)
+		return -CNT_MALFORMED;
+	if (vm->flags & F_IFACE_ROUTED) {
+		err = rewrite_ttl(p, data_end);
+		if (err)
+			return err;
+		__builtin_memcpy(eth->h_source, vm->mac, ETH_ALEN);
+	}
+	__builtin_memcpy(eth->h_dest, vm->vm_mac, ETH_ALEN);
+	trace_redirect(vm_ifindex);
+	return bpf_redirect(vm_ifindex, 0);
+}
+
+/* An entry pinned to a VM that is now down: choose again ("reassign") or
+ * drop. Returns the VM to use, 0 to pass, or -1 to drop. */
+static __always_inline int svc_vm_down(struct conn_entry *e, const struct conn_key *k,
+				       __u32 settings, int *reason)
+{
+	struct svc_info *s;
+	__u32 vm;
+
+	if (e->flags & F_ENTRY_VM_ORIGIN) {
+		*reason = CNT_MISS; /* the VM that opened it is gone: nothing to move to */
+		return 0;
+	}
+	if (settings & F_SET_VM_DOWN_DROP) {
+		*reason = CNT_SVC_DROPPED;
+		return -1;
+	}
+	s = svc_find(k);
+	vm = s ? svc_pick(s, k) : 0;
+	*reason = vm ? CNT_SVC_REASSIGNED : CNT_SVC_NO_BACKEND;
+	e->vm_ifindex = vm;
+	return vm;
+}
