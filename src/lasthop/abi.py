@@ -72,6 +72,7 @@ class Counter(enum.IntEnum):
     AGENT_REMOVED = 23
     SVC_DROPPED = 24
     VM_ORIGIN_PENDING = 25
+    NOT_UNICAST = 26
 
 
 class ConnKey(ctypes.Structure):

@@ -147,6 +147,11 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p, int
 		*reason = CNT_MALFORMED;
 		return TC_ACT_OK;
 	}
+	/* a bridge port also sees floods and multicast: only unicast can be a request */
+	if (eth->h_dest[0] & 1) {
+		*reason = CNT_NOT_UNICAST;
+		return TC_ACT_OK;
+	}
 	e = bpf_map_lookup_elem(&lh_conns, &p->key);
 	if (e) {
 		*reason = conn_refresh(e, p, eth->h_source, skb->ifindex, settings);
