@@ -1,25 +1,42 @@
-"""The one controller the CLI (and later the API) drive: attach the data path
+"""The one controller the CLI and the REST API drive: attach the data path
 to a namespace's interfaces, read its table and counters, age, flush, detach.
 
-The CLI and API do no map I/O themselves; everything goes through here.
+The CLI and API do no map I/O themselves; everything goes through here. In
+the agent two threads use it (the agent loop and the API server): every
+method that writes a map or attaches holds the controller's one lock.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from lasthop import abi, netns
 from lasthop.config import Config
 from lasthop.datapath import Datapath, DatapathError, Maps, Pins, detach_filter
 from lasthop.links import Link, LinkError, Links
-from lasthop.table import Connection, counter_name, decode, now_ns
+from lasthop.table import Connection, counter_name, decode, format_mac, ifname, now_ns
 
-__all__ = ["Controller", "Attached", "Stats", "DatapathError", "LinkError"]
+__all__ = ["Controller", "Attached", "InterfaceInfo", "Stats", "DatapathError", "LinkError"]
 
 log = logging.getLogger("lasthop")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _locked(method: F) -> F:
+    """Runs *method* holding the controller's lock (map writes, attach, detach)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Controller, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
@@ -46,6 +63,23 @@ class Stats:
         }
 
 
+@dataclass(frozen=True)
+class InterfaceInfo:
+    """An interface the data path is configured for (lh_ifaces)."""
+
+    name: str
+    ifindex: int
+    role: str  # "uplink" | "vm_port"
+    zone: int
+    slot: int
+    mac: str
+    routed: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "ifindex": self.ifindex, "role": self.role, "zone": self.zone,
+                "slot": self.slot, "mac": self.mac, "routed": self.routed}
+
+
 class Controller:
     """lasthop in one network namespace.
 
@@ -62,6 +96,7 @@ class Controller:
         self.datapath: Datapath | None = None
         self.attached = Attached()
         self._config: Config | None = None
+        self._lock = threading.RLock()
 
     def close(self) -> None:
         if self.datapath is not None:
@@ -69,6 +104,7 @@ class Controller:
         self.links.close()
 
     # -- running -----------------------------------------------------------
+    @_locked
     def start(self, config: Config) -> Attached:
         """Loads (or adopts) the data path and attaches it as *config* says."""
         self._config = config
@@ -95,6 +131,7 @@ class Controller:
                  "adopted" if adopted else "new", self.pins.folder)
         return self.attached
 
+    @_locked
     def attach(self, link: Link, role: abi.Role, zone: int = 0) -> None:
         assert self.datapath is not None and self._config is not None
         maps = self.datapath.maps
@@ -111,10 +148,14 @@ class Controller:
         log.info("attached %s %s (ifindex %d, zone %d, slot %d)", role.name.lower(), link.name,
                  link.index, zone, slot)
 
+    @_locked
     def forget(self, ifindex: int) -> None:
-        """A port went away: clear its config so its slot can be reused."""
+        """A port went away or left the bridge: clear its config so its slot can
+        be reused, and take our filter off it if it still exists."""
         assert self.datapath is not None
         self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
+        if self.links.by_index(ifindex) is not None:
+            detach_filter(ifindex)
         name = self.attached.vm_ports.pop(ifindex, None) or self.attached.uplinks.pop(ifindex, None)
         log.info("forgot %s (ifindex %d)", name or "interface", ifindex)
 
@@ -141,11 +182,33 @@ class Controller:
             return self.datapath.maps, False
         return Maps.open_pinned(self.pins), True
 
-    def connections(self) -> list[Connection]:
+    def connections(self, limit: int = 0) -> list[Connection]:
+        """The table, most recently seen first; at most *limit* entries (0 = all)."""
         maps, owned = self._maps()
         try:
             now = now_ns()
-            return [decode(k, e, now) for k, e in maps.entries()]
+            conns = [decode(k, e, now) for k, e in maps.entries()]
+        finally:
+            if owned:
+                maps.close()
+        conns.sort(key=lambda c: c.age_s)
+        return conns[:limit] if limit > 0 else conns
+
+    @_locked
+    def attached_now(self) -> Attached:
+        """A copy of what is attached, safe to read while the agent changes it."""
+        return Attached(dict(self.attached.uplinks), dict(self.attached.vm_ports))
+
+    def interfaces(self) -> list[InterfaceInfo]:
+        """Every interface the data path is configured for, by ifindex."""
+        maps, owned = self._maps()
+        try:
+            return [
+                InterfaceInfo(name=ifname(i), ifindex=i, role=abi.Role(cfg.role).name.lower(),
+                              zone=cfg.zone, slot=cfg.slot, mac=format_mac(bytes(cfg.mac)),
+                              routed=bool(cfg.flags & abi.F_IFACE_ROUTED))
+                for i, cfg in sorted(maps.attached().items())
+            ]
         finally:
             if owned:
                 maps.close()
@@ -154,8 +217,8 @@ class Controller:
         maps, owned = self._maps()
         try:
             per_slot = maps.counter_totals()
-            names = {cfg.slot: (self.links.by_index(i) or Link(i, f"if{i}", b"", 0)).name
-                     for i, cfg in maps.attached().items()}
+            # not self.links: its netlink socket belongs to the agent's thread
+            names = {cfg.slot: ifname(i) for i, cfg in maps.attached().items()}
             totals = [0] * abi.CNT_MAX
             interfaces: dict[str, dict[str, int]] = {}
             for slot, counts in sorted(per_slot.items()):
@@ -183,6 +246,7 @@ class Controller:
             maps.add_counter(0, abi.Counter.AGENT_REMOVED, removed)
         return removed
 
+    @_locked
     def age(self, idle_timeout: float) -> int:
         """Removes entries idle for longer than *idle_timeout* seconds."""
         maps, owned = self._maps()
@@ -194,6 +258,7 @@ class Controller:
             if owned:
                 maps.close()
 
+    @_locked
     def flush(self) -> int:
         """Removes every entry; returns how many."""
         maps, owned = self._maps()
@@ -203,6 +268,7 @@ class Controller:
             if owned:
                 maps.close()
 
+    @_locked
     def detach(self) -> list[str]:
         """Removes the programs from every attached interface and the pins."""
         # every link, not just those the table names: pins may already be gone

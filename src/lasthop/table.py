@@ -11,7 +11,7 @@ from typing import Any
 
 from lasthop import abi
 
-__all__ = ["Connection", "decode", "now_ns", "PROTO_NAMES", "format_mac", "counter_name"]
+__all__ = ["Connection", "decode", "now_ns", "PROTO_NAMES", "format_mac", "counter_name", "ifname"]
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 47: "gre", 50: "esp", 132: "sctp"}
 _FLAG_NAMES = {
@@ -44,7 +44,8 @@ def _addr(words: Any, family: int) -> str:
     return str(ipaddress.IPv6Address(raw))
 
 
-def _ifname(ifindex: int) -> str:
+def ifname(ifindex: int) -> str:
+    """The name of *ifindex* in the calling thread's network namespace."""
     if not ifindex:
         return ""
     try:
@@ -89,12 +90,12 @@ def decode(key: abi.ConnKey, entry: abi.ConnEntry, now: int) -> Connection:
         dport=0 if icmp else socket.ntohs(key.dport),
         zone=key.zone,
         mac=format_mac(bytes(entry.mac)) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
-        uplink=_ifname(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
+        uplink=ifname(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
         uplink_ifindex=entry.ifindex,
         vlan=[entry.vlan_tci[i] & 0x0FFF for i in range(min(entry.vlan_count, abi.MAX_VLAN_TAGS))],
         age_s=round(max(0, now - entry.last_seen) / 1e9, 3),
         packets=entry.packets,
         replies=entry.replies,
-        vm_port=_ifname(entry.vm_ifindex),
+        vm_port=ifname(entry.vm_ifindex),
         flags=[name for bit, name in _FLAG_NAMES.items() if entry.flags & bit],
     )
