@@ -62,18 +62,34 @@ def _is_bpffs(path: Path) -> bool:
     return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
+def _other_roots() -> list[Path]:
+    """Roots of other mount namespaces: PID 1's, then our ancestors'."""
+    roots = [Path("/proc/1/root")]
+    pid = os.getppid()
+    while pid > 1:
+        roots.append(Path(f"/proc/{pid}/root"))
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return roots
+
+
 def bpffs_root(wanted: Path = Path("/sys/fs/bpf")) -> Path:
     """A bpffs directory shared with the rest of the host.
 
     `ip netns exec` gives its command a fresh /sys without the bpffs; then the
-    host's one is still reachable through PID 1's root. Only when neither is
+    host's one is still reachable through the root of PID 1 or, where PID 1 is
+    out of reach (containers), of the process that ran us. Only when none is
     mounted do we mount one (it lasts as long as this mount namespace).
     """
     if _is_bpffs(wanted):
         return wanted
-    host = Path("/proc/1/root") / wanted.relative_to("/")
-    if _is_bpffs(host):
-        return host
+    for root in _other_roots():
+        host = root / wanted.relative_to("/")
+        if _is_bpffs(host):
+            return host
     wanted.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(["mount", "-t", "bpf", "bpf", str(wanted)], capture_output=True, text=True, check=False)
     if result.returncode != 0 or not _is_bpffs(wanted):
