@@ -9,11 +9,21 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["Config", "ConfigError", "Interface", "load"]
+__all__ = ["Config", "ConfigError", "Interface", "load", "parse_hostport", "API_SOCKET_DIR"]
 
 IFNAMSIZ = 15
+API_SOCKET_DIR = Path("/run/lasthop")
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """"127.0.0.1:9180" -> ("127.0.0.1", 9180); IPv6 in brackets: "[::1]:9180"."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT (like 127.0.0.1:9180), got {text!r}")
+    return host, int(port)
 
 
 class ConfigError(ValueError):
@@ -42,8 +52,25 @@ class Config(_Model):
     table_size: int = Field(default=1_048_576, ge=1, le=1 << 27)
     idle_timeout: float = Field(default=600.0, gt=0, description="seconds before an idle entry is removed")
     pin_root: Path | None = Field(default=None, description="bpffs folder for the pins; default: <bpffs>/lasthop/<netns>")
+    api: str | None = Field(default=None, description="HOST:PORT the REST API also serves (TCP)")
+    api_socket: str | None = Field(
+        default=None, description='unix socket of the REST API; default /run/lasthop/<netns>.sock, "" = none'
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("api")
+    @classmethod
+    def _check_api(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_hostport(value)
+        return value
+
+    def api_socket_path(self, netns: str) -> Path | None:
+        """Where the unix socket of the REST API goes; None = no socket."""
+        if self.api_socket == "":
+            return None
+        return Path(self.api_socket) if self.api_socket else API_SOCKET_DIR / f"{netns}.sock"
 
     def merged(self, **flags: object) -> Config:
         """This config with command-line values on top (None and empty = keep)."""
