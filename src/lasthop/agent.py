@@ -1,22 +1,29 @@
-"""The foreground agent: attach, then follow bridge ports and age entries
-until SIGTERM/SIGINT. Stopping leaves the data path attached and the table
-pinned, so traffic keeps flowing and the next run adopts every entry."""
+"""The foreground agent: attach, serve the REST API, then follow bridge ports
+and age entries until SIGTERM/SIGINT. Stopping leaves the data path attached
+and the table pinned, so traffic keeps flowing and the next run adopts every
+entry."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from lasthop import abi
-from lasthop.config import Config
+from lasthop.config import Config, parse_hostport
 from lasthop.controller import Controller
+
+if TYPE_CHECKING:
+    from lasthop.api import ApiServer
 
 __all__ = ["Agent"]
 
 log = logging.getLogger("lasthop")
-AGE_EVERY = 5.0  # seconds between aging passes
+AGE_EVERY = 5.0  # seconds between aging passes (shorter when idle_timeout is shorter)
+TICK = 0.5  # seconds between checks of the stop flag
 
 
 class Agent:
@@ -28,29 +35,56 @@ class Agent:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
 
-    def run(self, *, ready: callable = print) -> None:  # type: ignore[valid-type]
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+    def _api(self) -> ApiServer | None:
+        """The API server for this config (bound, not yet serving), or None."""
+        unix_path = self.config.api_socket_path(self.controller.netns)
+        tcp = parse_hostport(self.config.api) if self.config.api else None
+        if unix_path is None and tcp is None:
+            return None
+        from lasthop.api import ApiServer, create_app  # FastAPI and uvicorn only when serving
+
+        server = ApiServer(create_app(self.controller), unix_path=unix_path, tcp=tcp)
+        server.bind()
+        return server
+
+    def run(self, *, ready: Callable[[str], object] = print) -> None:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         c = self.controller
-        if self.config.bridge:
-            c.links.watch()  # before start(): no port added meanwhile is missed
-        attached = c.start(self.config)
-        ready(
-            f"lasthop: attached in netns {c.netns}: uplinks {sorted(attached.uplinks.values())}, "
-            f"VM ports {sorted(attached.vm_ports.values())}"
-        )
-        next_age = time.monotonic() + AGE_EVERY
+        api = self._api()  # before attaching: a second agent in this netns stops here
+        try:
+            if self.config.bridge:
+                c.links.watch()  # before start(): no port added meanwhile is missed
+            attached = c.start(self.config)
+            where = api.start() if api is not None else []
+            uplinks = sorted(attached.uplinks.values())
+            vm_ports = sorted(attached.vm_ports.values())
+            ready(
+                f"lasthop: attached in netns {c.netns}: uplinks {uplinks}, VM ports {vm_ports}"
+                + (f"; API on {', '.join(where)}" if where else "")
+            )
+            self._loop()
+            log.info("stopping: data path stays attached, table stays pinned at %s", c.pins.folder)
+        finally:
+            if api is not None:
+                api.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _loop(self) -> None:
+        c = self.controller
+        age_every = min(AGE_EVERY, self.config.idle_timeout / 2)
+        tick = min(TICK, age_every)
+        next_age = time.monotonic() + age_every
         while not self._stop:
             if self.config.bridge:
-                self._follow_bridge(timeout=0.5)
+                self._follow_bridge(timeout=tick)
             else:
-                time.sleep(0.5)
+                time.sleep(tick)
             if time.monotonic() >= next_age:
                 removed = c.age(self.config.idle_timeout)
                 if removed:
                     log.info("aged out %d idle entries", removed)
-                next_age = time.monotonic() + AGE_EVERY
-        log.info("stopping: data path stays attached, table stays pinned at %s", c.pins.folder)
+                next_age = time.monotonic() + age_every
 
     def _follow_bridge(self, timeout: float) -> None:
         c = self.controller

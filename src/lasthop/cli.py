@@ -1,7 +1,8 @@
 """The `lasthop` command: a thin layer over :class:`lasthop.controller.Controller`.
 
-Exit codes: 0 success, 1 runtime failure (kernel, netlink), 2 usage or
-config error (click's own), 3 nothing attached where one was expected.
+Exit codes: 0 success, 1 runtime failure (kernel, netlink, the API's
+sockets), 2 usage, config error or unknown interface/namespace, 3 nothing
+attached where one was expected.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def _friendly(fn: F) -> F:
         except BpfError as err:
             err_console.print(f"[red]kernel error:[/red] {err}", highlight=False)
             sys.exit(EXIT_FAILURE)
+        except OSError as err:  # the API's sockets (lasthop.api.ApiError), netlink
+            err_console.print(f"[red]error:[/red] {err}", highlight=False)
+            sys.exit(EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]
 
@@ -75,15 +79,19 @@ def cli(verbose: bool) -> None:
 @click.option("--routed", is_flag=True, default=None, help="Routed host: replies also get the uplink's MAC and TTL-1.")
 @click.option("--relearn", type=click.Choice(["latest", "first"]), help="Which MAC a connection keeps.")
 @click.option("--table-size", type=int, help="Connection table entries.")
+@click.option("--idle-timeout", type=float, metavar="SECONDS", help="Remove entries idle this long.")
+@click.option("--api", metavar="HOST:PORT", help="Also serve the REST API over TCP here.")
+@click.option("--api-socket", metavar="PATH", help='Unix socket of the REST API ("" = none).')
 @_friendly
 def run(config_path: Path | None, netns: str | None, uplinks: tuple[str, ...], vm_ports: tuple[str, ...],
-        bridge: str | None, routed: bool | None, relearn: str | None, table_size: int | None) -> None:
+        bridge: str | None, routed: bool | None, relearn: str | None, table_size: int | None,
+        idle_timeout: float | None, api: str | None, api_socket: str | None) -> None:
     """Attach and run in the foreground; SIGTERM leaves the data path attached."""
     from lasthop.agent import Agent
 
     cfg = config_mod.load(config_path).merged(
         netns=netns, uplinks=uplinks, vm_ports=vm_ports, bridge=bridge, routed=routed,
-        relearn=relearn, table_size=table_size,
+        relearn=relearn, table_size=table_size, idle_timeout=idle_timeout, api=api, api_socket=api_socket,
     )
     controller = Controller(cfg.netns, cfg.pin_root)
     try:
@@ -105,14 +113,11 @@ def detach(netns: str | None) -> None:
 @cli.command()
 @netns_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
-@click.option("--limit", type=int, default=0, help="Show at most this many entries (0 = all).")
+@click.option("--limit", type=click.IntRange(min=0), default=0, help="Show at most this many entries (0 = all).")
 @_friendly
 def show(netns: str | None, as_json: bool, limit: int) -> None:
     """The per-connection table."""
-    conns = Controller(netns).connections()
-    conns.sort(key=lambda c: c.age_s)
-    if limit:
-        conns = conns[:limit]
+    conns = Controller(netns).connections(limit)
     if as_json:
         print(json.dumps([c.to_json() for c in conns], indent=1))
         return

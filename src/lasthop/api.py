@@ -1,0 +1,215 @@
+"""The REST API: a FastAPI app built over the controller, and the uvicorn
+server that runs it in a background thread of `lasthop run`.
+
+The handlers are thin: each calls one controller method and returns its JSON
+(the shapes of `lasthop show --json` and `stats --json`, docs/cli.md). By
+default the API listens on a unix socket, /run/lasthop/<netns>.sock;
+``api = "HOST:PORT"`` adds a TCP listener in the agent's network namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import uvicorn
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from lasthop import metrics
+from lasthop.controller import Attached, DatapathError, InterfaceInfo, Stats
+from lasthop.libbpf import BpfError
+from lasthop.table import Connection
+
+__all__ = ["ApiError", "ApiServer", "Backend", "create_app"]
+
+API_VERSION = "v1"
+SOCKET_MODE = 0o660
+
+
+class ApiError(OSError):
+    """The API cannot listen where it was asked to."""
+
+
+class Backend(Protocol):
+    """What the API needs of the controller."""
+
+    netns: str
+
+    def attached_now(self) -> Attached: ...
+    def connections(self, limit: int = 0) -> list[Connection]: ...
+    def stats(self) -> Stats: ...
+    def flush(self) -> int: ...
+    def interfaces(self) -> list[InterfaceInfo]: ...
+
+
+def create_app(controller: Backend) -> FastAPI:
+    """The app; every handler is one controller call."""
+    app = FastAPI(title="lasthop", version=API_VERSION, docs_url="/docs", redoc_url=None)
+    registry = metrics.registry(controller)
+
+    @app.exception_handler(DatapathError)
+    async def _not_attached(request: Request, err: DatapathError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=503)
+
+    @app.exception_handler(BpfError)
+    async def _kernel(request: Request, err: BpfError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=500)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """The agent is up; what it has attached."""
+        attached = controller.attached_now()
+        return {
+            "status": "ok",
+            "netns": controller.netns,
+            "uplinks": sorted(attached.uplinks.values()),
+            "vm_ports": sorted(attached.vm_ports.values()),
+        }
+
+    @app.get(f"/{API_VERSION}/connections")
+    def connections(
+        limit: int = Query(0, ge=0, description="at most this many, 0 = all"),
+    ) -> list[dict[str, Any]]:
+        """The per-connection table, most recently seen first (as `show --json`)."""
+        return [c.to_json() for c in controller.connections(limit)]
+
+    @app.get(f"/{API_VERSION}/stats")
+    def stats() -> dict[str, object]:
+        """Counters per reason, in total and per interface, and the table (as `stats --json`)."""
+        return controller.stats().to_json()
+
+    @app.post(f"/{API_VERSION}/flush")
+    def flush() -> dict[str, int]:
+        """Removes every entry."""
+        return {"flushed": controller.flush()}
+
+    @app.get(f"/{API_VERSION}/interfaces")
+    def interfaces() -> list[dict[str, object]]:
+        """The interfaces the data path is configured for."""
+        return [i.to_json() for i in controller.interfaces()]
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        """Prometheus text format, read from the maps on each scrape."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _bind_unix(path: Path) -> socket.socket:
+    """A listening-ready unix socket at *path*; a stale file is replaced, a live
+    one (another agent answering) is an error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ApiError(f"cannot listen on {path}: it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # left by an agent that died
+        else:
+            raise ApiError(f"another lasthop agent answers on {path}: stop it first")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, SOCKET_MODE)
+    except OSError as err:
+        sock.close()
+        raise ApiError(f"cannot listen on {path}: {err.strerror}") from None
+    return sock
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise ApiError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as err:
+        sock.close()
+        raise ApiError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+class ApiServer:
+    """uvicorn serving the app in a daemon thread.
+
+    :meth:`bind` first (before the agent changes anything, so a second agent
+    in the same namespace stops early), then :meth:`start` and :meth:`stop`.
+    The thread must be started after the process entered its network
+    namespace: threads inherit the namespace of the thread that creates them.
+    """
+
+    def __init__(self, app: FastAPI, *, unix_path: Path | None = None,
+                 tcp: tuple[str, int] | None = None) -> None:
+        self.app = app
+        self.unix_path = unix_path
+        self.tcp = tcp
+        self.addresses: list[str] = []
+        self._sockets: list[socket.socket] = []
+        self._unix_ino = 0
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def bind(self) -> None:
+        try:
+            if self.unix_path is not None:
+                sock = _bind_unix(self.unix_path)
+                self._sockets.append(sock)
+                self._unix_ino = self.unix_path.stat().st_ino
+                self.addresses.append(f"unix:{self.unix_path}")
+            if self.tcp is not None:
+                self._sockets.append(_bind_tcp(*self.tcp))
+                host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
+                self.addresses.append(f"http://{host}:{self.tcp[1]}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, timeout: float = 10.0) -> list[str]:
+        """Serves in the background; returns the addresses once they answer."""
+        if not self._sockets:
+            self.bind()
+        config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
+                                access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": self._sockets},
+                                        name="lasthop-api", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise ApiError(f"the API server did not start on {', '.join(self.addresses)}")
+            time.sleep(0.01)
+        return self.addresses
+
+    def stop(self) -> None:
+        """Stops serving and removes the unix socket (if it is still ours)."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=5.0)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        if self.unix_path is not None and self._unix_ino:
+            try:
+                if self.unix_path.stat().st_ino == self._unix_ino:
+                    self.unix_path.unlink()
+            except FileNotFoundError:
+                pass
+            self._unix_ino = 0

@@ -1,0 +1,69 @@
+"""Prometheus metrics: a collector that reads the counters and the table
+size from the controller on every scrape (no background polling).
+
+| metric | type | labels |
+| --- | --- | --- |
+| lasthop_packets_total | counter | reason, interface |
+| lasthop_table_entries | gauge | |
+| lasthop_table_capacity | gauge | |
+| lasthop_table_evicted_total | counter | |
+| lasthop_table_removed_total | counter | |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from lasthop.controller import Stats
+
+__all__ = ["StatsCollector", "StatsSource", "registry"]
+
+# Not a packet: the agent's own removals (aging, flush) go to lasthop_table_removed_total.
+_REMOVED = "agent_removed"
+
+
+class StatsSource(Protocol):
+    def stats(self) -> Stats: ...
+
+
+class StatsCollector(Collector):
+    """Turns one :meth:`Controller.stats` call per scrape into metric families."""
+
+    def __init__(self, source: StatsSource) -> None:
+        self.source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # registering must not read the maps
+
+    def collect(self) -> Iterable[Metric]:
+        st = self.source.stats()
+        packets = CounterMetricFamily(
+            "lasthop_packets", "Packets the data path handled, by reason and interface",
+            labels=["reason", "interface"],
+        )
+        for interface, counts in sorted(st.interfaces.items()):
+            for reason, n in sorted(counts.items()):
+                if reason != _REMOVED:
+                    packets.add_metric([reason, interface], n)
+        yield packets
+        yield GaugeMetricFamily("lasthop_table_entries", "Connections in the table",
+                                value=st.entries)
+        yield GaugeMetricFamily("lasthop_table_capacity", "Connections the table can hold",
+                                value=st.capacity)
+        yield CounterMetricFamily(
+            "lasthop_table_evicted", "Entries the full table evicted (derived from the counters)",
+            value=st.evicted,
+        )
+        yield CounterMetricFamily("lasthop_table_removed", "Entries the agent aged out or flushed",
+                                  value=st.totals.get(_REMOVED, 0))
+
+
+def registry(source: StatsSource) -> CollectorRegistry:
+    """A registry of its own (not the global one) holding only our collector."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(StatsCollector(source))
+    return reg
