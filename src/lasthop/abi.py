@@ -128,7 +128,7 @@ class SvcInfo(ctypes.Structure):
 
 
 class Settings(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint32), ("reserved", ctypes.c_uint32)]
+    _fields_ = [("flags", ctypes.c_uint32), ("hz", ctypes.c_uint32)]
 
 
 # name in BTF -> mirror, for the ABI test

@@ -20,7 +20,8 @@ from lasthop import abi, netns
 from lasthop.config import Config
 from lasthop.datapath import Datapath, DatapathError, Maps, Pins, detach_filter
 from lasthop.links import Link, LinkError, Links
-from lasthop.table import Connection, counter_name, decode, format_mac, ifname, now_ns
+from lasthop.clock import Clock
+from lasthop.table import Connection, counter_name, decode, format_mac, ifname
 
 __all__ = ["Controller", "Attached", "InterfaceInfo", "Stats", "DatapathError", "LinkError"]
 
@@ -121,6 +122,7 @@ class Controller:
         adopted = self.pins.exist()
         self.datapath = Datapath(self.pins, table_size=config.table_size)
         settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
+        settings.hz = Clock(self.datapath.clock_prog.fd).measure_hz()
         self.datapath.maps.set_settings(settings)
         for link, zone in uplinks:
             self.attach(link, abi.Role.UPLINK, zone)
@@ -182,12 +184,23 @@ class Controller:
             return self.datapath.maps, False
         return Maps.open_pinned(self.pins), True
 
+    def _now(self, maps: Maps) -> tuple[int, int]:
+        """The data path's clock now (jiffies) and its HZ (0 = unknown: ages read 0)."""
+        hz = maps.get_settings().hz
+        if self.datapath is not None:
+            return Clock(self.datapath.clock_prog.fd).jiffies(), hz
+        clock = Clock.pinned(self.pins.path("lh_clock"))
+        try:
+            return clock.jiffies(), hz
+        finally:
+            clock.close()
+
     def connections(self, limit: int = 0) -> list[Connection]:
         """The table, most recently seen first; at most *limit* entries (0 = all)."""
         maps, owned = self._maps()
         try:
-            now = now_ns()
-            conns = [decode(k, e, now) for k, e in maps.entries()]
+            now, hz = self._now(maps)
+            conns = [decode(k, e, now, hz) for k, e in maps.entries()]
         finally:
             if owned:
                 maps.close()
@@ -251,8 +264,8 @@ class Controller:
         """Removes entries idle for longer than *idle_timeout* seconds."""
         maps, owned = self._maps()
         try:
-            limit = now_ns() - int(idle_timeout * 1e9)
-            stale = [k for k, e in maps.entries() if e.last_seen < limit]
+            now, hz = self._now(maps)
+            stale = [k for k, e in maps.entries() if Clock.age_s(now, e.last_seen, hz) > idle_timeout]
             return self._remove(maps, stale)
         finally:
             if owned:

@@ -95,6 +95,10 @@ class Maps:
         return out
 
     # settings
+    def get_settings(self) -> abi.Settings:
+        raw = self.settings.lookup(_u32(0))
+        return abi.Settings.from_buffer_copy(raw) if raw else abi.Settings()
+
     def set_settings(self, settings: abi.Settings) -> None:
         self.settings.update(_u32(0), bytes(settings))
 
@@ -158,6 +162,10 @@ class Datapath:
                     ) from err
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})
+        self.clock_prog = self._obj.program("lh_clock")
+        clock_pin = pins.path("lh_clock")  # programs are not pinned by libbpf: replace by hand
+        clock_pin.unlink(missing_ok=True)
+        libbpf.obj_pin(self.clock_prog.fd, clock_pin)
 
     def attach(self, ifindex: int, role: abi.Role) -> int:
         """Attaches the role's program at ifindex's tc ingress; returns its prog id."""

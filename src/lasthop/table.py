@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lasthop import abi
+from lasthop.clock import Clock
 
-__all__ = ["Connection", "decode", "now_ns", "PROTO_NAMES", "format_mac", "counter_name", "ifname"]
+__all__ = ["Connection", "decode", "PROTO_NAMES", "format_mac", "counter_name", "ifname"]
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 47: "gre", 50: "esp", 132: "sctp"}
 _FLAG_NAMES = {
@@ -19,11 +19,6 @@ _FLAG_NAMES = {
     abi.F_ENTRY_VM_ORIGIN: "vm_origin",
     abi.F_ENTRY_OUTER_8021AD: "outer_8021ad",
 }
-
-
-def now_ns() -> int:
-    """The clock the data path stamps entries with (bpf_ktime_get_coarse_ns)."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
 def format_mac(raw: bytes) -> str:
@@ -79,7 +74,8 @@ class Connection:
         return asdict(self)
 
 
-def decode(key: abi.ConnKey, entry: abi.ConnEntry, now: int) -> Connection:
+def decode(key: abi.ConnKey, entry: abi.ConnEntry, now_jiffies: int, hz: int) -> Connection:
+    """One entry as a record; ages from the data path's clock (lasthop.clock)."""
     icmp = key.proto in (1, 58)
     return Connection(
         proto=PROTO_NAMES.get(key.proto, str(key.proto)),
@@ -93,7 +89,7 @@ def decode(key: abi.ConnKey, entry: abi.ConnEntry, now: int) -> Connection:
         uplink=ifname(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
         uplink_ifindex=entry.ifindex,
         vlan=[entry.vlan_tci[i] & 0x0FFF for i in range(min(entry.vlan_count, abi.MAX_VLAN_TAGS))],
-        age_s=round(max(0, now - entry.last_seen) / 1e9, 3),
+        age_s=round(Clock.age_s(now_jiffies, entry.last_seen, hz), 3),
         packets=entry.packets,
         replies=entry.replies,
         vm_port=ifname(entry.vm_ifindex),

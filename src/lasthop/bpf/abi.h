@@ -22,7 +22,7 @@ struct conn_key {
 /* Per-connection state: the last hop its request came from. 40 bytes, so an
  * LRU element stays under 150 bytes of kernel memory. */
 struct conn_entry {
-	__u64 last_seen;    /* bpf_ktime_get_coarse_ns() of the last packet, CLOCK_MONOTONIC */
+	__u64 last_seen;    /* bpf_jiffies64() at the last packet (see lh_clock) */
 	__u32 ifindex;      /* uplink the request arrived on */
 	__u32 vm_ifindex;   /* VM port that serves or opened the connection, 0 = none */
 	__u8  mac[ETH_ALEN];/* last hop: the request's source MAC */
@@ -64,5 +64,5 @@ struct svc_info {
 /* Host-wide settings (lh_settings[0]). */
 struct lh_settings {
 	__u32 flags;         /* F_SET_* */
-	__u32 reserved;
+	__u32 hz;            /* jiffies per second, measured by the agent, for entry ages */
 };

@@ -1,0 +1,49 @@
+"""The data path's clock: entries are stamped with jiffies (cheap in BPF), so
+ages need the kernel's current jiffies and HZ. The pinned `lh_clock` program
+returns jiffies when test-run; the agent measures HZ once and stores it in
+lh_settings.hz."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from lasthop import libbpf
+
+__all__ = ["Clock", "KNOWN_HZ"]
+
+KNOWN_HZ = (100, 250, 300, 1000)  # the kernel's CONFIG_HZ choices
+_ETH_FRAME = bytes(14)  # test run needs a frame; the program ignores it
+
+
+class Clock:
+    def __init__(self, prog_fd: int, *, owned: bool = False) -> None:
+        self._prog = libbpf.Program(prog_fd, "lh_clock")
+        self._owned = owned
+
+    @classmethod
+    def pinned(cls, path: Path) -> Clock:
+        return cls(libbpf.obj_get(path), owned=True)
+
+    def close(self) -> None:
+        if self._owned:
+            os.close(self._prog.fd)
+            self._owned = False
+
+    def jiffies(self) -> int:
+        """The low 32 bits of the kernel's jiffies now."""
+        return self._prog.test_run(_ETH_FRAME).retval
+
+    def measure_hz(self, interval: float = 0.1) -> int:
+        """The kernel's HZ, from jiffies counted over *interval* seconds."""
+        t0, j0 = time.monotonic(), self.jiffies()
+        time.sleep(interval)
+        t1, j1 = time.monotonic(), self.jiffies()
+        rate = ((j1 - j0) & 0xFFFFFFFF) / (t1 - t0)
+        return min(KNOWN_HZ, key=lambda hz: abs(hz - rate))
+
+    @staticmethod
+    def age_s(now_jiffies: int, last_seen: int, hz: int) -> float:
+        """Seconds since *last_seen* (jiffies), modulo 2**32 jiffies."""
+        return ((now_jiffies - last_seen) & 0xFFFFFFFF) / hz if hz else 0.0
