@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
-from lasthop.controller import Attached, DatapathError, InterfaceInfo, Stats
+from lasthop.controller import Attached, DatapathError, InterfaceInfo, NotAttachedError, Stats
 from lasthop.libbpf import BpfError
 from lasthop.table import Connection
 
@@ -54,9 +54,13 @@ def create_app(controller: Backend) -> FastAPI:
     app = FastAPI(title="lasthop", version=API_VERSION, docs_url="/docs", redoc_url=None)
     registry = metrics.registry(controller)
 
-    @app.exception_handler(DatapathError)
-    async def _not_attached(request: Request, err: DatapathError) -> JSONResponse:
+    @app.exception_handler(NotAttachedError)
+    async def _not_attached(request: Request, err: NotAttachedError) -> JSONResponse:
         return JSONResponse({"detail": str(err)}, status_code=503)
+
+    @app.exception_handler(DatapathError)
+    async def _datapath(request: Request, err: DatapathError) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=500)
 
     @app.exception_handler(BpfError)
     async def _kernel(request: Request, err: BpfError) -> JSONResponse:

@@ -1,8 +1,8 @@
 """The `lasthop` command: a thin layer over :class:`lasthop.controller.Controller`.
 
 Exit codes: 0 success, 1 runtime failure (kernel, netlink, the API's
-sockets), 2 usage, config error or unknown interface/namespace, 3 nothing
-attached where one was expected.
+sockets), 2 usage, config error (also: table_size differs from the pinned
+table's), unknown interface or namespace, 3 nothing attached here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from lasthop import config as config_mod
-from lasthop.controller import Controller, DatapathError, LinkError
+from lasthop.controller import (
+    Controller,
+    DatapathError,
+    LinkError,
+    NotAttachedError,
+    TableSizeError,
+)
 from lasthop.libbpf import BpfError
 from lasthop.netns import NetnsError
 
@@ -40,12 +46,15 @@ def _friendly(fn: F) -> F:
         except config_mod.ConfigError as err:
             err_console.print(f"[red]config error:[/red] {err}", highlight=False)
             sys.exit(EXIT_USAGE)
-        except (LinkError, NetnsError) as err:
+        except (LinkError, NetnsError, TableSizeError) as err:
             err_console.print(f"[red]error:[/red] {err}", highlight=False)
             sys.exit(EXIT_USAGE)
+        except NotAttachedError as err:
+            err_console.print(f"[red]error:[/red] {err}", highlight=False)
+            sys.exit(EXIT_NOT_ATTACHED)
         except DatapathError as err:
             err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_NOT_ATTACHED if "no data path pinned" in str(err) else EXIT_FAILURE)
+            sys.exit(EXIT_FAILURE)
         except BpfError as err:
             err_console.print(f"[red]kernel error:[/red] {err}", highlight=False)
             sys.exit(EXIT_FAILURE)

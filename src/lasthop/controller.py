@@ -17,13 +17,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lasthop import abi, netns
-from lasthop.config import Config
-from lasthop.datapath import Datapath, DatapathError, Maps, Pins, detach_filter
-from lasthop.links import Link, LinkError, Links
 from lasthop.clock import Clock
+from lasthop.config import Config
+from lasthop.datapath import (
+    Datapath,
+    DatapathError,
+    Maps,
+    NotAttachedError,
+    Pins,
+    TableSizeError,
+    detach_filter,
+)
+from lasthop.links import Link, LinkError, Links
 from lasthop.table import Connection, counter_name, decode, format_mac, ifname
 
-__all__ = ["Controller", "Attached", "InterfaceInfo", "Stats", "DatapathError", "LinkError"]
+__all__ = ["Controller", "Attached", "InterfaceInfo", "Stats", "DatapathError", "LinkError",
+           "NotAttachedError", "TableSizeError"]
 
 log = logging.getLogger("lasthop")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -18,7 +18,8 @@ from pathlib import Path
 from lasthop import abi, libbpf
 from lasthop.build import ensure_object
 
-__all__ = ["Datapath", "DatapathError", "Pins", "TC_HANDLE", "TC_PRIORITY"]
+__all__ = ["Datapath", "DatapathError", "NotAttachedError", "TableSizeError", "Pins", "TC_HANDLE",
+           "TC_PRIORITY"]
 
 TC_HANDLE = 0x4C48  # "LH"
 TC_PRIORITY = 0x4C48
@@ -30,6 +31,14 @@ PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 
 class DatapathError(RuntimeError):
     """The data path is missing, or cannot be loaded or attached."""
+
+
+class NotAttachedError(DatapathError):
+    """Nothing is pinned in this namespace: no agent ever attached here (or detach ran)."""
+
+
+class TableSizeError(DatapathError):
+    """The config's table_size differs from the size of the pinned table."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ class Maps:
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
         if not pins.exist():
-            raise DatapathError(f"no data path pinned at {pins.folder}: is `lasthop run` attached here?")
+            raise NotAttachedError(f"no data path pinned at {pins.folder}: is `lasthop run` attached here?")
         return cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
 
     def close(self) -> None:
@@ -156,7 +165,7 @@ class Datapath:
                 size = current.info.max_entries
                 current.close()
                 if size != table_size:
-                    raise DatapathError(
+                    raise TableSizeError(
                         f"the pinned table at {pins.folder} holds {size} entries, the config asks for "
                         f"{table_size}: keep table_size = {size}, or `lasthop detach` first (drops every entry)"
                     ) from err
