@@ -54,6 +54,11 @@ FIREWALL_SYSCTLS: dict[str, str | int] = {
     "net.ipv4.conf.default.arp_notify": 1,  # a MAC change (fail-over) is announced at once
     "net.ipv6.conf.default.ndisc_notify": 1,
 }
+VM_SYSCTLS: dict[str, str | int] = {
+    # No SYN-ACK retransmissions: a handshake that died without lasthop must not
+    # keep knocking on fw1 (and its drop counters) while lasthop is on.
+    "net.ipv4.tcp_synack_retries": 0,
+}
 SWITCH_SYSCTLS: dict[str, str | int] = {
     "net.ipv6.conf.all.disable_ipv6": 1,  # a pure L2 switch
     "net.ipv6.conf.default.disable_ipv6": 1,
@@ -264,7 +269,7 @@ class Lab:
             raise LabError(f"lab {self.name} already has VM {n}")
         vm, host = plan.vm(n), plan.host
         progress(f"building {vm.name}")
-        self._new_namespaces([vm.name], [{}])
+        self._new_namespaces([vm.name], [VM_SYSCTLS])
         ip_batch(host.ns, [
             f"link add {vm.port} address {vm.port_mac} type veth peer name {P.ETH} address {vm.mac} netns {vm.ns}",
             f"link set {vm.port} master {host.bridge} up",
