@@ -1,0 +1,335 @@
+"""Runs the data-path programs on frames with BPF_PROG_TEST_RUN and checks a
+case row: verdict, redirect target, output bytes, counter deltas and the
+whole connection table afterwards.
+
+Interfaces are named (``up1``, ``vm1``, ...); their ifindexes exist only in
+the test's network namespace, so rows name them and the runner resolves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import (
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+
+from lasthop import abi
+from lasthop.libbpf import BpfObject, Map, TestRun
+
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+UPLINK = "lh_uplink"
+VMPORT = "lh_vmport"
+
+SLOT0 = "slot0"  # counters of packets on interfaces the agent did not configure
+SEEN_SETUP = 1_000_000_007  # last_seen the rows write: "not touched by this run"
+_SKB_CTX_SIZE = 192  # struct __sk_buff; ifindex at offset 40
+_SKB_IFINDEX_OFF = 40
+
+
+@dataclass(frozen=True)
+class Iface:
+    name: str
+    ifindex: int
+    mac: str
+    role: abi.Role
+    slot: int
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def mac_str(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _l4_ports(frame: Packet) -> tuple[int, int]:
+    """Ports as the key holds them; ICMP echo puts its identifier in both."""
+    for layer in (TCP, UDP):
+        if layer in frame:
+            return frame[layer].sport, frame[layer].dport
+    if ICMP in frame and frame[ICMP].type in (0, 8):
+        return frame[ICMP].id, frame[ICMP].id
+    for layer in (ICMPv6EchoRequest, ICMPv6EchoReply):
+        if layer in frame:
+            return frame[layer].id, frame[layer].id
+    return 0, 0
+
+
+def _l4_proto(frame: Packet) -> int:
+    if IP in frame:
+        return int(frame[IP].proto)
+    # IPv6: the next header after the extension headers lasthop skips
+    layer = frame[IPv6]
+    nh, payload = layer.nh, layer.payload
+    while isinstance(payload, (IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting)):
+        nh, payload = payload.nh, payload.payload
+    return int(nh)
+
+
+@dataclass(frozen=True)
+class Key:
+    """A connection key, from a frame of the connection. Keys are oriented as
+    the request arrives on an uplink; a frame the VM sends is reversed."""
+
+    frame: Packet
+    reverse: bool = False
+    zone: int = 0
+
+    def pack(self) -> bytes:
+        frame = Ether(bytes(self.frame))  # dissected: every field has its built value
+        if IP in frame:
+            family, src, dst = abi.FAMILY_V4, frame[IP].src, frame[IP].dst
+            pad = 12
+            src_b, dst_b = socket.inet_aton(src) + bytes(pad), socket.inet_aton(dst) + bytes(pad)
+        else:
+            family = abi.FAMILY_V6
+            src_b = socket.inet_pton(socket.AF_INET6, frame[IPv6].src)
+            dst_b = socket.inet_pton(socket.AF_INET6, frame[IPv6].dst)
+        sport, dport = _l4_ports(frame)
+        if self.reverse:
+            src_b, dst_b, sport, dport = dst_b, src_b, dport, sport
+        return struct.pack("<16s16s2s2sBBH", src_b, dst_b, sport.to_bytes(2, "big"),
+                           dport.to_bytes(2, "big"), _l4_proto(frame), family, self.zone)
+
+    def describe(self) -> str:
+        k = abi.ConnKey.from_buffer_copy(self.pack())
+        return f"proto {k.proto} fam {k.family} zone {k.zone} {self.pack()[:32].hex()}"
+
+
+# ---------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A connection-table row as a case writes or expects it."""
+
+    key: Key
+    mac: str = "00:00:00:00:00:00"
+    iface: str | None = None  # uplink of the last hop
+    vlans: tuple[int, ...] = ()  # TCIs, outer first
+    flags: int = abi.F_ENTRY_HOP_KNOWN
+    packets: int = 1
+    replies: int = 0
+    vm: str | None = None  # VM port serving or opening the connection
+    seen: str = "setup"  # expected: "setup" (untouched) or "now" (set by this run)
+
+    def but(self, **changes: Any) -> Entry:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EntryView:
+    """What the table holds, with ifindexes named, for readable diffs."""
+
+    mac: str
+    iface: str | None
+    vlans: tuple[int, ...]
+    flags: int
+    packets: int
+    replies: int
+    vm: str | None
+    tunnel_id: int
+    seen: str
+
+
+# ---------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: set-up, input frame, and everything expected of the run."""
+
+    desc: str
+    prog: str  # UPLINK or VMPORT
+    iface: str  # interface the frame arrives on
+    packet: Packet
+    setup: tuple[Entry, ...] = ()
+    settings: int = 0  # lh_settings[0].flags
+    routed: bool = False  # VM ports carry F_IFACE_ROUTED
+    zones: tuple[tuple[str, int], ...] = ()  # (iface, zone) overrides
+    roles: tuple[tuple[str, abi.Role], ...] = ()  # (iface, role) overrides; NONE removes
+    vm_macs: tuple[tuple[str, str], ...] = ()  # (VM port, guest MAC) known to lh_ifaces
+    verdict: int = TC_ACT_OK
+    redirect: str | None = None  # interface the frame is redirected to
+    output: Packet | None = None  # None: the input, unchanged
+    counters: dict[tuple[str, abi.Counter], int] = field(default_factory=dict)
+    after: tuple[Entry, ...] | None = None  # None: the set-up entries, unchanged
+
+    def __str__(self) -> str:
+        return self.desc
+
+
+def ids(cases: list[Case]) -> list[str]:
+    return [c.desc for c in cases]
+
+
+# ---------------------------------------------------------------- the runner
+
+
+class Datapath:
+    """The test object loaded once; reset() gives each case a fresh state."""
+
+    def __init__(self, obj: BpfObject, ifaces: dict[str, Iface]) -> None:
+        self.obj = obj
+        self.ifaces = ifaces
+        self.by_index = {i.ifindex: i.name for i in ifaces.values()}
+        self.conns: Map = obj.map("lh_conns")
+        self.iface_map: Map = obj.map("lh_ifaces")
+        self.counters: Map = obj.map("lh_counters")
+        self.settings: Map = obj.map("lh_settings")
+        self.trace: Map = obj.map("lh_trace")
+        self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
+
+    # set-up
+    def reset(self) -> None:
+        for key in list(self.conns.keys()):
+            self.conns.delete(key)
+        for iface in self.ifaces.values():
+            self.configure(iface.name)
+        self.set_settings(0)
+        self.trace.update(_u32(0), _u32(0))
+
+    def configure(self, name: str, *, role: abi.Role | None = None, zone: int = 0,
+                  flags: int = 0, vm_mac: str | None = None) -> None:
+        iface = self.ifaces[name]
+        role = iface.role if role is None else role
+        cfg = abi.IfaceCfg(role=int(role), zone=zone, flags=flags, slot=iface.slot)
+        ctypes.memmove(cfg.mac, mac_bytes(iface.mac), abi.ETH_ALEN)
+        if vm_mac:
+            ctypes.memmove(cfg.vm_mac, mac_bytes(vm_mac), abi.ETH_ALEN)
+            cfg.flags |= abi.F_IFACE_VM_MAC
+        if role == abi.Role.NONE:
+            cfg = abi.IfaceCfg()
+        self.iface_map.update(_u32(iface.ifindex), bytes(cfg))
+
+    def set_settings(self, flags: int) -> None:
+        self.settings.update(_u32(0), bytes(abi.Settings(flags=flags)))
+
+    def put(self, entry: Entry) -> None:
+        e = abi.ConnEntry(last_seen=SEEN_SETUP, flags=entry.flags, packets=entry.packets,
+                          replies=entry.replies, vlan_count=len(entry.vlans))
+        ctypes.memmove(e.mac, mac_bytes(entry.mac), abi.ETH_ALEN)
+        e.ifindex = self.ifaces[entry.iface].ifindex if entry.iface else 0
+        e.vm_ifindex = self.ifaces[entry.vm].ifindex if entry.vm else 0
+        for i, t in enumerate(entry.vlans):
+            e.vlan_tci[i] = t
+        self.conns.update(entry.key.pack(), bytes(e))
+
+    # running
+    def run(self, prog: str, frame: bytes, iface: str) -> TestRun:
+        ctx = bytearray(_SKB_CTX_SIZE)
+        struct.pack_into("<I", ctx, _SKB_IFINDEX_OFF, self.ifaces[iface].ifindex)
+        return self.obj.program(prog).test_run(frame, ctx=bytes(ctx))
+
+    def clock(self) -> int:
+        """The data path's clock: low 32 bits of jiffies, as lh_clock returns them."""
+        return self.obj.program("lh_clock").test_run(bytes(14)).retval
+
+    def redirected_to(self) -> str | None:
+        raw = self.trace.lookup(_u32(0))
+        ifindex = struct.unpack("<I", raw[:4])[0] if raw else 0
+        return self.by_index.get(ifindex, str(ifindex)) if ifindex else None
+
+    # reading
+    def counter_values(self) -> dict[tuple[str, abi.Counter], int]:
+        out = {}
+        for name, slot in self.slots.items():
+            for c in abi.Counter:
+                raw = self.counters.lookup(abi.counter_key(slot, c))
+                assert raw is not None
+                out[(name, c)] = sum(struct.unpack("<Q", v[:8])[0]
+                                     for v in self.counters.percpu_values(raw))
+        return out
+
+    def table(self, t0: int = 0, t1: int = 0) -> dict[bytes, EntryView]:
+        out = {}
+        for key, raw in self.conns.items():
+            e = abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)])
+            if e.last_seen == SEEN_SETUP:
+                seen = "setup"
+            elif (e.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32:
+                seen = "now"
+            else:
+                seen = f"last_seen={e.last_seen} outside [{t0}, {t1}]"
+            out[key] = EntryView(
+                mac=mac_str(bytes(e.mac)),
+                iface=self.by_index.get(e.ifindex, str(e.ifindex)) if e.ifindex else None,
+                vlans=tuple(e.vlan_tci[i] for i in range(e.vlan_count)),
+                flags=e.flags, packets=e.packets, replies=e.replies,
+                vm=self.by_index.get(e.vm_ifindex, str(e.vm_ifindex)) if e.vm_ifindex else None,
+                tunnel_id=e.tunnel_id, seen=seen,
+            )
+        return out
+
+
+def _u32(n: int) -> bytes:
+    return struct.pack("<I", n)
+
+
+def view(entry: Entry) -> EntryView:
+    return EntryView(mac=entry.mac, iface=entry.iface, vlans=entry.vlans, flags=entry.flags,
+                     packets=entry.packets, replies=entry.replies, vm=entry.vm, tunnel_id=0,
+                     seen=entry.seen)
+
+
+def frame_diff(actual: bytes, expected: bytes) -> str:
+    def show(raw: bytes) -> str:
+        return str(Ether(raw).show2(dump=True))
+    return f"\n--- got ({len(actual)} bytes)\n{show(actual)}\n--- expected ({len(expected)} bytes)\n{show(expected)}"
+
+
+def check(dp: Datapath, case: Case) -> TestRun:
+    """Runs one case on a freshly reset data path and asserts every expectation."""
+    dp.reset()
+    zones, roles, vm_macs = dict(case.zones), dict(case.roles), dict(case.vm_macs)
+    for name, iface in dp.ifaces.items():
+        role = roles.get(name, iface.role)
+        flags = abi.F_IFACE_ROUTED if case.routed and role == abi.Role.VM_PORT else 0
+        dp.configure(name, role=role, zone=zones.get(name, 0), flags=flags,
+                     vm_mac=vm_macs.get(name))
+    dp.set_settings(case.settings)
+    for entry in case.setup:
+        dp.put(entry)
+    frame = bytes(case.packet)
+    before = dp.counter_values()
+    t0 = dp.clock()
+    run = dp.run(case.prog, frame, case.iface)
+    t1 = dp.clock()
+    after = dp.counter_values()
+
+    assert run.retval == case.verdict, f"verdict {run.retval}, expected {case.verdict}"
+    assert dp.redirected_to() == case.redirect
+    expected = frame if case.output is None else bytes(case.output)
+    assert run.data == expected, frame_diff(run.data, expected)
+    deltas = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    assert deltas == case.counters
+    want = case.setup if case.after is None else case.after
+    assert dp.table(t0, t1) == {e.key.pack(): view(e) for e in want}
+    return run
+
+
+__all__ = [
+    "Case", "Datapath", "Entry", "EntryView", "Iface", "Key", "SEEN_SETUP", "SLOT0",
+    "TC_ACT_OK", "TC_ACT_REDIRECT", "TC_ACT_SHOT", "UPLINK", "VMPORT", "check",
+    "ids", "mac_bytes",
+]

@@ -1,0 +1,212 @@
+"""lh_uplink: what a request arriving on an uplink teaches the table.
+
+Every row runs on a reset data path and checks the verdict, the frame (an
+uplink never changes a request it only learns from), the counter deltas and
+the whole table afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet6 import (
+    ICMPv6ND_NS,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
+from scapy.layers.l2 import Dot1Q
+from scapy.packet import Raw
+
+from lasthop import abi
+from packets import (
+    IP6_CLIENT_B,
+    IP6_VM_1,
+    IP_CLIENT_B,
+    IP_VM_1,
+    MAC_BROADCAST,
+    MAC_FW_B,
+    MAC_FW_C,
+    MAC_VM_1,
+    PORT_CLIENT,
+    PORT_HTTP,
+    VLAN_C,
+    VLAN_OTHER,
+    VLAN_PCP,
+    VLAN_S,
+    dot1ad,
+    dot1q,
+    echo4_request,
+    echo6_request,
+    eth,
+    l3,
+    tci,
+    tcp4_reply,
+    tcp4_request,
+    tcp6_request,
+    udp4_request,
+    udp6_request,
+)
+
+from .harness import (
+    SLOT0,
+    TC_ACT_REDIRECT,
+    UPLINK,
+    Case,
+    Entry,
+    Key,
+    check,
+    ids,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
+
+C = abi.Counter
+HOP = abi.F_ENTRY_HOP_KNOWN
+AD = abi.F_ENTRY_OUTER_8021AD
+
+
+def learned(frame, **kw) -> Entry:  # type: ignore[no-untyped-def]
+    """The entry a first request from firewall B on up1 creates."""
+    return Entry(Key(frame, zone=kw.pop("zone", 0)), mac=kw.pop("mac", MAC_FW_B),
+                 iface=kw.pop("iface", "up1"), seen="now", **kw)
+
+
+def learn(desc: str, frame, **kw) -> Case:  # type: ignore[no-untyped-def]
+    """A row: the frame arrives on up1 with an empty table and is learned."""
+    return Case(desc, UPLINK, "up1", frame, after=(learned(frame),),
+                counters={("up1", C.LEARNED): 1}, **kw)
+
+
+REQ4 = tcp4_request("A")
+KNOWN = Entry(Key(REQ4), mac=MAC_FW_B, iface="up1", packets=5)  # an established connection
+
+LEARNING = [
+    learn("TCP v4 SYN from firewall B is learned", tcp4_request("S")),
+    learn("TCP v6 SYN is learned", tcp6_request("S")),
+    learn("UDP v4 is learned", udp4_request()),
+    learn("UDP v6 is learned", udp6_request()),
+    learn("ICMP echo request v4 is learned by identifier", echo4_request()),
+    learn("ICMPv6 echo request is learned by identifier", echo6_request()),
+    learn("a mid-stream TCP segment (no SYN) is learned: the agent may start late", REQ4),
+    Case("a request on the second uplink is learned there", UPLINK, "up2", tcp4_request(),
+         after=(learned(tcp4_request(), iface="up2"),), counters={("up2", C.LEARNED): 1}),
+    Case("the uplink's zone is part of the key", UPLINK, "up1", tcp4_request(),
+         zones=(("up1", 7),), after=(learned(tcp4_request(), zone=7),),
+         counters={("up1", C.LEARNED): 1}),
+    Case("an 802.1Q tag is learned with its priority", UPLINK, "up1",
+         tcp4_request(vlans=(dot1q(),)),
+         after=(learned(tcp4_request(), vlans=(tci(VLAN_C),)),),
+         counters={("up1", C.LEARNED): 1}),
+    Case("the DEI bit of a tag is kept", UPLINK, "up1",
+         tcp4_request(vlans=(Dot1Q(prio=VLAN_PCP, dei=1, vlan=VLAN_C),)),
+         after=(learned(tcp4_request(), vlans=(tci(VLAN_C) | 1 << 12,)),),
+         counters={("up1", C.LEARNED): 1}),
+    Case("QinQ: 802.1ad outer and 802.1Q inner tags are learned, outer first", UPLINK, "up1",
+         tcp4_request(vlans=(dot1ad(), dot1q())),
+         after=(learned(tcp4_request(), vlans=(tci(VLAN_S), tci(VLAN_C)), flags=HOP | AD),),
+         counters={("up1", C.LEARNED): 1}),
+    Case("two 802.1Q tags are learned without the 802.1ad flag", UPLINK, "up1",
+         tcp6_request(vlans=(dot1q(VLAN_S), dot1q(VLAN_C))),
+         after=(learned(tcp6_request(), vlans=(tci(VLAN_S), tci(VLAN_C))),),
+         counters={("up1", C.LEARNED): 1}),
+    Case(
+        "IPv4 with options is learned and the options counted", UPLINK, "up1",
+        eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, options=b"\x94\x04\x00\x00")
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S"),
+        after=(learned(tcp4_request()),),
+        counters={("up1", C.LEARNED): 1, ("up1", C.IP_OPTIONS): 1}),
+    Case("IPv6 hop-by-hop, destination options and routing headers are skipped", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1) / IPv6ExtHdrHopByHop()
+         / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting() / TCP(sport=PORT_CLIENT, dport=PORT_HTTP),
+         after=(learned(tcp6_request()),),
+         counters={("up1", C.LEARNED): 1, ("up1", C.IPV6_EXT): 1}),
+    learn("a protocol without ports (GRE) is learned with ports 0",
+          eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, proto=47) / Raw(bytes(8))),
+    Case("Ethernet padding after the IPv4 total length is ignored", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, len=40)
+         / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S") / Raw(bytes(6)),
+         after=(learned(tcp4_request()),), counters={("up1", C.LEARNED): 1}),
+]
+
+REFRESH = [
+    Case("a known connection's request refreshes last_seen and counts a packet", UPLINK, "up1",
+         REQ4, setup=(KNOWN,), after=(KNOWN.but(packets=6, seen="now"),),
+         counters={("up1", C.REFRESHED): 1}),
+    Case("a SYN from a new MAC re-learns, even with relearn = first", UPLINK, "up1",
+         tcp4_request("S", src_mac=MAC_FW_C), setup=(KNOWN,),
+         settings=abi.F_SET_RELEARN_FIRST,
+         after=(KNOWN.but(mac=MAC_FW_C, packets=6, seen="now"),),
+         counters={("up1", C.RELEARNED): 1}),
+    Case("relearn = latest (default): a segment from a new MAC re-learns", UPLINK, "up1",
+         tcp4_request("A", src_mac=MAC_FW_C), setup=(KNOWN,),
+         after=(KNOWN.but(mac=MAC_FW_C, packets=6, seen="now"),),
+         counters={("up1", C.RELEARNED): 1}),
+    Case("relearn = first: a segment from a new MAC keeps the first hop", UPLINK, "up1",
+         tcp4_request("A", src_mac=MAC_FW_C), setup=(KNOWN,),
+         settings=abi.F_SET_RELEARN_FIRST,
+         after=(KNOWN.but(packets=6, seen="now"),), counters={("up1", C.REFRESHED): 1}),
+    Case("relearn = first: a SYN-ACK is no new connection and does not re-learn", UPLINK, "up1",
+         tcp4_request("SA", src_mac=MAC_FW_C), setup=(KNOWN,),
+         settings=abi.F_SET_RELEARN_FIRST,
+         after=(KNOWN.but(packets=6, seen="now"),), counters={("up1", C.REFRESHED): 1}),
+    Case("the same MAC on another uplink re-learns the uplink", UPLINK, "up2", REQ4,
+         setup=(KNOWN,), after=(KNOWN.but(iface="up2", packets=6, seen="now"),),
+         counters={("up2", C.RELEARNED): 1}),
+    Case("a new VLAN re-learns the tags", UPLINK, "up1",
+         tcp4_request("A", vlans=(dot1q(VLAN_OTHER),)), setup=(KNOWN.but(vlans=(tci(VLAN_C),)),),
+         after=(KNOWN.but(vlans=(tci(VLAN_OTHER),), packets=6, seen="now"),),
+         counters={("up1", C.RELEARNED): 1}),
+    Case("QinQ to a single tag: the 802.1ad flag is cleared", UPLINK, "up1",
+         tcp4_request("A", vlans=(dot1q(VLAN_C),)),
+         setup=(KNOWN.but(vlans=(tci(VLAN_S), tci(VLAN_C)), flags=HOP | AD),),
+         after=(KNOWN.but(vlans=(tci(VLAN_C),), packets=6, seen="now"),),
+         counters={("up1", C.RELEARNED): 1}),
+    Case("untagged after tagged re-learns no tags", UPLINK, "up1", REQ4,
+         setup=(KNOWN.but(vlans=(tci(VLAN_C),)),),
+         after=(KNOWN.but(packets=6, seen="now"),), counters={("up1", C.RELEARNED): 1}),
+    Case("the zone keeps connections apart: same 5-tuple, other zone, new entry", UPLINK, "up1",
+         REQ4, zones=(("up1", 7),), setup=(KNOWN,),
+         after=(KNOWN, learned(REQ4, zone=7)), counters={("up1", C.LEARNED): 1}),
+]
+
+NOT_LEARNED = [
+    Case("an interface the agent did not configure: passed, counted in slot 0", UPLINK, "spare",
+         tcp4_request(), counters={(SLOT0, C.NO_IFACE): 1}),
+    Case("lh_uplink on a VM port (role mismatch): passed, counted in slot 0", UPLINK, "vm1",
+         tcp4_request(), counters={(SLOT0, C.NO_IFACE): 1}),
+    Case("a broadcast frame is not a request", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_BROADCAST) / l3(udp4_request()),
+         counters={("up1", C.NOT_UNICAST): 1}),
+    Case("a multicast frame is not a request", UPLINK, "up1",
+         eth(MAC_FW_B, "01:00:5e:00:00:fb") / l3(udp4_request()),
+         counters={("up1", C.NOT_UNICAST): 1}),
+    Case("an ICMP error from outside is no connection", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+         / ICMP(type="dest-unreach", code="port-unreachable") / l3(tcp4_reply()),
+         counters={("up1", C.ICMP_ERROR_MISS): 1}),
+    Case("neighbour discovery is no connection", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1) / ICMPv6ND_NS(tgt=IP6_VM_1),
+         counters={("up1", C.ICMP_OTHER): 1}),
+    Case("an ICMP timestamp request is no connection", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1) / ICMP(type="timestamp-request"),
+         counters={("up1", C.ICMP_OTHER): 1}),
+]
+
+VM_ORIGIN = [
+    Case("the first uplink packet of a VM-opened connection learns its hop and goes to the VM",
+         UPLINK, "up1", tcp4_request("SA"),
+         setup=(Entry(Key(tcp4_request("SA")), flags=abi.F_ENTRY_VM_ORIGIN, packets=0, vm="vm1"),),
+         vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="vm1",
+         after=(Entry(Key(tcp4_request("SA")), mac=MAC_FW_B, iface="up1",
+                      flags=abi.F_ENTRY_VM_ORIGIN | HOP, packets=1, vm="vm1", seen="now"),),
+         counters={("up1", C.LEARNED): 1, ("up1", C.VM_ORIGIN_RETURNED): 1}),
+]
+
+
+@pytest.mark.parametrize("case", LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN,
+                         ids=ids(LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN))
+def test_uplink(dp, case: Case) -> None:  # type: ignore[no-untyped-def]
+    check(dp, case)
+

@@ -1,0 +1,143 @@
+"""Named addresses and frames for the data-path tests.
+
+Every frame a test sends or expects is a scapy expression over these names;
+raw bytes never appear without the expression that made them. The story is
+the one lasthop exists for: a client's request reaches VM 1 through firewall
+B, while VM 1's default gateway is firewall A.
+"""
+
+from __future__ import annotations
+
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
+from scapy.packet import Packet
+
+# Last hops: the stateful devices in front of the host.
+MAC_FW_A = "02:fa:00:00:00:0a"  # firewall A: the VMs' default gateway
+MAC_FW_B = "02:fa:00:00:00:0b"  # firewall B: where the requests come through
+MAC_FW_C = "02:fa:00:00:00:0c"  # firewall C: takes over a connection from B
+
+# Host interfaces: the test sets these on its veths, and lh_ifaces .mac says the same.
+MAC_UPLINK_1 = "02:00:00:00:01:01"
+MAC_UPLINK_2 = "02:00:00:00:01:02"
+MAC_VMPORT_1 = "02:00:00:00:02:01"  # VM 1's gateway on a routed host
+MAC_VMPORT_2 = "02:00:00:00:02:02"
+MAC_SPARE = "02:00:00:00:03:01"  # an interface the agent did not configure
+
+# Guests.
+MAC_VM_1 = "52:54:00:00:00:01"
+MAC_VM_2 = "52:54:00:00:00:02"
+
+MAC_BROADCAST = "ff:ff:ff:ff:ff:ff"
+
+IP_CLIENT_A = "198.51.100.10"
+IP_CLIENT_B = "198.51.100.20"
+IP_VM_1 = "192.0.2.11"
+IP_VM_2 = "192.0.2.12"
+IP_ROUTER = "203.0.113.1"  # a router between the client and the host
+
+IP6_CLIENT_B = "2001:db8:100::20"
+IP6_VM_1 = "2001:db8:2::11"
+IP6_ROUTER = "2001:db8:ff::1"
+
+PORT_CLIENT = 40001
+PORT_HTTP = 80
+PORT_DNS = 53
+ECHO_ID = 0x4C48
+ECHO_SEQ = 7
+
+VLAN_C = 100  # 802.1Q customer tag (the inner one under QinQ)
+VLAN_S = 200  # 802.1ad service tag (the outer one)
+VLAN_PCP = 5  # a priority that must survive the round trip
+VLAN_OTHER = 300
+
+
+def tci(vlan: int, pcp: int = VLAN_PCP) -> int:
+    """The tag control information lasthop stores: PCP, DEI 0, VLAN id."""
+    return pcp << 13 | vlan
+
+
+def eth(src: str, dst: str, vlans: tuple[Packet, ...] = ()) -> Packet:
+    """Ethernet header with the given tags (Dot1AD/Dot1Q layers, outer first)."""
+    frame: Packet = Ether(src=src, dst=dst)
+    for tag in vlans:
+        frame = frame / tag
+    return frame
+
+
+# Tags as they appear on the wire: single 802.1Q, and QinQ (802.1ad over 802.1Q).
+def dot1q(vlan: int = VLAN_C) -> Packet:
+    return Dot1Q(prio=VLAN_PCP, vlan=vlan)
+
+
+def dot1ad(vlan: int = VLAN_S) -> Packet:
+    return Dot1AD(prio=VLAN_PCP, vlan=vlan)
+
+
+# Requests: client -> VM 1, arriving from firewall B on an uplink.
+def tcp4_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: tuple[Packet, ...] = ()) -> Packet:
+    return (eth(src_mac, MAC_VM_1, vlans) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+            / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000))
+
+
+def tcp6_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: tuple[Packet, ...] = ()) -> Packet:
+    return (eth(src_mac, MAC_VM_1, vlans) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+            / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000))
+
+
+def udp4_request(src_mac: str = MAC_FW_B) -> Packet:
+    return (eth(src_mac, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+            / UDP(sport=PORT_CLIENT, dport=PORT_DNS) / b"query")
+
+
+def udp6_request(src_mac: str = MAC_FW_B) -> Packet:
+    return (eth(src_mac, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+            / UDP(sport=PORT_CLIENT, dport=PORT_DNS) / b"query")
+
+
+def echo4_request(src_mac: str = MAC_FW_B) -> Packet:
+    return (eth(src_mac, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+            / ICMP(type="echo-request", id=ECHO_ID, seq=ECHO_SEQ) / b"ping")
+
+
+def echo6_request(src_mac: str = MAC_FW_B) -> Packet:
+    return (eth(src_mac, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+            / ICMPv6EchoRequest(id=ECHO_ID, seq=ECHO_SEQ, data=b"ping"))
+
+
+# Replies: VM 1 -> client, sent by the VM to its default gateway, firewall A.
+# On a routed host the VM sends to its port's MAC instead (dst_mac=MAC_VMPORT_1).
+def tcp4_reply(flags: str = "A", dst_mac: str = MAC_FW_A, ttl: int = 64) -> Packet:
+    return (eth(MAC_VM_1, dst_mac) / IP(src=IP_VM_1, dst=IP_CLIENT_B, ttl=ttl)
+            / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags, seq=5000, ack=1001))
+
+
+def tcp6_reply(flags: str = "A", dst_mac: str = MAC_FW_A, hlim: int = 64) -> Packet:
+    return (eth(MAC_VM_1, dst_mac) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B, hlim=hlim)
+            / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags, seq=5000, ack=1001))
+
+
+def udp4_reply(dst_mac: str = MAC_FW_A) -> Packet:
+    return (eth(MAC_VM_1, dst_mac) / IP(src=IP_VM_1, dst=IP_CLIENT_B)
+            / UDP(sport=PORT_DNS, dport=PORT_CLIENT) / b"answer")
+
+
+def udp6_reply(dst_mac: str = MAC_FW_A) -> Packet:
+    return (eth(MAC_VM_1, dst_mac) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+            / UDP(sport=PORT_DNS, dport=PORT_CLIENT) / b"answer")
+
+
+def echo4_reply(dst_mac: str = MAC_FW_A) -> Packet:
+    return (eth(MAC_VM_1, dst_mac) / IP(src=IP_VM_1, dst=IP_CLIENT_B)
+            / ICMP(type="echo-reply", id=ECHO_ID, seq=ECHO_SEQ) / b"ping")
+
+
+def echo6_reply(dst_mac: str = MAC_FW_A) -> Packet:
+    return (eth(MAC_VM_1, dst_mac) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+            / ICMPv6EchoReply(id=ECHO_ID, seq=ECHO_SEQ, data=b"ping"))
+
+
+def l3(frame: Packet) -> Packet:
+    """The IP or IPv6 layer of a frame, as an ICMP error quotes it."""
+    return frame[IP] if IP in frame else frame[IPv6]
