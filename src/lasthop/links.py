@@ -3,14 +3,22 @@ names, indexes, MACs, bridge ports, and a watch for ports coming and going."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import select
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 __all__ = ["Link", "LinkError", "Links"]
+
+
+log = logging.getLogger("lasthop")
+EVENT_BUFFER = 1 << 20  # bytes of link events the kernel may queue for us
 
 
 class LinkError(LookupError):
@@ -41,7 +49,8 @@ class Links:
 
     def __init__(self) -> None:
         self._ipr = IPRoute()
-        self._events: IPRoute | None = None
+        self._events: socket.socket | None = None
+        self._marshal = MarshalRtnl()
 
     def close(self) -> None:
         self._ipr.close()
@@ -67,19 +76,39 @@ class Links:
         return [link for link in self.all() if link.master == bridge.index]
 
     def watch(self) -> None:
-        """Starts receiving link events (see :meth:`events`)."""
-        self._events = IPRoute()
-        self._events.bind(groups=RTMGRP_LINK)
+        """Starts receiving link events (see :meth:`events`).
+
+        A plain netlink socket, not a second IPRoute: IPRoute reads ahead into
+        its own buffer, so select() on its fd missed events already read."""
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_BUFFER)
+        sock.bind((0, RTMGRP_LINK))
+        self._events = sock
 
     def events(self, timeout: float) -> Iterator[tuple[str, Link]]:
-        """("new"|"del", link) for link changes within *timeout* seconds."""
+        """("new"|"del", link) for link changes within *timeout* seconds.
+
+        "del" also comes when a port leaves its bridge (an AF_BRIDGE RTM_DELLINK).
+        When the kernel dropped events (ENOBUFS), every current link comes as "new"."""
         assert self._events is not None, "call watch() first"
-        ready, _, _ = select.select([self._events.fileno()], [], [], timeout)
+        ready, _, _ = select.select([self._events], [], [], timeout)
         if not ready:
             return
-        for msg in self._events.get():
-            event = msg.get("event")
-            if event == "RTM_NEWLINK":
-                yield "new", _link(msg)
-            elif event == "RTM_DELLINK":
-                yield "del", _link(msg)
+        while True:
+            try:
+                data = self._events.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:
+                    raise
+                log.warning("link events were lost (ENOBUFS): rescanning every link")
+                for link in self.all():
+                    yield "new", link
+                continue
+            for msg in self._marshal.parse(data):
+                event = msg.get("event")
+                if event == "RTM_NEWLINK":
+                    yield "new", _link(msg)
+                elif event == "RTM_DELLINK":
+                    yield "del", _link(msg)
