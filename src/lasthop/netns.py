@@ -36,9 +36,16 @@ def enter(name: str) -> None:
 
 
 def current_name() -> str:
-    """The name of this process's netns under /run/netns, or "default"."""
-    mine = os.stat("/proc/self/ns/net")
-    if mine.st_ino == os.stat("/proc/1/ns/net").st_ino:
+    """The name of this thread's netns under /run/netns, or "default" (PID 1's).
+
+    Where PID 1's namespace is out of reach (EACCES in some containers), a
+    namespace not named under /run/netns is taken to be the default one."""
+    mine = os.stat("/proc/thread-self/ns/net")
+    try:
+        pid1: os.stat_result | None = os.stat("/proc/1/ns/net")
+    except OSError:
+        pid1 = None
+    if pid1 is not None and mine.st_ino == pid1.st_ino:
         return "default"
     if NETNS_RUN.is_dir():
         for entry in sorted(NETNS_RUN.iterdir()):
@@ -48,7 +55,7 @@ def current_name() -> str:
                 continue
             if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
                 return entry.name
-    return f"netns-{mine.st_ino}"
+    return "default" if pid1 is None else f"netns-{mine.st_ino}"
 
 
 class _Statfs(ctypes.Structure):
