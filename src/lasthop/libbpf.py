@@ -1,8 +1,9 @@
 """A thin ctypes binding to the system's libbpf (libbpf.so.1, 1.1 or later).
 
-Only what lasthop uses: open/load an object with pinned maps, map element
-I/O (single and batched), program test runs, and tc attach/detach. Every
-failing call raises :class:`BpfError` naming the call and the errno.
+Only what lasthop uses: open/load an object with pinned maps, create maps
+(the inner maps of a map-in-map), map element I/O (single and batched),
+program test runs, and tc attach/detach. Every failing call raises
+:class:`BpfError` naming the call and the errno.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ __all__ = [
     "TcHook",
     "obj_get",
     "obj_pin",
+    "map_create",
+    "map_get_fd_by_id",
     "INGRESS",
     "EGRESS",
     "BPF_ANY",
@@ -155,6 +158,9 @@ _sig("bpf_map_lookup_elem", _int, _int, _vp, _vp)
 _sig("bpf_map_update_elem", _int, _int, _vp, _vp, _c.c_uint64)
 _sig("bpf_map_delete_elem", _int, _int, _vp)
 _sig("bpf_map_get_next_key", _int, _int, _vp, _vp)
+_sig("bpf_map_create", _int, _int, _cp, _u32, _u32, _u32, _vp)
+_sig("bpf_map_update_batch", _int, _int, _vp, _vp, _c.POINTER(_u32), _c.POINTER(_BatchOpts))
+_sig("bpf_map_get_fd_by_id", _int, _u32)
 _sig("bpf_map_lookup_batch", _int, _int, _vp, _vp, _vp, _vp, _c.POINTER(_u32), _c.POINTER(_BatchOpts))
 _sig("bpf_obj_get_info_by_fd", _int, _int, _vp, _c.POINTER(_u32))
 _sig("bpf_prog_test_run_opts", _int, _int, _c.POINTER(_TestRunOpts))
@@ -214,6 +220,17 @@ def obj_get(path: Path | str) -> int:
 
 def obj_pin(fd: int, path: Path | str) -> None:
     _check(f"bpf_obj_pin({path})", _lib.bpf_obj_pin(fd, str(path).encode()))
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """Creates a map (no BTF, no flags); returns its fd (the caller closes it)."""
+    return _check(f"bpf_map_create({name})",
+                  _lib.bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None))
+
+
+def map_get_fd_by_id(map_id: int) -> int:
+    """Opens a map by id (e.g. an inner map of a map-in-map); the caller closes the fd."""
+    return _check(f"bpf_map_get_fd_by_id({map_id})", _lib.bpf_map_get_fd_by_id(map_id))
 
 
 @dataclass(frozen=True)
@@ -282,6 +299,19 @@ class Map:
                 return False
             raise BpfError("bpf_map_delete_elem", err)
         return True
+
+    def update_batch(self, keys: bytes, values: bytes, count: int, flags: int = BPF_ANY) -> None:
+        """Writes *count* elements in one call: *keys* and *values* are the
+        elements' raw bytes back to back (a per-CPU value holds every CPU's)."""
+        if len(keys) != count * self.info.key_size or len(values) != count * self._value_size:
+            raise ValueError(f"update_batch: {count} elements need {count * self.info.key_size} key "
+                             f"and {count * self._value_size} value bytes")
+        n = _u32(count)
+        opts = _BatchOpts(sz=_c.sizeof(_BatchOpts), elem_flags=flags)
+        _check("bpf_map_update_batch",
+               _lib.bpf_map_update_batch(self.fd, keys, values, _c.byref(n), _c.byref(opts)))
+        if n.value != count:
+            raise BpfError("bpf_map_update_batch", errno.EIO, f"wrote {n.value} of {count} elements")
 
     def keys(self) -> Iterator[bytes]:
         """Keys by bpf_map_get_next_key; entries changing meanwhile may be missed."""
