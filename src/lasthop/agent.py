@@ -6,11 +6,13 @@ entry."""
 from __future__ import annotations
 
 import logging
+import select
 import signal
+import socket
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lasthop import abi
 from lasthop.config import Config, parse_hostport
@@ -23,7 +25,7 @@ __all__ = ["Agent"]
 
 log = logging.getLogger("lasthop")
 AGE_EVERY = 5.0  # seconds between aging passes (shorter when idle_timeout is shorter)
-TICK = 0.5  # seconds between checks of the stop flag
+TICK = 0.5  # longest wait between two looks at the clock (a signal ends a wait at once)
 
 
 class Agent:
@@ -31,6 +33,11 @@ class Agent:
         self.controller = controller
         self.config = config
         self._stop = False
+        self._bridge_index = 0
+        # the signal's byte lands here (signal.set_wakeup_fd) and ends the loop's wait at once
+        self._wake_r, self._wake_w = socket.socketpair()
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop = True
@@ -49,11 +56,17 @@ class Agent:
 
     def run(self, *, ready: Callable[[str], object] = print) -> None:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         c = self.controller
-        api = self._api()  # before attaching: a second agent in this netns stops here
+        try:
+            api = self._api()  # before attaching: a second agent in this netns stops here
+        except BaseException:
+            self._restore(previous, previous_wakeup)
+            raise
         try:
             if self.config.bridge:
                 c.links.watch()  # before start(): no port added meanwhile is missed
+                self._bridge_index = c.links.by_name(self.config.bridge, "bridge").index
             attached = c.start(self.config)
             where = api.start() if api is not None else []
             uplinks = sorted(attached.uplinks.values())
@@ -67,8 +80,21 @@ class Agent:
         finally:
             if api is not None:
                 api.stop()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            self._restore(previous, previous_wakeup)
+
+    def _restore(self, handlers: dict[int, Any], wakeup_fd: int) -> None:
+        signal.set_wakeup_fd(wakeup_fd)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except BlockingIOError:
+            pass
 
     def _loop(self) -> None:
         c = self.controller
@@ -79,7 +105,8 @@ class Agent:
             if self.config.bridge:
                 self._follow_bridge(timeout=tick)
             else:
-                time.sleep(tick)
+                select.select([self._wake_r], [], [], tick)
+            self._drain_wake()
             if time.monotonic() >= next_age:
                 removed = c.age(self.config.idle_timeout)
                 if removed:
@@ -88,9 +115,8 @@ class Agent:
 
     def _follow_bridge(self, timeout: float) -> None:
         c = self.controller
-        bridge = c.links.by_name(self.config.bridge or "", "bridge")
-        for event, link in c.links.events(timeout):
-            is_port = link.master == bridge.index and link.index not in c.attached.uplinks
+        for event, link in c.links.events(timeout, wake=self._wake_r):
+            is_port = link.master == self._bridge_index and link.index not in c.attached.uplinks
             if event == "new" and is_port and link.index not in c.attached.vm_ports:
                 c.attach(link, abi.Role.VM_PORT, self.config.bridge_zone)
             elif link.index in c.attached.vm_ports and (event == "del" or not is_port):

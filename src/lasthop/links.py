@@ -85,14 +85,16 @@ class Links:
         sock.bind((0, RTMGRP_LINK))
         self._events = sock
 
-    def events(self, timeout: float) -> Iterator[tuple[str, Link]]:
-        """("new"|"del", link) for link changes within *timeout* seconds.
+    def events(self, timeout: float,
+               wake: socket.socket | None = None) -> Iterator[tuple[str, Link]]:
+        """("new"|"del", link) for link changes within *timeout* seconds; returns
+        early when *wake* becomes readable.
 
         "del" also comes when a port leaves its bridge (an AF_BRIDGE RTM_DELLINK).
         When the kernel dropped events (ENOBUFS), every current link comes as "new"."""
         assert self._events is not None, "call watch() first"
-        ready, _, _ = select.select([self._events], [], [], timeout)
-        if not ready:
+        ready, _, _ = select.select([self._events, *([wake] if wake else [])], [], [], timeout)
+        if self._events not in ready:
             return
         while True:
             try:
