@@ -170,14 +170,14 @@ class NetnsExecutor(ThreadPoolExecutor):
         return self.submit(make).result()
 
 
-def open_socket(ns: str, family: int, kind: int) -> socket.socket:
+def open_socket(ns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
     """A blocking socket that lives in namespace ns (its routes, its addresses)."""
     box: dict[str, socket.socket | BaseException] = {}
 
     def make() -> None:
         try:
             _enter(ns)
-            box["s"] = socket.socket(family, kind)
+            box["s"] = socket.socket(family, kind, proto)
         except BaseException as err:  # handed to the caller
             box["s"] = err
 

@@ -1,0 +1,48 @@
+"""Fixtures of the lab tests: each builds a lab under a name no one else
+uses, and always removes it (namespaces, processes, nft tables, pins)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from lasthop.lab import Lab, Plan, down
+from lasthop.lab.topology import lab_namespaces
+
+_PREFIX = f"t{os.getpid() % 1000:03d}"
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(autouse=True)
+def _root_only(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.skip("needs root: builds network namespaces, nftables tables and veth links")
+
+
+@pytest.fixture
+def lab_name() -> Iterator[str]:
+    """A fresh lab name; whatever lab carries it is removed afterwards, and checked gone."""
+    name = f"{_PREFIX}{next(_numbers):02d}"
+    try:
+        yield name
+    finally:
+        down(name)
+        assert not lab_namespaces(name), f"namespaces of lab {name} left behind"
+
+
+@pytest.fixture
+def bridged_lab(lab_name: str) -> Lab:
+    return Lab.up(Plan(lab_name, routed=False))
+
+
+@pytest.fixture
+def routed_lab(lab_name: str) -> Lab:
+    return Lab.up(Plan(lab_name, routed=True))
+
+
+@pytest.fixture(params=["bridged", "routed"])
+def any_lab(request: pytest.FixtureRequest, lab_name: str) -> Lab:
+    return Lab.up(Plan(lab_name, routed=request.param == "routed"))

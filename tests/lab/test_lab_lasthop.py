@@ -1,0 +1,102 @@
+"""lasthop in the lab (the agent run as `python -m lasthop run --netns ...`,
+lasthop.lab.agent): every path works, and keeps working across the changes
+under test — a firewall fail-over mid-connection, an agent restart, a VM port
+added while the agent follows the bridge."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from lasthop.lab import Lab, agent, traffic
+from lasthop.lab.demo import expect_all_ok, expect_asymmetric
+from lasthop.lab.traffic import EchoSession
+
+needs_agent = pytest.mark.skipif(not agent.available(), reason="agent not built yet")
+pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.bpf, needs_agent]
+
+
+@pytest.fixture
+def lasthop_on(any_lab: Lab) -> Iterator[agent.LasthopAgent]:
+    with agent.LasthopAgent(any_lab.plan) as running:
+        yield running
+
+
+def _eventually(check: "callable[[], bool]", timeout: float = 5.0) -> bool:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_every_path_works_with_lasthop(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
+    """The asymmetric lab becomes symmetric: every client, VM, protocol and family."""
+    assert lasthop_on.ready_line.startswith(agent.READY_PREFIX)
+    result = traffic.check(any_lab.plan, n=2)
+    assert expect_all_ok(result, "with lasthop") == []
+    assert not any(c["drop_invalid"] or c["drop_outside"] for c in any_lab.counters().values())
+
+
+def test_show_names_each_connections_firewall(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
+    """`lasthop show --json` has every client's connections learned from its own firewall's MAC on the uplink."""
+    traffic.check(any_lab.plan, n=1, protos=["tcp"])
+    rows = agent.show(any_lab.plan)
+    plan = any_lab.plan
+    by_client = {plan.client(n).addr.of(f): plan.firewall(n).transit_mac for n in plan.sites for f in (4, 6)}
+    seen = set()
+    for row in rows:
+        if row["src"] in by_client:
+            assert row["mac"] == by_client[row["src"]], row
+            assert row["uplink"] == plan.host.uplink
+            assert {"proto", "dst", "sport", "dport", "zone", "vlan", "age_s", "packets"} <= set(row)
+            seen.add(row["src"])
+    assert seen == set(by_client)
+
+
+def test_detach_brings_the_asymmetry_back(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
+    lasthop_on.stop()
+    agent.detach(any_lab.plan)
+    result = traffic.check(any_lab.plan, n=1, protos=["tcp", "udp"])
+    assert expect_asymmetric(result, "after detach") == []
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_firewall_failover_mid_connection_keeps_working(any_lab: Lab, lasthop_on: agent.LasthopAgent,
+                                                          family: int) -> None:
+    """fw2 moves to a standby MAC during a TCP connection: the next request packet re-teaches lasthop."""
+    plan = any_lab.plan
+    with EchoSession(plan, client=2, vm=1, family=family) as session:
+        assert session.exchange()
+        new_mac = any_lab.failover(2)
+        assert session.exchange(timeout=3.0), "the connection died at the fail-over"
+        rows = [r for r in agent.show(plan) if r["sport"] == session.local_port and r["proto"] == "tcp"]
+        assert [r["mac"] for r in rows] == [new_mac]
+    result = traffic.check(plan, n=1, clients=[2], protos=["tcp", "udp"], families=[family])
+    assert expect_all_ok(result, "new connections after the fail-over") == []
+
+
+def test_an_agent_restart_keeps_a_long_lived_connection(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
+    """Stopping the agent leaves the data path attached; a new agent adopts the table."""
+    with EchoSession(any_lab.plan, client=3, vm=2) as session:
+        assert session.exchange()
+        assert lasthop_on.stop() == 0
+        assert session.exchange(), "stopping the agent broke the connection"
+        lasthop_on.start()
+        assert session.exchange(), "restarting the agent broke the connection"
+    assert expect_all_ok(traffic.check(any_lab.plan, n=1, clients=[3]), "after the restart") == []
+
+
+def test_bridge_mode_follows_a_vm_port_added_while_running(bridged_lab: Lab) -> None:
+    """`--bridge br0`: vm4 plugged in after the agent started is served like the others."""
+    with agent.LasthopAgent(bridged_lab.plan, bridge=True):
+        bridged_lab.add_vm(4)
+
+        def vm4_works() -> bool:
+            return traffic.check(bridged_lab.plan, n=1, clients=[2], vms=[4], protos=["tcp"]).all_ok
+
+        assert _eventually(vm4_works), "cl2 -> vm4 never worked: the new port was not attached"
+        assert expect_all_ok(traffic.check(bridged_lab.plan, n=1), "every VM incl. vm4") == []
