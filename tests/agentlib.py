@@ -1,0 +1,401 @@
+"""Helpers for the agent's tests on a real kernel: private network namespaces
+with veth pairs and bridges, `lasthop` as a subprocess, table entries written
+straight into the pinned maps, and the cleanup of all of it even on failure.
+
+Used by test_agent, test_api, test_cli and test_controller. Everything a test
+creates is registered on a :class:`Sandbox`, whose close() removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import itertools
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lasthop import abi, libbpf
+from lasthop.clock import Clock
+
+LASTHOP = [sys.executable, "-m", "lasthop"]
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "lasthop"
+SOCKET_DIR = Path("/run/lasthop")
+READY = "lasthop: attached"
+START_TIMEOUT = 20.0
+_names = itertools.count()
+
+# every test here loads BPF programs into namespaces it creates
+ROOT_MARKS = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
+
+
+def need_root() -> None:
+    """Skips the test, naming what is missing, unless it can create namespaces and load BPF."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: CAP_SYS_ADMIN (ip netns add), CAP_NET_ADMIN (tc), CAP_BPF (load programs)")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs the {tool!r} command (iproute2)")
+    if not BPFFS.is_dir() or not os.path.ismount(BPFFS):
+        pytest.skip(f"needs a bpffs mounted at {BPFFS}")
+
+
+def sh(*argv: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: exit {result.returncode}: {result.stderr.strip()}")
+    return result
+
+
+def lasthop(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """`lasthop ARGS` as a subprocess (any exit code)."""
+    return sh(*LASTHOP, *args, check=False, timeout=timeout)
+
+
+class Netns:
+    """A named network namespace with helpers to build links in it."""
+
+    def __init__(self, tag: str) -> None:
+        self.name = f"lht{os.getpid()}-{tag}{next(_names)}"
+        sh("ip", "netns", "add", self.name)
+        self.ip("link", "set", "lo", "up")
+
+    @property
+    def pins(self) -> Path:
+        return PIN_ROOT / self.name
+
+    @property
+    def socket(self) -> Path:
+        return SOCKET_DIR / f"{self.name}.sock"
+
+    def ip(self, *args: str) -> str:
+        return sh("ip", "-n", self.name, *args).stdout
+
+    def exec(self, *argv: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", self.name, *argv, check=check, timeout=timeout)
+
+    def veth(self, name: str, peer: str, peer_ns: Netns | None = None, *, up: bool = True) -> None:
+        """A veth pair name <-> peer; the peer may live in another namespace."""
+        self.ip("link", "add", name, "type", "veth", "peer", "name", peer,
+                *(("netns", peer_ns.name) if peer_ns else ()))
+        if up:
+            self.ip("link", "set", name, "up")
+            (peer_ns or self).ip("link", "set", peer, "up")
+
+    def bridge(self, name: str, *ports: str) -> None:
+        self.ip("link", "add", name, "type", "bridge")
+        self.ip("link", "set", name, "up")
+        for port in ports:
+            self.ip("link", "set", port, "master", name)
+
+    def ifindex(self, name: str) -> int:
+        found = re.match(r"(\d+):", self.ip("-o", "link", "show", "dev", name))
+        assert found, name
+        return int(found.group(1))
+
+    def mac(self, name: str) -> str:
+        found = re.search(r"link/ether ([0-9a-f:]{17})", self.ip("link", "show", "dev", name))
+        assert found, name
+        return found.group(1)
+
+    def tc_program(self, dev: str) -> str | None:
+        """The name of our BPF filter on dev's tc ingress (handle 0x4c48), or None."""
+        out = sh("tc", "-n", self.name, "filter", "show", "dev", dev, "ingress", check=False).stdout
+        found = re.search(r"handle 0x4c48 (\w+)", out)
+        return found.group(1) if found else None
+
+    def delete(self) -> None:
+        sh("ip", "netns", "del", self.name, check=False)
+        if self.pins.is_dir():
+            for entry in self.pins.iterdir():
+                entry.unlink()
+            self.pins.rmdir()
+        self.socket.unlink(missing_ok=True)
+
+
+class Agent:
+    """`lasthop run ...` as a subprocess, waited for until it prints its ready line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.ready_line = ""
+        self._stderr = ""
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                self.kill()
+                raise AssertionError(f"no {READY!r} line within {timeout} s; stderr: {self.stderr}")
+            line = self.proc.stdout.readline()
+            if not line:
+                code = self.proc.wait()
+                raise AssertionError(f"lasthop run exited {code} before attaching; stderr: {self.stderr}")
+            if line.startswith(READY):
+                self.ready_line = line.strip()
+                return self.ready_line
+
+    @property
+    def stderr(self) -> str:
+        if self.proc.poll() is not None and self.proc.stderr is not None and not self._stderr:
+            self._stderr = self.proc.stderr.read()
+        return self._stderr
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError("lasthop run did not stop within 10 s of SIGTERM") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Sandbox:
+    """Everything one test creates; close() removes it all (agents first)."""
+
+    def __init__(self) -> None:
+        self.namespaces: list[Netns] = []
+        self.agents: list[Agent] = []
+
+    def netns(self, tag: str = "") -> Netns:
+        ns = Netns(tag)
+        self.namespaces.append(ns)
+        return ns
+
+    def host(self, *, uplinks: int = 1, vm_ports: int = 1) -> Netns:
+        """A namespace with veth pairs up0.. (uplinks) and vm0.. (VM ports), peers in the same ns."""
+        ns = self.netns("h")
+        for i in range(uplinks):
+            ns.veth(f"up{i}", f"up{i}p")
+        for i in range(vm_ports):
+            ns.veth(f"vm{i}", f"vm{i}p")
+        return ns
+
+    def agent(self, *args: str, netns: Netns | None = None, wait: bool = True,
+              via_exec: bool = False, env: dict[str, str] | None = None) -> Agent:
+        """`lasthop run --netns NS ARGS` (or `ip netns exec NS lasthop run ARGS`)."""
+        if netns is None:
+            argv = [*LASTHOP, "run", *args]
+        elif via_exec:
+            argv = ["ip", "netns", "exec", netns.name, *LASTHOP, "run", *args]
+        else:
+            argv = [*LASTHOP, "run", "--netns", netns.name, *args]
+        agent = Agent(argv, env)
+        self.agents.append(agent)
+        if wait:
+            agent.wait_ready()
+        return agent
+
+    def close(self) -> None:
+        for agent in self.agents:
+            with contextlib.suppress(Exception):
+                agent.stop(timeout=5.0)
+            agent.kill()
+        for ns in self.namespaces:
+            ns.delete()
+
+
+@contextlib.contextmanager
+def sandbox() -> Iterator[Sandbox]:
+    need_root()
+    box = Sandbox()
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+# -- in-process: the controller enters namespaces; tests must come back --------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def back_to_own_netns() -> Iterator[None]:
+    """Returns this thread to its network namespace afterwards (Controller enters one)."""
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        yield
+    finally:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns back to the test's own network namespace")
+        os.close(fd)
+
+
+# -- the table, straight through the pins ---------------------------------------------------
+
+def conn_key(src: str, dst: str, sport: int, dport: int, proto: int = 17, zone: int = 0) -> abi.ConnKey:
+    """A connection key as the data path builds it (addresses and ports in network order)."""
+    key = abi.ConnKey()
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    raw_a, raw_b = a.packed.ljust(16, b"\0"), b.packed.ljust(16, b"\0")
+    ctypes.memmove(key.saddr, raw_a, 16)
+    ctypes.memmove(key.daddr, raw_b, 16)
+    key.sport, key.dport = socket.htons(sport), socket.htons(dport)
+    key.proto = proto
+    key.family = abi.FAMILY_V4 if a.version == 4 else abi.FAMILY_V6
+    key.zone = zone
+    return key
+
+
+class PinnedTable:
+    """The pinned lh_conns of a namespace, opened from the test process."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.conns = libbpf.Map.pinned(folder / "lh_conns")
+        self.clock = Clock.pinned(folder / "lh_clock")
+        settings = libbpf.Map.pinned(folder / "lh_settings")
+        try:
+            raw = settings.lookup(bytes(4))
+            self.hz = abi.Settings.from_buffer_copy(raw).hz if raw else 0
+        finally:
+            settings.close()
+
+    @property
+    def map_id(self) -> int:
+        return self.conns.info.id
+
+    def add(self, key: abi.ConnKey, *, mac: str = "02:00:00:00:00:01", uplink: int = 1,
+            idle_s: float = 0.0) -> None:
+        """An entry learned on ifindex *uplink*, last seen *idle_s* seconds ago."""
+        assert self.hz, "lh_settings.hz is 0: the agent has not measured HZ yet"
+        entry = abi.ConnEntry()
+        entry.last_seen = (self.clock.jiffies() - int(idle_s * self.hz)) & 0xFFFFFFFF
+        entry.ifindex = uplink
+        entry.mac[:] = list(bytes.fromhex(mac.replace(":", "")))
+        entry.flags = abi.F_ENTRY_HOP_KNOWN
+        entry.packets = 1
+        self.conns.update(bytes(key), bytes(entry))
+
+    def keys(self) -> list[bytes]:
+        return list(self.conns.keys())
+
+    def close(self) -> None:
+        self.conns.close()
+        self.clock.close()
+
+
+def wait_for(check: Any, timeout: float = 5.0, every: float = 0.05) -> Any:
+    """Polls *check* until it returns something truthy; returns that, or fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {getattr(check, '__name__', check)}")
+        time.sleep(every)
+
+
+# -- real traffic ------------------------------------------------------------------------------
+
+ECHO_SERVER = r"""
+import select, socket, sys
+port = int(sys.argv[1])
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("0.0.0.0", port))
+tcp = socket.socket()
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(("0.0.0.0", port))
+tcp.listen()
+print("ready", flush=True)
+conns = []
+while True:
+    for s in select.select([udp, tcp, *conns], [], [])[0]:
+        if s is udp:
+            data, peer = udp.recvfrom(2048)
+            udp.sendto(data, peer)
+        elif s is tcp:
+            conns.append(tcp.accept()[0])
+        else:
+            data = s.recv(2048)
+            if data:
+                s.sendall(data)
+            else:
+                conns.remove(s)
+                s.close()
+"""
+
+ECHO_CLIENT = r"""
+import socket, sys
+proto, host, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if proto == "udp":
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(3)
+    for i in range(n):
+        s.sendto(b"ping %d" % i, (host, port))
+        assert s.recvfrom(2048)[0] == b"ping %d" % i
+else:
+    s = socket.create_connection((host, port), timeout=3)
+    for i in range(n):
+        s.sendall(b"ping %d" % i)
+        assert s.recv(2048) == b"ping %d" % i
+print(s.getsockname()[1])
+s.close()
+"""
+
+
+class BridgedSite:
+    """A firewall namespace and a VM namespace on one bridge of a host namespace:
+
+        fw (eth0 10.0.0.1) ── fw0 ┐
+                                   br0  (host)
+        vm (eth0 10.0.0.2) ── vm0 ┘
+    """
+
+    FW_IP, VM_IP, PORT = "10.0.0.1", "10.0.0.2", 7007
+
+    def __init__(self, box: Sandbox) -> None:
+        self.box = box
+        self.host, self.fw, self.vm = box.netns("h"), box.netns("f"), box.netns("v")
+        self.host.veth("fw0", "eth0", self.fw)
+        self.host.veth("vm0", "eth0", self.vm)
+        self.host.bridge("br0", "fw0", "vm0")
+        self.fw.ip("addr", "add", f"{self.FW_IP}/24", "dev", "eth0")
+        self.vm.ip("addr", "add", f"{self.VM_IP}/24", "dev", "eth0")
+        self.fw_mac = self.fw.mac("eth0")
+        self._server: subprocess.Popen[str] | None = None
+
+    def serve(self) -> None:
+        """Starts the UDP+TCP echo server in the VM."""
+        self._server = subprocess.Popen(
+            ["ip", "netns", "exec", self.vm.name, sys.executable, "-c", ECHO_SERVER, str(self.PORT)],
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert self._server.stdout is not None and self._server.stdout.readline().strip() == "ready"
+
+    def exchange(self, proto: str, n: int = 3) -> int:
+        """n request/reply round trips from the firewall to the VM; returns the client's port."""
+        result = self.fw.exec(sys.executable, "-c", ECHO_CLIENT, proto, self.VM_IP, str(self.PORT), str(n))
+        return int(result.stdout)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.kill()
+            self._server.wait()

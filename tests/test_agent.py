@@ -1,0 +1,258 @@
+"""`lasthop run` as operators start it, in private network namespaces on the
+real kernel: attaching, stopping and restarting without losing the table,
+following a bridge, aging, and replies of real traffic sent to their last hop."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentlib import (
+    BridgedSite,
+    PIN_ROOT,
+    ROOT_MARKS,
+    PinnedTable,
+    Sandbox,
+    conn_key,
+    lasthop,
+    sandbox,
+    wait_for,
+)
+
+pytestmark = ROOT_MARKS
+
+UDP, TCP = 17, 6
+
+
+@pytest.fixture
+def box() -> Iterator[Sandbox]:
+    with sandbox() as b:
+        yield b
+
+
+def _json(*args: str) -> object:
+    result = lasthop(*args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_run_attaches_uplinks_and_vm_ports_and_says_so(box: Sandbox) -> None:
+    """run attaches lh_uplink to each uplink and lh_vmport to each VM port, then prints its ready line."""
+    ns = box.host(uplinks=2, vm_ports=2)
+    agent = box.agent("--uplink", "up0", "--uplink", "up1", "--vm-port", "vm0", "--vm-port", "vm1",
+                      "--api-socket", "", netns=ns)
+    assert agent.ready_line == (
+        f"lasthop: attached in netns {ns.name}: uplinks ['up0', 'up1'], VM ports ['vm0', 'vm1']"
+    )
+    assert [ns.tc_program(d) for d in ("up0", "up1", "vm0", "vm1")] == [
+        "lh_uplink", "lh_uplink", "lh_vmport", "lh_vmport"]
+    assert ns.tc_program("up0p") is None  # the peers are not ours
+
+
+def test_sigterm_leaves_filters_and_pins(box: Sandbox) -> None:
+    """SIGTERM stops the agent with exit 0; the programs stay attached and the maps pinned."""
+    ns = box.host()
+    agent = box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    assert agent.stop() == 0
+    assert ns.tc_program("up0") == "lh_uplink" and ns.tc_program("vm0") == "lh_vmport"
+    assert {"lh_conns", "lh_ifaces", "lh_counters", "lh_settings"} <= {p.name for p in ns.pins.iterdir()}
+    assert not ns.socket.exists(), "the API socket is removed on exit"
+
+
+def test_sigint_stops_like_sigterm(box: Sandbox) -> None:
+    """SIGINT (Ctrl-C) stops the agent the same way: exit 0, filters stay."""
+    ns = box.host()
+    agent = box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    agent.proc.send_signal(signal.SIGINT)
+    assert agent.proc.wait(10) == 0
+    assert ns.tc_program("up0") == "lh_uplink"
+
+
+def test_restart_adopts_the_pinned_table(box: Sandbox) -> None:
+    """A second run reuses the pinned table: same map id, every entry still there."""
+    ns = box.host()
+    args = ("--uplink", "up0", "--vm-port", "vm0")
+    box.agent(*args, netns=ns).stop()
+    table = PinnedTable(ns.pins)
+    try:
+        map_id = table.map_id
+        table.add(conn_key("192.0.2.1", "198.51.100.7", 40000, 53), uplink=ns.ifindex("up0"))
+        box.agent(*args, netns=ns).stop()
+        assert PinnedTable(ns.pins).map_id == map_id
+        conns = _json("show", "--netns", ns.name, "--json")
+        assert [(c["src"], c["dst"], c["dport"], c["uplink"]) for c in conns] == [
+            ("192.0.2.1", "198.51.100.7", 53, "up0")]
+    finally:
+        table.close()
+
+
+def test_detach_removes_filters_and_pins(box: Sandbox) -> None:
+    """detach takes our filters off every interface and removes the pinned maps."""
+    ns = box.host()
+    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns).stop()
+    result = lasthop("detach", "--netns", ns.name)
+    assert result.returncode == 0, result.stderr
+    assert "up0" in result.stdout and "vm0" in result.stdout
+    assert ns.tc_program("up0") is None and ns.tc_program("vm0") is None
+    assert not ns.pins.exists()
+
+
+def test_table_size_change_with_pinned_maps_is_a_clear_error(box: Sandbox) -> None:
+    """A table_size other than the pinned table's stops run with exit 2 and says what to do."""
+    ns = box.host()
+    box.agent("--uplink", "up0", "--table-size", "4096", netns=ns).stop()
+    agent = box.agent("--uplink", "up0", "--table-size", "8192", netns=ns, wait=False)
+    assert agent.proc.wait(20) == 2
+    err = " ".join(agent.stderr.split())
+    assert "holds 4096 entries, the config asks for 8192" in err
+    assert "keep table_size = 4096, or `lasthop detach` first" in err
+
+
+def test_bridge_ports_are_followed(box: Sandbox) -> None:
+    """--bridge attaches to the bridge's existing ports but the uplink, then follows ports added
+    and removed while it runs."""
+    ns = box.host(uplinks=1, vm_ports=1)
+    ns.bridge("br0", "up0", "vm0")
+    box.agent("--uplink", "up0", "--bridge", "br0", netns=ns)
+    assert ns.tc_program("up0") == "lh_uplink" and ns.tc_program("vm0") == "lh_vmport"
+
+    ns.veth("vm1", "vm1p")
+    ns.ip("link", "set", "vm1", "master", "br0")
+    wait_for(lambda: ns.tc_program("vm1") == "lh_vmport")
+
+    ns.ip("link", "set", "vm0", "nomaster")
+    wait_for(lambda: ns.tc_program("vm0") is None)
+    names = {i["name"]: i["role"] for i in _api_interfaces(ns.socket)}
+    assert names == {"up0": "uplink", "vm1": "vm_port"}
+
+    ns.ip("link", "del", "vm1")
+    wait_for(lambda: "vm1" not in {i["name"] for i in _api_interfaces(ns.socket)})
+
+
+def _api_interfaces(sock: Path) -> list[dict[str, object]]:
+    import httpx
+
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://lasthop") as c:
+        result: list[dict[str, object]] = c.get("/v1/interfaces").raise_for_status().json()
+        return result
+
+
+def test_run_under_ip_netns_exec_pins_on_the_host_bpffs(box: Sandbox) -> None:
+    """Started with `ip netns exec NS lasthop run` (no --netns) it finds its namespace's name and
+    pins where the root mount namespace sees them, though its /sys has no bpffs."""
+    ns = box.host()
+    agent = box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns, via_exec=True)
+    assert f"in netns {ns.name}:" in agent.ready_line
+    assert (PIN_ROOT / ns.name / "lh_conns").exists()
+    assert ns.socket.exists()
+    agent.stop()
+    assert lasthop("stats", "--netns", ns.name).returncode == 0
+
+
+CONNECTION_FIELDS = {
+    "proto": str, "family": int, "src": str, "dst": str, "sport": int, "dport": int, "zone": int,
+    "mac": str, "uplink": str, "uplink_ifindex": int, "vlan": list, "age_s": float, "packets": int,
+    "replies": int, "vm_port": str, "flags": list,
+}
+
+
+def test_show_json_shape(box: Sandbox) -> None:
+    """show --json is a list of objects with exactly the fields docs/cli.md lists, typed as there."""
+    ns = box.host()
+    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    table = PinnedTable(ns.pins)
+    try:
+        table.add(conn_key("2001:db8::1", "2001:db8::2", 1234, 443, proto=TCP, zone=0),
+                  mac="02:aa:bb:cc:dd:ee", uplink=ns.ifindex("up0"), idle_s=3)
+        table.add(conn_key("192.0.2.1", "192.0.2.2", 5000, 53), uplink=ns.ifindex("up0"))
+    finally:
+        table.close()
+    conns = _json("show", "--netns", ns.name, "--json")
+    assert isinstance(conns, list) and len(conns) == 2
+    for c in conns:
+        assert {k: type(v) for k, v in c.items()} == CONNECTION_FIELDS
+    newest, oldest = conns  # most recently seen first
+    assert (newest["src"], newest["proto"], newest["family"]) == ("192.0.2.1", "udp", 4)
+    assert oldest == oldest | {"proto": "tcp", "family": 6, "src": "2001:db8::1", "dst": "2001:db8::2",
+                               "sport": 1234, "dport": 443, "mac": "02:aa:bb:cc:dd:ee", "uplink": "up0",
+                               "vlan": [], "flags": ["hop_known"]}
+    assert 2.5 < oldest["age_s"] < 10
+    [limited] = _json("show", "--netns", ns.name, "--json", "--limit", "1")
+    assert limited["src"] == "192.0.2.1"
+
+
+def test_stats_json_shape(box: Sandbox) -> None:
+    """stats --json has totals (every counter), interfaces (name -> non-zero counters) and table."""
+    ns = box.host()
+    box.agent("--uplink", "up0", "--vm-port", "vm0", "--table-size", "1024", netns=ns)
+    st = _json("stats", "--netns", ns.name, "--json")
+    assert isinstance(st, dict) and set(st) == {"totals", "interfaces", "table"}
+    assert set(st["totals"]) >= {"learned", "relearned", "refreshed", "redirected", "miss", "not_ip",
+                                 "malformed", "no_iface", "agent_removed"}
+    assert all(isinstance(v, int) for v in st["totals"].values())
+    assert isinstance(st["interfaces"], dict)
+    assert st["table"] == {"entries": 0, "capacity": 1024, "evicted": 0}
+
+
+def test_aging_removes_idle_entries_and_counts_them(box: Sandbox) -> None:
+    """With idle_timeout 2 s an entry idle for longer goes within a pass, a fresh one stays, and
+    stats counts the removal as agent_removed."""
+    ns = box.host()
+    box.agent("--uplink", "up0", "--vm-port", "vm0", "--idle-timeout", "2", netns=ns)
+    table = PinnedTable(ns.pins)
+    try:
+        up0 = ns.ifindex("up0")
+        table.add(conn_key("192.0.2.1", "192.0.2.9", 1000, 80), uplink=up0, idle_s=1.8)
+        table.add(conn_key("192.0.2.2", "192.0.2.9", 1000, 80), uplink=up0)
+        wait_for(lambda: len(table.keys()) == 1, timeout=3)
+        [remaining] = _json("show", "--netns", ns.name, "--json")
+        assert remaining["src"] == "192.0.2.2"
+    finally:
+        table.close()
+    st = _json("stats", "--netns", ns.name, "--json")
+    assert st["totals"]["agent_removed"] == 1
+    assert st["table"]["entries"] == 1
+
+
+def test_flush_empties_the_table(box: Sandbox) -> None:
+    """flush removes every entry, says how many, and counts them as agent_removed."""
+    ns = box.host()
+    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    table = PinnedTable(ns.pins)
+    try:
+        for port in range(3):
+            table.add(conn_key("192.0.2.1", "192.0.2.9", 1000 + port, 80), uplink=ns.ifindex("up0"))
+    finally:
+        table.close()
+    result = lasthop("flush", "--netns", ns.name)
+    assert result.returncode == 0 and "flushed 3 entries" in result.stdout
+    assert _json("show", "--netns", ns.name, "--json") == []
+    assert _json("stats", "--netns", ns.name, "--json")["totals"]["agent_removed"] == 3
+
+
+@pytest.mark.parametrize("proto", ["udp", "tcp"])
+def test_real_traffic_learns_the_firewall_and_redirects_replies(box: Sandbox, proto: str) -> None:
+    """Firewall -> host bridge -> VM: the exchange creates an entry holding the firewall's MAC and
+    uplink, and the VM's replies are redirected to it (counter redirected rises)."""
+    site = BridgedSite(box)
+    try:
+        site.serve()
+        box.agent("--uplink", "fw0", "--bridge", "br0", netns=site.host)
+        port = site.exchange(proto, n=3)
+        conns = [c for c in _json("show", "--netns", site.host.name, "--json")
+                 if c["proto"] == proto and c["sport"] == port]
+        assert len(conns) == 1, conns
+        [c] = conns
+        assert (c["src"], c["dst"], c["dport"]) == (site.FW_IP, site.VM_IP, site.PORT)
+        assert (c["mac"], c["uplink"]) == (site.fw_mac, "fw0")
+        assert c["packets"] >= 3 and c["replies"] >= 3
+        st = _json("stats", "--netns", site.host.name, "--json")
+        assert st["totals"]["learned"] >= 1
+        assert st["interfaces"]["vm0"]["redirected"] >= 3
+        assert st["interfaces"]["fw0"]["learned"] >= 1
+    finally:
+        site.close()

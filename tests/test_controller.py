@@ -1,0 +1,264 @@
+"""The controller in-process, on the real kernel, in a private network
+namespace (the test thread enters it and comes back afterwards)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from agentlib import ROOT_MARKS, Netns, PinnedTable, Sandbox, back_to_own_netns, conn_key, sandbox
+from lasthop import abi
+from lasthop.config import Config, Interface
+from lasthop.controller import Controller, LinkError, NotAttachedError, TableSizeError
+from lasthop.datapath import TC_HANDLE, TC_PRIORITY, filter_prog_id
+from lasthop.libbpf import INGRESS, TcHook
+
+pytestmark = ROOT_MARKS
+
+
+@pytest.fixture
+def box() -> Iterator[Sandbox]:
+    with sandbox() as b, back_to_own_netns():
+        yield b
+
+
+def _config(uplinks: list[str], vm_ports: list[str] = (), **kw: object) -> Config:  # type: ignore[assignment]
+    return Config(uplinks=[Interface(name=n) for n in uplinks],
+                  vm_ports=[Interface(name=n) for n in vm_ports], **kw)
+
+
+def _started(ns: Netns, config: Config) -> Controller:
+    c = Controller(ns.name)
+    c.start(config)
+    return c
+
+
+def test_start_attaches_each_role_at_tc_ingress(box: Sandbox) -> None:
+    """start() puts lh_uplink on uplinks and lh_vmport on VM ports (TcHook.query sees both) and
+    configures each interface with its role, MAC and a slot of its own."""
+    ns = box.host(uplinks=1, vm_ports=2)
+    c = _started(ns, _config(["up0"], ["vm0", "vm1"], routed=True))
+    try:
+        ids = {name: TcHook(ns.ifindex(name), INGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
+               for name in ("up0", "vm0", "vm1", "up0p")}
+        assert ids["up0"] and ids["vm0"] and ids["vm0"] == ids["vm1"] and ids["up0"] != ids["vm0"]
+        assert ids["up0p"] is None
+        info = {i.name: i for i in c.interfaces()}
+        assert {n: i.role for n, i in info.items()} == {"up0": "uplink", "vm0": "vm_port", "vm1": "vm_port"}
+        assert info["up0"].mac == ns.mac("up0")
+        assert len({i.slot for i in info.values()}) == 3 and 0 not in {i.slot for i in info.values()}
+        assert (info["up0"].routed, info["vm0"].routed) == (False, True)
+        assert c.attached.uplinks == {ns.ifindex("up0"): "up0"}
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(("uplinks", "vm_ports", "message"), [
+    (["nope0"], [], "uplink 'nope0' not found in this network namespace"),
+    (["up0"], ["nope1"], "VM port 'nope1' not found in this network namespace"),
+    ([], ["vm0"], "no uplink given"),
+])
+def test_start_names_a_missing_interface(box: Sandbox, uplinks: list[str], vm_ports: list[str],
+                                         message: str) -> None:
+    """A missing interface (or no uplink at all) is a LinkError naming it; nothing is pinned."""
+    ns = box.host()
+    c = Controller(ns.name)
+    try:
+        with pytest.raises(LinkError, match=message):
+            c.start(_config(uplinks, vm_ports))
+        assert not ns.pins.exists() or not any(ns.pins.iterdir())
+    finally:
+        c.close()
+
+
+def test_bridge_attaches_every_port_but_the_uplink(box: Sandbox) -> None:
+    """With a bridge, its ports become VM ports, except those named as uplinks."""
+    ns = box.host(uplinks=1, vm_ports=2)
+    ns.bridge("br0", "up0", "vm0", "vm1")
+    c = _started(ns, _config(["up0"], bridge="br0", bridge_zone=7))
+    try:
+        assert sorted(c.attached.vm_ports.values()) == ["vm0", "vm1"]
+        assert {i.name: (i.role, i.zone) for i in c.interfaces()} == {
+            "up0": ("uplink", 0), "vm0": ("vm_port", 7), "vm1": ("vm_port", 7)}
+    finally:
+        c.close()
+
+
+def test_restart_adopts_the_table_and_keeps_slots(box: Sandbox) -> None:
+    """A new controller on the same namespace reuses the pinned maps (same id, entries kept) and
+    the interfaces keep their counter slots."""
+    ns = box.host()
+    config = _config(["up0"], ["vm0"])
+    first = _started(ns, config)
+    map_id = first.datapath.maps.conns.info.id  # type: ignore[union-attr]
+    slots = {i.name: i.slot for i in first.interfaces()}
+    first.close()
+    table = PinnedTable(ns.pins)
+    table.add(conn_key("192.0.2.1", "192.0.2.2", 1, 2), uplink=ns.ifindex("up0"))
+    table.close()
+    second = _started(ns, config)
+    try:
+        assert second.datapath.maps.conns.info.id == map_id  # type: ignore[union-attr]
+        assert [c.src for c in second.connections()] == ["192.0.2.1"]
+        assert {i.name: i.slot for i in second.interfaces()} == slots
+    finally:
+        second.close()
+
+
+def test_restart_without_an_interface_detaches_it(box: Sandbox) -> None:
+    """An interface the previous run attached but this config omits loses its filter and config."""
+    ns = box.host(uplinks=1, vm_ports=2)
+    _started(ns, _config(["up0"], ["vm0", "vm1"])).close()
+    c = _started(ns, _config(["up0"], ["vm0"]))
+    try:
+        assert filter_prog_id(ns.ifindex("vm1")) is None
+        assert [i.name for i in c.interfaces()] == ["up0", "vm0"]
+    finally:
+        c.close()
+
+
+def test_table_size_change_is_a_table_size_error(box: Sandbox) -> None:
+    """Asking for another table_size than the pinned table's raises TableSizeError saying both."""
+    ns = box.host()
+    _started(ns, _config(["up0"], table_size=2048)).close()
+    c = Controller(ns.name)
+    try:
+        with pytest.raises(TableSizeError, match="holds 2048 entries, the config asks for 4096"):
+            c.start(_config(["up0"], table_size=4096))
+    finally:
+        c.close()
+
+
+def test_forget_detaches_a_port_that_still_exists(box: Sandbox) -> None:
+    """forget() clears the port's config and takes our filter off it."""
+    ns = box.host(uplinks=1, vm_ports=2)
+    c = _started(ns, _config(["up0"], ["vm0", "vm1"]))
+    try:
+        vm0 = ns.ifindex("vm0")
+        c.forget(vm0)
+        assert filter_prog_id(vm0) is None
+        assert filter_prog_id(ns.ifindex("vm1")) is not None
+        assert vm0 not in c.attached.vm_ports
+        assert [i.name for i in c.interfaces()] == ["up0", "vm1"]
+    finally:
+        c.close()
+
+
+def test_age_removes_only_idle_entries_and_counts_them(box: Sandbox) -> None:
+    """age(t) deletes entries idle longer than t seconds, returns how many, and adds them to the
+    agent_removed counter."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"], ["vm0"]))
+    try:
+        table = PinnedTable(ns.pins)
+        up0 = ns.ifindex("up0")
+        table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80), uplink=up0, idle_s=30)
+        table.add(conn_key("192.0.2.2", "192.0.2.9", 1, 80), uplink=up0, idle_s=30)
+        table.add(conn_key("192.0.2.3", "192.0.2.9", 1, 80), uplink=up0, idle_s=1)
+        table.close()
+        assert c.age(10) == 2
+        assert [x.src for x in c.connections()] == ["192.0.2.3"]
+        assert c.age(10) == 0
+        st = c.stats()
+        assert st.totals["agent_removed"] == 2 and st.entries == 1
+    finally:
+        c.close()
+
+
+def test_flush_removes_everything(box: Sandbox) -> None:
+    """flush() empties the table and returns how many entries it removed."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"]))
+    try:
+        table = PinnedTable(ns.pins)
+        for port in range(5):
+            table.add(conn_key("192.0.2.1", "192.0.2.9", port, 80))
+        table.close()
+        assert c.flush() == 5
+        assert c.connections() == []
+        assert c.flush() == 0
+    finally:
+        c.close()
+
+
+def test_connections_sorted_by_age_and_limited(box: Sandbox) -> None:
+    """connections() lists the most recently seen first; limit keeps that many."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"]))
+    try:
+        table = PinnedTable(ns.pins)
+        for i, idle in enumerate((5, 1, 9)):
+            table.add(conn_key(f"192.0.2.{i + 1}", "192.0.2.9", 1, 80), idle_s=idle)
+        table.close()
+        assert [x.src for x in c.connections()] == ["192.0.2.2", "192.0.2.1", "192.0.2.3"]
+        assert [x.src for x in c.connections(limit=2)] == ["192.0.2.2", "192.0.2.1"]
+    finally:
+        c.close()
+
+
+def test_stats_names_interfaces_and_derives_evictions(box: Sandbox) -> None:
+    """stats() reports counters under interface names and evicted = learned - entries - removed."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"], ["vm0"], table_size=512))
+    try:
+        maps = c.datapath.maps  # type: ignore[union-attr]
+        slot = {i.name: i.slot for i in c.interfaces()}
+        maps.add_counter(slot["up0"], abi.Counter.LEARNED, 10)
+        maps.add_counter(slot["vm0"], abi.Counter.REDIRECTED, 4)
+        maps.add_counter(0, abi.Counter.AGENT_REMOVED, 3)
+        table = PinnedTable(ns.pins)
+        table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80))
+        table.close()
+        st = c.stats()
+        assert st.interfaces["up0"] == {"learned": 10}
+        assert st.interfaces["vm0"] == {"redirected": 4}
+        assert (st.entries, st.capacity, st.evicted) == (1, 512, 10 - 1 - 3)
+        assert st.totals["learned"] == 10 and st.totals["miss"] == 0
+    finally:
+        c.close()
+
+
+def test_detach_removes_filters_and_pins(box: Sandbox) -> None:
+    """detach() takes our filter off every interface and removes the pins."""
+    ns = box.host()
+    _started(ns, _config(["up0"], ["vm0"])).close()
+    c = Controller(ns.name)
+    try:
+        assert sorted(c.detach()) == ["up0", "vm0"]
+        assert filter_prog_id(ns.ifindex("up0")) is None and filter_prog_id(ns.ifindex("vm0")) is None
+        assert not ns.pins.exists()
+        assert c.detach() == []
+    finally:
+        c.close()
+
+
+def test_reading_where_nothing_is_attached_raises_not_attached(box: Sandbox) -> None:
+    """Without pins, connections(), stats() and flush() raise NotAttachedError naming the folder."""
+    ns = box.host()
+    c = Controller(ns.name)
+    try:
+        for read in (c.connections, c.stats, c.flush, c.interfaces):
+            with pytest.raises(NotAttachedError, match=f"no data path pinned at .*{ns.name}"):
+                read()
+    finally:
+        c.close()
+
+
+def test_writes_wait_for_the_lock(box: Sandbox) -> None:
+    """flush() from another thread (the API) waits while the agent thread holds the lock."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"]))
+    try:
+        done = threading.Event()
+        with c._lock:
+            worker = threading.Thread(target=lambda: (c.flush(), done.set()))
+            worker.start()
+            time.sleep(0.2)
+            assert not done.is_set()
+        worker.join(5)
+        assert done.is_set()
+    finally:
+        c.close()
