@@ -23,10 +23,11 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
 )
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet
 
 from lasthop import abi
+from packets import MAC_FW_B, MAC_UPLINK_1
 from lasthop.libbpf import BpfObject, Map, TestRun
 
 TC_ACT_OK = 0
@@ -183,6 +184,35 @@ def ids(cases: list[Case]) -> list[str]:
     return [c.desc for c in cases]
 
 
+# ---------------------------------------------------------------- expected frames
+
+
+def bridged(frame: Packet, dst: str = MAC_FW_B) -> Packet:
+    """A bridged reply as it leaves: only the destination MAC changed."""
+    out = Ether(bytes(frame))
+    out.dst = dst
+    return out
+
+
+def routed(frame: Packet, src: str = MAC_UPLINK_1, dst: str = MAC_FW_B) -> Packet:
+    """A routed reply: both MACs, TTL or hop limit - 1, IPv4 checksum as scapy computes it."""
+    out = Ether(bytes(frame))
+    out.src, out.dst = src, dst
+    if IP in out:
+        out[IP].ttl -= 1
+        del out[IP].chksum
+    else:
+        out[IPv6].hlim -= 1
+    return Ether(bytes(out))
+
+
+def inner_tag(frame: Packet, tag: int) -> Packet:
+    """The frame with one 802.1Q tag after the MACs: what test run shows of a QinQ push."""
+    out = Ether(bytes(frame))
+    return (Ether(src=out.src, dst=out.dst)
+            / Dot1Q(prio=tag >> 13, dei=tag >> 12 & 1, vlan=tag & 0xFFF) / out.payload)
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -330,6 +360,7 @@ def check(dp: Datapath, case: Case) -> TestRun:
 
 __all__ = [
     "Case", "Datapath", "Entry", "EntryView", "Iface", "Key", "SEEN_SETUP", "SLOT0",
-    "TC_ACT_OK", "TC_ACT_REDIRECT", "TC_ACT_SHOT", "UPLINK", "VMPORT", "check",
+    "TC_ACT_OK", "TC_ACT_REDIRECT", "TC_ACT_SHOT", "UPLINK", "VMPORT", "bridged", "check",
+    "inner_tag", "routed",
     "ids", "mac_bytes",
 ]
