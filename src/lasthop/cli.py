@@ -157,8 +157,9 @@ def stats(netns: str | None, as_json: bool) -> None:
         print(json.dumps(st.to_json(), indent=1))
         return
     names = list(st.interfaces)
-    table = Table(title=f"table: {st.entries} of {st.capacity} entries, {st.evicted} evicted",
-                  title_justify="left")
+    # a line of its own: as a table title rich wraps it to the (narrow) table's width
+    console.print(f"table: {st.entries} of {st.capacity} entries, {st.evicted} evicted", highlight=False)
+    table = Table()
     table.add_column("counter")
     table.add_column("total", justify="right")
     for name in names:
