@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from lasthop.lab import Lab, Plan, down
 from lasthop.lab.topology import lab_namespaces
 
-_PREFIX = f"t{os.getpid() % 1000:03d}"
+_PREFIX = "t" + secrets.token_hex(2)  # two test runs at once never share a lab name
 _numbers = itertools.count(1)
 
 
@@ -26,6 +27,7 @@ def _root_only(request: pytest.FixtureRequest) -> None:
 def lab_name() -> Iterator[str]:
     """A fresh lab name; whatever lab carries it is removed afterwards, and checked gone."""
     name = f"{_PREFIX}{next(_numbers):02d}"
+    assert not lab_namespaces(name), f"lab name {name} is taken"
     try:
         yield name
     finally:

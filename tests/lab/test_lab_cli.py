@@ -15,8 +15,13 @@ pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 
 def _lab(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lasthop.lab.cli", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "lasthop.lab.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_up_status_down(lab_name: str) -> None:
@@ -48,7 +53,7 @@ def test_recipe_without_routed_is_a_usage_error(lab_name: str) -> None:
 @pytest.mark.bpf
 @pytest.mark.skipif(not agent.available(), reason="agent not built yet")
 def test_demo_passes_and_cleans_up(lab_name: str) -> None:
-    """The demo exits 0 (fails without lasthop, works with it), within its time budget, leaving nothing."""
+    """The demo exits 0 (fails without lasthop, works with it) and leaves nothing behind."""
     result = _lab("demo", "--name", lab_name, "--mode", "bridged", "-n", "1")
     assert result.returncode == EXIT_OK, result.stdout + result.stderr
     assert "demo passed" in result.stdout

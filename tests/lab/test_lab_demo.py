@@ -3,14 +3,21 @@ with it" (no root needed: synthetic check results)."""
 
 from __future__ import annotations
 
-from lasthop.lab.demo import counter_delta, expect_all_ok, expect_asymmetric, expect_dead_only, sample_rows
+from lasthop.lab.demo import (
+    counter_delta,
+    expect_all_ok,
+    expect_asymmetric,
+    expect_dead_only,
+    sample_rows,
+)
 from lasthop.lab.traffic import CheckResult, PathResult
 
 
 def _result(ok: dict[str, int], tried: int = 3) -> CheckResult:
     """One TCP IPv4 path per client, with ok[client] successes out of tried."""
     return CheckResult(
-        [PathResult(c, f"fw{c[-1]}", "vm1", "tcp", 4, tried, n) for c, n in ok.items()], elapsed_s=1.0
+        [PathResult(c, f"fw{c[-1]}", "vm1", "tcp", 4, tried, n) for c, n in ok.items()],
+        elapsed_s=1.0,
     )
 
 
@@ -37,14 +44,21 @@ def test_dead_only_names_the_clients_that_must_die() -> None:
 def test_counter_delta_subtracts_per_firewall() -> None:
     before = {"fw1": {"drop_invalid": 5, "drop_outside": 1}}
     after = {"fw1": {"drop_invalid": 9, "drop_outside": 1}, "fw4": {"drop_invalid": 2}}
-    assert counter_delta(before, after) == {"fw1": {"drop_invalid": 4, "drop_outside": 0}, "fw4": {"drop_invalid": 2}}
+    assert counter_delta(before, after) == {
+        "fw1": {"drop_invalid": 4, "drop_outside": 0},
+        "fw4": {"drop_invalid": 2},
+    }
 
 
 def test_sample_rows_keeps_one_row_per_client_address_preferring_tcp() -> None:
     rows = [
-        {"proto": "udp", "src": "10.1.2.2"}, {"proto": "tcp", "src": "10.1.2.2"},
-        {"proto": "udp", "src": "fd00:1:2::2"}, {"proto": "tcp", "src": "10.1.1.2"},
+        {"proto": "udp", "src": "10.1.2.2"},
+        {"proto": "tcp", "src": "10.1.2.2"},
+        {"proto": "udp", "src": "fd00:1:2::2"},
+        {"proto": "tcp", "src": "10.1.1.2"},
     ]
     assert sample_rows(rows) == [
-        {"proto": "tcp", "src": "10.1.1.2"}, {"proto": "tcp", "src": "10.1.2.2"}, {"proto": "udp", "src": "fd00:1:2::2"},
+        {"proto": "tcp", "src": "10.1.1.2"},
+        {"proto": "tcp", "src": "10.1.2.2"},
+        {"proto": "udp", "src": "fd00:1:2::2"},
     ]

@@ -7,8 +7,9 @@ import socket
 import time
 
 import pytest
-from scapy.layers.inet import GRE, IP, TCP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import GRE
 
 from lasthop.lab import Lab, firewall
 from lasthop.lab.namespaces import open_socket
@@ -29,14 +30,16 @@ def test_counters_read_as_numbers(bridged_lab: Lab) -> None:
 
 
 def test_a_new_tcp_connection_without_a_bare_syn_is_dropped(bridged_lab: Lab) -> None:
-    """An ACK opening a connection from the client side is counted as drop_not_syn (IPv4 and IPv6)."""
+    """An ACK opening a connection from the client side is counted as drop_not_syn (v4, v6)."""
     plan = bridged_lab.plan
     cl, vm = plan.client(1), plan.vm(1)
     before = bridged_lab.counters()
     ack4 = IP(src=cl.addr.v4, dst=vm.addr.v4) / TCP(sport=40001, dport=7, flags="A", seq=1, ack=1)
     with open_socket(cl.ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
         s.sendto(bytes(ack4), (vm.addr.v4, 0))
-    ack6 = IPv6(src=cl.addr.v6, dst=vm.addr.v6) / TCP(sport=40001, dport=7, flags="PA", seq=1, ack=1)
+    ack6 = IPv6(src=cl.addr.v6, dst=vm.addr.v6) / TCP(
+        sport=40001, dport=7, flags="PA", seq=1, ack=1
+    )
     with open_socket(cl.ns, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
         s.sendto(bytes(ack6[TCP]), (vm.addr.v6, 0))
     assert _delta(bridged_lab, "fw1", before) == {"drop_not_syn": 2}
@@ -64,7 +67,7 @@ def test_other_protocols_are_dropped(bridged_lab: Lab) -> None:
 
 
 def test_a_reply_through_the_wrong_firewall_is_dropped_as_unknown(bridged_lab: Lab) -> None:
-    """cl2's SYN passes fw2 (accepted_new); vm1's SYN-ACK goes to fw1, which never saw the SYN (drop_invalid)."""
+    """cl2's SYN passes fw2 (accepted_new); vm1's SYN-ACK dies at fw1 (drop_invalid)."""
     plan = bridged_lab.plan
     before = bridged_lab.counters()
     with open_socket(plan.client(2).ns, socket.AF_INET, socket.SOCK_STREAM) as s:

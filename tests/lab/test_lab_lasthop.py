@@ -6,7 +6,7 @@ added while the agent follows the bridge."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -24,7 +24,7 @@ def lasthop_on(any_lab: Lab) -> Iterator[agent.LasthopAgent]:
         yield running
 
 
-def _eventually(check: "callable[[], bool]", timeout: float = 5.0) -> bool:  # type: ignore[valid-type]
+def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -42,17 +42,21 @@ def test_every_path_works_with_lasthop(any_lab: Lab, lasthop_on: agent.LasthopAg
 
 
 def test_show_names_each_connections_firewall(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
-    """`lasthop show --json` has every client's connections learned from its own firewall's MAC on the uplink."""
+    """`lasthop show --json`: each client's connections carry its firewall's MAC."""
     traffic.check(any_lab.plan, n=1, protos=["tcp"])
     rows = agent.show(any_lab.plan)
     plan = any_lab.plan
-    by_client = {plan.client(n).addr.of(f): plan.firewall(n).transit_mac for n in plan.sites for f in (4, 6)}
+    by_client = {
+        plan.client(n).addr.of(f): plan.firewall(n).transit_mac for n in plan.sites for f in (4, 6)
+    }
     seen = set()
     for row in rows:
         if row["src"] in by_client:
             assert row["mac"] == by_client[row["src"]], row
             assert row["uplink"] == plan.host.uplink
-            assert {"proto", "dst", "sport", "dport", "zone", "vlan", "age_s", "packets"} <= set(row)
+            assert {"proto", "dst", "sport", "dport", "zone", "vlan", "age_s", "packets"} <= set(
+                row
+            )
             seen.add(row["src"])
     assert seen == set(by_client)
 
@@ -65,21 +69,26 @@ def test_detach_brings_the_asymmetry_back(any_lab: Lab, lasthop_on: agent.Lastho
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_a_firewall_failover_mid_connection_keeps_working(any_lab: Lab, lasthop_on: agent.LasthopAgent,
-                                                          family: int) -> None:
-    """fw2 moves to a standby MAC during a TCP connection: the next request packet re-teaches lasthop."""
+def test_a_firewall_failover_mid_connection_keeps_working(
+    any_lab: Lab, lasthop_on: agent.LasthopAgent, family: int
+) -> None:
+    """fw2 moves to a standby MAC mid-connection: the next request packet re-teaches lasthop."""
     plan = any_lab.plan
     with EchoSession(plan, client=2, vm=1, family=family) as session:
         assert session.exchange()
         new_mac = any_lab.failover(2)
         assert session.exchange(timeout=3.0), "the connection died at the fail-over"
-        rows = [r for r in agent.show(plan) if r["sport"] == session.local_port and r["proto"] == "tcp"]
+        rows = [
+            r for r in agent.show(plan) if r["sport"] == session.local_port and r["proto"] == "tcp"
+        ]
         assert [r["mac"] for r in rows] == [new_mac]
     result = traffic.check(plan, n=1, clients=[2], protos=["tcp", "udp"], families=[family])
     assert expect_all_ok(result, "new connections after the fail-over") == []
 
 
-def test_an_agent_restart_keeps_a_long_lived_connection(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
+def test_an_agent_restart_keeps_a_long_lived_connection(
+    any_lab: Lab, lasthop_on: agent.LasthopAgent
+) -> None:
     """Stopping the agent leaves the data path attached; a new agent adopts the table."""
     with EchoSession(any_lab.plan, client=3, vm=2) as session:
         assert session.exchange()

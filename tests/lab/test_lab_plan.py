@@ -13,7 +13,14 @@ from lasthop.lab import plan as P
 def test_every_interface_name_fits_the_kernel_limit(routed: bool) -> None:
     """Interface names stay within 15 characters, namespace names carry the lab name."""
     plan = P.Plan("abcdefgh", routed=routed, sites=[1, 2, 3, 9], vms=[1, 9])
-    names = [P.BRIDGE, P.UPLINK, P.FW_TRANSIT, P.FW_LAN, P.ETH, *(plan.vm(n).port for n in plan.vms)]
+    names = [
+        P.BRIDGE,
+        P.UPLINK,
+        P.FW_TRANSIT,
+        P.FW_LAN,
+        P.ETH,
+        *(plan.vm(n).port for n in plan.vms),
+    ]
     assert all(len(n) <= 15 for n in names)
     assert all(ns.startswith("abcdefgh-") for ns in plan.namespaces())
 
@@ -57,7 +64,9 @@ def test_namespace_pattern_matches_only_its_own_lab() -> None:
     """down("lh") must not touch lab "lh2" or another tool's "lh-x" namespace."""
     pattern = P.lab_namespace_pattern("lh")
     assert all(pattern.fullmatch(ns) for ns in P.Plan("lh").namespaces())
-    assert not any(pattern.fullmatch(ns) for ns in ["lh2-fw1", "lh-x", "lh-fw", "xlh-sw", "lh-host2"])
+    assert not any(
+        pattern.fullmatch(ns) for ns in ["lh2-fw1", "lh-x", "lh-fw", "xlh-sw", "lh-host2"]
+    )
 
 
 def test_bad_names_and_numbers_are_refused() -> None:

@@ -34,11 +34,14 @@ def test_recipe_fails_for_a_firewall_added_later(routed_lab: Lab) -> None:
     result = traffic.check(routed_lab.plan, n=1, clients=[1, 4], protos=["tcp"])
     assert expect_dead_only(result, "recipe, new fw4", {"cl4"}) == []
     recipe.add_mac(routed_lab, routed_lab.plan.firewall(4).transit_mac, 4)
-    assert expect_all_ok(traffic.check(routed_lab.plan, n=1, clients=[4], protos=["tcp"]), "fw4 added") == []
+    assert (
+        expect_all_ok(traffic.check(routed_lab.plan, n=1, clients=[4], protos=["tcp"]), "fw4 added")
+        == []
+    )
 
 
 def test_recipe_is_not_applicable_to_a_bridged_host(bridged_lab: Lab) -> None:
-    with pytest.raises(recipe.RecipeError, match="routed host"):
+    with pytest.raises(recipe.RecipeError, match="bridged host"):
         recipe.configure(bridged_lab)
 
 

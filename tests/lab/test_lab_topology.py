@@ -44,7 +44,7 @@ def test_every_vm_routes_by_fw1_in_bridged_mode(bridged_lab: Lab) -> None:
 
 
 def test_routed_host_routes_and_firewalls_know_the_vm_subnet(routed_lab: Lab) -> None:
-    """Routed: VMs behind the host, host default via fw1, every firewall routes the VM subnet via the host."""
+    """Routed: VMs behind the host, its default via fw1, firewalls route the VM net via it."""
     assert "via 10.0.0.1 " in routed_lab.exec("host", ["ip", "route", "show", "default"])
     assert "via fd00::1 " in routed_lab.exec("host", ["ip", "-6", "route", "show", "default"])
     for n in routed_lab.plan.sites:
@@ -56,7 +56,9 @@ def test_every_firewall_routes_to_every_client_network(any_lab: Lab) -> None:
     """A reply sent the wrong way is dropped for being unknown, not for lack of a route."""
     plan = any_lab.plan
     for n in plan.sites:
-        routes = any_lab.exec(f"fw{n}", ["ip", "route"]) + any_lab.exec(f"fw{n}", ["ip", "-6", "route"])
+        routes = any_lab.exec(f"fw{n}", ["ip", "route"]) + any_lab.exec(
+            f"fw{n}", ["ip", "-6", "route"]
+        )
         for m in plan.sites:
             if m != n:
                 assert f"{P.client_net(m)[0]} via 10.0.0.{m}" in routes
@@ -78,7 +80,7 @@ def test_servers_run_in_every_vm_and_down_stops_them(lab_name: str) -> None:
 
 
 def test_down_cleans_up_after_a_crash(lab_name: str) -> None:
-    """With its state file gone (a crashed `up`), down still finds the namespaces by name and their processes."""
+    """With its state file gone (a crashed `up`), down still finds the namespaces and processes."""
     lab = Lab.up(Plan(lab_name))
     pids = list(lab.state.servers.values())
     state.remove(lab_name)
@@ -104,7 +106,7 @@ def test_down_leaves_other_labs_alone(lab_name: str) -> None:
 
 
 def test_added_site_and_vm_join_the_running_lab(bridged_lab: Lab) -> None:
-    """add_site(4) and add_vm(4) plug into the running lab: routes everywhere, vm4 serving, cl4 as asymmetric as cl2."""
+    """add_site(4) and add_vm(4) join the running lab: vm4 serves, cl4 is as asymmetric as cl2."""
     bridged_lab.add_vm(4)
     bridged_lab.add_site(4)
     result = traffic.check(bridged_lab.plan, n=1, clients=[1, 4], vms=[4], protos=["tcp"])

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 
 def test_without_lasthop_only_the_vms_gateway_side_works(any_lab: Lab) -> None:
-    """cl1 -> every VM works; cl2 and cl3 -> every VM die (replies go to fw1), every protocol and family."""
+    """cl1 -> every VM works; cl2, cl3 -> every VM die (replies go to fw1); all protos, families."""
     result = traffic.check(any_lab.plan, n=2)
     assert len(result.paths) == 3 * 3 * 3 * 2
     assert expect_asymmetric(result, "without lasthop") == []
@@ -31,7 +31,9 @@ def test_the_wrong_way_replies_are_counted_at_fw1(any_lab: Lab) -> None:
     counters = any_lab.counters()
     assert counters["fw1"]["drop_invalid"] >= 3 * 2  # SYN-ACKs: 3 VMs, 2 families
     assert counters["fw1"]["drop_outside"] >= 3 * 2  # UDP replies
-    assert not any(counters["fw2"][c] for c in ("drop_invalid", "drop_outside", "drop_not_syn", "drop_other"))
+    assert not any(
+        counters["fw2"][c] for c in ("drop_invalid", "drop_outside", "drop_not_syn", "drop_other")
+    )
 
 
 def test_the_http_answer_names_the_vm(bridged_lab: Lab) -> None:

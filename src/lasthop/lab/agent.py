@@ -1,7 +1,8 @@
 """Running lasthop in the lab: the one place that knows the agent's command
 line contract.
 
-    <python> -m lasthop run --netns <lab>-host --uplink up0 (--vm-port vmN ... | --bridge br0) [--routed]
+    <python> -m lasthop run --netns <lab>-host --uplink up0
+            (--vm-port vmN ... | --bridge br0) [--routed]
         prints a line starting with "lasthop: attached" once the data path is
         attached; stops on SIGTERM, leaving the data path attached.
     <python> -m lasthop detach --netns <lab>-host
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from lasthop.lab import plan as P
@@ -74,30 +76,40 @@ class LasthopAgent:
         log_path = state.folder(self.plan.name) / "lasthop.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv(), stdout=subprocess.PIPE, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv(),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self._record(self.proc.pid)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        buf = b""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                self.stop()
-                raise LabError(f"lasthop did not attach within {timeout:.0f} s ({' '.join(self.argv())})")
-            chunk = self.proc.stdout.readline()
-            if not chunk:
-                code = self.proc.wait()
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                self._record(0)
-                raise LabError(f"lasthop run exited ({code}) before attaching: {' / '.join(tail)}")
-            buf = chunk
-            if buf.decode(errors="replace").startswith(READY_PREFIX):
-                break
+        try:
+            buf = self._wait_ready(timeout, log_path)
+        except BaseException:  # interrupted or failed: no agent left behind
+            self.stop()
+            raise
         self.ready_line = buf.decode(errors="replace").strip()
         # Keep reading its stdout so the agent never blocks on a full pipe.
         threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
         return self.ready_line
+
+    def _wait_ready(self, timeout: float, log_path: Path) -> bytes:
+        """Reads the agent's stdout until its "attached" line; returns that line."""
+        assert self.proc is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                argv = " ".join(self.argv())
+                raise LabError(f"lasthop did not attach within {timeout:.0f} s ({argv})")
+            line = self.proc.stdout.readline()
+            if not line:
+                code = self.proc.wait()
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise LabError(f"lasthop run exited ({code}) before attaching: {' / '.join(tail)}")
+            if line.decode(errors="replace").startswith(READY_PREFIX):
+                return line
 
     @staticmethod
     def _drain(stream: Any) -> None:

@@ -21,8 +21,14 @@ from lasthop.lab.topology import Lab
 from lasthop.lab.traffic import CheckResult
 
 __all__ = [
-    "Phase", "ModeRun", "run_mode", "expect_asymmetric", "expect_all_ok", "expect_dead_only",
-    "counter_delta", "sample_rows",
+    "Phase",
+    "ModeRun",
+    "run_mode",
+    "expect_asymmetric",
+    "expect_all_ok",
+    "expect_dead_only",
+    "counter_delta",
+    "sample_rows",
 ]
 
 Say = Callable[[str], None]
@@ -66,16 +72,21 @@ def expect_asymmetric(check: CheckResult, label: str, symmetric: str = "cl1") ->
     problems = []
     for (client, _fw, proto, family), (tried, ok) in check.grouped().items():
         if client == symmetric and ok != tried:
-            problems.append(f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected all")
+            problems.append(
+                f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected all"
+            )
         if client != symmetric and ok:
-            problems.append(f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected none")
+            problems.append(
+                f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected none"
+            )
     return problems
 
 
 def expect_all_ok(check: CheckResult, label: str) -> list[str]:
     return [
         f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected all"
-        for (client, _fw, proto, family), (tried, ok) in check.grouped().items() if ok != tried
+        for (client, _fw, proto, family), (tried, ok) in check.grouped().items()
+        if ok != tried
     ]
 
 
@@ -84,14 +95,22 @@ def expect_dead_only(check: CheckResult, label: str, dead: set[str]) -> list[str
     problems = []
     for (client, _fw, proto, family), (tried, ok) in check.grouped().items():
         if client in dead and ok:
-            problems.append(f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected none")
+            problems.append(
+                f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected none"
+            )
         if client not in dead and ok != tried:
-            problems.append(f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected all")
+            problems.append(
+                f"{label}: {client} {proto} {_fam(family)}: {ok}/{tried} worked, expected all"
+            )
     return problems
 
 
-def counter_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    return {fw: {k: v - before.get(fw, {}).get(k, 0) for k, v in c.items()} for fw, c in after.items()}
+def counter_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    return {
+        fw: {k: v - before.get(fw, {}).get(k, 0) for k, v in c.items()} for fw, c in after.items()
+    }
 
 
 def _phase(lab: Lab, key: str, title: str, n: int) -> Phase:
@@ -110,8 +129,15 @@ def sample_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [best[src] for src in sorted(best, key=lambda s: (":" in s, s))]
 
 
-def run_mode(name: str, routed: bool, *, with_recipe: bool = False, n: int = 3,
-             say: Say = print, detail: Say = print) -> ModeRun:
+def run_mode(
+    name: str,
+    routed: bool,
+    *,
+    with_recipe: bool = False,
+    n: int = 3,
+    say: Say = print,
+    detail: Say = print,
+) -> ModeRun:
     """Runs the demo on one host mode; the lab is removed afterwards, whatever happens."""
     start = time.monotonic()
     run = ModeRun("routed" if routed else "bridged")
@@ -125,7 +151,10 @@ def run_mode(name: str, routed: bool, *, with_recipe: bool = False, n: int = 3,
         if with_recipe:
             _recipe_phases(lab, run, n, say)
         if not agent.available():
-            run.notes.append("lasthop agent not built yet (lasthop.controller missing): the 'with' half did not run")
+            run.notes.append(
+                "lasthop agent not built yet (lasthop.controller missing): "
+                "the 'with' half did not run"
+            )
             run.problems.append("lasthop agent not available")
             return run
         say(f"{run.mode} host: starting lasthop")
@@ -149,19 +178,23 @@ def _recipe_phases(lab: Lab, run: ModeRun, n: int, say: Say) -> None:
     try:
         recipe.configure(lab)
     except recipe.RecipeError as err:
-        run.notes.append(f"Linux recipe: not applicable: {err}")
+        run.notes.append(f"Linux recipe: {err}")
         return
     say(f"{run.mode} host: traffic with the Linux recipe (ct mark by firewall MAC + ip rule)")
     known = _phase(lab, "recipe", "recipe", n)
     known.problems = expect_all_ok(known.check, "recipe, known MACs")
     run.phases.append(known)
     fw = lab.plan.firewall(FAILOVER_SITE)
-    say(f"{run.mode} host: {fw.name} fails over to MAC {fw.failover_mac}; fw{ADDED_SITE} (cl{ADDED_SITE}) is added")
+    say(
+        f"{run.mode} host: {fw.name} fails over to MAC {fw.failover_mac}; "
+        f"fw{ADDED_SITE} (cl{ADDED_SITE}) is added"
+    )
     lab.failover(FAILOVER_SITE)
     lab.add_site(ADDED_SITE)
     changed = _phase(lab, "recipe-changed", "recipe after changes", n)
-    changed.problems = expect_dead_only(changed.check, "recipe after changes",
-                                        {f"cl{FAILOVER_SITE}", f"cl{ADDED_SITE}"})
+    changed.problems = expect_dead_only(
+        changed.check, "recipe after changes", {f"cl{FAILOVER_SITE}", f"cl{ADDED_SITE}"}
+    )
     run.phases.append(changed)
     run.notes.append(
         f"Linux recipe: knows fw1-fw3 by MAC; after {fw.name}'s fail-over to {fw.failover_mac} and "

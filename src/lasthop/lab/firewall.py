@@ -31,7 +31,9 @@ DROP_COUNTERS = [name for name in COUNTERS if name.startswith("drop_")]
 
 def ruleset(lan_if: str = P.FW_LAN) -> str:
     """The nftables table of one firewall (nft -f syntax)."""
-    counters = "\n".join(f'\tcounter {name} {{ comment "{text}" }}' for name, text in COUNTERS.items())
+    counters = "\n".join(
+        f'\tcounter {name} {{ comment "{text}" }}' for name, text in COUNTERS.items()
+    )
     return f"""\
 table inet {TABLE}
 delete table inet {TABLE}

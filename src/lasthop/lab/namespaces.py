@@ -4,6 +4,7 @@ since Python 3.11 has no os.setns)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -16,8 +17,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = [
-    "LabError", "NETNS_RUN", "run", "ip_batch", "ns_exec", "sysctl", "existing",
-    "pids_in", "stop_pids", "delete", "open_socket", "NetnsExecutor",
+    "LabError",
+    "NETNS_RUN",
+    "run",
+    "ip_batch",
+    "ns_exec",
+    "sysctl",
+    "existing",
+    "pids_in",
+    "stop_pids",
+    "delete",
+    "open_socket",
+    "NetnsExecutor",
 ]
 
 NETNS_RUN = Path("/run/netns")
@@ -29,7 +40,9 @@ class LabError(RuntimeError):
     """A lab command failed; the message names the command and its stderr."""
 
 
-def run(argv: Sequence[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str], *, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(list(argv), input=input, capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         detail = (result.stderr or result.stdout).strip()
@@ -44,7 +57,9 @@ def ip_batch(ns: str | None, lines: Iterable[str]) -> None:
     run(argv, input=text)
 
 
-def ns_exec(ns: str, argv: Sequence[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def ns_exec(
+    ns: str, argv: Sequence[str], *, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return run(["ip", "netns", "exec", ns, *argv], input=input, check=check)
 
 
@@ -79,9 +94,9 @@ def pids_in(names: Iterable[str]) -> dict[str, list[int]]:
             st = os.stat(f"/proc/{entry.name}/ns/net")
         except OSError:
             continue
-        name = ids.get((st.st_dev, st.st_ino))
-        if name is not None:
-            found[name].append(int(entry.name))
+        owner = ids.get((st.st_dev, st.st_ino))
+        if owner is not None:
+            found[owner].append(int(entry.name))
     return found
 
 
@@ -118,10 +133,8 @@ def stop_pids(pids: Iterable[int], timeout: float = 2.0) -> None:
         if pending:
             time.sleep(0.02)
     for pid in pending:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     for pid in pending:
         for _ in range(100):
             if not _alive(pid):
@@ -134,7 +147,11 @@ def delete(names: Iterable[str]) -> None:
     names = list(names)
     stop_pids([pid for pids in pids_in(names).values() for pid in pids])
     if names:
-        run(["ip", "-force", "-batch", "-"], input="".join(f"netns delete {n}\n" for n in names), check=False)
+        run(
+            ["ip", "-force", "-batch", "-"],
+            input="".join(f"netns delete {n}\n" for n in names),
+            check=False,
+        )
 
 
 def _enter(name: str) -> None:
@@ -153,7 +170,9 @@ class NetnsExecutor(ThreadPoolExecutor):
     subprocesses) belongs to ns."""
 
     def __init__(self, ns: str) -> None:
-        super().__init__(max_workers=1, thread_name_prefix=f"netns-{ns}", initializer=_enter, initargs=(ns,))
+        super().__init__(
+            max_workers=1, thread_name_prefix=f"netns-{ns}", initializer=_enter, initargs=(ns,)
+        )
         self.ns = ns
 
     def sockets(self, kinds: Sequence[tuple[int, int]]) -> list[socket.socket]:

@@ -13,10 +13,33 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = [
-    "Addr", "Client", "Firewall", "Host", "Plan", "Vm",
-    "mac", "who_has", "client_net", "lab_namespace_pattern", "BRIDGE", "UPLINK", "FW_TRANSIT", "FW_LAN", "ETH", "HTTP_PORT", "ECHO_PORT",
-    "MAC_FW", "MAC_FW_FAILOVER", "MAC_FW_LAN", "MAC_CLIENT", "MAC_VM", "MAC_VM_PORT",
-    "MAC_HOST", "MAC_SWITCH", "MAX_INDEX", "DEFAULT_NAME",
+    "Addr",
+    "Client",
+    "Firewall",
+    "Host",
+    "Plan",
+    "Vm",
+    "mac",
+    "who_has",
+    "client_net",
+    "lab_namespace_pattern",
+    "BRIDGE",
+    "UPLINK",
+    "FW_TRANSIT",
+    "FW_LAN",
+    "ETH",
+    "HTTP_PORT",
+    "ECHO_PORT",
+    "MAC_FW",
+    "MAC_FW_FAILOVER",
+    "MAC_FW_LAN",
+    "MAC_CLIENT",
+    "MAC_VM",
+    "MAC_VM_PORT",
+    "MAC_HOST",
+    "MAC_SWITCH",
+    "MAX_INDEX",
+    "DEFAULT_NAME",
 ]
 
 DEFAULT_NAME = "lh"
@@ -164,7 +187,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", self.name):
-            raise ValueError(f"lab name {self.name!r}: 1-8 lowercase letters and digits, starting with a letter")
+            raise ValueError(
+                f"lab name {self.name!r}: 1-8 lowercase letters and digits, starting with a letter"
+            )
         for n in [*self.sites, *self.vms]:
             _check(n)
 
@@ -182,8 +207,12 @@ class Plan:
     def firewall(self, n: int) -> Firewall:
         _check(n)
         return Firewall(
-            n=n, ns=self.ns(f"fw{n}"), name=f"fw{n}",
-            transit_mac=mac(MAC_FW, n), failover_mac=mac(MAC_FW_FAILOVER, n), lan_mac=mac(MAC_FW_LAN, n),
+            n=n,
+            ns=self.ns(f"fw{n}"),
+            name=f"fw{n}",
+            transit_mac=mac(MAC_FW, n),
+            failover_mac=mac(MAC_FW_FAILOVER, n),
+            lan_mac=mac(MAC_FW_LAN, n),
             transit=Addr(f"10.0.0.{n}", f"fd00::{n}"),
             lan=Addr(f"10.1.{n}.1", f"fd00:1:{n}::1"),
         )
@@ -191,8 +220,12 @@ class Plan:
     def client(self, n: int) -> Client:
         fw = self.firewall(n)
         return Client(
-            n=n, ns=self.ns(f"cl{n}"), name=f"cl{n}", mac=mac(MAC_CLIENT, n),
-            addr=Addr(f"10.1.{n}.2", f"fd00:1:{n}::2"), gateway=fw.lan,
+            n=n,
+            ns=self.ns(f"cl{n}"),
+            name=f"cl{n}",
+            mac=mac(MAC_CLIENT, n),
+            addr=Addr(f"10.1.{n}.2", f"fd00:1:{n}::2"),
+            gateway=fw.lan,
         )
 
     def vm(self, n: int) -> Vm:
@@ -203,15 +236,24 @@ class Plan:
             addr, gw = Addr(f"10.0.0.1{n}", f"fd00::1{n}"), self.firewall(1).transit
         assert gw is not None
         return Vm(
-            n=n, ns=self.ns(f"vm{n}"), name=f"vm{n}", mac=mac(MAC_VM, n),
-            port=f"vm{n}", port_mac=mac(MAC_VM_PORT, n), addr=addr, gateway=gw,
+            n=n,
+            ns=self.ns(f"vm{n}"),
+            name=f"vm{n}",
+            mac=mac(MAC_VM, n),
+            port=f"vm{n}",
+            port_mac=mac(MAC_VM_PORT, n),
+            addr=addr,
+            gateway=gw,
         )
 
     @property
     def host(self) -> Host:
         return Host(
-            ns=self.ns("host"), uplink=UPLINK, uplink_mac=mac(MAC_HOST, 1),
-            bridge=BRIDGE, bridge_mac=mac(MAC_HOST, 0),
+            ns=self.ns("host"),
+            uplink=UPLINK,
+            uplink_mac=mac(MAC_HOST, 1),
+            bridge=BRIDGE,
+            bridge_mac=mac(MAC_HOST, 0),
             uplink_addr=Addr("10.0.0.100", "fd00::100") if self.routed else None,
             vm_gateway=Addr("10.2.0.1", "fd00:2::1") if self.routed else None,
             default_via=self.firewall(1).transit if self.routed else None,
@@ -220,7 +262,8 @@ class Plan:
     def namespaces(self) -> list[str]:
         """Every namespace of this lab, in build order."""
         return [
-            self.switch_ns, self.host.ns,
+            self.switch_ns,
+            self.host.ns,
             *(self.firewall(n).ns for n in self.sites),
             *(self.client(n).ns for n in self.sites),
             *(self.vm(n).ns for n in self.vms),

@@ -23,7 +23,16 @@ from lasthop.lab import state
 from lasthop.lab.namespaces import LabError, ns_exec, run
 from lasthop.lab.topology import Lab
 
-__all__ = ["RecipeError", "TABLE", "TABLE_BASE", "ruleset", "configure", "remove", "known_macs", "add_mac"]
+__all__ = [
+    "RecipeError",
+    "TABLE",
+    "TABLE_BASE",
+    "ruleset",
+    "configure",
+    "remove",
+    "known_macs",
+    "add_mac",
+]
 
 TABLE = "lab_recipe"  # nft table inet lab_recipe on the host
 TABLE_BASE = 100  # routing table of firewall N: 100 + N
@@ -56,7 +65,9 @@ table inet {TABLE} {{
 
 def known_macs(lab: Lab, sites: list[int] | None = None) -> dict[str, int]:
     """MAC -> mark for each firewall as the plan gives it (what an operator would write down)."""
-    return {lab.plan.firewall(n).transit_mac: n for n in (lab.state.sites if sites is None else sites)}
+    return {
+        lab.plan.firewall(n).transit_mac: n for n in (lab.state.sites if sites is None else sites)
+    }
 
 
 def configure(lab: Lab, macs: dict[str, int] | None = None) -> dict[str, int]:
@@ -65,8 +76,8 @@ def configure(lab: Lab, macs: dict[str, int] | None = None) -> dict[str, int]:
     plan = lab.plan
     if not plan.routed:
         raise RecipeError(
-            "the Linux recipe needs a routed host: on a bridged host the VMs' replies are "
-            "bridged, not routed, so no ip rule ever sees them"
+            "not applicable on a bridged host: the VMs' replies are bridged, not routed, "
+            "so no ip rule ever sees them"
         )
     macs = known_macs(lab) if macs is None else macs
     host = plan.host
@@ -87,7 +98,8 @@ def _route_marks(lab: Lab, marks: list[int]) -> None:
             fw = lab.plan.firewall(n)
             lines += [
                 f"rule add fwmark {n} lookup {TABLE_BASE + n} priority {RULE_PRIORITY_BASE + n}",
-                f"route replace default via {getattr(fw.transit, which)} dev {host.uplink} table {TABLE_BASE + n}",
+                f"route replace default via {getattr(fw.transit, which)} dev {host.uplink} "
+                f"table {TABLE_BASE + n}",
             ]
         if lines:
             run(["ip", f"-{family}", "-n", host.ns, "-batch", "-"], input="\n".join(lines) + "\n")
@@ -99,12 +111,19 @@ def _clear_rules(ns: str) -> None:
         lines = []
         for line in rules:
             prio, _, rest = line.partition(":")
-            if prio.strip().isdigit() and RULE_PRIORITY_BASE < int(prio) <= RULE_PRIORITY_BASE + P.MAX_INDEX:
+            if (
+                prio.strip().isdigit()
+                and RULE_PRIORITY_BASE < int(prio) <= RULE_PRIORITY_BASE + P.MAX_INDEX
+            ):
                 lines.append(f"rule del priority {prio.strip()}")
                 table = TABLE_BASE + int(prio) - RULE_PRIORITY_BASE
                 lines.append(f"route flush table {table}")
         if lines:
-            run(["ip", f"-{family}", "-n", ns, "-batch", "-"], input="\n".join(lines) + "\n", check=False)
+            run(
+                ["ip", f"-{family}", "-n", ns, "-batch", "-"],
+                input="\n".join(lines) + "\n",
+                check=False,
+            )
 
 
 def remove(lab: Lab) -> None:
@@ -119,7 +138,12 @@ def remove(lab: Lab) -> None:
 def add_mac(lab: Lab, address: str, mark: int) -> None:
     """Tells the recipe one more firewall MAC: what an operator must do on every change."""
     host = lab.plan.host
-    ns_exec(host.ns, ["nft", "add", "element", "inet", TABLE, "last_hop_mark", f"{{ {address} : {mark} }}"])
-    rules = run(["ip", "-n", host.ns, "rule", "show", "priority", str(RULE_PRIORITY_BASE + mark)]).stdout
+    ns_exec(
+        host.ns,
+        ["nft", "add", "element", "inet", TABLE, "last_hop_mark", f"{{ {address} : {mark} }}"],
+    )
+    rules = run(
+        ["ip", "-n", host.ns, "rule", "show", "priority", str(RULE_PRIORITY_BASE + mark)]
+    ).stdout
     if not rules.strip():
         _route_marks(lab, [mark])

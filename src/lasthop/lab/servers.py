@@ -50,8 +50,10 @@ def _http(name: str) -> object:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            writer.write(
+                b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
             await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             pass
@@ -78,7 +80,9 @@ async def serve(name: str) -> None:
     for family in (socket.AF_INET, socket.AF_INET6):
         await asyncio.start_server(http, sock=_listener(family, socket.SOCK_STREAM, HTTP_PORT))  # type: ignore[arg-type]
         await asyncio.start_server(_echo, sock=_listener(family, socket.SOCK_STREAM, ECHO_PORT))
-        await loop.create_datagram_endpoint(_UdpEcho, sock=_listener(family, socket.SOCK_DGRAM, ECHO_PORT))
+        await loop.create_datagram_endpoint(
+            _UdpEcho, sock=_listener(family, socket.SOCK_DGRAM, ECHO_PORT)
+        )
     print(READY, flush=True)
     # Nobody reads stdout after "ready": the lab's `up` may have exited.
     devnull = os.open(os.devnull, os.O_WRONLY)

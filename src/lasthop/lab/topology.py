@@ -22,7 +22,17 @@ from pathlib import Path
 
 from lasthop.lab import firewall, state
 from lasthop.lab import plan as P
-from lasthop.lab.namespaces import LabError, delete, existing, ip_batch, ns_exec, pids_in, run, stop_pids, sysctl
+from lasthop.lab.namespaces import (
+    LabError,
+    delete,
+    existing,
+    ip_batch,
+    ns_exec,
+    pids_in,
+    run,
+    stop_pids,
+    sysctl,
+)
 from lasthop.lab.servers import READY
 
 __all__ = ["Lab", "down", "lab_namespaces", "Progress"]
@@ -179,16 +189,24 @@ class Lab:
         """The switch and the host (with its uplink and bridge): what sites and VMs plug into."""
         plan, host = self.plan, self.plan.host
         progress(f"building the transit switch and the {plan.mode} host")
-        self._new_namespaces(["sw", "host"], [SWITCH_SYSCTLS, ROUTER_SYSCTLS if plan.routed else {}])
-        ip_batch(plan.switch_ns, [
-            f"link add {P.SWITCH_BRIDGE} {BRIDGE_OPTS}",
-            f"link set {P.SWITCH_BRIDGE} up",
-        ])
-        ip_batch(host.ns, [
-            f"link add {host.uplink} address {host.uplink_mac} type veth "
-            f"peer name host address {P.mac(P.MAC_SWITCH, 0x10)} netns {plan.switch_ns}",
-            f"link add {host.bridge} address {host.bridge_mac} {BRIDGE_OPTS}",
-        ])
+        self._new_namespaces(
+            ["sw", "host"], [SWITCH_SYSCTLS, ROUTER_SYSCTLS if plan.routed else {}]
+        )
+        ip_batch(
+            plan.switch_ns,
+            [
+                f"link add {P.SWITCH_BRIDGE} {BRIDGE_OPTS}",
+                f"link set {P.SWITCH_BRIDGE} up",
+            ],
+        )
+        ip_batch(
+            host.ns,
+            [
+                f"link add {host.uplink} address {host.uplink_mac} type veth "
+                f"peer name host address {P.mac(P.MAC_SWITCH, 0x10)} netns {plan.switch_ns}",
+                f"link add {host.bridge} address {host.bridge_mac} {BRIDGE_OPTS}",
+            ],
+        )
         ip_batch(plan.switch_ns, [f"link set host master {P.SWITCH_BRIDGE} up"])
         lines = []
         if plan.routed:
@@ -218,11 +236,17 @@ class Lab:
             if m != n:
                 other = plan.firewall(m)
                 net4, net6 = P.client_net(m)
-                lines += [f"route replace {net4} via {other.transit.v4}", f"route replace {net6} via {other.transit.v6}"]
+                lines += [
+                    f"route replace {net4} via {other.transit.v4}",
+                    f"route replace {net6} via {other.transit.v6}",
+                ]
         if plan.routed:
             uplink = plan.host.uplink_addr
             assert uplink
-            lines += [f"route replace {P.VM_SUBNET[0]} via {uplink.v4}", f"route replace {P.VM_SUBNET[1]} via {uplink.v6}"]
+            lines += [
+                f"route replace {P.VM_SUBNET[0]} via {uplink.v4}",
+                f"route replace {P.VM_SUBNET[1]} via {uplink.v6}",
+            ]
         return lines
 
     def add_site(self, n: int, progress: Progress = _quiet) -> None:
@@ -233,31 +257,41 @@ class Lab:
         fw, cl = plan.firewall(n), plan.client(n)
         progress(f"building {cl.name} behind {fw.name}")
         self._new_namespaces([fw.name, cl.name], [FIREWALL_SYSCTLS, {}])
-        ip_batch(fw.ns, [
-            f"link add {P.FW_TRANSIT} address {fw.transit_mac} type veth "
-            f"peer name fw{n} address {P.mac(P.MAC_SWITCH, n)} netns {plan.switch_ns}",
-            f"link add {P.FW_LAN} address {fw.lan_mac} type veth peer name {P.ETH} address {cl.mac} netns {cl.ns}",
-        ])
+        ip_batch(
+            fw.ns,
+            [
+                f"link add {P.FW_TRANSIT} address {fw.transit_mac} type veth "
+                f"peer name fw{n} address {P.mac(P.MAC_SWITCH, n)} netns {plan.switch_ns}",
+                f"link add {P.FW_LAN} address {fw.lan_mac} type veth "
+                f"peer name {P.ETH} address {cl.mac} netns {cl.ns}",
+            ],
+        )
         ip_batch(plan.switch_ns, [f"link set fw{n} master {P.SWITCH_BRIDGE} up"])
-        ip_batch(cl.ns, [
-            f"addr add {cl.addr.cidr4} dev {P.ETH}",
-            f"addr add {cl.addr.cidr6} dev {P.ETH} nodad",
-            f"link set {P.ETH} up",
-            f"route add default via {cl.gateway.v4}",
-            f"route add default via {cl.gateway.v6}",
-        ])
+        ip_batch(
+            cl.ns,
+            [
+                f"addr add {cl.addr.cidr4} dev {P.ETH}",
+                f"addr add {cl.addr.cidr6} dev {P.ETH} nodad",
+                f"link set {P.ETH} up",
+                f"route add default via {cl.gateway.v4}",
+                f"route add default via {cl.gateway.v6}",
+            ],
+        )
         firewall.install(fw.ns)
         self.state.sites = sorted([*self.state.sites, n])
         self._save()
-        ip_batch(fw.ns, [
-            f"addr add {fw.transit.cidr4} dev {P.FW_TRANSIT}",
-            f"addr add {fw.transit.cidr6} dev {P.FW_TRANSIT} nodad",
-            f"addr add {fw.lan.cidr4} dev {P.FW_LAN}",
-            f"addr add {fw.lan.cidr6} dev {P.FW_LAN} nodad",
-            f"link set {P.FW_TRANSIT} up",
-            f"link set {P.FW_LAN} up",
-            *self._site_routes(n),
-        ])
+        ip_batch(
+            fw.ns,
+            [
+                f"addr add {fw.transit.cidr4} dev {P.FW_TRANSIT}",
+                f"addr add {fw.transit.cidr6} dev {P.FW_TRANSIT} nodad",
+                f"addr add {fw.lan.cidr4} dev {P.FW_LAN}",
+                f"addr add {fw.lan.cidr6} dev {P.FW_LAN} nodad",
+                f"link set {P.FW_TRANSIT} up",
+                f"link set {P.FW_LAN} up",
+                *self._site_routes(n),
+            ],
+        )
         for m in self.state.sites:
             if m != n:
                 ip_batch(plan.firewall(m).ns, self._site_routes(m))
@@ -270,17 +304,24 @@ class Lab:
         vm, host = plan.vm(n), plan.host
         progress(f"building {vm.name}")
         self._new_namespaces([vm.name], [VM_SYSCTLS])
-        ip_batch(host.ns, [
-            f"link add {vm.port} address {vm.port_mac} type veth peer name {P.ETH} address {vm.mac} netns {vm.ns}",
-            f"link set {vm.port} master {host.bridge} up",
-        ])
-        ip_batch(vm.ns, [
-            f"addr add {vm.addr.cidr4} dev {P.ETH}",
-            f"addr add {vm.addr.cidr6} dev {P.ETH} nodad",
-            f"link set {P.ETH} up",
-            f"route add default via {vm.gateway.v4}",
-            f"route add default via {vm.gateway.v6}",
-        ])
+        ip_batch(
+            host.ns,
+            [
+                f"link add {vm.port} address {vm.port_mac} type veth "
+                f"peer name {P.ETH} address {vm.mac} netns {vm.ns}",
+                f"link set {vm.port} master {host.bridge} up",
+            ],
+        )
+        ip_batch(
+            vm.ns,
+            [
+                f"addr add {vm.addr.cidr4} dev {P.ETH}",
+                f"addr add {vm.addr.cidr6} dev {P.ETH} nodad",
+                f"link set {P.ETH} up",
+                f"route add default via {vm.gateway.v4}",
+                f"route add default via {vm.gateway.v6}",
+            ],
+        )
         self.state.vms = sorted([*self.state.vms, n])
         self._save()
         if start:
@@ -294,8 +335,20 @@ class Lab:
             vm = self.plan.vm(n)
             with open(logs / f"{vm.name}.log", "ab") as log:
                 procs[vm.name] = subprocess.Popen(
-                    ["ip", "netns", "exec", vm.ns, sys.executable, "-m", "lasthop.lab.servers", vm.name],
-                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        vm.ns,
+                        sys.executable,
+                        "-m",
+                        "lasthop.lab.servers",
+                        vm.name,
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
             self.state.servers[vm.name] = procs[vm.name].pid
         self._save()
@@ -307,7 +360,9 @@ class Lab:
             proc.stdout.close()
             if line != READY:
                 detail = (logs / f"{name}.log").read_text().strip().splitlines()[-3:]
-                raise LabError(f"servers of {name} did not start: {' / '.join(detail) or 'no output'}")
+                raise LabError(
+                    f"servers of {name} did not start: {' / '.join(detail) or 'no output'}"
+                )
 
     # -- changes under test ----------------------------------------------------
     def set_firewall_mac(self, n: int, address: str) -> None:
@@ -325,12 +380,16 @@ class Lab:
     # -- looking -----------------------------------------------------------------
     def counters(self) -> dict[str, dict[str, int]]:
         """Every firewall's named nft counters: {"fw1": {"drop_invalid": 3, ...}}."""
-        return {self.plan.firewall(n).name: firewall.counters(self.plan.firewall(n).ns) for n in self.state.sites}
+        return {
+            self.plan.firewall(n).name: firewall.counters(self.plan.firewall(n).ns)
+            for n in self.state.sites
+        }
 
     def servers_alive(self) -> dict[str, bool]:
         found = pids_in([self.plan.vm(n).ns for n in self.state.vms])
         return {
-            self.plan.vm(n).name: self.state.servers.get(self.plan.vm(n).name, -1) in found.get(self.plan.vm(n).ns, [])
+            self.plan.vm(n).name: self.state.servers.get(self.plan.vm(n).name, -1)
+            in found.get(self.plan.vm(n).ns, [])
             for n in self.state.vms
         }
 

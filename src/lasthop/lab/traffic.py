@@ -71,12 +71,21 @@ class CheckResult:
     def all_ok(self) -> bool:
         return all(p.ok for p in self.paths)
 
-    def select(self, *, client: str | None = None, proto: str | None = None, family: int | None = None,
-               vm: str | None = None) -> list[PathResult]:
+    def select(
+        self,
+        *,
+        client: str | None = None,
+        proto: str | None = None,
+        family: int | None = None,
+        vm: str | None = None,
+    ) -> list[PathResult]:
         return [
-            p for p in self.paths
-            if (client is None or p.client == client) and (proto is None or p.proto == proto)
-            and (family is None or p.family == family) and (vm is None or p.vm == vm)
+            p
+            for p in self.paths
+            if (client is None or p.client == client)
+            and (proto is None or p.proto == proto)
+            and (family is None or p.family == family)
+            and (vm is None or p.vm == vm)
         ]
 
     def grouped(self) -> dict[tuple[str, str, str, int], tuple[int, int]]:
@@ -126,7 +135,8 @@ async def _attempt(job: _Job, sock: socket.socket, timeout: float) -> str | None
                 if not head.startswith(b"HTTP/1.0 200") or body != job.vm.name.encode():
                     return "bad reply"
                 return None
-            payload = f"lasthop {job.client.name}>{job.vm.name} {job.proto}{job.family} #{job.index}\n".encode()
+            what = f"{job.client.name}>{job.vm.name} {job.proto}{job.family} #{job.index}"
+            payload = f"lasthop {what}\n".encode()
             await loop.sock_sendall(sock, payload)
             got = b""
             while len(got) < len(payload):
@@ -153,12 +163,21 @@ async def _run(jobs: list[_Job], timeout: float) -> list[str | None]:
             made = ex.sockets([(_AF[jobs[i].family], _KIND[jobs[i].proto]) for i in idx])
         for i, s in zip(idx, made, strict=True):
             socks[i] = s
-    return await asyncio.gather(*(_attempt(job, s, timeout) for job, s in zip(jobs, socks, strict=True) if s))
+    return await asyncio.gather(
+        *(_attempt(job, s, timeout) for job, s in zip(jobs, socks, strict=True) if s)
+    )
 
 
-def check(plan: P.Plan, *, n: int = 3, timeout: float = DEFAULT_TIMEOUT,
-          clients: Iterable[int] | None = None, vms: Iterable[int] | None = None,
-          protos: Sequence[str] = PROTOS, families: Sequence[int] = FAMILIES) -> CheckResult:
+def check(
+    plan: P.Plan,
+    *,
+    n: int = 3,
+    timeout: float = DEFAULT_TIMEOUT,
+    clients: Iterable[int] | None = None,
+    vms: Iterable[int] | None = None,
+    protos: Sequence[str] = PROTOS,
+    families: Sequence[int] = FAMILIES,
+) -> CheckResult:
     """Runs the check on the lab of *plan*; returns one PathResult per
     (client, VM, protocol, family)."""
     start = time.monotonic()
@@ -166,7 +185,9 @@ def check(plan: P.Plan, *, n: int = 3, timeout: float = DEFAULT_TIMEOUT,
         _Job(plan.client(c), plan.vm(v), proto, fam, i)
         for c in (plan.sites if clients is None else clients)
         for v in (plan.vms if vms is None else vms)
-        for proto in protos for fam in families for i in range(n)
+        for proto in protos
+        for fam in families
+        for i in range(n)
     ]
     outcomes = asyncio.run(_run(jobs, timeout))
     tally: dict[tuple[int, int, str, int], Counter[str | None]] = {}
@@ -174,8 +195,13 @@ def check(plan: P.Plan, *, n: int = 3, timeout: float = DEFAULT_TIMEOUT,
         tally.setdefault((job.client.n, job.vm.n, job.proto, job.family), Counter())[outcome] += 1
     paths = [
         PathResult(
-            client=plan.client(c).name, firewall=plan.firewall(c).name, vm=plan.vm(v).name, proto=proto,
-            family=fam, tried=sum(counts.values()), succeeded=counts[None],
+            client=plan.client(c).name,
+            firewall=plan.firewall(c).name,
+            vm=plan.vm(v).name,
+            proto=proto,
+            family=fam,
+            tried=sum(counts.values()),
+            succeeded=counts[None],
             errors={k: v for k, v in counts.items() if k is not None},
         )
         for (c, v, proto, fam), counts in tally.items()
@@ -186,7 +212,9 @@ def check(plan: P.Plan, *, n: int = 3, timeout: float = DEFAULT_TIMEOUT,
 class EchoSession:
     """One long-lived TCP connection from a client to a VM's echo server."""
 
-    def __init__(self, plan: P.Plan, client: int, vm: int, family: int = 4, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, plan: P.Plan, client: int, vm: int, family: int = 4, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.client, self.vm = plan.client(client), plan.vm(vm)
         self.sock = open_socket(self.client.ns, _AF[family], socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
