@@ -93,17 +93,21 @@ def hit(desc: str, request: Packet, reply: Packet, **kw) -> Case:  # type: ignor
                 counters={("vm1", C.REDIRECTED): 1}, **kw)
 
 
-def checksum_carry_reply() -> Packet:
-    """A routed v4 reply whose checksum's high byte is 0xff, so TTL - 1 carries
-    out of it (RFC 1624 end-around carry). The IP id is chosen for that: the
-    header's ones'-complement sum moves by the id, so id = 0x80 - sum(id=0)."""
-    base = Ether(bytes(tcp4_reply(dst_mac=MAC_VMPORT_1)))
-    total = ~base[IP].chksum & 0xFFFF
-    ident = (0x80 - total) % 0xFFFF
+def reply_with_checksum(want: int) -> Packet:
+    """A routed v4 reply whose IP checksum is *want*, by choice of the IP id:
+    the header's ones'-complement sum moves one for one with the id."""
     frame = tcp4_reply(dst_mac=MAC_VMPORT_1)
-    frame[IP].id = ident
-    assert Ether(bytes(frame))[IP].chksum >> 8 == 0xFF
+    frame[IP].id = 0
+    total = ~Ether(bytes(frame))[IP].chksum & 0xFFFF
+    frame[IP].id = ((~want & 0xFFFF) - total) % 0xFFFF
+    assert Ether(bytes(frame))[IP].chksum == want
     return frame
+
+
+# TTL - 1 adds 0x0100 to the checksum: from 0xfeff the sum folds to 0x0000
+# (RFC 1624, as ip_decrease_ttl does); from 0xffxx it carries out of the top byte.
+CHECKSUM_FOLD = reply_with_checksum(0xFEFF)
+CHECKSUM_CARRY = reply_with_checksum(0xFF12)
 
 
 def icmp4_error(kind: dict, quoted: Packet) -> Packet:  # type: ignore[type-arg]
@@ -152,9 +156,13 @@ ROUTED = [
          tcp4_reply(dst_mac=MAC_VMPORT_1), routed=True, setup=(reply_to(tcp4_request()),),
          verdict=TC_ACT_REDIRECT, redirect="up1", output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
          after=(reply_to(tcp4_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
-    Case("routed v4: checksum high byte 0xff carries around correctly", VMPORT, "vm1",
-         checksum_carry_reply(), routed=True, setup=(reply_to(tcp4_request()),),
-         verdict=TC_ACT_REDIRECT, redirect="up1", output=routed(checksum_carry_reply()),
+    Case("routed v4: checksum 0xfeff folds to 0x0000", VMPORT, "vm1",
+         CHECKSUM_FOLD, routed=True, setup=(reply_to(tcp4_request()),),
+         verdict=TC_ACT_REDIRECT, redirect="up1", output=routed(CHECKSUM_FOLD),
+         after=(reply_to(tcp4_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
+    Case("routed v4: checksum 0xff12 carries out of its top byte", VMPORT, "vm1",
+         CHECKSUM_CARRY, routed=True, setup=(reply_to(tcp4_request()),),
+         verdict=TC_ACT_REDIRECT, redirect="up1", output=routed(CHECKSUM_CARRY),
          after=(reply_to(tcp4_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
     Case("routed v6: hop limit - 1", VMPORT, "vm1", tcp6_reply(dst_mac=MAC_VMPORT_1),
          routed=True, setup=(reply_to(tcp6_request()),), verdict=TC_ACT_REDIRECT,
