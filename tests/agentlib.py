@@ -71,7 +71,14 @@ class Netns:
     def __init__(self, tag: str) -> None:
         self.name = f"lht{os.getpid()}-{tag}{next(_names)}"
         sh("ip", "netns", "add", self.name)
-        self.ip("link", "set", "lo", "up")
+        try:
+            # no IPv6 autoconfiguration chatter (MLD, router solicitations) moving the counters
+            self.exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
+                      "net.ipv6.conf.default.disable_ipv6=1")
+            self.ip("link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
 
     @property
     def pins(self) -> Path:
