@@ -148,6 +148,10 @@ def status(name: str, run_check: bool) -> None:
     with _lab_errors():
         _print_lab(the_lab)
         _print_counters({"now": the_lab.counters()}, "firewall drops since up")
+        pins = the_lab.lasthop_pins
+        console.print(
+            f"lasthop: attached (table pinned at {pins})" if pins else "lasthop: not attached"
+        )
         if run_check:
             result = traffic.check(the_lab.plan, n=1)
             _print_paths([("now", result)], f"traffic check ({result.elapsed_s:.1f} s)")

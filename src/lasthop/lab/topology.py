@@ -385,6 +385,11 @@ class Lab:
             for n in self.state.sites
         }
 
+    @property
+    def lasthop_pins(self) -> Path | None:
+        """Where lasthop's pinned table of this lab's host is, if it is attached."""
+        return _pin_folder(self.plan.host.ns)
+
     def servers_alive(self) -> dict[str, bool]:
         found = pids_in([self.plan.vm(n).ns for n in self.state.vms])
         return {
