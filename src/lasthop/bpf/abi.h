@@ -66,3 +66,12 @@ struct lh_settings {
 	__u32 flags;         /* F_SET_* */
 	__u32 hz;            /* jiffies per second, measured by the agent, for entry ages */
 };
+
+/* Keeps the ABI's enums in the object's BTF (enum constants alone leave no
+ * type behind), so tests/test_abi.py can check lasthop.abi against them.
+ * libbpf skips the section: no map is created and nothing runs. */
+struct lh_abi_enums {
+	enum lh_role    role;
+	enum lh_counter counter;
+};
+struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));
