@@ -66,6 +66,15 @@ def _friendly(fn: F) -> F:
 
 
 netns_option = click.option("--netns", metavar="NAME", help="Named network namespace (/run/netns/NAME).")
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+                             help="TOML config file (its netns and pin_root are used).")
+
+
+def _controller(netns: str | None, config_path: Path | None) -> Controller:
+    """A controller for a command that reads or removes what `run` set up:
+    --netns, else the config's netns; the config's pin_root."""
+    cfg = config_mod.load(config_path)
+    return Controller(netns or cfg.netns, cfg.pin_root)
 
 
 @click.group()
@@ -80,7 +89,7 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), help="TOML config file.")
+@config_option
 @netns_option
 @click.option("--uplink", "uplinks", multiple=True, metavar="IF", help="Uplink interface (repeatable).")
 @click.option("--vm-port", "vm_ports", multiple=True, metavar="IF", help="VM port (repeatable).")
@@ -110,23 +119,25 @@ def run(config_path: Path | None, netns: str | None, uplinks: tuple[str, ...], v
 
 
 @cli.command()
+@config_option
 @netns_option
 @_friendly
-def detach(netns: str | None) -> None:
+def detach(config_path: Path | None, netns: str | None) -> None:
     """Remove the programs from every interface and drop the pinned table."""
-    controller = Controller(netns)
+    controller = _controller(netns, config_path)
     names = controller.detach()
     console.print(f"detached from {', '.join(names) if names else 'no interface'}; pins removed")
 
 
 @cli.command()
+@config_option
 @netns_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
 @click.option("--limit", type=click.IntRange(min=0), default=0, help="Show at most this many entries (0 = all).")
 @_friendly
-def show(netns: str | None, as_json: bool, limit: int) -> None:
+def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int) -> None:
     """The per-connection table."""
-    conns = Controller(netns).connections(limit)
+    conns = _controller(netns, config_path).connections(limit)
     if as_json:
         print(json.dumps([c.to_json() for c in conns], indent=1))
         return
@@ -147,12 +158,13 @@ def _ep(addr: str, port: int, family: int) -> str:
 
 
 @cli.command()
+@config_option
 @netns_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
 @_friendly
-def stats(netns: str | None, as_json: bool) -> None:
+def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
     """The counters: per reason, in total and per interface."""
-    st = Controller(netns).stats()
+    st = _controller(netns, config_path).stats()
     if as_json:
         print(json.dumps(st.to_json(), indent=1))
         return
@@ -171,11 +183,12 @@ def stats(netns: str | None, as_json: bool) -> None:
 
 
 @cli.command()
+@config_option
 @netns_option
 @_friendly
-def flush(netns: str | None) -> None:
+def flush(config_path: Path | None, netns: str | None) -> None:
     """Remove every entry: connections fall back to ordinary routing until seen again."""
-    n = Controller(netns).flush()
+    n = _controller(netns, config_path).flush()
     console.print(f"flushed {n} entries")
 
 
