@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from agentlib import ROOT_MARKS, Sandbox, back_to_own_netns, sandbox
+from agentlib import BPFFS, Sandbox, back_to_own_netns, sandbox
 from lasthop.cli import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, cli
 from lasthop.config import Config, Interface
 from lasthop.controller import Controller
 
-root = pytest.mark.usefixtures()  # marks below, per test
 
 
 def invoke(*args: str) -> Result:
@@ -201,3 +200,31 @@ def test_a_stale_socket_is_replaced(box: Sandbox) -> None:
     stale.close()
     agent = box.agent("--uplink", "up0", netns=ns)
     assert f"API on unix:{ns.socket}" in agent.ready_line
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_config_names_the_namespace_and_pin_root_for_every_command(box: Sandbox, tmp_path: Path) -> None:
+    """run, show, stats, flush and detach given the same --config find the same pins (its netns,
+    its pin_root), where plain --netns finds nothing."""
+    ns = box.host()
+    pin_root = BPFFS / f"lht-custom-{ns.name}"
+    config = tmp_path / "lasthop.toml"
+    config.write_text(f'netns = "{ns.name}"\npin_root = "{pin_root}"\napi_socket = ""\n'
+                      '[[uplink]]\nname = "up0"\n')
+    try:
+        box.agent("--config", str(config), netns=None).stop()
+        assert (pin_root / ns.name / "lh_conns").exists()
+        assert invoke("show", "--netns", ns.name).exit_code == EXIT_NOT_ATTACHED
+        for command in ("show", "stats", "flush"):
+            assert invoke(command, "--config", str(config)).exit_code == 0, command
+        assert invoke("detach", "--config", str(config)).exit_code == 0
+        assert not (pin_root / ns.name).exists()
+    finally:
+        if (pin_root / ns.name).is_dir():
+            for pin in (pin_root / ns.name).iterdir():
+                pin.unlink()
+            (pin_root / ns.name).rmdir()
+        if pin_root.is_dir():
+            pin_root.rmdir()
