@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lasthop import abi
 from lasthop.config import Config, parse_hostport
 from lasthop.controller import Controller
+from lasthop.health import HealthMonitor
 
 if TYPE_CHECKING:
     from lasthop.api import ApiServer
@@ -63,11 +64,14 @@ class Agent:
         except BaseException:
             self._restore(previous, previous_wakeup)
             raise
+        health: HealthMonitor | None = None
         try:
             if self.config.bridge:
                 c.links.watch()  # before start(): no port added meanwhile is missed
                 self._bridge_index = c.links.by_name(self.config.bridge, "bridge").index
             attached = c.start(self.config)
+            health = HealthMonitor(c.services)  # checks the services' VMs, follows their links
+            health.start()
             where = api.start() if api is not None else []
             uplinks = sorted(attached.uplinks.values())
             vm_ports = sorted(attached.vm_ports.values())
@@ -78,6 +82,8 @@ class Agent:
             self._loop()
             log.info("stopping: data path stays attached, table stays pinned at %s", c.pins.folder)
         finally:
+            if health is not None:
+                health.stop()
             if api is not None:
                 api.stop()
             self._restore(previous, previous_wakeup)

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lasthop.services import HealthCheck, Service, ServiceError, check_unique
+
 __all__ = ["Config", "ConfigError", "Interface", "load", "parse_hostport", "API_SOCKET_DIR"]
 
 IFNAMSIZ = 15
@@ -57,7 +59,22 @@ class Config(_Model):
         default=None, description='unix socket of the REST API; default /run/lasthop/<netns>.sock, "" = none'
     )
 
+    services: list[Service] = Field(default_factory=list, alias="service",
+                                    description="virtual addresses served by pools of VMs")
+    health: HealthCheck = Field(default_factory=HealthCheck, description="how VMs are checked")
+    on_vm_down: Literal["reassign", "drop"] = Field(
+        default="reassign", description="connections of a VM removed or down: move or drop them")
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("services")
+    @classmethod
+    def _check_services(cls, value: list[Service]) -> list[Service]:
+        try:
+            check_unique(value)
+        except ServiceError as err:
+            raise ValueError(str(err)) from None
+        return value
 
     @field_validator("api")
     @classmethod

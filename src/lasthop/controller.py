@@ -11,7 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from lasthop.datapath import (
     detach_filter,
 )
 from lasthop.links import Link, LinkError, Links
+from lasthop.services import ServiceManager
 from lasthop.table import Connection, counter_name, decode, format_mac, ifname
 
 __all__ = ["Controller", "Attached", "InterfaceInfo", "Stats", "DatapathError", "LinkError",
@@ -131,6 +133,8 @@ class Controller:
         adopted = self.pins.exist()
         self.datapath = Datapath(self.pins, table_size=config.table_size)
         settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
+        settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
+        settings.flags |= self.datapath.maps.get_settings().flags & abi.F_SET_SERVICES  # until synced
         settings.hz = Clock(self.datapath.clock_prog.fd).measure_hz()
         self.datapath.maps.set_settings(settings)
         for link, zone in uplinks:
@@ -138,6 +142,7 @@ class Controller:
         for link, zone in vm_ports:
             self.attach(link, abi.Role.VM_PORT, zone)
         self._forget_stale()
+        self.services.start(config.services, config.health)
         log.info("attached in netns %s (%s table at %s)", self.netns,
                  "adopted" if adopted else "new", self.pins.folder)
         return self.attached
@@ -151,6 +156,9 @@ class Controller:
         flags = abi.F_IFACE_ROUTED if (role == abi.Role.VM_PORT and self._config.routed) else 0
         cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot)
         cfg.mac[:] = list(link.mac)
+        if current.role == role == abi.Role.VM_PORT:  # keep the guest's MAC and the services' mark
+            cfg.vm_mac[:] = list(current.vm_mac)
+            cfg.flags |= current.flags & (abi.F_IFACE_VM_MAC | abi.F_IFACE_VM_DOWN)
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         self.datapath.attach(link.index, role)
@@ -186,6 +194,22 @@ class Controller:
                 if self.links.by_index(ifindex) is not None:
                     detach_filter(ifindex)
                 self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
+
+    # -- services ----------------------------------------------------------
+    @functools.cached_property
+    def services(self) -> ServiceManager:
+        """The services of this namespace (definitions, tables, health)."""
+        return ServiceManager(self.netns, self.open_maps, lock=self._lock)
+
+    @contextmanager
+    def open_maps(self) -> Iterator[Maps]:
+        """The data path's maps: the agent's own, or the pinned ones (closed after)."""
+        maps, owned = self._maps()
+        try:
+            yield maps
+        finally:
+            if owned:
+                maps.close()
 
     # -- reading -----------------------------------------------------------
     def _maps(self) -> tuple[Maps, bool]:
