@@ -162,7 +162,12 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p, int
 		s = settings & F_SET_SERVICES ? svc_find(&p->key) : NULL;
 		if (s) {
 			vm = svc_pick(s, &p->key);
-			*svc_reason = vm ? CNT_SVC_SELECTED : CNT_SVC_NO_BACKEND;
+			if (!vm) {
+				/* no entry: its next packet (a retransmitted SYN) tries again */
+				*reason = CNT_SVC_NO_BACKEND;
+				return TC_ACT_OK;
+			}
+			*svc_reason = CNT_SVC_SELECTED;
 		}
 		*reason = conn_learn(p, eth->h_source, skb->ifindex, vm);
 	}

@@ -74,7 +74,8 @@ static __always_inline int send_to_vm(struct __sk_buff *skb, struct pkt *p, __u3
 }
 
 /* An entry pinned to a VM that is now down: choose again ("reassign") or
- * drop. Returns the VM to use, 0 to pass, or -1 to drop. */
+ * drop. Returns the VM to use, 0 to pass, or -1 to drop. With no VM to
+ * choose, the entry keeps the down VM, so a later packet chooses again. */
 static __always_inline int svc_vm_down(struct conn_entry *e, const struct conn_key *k,
 				       __u32 settings, int *reason)
 {
@@ -92,6 +93,7 @@ static __always_inline int svc_vm_down(struct conn_entry *e, const struct conn_k
 	s = svc_find(k);
 	vm = s ? svc_pick(s, k) : 0;
 	*reason = vm ? CNT_SVC_REASSIGNED : CNT_SVC_NO_BACKEND;
-	e->vm_ifindex = vm;
+	if (vm)
+		e->vm_ifindex = vm;
 	return vm;
 }
