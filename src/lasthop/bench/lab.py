@@ -40,8 +40,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,8 +58,18 @@ from lasthop.lab.topology import BRIDGE_OPTS, COMMON_SYSCTLS, ROUTER_SYSCTLS
 from lasthop.lab.topology import down as lab_down
 
 __all__ = [
-    "MODES", "Mode", "Settings", "QUICK", "FULL", "Run", "Report", "BenchError",
-    "run_bench", "summarize", "write_results", "lab_command",
+    "MODES",
+    "Mode",
+    "Settings",
+    "QUICK",
+    "FULL",
+    "Run",
+    "Report",
+    "BenchError",
+    "run_bench",
+    "summarize",
+    "write_results",
+    "lab_command",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -80,6 +90,14 @@ QUIET_SYSCTLS: dict[str, str | int] = {
     "net.ipv6.conf.all.disable_ipv6": 1,
     "net.ipv6.conf.default.disable_ipv6": 1,
 }
+# Whether the host's bridge hands frames to the IP netfilter hooks
+# (br_netfilter). Off by default: the lean bridge is the limit; on, every
+# bridged packet costs ~500 ns more (docs/bench-lab.md).
+BR_NETFILTER_SYSCTLS = (
+    "net.bridge.bridge-nf-call-iptables",
+    "net.bridge.bridge-nf-call-ip6tables",
+    "net.bridge.bridge-nf-call-arptables",
+)
 
 Progress = Callable[[str], None]
 
@@ -111,7 +129,6 @@ MODES = (
 )
 MODE_BY_NAME = {m.name: m for m in MODES}
 BASELINE = "direct"
-TESTS = ("packets", "connections")
 
 
 @dataclass(frozen=True)
@@ -130,7 +147,8 @@ class Target:
 
     def describe(self) -> str:
         what = "added ns/packet" if self.metric == "packet_ns" else "new connections/s"
-        return f"{MODE_BY_NAME[self.mode].label} ÷ {MODE_BY_NAME[self.base].label}: {what} {self.op} {self.limit:g}×"
+        mode, base = MODE_BY_NAME[self.mode].label, MODE_BY_NAME[self.base].label
+        return f"{mode} ÷ {base}: {what} {self.op} {self.limit:g}×"
 
 
 TARGETS = (
@@ -150,11 +168,13 @@ class Settings:
     flows: int = 1024  # established flows the packets test cycles over
     warmup: int = 5_000  # packets sent (unmeasured) before each packets run
     cpu: int = 0  # the sender's CPU
+    br_netfilter: bool = False  # the hosts' bridges call the IP netfilter hooks
+    churn: int = 2  # fill-and-flush rounds of every table before the first repetition
     quick: bool = False
 
 
 FULL = Settings()
-QUICK = Settings(reps=3, packets=40_000, connections=10_000, warmup=2_000, quick=True)
+QUICK = Settings(reps=3, packets=40_000, connections=10_000, warmup=2_000, churn=1, quick=True)
 
 
 @dataclass(frozen=True)
@@ -198,14 +218,34 @@ def _compile(tmp: Path) -> Tools:
     cc = shutil.which("cc") or shutil.which("gcc")
     clang = shutil.which("clang")
     if not cc or not clang:
-        raise BenchError("cc and clang are needed to build the sender and the reflector: run scripts/setup")
+        raise BenchError(
+            "cc and clang are needed to build the sender and the reflector: run scripts/setup"
+        )
     sender, endpoints = tmp / "lab_sender", tmp / "lab_endpoints.bpf.o"
-    triplet = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(platform.machine(), "")
-    include = [f"-I/usr/include/{triplet}"] if triplet and Path(f"/usr/include/{triplet}").is_dir() else []
+    triplet = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(
+        platform.machine(), ""
+    )
+    include = (
+        [f"-I/usr/include/{triplet}"]
+        if triplet and Path(f"/usr/include/{triplet}").is_dir()
+        else []
+    )
     for argv in (
         [cc, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(sender), str(SENDER_SOURCE)],
-        [clang, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", *include,
-         "-c", str(ENDPOINTS_SOURCE), "-o", str(endpoints)],
+        [
+            clang,
+            "-O2",
+            "-g",
+            "-target",
+            "bpf",
+            "-Wall",
+            "-Werror",
+            *include,
+            "-c",
+            str(ENDPOINTS_SOURCE),
+            "-o",
+            str(endpoints),
+        ],
     ):
         result = subprocess.run(argv, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -216,9 +256,10 @@ def _compile(tmp: Path) -> Tools:
 class BenchPath:
     """One mode's copy of the path: fw1 (sender) — host — vm1 (reflector)."""
 
-    def __init__(self, mode: Mode, tools: Tools) -> None:
+    def __init__(self, mode: Mode, tools: Tools, br_netfilter: bool = False) -> None:
         self.mode = mode
         self.tools = tools
+        self.br_netfilter = br_netfilter
         plan = mode.plan
         self.fw, self.vm, self.host = plan.firewall(1), plan.vm(1), plan.host
         self.fw_if = P.FW_TRANSIT
@@ -241,11 +282,18 @@ class BenchPath:
             sysctl(ns, {**COMMON_SYSCTLS, **(ROUTER_SYSCTLS if router else {}), **QUIET_SYSCTLS})
             ip_batch(ns, ["link set lo up"])
         if mode.host is None:
-            ip_batch(fw.ns, [f"link add {self.fw_if} address {fw.transit_mac} type veth "
-                             f"peer name {P.ETH} address {vm.mac} netns {vm.ns}"])
+            ip_batch(
+                fw.ns,
+                [
+                    f"link add {self.fw_if} address {fw.transit_mac} type veth "
+                    f"peer name {P.ETH} address {vm.mac} netns {vm.ns}"
+                ],
+            )
         else:
             self._build_host()
-        ip_batch(fw.ns, [f"addr add {fw.transit.cidr4} dev {self.fw_if}", f"link set {self.fw_if} up"])
+        ip_batch(
+            fw.ns, [f"addr add {fw.transit.cidr4} dev {self.fw_if}", f"link set {self.fw_if} up"]
+        )
         ip_batch(vm.ns, [f"addr add {vm.addr.cidr4} dev {P.ETH}", f"link set {P.ETH} up"])
         self._tc(vm.ns, P.ETH, "tc/reflect")
         self._tc(fw.ns, self.fw_if, "tc/sink")
@@ -256,10 +304,12 @@ class BenchPath:
 
     def _build_host(self) -> None:
         fw, vm, host = self.fw, self.vm, self.host
+        up = f"dev {host.uplink}"
         lines = [
             f"link add {host.uplink} address {host.uplink_mac} type veth "
             f"peer name {self.fw_if} address {fw.transit_mac} netns {fw.ns}",
-            f"link add {vm.port} address {vm.port_mac} type veth peer name {P.ETH} address {vm.mac} netns {vm.ns}",
+            f"link add {vm.port} address {vm.port_mac} type veth "
+            f"peer name {P.ETH} address {vm.mac} netns {vm.ns}",
             f"link add {host.bridge} address {host.bridge_mac} {BRIDGE_OPTS}",
             f"link set {vm.port} master {host.bridge}",
         ]
@@ -268,18 +318,23 @@ class BenchPath:
             lines += [
                 f"addr add {host.uplink_addr.cidr4} dev {host.uplink}",
                 f"addr add {host.vm_gateway.cidr4} dev {host.bridge}",
-                f"link set {host.uplink} up", f"link set {vm.port} up", f"link set {host.bridge} up",
+                f"link set {host.uplink} up",
+                f"link set {vm.port} up",
+                f"link set {host.bridge} up",
                 f"route add default via {host.default_via.v4}",
                 # static neighbours: no ARP on the path, in any run
-                f"neigh replace {fw.transit.v4} lladdr {fw.transit_mac} dev {host.uplink} nud permanent",
+                f"neigh replace {fw.transit.v4} lladdr {fw.transit_mac} {up} nud permanent",
                 f"neigh replace {vm.addr.v4} lladdr {vm.mac} dev {host.bridge} nud permanent",
             ]
         else:
             lines += [
                 f"link set {host.uplink} master {host.bridge}",
-                f"link set {host.uplink} up", f"link set {vm.port} up", f"link set {host.bridge} up",
+                f"link set {host.uplink} up",
+                f"link set {vm.port} up",
+                f"link set {host.bridge} up",
             ]
         ip_batch(host.ns, lines)
+        sysctl(host.ns, {key: int(self.br_netfilter) for key in BR_NETFILTER_SYSCTLS})
         # static FDB entries: the bridge never floods, in any run
         fdb = [f"fdb replace {vm.mac} dev {vm.port} master static"]
         if self.mode.host == "bridged":
@@ -288,19 +343,40 @@ class BenchPath:
 
     def _tc(self, ns: str, dev: str, section: str) -> None:
         ns_exec(ns, ["tc", "qdisc", "add", "dev", dev, "clsact"])
-        ns_exec(ns, ["tc", "filter", "add", "dev", dev, "ingress", "bpf", "direct-action",
-                     "obj", str(self.tools.endpoints), "sec", section])
+        ns_exec(
+            ns,
+            [
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                dev,
+                "ingress",
+                "bpf",
+                "direct-action",
+                "obj",
+                str(self.tools.endpoints),
+                "sec",
+                section,
+            ],
+        )
 
     def _recipe(self) -> None:
         """The lab's recipe (lasthop.lab.recipe's nft table), IPv4 rule and table for mark 1."""
         host, fw = self.host, self.fw
-        ns_exec(host.ns, ["nft", "-f", "-"],
-                input=lab_recipe.ruleset({fw.transit_mac: 1}, host.uplink, host.bridge))
+        ns_exec(
+            host.ns,
+            ["nft", "-f", "-"],
+            input=lab_recipe.ruleset({fw.transit_mac: 1}, host.uplink, host.bridge),
+        )
         table = lab_recipe.TABLE_BASE + 1
-        ip_batch(host.ns, [
-            f"rule add fwmark 1 lookup {table} priority {lab_recipe.RULE_PRIORITY_BASE + 1}",
-            f"route replace default via {fw.transit.v4} dev {host.uplink} table {table}",
-        ])
+        ip_batch(
+            host.ns,
+            [
+                f"rule add fwmark 1 lookup {table} priority {lab_recipe.RULE_PRIORITY_BASE + 1}",
+                f"route replace default via {fw.transit.v4} dev {host.uplink} table {table}",
+            ],
+        )
 
     def _attach_lasthop(self) -> None:
         """Starts the agent, waits until it has attached, and stops it: the data
@@ -320,9 +396,20 @@ class BenchPath:
         elif self.mode.extra == "lasthop":
             run([sys.executable, "-m", "lasthop", "flush", "--netns", self.host.ns])
 
-    def send(self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0) -> dict[str, int]:
-        argv = [str(self.tools.sender), self.fw_if, self.dst_mac, self.fw.transit_mac, SRC_IP,
-                self.vm.addr.v4, str(count), "--cpu", str(cpu)]
+    def send(
+        self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0
+    ) -> dict[str, int]:
+        argv = [
+            str(self.tools.sender),
+            self.fw_if,
+            self.dst_mac,
+            self.fw.transit_mac,
+            SRC_IP,
+            self.vm.addr.v4,
+            str(count),
+            "--cpu",
+            str(cpu),
+        ]
         argv += ["--new", str(new_base)] if new_base >= 0 else ["--flows", str(flows)]
         out = ns_exec(self.fw.ns, argv).stdout
         result: dict[str, int] = json.loads(out)
@@ -333,7 +420,9 @@ class BenchPath:
         return _rx_packets(self.vm.ns, P.ETH), _rx_packets(self.fw.ns, self.fw_if)
 
     def lasthop_stats(self) -> dict[str, Any]:
-        out = run([sys.executable, "-m", "lasthop", "stats", "--netns", self.host.ns, "--json"]).stdout
+        out = run(
+            [sys.executable, "-m", "lasthop", "stats", "--netns", self.host.ns, "--json"]
+        ).stdout
         stats: dict[str, Any] = json.loads(out)
         return stats
 
@@ -412,7 +501,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _measure(path: BenchPath, settings: Settings, test: str, rep: int, new_base: int, ksoft: list[int]) -> Run:
+def _measure(
+    path: BenchPath, settings: Settings, test: str, rep: int, new_base: int, ksoft: list[int]
+) -> Run:
     vm0, fw0 = path.counters()
     soft0 = _cpu_time_ns(ksoft)
     if test == "packets":
@@ -421,7 +512,17 @@ def _measure(path: BenchPath, settings: Settings, test: str, rep: int, new_base:
         out = path.send(settings.connections, new_base=new_base, cpu=settings.cpu)
     soft = _cpu_time_ns(ksoft) - soft0
     vm1, fw1 = path.counters()
-    return Run(path.mode.name, test, rep, out["sent"], vm1 - vm0, fw1 - fw0, out["cpu_ns"], soft, out["wall_ns"])
+    return Run(
+        path.mode.name,
+        test,
+        rep,
+        out["sent"],
+        vm1 - vm0,
+        fw1 - fw0,
+        out["cpu_ns"],
+        soft,
+        out["wall_ns"],
+    )
 
 
 def run_bench(settings: Settings, progress: Progress = _quiet) -> Report:
@@ -431,7 +532,11 @@ def run_bench(settings: Settings, progress: Progress = _quiet) -> Report:
     if not 0 <= settings.cpu < (os.cpu_count() or 1):
         raise BenchError(f"no CPU {settings.cpu} on this machine")
     started = time.monotonic()
-    with _exclusive(), _sigterm_interrupts(), tempfile.TemporaryDirectory(prefix="lasthop-bench-lab-") as tmp:
+    with (
+        _exclusive(),
+        _sigterm_interrupts(),
+        tempfile.TemporaryDirectory(prefix="lasthop-bench-lab-") as tmp,
+    ):
         progress("building the sender and the reflector")
         tools = _compile(Path(tmp))
         _clean(progress)
@@ -439,7 +544,7 @@ def run_bench(settings: Settings, progress: Progress = _quiet) -> Report:
             paths: list[BenchPath] = []
             for mode in MODES:
                 progress(f"building {mode.name}: {mode.label}")
-                path = BenchPath(mode, tools)
+                path = BenchPath(mode, tools, settings.br_netfilter)
                 paths.append(path)  # before build(): a half-built path is cleaned too
                 path.build()
             runs = _interleaved(paths, settings, progress)
@@ -455,12 +560,25 @@ def _interleaved(paths: list[BenchPath], settings: Settings, progress: Progress)
     ksoft = _softirqd_pids()
     runs: list[Run] = []
     next_flow = 0
+    # A table fresh from allocation hands out its entries in address order;
+    # one that has been filled and emptied does not, and inserts into it cost
+    # ~10% more. A host's table is never fresh: churn every table first.
+    for round_ in range(settings.churn):
+        progress(f"churning the tables ({round_ + 1}/{settings.churn})")
+        for path in paths:
+            path.send(settings.connections, new_base=next_flow, cpu=settings.cpu)
+            next_flow += settings.connections
+            path.flush()
     for rep in range(settings.reps):
         progress(f"repetition {rep + 1}/{settings.reps}: {settings.packets} packets per mode")
         for path in paths:
-            path.send(settings.warmup, flows=settings.flows, cpu=settings.cpu)  # every flow known, caches warm
+            path.send(
+                settings.warmup, flows=settings.flows, cpu=settings.cpu
+            )  # every flow known, caches warm
             runs.append(_measure(path, settings, "packets", rep, -1, ksoft))
-        progress(f"repetition {rep + 1}/{settings.reps}: {settings.connections} new connections per mode")
+        progress(
+            f"repetition {rep + 1}/{settings.reps}: {settings.connections} new connections per mode"
+        )
         for path in paths:
             path.flush()
         time.sleep(SETTLE_S)
@@ -481,8 +599,11 @@ def _checks(paths: list[BenchPath], runs: list[Run]) -> dict[str, Any]:
         if path.mode.extra == "lasthop":
             totals = path.lasthop_stats()["totals"]
             replies = sum(r.replies for r in mine)
-            entry |= {"redirected": totals.get("redirected", 0), "learned": totals.get("learned", 0),
-                      "replies": replies}
+            entry |= {
+                "redirected": totals.get("redirected", 0),
+                "learned": totals.get("learned", 0),
+                "replies": replies,
+            }
             entry["ok"] = entry["ok"] and entry["redirected"] >= replies
         elif path.mode.extra == "recipe":
             last = [r for r in mine if r.test == "connections"][-1]
@@ -531,7 +652,11 @@ class TargetResult:
 
     @property
     def passed(self) -> bool:
-        return self.ratio.median <= self.target.limit if self.target.op == "<=" else self.ratio.median >= self.target.limit
+        return (
+            self.ratio.median <= self.target.limit
+            if self.target.op == "<="
+            else self.ratio.median >= self.target.limit
+        )
 
 
 @dataclass
@@ -550,21 +675,39 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         def fig(f: Figure | None) -> dict[str, Any] | None:
-            return None if f is None else {"median": f.median, "low": f.low, "high": f.high, "values": f.values}
+            return (
+                None
+                if f is None
+                else {"median": f.median, "low": f.low, "high": f.high, "values": f.values}
+            )
 
         return {
             "settings": asdict(self.settings),
             "environment": self.environment,
             "elapsed_s": round(self.elapsed_s, 1),
             "modes": {
-                name: {"label": m.label, "path_ns_per_request": fig(m.path_ns), "host_ns_per_packet": fig(m.packet_ns),
-                       "host_ns_per_connection": fig(m.conn_ns), "connections_per_s": fig(m.conn_per_s)}
+                name: {
+                    "label": m.label,
+                    "path_ns_per_request": fig(m.path_ns),
+                    "host_ns_per_packet": fig(m.packet_ns),
+                    "host_ns_per_connection": fig(m.conn_ns),
+                    "connections_per_s": fig(m.conn_per_s),
+                }
                 for name, m in self.modes.items()
             },
             "targets": [
-                {"metric": t.target.metric, "mode": t.target.mode, "base": t.target.base, "op": t.target.op,
-                 "limit": t.target.limit, "primary": t.target.primary, "ratio": t.ratio.median,
-                 "ratio_low": t.ratio.low, "ratio_high": t.ratio.high, "passed": t.passed}
+                {
+                    "metric": t.target.metric,
+                    "mode": t.target.mode,
+                    "base": t.target.base,
+                    "op": t.target.op,
+                    "limit": t.target.limit,
+                    "primary": t.target.primary,
+                    "ratio": t.ratio.median,
+                    "ratio_low": t.ratio.low,
+                    "ratio_high": t.ratio.high,
+                    "passed": t.passed,
+                }
                 for t in self.targets
             ],
             "checks": self.checks,
@@ -583,7 +726,7 @@ def _environment(settings: Settings) -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "kernel": platform.release(),
         "cpu": model,
         "cpus": os.cpu_count(),
@@ -592,8 +735,12 @@ def _environment(settings: Settings) -> dict[str, Any]:
     }
 
 
-def summarize(runs: list[Run], settings: Settings, checks: dict[str, Any] | None = None,
-              elapsed_s: float = 0.0) -> Report:
+def summarize(
+    runs: list[Run],
+    settings: Settings,
+    checks: dict[str, Any] | None = None,
+    elapsed_s: float = 0.0,
+) -> Report:
     """Per mode and repetition: the host's cost = the mode's path minus the
     direct path of the same repetition; then medians over the repetitions."""
     by: dict[tuple[str, str, int], Run] = {(r.mode, r.test, r.rep): r for r in runs}
@@ -606,13 +753,26 @@ def summarize(runs: list[Run], settings: Settings, checks: dict[str, Any] | None
         path = [by[(name, "packets", rep)].per_request_ns for rep in reps]
         if name != BASELINE:
             # a request and its reply: the host forwards two packets
-            per_pkt[name] = [(by[(name, "packets", rep)].per_request_ns
-                              - by[(BASELINE, "packets", rep)].per_request_ns) / 2 for rep in reps]
-            per_conn[name] = [by[(name, "connections", rep)].per_request_ns
-                              - by[(BASELINE, "connections", rep)].per_request_ns for rep in reps]
+            per_pkt[name] = [
+                (
+                    by[(name, "packets", rep)].per_request_ns
+                    - by[(BASELINE, "packets", rep)].per_request_ns
+                )
+                / 2
+                for rep in reps
+            ]
+            per_conn[name] = [
+                by[(name, "connections", rep)].per_request_ns
+                - by[(BASELINE, "connections", rep)].per_request_ns
+                for rep in reps
+            ]
         pkt = Figure.of(per_pkt[name]) if name in per_pkt else None
         conn = Figure.of(per_conn[name]) if name in per_conn else None
-        rate = Figure.of([NS_PER_S / v if v > 0 else float("inf") for v in per_conn[name]]) if name in per_conn else None
+        rate = (
+            Figure.of([NS_PER_S / v if v > 0 else float("inf") for v in per_conn[name]])
+            if name in per_conn
+            else None
+        )
         modes[name] = ModeResult(name, MODE_BY_NAME[name].label, Figure.of(path), pkt, conn, rate)
     targets = []
     for t in TARGETS:
@@ -633,100 +793,155 @@ def summarize(runs: list[Run], settings: Settings, checks: dict[str, Any] | None
 # -- output ---------------------------------------------------------------------------
 
 
-def _fmt(f: Figure | None, digits: int = 0) -> str:
-    if f is None:
-        return "–"
-    return f"{f.median:,.{digits}f} ({f.low:,.{digits}f}–{f.high:,.{digits}f})"
+def _fmt(f: Figure | None) -> str:
+    return "–" if f is None else f"{f.median:,.0f} ({f.low:,.0f}–{f.high:,.0f})"
+
+
+COLUMNS = (
+    "mode",
+    "host ns/packet",
+    "× plain bridge",
+    "× recipe",
+    "host ns/connection",
+    "connections/s per CPU",
+    "× recipe",
+)
 
 
 def _ratio_to(report: Report, name: str, base: str, metric: str) -> str:
-    m, b = report.modes.get(name), report.modes.get(base)
-    if m is None or b is None or name == BASELINE:
+    m, b = report.modes[name], report.modes.get(base)
+    if b is None or m.packet_ns is None or m.conn_ns is None:
         return "–"
     if metric == "packet_ns":
-        assert m.packet_ns and b.packet_ns
+        assert b.packet_ns
         return f"{m.packet_ns.median / b.packet_ns.median:.2f}×"
-    assert m.conn_ns and b.conn_ns
+    assert b.conn_ns
     return f"{b.conn_ns.median / m.conn_ns.median:.2f}×"
 
 
-def markdown(report: Report) -> str:
+def _rows(report: Report) -> list[list[str]]:
+    """One row per mode (not the baseline), cells as COLUMNS names them."""
+    return [
+        [
+            m.label,
+            _fmt(m.packet_ns),
+            _ratio_to(report, name, "bridge", "packet_ns"),
+            _ratio_to(report, name, "recipe", "packet_ns"),
+            _fmt(m.conn_ns),
+            _fmt(m.conn_per_s),
+            _ratio_to(report, name, "recipe", "conn_per_s"),
+        ]
+        for name, m in report.modes.items()
+        if name != BASELINE
+    ]
+
+
+def _measured(t: TargetResult) -> str:
+    return f"{t.ratio.median:.2f}× ({t.ratio.low:.2f}–{t.ratio.high:.2f})"
+
+
+def _setup_line(report: Report) -> str:
     env, s = report.environment, report.settings
+    return (
+        f"`{env.get('command')}` on {env.get('date')}: kernel {env.get('kernel')}, "
+        f"{env.get('cpus')} × {env.get('cpu')}; sender on CPU {s.cpu}; bridges "
+        f"{'with' if s.br_netfilter else 'without'} br_netfilter; {s.reps} repetitions, modes "
+        f"interleaved; per mode and repetition {s.packets:,} packets ({FRAME_LEN}-byte UDP over "
+        f"{s.flows} flows, each answered) and {s.connections:,} new connections (a request and "
+        f"its answer each); {report.elapsed_s:.0f} s."
+    )
+
+
+def markdown(report: Report) -> str:
     lines = [
         "# lasthop bench lab",
         "",
-        f"`{env.get('command', 'lasthop bench lab')}` on {env.get('date', '?')}: kernel {env.get('kernel', '?')}, "
-        f"{env.get('cpus', '?')} × {env.get('cpu', '?')}; sender on CPU {s.cpu}; {s.reps} repetitions "
-        f"(modes interleaved), {s.packets:,} packets ({FRAME_LEN}-byte UDP, {s.flows} flows, each answered) and "
-        f"{s.connections:,} new connections (one request and its answer each) per mode and repetition; "
-        f"{report.elapsed_s:.0f} s. Method and noise: docs/bench-lab.md.",
+        _setup_line(report),
         "",
-        "Figures: median over the repetitions (lowest–highest). *Host ns/packet* is the CPU the host adds per "
-        "packet it forwards (requests and replies alike) over the direct path without a host; *ns/connection* "
-        "the CPU it adds per new connection; *connections/s* = 10⁹ / ns per connection: new connections one "
-        "host CPU completes per second.",
+        "Median over the repetitions (lowest–highest). *host ns/packet*: CPU the host adds per "
+        "packet it forwards (requests and answers alike), over the same traffic on a path "
+        "without a host. *host ns/connection*: CPU it adds per new connection. "
+        "*connections/s per CPU* = 10⁹ / host ns/connection. Method and noise: "
+        "docs/bench-lab.md.",
         "",
-        "| mode | host ns/packet | × plain bridge | × recipe | host ns/connection | connections/s per CPU "
-        "| × recipe |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| " + " | ".join(COLUMNS) + " |",
+        "| --- |" + " ---: |" * (len(COLUMNS) - 1),
+        *("| " + " | ".join(row) + " |" for row in _rows(report)),
     ]
-    for name, m in report.modes.items():
-        if name == BASELINE:
-            continue
-        lines.append(
-            f"| {m.label} | {_fmt(m.packet_ns)} | {_ratio_to(report, name, 'bridge', 'packet_ns')} "
-            f"| {_ratio_to(report, name, 'recipe', 'packet_ns')} | {_fmt(m.conn_ns)} | {_fmt(m.conn_per_s)} "
-            f"| {_ratio_to(report, name, 'recipe', 'conn_per_s')} |"
-        )
     base = report.modes.get(BASELINE)
     if base:
-        lines += ["", f"Baseline (no host): {_fmt(base.path_ns)} ns of CPU per request and its answer, "
-                      "sender and both endpoints included."]
-    lines += ["", "## Targets", "", "| target | measured (per repetition) | result |", "| --- | ---: | --- |"]
+        lines += [
+            "",
+            f"Path without a host: {_fmt(base.path_ns)} ns of CPU per request and answer.",
+        ]
+    lines += ["", "## Targets", "", "| target | measured | result |", "| --- | ---: | --- |"]
     for t in report.targets:
-        mark = "**pass**" if t.passed else "**miss**"
-        scope = "" if t.target.primary else " — like for like on a routed host"
-        lines.append(f"| {t.target.describe()}{scope} | {t.ratio.median:.2f}× ({t.ratio.low:.2f}–{t.ratio.high:.2f}) "
-                     f"| {mark} |")
+        scope = "" if t.target.primary else " (routed host, like for like)"
+        result = "**pass**" if t.passed else "**miss**"
+        lines.append(f"| {t.target.describe()}{scope} | {_measured(t)} | {result} |")
     lines += ["", "## Checks", ""]
     for name, c in report.checks.items():
-        detail = ", ".join(f"{k} {v:.4%}" if k == "max_loss" else f"{k} {v}" for k, v in c.items() if k != "ok")
+        detail = ", ".join(
+            f"{k} {v:.3%}" if k == "max_loss" else f"{k} {v}" for k, v in c.items() if k != "ok"
+        )
         lines.append(f"- {name}: {'ok' if c.get('ok') else 'FAILED'} ({detail})")
     return "\n".join(lines) + "\n"
 
 
+PANELS = (
+    ("packet_ns", "host CPU added per forwarded packet", "ns / packet (lower is better)"),
+    (
+        "conn_per_s",
+        "new connections per second of one host CPU",
+        "connections / s (higher is better)",
+    ),
+)
+
+
 def chart(report: Report, path: Path) -> None:
+    """Two bar charts (ns/packet, connections/s) with the primary targets as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import StrMethodFormatter
 
-    shown = [m for n, m in report.modes.items() if n != BASELINE]
+    shown = [m for name, m in report.modes.items() if name != BASELINE]
     labels = [m.label.replace(" (", "\n(") for m in shown]
-    colours = ["#1f77b4" if "lasthop" in m.name else ("#d62728" if m.name == "recipe" else "#7f7f7f") for m in shown]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for ax, attr, title, unit in (
-        (left, "packet_ns", "host CPU added per forwarded packet", "ns / packet (lower is better)"),
-        (right, "conn_per_s", "new connections per second of one host CPU", "connections / s (higher is better)"),
-    ):
-        figs = [getattr(m, attr) for m in shown]
+    grey, blue, red = "#7f7f7f", "#1f77b4", "#d62728"
+    colours = [blue if "lasthop" in m.name else red if m.name == "recipe" else grey for m in shown]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(13, 4.8))
+    for ax, (attr, title, unit) in zip(axes, PANELS, strict=True):
+        figs: list[Figure] = [getattr(m, attr) for m in shown]
         med = [f.median for f in figs]
         err = [[f.median - f.low for f in figs], [f.high - f.median for f in figs]]
         bars = ax.bar(range(len(shown)), med, yerr=err, capsize=4, color=colours)
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in med], padding=3, fontsize=8)
         ax.set_xticks(range(len(shown)), labels, fontsize=8)
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        for t in report.targets:
+            base = report.modes.get(t.target.base)
+            if t.target.primary and t.target.metric == attr and base:
+                level = getattr(base, attr).median * t.target.limit
+                ax.axhline(level, color=blue, linestyle="--", linewidth=0.8)
+                ax.annotate(f"target: {t.target.op} {t.target.limit:g}× {base.label}",
+                            (len(shown) - 0.5, level), ha="right", va="bottom", fontsize=7,
+                            color=blue)  # fmt: skip
         ax.set_title(title)
         ax.set_ylabel(unit)
         ax.margins(y=0.15)
-    s = report.settings
-    fig.suptitle(f"lasthop bench lab: median of {s.reps} interleaved repetitions (bars: lowest–highest); "
-                 f"kernel {report.environment.get('kernel', '?')}", fontsize=10)
+    fig.suptitle(
+        f"lasthop bench lab: median of {report.settings.reps} interleaved repetitions "
+        f"(whiskers: lowest–highest); kernel {report.environment.get('kernel')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write_results(report: Report, out: Path) -> list[Path]:
+    """bench-lab.md, bench-lab.png and bench-lab.json in out (created)."""
     out.mkdir(parents=True, exist_ok=True)
     md, png, js = out / "bench-lab.md", out / "bench-lab.png", out / "bench-lab.json"
     md.write_text(markdown(report))
@@ -736,77 +951,101 @@ def write_results(report: Report, out: Path) -> list[Path]:
 
 
 def print_report(report: Report, console: Console) -> None:
-    table = Table(title=f"host cost per mode: median of {report.settings.reps} repetitions (lowest–highest)",
-                  title_justify="left")
-    for col in ("mode", "host ns/packet", "× plain bridge", "× recipe", "host ns/connection",
-                "connections/s per CPU", "× recipe "):
+    console.print(_setup_line(report), highlight=False)
+    table = Table(title="the host's added cost: median (lowest–highest)", title_justify="left")
+    for col in COLUMNS:
         table.add_column(col, justify="left" if col == "mode" else "right")
-    for name, m in report.modes.items():
-        if name == BASELINE:
-            continue
-        table.add_row(m.label, _fmt(m.packet_ns), _ratio_to(report, name, "bridge", "packet_ns"),
-                      _ratio_to(report, name, "recipe", "packet_ns"), _fmt(m.conn_ns), _fmt(m.conn_per_s),
-                      _ratio_to(report, name, "recipe", "conn_per_s"))
+    for row in _rows(report):
+        table.add_row(*row)
     console.print(table)
     base = report.modes.get(BASELINE)
     if base:
-        console.print(f"baseline, no host: {_fmt(base.path_ns)} ns per request and answer (sender and endpoints)")
+        console.print(f"path without a host: {_fmt(base.path_ns)} ns per request and answer")
     targets = Table(title="targets", title_justify="left")
     for col in ("target", "measured", "result"):
         targets.add_column(col, justify="right" if col == "measured" else "left")
     for t in report.targets:
-        scope = "" if t.target.primary else " [dim](routed, like for like)[/dim]"
-        targets.add_row(t.target.describe() + scope, f"{t.ratio.median:.2f}× ({t.ratio.low:.2f}–{t.ratio.high:.2f})",
-                        "[green]pass[/green]" if t.passed else "[red]miss[/red]")
+        scope = "" if t.target.primary else " [dim](routed host, like for like)[/dim]"
+        result = "[green]pass[/green]" if t.passed else "[red]miss[/red]"
+        targets.add_row(t.target.describe() + scope, _measured(t), result)
     console.print(targets)
-    bad = [name for name, c in report.checks.items() if not c.get("ok")]
-    if bad:
-        console.print(f"[red]checks failed:[/red] {', '.join(bad)}: {json.dumps({n: report.checks[n] for n in bad})}")
+    for name, c in report.checks.items():
+        if not c.get("ok"):
+            console.print(f"[red]check failed:[/red] {name}: {json.dumps(c)}", highlight=False)
 
 
-# -- command ----------------------------------------------------------------------------
+# -- command ------------------------------------------------------------------------------
 
 EXIT_OK, EXIT_INCONSISTENT, EXIT_CANNOT_RUN = 0, 1, 3
 
 
 @click.command("lab")
-@click.option("--quick", is_flag=True, help=f"Short run for CI (~20 s): {QUICK.reps} repetitions, fewer packets.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help=f"A short run for CI (~20 s): {QUICK.reps} repetitions, fewer packets.",
+)
 @click.option("--reps", type=click.IntRange(1), help="Repetitions (each runs every mode once).")
 @click.option("--packets", type=click.IntRange(1000), help="Packets per mode and repetition.")
-@click.option("--connections", type=click.IntRange(100, 200_000), help="New connections per mode and repetition.")
-@click.option("--cpu", type=click.IntRange(0), default=0, show_default=True, help="The sender's CPU.")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_OUT, show_default=True,
-              help="Folder for bench-lab.md, bench-lab.png, bench-lab.json.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of the table.")
-def lab_command(quick: bool, reps: int | None, packets: int | None, connections: int | None, cpu: int,
-                out: Path, as_json: bool) -> None:
-    """Host CPU per packet and new connections per second: plain bridge, lasthop,
-    conntrack recipe, side by side (docs/bench-lab.md).
+@click.option(
+    "--connections",
+    type=click.IntRange(100, 200_000),
+    help="New connections per mode and repetition.",
+)
+@click.option(
+    "--cpu",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="The sender's CPU (the whole path runs there).",
+)
+@click.option(
+    "--br-netfilter",
+    is_flag=True,
+    help="Leave br_netfilter on in the hosts' bridges (the kernel default once loaded).",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_OUT,
+    show_default=True,
+    help="Folder for bench-lab.md, bench-lab.png, bench-lab.json.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+def lab_command(quick: bool, reps: int | None, packets: int | None, connections: int | None,
+                cpu: int, br_netfilter: bool, out: Path, as_json: bool) -> None:  # fmt: skip
+    """The host's CPU per packet and new connections per second: plain bridge,
+    lasthop, conntrack recipe, side by side (docs/bench-lab.md).
 
-    Exit codes: 0 ran (targets are reported, not enforced); 1 a check failed
-    (packets lost, lasthop or the recipe did not do its work); 3 could not run."""
+    Exit codes: 0 it ran (targets are reported, not enforced); 1 a check
+    failed (packets lost, or lasthop or the recipe did not do its work);
+    3 it could not run (not root, a tool missing, a command failed)."""
     base = QUICK if quick else FULL
-    settings = Settings(
-        reps=reps or base.reps, packets=packets or base.packets, connections=connections or base.connections,
-        flows=base.flows, warmup=base.warmup, cpu=cpu, quick=quick,
+    settings = replace(
+        base,
+        reps=reps or base.reps,
+        packets=packets or base.packets,
+        connections=connections or base.connections,
+        cpu=cpu,
+        br_netfilter=br_netfilter,
     )
     console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
     err = Console(stderr=True)
     try:
         with console.status("starting") as status:
-            report = run_bench(settings, lambda msg: status.update(msg))
+            report = run_bench(settings, status.update)
     except (BenchError, LabError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(EXIT_CANNOT_RUN)
     except KeyboardInterrupt:
-        err.print("interrupted: every namespace removed")
+        err.print("interrupted: every namespace of the bench removed")
         sys.exit(130)
     files = write_results(report, out)
     if as_json:
         print(json.dumps(report.to_json(), indent=1))
     else:
         print_report(report, console)
-    console.print(f"written: {', '.join(str(f) for f in files)} ({report.elapsed_s:.0f} s)")
+    console.print(f"written: {', '.join(map(str, files))}")
     sys.exit(EXIT_OK if report.consistent else EXIT_INCONSISTENT)
 
 
