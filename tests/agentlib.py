@@ -45,7 +45,9 @@ ROOT_MARKS = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 def need_root() -> None:
     """Skips the test, naming what is missing, unless it can create namespaces and load BPF."""
     if os.geteuid() != 0:
-        pytest.skip("needs root: CAP_SYS_ADMIN (ip netns add), CAP_NET_ADMIN (tc), CAP_BPF (load programs)")
+        pytest.skip(
+            "needs root: CAP_SYS_ADMIN (ip netns add), CAP_NET_ADMIN (tc), CAP_BPF (load programs)"
+        )
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs the {tool!r} command (iproute2)")
@@ -73,8 +75,13 @@ class Netns:
         sh("ip", "netns", "add", self.name)
         try:
             # no IPv6 autoconfiguration chatter (MLD, router solicitations) moving the counters
-            self.exec("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
-                      "net.ipv6.conf.default.disable_ipv6=1")
+            self.exec(
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            )
             self.ip("link", "set", "lo", "up")
         except BaseException:
             self.delete()
@@ -91,13 +98,24 @@ class Netns:
     def ip(self, *args: str) -> str:
         return sh("ip", "-n", self.name, *args).stdout
 
-    def exec(self, *argv: str, check: bool = True, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, *argv: str, check: bool = True, timeout: float = 20.0
+    ) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.name, *argv, check=check, timeout=timeout)
 
     def veth(self, name: str, peer: str, peer_ns: Netns | None = None, *, up: bool = True) -> None:
         """A veth pair name <-> peer; the peer may live in another namespace."""
-        self.ip("link", "add", name, "type", "veth", "peer", "name", peer,
-                *(("netns", peer_ns.name) if peer_ns else ()))
+        self.ip(
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            *(("netns", peer_ns.name) if peer_ns else ()),
+        )
         if up:
             self.ip("link", "set", name, "up")
             (peer_ns or self).ip("link", "set", peer, "up")
@@ -138,8 +156,15 @@ class Agent:
 
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.argv = argv
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
         self.ready_line = ""
         self._stderr = ""
 
@@ -154,7 +179,9 @@ class Agent:
             line = self.proc.stdout.readline()
             if not line:
                 code = self.proc.wait()
-                raise AssertionError(f"lasthop run exited {code} before attaching; stderr: {self.stderr}")
+                raise AssertionError(
+                    f"lasthop run exited {code} before attaching; stderr: {self.stderr}"
+                )
             if line.startswith(READY):
                 self.ready_line = line.strip()
                 return self.ready_line
@@ -195,7 +222,7 @@ class Sandbox:
         return ns
 
     def host(self, *, uplinks: int = 1, vm_ports: int = 1) -> Netns:
-        """A namespace with veth pairs up0.. (uplinks) and vm0.. (VM ports), peers in the same ns."""
+        """A namespace with veth pairs up0.. (uplinks) and vm0.. (VM ports), peers alongside."""
         ns = self.netns("h")
         for i in range(uplinks):
             ns.veth(f"up{i}", f"up{i}p")
@@ -203,8 +230,14 @@ class Sandbox:
             ns.veth(f"vm{i}", f"vm{i}p")
         return ns
 
-    def agent(self, *args: str, netns: Netns | None = None, wait: bool = True,
-              via_exec: bool = False, env: dict[str, str] | None = None) -> Agent:
+    def agent(
+        self,
+        *args: str,
+        netns: Netns | None = None,
+        wait: bool = True,
+        via_exec: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> Agent:
         """`lasthop run --netns NS ARGS` (or `ip netns exec NS lasthop run ARGS`)."""
         if netns is None:
             argv = [*LASTHOP, "run", *args]
@@ -257,7 +290,10 @@ def back_to_own_netns() -> Iterator[None]:
 
 # -- the table, straight through the pins ---------------------------------------------------
 
-def conn_key(src: str, dst: str, sport: int, dport: int, proto: int = 17, zone: int = 0) -> abi.ConnKey:
+
+def conn_key(
+    src: str, dst: str, sport: int, dport: int, proto: int = 17, zone: int = 0
+) -> abi.ConnKey:
     """A connection key as the data path builds it (addresses and ports in network order)."""
     key = abi.ConnKey()
     a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
@@ -289,8 +325,14 @@ class PinnedTable:
     def map_id(self) -> int:
         return self.conns.info.id
 
-    def add(self, key: abi.ConnKey, *, mac: str = "02:00:00:00:00:01", uplink: int = 1,
-            idle_s: float = 0.0) -> None:
+    def add(
+        self,
+        key: abi.ConnKey,
+        *,
+        mac: str = "02:00:00:00:00:01",
+        uplink: int = 1,
+        idle_s: float = 0.0,
+    ) -> None:
         """An entry learned on ifindex *uplink*, last seen *idle_s* seconds ago."""
         assert self.hz, "lh_settings.hz is 0: the agent has not measured HZ yet"
         entry = abi.ConnEntry()
@@ -317,7 +359,9 @@ def wait_for(check: Any, timeout: float = 5.0, every: float = 0.05) -> Any:
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {getattr(check, '__name__', check)}")
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {getattr(check, '__name__', check)}"
+            )
         time.sleep(every)
 
 
@@ -372,9 +416,9 @@ s.close()
 class BridgedSite:
     """A firewall namespace and a VM namespace on one bridge of a host namespace:
 
-        fw (eth0 10.0.0.1) ── fw0 ┐
-                                   br0  (host)
-        vm (eth0 10.0.0.2) ── vm0 ┘
+    fw (eth0 10.0.0.1) ── fw0 ┐
+                               br0  (host)
+    vm (eth0 10.0.0.2) ── vm0 ┘
     """
 
     FW_IP, VM_IP, PORT = "10.0.0.1", "10.0.0.2", 7007
@@ -390,16 +434,40 @@ class BridgedSite:
         self.fw_mac = self.fw.mac("eth0")
         self._server: subprocess.Popen[str] | None = None
 
-    def serve(self) -> None:
-        """Starts the UDP+TCP echo server in the VM."""
+    def serve(self, ns: Netns | None = None) -> None:
+        """Starts the UDP+TCP echo server in the VM (or in *ns*)."""
         self._server = subprocess.Popen(
-            ["ip", "netns", "exec", self.vm.name, sys.executable, "-c", ECHO_SERVER, str(self.PORT)],
-            stdout=subprocess.PIPE, text=True, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                (ns or self.vm).name,
+                sys.executable,
+                "-c",
+                ECHO_SERVER,
+                str(self.PORT),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         assert self._server.stdout is not None and self._server.stdout.readline().strip() == "ready"
+
+    def serve_on_firewall(self) -> None:
+        self.serve(self.fw)
 
     def exchange(self, proto: str, n: int = 3) -> int:
         """n request/reply round trips from the firewall to the VM; returns the client's port."""
-        result = self.fw.exec(sys.executable, "-c", ECHO_CLIENT, proto, self.VM_IP, str(self.PORT), str(n))
+        result = self.fw.exec(
+            sys.executable, "-c", ECHO_CLIENT, proto, self.VM_IP, str(self.PORT), str(n)
+        )
+        return int(result.stdout)
+
+    def exchange_from_vm(self, proto: str, n: int = 3) -> int:
+        """n round trips from the VM to the firewall (a connection the VM opens)."""
+        result = self.vm.exec(
+            sys.executable, "-c", ECHO_CLIENT, proto, self.FW_IP, str(self.PORT), str(n)
+        )
         return int(result.stdout)
 
     def close(self) -> None:

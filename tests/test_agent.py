@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from agentlib import (
-    BridgedSite,
     PIN_ROOT,
     ROOT_MARKS,
+    BridgedSite,
     PinnedTable,
     Sandbox,
     conn_key,
@@ -41,15 +41,30 @@ def _json(*args: str) -> object:
 
 
 def test_run_attaches_uplinks_and_vm_ports_and_says_so(box: Sandbox) -> None:
-    """run attaches lh_uplink to each uplink and lh_vmport to each VM port, then prints its ready line."""
+    """run attaches lh_uplink to uplinks and lh_vmport to VM ports, then prints its ready line."""
     ns = box.host(uplinks=2, vm_ports=2)
-    agent = box.agent("--uplink", "up0", "--uplink", "up1", "--vm-port", "vm0", "--vm-port", "vm1",
-                      "--api-socket", "", netns=ns)
+    agent = box.agent(
+        "--uplink",
+        "up0",
+        "--uplink",
+        "up1",
+        "--vm-port",
+        "vm0",
+        "--vm-port",
+        "vm1",
+        "--api-socket",
+        "",
+        netns=ns,
+    )
     assert agent.ready_line == (
         f"lasthop: attached in netns {ns.name}: uplinks ['up0', 'up1'], VM ports ['vm0', 'vm1']"
     )
     assert [ns.tc_program(d) for d in ("up0", "up1", "vm0", "vm1")] == [
-        "lh_uplink", "lh_uplink", "lh_vmport", "lh_vmport"]
+        "lh_uplink",
+        "lh_uplink",
+        "lh_vmport",
+        "lh_vmport",
+    ]
     assert ns.tc_program("up0p") is None  # the peers are not ours
 
 
@@ -59,7 +74,9 @@ def test_sigterm_leaves_filters_and_pins(box: Sandbox) -> None:
     agent = box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
     assert agent.stop() == 0
     assert ns.tc_program("up0") == "lh_uplink" and ns.tc_program("vm0") == "lh_vmport"
-    assert {"lh_conns", "lh_ifaces", "lh_counters", "lh_settings"} <= {p.name for p in ns.pins.iterdir()}
+    assert {"lh_conns", "lh_ifaces", "lh_counters", "lh_settings"} <= {
+        p.name for p in ns.pins.iterdir()
+    }
     assert not ns.socket.exists(), "the API socket is removed on exit"
 
 
@@ -85,7 +102,8 @@ def test_restart_adopts_the_pinned_table(box: Sandbox) -> None:
         assert PinnedTable(ns.pins).map_id == map_id
         conns = _json("show", "--netns", ns.name, "--json")
         assert [(c["src"], c["dst"], c["dport"], c["uplink"]) for c in conns] == [
-            ("192.0.2.1", "198.51.100.7", 53, "up0")]
+            ("192.0.2.1", "198.51.100.7", 53, "up0")
+        ]
     finally:
         table.close()
 
@@ -154,20 +172,37 @@ def test_run_under_ip_netns_exec_pins_on_the_host_bpffs(box: Sandbox) -> None:
 
 
 CONNECTION_FIELDS = {
-    "proto": str, "family": int, "src": str, "dst": str, "sport": int, "dport": int, "zone": int,
-    "mac": str, "uplink": str, "uplink_ifindex": int, "vlan": list, "age_s": float, "packets": int,
-    "replies": int, "vm_port": str, "flags": list,
+    "proto": str,
+    "family": int,
+    "src": str,
+    "dst": str,
+    "sport": int,
+    "dport": int,
+    "zone": int,
+    "mac": str,
+    "uplink": str,
+    "uplink_ifindex": int,
+    "vlan": list,
+    "age_s": float,
+    "packets": int,
+    "replies": int,
+    "vm_port": str,
+    "flags": list,
 }
 
 
 def test_show_json_shape(box: Sandbox) -> None:
-    """show --json is a list of objects with exactly the fields docs/cli.md lists, typed as there."""
+    """show --json is a list of objects with exactly the fields (and types) docs/cli.md lists."""
     ns = box.host()
     box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
     table = PinnedTable(ns.pins)
     try:
-        table.add(conn_key("2001:db8::1", "2001:db8::2", 1234, 443, proto=TCP, zone=0),
-                  mac="02:aa:bb:cc:dd:ee", uplink=ns.ifindex("up0"), idle_s=3)
+        table.add(
+            conn_key("2001:db8::1", "2001:db8::2", 1234, 443, proto=TCP, zone=0),
+            mac="02:aa:bb:cc:dd:ee",
+            uplink=ns.ifindex("up0"),
+            idle_s=3,
+        )
         table.add(conn_key("192.0.2.1", "192.0.2.2", 5000, 53), uplink=ns.ifindex("up0"))
     finally:
         table.close()
@@ -177,9 +212,18 @@ def test_show_json_shape(box: Sandbox) -> None:
         assert {k: type(v) for k, v in c.items()} == CONNECTION_FIELDS
     newest, oldest = conns  # most recently seen first
     assert (newest["src"], newest["proto"], newest["family"]) == ("192.0.2.1", "udp", 4)
-    assert oldest == oldest | {"proto": "tcp", "family": 6, "src": "2001:db8::1", "dst": "2001:db8::2",
-                               "sport": 1234, "dport": 443, "mac": "02:aa:bb:cc:dd:ee", "uplink": "up0",
-                               "vlan": [], "flags": ["hop_known"]}
+    assert oldest == oldest | {
+        "proto": "tcp",
+        "family": 6,
+        "src": "2001:db8::1",
+        "dst": "2001:db8::2",
+        "sport": 1234,
+        "dport": 443,
+        "mac": "02:aa:bb:cc:dd:ee",
+        "uplink": "up0",
+        "vlan": [],
+        "flags": ["hop_known"],
+    }
     assert 2.5 < oldest["age_s"] < 10
     [limited] = _json("show", "--netns", ns.name, "--json", "--limit", "1")
     assert limited["src"] == "192.0.2.1"
@@ -191,8 +235,17 @@ def test_stats_json_shape(box: Sandbox) -> None:
     box.agent("--uplink", "up0", "--vm-port", "vm0", "--table-size", "1024", netns=ns)
     st = _json("stats", "--netns", ns.name, "--json")
     assert isinstance(st, dict) and set(st) == {"totals", "interfaces", "table"}
-    assert set(st["totals"]) >= {"learned", "relearned", "refreshed", "redirected", "miss", "not_ip",
-                                 "malformed", "no_iface", "agent_removed"}
+    assert set(st["totals"]) >= {
+        "learned",
+        "relearned",
+        "refreshed",
+        "redirected",
+        "miss",
+        "not_ip",
+        "malformed",
+        "no_iface",
+        "agent_removed",
+    }
     assert all(isinstance(v, int) for v in st["totals"].values())
     assert isinstance(st["interfaces"], dict)
     assert st["table"] == {"entries": 0, "capacity": 1024, "evicted": 0}
@@ -243,8 +296,11 @@ def test_real_traffic_learns_the_firewall_and_redirects_replies(box: Sandbox, pr
         site.serve()
         box.agent("--uplink", "fw0", "--bridge", "br0", netns=site.host)
         port = site.exchange(proto, n=3)
-        conns = [c for c in _json("show", "--netns", site.host.name, "--json")
-                 if c["proto"] == proto and c["sport"] == port]
+        conns = [
+            c
+            for c in _json("show", "--netns", site.host.name, "--json")
+            if c["proto"] == proto and c["sport"] == port
+        ]
         assert len(conns) == 1, conns
         [c] = conns
         assert (c["src"], c["dst"], c["dport"]) == (site.FW_IP, site.VM_IP, site.PORT)
@@ -254,5 +310,27 @@ def test_real_traffic_learns_the_firewall_and_redirects_replies(box: Sandbox, pr
         assert st["totals"]["learned"] >= 1
         assert st["interfaces"]["vm0"]["redirected"] >= 3
         assert st["interfaces"]["fw0"]["learned"] >= 1
+    finally:
+        site.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "lh_uplink counts `learned` again when the first reply of a VM-opened connection arrives "
+        "(conn_refresh on an entry without HOP_KNOWN), so learned + vm_origin_learned counts that "
+        "entry twice and stats derives one eviction that never happened"
+    ),
+)
+def test_a_vm_opened_connection_is_not_counted_as_evicted(box: Sandbox) -> None:
+    """A connection the VM opens, answered through the uplink, leaves evicted at 0."""
+    site = BridgedSite(box)
+    try:
+        site.serve_on_firewall()
+        box.agent("--uplink", "fw0", "--bridge", "br0", netns=site.host)
+        site.exchange_from_vm("udp", n=2)
+        st = _json("stats", "--netns", site.host.name, "--json")
+        assert st["totals"]["vm_origin_learned"] == 1 and st["table"]["entries"] == 1
+        assert st["table"]["evicted"] == 0
     finally:
         site.close()

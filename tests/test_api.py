@@ -14,23 +14,44 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentlib import ROOT_MARKS, PinnedTable, Sandbox, conn_key, lasthop, sandbox
+from agentlib import PinnedTable, Sandbox, conn_key, lasthop, sandbox
 from lasthop.api import create_app
 from lasthop.controller import Attached, InterfaceInfo, NotAttachedError, Stats
 from lasthop.libbpf import BpfError
 from lasthop.table import Connection
 
-CONN = Connection(proto="udp", family=4, src="192.0.2.1", dst="192.0.2.2", sport=5000, dport=53,
-                  zone=0, mac="02:00:00:00:00:0a", uplink="up0", uplink_ifindex=2, vlan=[100],
-                  age_s=1.5, packets=3, replies=2, vm_port="", flags=["hop_known"])
+CONN = Connection(
+    proto="udp",
+    family=4,
+    src="192.0.2.1",
+    dst="192.0.2.2",
+    sport=5000,
+    dport=53,
+    zone=0,
+    mac="02:00:00:00:00:0a",
+    uplink="up0",
+    uplink_ifindex=2,
+    vlan=[100],
+    age_s=1.5,
+    packets=3,
+    replies=2,
+    vm_port="",
+    flags=["hop_known"],
+)
 STATS = Stats(
     totals={"learned": 7, "redirected": 5, "miss": 1, "agent_removed": 2},
-    interfaces={"up0": {"learned": 7}, "vm0": {"redirected": 5, "miss": 1},
-                "unattached": {"agent_removed": 2}},
-    entries=4, capacity=1024, evicted=1,
+    interfaces={
+        "up0": {"learned": 7},
+        "vm0": {"redirected": 5, "miss": 1},
+        "unattached": {"agent_removed": 2},
+    },
+    entries=4,
+    capacity=1024,
+    evicted=1,
 )
-IFACE = InterfaceInfo(name="up0", ifindex=2, role="uplink", zone=0, slot=1, mac="02:00:00:00:00:01",
-                      routed=False)
+IFACE = InterfaceInfo(
+    name="up0", ifindex=2, role="uplink", zone=0, slot=1, mac="02:00:00:00:00:01", routed=False
+)
 
 
 class FakeController:
@@ -79,7 +100,12 @@ def request(controller: FakeController, method: str, url: str) -> httpx.Response
 def test_healthz_reports_the_namespace_and_attached_interfaces() -> None:
     r = request(FakeController(), "GET", "/healthz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "netns": "fake-ns", "uplinks": ["up0"], "vm_ports": ["vm0", "vm1"]}
+    assert r.json() == {
+        "status": "ok",
+        "netns": "fake-ns",
+        "uplinks": ["up0"],
+        "vm_ports": ["vm0", "vm1"],
+    }
 
 
 def test_connections_are_show_json_and_pass_the_limit() -> None:
@@ -114,8 +140,16 @@ def test_flush_is_a_post() -> None:
 
 def test_interfaces() -> None:
     assert request(FakeController(), "GET", "/v1/interfaces").json() == [
-        {"name": "up0", "ifindex": 2, "role": "uplink", "zone": 0, "slot": 1,
-         "mac": "02:00:00:00:00:01", "routed": False}]
+        {
+            "name": "up0",
+            "ifindex": 2,
+            "role": "uplink",
+            "zone": 0,
+            "slot": 1,
+            "mac": "02:00:00:00:00:01",
+            "routed": False,
+        }
+    ]
 
 
 def test_metrics_are_prometheus_text_read_on_each_scrape() -> None:
@@ -126,13 +160,18 @@ def test_metrics_are_prometheus_text_read_on_each_scrape() -> None:
     assert fake.calls == []
 
     async def scrape() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as c:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://x"
+        ) as c:
             return await c.get("/metrics")
 
     r = asyncio.run(scrape())
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
     assert samples == {
         ("lasthop_packets_total", (("interface", "up0"), ("reason", "learned"))): 7,
         ("lasthop_packets_total", (("interface", "vm0"), ("reason", "miss"))): 1,
@@ -146,10 +185,13 @@ def test_metrics_are_prometheus_text_read_on_each_scrape() -> None:
     assert fake.calls == [("stats", None), ("stats", None)]
 
 
-@pytest.mark.parametrize(("error", "status"), [
-    (NotAttachedError("no data path pinned at /sys/fs/bpf/lasthop/x"), 503),
-    (BpfError("bpf_map_lookup_elem", 1), 500),
-])
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (NotAttachedError("no data path pinned at /sys/fs/bpf/lasthop/x"), 503),
+        (BpfError("bpf_map_lookup_elem", 1), 500),
+    ],
+)
 def test_controller_errors_become_http_errors(error: Exception, status: int) -> None:
     """Nothing attached is 503, a kernel error 500; both carry the message as detail."""
     for method, url in (("GET", "/v1/stats"), ("GET", "/v1/connections"), ("POST", "/v1/flush")):
@@ -159,6 +201,7 @@ def test_controller_errors_become_http_errors(error: Exception, status: int) -> 
 
 
 # -- a running agent ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def box() -> Iterator[Sandbox]:
@@ -187,13 +230,17 @@ def test_the_agent_serves_the_api_on_its_unix_socket(box: Sandbox) -> None:
         assert api.get("/healthz").json()["netns"] == ns.name
 
         def no_age(conns: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return sorted(({k: v for k, v in c.items() if k != "age_s"} for c in conns),
-                          key=lambda c: c["sport"])
+            return sorted(
+                ({k: v for k, v in c.items() if k != "age_s"} for c in conns),
+                key=lambda c: c["sport"],
+            )
 
         shown = json.loads(lasthop("show", "--netns", ns.name, "--json").stdout)
         assert no_age(api.get("/v1/connections").json()) == no_age(shown)
         assert len(api.get("/v1/connections", params={"limit": 1}).json()) == 1
-        assert api.get("/v1/stats").json() == json.loads(lasthop("stats", "--netns", ns.name, "--json").stdout)
+        assert api.get("/v1/stats").json() == json.loads(
+            lasthop("stats", "--netns", ns.name, "--json").stdout
+        )
         assert [i["name"] for i in api.get("/v1/interfaces").json()] == ["up0", "vm0"]
 
         assert api.post("/v1/flush").json() == {"flushed": 2}

@@ -17,7 +17,6 @@ from lasthop.config import Config, Interface
 from lasthop.controller import Controller
 
 
-
 def invoke(*args: str) -> Result:
     with back_to_own_netns():
         return CliRunner().invoke(cli, list(args), catch_exceptions=False)
@@ -35,13 +34,17 @@ def box() -> Iterator[Sandbox]:
 
 # -- 2: usage and config, no kernel needed ------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["frobnicate"],
-    ["run", "--no-such-flag"],
-    ["run", "--relearn", "sometimes"],
-    ["run", "--table-size", "many"],
-    ["show", "--limit", "-1"],
-])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["frobnicate"],
+        ["run", "--no-such-flag"],
+        ["run", "--relearn", "sometimes"],
+        ["run", "--table-size", "many"],
+        ["show", "--limit", "-1"],
+    ],
+)
 def test_usage_errors_exit_2(args: list[str]) -> None:
     """Unknown commands, flags and badly typed values exit 2."""
     assert invoke(*args).exit_code == EXIT_USAGE
@@ -79,6 +82,7 @@ def test_unknown_netns_exits_2(command: str) -> None:
 
 # -- with a namespace -------------------------------------------------------------------------
 
+
 @pytest.mark.root
 @pytest.mark.netns
 @pytest.mark.parametrize("command", ["show", "stats", "flush"])
@@ -101,12 +105,15 @@ def test_detach_where_nothing_is_attached_exits_0(box: Sandbox) -> None:
     assert "detached from no interface" in result.stdout
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--uplink", "nope0"], "uplink 'nope0' not found in this network namespace"),
-    (["--uplink", "up0", "--vm-port", "nope1"], "VM port 'nope1' not found"),
-    (["--uplink", "up0", "--bridge", "nobr"], "bridge 'nobr' not found"),
-    (["--vm-port", "vm0"], "no uplink given"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--uplink", "nope0"], "uplink 'nope0' not found in this network namespace"),
+        (["--uplink", "up0", "--vm-port", "nope1"], "VM port 'nope1' not found"),
+        (["--uplink", "up0", "--bridge", "nobr"], "bridge 'nobr' not found"),
+        (["--vm-port", "vm0"], "no uplink given"),
+    ],
+)
 @pytest.mark.root
 @pytest.mark.netns
 def test_run_with_an_unknown_interface_exits_2(box: Sandbox, args: list[str], message: str) -> None:
@@ -126,7 +133,11 @@ def test_show_stats_flush_exit_0_when_attached(box: Sandbox) -> None:
     ns = box.host()
     with back_to_own_netns():
         c = Controller(ns.name)
-        c.start(Config(uplinks=[Interface(name="up0")], vm_ports=[Interface(name="vm0")], table_size=1000))
+        c.start(
+            Config(
+                uplinks=[Interface(name="up0")], vm_ports=[Interface(name="vm0")], table_size=1000
+            )
+        )
         c.close()
     shown = invoke("show", "--netns", ns.name)
     assert shown.exit_code == 0 and "0 connections" in shown.stdout
@@ -147,8 +158,9 @@ def test_table_size_conflict_exits_2(box: Sandbox) -> None:
         c = Controller(ns.name)
         c.start(Config(uplinks=[Interface(name="up0")], table_size=1000))
         c.close()
-    result = invoke("run", "--netns", ns.name, "--uplink", "up0", "--table-size", "2000",
-                    "--api-socket", "")
+    result = invoke(
+        "run", "--netns", ns.name, "--uplink", "up0", "--table-size", "2000", "--api-socket", ""
+    )
     assert result.exit_code == EXIT_USAGE
     assert "holds 1000 entries, the config asks for 2000" in _one_line(result.stderr)
 
@@ -205,14 +217,17 @@ def test_a_stale_socket_is_replaced(box: Sandbox) -> None:
 @pytest.mark.root
 @pytest.mark.bpf
 @pytest.mark.netns
-def test_config_names_the_namespace_and_pin_root_for_every_command(box: Sandbox, tmp_path: Path) -> None:
+def test_config_names_the_namespace_and_pin_root_for_every_command(
+    box: Sandbox, tmp_path: Path
+) -> None:
     """run, show, stats, flush and detach given the same --config find the same pins (its netns,
     its pin_root), where plain --netns finds nothing."""
     ns = box.host()
     pin_root = BPFFS / f"lht-custom-{ns.name}"
     config = tmp_path / "lasthop.toml"
-    config.write_text(f'netns = "{ns.name}"\npin_root = "{pin_root}"\napi_socket = ""\n'
-                      '[[uplink]]\nname = "up0"\n')
+    config.write_text(
+        f'netns = "{ns.name}"\npin_root = "{pin_root}"\napi_socket = ""\n[[uplink]]\nname = "up0"\n'
+    )
     try:
         box.agent("--config", str(config), netns=None).stop()
         assert (pin_root / ns.name / "lh_conns").exists()

@@ -52,7 +52,12 @@ def test_no_file_gives_the_defaults() -> None:
     cfg = load(None)
     assert cfg == Config()
     assert (cfg.netns, cfg.uplinks, cfg.vm_ports, cfg.bridge) == (None, [], [], None)
-    assert (cfg.routed, cfg.relearn, cfg.table_size, cfg.idle_timeout) == (False, "latest", 1_048_576, 600.0)
+    assert (cfg.routed, cfg.relearn, cfg.table_size, cfg.idle_timeout) == (
+        False,
+        "latest",
+        1_048_576,
+        600.0,
+    )
     assert (cfg.bridge_zone, cfg.pin_root, cfg.api, cfg.api_socket) == (0, None, None, None)
 
 
@@ -64,7 +69,9 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert [(i.name, i.zone) for i in cfg.vm_ports] == [("tap0", 0)]
     assert cfg.routed and cfg.relearn == "first" and cfg.table_size == 65536
     assert cfg.idle_timeout == 120.0 and cfg.pin_root == Path("/sys/fs/bpf/custom")
-    assert cfg.api == "127.0.0.1:9180" and cfg.api_socket_path("host") == Path("/run/lasthop/custom.sock")
+    assert cfg.api == "127.0.0.1:9180" and cfg.api_socket_path("host") == Path(
+        "/run/lasthop/custom.sock"
+    )
 
 
 def test_docs_example_is_valid(tmp_path: Path) -> None:
@@ -74,24 +81,40 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
     load(_write(tmp_path, example))
 
 
-@pytest.mark.parametrize(("text", "key", "reason"), [
-    ('[[uplink]]\nname = "eth0"\nzone = -1\n', "uplink[0].zone", "greater than or equal to 0"),
-    ('[[uplink]]\nname = "eth0"\n[[uplink]]\nname = "eth1"\nzone = 70000\n', "uplink[1].zone",
-     "less than or equal to 65535"),
-    ('[[uplink]]\nname = "eth0"\nzone = "red"\n', "uplink[0].zone", "valid integer"),
-    ('[[uplink]]\nzone = 1\n', "uplink[0].name", "Field required"),
-    ('[[vm_port]]\nname = "a-very-long-interface-name"\n', "vm_port[0].name", "at most 15 characters"),
-    ('[[uplink]]\nname = "eth0"\ncolour = "red"\n', "uplink[0].colour", "Extra inputs are not permitted"),
-    ('uplinx = "eth0"\n', "uplinx", "Extra inputs are not permitted"),
-    ('relearn = "sometimes"\n', "relearn", "'latest' or 'first'"),
-    ("table_size = 0\n", "table_size", "greater than or equal to 1"),
-    ("table_size = 1000.5\n", "table_size", "valid integer"),
-    ("idle_timeout = 0\n", "idle_timeout", "greater than 0"),
-    ('routed = "yes please"\n', "routed", "valid boolean"),
-    ('api = "localhost"\n', "api", "expected HOST:PORT"),
-    ('api = "127.0.0.1:0"\n', "api", "expected HOST:PORT"),
-])
-def test_a_bad_value_names_its_key_and_the_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ('[[uplink]]\nname = "eth0"\nzone = -1\n', "uplink[0].zone", "greater than or equal to 0"),
+        (
+            '[[uplink]]\nname = "eth0"\n[[uplink]]\nname = "eth1"\nzone = 70000\n',
+            "uplink[1].zone",
+            "less than or equal to 65535",
+        ),
+        ('[[uplink]]\nname = "eth0"\nzone = "red"\n', "uplink[0].zone", "valid integer"),
+        ("[[uplink]]\nzone = 1\n", "uplink[0].name", "Field required"),
+        (
+            '[[vm_port]]\nname = "a-very-long-interface-name"\n',
+            "vm_port[0].name",
+            "at most 15 characters",
+        ),
+        (
+            '[[uplink]]\nname = "eth0"\ncolour = "red"\n',
+            "uplink[0].colour",
+            "Extra inputs are not permitted",
+        ),
+        ('uplinx = "eth0"\n', "uplinx", "Extra inputs are not permitted"),
+        ('relearn = "sometimes"\n', "relearn", "'latest' or 'first'"),
+        ("table_size = 0\n", "table_size", "greater than or equal to 1"),
+        ("table_size = 1000.5\n", "table_size", "valid integer"),
+        ("idle_timeout = 0\n", "idle_timeout", "greater than 0"),
+        ('routed = "yes please"\n', "routed", "valid boolean"),
+        ('api = "localhost"\n', "api", "expected HOST:PORT"),
+        ('api = "127.0.0.1:0"\n', "api", "expected HOST:PORT"),
+    ],
+)
+def test_a_bad_value_names_its_key_and_the_reason(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
     """Each invalid value is reported as "<file>: key '<key>': <reason>"."""
     message = _error(tmp_path, text)
     assert message.startswith(f"{tmp_path / 'lasthop.toml'}: key '{key}': ")
@@ -141,8 +164,16 @@ def test_flags_merge_over_the_file(tmp_path: Path) -> None:
     """Given flags replace file values; None keeps them; interface lists are added to, without
     repeating a name the file already has."""
     cfg = load(_write(tmp_path, FULL)).merged(
-        netns=None, uplinks=("eth0", "eth2"), vm_ports=(), bridge="br1", routed=None,
-        relearn="latest", table_size=None, idle_timeout=5.0, api=None, api_socket="",
+        netns=None,
+        uplinks=("eth0", "eth2"),
+        vm_ports=(),
+        bridge="br1",
+        routed=None,
+        relearn="latest",
+        table_size=None,
+        idle_timeout=5.0,
+        api=None,
+        api_socket="",
     )
     assert [(i.name, i.zone) for i in cfg.uplinks] == [("eth0", 1), ("eth1.100", 0), ("eth2", 0)]
     assert [i.name for i in cfg.vm_ports] == ["tap0"]
@@ -153,7 +184,9 @@ def test_flags_merge_over_the_file(tmp_path: Path) -> None:
 
 def test_a_bad_flag_names_the_command_line(tmp_path: Path) -> None:
     """A flag value the file would not accept either is reported against the command line."""
-    with pytest.raises(ConfigError, match="command line: key 'table_size': .*greater than or equal to 1"):
+    with pytest.raises(
+        ConfigError, match="command line: key 'table_size': .*greater than or equal to 1"
+    ):
         Config().merged(table_size=0)
 
 
@@ -162,11 +195,14 @@ def test_api_socket_defaults_to_the_netns_name() -> None:
     assert Config().api_socket_path("lab-host") == Path("/run/lasthop/lab-host.sock")
 
 
-@pytest.mark.parametrize(("text", "parsed"), [
-    ("127.0.0.1:9180", ("127.0.0.1", 9180)),
-    ("[::1]:80", ("::1", 80)),
-    ("localhost:65535", ("localhost", 65535)),
-])
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("127.0.0.1:9180", ("127.0.0.1", 9180)),
+        ("[::1]:80", ("::1", 80)),
+        ("localhost:65535", ("localhost", 65535)),
+    ],
+)
 def test_parse_hostport(text: str, parsed: tuple[str, int]) -> None:
     """HOST:PORT splits at the last colon; IPv6 hosts come in brackets."""
     assert parse_hostport(text) == parsed

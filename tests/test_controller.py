@@ -26,8 +26,11 @@ def box() -> Iterator[Sandbox]:
 
 
 def _config(uplinks: list[str], vm_ports: list[str] = (), **kw: object) -> Config:  # type: ignore[assignment]
-    return Config(uplinks=[Interface(name=n) for n in uplinks],
-                  vm_ports=[Interface(name=n) for n in vm_ports], **kw)
+    return Config(
+        uplinks=[Interface(name=n) for n in uplinks],
+        vm_ports=[Interface(name=n) for n in vm_ports],
+        **kw,
+    )
 
 
 def _started(ns: Netns, config: Config) -> Controller:
@@ -42,27 +45,39 @@ def test_start_attaches_each_role_at_tc_ingress(box: Sandbox) -> None:
     ns = box.host(uplinks=1, vm_ports=2)
     c = _started(ns, _config(["up0"], ["vm0", "vm1"], routed=True))
     try:
-        ids = {name: TcHook(ns.ifindex(name), INGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
-               for name in ("up0", "vm0", "vm1", "up0p")}
+        ids = {
+            name: TcHook(ns.ifindex(name), INGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
+            for name in ("up0", "vm0", "vm1", "up0p")
+        }
         assert ids["up0"] and ids["vm0"] and ids["vm0"] == ids["vm1"] and ids["up0"] != ids["vm0"]
         assert ids["up0p"] is None
         info = {i.name: i for i in c.interfaces()}
-        assert {n: i.role for n, i in info.items()} == {"up0": "uplink", "vm0": "vm_port", "vm1": "vm_port"}
+        assert {n: i.role for n, i in info.items()} == {
+            "up0": "uplink",
+            "vm0": "vm_port",
+            "vm1": "vm_port",
+        }
         assert info["up0"].mac == ns.mac("up0")
-        assert len({i.slot for i in info.values()}) == 3 and 0 not in {i.slot for i in info.values()}
+        assert len({i.slot for i in info.values()}) == 3 and 0 not in {
+            i.slot for i in info.values()
+        }
         assert (info["up0"].routed, info["vm0"].routed) == (False, True)
         assert c.attached.uplinks == {ns.ifindex("up0"): "up0"}
     finally:
         c.close()
 
 
-@pytest.mark.parametrize(("uplinks", "vm_ports", "message"), [
-    (["nope0"], [], "uplink 'nope0' not found in this network namespace"),
-    (["up0"], ["nope1"], "VM port 'nope1' not found in this network namespace"),
-    ([], ["vm0"], "no uplink given"),
-])
-def test_start_names_a_missing_interface(box: Sandbox, uplinks: list[str], vm_ports: list[str],
-                                         message: str) -> None:
+@pytest.mark.parametrize(
+    ("uplinks", "vm_ports", "message"),
+    [
+        (["nope0"], [], "uplink 'nope0' not found in this network namespace"),
+        (["up0"], ["nope1"], "VM port 'nope1' not found in this network namespace"),
+        ([], ["vm0"], "no uplink given"),
+    ],
+)
+def test_start_names_a_missing_interface(
+    box: Sandbox, uplinks: list[str], vm_ports: list[str], message: str
+) -> None:
     """A missing interface (or no uplink at all) is a LinkError naming it; nothing is pinned."""
     ns = box.host()
     c = Controller(ns.name)
@@ -82,7 +97,10 @@ def test_bridge_attaches_every_port_but_the_uplink(box: Sandbox) -> None:
     try:
         assert sorted(c.attached.vm_ports.values()) == ["vm0", "vm1"]
         assert {i.name: (i.role, i.zone) for i in c.interfaces()} == {
-            "up0": ("uplink", 0), "vm0": ("vm_port", 7), "vm1": ("vm_port", 7)}
+            "up0": ("uplink", 0),
+            "vm0": ("vm_port", 7),
+            "vm1": ("vm_port", 7),
+        }
     finally:
         c.close()
 
@@ -228,7 +246,9 @@ def test_detach_removes_filters_and_pins(box: Sandbox) -> None:
     c = Controller(ns.name)
     try:
         assert sorted(c.detach()) == ["up0", "vm0"]
-        assert filter_prog_id(ns.ifindex("up0")) is None and filter_prog_id(ns.ifindex("vm0")) is None
+        assert (
+            filter_prog_id(ns.ifindex("up0")) is None and filter_prog_id(ns.ifindex("vm0")) is None
+        )
         assert not ns.pins.exists()
         assert c.detach() == []
     finally:
