@@ -88,7 +88,7 @@ class Agent:
                 api.stop()
             self._restore(previous, previous_wakeup)
 
-    def _restore(self, handlers: dict[int, Any], wakeup_fd: int) -> None:
+    def _restore(self, handlers: dict[signal.Signals, Any], wakeup_fd: int) -> None:
         signal.set_wakeup_fd(wakeup_fd)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
