@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
+from lasthop.api_services import router as services_router
 from lasthop.controller import Attached, DatapathError, InterfaceInfo, NotAttachedError, Stats
 from lasthop.libbpf import BpfError
 from lasthop.table import Connection
@@ -104,6 +105,7 @@ def create_app(controller: Backend) -> FastAPI:
         """Prometheus text format, read from the maps on each scrape."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(services_router(controller))  # /v1/services: lasthop.api_services
     return app
 
 

@@ -194,7 +194,8 @@ def flush(config_path: Path | None, netns: str | None) -> None:
 
 def _add_optional_groups() -> None:
     """Subcommand groups that live in their own packages."""
-    for module, name in (("lasthop.lab.cli", "lab"), ("lasthop.bench.cli", "bench")):
+    for module, name in (("lasthop.lab.cli", "lab"), ("lasthop.bench.cli", "bench"),
+                         ("lasthop.service_cli", "service")):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as err:
