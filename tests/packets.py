@@ -76,12 +76,15 @@ def dot1ad(vlan: int = VLAN_S) -> Packet:
 
 
 # Requests: client -> VM 1, arriving from firewall B on an uplink.
-def tcp4_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: tuple[Packet, ...] = ()) -> Packet:
+Tags = tuple[Packet, ...]
+
+
+def tcp4_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: Tags = ()) -> Packet:
     return (eth(src_mac, MAC_VM_1, vlans) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
             / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000))
 
 
-def tcp6_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: tuple[Packet, ...] = ()) -> Packet:
+def tcp6_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: Tags = ()) -> Packet:
     return (eth(src_mac, MAC_VM_1, vlans) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
             / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000))
 

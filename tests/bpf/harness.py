@@ -27,8 +27,8 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet
 
 from lasthop import abi
-from packets import MAC_FW_B, MAC_UPLINK_1
 from lasthop.libbpf import BpfObject, Map, TestRun
+from packets import MAC_FW_B, MAC_UPLINK_1
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2
@@ -325,7 +325,8 @@ def view(entry: Entry) -> EntryView:
 def frame_diff(actual: bytes, expected: bytes) -> str:
     def show(raw: bytes) -> str:
         return str(Ether(raw).show2(dump=True))
-    return f"\n--- got ({len(actual)} bytes)\n{show(actual)}\n--- expected ({len(expected)} bytes)\n{show(expected)}"
+    return (f"\n--- got ({len(actual)} bytes)\n{show(actual)}"
+            f"\n--- expected ({len(expected)} bytes)\n{show(expected)}")
 
 
 def check(dp: Datapath, case: Case) -> TestRun:

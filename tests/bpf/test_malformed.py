@@ -206,7 +206,8 @@ ROWS = [
     # not IP
     Bad("ARP", ("tcp4",), replace_l3(lambda e: ARP(psrc="192.0.2.1", pdst="192.0.2.11")),
         (C.NOT_IP,)),
-    Bad("LLDP", ("tcp4",), lambda f: Ether(src=MAC_FW_B, dst=MAC_VM_1, type=0x88CC) / Raw(bytes(30)),
+    Bad("LLDP", ("tcp4",),
+        lambda f: Ether(src=MAC_FW_B, dst=MAC_VM_1, type=0x88CC) / Raw(bytes(30)),
         (C.NOT_IP,)),
     Bad("a third VLAN tag", ("tcp4",), retag(dot1ad(), dot1q(), dot1q(VLAN_OTHER)), (C.NOT_IP,)),
 ]

@@ -190,7 +190,8 @@ NOT_LEARNED = [
          eth(MAC_FW_B, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1) / ICMPv6ND_NS(tgt=IP6_VM_1),
          counters={("up1", C.ICMP_OTHER): 1}),
     Case("an ICMP timestamp request is no connection", UPLINK, "up1",
-         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1) / ICMP(type="timestamp-request"),
+         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+         / ICMP(type="timestamp-request"),
          counters={("up1", C.ICMP_OTHER): 1}),
 ]
 

@@ -21,7 +21,7 @@ from scapy.layers.inet6 import (
     ICMPv6PacketTooBig,
     IPv6,
 )
-from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
 from lasthop import abi
@@ -32,7 +32,6 @@ from packets import (
     IP_VM_1,
     MAC_FW_A,
     MAC_FW_B,
-    MAC_UPLINK_1,
     MAC_UPLINK_2,
     MAC_VM_1,
     MAC_VMPORT_1,
