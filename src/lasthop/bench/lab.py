@@ -31,6 +31,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -76,7 +77,8 @@ HERE = Path(__file__).resolve().parent
 SENDER_SOURCE = HERE / "lab_sender.c"
 ENDPOINTS_SOURCE = HERE / "lab_endpoints.bpf.c"
 DEFAULT_OUT = Path("results/bench-lab")
-LOCK = Path("/run/lasthop-bench-lab.lock")
+LOCK_DIR = Path("/run/lasthop-bench")
+DEFAULT_PREFIX = "lhb"
 NS_PER_S = 1e9
 MAX_LOSS = 0.001  # a run that lost more than this share of its packets is flagged
 SETTLE_S = 0.2  # after flushing a table: RCU frees the entries before the next run
@@ -110,22 +112,21 @@ class BenchError(RuntimeError):
 class Mode:
     name: str
     label: str
-    lab: str  # lab name: the namespaces are <lab>-fw1, <lab>-host, <lab>-vm1
+    tag: str  # the lab is <prefix><tag>: namespaces <prefix><tag>-fw1, -host, -vm1
     host: str | None  # None (no host), "bridged", "routed"
     extra: str | None = None  # None, "lasthop", "recipe"
 
-    @property
-    def plan(self) -> P.Plan:
-        return P.Plan(self.lab, routed=self.host == "routed", sites=[1], vms=[1])
+    def plan(self, prefix: str) -> P.Plan:
+        return P.Plan(prefix + self.tag, routed=self.host == "routed", sites=[1], vms=[1])
 
 
 MODES = (
-    Mode("direct", "no host (baseline)", "lhbdir", None),
-    Mode("bridge", "plain bridge", "lhbbr", "bridged"),
-    Mode("lasthop", "lasthop (bridged)", "lhblh", "bridged", "lasthop"),
-    Mode("routed", "plain routing", "lhbrt", "routed"),
-    Mode("lasthop-routed", "lasthop (routed)", "lhblhrt", "routed", "lasthop"),
-    Mode("recipe", "conntrack recipe (routed)", "lhbrcp", "routed", "recipe"),
+    Mode("direct", "no host (baseline)", "dir", None),
+    Mode("bridge", "plain bridge", "br", "bridged"),
+    Mode("lasthop", "lasthop (bridged)", "lh", "bridged", "lasthop"),
+    Mode("routed", "plain routing", "rt", "routed"),
+    Mode("lasthop-routed", "lasthop (routed)", "lhrt", "routed", "lasthop"),
+    Mode("recipe", "conntrack recipe (routed)", "rcp", "routed", "recipe"),
 )
 MODE_BY_NAME = {m.name: m for m in MODES}
 BASELINE = "direct"
@@ -256,11 +257,11 @@ def _compile(tmp: Path) -> Tools:
 class BenchPath:
     """One mode's copy of the path: fw1 (sender) — host — vm1 (reflector)."""
 
-    def __init__(self, mode: Mode, tools: Tools, br_netfilter: bool = False) -> None:
+    def __init__(self, mode: Mode, tools: Tools, prefix: str, br_netfilter: bool = False) -> None:
         self.mode = mode
         self.tools = tools
         self.br_netfilter = br_netfilter
-        plan = mode.plan
+        self.plan = plan = mode.plan(prefix)
         self.fw, self.vm, self.host = plan.firewall(1), plan.vm(1), plan.host
         self.fw_if = P.FW_TRANSIT
         self.lasthop: lab_agent.LasthopAgent | None = None
@@ -383,7 +384,7 @@ class BenchPath:
         path stays attached and no agent work (aging) lands in a measurement."""
         if not lab_agent.available():
             raise BenchError("the lasthop agent is not importable")
-        agent = lab_agent.LasthopAgent(self.mode.plan)
+        agent = lab_agent.LasthopAgent(self.plan)
         agent.start()
         agent.stop()
         self.lasthop = agent
@@ -459,23 +460,24 @@ def _cpu_time_ns(pids: list[int]) -> int:
     return total
 
 
-def _clean(progress: Progress) -> None:
+def _clean(prefix: str, progress: Progress) -> None:
     """Removes every namespace, pin, agent and state any bench mode left (by lab name)."""
     for mode in MODES:
-        removed = lab_down(mode.lab)
+        removed = lab_down(mode.plan(prefix).name)
         if removed:
             progress(f"removed {len(removed)} namespaces of {mode.name}")
 
 
 @contextmanager
-def _exclusive() -> Iterator[None]:
-    """One bench lab at a time on this machine (they share namespace names)."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK, "w") as f:
+def _exclusive(prefix: str) -> Iterator[None]:
+    """One bench lab per prefix at a time (they would share namespaces)."""
+    lock = LOCK_DIR / f"lab-{prefix}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BenchError(f"another 'lasthop bench lab' is running ({LOCK} is locked)") from None
+            raise BenchError(f"a bench lab with prefix {prefix} is running ({lock})") from None
         yield
 
 
@@ -525,33 +527,39 @@ def _measure(
     )
 
 
-def run_bench(settings: Settings, progress: Progress = _quiet) -> Report:
+def run_bench(
+    settings: Settings, progress: Progress = _quiet, prefix: str = DEFAULT_PREFIX
+) -> Report:
     """Builds every mode's path, runs the tests interleaved, removes everything."""
     if os.geteuid() != 0:
         raise BenchError("the bench lab needs root (network namespaces, nftables, BPF)")
+    if not re.fullmatch(r"[a-z][a-z0-9]{0,3}", prefix):
+        raise BenchError(
+            f"prefix {prefix!r}: 1-4 lowercase letters and digits, starting with a letter"
+        )
     if not 0 <= settings.cpu < (os.cpu_count() or 1):
         raise BenchError(f"no CPU {settings.cpu} on this machine")
     started = time.monotonic()
     with (
-        _exclusive(),
+        _exclusive(prefix),
         _sigterm_interrupts(),
         tempfile.TemporaryDirectory(prefix="lasthop-bench-lab-") as tmp,
     ):
         progress("building the sender and the reflector")
         tools = _compile(Path(tmp))
-        _clean(progress)
+        _clean(prefix, progress)
         try:
             paths: list[BenchPath] = []
             for mode in MODES:
                 progress(f"building {mode.name}: {mode.label}")
-                path = BenchPath(mode, tools, settings.br_netfilter)
-                paths.append(path)  # before build(): a half-built path is cleaned too
+                path = BenchPath(mode, tools, prefix, settings.br_netfilter)
+                paths.append(path)
                 path.build()
             runs = _interleaved(paths, settings, progress)
             checks = _checks(paths, runs)
         finally:
             progress("removing the namespaces")
-            _clean(_quiet)
+            _clean(prefix, _quiet)
     return summarize(runs, settings, checks, time.monotonic() - started)
 
 
@@ -1011,9 +1019,16 @@ EXIT_OK, EXIT_INCONSISTENT, EXIT_CANNOT_RUN = 0, 1, 3
     show_default=True,
     help="Folder for bench-lab.md, bench-lab.png, bench-lab.json.",
 )
+@click.option(
+    "--prefix",
+    default=DEFAULT_PREFIX,
+    show_default=True,
+    help="Start of every namespace name (<prefix><mode>-host, ...): two runs need two prefixes.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 def lab_command(quick: bool, reps: int | None, packets: int | None, connections: int | None,
-                cpu: int, br_netfilter: bool, out: Path, as_json: bool) -> None:  # fmt: skip
+                cpu: int, br_netfilter: bool, out: Path, prefix: str,
+                as_json: bool) -> None:  # fmt: skip
     """The host's CPU per packet and new connections per second: plain bridge,
     lasthop, conntrack recipe, side by side (docs/bench-lab.md).
 
@@ -1033,7 +1048,7 @@ def lab_command(quick: bool, reps: int | None, packets: int | None, connections:
     err = Console(stderr=True)
     try:
         with console.status("starting") as status:
-            report = run_bench(settings, status.update)
+            report = run_bench(settings, status.update, prefix)
     except (BenchError, LabError) as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(EXIT_CANNOT_RUN)

@@ -1,0 +1,202 @@
+"""`lasthop bench lab`: the arithmetic of the report (no root), a --quick run
+whose figures are positive and hang together, and its clean-up on Ctrl-C.
+
+Benchmarks print ratios; these tests never check a target or a timing."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lasthop.bench import lab as L
+from lasthop.lab.namespaces import existing
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN_TIMEOUT = 180
+# per mode: CPU ns per request and answer, in the packets and the connections test
+SYNTHETIC = {
+    "direct": (2000, 2000),
+    "bridge": (3400, 3500),
+    "lasthop": (3600, 4300),
+    "routed": (4700, 4800),
+    "lasthop-routed": (4300, 5000),
+    "recipe": (7000, 8000),
+}
+
+
+def _runs(reps: int = 3, jitter: float = 0.02) -> list[L.Run]:
+    runs = []
+    for rep in range(reps):
+        scale = 1 + jitter * (rep - 1)  # rep 0 low, rep 1 as given, rep 2 high
+        for mode, (pkt, conn) in SYNTHETIC.items():
+            for test, ns, sent in (("packets", pkt, 10_000), ("connections", conn, 5_000)):
+                cpu = round(ns * scale * sent)
+                runs.append(L.Run(mode, test, rep, sent, sent, sent, cpu, 0, cpu + 1000))
+    return runs
+
+
+def test_host_cost_is_the_mode_minus_the_direct_path_per_forwarded_packet() -> None:
+    """ns/packet = (mode - direct) / 2 per request (a request and its answer
+    cross the host); ns/connection = mode - direct; connections/s = 1e9 / that."""
+    report = L.summarize(_runs(jitter=0.0), L.QUICK)
+    bridge = report.modes["bridge"]
+    assert bridge.packet_ns and bridge.conn_ns and bridge.conn_per_s
+    assert bridge.packet_ns.median == pytest.approx((3400 - 2000) / 2)
+    assert bridge.conn_ns.median == pytest.approx(3500 - 2000)
+    assert bridge.conn_per_s.median == pytest.approx(1e9 / 1500)
+    assert report.modes["direct"].packet_ns is None
+    assert report.modes["direct"].path_ns.median == pytest.approx(2000)
+
+
+def test_ratios_come_from_the_medians_and_targets_compare_them() -> None:
+    """lasthop ÷ bridge is the ratio of the medians; a lower-is-better target
+    passes below its limit, a higher-is-better one above it."""
+    report = L.summarize(_runs(), L.QUICK)
+    by_key = {(t.target.metric, t.target.mode, t.target.base): t for t in report.targets}
+    t = by_key[("packet_ns", "lasthop", "bridge")]
+    assert t.ratio.median == pytest.approx(800 / 700)  # (3600-2000)/2 over (3400-2000)/2
+    assert not t.passed  # 1.14 > 0.8
+    conn = by_key[("conn_per_s", "lasthop", "recipe")]
+    assert conn.ratio.median == pytest.approx(6000 / 2300)
+    assert conn.passed  # 2.6 >= 2
+    for t in report.targets:
+        assert t.ratio.low <= t.ratio.median <= t.ratio.high
+
+
+def test_report_files_name_every_mode_and_target(tmp_path: Path) -> None:
+    """write_results writes the Markdown table, a PNG and the JSON report."""
+    report = L.summarize(_runs(), L.QUICK, {"lasthop": {"ok": True, "max_loss": 0.0}}, 1.0)
+    md, png, js = L.write_results(report, tmp_path / "out")
+    text = md.read_text()
+    for mode in L.MODES[1:]:
+        assert f"| {mode.label} |" in text
+    assert text.count("**pass**") + text.count("**miss**") == len(L.TARGETS)
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert json.loads(js.read_text())["modes"]["recipe"]["host_ns_per_packet"]["median"] > 0
+
+
+# -- on the machine (root: namespaces, nftables, BPF) -------------------------------------
+
+
+def _prefix() -> str:
+    return "b" + secrets.token_hex(1)  # two test runs at once never share namespaces
+
+
+def _leftovers(prefix: str) -> list[str]:
+    """Namespaces, lasthop pin folders and lab state a bench with prefix left behind."""
+    names = {m.plan(prefix).name for m in L.MODES}
+    found = [ns for ns in existing() if ns.split("-")[0] in names]
+    for folder in (Path("/sys/fs/bpf/lasthop"), Path("/run/lasthop-lab")):
+        if folder.is_dir():
+            found += [str(p) for p in folder.iterdir() if p.name.split("-")[0] in names]
+    return found
+
+
+def _bench(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lasthop.bench.lab", *args]
+
+
+@pytest.fixture
+def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    prefix, out = _prefix(), tmp_path / "results"
+    done = subprocess.run(
+        _bench("--quick", "--json", "--out", str(out), "--prefix", prefix),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == L.EXIT_OK, done.stderr[-2000:]
+    assert _leftovers(prefix) == []
+    return json.loads(done.stdout), out
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.bpf
+@pytest.mark.slow
+def test_quick_run_writes_positive_consistent_figures(
+    quick_report: tuple[dict[str, Any], Path],
+) -> None:
+    """--quick writes bench-lab.md/png/json; every figure is positive, each
+    median lies within its range, connections/s is 1e9 / ns per connection,
+    every ratio is the ratio of the medians; nothing was lost; lasthop
+    redirected every answer and the recipe tracked every connection."""
+    report, out = quick_report
+    assert (out / "bench-lab.md").read_text().startswith("# lasthop bench lab")
+    assert (out / "bench-lab.png").read_bytes().startswith(PNG_MAGIC)
+    assert json.loads((out / "bench-lab.json").read_text())["modes"] == report["modes"]
+    assert report["consistent"], report["checks"]
+
+    modes = report["modes"]
+    assert set(modes) == {m.name for m in L.MODES}
+    for name, m in modes.items():
+        figures = ["path_ns_per_request"]
+        if name != L.BASELINE:
+            figures += ["host_ns_per_packet", "host_ns_per_connection", "connections_per_s"]
+        for key in figures:
+            f = m[key]
+            assert 0 < f["low"] <= f["median"] <= f["high"], (name, key, f)
+            assert len(f["values"]) == L.QUICK.reps
+        if name != L.BASELINE:  # an odd number of repetitions: the median is one of them
+            rate, cost = m["connections_per_s"]["median"], m["host_ns_per_connection"]["median"]
+            assert rate == pytest.approx(1e9 / cost)
+
+    for t in report["targets"]:
+        a, b = modes[t["mode"]], modes[t["base"]]
+        if t["metric"] == "packet_ns":
+            want = a["host_ns_per_packet"]["median"] / b["host_ns_per_packet"]["median"]
+        else:
+            want = b["host_ns_per_connection"]["median"] / a["host_ns_per_connection"]["median"]
+        assert t["ratio"] == pytest.approx(want)
+        below = t["ratio"] <= t["limit"]
+        assert t["passed"] == (below if t["op"] == "<=" else t["ratio"] >= t["limit"])
+
+    runs = report["runs"]
+    assert len(runs) == L.QUICK.reps * len(L.MODES) * 2
+    for r in runs:
+        assert r["sent"] == r["reached_vm"] == r["replies"], r
+        assert 0 < r["cpu_ns"] <= r["wall_ns"], r  # one thread: never more CPU than time
+        assert math.isclose(r["per_request_ns"], (r["cpu_ns"] + r["softirqd_ns"]) / r["sent"])
+    for name in ("lasthop", "lasthop-routed"):
+        answers = sum(r["replies"] for r in runs if r["mode"] == name)
+        assert report["checks"][name]["redirected"] >= answers
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.bpf
+@pytest.mark.slow
+def test_ctrl_c_removes_every_namespace_pin_and_state() -> None:
+    """Interrupted in the middle of its repetitions, the bench exits 130 and
+    leaves no namespace, lasthop pin, lab state or process behind."""
+    prefix = _prefix()
+    last = L.MODES[-1].plan(prefix)
+    proc = subprocess.Popen(
+        _bench("--quick", "--prefix", prefix, "--out", "/nonexistent"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while last.vm(1).ns not in existing():  # the last mode is being built
+            assert proc.poll() is None and time.monotonic() < deadline, "no paths built"
+            time.sleep(0.1)
+        time.sleep(2.0)  # into the runs
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _leftovers(prefix) == []
