@@ -149,6 +149,7 @@ class Netns:
                 entry.unlink()
             self.pins.rmdir()
         self.socket.unlink(missing_ok=True)
+        shutil.rmtree(SOCKET_DIR / self.name, ignore_errors=True)  # the services' state file
 
 
 class Agent:
