@@ -188,6 +188,13 @@ ROWS = [
     Bad("IPv4 ethertype, version 6 inside", ("tcp4",), set_ip(version=6)),
     Bad("IPv6 ethertype, version 4 inside", ("tcp6",), set_ip(version=4)),
     Bad("IPv6 payload length beyond the frame", ("tcp6",), set_ip(plen=100)),
+    # the IP header's length is the datagram's: bytes after it are Ethernet padding
+    Bad("IPv4 total length ends inside the L4 header (the rest is padding)",
+        ("tcp4", "udp4", "icmp4"), set_ip(len=20 + 4)),
+    Bad("IPv6 payload length ends inside the L4 header (the rest is padding)",
+        ("tcp6", "icmp6"), set_ip(plen=4)),
+    Bad("IPv6 payload length ends inside an extension header", ("tcp6",),
+        lambda f: set_ip(plen=4)(ext6(IPv6ExtHdrDestOpt())(f))),
     Bad("IPv6 extension header cut short (payload length 1)", ("tcp6",),
         replace_l3(lambda e: IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, nh=60) / Raw(b"\x06"))),
     Bad("IPv6 extension header whose length runs past the frame", ("tcp6",),

@@ -47,8 +47,16 @@ struct pkt {
 	__u8  ip_options;   /* IPv4 header longer than 20 bytes */
 	__u8  ipv6_ext;     /* IPv6 extension headers skipped */
 	__u16 l3_off;       /* offset of the IP header from the frame start */
+	__u32 l3_len;       /* the datagram's length as its IP header states it */
 	void *l3;           /* the IP header (valid until the packet changes) */
 };
+
+/* Whether n bytes from the cursor lie inside the IP datagram. Bytes after it
+ * are Ethernet padding, not headers: the frame's end is not enough. */
+static __always_inline int in_datagram(const struct cursor *c, const struct pkt *p, __u32 n)
+{
+	return c->pos + n - p->l3 <= p->l3_len;
+}
 
 /* Ethernet, then up to MAX_VLAN_TAGS 802.1Q/802.1ad tags in the data.
  * Returns the ethertype in host order. */
@@ -102,6 +110,7 @@ static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, __u32 fra
 	if (c->pos + hlen > c->end)
 		return -CNT_MALFORMED;
 	p->ip_options = hlen > sizeof(*ip);
+	p->l3_len = tot;
 	p->key.family = FAMILY_V4;
 	p->key.proto = ip->protocol;
 	p->key.saddr[0] = ip->saddr;
@@ -115,13 +124,16 @@ static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, __u32 fra
 static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, __u32 frame_len)
 {
 	struct ipv6hdr *ip6 = c->pos;
-	__u32 off = p->l3_off;
+	__u32 off = p->l3_off, plen;
 	__u8 next;
 
 	if ((void *)(ip6 + 1) > c->end)
 		return -CNT_MALFORMED;
-	if (ip6->version != 6 || off + sizeof(*ip6) + bpf_ntohs(ip6->payload_len) > frame_len)
+	plen = bpf_ntohs(ip6->payload_len);
+	if (ip6->version != 6 || off + sizeof(*ip6) + plen > frame_len)
 		return -CNT_MALFORMED;
+	/* payload length 0: a jumbogram (BIG TCP GRO), as long as the frame */
+	p->l3_len = plen ? sizeof(*ip6) + plen : frame_len - off;
 	p->key.family = FAMILY_V6;
 	__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
 	__builtin_memcpy(p->key.daddr, &ip6->daddr, 16);
@@ -141,7 +153,7 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, __u32 fra
 		if ((void *)(ext + 1) > c->end)
 			return -CNT_MALFORMED;
 		len = next == IPPROTO_AH ? (ext->len + 2) * 4 : (ext->len + 1) * 8;
-		if (c->pos + len > c->end)
+		if (c->pos + len > c->end || !in_datagram(c, p, len))
 			return -CNT_MALFORMED;
 		p->ipv6_ext = 1;
 		next = ext->next;
@@ -180,7 +192,7 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 	case IPPROTO_TCP: {
 		struct tcphdr *th = c->pos;
 
-		if ((void *)(th + 1) > c->end || th->doff < 5)
+		if ((void *)(th + 1) > c->end || !in_datagram(c, p, sizeof(*th)) || th->doff < 5)
 			return -CNT_MALFORMED;
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
@@ -190,7 +202,7 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 	case IPPROTO_UDP: {
 		struct udphdr *uh = c->pos;
 
-		if ((void *)(uh + 1) > c->end)
+		if ((void *)(uh + 1) > c->end || !in_datagram(c, p, sizeof(*uh)))
 			return -CNT_MALFORMED;
 		p->key.sport = uh->source;
 		p->key.dport = uh->dest;
@@ -200,7 +212,7 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 	case IPPROTO_ICMPV6: {
 		struct icmphdr *ih = c->pos; /* ICMPv6 shares the first 8 bytes' layout */
 
-		if ((void *)(ih + 1) > c->end)
+		if ((void *)(ih + 1) > c->end || !in_datagram(c, p, sizeof(*ih)))
 			return -CNT_MALFORMED;
 		if ((p->key.proto == IPPROTO_ICMP) != (p->key.family == FAMILY_V4))
 			return -CNT_MALFORMED;
