@@ -41,6 +41,7 @@ SLOT0 = "slot0"  # counters of packets on interfaces the agent did not configure
 SEEN_SETUP = 1_000_000_007  # last_seen the rows write: "not touched by this run"
 _SKB_CTX_SIZE = 192  # struct __sk_buff; ifindex at offset 40
 _SKB_IFINDEX_OFF = 40
+_SKB_GSO_SIZE_OFF = 176  # a GSO skb, as GRO builds them
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class Case:
     zones: tuple[tuple[str, int], ...] = ()  # (iface, zone) overrides
     roles: tuple[tuple[str, abi.Role], ...] = ()  # (iface, role) overrides; NONE removes
     vm_macs: tuple[tuple[str, str], ...] = ()  # (VM port, guest MAC) known to lh_ifaces
+    gso_size: int = 0  # run as a GSO skb (GRO-merged) with this segment size
     verdict: int = TC_ACT_OK
     redirect: str | None = None  # interface the frame is redirected to
     output: Packet | None = None  # None: the input, unchanged
@@ -266,9 +268,10 @@ class Datapath:
         self.conns.update(entry.key.pack(), bytes(e))
 
     # running
-    def run(self, prog: str, frame: bytes, iface: str) -> TestRun:
+    def run(self, prog: str, frame: bytes, iface: str, gso_size: int = 0) -> TestRun:
         ctx = bytearray(_SKB_CTX_SIZE)
         struct.pack_into("<I", ctx, _SKB_IFINDEX_OFF, self.ifaces[iface].ifindex)
+        struct.pack_into("<I", ctx, _SKB_GSO_SIZE_OFF, gso_size)
         return self.obj.program(prog).test_run(frame, ctx=bytes(ctx))
 
     def clock(self) -> int:
@@ -344,7 +347,7 @@ def check(dp: Datapath, case: Case) -> TestRun:
     frame = bytes(case.packet)
     before = dp.counter_values()
     t0 = dp.clock()
-    run = dp.run(case.prog, frame, case.iface)
+    run = dp.run(case.prog, frame, case.iface, case.gso_size)
     t1 = dp.clock()
     after = dp.counter_values()
 

@@ -124,6 +124,18 @@ LEARNING = [
          counters={("up1", C.LEARNED): 1, ("up1", C.IPV6_EXT): 1}),
     learn("a protocol without ports (GRE) is learned with ports 0",
           eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, proto=47) / Raw(bytes(8))),
+    Case("BIG TCP: a GRO packet with IPv4 total length 0 runs to the frame's end", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, len=0)
+         / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A") / Raw(bytes(1448 * 2)),
+         gso_size=1448, after=(learned(tcp4_request()),), counters={("up1", C.LEARNED): 1}),
+    Case("IPv4 total length 0 on a frame that is no GSO packet is malformed", UPLINK, "up1",
+         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, len=0)
+         / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A") / Raw(bytes(100)),
+         counters={("up1", C.MALFORMED): 1}),
+    Case("BIG TCP: a GRO packet with IPv6 payload length 0 runs to the frame's end", UPLINK,
+         "up1", eth(MAC_FW_B, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, plen=0)
+         / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A") / Raw(bytes(1448 * 2)),
+         gso_size=1448, after=(learned(tcp6_request()),), counters={("up1", C.LEARNED): 1}),
     Case("Ethernet padding after the IPv4 total length is ignored", UPLINK, "up1",
          eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, len=40)
          / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S") / Raw(bytes(6)),

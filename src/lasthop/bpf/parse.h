@@ -94,15 +94,19 @@ static __always_inline int parse_eth(struct cursor *c, struct pkt *p)
 
 /* IPv4: checks IHL and total length against the frame; options are skipped,
  * fragments refused (no ports to key on). Returns the L4 protocol. */
-static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, __u32 frame_len)
+static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, struct __sk_buff *skb)
 {
 	struct iphdr *ip = c->pos;
-	__u32 hlen, tot, off = p->l3_off;
+	__u32 hlen, tot, off = p->l3_off, frame_len = skb->len;
 
 	if ((void *)(ip + 1) > c->end)
 		return -CNT_MALFORMED;
 	hlen = ip->ihl * 4;
 	tot = bpf_ntohs(ip->tot_len);
+	/* total length 0 on a GSO packet: BIG TCP GRO over 64 KiB, as long as the
+	 * frame (the kernel's iph_totlen() reads it so too) */
+	if (!tot && skb->gso_size)
+		tot = frame_len - off;
 	if (ip->version != 4 || hlen < sizeof(*ip) || tot < hlen || off + tot > frame_len)
 		return -CNT_MALFORMED;
 	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_))
@@ -303,7 +307,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p, st
 	p->l3 = c->pos;
 	p->l3_off = c->pos - (void *)(long)skb->data;
 	if (proto == ETH_P_IP)
-		proto = parse_ipv4(c, p, skb->len);
+		proto = parse_ipv4(c, p, skb);
 	else if (proto == ETH_P_IPV6)
 		proto = parse_ipv6(c, p, skb->len);
 	else
