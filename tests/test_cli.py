@@ -202,6 +202,7 @@ def test_second_agent_on_the_same_socket_exits_1(box: Sandbox) -> None:
 
 
 @pytest.mark.root
+@pytest.mark.bpf
 @pytest.mark.netns
 def test_a_stale_socket_is_replaced(box: Sandbox) -> None:
     """A socket file nobody listens on (an agent that was killed) does not stop run."""
