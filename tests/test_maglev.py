@@ -131,3 +131,24 @@ def test_adding_a_vm_takes_slots_only_for_itself() -> None:
     after = build_table([*pool, Backend("vm-new", 999)])
     moved = [b for a, b in zip(before, after, strict=True) if a != b]
     assert sum(1 for b in moved if b == 999) / len(moved) > 0.97
+
+
+def test_the_bench_hashes_keys_as_the_mirror_does() -> None:
+    """bench services' vectorised jhash2 agrees with jhash2 key for key."""
+    np = pytest.importorskip("numpy")
+    from lasthop.bench.services import _jhash2_numpy
+
+    rng = random.Random(3)
+    rows = [[rng.getrandbits(32) for _ in range(10)] for _ in range(300)]
+    got = _jhash2_numpy(np.asarray(rows, dtype=np.uint32), abi.MAGLEV_SEED)
+    assert [int(x) for x in got] == [jhash2(r, abi.MAGLEV_SEED) for r in rows]
+
+
+def test_the_bench_figures_for_a_small_run() -> None:
+    """Spread and movement as bench services computes them, on 30,000 keys."""
+    from lasthop.bench.services import simulated_slots, spread
+
+    s = spread(3, simulated_slots(30_000))
+    assert s.busiest < 1.05 and s.quietest > 0.95
+    assert 0.30 < s.moved <= s.moved_bound
+    assert (s.slots_min, s.slots_max) == (21845, 21846)

@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 
 from lasthop.bench import datapath as dp_bench
+from lasthop.bench.services import services_command
 
 __all__ = ["bench"]
 
@@ -68,3 +69,4 @@ def _add_lab() -> None:
 
 
 _add_lab()
+bench.add_command(services_command)  # `bench services`: lasthop.bench.services
