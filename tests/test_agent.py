@@ -314,14 +314,6 @@ def test_real_traffic_learns_the_firewall_and_redirects_replies(box: Sandbox, pr
         site.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "lh_uplink counts `learned` again when the first reply of a VM-opened connection arrives "
-        "(conn_refresh on an entry without HOP_KNOWN), so learned + vm_origin_learned counts that "
-        "entry twice and stats derives one eviction that never happened"
-    ),
-)
 def test_a_vm_opened_connection_is_not_counted_as_evicted(box: Sandbox) -> None:
     """A connection the VM opens, answered through the uplink, leaves evicted at 0."""
     site = BridgedSite(box)

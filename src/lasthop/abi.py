@@ -73,6 +73,7 @@ class Counter(enum.IntEnum):
     SVC_DROPPED = 24
     VM_ORIGIN_PENDING = 25
     NOT_UNICAST = 26
+    VM_ORIGIN_HOP = 27
 
 
 class ConnKey(ctypes.Structure):

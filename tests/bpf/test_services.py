@@ -468,7 +468,7 @@ def test_full_proxy_vms_sharing_one_address_each_get_their_servers_replies(sv: S
         reply = server_reply(sport)
         sent = sv.send(UPLINK, "up1", reply)
         sent.assert_to_vm(reply, vm)
-        assert sent.counters == {("up1", C.LEARNED): 1, ("up1", C.VM_ORIGIN_RETURNED): 1}
+        assert sent.counters == {("up1", C.VM_ORIGIN_HOP): 1, ("up1", C.VM_ORIGIN_RETURNED): 1}
         e = sv.entry(reply)
         assert e is not None
         assert (e.flags, bytes(e.mac), sv.name(e.ifindex)) == (
@@ -506,7 +506,7 @@ def test_a_vm_opened_connection_of_a_down_vm_passes(sv: Services) -> None:
     reply = server_reply(PORT_PROXY_1)
     sent = sv.send(UPLINK, "up1", reply)
     assert (sent.verdict, sent.redirect, sent.data) == (TC_ACT_OK, None, bytes(reply))
-    assert sent.counters == {("up1", C.LEARNED): 1, ("up1", C.MISS): 1}
+    assert sent.counters == {("up1", C.VM_ORIGIN_HOP): 1, ("up1", C.MISS): 1}
 
 
 # ---------------------------------------------------------------- the agent's side

@@ -214,7 +214,7 @@ VM_ORIGIN = [
          vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="vm1",
          after=(Entry(Key(tcp4_request("SA")), mac=MAC_FW_B, iface="up1",
                       flags=abi.F_ENTRY_VM_ORIGIN | HOP, packets=1, vm="vm1", seen="now"),),
-         counters={("up1", C.LEARNED): 1, ("up1", C.VM_ORIGIN_RETURNED): 1}),
+         counters={("up1", C.VM_ORIGIN_HOP): 1, ("up1", C.VM_ORIGIN_RETURNED): 1}),
 ]
 
 

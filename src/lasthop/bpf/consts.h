@@ -90,6 +90,7 @@ enum lh_counter {
 	CNT_SVC_DROPPED         = 24, /* packet for a down VM with on_vm_down = "drop" */
 	CNT_VM_ORIGIN_PENDING   = 25, /* VM packet of a connection it opened, no reply seen yet */
 	CNT_NOT_UNICAST         = 26, /* uplink frame to a multicast/broadcast MAC: no connection */
+	CNT_VM_ORIGIN_HOP       = 27, /* first reply of a VM-opened connection: its last hop learned */
 	CNT_MAX                 = 32,
 };
 

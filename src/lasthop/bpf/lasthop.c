@@ -76,7 +76,7 @@ static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *
 	if (conn_hop_same(e, p, mac, ifindex))
 		return CNT_REFRESHED;
 	if (!(e->flags & F_ENTRY_HOP_KNOWN))
-		reason = CNT_LEARNED; /* first uplink packet of a VM-opened connection */
+		reason = CNT_VM_ORIGIN_HOP; /* not LEARNED: the entry was counted when the VM opened it */
 	else if (syn || !(settings & F_SET_RELEARN_FIRST))
 		reason = CNT_RELEARNED;
 	else
