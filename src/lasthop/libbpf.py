@@ -178,8 +178,7 @@ _libc.vsnprintf.restype = _int
 _log_lines: list[str] = []
 
 
-@_PRINT_FN
-def _on_print(level: int, fmt: bytes, args: int) -> int:
+def _on_print_py(level: int, fmt: bytes, args: int) -> int:
     buf = _c.create_string_buffer(2048)
     _libc.vsnprintf(buf, len(buf), fmt, args)
     _log_lines.append(buf.value.decode(errors="replace"))
@@ -187,6 +186,7 @@ def _on_print(level: int, fmt: bytes, args: int) -> int:
     return 0
 
 
+_on_print = _PRINT_FN(_on_print_py)  # kept referenced: libbpf holds the pointer
 _sig("libbpf_set_print", _vp, _PRINT_FN)
 _lib.libbpf_set_print(_on_print)
 

@@ -66,7 +66,7 @@ def _is_bpffs(path: Path) -> bool:
     buf = _Statfs()
     if _libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
         return False
-    return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
+    return bool((buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC)
 
 
 def _other_roots() -> list[Path]:
