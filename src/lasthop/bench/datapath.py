@@ -182,7 +182,7 @@ def _u32(n: int) -> bytes:
 def _private_netns() -> Iterator[dict[str, int]]:
     """A network namespace of our own with two veth pairs, entered for the run
     (test run resolves ctx.ifindex in the caller's namespace); removed after."""
-    from pyroute2 import NetNS, netns  # type: ignore[import-untyped]
+    from pyroute2 import NetNS, netns
 
     name = f"lh-bench-{os.getpid()}"
     netns.create(name)
