@@ -8,6 +8,8 @@ the same addresses and MACs (from lasthop.lab.plan); only the host differs:
 
     <lab>-fw1 (sender, sink) ── up0 [<lab>-host] vm1 ── eth0 <lab>-vm1 (reflector)
 
+    <lab> = prefix + mode tag: lhbbr, lhblh, lhbrcp, ... (torn down with lasthop.lab's down())
+
     direct          no host: fw1's veth goes straight to the VM (the baseline)
     bridge          bridged host, nothing else (the symmetric path: the limit)
     lasthop         the same bridged host with lasthop attached
@@ -984,7 +986,7 @@ def print_report(report: Report, console: Console) -> None:
 
 # -- command ------------------------------------------------------------------------------
 
-EXIT_OK, EXIT_INCONSISTENT, EXIT_CANNOT_RUN = 0, 1, 3
+EXIT_OK, EXIT_FAILED, EXIT_CANNOT_RUN = 0, 1, 3
 
 
 @click.command("lab")
@@ -1026,15 +1028,17 @@ EXIT_OK, EXIT_INCONSISTENT, EXIT_CANNOT_RUN = 0, 1, 3
     help="Start of every namespace name (<prefix><mode>-host, ...): two runs need two prefixes.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
+@click.option("--strict", is_flag=True, help="Exit 1 when a primary target is missed.")
 def lab_command(quick: bool, reps: int | None, packets: int | None, connections: int | None,
                 cpu: int, br_netfilter: bool, out: Path, prefix: str,
-                as_json: bool) -> None:  # fmt: skip
+                as_json: bool, strict: bool) -> None:  # fmt: skip
     """The host's CPU per packet and new connections per second: plain bridge,
     lasthop, conntrack recipe, side by side (docs/bench-lab.md).
 
     Exit codes: 0 it ran (targets are reported, not enforced); 1 a check
-    failed (packets lost, or lasthop or the recipe did not do its work);
-    3 it could not run (not root, a tool missing, a command failed)."""
+    failed (packets lost, or lasthop or the recipe did not do its work), or
+    with --strict a target was missed; 3 it could not run (not root, a tool
+    missing, a command failed)."""
     base = QUICK if quick else FULL
     settings = replace(
         base,
@@ -1061,7 +1065,8 @@ def lab_command(quick: bool, reps: int | None, packets: int | None, connections:
     else:
         print_report(report, console)
     console.print(f"written: {', '.join(map(str, files))}")
-    sys.exit(EXIT_OK if report.consistent else EXIT_INCONSISTENT)
+    missed = strict and not all(t.passed for t in report.targets if t.target.primary)
+    sys.exit(EXIT_OK if report.consistent and not missed else EXIT_FAILED)
 
 
 if __name__ == "__main__":
