@@ -26,6 +26,8 @@ from scapy.packet import Packet
 
 from lasthop import abi
 from packets import (
+    ECHO_ID,
+    ECHO_SEQ,
     IP6_CLIENT_B,
     IP6_VM_1,
     IP_CLIENT_B,
@@ -292,6 +294,9 @@ MISSES = [
 ]
 
 VM_ORIGIN_SYN = tcp4_reply("S")  # VM 1 opens a connection to the client's address
+# VM 1 pings the client's address
+VM_PING = (eth(MAC_VM_1, MAC_FW_A) / IP(src=IP_VM_1, dst=IP_CLIENT_B)
+           / ICMP(type="echo-request", id=ECHO_ID, seq=ECHO_SEQ))
 
 VM_SENDS = [
     Case("a VM's SYN is remembered against the VM, with no last hop", VMPORT, "vm1",
@@ -306,6 +311,15 @@ VM_SENDS = [
          after=(Entry(Key(udp4_reply(), reverse=True), flags=abi.F_ENTRY_VM_ORIGIN, packets=0,
                       vm="vm1", seen="now"),),
          counters={("vm1", C.VM_ORIGIN_LEARNED): 1}),
+    Case("a VM's echo request with no entry is remembered against the VM", VMPORT, "vm1",
+         VM_PING,
+         after=(Entry(Key(VM_PING, reverse=True), flags=abi.F_ENTRY_VM_ORIGIN, packets=0,
+                      vm="vm1", seen="now"),),
+         counters={("vm1", C.VM_ORIGIN_LEARNED): 1}),
+    Case("a VM's echo reply with no entry opens nothing: a plain miss", VMPORT, "vm1",
+         echo4_reply(), counters={("vm1", C.MISS): 1}),
+    Case("a VM's ICMPv6 echo reply with no entry opens nothing: a plain miss", VMPORT, "vm1",
+         echo6_reply(), counters={("vm1", C.MISS): 1}),
     Case("a VM-opened connection with no reply yet: passed, pending", VMPORT, "vm1",
          tcp4_reply("A"),
          setup=(Entry(Key(tcp4_reply("A"), reverse=True), flags=abi.F_ENTRY_VM_ORIGIN,

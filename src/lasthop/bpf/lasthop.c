@@ -238,6 +238,8 @@ static __always_inline int vm_origin_learn(const struct pkt *p, __u32 vm_ifindex
 	if (p->key.proto == IPPROTO_TCP &&
 	    (p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) != TCP_FLAG_SYN_)
 		return CNT_MISS;
+	if ((p->key.proto == IPPROTO_ICMP || p->key.proto == IPPROTO_ICMPV6) && !p->echo_request)
+		return CNT_MISS; /* an echo reply answers something; it opens nothing */
 	e.last_seen = bpf_jiffies64();
 	e.vm_ifindex = vm_ifindex;
 	e.flags = F_ENTRY_VM_ORIGIN;

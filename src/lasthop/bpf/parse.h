@@ -44,6 +44,7 @@ struct pkt {
 	__u8  outer_ad;     /* outer tag is 802.1ad */
 	__u8  tcp_flags;
 	__u8  icmp_kind;    /* enum icmp_kind */
+	__u8  echo_request; /* ICMP(v6) echo request: an ICMP "connection" opens with one */
 	__u8  ip_options;   /* IPv4 header longer than 20 bytes */
 	__u8  ipv6_ext;     /* IPv6 extension headers skipped */
 	__u16 l3_off;       /* offset of the IP header from the frame start */
@@ -223,6 +224,7 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 		p->icmp_kind = p->key.proto == IPPROTO_ICMP ? icmp4_kind(ih->type)
 							    : icmp6_kind(ih->type);
 		if (p->icmp_kind == ICMP_KIND_ECHO) {
+			p->echo_request = ih->type == ICMP_ECHO || ih->type == ICMPV6_ECHO_REQUEST;
 			p->key.sport = ih->un.echo.id;
 			p->key.dport = ih->un.echo.id;
 		}
