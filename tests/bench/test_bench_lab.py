@@ -102,7 +102,7 @@ def _leftovers(prefix: str) -> list[str]:
 
 
 def _bench(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lasthop.bench.lab", *args]
+    return [sys.executable, "-m", "lasthop", "bench", "lab", *args]
 
 
 @pytest.fixture
