@@ -64,8 +64,10 @@ table inet svc_fw {{
 
 
 def _config(path: Path, plan: P.Plan, **health: object) -> Path:
-    """The agent's config: one service per address family over vm1..vm3, HTTP-checked."""
-    lines = ["[health]", 'type = "http"', "interval = 0.3", "timeout = 0.5", "fall = 2",
+    """The agent's config: one service per address family over vm1..vm3, HTTP-checked
+    (a bridged host has no address to check from: no checks there)."""
+    kind = "http" if plan.routed else "none"
+    lines = ["[health]", f'type = "{kind}"', "interval = 0.3", "timeout = 0.5", "fall = 2",
              "rise = 1"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in health.items()]
     for family, name in ((4, "web"), (6, "web6")):
@@ -79,14 +81,14 @@ def _config(path: Path, plan: P.Plan, **health: object) -> Path:
 
 def _serve_vip(lab: Lab, firewalls: list[int], *, vms: bool = True) -> None:
     """Every VM holds the address on lo (and does not answer ARP/ND for it);
-    the firewalls route it to the host's uplink."""
+    the firewalls route it to the host's uplink (routed host) or, on a
+    bridged host, to vm1's own address: either way it reaches the uplink."""
     plan = lab.plan
     for n in plan.vms if vms else []:
         vm = plan.vm(n)
         sysctl(vm.ns, {"net.ipv4.conf.all.arp_ignore": 1, "net.ipv4.conf.all.arp_announce": 2})
         ip_batch(vm.ns, [f"addr add {VIP.cidr4} dev lo", f"addr add {VIP.cidr6} dev lo nodad"])
-    uplink = plan.host.uplink_addr
-    assert uplink is not None
+    uplink = plan.host.uplink_addr or plan.vm(plan.vms[0]).addr
     for n in firewalls:
         ip_batch(plan.firewall(n).ns, [f"route replace {VIP.cidr4} via {uplink.v4}",
                                        f"route replace {VIP.cidr6} via {uplink.v6}"])
@@ -206,6 +208,28 @@ def running(vip_lab: Lab, state_dir: Path, tmp_path: Path) -> Iterator[agent.Las
 def test_no_service_without_lasthop(vip_lab: Lab) -> None:
     """Without lasthop the address is served by no one: the request dies at the host."""
     assert _get(vip_lab.plan.client(2).ns, 4, VIP.v4, timeout=1.0)[0] is None
+
+
+def test_a_bridged_host_serves_the_address_too(bridged_lab: Lab, state_dir: Path,
+                                               tmp_path: Path) -> None:
+    """Bridged host, the address routed to vm1's own address: the frame reaches
+    the uplink, and every connection still lands where the table says."""
+    lab, plan = bridged_lab, bridged_lab.plan
+    _serve_vip(lab, plan.sites)
+    cfg = _config(tmp_path / "lasthop.toml", plan)
+    with agent.LasthopAgent(plan, extra=("--config", str(cfg))):
+        for n in plan.vms:  # the guests' MACs: learned from their first packet
+            ns_exec(plan.vm(n).ns, ["ping", "-c1", "-W1", plan.firewall(1).transit.v4],
+                    check=False)
+        predict = Prediction(lab)
+        served = set()
+        for i in range(18):
+            client, family = plan.client(1 + i % 3), 4 if i % 2 else 6
+            body, sport = _get(client.ns, family, VIP.of(family))
+            assert body == predict.vm(family, client.addr.of(family), sport), (client.name, i)
+            served.add(body)
+        assert served == {plan.vm(n).name for n in plan.vms}
+    assert _drops(lab) == {plan.firewall(n).name: 0 for n in plan.sites}
 
 
 def test_three_vms_serve_the_address_each_connection_where_maglev_says(
