@@ -432,7 +432,7 @@ def _ifindex(port: str) -> int:
 
 def link_states() -> dict[str, bool]:
     """Interface name -> operationally up, for this namespace (netlink)."""
-    from pyroute2 import IPRoute  # type: ignore[import-untyped]
+    from pyroute2 import IPRoute
 
     out = {}
     with IPRoute() as ipr:
@@ -565,6 +565,11 @@ class ServiceManager:
             self._save()
             if services:
                 log.info("services: %s", ", ".join(s.name for s in services))
+            for st in self.status():
+                for vm in st.vms:
+                    if vm.link != "up":
+                        log.warning("service %s: VM port %s is %s: it gets no connections",
+                                    st.service.name, vm.port, vm.link)
 
     def add(self, service: Service) -> ServiceStatus:
         """A new service (ServiceConflict if the name or an address is taken)."""
@@ -679,8 +684,10 @@ class ServiceManager:
     def refresh_links(self) -> bool:
         """Re-reads the VM ports' link states; re-applies when one changed."""
         with self._lock:
-            links = link_states()
             mine = {vm.port for s in self._state.services for vm in s.vms}
+            if not mine:
+                return False  # nothing to watch: no netlink dump every second
+            links = link_states()
             old = self._links or {}
             now = {p: _ifindex(p) for p in mine}
             changed = [p for p in sorted(mine)
