@@ -929,14 +929,15 @@ def chart(report: Report, path: Path) -> None:
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in med], padding=3, fontsize=8)
         ax.set_xticks(range(len(shown)), labels, fontsize=8)
         ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+        lines = iter(["--", ":", "-."])
         for t in report.targets:
             base = report.modes.get(t.target.base)
             if t.target.primary and t.target.metric == attr and base:
                 level = getattr(base, attr).median * t.target.limit
-                ax.axhline(level, color=blue, linestyle="--", linewidth=0.8)
-                ax.annotate(f"target: {t.target.op} {t.target.limit:g}× {base.label}",
-                            (len(shown) - 0.5, level), ha="right", va="bottom", fontsize=7,
-                            color=blue)  # fmt: skip
+                op = "≤" if t.target.op == "<=" else "≥"
+                label = f"lasthop target: {op} {t.target.limit:g}× {base.label}"
+                ax.axhline(level, color=blue, linestyle=next(lines), linewidth=0.9, label=label)
+        ax.legend(fontsize=7, loc="upper left" if attr == "packet_ns" else "upper right")
         ax.set_title(title)
         ax.set_ylabel(unit)
         ax.margins(y=0.15)
