@@ -726,6 +726,21 @@ class Report:
         }
 
 
+def _irq_time_accounting() -> bool | None:
+    """Whether the kernel takes softirq time out of the interrupted task's
+    time (CONFIG_IRQ_TIME_ACCOUNTING): then the sender thread's CPU time
+    misses the path's work and the figures are too low. None: unknown."""
+    import gzip
+
+    for path in (Path("/proc/config.gz"), Path(f"/boot/config-{platform.release()}")):
+        try:
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        except OSError:
+            continue
+        return b"\nCONFIG_IRQ_TIME_ACCOUNTING=y\n" in raw
+    return None
+
+
 def _environment(settings: Settings) -> dict[str, Any]:
     model = ""
     try:
@@ -741,6 +756,7 @@ def _environment(settings: Settings) -> dict[str, Any]:
         "cpu": model,
         "cpus": os.cpu_count(),
         "sender_cpu": settings.cpu,
+        "irq_time_accounting": _irq_time_accounting(),
         "command": "lasthop bench lab" + (" --quick" if settings.quick else ""),
     }
 
@@ -859,7 +875,14 @@ def _setup_line(report: Report) -> str:
         f"interleaved; per mode and repetition {s.packets:,} packets ({FRAME_LEN}-byte UDP over "
         f"{s.flows} flows, each answered) and {s.connections:,} new connections (a request and "
         f"its answer each); {report.elapsed_s:.0f} s."
-    )
+    ) + ACCOUNTING_WARNING.get(env.get("irq_time_accounting"), "")
+
+
+ACCOUNTING_WARNING = {
+    True: " WARNING: this kernel has CONFIG_IRQ_TIME_ACCOUNTING=y, so softirq time is not in "
+    "the sender's CPU time and every figure is too low (docs/bench-lab.md).",
+    None: " (kernel config unreadable: the method assumes CONFIG_IRQ_TIME_ACCOUNTING is off.)",
+}
 
 
 def markdown(report: Report) -> str:
