@@ -33,6 +33,7 @@ F_SET_RELEARN_FIRST = 1 << 0
 F_SET_SERVICES = 1 << 1
 F_SET_VM_DOWN_DROP = 1 << 2
 F_SET_NO_VM_ORIGIN = 1 << 3
+F_SET_FAST_PATH = 1 << 4
 # services
 MAX_SERVICES = 256
 MAGLEV_SIZE = 65537
@@ -41,6 +42,7 @@ MAGLEV_SEED = 0x4C617374
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
 F_ENTRY_OUTER_8021AD = 1 << 2
+F_ENTRY_VM_FAST = 1 << 3
 
 
 class Counter(enum.IntEnum):
@@ -74,6 +76,7 @@ class Counter(enum.IntEnum):
     VM_ORIGIN_PENDING = 25
     NOT_UNICAST = 26
     VM_ORIGIN_HOP = 27
+    FAST_TO_VM = 28
 
 
 class ConnKey(ctypes.Structure):

@@ -62,6 +62,8 @@ class Config(_Model):
     services: list[Service] = Field(default_factory=list, alias="service",
                                     description="virtual addresses served by pools of VMs")
     health: HealthCheck = Field(default_factory=HealthCheck, description="how VMs are checked")
+    fast_path: bool = Field(
+        default=True, description="bridged host: requests skip the bridge to the VM that answered")
     vm_origin: bool = Field(
         default=True, description="remember connections VMs open, so servers' replies reach that VM")
     on_vm_down: Literal["reassign", "drop"] = Field(

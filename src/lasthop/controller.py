@@ -135,6 +135,7 @@ class Controller:
         settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
+        settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
         settings.flags |= self.datapath.maps.get_settings().flags & abi.F_SET_SERVICES  # until synced
         settings.hz = Clock(self.datapath.clock_prog.fd).measure_hz()
         self.datapath.maps.set_settings(settings)

@@ -18,6 +18,7 @@ _FLAG_NAMES = {
     abi.F_ENTRY_HOP_KNOWN: "hop_known",
     abi.F_ENTRY_VM_ORIGIN: "vm_origin",
     abi.F_ENTRY_OUTER_8021AD: "outer_8021ad",
+    abi.F_ENTRY_VM_FAST: "vm_fast",
 }
 
 

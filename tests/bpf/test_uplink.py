@@ -29,6 +29,7 @@ from packets import (
     MAC_FW_B,
     MAC_FW_C,
     MAC_VM_1,
+    MAC_VM_2,
     PORT_CLIENT,
     PORT_HTTP,
     VLAN_C,
@@ -218,8 +219,37 @@ VM_ORIGIN = [
 ]
 
 
-@pytest.mark.parametrize("case", LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN,
-                         ids=ids(LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN))
+FAST = abi.F_SET_FAST_PATH
+BOUND = Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", flags=HOP | abi.F_ENTRY_VM_FAST,
+              packets=3, vm="vm1")
+
+FAST_PATH = [
+    Case("fast path: a request of a bound connection goes straight to its VM's port",
+         UPLINK, "up1", tcp4_request("A"), setup=(BOUND,), settings=FAST,
+         vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="vm1",
+         after=(BOUND.but(packets=4, seen="now"),),
+         counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1}),
+    Case("fast path: a frame for another guest's MAC unbinds and crosses the bridge",
+         UPLINK, "up1", tcp4_request("A"), setup=(BOUND,), settings=FAST,
+         vm_macs=(("vm1", MAC_VM_2),),
+         after=(BOUND.but(packets=4, seen="now", vm=None, flags=HOP),),
+         counters={("up1", C.REFRESHED): 1}),
+    Case("fast path turned off: the binding is dropped, the bridge forwards",
+         UPLINK, "up1", tcp4_request("A"), setup=(BOUND,),
+         vm_macs=(("vm1", MAC_VM_1),),
+         after=(BOUND.but(packets=4, seen="now", vm=None, flags=HOP),),
+         counters={("up1", C.REFRESHED): 1}),
+    Case("fast path: a port that is no VM port any more unbinds",
+         UPLINK, "up1", tcp4_request("A"), setup=(BOUND,), settings=FAST,
+         roles=(("vm1", abi.Role.NONE),),
+         after=(BOUND.but(packets=4, seen="now", vm=None, flags=HOP),),
+         counters={("up1", C.REFRESHED): 1}),
+]
+
+ALL = LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN + FAST_PATH
+
+
+@pytest.mark.parametrize("case", ALL, ids=ids(ALL))
 def test_uplink(dp, case: Case) -> None:  # type: ignore[no-untyped-def]
     check(dp, case)
 

@@ -36,6 +36,7 @@ from packets import (
     MAC_FW_B,
     MAC_UPLINK_2,
     MAC_VM_1,
+    MAC_VM_2,
     MAC_VMPORT_1,
     PORT_CLIENT,
     PORT_HTTP,
@@ -331,7 +332,35 @@ VM_SENDS = [
          counters={("vm1", C.REDIRECTED): 1}),
 ]
 
-CASES = HITS + ROUTED + VLANS + ICMP_ERRORS + MISSES + VM_SENDS
+FAST = abi.F_SET_FAST_PATH
+VM_FAST = abi.F_ENTRY_VM_FAST
+
+FAST_PATH = [
+    Case("fast path: the guest's reply binds its port to the connection", VMPORT, "vm1",
+         tcp4_reply(), setup=(reply_to(tcp4_request()),), settings=FAST,
+         vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
+         output=bridged(tcp4_reply()),
+         after=(reply_to(tcp4_request(), replies=1, vm="vm1", flags=HOP | VM_FAST),),
+         counters={("vm1", C.REDIRECTED): 1}),
+    Case("fast path off (the default): the reply binds nothing", VMPORT, "vm1",
+         tcp4_reply(), setup=(reply_to(tcp4_request()),),
+         vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
+         output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1),),
+         counters={("vm1", C.REDIRECTED): 1}),
+    Case("fast path: a reply from another MAC than the port's guest binds nothing", VMPORT,
+         "vm1", tcp4_reply(), setup=(reply_to(tcp4_request()),), settings=FAST,
+         vm_macs=(("vm1", MAC_VM_2),), verdict=TC_ACT_REDIRECT, redirect="up1",
+         output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1),),
+         counters={("vm1", C.REDIRECTED): 1}),
+    Case("fast path: a routed host binds nothing (requests are routed)", VMPORT, "vm1",
+         tcp4_reply(dst_mac=MAC_VMPORT_1), setup=(reply_to(tcp4_request()),), settings=FAST,
+         routed=True, vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
+         output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
+         after=(reply_to(tcp4_request(), replies=1),),
+         counters={("vm1", C.REDIRECTED): 1}),
+]
+
+CASES = HITS + ROUTED + VLANS + ICMP_ERRORS + MISSES + VM_SENDS + FAST_PATH
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))

@@ -51,8 +51,7 @@ static __always_inline int conn_hop_same(const struct conn_entry *e, const struc
 {
 	return (e->flags & F_ENTRY_HOP_KNOWN) && e->ifindex == ifindex &&
 	       e->vlan_count == p->vlan_count && e->vlan_tci[0] == p->vlan_tci[0] &&
-	       e->vlan_tci[1] == p->vlan_tci[1] &&
-	       *(__u32 *)e->mac == *(__u32 *)mac && *(__u16 *)(e->mac + 4) == *(__u16 *)(mac + 4);
+	       e->vlan_tci[1] == p->vlan_tci[1] && mac_equal(e->mac, mac);
 }
 
 static __always_inline __u32 settings_flags(void)
@@ -132,6 +131,31 @@ static __always_inline int uplink_pinned_vm(struct conn_entry *e, const struct p
 	return vm;
 }
 
+/* Bridged host: a request of a connection whose VM has answered goes straight
+ * to that VM's port, skipping the bridge -- but only when the frame is
+ * addressed to that port's guest, so no VM can claim another's connection.
+ * Returns TC_ACT_REDIRECT, or TC_ACT_OK with the shortcut forgotten. */
+static __always_inline int uplink_fast(struct __sk_buff *skb, struct conn_entry *e,
+				       __u32 settings, int *svc_reason)
+{
+	struct ethhdr *eth = (void *)(long)skb->data;
+	__u32 vm = e->vm_ifindex;
+	struct iface_cfg *vmc = bpf_map_lookup_elem(&lh_ifaces, &vm);
+
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+		return TC_ACT_OK;
+	if (!vmc || vmc->role != ROLE_VM_PORT || !(settings & F_SET_FAST_PATH) ||
+	    (vmc->flags & (F_IFACE_VM_DOWN | F_IFACE_ROUTED | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC ||
+	    !mac_equal(eth->h_dest, vmc->vm_mac)) {
+		e->vm_ifindex = 0;
+		e->flags &= ~F_ENTRY_VM_FAST;
+		return TC_ACT_OK;
+	}
+	*svc_reason = CNT_FAST_TO_VM;
+	trace_redirect(vm);
+	return bpf_redirect(vm, 0);
+}
+
 /* Learns or refreshes the connection of an uplink packet and decides where it
  * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT. */
 static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p, int *reason,
@@ -157,6 +181,8 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p, int
 		*reason = conn_refresh(e, p, eth->h_source, skb->ifindex, settings);
 		if (!e->vm_ifindex)
 			return TC_ACT_OK;
+		if (e->flags & F_ENTRY_VM_FAST)
+			return uplink_fast(skb, e, settings, svc_reason);
 		vm = uplink_pinned_vm(e, p, settings, svc_reason);
 	} else {
 		s = settings & F_SET_SERVICES ? svc_find(&p->key) : NULL;
@@ -259,11 +285,26 @@ static __always_inline void vm_mac_learn(struct __sk_buff *skb, struct iface_cfg
 	cfg->flags |= F_IFACE_VM_MAC;
 }
 
+/* Bridged host: may the VM's answer make this port the connection's shortcut
+ * (see uplink_fast)? Only a reply from the port's own guest, on an entry not
+ * yet bound to a VM. Read before the reply's headers change. */
+static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct conn_entry *e,
+					    const struct iface_cfg *cfg)
+{
+	struct ethhdr *eth = (void *)(long)skb->data;
+
+	if (e->vm_ifindex || (cfg->flags & (F_IFACE_ROUTED | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC)
+		return 0;
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+		return 0;
+	return mac_equal(eth->h_source, cfg->vm_mac) && (settings_flags() & F_SET_FAST_PATH);
+}
+
 /* Finds the entry of a VM packet and sends it to the last hop. */
 static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, struct cursor *c,
 				       struct iface_cfg *cfg, int *reason)
 {
-	int hit = CNT_REDIRECTED, ret;
+	int hit = CNT_REDIRECTED, ret, fast;
 	struct conn_entry *e;
 
 	if (p->icmp_kind == ICMP_KIND_ERROR) {
@@ -289,11 +330,16 @@ static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, str
 			*reason = CNT_VM_ORIGIN_PENDING;
 		return TC_ACT_OK;
 	}
+	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, e, cfg);
 	ret = reply_to_last_hop(skb, p, e, cfg);
 	if (ret < 0) {
 		if (ret != -CNT_MISS)
 			*reason = -ret;
 		return TC_ACT_OK;
+	}
+	if (fast) {
+		e->vm_ifindex = skb->ifindex;
+		e->flags |= F_ENTRY_VM_FAST;
 	}
 	*reason = hit;
 	return ret;

@@ -8,6 +8,12 @@
 #include "parse.h"
 #include "maps.h"
 
+static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
+{
+	return *(const __u32 *)a == *(const __u32 *)b &&
+	       *(const __u16 *)(a + 4) == *(const __u16 *)(b + 4);
+}
+
 /* Routed hop: TTL or hop limit minus one, IPv4 checksum patched incrementally
  * (RFC 1624, as the kernel's ip_decrease_ttl does). Returns 0, or
  * -CNT_TTL_EXPIRED when the kernel must answer instead. */
