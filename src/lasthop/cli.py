@@ -65,9 +65,15 @@ def _friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-netns_option = click.option("--netns", metavar="NAME", help="Named network namespace (/run/netns/NAME).")
-config_option = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-                             help="TOML config file (its netns and pin_root are used).")
+netns_option = click.option(
+    "--netns", metavar="NAME", help="Named network namespace (/run/netns/NAME)."
+)
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML config file (its netns and pin_root are used).",
+)
 
 
 def _controller(netns: str | None, config_path: Path | None) -> Controller:
@@ -91,25 +97,56 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @config_option
 @netns_option
-@click.option("--uplink", "uplinks", multiple=True, metavar="IF", help="Uplink interface (repeatable).")
+@click.option(
+    "--uplink", "uplinks", multiple=True, metavar="IF", help="Uplink interface (repeatable)."
+)
 @click.option("--vm-port", "vm_ports", multiple=True, metavar="IF", help="VM port (repeatable).")
-@click.option("--bridge", metavar="BR", help="Attach to every non-uplink port of BR, following changes.")
-@click.option("--routed", is_flag=True, default=None, help="Routed host: replies also get the uplink's MAC and TTL-1.")
-@click.option("--relearn", type=click.Choice(["latest", "first"]), help="Which MAC a connection keeps.")
+@click.option(
+    "--bridge", metavar="BR", help="Attach to every non-uplink port of BR, following changes."
+)
+@click.option(
+    "--routed",
+    is_flag=True,
+    default=None,
+    help="Routed host: replies also get the uplink's MAC and TTL-1.",
+)
+@click.option(
+    "--relearn", type=click.Choice(["latest", "first"]), help="Which MAC a connection keeps."
+)
 @click.option("--table-size", type=int, help="Connection table entries.")
-@click.option("--idle-timeout", type=float, metavar="SECONDS", help="Remove entries idle this long.")
+@click.option(
+    "--idle-timeout", type=float, metavar="SECONDS", help="Remove entries idle this long."
+)
 @click.option("--api", metavar="HOST:PORT", help="Also serve the REST API over TCP here.")
 @click.option("--api-socket", metavar="PATH", help='Unix socket of the REST API ("" = none).')
 @_friendly
-def run(config_path: Path | None, netns: str | None, uplinks: tuple[str, ...], vm_ports: tuple[str, ...],
-        bridge: str | None, routed: bool | None, relearn: str | None, table_size: int | None,
-        idle_timeout: float | None, api: str | None, api_socket: str | None) -> None:
+def run(
+    config_path: Path | None,
+    netns: str | None,
+    uplinks: tuple[str, ...],
+    vm_ports: tuple[str, ...],
+    bridge: str | None,
+    routed: bool | None,
+    relearn: str | None,
+    table_size: int | None,
+    idle_timeout: float | None,
+    api: str | None,
+    api_socket: str | None,
+) -> None:
     """Attach and run in the foreground; SIGTERM leaves the data path attached."""
     from lasthop.agent import Agent
 
     cfg = config_mod.load(config_path).merged(
-        netns=netns, uplinks=uplinks, vm_ports=vm_ports, bridge=bridge, routed=routed,
-        relearn=relearn, table_size=table_size, idle_timeout=idle_timeout, api=api, api_socket=api_socket,
+        netns=netns,
+        uplinks=uplinks,
+        vm_ports=vm_ports,
+        bridge=bridge,
+        routed=routed,
+        relearn=relearn,
+        table_size=table_size,
+        idle_timeout=idle_timeout,
+        api=api,
+        api_socket=api_socket,
     )
     controller = Controller(cfg.netns, cfg.pin_root)
     try:
@@ -133,7 +170,12 @@ def detach(config_path: Path | None, netns: str | None) -> None:
 @config_option
 @netns_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
-@click.option("--limit", type=click.IntRange(min=0), default=0, help="Show at most this many entries (0 = all).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Show at most this many entries (0 = all).",
+)
 @_friendly
 def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int) -> None:
     """The per-connection table."""
@@ -142,12 +184,36 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
         print(json.dumps([c.to_json() for c in conns], indent=1))
         return
     table = Table(title=f"{len(conns)} connections", title_justify="left")
-    for col in ("proto", "source", "destination", "zone", "last-hop MAC", "uplink", "vlan", "age s", "pkts", "replies", "VM port"):
-        table.add_column(col, justify="right" if col in ("zone", "age s", "pkts", "replies") else "left")
+    for col in (
+        "proto",
+        "source",
+        "destination",
+        "zone",
+        "last-hop MAC",
+        "uplink",
+        "vlan",
+        "age s",
+        "pkts",
+        "replies",
+        "VM port",
+    ):
+        table.add_column(
+            col, justify="right" if col in ("zone", "age s", "pkts", "replies") else "left"
+        )
     for c in conns:
-        table.add_row(c.proto, _ep(c.src, c.sport, c.family), _ep(c.dst, c.dport, c.family), str(c.zone),
-                      c.mac or "-", c.uplink or "-", ",".join(map(str, c.vlan)) or "-",
-                      f"{c.age_s:.1f}", str(c.packets), str(c.replies), c.vm_port or "-")
+        table.add_row(
+            c.proto,
+            _ep(c.src, c.sport, c.family),
+            _ep(c.dst, c.dport, c.family),
+            str(c.zone),
+            c.mac or "-",
+            c.uplink or "-",
+            ",".join(map(str, c.vlan)) or "-",
+            f"{c.age_s:.1f}",
+            str(c.packets),
+            str(c.replies),
+            c.vm_port or "-",
+        )
     console.print(table)
 
 
@@ -170,7 +236,9 @@ def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
         return
     names = list(st.interfaces)
     # a line of its own: as a table title rich wraps it to the (narrow) table's width
-    console.print(f"table: {st.entries} of {st.capacity} entries, {st.evicted} evicted", highlight=False)
+    console.print(
+        f"table: {st.entries} of {st.capacity} entries, {st.evicted} evicted", highlight=False
+    )
     table = Table()
     table.add_column("counter")
     table.add_column("total", justify="right")
@@ -178,7 +246,9 @@ def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
         table.add_column(name, justify="right")
     for counter, total in st.totals.items():
         if total or counter in ("learned", "redirected", "miss"):
-            table.add_row(counter, str(total), *(str(st.interfaces[n].get(counter, "")) for n in names))
+            table.add_row(
+                counter, str(total), *(str(st.interfaces[n].get(counter, "")) for n in names)
+            )
     console.print(table)
 
 
@@ -194,8 +264,11 @@ def flush(config_path: Path | None, netns: str | None) -> None:
 
 def _add_optional_groups() -> None:
     """Subcommand groups that live in their own packages."""
-    for module, name in (("lasthop.lab.cli", "lab"), ("lasthop.bench.cli", "bench"),
-                         ("lasthop.service_cli", "service")):
+    for module, name in (
+        ("lasthop.lab.cli", "lab"),
+        ("lasthop.bench.cli", "bench"),
+        ("lasthop.service_cli", "service"),
+    ):
         try:
             mod = __import__(module, fromlist=[name])
         except ModuleNotFoundError as err:

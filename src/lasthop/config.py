@@ -20,7 +20,7 @@ API_SOCKET_DIR = Path("/run/lasthop")
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    """"127.0.0.1:9180" -> ("127.0.0.1", 9180); IPv6 in brackets: "[::1]:9180"."""
+    """ "127.0.0.1:9180" -> ("127.0.0.1", 9180); IPv6 in brackets: "[::1]:9180"."""
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -52,22 +52,33 @@ class Config(_Model):
     routed: bool = False
     relearn: Literal["latest", "first"] = "latest"
     table_size: int = Field(default=1_048_576, ge=1, le=1 << 27)
-    idle_timeout: float = Field(default=600.0, gt=0, description="seconds before an idle entry is removed")
-    pin_root: Path | None = Field(default=None, description="bpffs folder for the pins; default: <bpffs>/lasthop/<netns>")
+    idle_timeout: float = Field(
+        default=600.0, gt=0, description="seconds before an idle entry is removed"
+    )
+    pin_root: Path | None = Field(
+        default=None, description="bpffs folder for the pins; default: <bpffs>/lasthop/<netns>"
+    )
     api: str | None = Field(default=None, description="HOST:PORT the REST API also serves (TCP)")
     api_socket: str | None = Field(
-        default=None, description='unix socket of the REST API; default /run/lasthop/<netns>.sock, "" = none'
+        default=None,
+        description='unix socket of the REST API; default /run/lasthop/<netns>.sock, "" = none',
     )
 
-    services: list[Service] = Field(default_factory=list, alias="service",
-                                    description="virtual addresses served by pools of VMs")
+    services: list[Service] = Field(
+        default_factory=list,
+        alias="service",
+        description="virtual addresses served by pools of VMs",
+    )
     health: HealthCheck = Field(default_factory=HealthCheck, description="how VMs are checked")
     fast_path: bool = Field(
-        default=True, description="bridged host: requests skip the bridge to the VM that answered")
+        default=True, description="bridged host: requests skip the bridge to the VM that answered"
+    )
     vm_origin: bool = Field(
-        default=True, description="remember connections VMs open, so servers' replies reach that VM")
+        default=True, description="remember connections VMs open, so servers' replies reach that VM"
+    )
     on_vm_down: Literal["reassign", "drop"] = Field(
-        default="reassign", description="connections of a VM removed or down: move or drop them")
+        default="reassign", description="connections of a VM removed or down: move or drop them"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -99,11 +110,9 @@ class Config(_Model):
         for key, value in flags.items():
             if value is None or value == [] or value == ():
                 continue
-            if key in ("uplinks", "vm_ports"):
+            if key in ("uplinks", "vm_ports") and isinstance(value, list | tuple):
                 names = {i["name"] for i in data[key]}
-                data[key] = data[key] + [
-                    {"name": n, "zone": 0} for n in value if n not in names  # type: ignore[attr-defined]
-                ]
+                data[key] = data[key] + [{"name": n, "zone": 0} for n in value if n not in names]
             else:
                 data[key] = value
         return _validate(data, "command line")

@@ -33,8 +33,16 @@ from lasthop.links import Link, LinkError, Links
 from lasthop.services import ServiceManager
 from lasthop.table import Connection, counter_name, decode, format_mac, ifname
 
-__all__ = ["Controller", "Attached", "InterfaceInfo", "Stats", "DatapathError", "LinkError",
-           "NotAttachedError", "TableSizeError"]
+__all__ = [
+    "Controller",
+    "Attached",
+    "InterfaceInfo",
+    "Stats",
+    "DatapathError",
+    "LinkError",
+    "NotAttachedError",
+    "TableSizeError",
+]
 
 log = logging.getLogger("lasthop")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,8 +96,15 @@ class InterfaceInfo:
     routed: bool
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "ifindex": self.ifindex, "role": self.role, "zone": self.zone,
-                "slot": self.slot, "mac": self.mac, "routed": self.routed}
+        return {
+            "name": self.name,
+            "ifindex": self.ifindex,
+            "role": self.role,
+            "zone": self.zone,
+            "slot": self.slot,
+            "mac": self.mac,
+            "routed": self.routed,
+        }
 
 
 class Controller:
@@ -123,20 +138,27 @@ class Controller:
         uplinks = [(self.links.by_name(i.name, "uplink"), i.zone) for i in config.uplinks]
         vm_ports = [(self.links.by_name(i.name, "VM port"), i.zone) for i in config.vm_ports]
         if not uplinks:
-            raise LinkError("no uplink given: name at least one (--uplink IF or [[uplink]] in the config)")
+            raise LinkError(
+                "no uplink given: name at least one (--uplink IF or [[uplink]] in the config)"
+            )
         if config.bridge:
             bridge = self.links.by_name(config.bridge, "bridge")
             up_index = {link.index for link, _ in uplinks}
             known = {link.index for link, _ in vm_ports}
-            vm_ports += [(p, config.bridge_zone) for p in self.links.ports(bridge)
-                         if p.index not in up_index and p.index not in known]
+            vm_ports += [
+                (p, config.bridge_zone)
+                for p in self.links.ports(bridge)
+                if p.index not in up_index and p.index not in known
+            ]
         adopted = self.pins.exist()
         self.datapath = Datapath(self.pins, table_size=config.table_size)
         settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
         settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
-        settings.flags |= self.datapath.maps.get_settings().flags & abi.F_SET_SERVICES  # until synced
+        settings.flags |= (
+            self.datapath.maps.get_settings().flags & abi.F_SET_SERVICES
+        )  # until synced
         settings.hz = Clock(self.datapath.clock_prog.fd).measure_hz()
         self.datapath.maps.set_settings(settings)
         for link, zone in uplinks:
@@ -145,8 +167,12 @@ class Controller:
             self.attach(link, abi.Role.VM_PORT, zone)
         self._forget_stale()
         self.services.start(config.services, config.health)
-        log.info("attached in netns %s (%s table at %s)", self.netns,
-                 "adopted" if adopted else "new", self.pins.folder)
+        log.info(
+            "attached in netns %s (%s table at %s)",
+            self.netns,
+            "adopted" if adopted else "new",
+            self.pins.folder,
+        )
         return self.attached
 
     @_locked
@@ -166,8 +192,14 @@ class Controller:
         self.datapath.attach(link.index, role)
         target = self.attached.uplinks if role == abi.Role.UPLINK else self.attached.vm_ports
         target[link.index] = link.name
-        log.info("attached %s %s (ifindex %d, zone %d, slot %d)", role.name.lower(), link.name,
-                 link.index, zone, slot)
+        log.info(
+            "attached %s %s (ifindex %d, zone %d, slot %d)",
+            role.name.lower(),
+            link.name,
+            link.index,
+            zone,
+            slot,
+        )
 
     @_locked
     def forget(self, ifindex: int) -> None:
@@ -252,9 +284,15 @@ class Controller:
         maps, owned = self._maps()
         try:
             return [
-                InterfaceInfo(name=ifname(i), ifindex=i, role=abi.Role(cfg.role).name.lower(),
-                              zone=cfg.zone, slot=cfg.slot, mac=format_mac(bytes(cfg.mac)),
-                              routed=bool(cfg.flags & abi.F_IFACE_ROUTED))
+                InterfaceInfo(
+                    name=ifname(i),
+                    ifindex=i,
+                    role=abi.Role(cfg.role).name.lower(),
+                    zone=cfg.zone,
+                    slot=cfg.slot,
+                    mac=format_mac(bytes(cfg.mac)),
+                    routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
+                )
                 for i, cfg in sorted(maps.attached().items())
             ]
         finally:
@@ -273,7 +311,7 @@ class Controller:
                 name = names.get(slot, "unattached" if slot == 0 else f"slot{slot}")
                 interfaces[name] = {counter_name(r): n for r, n in enumerate(counts) if n}
                 totals = [a + b for a, b in zip(totals, counts, strict=True)]
-            entries = sum(1 for _ in maps.conns.keys())
+            entries = maps.conns.count()
             learned = totals[abi.Counter.LEARNED] + totals[abi.Counter.VM_ORIGIN_LEARNED]
             evicted = max(0, learned - entries - totals[abi.Counter.AGENT_REMOVED])
             return Stats(
@@ -300,7 +338,9 @@ class Controller:
         maps, owned = self._maps()
         try:
             now, hz = self._now(maps)
-            stale = [k for k, e in maps.entries() if Clock.age_s(now, e.last_seen, hz) > idle_timeout]
+            stale = [
+                k for k, e in maps.entries() if Clock.age_s(now, e.last_seen, hz) > idle_timeout
+            ]
             return self._remove(maps, stale)
         finally:
             if owned:

@@ -18,8 +18,15 @@ from pathlib import Path
 from lasthop import abi, libbpf
 from lasthop.build import ensure_object
 
-__all__ = ["Datapath", "DatapathError", "NotAttachedError", "TableSizeError", "Pins", "TC_HANDLE",
-           "TC_PRIORITY"]
+__all__ = [
+    "Datapath",
+    "DatapathError",
+    "NotAttachedError",
+    "TableSizeError",
+    "Pins",
+    "TC_HANDLE",
+    "TC_PRIORITY",
+]
 
 TC_HANDLE = 0x4C48  # "LH"
 TC_PRIORITY = 0x4C48
@@ -77,11 +84,20 @@ class Maps:
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
         if not pins.exist():
-            raise NotAttachedError(f"no data path pinned at {pins.folder}: is `lasthop run` attached here?")
+            raise NotAttachedError(
+                f"no data path pinned at {pins.folder}: is `lasthop run` attached here?"
+            )
         return cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
 
     def close(self) -> None:
-        for m in (self.conns, self.ifaces, self.counters, self.settings, self.services, self.maglev):
+        for m in (
+            self.conns,
+            self.ifaces,
+            self.counters,
+            self.settings,
+            self.services,
+            self.maglev,
+        ):
             m.close()
 
     # interfaces
@@ -91,7 +107,9 @@ class Maps:
 
     def set_iface(self, ifindex: int, cfg: abi.IfaceCfg) -> None:
         if not 0 < ifindex < MAX_IFINDEX:
-            raise DatapathError(f"ifindex {ifindex} is outside the data path's range 1..{MAX_IFINDEX - 1}")
+            raise DatapathError(
+                f"ifindex {ifindex} is outside the data path's range 1..{MAX_IFINDEX - 1}"
+            )
         self.ifaces.update(_u32(ifindex), bytes(cfg))
 
     def attached(self) -> dict[int, abi.IfaceCfg]:
@@ -166,8 +184,9 @@ class Datapath:
                 current.close()
                 if size != table_size:
                     raise TableSizeError(
-                        f"the pinned table at {pins.folder} holds {size} entries, the config asks for "
-                        f"{table_size}: keep table_size = {size}, or `lasthop detach` first (drops every entry)"
+                        f"the pinned table at {pins.folder} holds {size} entries, the config "
+                        f"asks for {table_size}: keep table_size = {size}, or `lasthop detach` "
+                        "first (drops every entry)"
                     ) from err
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})

@@ -38,7 +38,12 @@ BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 INGRESS, EGRESS = 1, 2
 _TC_F_REPLACE = 1
 _CTX_OUT_SIZE = 512  # >= sizeof(struct __sk_buff) (192 on 6.x)
-_MAP_TYPE_PERCPU = {5, 6, 10, 21}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
+_MAP_TYPE_PERCPU = {
+    5,
+    6,
+    10,
+    21,
+}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
 
 
 class BpfError(OSError):
@@ -161,7 +166,9 @@ _sig("bpf_map_get_next_key", _int, _int, _vp, _vp)
 _sig("bpf_map_create", _int, _int, _cp, _u32, _u32, _u32, _vp)
 _sig("bpf_map_update_batch", _int, _int, _vp, _vp, _c.POINTER(_u32), _c.POINTER(_BatchOpts))
 _sig("bpf_map_get_fd_by_id", _int, _u32)
-_sig("bpf_map_lookup_batch", _int, _int, _vp, _vp, _vp, _vp, _c.POINTER(_u32), _c.POINTER(_BatchOpts))
+_sig(
+    "bpf_map_lookup_batch", _int, _int, _vp, _vp, _vp, _vp, _c.POINTER(_u32), _c.POINTER(_BatchOpts)
+)
 _sig("bpf_obj_get_info_by_fd", _int, _int, _vp, _c.POINTER(_u32))
 _sig("bpf_prog_test_run_opts", _int, _int, _c.POINTER(_TestRunOpts))
 _sig("bpf_tc_hook_create", _int, _c.POINTER(_TcHook))
@@ -224,8 +231,10 @@ def obj_pin(fd: int, path: Path | str) -> None:
 
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
     """Creates a map (no BTF, no flags); returns its fd (the caller closes it)."""
-    return _check(f"bpf_map_create({name})",
-                  _lib.bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None))
+    return _check(
+        f"bpf_map_create({name})",
+        _lib.bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
+    )
 
 
 def map_get_fd_by_id(map_id: int) -> int:
@@ -266,9 +275,13 @@ class Map:
     def _info(self) -> MapInfo:
         info = _MapInfo()
         size = _u32(_c.sizeof(info))
-        _check("bpf_obj_get_info_by_fd", _lib.bpf_obj_get_info_by_fd(self.fd, _c.byref(info), _c.byref(size)))
-        return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
-                       info.name.decode())
+        _check(
+            "bpf_obj_get_info_by_fd",
+            _lib.bpf_obj_get_info_by_fd(self.fd, _c.byref(info), _c.byref(size)),
+        )
+        return MapInfo(
+            info.type, info.id, info.key_size, info.value_size, info.max_entries, info.name.decode()
+        )
 
     @property
     def percpu(self) -> bool:
@@ -304,14 +317,20 @@ class Map:
         """Writes *count* elements in one call: *keys* and *values* are the
         elements' raw bytes back to back (a per-CPU value holds every CPU's)."""
         if len(keys) != count * self.info.key_size or len(values) != count * self._value_size:
-            raise ValueError(f"update_batch: {count} elements need {count * self.info.key_size} key "
-                             f"and {count * self._value_size} value bytes")
+            raise ValueError(
+                f"update_batch: {count} elements need {count * self.info.key_size} key "
+                f"and {count * self._value_size} value bytes"
+            )
         n = _u32(count)
         opts = _BatchOpts(sz=_c.sizeof(_BatchOpts), elem_flags=flags)
-        _check("bpf_map_update_batch",
-               _lib.bpf_map_update_batch(self.fd, keys, values, _c.byref(n), _c.byref(opts)))
+        _check(
+            "bpf_map_update_batch",
+            _lib.bpf_map_update_batch(self.fd, keys, values, _c.byref(n), _c.byref(opts)),
+        )
         if n.value != count:
-            raise BpfError("bpf_map_update_batch", errno.EIO, f"wrote {n.value} of {count} elements")
+            raise BpfError(
+                "bpf_map_update_batch", errno.EIO, f"wrote {n.value} of {count} elements"
+            )
 
     def keys(self) -> Iterator[bytes]:
         """Keys by bpf_map_get_next_key; entries changing meanwhile may be missed."""
@@ -339,21 +358,35 @@ class Map:
         while True:
             count = _u32(batch)
             ret = _lib.bpf_map_lookup_batch(
-                self.fd, None if first else token_in, token_out, keys, vals, _c.byref(count), _c.byref(opts)
+                self.fd,
+                None if first else token_in,
+                token_out,
+                keys,
+                vals,
+                _c.byref(count),
+                _c.byref(opts),
             )
             err = 0 if ret >= 0 else (-ret if ret != -1 else _c.get_errno())
             if err and err not in (errno.ENOENT,):
-                if err in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524, 524):
+                if err in (
+                    errno.EINVAL,
+                    errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524,
+                    524,
+                ):
                     yield from self._items_by_key()
                     return
                 raise BpfError("bpf_map_lookup_batch", err)
             raw_k, raw_v = keys.raw, vals.raw
             for i in range(count.value):
-                yield raw_k[i * ks:(i + 1) * ks], raw_v[i * vs:(i + 1) * vs]
+                yield raw_k[i * ks : (i + 1) * ks], raw_v[i * vs : (i + 1) * vs]
             if err == errno.ENOENT:
                 return
             _c.memmove(token_in, token_out, ks)
             first = False
+
+    def count(self) -> int:
+        """Entries in the map, read in batches (one syscall per batch, not per key)."""
+        return sum(1 for _ in self.items())
 
     def _items_by_key(self) -> Iterator[tuple[bytes, bytes]]:
         for key in list(self.keys()):
@@ -364,7 +397,7 @@ class Map:
     def percpu_values(self, raw: bytes) -> list[bytes]:
         """Splits a per-CPU value into one bytes object per possible CPU."""
         step = (self.info.value_size + 7) // 8 * 8
-        return [raw[i:i + self.info.value_size] for i in range(0, len(raw), step)]
+        return [raw[i : i + self.info.value_size] for i in range(0, len(raw), step)]
 
 
 class Program:
@@ -372,8 +405,9 @@ class Program:
         self.fd = fd
         self.name = name
 
-    def test_run(self, data: bytes, *, repeat: int = 1, ctx: bytes | None = None,
-                 out_size: int | None = None) -> TestRun:
+    def test_run(
+        self, data: bytes, *, repeat: int = 1, ctx: bytes | None = None, out_size: int | None = None
+    ) -> TestRun:
         """Runs the program on *data* with BPF_PROG_TEST_RUN (no interface needed)."""
         out = _c.create_string_buffer(out_size or len(data) + 256)
         din = _c.create_string_buffer(data, len(data))
@@ -392,7 +426,10 @@ class Program:
             opts.ctx_size_in = len(ctx)
             opts.ctx_out = _c.cast(ctx_out, _c.c_void_p)
             opts.ctx_size_out = len(ctx_out)
-        _check(f"bpf_prog_test_run_opts({self.name})", _lib.bpf_prog_test_run_opts(self.fd, _c.byref(opts)))
+        _check(
+            f"bpf_prog_test_run_opts({self.name})",
+            _lib.bpf_prog_test_run_opts(self.fd, _c.byref(opts)),
+        )
         return TestRun(
             retval=opts.retval,
             data=out.raw[: opts.data_size_out],
@@ -416,11 +453,15 @@ class BpfObject:
     *pin_root* (existing compatible pins are reused, so state survives), or
     not pinned at all when *pin_root* is None (tests, benchmarks)."""
 
-    def __init__(self, path: Path, *, pin_root: Path | None = None,
-                 max_entries: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, path: Path, *, pin_root: Path | None = None, max_entries: dict[str, int] | None = None
+    ) -> None:
         self._keep = [str(path).encode(), str(pin_root).encode() if pin_root else None]
         opts = _OpenOpts(sz=_c.sizeof(_OpenOpts), pin_root_path=self._keep[1])
-        self._obj = _check_ptr(f"bpf_object__open_file({path})", _lib.bpf_object__open_file(self._keep[0], _c.byref(opts)))
+        self._obj = _check_ptr(
+            f"bpf_object__open_file({path})",
+            _lib.bpf_object__open_file(self._keep[0], _c.byref(opts)),
+        )
         try:
             if pin_root is None:
                 # libbpf would otherwise pin LIBBPF_PIN_BY_NAME maps under /sys/fs/bpf
@@ -429,7 +470,9 @@ class BpfObject:
                     _lib.bpf_map__set_pin_path(m, None)
                     m = _lib.bpf_object__next_map(self._obj, m)
             for name, n in (max_entries or {}).items():
-                m = _check_ptr(f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode()))
+                m = _check_ptr(
+                    f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode())
+                )
                 _check(f"bpf_map__set_max_entries({name})", _lib.bpf_map__set_max_entries(m, n))
             _check(f"bpf_object__load({path.name})", _lib.bpf_object__load(self._obj), log=True)
         except BaseException:
@@ -441,7 +484,9 @@ class BpfObject:
         return Map(_lib.bpf_map__fd(m))
 
     def program(self, name: str) -> Program:
-        p = _check_ptr(f"program {name}", _lib.bpf_object__find_program_by_name(self._obj, name.encode()))
+        p = _check_ptr(
+            f"program {name}", _lib.bpf_object__find_program_by_name(self._obj, name.encode())
+        )
         return Program(_lib.bpf_program__fd(p), name)
 
     def close(self) -> None:
@@ -474,9 +519,17 @@ class TcHook:
 
     def attach(self, prog_fd: int, *, handle: int, priority: int) -> int:
         """Attaches (or atomically replaces) our filter; returns the prog id."""
-        opts = _TcOpts(sz=_c.sizeof(_TcOpts), prog_fd=prog_fd, flags=_TC_F_REPLACE,
-                       handle=handle, priority=priority)
-        _check(f"bpf_tc_attach(ifindex {self.ifindex})", _lib.bpf_tc_attach(_c.byref(self._hook()), _c.byref(opts)))
+        opts = _TcOpts(
+            sz=_c.sizeof(_TcOpts),
+            prog_fd=prog_fd,
+            flags=_TC_F_REPLACE,
+            handle=handle,
+            priority=priority,
+        )
+        _check(
+            f"bpf_tc_attach(ifindex {self.ifindex})",
+            _lib.bpf_tc_attach(_c.byref(self._hook()), _c.byref(opts)),
+        )
         return int(opts.prog_id)
 
     def query(self, *, handle: int, priority: int) -> int | None:

@@ -98,7 +98,9 @@ def bpffs_root(wanted: Path = Path("/sys/fs/bpf")) -> Path:
         if _is_bpffs(host):
             return host
     wanted.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "bpf", "bpf", str(wanted)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["mount", "-t", "bpf", "bpf", str(wanted)], capture_output=True, text=True, check=False
+    )
     if result.returncode != 0 or not _is_bpffs(wanted):
         raise NetnsError(f"no bpffs at {wanted} and mounting one failed: {result.stderr.strip()}")
     return wanted
