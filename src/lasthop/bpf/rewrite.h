@@ -57,6 +57,28 @@ static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn
 	return 0;
 }
 
+/* Forwarding a frame one hop: destination MAC := dst; on a routed hop also
+ * source MAC := src and TTL - 1. Returns 0 or a negative reason to pass with
+ * (the TTL check runs before anything is written). */
+static __always_inline int rewrite_l2(struct __sk_buff *skb, struct pkt *p, int routed,
+				      const __u8 *src, const __u8 *dst)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = (void *)(long)skb->data;
+	int err;
+
+	if ((void *)(eth + 1) > data_end)
+		return -CNT_MALFORMED;
+	if (routed) {
+		err = rewrite_ttl(p, data_end);
+		if (err)
+			return err;
+		__builtin_memcpy(eth->h_source, src, ETH_ALEN);
+	}
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	return 0;
+}
+
 /* Sends the packet back the way its connection's request came: destination
  * MAC := last hop (routed: source MAC := uplink's, TTL - 1), tags restored,
  * redirected to the uplink. Returns TC_ACT_REDIRECT, or a negative reason
@@ -64,9 +86,6 @@ static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn
 static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *p,
 					     struct conn_entry *e, const struct iface_cfg *vm)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct iface_cfg *up;
 	__u32 ifindex = e->ifindex;
 	int err;
@@ -74,15 +93,9 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 	up = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
 	if (!up || up->role != ROLE_UPLINK)
 		return -CNT_MISS; /* the uplink is gone: ordinary routing */
-	if ((void *)(eth + 1) > data_end)
-		return -CNT_MALFORMED;
-	if (vm->flags & F_IFACE_ROUTED) {
-		err = rewrite_ttl(p, data_end);
-		if (err)
-			return err;
-		__builtin_memcpy(eth->h_source, up->mac, ETH_ALEN);
-	}
-	__builtin_memcpy(eth->h_dest, e->mac, ETH_ALEN);
+	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
+	if (err)
+		return err;
 	err = rewrite_vlan(skb, e);
 	if (err)
 		return err;

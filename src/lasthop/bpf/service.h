@@ -53,22 +53,14 @@ static __always_inline __u32 svc_pick(const struct svc_info *s, const struct con
  * negative reason to pass with. */
 static __always_inline int send_to_vm(struct __sk_buff *skb, struct pkt *p, __u32 vm_ifindex)
 {
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = (void *)(long)skb->data;
 	struct iface_cfg *vm = bpf_map_lookup_elem(&lh_ifaces, &vm_ifindex);
 	int err;
 
 	if (!vm || vm->role != ROLE_VM_PORT || !(vm->flags & F_IFACE_VM_MAC))
 		return -CNT_MISS;
-	if ((void *)(eth + 1) > data_end)
-		return -CNT_MALFORMED;
-	if (vm->flags & F_IFACE_ROUTED) {
-		err = rewrite_ttl(p, data_end);
-		if (err)
-			return err;
-		__builtin_memcpy(eth->h_source, vm->mac, ETH_ALEN);
-	}
-	__builtin_memcpy(eth->h_dest, vm->vm_mac, ETH_ALEN);
+	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, vm->mac, vm->vm_mac);
+	if (err)
+		return err;
 	trace_redirect(vm_ifindex);
 	return bpf_redirect(vm_ifindex, 0);
 }
