@@ -253,7 +253,7 @@ CONTROLS = [
          tcp4_reply(), setup=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1"),),
          verdict=TC_ACT_REDIRECT, redirect="up1",
          output=bridged(tcp4_reply()),
-         after=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", replies=1),),
+         after=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
 ]
 

@@ -91,7 +91,7 @@ def hit(desc: str, request: Packet, reply: Packet, **kw) -> Case:  # type: ignor
     """A row: the reply finds its entry and goes to firewall B on up1, bridged."""
     entry = reply_to(request)
     return Case(desc, VMPORT, "vm1", reply, setup=(entry,), verdict=TC_ACT_REDIRECT,
-                redirect="up1", output=bridged(reply), after=(entry.but(replies=1),),
+                redirect="up1", output=bridged(reply), after=(entry.but(replies=1, seen="now"),),
                 counters={("vm1", C.REDIRECTED): 1}, **kw)
 
 
@@ -135,12 +135,12 @@ HITS = [
     Case("a reply whose request came on up2 is redirected to up2", VMPORT, "vm1", tcp4_reply(),
          setup=(reply_to(tcp4_request(), iface="up2"),), verdict=TC_ACT_REDIRECT,
          redirect="up2", output=bridged(tcp4_reply()),
-         after=(reply_to(tcp4_request(), iface="up2", replies=1),),
+         after=(reply_to(tcp4_request(), iface="up2", replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("the VM port's zone finds the entry of that zone", VMPORT, "vm1", tcp4_reply(),
          zones=(("vm1", 7),), setup=(reply_to(tcp4_request(), zone=7),),
          verdict=TC_ACT_REDIRECT, redirect="up1", output=bridged(tcp4_reply()),
-         after=(reply_to(tcp4_request(), zone=7, replies=1),),
+         after=(reply_to(tcp4_request(), zone=7, replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("IPv4 options on a reply are counted and the reply redirected", VMPORT, "vm1",
          eth(MAC_VM_1, MAC_FW_A) / IP(src=IP_VM_1, dst=IP_CLIENT_B, options=b"\x94\x04\x00\x00")
@@ -149,7 +149,7 @@ HITS = [
          output=bridged(eth(MAC_VM_1, MAC_FW_A)
                         / IP(src=IP_VM_1, dst=IP_CLIENT_B, options=b"\x94\x04\x00\x00")
                         / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags="A")),
-         after=(reply_to(tcp4_request(), replies=1),),
+         after=(reply_to(tcp4_request(), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1, ("vm1", C.IP_OPTIONS): 1}),
 ]
 
@@ -157,24 +157,24 @@ ROUTED = [
     Case("routed v4: source MAC := uplink's, TTL - 1, checksum still right", VMPORT, "vm1",
          tcp4_reply(dst_mac=MAC_VMPORT_1), routed=True, setup=(reply_to(tcp4_request()),),
          verdict=TC_ACT_REDIRECT, redirect="up1", output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
-         after=(reply_to(tcp4_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
+         after=(reply_to(tcp4_request(), replies=1, seen="now"),), counters={("vm1", C.REDIRECTED): 1}),
     Case("routed v4: checksum 0xfeff folds to 0x0000", VMPORT, "vm1",
          CHECKSUM_FOLD, routed=True, setup=(reply_to(tcp4_request()),),
          verdict=TC_ACT_REDIRECT, redirect="up1", output=routed(CHECKSUM_FOLD),
-         after=(reply_to(tcp4_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
+         after=(reply_to(tcp4_request(), replies=1, seen="now"),), counters={("vm1", C.REDIRECTED): 1}),
     Case("routed v4: checksum 0xff12 carries out of its top byte", VMPORT, "vm1",
          CHECKSUM_CARRY, routed=True, setup=(reply_to(tcp4_request()),),
          verdict=TC_ACT_REDIRECT, redirect="up1", output=routed(CHECKSUM_CARRY),
-         after=(reply_to(tcp4_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
+         after=(reply_to(tcp4_request(), replies=1, seen="now"),), counters={("vm1", C.REDIRECTED): 1}),
     Case("routed v6: hop limit - 1", VMPORT, "vm1", tcp6_reply(dst_mac=MAC_VMPORT_1),
          routed=True, setup=(reply_to(tcp6_request()),), verdict=TC_ACT_REDIRECT,
          redirect="up1", output=routed(tcp6_reply(dst_mac=MAC_VMPORT_1)),
-         after=(reply_to(tcp6_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
+         after=(reply_to(tcp6_request(), replies=1, seen="now"),), counters={("vm1", C.REDIRECTED): 1}),
     Case("routed via up2: the source MAC is up2's", VMPORT, "vm1",
          udp4_reply(dst_mac=MAC_VMPORT_1), routed=True,
          setup=(reply_to(udp4_request(), iface="up2"),), verdict=TC_ACT_REDIRECT,
          redirect="up2", output=routed(udp4_reply(dst_mac=MAC_VMPORT_1), src=MAC_UPLINK_2),
-         after=(reply_to(udp4_request(), iface="up2", replies=1),),
+         after=(reply_to(udp4_request(), iface="up2", replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("routed v4, TTL 1: left to the kernel (it sends time exceeded)", VMPORT, "vm1",
          tcp4_reply(dst_mac=MAC_VMPORT_1, ttl=1), routed=True, setup=(reply_to(tcp4_request()),),
@@ -188,14 +188,14 @@ ROUTED = [
     Case("bridged, TTL 1: only the MAC changes, nothing expires on a bridge", VMPORT, "vm1",
          tcp4_reply(ttl=1), setup=(reply_to(tcp4_request()),), verdict=TC_ACT_REDIRECT,
          redirect="up1", output=bridged(tcp4_reply(ttl=1)),
-         after=(reply_to(tcp4_request(), replies=1),), counters={("vm1", C.REDIRECTED): 1}),
+         after=(reply_to(tcp4_request(), replies=1, seen="now"),), counters={("vm1", C.REDIRECTED): 1}),
 ]
 
 VLANS = [
     Case("one 802.1Q tag: pushed into skb metadata, the data changes only its MAC", VMPORT, "vm1",
          tcp4_reply(), setup=(reply_to(tcp4_request(), vlans=(tci(VLAN_C),)),),
          verdict=TC_ACT_REDIRECT, redirect="up1", output=bridged(tcp4_reply()),
-         after=(reply_to(tcp4_request(), vlans=(tci(VLAN_C),), replies=1),),
+         after=(reply_to(tcp4_request(), vlans=(tci(VLAN_C),), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("QinQ: the inner 802.1Q tag is in the data, the outer in metadata", VMPORT, "vm1",
          tcp4_reply(), setup=(reply_to(tcp4_request(), vlans=(tci(VLAN_S), tci(VLAN_C)),
@@ -203,13 +203,13 @@ VLANS = [
          verdict=TC_ACT_REDIRECT, redirect="up1",
          output=inner_tag(bridged(tcp4_reply()), tci(VLAN_C)),
          after=(reply_to(tcp4_request(), vlans=(tci(VLAN_S), tci(VLAN_C)), flags=HOP | AD,
-                         replies=1),),
+                         replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("two 802.1Q tags v6: the inner tag is in the data", VMPORT, "vm1", tcp6_reply(),
          setup=(reply_to(tcp6_request(), vlans=(tci(VLAN_S), tci(VLAN_C))),),
          verdict=TC_ACT_REDIRECT, redirect="up1",
          output=inner_tag(bridged(tcp6_reply()), tci(VLAN_C)),
-         after=(reply_to(tcp6_request(), vlans=(tci(VLAN_S), tci(VLAN_C)), replies=1),),
+         after=(reply_to(tcp6_request(), vlans=(tci(VLAN_S), tci(VLAN_C)), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("routed QinQ: MACs, TTL and the inner tag", VMPORT, "vm1",
          tcp4_reply(dst_mac=MAC_VMPORT_1), routed=True,
@@ -217,7 +217,7 @@ VLANS = [
          verdict=TC_ACT_REDIRECT, redirect="up1",
          output=inner_tag(routed(tcp4_reply(dst_mac=MAC_VMPORT_1)), tci(VLAN_C)),
          after=(reply_to(tcp4_request(), vlans=(tci(VLAN_S), tci(VLAN_C)), flags=HOP | AD,
-                         replies=1),),
+                         replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
 ]
 
@@ -226,7 +226,7 @@ def icmp_hit(desc: str, request: Packet, error: Packet, **kw) -> Case:  # type: 
     entry = reply_to(request)
     return Case(desc, VMPORT, "vm1", error, setup=(entry,), verdict=TC_ACT_REDIRECT,
                 redirect="up1", output=kw.pop("output", bridged(error)),
-                after=(entry.but(replies=1),),
+                after=(entry.but(replies=1, seen="now"),),
                 counters={("vm1", C.ICMP_ERROR_REDIRECTED): 1}, **kw)
 
 
@@ -328,7 +328,7 @@ VM_SENDS = [
          counters={("vm1", C.VM_ORIGIN_PENDING): 1}),
     Case("a VM's SYN never changes an existing last hop", VMPORT, "vm1", tcp4_reply("S"),
          setup=(reply_to(tcp4_request()),), verdict=TC_ACT_REDIRECT, redirect="up1",
-         output=bridged(tcp4_reply("S")), after=(reply_to(tcp4_request(), replies=1),),
+         output=bridged(tcp4_reply("S")), after=(reply_to(tcp4_request(), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
 ]
 
@@ -340,23 +340,23 @@ FAST_PATH = [
          tcp4_reply(), setup=(reply_to(tcp4_request()),), settings=FAST,
          vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
          output=bridged(tcp4_reply()),
-         after=(reply_to(tcp4_request(), replies=1, vm="vm1", flags=HOP | VM_FAST),),
+         after=(reply_to(tcp4_request(), replies=1, seen="now", vm="vm1", flags=HOP | VM_FAST),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("fast path off (the default): the reply binds nothing", VMPORT, "vm1",
          tcp4_reply(), setup=(reply_to(tcp4_request()),),
          vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
-         output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1),),
+         output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("fast path: a reply from another MAC than the port's guest binds nothing", VMPORT,
          "vm1", tcp4_reply(), setup=(reply_to(tcp4_request()),), settings=FAST,
          vm_macs=(("vm1", MAC_VM_2),), verdict=TC_ACT_REDIRECT, redirect="up1",
-         output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1),),
+         output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
     Case("fast path: a routed host binds nothing (requests are routed)", VMPORT, "vm1",
          tcp4_reply(dst_mac=MAC_VMPORT_1), setup=(reply_to(tcp4_request()),), settings=FAST,
          routed=True, vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
          output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
-         after=(reply_to(tcp4_request(), replies=1),),
+         after=(reply_to(tcp4_request(), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
 ]
 

@@ -99,6 +99,9 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 	err = rewrite_vlan(skb, e);
 	if (err)
 		return err;
+	/* a connection lives while either side speaks: a stream the VM sends with
+	 * nothing coming back must not age out */
+	e->last_seen = bpf_jiffies64();
 	e->replies++;
 	trace_redirect(ifindex);
 	return bpf_redirect(ifindex, 0);
