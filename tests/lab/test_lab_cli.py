@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,9 @@ import pytest
 
 from lasthop.lab import Plan, agent
 from lasthop.lab.cli import EXIT_LAB, EXIT_OK, EXIT_USAGE
+from lasthop.lab.services import VIP
 from lasthop.lab.topology import lab_namespaces
+from lasthop.services import state_path
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -53,9 +56,21 @@ def test_recipe_without_routed_is_a_usage_error(lab_name: str) -> None:
 @pytest.mark.bpf
 @pytest.mark.skipif(not agent.available(), reason="agent not built yet")
 def test_demo_passes_and_cleans_up(lab_name: str) -> None:
-    """The demo exits 0 (fails without lasthop, works with it) and leaves nothing behind."""
-    result = _lab("demo", "--name", lab_name, "--mode", "bridged", "-n", "1")
-    assert result.returncode == EXIT_OK, result.stdout + result.stderr
-    assert "demo passed" in result.stdout
-    assert "fw2" in result.stdout and "02:00:00:f0:00:02" in result.stdout
+    """The demo exits 0 on both host modes (fails without lasthop, works with
+    it; the service spreads every connection over the VMs and the drain holds)
+    and leaves nothing behind, not even the agent's service state."""
+    result = _lab("demo", "--name", lab_name, "-n", "1", "--service-connections", "10")
+    out = result.stdout
+    assert result.returncode == EXIT_OK, out + result.stderr
+    assert "demo passed" in out
+    assert "fw2" in out and "02:00:00:f0:00:02" in out
+    # per host mode: the service table, its totals row (3 clients x 2 families x 10), the drain
+    assert out.count(f"service {VIP.v4}, {VIP.v6}") == 2
+    totals = re.findall(r"│ all +│.*│ +60/60 │ +100% │ +60/60 │ +60/60 │", out)
+    assert len(totals) == 2, out
+    assert "service without lasthop: 0/6 connections answered" in out  # routed
+    assert "service without lasthop: 2/6 connections answered (cl1 2/2, cl2 0/2" in out  # bridged
+    assert out.count("60/60 new connections answered, none by vm") == 2
+    assert out.count("open connection to vm") == 2 and "stopped" not in out
     assert lab_namespaces(lab_name) == []
+    assert not state_path(Plan(lab_name).host.ns).parent.exists()

@@ -4,13 +4,23 @@ with it" (no root needed: synthetic check results)."""
 from __future__ import annotations
 
 from lasthop.lab.demo import (
+    DrainRun,
+    ModeRun,
+    ServedConn,
+    ServiceRun,
     counter_delta,
     expect_all_ok,
     expect_asymmetric,
     expect_dead_only,
+    expect_drained,
+    expect_served,
+    expect_unserved,
     sample_rows,
 )
-from lasthop.lab.traffic import CheckResult, PathResult
+from lasthop.lab.services import PORTS, VIP
+from lasthop.lab.traffic import Attempt, CheckResult, PathResult
+
+VMS = ["vm1", "vm2", "vm3"]
 
 
 def _result(ok: dict[str, int], tried: int = 3) -> CheckResult:
@@ -62,3 +72,82 @@ def test_sample_rows_keeps_one_row_per_client_address_preferring_tcp() -> None:
         {"proto": "tcp", "src": "10.1.2.2"},
         {"proto": "udp", "src": "fd00:1:2::2"},
     ]
+
+
+def _conn(client: str, vm: str | None, **changes: str) -> ServedConn:
+    """A connection to the service from client, answered by vm, as predicted,
+    its entry naming vm and the client's own firewall (unless changed)."""
+    fw = f"fw{client[-1]}"
+    fields = {"predicted": vm or "", "entry_vm": vm or "", "last_hop": fw if vm else ""}
+    fields.update(changes)
+    return ServedConn(client, fw, 4, 40000, vm, **fields)
+
+
+def _spread() -> list[ServedConn]:
+    return [_conn(f"cl{1 + i % 3}", VMS[i % 3]) for i in range(9)]
+
+
+def test_served_means_answered_where_maglev_said_back_through_the_own_firewall() -> None:
+    assert expect_served(_spread(), VMS, "svc") == []
+    assert expect_served([*_spread(), _conn("cl2", None)], VMS, "svc") == [
+        "svc: cl2 IPv4 port 40000: no answer"
+    ]
+    assert expect_served([*_spread(), _conn("cl2", "vm1", predicted="vm2")], VMS, "svc") == [
+        "svc: cl2 IPv4 port 40000: answered by vm1, the Maglev table says vm2"
+    ]
+    assert expect_served([*_spread(), _conn("cl2", "vm1", entry_vm="vm3")], VMS, "svc") == [
+        "svc: cl2 IPv4 port 40000: answered by vm1, its entry says vm3"
+    ]
+    assert expect_served([*_spread(), _conn("cl2", "vm1", last_hop="fw1")], VMS, "svc") == [
+        "svc: cl2 IPv4 port 40000: last hop fw1, expected fw2"
+    ]
+
+
+def test_served_needs_every_vm_to_serve() -> None:
+    only_two = [c for c in _spread() if c.vm != "vm3"]
+    assert expect_served(only_two, VMS, "svc") == ["svc: vm3 served no connection"]
+
+
+def _attempt(client: str, ok: bool) -> Attempt:
+    return Attempt(
+        client,
+        f"fw{client[-1]}",
+        "10.1.1.2",
+        VIP.v4,
+        "http",
+        4,
+        40000,
+        None if ok else "timeout",
+        "vm1" if ok else None,
+    )
+
+
+def test_unserved_names_the_clients_that_reach_the_address_without_lasthop() -> None:
+    routed = [_attempt("cl1", False), _attempt("cl2", False)]
+    assert expect_unserved(routed, "off", set()) == []
+    assert expect_unserved(routed, "off", {"cl1"}) == ["off: cl1: 0/1 worked, expected all"]
+    bridged = [_attempt("cl1", True), _attempt("cl2", True)]
+    assert expect_unserved(bridged, "off", {"cl1"}) == ["off: cl2: 1/1 worked, expected none"]
+
+
+def test_drained_means_no_new_connection_on_the_vm_and_the_open_one_kept() -> None:
+    after = [_conn(f"cl{1 + i % 3}", ["vm1", "vm3"][i % 2]) for i in range(6)]
+    assert expect_drained(DrainRun("vm2", "cl2", True, after), "d") == []
+    assert expect_drained(DrainRun("vm2", "cl2", False, after), "d") == [
+        "d: cl2's open connection to vm2 stopped"
+    ]
+    assert expect_drained(DrainRun("vm2", "cl2", True, [*after, _conn("cl1", "vm2")]), "d") == [
+        "d: 1 new connections reached the drained vm2"
+    ]
+    assert expect_drained(DrainRun("vm2", "cl2", True, [*after, _conn("cl1", None)]), "d") == [
+        "d: 1/7 new connections not answered"
+    ]
+
+
+def test_a_service_problem_fails_the_mode() -> None:
+    """The demo's verdict (and so its exit code) includes the service section."""
+    service = ServiceRun(VIP, PORTS, VMS, conns=_spread())
+    run = ModeRun("routed", service=service)
+    assert run.ok
+    service.problems = ["service with lasthop: vm3 served no connection"]
+    assert not run.ok and run.all_problems == service.problems

@@ -5,13 +5,13 @@ added while the agent follows the bridge."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from lasthop.lab import Lab, agent, traffic
 from lasthop.lab.demo import expect_all_ok, expect_asymmetric
+from lasthop.lab.namespaces import eventually
 from lasthop.lab.traffic import EchoSession
 
 needs_agent = pytest.mark.skipif(not agent.available(), reason="agent not built yet")
@@ -22,15 +22,6 @@ pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.bpf, needs_agent]
 def lasthop_on(any_lab: Lab) -> Iterator[agent.LasthopAgent]:
     with agent.LasthopAgent(any_lab.plan) as running:
         yield running
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_every_path_works_with_lasthop(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
@@ -107,5 +98,7 @@ def test_bridge_mode_follows_a_vm_port_added_while_running(bridged_lab: Lab) -> 
         def vm4_works() -> bool:
             return traffic.check(bridged_lab.plan, n=1, clients=[2], vms=[4], protos=["tcp"]).all_ok
 
-        assert _eventually(vm4_works), "cl2 -> vm4 never worked: the new port was not attached"
+        assert eventually(vm4_works, timeout=5.0, every=0.2), (
+            "cl2 -> vm4 never worked: the new port was not attached"
+        )
         assert expect_all_ok(traffic.check(bridged_lab.plan, n=1), "every VM incl. vm4") == []

@@ -8,7 +8,12 @@ line contract.
     <python> -m lasthop detach --netns <lab>-host
     <python> -m lasthop show --netns <lab>-host --json
         a JSON list of objects with keys including proto, src, dst, sport,
-        dport, mac, uplink, zone, vlan, age_s, packets.
+        dport, mac, uplink, zone, vlan, age_s, packets, vm_port, flags.
+    <python> -m lasthop service list|drain|... --netns <lab>-host [--json]
+        list --json: a JSON list of services (name, id, address, ports,
+        vms: a list of objects with port, ifindex, health, serving, changes).
+    <python> -m lasthop stats --netns <lab>-host --json
+        an object with "totals": counter name -> value.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from lasthop.lab import plan as P
 from lasthop.lab import state
 from lasthop.lab.namespaces import LabError, run
 
-__all__ = ["READY_PREFIX", "available", "LasthopAgent", "detach", "show"]
+__all__ = [
+    "READY_PREFIX",
+    "available",
+    "LasthopAgent",
+    "command",
+    "detach",
+    "show",
+    "services",
+    "stats",
+]
 
 READY_PREFIX = "lasthop: attached"
 START_TIMEOUT = 15.0
@@ -149,15 +163,38 @@ class LasthopAgent:
         detach(self.plan)
 
 
+def command(plan: P.Plan, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`lasthop <args> --netns <lab>-host`; with check, a LabError when it fails."""
+    return run(_lasthop(*args, "--netns", plan.host.ns), check=check)
+
+
+def _json(plan: P.Plan, *args: str, kind: type) -> Any:
+    out = json.loads(command(plan, *args, "--json").stdout)
+    if not isinstance(out, kind):
+        what = " ".join(args)
+        raise LabError(
+            f"lasthop {what} --json: expected a {kind.__name__}, got {type(out).__name__}"
+        )
+    return out
+
+
 def detach(plan: P.Plan) -> None:
     """Removes lasthop from the lab's host (programs and pinned table)."""
-    run(_lasthop("detach", "--netns", plan.host.ns), check=False)
+    command(plan, "detach", check=False)
 
 
 def show(plan: P.Plan) -> list[dict[str, Any]]:
     """The connection table of lasthop on the lab's host."""
-    out = run(_lasthop("show", "--netns", plan.host.ns, "--json")).stdout
-    rows = json.loads(out)
-    if not isinstance(rows, list):
-        raise LabError(f"lasthop show --json: expected a list, got {type(rows).__name__}")
+    rows: list[dict[str, Any]] = _json(plan, "show", kind=list)
     return rows
+
+
+def services(plan: P.Plan) -> dict[str, dict[str, Any]]:
+    """The services on the lab's host (`lasthop service list --json`), by name."""
+    return {s["name"]: s for s in _json(plan, "service", "list", kind=list)}
+
+
+def stats(plan: P.Plan) -> dict[str, Any]:
+    """lasthop's counters on the lab's host (`lasthop stats --json`)."""
+    out: dict[str, Any] = _json(plan, "stats", kind=dict)
+    return out

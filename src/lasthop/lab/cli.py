@@ -175,8 +175,24 @@ def status(name: str, run_check: bool) -> None:
     show_default=True,
     help="Connections per (client, VM, protocol, family).",
 )
-def demo_cmd(name: str, with_recipe: bool, mode: str, connections: int) -> None:
-    """Build the lab, show replies dying without lasthop and arriving with it, clean up."""
+@click.option(
+    "--service-connections",
+    default=demo.SERVICE_CONNECTIONS,
+    show_default=True,
+    type=click.IntRange(1, 200),
+    help="Connections to the service per (client, family), before and after the drain.",
+)
+@click.option("--no-service", is_flag=True, help="Leave out the service section.")
+def demo_cmd(
+    name: str,
+    with_recipe: bool,
+    mode: str,
+    connections: int,
+    service_connections: int,
+    no_service: bool,
+) -> None:
+    """Build the lab, show replies dying without lasthop and arriving with it,
+    spread a service over the VMs, clean up."""
     _require_root()
     modes = {"both": [False, True], "bridged": [False], "routed": [True]}[mode]
     runs: list[demo.ModeRun] = []
@@ -190,7 +206,9 @@ def demo_cmd(name: str, with_recipe: bool, mode: str, connections: int) -> None:
                         name,
                         routed,
                         with_recipe=with_recipe,
+                        with_service=not no_service,
                         n=connections,
+                        service_n=service_connections,
                         say=steps.say,
                         detail=steps.detail,
                     )
@@ -213,9 +231,17 @@ def demo_cmd(name: str, with_recipe: bool, mode: str, connections: int) -> None:
             if any(ph.key == "recipe" for run in runs for ph in run.phases)
             else ""
         )
+        service_line = (
+            "; the service: each connection on the VM Maglev chose, back through its own "
+            "firewall, and a drained VM got no new one but kept its open one"
+            if any(run.service and run.service.conns for run in runs)
+            else ""
+        )
         console.print(
             f"[green bold]demo passed[/green bold] in {elapsed:.1f} s: every connection worked "
             f"with lasthop; without it, every path through fw2 and fw3 died{recipe_line}"
+            f"{service_line}",
+            highlight=False,
         )
         sys.exit(EXIT_OK)
     console.print(f"[red bold]demo failed[/red bold] in {elapsed:.1f} s:", highlight=False)
@@ -264,9 +290,91 @@ def _print_run(run: demo.ModeRun) -> None:
     if run.show_rows:
         _print_show(run.show_rows)
     if run.phases:
-        _print_counters({ph.title: ph.drops for ph in run.phases}, "firewall drops, per phase")
+        drops = {ph.title: ph.drops for ph in run.phases}
+        _print_counters(
+            drops | (run.service.drops if run.service else {}), "firewall drops, per phase"
+        )
+    if run.service:
+        _print_service(run.service)
     for note in run.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+
+
+def _count(ok: int, tried: int) -> str:
+    colour = "green" if ok == tried else "red"
+    return f"[{colour}]{ok}/{tried}[/{colour}]"
+
+
+def _print_service(svc: demo.ServiceRun) -> None:
+    """Per VM: the connections it served (from each client, per family), its
+    share, how many the Maglev table predicted and came back through their
+    client's own firewall; then the service without lasthop and the drain."""
+    ports = "/".join(map(str, svc.ports))
+    conns = svc.conns
+    if conns:
+        table = Table(
+            title=f"service {svc.address.v4}, {svc.address.v6} (TCP {ports}) with lasthop: "
+            "HTTP connections each VM served",
+            title_justify="left",
+        )
+        clients = sorted({(c.client, c.firewall) for c in conns})
+        table.add_column("VM")
+        for client, fw in clients:
+            table.add_column(f"{client} via {fw}", justify="right")
+        for col in ("IPv4", "IPv6", "served", "share", "as Maglev said", "via own firewall"):
+            table.add_column(col, justify="right")
+        answered = [c for c in conns if c.vm is not None]
+        for vm in svc.vms:
+            mine = [c for c in answered if c.vm == vm]
+            table.add_row(
+                vm,
+                *(str(sum(c.client == cl for c in mine)) for cl, _ in clients),
+                *(str(sum(c.family == f for c in mine)) for f in traffic.FAMILIES),
+                str(len(mine)),
+                f"{len(mine) / len(conns):.0%}",
+                _count(sum(c.predicted == vm for c in mine), len(mine)),
+                _count(sum(c.last_hop == c.firewall for c in mine), len(mine)),
+            )
+        table.add_section()
+        table.add_row(
+            "all",
+            *(
+                _count(sum(c.client == cl for c in answered), sum(c.client == cl for c in conns))
+                for cl, _ in clients
+            ),
+            *(
+                _count(sum(c.family == f for c in answered), sum(c.family == f for c in conns))
+                for f in traffic.FAMILIES
+            ),
+            _count(len(answered), len(conns)),
+            f"{len(answered) / len(conns):.0%}",
+            _count(sum(c.predicted == c.vm for c in answered), len(conns)),
+            _count(sum(c.last_hop == c.firewall for c in answered), len(conns)),
+        )
+        console.print(table)
+    if svc.off:
+        by_client = ", ".join(
+            f"{cl} {sum(a.ok for a in svc.off if a.client == cl)}/"
+            f"{sum(a.client == cl for a in svc.off)}"
+            for cl in sorted({a.client for a in svc.off})
+        )
+        ok = sum(a.ok for a in svc.off)
+        console.print(
+            f"service without lasthop: {ok}/{len(svc.off)} connections answered ({by_client})",
+            highlight=False,
+        )
+    if svc.drain:
+        d = svc.drain
+        new = [c for c in d.conns if c.vm is not None]
+        spread = ", ".join(f"{vm} {sum(c.vm == vm for c in new)}" for vm in svc.vms if vm != d.vm)
+        landed = sum(c.vm == d.vm for c in new)
+        kept = "[green]still echoes[/green]" if d.kept else "[red]stopped[/red]"
+        console.print(
+            f"drain {d.vm}: {_count(len(new), len(d.conns))} new connections answered, "
+            f"{'[green]none[/green]' if not landed else f'[red]{landed}[/red]'} by {d.vm} "
+            f"({spread}); {d.client}'s open connection to {d.vm} {kept}",
+            highlight=False,
+        )
 
 
 def _endpoint(addr: Any, port: Any) -> str:

@@ -1,10 +1,15 @@
 """The demo's script, without the rendering (lasthop.lab.cli draws it): per
 host mode, build the lab, run the traffic check without lasthop, optionally
 with the Linux recipe (before and after a fail-over and a new firewall), then
-with lasthop; record what each phase should have shown; always tear down.
+with lasthop; then a service: a virtual address served by every VM, without
+and with lasthop, and one VM drained; record what each phase should have
+shown; always tear down.
 
 The expectations are the end-to-end script of STYLE.md: it fails without
-lasthop (cl1 works, every path through fw2/fw3 dies), it works with it.
+lasthop (cl1 works, every path through fw2/fw3 dies), it works with it. For
+the service: every connection is answered by the VM the Maglev table names,
+its entry's last hop is its client's firewall, every VM serves; after the
+drain no new connection reaches the drained VM and the open one still works.
 """
 
 from __future__ import annotations
@@ -14,19 +19,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lasthop.lab import agent, recipe, traffic
+from lasthop.lab import agent, recipe, services, state, traffic
 from lasthop.lab import plan as P
-from lasthop.lab.namespaces import LabError
+from lasthop.lab.namespaces import LabError, eventually
 from lasthop.lab.topology import Lab
-from lasthop.lab.traffic import CheckResult
+from lasthop.lab.traffic import Attempt, CheckResult
 
 __all__ = [
     "Phase",
     "ModeRun",
+    "ServedConn",
+    "ServiceRun",
+    "DrainRun",
     "run_mode",
     "expect_asymmetric",
     "expect_all_ok",
     "expect_dead_only",
+    "expect_served",
+    "expect_unserved",
+    "expect_drained",
     "counter_delta",
     "sample_rows",
 ]
@@ -34,6 +45,8 @@ __all__ = [
 Say = Callable[[str], None]
 FAILOVER_SITE = 2  # the firewall that fails over to a standby MAC in the recipe scenario
 ADDED_SITE = 4  # the firewall (and client network) added while the recipe is configured
+SERVICE_CONNECTIONS = 20  # connections to the service per client and address family
+DRAIN_SITE = 2  # the client that keeps a connection open to the service across the drain
 
 
 @dataclass
@@ -45,18 +58,59 @@ class Phase:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ServedConn:
+    """One HTTP connection to the service address, and where it went."""
+
+    client: str
+    firewall: str  # the client's own firewall
+    family: int
+    sport: int
+    vm: str | None  # the VM that answered (the HTTP body names it); None: no answer
+    predicted: str = ""  # the VM the Maglev table gives it ("": not predicted)
+    entry_vm: str = ""  # lasthop show: the VM of its entry
+    last_hop: str = ""  # lasthop show: who has its entry's last-hop MAC
+
+
+@dataclass
+class DrainRun:
+    """A VM drained while a client holds a connection to it (TCP echo)."""
+
+    vm: str  # the drained VM: the one the open connection was given
+    client: str
+    kept: bool  # the open connection still echoed after the drain
+    conns: list[ServedConn] = field(default_factory=list)  # new connections after the drain
+
+
+@dataclass
+class ServiceRun:
+    address: P.Addr
+    ports: tuple[int, ...]
+    vms: list[str]
+    off: list[Attempt] = field(default_factory=list)  # without lasthop
+    conns: list[ServedConn] = field(default_factory=list)  # with lasthop
+    drops: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # column -> drops
+    drain: DrainRun | None = None
+    problems: list[str] = field(default_factory=list)
+
+
 @dataclass
 class ModeRun:
     mode: str
     phases: list[Phase] = field(default_factory=list)
     show_rows: list[dict[str, Any]] = field(default_factory=list)
+    service: ServiceRun | None = None
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # beyond the phases' own
     seconds: float = 0.0
 
     @property
     def all_problems(self) -> list[str]:
-        return [*(p for ph in self.phases for p in ph.problems), *self.problems]
+        return [
+            *(p for ph in self.phases for p in ph.problems),
+            *(self.service.problems if self.service else []),
+            *self.problems,
+        ]
 
     @property
     def ok(self) -> bool:
@@ -105,6 +159,54 @@ def expect_dead_only(check: CheckResult, label: str, dead: set[str]) -> list[str
     return problems
 
 
+def expect_unserved(attempts: list[Attempt], label: str, served: set[str]) -> list[str]:
+    """Without lasthop: the clients in *served* reach the address, every other one does not."""
+    problems = []
+    for client in sorted({a.client for a in attempts}):
+        mine = [a for a in attempts if a.client == client]
+        ok = sum(a.ok for a in mine)
+        want = len(mine) if client in served else 0
+        if ok != want:
+            expected = "all" if want else "none"
+            problems.append(f"{label}: {client}: {ok}/{len(mine)} worked, expected {expected}")
+    return problems
+
+
+def expect_served(conns: list[ServedConn], vms: list[str], label: str) -> list[str]:
+    """With lasthop: every connection answered, by the VM the table names, its
+    entry naming that VM and its client's firewall; every VM serves."""
+    problems = []
+    for c in conns:
+        what = f"{label}: {c.client} IPv{c.family} port {c.sport}"
+        if c.vm is None:
+            problems.append(f"{what}: no answer")
+        elif c.vm != c.predicted:
+            problems.append(f"{what}: answered by {c.vm}, the Maglev table says {c.predicted}")
+        elif c.entry_vm != c.vm:
+            problems.append(f"{what}: answered by {c.vm}, its entry says {c.entry_vm or '-'}")
+        if c.vm is not None and c.last_hop != c.firewall:
+            problems.append(f"{what}: last hop {c.last_hop or '-'}, expected {c.firewall}")
+    idle = [vm for vm in vms if not any(c.vm == vm for c in conns)]
+    if idle and conns:
+        problems.append(f"{label}: {', '.join(idle)} served no connection")
+    return problems
+
+
+def expect_drained(drain: DrainRun, label: str) -> list[str]:
+    """After the drain: every new connection answered, none by the drained
+    VM; the connection open before it still works."""
+    problems = []
+    if not drain.kept:
+        problems.append(f"{label}: {drain.client}'s open connection to {drain.vm} stopped")
+    failed = sum(c.vm is None for c in drain.conns)
+    if failed:
+        problems.append(f"{label}: {failed}/{len(drain.conns)} new connections not answered")
+    landed = sum(c.vm == drain.vm for c in drain.conns)
+    if landed:
+        problems.append(f"{label}: {landed} new connections reached the drained {drain.vm}")
+    return problems
+
+
 def counter_delta(
     before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
 ) -> dict[str, dict[str, int]]:
@@ -134,7 +236,9 @@ def run_mode(
     routed: bool,
     *,
     with_recipe: bool = False,
+    with_service: bool = True,
     n: int = 3,
+    service_n: int = SERVICE_CONNECTIONS,
     say: Say = print,
     detail: Say = print,
 ) -> ModeRun:
@@ -150,6 +254,11 @@ def run_mode(
         run.phases.append(off)
         if with_recipe:
             _recipe_phases(lab, run, n, say)
+        extra: tuple[str, ...] = ()
+        if with_service:
+            run.service = _service_off(lab, run.mode, say)
+            cfg = services.write_config(state.folder(name) / "lasthop.toml", lab.plan, macs=True)
+            extra = ("--config", str(cfg))
         if not agent.available():
             run.notes.append(
                 "lasthop agent not built yet (lasthop.controller missing): "
@@ -159,12 +268,14 @@ def run_mode(
             return run
         say(f"{run.mode} host: starting lasthop")
         try:
-            with agent.LasthopAgent(lab.plan):
+            with agent.LasthopAgent(lab.plan, extra=extra):
                 say(f"{run.mode} host: traffic with lasthop")
                 on = _phase(lab, "on", "with lasthop", n)
                 on.problems = expect_all_ok(on.check, "with lasthop")
                 run.phases.append(on)
                 run.show_rows = sample_rows(agent.show(lab.plan))
+                if run.service is not None:
+                    _service_on(lab, run.service, run.mode, service_n, say)
         except LabError as err:
             run.problems.append(f"lasthop: {err}")
         return run
@@ -172,6 +283,106 @@ def run_mode(
         say(f"{run.mode} host: removing the lab")
         lab.down(detail)
         run.seconds = time.monotonic() - start
+
+
+def _service_off(lab: Lab, mode: str, say: Say) -> ServiceRun:
+    """Sets the service address up on every VM and firewall; tries it without lasthop."""
+    plan = lab.plan
+    vip = services.VIP
+    svc = ServiceRun(vip, services.PORTS, [plan.vm(n).name for n in plan.vms])
+    say(f"{mode} host: service {vip.v4} and {vip.v6} on every VM; without lasthop")
+    services.serve_vip(lab)
+    before = lab.counters()
+    svc.off = traffic.connect(plan, vip, n=1)
+    svc.drops["service without"] = counter_delta(before, lab.counters())
+    # A bridged host: the firewalls send the address to vm1's own address,
+    # and vm1 answers cl1 by fw1; a routed host has no one to answer it.
+    symmetric = set() if plan.routed else {plan.client(plan.sites[0]).name}
+    svc.problems += expect_unserved(svc.off, "service without lasthop", symmetric)
+    return svc
+
+
+def _service_on(lab: Lab, svc: ServiceRun, mode: str, n: int, say: Say) -> None:
+    """With lasthop: n connections per client and family to the address, each
+    checked against the Maglev table and lasthop's table; then a drain. The
+    firewalls' drops are counted over both."""
+    plan = lab.plan
+    if not eventually(lambda: services.serving(plan)):
+        states = {name: services.vm_states(plan, name) for name in services.SERVICES.values()}
+        svc.problems.append(f"service: not every VM serving: {states}")
+        return
+    say(f"{mode} host: service with lasthop: {n} connections per client and family")
+    predict = services.Prediction(lab)
+    before = lab.counters()
+    try:
+        attempts = traffic.connect(plan, svc.address, n=n)
+        svc.conns = _served(plan, attempts, agent.show(plan), predict)
+        svc.problems += expect_served(svc.conns, svc.vms, "service with lasthop")
+        _service_drain(lab, svc, mode, n, say)
+    finally:
+        svc.drops["service with lasthop"] = counter_delta(before, lab.counters())
+
+
+def _service_drain(lab: Lab, svc: ServiceRun, mode: str, n: int, say: Say) -> None:
+    """A client holds a connection to the service; its VM is drained; n new
+    connections per client and family avoid it, the open one still works."""
+    plan = lab.plan
+    client = plan.client(DRAIN_SITE if DRAIN_SITE in plan.sites else plan.sites[0])
+    label = "service drain"
+    try:
+        session = traffic.EchoSession(plan, client.n, address=svc.address)
+    except OSError as err:
+        svc.problems.append(f"{label}: {client.name} could not connect to {svc.address.v4}: {err}")
+        return
+    with session:
+        rows = [
+            r
+            for r in agent.show(plan)
+            if (r.get("src"), r.get("sport")) == (client.addr.v4, session.local_port)
+        ]
+        port = str(rows[0].get("vm_port") or "") if rows else ""
+        if not port or not session.exchange():
+            svc.problems.append(
+                f"{label}: {client.name}'s connection does not work, or no VM has it"
+            )
+            return
+        vm = _vm_name(plan, port)
+        say(f"{mode} host: service: drain {vm} ({client.name} holds a connection to it)")
+        services.drain(plan, port)
+        svc.drain = DrainRun(vm, client.name, kept=False)
+        svc.drain.conns = _served(plan, traffic.connect(plan, svc.address, n=n), [], None)
+        svc.drain.kept = session.exchange()
+    svc.problems += expect_drained(svc.drain, label)
+
+
+def _vm_name(plan: P.Plan, port: str) -> str:
+    return next((plan.vm(n).name for n in plan.vms if plan.vm(n).port == port), port)
+
+
+def _served(
+    plan: P.Plan,
+    attempts: list[Attempt],
+    rows: list[dict[str, Any]],
+    predict: services.Prediction | None,
+) -> list[ServedConn]:
+    """Each attempt with the VM the table predicts and lasthop's entry for it."""
+    entries = {(r.get("src"), r.get("sport"), r.get("dst")): r for r in rows}
+    out = []
+    for a in attempts:
+        entry = entries.get((a.src, a.sport, a.dst), {})
+        out.append(
+            ServedConn(
+                a.client,
+                a.firewall,
+                a.family,
+                a.sport,
+                a.body if a.ok else None,
+                _vm_name(plan, predict.vm(a.family, a.src, a.sport)) if predict else "",
+                _vm_name(plan, str(entry.get("vm_port") or "")),
+                P.who_has(str(entry.get("mac") or "")) if entry else "",
+            )
+        )
+    return out
 
 
 def _recipe_phases(lab: Lab, run: ModeRun, n: int, say: Say) -> None:

@@ -1,6 +1,7 @@
 """Named network namespaces: create, list, run commands in, find and stop the
 processes inside, delete; and sockets opened inside one (per-thread setns,
-since Python 3.11 has no os.setns)."""
+since Python 3.11 has no os.setns). Also `eventually`, the lab's wait for a
+condition."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = [
     "delete",
     "open_socket",
     "NetnsExecutor",
+    "eventually",
 ]
 
 NETNS_RUN = Path("/run/netns")
@@ -207,3 +209,13 @@ def open_socket(ns: str, family: int, kind: int, proto: int = 0) -> socket.socke
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+def eventually(check: Callable[[], bool], timeout: float = 8.0, every: float = 0.1) -> bool:
+    """Whether *check* holds within *timeout* seconds (tried every *every* seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(every)
+    return False

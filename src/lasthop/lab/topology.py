@@ -14,6 +14,7 @@ into its namespace on creation), so the caller's namespace never sees one.
 from __future__ import annotations
 
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from lasthop.lab.namespaces import (
     sysctl,
 )
 from lasthop.lab.servers import READY
+from lasthop.services import state_path as services_state_path
 
 __all__ = ["Lab", "down", "lab_namespaces", "Progress"]
 
@@ -126,8 +128,15 @@ def down(name: str, progress: Progress = _quiet) -> list[str]:
     if namespaces:
         progress(f"removing {len(namespaces)} namespaces of lab {name}")
     delete(namespaces)
+    _forget_services(host_ns)
     state.remove(name)
     return namespaces
+
+
+def _forget_services(host_ns: str) -> None:
+    """Removes the agent's state of the lab's host (services, drains, health):
+    a later lab of the same name starts from its own config."""
+    shutil.rmtree(services_state_path(host_ns).parent, ignore_errors=True)
 
 
 class Lab:

@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import NetnsExecutor, open_socket
 
-__all__ = ["PROTOS", "FAMILIES", "PathResult", "CheckResult", "check", "EchoSession"]
+__all__ = [
+    "PROTOS",
+    "FAMILIES",
+    "PathResult",
+    "CheckResult",
+    "Attempt",
+    "check",
+    "connect",
+    "EchoSession",
+]
 
 PROTOS = ("tcp", "http", "udp")
 FAMILIES = (4, 6)
@@ -99,12 +108,35 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One connection from a client (through its firewall) to an address: the
+    client's port, and what happened (error None: it worked; body: what an
+    HTTP server answered)."""
+
+    client: str
+    firewall: str
+    src: str  # the client's address
+    dst: str
+    proto: str
+    family: int
+    sport: int
+    error: str | None
+    body: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
 class _Job:
     client: P.Client
-    vm: P.Vm
+    firewall: str  # the client's firewall
+    dst: str
     proto: str
     family: int
     index: int
+    vm: P.Vm | None = None  # the VM whose name the HTTP body must be; None: any body
 
 
 def _reason(err: BaseException) -> str:
@@ -119,41 +151,58 @@ def _reason(err: BaseException) -> str:
     return type(err).__name__
 
 
-async def _attempt(job: _Job, sock: socket.socket, timeout: float) -> str | None:
-    """One connection; None when it worked, else why not."""
+async def _attempt(job: _Job, sock: socket.socket, timeout: float) -> Attempt:
+    """One connection; its Attempt says whether it worked, and if not why not."""
     loop = asyncio.get_running_loop()
-    addr = job.vm.addr.of(job.family)
+    sport, body, error = 0, None, None
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_connect(sock, (addr, _PORT[job.proto]))
+            await loop.sock_connect(sock, (job.dst, _PORT[job.proto]))
+            sport = sock.getsockname()[1]
             if job.proto == "http":
-                await loop.sock_sendall(sock, f"GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n".encode())
+                await loop.sock_sendall(sock, f"GET / HTTP/1.0\r\nHost: {job.dst}\r\n\r\n".encode())
                 reply = b""
                 while chunk := await loop.sock_recv(sock, 4096):
                     reply += chunk
-                head, _, body = reply.partition(b"\r\n\r\n")
-                if not head.startswith(b"HTTP/1.0 200") or body != job.vm.name.encode():
-                    return "bad reply"
-                return None
-            what = f"{job.client.name}>{job.vm.name} {job.proto}{job.family} #{job.index}"
-            payload = f"lasthop {what}\n".encode()
-            await loop.sock_sendall(sock, payload)
-            got = b""
-            while len(got) < len(payload):
-                chunk = await loop.sock_recv(sock, 4096)
-                if not chunk:
-                    return "closed"
-                got += chunk
-                if job.proto == "udp":
-                    break
-            return None if got == payload else "bad reply"
+                head, _, raw = reply.partition(b"\r\n\r\n")
+                body = raw.decode(errors="replace")
+                if not head.startswith(b"HTTP/1.0 200") or (job.vm and body != job.vm.name):
+                    error = "bad reply"
+            else:
+                error = await _echo(loop, sock, job)
     except (OSError, TimeoutError) as err:
-        return _reason(err)
+        error = _reason(err)
     finally:
         sock.close()
+    return Attempt(
+        job.client.name,
+        job.firewall,
+        job.client.addr.of(job.family),
+        job.dst,
+        job.proto,
+        job.family,
+        sport,
+        error,
+        body,
+    )
 
 
-async def _run(jobs: list[_Job], timeout: float) -> list[str | None]:
+async def _echo(loop: asyncio.AbstractEventLoop, sock: socket.socket, job: _Job) -> str | None:
+    what = f"{job.client.name}>{job.dst} {job.proto}{job.family} #{job.index}"
+    payload = f"lasthop {what}\n".encode()
+    await loop.sock_sendall(sock, payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = await loop.sock_recv(sock, 4096)
+        if not chunk:
+            return "closed"
+        got += chunk
+        if job.proto == "udp":
+            break
+    return None if got == payload else "bad reply"
+
+
+async def _run(jobs: list[_Job], timeout: float) -> list[Attempt]:
     by_ns: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         by_ns.setdefault(job.client.ns, []).append(i)
@@ -166,6 +215,28 @@ async def _run(jobs: list[_Job], timeout: float) -> list[str | None]:
     return await asyncio.gather(
         *(_attempt(job, s, timeout) for job, s in zip(jobs, socks, strict=True) if s)
     )
+
+
+def connect(
+    plan: P.Plan,
+    address: P.Addr,
+    *,
+    n: int = 3,
+    timeout: float = DEFAULT_TIMEOUT,
+    clients: Iterable[int] | None = None,
+    protos: Sequence[str] = ("http",),
+    families: Sequence[int] = FAMILIES,
+) -> list[Attempt]:
+    """*n* connections per (client, protocol, family) to *address* (e.g. a
+    service's virtual address), all at once; one Attempt each, in order."""
+    jobs = [
+        _Job(plan.client(c), plan.firewall(c).name, address.of(fam), proto, fam, i)
+        for c in (plan.sites if clients is None else clients)
+        for proto in protos
+        for fam in families
+        for i in range(n)
+    ]
+    return asyncio.run(_run(jobs, timeout))
 
 
 def check(
@@ -182,7 +253,15 @@ def check(
     (client, VM, protocol, family)."""
     start = time.monotonic()
     jobs = [
-        _Job(plan.client(c), plan.vm(v), proto, fam, i)
+        _Job(
+            plan.client(c),
+            plan.firewall(c).name,
+            plan.vm(v).addr.of(fam),
+            proto,
+            fam,
+            i,
+            plan.vm(v),
+        )
         for c in (plan.sites if clients is None else clients)
         for v in (plan.vms if vms is None else vms)
         for proto in protos
@@ -192,7 +271,9 @@ def check(
     outcomes = asyncio.run(_run(jobs, timeout))
     tally: dict[tuple[int, int, str, int], Counter[str | None]] = {}
     for job, outcome in zip(jobs, outcomes, strict=True):
-        tally.setdefault((job.client.n, job.vm.n, job.proto, job.family), Counter())[outcome] += 1
+        assert job.vm is not None
+        key = (job.client.n, job.vm.n, job.proto, job.family)
+        tally.setdefault(key, Counter())[outcome.error] += 1
     paths = [
         PathResult(
             client=plan.client(c).name,
@@ -210,15 +291,30 @@ def check(
 
 
 class EchoSession:
-    """One long-lived TCP connection from a client to a VM's echo server."""
+    """One long-lived TCP connection from a client to a VM's echo server (or
+    to *address*, e.g. a service's virtual address, instead of the VM's own)."""
 
     def __init__(
-        self, plan: P.Plan, client: int, vm: int, family: int = 4, timeout: float = DEFAULT_TIMEOUT
+        self,
+        plan: P.Plan,
+        client: int,
+        vm: int | None = None,
+        family: int = 4,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        address: P.Addr | None = None,
     ) -> None:
-        self.client, self.vm = plan.client(client), plan.vm(vm)
+        if vm is not None:
+            if address is not None:
+                raise ValueError("EchoSession: a VM or an address, not both")
+            address = plan.vm(vm).addr
+        elif address is None:
+            raise ValueError("EchoSession: a VM or an address")
+        self.client = plan.client(client)
+        self.dst = address.of(family)
         self.sock = open_socket(self.client.ns, _AF[family], socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect((self.vm.addr.of(family), P.ECHO_PORT))
+        self.sock.connect((self.dst, P.ECHO_PORT))
         self.local_port: int = self.sock.getsockname()[1]
         self._count = 0
         self._pending = b""
