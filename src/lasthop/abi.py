@@ -13,7 +13,7 @@ import enum
 ETH_ALEN = 6
 MAX_VLAN_TAGS = 2
 MAX_IFACES = 256
-CNT_MAX = 32
+CNT_MAX = 48
 FAMILY_V4 = 4
 FAMILY_V6 = 6
 
@@ -77,6 +77,9 @@ class Counter(enum.IntEnum):
     NOT_UNICAST = 26
     VM_ORIGIN_HOP = 27
     FAST_TO_VM = 28
+    HOST_ICMP_REDIRECTED = 29
+    HOST_ICMP_MISS = 30
+    HOST_ICMP_TAGGED = 31
 
 
 class ConnKey(ctypes.Structure):

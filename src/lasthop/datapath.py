@@ -33,6 +33,7 @@ TC_PRIORITY = 0x4C48
 MAX_IFINDEX = 65536  # keep in sync with MAX_IFINDEX in bpf/consts.h
 OBJECT_ENV = "LASTHOP_BPF_OBJECT"  # a prebuilt object to load instead of building bpf/lasthop.c
 MAP_NAMES = ("lh_conns", "lh_ifaces", "lh_counters", "lh_settings", "lh_services", "lh_maglev")
+UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 
 
@@ -196,11 +197,19 @@ class Datapath:
         libbpf.obj_pin(self.clock_prog.fd, clock_pin)
 
     def attach(self, ifindex: int, role: abi.Role) -> int:
-        """Attaches the role's program at ifindex's tc ingress; returns its prog id."""
+        """Attaches the role's program at ifindex's tc ingress (an uplink also
+        gets lh_uplink_out on egress); returns the ingress prog id."""
         prog = self._obj.program(PROGRAM_OF_ROLE[role])
         hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
-        hook.create()
-        return hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        hook.create()  # clsact: one qdisc holds both hooks
+        prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        egress = libbpf.TcHook(ifindex, libbpf.EGRESS)
+        if role == abi.Role.UPLINK:
+            out = self._obj.program(UPLINK_EGRESS_PROGRAM)
+            egress.attach(out.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        else:  # an uplink that became a VM port
+            egress.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+        return prog_id
 
     def close(self) -> None:
         """Forgets the object; attached programs and pinned maps stay."""
@@ -208,8 +217,12 @@ class Datapath:
 
 
 def detach_filter(ifindex: int) -> bool:
-    """Removes our tc filter from ifindex's ingress (other filters stay)."""
-    return libbpf.TcHook(ifindex, libbpf.INGRESS).detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+    """Removes our tc filters from ifindex's ingress and egress (other filters
+    stay); True when there was one."""
+    found = False
+    for point in (libbpf.INGRESS, libbpf.EGRESS):
+        found |= libbpf.TcHook(ifindex, point).detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+    return found
 
 
 def filter_prog_id(ifindex: int) -> int | None:

@@ -94,7 +94,10 @@ enum lh_counter {
 	CNT_NOT_UNICAST         = 26, /* uplink frame to a multicast/broadcast MAC: no connection */
 	CNT_VM_ORIGIN_HOP       = 27, /* first reply of a VM-opened connection: its last hop learned */
 	CNT_FAST_TO_VM          = 28, /* request sent straight to the VM port that answered it */
-	CNT_MAX                 = 32,
+	CNT_HOST_ICMP_REDIRECTED = 29, /* ICMP error the host sent, moved to its connection's last hop */
+	CNT_HOST_ICMP_MISS      = 30, /* ICMP error the host sent about no known connection: left */
+	CNT_HOST_ICMP_TAGGED    = 31, /* ... about a VLAN-tagged connection: left as routed (reserved) */
+	CNT_MAX                 = 48,
 };
 
 #define COUNTERS_SIZE (MAX_IFACES * CNT_MAX)

@@ -371,6 +371,85 @@ out:
 	return ret;
 }
 
+/* Only ICMP and ICMPv6 frames (untagged, IPv6 without extension headers)
+ * are worth parsing on uplink egress, which carries every reply; the test
+ * reads two bytes. */
+static __always_inline int maybe_icmp(struct __sk_buff *skb)
+{
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = (void *)(long)skb->data;
+	struct iphdr *ip = (void *)(eth + 1);
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+	if ((void *)(ip6 + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return ip->protocol == IPPROTO_ICMP;
+	return eth->h_proto == bpf_htons(ETH_P_IPV6) && ip6->nexthdr == IPPROTO_ICMPV6;
+}
+
+/* A host-sent ICMP error goes to the last hop of the connection it quotes:
+ * destination MAC := last hop (source MAC := that uplink's), redirected when
+ * the connection came in on another uplink. */
+static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct pkt *p,
+						 struct cursor *c, int *reason)
+{
+	struct conn_entry *e;
+	struct iface_cfg *up;
+	__u32 ifindex;
+
+	*reason = CNT_HOST_ICMP_MISS;
+	if (icmp_error_key(p, c) < 0)
+		return TC_ACT_OK;
+	e = bpf_map_lookup_elem(&lh_conns, &p->key);
+	if (!e || !(e->flags & F_ENTRY_HOP_KNOWN))
+		return TC_ACT_OK;
+	if (e->vlan_count) {
+		*reason = CNT_HOST_ICMP_TAGGED; /* the host's own tagging applies */
+		return TC_ACT_OK;
+	}
+	ifindex = e->ifindex;
+	up = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
+	if (!up || up->role != ROLE_UPLINK || rewrite_l2(skb, p, 0, up->mac, e->mac) < 0)
+		return TC_ACT_OK;
+	if (ifindex != skb->ifindex) {
+		struct ethhdr *eth = (void *)(long)skb->data;
+
+		if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+			return TC_ACT_OK;
+		__builtin_memcpy(eth->h_source, up->mac, ETH_ALEN);
+	}
+	*reason = CNT_HOST_ICMP_REDIRECTED;
+	if (ifindex == skb->ifindex)
+		return TC_ACT_OK; /* already leaving by the right interface */
+	trace_redirect(ifindex);
+	return bpf_redirect(ifindex, 0);
+}
+
+/* Uplink egress: ICMP errors the host itself sends about a connection (a
+ * routed host's "fragmentation needed" when a VM's link is narrower, "time
+ * exceeded") follow the connection's last hop, as the VMs' own do -- so
+ * path-MTU discovery works through the host too. Everything else leaves
+ * untouched and uncounted (this hook also carries every redirected reply). */
+SEC("tc")
+int lh_uplink_out(struct __sk_buff *skb)
+{
+	struct iface_cfg *cfg = iface_of(skb, ROLE_UPLINK);
+	struct pkt p = {};
+	struct cursor c;
+	int reason, ret;
+
+	if (!cfg || !maybe_icmp(skb))
+		return TC_ACT_OK;
+	reason = parse_packet(skb, &p, &c);
+	if (reason < 0 || p.icmp_kind != ICMP_KIND_ERROR)
+		return TC_ACT_OK;
+	p.key.zone = cfg->zone;
+	ret = host_icmp_to_last_hop(skb, &p, &c, &reason);
+	count(cfg->slot, reason);
+	return ret;
+}
+
 /* The data path's clock for the agent: returns the low 32 bits of jiffies.
  * Entries are stamped with jiffies because bpf_jiffies64() costs ~2 ns where
  * bpf_ktime_get_coarse_ns() cost ~20 ns per packet. Pinned; run by test run. */
