@@ -1,0 +1,25 @@
+"""The code keeps the project's own rules: ruff (lint, import order) over the
+package and the tests, and mypy strict over the package (pyproject.toml)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+
+
+def test_ruff_finds_nothing() -> None:
+    result = _run(str(BIN / "ruff"), "check", "--no-cache", "src", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_finds_nothing(tmp_path: Path) -> None:
+    result = _run(str(BIN / "mypy"), "--cache-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
