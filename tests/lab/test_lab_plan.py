@@ -42,6 +42,15 @@ def test_macs_are_unique_and_name_their_owner() -> None:
     assert P.who_has("00:11:22:33:44:55") == "00:11:22:33:44:55"
 
 
+def test_firewall_of_names_the_firewall_of_either_transit_mac() -> None:
+    """A firewall's transit MAC and its fail-over MAC both name it; no other MAC does."""
+    plan = P.Plan()
+    fw = plan.firewall(2)
+    assert P.firewall_of(fw.transit_mac) == P.firewall_of(fw.failover_mac) == "fw2"
+    assert P.firewall_of(fw.lan_mac) == P.firewall_of(plan.vm(1).mac) == ""
+    assert P.firewall_of("00:11:22:33:44:55") == ""
+
+
 @pytest.mark.parametrize("routed", [False, True])
 def test_addresses_are_private_and_in_their_networks(routed: bool) -> None:
     """Every address is private; clients sit in their site's net, VMs in the transit or VM net."""

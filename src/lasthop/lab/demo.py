@@ -69,7 +69,7 @@ class ServedConn:
     vm: str | None  # the VM that answered (the HTTP body names it); None: no answer
     predicted: str = ""  # the VM the Maglev table gives it ("": not predicted)
     entry_vm: str = ""  # lasthop show: the VM of its entry
-    last_hop: str = ""  # lasthop show: who has its entry's last-hop MAC
+    last_hop: str = ""  # lasthop show: the firewall of its entry's last-hop MAC
 
 
 @dataclass
@@ -379,7 +379,7 @@ def _served(
                 a.body if a.ok else None,
                 _vm_name(plan, predict.vm(a.family, a.src, a.sport)) if predict else "",
                 _vm_name(plan, str(entry.get("vm_port") or "")),
-                P.who_has(str(entry.get("mac") or "")) if entry else "",
+                P.firewall_of(str(entry.get("mac") or "")),
             )
         )
     return out

@@ -21,6 +21,7 @@ __all__ = [
     "Vm",
     "mac",
     "who_has",
+    "firewall_of",
     "client_net",
     "lab_namespace_pattern",
     "BRIDGE",
@@ -81,17 +82,31 @@ def mac(kind: int, n: int) -> str:
     return f"02:00:00:{kind:02x}:00:{n:02x}"
 
 
+def _kind_and_number(address: str) -> tuple[int, int] | None:
+    m = re.fullmatch(r"02:00:00:([0-9a-f]{2}):00:([0-9a-f]{2})", address.lower())
+    return (int(m.group(1), 16), int(m.group(2), 16)) if m else None
+
+
 def who_has(address: str) -> str:
     """The lab object a MAC belongs to ("fw2", "fw2 (fail-over)"), or the MAC itself."""
-    m = re.fullmatch(r"02:00:00:([0-9a-f]{2}):00:([0-9a-f]{2})", address.lower())
-    if not m:
+    parsed = _kind_and_number(address)
+    if not parsed:
         return address
-    kind, n = int(m.group(1), 16), int(m.group(2), 16)
+    kind, n = parsed
     if kind in _KIND_NAMES:
         return _KIND_NAMES[kind].format(n)
     if kind == MAC_HOST:
         return "host br0" if n == 0 else "host uplink"
     return address
+
+
+def firewall_of(address: str) -> str:
+    """The firewall whose transit leg has MAC *address*, its own or the one
+    it fails over to ("fw2"); "" when no firewall has it."""
+    parsed = _kind_and_number(address)
+    if not parsed or parsed[0] not in (MAC_FW, MAC_FW_FAILOVER):
+        return ""
+    return f"fw{parsed[1]}"
 
 
 @dataclass(frozen=True)
