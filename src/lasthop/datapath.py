@@ -196,19 +196,20 @@ class Datapath:
         clock_pin.unlink(missing_ok=True)
         libbpf.obj_pin(self.clock_prog.fd, clock_pin)
 
-    def attach(self, ifindex: int, role: abi.Role) -> int:
-        """Attaches the role's program at ifindex's tc ingress (an uplink also
-        gets lh_uplink_out on egress); returns the ingress prog id."""
+    def attach(self, ifindex: int, role: abi.Role, *, egress: bool = False) -> int:
+        """Attaches the role's program at ifindex's tc ingress, and with
+        *egress* (an uplink of a routed host) lh_uplink_out at its egress;
+        returns the ingress prog id."""
         prog = self._obj.program(PROGRAM_OF_ROLE[role])
         hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
         hook.create()  # clsact: one qdisc holds both hooks
         prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
-        egress = libbpf.TcHook(ifindex, libbpf.EGRESS)
-        if role == abi.Role.UPLINK:
+        out_hook = libbpf.TcHook(ifindex, libbpf.EGRESS)
+        if egress:
             out = self._obj.program(UPLINK_EGRESS_PROGRAM)
-            egress.attach(out.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
-        else:  # an uplink that became a VM port
-            egress.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+            out_hook.attach(out.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        else:  # none, or one a previous run attached with other settings
+            out_hook.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
         return prog_id
 
     def close(self) -> None:
