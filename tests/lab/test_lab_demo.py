@@ -114,6 +114,7 @@ def _attempt(client: str, ok: bool) -> Attempt:
         f"fw{client[-1]}",
         "10.1.1.2",
         VIP.v4,
+        80,
         "http",
         4,
         40000,

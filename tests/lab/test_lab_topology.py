@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,8 @@ from lasthop.lab.topology import lab_namespaces
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 
-def _links(ns: str) -> dict[str, dict[str, object]]:
+def _links(ns: str) -> dict[str, dict[str, Any]]:
+    """`ip -j addr` of namespace ns, by interface name (JSON: any values)."""
     out = ns_exec(ns, ["ip", "-j", "-d", "addr", "show"]).stdout
     return {link["ifname"]: link for link in json.loads(out)}
 

@@ -335,10 +335,11 @@ def _service_drain(lab: Lab, svc: ServiceRun, mode: str, n: int, say: Say) -> No
         svc.problems.append(f"{label}: {client.name} could not connect to {svc.address.v4}: {err}")
         return
     with session:
+        mine = (client.addr.v4, session.local_port, svc.address.v4, P.ECHO_PORT)
         rows = [
             r
             for r in agent.show(plan)
-            if (r.get("src"), r.get("sport")) == (client.addr.v4, session.local_port)
+            if (r.get("src"), r.get("sport"), r.get("dst"), r.get("dport")) == mine
         ]
         port = str(rows[0].get("vm_port") or "") if rows else ""
         if not port or not session.exchange():
@@ -366,10 +367,10 @@ def _served(
     predict: services.Prediction | None,
 ) -> list[ServedConn]:
     """Each attempt with the VM the table predicts and lasthop's entry for it."""
-    entries = {(r.get("src"), r.get("sport"), r.get("dst")): r for r in rows}
+    entries = {(r.get("src"), r.get("sport"), r.get("dst"), r.get("dport")): r for r in rows}
     out = []
     for a in attempts:
-        entry = entries.get((a.src, a.sport, a.dst), {})
+        entry = entries.get((a.src, a.sport, a.dst, a.dport), {})
         out.append(
             ServedConn(
                 a.client,
@@ -377,7 +378,7 @@ def _served(
                 a.family,
                 a.sport,
                 a.body if a.ok else None,
-                _vm_name(plan, predict.vm(a.family, a.src, a.sport)) if predict else "",
+                _vm_name(plan, predict.vm(a.family, a.src, a.sport, a.dport)) if predict else "",
                 _vm_name(plan, str(entry.get("vm_port") or "")),
                 P.firewall_of(str(entry.get("mac") or "")),
             )

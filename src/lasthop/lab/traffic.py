@@ -117,6 +117,7 @@ class Attempt:
     firewall: str
     src: str  # the client's address
     dst: str
+    dport: int
     proto: str
     family: int
     sport: int
@@ -179,6 +180,7 @@ async def _attempt(job: _Job, sock: socket.socket, timeout: float) -> Attempt:
         job.firewall,
         job.client.addr.of(job.family),
         job.dst,
+        _PORT[job.proto],
         job.proto,
         job.family,
         sport,
