@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lasthop import abi, build
+from lasthop.bench.frames import TCP_SYN, quiet, tcp4_frame, tcp6_frame, u32
 from lasthop.libbpf import BpfObject, Map, Program
 
 __all__ = ["Figure", "Memory", "Results", "TARGETS", "run", "print_results"]
@@ -62,36 +63,6 @@ _VM = bytes.fromhex("525400000001")
 _CLIENT4, _VM4 = socket.inet_aton("198.51.100.20"), socket.inet_aton("192.0.2.11")
 _CLIENT6 = socket.inet_pton(socket.AF_INET6, "2001:db8:100::20")
 _VM6 = socket.inet_pton(socket.AF_INET6, "2001:db8:2::11")
-_TCP_ACK, _TCP_SYN = 0x10, 0x02
-
-
-# -- frames (built by hand: scapy is a test dependency, not the package's) -----------
-
-def _csum(data: bytes) -> int:
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _tcp(sport: int, dport: int, flags: int) -> bytes:
-    return struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, flags, 8192, 0, 0)
-
-
-def tcp4_frame(src: bytes, dst: bytes, saddr: bytes, daddr: bytes, sport: int, dport: int,
-               flags: int = _TCP_ACK) -> bytes:
-    """Ethernet + IPv4 (checksum right) + TCP (checksum 0: lasthop reads no checksum)."""
-    l4 = _tcp(sport, dport, flags)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, 6, 0, saddr, daddr)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return dst + src + b"\x08\x00" + ip + l4
-
-
-def tcp6_frame(src: bytes, dst: bytes, saddr: bytes, daddr: bytes, sport: int, dport: int,
-               flags: int = _TCP_ACK) -> bytes:
-    l4 = _tcp(sport, dport, flags)
-    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(l4), 6, 64, saddr, daddr)
-    return dst + src + b"\x86\xdd" + ip6 + l4
 
 
 def _key4(saddr: bytes, daddr: bytes, sport: int, dport: int) -> bytes:
@@ -174,10 +145,6 @@ class BenchError(RuntimeError):
     """The bench cannot run here (not root, no clang, no veth...)."""
 
 
-def _u32(n: int) -> bytes:
-    return struct.pack("<I", n)
-
-
 @contextlib.contextmanager
 def _private_netns() -> Iterator[dict[str, int]]:
     """A network namespace of our own with two veth pairs, entered for the run
@@ -213,7 +180,7 @@ class _Bench:
                                         ("vm0", _VMPORT_MAC, abi.Role.VM_PORT, 2)):
             cfg = abi.IfaceCfg(role=int(role), slot=slot)
             ctypes.memmove(cfg.mac, mac, abi.ETH_ALEN)
-            ifaces.update(_u32(index[ifname]), bytes(cfg))
+            ifaces.update(u32(index[ifname]), bytes(cfg))
         self.slot = {"up0": 1, "vm0": 2}
 
     def ctx(self, ifname: str) -> bytes:
@@ -236,10 +203,6 @@ class _Bench:
 
 
 Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress
@@ -272,7 +235,7 @@ def _insert_frames(n: int, first: int) -> Iterator[bytes]:
     """Requests of n connections never seen: client 10.x.y.z, ports varied."""
     for i in range(first, first + n):
         saddr = bytes((10, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF))
-        yield tcp4_frame(_FW_B, _VM, saddr, _VM4, 1024 + (i >> 24), 80, _TCP_SYN)
+        yield tcp4_frame(_FW_B, _VM, saddr, _VM4, 1024 + (i >> 24), 80, TCP_SYN)
 
 
 @dataclass
@@ -344,7 +307,7 @@ def _memory(obj_path: Path, entries: int) -> Memory:
 
 def run(repeat: int = 2_000_000, rounds: int = 5, inserts: int = 20_000,
         table: int = 65_536, memory_entries: int = 1 << 20,
-        progress: Progress = _quiet) -> Results:
+        progress: Progress = quiet) -> Results:
     """Measures every figure; see the module docstring for the method."""
     if os.geteuid() != 0:
         raise BenchError("needs root (CAP_BPF, CAP_NET_ADMIN): run as root")

@@ -53,6 +53,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from lasthop.bench.frames import quiet
 from lasthop.lab import agent as lab_agent
 from lasthop.lab import plan as P
 from lasthop.lab import recipe as lab_recipe
@@ -501,10 +502,6 @@ def _sigterm_interrupts() -> Iterator[None]:
 # -- the benchmark ----------------------------------------------------------------
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 def _measure(
     path: BenchPath, settings: Settings, test: str, rep: int, new_base: int, ksoft: list[int]
 ) -> Run:
@@ -530,7 +527,7 @@ def _measure(
 
 
 def run_bench(
-    settings: Settings, progress: Progress = _quiet, prefix: str = DEFAULT_PREFIX
+    settings: Settings, progress: Progress = quiet, prefix: str = DEFAULT_PREFIX
 ) -> Report:
     """Builds every mode's path, runs the tests interleaved, removes everything."""
     if os.geteuid() != 0:
@@ -561,7 +558,7 @@ def run_bench(
             checks = _checks(paths, runs)
         finally:
             progress("removing the namespaces")
-            _clean(prefix, _quiet)
+            _clean(prefix, quiet)
     return summarize(runs, settings, checks, time.monotonic() - started)
 
 

@@ -45,6 +45,7 @@ from typing import Any
 import click
 
 from lasthop import abi, build
+from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, u32
 from lasthop.maglev import MAGLEV_SEED, MAGLEV_SIZE, Backend, build_table, jhash2
 
 __all__ = ["BenchError", "Results", "run", "print_results", "services_command", "simulated_slots",
@@ -66,7 +67,6 @@ _UPLINK_MAC = bytes.fromhex("020000000101")
 _VM_MAC = bytes.fromhex("525400000001")
 _UPLINK_IFINDEX = 1  # test run takes ifindex 0/1 as loopback: present in any namespace
 _VM_IFINDEX0 = 100  # VM ports exist only in lh_ifaces: a test run never sends the redirect
-_TCP_SYN, _TCP_ACK = 0x02, 0x10
 
 
 class BenchError(RuntimeError):
@@ -260,25 +260,6 @@ def rebuild_ms(rounds: int = 5) -> float:
 # -- per packet -----------------------------------------------------------------------
 
 
-def _csum(data: bytes) -> int:
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _frame(src_mac: bytes, dst_mac: bytes, saddr: bytes, daddr: bytes, sport: int, dport: int,
-           flags: int) -> bytes:
-    l4 = struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, flags, 8192, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, 6, 0, saddr, daddr)
-    ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
-    return dst_mac + src_mac + b"\x08\x00" + ip + l4
-
-
-def _u32(n: int) -> bytes:
-    return struct.pack("=I", n)
-
-
 class _Datapath:
     """The object, unpinned: an uplink on ifindex 1, three VM ports in lh_ifaces
     only, one service over them."""
@@ -290,18 +271,18 @@ class _Datapath:
         ifaces = obj.map("lh_ifaces")
         up = abi.IfaceCfg(role=int(abi.Role.UPLINK), slot=1)
         ctypes.memmove(up.mac, _UPLINK_MAC, abi.ETH_ALEN)
-        ifaces.update(_u32(_UPLINK_IFINDEX), bytes(up))
+        ifaces.update(u32(_UPLINK_IFINDEX), bytes(up))
         pool = []
         for i in range(3):
             vm = abi.IfaceCfg(role=int(abi.Role.VM_PORT), slot=2 + i, flags=abi.F_IFACE_VM_MAC)
             ctypes.memmove(vm.vm_mac, _VM_MAC, abi.ETH_ALEN)
-            ifaces.update(_u32(_VM_IFINDEX0 + i), bytes(vm))
+            ifaces.update(u32(_VM_IFINDEX0 + i), bytes(vm))
             pool.append(Backend(f"vm{i}", _VM_IFINDEX0 + i))
         write_table(obj.map("lh_maglev"), 0, build_table(pool))
         key = abi.SvcKey(port=socket.htons(80), proto=6, family=abi.FAMILY_V4)
         ctypes.memmove(key.addr, _VIP, 4)
         obj.map("lh_services").update(bytes(key), bytes(abi.SvcInfo(id=0)))
-        obj.map("lh_settings").update(_u32(0), bytes(abi.Settings(flags=abi.F_SET_SERVICES)))
+        obj.map("lh_settings").update(u32(0), bytes(abi.Settings(flags=abi.F_SET_SERVICES)))
         ctx = bytearray(192)
         struct.pack_into("=I", ctx, 40, _UPLINK_IFINDEX)
         self.ctx = bytes(ctx)
@@ -319,7 +300,7 @@ class _Datapath:
         ctypes.memmove(key.daddr, _VIP, 4)
         entry = abi.ConnEntry(vm_ifindex=_VM_IFINDEX0, flags=abi.F_ENTRY_VM_ORIGIN)
         self.conns.update(bytes(key), bytes(entry))
-        return _frame(_FW, _UPLINK_MAC, _SERVER, _VIP, 80, sport, _TCP_ACK)
+        return tcp4_frame(_FW, _UPLINK_MAC, _SERVER, _VIP, 80, sport, TCP_ACK)
 
 
 def _per_packet(repeat: int, rounds: int, singles: int, progress: Progress) -> list[Figure]:
@@ -334,8 +315,8 @@ def _per_packet(repeat: int, rounds: int, singles: int, progress: Progress) -> l
         obj = BpfObject(obj_path, pin_root=None, max_entries={"lh_conns": 1 << 18})
         try:
             dp = _Datapath(obj)
-            pinned = _frame(_FW, _UPLINK_MAC, _CLIENT, _VIP, 40001, 80, _TCP_ACK)
-            plain = _frame(_FW, _UPLINK_MAC, _CLIENT, _SERVER, 40001, 80, _TCP_ACK)
+            pinned = tcp4_frame(_FW, _UPLINK_MAC, _CLIENT, _VIP, 40001, 80, TCP_ACK)
+            plain = tcp4_frame(_FW, _UPLINK_MAC, _CLIENT, _SERVER, 40001, 80, TCP_ACK)
             proxy = dp.vm_origin_entry(50001)
             cases = {"empty": ("lh_empty", pinned), "service_pinned": ("lh_uplink", pinned),
                      "vm_origin_return": ("lh_uplink", proxy),
@@ -355,8 +336,8 @@ def _per_packet(repeat: int, rounds: int, singles: int, progress: Progress) -> l
             sel, base = [], []
             for i in range(singles):
                 saddr = bytes((10, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF))
-                verdict, ns = dp.run("lh_uplink", _frame(_FW, _UPLINK_MAC, saddr, _VIP, 1024, 80,
-                                                         _TCP_SYN))
+                syn = tcp4_frame(_FW, _UPLINK_MAC, saddr, _VIP, 1024, 80, TCP_SYN)
+                verdict, ns = dp.run("lh_uplink", syn)
                 if verdict != 7:
                     raise BenchError(f"a new service connection was not redirected ({verdict})")
                 sel.append(ns)
@@ -399,12 +380,8 @@ def _swap_ms(rounds: int = 5) -> float | None:
     return statistics.median(times)
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 def run(keys: int = 1_000_000, repeat: int = 1_000_000, rounds: int = 5, singles: int = 5000,
-        datapath: bool = True, progress: Progress = _quiet) -> Results:
+        datapath: bool = True, progress: Progress = quiet) -> Results:
     started = time.monotonic()
     progress(f"hashing {keys} simulated connection keys")
     slots = simulated_slots(keys)
