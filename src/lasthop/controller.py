@@ -183,7 +183,7 @@ class Controller:
         slot = current.slot if current.role != abi.Role.NONE else self._free_slot(maps)
         flags = abi.F_IFACE_ROUTED if (role == abi.Role.VM_PORT and self._config.routed) else 0
         cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot)
-        cfg.mac[:] = list(link.mac)
+        cfg.mac[:] = list(self._own_mac(link, role))
         if current.role == role == abi.Role.VM_PORT:  # keep the guest's MAC and the services' mark
             cfg.vm_mac[:] = list(current.vm_mac)
             cfg.flags |= current.flags & (abi.F_IFACE_VM_MAC | abi.F_IFACE_VM_DOWN)
@@ -203,6 +203,16 @@ class Controller:
             zone,
             slot,
         )
+
+    def _own_mac(self, link: Link, role: abi.Role) -> bytes:
+        """The MAC frames the host routes to a VM come from: on a routed host
+        whose VM ports sit on a bridge, the bridge's (the VM's gateway)."""
+        assert self._config is not None
+        if role == abi.Role.VM_PORT and self._config.routed and link.master:
+            master = self.links.by_index(link.master)
+            if master is not None:
+                return master.mac
+        return link.mac
 
     @_locked
     def forget(self, ifindex: int) -> None:

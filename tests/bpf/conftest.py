@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from packets import (
+    IP_VM_1,
     MAC_SPARE,
     MAC_UPLINK_1,
     MAC_UPLINK_2,
+    MAC_VM_1,
     MAC_VMPORT_1,
     MAC_VMPORT_2,
 )
@@ -80,6 +82,19 @@ class TestNetns:
                 out[name], out[f"{name}p"] = idx, peer
         return out
 
+    def route_vm1(self) -> None:
+        """A routed host's view of VM 1: forwarding on, VM 1's address routed
+        to vm1 with its guest's MAC as a permanent neighbour (what the fast
+        path's bpf_fib_lookup checks on a routed host)."""
+        import subprocess
+
+        subprocess.run(["ip", "netns", "exec", self.name, "sysctl", "-qw",
+                        "net.ipv4.ip_forward=1"], check=True)
+        for cmd in (["route", "add", f"{IP_VM_1}/32", "dev", "vm1"],
+                    ["neigh", "add", IP_VM_1, "lladdr", MAC_VM_1, "dev", "vm1",
+                     "nud", "permanent"]):
+            subprocess.run(["ip", "-n", self.name, *cmd], check=True)
+
     def del_links(self, names: list[str]) -> None:
         from pyroute2 import NetNS
 
@@ -106,6 +121,7 @@ def topology(test_netns: TestNetns) -> dict[str, Iface]:
     from lasthop import abi
 
     index = test_netns.add_veths([(name, mac) for name, mac, _, _ in TOPOLOGY])
+    test_netns.route_vm1()
     return {name: Iface(name, index[name], mac, abi.Role(role), slot)
             for name, mac, role, slot in TOPOLOGY}
 

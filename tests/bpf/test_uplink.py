@@ -28,8 +28,10 @@ from packets import (
     MAC_BROADCAST,
     MAC_FW_B,
     MAC_FW_C,
+    MAC_UPLINK_1,
     MAC_VM_1,
     MAC_VM_2,
+    MAC_VMPORT_1,
     PORT_CLIENT,
     PORT_HTTP,
     VLAN_C,
@@ -59,6 +61,7 @@ from .harness import (
     Key,
     check,
     ids,
+    routed,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
@@ -246,7 +249,44 @@ FAST_PATH = [
          counters={("up1", C.REFRESHED): 1}),
 ]
 
-ALL = LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN + FAST_PATH
+# A routed host: requests come addressed to the uplink, and leave to the VM
+# with the VM port's MAC as source and TTL - 1, as the kernel would route them.
+ROUTED_REQUEST = eth(MAC_FW_B, MAC_UPLINK_1) / l3(tcp4_request("A"))
+ROUTED_TTL_1 = eth(MAC_FW_B, MAC_UPLINK_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, ttl=1) / TCP(
+    sport=PORT_CLIENT, dport=PORT_HTTP, flags="A", seq=1000)
+ROUTED_BIG = ROUTED_REQUEST / Raw(bytes(1600))  # beyond vm1's 1500-byte MTU
+# GRO-merged, 1510-byte segments. (Test run sets no gso_type, so only "too
+# big" can be modelled here; segments that fit are shown by the PMTU lab test.)
+ROUTED_GRO = ROUTED_REQUEST / Raw(bytes(1470 * 2))
+
+ROUTED_FAST_PATH = [
+    Case("routed fast path: a request to the uplink goes straight to the VM, routed",
+         UPLINK, "up1", ROUTED_REQUEST, setup=(BOUND,), settings=FAST, routed=True,
+         vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="vm1",
+         output=routed(ROUTED_REQUEST, src=MAC_VMPORT_1, dst=MAC_VM_1),
+         after=(BOUND.but(packets=4, seen="now"),),
+         counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1}),
+    Case("routed fast path: a frame not addressed to the uplink unbinds and is routed",
+         UPLINK, "up1", tcp4_request("A"), setup=(BOUND,), settings=FAST, routed=True,
+         vm_macs=(("vm1", MAC_VM_1),),
+         after=(BOUND.but(packets=4, seen="now", vm=None, flags=HOP),),
+         counters={("up1", C.REFRESHED): 1}),
+    Case("routed fast path: TTL 1 is left to the kernel (time exceeded); the binding stays",
+         UPLINK, "up1", ROUTED_TTL_1, setup=(BOUND,), settings=FAST, routed=True,
+         vm_macs=(("vm1", MAC_VM_1),), after=(BOUND.but(packets=4, seen="now"),),
+         counters={("up1", C.REFRESHED): 1}),
+    Case("routed fast path: too big for the VM's link is left to the kernel (PMTU); "
+         "the binding stays",
+         UPLINK, "up1", ROUTED_BIG, setup=(BOUND,), settings=FAST, routed=True,
+         vm_macs=(("vm1", MAC_VM_1),), after=(BOUND.but(packets=4, seen="now"),),
+         counters={("up1", C.REFRESHED): 1}),
+    Case("routed fast path: a GRO-merged frame whose segments are too big for the VM's "
+         "link is left to the kernel", UPLINK, "up1", ROUTED_GRO, gso_size=1470,
+         setup=(BOUND,), settings=FAST, routed=True, vm_macs=(("vm1", MAC_VM_1),),
+         after=(BOUND.but(packets=4, seen="now"),), counters={("up1", C.REFRESHED): 1}),
+]
+
+ALL = LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN + FAST_PATH + ROUTED_FAST_PATH
 
 
 @pytest.mark.parametrize("case", ALL, ids=ids(ALL))

@@ -339,6 +339,8 @@ VM_SENDS = [
 
 FAST = abi.F_SET_FAST_PATH
 VM_FAST = abi.F_ENTRY_VM_FAST
+# another guest (MAC_VM_2) answering from VM 1's address
+SPOOFED_REPLY = eth(MAC_VM_2, MAC_VMPORT_1) / l3(tcp4_reply())
 
 FAST_PATH = [
     Case("fast path: the guest's reply binds its port to the connection", VMPORT, "vm1",
@@ -357,10 +359,17 @@ FAST_PATH = [
          vm_macs=(("vm1", MAC_VM_2),), verdict=TC_ACT_REDIRECT, redirect="up1",
          output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
-    Case("fast path: a routed host binds nothing (requests are routed)", VMPORT, "vm1",
-         tcp4_reply(dst_mac=MAC_VMPORT_1), setup=(reply_to(tcp4_request()),), settings=FAST,
-         routed=True, vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
-         output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
+    Case("routed fast path: the guest the host routes the VM's address to binds its port",
+         VMPORT, "vm1", tcp4_reply(dst_mac=MAC_VMPORT_1), setup=(reply_to(tcp4_request()),),
+         settings=FAST, routed=True, vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT,
+         redirect="up1", output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
+         after=(reply_to(tcp4_request(), replies=1, seen="now", vm="vm1",
+                         flags=HOP | VM_FAST),),
+         counters={("vm1", C.REDIRECTED): 1}),
+    Case("routed fast path: a guest that is not the host's neighbour for the address "
+         "binds nothing", VMPORT, "vm1", SPOOFED_REPLY, setup=(reply_to(tcp4_request()),),
+         settings=FAST, routed=True, vm_macs=(("vm1", MAC_VM_2),), verdict=TC_ACT_REDIRECT,
+         redirect="up1", output=routed(SPOOFED_REPLY),
          after=(reply_to(tcp4_request(), replies=1, seen="now"),),
          counters={("vm1", C.REDIRECTED): 1}),
 ]

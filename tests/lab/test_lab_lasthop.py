@@ -32,6 +32,17 @@ def test_every_path_works_with_lasthop(any_lab: Lab, lasthop_on: agent.LasthopAg
     assert not any(c["drop_invalid"] or c["drop_outside"] for c in any_lab.counters().values())
 
 
+def test_requests_of_answered_connections_take_the_fast_path(
+    any_lab: Lab, lasthop_on: agent.LasthopAgent
+) -> None:
+    """Once a VM has answered, its connection's later requests go from the uplink
+    straight to the VM's port (bridged: past the bridge; routed: past routing)."""
+    result = traffic.check(any_lab.plan, n=1, protos=["tcp", "http"])
+    assert expect_all_ok(result, "with lasthop") == []
+    totals = agent.stats(any_lab.plan)["totals"]
+    assert totals["fast_to_vm"] > 0, totals
+
+
 def test_show_names_each_connections_firewall(any_lab: Lab, lasthop_on: agent.LasthopAgent) -> None:
     """`lasthop show --json`: each client's connections carry its firewall's MAC."""
     traffic.check(any_lab.plan, n=1, protos=["tcp"])

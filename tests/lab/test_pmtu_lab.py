@@ -26,8 +26,11 @@ _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 def narrow_the_vm_network(lab: Lab) -> None:
+    """The host's side of the VM network -- the bridge and its VM ports -- is
+    narrower than the VMs' own links (which still advertise a 1460-byte MSS)."""
     host = lab.plan.host
-    ip_batch(host.ns, [f"link set dev {host.bridge} mtu {NARROW_MTU}"])
+    ports = [lab.plan.vm(n).port for n in lab.plan.vms]
+    ip_batch(host.ns, [f"link set dev {dev} mtu {NARROW_MTU}" for dev in (*ports, host.bridge)])
 
 
 def echo_big(lab: Lab, client: int, vm: int, family: int, timeout: float) -> bool:

@@ -36,6 +36,8 @@
 #define ETH_ALEN   6
 #define FAMILY_V4  4
 #define FAMILY_V6  6
+#define AF_INET_   2  /* bpf_fib_lookup's family: the socket API's values */
+#define AF_INET6_  10
 
 /* Interface roles (lh_ifaces value .role). */
 enum lh_role {
@@ -54,13 +56,13 @@ enum lh_role {
 #define F_SET_SERVICES      (1 << 1) /* some service is configured: look new connections up */
 #define F_SET_VM_DOWN_DROP  (1 << 2) /* on_vm_down = "drop": a down VM's connections are dropped */
 #define F_SET_NO_VM_ORIGIN  (1 << 3) /* do not remember connections VMs open */
-#define F_SET_FAST_PATH     (1 << 4) /* bridged: requests skip the bridge to the VM that answered */
+#define F_SET_FAST_PATH     (1 << 4) /* requests skip bridge/routing to the VM that answered */
 
 /* lh_conns value .flags */
 #define F_ENTRY_HOP_KNOWN    (1 << 0) /* last hop learned on an uplink */
 #define F_ENTRY_VM_ORIGIN    (1 << 1) /* connection opened by a VM (full proxy) */
 #define F_ENTRY_OUTER_8021AD (1 << 2) /* outer tag was 802.1ad (0x88a8), not 802.1Q */
-#define F_ENTRY_VM_FAST      (1 << 3) /* bridged: vm_ifindex is the port that answered */
+#define F_ENTRY_VM_FAST      (1 << 3) /* fast path: vm_ifindex is the port that answered */
 
 /* Counter slots, per interface: lh_counters key = iface slot * CNT_MAX + reason.
  * Python mirror: lasthop.abi.Counter (checked against BTF by a test). */

@@ -131,26 +131,36 @@ static __always_inline int uplink_pinned_vm(struct conn_entry *e, const struct p
 	return vm;
 }
 
-/* Bridged host: a request of a connection whose VM has answered goes straight
- * to that VM's port, skipping the bridge -- but only when the frame is
- * addressed to that port's guest, so no VM can claim another's connection.
- * Returns TC_ACT_REDIRECT, or TC_ACT_OK with the shortcut forgotten. */
-static __always_inline int uplink_fast(struct __sk_buff *skb, struct conn_entry *e,
+/* A request of a connection whose VM has answered goes straight to that VM's
+ * port, skipping the bridge (and, on a routed host, the routing) -- but only
+ * when the frame is addressed as the kernel would forward it: to that
+ * port's guest (bridged) or to this uplink (routed), so no VM can claim
+ * another's connection. A routed frame too big for the VM's link, or whose
+ * TTL runs out, is left to the kernel (which answers with ICMP). Returns
+ * TC_ACT_REDIRECT, or TC_ACT_OK (with the shortcut forgotten if it no longer
+ * applies). */
+static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
+				       struct conn_entry *e, const struct iface_cfg *up,
 				       __u32 settings, int *svc_reason)
 {
 	struct ethhdr *eth = (void *)(long)skb->data;
-	__u32 vm = e->vm_ifindex;
+	__u32 vm = e->vm_ifindex, mtu = 0;
 	struct iface_cfg *vmc = bpf_map_lookup_elem(&lh_ifaces, &vm);
+	int routed;
 
 	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
 		return TC_ACT_OK;
+	routed = vmc && (vmc->flags & F_IFACE_ROUTED);
 	if (!vmc || vmc->role != ROLE_VM_PORT || !(settings & F_SET_FAST_PATH) ||
-	    (vmc->flags & (F_IFACE_VM_DOWN | F_IFACE_ROUTED | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC ||
-	    !mac_equal(eth->h_dest, vmc->vm_mac)) {
+	    (vmc->flags & (F_IFACE_VM_DOWN | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC ||
+	    !mac_equal(eth->h_dest, routed ? up->mac : vmc->vm_mac)) {
 		e->vm_ifindex = 0;
 		e->flags &= ~F_ENTRY_VM_FAST;
 		return TC_ACT_OK;
 	}
+	if (routed && (bpf_check_mtu(skb, vm, &mtu, 0, BPF_MTU_CHK_SEGS) ||
+		       rewrite_l2(skb, p, 1, vmc->mac, vmc->vm_mac) < 0))
+		return TC_ACT_OK;
 	*svc_reason = CNT_FAST_TO_VM;
 	trace_redirect(vm);
 	return bpf_redirect(vm, 0);
@@ -158,8 +168,8 @@ static __always_inline int uplink_fast(struct __sk_buff *skb, struct conn_entry 
 
 /* Learns or refreshes the connection of an uplink packet and decides where it
  * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT. */
-static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p, int *reason,
-				       int *svc_reason)
+static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
+				       const struct iface_cfg *up, int *reason, int *svc_reason)
 {
 	struct ethhdr *eth = (void *)(long)skb->data;
 	__u32 settings = settings_flags();
@@ -182,7 +192,7 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p, int
 		if (!e->vm_ifindex)
 			return TC_ACT_OK;
 		if (e->flags & F_ENTRY_VM_FAST)
-			return uplink_fast(skb, e, settings, svc_reason);
+			return uplink_fast(skb, p, e, up, settings, svc_reason);
 		vm = uplink_pinned_vm(e, p, settings, svc_reason);
 	} else {
 		s = settings & F_SET_SERVICES ? svc_find(&p->key) : NULL;
@@ -230,7 +240,7 @@ int lh_uplink(struct __sk_buff *skb)
 		goto out;
 	}
 	p.key.zone = cfg->zone;
-	ret = uplink_conn(skb, &p, &reason, &svc_reason);
+	ret = uplink_conn(skb, &p, cfg, &reason, &svc_reason);
 out:
 	count_notes(cfg->slot, &p);
 	count(cfg->slot, reason);
@@ -285,19 +295,46 @@ static __always_inline void vm_mac_learn(struct __sk_buff *skb, struct iface_cfg
 	cfg->flags |= F_IFACE_VM_MAC;
 }
 
-/* Bridged host: may the VM's answer make this port the connection's shortcut
- * (see uplink_fast)? Only a reply from the port's own guest, on an entry not
- * yet bound to a VM. Read before the reply's headers change. */
-static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct conn_entry *e,
-					    const struct iface_cfg *cfg)
+/* Routed host: does the host's own neighbour entry for the VM's address (the
+ * reversed key's daddr) name this port's guest? The lookup is the one the
+ * kernel made for the request: from the uplink it came in on. */
+static __always_inline int vm_owns_address(struct __sk_buff *skb, const struct pkt *p,
+					   const struct conn_entry *e, const struct iface_cfg *cfg)
+{
+	struct bpf_fib_lookup fib = {};
+	__u8 dmac[8] __attribute__((aligned(8))); /* mac_equal reads words: not from fib */
+
+	fib.ifindex = e->ifindex;
+	if (p->key.family == FAMILY_V4) {
+		fib.family = AF_INET_;
+		fib.ipv4_dst = p->key.daddr[0];
+	} else {
+		fib.family = AF_INET6_;
+		__builtin_memcpy(fib.ipv6_dst, p->key.daddr, sizeof(fib.ipv6_dst));
+	}
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	__builtin_memcpy(dmac, fib.dmac, ETH_ALEN);
+	return mac_equal(dmac, cfg->vm_mac);
+}
+
+/* May the VM's answer make this port the connection's shortcut (see
+ * uplink_fast)? Only a reply from the port's own guest, on an entry not yet
+ * bound to a VM -- and on a routed host, from the guest the host itself
+ * would route the VM's address to. Read before the reply's headers change;
+ * the neighbour check runs once per connection. */
+static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct pkt *p,
+					    const struct conn_entry *e, const struct iface_cfg *cfg)
 {
 	struct ethhdr *eth = (void *)(long)skb->data;
 
-	if (e->vm_ifindex || (cfg->flags & (F_IFACE_ROUTED | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC)
+	if (e->vm_ifindex || !(cfg->flags & F_IFACE_VM_MAC))
 		return 0;
 	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
 		return 0;
-	return mac_equal(eth->h_source, cfg->vm_mac) && (settings_flags() & F_SET_FAST_PATH);
+	if (!mac_equal(eth->h_source, cfg->vm_mac) || !(settings_flags() & F_SET_FAST_PATH))
+		return 0;
+	return !(cfg->flags & F_IFACE_ROUTED) || vm_owns_address(skb, p, e, cfg);
 }
 
 /* Finds the entry of a VM packet and sends it to the last hop. */
@@ -330,7 +367,7 @@ static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, str
 			*reason = CNT_VM_ORIGIN_PENDING;
 		return TC_ACT_OK;
 	}
-	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, e, cfg);
+	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, p, e, cfg);
 	ret = reply_to_last_hop(skb, p, e, cfg);
 	if (ret < 0) {
 		if (ret != -CNT_MISS)
