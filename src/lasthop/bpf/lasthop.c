@@ -146,7 +146,7 @@ static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
 	struct ethhdr *eth = (void *)(long)skb->data;
 	__u32 vm = e->vm_ifindex, mtu = 0;
 	struct iface_cfg *vmc = bpf_map_lookup_elem(&lh_ifaces, &vm);
-	int routed;
+	int routed, ret;
 
 	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
 		return TC_ACT_OK;
@@ -158,12 +158,13 @@ static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
 		e->flags &= ~F_ENTRY_VM_FAST;
 		return TC_ACT_OK;
 	}
-	if (routed && (bpf_check_mtu(skb, vm, &mtu, 0, BPF_MTU_CHK_SEGS) ||
-		       rewrite_l2(skb, p, 1, vmc->mac, vmc->vm_mac) < 0))
+	if (routed && bpf_check_mtu(skb, vm, &mtu, 0, BPF_MTU_CHK_SEGS))
+		return TC_ACT_OK;
+	ret = send_to_vm(skb, p, vm); /* bridged: the MAC it writes is already there */
+	if (ret < 0)
 		return TC_ACT_OK;
 	*svc_reason = CNT_FAST_TO_VM;
-	trace_redirect(vm);
-	return bpf_redirect(vm, 0);
+	return ret;
 }
 
 /* Learns or refreshes the connection of an uplink packet and decides where it
