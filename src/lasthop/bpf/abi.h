@@ -19,19 +19,23 @@ struct conn_key {
 	__u16 zone;   /* routing domain of the interface, host order */
 };
 
-/* Per-connection state: the last hop its request came from. 40 bytes, so an
- * LRU element stays under 150 bytes of kernel memory. */
+/* Per-connection state: the last hop its request came from, and where the
+ * connection stands. 40 bytes, so a table element stays under 150 bytes of
+ * kernel memory: hence last_seen in 32 bits (ages are differences modulo
+ * 2^32 jiffies; timeouts are capped far below the wrap). */
 struct conn_entry {
-	__u64 last_seen;    /* bpf_jiffies64() at the last packet (see lh_clock) */
+	__u32 last_seen;    /* low 32 bits of bpf_jiffies64() at the last packet (see lh_clock) */
 	__u32 ifindex;      /* uplink the request arrived on */
 	__u32 vm_ifindex;   /* VM port that serves or opened the connection, 0 = none */
+	__u32 seq;          /* TCP handshake: the ACK number that completes it (host order) */
+	__u32 packets;      /* request packets seen (approximate: not atomic) */
+	__u32 replies;      /* reply packets redirected (approximate: not atomic) */
 	__u8  mac[ETH_ALEN];/* last hop: the request's source MAC */
 	__u16 vlan_tci[MAX_VLAN_TAGS]; /* [0] outer, [1] inner, host order, with PCP/DEI */
 	__u8  vlan_count;   /* tags in vlan_tci */
 	__u8  flags;        /* F_ENTRY_* */
-	__u32 tunnel_id;    /* tunnel endpoint index, 0 = not tunnelled (reserved) */
-	__u32 packets;      /* request packets seen (approximate: not atomic) */
-	__u32 replies;      /* reply packets redirected (approximate: not atomic) */
+	__u8  state;        /* enum conn_state */
+	__u8  reserved[3];
 };
 
 /* Per-interface settings, written by the agent (lh_ifaces value); vm_mac
@@ -44,6 +48,36 @@ struct iface_cfg {
 	__u16 slot;             /* counter slot, 1 .. MAX_IFACES - 1 */
 	__u8  vm_mac[ETH_ALEN]; /* VM port: the guest's MAC, valid with F_IFACE_VM_MAC */
 	__u16 reserved;
+};
+
+/* lh_vm_addrs key: an address a VM port may open connections from. */
+struct vm_addr_key {
+	__u32 ifindex;  /* the VM port */
+	__u32 family;   /* FAMILY_V4 or FAMILY_V6 */
+	__u32 addr[4];  /* network order, IPv4 in word 0 */
+};
+
+/* lh_vm_addrs value .origin */
+enum vm_addr_origin {
+	VM_ADDR_CONFIGURED = 1, /* the config names it for the port */
+	VM_ADDR_LEARNED    = 2, /* the VM answered a client's connection to it */
+	VM_ADDR_SERVICE    = 3, /* a service's virtual address; the port is in its pool */
+};
+
+struct vm_addr {
+	__u32 origin; /* enum vm_addr_origin */
+};
+
+/* lh_vm_usage value, by VM port ifindex: how many entries the VM opened.
+ * In use = counted + (created - base): the last expiry pass counted the
+ * VM_ORIGIN entries it found and noted `created` as it began, so entries
+ * evicted or expired since are forgotten at the next pass, never leaked. */
+struct vm_usage {
+	__u32 created; /* VM_ORIGIN entries ever created (data path, atomic) */
+	__u32 base;    /* created, as the last complete pass began */
+	__u32 counted; /* VM_ORIGIN entries the last complete pass found */
+	__u32 walking; /* the pass under way: entries found so far */
+	__u32 next_base; /* the pass under way: created, as it began */
 };
 
 /* A service address: lh_services key. Lookup tries (addr, proto, port), then
@@ -65,6 +99,21 @@ struct svc_info {
 struct lh_settings {
 	__u32 flags;         /* F_SET_* */
 	__u32 hz;            /* jiffies per second, measured by the agent, for entry ages */
+	__u32 timeout[CS_MAX]; /* seconds an entry may stay idle, by enum conn_state */
+	__u32 vm_quota;      /* entries each VM port may open (VM_ORIGIN) */
+	__u32 reserved;
+};
+
+/* lh_expiry[0]: what the last expiry pass found. Per-state counts are a
+ * snapshot the kernel took while walking; table totals between passes come
+ * from the kernel's own element counts (lh_stats). */
+struct expiry_stats {
+	__u64 passes;
+	__u32 started;   /* jiffies (low 32 bits) when the last pass began */
+	__u32 finished;  /* ... and ended */
+	__u32 live[2][CS_MAX];     /* [0] lh_conns, [1] lh_pending: entries left, by state */
+	__u64 expired[2][CS_MAX];  /* removed by expiry since the table was created, by state */
+	__s64 elements[2];         /* the kernel's element count of each table (lh_stats) */
 };
 
 /* Keeps the ABI's enums in the object's BTF (enum constants alone leave no
@@ -73,5 +122,8 @@ struct lh_settings {
 struct lh_abi_enums {
 	enum lh_role    role;
 	enum lh_counter counter;
+	enum conn_state state;
+	enum lh_table_counter table_counter;
+	enum vm_addr_origin vm_addr_origin;
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

@@ -7,6 +7,17 @@
 #define CONN_TABLE_SIZE 1048576
 #endif
 
+/* Pending table size (connections not yet confirmed): the agent sets it
+ * from the config; this is the default the object is built with. */
+#ifndef PENDING_TABLE_SIZE
+#define PENDING_TABLE_SIZE 262144
+#endif
+
+/* Addresses VM ports may open connections from (configured, learned, services). */
+#ifndef MAX_VM_ADDRS
+#define MAX_VM_ADDRS 65536
+#endif
+
 /* Interfaces the agent can configure; slot 0 collects packets seen on an
  * interface the agent did not configure. */
 #ifndef MAX_IFACES
@@ -50,6 +61,7 @@ enum lh_role {
 #define F_IFACE_ROUTED  (1 << 0) /* routed host: frames leaving here get this port's MAC, TTL - 1 */
 #define F_IFACE_VM_DOWN (1 << 1) /* VM port: VM removed or down; its connections move or drop */
 #define F_IFACE_VM_MAC  (1 << 2) /* VM port: vm_mac is known */
+#define F_IFACE_ADDRS_FIXED (1 << 3) /* VM port: only its configured addresses, none learned */
 
 /* lh_settings value .flags */
 #define F_SET_RELEARN_FIRST (1 << 0) /* keep the first MAC seen; only a SYN re-learns */
@@ -63,6 +75,45 @@ enum lh_role {
 #define F_ENTRY_VM_ORIGIN    (1 << 1) /* connection opened by a VM (full proxy) */
 #define F_ENTRY_OUTER_8021AD (1 << 2) /* outer tag was 802.1ad (0x88a8), not 802.1Q */
 #define F_ENTRY_VM_FAST      (1 << 3) /* fast path: vm_ifindex is the port that answered */
+#define F_ENTRY_FIN_OPENER   (1 << 4) /* TCP: the side that opened sent a FIN */
+#define F_ENTRY_FIN_ANSWERER (1 << 5) /* TCP: the side that answered sent a FIN */
+
+/* A connection's state (conn_entry .state), from the packets both programs
+ * see. "Opener" is the side that sent the first packet: the uplink side, or
+ * the VM for VM_ORIGIN entries. Each state has its own timeout
+ * (lh_settings .timeout); the confirmed ones live in lh_conns, the rest in
+ * lh_pending. Python mirror: lasthop.abi.State. */
+enum conn_state {
+	CS_NONE            = 0,  /* not tracked (entries written before states existed) */
+	CS_TCP_SYN_SENT    = 1,  /* pending: the opener's SYN */
+	CS_TCP_SYN_RECV    = 2,  /* pending: answered by a SYN-ACK; .seq = the ACK that completes it */
+	CS_TCP_MIDSTREAM   = 3,  /* pending: first seen mid-connection (after a restart or table loss) */
+	CS_TCP_ESTABLISHED = 4,  /* confirmed: handshake completed, or mid-stream answered */
+	CS_TCP_CLOSING     = 5,  /* FIN from one side */
+	CS_TCP_CLOSED      = 6,  /* RST, or FIN from both sides */
+	CS_UDP_NEW         = 7,  /* pending: the opener spoke (UDP and other protocols) */
+	CS_UDP_ANSWERED    = 8,  /* pending: the other side answered */
+	CS_UDP_STREAM      = 9,  /* confirmed: the opener spoke again after the answer */
+	CS_ICMP_NEW        = 10, /* pending: echo request */
+	CS_ICMP_ANSWERED   = 11, /* pending: echo reply seen (pings are never confirmed) */
+	CS_MAX             = 12,
+};
+
+/* Table-wide events (lh_table_counters key), counted by the data path, the
+ * expiry program and (REMOVED) the agent. Exact: each is counted where the
+ * map operation it names succeeded. Python mirror: lasthop.abi.TableCounter. */
+enum lh_table_counter {
+	TC_PENDING_INSERTED   = 0, /* new entry in lh_pending */
+	TC_PENDING_PROMOTED   = 1, /* moved from lh_pending to lh_conns */
+	TC_PENDING_EXPIRED    = 2, /* removed by lh_expire: idle past its state's timeout */
+	TC_PENDING_REMOVED    = 3, /* removed by the agent (flush, services) or superseded */
+	TC_CONFIRMED_INSERTED = 4, /* new entry in lh_conns (a promotion) */
+	TC_CONFIRMED_EXPIRED  = 5,
+	TC_CONFIRMED_REMOVED  = 6,
+	TC_CONFIRM_REFUSED    = 7, /* lh_conns full: the connection stays pending */
+	TC_EXPIRY_PASSES      = 8, /* lh_expire runs */
+	TC_MAX                = 16,
+};
 
 /* Counter slots, per interface: lh_counters key = iface slot * CNT_MAX + reason.
  * Python mirror: lasthop.abi.Counter (checked against BTF by a test). */
@@ -98,7 +149,14 @@ enum lh_counter {
 	CNT_FAST_TO_VM          = 28, /* request sent straight to the VM port that answered it */
 	CNT_HOST_ICMP_REDIRECTED = 29, /* ICMP error the host sent, moved to its connection's last hop */
 	CNT_HOST_ICMP_MISS      = 30, /* ICMP error the host sent about no known connection: left */
-	CNT_HOST_ICMP_TAGGED    = 31, /* ... about a VLAN-tagged connection: left as routed (reserved) */
+	CNT_HOST_ICMP_TAGGED    = 31, /* ... about a VLAN-tagged connection: left as routed */
+	CNT_CONFIRMED           = 32, /* connection proved itself: moved to the confirmed table */
+	CNT_CONFIRM_REFUSED     = 33, /* confirmed table full: the connection stays pending */
+	CNT_VM_ORIGIN_SPOOFED   = 34, /* VM opened a connection from an address it does not own: not remembered */
+	CNT_VM_ORIGIN_QUOTA     = 35, /* VM port's quota of opened connections reached: not remembered */
+	CNT_VM_ORIGIN_SUPERSEDED = 36, /* uplink SYN on a VM-opened entry: a new connection replaces it */
+	CNT_VM_ADDR_LEARNED     = 37, /* VM port's address learned from its answer to a client */
+	CNT_RST_UNKNOWN         = 38, /* TCP RST of no known connection: nothing to remember */
 	CNT_MAX                 = 48,
 };
 

@@ -14,8 +14,31 @@
 #include "parse.h"
 #include "rewrite.h"
 #include "service.h"
+#include "conntrack.h"
+#include "expire.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+/* What happened to a packet, counted once at the program's exit: the
+ * reason, and optionally a service decision and a table event. */
+struct outcome {
+	int reason;
+	int svc;   /* -1 = none */
+	int table; /* -1 = none */
+};
+
+static __always_inline void count_outcome(__u32 slot, const struct pkt *p, const struct outcome *o)
+{
+	if (p->ip_options)
+		count(slot, CNT_IP_OPTIONS);
+	if (p->ipv6_ext)
+		count(slot, CNT_IPV6_EXT);
+	count(slot, o->reason);
+	if (o->svc >= 0)
+		count(slot, o->svc);
+	if (o->table >= 0)
+		count(slot, o->table);
+}
 
 static __always_inline void conn_key_reverse(struct conn_key *key)
 {
@@ -54,12 +77,24 @@ static __always_inline int conn_hop_same(const struct conn_entry *e, const struc
 	       e->vlan_tci[1] == p->vlan_tci[1] && mac_equal(e->mac, mac);
 }
 
-static __always_inline __u32 settings_flags(void)
+static __always_inline struct lh_settings *settings_get(void)
 {
 	__u32 zero = 0;
-	struct lh_settings *s = bpf_map_lookup_elem(&lh_settings, &zero);
+
+	return bpf_map_lookup_elem(&lh_settings, &zero);
+}
+
+static __always_inline __u32 settings_flags(void)
+{
+	struct lh_settings *s = settings_get();
 
 	return s ? s->flags : 0;
+}
+
+static __always_inline int is_pure_syn(const struct pkt *p)
+{
+	return p->key.proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_;
 }
 
 /* Uplink packet of a known connection: refresh it, re-learn the hop on a SYN
@@ -67,16 +102,15 @@ static __always_inline __u32 settings_flags(void)
 static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *p,
 					const __u8 *mac, __u32 ifindex, __u32 settings)
 {
-	int syn = (p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) == TCP_FLAG_SYN_;
 	int reason;
 
-	e->last_seen = bpf_jiffies64();
+	e->last_seen = now32();
 	e->packets++;
 	if (conn_hop_same(e, p, mac, ifindex))
 		return CNT_REFRESHED;
 	if (!(e->flags & F_ENTRY_HOP_KNOWN))
 		reason = CNT_VM_ORIGIN_HOP; /* not LEARNED: the entry was counted when the VM opened it */
-	else if (syn || !(settings & F_SET_RELEARN_FIRST))
+	else if (is_pure_syn(p) || !(settings & F_SET_RELEARN_FIRST))
 		reason = CNT_RELEARNED;
 	else
 		return CNT_REFRESHED;
@@ -84,37 +118,18 @@ static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *
 	return reason;
 }
 
+/* A new connection from an uplink: a pending entry with its last hop. */
 static __always_inline int conn_learn(const struct pkt *p, const __u8 *mac, __u32 ifindex,
-				      __u32 vm_ifindex)
+				      __u32 vm_ifindex, __u8 state)
 {
 	struct conn_entry e = {};
 
-	e.last_seen = bpf_jiffies64();
+	e.last_seen = now32();
 	e.packets = 1;
 	e.vm_ifindex = vm_ifindex;
+	e.state = state;
 	conn_set_hop(&e, p, mac, ifindex);
-	if (bpf_map_update_elem(&lh_conns, &p->key, &e, BPF_ANY))
-		return CNT_LEARN_FAILED;
-	return CNT_LEARNED;
-}
-
-/* Returns the config of skb's interface, or NULL when the agent did not
- * attach it with that role (counted in slot 0). */
-static __always_inline struct iface_cfg *iface_of(struct __sk_buff *skb, __u8 role)
-{
-	__u32 ifindex = skb->ifindex;
-	struct iface_cfg *cfg = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
-
-	return cfg && cfg->role == role ? cfg : NULL;
-}
-
-/* Notes about the packet that do not change what happens to it. */
-static __always_inline void count_notes(__u32 slot, const struct pkt *p)
-{
-	if (p->ip_options)
-		count(slot, CNT_IP_OPTIONS);
-	if (p->ipv6_ext)
-		count(slot, CNT_IPV6_EXT);
+	return conn_insert(&p->key, &e) < 0 ? CNT_LEARN_FAILED : CNT_LEARNED;
 }
 
 /* The VM an existing entry sends its uplink packets to, after checking the
@@ -122,13 +137,12 @@ static __always_inline void count_notes(__u32 slot, const struct pkt *p)
 static __always_inline int uplink_pinned_vm(struct conn_entry *e, const struct pkt *p,
 					    __u32 settings, int *svc_reason)
 {
-	__u32 vm = e->vm_ifindex;
-	struct iface_cfg *vmc = bpf_map_lookup_elem(&lh_ifaces, &vm);
+	struct iface_cfg *vmc = iface_get(e->vm_ifindex, ROLE_VM_PORT);
 
 	*svc_reason = e->flags & F_ENTRY_VM_ORIGIN ? CNT_VM_ORIGIN_RETURNED : CNT_SVC_PINNED;
 	if (vmc && (vmc->flags & F_IFACE_VM_DOWN))
 		return svc_vm_down(e, &p->key, settings, svc_reason);
-	return vm;
+	return e->vm_ifindex;
 }
 
 /* A request of a connection whose VM has answered goes straight to that VM's
@@ -143,15 +157,15 @@ static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
 				       struct conn_entry *e, const struct iface_cfg *up,
 				       __u32 settings, int *svc_reason)
 {
-	struct ethhdr *eth = (void *)(long)skb->data;
+	struct ethhdr *eth = eth_of(skb);
 	__u32 vm = e->vm_ifindex, mtu = 0;
-	struct iface_cfg *vmc = bpf_map_lookup_elem(&lh_ifaces, &vm);
+	struct iface_cfg *vmc = iface_get(vm, ROLE_VM_PORT);
 	int routed, ret;
 
-	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+	if (!eth)
 		return TC_ACT_OK;
 	routed = vmc && (vmc->flags & F_IFACE_ROUTED);
-	if (!vmc || vmc->role != ROLE_VM_PORT || !(settings & F_SET_FAST_PATH) ||
+	if (!vmc || !(settings & F_SET_FAST_PATH) ||
 	    (vmc->flags & (F_IFACE_VM_DOWN | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC ||
 	    !mac_equal(eth->h_dest, routed ? up->mac : vmc->vm_mac)) {
 		e->vm_ifindex = 0;
@@ -167,86 +181,135 @@ static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
 	return ret;
 }
 
-/* Learns or refreshes the connection of an uplink packet and decides where it
- * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT. */
-static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
-				       const struct iface_cfg *up, int *reason, int *svc_reason)
+/* Sends an uplink packet to VM port vm (> 0), passes it (0) or drops it (< 0). */
+static __always_inline int uplink_to_vm(struct __sk_buff *skb, struct pkt *p, int vm,
+					struct outcome *o)
 {
-	struct ethhdr *eth = (void *)(long)skb->data;
-	__u32 settings = settings_flags();
-	struct conn_entry *e;
-	struct svc_info *s;
-	int vm = 0, ret;
+	int ret;
 
-	if ((void *)(eth + 1) > (void *)(long)skb->data_end) {
-		*reason = CNT_MALFORMED;
-		return TC_ACT_OK;
-	}
-	/* a bridge port also sees floods and multicast: only unicast can be a request */
-	if (eth->h_dest[0] & 1) {
-		*reason = CNT_NOT_UNICAST;
-		return TC_ACT_OK;
-	}
-	e = bpf_map_lookup_elem(&lh_conns, &p->key);
-	if (e) {
-		*reason = conn_refresh(e, p, eth->h_source, skb->ifindex, settings);
-		if (!e->vm_ifindex)
-			return TC_ACT_OK;
-		if (e->flags & F_ENTRY_VM_FAST)
-			return uplink_fast(skb, p, e, up, settings, svc_reason);
-		vm = uplink_pinned_vm(e, p, settings, svc_reason);
-	} else {
-		s = settings & F_SET_SERVICES ? svc_find(&p->key) : NULL;
-		if (s) {
-			vm = svc_pick(s, &p->key);
-			if (!vm) {
-				/* no entry: its next packet (a retransmitted SYN) tries again */
-				*reason = CNT_SVC_NO_BACKEND;
-				return TC_ACT_OK;
-			}
-			*svc_reason = CNT_SVC_SELECTED;
-		}
-		*reason = conn_learn(p, eth->h_source, skb->ifindex, vm);
-	}
 	if (vm <= 0)
 		return vm < 0 ? TC_ACT_SHOT : TC_ACT_OK;
 	ret = send_to_vm(skb, p, vm);
 	if (ret < 0) {
-		*svc_reason = -ret;
+		o->svc = -ret;
 		return TC_ACT_OK;
 	}
+	return ret;
+}
+
+/* A connection never seen: learn it (pending) and, for a service, pick its VM. */
+static __always_inline int uplink_new(struct __sk_buff *skb, struct pkt *p, const __u8 *mac,
+				      __u32 settings, struct outcome *o)
+{
+	__u8 state = conn_first_state(p);
+	struct svc_info *s;
+	int vm = 0;
+
+	if (state == CS_NONE) {
+		o->reason = CNT_RST_UNKNOWN;
+		return TC_ACT_OK;
+	}
+	s = settings & F_SET_SERVICES ? svc_find(&p->key) : NULL;
+	if (s) {
+		vm = svc_pick(s, &p->key);
+		if (!vm) {
+			/* no entry: its next packet (a retransmitted SYN) tries again */
+			o->reason = CNT_SVC_NO_BACKEND;
+			return TC_ACT_OK;
+		}
+		o->svc = CNT_SVC_SELECTED;
+	}
+	o->reason = conn_learn(p, mac, skb->ifindex, vm, state);
+	return uplink_to_vm(skb, p, vm, o);
+}
+
+/* An uplink packet of a known connection: refresh, track, and send it where
+ * the entry says. */
+static __always_inline int uplink_known(struct __sk_buff *skb, struct pkt *p,
+					struct conn_entry *e, const struct iface_cfg *up,
+					const __u8 *mac, __u32 settings, struct outcome *o)
+{
+	o->reason = conn_refresh(e, p, mac, skb->ifindex, settings);
+	if (!e->vm_ifindex)
+		return TC_ACT_OK;
+	if (e->flags & F_ENTRY_VM_FAST)
+		return uplink_fast(skb, p, e, up, settings, &o->svc);
+	return uplink_to_vm(skb, p, uplink_pinned_vm(e, p, settings, &o->svc), o);
+}
+
+/* A SYN from outside is a new connection: it never follows an entry a VM
+ * opened (that one waits for a SYN-ACK), so no VM can claim the connections
+ * a client will open by opening their tuples first. */
+static __always_inline void vm_origin_supersede(const struct conn_key *k, int pending,
+						struct outcome *o)
+{
+	if (pending)
+		conn_drop_pending(k);
+	else if (!bpf_map_delete_elem(&lh_conns, k))
+		count_table(TC_CONFIRMED_REMOVED);
+	o->table = CNT_VM_ORIGIN_SUPERSEDED;
+}
+
+/* Learns or refreshes the connection of an uplink packet and decides where it
+ * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT. */
+static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
+				       const struct iface_cfg *up, struct outcome *o)
+{
+	struct ethhdr *eth = eth_of(skb);
+	__u32 settings = settings_flags();
+	struct conn_entry *e;
+	int pending, confirmed, ret;
+
+	if (!eth) {
+		o->reason = CNT_MALFORMED;
+		return TC_ACT_OK;
+	}
+	/* a bridge port also sees floods and multicast: only unicast can be a request */
+	if (eth->h_dest[0] & 1) {
+		o->reason = CNT_NOT_UNICAST;
+		return TC_ACT_OK;
+	}
+	e = conn_lookup(&p->key, &pending);
+	if (e && (e->flags & F_ENTRY_VM_ORIGIN) && is_pure_syn(p)) {
+		vm_origin_supersede(&p->key, pending, o);
+		e = NULL;
+	}
+	if (!e)
+		return uplink_new(skb, p, eth->h_source, settings, o);
+	confirmed = conn_track(e, p, !(e->flags & F_ENTRY_VM_ORIGIN));
+	ret = uplink_known(skb, p, e, up, eth->h_source, settings, o);
+	if (confirmed && pending)
+		o->table = conn_promote(&p->key, e);
 	return ret;
 }
 
 SEC("tc")
 int lh_uplink(struct __sk_buff *skb)
 {
-	struct iface_cfg *cfg = iface_of(skb, ROLE_UPLINK);
+	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
+	struct outcome o = { .svc = -1, .table = -1 };
 	struct pkt p = {};
 	struct cursor c;
-	int reason, svc_reason = -1, ret = TC_ACT_OK;
+	int ret = TC_ACT_OK;
 
 	if (!cfg) {
 		count(0, CNT_NO_IFACE);
 		return TC_ACT_OK;
 	}
-	reason = parse_packet(skb, &p, &c);
-	if (reason < 0) {
-		reason = -reason;
+	o.reason = parse_packet(skb, &p, &c);
+	if (o.reason < 0) {
+		o.reason = -o.reason;
 		goto out;
 	}
 	/* ICMP errors and neighbour discovery from outside are not connections */
 	if (p.icmp_kind == ICMP_KIND_OTHER || p.icmp_kind == ICMP_KIND_ERROR) {
-		reason = p.icmp_kind == ICMP_KIND_OTHER ? CNT_ICMP_OTHER : CNT_ICMP_ERROR_MISS;
+		o.reason = p.icmp_kind == ICMP_KIND_OTHER ? CNT_ICMP_OTHER : CNT_ICMP_ERROR_MISS;
 		goto out;
 	}
 	p.key.zone = cfg->zone;
-	ret = uplink_conn(skb, &p, cfg, &reason, &svc_reason);
+	ret = uplink_conn(skb, &p, cfg, &o);
 out:
-	count_notes(cfg->slot, &p);
-	count(cfg->slot, reason);
-	if (svc_reason >= 0)
-		count(cfg->slot, svc_reason);
+	count_outcome(cfg->slot, &p, &o);
 	return ret;
 }
 
@@ -264,33 +327,79 @@ static __always_inline int icmp_error_key(struct pkt *p, struct cursor *c)
 	return 0;
 }
 
+/* May VM port ifindex open a connection from the (reversed) key's daddr?
+ * Only from an address it owns, within its quota. Returns 0 or the reason. */
+static __always_inline int vm_origin_allowed(const struct pkt *p, __u32 ifindex, __u32 quota)
+{
+	struct vm_addr_key ak = { .ifindex = ifindex, .family = p->key.family };
+	struct vm_usage *u;
+
+	__builtin_memcpy(ak.addr, p->key.daddr, sizeof(ak.addr));
+	if (!bpf_map_lookup_elem(&lh_vm_addrs, &ak))
+		return CNT_VM_ORIGIN_SPOOFED;
+	u = bpf_map_lookup_elem(&lh_vm_usage, &ifindex);
+	if (!u)
+		return CNT_LEARN_FAILED;
+	if (quota && u->counted + (u->created - u->base) >= quota)
+		return CNT_VM_ORIGIN_QUOTA;
+	return 0;
+}
+
 /* A VM packet with no entry: if it opens a connection, remember the VM so
  * the server's replies come back to it (full-proxy VMs sharing an address). */
 static __always_inline int vm_origin_learn(const struct pkt *p, __u32 vm_ifindex)
 {
+	struct lh_settings *s = settings_get();
 	struct conn_entry e = {};
+	struct vm_usage *u;
+	int err;
 
-	if (settings_flags() & F_SET_NO_VM_ORIGIN)
+	if (!s || (s->flags & F_SET_NO_VM_ORIGIN))
 		return CNT_MISS;
-	if (p->key.proto == IPPROTO_TCP &&
-	    (p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_ACK_)) != TCP_FLAG_SYN_)
+	if (p->key.proto == IPPROTO_TCP && !is_pure_syn(p))
 		return CNT_MISS;
 	if ((p->key.proto == IPPROTO_ICMP || p->key.proto == IPPROTO_ICMPV6) && !p->echo_request)
 		return CNT_MISS; /* an echo reply answers something; it opens nothing */
-	e.last_seen = bpf_jiffies64();
+	err = vm_origin_allowed(p, vm_ifindex, s->vm_quota);
+	if (err)
+		return err;
+	e.last_seen = now32();
 	e.vm_ifindex = vm_ifindex;
 	e.flags = F_ENTRY_VM_ORIGIN;
-	if (bpf_map_update_elem(&lh_conns, &p->key, &e, BPF_NOEXIST))
+	e.state = conn_first_state(p);
+	err = conn_insert(&p->key, &e);
+	if (err < 0)
 		return CNT_LEARN_FAILED;
+	u = bpf_map_lookup_elem(&lh_vm_usage, &vm_ifindex);
+	if (err && u)
+		__sync_fetch_and_add(&u->created, 1);
 	return CNT_VM_ORIGIN_LEARNED;
+}
+
+/* The VM answered a client's new connection: the address the client reached
+ * is one the VM may open connections from. Not for services (their virtual
+ * address is the agent's to grant) nor ports with configured addresses. */
+static __always_inline int vm_addr_learn(const struct pkt *p, const struct conn_entry *e,
+					 const struct iface_cfg *cfg, __u32 ifindex)
+{
+	struct vm_addr_key ak = { .ifindex = ifindex, .family = p->key.family };
+	struct vm_addr v = { .origin = VM_ADDR_LEARNED };
+
+	if ((e->flags & F_ENTRY_VM_ORIGIN) || (cfg->flags & F_IFACE_ADDRS_FIXED) ||
+	    (e->vm_ifindex && !(e->flags & F_ENTRY_VM_FAST)))
+		return -1;
+	__builtin_memcpy(ak.addr, p->key.daddr, sizeof(ak.addr));
+	if (bpf_map_update_elem(&lh_vm_addrs, &ak, &v, BPF_NOEXIST))
+		return -1;
+	return CNT_VM_ADDR_LEARNED;
 }
 
 /* The guest's MAC, learned once, for sending service traffic to it. */
 static __always_inline void vm_mac_learn(struct __sk_buff *skb, struct iface_cfg *cfg)
 {
-	struct ethhdr *eth = (void *)(long)skb->data;
+	struct ethhdr *eth = eth_of(skb);
 
-	if (cfg->flags & F_IFACE_VM_MAC || (void *)(eth + 1) > (void *)(long)skb->data_end)
+	if (cfg->flags & F_IFACE_VM_MAC || !eth)
 		return;
 	__builtin_memcpy(cfg->vm_mac, eth->h_source, ETH_ALEN);
 	cfg->flags |= F_IFACE_VM_MAC;
@@ -327,85 +436,113 @@ static __always_inline int vm_owns_address(struct __sk_buff *skb, const struct p
 static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct pkt *p,
 					    const struct conn_entry *e, const struct iface_cfg *cfg)
 {
-	struct ethhdr *eth = (void *)(long)skb->data;
+	struct ethhdr *eth = eth_of(skb);
 
-	if (e->vm_ifindex || !(cfg->flags & F_IFACE_VM_MAC))
-		return 0;
-	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+	if (e->vm_ifindex || !(cfg->flags & F_IFACE_VM_MAC) || !eth)
 		return 0;
 	if (!mac_equal(eth->h_source, cfg->vm_mac) || !(settings_flags() & F_SET_FAST_PATH))
 		return 0;
 	return !(cfg->flags & F_IFACE_ROUTED) || vm_owns_address(skb, p, e, cfg);
 }
 
-/* Finds the entry of a VM packet and sends it to the last hop. */
-static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, struct cursor *c,
-				       struct iface_cfg *cfg, int *reason)
+/* A reply (not an ICMP error) of a known connection: track its state, learn
+ * the VM's address from its first answer. Returns 1 when it confirms. */
+static __always_inline int vmport_track(struct __sk_buff *skb, const struct pkt *p,
+					struct conn_entry *e, const struct iface_cfg *cfg,
+					struct outcome *o)
 {
-	int hit = CNT_REDIRECTED, ret, fast;
-	struct conn_entry *e;
+	__u8 before = e->state;
+	int confirmed = conn_track(e, p, !!(e->flags & F_ENTRY_VM_ORIGIN));
 
-	if (p->icmp_kind == ICMP_KIND_ERROR) {
-		*reason = CNT_ICMP_ERROR_MISS;
-		if (icmp_error_key(p, c) < 0)
-			return TC_ACT_OK;
-		hit = CNT_ICMP_ERROR_REDIRECTED;
-	} else if (p->icmp_kind == ICMP_KIND_OTHER) {
-		*reason = CNT_ICMP_OTHER;
-		return TC_ACT_OK;
-	} else {
-		conn_key_reverse(&p->key);
-		*reason = CNT_MISS;
-	}
-	e = bpf_map_lookup_elem(&lh_conns, &p->key);
-	if (!e) {
-		if (hit == CNT_REDIRECTED)
-			*reason = vm_origin_learn(p, skb->ifindex);
-		return TC_ACT_OK;
-	}
+	if (e->state != before && (before == CS_TCP_SYN_SENT || before == CS_UDP_NEW ||
+				   before == CS_ICMP_NEW))
+		o->table = vm_addr_learn(p, e, cfg, skb->ifindex);
+	return confirmed;
+}
+
+/* Sends a VM packet of a known connection to its last hop. */
+static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
+					struct conn_entry *e, struct iface_cfg *cfg, int hit,
+					struct outcome *o)
+{
+	int ret, fast;
+
 	if (!(e->flags & F_ENTRY_HOP_KNOWN)) {
 		if (e->flags & F_ENTRY_VM_ORIGIN && hit == CNT_REDIRECTED)
-			*reason = CNT_VM_ORIGIN_PENDING;
+			o->reason = CNT_VM_ORIGIN_PENDING;
 		return TC_ACT_OK;
 	}
 	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, p, e, cfg);
 	ret = reply_to_last_hop(skb, p, e, cfg);
 	if (ret < 0) {
 		if (ret != -CNT_MISS)
-			*reason = -ret;
+			o->reason = -ret;
 		return TC_ACT_OK;
 	}
 	if (fast) {
 		e->vm_ifindex = skb->ifindex;
 		e->flags |= F_ENTRY_VM_FAST;
 	}
-	*reason = hit;
+	o->reason = hit;
+	return ret;
+}
+
+/* Finds the entry of a VM packet and sends it to the last hop. */
+static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, struct cursor *c,
+				       struct iface_cfg *cfg, struct outcome *o)
+{
+	int hit = CNT_REDIRECTED, ret, pending, confirmed = 0;
+	struct conn_entry *e;
+
+	if (p->icmp_kind == ICMP_KIND_ERROR) {
+		o->reason = CNT_ICMP_ERROR_MISS;
+		if (icmp_error_key(p, c) < 0)
+			return TC_ACT_OK;
+		hit = CNT_ICMP_ERROR_REDIRECTED;
+	} else if (p->icmp_kind == ICMP_KIND_OTHER) {
+		o->reason = CNT_ICMP_OTHER;
+		return TC_ACT_OK;
+	} else {
+		conn_key_reverse(&p->key);
+		o->reason = CNT_MISS;
+	}
+	e = conn_lookup(&p->key, &pending);
+	if (!e) {
+		if (hit == CNT_REDIRECTED)
+			o->reason = vm_origin_learn(p, skb->ifindex);
+		return TC_ACT_OK;
+	}
+	if (hit == CNT_REDIRECTED)
+		confirmed = vmport_track(skb, p, e, cfg, o);
+	ret = vmport_reply(skb, p, e, cfg, hit, o);
+	if (confirmed && pending)
+		o->table = conn_promote(&p->key, e);
 	return ret;
 }
 
 SEC("tc")
 int lh_vmport(struct __sk_buff *skb)
 {
-	struct iface_cfg *cfg = iface_of(skb, ROLE_VM_PORT);
+	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_VM_PORT);
+	struct outcome o = { .svc = -1, .table = -1 };
 	struct pkt p = {};
 	struct cursor c;
-	int reason, ret = TC_ACT_OK;
+	int ret = TC_ACT_OK;
 
 	if (!cfg) {
 		count(0, CNT_NO_IFACE);
 		return TC_ACT_OK;
 	}
-	reason = parse_packet(skb, &p, &c);
-	if (reason < 0) {
-		reason = -reason;
+	o.reason = parse_packet(skb, &p, &c);
+	if (o.reason < 0) {
+		o.reason = -o.reason;
 		goto out;
 	}
 	vm_mac_learn(skb, cfg);
 	p.key.zone = cfg->zone;
-	ret = vmport_conn(skb, &p, &c, cfg, &reason);
+	ret = vmport_conn(skb, &p, &c, cfg, &o);
 out:
-	count_notes(cfg->slot, &p);
-	count(cfg->slot, reason);
+	count_outcome(cfg->slot, &p, &o);
 	return ret;
 }
 
@@ -414,12 +551,15 @@ out:
  * reads two bytes. */
 static __always_inline int maybe_icmp(struct __sk_buff *skb)
 {
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = (void *)(long)skb->data;
-	struct iphdr *ip = (void *)(eth + 1);
-	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	struct ethhdr *eth = eth_of(skb);
+	struct iphdr *ip;
+	struct ipv6hdr *ip6;
 
-	if ((void *)(ip6 + 1) > data_end)
+	if (!eth)
+		return 0;
+	ip = (void *)(eth + 1);
+	ip6 = (void *)(eth + 1);
+	if ((void *)(ip6 + 1) > (void *)(long)skb->data_end)
 		return 0;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
 		return ip->protocol == IPPROTO_ICMP;
@@ -435,11 +575,12 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 	struct conn_entry *e;
 	struct iface_cfg *up;
 	__u32 ifindex;
+	int pending;
 
 	*reason = CNT_HOST_ICMP_MISS;
 	if (icmp_error_key(p, c) < 0)
 		return TC_ACT_OK;
-	e = bpf_map_lookup_elem(&lh_conns, &p->key);
+	e = conn_lookup(&p->key, &pending);
 	if (!e || !(e->flags & F_ENTRY_HOP_KNOWN))
 		return TC_ACT_OK;
 	if (e->vlan_count) {
@@ -447,13 +588,13 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 		return TC_ACT_OK;
 	}
 	ifindex = e->ifindex;
-	up = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
-	if (!up || up->role != ROLE_UPLINK || rewrite_l2(skb, p, 0, up->mac, e->mac) < 0)
+	up = iface_get(ifindex, ROLE_UPLINK);
+	if (!up || rewrite_l2(skb, p, 0, up->mac, e->mac) < 0)
 		return TC_ACT_OK;
 	if (ifindex != skb->ifindex) {
-		struct ethhdr *eth = (void *)(long)skb->data;
+		struct ethhdr *eth = eth_of(skb);
 
-		if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+		if (!eth)
 			return TC_ACT_OK;
 		__builtin_memcpy(eth->h_source, up->mac, ETH_ALEN);
 	}
@@ -472,7 +613,7 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 SEC("tc")
 int lh_uplink_out(struct __sk_buff *skb)
 {
-	struct iface_cfg *cfg = iface_of(skb, ROLE_UPLINK);
+	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
 	struct pkt p = {};
 	struct cursor c;
 	int reason, ret;
@@ -494,7 +635,50 @@ int lh_uplink_out(struct __sk_buff *skb)
 SEC("tc")
 int lh_clock(struct __sk_buff *skb)
 {
-	return (__u32)bpf_jiffies64();
+	return now32();
+}
+
+/* The expiry pass (expire.h), run by the agent through BPF_PROG_TEST_RUN
+ * every few seconds. Returns 1 when it walked, 0 when the agent has not
+ * configured the data path yet (no HZ: no timeout means anything). */
+SEC("tc")
+int lh_expire(struct __sk_buff *skb)
+{
+	struct lh_settings *s = settings_get();
+	struct expire_ctx ctx = {};
+	struct expiry_stats *st;
+	__u32 zero = 0;
+
+	st = bpf_map_lookup_elem(&lh_expiry, &zero);
+	if (!s || !st || !s->hz)
+		return 0;
+	expire_timeouts(&ctx, s);
+	st->started = now32();
+	bpf_for_each_map_elem(&lh_vm_usage, usage_begin, NULL, 0);
+	expire_table(&lh_conns, 0, &ctx, st);
+	expire_table(&lh_pending, 1, &ctx, st);
+	bpf_for_each_map_elem(&lh_vm_usage, usage_end, NULL, 0);
+	st->finished = now32();
+	st->passes++;
+	count_table(TC_EXPIRY_PASSES);
+	return 1;
+}
+
+/* Each table's element count as the kernel keeps it (exact, including LRU
+ * evictions), into lh_expiry[0].elements: what `stats` reads instead of
+ * walking the table. Run by test run. */
+SEC("tc")
+int lh_stats(struct __sk_buff *skb)
+{
+	struct expiry_stats *st;
+	__u32 zero = 0;
+
+	st = bpf_map_lookup_elem(&lh_expiry, &zero);
+	if (!st)
+		return 0;
+	st->elements[0] = bpf_map_sum_elem_count((struct bpf_map *)&lh_conns);
+	st->elements[1] = bpf_map_sum_elem_count((struct bpf_map *)&lh_pending);
+	return 1;
 }
 
 /* The baseline the benchmark compares against: a tc program that does nothing. */

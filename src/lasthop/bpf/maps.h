@@ -7,15 +7,63 @@
 #include "consts.h"
 #include "abi.h"
 
-/* Connection (request direction) -> its last hop and state. LRU: a full table
- * evicts the least recently used connection, which falls back to routing. */
+/* Confirmed connections (request direction) -> last hop and state. A plain
+ * hash, not an LRU: nothing evicts a confirmed connection; only expiry, a
+ * close or the agent removes one. Full, it refuses new confirmations (they
+ * stay pending), as conntrack's early drop spares assured connections. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, CONN_TABLE_SIZE);
 	__type(key, struct conn_key);
 	__type(value, struct conn_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_conns SEC(".maps");
+
+/* Connections not yet confirmed (a SYN, a first datagram, a mid-stream
+ * packet): LRU, so a flood of spoofed packets only evicts other newcomers. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PENDING_TABLE_SIZE);
+	__type(key, struct conn_key);
+	__type(value, struct conn_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_pending SEC(".maps");
+
+/* enum lh_table_counter -> events, per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TC_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_table_counters SEC(".maps");
+
+/* 0 -> what the last expiry pass found (written by lh_expire and lh_stats only). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct expiry_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_expiry SEC(".maps");
+
+/* (VM port, address) -> why the port may open connections from it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VM_ADDRS);
+	__type(key, struct vm_addr_key);
+	__type(value, struct vm_addr);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_vm_addrs SEC(".maps");
+
+/* VM port ifindex -> the entries it opened (its quota's use). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_IFINDEX);
+	__type(key, __u32);
+	__type(value, struct vm_usage);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_vm_usage SEC(".maps");
 
 /* ifindex -> role, zone, own MAC and counter slot; role ROLE_NONE = not attached. */
 struct {
@@ -99,4 +147,31 @@ static __always_inline void count(__u32 slot, __u32 reason)
 
 	if (n)
 		*n += 1;
+}
+
+/* The data path's clock: the low 32 bits of jiffies (conn_entry.last_seen). */
+static __always_inline __u32 now32(void)
+{
+	return (__u32)bpf_jiffies64();
+}
+
+static __always_inline void count_table_n(__u32 what, __u64 n)
+{
+	__u64 *c = bpf_map_lookup_elem(&lh_table_counters, &what);
+
+	if (c)
+		*c += n;
+}
+
+static __always_inline void count_table(__u32 what)
+{
+	count_table_n(what, 1);
+}
+
+/* The config of interface ifindex if the agent attached it with role, else NULL. */
+static __always_inline struct iface_cfg *iface_get(__u32 ifindex, __u8 role)
+{
+	struct iface_cfg *cfg = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
+
+	return cfg && cfg->role == role ? cfg : NULL;
 }

@@ -20,7 +20,9 @@
 #define ETH_P_8021AD_ 0x88A8
 #define IP_MF_        0x2000
 #define IP_OFFSET_    0x1FFF
+#define TCP_FLAG_FIN_ 0x01
 #define TCP_FLAG_SYN_ 0x02
+#define TCP_FLAG_RST_ 0x04
 #define TCP_FLAG_ACK_ 0x10
 
 struct cursor {
@@ -43,6 +45,8 @@ struct pkt {
 	__u8  vlan_count;
 	__u8  outer_ad;     /* outer tag is 802.1ad */
 	__u8  tcp_flags;
+	__u32 tcp_seq;      /* host order */
+	__u32 tcp_ack;      /* host order */
 	__u8  icmp_kind;    /* enum icmp_kind */
 	__u8  echo_request; /* ICMP(v6) echo request: an ICMP "connection" opens with one */
 	__u8  ip_options;   /* IPv4 header longer than 20 bytes */
@@ -51,6 +55,14 @@ struct pkt {
 	__u32 l3_len;       /* the datagram's length as its IP header states it */
 	void *l3;           /* the IP header (valid until the packet changes) */
 };
+
+/* The frame's Ethernet header, or NULL when the frame is shorter. */
+static __always_inline struct ethhdr *eth_of(struct __sk_buff *skb)
+{
+	struct ethhdr *eth = (void *)(long)skb->data;
+
+	return (void *)(eth + 1) <= (void *)(long)skb->data_end ? eth : NULL;
+}
 
 /* Whether n bytes from the cursor lie inside the IP datagram. Bytes after it
  * are Ethernet padding, not headers: the frame's end is not enough. */
@@ -202,6 +214,8 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
+		p->tcp_seq = bpf_ntohl(th->seq);
+		p->tcp_ack = bpf_ntohl(th->ack_seq);
 		return 0;
 	}
 	case IPPROTO_UDP: {

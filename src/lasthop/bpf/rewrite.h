@@ -63,14 +63,13 @@ static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn
 static __always_inline int rewrite_l2(struct __sk_buff *skb, struct pkt *p, int routed,
 				      const __u8 *src, const __u8 *dst)
 {
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = (void *)(long)skb->data;
+	struct ethhdr *eth = eth_of(skb);
 	int err;
 
-	if ((void *)(eth + 1) > data_end)
+	if (!eth)
 		return -CNT_MALFORMED;
 	if (routed) {
-		err = rewrite_ttl(p, data_end);
+		err = rewrite_ttl(p, (void *)(long)skb->data_end);
 		if (err)
 			return err;
 		__builtin_memcpy(eth->h_source, src, ETH_ALEN);
@@ -86,12 +85,11 @@ static __always_inline int rewrite_l2(struct __sk_buff *skb, struct pkt *p, int 
 static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *p,
 					     struct conn_entry *e, const struct iface_cfg *vm)
 {
-	struct iface_cfg *up;
 	__u32 ifindex = e->ifindex;
+	struct iface_cfg *up = iface_get(ifindex, ROLE_UPLINK);
 	int err;
 
-	up = bpf_map_lookup_elem(&lh_ifaces, &ifindex);
-	if (!up || up->role != ROLE_UPLINK)
+	if (!up)
 		return -CNT_MISS; /* the uplink is gone: ordinary routing */
 	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
 	if (err)
@@ -101,7 +99,7 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 		return err;
 	/* a connection lives while either side speaks: a stream the VM sends with
 	 * nothing coming back must not age out */
-	e->last_seen = bpf_jiffies64();
+	e->last_seen = now32();
 	e->replies++;
 	trace_redirect(ifindex);
 	return bpf_redirect(ifindex, 0);

@@ -53,10 +53,10 @@ static __always_inline __u32 svc_pick(const struct svc_info *s, const struct con
  * negative reason to pass with. */
 static __always_inline int send_to_vm(struct __sk_buff *skb, struct pkt *p, __u32 vm_ifindex)
 {
-	struct iface_cfg *vm = bpf_map_lookup_elem(&lh_ifaces, &vm_ifindex);
+	struct iface_cfg *vm = iface_get(vm_ifindex, ROLE_VM_PORT);
 	int err;
 
-	if (!vm || vm->role != ROLE_VM_PORT || !(vm->flags & F_IFACE_VM_MAC))
+	if (!vm || !(vm->flags & F_IFACE_VM_MAC))
 		return -CNT_MISS;
 	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, vm->mac, vm->vm_mac);
 	if (err)

@@ -1,0 +1,101 @@
+/* expire.h: the expiry pass -- the kernel walks both tables and removes the
+ * entries idle past their state's timeout. Each entry's idle time is read
+ * against the clock as the walk reaches it, and an entry refreshed after
+ * that is simply not idle: no snapshot races the data path. The pass also
+ * counts what it leaves, by state, and recounts the entries each VM port
+ * opened (its quota's use), so none is leaked by an LRU eviction. */
+#pragma once
+
+#include <bpf/bpf_helpers.h>
+
+#include "consts.h"
+#include "abi.h"
+#include "maps.h"
+
+/* The kernel's struct, for the kfunc below (only its name matters to BTF). */
+struct bpf_map {
+	__u32 max_entries;
+} __attribute__((preserve_access_index));
+
+/* Kernel 6.6+: a map's element count as the kernel keeps it (LRU evictions too). */
+extern long long bpf_map_sum_elem_count(const struct bpf_map *map) __ksym;
+
+struct expire_ctx {
+	__u32 timeout[CS_MAX]; /* jiffies, by state */
+	__u32 live[CS_MAX];
+	__u32 expired[CS_MAX];
+};
+
+static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entry *e,
+		       struct expire_ctx *ctx)
+{
+	__u32 state = e->state, idle = now32() - e->last_seen;
+
+	if (state >= CS_MAX)
+		state = CS_NONE;
+	/* (__s32)idle < 0: refreshed by another CPU since now32() was read */
+	if ((__s32)idle > 0 && idle > ctx->timeout[state] && !bpf_map_delete_elem(map, k)) {
+		ctx->expired[state]++;
+		return 0;
+	}
+	ctx->live[state]++;
+	if (e->flags & F_ENTRY_VM_ORIGIN) {
+		__u32 vm = e->vm_ifindex;
+		struct vm_usage *u = bpf_map_lookup_elem(&lh_vm_usage, &vm);
+
+		if (u)
+			__sync_fetch_and_add(&u->walking, 1);
+	}
+	return 0;
+}
+
+/* Before the walk: each VM port counts again from the current `created`. */
+static long usage_begin(struct bpf_map *map, __u32 *ifindex, struct vm_usage *u, void *ctx)
+{
+	if (u->created || u->counted) {
+		u->walking = 0;
+		u->next_base = u->created;
+	}
+	return 0;
+}
+
+/* After the walk: what it found replaces the previous pass's count. */
+static long usage_end(struct bpf_map *map, __u32 *ifindex, struct vm_usage *u, void *ctx)
+{
+	if (u->created || u->counted) {
+		u->counted = u->walking;
+		u->base = u->next_base;
+	}
+	return 0;
+}
+
+/* Walks one table; adds what it found to stats (index t: 0 confirmed, 1 pending). */
+static __always_inline void expire_table(void *map, int t, struct expire_ctx *ctx,
+					 struct expiry_stats *st)
+{
+	__u64 expired = 0;
+
+	__builtin_memset(ctx->live, 0, sizeof(ctx->live));
+	__builtin_memset(ctx->expired, 0, sizeof(ctx->expired));
+	bpf_for_each_map_elem(map, expire_one, ctx, 0);
+#pragma unroll
+	for (int s = 0; s < CS_MAX; s++) {
+		st->live[t][s] = ctx->live[s];
+		st->expired[t][s] += ctx->expired[s];
+		expired += ctx->expired[s];
+	}
+	if (expired)
+		count_table_n(t ? TC_PENDING_EXPIRED : TC_CONFIRMED_EXPIRED, expired);
+}
+
+/* Ages are in jiffies: the agent's timeouts (seconds) times HZ, capped so
+ * they stay far below the 2^31 jiffies a 32-bit age can tell apart. */
+static __always_inline void expire_timeouts(struct expire_ctx *ctx, const struct lh_settings *s)
+{
+#pragma unroll
+	for (int i = 0; i < CS_MAX; i++) {
+		__u64 t = (__u64)s->timeout[i] * s->hz;
+
+		ctx->timeout[i] = t < (1U << 30) ? t : (1U << 30);
+	}
+}
