@@ -28,6 +28,7 @@ class Role(enum.IntEnum):
 F_IFACE_ROUTED = 1 << 0
 F_IFACE_VM_DOWN = 1 << 1
 F_IFACE_VM_MAC = 1 << 2
+F_IFACE_ADDRS_FIXED = 1 << 3
 # lh_settings value .flags
 F_SET_RELEARN_FIRST = 1 << 0
 F_SET_SERVICES = 1 << 1
@@ -43,6 +44,53 @@ F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
 F_ENTRY_OUTER_8021AD = 1 << 2
 F_ENTRY_VM_FAST = 1 << 3
+F_ENTRY_FIN_OPENER = 1 << 4
+F_ENTRY_FIN_ANSWERER = 1 << 5
+
+
+class State(enum.IntEnum):
+    """enum conn_state: where a connection stands (conn_entry.state)."""
+
+    NONE = 0
+    TCP_SYN_SENT = 1
+    TCP_SYN_RECV = 2
+    TCP_MIDSTREAM = 3
+    TCP_ESTABLISHED = 4
+    TCP_CLOSING = 5
+    TCP_CLOSED = 6
+    UDP_NEW = 7
+    UDP_ANSWERED = 8
+    UDP_STREAM = 9
+    ICMP_NEW = 10
+    ICMP_ANSWERED = 11
+
+
+CS_MAX = 12
+
+
+class TableCounter(enum.IntEnum):
+    """enum lh_table_counter: table-wide events (lh_table_counters)."""
+
+    PENDING_INSERTED = 0
+    PENDING_PROMOTED = 1
+    PENDING_EXPIRED = 2
+    PENDING_REMOVED = 3
+    CONFIRMED_INSERTED = 4
+    CONFIRMED_EXPIRED = 5
+    CONFIRMED_REMOVED = 6
+    CONFIRM_REFUSED = 7
+    EXPIRY_PASSES = 8
+
+
+TC_MAX = 16
+
+
+class VmAddrOrigin(enum.IntEnum):
+    """enum vm_addr_origin: why a VM port may open connections from an address."""
+
+    CONFIGURED = 1
+    LEARNED = 2
+    SERVICE = 3
 
 
 class Counter(enum.IntEnum):
@@ -80,6 +128,13 @@ class Counter(enum.IntEnum):
     HOST_ICMP_REDIRECTED = 29
     HOST_ICMP_MISS = 30
     HOST_ICMP_TAGGED = 31
+    CONFIRMED = 32
+    CONFIRM_REFUSED = 33
+    VM_ORIGIN_SPOOFED = 34
+    VM_ORIGIN_QUOTA = 35
+    VM_ORIGIN_SUPERSEDED = 36
+    VM_ADDR_LEARNED = 37
+    RST_UNKNOWN = 38
 
 
 class ConnKey(ctypes.Structure):
@@ -96,16 +151,18 @@ class ConnKey(ctypes.Structure):
 
 class ConnEntry(ctypes.Structure):
     _fields_ = [
-        ("last_seen", ctypes.c_uint64),
+        ("last_seen", ctypes.c_uint32),
         ("ifindex", ctypes.c_uint32),
         ("vm_ifindex", ctypes.c_uint32),
+        ("seq", ctypes.c_uint32),
+        ("packets", ctypes.c_uint32),
+        ("replies", ctypes.c_uint32),
         ("mac", ctypes.c_uint8 * ETH_ALEN),
         ("vlan_tci", ctypes.c_uint16 * MAX_VLAN_TAGS),
         ("vlan_count", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
-        ("tunnel_id", ctypes.c_uint32),
-        ("packets", ctypes.c_uint32),
-        ("replies", ctypes.c_uint32),
+        ("state", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 3),
     ]
 
 
@@ -135,7 +192,46 @@ class SvcInfo(ctypes.Structure):
 
 
 class Settings(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint32), ("hz", ctypes.c_uint32)]
+    _fields_ = [
+        ("flags", ctypes.c_uint32),
+        ("hz", ctypes.c_uint32),
+        ("timeout", ctypes.c_uint32 * CS_MAX),
+        ("vm_quota", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
+class ExpiryStats(ctypes.Structure):
+    _fields_ = [
+        ("passes", ctypes.c_uint64),
+        ("started", ctypes.c_uint32),
+        ("finished", ctypes.c_uint32),
+        ("live", (ctypes.c_uint32 * CS_MAX) * 2),
+        ("expired", (ctypes.c_uint64 * CS_MAX) * 2),
+        ("elements", ctypes.c_int64 * 2),
+    ]
+
+
+class VmAddrKey(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32 * 4),
+    ]
+
+
+class VmAddr(ctypes.Structure):
+    _fields_ = [("origin", ctypes.c_uint32)]
+
+
+class VmUsage(ctypes.Structure):
+    _fields_ = [
+        ("created", ctypes.c_uint32),
+        ("base", ctypes.c_uint32),
+        ("counted", ctypes.c_uint32),
+        ("walking", ctypes.c_uint32),
+        ("next_base", ctypes.c_uint32),
+    ]
 
 
 # name in BTF -> mirror, for the ABI test
@@ -146,6 +242,10 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "lh_settings": Settings,
     "svc_key": SvcKey,
     "svc_info": SvcInfo,
+    "expiry_stats": ExpiryStats,
+    "vm_addr_key": VmAddrKey,
+    "vm_addr": VmAddr,
+    "vm_usage": VmUsage,
 }
 
 

@@ -1,5 +1,5 @@
 """The foreground agent: attach, serve the REST API, then follow bridge ports
-and age entries until SIGTERM/SIGINT. Stopping leaves the data path attached
+and run the kernel's expiry pass until SIGTERM/SIGINT. Stopping leaves the data path attached
 and the table pinned, so traffic keeps flowing and the next run adopts every
 entry."""
 
@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["Agent"]
 
 log = logging.getLogger("lasthop")
-AGE_EVERY = 5.0  # seconds between aging passes (shorter when idle_timeout is shorter)
+# Seconds between expiry passes: an entry goes at most this (plus one pass)
+# after its timeout. The pass is lh_expire, in the kernel (docs/datapath.md).
+EXPIRE_EVERY = 3.0
 TICK = 0.5  # longest wait between two looks at the clock (a signal ends a wait at once)
 
 
@@ -104,20 +106,18 @@ class Agent:
 
     def _loop(self) -> None:
         c = self.controller
-        age_every = min(AGE_EVERY, self.config.idle_timeout / 2)
-        tick = min(TICK, age_every)
-        next_age = time.monotonic() + age_every
+        next_pass = time.monotonic() + EXPIRE_EVERY
         while not self._stop:
             if self.config.bridge:
-                self._follow_bridge(timeout=tick)
+                self._follow_bridge(timeout=TICK)
             else:
-                select.select([self._wake_r], [], [], tick)
+                select.select([self._wake_r], [], [], TICK)
             self._drain_wake()
-            if time.monotonic() >= next_age:
-                removed = c.age(self.config.idle_timeout)
+            if time.monotonic() >= next_pass:
+                removed = c.expire()
                 if removed:
-                    log.info("aged out %d idle entries", removed)
-                next_age = time.monotonic() + age_every
+                    log.debug("expiry pass removed %d idle entries", removed)
+                next_pass = time.monotonic() + EXPIRE_EVERY
 
     def _follow_bridge(self, timeout: float) -> None:
         c = self.controller

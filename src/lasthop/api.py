@@ -9,24 +9,26 @@ default the API listens on a unix socket, /run/lasthop/<netns>.sock;
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
 from lasthop.api_services import router as services_router
 from lasthop.controller import Attached, DatapathError, InterfaceInfo, NotAttachedError, Stats
 from lasthop.libbpf import BpfError
-from lasthop.table import Connection
+from lasthop.table import Connection, ConnFilter
 
 __all__ = ["ApiError", "ApiServer", "Backend", "create_app"]
 
@@ -44,7 +46,9 @@ class Backend(Protocol):
     netns: str
 
     def attached_now(self) -> Attached: ...
-    def connections(self, limit: int = 0) -> list[Connection]: ...
+    def iter_connections(
+        self, where: ConnFilter | None = None, *, limit: int = 0
+    ) -> Iterator[Connection]: ...
     def stats(self) -> Stats: ...
     def flush(self) -> int: ...
     def interfaces(self) -> list[InterfaceInfo]: ...
@@ -80,10 +84,28 @@ def create_app(controller: Backend) -> FastAPI:
 
     @app.get(f"/{API_VERSION}/connections")
     def connections(
-        limit: int = Query(0, ge=0, description="at most this many, 0 = all"),
-    ) -> list[dict[str, Any]]:
-        """The per-connection table, most recently seen first (as `show --json`)."""
-        return [c.to_json() for c in controller.connections(limit)]
+        limit: int = Query(0, ge=0, description="at most this many, newest first; 0 = all"),
+        client: str | None = Query(None, description="client address or prefix"),
+        server: str | None = Query(None, description="server address or prefix"),
+        uplink: str | None = None,
+        vm_port: str | None = None,
+        state: str | None = None,
+        mac: str | None = None,
+    ) -> StreamingResponse:
+        """The per-connection table (as `show --json`, with its filters),
+        streamed: one entry at a time, never the whole table in memory."""
+        try:
+            where = ConnFilter(client, server, uplink, vm_port, state, mac)
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
+
+        def body() -> Iterator[str]:
+            yield "["
+            for i, c in enumerate(controller.iter_connections(where, limit=limit)):
+                yield ("," if i else "") + json.dumps(c.to_json())
+            yield "]"
+
+        return StreamingResponse(body(), media_type="application/json")
 
     @app.get(f"/{API_VERSION}/stats")
     def stats() -> dict[str, object]:
@@ -160,8 +182,9 @@ class ApiServer:
     namespace: threads inherit the namespace of the thread that creates them.
     """
 
-    def __init__(self, app: FastAPI, *, unix_path: Path | None = None,
-                 tcp: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, app: FastAPI, *, unix_path: Path | None = None, tcp: tuple[str, int] | None = None
+    ) -> None:
         self.app = app
         self.unix_path = unix_path
         self.tcp = tcp
@@ -190,11 +213,16 @@ class ApiServer:
         """Serves in the background; returns the addresses once they answer."""
         if not self._sockets:
             self.bind()
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
-                                access_log=False)
+        config = uvicorn.Config(
+            self.app, lifespan="off", log_config=None, log_level="warning", access_log=False
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": self._sockets},
-                                        name="lasthop-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": self._sockets},
+            name="lasthop-api",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +29,7 @@ from lasthop.controller import (
 )
 from lasthop.libbpf import BpfError
 from lasthop.netns import NetnsError
+from lasthop.table import ConnFilter
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_ATTACHED = 1, 2, 3
 F = TypeVar("F", bound=Callable[..., Any])
@@ -174,16 +175,33 @@ def detach(config_path: Path | None, netns: str | None) -> None:
     "--limit",
     type=click.IntRange(min=0),
     default=0,
-    help="Show at most this many entries (0 = all).",
+    help="At most this many entries, the most recently seen first (0 = all, in table order).",
 )
+@click.option("--client", help="Client address or prefix (the request's source).")
+@click.option("--server", help="Server address or prefix (the request's destination).")
+@click.option("--uplink", help="Uplink the request arrived on.")
+@click.option("--vm-port", "vm_port", help="VM port that serves or opened the connection.")
+@click.option("--state", help="Connection state (tcp_established, udp_new, ...).")
+@click.option("--mac", help="Last-hop MAC.")
 @_friendly
-def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int) -> None:
-    """The per-connection table."""
-    conns = _controller(netns, config_path).connections(limit)
+def show(
+    config_path: Path | None,
+    netns: str | None,
+    as_json: bool,
+    limit: int,
+    **filters: str | None,
+) -> None:
+    """The per-connection table (streams: the table is never held in memory)."""
+    try:
+        where = ConnFilter(**filters)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    conns = _controller(netns, config_path).iter_connections(where, limit=limit)
     if as_json:
-        print(json.dumps([c.to_json() for c in conns], indent=1))
+        _stream_json(c.to_json() for c in conns)
         return
-    table = Table(title=f"{len(conns)} connections", title_justify="left")
+    conns_list = list(conns)
+    table = Table(title=f"{len(conns_list)} connections", title_justify="left")
     for col in (
         "proto",
         "source",
@@ -196,11 +214,12 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
         "pkts",
         "replies",
         "VM port",
+        "state",
     ):
         table.add_column(
             col, justify="right" if col in ("zone", "age s", "pkts", "replies") else "left"
         )
-    for c in conns:
+    for c in conns_list:
         table.add_row(
             c.proto,
             _ep(c.src, c.sport, c.family),
@@ -213,8 +232,19 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
             str(c.packets),
             str(c.replies),
             c.vm_port or "-",
+            c.state,
         )
     console.print(table)
+
+
+def _stream_json(items: Iterable[dict[str, Any]]) -> None:
+    """A JSON list written one element at a time (a million entries never sit
+    in memory as one document)."""
+    out = sys.stdout
+    out.write("[")
+    for i, item in enumerate(items):
+        out.write(("," if i else "") + "\n " + json.dumps(item))
+    out.write("\n]\n")
 
 
 def _ep(addr: str, port: int, family: int) -> str:
@@ -236,8 +266,18 @@ def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
         return
     names = list(st.interfaces)
     # a line of its own: as a table title rich wraps it to the (narrow) table's width
+    for label, t in (("confirmed", st.confirmed), ("pending", st.pending)):
+        states = ", ".join(f"{k} {v}" for k, v in t.states.items()) or "none"
+        console.print(
+            f"{label}: {t.entries} of {t.capacity} entries ({states}); "
+            f"{t.inserted} inserted, {t.expired} expired, {t.removed} removed"
+            + (f", {t.evicted} evicted" if label == "pending" else ""),
+            highlight=False,
+        )
     console.print(
-        f"table: {st.entries} of {st.capacity} entries, {st.evicted} evicted", highlight=False
+        f"table: {st.entries} of {st.capacity} entries, {st.promoted} confirmed, "
+        f"{st.confirm_refused} refused (confirmed table full)",
+        highlight=False,
     )
     table = Table()
     table.add_column("counter")

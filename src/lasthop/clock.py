@@ -45,5 +45,7 @@ class Clock:
 
     @staticmethod
     def age_s(now_jiffies: int, last_seen: int, hz: int) -> float:
-        """Seconds since *last_seen* (jiffies), modulo 2**32 jiffies."""
-        return ((now_jiffies - last_seen) & 0xFFFFFFFF) / hz if hz else 0.0
+        """Seconds since *last_seen* (jiffies), modulo 2**32 jiffies; 0 for a
+        stamp a moment after *now_jiffies* (refreshed since the clock was read)."""
+        diff = (now_jiffies - last_seen) & 0xFFFFFFFF
+        return diff / hz if hz and diff < 0x80000000 else 0.0

@@ -5,15 +5,33 @@ A bad file raises :class:`ConfigError` naming the key and the reason.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from lasthop.abi import State
 from lasthop.services import HealthCheck, Service, ServiceError, check_unique
 
-__all__ = ["Config", "ConfigError", "Interface", "load", "parse_hostport", "API_SOCKET_DIR"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Interface",
+    "Timeouts",
+    "load",
+    "parse_hostport",
+    "API_SOCKET_DIR",
+]
 
 IFNAMSIZ = 15
 API_SOCKET_DIR = Path("/run/lasthop")
@@ -41,6 +59,52 @@ class Interface(_Model):
 
     name: str = Field(min_length=1, max_length=IFNAMSIZ)
     zone: int = Field(default=0, ge=0, le=65535)
+    addresses: list[IPvAnyAddress] = Field(
+        default_factory=list,
+        description="VM port: the only addresses its VM may open connections from "
+        "(none: learned from the VM's answers to clients)",
+    )
+
+
+# Longest timeout: ages are 32-bit jiffies differences, and the data path caps
+# timeouts at 2^30 jiffies (12.4 days at HZ=1000).
+MAX_TIMEOUT = 1_000_000.0
+
+
+def _timeout(default: float, what: str) -> float:
+    return Field(default=default, gt=0, le=MAX_TIMEOUT, description=what)
+
+
+class Timeouts(_Model):
+    """Seconds an entry may stay idle, by the state of its connection
+    (docs/config.md says why each default)."""
+
+    tcp_syn: float = _timeout(60.0, "SYN sent, or answered, handshake not complete")
+    tcp_established: float = _timeout(7440.0, "handshake completed (or mid-stream answered)")
+    tcp_midstream: float = _timeout(600.0, "first seen mid-stream, not yet answered")
+    tcp_closing: float = _timeout(120.0, "FIN from one side")
+    tcp_closed: float = _timeout(10.0, "RST, or FIN from both sides")
+    udp_new: float = _timeout(30.0, "UDP (and other protocols): not answered")
+    udp_answered: float = _timeout(30.0, "answered once; the opener has not spoken again")
+    udp_stream: float = _timeout(180.0, "answered, and the opener spoke again")
+    icmp: float = _timeout(30.0, "ICMP echo")
+
+    def by_state(self) -> dict[int, float]:
+        """enum conn_state value -> seconds (lasthop.abi.State)."""
+        return {
+            State.NONE: self.tcp_established,  # entries from before states existed
+            State.TCP_SYN_SENT: self.tcp_syn,
+            State.TCP_SYN_RECV: self.tcp_syn,
+            State.TCP_MIDSTREAM: self.tcp_midstream,
+            State.TCP_ESTABLISHED: self.tcp_established,
+            State.TCP_CLOSING: self.tcp_closing,
+            State.TCP_CLOSED: self.tcp_closed,
+            State.UDP_NEW: self.udp_new,
+            State.UDP_ANSWERED: self.udp_answered,
+            State.UDP_STREAM: self.udp_stream,
+            State.ICMP_NEW: self.icmp,
+            State.ICMP_ANSWERED: self.icmp,
+        }
 
 
 class Config(_Model):
@@ -51,9 +115,24 @@ class Config(_Model):
     bridge_zone: int = Field(default=0, ge=0, le=65535)
     routed: bool = False
     relearn: Literal["latest", "first"] = "latest"
-    table_size: int = Field(default=1_048_576, ge=1, le=1 << 27)
-    idle_timeout: float = Field(
-        default=600.0, gt=0, description="seconds before an idle entry is removed"
+    table_size: int = Field(
+        default=1_048_576, ge=1, le=1 << 27, description="confirmed connections the table holds"
+    )
+    pending_table_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 27,
+        description="new connections not yet confirmed (LRU); default table_size / 4",
+    )
+    timeouts: Timeouts = Field(default_factory=Timeouts, description="idle timeouts by state")
+    idle_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT,
+        description="replaced by timeouts.tcp_established (still honoured, with a warning)",
+    )
+    vm_origin_quota: int = Field(
+        default=16384, ge=1, le=1 << 27, description="entries each VM port may open (vm_origin)"
     )
     pin_root: Path | None = Field(
         default=None, description="bpffs folder for the pins; default: <bpffs>/lasthop/<netns>"
@@ -90,6 +169,18 @@ class Config(_Model):
         except ServiceError as err:
             raise ValueError(str(err)) from None
         return value
+
+    @model_validator(mode="after")
+    def _idle_timeout_is_established(self) -> Config:
+        if self.idle_timeout is not None and self.idle_timeout != self.timeouts.tcp_established:
+            logging.getLogger("lasthop").warning(
+                "idle_timeout is replaced by timeouts.tcp_established (the kernel now expires "
+                "entries by connection state); using tcp_established = %g",
+                self.idle_timeout,
+            )
+            timeouts = self.timeouts.model_copy(update={"tcp_established": self.idle_timeout})
+            object.__setattr__(self, "timeouts", timeouts)
+        return self
 
     @field_validator("api")
     @classmethod

@@ -9,15 +9,17 @@ method that writes a map or attaches holds the controller's one lock.
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lasthop import abi, netns
+from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
 from lasthop.config import Config
 from lasthop.datapath import (
@@ -31,7 +33,7 @@ from lasthop.datapath import (
 )
 from lasthop.links import Link, LinkError, Links
 from lasthop.services import ServiceManager
-from lasthop.table import Connection, counter_name, decode, format_mac, ifname
+from lasthop.table import Connection, ConnFilter, counter_name, decode, format_mac, ifname
 
 __all__ = [
     "Controller",
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("lasthop")
+_FRAME = bytes(14)  # test run needs a frame; lh_expire and lh_stats ignore it
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -68,18 +71,63 @@ class Attached:
 
 
 @dataclass(frozen=True)
+class TableStats:
+    """One of the two tables, as the kernel counts it (no walk in Python)."""
+
+    entries: int  # the kernel's element count, now
+    capacity: int
+    inserted: int
+    expired: int
+    removed: int  # by the agent (flush, services) or replaced by the data path
+    evicted: int  # pending only: LRU evictions (see docs/datapath.md)
+    states: dict[str, int]  # live entries by state, as the last expiry pass found them
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "entries": self.entries,
+            "capacity": self.capacity,
+            "inserted": self.inserted,
+            "expired": self.expired,
+            "removed": self.removed,
+            "evicted": self.evicted,
+            "states": self.states,
+        }
+
+
+@dataclass(frozen=True)
 class Stats:
     totals: dict[str, int]
     interfaces: dict[str, dict[str, int]]
-    entries: int
-    capacity: int
-    evicted: int  # derived: learned - entries - removed by the agent
+    confirmed: TableStats
+    pending: TableStats
+    promoted: int  # pending -> confirmed
+    confirm_refused: int  # the confirmed table was full
+    expiry_passes: int
+    last_pass_age_s: float | None  # None: no pass yet
+
+    @property
+    def entries(self) -> int:
+        return self.confirmed.entries + self.pending.entries
+
+    @property
+    def capacity(self) -> int:
+        return self.confirmed.capacity + self.pending.capacity
 
     def to_json(self) -> dict[str, object]:
         return {
             "totals": self.totals,
             "interfaces": self.interfaces,
-            "table": {"entries": self.entries, "capacity": self.capacity, "evicted": self.evicted},
+            "table": {
+                "entries": self.entries,
+                "capacity": self.capacity,
+                "evicted": self.pending.evicted,
+                "promoted": self.promoted,
+                "confirm_refused": self.confirm_refused,
+                "expiry_passes": self.expiry_passes,
+                "last_pass_age_s": self.last_pass_age_s,
+                "confirmed": self.confirmed.to_json(),
+                "pending": self.pending.to_json(),
+            },
         }
 
 
@@ -151,7 +199,9 @@ class Controller:
                 if p.index not in up_index and p.index not in known
             ]
         adopted = self.pins.exist()
-        self.datapath = Datapath(self.pins, table_size=config.table_size)
+        self.datapath = Datapath(
+            self.pins, table_size=config.table_size, pending_size=config.pending_table_size or 0
+        )
         settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
@@ -160,6 +210,9 @@ class Controller:
             self.datapath.maps.get_settings().flags & abi.F_SET_SERVICES
         )  # until synced
         settings.hz = Clock(self.datapath.clock_prog.fd).measure_hz()
+        for state, seconds in config.timeouts.by_state().items():
+            settings.timeout[state] = round(seconds)
+        settings.vm_quota = config.vm_origin_quota
         self.datapath.maps.set_settings(settings)
         for link, zone in uplinks:
             self.attach(link, abi.Role.UPLINK, zone)
@@ -187,6 +240,8 @@ class Controller:
         if current.role == role == abi.Role.VM_PORT:  # keep the guest's MAC and the services' mark
             cfg.vm_mac[:] = list(current.vm_mac)
             cfg.flags |= current.flags & (abi.F_IFACE_VM_MAC | abi.F_IFACE_VM_DOWN)
+        if role == abi.Role.VM_PORT and self._vm_addresses(link, maps):
+            cfg.flags |= abi.F_IFACE_ADDRS_FIXED
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
@@ -203,6 +258,17 @@ class Controller:
             zone,
             slot,
         )
+
+    def _vm_addresses(self, link: Link, maps: Maps) -> bool:
+        """Writes the addresses the config gives VM port *link* (the only ones
+        its VM may open connections from); False when it names none."""
+        assert self._config is not None
+        named = [p for p in self._config.vm_ports if p.name == link.name]
+        addresses = named[0].addresses if named else []
+        for addr in addresses:
+            family = abi.FAMILY_V4 if addr.version == 4 else abi.FAMILY_V6
+            maps.set_vm_addr(link.index, family, addr.packed, abi.VmAddrOrigin.CONFIGURED)
+        return bool(addresses)
 
     def _own_mac(self, link: Link, role: abi.Role) -> bytes:
         """The MAC frames the host routes to a VM come from: on a routed host
@@ -275,17 +341,25 @@ class Controller:
         finally:
             clock.close()
 
-    def connections(self, limit: int = 0) -> list[Connection]:
-        """The table, most recently seen first; at most *limit* entries (0 = all)."""
-        maps, owned = self._maps()
-        try:
+    def iter_connections(
+        self, where: ConnFilter | None = None, *, limit: int = 0
+    ) -> Iterator[Connection]:
+        """The entries that match *where*, decoded one at a time as the maps are
+        read in batches: the table is never held in memory. With *limit*, the
+        *limit* most recently seen, newest first (only those are kept)."""
+        with self.open_maps() as maps:
             now, hz = self._now(maps)
-            conns = [decode(k, e, now, hz) for k, e in maps.entries()]
-        finally:
-            if owned:
-                maps.close()
-        conns.sort(key=lambda c: c.age_s)
-        return conns[:limit] if limit > 0 else conns
+            names: dict[int, str] = {}
+            conns = (decode(k, e, now, hz, names) for k, e in maps.entries())
+            matching = (c for c in conns if where is None or where.matches(c))
+            if limit > 0:
+                yield from heapq.nsmallest(limit, matching, key=lambda c: c.age_s)
+            else:
+                yield from matching
+
+    def connections(self, limit: int = 0, where: ConnFilter | None = None) -> list[Connection]:
+        """As :meth:`iter_connections`, in a list (tests, small tables)."""
+        return list(self.iter_connections(where, limit=limit))
 
     @_locked
     def attached_now(self) -> Attached:
@@ -313,8 +387,9 @@ class Controller:
                 maps.close()
 
     def stats(self) -> Stats:
-        maps, owned = self._maps()
-        try:
+        """Counters and the table's figures, all kept by the kernel: the cost
+        does not grow with the table."""
+        with self.open_maps() as maps:
             per_slot = maps.counter_totals()
             # not self.links: its netlink socket belongs to the agent's thread
             names = {cfg.slot: ifname(i) for i, cfg in maps.attached().items()}
@@ -324,50 +399,90 @@ class Controller:
                 name = names.get(slot, "unattached" if slot == 0 else f"slot{slot}")
                 interfaces[name] = {counter_name(r): n for r, n in enumerate(counts) if n}
                 totals = [a + b for a, b in zip(totals, counts, strict=True)]
-            entries = maps.conns.count()
-            learned = totals[abi.Counter.LEARNED] + totals[abi.Counter.VM_ORIGIN_LEARNED]
-            evicted = max(0, learned - entries - totals[abi.Counter.AGENT_REMOVED])
+            self._count_elements(maps)
+            ev = maps.table_totals()
+            ex = maps.expiry_stats()
+            now, hz = self._now(maps)
+            T = abi.TableCounter
+            confirmed = self._table_stats(
+                maps.conns.info.max_entries, ex, 0, ev[T.CONFIRMED_INSERTED],
+                ev[T.CONFIRMED_EXPIRED], ev[T.CONFIRMED_REMOVED], 0,
+            )  # fmt: skip
+            p_out = ev[T.PENDING_PROMOTED] + ev[T.PENDING_EXPIRED] + ev[T.PENDING_REMOVED]
+            pending = self._table_stats(
+                maps.pending.info.max_entries, ex, 1, ev[T.PENDING_INSERTED],
+                ev[T.PENDING_EXPIRED], ev[T.PENDING_REMOVED],
+                max(0, ev[T.PENDING_INSERTED] - p_out - ex.elements[1]),
+            )  # fmt: skip
             return Stats(
                 totals={c.name.lower(): totals[c] for c in abi.Counter},
                 interfaces=interfaces,
-                entries=entries,
-                capacity=maps.conns.info.max_entries,
-                evicted=evicted,
+                confirmed=confirmed,
+                pending=pending,
+                promoted=ev[T.PENDING_PROMOTED],
+                confirm_refused=ev[T.CONFIRM_REFUSED],
+                expiry_passes=ex.passes,
+                last_pass_age_s=Clock.age_s(now, ex.finished, hz) if ex.passes else None,
             )
+
+    @staticmethod
+    def _table_stats(
+        capacity: int, ex: abi.ExpiryStats, t: int, inserted: int, expired: int, removed: int,
+        evicted: int,
+    ) -> TableStats:  # fmt: skip
+        states = {abi.State(s).name.lower(): ex.live[t][s] for s in abi.State if ex.live[t][s]}
+        return TableStats(
+            entries=ex.elements[t],
+            capacity=capacity,
+            inserted=inserted,
+            expired=expired,
+            removed=removed,
+            evicted=evicted,
+            states=states,
+        )
+
+    def _count_elements(self, maps: Maps) -> None:
+        """Has the kernel write each table's element count into lh_expiry."""
+        if self.datapath is not None:
+            self.datapath.stats_prog.test_run(_FRAME)
+            return
+        fd = libbpf.obj_get(self.pins.path("lh_stats"))
+        try:
+            libbpf.Program(fd, "lh_stats").test_run(_FRAME)
         finally:
-            if owned:
-                maps.close()
+            os.close(fd)
 
     # -- changing ----------------------------------------------------------
-    def _remove(self, maps: Maps, keys: Iterable[abi.ConnKey]) -> int:
-        removed = sum(1 for key in keys if maps.delete(key))
-        if removed:
-            maps.add_counter(0, abi.Counter.AGENT_REMOVED, removed)
-        return removed
-
-    @_locked
-    def age(self, idle_timeout: float) -> int:
-        """Removes entries idle for longer than *idle_timeout* seconds."""
-        maps, owned = self._maps()
-        try:
-            now, hz = self._now(maps)
-            stale = [
-                k for k, e in maps.entries() if Clock.age_s(now, e.last_seen, hz) > idle_timeout
-            ]
-            return self._remove(maps, stale)
-        finally:
-            if owned:
-                maps.close()
+    def expire(self) -> int:
+        """One expiry pass, in the kernel (lh_expire walks both tables, reading
+        the clock per entry). Returns the entries it removed. Not under the
+        lock: it writes nothing the agent's other threads write."""
+        assert self.datapath is not None, "only the agent expires"
+        with self.open_maps() as maps:
+            before = maps.expiry_stats()
+            self.datapath.expire_prog.test_run(_FRAME)
+            after = maps.expiry_stats()
+        return sum(
+            after.expired[t][s] - before.expired[t][s] for t in (0, 1) for s in range(abi.CS_MAX)
+        )
 
     @_locked
     def flush(self) -> int:
-        """Removes every entry; returns how many."""
-        maps, owned = self._maps()
-        try:
-            return self._remove(maps, [k for k, _ in maps.entries()])
-        finally:
-            if owned:
-                maps.close()
+        """Removes every entry; returns how many (keys read in batches first)."""
+        T = abi.TableCounter
+        total = 0
+        with self.open_maps() as maps:
+            for table, counter in (
+                (maps.conns, T.CONFIRMED_REMOVED),
+                (maps.pending, T.PENDING_REMOVED),
+            ):
+                keys = [k for k, _ in table.items()]  # 40 bytes an entry, not the entries
+                removed = sum(1 for k in keys if table.delete(k))
+                maps.add_table_counter(counter, removed)
+                total += removed
+            if total:
+                maps.add_counter(0, abi.Counter.AGENT_REMOVED, total)
+        return total
 
     @_locked
     def detach(self) -> list[str]:

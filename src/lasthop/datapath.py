@@ -32,7 +32,21 @@ TC_HANDLE = 0x4C48  # "LH"
 TC_PRIORITY = 0x4C48
 MAX_IFINDEX = 65536  # keep in sync with MAX_IFINDEX in bpf/consts.h
 OBJECT_ENV = "LASTHOP_BPF_OBJECT"  # a prebuilt object to load instead of building bpf/lasthop.c
-MAP_NAMES = ("lh_conns", "lh_ifaces", "lh_counters", "lh_settings", "lh_services", "lh_maglev")
+MAP_NAMES = (
+    "lh_conns",
+    "lh_pending",
+    "lh_ifaces",
+    "lh_counters",
+    "lh_settings",
+    "lh_services",
+    "lh_maglev",
+    "lh_table_counters",
+    "lh_expiry",
+    "lh_vm_addrs",
+    "lh_vm_usage",
+)
+PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
+TABLES = ("confirmed", "pending")  # lh_conns, lh_pending: the index of expiry_stats arrays
 UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 
@@ -75,12 +89,18 @@ class Maps:
     """The pinned maps, with typed element access."""
 
     def __init__(self, maps: dict[str, libbpf.Map]) -> None:
+        self._all = maps
         self.conns = maps["lh_conns"]
+        self.pending = maps["lh_pending"]
         self.ifaces = maps["lh_ifaces"]
         self.counters = maps["lh_counters"]
         self.settings = maps["lh_settings"]
         self.services = maps["lh_services"]
         self.maglev = maps["lh_maglev"]
+        self.table_counters = maps["lh_table_counters"]
+        self.expiry = maps["lh_expiry"]
+        self.vm_addrs = maps["lh_vm_addrs"]
+        self.vm_usage = maps["lh_vm_usage"]
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
@@ -91,14 +111,7 @@ class Maps:
         return cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
 
     def close(self) -> None:
-        for m in (
-            self.conns,
-            self.ifaces,
-            self.counters,
-            self.settings,
-            self.services,
-            self.maglev,
-        ):
+        for m in self._all.values():
             m.close()
 
     # interfaces
@@ -132,11 +145,62 @@ class Maps:
 
     # connections
     def entries(self) -> Iterator[tuple[abi.ConnKey, abi.ConnEntry]]:
-        for key, value in self.conns.items():
+        """Every entry, confirmed first, read in batches (never all at once)."""
+        for table in (self.conns, self.pending):
+            for key, value in table.items():
+                yield abi.ConnKey.from_buffer_copy(key), abi.ConnEntry.from_buffer_copy(value)
+
+    def entries_of(self, table: str) -> Iterator[tuple[abi.ConnKey, abi.ConnEntry]]:
+        """The entries of one table: "confirmed" or "pending"."""
+        for key, value in (self.conns if table == "confirmed" else self.pending).items():
             yield abi.ConnKey.from_buffer_copy(key), abi.ConnEntry.from_buffer_copy(value)
 
     def delete(self, key: abi.ConnKey) -> bool:
-        return self.conns.delete(bytes(key))
+        """Removes a connection from whichever table holds it; counts the removal."""
+        raw = bytes(key)
+        if self.conns.delete(raw):
+            self.add_table_counter(abi.TableCounter.CONFIRMED_REMOVED, 1)
+            return True
+        if self.pending.delete(raw):
+            self.add_table_counter(abi.TableCounter.PENDING_REMOVED, 1)
+            return True
+        return False
+
+    def update_entry(self, key: abi.ConnKey, entry: abi.ConnEntry) -> bool:
+        """Rewrites an existing entry in place (whichever table); False when gone."""
+        raw = bytes(key)
+        for table in (self.conns, self.pending):
+            try:
+                table.update(raw, bytes(entry), libbpf.BPF_EXIST)
+                return True
+            except libbpf.BpfError:
+                continue  # not in this table
+        return False
+
+    def table_totals(self) -> dict[abi.TableCounter, int]:
+        """Table-wide event counters, summed over CPUs."""
+        out = {}
+        for c in abi.TableCounter:
+            raw = self.table_counters.lookup(_u32(int(c)))
+            values = self.table_counters.percpu_values(raw) if raw else []
+            out[c] = sum(int.from_bytes(v, "little") for v in values)
+        return out
+
+    def add_table_counter(self, counter: abi.TableCounter, n: int) -> None:
+        """Adds *n* from user space (CPU 0's copy; the data path never writes these)."""
+        _add_percpu(self.table_counters, _u32(int(counter)), n)
+
+    def expiry_stats(self) -> abi.ExpiryStats:
+        raw = self.expiry.lookup(_u32(0))
+        return abi.ExpiryStats.from_buffer_copy(raw) if raw else abi.ExpiryStats()
+
+    # VM addresses
+    def set_vm_addr(self, ifindex: int, family: int, addr: bytes, origin: abi.VmAddrOrigin) -> None:
+        self.vm_addrs.update(bytes(vm_addr_key(ifindex, family, addr)), bytes(abi.VmAddr(origin)))
+
+    def vm_addr_items(self) -> Iterator[tuple[abi.VmAddrKey, abi.VmAddr]]:
+        for key, value in self.vm_addrs.items():
+            yield abi.VmAddrKey.from_buffer_copy(key), abi.VmAddr.from_buffer_copy(value)
 
     # counters
     def counter_totals(self) -> dict[int, list[int]]:
@@ -152,16 +216,32 @@ class Maps:
 
     def add_counter(self, slot: int, counter: abi.Counter, n: int) -> None:
         """Adds *n* to a counter from user space (on CPU 0's copy)."""
-        key = abi.counter_key(slot, counter)
-        raw = bytearray(self.counters.lookup(key) or bytes(8 * libbpf.num_possible_cpus()))
-        raw[0:8] = (int.from_bytes(raw[0:8], "little") + n).to_bytes(8, "little")
-        self.counters.update(key, bytes(raw))
+        _add_percpu(self.counters, abi.counter_key(slot, counter), n)
+
+
+def _add_percpu(m: libbpf.Map, key: bytes, n: int) -> None:
+    raw = bytearray(m.lookup(key) or bytes(8 * libbpf.num_possible_cpus()))
+    raw[0:8] = (int.from_bytes(raw[0:8], "little") + n).to_bytes(8, "little")
+    m.update(key, bytes(raw))
+
+
+def vm_addr_key(ifindex: int, family: int, addr: bytes) -> abi.VmAddrKey:
+    """The lh_vm_addrs key of an address (4 or 16 bytes, network order)."""
+    key = abi.VmAddrKey(ifindex=ifindex, family=family)
+    ctypes.memmove(key.addr, addr, len(addr))
+    return key
 
 
 def _object() -> Path:
     """The object to load: $LASTHOP_BPF_OBJECT when set, else the built one."""
     override = os.environ.get(OBJECT_ENV)
     return Path(override) if override else ensure_object()
+
+
+def default_pending(table_size: int) -> int:
+    """The pending table's size when the config names none: a quarter of the
+    confirmed one (new connections confirm or expire within seconds)."""
+    return max(1024, table_size // 4)
 
 
 def _u32(n: int) -> bytes:
@@ -171,12 +251,20 @@ def _u32(n: int) -> bytes:
 class Datapath:
     """The loaded object: programs to attach and the (pinned) maps."""
 
-    def __init__(self, pins: Pins, *, table_size: int, obj_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        pins: Pins,
+        *,
+        table_size: int,
+        pending_size: int = 0,
+        obj_path: Path | None = None,
+    ) -> None:
         os.makedirs(pins.folder, exist_ok=True)
         self.pins = pins
+        sizes = {"lh_conns": table_size, "lh_pending": pending_size or default_pending(table_size)}
         try:
             self._obj = libbpf.BpfObject(
-                obj_path or _object(), pin_root=pins.folder, max_entries={"lh_conns": table_size}
+                obj_path or _object(), pin_root=pins.folder, max_entries=sizes
             )
         except libbpf.BpfError as err:
             if pins.exist():
@@ -192,9 +280,12 @@ class Datapath:
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})
         self.clock_prog = self._obj.program("lh_clock")
-        clock_pin = pins.path("lh_clock")  # programs are not pinned by libbpf: replace by hand
-        clock_pin.unlink(missing_ok=True)
-        libbpf.obj_pin(self.clock_prog.fd, clock_pin)
+        self.expire_prog = self._obj.program("lh_expire")
+        self.stats_prog = self._obj.program("lh_stats")
+        for name in PINNED_PROGRAMS:  # programs are not pinned by libbpf: replace by hand
+            pin = pins.path(name)
+            pin.unlink(missing_ok=True)
+            libbpf.obj_pin(self._obj.program(name).fd, pin)
 
     def attach(self, ifindex: int, role: abi.Role, *, egress: bool = False) -> int:
         """Attaches the role's program at ifindex's tc ingress, and with

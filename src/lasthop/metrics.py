@@ -59,9 +59,26 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily("lasthop_table_capacity", "Connections the table can hold",
                                 value=st.capacity)
         yield CounterMetricFamily(
-            "lasthop_table_evicted", "Entries the full table evicted (derived from the counters)",
-            value=st.evicted,
+            "lasthop_table_evicted", "Pending entries the full pending table evicted (LRU)",
+            value=st.pending.evicted,
         )
+        states = GaugeMetricFamily(
+            "lasthop_table_state_entries",
+            "Entries by table and connection state, as the last expiry pass found them",
+            labels=["table", "state"],
+        )
+        events = CounterMetricFamily(
+            "lasthop_table_events", "Table events the kernel counted", labels=["table", "event"]
+        )
+        for name, t in (("confirmed", st.confirmed), ("pending", st.pending)):
+            for state, n in sorted(t.states.items()):
+                states.add_metric([name, state], n)
+            for event in ("inserted", "expired", "removed"):
+                events.add_metric([name, event], getattr(t, event))
+        events.add_metric(["pending", "promoted"], st.promoted)
+        events.add_metric(["confirmed", "refused"], st.confirm_refused)
+        yield states
+        yield events
         yield CounterMetricFamily("lasthop_table_removed", "Entries the agent aged out or flushed",
                                   value=st.totals.get(_REMOVED, 0))
 

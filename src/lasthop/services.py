@@ -873,8 +873,6 @@ class ServiceManager:
     def _move_connections(self, maps: Maps, svc: Service, ifindexes: set[int]) -> dict[str, int]:
         """Entries of *svc* pinned to *ifindexes*: to the table's choice now
         (reassign), or deleted (drop, or no VM left)."""
-        from lasthop import libbpf
-
         drop = bool(maps.get_settings().flags & abi.F_SET_VM_DOWN_DROP)
         table = self._tables.get(self._state.ids[svc.name]) or [0] * MAGLEV_SIZE
         match = self._matcher(self._state.services)
@@ -890,11 +888,7 @@ class ServiceManager:
                 dropped += maps.delete(key)
                 continue
             entry.vm_ifindex = new
-            try:
-                maps.conns.update(bytes(key), bytes(entry), libbpf.BPF_EXIST)
-                moved += 1
-            except libbpf.BpfError:
-                pass  # evicted meanwhile
+            moved += maps.update_entry(key, entry)  # False: expired or evicted meanwhile
         if moved:
             maps.add_counter(0, abi.Counter.SVC_REASSIGNED, moved)
         if dropped:

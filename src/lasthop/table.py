@@ -3,6 +3,7 @@ and for JSON (the shapes documented in docs/cli.md)."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import asdict, dataclass, field
@@ -11,7 +12,16 @@ from typing import Any
 from lasthop import abi
 from lasthop.clock import Clock
 
-__all__ = ["Connection", "decode", "PROTO_NAMES", "format_mac", "counter_name", "ifname"]
+__all__ = [
+    "Connection",
+    "ConnFilter",
+    "decode",
+    "PROTO_NAMES",
+    "format_mac",
+    "counter_name",
+    "ifname",
+    "state_name",
+]
 
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 47: "gre", 50: "esp", 132: "sctp"}
 _FLAG_NAMES = {
@@ -19,7 +29,16 @@ _FLAG_NAMES = {
     abi.F_ENTRY_VM_ORIGIN: "vm_origin",
     abi.F_ENTRY_OUTER_8021AD: "outer_8021ad",
     abi.F_ENTRY_VM_FAST: "vm_fast",
+    abi.F_ENTRY_FIN_OPENER: "fin_opener",
+    abi.F_ENTRY_FIN_ANSWERER: "fin_answerer",
 }
+
+
+def state_name(state: int) -> str:
+    try:
+        return abi.State(state).name.lower()
+    except ValueError:
+        return f"state_{state}"
 
 
 def format_mac(raw: bytes) -> str:
@@ -69,15 +88,30 @@ class Connection:
     packets: int
     replies: int
     vm_port: str
+    state: str = "none"
     flags: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def decode(key: abi.ConnKey, entry: abi.ConnEntry, now_jiffies: int, hz: int) -> Connection:
-    """One entry as a record; ages from the data path's clock (lasthop.clock)."""
+def decode(
+    key: abi.ConnKey,
+    entry: abi.ConnEntry,
+    now_jiffies: int,
+    hz: int,
+    names: dict[int, str] | None = None,
+) -> Connection:
+    """One entry as a record; ages from the data path's clock (lasthop.clock).
+    *names* caches interface names across calls (one lookup per ifindex)."""
     icmp = key.proto in (1, 58)
+    cache = names if names is not None else {}
+
+    def name(ifindex: int) -> str:
+        if ifindex not in cache:
+            cache[ifindex] = ifname(ifindex)
+        return cache[ifindex]
+
     return Connection(
         proto=PROTO_NAMES.get(key.proto, str(key.proto)),
         family=key.family,
@@ -87,12 +121,64 @@ def decode(key: abi.ConnKey, entry: abi.ConnEntry, now_jiffies: int, hz: int) ->
         dport=0 if icmp else socket.ntohs(key.dport),
         zone=key.zone,
         mac=format_mac(bytes(entry.mac)) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
-        uplink=ifname(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
+        uplink=name(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
         uplink_ifindex=entry.ifindex,
         vlan=[entry.vlan_tci[i] & 0x0FFF for i in range(min(entry.vlan_count, abi.MAX_VLAN_TAGS))],
         age_s=round(Clock.age_s(now_jiffies, entry.last_seen, hz), 3),
         packets=entry.packets,
         replies=entry.replies,
-        vm_port=ifname(entry.vm_ifindex),
+        vm_port=name(entry.vm_ifindex),
+        state=state_name(entry.state),
         flags=[name for bit, name in _FLAG_NAMES.items() if entry.flags & bit],
     )
+
+
+@dataclass(frozen=True)
+class ConnFilter:
+    """Which connections `show` lists; every given field must match.
+    client / server: an address or a prefix (CIDR); uplink, vm_port: names;
+    state: a state name (abi.State, lower case); mac: the last hop's MAC."""
+
+    client: str | None = None
+    server: str | None = None
+    uplink: str | None = None
+    vm_port: str | None = None
+    state: str | None = None
+    mac: str | None = None
+
+    def __post_init__(self) -> None:
+        for what in ("client", "server"):
+            value = getattr(self, what)
+            if value is not None:
+                try:
+                    ipaddress.ip_network(value, strict=False)
+                except ValueError:
+                    raise ValueError(f"{what}: {value!r} is not an address or prefix") from None
+        if self.state is not None and self.state not in {s.name.lower() for s in abi.State}:
+            names = ", ".join(s.name.lower() for s in abi.State)
+            raise ValueError(f"state: {self.state!r} is not one of {names}")
+
+    @functools.cached_property
+    def _nets(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | None, ...]:
+        return tuple(
+            None if p is None else ipaddress.ip_network(p, strict=False)
+            for p in (self.client, self.server)
+        )
+
+    @staticmethod
+    def _within(addr: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network | None) -> bool:
+        if net is None:
+            return True
+        ip = ipaddress.ip_address(addr)
+        return ip.version == net.version and ip in net
+
+    def matches(self, c: Connection) -> bool:
+        client, server = self._nets
+        return (
+            self._within(c.src, client)
+            and self._within(c.dst, server)
+            and (self.uplink is None or c.uplink == self.uplink)
+            and (self.vm_port is None or c.vm_port == self.vm_port)
+            and (self.state is None or c.state == self.state)
+            and (self.mac is None or c.mac == self.mac.lower())
+        )
