@@ -251,3 +251,10 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 
 def counter_key(slot: int, counter: Counter) -> bytes:
     return bytes(ctypes.c_uint32(slot * CNT_MAX + int(counter)))
+
+
+def vm_addr_key(ifindex: int, family: int, addr: bytes) -> VmAddrKey:
+    """The lh_vm_addrs key of an address (4 or 16 bytes, network order)."""
+    key = VmAddrKey(ifindex=ifindex, family=family)
+    ctypes.memmove(key.addr, addr, len(addr))
+    return key

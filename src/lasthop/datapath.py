@@ -196,7 +196,9 @@ class Maps:
 
     # VM addresses
     def set_vm_addr(self, ifindex: int, family: int, addr: bytes, origin: abi.VmAddrOrigin) -> None:
-        self.vm_addrs.update(bytes(vm_addr_key(ifindex, family, addr)), bytes(abi.VmAddr(origin)))
+        self.vm_addrs.update(
+            bytes(abi.vm_addr_key(ifindex, family, addr)), bytes(abi.VmAddr(origin))
+        )
 
     def vm_addr_items(self) -> Iterator[tuple[abi.VmAddrKey, abi.VmAddr]]:
         for key, value in self.vm_addrs.items():
@@ -223,13 +225,6 @@ def _add_percpu(m: libbpf.Map, key: bytes, n: int) -> None:
     raw = bytearray(m.lookup(key) or bytes(8 * libbpf.num_possible_cpus()))
     raw[0:8] = (int.from_bytes(raw[0:8], "little") + n).to_bytes(8, "little")
     m.update(key, bytes(raw))
-
-
-def vm_addr_key(ifindex: int, family: int, addr: bytes) -> abi.VmAddrKey:
-    """The lh_vm_addrs key of an address (4 or 16 bytes, network order)."""
-    key = abi.VmAddrKey(ifindex=ifindex, family=family)
-    ctypes.memmove(key.addr, addr, len(addr))
-    return key
 
 
 def _object() -> Path:

@@ -804,6 +804,7 @@ class ServiceManager:
         for key, sid in wanted.items():
             maps.services.update(key, bytes(abi.SvcInfo(id=sid)))
         self._sync_vm_ports(maps, ports)
+        self._grant_addresses(maps, ports)
         settings = maps.get_settings()
         flags = settings.flags & ~abi.F_SET_SERVICES | (abi.F_SET_SERVICES if wanted else 0)
         if flags != settings.flags:
@@ -839,6 +840,24 @@ class ServiceManager:
                 if (abi.IfaceCfg.from_buffer_copy(before).flags ^ cfg.flags) & abi.F_IFACE_VM_DOWN:
                     log.warning("VM port %s %s", port, "down: its connections move"
                                 if down else "up again: it serves its connections")
+
+    def _grant_addresses(self, maps: Maps, ports: dict[str, PortState]) -> None:
+        """Each pool member may open connections from its service's address
+        (full proxies); a port that left a pool loses it (lh_vm_addrs)."""
+        wanted = set()
+        for svc in self._state.services:
+            addr = svc.svc_keys()[0][0]
+            for vm in svc.vms:
+                ifindex = ports[vm.port].ifindex
+                if ifindex:
+                    wanted.add(bytes(abi.vm_addr_key(ifindex, svc.family, addr)))
+        granted = {
+            bytes(k) for k, v in maps.vm_addr_items() if v.origin == abi.VmAddrOrigin.SERVICE
+        }
+        for key in wanted - granted:
+            maps.vm_addrs.update(key, bytes(abi.VmAddr(abi.VmAddrOrigin.SERVICE)))
+        for key in granted - wanted:
+            maps.vm_addrs.delete(key)
 
     def _mark_gone(self, maps: Maps) -> None:
         """A VM port that went away (or came back as a new interface) leaves
