@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lasthop import abi, libbpf
+from lasthop import abi, libbpf, upgrade
 from lasthop.build import ensure_object
 
 __all__ = [
@@ -257,23 +257,28 @@ class Datapath:
         os.makedirs(pins.folder, exist_ok=True)
         self.pins = pins
         sizes = {"lh_conns": table_size, "lh_pending": pending_size or default_pending(table_size)}
+        carried = upgrade.prepare(pins.folder)  # an older release's pins
         try:
             self._obj = libbpf.BpfObject(
                 obj_path or _object(), pin_root=pins.folder, max_entries=sizes
             )
         except libbpf.BpfError as err:
-            if pins.exist():
-                current = libbpf.Map.pinned(pins.path("lh_conns"))
+            keys = {"lh_conns": "table_size", "lh_pending": "pending_table_size"}
+            for name, key in keys.items():
+                if not pins.path(name).exists():
+                    continue
+                current = libbpf.Map.pinned(pins.path(name))
                 size = current.info.max_entries
                 current.close()
-                if size != table_size:
+                if size != sizes[name]:
                     raise TableSizeError(
-                        f"the pinned table at {pins.folder} holds {size} entries, the config "
-                        f"asks for {table_size}: keep table_size = {size}, or `lasthop detach` "
+                        f"the pinned {name} at {pins.folder} holds {size} entries, the config "
+                        f"asks for {sizes[name]}: keep {key} = {size}, or `lasthop detach` "
                         "first (drops every entry)"
                     ) from err
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})
+        carried.apply(self.maps.conns)
         self.clock_prog = self._obj.program("lh_clock")
         self.expire_prog = self._obj.program("lh_expire")
         self.stats_prog = self._obj.program("lh_stats")
