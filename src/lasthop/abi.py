@@ -212,6 +212,20 @@ class ExpiryStats(ctypes.Structure):
     ]
 
 
+class RefKey(ctypes.Structure):
+    """struct ref_key (lasthop.c): lh_ref_conns' key, the bench reference's
+    IPv4 tuple in request orientation (saddr = the client); addresses and
+    ports in network order, proto (IPPROTO_TCP) in host order."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint32),
+    ]
+
+
 class VmAddrKey(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
@@ -246,6 +260,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "vm_addr_key": VmAddrKey,
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
+    "ref_key": RefKey,
 }
 
 

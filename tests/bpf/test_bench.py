@@ -1,37 +1,111 @@
 """The datapath benchmark runs end to end (tiny settings: this checks the
-method's plumbing and self-checks, not the figures)."""
+method's plumbing and self-checks, not the figures: no target is asserted,
+nothing here is timed)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import pytest
 from click.testing import CliRunner
 
+from lasthop import abi
 from lasthop.bench import datapath
 from lasthop.bench.cli import bench
+from lasthop.datapath import MAP_NAMES, default_pending
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
 SMALL = {"repeat": 2000, "rounds": 2, "inserts": 300, "table": 1024, "memory_entries": 4096}
+FIGURES = ["empty", "reference", "reply_hit_v4", "reply_hit_v6", "reply_hit_pending",
+           "uplink_refresh", "reply_miss", "insert_room", "insert_full", "refresh_single",
+           "new_connection"]
 
 
-def test_run_measures_every_figure() -> None:
-    """Every path gets a positive time, the empty program is the unit, and the
-    memory figure is memlock over max_entries of a real table."""
-    results = datapath.run(**SMALL)
-    names = [f.name for f in results.figures]
-    assert names == ["empty", "reply_hit_v4", "reply_hit_v6", "uplink_refresh", "reply_miss",
-                     "insert_room", "insert_full", "refresh_single"]
-    assert results.figure("empty").ratio == 1.0
-    assert all(f.ns > 0 for f in results.figures)
-    assert {f.name for f in results.figures if f.target} == {
-        "reply_hit_v4", "reply_hit_v6", "uplink_refresh", "insert_full"}
+@pytest.fixture(scope="module")
+def results() -> datapath.Results:
+    return datapath.run(**SMALL)
+
+
+def test_every_figure_is_measured(results: datapath.Results) -> None:
+    """Every path gets a positive time and both ratios: to lh_empty (1.0 for
+    itself) and to lh_reference (1.0 for itself)."""
+    assert [f.name for f in results.figures] == FIGURES
+    assert all(f.ns > 0 and f.ns_low > 0 and f.vs_empty > 0 and f.vs_reference > 0
+               for f in results.figures)
+    assert results.figure("empty").vs_empty == 1.0
+    assert results.figure("reference").vs_reference == 1.0
+    assert results.figure("reference").program == "lh_reference"
+
+
+def test_targets_are_the_issues(results: datapath.Results) -> None:
+    """Reply hits and the uplink refresh are held to the reference, the new
+    connection to 1.5 us, memory to 150 B; ok follows the figure either way."""
+    targeted = {f.name: f.target for f in results.figures if f.target}
+    assert targeted == {
+        "reply_hit_v4": datapath.Target(1.5, "reference"),
+        "reply_hit_v6": datapath.Target(1.5, "reference"),
+        "uplink_refresh": datapath.Target(1.5, "reference"),
+        "new_connection": datapath.Target(1500.0, "ns"),
+    }
+    for f in results.figures:
+        if f.target:
+            value = f.vs_reference if f.target.of == "reference" else f.ns
+            assert f.ok == (value <= f.target.limit)
+    assert results.ok == all([*(f.ok for f in results.figures if f.ok is not None),
+                              results.memory is None or results.memory.ok])
+
+
+def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
+    """Each run's counters moved exactly as expected, and no other counter moved:
+    every reply hit redirected, every refresh refreshed, every miss missed,
+    every new entry went into lh_pending, every handshake was confirmed."""
+    n, packets = SMALL["inserts"], SMALL["repeat"] * SMALL["rounds"]
+    assert set(results.checks) == {"back-to-back", "insert_room", "new_connection",
+                                   "insert_full"}
+    assert all(c.ok for cs in results.checks.values() for c in cs)
+    moved = {run: {c.counter: c.counted for c in cs} for run, cs in results.checks.items()}
+    assert moved["back-to-back"] == {"vm0 REDIRECTED": 3 * packets, "up0 REFRESHED": packets,
+                                     "vm0 MISS": packets}
+    for run in ("insert_room", "insert_full"):
+        assert moved[run] == {"up0 LEARNED": n, "up0 REFRESHED": n, "table PENDING_INSERTED": n}
+    assert moved["new_connection"] == {
+        "up0 LEARNED": n, "vm0 REDIRECTED": n, "up0 REFRESHED": n, "up0 CONFIRMED": n,
+        "vm0 VM_ADDR_LEARNED": 1, "table PENDING_INSERTED": n, "table PENDING_PROMOTED": n,
+        "table CONFIRMED_INSERTED": n}
+    assert "tables {'lh_conns': 1024," in results.figure("insert_full").detail
+
+
+def test_memory_counts_every_table(results: datapath.Results) -> None:
+    """Kernel memory is the memlock of every map the agent pins, over the
+    entries of both tables (lh_pending at its default size), and over the
+    confirmed ones."""
     m = results.memory
-    assert m is not None and m.entries == 4096
-    assert m.per_entry == m.memlock_bytes / 4096
-    assert 40 + 40 < m.per_entry < 1024  # at least key + value per entry
-    json.dumps(results.to_json())
+    assert m is not None
+    assert (m.confirmed, m.pending) == (4096, default_pending(4096))
+    assert set(m.maps) == set(MAP_NAMES) and sum(m.maps.values()) == m.memlock_bytes
+    assert m.per_entry == m.memlock_bytes / (m.confirmed + m.pending)
+    assert m.per_confirmed == m.memlock_bytes / m.confirmed
+    entry = ctypes.sizeof(abi.ConnKey) + ctypes.sizeof(abi.ConnEntry)
+    assert m.maps["lh_conns"] / m.confirmed > entry  # at least key + value per entry
+    assert m.maps["lh_pending"] / m.pending > entry
+
+
+def test_json_has_every_field(results: datapath.Results) -> None:
+    """The JSON report carries both ratios, the targets, the memory breakdown
+    and the counter checks."""
+    report = json.loads(json.dumps(results.to_json()))
+    fig = {f["name"]: f for f in report["figures"]}
+    assert set(fig) == set(FIGURES)
+    assert {"ns", "ns_low", "vs_empty", "vs_reference", "target", "ok", "method",
+            "detail"} <= set(fig["reply_hit_v4"])
+    assert fig["new_connection"]["target"] == {"limit": 1500.0, "of": "ns"}
+    assert set(report["targets"]) == set(datapath.TARGETS)
+    assert {"confirmed", "pending", "entries", "maps", "memlock_bytes", "per_entry",
+            "per_confirmed", "ok"} <= set(report["memory"])
+    assert report["checks"]["new_connection"][0]["ok"] is True
+    assert report["settings"]["pending"] == max(default_pending(1024), 2 * SMALL["inserts"])
 
 
 def test_cli_json_and_exit_codes() -> None:
@@ -43,6 +117,7 @@ def test_cli_json_and_exit_codes() -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["memory"] is None
-    assert {f["name"] for f in report["figures"]} >= {"reply_hit_v4", "insert_full"}
+    assert {f["name"] for f in report["figures"]} >= {"reference", "reply_hit_v4",
+                                                      "new_connection", "insert_full"}
     strict = CliRunner().invoke(bench, [*args, "--strict"])
     assert strict.exit_code == (0 if json.loads(strict.stdout)["ok"] else 1)
