@@ -338,8 +338,14 @@ static __always_inline int vm_origin_allowed(const struct pkt *p, __u32 ifindex,
 	if (!bpf_map_lookup_elem(&lh_vm_addrs, &ak))
 		return CNT_VM_ORIGIN_SPOOFED;
 	u = bpf_map_lookup_elem(&lh_vm_usage, &ifindex);
-	if (!u)
-		return CNT_LEARN_FAILED;
+	if (!u) {
+		struct vm_usage fresh = {};
+
+		bpf_map_update_elem(&lh_vm_usage, &ifindex, &fresh, BPF_NOEXIST);
+		u = bpf_map_lookup_elem(&lh_vm_usage, &ifindex);
+		if (!u)
+			return CNT_LEARN_FAILED;
+	}
 	if (quota && u->counted + (u->created - u->base) >= quota)
 		return CNT_VM_ORIGIN_QUOTA;
 	return 0;

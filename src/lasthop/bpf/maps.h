@@ -47,19 +47,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_expiry SEC(".maps");
 
-/* (VM port, address) -> why the port may open connections from it. */
+/* (VM port, address) -> why the port may open connections from it. Not
+ * preallocated: it costs memory only for the addresses in it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_VM_ADDRS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct vm_addr_key);
 	__type(value, struct vm_addr);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_vm_addrs SEC(".maps");
 
-/* VM port ifindex -> the entries it opened (its quota's use). */
+/* VM port ifindex -> the entries it opened (its quota's use); an element
+ * appears when the port first opens one. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_IFINDEX);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_IFACES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct vm_usage);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
