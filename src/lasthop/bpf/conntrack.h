@@ -45,8 +45,8 @@ static __always_inline __u8 conn_first_state(const struct pkt *p)
 	return CS_UDP_NEW;
 }
 
-/* Inserts e for p's key into lh_pending. Returns 0, or -CNT_LEARN_FAILED.
- * A key another CPU inserted a moment ago is left as that CPU wrote it. */
+/* Inserts e for p's key into lh_pending. Returns 1 (inserted), 0 (another
+ * CPU inserted the key a moment ago: left as it wrote it), or -CNT_LEARN_FAILED. */
 static __always_inline int conn_insert(const struct conn_key *k, const struct conn_entry *e)
 {
 	long err = bpf_map_update_elem(&lh_pending, k, e, BPF_NOEXIST);
@@ -56,7 +56,7 @@ static __always_inline int conn_insert(const struct conn_key *k, const struct co
 	if (err)
 		return -CNT_LEARN_FAILED;
 	count_table(TC_PENDING_INSERTED);
-	return 0;
+	return 1;
 }
 
 /* TCP: FIN and RST, from either side. */
