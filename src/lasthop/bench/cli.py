@@ -10,6 +10,7 @@ from rich.console import Console
 
 from lasthop.bench import datapath as dp_bench
 from lasthop.bench.services import services_command
+from lasthop.bench.table import table_command
 
 __all__ = ["bench"]
 
@@ -70,3 +71,4 @@ def _add_lab() -> None:
 
 _add_lab()
 bench.add_command(services_command)  # `bench services`: lasthop.bench.services
+bench.add_command(table_command)  # `bench table`: lasthop.bench.table

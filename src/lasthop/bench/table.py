@@ -1,0 +1,592 @@
+"""`lasthop bench table`: what the connection table costs the agent at N live
+entries, measured on the real agent (`lasthop run`, a subprocess) side by side
+in one run with the same agent on an empty table.
+
+    bench process (netns lh-table-<pid>)       agent: lasthop run --config <tmp>
+      fills lh_conns / lh_pending  ──pins──>   lh_conns, lh_pending, lh_expiry ...
+      times stats, /metrics        ──API───>   127.0.0.1:9180 (inside the netns)
+      reads /proc/<agent>/stat                 expiry pass every 3 s (lh_expire)
+    up0 <-> up0p, vm0 <-> vm0p: veth pairs, the uplink and the VM port
+
+Figures (each also measured on the empty table first, as its baseline):
+    agent CPU at rest   utime + stime of the agent (every thread) over the rest
+                        window, in % of one core
+    stats --json        wall time of `lasthop stats --json` (a new process each
+                        time: Python's start is part of it), median of several
+    stats in-process    Controller.stats() on the pinned maps, median of several
+    /metrics scrape     one GET of the agent's /metrics, median of several
+    expiry pass         lh_expire run once by test run on the agent's pinned maps
+                        (the kernel's own timing); the agent's passes, from
+                        lh_expiry started/finished jiffies, in the detail
+    expiry lateness     K entries stamped now in states with a short timeout
+                        (udp_new in lh_pending, udp_stream in lh_conns); each
+                        is polled until gone; lateness = gone - (insert + timeout)
+    memory per entry    memlock (/proc/self/fdinfo) of every map the agent pins
+                        over the entries both tables can hold
+
+The N live entries are confirmed TCP connections (TCP_ESTABLISHED, in lh_conns)
+and, a tenth of them, mid-stream ones still in lh_pending, all stamped with the
+data path's clock when written (batch updates through the pins); their timeouts
+outlast the run, and the run checks that none was removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lasthop import abi, libbpf
+from lasthop.agent import EXPIRE_EVERY
+from lasthop.build import ensure_object
+from lasthop.clock import Clock
+from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
+
+__all__ = ["BenchError", "Figure", "Results", "TARGETS", "run", "print_results",
+           "table_command"]
+
+# Issue 8's targets at N live entries.
+TARGETS: dict[str, float] = {
+    "agent_cpu": 1.0,  # % of one core
+    "stats_cli": 100.0,  # ms
+    "stats_inproc": 100.0,  # ms
+    "metrics": 100.0,  # ms
+    "expiry_lateness": 5.0,  # s past the timeout
+    "memory_per_entry": 150.0,  # bytes
+}
+API_PORT = 9180  # inside the private netns: nothing else listens there
+SHORT_TIMEOUT = 5  # s: [timeouts] udp_new and udp_stream of the bench's config
+LONG_TIMEOUT = 3600  # s: tcp_midstream, so the pending fill outlives the run
+PENDING_SHARE = 10  # one live entry in ten is a pending (mid-stream) one
+_BATCH = 16384
+_READY = "lasthop: attached"
+_UP_MAC, _VM_MAC = "02:00:00:00:01:01", "02:00:00:00:02:01"
+_FW_MAC = bytes.fromhex("02fa0000000a")
+_VM4 = bytes((192, 0, 2, 11))
+_KEY = struct.Struct("<4s12x4s12x2s2sBBH")  # struct conn_key, IPv4
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+Progress = Callable[[str], None]
+
+
+class BenchError(RuntimeError):
+    """The bench cannot run here (not root, the agent did not start...)."""
+
+
+# -- results --------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    name: str
+    label: str
+    value: float
+    unit: str  # "%", "ms", "s", "B"
+    baseline: float | None  # the same figure on the empty table (None: not measured)
+    target: float | None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool | None:
+        return None if self.target is None else self.value <= self.target
+
+
+@dataclass
+class Results:
+    figures: list[Figure]
+    checks: dict[str, Any]  # self-checks: live entries kept, expired entries gone
+    threads: dict[str, float]  # agent thread (name/tid) -> % of a core at N entries
+    settings: dict[str, Any]
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok is not False for f in self.figures)
+
+    def figure(self, name: str) -> Figure:
+        return next(f for f in self.figures if f.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"figures": [asdict(f) | {"ok": f.ok} for f in self.figures],
+                "checks": self.checks, "threads": self.threads, "ok": self.ok,
+                "targets": TARGETS, "settings": self.settings,
+                "environment": self.environment}
+
+
+# -- the namespace and the agent ------------------------------------------------------
+
+@contextlib.contextmanager
+def _private_netns(name: str) -> Iterator[None]:
+    """A network namespace with lo up and two veth pairs (up0, vm0), entered by
+    this thread (its sockets, the API's clients, live there); removed after."""
+    from pyroute2 import NetNS, netns
+
+    netns.create(name)
+    try:
+        with NetNS(name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            for ifname, mac in (("up0", _UP_MAC), ("vm0", _VM_MAC)):
+                ns.link("add", ifname=ifname, kind="veth", peer={"ifname": f"{ifname}p"})
+                for dev in (ifname, f"{ifname}p"):
+                    ns.link("set", index=ns.link_lookup(ifname=dev)[0], state="up")
+                ns.link("set", index=ns.link_lookup(ifname=ifname)[0], address=mac)
+        netns.pushns(name)
+        try:
+            yield
+        finally:
+            netns.popns()
+    finally:
+        netns.remove(name)
+
+
+def _config(netns: str, pin_root: Path, entries: int) -> str:
+    pending = max(1024, entries // 4)
+    return f"""netns = "{netns}"
+table_size = {entries}
+pending_table_size = {pending}
+pin_root = "{pin_root}"
+api = "127.0.0.1:{API_PORT}"
+api_socket = ""
+
+[[uplink]]
+name = "up0"
+
+[[vm_port]]
+name = "vm0"
+
+[timeouts]
+udp_new = {SHORT_TIMEOUT}
+udp_stream = {SHORT_TIMEOUT}
+tcp_midstream = {LONG_TIMEOUT}
+"""
+
+
+class _Agent:
+    """`lasthop run --config <path>` as a subprocess of its own session."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.argv = [sys.executable, "-m", "lasthop", "run", "--config", str(config)]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        deadline, buf = time.monotonic() + timeout, b""
+        while _READY.encode() not in buf:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise BenchError(f"lasthop run exited ({self.proc.returncode}): "
+                                 + " / ".join(tail))
+            if time.monotonic() > deadline:
+                raise BenchError(f"lasthop run did not attach within {timeout:.0f} s")
+            with contextlib.suppress(BlockingIOError, TypeError):
+                buf += self.proc.stdout.read() or b""
+            time.sleep(0.05)
+        # stdout is not read again: the agent prints one line, the rest goes to the log
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- measuring ------------------------------------------------------------------------
+
+def _user_sys(path: str) -> tuple[int, int]:
+    """utime, stime (clock ticks) of /proc/.../stat."""
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def _ticks(path: str) -> int:
+    """utime + stime (clock ticks) of /proc/.../stat."""
+    return sum(_user_sys(path))
+
+
+def _threads(pid: int) -> dict[str, int]:
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            comm = (task / "comm").read_text().strip()
+            out[f"{comm}/{task.name}"] = _ticks(str(task / "stat"))
+    return out
+
+
+@dataclass
+class _Rest:
+    cpu_pct: float
+    sys_pct: float  # the part in the kernel (the expiry pass runs there)
+    threads: dict[str, float]
+    passes: list[float]  # ms, the agent's expiry passes seen in the window (jiffies)
+
+
+def _rest(pid: int, maps: Maps, seconds: float) -> _Rest:
+    """The agent's CPU over *seconds* of doing nothing but its own loop, and
+    the durations of the expiry passes it ran meanwhile."""
+    hz = maps.get_settings().hz or 1000
+    t0, c0, th0 = time.monotonic(), _user_sys(f"/proc/{pid}/stat"), _threads(pid)
+    passes, seen = [], maps.expiry_stats().passes
+    while time.monotonic() - t0 < seconds:
+        time.sleep(min(0.25, max(0.0, seconds - (time.monotonic() - t0))))
+        ex = maps.expiry_stats()
+        if ex.passes != seen and ex.finished:  # a new pass finished since the last look
+            seen = ex.passes
+            passes.append(((ex.finished - ex.started) & 0xFFFFFFFF) * 1000 / hz)
+    wall = time.monotonic() - t0
+    c1, th1 = _user_sys(f"/proc/{pid}/stat"), _threads(pid)
+    pct = 100 * (sum(c1) - sum(c0)) / _CLK_TCK / wall
+    sys_pct = 100 * (c1[1] - c0[1]) / _CLK_TCK / wall
+    threads = {name: round(100 * (th1[name] - th0.get(name, 0)) / _CLK_TCK / wall, 3)
+               for name in th1}
+    return _Rest(pct, sys_pct, {k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1])},
+                 passes)
+
+
+def _median_ms(fn: Callable[[], object], times: int) -> float:
+    out = []
+    for _ in range(times):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return statistics.median(out)
+
+
+def _stats_cli(config: Path) -> None:
+    subprocess.run([sys.executable, "-m", "lasthop", "stats", "--config", str(config), "--json"],
+                   check=True, capture_output=True)
+
+
+def _scrape() -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{API_PORT}/metrics", timeout=30) as r:
+        r.read()
+
+
+def _object() -> Path:
+    """The object the agent loads ($LASTHOP_BPF_OBJECT, else the built one)."""
+    override = os.environ.get(OBJECT_ENV)
+    return Path(override) if override else ensure_object()
+
+
+def _expire_once(obj: libbpf.BpfObject) -> float:
+    """One lh_expire pass on the pinned maps, ms as the kernel timed it."""
+    return obj.program("lh_expire").test_run(bytes(14)).duration_ns / 1e6
+
+
+@dataclass
+class _Timings:
+    stats_cli: float
+    stats_inproc: float
+    metrics: float
+    expiry_pass: float
+
+
+def _timings(config: Path, controller: Any, obj: libbpf.BpfObject, repeat: int) -> _Timings:
+    _stats_cli(config)  # warm: the page cache of Python's imports
+    controller.stats()
+    _scrape()
+    return _Timings(
+        stats_cli=_median_ms(lambda: _stats_cli(config), repeat),
+        stats_inproc=_median_ms(controller.stats, repeat),
+        metrics=_median_ms(_scrape, repeat),
+        expiry_pass=statistics.median(_expire_once(obj) for _ in range(3)),
+    )
+
+
+def _keys(first_octet: int, start: int, n: int, proto: int) -> bytes:
+    """n distinct IPv4 keys client -> the VM's port 80: clients
+    <first_octet>.x.y.z by i, source port 1024 + (i >> 24); ports in network order."""
+    pack, dport = _KEY.pack, (80).to_bytes(2, "big")
+    return b"".join(
+        pack(bytes((first_octet, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF)), _VM4,
+             (1024 + (i >> 24)).to_bytes(2, "big"), dport, proto, abi.FAMILY_V4, 0)
+        for i in range(start, start + n))
+
+
+def _value(state: abi.State, last_seen: int, up: int, vm: int) -> bytes:
+    e = abi.ConnEntry(last_seen=last_seen, ifindex=up, vm_ifindex=vm, packets=1,
+                      flags=abi.F_ENTRY_HOP_KNOWN, state=int(state))
+    ctypes.memmove(e.mac, _FW_MAC, abi.ETH_ALEN)
+    return bytes(e)
+
+
+def _fill(m: libbpf.Map, first_octet: int, n: int, state: abi.State, clock: Clock,
+          up: int, vm: int, proto: int = 6) -> None:
+    """n entries in *state*, last_seen = the data path's clock as each batch is written."""
+    for start in range(0, n, _BATCH):
+        count = min(_BATCH, n - start)
+        keys = _keys(first_octet, start, count, proto)
+        m.update_batch(keys, _value(state, clock.jiffies(), up, vm) * count, count)
+
+
+@dataclass
+class _Lateness:
+    worst: float
+    median: float
+    gone: int
+    inserted: int
+
+
+def _lateness(maps: Maps, clock: Clock, k: int, up: int, vm: int, grace: float) -> _Lateness:
+    """K entries with a SHORT_TIMEOUT state (half per table), polled until gone."""
+    half = k // 2
+    tables = ((maps.pending, 12, half, abi.State.UDP_NEW),
+              (maps.conns, 13, k - half, abi.State.UDP_STREAM))
+    pending: dict[bytes, tuple[libbpf.Map, float]] = {}
+    for m, octet, n, state in tables:
+        _fill(m, octet, n, state, clock, up, vm, proto=17)
+        t0 = time.monotonic()
+        keys = _keys(octet, 0, n, 17)
+        for i in range(n):
+            pending[keys[i * _KEY.size:(i + 1) * _KEY.size]] = (m, t0)
+    late: list[float] = []
+    deadline = time.monotonic() + SHORT_TIMEOUT + grace
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = time.monotonic()
+        for key, (m, t0) in list(pending.items()):
+            if m.lookup(key) is None:
+                late.append(now - t0 - SHORT_TIMEOUT)
+                del pending[key]
+    missing = [grace] * len(pending)  # never gone: as late as the whole wait, at least
+    for key, (m, _) in pending.items():
+        m.delete(key)
+    allv = late + missing
+    return _Lateness(max(allv), statistics.median(allv), len(late), k)
+
+
+def _memory(pins: Pins) -> tuple[float, dict[str, int], int]:
+    """memlock of every map the agent pins over the entries both tables hold."""
+    maps: dict[str, int] = {}
+    capacity = 0
+    for name in MAP_NAMES:
+        m = libbpf.Map.pinned(pins.path(name))
+        try:
+            for line in Path(f"/proc/self/fdinfo/{m.fd}").read_text().splitlines():
+                if line.startswith("memlock:"):
+                    maps[name] = int(line.split()[1])
+            if name in ("lh_conns", "lh_pending"):
+                capacity += m.info.max_entries
+        finally:
+            m.close()
+    return sum(maps.values()) / capacity, maps, capacity
+
+
+# -- the run --------------------------------------------------------------------------
+
+def run(entries: int = 1_000_000, rest: float = 30.0, repeat: int = 7, expiring: int = 1000,
+        progress: Progress = lambda msg: None) -> Results:
+    """Measures every figure at *entries* live entries and on the empty table;
+    see the module docstring. Everything it made is removed, even on Ctrl-C."""
+    if os.geteuid() != 0:
+        raise BenchError("needs root (CAP_BPF, CAP_NET_ADMIN): run as root")
+    from lasthop import netns as lh_netns
+    from lasthop.controller import Controller
+
+    started = time.monotonic()
+    name = f"lh-table-{os.getpid()}"
+    pin_root = lh_netns.bpffs_root() / f"lasthop-bench-{os.getpid()}"
+    pins = Pins(pin_root / name)
+    tmp = Path(tempfile.mkdtemp(prefix="lasthop-bench-table-"))
+    config = tmp / "lasthop.toml"
+    config.write_text(_config(name, pin_root, entries))
+    agent = _Agent(config, tmp / "agent.log")
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(_private_netns(name))
+        progress("starting the agent")
+        agent.start(timeout=60)
+        maps = Maps.open_pinned(pins)
+        stack.callback(maps.close)
+        clock = Clock.pinned(pins.path("lh_clock"))
+        stack.callback(clock.close)
+        controller = Controller(name, pin_root)
+        stack.callback(controller.close)
+        sizes = {"lh_conns": maps.conns.info.max_entries,
+                 "lh_pending": maps.pending.info.max_entries}
+        obj = libbpf.BpfObject(_object(), pin_root=pins.folder, max_entries=sizes)
+        stack.callback(obj.close)
+        up, vm = (controller.links.by_name(n, "interface").index for n in ("up0", "vm0"))
+
+        progress("empty table: timings")
+        base = _timings(config, controller, obj, repeat)
+        progress(f"empty table: agent at rest for {rest:g} s")
+        base_rest = _rest(agent.pid, maps, rest)
+
+        n_pending = entries // PENDING_SHARE
+        n_conns = entries - n_pending
+        progress(f"filling {n_conns} confirmed + {n_pending} pending entries")
+        t_fill = time.monotonic()
+        _fill(maps.conns, 10, n_conns, abi.State.TCP_ESTABLISHED, clock, up, vm)
+        _fill(maps.pending, 11, n_pending, abi.State.TCP_MIDSTREAM, clock, up, vm)
+        fill_s = time.monotonic() - t_fill
+
+        progress(f"{entries} entries: agent at rest for {rest:g} s")
+        full_rest = _rest(agent.pid, maps, rest)
+        progress(f"{entries} entries: timings")
+        full = _timings(config, controller, obj, repeat)
+        progress(f"{entries} entries: expiry lateness of {expiring} entries")
+        late = _lateness(maps, clock, expiring, up, vm, grace=30.0)
+        stats = controller.stats()
+        per_entry, memlock, capacity = _memory(pins)
+        T = abi.TableCounter
+        ev = maps.table_totals()
+        checks = {
+            "live_confirmed": {"expected": n_conns, "counted": stats.confirmed.entries},
+            "live_pending": {"expected": n_pending, "counted": stats.pending.entries},
+            "expired_gone": {"expected": expiring, "counted": late.gone},
+            "agent_removed": {"expected": 0,
+                              "counted": ev[T.CONFIRMED_REMOVED] + ev[T.PENDING_REMOVED]},
+        }
+        for c in checks.values():
+            c["ok"] = c["expected"] == c["counted"]
+        agent_passes = full_rest.passes
+        passes_text = (f"agent's passes: median {statistics.median(agent_passes):.0f} ms, "
+                       f"max {max(agent_passes):.0f} ms ({len(agent_passes)} passes, jiffies)"
+                       if agent_passes else "no agent pass seen")
+        top = ", ".join(f"{k} {v:.2f} %" for k, v in list(full_rest.threads.items())[:3])
+        figures = [
+            Figure("agent_cpu", "agent CPU at rest", full_rest.cpu_pct, "%", base_rest.cpu_pct,
+                   TARGETS["agent_cpu"],
+                   f"of which in the kernel {full_rest.sys_pct:.2f} % (empty "
+                   f"{base_rest.sys_pct:.2f} %); threads: {top}"),
+            Figure("stats_cli", "`lasthop stats --json` (new process)", full.stats_cli, "ms",
+                   base.stats_cli, TARGETS["stats_cli"],
+                   f"table's share: {full.stats_cli - base.stats_cli:+.1f} ms over empty"),
+            Figure("stats_inproc", "Controller.stats() in-process", full.stats_inproc, "ms",
+                   base.stats_inproc, TARGETS["stats_inproc"]),
+            Figure("metrics", "/metrics scrape", full.metrics, "ms", base.metrics,
+                   TARGETS["metrics"]),
+            Figure("expiry_pass", "expiry pass (lh_expire, kernel time)", full.expiry_pass,
+                   "ms", base.expiry_pass, None,
+                   f"{passes_text}; the agent's loop (a pass, then {EXPIRE_EVERY:g} s) "
+                   f"spends {100 * full.expiry_pass / (full.expiry_pass + 1000 * EXPIRE_EVERY):.1f}"
+                   " % of a core in it"),
+            Figure("expiry_lateness", "expired entries: worst lateness", late.worst, "s",
+                   None, TARGETS["expiry_lateness"],
+                   f"median {late.median:.2f} s past the {SHORT_TIMEOUT} s timeout; "
+                   f"{late.gone} of {late.inserted} gone"),
+            Figure("memory_per_entry", "kernel memory per entry, all maps", per_entry, "B",
+                   None, TARGETS["memory_per_entry"],
+                   f"{sum(memlock.values()) / 2**20:.1f} MiB memlock over {capacity} entries; "
+                   f"lh_conns {memlock['lh_conns'] / sizes['lh_conns']:.1f} B/entry, "
+                   f"lh_pending {memlock['lh_pending'] / sizes['lh_pending']:.1f} B/entry"),
+        ]
+        return Results(
+            figures=figures, checks=checks, threads=full_rest.threads,
+            settings={"entries": entries, "confirmed": n_conns, "pending": n_pending,
+                      "table_size": sizes["lh_conns"], "pending_table_size": sizes["lh_pending"],
+                      "rest_s": rest, "repeat": repeat, "expiring": expiring,
+                      "short_timeout_s": SHORT_TIMEOUT, "fill_s": round(fill_s, 1),
+                      "memlock": memlock},
+            environment={"kernel": platform.release(), "cpus": os.cpu_count(),
+                         "python": platform.python_version(),
+                         "elapsed_s": round(time.monotonic() - started, 1)},
+        )
+    finally:
+        agent.stop()
+        stack.close()  # our fds, then the namespace (veths, filters)
+        pins.remove()
+        with contextlib.suppress(OSError):
+            pin_root.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- printing and the command ---------------------------------------------------------
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return ""
+    return f"{v:.2f} {unit}" if unit in ("%", "s") else f"{v:.1f} {unit}"
+
+
+def print_results(results: Results, console: Any) -> None:
+    from rich.table import Table
+
+    s = results.settings
+    t = Table(title=f"lasthop table at {s['entries']:,} live entries (empty table alongside)")
+    for col in ("figure", "value", "empty table", "target", "", "detail"):
+        t.add_column(col, justify="right" if col in ("value", "empty table", "target")
+                     else "left")
+    for f in results.figures:
+        mark = "" if f.ok is None else ("[green]ok[/green]" if f.ok else "[red]MISSED[/red]")
+        target = f"≤ {_fmt(f.target, f.unit)}" if f.target is not None else ""
+        t.add_row(f.label, _fmt(f.value, f.unit), _fmt(f.baseline, f.unit), target, mark,
+                  f.detail)
+    console.print(t)
+    for name, c in results.checks.items():
+        style = "green" if c["ok"] else "red"
+        console.print(f"check {name}: {c['counted']} (expected {c['expected']})", style=style)
+    env = results.environment
+    console.print(f"kernel {env['kernel']}, {env['cpus']} CPUs; {s['confirmed']} confirmed + "
+                  f"{s['pending']} pending (filled in {s['fill_s']} s), tables "
+                  f"{s['table_size']} + {s['pending_table_size']}; rest {s['rest_s']:g} s, "
+                  f"median of {s['repeat']}; {env['elapsed_s']} s", style="dim")
+
+
+@click.command("table")
+@click.option("--entries", type=click.IntRange(1000, 1 << 27), default=1_000_000,
+              show_default=True, help="Live entries in the tables (table_size = this).")
+@click.option("--rest", type=click.FloatRange(1), default=30.0, show_default=True,
+              help="Seconds the agent's CPU is measured at rest (each table).")
+@click.option("--repeat", type=click.IntRange(1), default=7, show_default=True,
+              help="Runs of each timed command (the median is reported).")
+@click.option("--expiring", type=click.IntRange(2), default=1000, show_default=True,
+              help="Entries with a short timeout whose removal is timed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
+def table_command(entries: int, rest: float, repeat: int, expiring: int, as_json: bool,
+                  strict: bool) -> None:
+    """The agent's cost at N live entries: CPU at rest, stats and /metrics
+    time, expiry pass and lateness, kernel memory per entry (issue 8's targets).
+
+    Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
+    3 could not run."""
+    import json
+
+    from rich.console import Console
+
+    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup on TERM too
+    try:
+        with console.status("starting") as status:
+            results = run(entries=entries, rest=rest, repeat=repeat, expiring=expiring,
+                          progress=lambda msg: status.update(msg))
+    except (BenchError, libbpf.BpfError, subprocess.CalledProcessError) as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+        sys.exit(3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if as_json:
+        print(json.dumps(results.to_json(), indent=1))
+    else:
+        print_results(results, console)
+    sys.exit(1 if strict and not results.ok else 0)
