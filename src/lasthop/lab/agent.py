@@ -183,9 +183,10 @@ def detach(plan: P.Plan) -> None:
     command(plan, "detach", check=False)
 
 
-def show(plan: P.Plan) -> list[dict[str, Any]]:
-    """The connection table of lasthop on the lab's host."""
-    rows: list[dict[str, Any]] = _json(plan, "show", kind=list)
+def show(plan: P.Plan, *filters: str) -> list[dict[str, Any]]:
+    """The connection table of lasthop on the lab's host; *filters* are
+    `lasthop show` options ("--state", "tcp_established", ...)."""
+    rows: list[dict[str, Any]] = _json(plan, "show", *filters, kind=list)
     return rows
 
 
