@@ -123,8 +123,9 @@ def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
 ) -> None:
     """20 idle established connections through fw2; 5,000 spoofed connections
     x 3 packets (SYN, ACK with data, SYN retransmit or more data) flood the
-    uplink, ~20x the pending table; then every server speaks first, and every
-    byte reaches its client: no confirmed entry was evicted."""
+    uplink from fw3's transit leg, ~20x the pending table; then every server
+    speaks first, and every byte reaches its client: no confirmed entry was
+    evicted. (Once the table is flushed, a server's first words are lost.)"""
     plan = bridged_lab.plan
     fw3 = plan.firewall(3)
     toml = f"table_size = {FLOOD_TABLE}\npending_table_size = {FLOOD_TABLE}\n"
@@ -175,6 +176,21 @@ def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
             f"bytes received of {SPEAK_BYTES}: {lost}; fw1 {fw1_before} -> {fw1_after}; "
             f"table {_table(plan)}"
         )
+
+        # The check sees a lost entry: with the table flushed, a server's
+        # first words take its default route, and fw1 drops them.
+        agent.command(plan, "flush")
+        drops = sum(fw1_after[c] for c in ("drop_invalid", "drop_outside"))
+        idle[0].server.sendall(b"lost")
+
+        def fw1_dropped() -> bool:
+            now = bridged_lab.counters()["fw1"]
+            return sum(now[c] for c in ("drop_invalid", "drop_outside")) > drops
+
+        assert eventually(fw1_dropped, timeout=5.0), bridged_lab.counters()
+        idle[0].client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            idle[0].client.recv(64)
 
 
 # -- 2. hijack ------------------------------------------------------------------
