@@ -25,9 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["Agent"]
 
 log = logging.getLogger("lasthop")
-# Seconds between expiry passes: an entry goes at most this (plus one pass)
-# after its timeout. The pass is lh_expire, in the kernel (docs/datapath.md).
-EXPIRE_EVERY = 3.0
 TICK = 0.5  # longest wait between two looks at the clock (a signal ends a wait at once)
 
 
@@ -106,18 +103,24 @@ class Agent:
 
     def _loop(self) -> None:
         c = self.controller
-        next_pass = time.monotonic() + EXPIRE_EVERY
+        # the pass is lh_expire, in the kernel (docs/table.md); an entry goes at
+        # most expiry_interval (plus one pass) after its timeout
+        every = self.config.expiry_interval
+        next_pass = time.monotonic() + every
         while not self._stop:
             if self.config.bridge:
                 self._follow_bridge(timeout=TICK)
             else:
-                select.select([self._wake_r], [], [], TICK)
+                select.select([self._wake_r], [], [], min(TICK, every))
             self._drain_wake()
             if time.monotonic() >= next_pass:
                 removed = c.expire()
                 if removed:
                     log.debug("expiry pass removed %d idle entries", removed)
-                next_pass = time.monotonic() + EXPIRE_EVERY
+                # the pass is lh_expire, in the kernel (docs/table.md); an entry goes at
+        # most expiry_interval (plus one pass) after its timeout
+        every = self.config.expiry_interval
+        next_pass = time.monotonic() + every
 
     def _follow_bridge(self, timeout: float) -> None:
         c = self.controller

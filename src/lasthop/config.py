@@ -125,6 +125,13 @@ class Config(_Model):
         description="new connections not yet confirmed (LRU); default table_size / 4",
     )
     timeouts: Timeouts = Field(default_factory=Timeouts, description="idle timeouts by state")
+    expiry_interval: float = Field(
+        default=3.0,
+        ge=0.1,
+        le=3600,
+        description="seconds between the kernel's expiry passes: an entry goes at most this "
+        "(plus one pass) after its timeout; each pass walks the table (~200 ns an entry)",
+    )
     idle_timeout: float | None = Field(
         default=None,
         gt=0,

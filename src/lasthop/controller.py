@@ -12,6 +12,7 @@ import functools
 import heapq
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -380,7 +381,9 @@ class Controller:
                     mac=format_mac(bytes(cfg.mac)),
                     routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
                 )
-                for i, cfg in sorted(maps.attached().items())
+                for i, cfg in sorted(
+                    maps.attached(among=(i for i, _ in socket.if_nameindex())).items()
+                )
             ]
         finally:
             if owned:
@@ -390,9 +393,11 @@ class Controller:
         """Counters and the table's figures, all kept by the kernel: the cost
         does not grow with the table."""
         with self.open_maps() as maps:
-            per_slot = maps.counter_totals()
-            # not self.links: its netlink socket belongs to the agent's thread
-            names = {cfg.slot: ifname(i) for i, cfg in maps.attached().items()}
+            # the host's interfaces, not all MAX_IFINDEX slots; not self.links:
+            # its netlink socket belongs to the agent's thread
+            attached = maps.attached(among=(i for i, _ in socket.if_nameindex()))
+            names = {cfg.slot: ifname(i) for i, cfg in attached.items()}
+            per_slot = maps.counter_totals(slots=[0, *names])
             totals = [0] * abi.CNT_MAX
             interfaces: dict[str, dict[str, int]] = {}
             for slot, counts in sorted(per_slot.items()):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,13 +126,20 @@ class Maps:
             )
         self.ifaces.update(_u32(ifindex), bytes(cfg))
 
-    def attached(self) -> dict[int, abi.IfaceCfg]:
-        """ifindex -> config of every interface with a role."""
+    def attached(self, among: Iterable[int] | None = None) -> dict[int, abi.IfaceCfg]:
+        """ifindex -> config of every interface with a role; with *among*, of
+        those ifindexes only (a few lookups instead of all MAX_IFINDEX slots)."""
         out = {}
-        for key, value in self.ifaces.items():
-            cfg = abi.IfaceCfg.from_buffer_copy(value)
-            if cfg.role != abi.Role.NONE:
-                out[int.from_bytes(key, "little")] = cfg
+        if among is not None:
+            pairs: Iterable[tuple[bytes, bytes | None]] = (
+                (_u32(i), self.ifaces.lookup(_u32(i))) for i in among if 0 < i < MAX_IFINDEX
+            )
+        else:
+            pairs = self.ifaces.items()
+        role_at = abi.IfaceCfg.role.offset
+        for key, value in pairs:
+            if value and value[role_at] != abi.Role.NONE:
+                out[int.from_bytes(key, "little")] = abi.IfaceCfg.from_buffer_copy(value)
         return out
 
     # settings
@@ -205,10 +212,22 @@ class Maps:
             yield abi.VmAddrKey.from_buffer_copy(key), abi.VmAddr.from_buffer_copy(value)
 
     # counters
-    def counter_totals(self) -> dict[int, list[int]]:
-        """slot -> per-reason totals summed over CPUs (slots with any count)."""
+    def counter_totals(self, slots: Iterable[int] | None = None) -> dict[int, list[int]]:
+        """slot -> per-reason totals summed over CPUs (slots with any count);
+        with *slots*, only those are read."""
         out: dict[int, list[int]] = {}
-        for key, value in self.counters.items():
+        if slots is not None:
+            keys = (
+                _u32(s * abi.CNT_MAX + r) for s in sorted(set(slots)) for r in range(abi.CNT_MAX)
+            )
+            pairs: Iterable[tuple[bytes, bytes | None]] = (
+                (k, self.counters.lookup(k)) for k in keys
+            )
+        else:
+            pairs = self.counters.items()
+        for key, value in pairs:
+            if not value or not any(value):
+                continue
             total = sum(int.from_bytes(v, "little") for v in self.counters.percpu_values(value))
             if total:
                 index = int.from_bytes(key, "little")
