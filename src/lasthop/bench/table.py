@@ -53,7 +53,7 @@ from typing import Any
 import click
 
 from lasthop import abi, libbpf
-from lasthop.agent import EXPIRE_EVERY
+from lasthop.config import Config
 from lasthop.build import ensure_object
 from lasthop.clock import Clock
 from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
@@ -487,8 +487,8 @@ def run(entries: int = 1_000_000, rest: float = 30.0, repeat: int = 7, expiring:
                    TARGETS["metrics"]),
             Figure("expiry_pass", "expiry pass (lh_expire, kernel time)", full.expiry_pass,
                    "ms", base.expiry_pass, None,
-                   f"{passes_text}; the agent's loop (a pass, then {EXPIRE_EVERY:g} s) "
-                   f"spends {100 * full.expiry_pass / (full.expiry_pass + 1000 * EXPIRE_EVERY):.1f}"
+                   f"{passes_text}; the agent's loop (a pass, then {Config().expiry_interval:g} s) "
+                   f"spends {100 * full.expiry_pass / (full.expiry_pass + 1000 * Config().expiry_interval):.1f}"
                    " % of a core in it"),
             Figure("expiry_lateness", "expired entries: worst lateness", late.worst, "s",
                    None, TARGETS["expiry_lateness"],
