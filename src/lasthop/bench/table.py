@@ -53,9 +53,9 @@ from typing import Any
 import click
 
 from lasthop import abi, libbpf
-from lasthop.config import Config
 from lasthop.build import ensure_object
 from lasthop.clock import Clock
+from lasthop.config import Config
 from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
 
 __all__ = ["BenchError", "Figure", "Results", "TARGETS", "run", "print_results",
