@@ -58,8 +58,9 @@ from lasthop.clock import Clock
 from lasthop.config import Config
 from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
 
-__all__ = ["BenchError", "Figure", "Results", "TARGETS", "run", "print_results",
-           "table_command"]
+EVERY = Config().expiry_interval  # the agent's default pass interval
+
+__all__ = ["BenchError", "Figure", "Results", "TARGETS", "run", "print_results", "table_command"]
 
 # Issue 8's targets at N live entries.
 TARGETS: dict[str, float] = {
@@ -90,6 +91,7 @@ class BenchError(RuntimeError):
 
 
 # -- results --------------------------------------------------------------------------
+
 
 @dataclass
 class Figure:
@@ -122,13 +124,19 @@ class Results:
         return next(f for f in self.figures if f.name == name)
 
     def to_json(self) -> dict[str, Any]:
-        return {"figures": [asdict(f) | {"ok": f.ok} for f in self.figures],
-                "checks": self.checks, "threads": self.threads, "ok": self.ok,
-                "targets": TARGETS, "settings": self.settings,
-                "environment": self.environment}
+        return {
+            "figures": [asdict(f) | {"ok": f.ok} for f in self.figures],
+            "checks": self.checks,
+            "threads": self.threads,
+            "ok": self.ok,
+            "targets": TARGETS,
+            "settings": self.settings,
+            "environment": self.environment,
+        }
 
 
 # -- the namespace and the agent ------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _private_netns(name: str) -> Iterator[None]:
@@ -186,16 +194,22 @@ class _Agent:
 
     def start(self, timeout: float) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
         deadline, buf = time.monotonic() + timeout, b""
         while _READY.encode() not in buf:
             if self.proc.poll() is not None:
                 tail = self.log.read_text(errors="replace").strip().splitlines()[-5:]
-                raise BenchError(f"lasthop run exited ({self.proc.returncode}): "
-                                 + " / ".join(tail))
+                raise BenchError(
+                    f"lasthop run exited ({self.proc.returncode}): " + " / ".join(tail)
+                )
             if time.monotonic() > deadline:
                 raise BenchError(f"lasthop run did not attach within {timeout:.0f} s")
             with contextlib.suppress(BlockingIOError, TypeError):
@@ -220,6 +234,7 @@ class _Agent:
 
 
 # -- measuring ------------------------------------------------------------------------
+
 
 def _user_sys(path: str) -> tuple[int, int]:
     """utime, stime (clock ticks) of /proc/.../stat."""
@@ -265,10 +280,12 @@ def _rest(pid: int, maps: Maps, seconds: float) -> _Rest:
     c1, th1 = _user_sys(f"/proc/{pid}/stat"), _threads(pid)
     pct = 100 * (sum(c1) - sum(c0)) / _CLK_TCK / wall
     sys_pct = 100 * (c1[1] - c0[1]) / _CLK_TCK / wall
-    threads = {name: round(100 * (th1[name] - th0.get(name, 0)) / _CLK_TCK / wall, 3)
-               for name in th1}
-    return _Rest(pct, sys_pct, {k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1])},
-                 passes)
+    threads = {
+        name: round(100 * (th1[name] - th0.get(name, 0)) / _CLK_TCK / wall, 3) for name in th1
+    }
+    return _Rest(
+        pct, sys_pct, {k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}, passes
+    )
 
 
 def _median_ms(fn: Callable[[], object], times: int) -> float:
@@ -281,8 +298,11 @@ def _median_ms(fn: Callable[[], object], times: int) -> float:
 
 
 def _stats_cli(config: Path) -> None:
-    subprocess.run([sys.executable, "-m", "lasthop", "stats", "--config", str(config), "--json"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "lasthop", "stats", "--config", str(config), "--json"],
+        check=True,
+        capture_output=True,
+    )
 
 
 def _scrape() -> None:
@@ -326,20 +346,42 @@ def _keys(first_octet: int, start: int, n: int, proto: int) -> bytes:
     <first_octet>.x.y.z by i, source port 1024 + (i >> 24); ports in network order."""
     pack, dport = _KEY.pack, (80).to_bytes(2, "big")
     return b"".join(
-        pack(bytes((first_octet, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF)), _VM4,
-             (1024 + (i >> 24)).to_bytes(2, "big"), dport, proto, abi.FAMILY_V4, 0)
-        for i in range(start, start + n))
+        pack(
+            bytes((first_octet, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF)),
+            _VM4,
+            (1024 + (i >> 24)).to_bytes(2, "big"),
+            dport,
+            proto,
+            abi.FAMILY_V4,
+            0,
+        )
+        for i in range(start, start + n)
+    )
 
 
 def _value(state: abi.State, last_seen: int, up: int, vm: int) -> bytes:
-    e = abi.ConnEntry(last_seen=last_seen, ifindex=up, vm_ifindex=vm, packets=1,
-                      flags=abi.F_ENTRY_HOP_KNOWN, state=int(state))
+    e = abi.ConnEntry(
+        last_seen=last_seen,
+        ifindex=up,
+        vm_ifindex=vm,
+        packets=1,
+        flags=abi.F_ENTRY_HOP_KNOWN,
+        state=int(state),
+    )
     ctypes.memmove(e.mac, _FW_MAC, abi.ETH_ALEN)
     return bytes(e)
 
 
-def _fill(m: libbpf.Map, first_octet: int, n: int, state: abi.State, clock: Clock,
-          up: int, vm: int, proto: int = 6) -> None:
+def _fill(
+    m: libbpf.Map,
+    first_octet: int,
+    n: int,
+    state: abi.State,
+    clock: Clock,
+    up: int,
+    vm: int,
+    proto: int = 6,
+) -> None:
     """n entries in *state*, last_seen = the data path's clock as each batch is written."""
     for start in range(0, n, _BATCH):
         count = min(_BATCH, n - start)
@@ -358,15 +400,17 @@ class _Lateness:
 def _lateness(maps: Maps, clock: Clock, k: int, up: int, vm: int, grace: float) -> _Lateness:
     """K entries with a SHORT_TIMEOUT state (half per table), polled until gone."""
     half = k // 2
-    tables = ((maps.pending, 12, half, abi.State.UDP_NEW),
-              (maps.conns, 13, k - half, abi.State.UDP_STREAM))
+    tables = (
+        (maps.pending, 12, half, abi.State.UDP_NEW),
+        (maps.conns, 13, k - half, abi.State.UDP_STREAM),
+    )
     pending: dict[bytes, tuple[libbpf.Map, float]] = {}
     for m, octet, n, state in tables:
         _fill(m, octet, n, state, clock, up, vm, proto=17)
         t0 = time.monotonic()
         keys = _keys(octet, 0, n, 17)
         for i in range(n):
-            pending[keys[i * _KEY.size:(i + 1) * _KEY.size]] = (m, t0)
+            pending[keys[i * _KEY.size : (i + 1) * _KEY.size]] = (m, t0)
     late: list[float] = []
     deadline = time.monotonic() + SHORT_TIMEOUT + grace
     while pending and time.monotonic() < deadline:
@@ -402,8 +446,14 @@ def _memory(pins: Pins) -> tuple[float, dict[str, int], int]:
 
 # -- the run --------------------------------------------------------------------------
 
-def run(entries: int = 1_000_000, rest: float = 30.0, repeat: int = 7, expiring: int = 1000,
-        progress: Progress = lambda msg: None) -> Results:
+
+def run(
+    entries: int = 1_000_000,
+    rest: float = 30.0,
+    repeat: int = 7,
+    expiring: int = 1000,
+    progress: Progress = lambda msg: None,
+) -> Results:
     """Measures every figure at *entries* live entries and on the empty table;
     see the module docstring. Everything it made is removed, even on Ctrl-C."""
     if os.geteuid() != 0:
@@ -430,8 +480,10 @@ def run(entries: int = 1_000_000, rest: float = 30.0, repeat: int = 7, expiring:
         stack.callback(clock.close)
         controller = Controller(name, pin_root)
         stack.callback(controller.close)
-        sizes = {"lh_conns": maps.conns.info.max_entries,
-                 "lh_pending": maps.pending.info.max_entries}
+        sizes = {
+            "lh_conns": maps.conns.info.max_entries,
+            "lh_pending": maps.pending.info.max_entries,
+        }
         obj = libbpf.BpfObject(_object(), pin_root=pins.folder, max_entries=sizes)
         stack.callback(obj.close)
         up, vm = (controller.links.by_name(n, "interface").index for n in ("up0", "vm0"))
@@ -463,53 +515,108 @@ def run(entries: int = 1_000_000, rest: float = 30.0, repeat: int = 7, expiring:
             "live_confirmed": {"expected": n_conns, "counted": stats.confirmed.entries},
             "live_pending": {"expected": n_pending, "counted": stats.pending.entries},
             "expired_gone": {"expected": expiring, "counted": late.gone},
-            "agent_removed": {"expected": 0,
-                              "counted": ev[T.CONFIRMED_REMOVED] + ev[T.PENDING_REMOVED]},
+            "agent_removed": {
+                "expected": 0,
+                "counted": ev[T.CONFIRMED_REMOVED] + ev[T.PENDING_REMOVED],
+            },
         }
         for c in checks.values():
             c["ok"] = c["expected"] == c["counted"]
         agent_passes = full_rest.passes
-        passes_text = (f"agent's passes: median {statistics.median(agent_passes):.0f} ms, "
-                       f"max {max(agent_passes):.0f} ms ({len(agent_passes)} passes, jiffies)"
-                       if agent_passes else "no agent pass seen")
+        passes_text = (
+            f"agent's passes: median {statistics.median(agent_passes):.0f} ms, "
+            f"max {max(agent_passes):.0f} ms ({len(agent_passes)} passes, jiffies)"
+            if agent_passes
+            else "no agent pass seen"
+        )
         top = ", ".join(f"{k} {v:.2f} %" for k, v in list(full_rest.threads.items())[:3])
         figures = [
-            Figure("agent_cpu", "agent CPU at rest", full_rest.cpu_pct, "%", base_rest.cpu_pct,
-                   TARGETS["agent_cpu"],
-                   f"of which in the kernel {full_rest.sys_pct:.2f} % (empty "
-                   f"{base_rest.sys_pct:.2f} %); threads: {top}"),
-            Figure("stats_cli", "`lasthop stats --json` (new process)", full.stats_cli, "ms",
-                   base.stats_cli, TARGETS["stats_cli"],
-                   f"table's share: {full.stats_cli - base.stats_cli:+.1f} ms over empty"),
-            Figure("stats_inproc", "Controller.stats() in-process", full.stats_inproc, "ms",
-                   base.stats_inproc, TARGETS["stats_inproc"]),
-            Figure("metrics", "/metrics scrape", full.metrics, "ms", base.metrics,
-                   TARGETS["metrics"]),
-            Figure("expiry_pass", "expiry pass (lh_expire, kernel time)", full.expiry_pass,
-                   "ms", base.expiry_pass, None,
-                   f"{passes_text}; the agent's loop (a pass, then {Config().expiry_interval:g} s) "
-                   f"spends {100 * full.expiry_pass / (full.expiry_pass + 1000 * Config().expiry_interval):.1f}"
-                   " % of a core in it"),
-            Figure("expiry_lateness", "expired entries: worst lateness", late.worst, "s",
-                   None, TARGETS["expiry_lateness"],
-                   f"median {late.median:.2f} s past the {SHORT_TIMEOUT} s timeout; "
-                   f"{late.gone} of {late.inserted} gone"),
-            Figure("memory_per_entry", "kernel memory per entry, all maps", per_entry, "B",
-                   None, TARGETS["memory_per_entry"],
-                   f"{sum(memlock.values()) / 2**20:.1f} MiB memlock over {capacity} entries; "
-                   f"lh_conns {memlock['lh_conns'] / sizes['lh_conns']:.1f} B/entry, "
-                   f"lh_pending {memlock['lh_pending'] / sizes['lh_pending']:.1f} B/entry"),
+            Figure(
+                "agent_cpu",
+                "agent CPU at rest",
+                full_rest.cpu_pct,
+                "%",
+                base_rest.cpu_pct,
+                TARGETS["agent_cpu"],
+                f"of which in the kernel {full_rest.sys_pct:.2f} % (empty "
+                f"{base_rest.sys_pct:.2f} %); threads: {top}",
+            ),
+            Figure(
+                "stats_cli",
+                "`lasthop stats --json` (new process)",
+                full.stats_cli,
+                "ms",
+                base.stats_cli,
+                TARGETS["stats_cli"],
+                f"table's share: {full.stats_cli - base.stats_cli:+.1f} ms over empty",
+            ),
+            Figure(
+                "stats_inproc",
+                "Controller.stats() in-process",
+                full.stats_inproc,
+                "ms",
+                base.stats_inproc,
+                TARGETS["stats_inproc"],
+            ),
+            Figure(
+                "metrics", "/metrics scrape", full.metrics, "ms", base.metrics, TARGETS["metrics"]
+            ),
+            Figure(
+                "expiry_pass",
+                "expiry pass (lh_expire, kernel time)",
+                full.expiry_pass,
+                "ms",
+                base.expiry_pass,
+                None,
+                f"{passes_text}; the agent's loop (a pass, then {EVERY:g} s) "
+                f"spends {100 * full.expiry_pass / (full.expiry_pass + 1000 * EVERY):.1f}"
+                " % of a core in it",
+            ),
+            Figure(
+                "expiry_lateness",
+                "expired entries: worst lateness",
+                late.worst,
+                "s",
+                None,
+                TARGETS["expiry_lateness"],
+                f"median {late.median:.2f} s past the {SHORT_TIMEOUT} s timeout; "
+                f"{late.gone} of {late.inserted} gone",
+            ),
+            Figure(
+                "memory_per_entry",
+                "kernel memory per entry, all maps",
+                per_entry,
+                "B",
+                None,
+                TARGETS["memory_per_entry"],
+                f"{sum(memlock.values()) / 2**20:.1f} MiB memlock over {capacity} entries; "
+                f"lh_conns {memlock['lh_conns'] / sizes['lh_conns']:.1f} B/entry, "
+                f"lh_pending {memlock['lh_pending'] / sizes['lh_pending']:.1f} B/entry",
+            ),
         ]
         return Results(
-            figures=figures, checks=checks, threads=full_rest.threads,
-            settings={"entries": entries, "confirmed": n_conns, "pending": n_pending,
-                      "table_size": sizes["lh_conns"], "pending_table_size": sizes["lh_pending"],
-                      "rest_s": rest, "repeat": repeat, "expiring": expiring,
-                      "short_timeout_s": SHORT_TIMEOUT, "fill_s": round(fill_s, 1),
-                      "memlock": memlock},
-            environment={"kernel": platform.release(), "cpus": os.cpu_count(),
-                         "python": platform.python_version(),
-                         "elapsed_s": round(time.monotonic() - started, 1)},
+            figures=figures,
+            checks=checks,
+            threads=full_rest.threads,
+            settings={
+                "entries": entries,
+                "confirmed": n_conns,
+                "pending": n_pending,
+                "table_size": sizes["lh_conns"],
+                "pending_table_size": sizes["lh_pending"],
+                "rest_s": rest,
+                "repeat": repeat,
+                "expiring": expiring,
+                "short_timeout_s": SHORT_TIMEOUT,
+                "fill_s": round(fill_s, 1),
+                "memlock": memlock,
+            },
+            environment={
+                "kernel": platform.release(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "elapsed_s": round(time.monotonic() - started, 1),
+            },
         )
     finally:
         agent.stop()
@@ -521,6 +628,7 @@ def run(entries: int = 1_000_000, rest: float = 30.0, repeat: int = 7, expiring:
 
 
 # -- printing and the command ---------------------------------------------------------
+
 
 def _fmt(v: float | None, unit: str) -> str:
     if v is None:
@@ -534,37 +642,59 @@ def print_results(results: Results, console: Any) -> None:
     s = results.settings
     t = Table(title=f"lasthop table at {s['entries']:,} live entries (empty table alongside)")
     for col in ("figure", "value", "empty table", "target", "", "detail"):
-        t.add_column(col, justify="right" if col in ("value", "empty table", "target")
-                     else "left")
+        t.add_column(col, justify="right" if col in ("value", "empty table", "target") else "left")
     for f in results.figures:
         mark = "" if f.ok is None else ("[green]ok[/green]" if f.ok else "[red]MISSED[/red]")
         target = f"≤ {_fmt(f.target, f.unit)}" if f.target is not None else ""
-        t.add_row(f.label, _fmt(f.value, f.unit), _fmt(f.baseline, f.unit), target, mark,
-                  f.detail)
+        t.add_row(f.label, _fmt(f.value, f.unit), _fmt(f.baseline, f.unit), target, mark, f.detail)
     console.print(t)
     for name, c in results.checks.items():
         style = "green" if c["ok"] else "red"
         console.print(f"check {name}: {c['counted']} (expected {c['expected']})", style=style)
     env = results.environment
-    console.print(f"kernel {env['kernel']}, {env['cpus']} CPUs; {s['confirmed']} confirmed + "
-                  f"{s['pending']} pending (filled in {s['fill_s']} s), tables "
-                  f"{s['table_size']} + {s['pending_table_size']}; rest {s['rest_s']:g} s, "
-                  f"median of {s['repeat']}; {env['elapsed_s']} s", style="dim")
+    console.print(
+        f"kernel {env['kernel']}, {env['cpus']} CPUs; {s['confirmed']} confirmed + "
+        f"{s['pending']} pending (filled in {s['fill_s']} s), tables "
+        f"{s['table_size']} + {s['pending_table_size']}; rest {s['rest_s']:g} s, "
+        f"median of {s['repeat']}; {env['elapsed_s']} s",
+        style="dim",
+    )
 
 
 @click.command("table")
-@click.option("--entries", type=click.IntRange(1000, 1 << 27), default=1_000_000,
-              show_default=True, help="Live entries in the tables (table_size = this).")
-@click.option("--rest", type=click.FloatRange(1), default=30.0, show_default=True,
-              help="Seconds the agent's CPU is measured at rest (each table).")
-@click.option("--repeat", type=click.IntRange(1), default=7, show_default=True,
-              help="Runs of each timed command (the median is reported).")
-@click.option("--expiring", type=click.IntRange(2), default=1000, show_default=True,
-              help="Entries with a short timeout whose removal is timed.")
+@click.option(
+    "--entries",
+    type=click.IntRange(1000, 1 << 27),
+    default=1_000_000,
+    show_default=True,
+    help="Live entries in the tables (table_size = this).",
+)
+@click.option(
+    "--rest",
+    type=click.FloatRange(1),
+    default=30.0,
+    show_default=True,
+    help="Seconds the agent's CPU is measured at rest (each table).",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(1),
+    default=7,
+    show_default=True,
+    help="Runs of each timed command (the median is reported).",
+)
+@click.option(
+    "--expiring",
+    type=click.IntRange(2),
+    default=1000,
+    show_default=True,
+    help="Entries with a short timeout whose removal is timed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
-def table_command(entries: int, rest: float, repeat: int, expiring: int, as_json: bool,
-                  strict: bool) -> None:
+def table_command(
+    entries: int, rest: float, repeat: int, expiring: int, as_json: bool, strict: bool
+) -> None:
     """The agent's cost at N live entries: CPU at rest, stats and /metrics
     time, expiry pass and lateness, kernel memory per entry (issue 8's targets).
 
@@ -578,8 +708,13 @@ def table_command(entries: int, rest: float, repeat: int, expiring: int, as_json
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup on TERM too
     try:
         with console.status("starting") as status:
-            results = run(entries=entries, rest=rest, repeat=repeat, expiring=expiring,
-                          progress=lambda msg: status.update(msg))
+            results = run(
+                entries=entries,
+                rest=rest,
+                repeat=repeat,
+                expiring=expiring,
+                progress=lambda msg: status.update(msg),
+            )
     except (BenchError, libbpf.BpfError, subprocess.CalledProcessError) as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
         sys.exit(3)
