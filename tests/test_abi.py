@@ -9,6 +9,7 @@ loaded into the kernel.
 from __future__ import annotations
 
 import ctypes
+import enum
 import json
 import re
 import shutil
@@ -104,6 +105,23 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
     assert values.pop("CNT_MAX") == abi.CNT_MAX
     assert {f"CNT_{c.name}": int(c) for c in abi.Counter} == values
     assert max(values.values()) < abi.CNT_MAX
+
+
+@pytest.mark.parametrize(("mirror", "c_enum", "prefix", "maximum"), [
+    (abi.State, "conn_state", "CS_", ("CS_MAX", abi.CS_MAX)),
+    (abi.TableCounter, "lh_table_counter", "TC_", ("TC_MAX", abi.TC_MAX)),
+    (abi.VmAddrOrigin, "vm_addr_origin", "VM_ADDR_", None),
+])
+def test_enums_match_btf(btf: dict[int, dict[str, Any]], mirror: type[enum.IntEnum], c_enum: str,
+                         prefix: str, maximum: tuple[str, int] | None) -> None:
+    """abi.State, abi.TableCounter and abi.VmAddrOrigin are their C enums without
+    the prefix; CS_MAX and TC_MAX are abi.CS_MAX and abi.TC_MAX, above every value."""
+    values = {v["name"]: v["val"] for v in named(btf, "ENUM", c_enum)["values"]}
+    if maximum is not None:
+        name, value = maximum
+        assert values.pop(name) == value
+        assert max(values.values()) < value
+    assert {f"{prefix}{m.name}": int(m) for m in mirror} == values
 
 
 def test_roles_match_enum_lh_role(btf: dict[int, dict[str, Any]]) -> None:

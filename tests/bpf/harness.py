@@ -1,6 +1,8 @@
 """Runs the data-path programs on frames with BPF_PROG_TEST_RUN and checks a
-case row: verdict, redirect target, output bytes, counter deltas and the
-whole connection table afterwards.
+case row: verdict, redirect target, output bytes, counter deltas (per
+interface and table-wide), the whole connection table afterwards (both maps:
+lh_conns, confirmed, and lh_pending), the VM ports' addresses (lh_vm_addrs)
+and their quota use (lh_vm_usage).
 
 Interfaces are named (``up1``, ``vm1``, ...); their ifindexes exist only in
 the test's network namespace, so rows name them and the runner resolves.
@@ -36,6 +38,10 @@ TC_ACT_REDIRECT = 7
 
 UPLINK = "lh_uplink"
 VMPORT = "lh_vmport"
+
+CONFIRMED = "confirmed"  # Entry.table: lh_conns
+PENDING = "pending"  # Entry.table: lh_pending
+TABLE_MAPS = {CONFIRMED: "lh_conns", PENDING: "lh_pending"}
 
 SLOT0 = "slot0"  # counters of packets on interfaces the agent did not configure
 SEEN_SETUP = 1_000_000_007  # last_seen the rows write: "not touched by this run"
@@ -134,6 +140,9 @@ class Entry:
     replies: int = 0
     vm: str | None = None  # VM port serving or opening the connection
     seen: str = "setup"  # expected: "setup" (untouched) or "now" (set by this run)
+    state: abi.State = abi.State.NONE
+    seq: int = 0  # TCP: the ACK number that completes the handshake
+    table: str = CONFIRMED  # CONFIRMED (lh_conns) or PENDING (lh_pending)
 
     def but(self, **changes: Any) -> Entry:
         return replace(self, **changes)
@@ -150,8 +159,29 @@ class EntryView:
     packets: int
     replies: int
     vm: str | None
-    tunnel_id: int
     seen: str
+    state: abi.State
+    seq: int
+    table: str
+
+
+# ---------------------------------------------------------------- VM addresses
+
+Usage = tuple[int, int, int]  # lh_vm_usage: created, base, counted
+VmAddr = tuple[str, str, abi.VmAddrOrigin]  # (VM port, address, origin)
+
+
+def addr_bytes(addr: str) -> tuple[int, bytes]:
+    """(family, 16 bytes as the maps hold addresses: IPv4 in word 0)."""
+    if ":" in addr:
+        return abi.FAMILY_V6, socket.inet_pton(socket.AF_INET6, addr)
+    return abi.FAMILY_V4, socket.inet_aton(addr) + bytes(12)
+
+
+def addr_str(family: int, raw: bytes) -> str:
+    if family == abi.FAMILY_V4:
+        return socket.inet_ntoa(raw[:4])
+    return socket.inet_ntop(socket.AF_INET6, raw)
 
 
 # ---------------------------------------------------------------- cases
@@ -171,12 +201,21 @@ class Case:
     zones: tuple[tuple[str, int], ...] = ()  # (iface, zone) overrides
     roles: tuple[tuple[str, abi.Role], ...] = ()  # (iface, role) overrides; NONE removes
     vm_macs: tuple[tuple[str, str], ...] = ()  # (VM port, guest MAC) known to lh_ifaces
+    iface_flags: tuple[tuple[str, int], ...] = ()  # (iface, F_IFACE_* added)
+    # lh_vm_addrs: (VM port, address), CONFIGURED, or (VM port, address, origin)
+    vm_addrs: tuple[tuple[str, str] | VmAddr, ...] = ()
+    vm_quota: int = 0  # lh_settings .vm_quota
+    # lh_vm_usage elements: (VM port, (created, base, counted)); a port with none has none
+    vm_usage: tuple[tuple[str, Usage], ...] = ()
     gso_size: int = 0  # run as a GSO skb (GRO-merged) with this segment size
     verdict: int = TC_ACT_OK
     redirect: str | None = None  # interface the frame is redirected to
     output: Packet | None = None  # None: the input, unchanged
     counters: dict[tuple[str, abi.Counter], int] = field(default_factory=dict)
+    table_counters: dict[abi.TableCounter, int] = field(default_factory=dict)
     after: tuple[Entry, ...] | None = None  # None: the set-up entries, unchanged
+    vm_addrs_after: tuple[VmAddr, ...] | None = None  # None: vm_addrs, unchanged
+    vm_usage_after: tuple[tuple[str, Usage], ...] | None = None  # None: vm_usage, unchanged
 
     def __str__(self) -> str:
         return self.desc
@@ -226,19 +265,27 @@ class Datapath:
         self.ifaces = ifaces
         self.by_index = {i.ifindex: i.name for i in ifaces.values()}
         self.conns: Map = obj.map("lh_conns")
+        self.pending: Map = obj.map("lh_pending")
+        self.tables = {CONFIRMED: self.conns, PENDING: self.pending}
         self.iface_map: Map = obj.map("lh_ifaces")
         self.counters: Map = obj.map("lh_counters")
+        self.table_counters_map: Map = obj.map("lh_table_counters")
         self.settings: Map = obj.map("lh_settings")
+        self.expiry: Map = obj.map("lh_expiry")
+        self.vm_addrs: Map = obj.map("lh_vm_addrs")
+        self.vm_usage: Map = obj.map("lh_vm_usage")
         self.trace: Map = obj.map("lh_trace")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
     # set-up
     def reset(self) -> None:
-        for key in list(self.conns.keys()):
-            self.conns.delete(key)
+        for m in (self.conns, self.pending, self.vm_addrs, self.vm_usage):
+            for key in list(m.keys()):
+                m.delete(key)
         for iface in self.ifaces.values():
             self.configure(iface.name)
         self.set_settings(0)
+        self.expiry.update(_u32(0), bytes(abi.ExpiryStats()))
         self.trace.update(_u32(0), _u32(0))
 
     def configure(self, name: str, *, role: abi.Role | None = None, zone: int = 0,
@@ -254,18 +301,35 @@ class Datapath:
             cfg = abi.IfaceCfg()
         self.iface_map.update(_u32(iface.ifindex), bytes(cfg))
 
-    def set_settings(self, flags: int) -> None:
-        self.settings.update(_u32(0), bytes(abi.Settings(flags=flags)))
+    def set_settings(self, flags: int, *, hz: int = 0, timeouts: dict[abi.State, int] | None = None,
+                     vm_quota: int = 0) -> None:
+        s = abi.Settings(flags=flags, hz=hz, vm_quota=vm_quota)
+        for state, seconds in (timeouts or {}).items():
+            s.timeout[state] = seconds
+        self.settings.update(_u32(0), bytes(s))
 
-    def put(self, entry: Entry) -> None:
-        e = abi.ConnEntry(last_seen=SEEN_SETUP, flags=entry.flags, packets=entry.packets,
-                          replies=entry.replies, vlan_count=len(entry.vlans))
+    def put(self, entry: Entry, last_seen: int = SEEN_SETUP) -> None:
+        """Writes entry into the table it names (lh_conns or lh_pending)."""
+        e = abi.ConnEntry(last_seen=last_seen, flags=entry.flags, packets=entry.packets,
+                          replies=entry.replies, vlan_count=len(entry.vlans),
+                          state=int(entry.state), seq=entry.seq)
         ctypes.memmove(e.mac, mac_bytes(entry.mac), abi.ETH_ALEN)
         e.ifindex = self.ifaces[entry.iface].ifindex if entry.iface else 0
         e.vm_ifindex = self.ifaces[entry.vm].ifindex if entry.vm else 0
         for i, t in enumerate(entry.vlans):
             e.vlan_tci[i] = t
-        self.conns.update(entry.key.pack(), bytes(e))
+        self.tables[entry.table].update(entry.key.pack(), bytes(e))
+
+    def add_vm_addr(self, vm: str, addr: str,
+                    origin: abi.VmAddrOrigin = abi.VmAddrOrigin.CONFIGURED) -> None:
+        family, raw = addr_bytes(addr)
+        key = struct.pack("<II16s", self.ifaces[vm].ifindex, family, raw)
+        self.vm_addrs.update(key, bytes(abi.VmAddr(origin=int(origin))))
+
+    def set_usage(self, vm: str, usage: Usage) -> None:
+        created, base, counted = usage
+        value = abi.VmUsage(created=created, base=base, counted=counted)
+        self.vm_usage.update(_u32(self.ifaces[vm].ifindex), bytes(value))
 
     # running
     def run(self, prog: str, frame: bytes, iface: str, gso_size: int = 0) -> TestRun:
@@ -276,7 +340,16 @@ class Datapath:
 
     def clock(self) -> int:
         """The data path's clock: low 32 bits of jiffies, as lh_clock returns them."""
-        return self.obj.program("lh_clock").test_run(bytes(14)).retval
+        return self.obj.program("lh_clock").test_run(bytes(14)).retval % 2**32
+
+    def expire(self) -> int:
+        """One expiry pass (lh_expire); returns its verdict (1: walked)."""
+        return self.obj.program("lh_expire").test_run(bytes(14)).retval
+
+    def expiry_stats(self) -> abi.ExpiryStats:
+        raw = self.expiry.lookup(_u32(0))
+        assert raw is not None
+        return abi.ExpiryStats.from_buffer_copy(raw[:ctypes.sizeof(abi.ExpiryStats)])
 
     def redirected_to(self) -> str | None:
         raw = self.trace.lookup(_u32(0))
@@ -290,29 +363,74 @@ class Datapath:
             for c in abi.Counter:
                 raw = self.counters.lookup(abi.counter_key(slot, c))
                 assert raw is not None
-                out[(name, c)] = sum(struct.unpack("<Q", v[:8])[0]
-                                     for v in self.counters.percpu_values(raw))
+                out[(name, c)] = _percpu_sum(self.counters, raw)
+        return out
+
+    def table_counter_values(self) -> dict[abi.TableCounter, int]:
+        out = {}
+        for c in abi.TableCounter:
+            raw = self.table_counters_map.lookup(_u32(int(c)))
+            assert raw is not None
+            out[c] = _percpu_sum(self.table_counters_map, raw)
+        return out
+
+    def vm_addr_rows(self) -> set[VmAddr]:
+        """lh_vm_addrs as (VM port, address, origin)."""
+        out = set()
+        for key, raw in self.vm_addrs.items():
+            ifindex, family, addr = struct.unpack("<II16s", key)
+            origin = abi.VmAddr.from_buffer_copy(raw[:ctypes.sizeof(abi.VmAddr)]).origin
+            out.add((self.by_index.get(ifindex, str(ifindex)), addr_str(family, addr),
+                     abi.VmAddrOrigin(origin)))
+        return out
+
+    def usage(self, vm: str) -> abi.VmUsage:
+        raw = self.vm_usage.lookup(_u32(self.ifaces[vm].ifindex))
+        assert raw is not None, f"no lh_vm_usage element for {vm}"
+        return abi.VmUsage.from_buffer_copy(raw[:ctypes.sizeof(abi.VmUsage)])
+
+    def usage_rows(self) -> dict[str, Usage]:
+        """(created, base, counted) of every VM port lh_vm_usage has an element for."""
+        out = {}
+        for key, raw in self.vm_usage.items():
+            ifindex = struct.unpack("<I", key)[0]
+            u = abi.VmUsage.from_buffer_copy(raw[:ctypes.sizeof(abi.VmUsage)])
+            out[self.by_index.get(ifindex, str(ifindex))] = (u.created, u.base, u.counted)
         return out
 
     def table(self, t0: int = 0, t1: int = 0) -> dict[bytes, EntryView]:
-        out = {}
-        for key, raw in self.conns.items():
-            e = abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)])
-            if e.last_seen == SEEN_SETUP:
-                seen = "setup"
-            elif (e.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32:
-                seen = "now"
-            else:
-                seen = f"last_seen={e.last_seen} outside [{t0}, {t1}]"
-            out[key] = EntryView(
-                mac=mac_str(bytes(e.mac)),
-                iface=self.by_index.get(e.ifindex, str(e.ifindex)) if e.ifindex else None,
-                vlans=tuple(e.vlan_tci[i] for i in range(e.vlan_count)),
-                flags=e.flags, packets=e.packets, replies=e.replies,
-                vm=self.by_index.get(e.vm_ifindex, str(e.vm_ifindex)) if e.vm_ifindex else None,
-                tunnel_id=e.tunnel_id, seen=seen,
-            )
+        """Both tables, by key; an entry says which table holds it."""
+        out: dict[bytes, EntryView] = {}
+        for table, m in self.tables.items():
+            for key, raw in m.items():
+                e = abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)])
+                if e.last_seen == SEEN_SETUP:
+                    seen = "setup"
+                elif (e.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32:
+                    seen = "now"
+                else:
+                    seen = f"last_seen={e.last_seen} outside [{t0}, {t1}]"
+                assert key not in out, f"key in both tables: {key.hex()}"
+                out[key] = EntryView(
+                    mac=mac_str(bytes(e.mac)),
+                    iface=self.by_index.get(e.ifindex, str(e.ifindex)) if e.ifindex else None,
+                    vlans=tuple(e.vlan_tci[i] for i in range(e.vlan_count)),
+                    flags=e.flags, packets=e.packets, replies=e.replies,
+                    vm=self.by_index.get(e.vm_ifindex, str(e.vm_ifindex)) if e.vm_ifindex else None,
+                    seen=seen, state=_state(e.state), seq=e.seq, table=table,
+                )
         return out
+
+
+def _state(value: int) -> abi.State:
+    try:
+        return abi.State(value)
+    except ValueError:
+        return value  # type: ignore[return-value]  # shown as the bare number in a diff
+
+
+def _percpu_sum(m: Map, raw: bytes) -> int:
+    return sum(struct.unpack("<Q", v[:8])[0] for v in m.percpu_values(raw))
 
 
 def _u32(n: int) -> bytes:
@@ -321,8 +439,8 @@ def _u32(n: int) -> bytes:
 
 def view(entry: Entry) -> EntryView:
     return EntryView(mac=entry.mac, iface=entry.iface, vlans=entry.vlans, flags=entry.flags,
-                     packets=entry.packets, replies=entry.replies, vm=entry.vm, tunnel_id=0,
-                     seen=entry.seen)
+                     packets=entry.packets, replies=entry.replies, vm=entry.vm,
+                     seen=entry.seen, state=entry.state, seq=entry.seq, table=entry.table)
 
 
 def frame_diff(actual: bytes, expected: bytes) -> str:
@@ -336,20 +454,25 @@ def check(dp: Datapath, case: Case) -> TestRun:
     """Runs one case on a freshly reset data path and asserts every expectation."""
     dp.reset()
     zones, roles, vm_macs = dict(case.zones), dict(case.roles), dict(case.vm_macs)
+    extra = dict(case.iface_flags)
     for name, iface in dp.ifaces.items():
         role = roles.get(name, iface.role)
         flags = abi.F_IFACE_ROUTED if case.routed and role == abi.Role.VM_PORT else 0
-        dp.configure(name, role=role, zone=zones.get(name, 0), flags=flags,
+        dp.configure(name, role=role, zone=zones.get(name, 0), flags=flags | extra.get(name, 0),
                      vm_mac=vm_macs.get(name))
-    dp.set_settings(case.settings)
+    dp.set_settings(case.settings, vm_quota=case.vm_quota)
     for entry in case.setup:
         dp.put(entry)
+    for row in case.vm_addrs:
+        dp.add_vm_addr(*row)
+    for vm, usage in case.vm_usage:
+        dp.set_usage(vm, usage)
     frame = bytes(case.packet)
-    before = dp.counter_values()
+    before, tables_before = dp.counter_values(), dp.table_counter_values()
     t0 = dp.clock()
     run = dp.run(case.prog, frame, case.iface, case.gso_size)
     t1 = dp.clock()
-    after = dp.counter_values()
+    after, tables_after = dp.counter_values(), dp.table_counter_values()
 
     assert run.retval == case.verdict, f"verdict {run.retval}, expected {case.verdict}"
     assert dp.redirected_to() == case.redirect
@@ -357,13 +480,22 @@ def check(dp: Datapath, case: Case) -> TestRun:
     assert run.data == expected, frame_diff(run.data, expected)
     deltas = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     assert deltas == case.counters
+    table_deltas = {k: tables_after[k] - tables_before[k] for k in tables_after
+                    if tables_after[k] != tables_before[k]}
+    assert table_deltas == case.table_counters
     want = case.setup if case.after is None else case.after
     assert dp.table(t0, t1) == {e.key.pack(): view(e) for e in want}
+    want_addrs = (case.vm_addrs_after if case.vm_addrs_after is not None else
+                  tuple((*row, abi.VmAddrOrigin.CONFIGURED)[:3] for row in case.vm_addrs))
+    assert dp.vm_addr_rows() == set(want_addrs)
+    assert dp.usage_rows() == dict(case.vm_usage if case.vm_usage_after is None
+                                   else case.vm_usage_after)
     return run
 
 
 __all__ = [
-    "Case", "Datapath", "Entry", "EntryView", "Iface", "Key", "SEEN_SETUP", "SLOT0",
+    "CONFIRMED", "PENDING", "Case", "Datapath", "Entry", "EntryView", "Iface", "Key",
+    "SEEN_SETUP", "SLOT0", "Usage", "VmAddr", "addr_bytes",
     "TC_ACT_OK", "TC_ACT_REDIRECT", "TC_ACT_SHOT", "UPLINK", "VMPORT", "bridged", "check",
     "inner_tag", "routed",
     "ids", "mac_bytes",

@@ -45,7 +45,17 @@ from packets import (
     udp4_request,
 )
 
-from .harness import TC_ACT_REDIRECT, UPLINK, VMPORT, Case, Entry, Key, bridged, check
+from .harness import (
+    PENDING,
+    TC_ACT_REDIRECT,
+    UPLINK,
+    VMPORT,
+    Case,
+    Entry,
+    Key,
+    bridged,
+    check,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
@@ -242,13 +252,16 @@ def test_malformed_passes_unchanged(dp, case: Case) -> None:  # type: ignore[no-
     check(dp, case)
 
 
+MIDSTREAM = Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", seen="now",
+                  state=abi.State.TCP_MIDSTREAM, table=PENDING)
+
 CONTROLS = [
     Case("control: a well-formed request of the same shape is learned", UPLINK, "up1",
          tcp4_request("A"), counters={("up1", C.LEARNED): 1},
-         after=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", seen="now"),)),
+         table_counters={abi.TableCounter.PENDING_INSERTED: 1}, after=(MIDSTREAM,)),
     Case("control: IPv4 DF is no fragment", UPLINK, "up1", set_ip(flags="DF")(tcp4_request("A")),
          counters={("up1", C.LEARNED): 1},
-         after=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", seen="now"),)),
+         table_counters={abi.TableCounter.PENDING_INSERTED: 1}, after=(MIDSTREAM,)),
     Case("control: a well-formed reply of the same shape is redirected", VMPORT, "vm1",
          tcp4_reply(), setup=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1"),),
          verdict=TC_ACT_REDIRECT, redirect="up1",

@@ -186,8 +186,15 @@ class Services:
         return Sent(run.retval, self.dp.redirected_to(), run.data, deltas)
 
     def entry(self, frame: Packet, *, reverse: bool = False) -> abi.ConnEntry | None:
-        raw = self.dp.conns.lookup(Key(frame, reverse=reverse).pack())
+        """The connection's entry, confirmed (lh_conns) or pending (lh_pending)."""
+        key = Key(frame, reverse=reverse).pack()
+        raw = self.dp.conns.lookup(key) or self.dp.pending.lookup(key)
         return abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)]) if raw else None
+
+    def grant_vip(self, *vms: str) -> None:
+        """The virtual address in lh_vm_addrs for *vms*, as the agent grants its pool members."""
+        for vm in vms:
+            self.dp.add_vm_addr(vm, VIP, abi.VmAddrOrigin.SERVICE)
 
     def vm_of(self, frame: Packet) -> str | None:
         e = self.entry(frame)
@@ -456,7 +463,8 @@ def server_reply(sport: int, flags: str = "SA") -> Packet:
 def test_full_proxy_vms_sharing_one_address_each_get_their_servers_replies(sv: Services) -> None:
     """Two VMs open connections from the same address: each server reply goes
     to the VM that opened its connection, and the VM's next packet goes back
-    the way the reply came."""
+    the way the reply came (its ACK of the SYN-ACK confirms the connection)."""
+    sv.grant_vip("vm1", "vm2")
     for vm, sport in (("vm1", PORT_PROXY_1), ("vm2", PORT_PROXY_2)):
         syn = proxy_syn(vm, sport)
         sent = sv.send(VMPORT, vm, syn)
@@ -475,16 +483,21 @@ def test_full_proxy_vms_sharing_one_address_each_get_their_servers_replies(sv: S
             ORIGIN | HOP, mac_bytes(MAC_FW_S), "up1")
     # the VM's ACK: per-connection routing for the server side too
     ack = proxy_syn("vm1", PORT_PROXY_1)
-    ack[TCP].flags = "A"
+    ack[TCP].flags, ack[TCP].seq, ack[TCP].ack = "A", 7001, 9001
     sent = sv.send(VMPORT, "vm1", ack)
     expected = Ether(bytes(ack))
     expected[Ether].dst = MAC_FW_S
     assert (sent.verdict, sent.redirect, sent.data) == (TC_ACT_REDIRECT, "up1", bytes(expected))
-    assert sent.counters == {("vm1", C.REDIRECTED): 1}
+    assert sent.counters == {("vm1", C.REDIRECTED): 1, ("vm1", C.CONFIRMED): 1}
+    confirmed = sv.dp.conns.lookup(Key(ack, reverse=True).pack())
+    assert confirmed is not None
+    assert abi.ConnEntry.from_buffer_copy(confirmed[:ctypes.sizeof(abi.ConnEntry)]).state == (
+        abi.State.TCP_ESTABLISHED)
 
 
 def test_a_vm_packet_before_the_servers_reply_is_pending(sv: Services) -> None:
     """A retransmitted SYN before any reply: the entry has no hop yet, the packet passes."""
+    sv.grant_vip("vm1")
     syn = proxy_syn("vm1", PORT_PROXY_1)
     sv.send(VMPORT, "vm1", syn)
     sent = sv.send(VMPORT, "vm1", syn)
@@ -494,6 +507,7 @@ def test_a_vm_packet_before_the_servers_reply_is_pending(sv: Services) -> None:
 def test_vm_opened_connections_are_not_remembered_when_disabled(sv: Services) -> None:
     """F_SET_NO_VM_ORIGIN: a VM's SYN with no entry is a plain miss."""
     sv.reset(settings=abi.F_SET_SERVICES | abi.F_SET_NO_VM_ORIGIN)
+    sv.grant_vip("vm1")
     syn = proxy_syn("vm1", PORT_PROXY_1)
     assert sv.send(VMPORT, "vm1", syn).counters == {("vm1", C.MISS): 1}
     assert sv.entry(syn, reverse=True) is None
@@ -501,6 +515,7 @@ def test_vm_opened_connections_are_not_remembered_when_disabled(sv: Services) ->
 
 def test_a_vm_opened_connection_of_a_down_vm_passes(sv: Services) -> None:
     """Its VM is down: a server's reply has nowhere to be moved to and passes."""
+    sv.grant_vip("vm1")
     sv.send(VMPORT, "vm1", proxy_syn("vm1", PORT_PROXY_1))
     sv.vm_port("vm1", flags=abi.F_IFACE_VM_DOWN)
     reply = server_reply(PORT_PROXY_1)

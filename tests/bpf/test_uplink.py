@@ -53,6 +53,7 @@ from packets import (
 )
 
 from .harness import (
+    PENDING,
     SLOT0,
     TC_ACT_REDIRECT,
     UPLINK,
@@ -67,71 +68,84 @@ from .harness import (
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
 C = abi.Counter
+TC = abi.TableCounter
+ST = abi.State
 HOP = abi.F_ENTRY_HOP_KNOWN
 AD = abi.F_ENTRY_OUTER_8021AD
 
 
-def learned(frame, **kw) -> Entry:  # type: ignore[no-untyped-def]
-    """The entry a first request from firewall B on up1 creates."""
+def learned(frame, state: abi.State, **kw) -> Entry:  # type: ignore[no-untyped-def]
+    """The entry a first request from firewall B on up1 creates: pending, in
+    the state its first packet sets."""
     return Entry(Key(frame, zone=kw.pop("zone", 0)), mac=kw.pop("mac", MAC_FW_B),
-                 iface=kw.pop("iface", "up1"), seen="now", **kw)
+                 iface=kw.pop("iface", "up1"), seen="now", state=state, table=PENDING, **kw)
 
 
-def learn(desc: str, frame, **kw) -> Case:  # type: ignore[no-untyped-def]
-    """A row: the frame arrives on up1 with an empty table and is learned."""
-    return Case(desc, UPLINK, "up1", frame, after=(learned(frame),),
-                counters={("up1", C.LEARNED): 1}, **kw)
+LEARNED = {("up1", C.LEARNED): 1}
+INSERTED = {TC.PENDING_INSERTED: 1}
 
 
+def learn(desc: str, frame, state: abi.State, **kw) -> Case:  # type: ignore[no-untyped-def]
+    """A row: the frame arrives on up1 with an empty table and is learned, pending."""
+    return Case(desc, UPLINK, "up1", frame, after=(learned(frame, state),),
+                counters=LEARNED, table_counters=INSERTED, **kw)
+
+
+SYN = ST.TCP_SYN_SENT
 REQ4 = tcp4_request("A")
-KNOWN = Entry(Key(REQ4), mac=MAC_FW_B, iface="up1", packets=5)  # an established connection
+KNOWN = Entry(Key(REQ4), mac=MAC_FW_B, iface="up1", packets=5,
+              state=ST.TCP_ESTABLISHED)  # an established connection, confirmed
 
 LEARNING = [
-    learn("TCP v4 SYN from firewall B is learned", tcp4_request("S")),
-    learn("TCP v6 SYN is learned", tcp6_request("S")),
-    learn("UDP v4 is learned", udp4_request()),
-    learn("UDP v6 is learned", udp6_request()),
-    learn("ICMP echo request v4 is learned by identifier", echo4_request()),
-    learn("ICMPv6 echo request is learned by identifier", echo6_request()),
-    learn("a mid-stream TCP segment (no SYN) is learned: the agent may start late", REQ4),
+    learn("TCP v4 SYN from firewall B is learned, SYN sent", tcp4_request("S"), ST.TCP_SYN_SENT),
+    learn("TCP v6 SYN is learned, SYN sent", tcp6_request("S"), ST.TCP_SYN_SENT),
+    learn("UDP v4 is learned, new", udp4_request(), ST.UDP_NEW),
+    learn("UDP v6 is learned, new", udp6_request(), ST.UDP_NEW),
+    learn("ICMP echo request v4 is learned by identifier", echo4_request(), ST.ICMP_NEW),
+    learn("ICMPv6 echo request is learned by identifier", echo6_request(), ST.ICMP_NEW),
+    learn("a mid-stream TCP segment (no SYN) is learned: the agent may start late", REQ4,
+          ST.TCP_MIDSTREAM),
     Case("a request on the second uplink is learned there", UPLINK, "up2", tcp4_request(),
-         after=(learned(tcp4_request(), iface="up2"),), counters={("up2", C.LEARNED): 1}),
+         after=(learned(tcp4_request(), SYN, iface="up2"),), counters={("up2", C.LEARNED): 1},
+         table_counters=INSERTED),
     Case("the uplink's zone is part of the key", UPLINK, "up1", tcp4_request(),
-         zones=(("up1", 7),), after=(learned(tcp4_request(), zone=7),),
-         counters={("up1", C.LEARNED): 1}),
+         zones=(("up1", 7),), after=(learned(tcp4_request(), SYN, zone=7),),
+         counters=LEARNED, table_counters=INSERTED),
     Case("an 802.1Q tag is learned with its priority", UPLINK, "up1",
          tcp4_request(vlans=(dot1q(),)),
-         after=(learned(tcp4_request(), vlans=(tci(VLAN_C),)),),
-         counters={("up1", C.LEARNED): 1}),
+         after=(learned(tcp4_request(), SYN, vlans=(tci(VLAN_C),)),),
+         counters=LEARNED, table_counters=INSERTED),
     Case("the DEI bit of a tag is kept", UPLINK, "up1",
          tcp4_request(vlans=(Dot1Q(prio=VLAN_PCP, dei=1, vlan=VLAN_C),)),
-         after=(learned(tcp4_request(), vlans=(tci(VLAN_C) | 1 << 12,)),),
-         counters={("up1", C.LEARNED): 1}),
+         after=(learned(tcp4_request(), SYN, vlans=(tci(VLAN_C) | 1 << 12,)),),
+         counters=LEARNED, table_counters=INSERTED),
     Case("QinQ: 802.1ad outer and 802.1Q inner tags are learned, outer first", UPLINK, "up1",
          tcp4_request(vlans=(dot1ad(), dot1q())),
-         after=(learned(tcp4_request(), vlans=(tci(VLAN_S), tci(VLAN_C)), flags=HOP | AD),),
-         counters={("up1", C.LEARNED): 1}),
+         after=(learned(tcp4_request(), SYN, vlans=(tci(VLAN_S), tci(VLAN_C)), flags=HOP | AD),),
+         counters=LEARNED, table_counters=INSERTED),
     Case("two 802.1Q tags are learned without the 802.1ad flag", UPLINK, "up1",
          tcp6_request(vlans=(dot1q(VLAN_S), dot1q(VLAN_C))),
-         after=(learned(tcp6_request(), vlans=(tci(VLAN_S), tci(VLAN_C))),),
-         counters={("up1", C.LEARNED): 1}),
+         after=(learned(tcp6_request(), SYN, vlans=(tci(VLAN_S), tci(VLAN_C))),),
+         counters=LEARNED, table_counters=INSERTED),
     Case(
         "IPv4 with options is learned and the options counted", UPLINK, "up1",
         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, options=b"\x94\x04\x00\x00")
         / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S"),
-        after=(learned(tcp4_request()),),
+        after=(learned(tcp4_request(), SYN),), table_counters=INSERTED,
         counters={("up1", C.LEARNED): 1, ("up1", C.IP_OPTIONS): 1}),
     Case("IPv6 hop-by-hop, destination options and routing headers are skipped", UPLINK, "up1",
          eth(MAC_FW_B, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1) / IPv6ExtHdrHopByHop()
          / IPv6ExtHdrDestOpt() / IPv6ExtHdrRouting() / TCP(sport=PORT_CLIENT, dport=PORT_HTTP),
-         after=(learned(tcp6_request()),),
+         after=(learned(tcp6_request(), SYN),), table_counters=INSERTED,
          counters={("up1", C.LEARNED): 1, ("up1", C.IPV6_EXT): 1}),
     learn("a protocol without ports (GRE) is learned with ports 0",
-          eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, proto=47) / Raw(bytes(8))),
+          eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, proto=47) / Raw(bytes(8)),
+          ST.UDP_NEW),
     Case("BIG TCP: a GRO packet with IPv4 total length 0 runs to the frame's end", UPLINK, "up1",
          eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, len=0)
          / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A") / Raw(bytes(1448 * 2)),
-         gso_size=1448, after=(learned(tcp4_request()),), counters={("up1", C.LEARNED): 1}),
+         gso_size=1448, after=(learned(tcp4_request(), ST.TCP_MIDSTREAM),), counters=LEARNED,
+         table_counters=INSERTED),
     Case("IPv4 total length 0 on a frame that is no GSO packet is malformed", UPLINK, "up1",
          eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, len=0)
          / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A") / Raw(bytes(100)),
@@ -139,11 +153,12 @@ LEARNING = [
     Case("BIG TCP: a GRO packet with IPv6 payload length 0 runs to the frame's end", UPLINK,
          "up1", eth(MAC_FW_B, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, plen=0)
          / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A") / Raw(bytes(1448 * 2)),
-         gso_size=1448, after=(learned(tcp6_request()),), counters={("up1", C.LEARNED): 1}),
+         gso_size=1448, after=(learned(tcp6_request(), ST.TCP_MIDSTREAM),), counters=LEARNED,
+         table_counters=INSERTED),
     Case("Ethernet padding after the IPv4 total length is ignored", UPLINK, "up1",
          eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, len=40)
          / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S") / Raw(bytes(6)),
-         after=(learned(tcp4_request()),), counters={("up1", C.LEARNED): 1}),
+         after=(learned(tcp4_request(), SYN),), counters=LEARNED, table_counters=INSERTED),
 ]
 
 REFRESH = [
@@ -184,7 +199,8 @@ REFRESH = [
          after=(KNOWN.but(packets=6, seen="now"),), counters={("up1", C.RELEARNED): 1}),
     Case("the zone keeps connections apart: same 5-tuple, other zone, new entry", UPLINK, "up1",
          REQ4, zones=(("up1", 7),), setup=(KNOWN,),
-         after=(KNOWN, learned(REQ4, zone=7)), counters={("up1", C.LEARNED): 1}),
+         after=(KNOWN, learned(REQ4, ST.TCP_MIDSTREAM, zone=7)), counters=LEARNED,
+         table_counters=INSERTED),
 ]
 
 NOT_LEARNED = [
@@ -214,17 +230,19 @@ NOT_LEARNED = [
 VM_ORIGIN = [
     Case("the first uplink packet of a VM-opened connection learns its hop and goes to the VM",
          UPLINK, "up1", tcp4_request("SA"),
-         setup=(Entry(Key(tcp4_request("SA")), flags=abi.F_ENTRY_VM_ORIGIN, packets=0, vm="vm1"),),
+         setup=(Entry(Key(tcp4_request("SA")), flags=abi.F_ENTRY_VM_ORIGIN, packets=0, vm="vm1",
+                      state=SYN, table=PENDING),),
          vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="vm1",
          after=(Entry(Key(tcp4_request("SA")), mac=MAC_FW_B, iface="up1",
-                      flags=abi.F_ENTRY_VM_ORIGIN | HOP, packets=1, vm="vm1", seen="now"),),
+                      flags=abi.F_ENTRY_VM_ORIGIN | HOP, packets=1, vm="vm1", seen="now",
+                      state=ST.TCP_SYN_RECV, seq=1001, table=PENDING),),
          counters={("up1", C.VM_ORIGIN_HOP): 1, ("up1", C.VM_ORIGIN_RETURNED): 1}),
 ]
 
 
 FAST = abi.F_SET_FAST_PATH
 BOUND = Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", flags=HOP | abi.F_ENTRY_VM_FAST,
-              packets=3, vm="vm1")
+              packets=3, vm="vm1", state=ST.TCP_ESTABLISHED)
 
 FAST_PATH = [
     Case("fast path: a request of a bound connection goes straight to its VM's port",
