@@ -1,4 +1,4 @@
-"""lasthop.health: the TCP and HTTP checks against real local servers, and the
+"""lasthop.services.health: the TCP and HTTP checks against real local servers, and the
 monitor that runs them on each VM's interval and reports to the manager."""
 
 from __future__ import annotations
@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from lasthop.datapath import NotAttachedError
-from lasthop.health import CheckResult, HealthMonitor, Target, check_http, check_tcp, targets
-from lasthop.services import HealthCheck, Service, ServiceManager
+from lasthop.services.health import (
+    CheckResult,
+    HealthMonitor,
+    Target,
+    check_http,
+    check_tcp,
+    targets,
+)
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import HealthCheck, Service
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""lasthop.maglev: the jhash2 mirror agrees with bpf/hash.h, and the tables
+"""lasthop.services.maglev: the jhash2 mirror agrees with bpf/hash.h, and the tables
 are balanced, honour weights, and move little when the pool changes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lasthop import abi
-from lasthop.maglev import Backend, build_table, jhash2, key_words, slot_of
+from lasthop.services.maglev import Backend, build_table, jhash2, key_words, slot_of
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "src" / "lasthop" / "bpf"
 

@@ -15,23 +15,22 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from lasthop import abi, service_cli
+from lasthop import abi
 from lasthop.datapath import NotAttachedError
-from lasthop.services import (
+from lasthop.services import cli as service_cli
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import (
     HealthCheck,
     Service,
     ServiceConflict,
     ServiceError,
-    ServiceManager,
     ServiceNotFound,
-    ServiceStore,
     ServiceVm,
-    StateFile,
     check_unique,
-    merge,
     parse_vm,
     validate_service,
 )
+from lasthop.services.store import ServiceStore, StateFile, merge
 
 VIP = "192.0.2.100"
 
@@ -249,7 +248,7 @@ def api(tmp_path: Path) -> Any:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from lasthop.api_services import router
+    from lasthop.services.api import router
 
     class Holder:
         services = manager(tmp_path / "s.json")
@@ -345,7 +344,7 @@ def agent_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 def _pinned_table(ns: Any) -> tuple[set[bytes], list[int] | None]:
     from lasthop import libbpf
-    from lasthop.services import read_table
+    from lasthop.services.lookup import read_table
 
     services = libbpf.Map.pinned(ns.pins / "lh_services")
     maglev = libbpf.Map.pinned(ns.pins / "lh_maglev")

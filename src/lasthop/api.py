@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
-from lasthop.api_services import router as services_router
 from lasthop.controller import Attached, DatapathError, InterfaceInfo, NotAttachedError, Stats
 from lasthop.libbpf import BpfError
+from lasthop.services.api import router as services_router
+from lasthop.services.manager import ServiceManager
 from lasthop.table import Connection
 
 __all__ = ["ApiError", "ApiServer", "Backend", "create_app"]
@@ -48,6 +49,8 @@ class Backend(Protocol):
     def stats(self) -> Stats: ...
     def flush(self) -> int: ...
     def interfaces(self) -> list[InterfaceInfo]: ...
+    @property
+    def services(self) -> ServiceManager: ...
 
 
 def create_app(controller: Backend) -> FastAPI:
@@ -105,7 +108,7 @@ def create_app(controller: Backend) -> FastAPI:
         """Prometheus text format, read from the maps on each scrape."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(services_router(controller))  # /v1/services: lasthop.api_services
+    app.include_router(services_router(controller))  # /v1/services: lasthop.services.api
     return app
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lasthop import config as config_mod
+from lasthop.agent import Agent
 from lasthop.controller import (
     Controller,
     DatapathError,
@@ -29,6 +30,7 @@ from lasthop.controller import (
 )
 from lasthop.libbpf import BpfError
 from lasthop.netns import NetnsError
+from lasthop.services.cli import service
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_ATTACHED = 1, 2, 3
 F = TypeVar("F", bound=Callable[..., Any])
@@ -134,8 +136,6 @@ def run(
     api_socket: str | None,
 ) -> None:
     """Attach and run in the foreground; SIGTERM leaves the data path attached."""
-    from lasthop.agent import Agent
-
     cfg = config_mod.load(config_path).merged(
         netns=netns,
         uplinks=uplinks,
@@ -267,7 +267,6 @@ def _add_optional_groups() -> None:
     for module, name in (
         ("lasthop.lab.cli", "lab"),
         ("lasthop.bench.cli", "bench"),
-        ("lasthop.service_cli", "service"),
     ):
         try:
             mod = __import__(module, fromlist=[name])
@@ -278,6 +277,7 @@ def _add_optional_groups() -> None:
         cli.add_command(getattr(mod, name))
 
 
+cli.add_command(service)
 _add_optional_groups()
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lasthop.services import HealthCheck, Service, ServiceError, check_unique
+from lasthop.services.model import HealthCheck, Service, ServiceError, check_unique
 
 __all__ = ["Config", "ConfigError", "Interface", "load", "parse_hostport", "API_SOCKET_DIR"]
 

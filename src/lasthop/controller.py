@@ -30,7 +30,7 @@ from lasthop.datapath import (
     detach_filter,
 )
 from lasthop.links import Link, LinkError, Links
-from lasthop.services import ServiceManager
+from lasthop.services.manager import ServiceManager
 from lasthop.table import Connection, counter_name, decode, format_mac, ifname
 
 __all__ = [
@@ -246,7 +246,7 @@ class Controller:
     @functools.cached_property
     def services(self) -> ServiceManager:
         """The services of this namespace (definitions, tables, health)."""
-        return ServiceManager(self.netns, self.open_maps, lock=self._lock)
+        return ServiceManager(self.netns, self.open_maps, links=self.links, lock=self._lock)
 
     @contextmanager
     def open_maps(self) -> Iterator[Maps]:

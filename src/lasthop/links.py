@@ -7,6 +7,7 @@ import errno
 import logging
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class Links:
 
     def __init__(self) -> None:
         self._ipr = IPRoute()
+        self._query = threading.Lock()  # the agent, the API and the health checks share _ipr
         self._events: socket.socket | None = None
         self._marshal = MarshalRtnl()
 
@@ -58,7 +60,15 @@ class Links:
             self._events.close()
 
     def all(self) -> list[Link]:
-        return [_link(m) for m in self._ipr.get_links()]
+        with self._query:
+            return [_link(m) for m in self._ipr.get_links()]
+
+    def oper_up(self) -> dict[str, bool]:
+        """Interface name -> operationally up."""
+        with self._query:
+            msgs = self._ipr.get_links()
+        return {m.get_attr("IFLA_IFNAME"): (m.get_attr("IFLA_OPERSTATE") or "UNKNOWN")
+                not in ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT") for m in msgs}
 
     def by_name(self, name: str, what: str = "interface") -> Link:
         for link in self.all():

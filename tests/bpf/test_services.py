@@ -5,8 +5,8 @@ replies back to that VM.
 
 Each test checks the verdict, the redirect target, the exact bytes that
 leave, the counters and the entry. Tables are written with
-lasthop.services.write_table (the agent's swap) and the VM the data path
-must choose is predicted with lasthop.maglev (the jhash2 mirror).
+lasthop.services.lookup.write_table (the agent's swap) and the VM the data path
+must choose is predicted with lasthop.services.maglev (the jhash2 mirror).
 """
 
 from __future__ import annotations
@@ -26,15 +26,10 @@ from scapy.packet import Packet
 
 from lasthop import abi
 from lasthop.datapath import MAP_NAMES, Maps
-from lasthop.maglev import Backend, build_table, slot_of
-from lasthop.services import (
-    HealthCheck,
-    Service,
-    ServiceManager,
-    ServiceVm,
-    read_table,
-    write_table,
-)
+from lasthop.services.lookup import read_table, write_table
+from lasthop.services.maglev import Backend, build_table, slot_of
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import HealthCheck, Service, ServiceVm
 from packets import (
     IP6_CLIENT_B,
     IP_CLIENT_A,

@@ -12,7 +12,7 @@ from lasthop.lab import Plan, agent
 from lasthop.lab.cli import EXIT_LAB, EXIT_OK, EXIT_USAGE
 from lasthop.lab.services import VIP
 from lasthop.lab.topology import lab_namespaces
-from lasthop.services import state_path
+from lasthop.services.store import state_path
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 

@@ -5,8 +5,8 @@ the service path costs per packet.
 Spread and movement are computed, not sampled from traffic: 1,000,000
 simulated connection keys (random client address and port to one virtual
 address, seeded, so every run gives the same figures) are hashed with the
-data path's jhash2 (lasthop.maglev; vectorised with numpy when it is there)
-and looked up in tables built by lasthop.maglev.build_table, exactly as the
+data path's jhash2 (lasthop.services.maglev; vectorised with numpy when it is there)
+and looked up in tables built by lasthop.services.maglev.build_table, exactly as the
 data path would for each key's first packet.
 
     spread     busiest VM's share of the keys / the mean share (equal weights)
@@ -46,7 +46,7 @@ import click
 
 from lasthop import abi, build
 from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, u32
-from lasthop.maglev import MAGLEV_SEED, MAGLEV_SIZE, Backend, build_table, jhash2
+from lasthop.services.maglev import MAGLEV_SEED, MAGLEV_SIZE, Backend, build_table, jhash2
 
 __all__ = ["BenchError", "Results", "run", "print_results", "services_command", "simulated_slots",
            "TARGETS"]
@@ -265,7 +265,7 @@ class _Datapath:
     only, one service over them."""
 
     def __init__(self, obj: Any) -> None:
-        from lasthop.services import write_table
+        from lasthop.services.lookup import write_table
 
         self.obj = obj
         ifaces = obj.map("lh_ifaces")
@@ -362,7 +362,7 @@ def _per_packet(repeat: int, rounds: int, singles: int, progress: Progress) -> l
 def _swap_ms(rounds: int = 5) -> float | None:
     """The swap of a 65,537-slot table into lh_maglev (create, batch fill, update)."""
     from lasthop.libbpf import BpfObject
-    from lasthop.services import write_table
+    from lasthop.services.lookup import write_table
 
     table = build_table([Backend(f"vm{i}", i + 1) for i in range(REBUILD_VMS)])
     with tempfile.TemporaryDirectory(prefix="lasthop-bench-") as tmp:

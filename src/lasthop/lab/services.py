@@ -4,7 +4,7 @@ firewalls route it to the host (docs/services.md, "Setting up the guests");
 the agent's config defines one service per address family over every VM.
 Also: a plain HTTP GET from a namespace, the services' state as `lasthop
 service list` reports it, and the VM the data path's Maglev table gives a
-new connection (predicted with lasthop.maglev from the pinned table).
+new connection (predicted with lasthop.services.maglev from the pinned table).
 
 Used by the demo's service section and tests/lab/test_services_lab.py.
 """
@@ -22,8 +22,7 @@ from lasthop.lab import agent
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import LabError, ip_batch, open_socket, sysctl
 from lasthop.lab.topology import Lab
-from lasthop.maglev import slot_of
-from lasthop.services import read_table
+from lasthop.services.maglev import slot_of
 
 __all__ = [
     "VIP",
@@ -151,11 +150,12 @@ def _words(raw: bytes) -> tuple[int, ...]:
 
 class Prediction:
     """The VM port the data path's table gives a new TCP connection to VIP
-    (with lasthop.maglev), from the Maglev tables pinned in lh_maglev, read
+    (with lasthop.services.maglev), from the Maglev tables pinned in lh_maglev, read
     once: predictions hold while the pools do not change."""
 
     def __init__(self, lab: Lab) -> None:
         from lasthop import libbpf  # loads the system's libbpf: only once lasthop runs
+        from lasthop.services.lookup import read_table  # (so does this)
 
         services = agent.services(lab.plan)
         pins = lab.lasthop_pins

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from lasthop.services import HealthCheck, ServiceManager
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import HealthCheck
 
 __all__ = ["CheckResult", "HealthMonitor", "Target", "check_http", "check_tcp", "run_check"]
 

@@ -30,12 +30,14 @@ from rich.table import Table
 
 from lasthop import config as config_mod
 from lasthop import netns as netns_mod
-from lasthop.services import (
+from lasthop.controller import Controller
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import (
     HealthCheck,
     ServiceConflict,
     ServiceError,
-    ServiceManager,
     ServiceNotFound,
+    ServiceVm,
     parse_vm,
     validate_service,
 )
@@ -156,8 +158,6 @@ class LocalServices:
         return self.manager.add(validate_service(definition)).to_json()
 
     def add_vms(self, name: str, vms: list[dict[str, Any]]) -> dict[str, Any]:
-        from lasthop.services import ServiceVm
-
         return self.manager.add_vms(name, [ServiceVm.model_validate(v) for v in vms]).to_json()
 
     def remove(self, name: str) -> dict[str, Any]:
@@ -206,8 +206,6 @@ def _backend(netns: str | None, config_path: Path | None, api_socket: Path | Non
     client = AgentClient.probe(api_socket or cfg.api_socket_path(name))
     if client is not None:
         return client
-    from lasthop.controller import Controller
-
     controller = Controller(netns or cfg.netns, cfg.pin_root)
     return LocalServices(controller.services, controller.pins.exist())
 

@@ -1,26 +1,18 @@
-"""Services: virtual addresses whose connections a pool of VMs serves.
+"""The :class:`ServiceManager`: the services of one namespace, their state
+file and the data path's maps kept in step. It writes (who owns what,
+docs/services.md):
 
-Three parts:
-
-- the model (pydantic, also the config file's ``[[service]]`` tables):
-  :class:`Service`, :class:`ServiceVm`, :class:`HealthCheck`;
-- the store: a JSON state file (``/run/lasthop/<netns>/services.json``) that
-  keeps the definitions, their Maglev table ids and the VMs' health across
-  agent restarts and edits made while no agent runs;
-- the :class:`ServiceManager`, which turns them into map contents. It writes
-  (who owns what, docs/services.md):
-
-  ===================  =====================================================
-  lh_services          service address (+ proto, port) -> id
-  lh_maglev[id]        the service's Maglev table: a new inner map, filled,
-                       then swapped in with one update (no packet ever sees
-                       a half-built table)
-  lh_settings.flags    F_SET_SERVICES while any service exists
-  lh_ifaces[vm]        F_IFACE_VM_DOWN (link gone or health says down),
-                       vm_mac + F_IFACE_VM_MAC when the config names the MAC
-  lh_conns             only when a VM leaves a pool or a service goes: the
-                       entries pinned to it move (reassign) or go (drop)
-  ===================  =====================================================
+===================  =====================================================
+lh_services          service address (+ proto, port) -> id
+lh_maglev[id]        the service's Maglev table: a new inner map, filled,
+                     then swapped in with one update (no packet ever sees
+                     a half-built table)
+lh_settings.flags    F_SET_SERVICES while any service exists
+lh_ifaces[vm]        F_IFACE_VM_DOWN (link gone or health says down),
+                     vm_mac + F_IFACE_VM_MAC when the config names the MAC
+lh_conns             only when a VM leaves a pool or a service goes: the
+                     entries pinned to it move (reassign) or go (drop)
+===================  =====================================================
 
 A VM gets new connections while it is in the pool, not drained, its port is
 attached and up, and its health is up (or not yet known). Connections
@@ -32,374 +24,35 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import logging
-import os
-import re
 import socket
-import struct
 import threading
 import time
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from lasthop import abi, libbpf
+from lasthop.datapath import Maps, NotAttachedError
+from lasthop.links import Links
+from lasthop.services.lookup import delete_table, matcher, svc_key, write_table
+from lasthop.services.maglev import MAGLEV_SIZE, Backend, build_table, slot_of
+from lasthop.services.model import (
+    HealthCheck,
+    Service,
+    ServiceConflict,
+    ServiceNotFound,
+    ServiceVm,
+    Status,
+    check_unique,
+    describe_key,
+)
+from lasthop.services.store import ServiceStore, StateFile, VmHealth, merge, state_path
 
-from lasthop import abi
-from lasthop.maglev import MAGLEV_SIZE, Backend, build_table, slot_of
-
-if TYPE_CHECKING:
-    from lasthop.datapath import Maps
-    from lasthop.libbpf import Map
-
-__all__ = [
-    "HealthCheck", "Service", "ServiceVm", "ServiceError", "ServiceNotFound", "ServiceConflict",
-    "ServiceManager", "ServiceStore", "StateFile", "VmHealth", "state_path", "write_table",
-    "read_table", "parse_vm", "STATE_DIR",
-]
+__all__ = ["MapsSource", "PortState", "ServiceManager", "ServiceStatus", "VmStatus"]
 
 log = logging.getLogger("lasthop")
-
-STATE_DIR = Path(os.environ.get("LASTHOP_STATE_DIR", "/run/lasthop"))
-STATE_VERSION = 1
-IFNAMSIZ = 15
-BPF_MAP_TYPE_ARRAY = 2
-PROTO_NUMBERS = {"any": 0, "tcp": 6, "udp": 17, "icmp": 1}
-IPPROTO_ICMPV6 = 58
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
-
-Proto = Literal["tcp", "udp", "icmp", "any"]
-Status = Literal["unknown", "up", "unhealthy", "down"]
-
-
-class ServiceError(ValueError):
-    """A service definition or change is invalid."""
-
-
-class ServiceNotFound(ServiceError, LookupError):
-    """No such service, or no such VM in its pool."""
-
-
-class ServiceConflict(ServiceError):
-    """The change collides with what exists (a name or an address already taken)."""
-
-
-# ---------------------------------------------------------------- the model
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HealthCheck(_Model):
-    """How the agent checks each VM of a pool, from the host's namespace."""
-
-    type: Literal["tcp", "http", "none"] = Field(
-        default="tcp", description="tcp: connect; http: GET path, 2xx/3xx = healthy; none")
-    port: int | None = Field(default=None, ge=1, le=65535,
-                             description="port to check; default: the service's first port")
-    path: str = Field(default="/", description="http: the path to GET")
-    interval: float = Field(default=2.0, gt=0, le=3600, description="seconds between checks")
-    timeout: float = Field(default=1.0, gt=0, le=60, description="seconds a check may take")
-    rise: int = Field(default=2, ge=1, le=100, description="passes in a row that bring a VM back")
-    fall: int = Field(default=3, ge=1, le=100, description="failures in a row: unhealthy")
-    down_after: int = Field(
-        default=0, ge=0, le=10000,
-        description="failures in a row after which the VM is down: its connections move; 0 = never")
-
-    @model_validator(mode="after")
-    def _check(self) -> HealthCheck:
-        if not self.path.startswith("/"):
-            raise ValueError("path must start with '/'")
-        if self.down_after and self.down_after < self.fall:
-            raise ValueError(f"down_after ({self.down_after}) must be 0 or >= fall ({self.fall})")
-        return self
-
-
-class ServiceVm(_Model):
-    """A VM in a pool: its port on the host, and how it is weighed and checked."""
-
-    port: str = Field(min_length=1, max_length=IFNAMSIZ, description="the VM's port on the host")
-    weight: int = Field(default=1, ge=1, le=1000, description="share of new connections")
-    address: str | None = Field(default=None, description="the VM's own address: where checks go")
-    mac: str | None = Field(default=None, description="the guest's MAC; default: learned")
-    drained: bool = Field(default=False, description="no new connections; existing ones stay")
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str | None) -> str | None:
-        return None if value is None else str(ipaddress.ip_address(value))
-
-    @field_validator("mac")
-    @classmethod
-    def _mac(cls, value: str | None) -> str | None:
-        if value is not None and not _MAC.fullmatch(value):
-            raise ValueError(f"not a MAC address: {value!r}")
-        return None if value is None else value.lower()
-
-
-class Service(_Model):
-    """A virtual address (optionally one protocol and some ports) and its pool."""
-
-    name: str = Field(description="unique name")
-    address: str = Field(description="the virtual address, IPv4 or IPv6")
-    proto: Proto = Field(default="any", description='"tcp", "udp", "icmp" or "any"')
-    ports: list[int] = Field(default_factory=list, description="ports (tcp/udp); none = every port")
-    vms: list[ServiceVm] = Field(default_factory=list, description="the pool")
-    health: HealthCheck | None = Field(default=None, description="overrides the config's [health]")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_proto(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("proto") is None and data.get("ports"):
-            data = {**data, "proto": "tcp"}  # a port without a protocol means TCP
-        return data
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.fullmatch(value):
-            raise ValueError("1-63 letters, digits, '.', '_' or '-', starting with a letter/digit")
-        return value
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        addr = ipaddress.ip_address(value)
-        if addr.is_multicast or addr.is_unspecified:
-            raise ValueError(f"{value} cannot be a service address")
-        return str(addr)
-
-    @model_validator(mode="after")
-    def _check(self) -> Service:
-        if self.ports and self.proto not in ("tcp", "udp"):
-            raise ValueError(f"ports need proto tcp or udp, not {self.proto!r}")
-        if len(set(self.ports)) != len(self.ports) or any(not 0 < p < 65536 for p in self.ports):
-            raise ValueError("ports must be distinct, 1-65535")
-        names = [vm.port for vm in self.vms]
-        if len(set(names)) != len(names):
-            raise ValueError("a VM port may appear only once in a pool")
-        return self
-
-    @property
-    def family(self) -> int:
-        return abi.FAMILY_V6 if ":" in self.address else abi.FAMILY_V4
-
-    @property
-    def proto_number(self) -> int:
-        if self.proto == "icmp" and self.family == abi.FAMILY_V6:
-            return IPPROTO_ICMPV6
-        return PROTO_NUMBERS[self.proto]
-
-    def svc_keys(self) -> list[tuple[bytes, int, int]]:
-        """(address bytes as the data path keys them, proto, port) per lh_services key."""
-        raw = ipaddress.ip_address(self.address).packed.ljust(16, b"\0")
-        return [(raw, self.proto_number, port) for port in (self.ports or [0])]
-
-    def vm(self, port: str) -> ServiceVm:
-        for vm in self.vms:
-            if vm.port == port:
-                return vm
-        raise ServiceNotFound(f"service {self.name!r} has no VM {port!r}")
-
-    def check(self, default: HealthCheck) -> HealthCheck:
-        """The health check of this service's VMs, with the port filled in."""
-        check = self.health or default
-        if check.port is None and check.type != "none":
-            if not self.ports:
-                return check.model_copy(update={"type": "none"})
-            check = check.model_copy(update={"port": self.ports[0]})
-        return check
-
-
-def parse_vm(text: str) -> ServiceVm:
-    """``PORT[:WEIGHT][@ADDRESS]`` (as the CLI takes it) -> ServiceVm."""
-    spec, _, address = text.partition("@")
-    port, _, weight = spec.partition(":")
-    try:
-        return ServiceVm(port=port, weight=int(weight) if weight else 1, address=address or None)
-    except (ValidationError, ValueError) as err:
-        why = _first_error(err)
-        raise ServiceError(f"VM {text!r}: expected PORT[:WEIGHT][@ADDRESS] ({why})") from None
-
-
-def _first_error(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        e = err.errors()[0]
-        where = ".".join(str(p) for p in e["loc"])
-        return f"{where}: {e['msg']}" if where else str(e["msg"])
-    return str(err)
-
-
-def validate_service(data: dict[str, Any]) -> Service:
-    """A Service from plain data; ServiceError names the first problem."""
-    try:
-        return Service.model_validate(data)
-    except ValidationError as err:
-        raise ServiceError(f"service {data.get('name', '?')!r}: {_first_error(err)}") from None
-
-
-def check_unique(services: Iterable[Service]) -> None:
-    """No two services share a name or an lh_services key; at most MAX_SERVICES."""
-    names: set[str] = set()
-    keys: dict[tuple[bytes, int, int], str] = {}
-    count = 0
-    for svc in services:
-        count += 1
-        if svc.name in names:
-            raise ServiceConflict(f"two services are named {svc.name!r}")
-        names.add(svc.name)
-        for key in svc.svc_keys():
-            if key in keys:
-                raise ServiceConflict(f"services {keys[key]!r} and {svc.name!r} both claim "
-                                      f"{_describe_key(svc, key[2])}")
-            keys[key] = svc.name
-    if count > abi.MAX_SERVICES:
-        raise ServiceError(f"at most {abi.MAX_SERVICES} services")
-    if len(keys) > abi.MAX_SERVICES * 4:
-        raise ServiceError(f"at most {abi.MAX_SERVICES * 4} addresses and ports over all services")
-
-
-def _describe_key(svc: Service, port: int) -> str:
-    where = f"[{svc.address}]" if svc.family == abi.FAMILY_V6 else svc.address
-    return f"{svc.proto} {where}:{port}" if port else f"{svc.proto} {svc.address}"
-
-
-# ---------------------------------------------------------------- the store
-
-
-class VmHealth(BaseModel):
-    """What the checks found about one VM of one service."""
-
-    status: Status = "unknown"
-    successes: int = 0  # in a row
-    failures: int = 0  # in a row
-    changes: int = 0  # status changes since the service was defined
-    since: float = 0.0  # wall time of the last change
-    detail: str = ""  # the last check's result
-
-
-class StateFile(BaseModel):
-    """The state file: what survives an agent restart."""
-
-    version: int = STATE_VERSION
-    services: list[Service] = Field(default_factory=list)
-    # The config's services when the agent last started: a service the config
-    # still defines the same way keeps its run-time changes (drain, VMs added).
-    config_services: list[Service] | None = None
-    ids: dict[str, int] = Field(default_factory=dict)  # service -> its slot in lh_maglev
-    # service -> port -> health
-    health: dict[str, dict[str, VmHealth]] = Field(default_factory=dict)
-    ifindexes: dict[str, int] = Field(default_factory=dict)  # VM port -> ifindex last seen
-
-
-def state_path(netns: str) -> Path:
-    return STATE_DIR / netns / "services.json"
-
-
-class ServiceStore:
-    """The state file; written whole to a temporary file, then renamed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> StateFile | None:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None
-        try:
-            state = StateFile.model_validate_json(text)
-        except ValidationError as err:
-            why = _first_error(err)
-            raise ServiceError(f"{self.path}: not a lasthop state file: {why}") from None
-        if state.version != STATE_VERSION:
-            raise ServiceError(f"{self.path}: version {state.version}, expected {STATE_VERSION}")
-        return state
-
-    def save(self, state: StateFile) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(state.model_dump_json(indent=1, exclude_none=True) + "\n")
-        os.replace(tmp, self.path)
-
-
-def merge(config_services: list[Service], state: StateFile | None) -> list[Service]:
-    """The services to run: the config's, with the run-time changes made since
-    (kept while the config defines that service as it did at the last start).
-    Services added at run time stay; services the config no longer has go."""
-    if state is None or state.config_services is None:
-        runtime = [] if state is None else list(state.services)
-        names = {s.name for s in config_services}
-        return list(config_services) + [s for s in runtime if s.name not in names]
-    old = {s.name: s for s in state.config_services}
-    new = {s.name: s for s in config_services}
-    current = {s.name: s for s in state.services}
-    out: list[Service] = []
-    for name, svc in new.items():
-        if old.get(name) == svc:
-            if name in current:  # unchanged in the config: keep run-time edits (or its removal)
-                out.append(current[name])
-        else:
-            out.append(svc)  # new or changed in the config: the config wins
-    out += [s for name, s in current.items() if name not in old and name not in new]
-    return out
-
-
-# ---------------------------------------------------------------- the maps
-
-
-def _u32(n: int) -> bytes:
-    return struct.pack("=I", n)
-
-
-_SLOT_KEYS = array("I", range(MAGLEV_SIZE)).tobytes()
-
-
-def write_table(maglev: Map, service_id: int, table: list[int]) -> None:
-    """Swaps *table* in as lh_maglev[service_id]: a new inner map, filled in
-    one batched write, then put in the outer map with one update."""
-    from lasthop import libbpf
-
-    if len(table) != MAGLEV_SIZE:
-        raise ValueError(f"a Maglev table has {MAGLEV_SIZE} slots, not {len(table)}")
-    fd = libbpf.map_create(BPF_MAP_TYPE_ARRAY, f"lh_maglev_{service_id}", 4, 4, MAGLEV_SIZE)
-    try:
-        libbpf.Map(fd).update_batch(_SLOT_KEYS, array("I", table).tobytes(), MAGLEV_SIZE)
-        maglev.update(_u32(service_id), _u32(fd))  # the swap: the outer map now holds the new table
-    finally:
-        os.close(fd)  # the outer map keeps the inner one alive
-
-
-def read_table(maglev: Map, service_id: int) -> list[int] | None:
-    """The table lh_maglev[service_id] holds, or None."""
-    from lasthop import libbpf
-
-    raw = maglev.lookup(_u32(service_id))
-    if raw is None:
-        return None
-    inner = libbpf.Map(libbpf.map_get_fd_by_id(struct.unpack("=I", raw[:4])[0]), owned=True)
-    try:
-        table = [0] * MAGLEV_SIZE
-        for key, value in inner.items(batch=MAGLEV_SIZE):
-            table[struct.unpack("=I", key)[0]] = struct.unpack("=I", value[:4])[0]
-        return table
-    finally:
-        inner.close()
-
-
-def _svc_key(addr: bytes, proto: int, port: int, family: int) -> bytes:
-    key = abi.SvcKey(port=socket.htons(port), proto=proto, family=family)
-    ctypes.memmove(key.addr, addr, 16)
-    return bytes(key)
-
-
-# ---------------------------------------------------------------- links
 
 
 @dataclass(frozen=True)
@@ -428,21 +81,6 @@ def _ifindex(port: str) -> int:
         return socket.if_nametoindex(port)
     except OSError:
         return 0
-
-
-def link_states() -> dict[str, bool]:
-    """Interface name -> operationally up, for this namespace (netlink)."""
-    from pyroute2 import IPRoute
-
-    out = {}
-    with IPRoute() as ipr:
-        for msg in ipr.get_links():
-            state = msg.get_attr("IFLA_OPERSTATE") or "UNKNOWN"
-            out[msg.get_attr("IFLA_IFNAME")] = state not in ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
-    return out
-
-
-# ---------------------------------------------------------------- the manager
 
 
 @dataclass(frozen=True)
@@ -492,15 +130,16 @@ class ServiceManager:
     checks and the agent loop never interleave map writes.
     """
 
-    def __init__(self, netns: str, open_maps: MapsSource, *, lock: threading.RLock | None = None,
-                 path: Path | None = None) -> None:
+    def __init__(self, netns: str, open_maps: MapsSource, *, links: Links | None = None,
+                 lock: threading.RLock | None = None, path: Path | None = None) -> None:
         self.netns = netns
+        self._netlink = links  # the controller's; None: one of our own, made when first needed
         self.store = ServiceStore(path or state_path(netns))
         self._open_maps = open_maps
         self._lock = lock or threading.RLock()
         self._state = self.store.load() or StateFile()
         self._tables: dict[int, list[int]] = {}  # what lh_maglev holds, as this process wrote it
-        self._links: dict[str, bool] | None = None  # None: not watched (no agent): assume up
+        self._up: dict[str, bool] | None = None  # None: not watched (no agent): assume up
         self._observed: dict[str, int] = {}  # VM port -> ifindex at the last refresh
         self.default_health = HealthCheck()
         self.health_changes = 0  # status changes seen by this process
@@ -553,7 +192,7 @@ class ServiceManager:
             config_services = list(config_services)
             check_unique(config_services)
             self.default_health = health
-            self._links = link_states()
+            self._up = self._oper_up()
             state = self.store.load() or StateFile()
             services = merge(config_services, state)
             check_unique(services)
@@ -579,7 +218,7 @@ class ServiceManager:
                                       "or add VMs with `service add NAME --vm PORT`")
             check_unique([*self._state.services, service])
             self._state.services.append(service)
-            self._changed(f"service {service.name} added ({_describe_key(service, 0)}, "
+            self._changed(f"service {service.name} added ({describe_key(service, 0)}, "
                           f"VMs {', '.join(v.port for v in service.vms) or 'none'})")
             return self.status(service.name)[0]
 
@@ -599,7 +238,7 @@ class ServiceManager:
         routed as usual from then on). Returns how many."""
         with self._lock:
             self.get(name)
-            match = self._matcher(self._state.services)  # as the data path found them
+            match = matcher(self._state.services)  # as the data path found them
             self._state.services = [s for s in self._state.services if s.name != name]
             self._state.health.pop(name, None)
             gone = self._state.ids.pop(name)
@@ -687,15 +326,15 @@ class ServiceManager:
             mine = {vm.port for s in self._state.services for vm in s.vms}
             if not mine:
                 return False  # nothing to watch: no netlink dump every second
-            links = link_states()
-            old = self._links or {}
+            up = self._oper_up()
+            old = self._up or {}
             now = {p: _ifindex(p) for p in mine}
             changed = [p for p in sorted(mine)
-                       if links.get(p) != old.get(p) or now[p] != self._observed.get(p)]
-            self._links = links
+                       if up.get(p) != old.get(p) or now[p] != self._observed.get(p)]
+            self._up = up
             self._observed = now
             for p in changed:
-                state = "missing" if p not in links else ("up" if links[p] else "down")
+                state = "missing" if p not in up else ("up" if up[p] else "down")
                 log.warning("VM port %s is %s (ifindex %d)", p, state, now[p])
             if changed:
                 self._changed(None)
@@ -712,10 +351,14 @@ class ServiceManager:
             self._save()
 
     # -- internals -------------------------------------------------------------
+    def _oper_up(self) -> dict[str, bool]:
+        """VM port name -> operationally up (netlink)."""
+        if self._netlink is None:
+            self._netlink = Links()
+        return self._netlink.oper_up()
+
     @contextlib.contextmanager
     def _maps(self) -> Iterator[Maps | None]:
-        from lasthop.datapath import NotAttachedError
-
         try:
             cm = self._open_maps()
             maps = cm.__enter__()
@@ -767,7 +410,7 @@ class ServiceManager:
                 ifindex = _ifindex(vm.port)
                 attached = bool(ifindex) and (
                     maps is None or maps.iface(ifindex).role == abi.Role.VM_PORT)
-                up = True if self._links is None else self._links.get(vm.port, True)
+                up = True if self._up is None else self._up.get(vm.port, True)
                 out[vm.port] = PortState(ifindex, attached, up)
         return out
 
@@ -800,7 +443,7 @@ class ServiceManager:
         wanted: dict[bytes, int] = {}
         for svc in self._state.services:
             for addr, proto, port in svc.svc_keys():
-                wanted[_svc_key(addr, proto, port, svc.family)] = self._state.ids[svc.name]
+                wanted[svc_key(addr, proto, port, svc.family)] = self._state.ids[svc.name]
         for key, sid in wanted.items():
             maps.services.update(key, bytes(abi.SvcInfo(id=sid)))
         self._sync_vm_ports(maps, ports)
@@ -815,7 +458,7 @@ class ServiceManager:
         ids = set(self._state.ids.values())
         stale = set(range(abi.MAX_SERVICES)) if force else {*self._tables, *drop_ids}
         for sid in sorted(stale - ids):
-            maps.maglev.delete(_u32(sid))
+            delete_table(maps.maglev, sid)
             self._tables.pop(sid, None)
 
     def _sync_vm_ports(self, maps: Maps, ports: dict[str, PortState]) -> None:
@@ -852,32 +495,12 @@ class ServiceManager:
                 maps.set_iface(old, abi.IfaceCfg(flags=abi.F_IFACE_VM_DOWN))
                 log.warning("VM port %s (ifindex %d) is gone: its connections move", port, old)
 
-    @staticmethod
-    def _matcher(services: Iterable[Service]) -> Callable[[abi.ConnKey], str | None]:
-        """key -> name of the service its first packet found (as svc_find does)."""
-        keys: dict[tuple[bytes, int, int, int], str] = {}
-        for svc in services:
-            for addr, proto, port in svc.svc_keys():
-                keys[(addr, proto, port, svc.family)] = svc.name
-
-        def match(k: abi.ConnKey) -> str | None:
-            addr = bytes(k.daddr)
-            if k.proto in (6, 17):
-                name = keys.get((addr, k.proto, socket.ntohs(k.dport), k.family))
-                if name:
-                    return name
-            return keys.get((addr, k.proto, 0, k.family)) or keys.get((addr, 0, 0, k.family))
-
-        return match
-
     def _move_connections(self, maps: Maps, svc: Service, ifindexes: set[int]) -> dict[str, int]:
         """Entries of *svc* pinned to *ifindexes*: to the table's choice now
         (reassign), or deleted (drop, or no VM left)."""
-        from lasthop import libbpf
-
         drop = bool(maps.get_settings().flags & abi.F_SET_VM_DOWN_DROP)
         table = self._tables.get(self._state.ids[svc.name]) or [0] * MAGLEV_SIZE
-        match = self._matcher(self._state.services)
+        match = matcher(self._state.services)
         moved = dropped = 0
         for key, entry in list(maps.entries()):
             if entry.vm_ifindex not in ifindexes or entry.flags & abi.F_ENTRY_VM_ORIGIN:

@@ -18,25 +18,32 @@ Errors: 404 no such service or VM, 409 a name or address already taken,
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from lasthop.services import (
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import (
     ServiceConflict,
     ServiceError,
-    ServiceManager,
     ServiceNotFound,
     ServiceVm,
     validate_service,
 )
 
-__all__ = ["router"]
+__all__ = ["ServicesHost", "router"]
 
 PREFIX = "/v1/services"
+
+
+class ServicesHost(Protocol):
+    """What the routes need of the controller: its services."""
+
+    @property
+    def services(self) -> ServiceManager: ...
 
 
 class VmList(BaseModel):
@@ -67,14 +74,13 @@ class _Route(APIRoute):
         return handler
 
 
-def router(controller: Any) -> APIRouter:
+def router(controller: ServicesHost) -> APIRouter:
     """The routes over *controller*.services (a ServiceManager, looked up per
     request); every handler is one ServiceManager call."""
     r = APIRouter(prefix=PREFIX, tags=["services"], route_class=_Route)
 
     def manager() -> ServiceManager:
-        services: ServiceManager = controller.services
-        return services
+        return controller.services
 
     @r.get("")
     def list_services() -> list[dict[str, object]]:
