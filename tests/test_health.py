@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lasthop.datapath import NotAttachedError
+from lasthop.errors import NotAttachedError
 from lasthop.services.health import (
     CheckResult,
     HealthMonitor,

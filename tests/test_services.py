@@ -16,15 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from lasthop import abi
-from lasthop.datapath import NotAttachedError
+from lasthop.errors import NotAttachedError, ServiceConflict, ServiceError, ServiceNotFound
 from lasthop.services import cli as service_cli
 from lasthop.services.manager import ServiceManager
 from lasthop.services.model import (
     HealthCheck,
     Service,
-    ServiceConflict,
-    ServiceError,
-    ServiceNotFound,
     ServiceVm,
     check_unique,
     parse_vm,

@@ -23,8 +23,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
-from lasthop.controller import Attached, DatapathError, InterfaceInfo, NotAttachedError, Stats
-from lasthop.libbpf import BpfError
+from lasthop.controller import Attached, InterfaceInfo, Stats
+from lasthop.errors import ApiError, LasthopError
 from lasthop.services.api import router as services_router
 from lasthop.services.manager import ServiceManager
 from lasthop.table import Connection
@@ -33,10 +33,6 @@ __all__ = ["ApiError", "ApiServer", "Backend", "create_app"]
 
 API_VERSION = "v1"
 SOCKET_MODE = 0o660
-
-
-class ApiError(OSError):
-    """The API cannot listen where it was asked to."""
 
 
 class Backend(Protocol):
@@ -58,17 +54,10 @@ def create_app(controller: Backend) -> FastAPI:
     app = FastAPI(title="lasthop", version=API_VERSION, docs_url="/docs", redoc_url=None)
     registry = metrics.registry(controller)
 
-    @app.exception_handler(NotAttachedError)
-    async def _not_attached(request: Request, err: NotAttachedError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=503)
-
-    @app.exception_handler(DatapathError)
-    async def _datapath(request: Request, err: DatapathError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=500)
-
-    @app.exception_handler(BpfError)
-    async def _kernel(request: Request, err: BpfError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=500)
+    @app.exception_handler(LasthopError)
+    async def _error(request: Request, err: LasthopError) -> JSONResponse:
+        """Each error class knows its status (lasthop.errors)."""
+        return JSONResponse({"detail": str(err)}, status_code=err.http_status)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

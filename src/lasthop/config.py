@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lasthop.services.model import HealthCheck, Service, ServiceError, check_unique
+from lasthop.errors import ConfigError, ServiceError
+from lasthop.services.model import HealthCheck, Service, check_unique
 
 __all__ = ["Config", "ConfigError", "Interface", "load", "parse_hostport", "API_SOCKET_DIR"]
 
@@ -26,10 +27,6 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT (like 127.0.0.1:9180), got {text!r}")
     return host, int(port)
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and why."""
 
 
 class _Model(BaseModel):

@@ -20,16 +20,9 @@ from typing import Any, TypeVar
 from lasthop import abi, netns
 from lasthop.clock import Clock
 from lasthop.config import Config
-from lasthop.datapath import (
-    Datapath,
-    DatapathError,
-    Maps,
-    NotAttachedError,
-    Pins,
-    TableSizeError,
-    detach_filter,
-)
-from lasthop.links import Link, LinkError, Links
+from lasthop.datapath import Datapath, Maps, Pins, detach_filter
+from lasthop.errors import DatapathError, LinkError, NotAttachedError, TableSizeError
+from lasthop.links import Link, Links
 from lasthop.services.manager import ServiceManager
 from lasthop.table import Connection, counter_name, decode, format_mac, ifname
 

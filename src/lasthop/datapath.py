@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lasthop import abi, libbpf
 from lasthop.build import ensure_object
+from lasthop.errors import DatapathError, NotAttachedError, TableSizeError
 
 __all__ = [
     "Datapath",
@@ -35,18 +36,6 @@ OBJECT_ENV = "LASTHOP_BPF_OBJECT"  # a prebuilt object to load instead of buildi
 MAP_NAMES = ("lh_conns", "lh_ifaces", "lh_counters", "lh_settings", "lh_services", "lh_maglev")
 UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
-
-
-class DatapathError(RuntimeError):
-    """The data path is missing, or cannot be loaded or attached."""
-
-
-class NotAttachedError(DatapathError):
-    """Nothing is pinned in this namespace: no agent ever attached here (or detach ran)."""
-
-
-class TableSizeError(DatapathError):
-    """The config's table_size differs from the size of the pinned table."""
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from lasthop.errors import LinkError
+
 __all__ = ["Link", "LinkError", "Links"]
 
 
 log = logging.getLogger("lasthop")
 EVENT_BUFFER = 1 << 20  # bytes of link events the kernel may queue for us
-
-
-class LinkError(LookupError):
-    """An interface named in the config or on the command line is missing."""
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,14 @@ import os
 import subprocess
 from pathlib import Path
 
+from lasthop.errors import NetnsError
+
 __all__ = ["NetnsError", "enter", "current_name", "bpffs_root"]
 
 CLONE_NEWNET = 0x40000000
 BPF_FS_MAGIC = 0xCAFE4A11
 NETNS_RUN = Path("/run/netns")
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-class NetnsError(OSError):
-    """A namespace could not be entered or the bpffs not be found."""
 
 
 def enter(name: str) -> None:

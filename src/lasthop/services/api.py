@@ -25,14 +25,9 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from lasthop.errors import LasthopError
 from lasthop.services.manager import ServiceManager
-from lasthop.services.model import (
-    ServiceConflict,
-    ServiceError,
-    ServiceNotFound,
-    ServiceVm,
-    validate_service,
-)
+from lasthop.services.model import ServiceVm, validate_service
 
 __all__ = ["ServicesHost", "router"]
 
@@ -50,17 +45,10 @@ class VmList(BaseModel):
     vms: list[str]
 
 
-def _error(err: ServiceError) -> JSONResponse:
-    code = 422
-    if isinstance(err, ServiceNotFound):
-        code = 404
-    elif isinstance(err, ServiceConflict):
-        code = 409
-    return JSONResponse({"detail": str(err)}, status_code=code)
-
-
 class _Route(APIRoute):
-    """A route that answers ServiceError with 404/409/422 (the app needs no handler)."""
+    """A route that answers a LasthopError with its class's HTTP status (404
+    no such service or VM, 409 taken, 422 invalid: lasthop.errors), so the
+    app needs no handler."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         inner = super().get_route_handler()
@@ -68,8 +56,8 @@ class _Route(APIRoute):
         async def handler(request: Request) -> Response:
             try:
                 return await inner(request)
-            except ServiceError as err:
-                return _error(err)
+            except LasthopError as err:
+                return JSONResponse({"detail": str(err)}, status_code=err.http_status)
 
         return handler
 

@@ -6,9 +6,9 @@ and tables follow at once. With no agent, the command edits the pinned maps
 (when a data path is pinned) and the state file itself; the next agent
 starts from there.
 
-Exit codes: 0 success, 1 runtime failure (kernel, the agent's socket),
-2 invalid definition, or a name or address already taken, 4 no such
-service or VM.
+Exit codes (lasthop.errors): 0 success, 1 runtime failure (kernel, the
+agent's socket), 2 invalid definition, or a name or address already taken,
+4 no such service or VM.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -31,12 +30,10 @@ from rich.table import Table
 from lasthop import config as config_mod
 from lasthop import netns as netns_mod
 from lasthop.controller import Controller
+from lasthop.errors import AgentError, ServiceError, friendly, from_answer
 from lasthop.services.manager import ServiceManager
 from lasthop.services.model import (
     HealthCheck,
-    ServiceConflict,
-    ServiceError,
-    ServiceNotFound,
     ServiceVm,
     parse_vm,
     validate_service,
@@ -44,15 +41,9 @@ from lasthop.services.model import (
 
 __all__ = ["service", "AgentClient", "LocalServices"]
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 4
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
 TIMEOUT = 30.0  # seconds: removing a VM walks the whole connection table
-
-
-class AgentError(OSError):
-    """The agent's API could not be reached or answered with a server error."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -115,13 +106,7 @@ class AgentClient:
         detail = answer.get("detail") if isinstance(answer, dict) else answer
         if not isinstance(detail, str):
             detail = json.dumps(detail)
-        if resp.status == 404:
-            raise ServiceNotFound(detail)
-        if resp.status == 409:
-            raise ServiceConflict(detail)
-        if resp.status in (400, 422):
-            raise ServiceError(detail)
-        raise AgentError(f"the agent answered {resp.status}: {detail}")
+        raise from_answer(resp.status, detail)
 
     def all(self) -> list[dict[str, Any]]:
         return list(self._call("GET", ""))
@@ -171,32 +156,6 @@ class LocalServices:
 
 
 Backend = AgentClient | LocalServices
-
-
-def _friendly(fn: F) -> F:
-    """Expected failures: one clear line and the exit code for it."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ServiceNotFound as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_NOT_FOUND)
-        except ServiceError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except config_mod.ConfigError as err:
-            err_console.print(f"[red]config error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except netns_mod.NetnsError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except OSError as err:  # the agent's socket, the kernel (BpfError), netlink
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_FAILURE)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _backend(netns: str | None, config_path: Path | None, api_socket: Path | None) -> Backend:
@@ -285,7 +244,7 @@ def service() -> None:
 @service.command("list")
 @_common
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
+@friendly
 def list_(netns: str | None, config_path: Path | None, api_socket: Path | None,
           as_json: bool) -> None:
     """Every service, its VMs and whether each gets new connections."""
@@ -313,7 +272,7 @@ def list_(netns: str | None, config_path: Path | None, api_socket: Path | None,
 @click.option("--check-port", type=click.IntRange(1, 65535), help="Port the check uses.")
 @click.option("--check-path", metavar="PATH", help="Path of the HTTP check.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
+@friendly
 def add(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
         address: str | None, proto: str | None, ports: tuple[int, ...], vms: tuple[str, ...],
         check: str | None, check_port: int | None, check_path: str | None, as_json: bool) -> None:
@@ -345,7 +304,7 @@ def add(netns: str | None, config_path: Path | None, api_socket: Path | None, na
 @click.argument("name")
 @click.argument("vms", nargs=-1, metavar="[VM]...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
+@friendly
 def remove(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
            vms: tuple[str, ...], as_json: bool) -> None:
     """Remove service NAME (its connections are forgotten), or only the VMs
@@ -360,7 +319,7 @@ def remove(netns: str | None, config_path: Path | None, api_socket: Path | None,
 @click.argument("name")
 @click.argument("vms", nargs=-1, required=True, metavar="VM...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
+@friendly
 def drain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
           vms: tuple[str, ...], as_json: bool) -> None:
     """No new connections for these VMs; their connections stay."""
@@ -373,7 +332,7 @@ def drain(netns: str | None, config_path: Path | None, api_socket: Path | None, 
 @click.argument("name")
 @click.argument("vms", nargs=-1, required=True, metavar="VM...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
+@friendly
 def undrain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
             vms: tuple[str, ...], as_json: bool) -> None:
     """Give drained VMs new connections again."""

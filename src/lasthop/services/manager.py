@@ -34,15 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lasthop import abi, libbpf
-from lasthop.datapath import Maps, NotAttachedError
+from lasthop.datapath import Maps
+from lasthop.errors import NotAttachedError, ServiceConflict, ServiceNotFound
 from lasthop.links import Links
 from lasthop.services.lookup import delete_table, matcher, svc_key, write_table
 from lasthop.services.maglev import MAGLEV_SIZE, Backend, build_table, slot_of
 from lasthop.services.model import (
     HealthCheck,
     Service,
-    ServiceConflict,
-    ServiceNotFound,
     ServiceVm,
     Status,
     check_unique,

@@ -17,11 +17,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lasthop import abi
+from lasthop.errors import ServiceConflict, ServiceError, ServiceNotFound
 
 __all__ = [
-    "HealthCheck", "Service", "ServiceVm", "ServiceError", "ServiceNotFound", "ServiceConflict",
-    "Proto", "Status", "check_unique", "describe_key", "first_error", "parse_vm",
-    "validate_service",
+    "HealthCheck", "Service", "ServiceVm", "Proto", "Status", "check_unique", "describe_key",
+    "first_error", "parse_vm", "validate_service",
 ]
 
 IFNAMSIZ = 15
@@ -32,18 +32,6 @@ _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
 Proto = Literal["tcp", "udp", "icmp", "any"]
 Status = Literal["unknown", "up", "unhealthy", "down"]
-
-
-class ServiceError(ValueError):
-    """A service definition or change is invalid."""
-
-
-class ServiceNotFound(ServiceError, LookupError):
-    """No such service, or no such VM in its pool."""
-
-
-class ServiceConflict(ServiceError):
-    """The change collides with what exists (a name or an address already taken)."""
 
 
 class _Model(BaseModel):

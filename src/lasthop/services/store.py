@@ -11,7 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from lasthop.services.model import Service, ServiceError, Status, first_error
+from lasthop.errors import ServiceError
+from lasthop.services.model import Service, Status, first_error
 
 __all__ = ["STATE_DIR", "STATE_VERSION", "ServiceStore", "StateFile", "VmHealth", "merge",
            "state_path"]
