@@ -82,7 +82,7 @@ def test_the_cli_exits_with_the_class_code(cls: type[LasthopError],
             raise make(cls)
 
     monkeypatch.setattr(cli_mod, "_controller", lambda *a: Broken())
-    monkeypatch.setattr(service_cli, "_backend", lambda *a: Broken())
+    monkeypatch.setattr(service_cli, "_client", lambda *a: Broken())
     for args in (["show"], ["service", "list"]):
         result = CliRunner().invoke(cli_mod.cli, args)
         assert result.exit_code == cls.exit_code, result.output

@@ -290,8 +290,8 @@ def test_api_errors(api: Any) -> None:
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     from lasthop.cli import cli as root
 
-    backend = service_cli.LocalServices(manager(tmp_path / "s.json"), attached=False)
-    monkeypatch.setattr(service_cli, "_backend", lambda *a: backend)
+    client = service_cli.LocalServices(manager(tmp_path / "s.json"), attached=False)
+    monkeypatch.setattr(service_cli, "_client", lambda *a: client)
     runner = CliRunner()
 
     def run(*args: str) -> Any:

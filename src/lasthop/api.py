@@ -23,19 +23,19 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
+from lasthop.connections import Connection
 from lasthop.controller import Attached, InterfaceInfo, Stats
 from lasthop.errors import ApiError, LasthopError
 from lasthop.services.api import router as services_router
 from lasthop.services.manager import ServiceManager
-from lasthop.table import Connection
 
-__all__ = ["ApiError", "ApiServer", "Backend", "create_app"]
+__all__ = ["ApiError", "ApiServer", "ControllerApi", "create_app"]
 
 API_VERSION = "v1"
 SOCKET_MODE = 0o660
 
 
-class Backend(Protocol):
+class ControllerApi(Protocol):
     """What the API needs of the controller."""
 
     netns: str
@@ -49,7 +49,7 @@ class Backend(Protocol):
     def services(self) -> ServiceManager: ...
 
 
-def create_app(controller: Backend) -> FastAPI:
+def create_app(controller: ControllerApi) -> FastAPI:
     """The app; every handler is one controller call."""
     app = FastAPI(title="lasthop", version=API_VERSION, docs_url="/docs", redoc_url=None)
     registry = metrics.registry(controller)

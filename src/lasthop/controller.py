@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 from lasthop import abi, netns
 from lasthop.clock import Clock
 from lasthop.config import Config
+from lasthop.connections import Connection, counter_name, decode, format_mac, ifname
 from lasthop.datapath import Datapath, Maps, Pins, detach_filter
 from lasthop.errors import DatapathError, LinkError, NotAttachedError, TableSizeError
 from lasthop.links import Link, Links
 from lasthop.services.manager import ServiceManager
-from lasthop.table import Connection, counter_name, decode, format_mac, ifname
 
 __all__ = [
     "Controller",

@@ -27,7 +27,7 @@ from scapy.packet import Packet
 from lasthop import abi
 from lasthop.datapath import MAP_NAMES, Maps
 from lasthop.services.lookup import read_table, write_table
-from lasthop.services.maglev import Backend, build_table, slot_of
+from lasthop.services.maglev import Member, build_table, slot_of
 from lasthop.services.manager import ServiceManager
 from lasthop.services.model import HealthCheck, Service, ServiceVm
 from packets import (
@@ -160,7 +160,7 @@ class Services:
         self.services.update(bytes(key), bytes(abi.SvcInfo(id=sid)))
 
     def pool_table(self, *vms: str) -> list[int]:
-        return build_table([Backend(vm, self.ifindex(vm)) for vm in vms])
+        return build_table([Member(vm, self.ifindex(vm)) for vm in vms])
 
     def all_to(self, vm: str | None) -> list[int]:
         """A table that sends every connection to *vm* (None: no VM)."""
@@ -258,7 +258,7 @@ def test_a_new_connection_gets_the_vm_the_table_names(sv: Services) -> None:
 
 
 def test_the_agents_prediction_matches_the_data_path_for_many_keys(sv: Services) -> None:
-    """For 300 connections the data path picks exactly the VM lasthop.maglev predicts."""
+    """For 300 connections the data path picks exactly the VM lasthop.services.maglev predicts."""
     table = sv.pool_table(*POOL)
     sv.service(0, VIP, table, proto=socket.IPPROTO_TCP, port=PORT_HTTP)
     chosen = set()

@@ -2,7 +2,7 @@
 
 1. A virtual address served by three VMs: the clients behind fw1..fw3 reach
    it only with lasthop; every connection lands on the VM the data path's
-   Maglev table names (predicted here with lasthop.maglev) and all three VMs
+   Maglev table names (predicted here with lasthop.services.maglev) and all three VMs
    serve; a drained VM keeps its established connection and takes no new
    ones, across an agent restart; a VM whose checks fail takes no new ones.
 2. Full-proxy VMs: the three VMs open their own connections, all from the

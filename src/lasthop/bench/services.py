@@ -46,7 +46,7 @@ import click
 
 from lasthop import abi, build
 from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, u32
-from lasthop.services.maglev import MAGLEV_SEED, MAGLEV_SIZE, Backend, build_table, jhash2
+from lasthop.services.maglev import MAGLEV_SEED, MAGLEV_SIZE, Member, build_table, jhash2
 
 __all__ = ["BenchError", "Results", "run", "print_results", "services_command", "simulated_slots",
            "TARGETS"]
@@ -225,7 +225,7 @@ def _moved(before: list[int], after: list[int], slots: Sequence[int]) -> float:
 
 
 def spread(n: int, slots: Sequence[int]) -> Spread:
-    pool = [Backend(f"vm{i}", i + 1) for i in range(n)]
+    pool = [Member(f"vm{i}", i + 1) for i in range(n)]
     table = build_table(pool)
     counts = _shares(table, slots)
     mean = len(slots) / n
@@ -241,14 +241,14 @@ def spread(n: int, slots: Sequence[int]) -> Spread:
 
 
 def weights(slots: Sequence[int]) -> dict[str, float]:
-    pool = [Backend(f"vm{i}", i + 1, w) for i, w in enumerate(WEIGHTS)]
+    pool = [Member(f"vm{i}", i + 1, w) for i, w in enumerate(WEIGHTS)]
     counts = _shares(build_table(pool), slots)
     total = sum(WEIGHTS)
     return {f"weight {w}": counts[i + 1] / len(slots) / (w / total) for i, w in enumerate(WEIGHTS)}
 
 
 def rebuild_ms(rounds: int = 5) -> float:
-    pool = [Backend(f"vm{i}", i + 1) for i in range(REBUILD_VMS)]
+    pool = [Member(f"vm{i}", i + 1) for i in range(REBUILD_VMS)]
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -277,7 +277,7 @@ class _Datapath:
             vm = abi.IfaceCfg(role=int(abi.Role.VM_PORT), slot=2 + i, flags=abi.F_IFACE_VM_MAC)
             ctypes.memmove(vm.vm_mac, _VM_MAC, abi.ETH_ALEN)
             ifaces.update(u32(_VM_IFINDEX0 + i), bytes(vm))
-            pool.append(Backend(f"vm{i}", _VM_IFINDEX0 + i))
+            pool.append(Member(f"vm{i}", _VM_IFINDEX0 + i))
         write_table(obj.map("lh_maglev"), 0, build_table(pool))
         key = abi.SvcKey(port=socket.htons(80), proto=6, family=abi.FAMILY_V4)
         ctypes.memmove(key.addr, _VIP, 4)
@@ -364,7 +364,7 @@ def _swap_ms(rounds: int = 5) -> float | None:
     from lasthop.libbpf import BpfObject
     from lasthop.services.lookup import write_table
 
-    table = build_table([Backend(f"vm{i}", i + 1) for i in range(REBUILD_VMS)])
+    table = build_table([Member(f"vm{i}", i + 1) for i in range(REBUILD_VMS)])
     with tempfile.TemporaryDirectory(prefix="lasthop-bench-") as tmp:
         obj = BpfObject(build.build(Path(tmp) / "o.bpf.o"), pin_root=None,
                         max_entries={"lh_conns": 1024})

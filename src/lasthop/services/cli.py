@@ -155,10 +155,10 @@ class LocalServices:
         return self.manager.set_drained(name, ports, drained).to_json()
 
 
-Backend = AgentClient | LocalServices
+ServicesClient = AgentClient | LocalServices
 
 
-def _backend(netns: str | None, config_path: Path | None, api_socket: Path | None) -> Backend:
+def _client(netns: str | None, config_path: Path | None, api_socket: Path | None) -> ServicesClient:
     """The running agent when one answers, else the pinned maps and state file."""
     cfg = config_mod.load(config_path)
     name = netns or cfg.netns or netns_mod.current_name()
@@ -224,11 +224,11 @@ def _print(services: list[dict[str, Any]], where: str) -> None:
     console.print(table)
 
 
-def _done(answer: dict[str, Any], backend: Backend, as_json: bool) -> None:
+def _done(answer: dict[str, Any], client: ServicesClient, as_json: bool) -> None:
     if as_json:
         print(json.dumps(answer, indent=1))
     elif "vms" in answer:
-        _print([answer], backend.where)
+        _print([answer], client.where)
     else:
         console.print(", ".join(f"{k}: {v}" for k, v in answer.items()), highlight=False)
 
@@ -248,12 +248,12 @@ def service() -> None:
 def list_(netns: str | None, config_path: Path | None, api_socket: Path | None,
           as_json: bool) -> None:
     """Every service, its VMs and whether each gets new connections."""
-    backend = _backend(netns, config_path, api_socket)
-    services = backend.all()
+    client = _client(netns, config_path, api_socket)
+    services = client.all()
     if as_json:
         print(json.dumps(services, indent=1))
     else:
-        _print(services, backend.where)
+        _print(services, client.where)
 
 
 @service.command()
@@ -278,14 +278,14 @@ def add(netns: str | None, config_path: Path | None, api_socket: Path | None, na
         check: str | None, check_port: int | None, check_path: str | None, as_json: bool) -> None:
     """Define service NAME, or (without --address) add VMs to it."""
     pool = [parse_vm(v) for v in vms]
-    backend = _backend(netns, config_path, api_socket)
+    client = _client(netns, config_path, api_socket)
     if address is None:
         if proto or ports or check or check_port or check_path:
             raise ServiceError("to change an existing service's address, protocol, ports or check, "
                                "remove it and add it again (with --address)")
         if not pool:
             raise ServiceError("give --address to define a service, or --vm to add VMs to one")
-        answer = backend.add_vms(name, [v.model_dump(exclude_none=True) for v in pool])
+        answer = client.add_vms(name, [v.model_dump(exclude_none=True) for v in pool])
     else:
         definition: dict[str, Any] = {"name": name, "address": address, "ports": list(ports),
                                       "vms": [v.model_dump(exclude_none=True) for v in pool]}
@@ -295,8 +295,8 @@ def add(netns: str | None, config_path: Path | None, api_socket: Path | None, na
             health = {"type": check or "tcp", "port": check_port, "path": check_path or "/"}
             HealthCheck.model_validate(health)  # fail here, with the option's name in the message
             definition["health"] = health
-        answer = backend.add(definition)
-    _done(answer, backend, as_json)
+        answer = client.add(definition)
+    _done(answer, client, as_json)
 
 
 @service.command()
@@ -309,9 +309,9 @@ def remove(netns: str | None, config_path: Path | None, api_socket: Path | None,
            vms: tuple[str, ...], as_json: bool) -> None:
     """Remove service NAME (its connections are forgotten), or only the VMs
     named (their connections move to the others, or drop: on_vm_down)."""
-    backend = _backend(netns, config_path, api_socket)
-    answer = backend.remove_vms(name, list(vms)) if vms else backend.remove(name)
-    _done(answer, backend, as_json)
+    client = _client(netns, config_path, api_socket)
+    answer = client.remove_vms(name, list(vms)) if vms else client.remove(name)
+    _done(answer, client, as_json)
 
 
 @service.command()
@@ -323,8 +323,8 @@ def remove(netns: str | None, config_path: Path | None, api_socket: Path | None,
 def drain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
           vms: tuple[str, ...], as_json: bool) -> None:
     """No new connections for these VMs; their connections stay."""
-    backend = _backend(netns, config_path, api_socket)
-    _done(backend.drain(name, list(vms), True), backend, as_json)
+    client = _client(netns, config_path, api_socket)
+    _done(client.drain(name, list(vms), True), client, as_json)
 
 
 @service.command()
@@ -336,5 +336,5 @@ def drain(netns: str | None, config_path: Path | None, api_socket: Path | None, 
 def undrain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
             vms: tuple[str, ...], as_json: bool) -> None:
     """Give drained VMs new connections again."""
-    backend = _backend(netns, config_path, api_socket)
-    _done(backend.drain(name, list(vms), False), backend, as_json)
+    client = _client(netns, config_path, api_socket)
+    _done(client.drain(name, list(vms), False), client, as_json)

@@ -38,7 +38,7 @@ from lasthop.datapath import Maps
 from lasthop.errors import NotAttachedError, ServiceConflict, ServiceNotFound
 from lasthop.links import Links
 from lasthop.services.lookup import delete_table, matcher, svc_key, write_table
-from lasthop.services.maglev import MAGLEV_SIZE, Backend, build_table, slot_of
+from lasthop.services.maglev import MAGLEV_SIZE, Member, build_table, slot_of
 from lasthop.services.model import (
     HealthCheck,
     Service,
@@ -433,9 +433,9 @@ class ServiceManager:
         ports = self._port_states(maps)
         for svc in self._state.services:
             sid = self._state.ids[svc.name]
-            backends = [Backend(vm.port, ports[vm.port].ifindex, vm.weight)
+            members = [Member(vm.port, ports[vm.port].ifindex, vm.weight)
                         for vm in svc.vms if self._serving(svc, vm, ports[vm.port])]
-            table = build_table(backends)
+            table = build_table(members)
             if force or self._tables.get(sid) != table:
                 write_table(maps.maglev, sid, table)
                 self._tables[sid] = table
