@@ -314,27 +314,20 @@ def remove(netns: str | None, config_path: Path | None, api_socket: Path | None,
     _done(answer, client, as_json)
 
 
-@service.command()
-@_common
-@click.argument("name")
-@click.argument("vms", nargs=-1, required=True, metavar="VM...")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@friendly
-def drain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-          vms: tuple[str, ...], as_json: bool) -> None:
-    """No new connections for these VMs; their connections stay."""
-    client = _client(netns, config_path, api_socket)
-    _done(client.drain(name, list(vms), True), client, as_json)
+def _drain_command(verb: str, drained: bool, doc: str) -> None:
+    """`service drain` and `service undrain`: one command each, one body."""
+
+    @service.command(verb, help=doc)
+    @_common
+    @click.argument("name")
+    @click.argument("vms", nargs=-1, required=True, metavar="VM...")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @friendly
+    def command(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
+                vms: tuple[str, ...], as_json: bool) -> None:
+        client = _client(netns, config_path, api_socket)
+        _done(client.drain(name, list(vms), drained), client, as_json)
 
 
-@service.command()
-@_common
-@click.argument("name")
-@click.argument("vms", nargs=-1, required=True, metavar="VM...")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@friendly
-def undrain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-            vms: tuple[str, ...], as_json: bool) -> None:
-    """Give drained VMs new connections again."""
-    client = _client(netns, config_path, api_socket)
-    _done(client.drain(name, list(vms), False), client, as_json)
+_drain_command("drain", True, "No new connections for these VMs; their connections stay.")
+_drain_command("undrain", False, "Give drained VMs new connections again.")
