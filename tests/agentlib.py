@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from lasthop import abi, libbpf
+from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
 
 LASTHOP = [sys.executable, "-m", "lasthop"]
@@ -273,10 +273,6 @@ def sandbox() -> Iterator[Sandbox]:
 
 # -- in-process: the controller enters namespaces; tests must come back --------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
 @contextlib.contextmanager
 def back_to_own_netns() -> Iterator[None]:
     """Returns this thread to its network namespace afterwards (Controller enters one)."""
@@ -284,9 +280,10 @@ def back_to_own_netns() -> Iterator[None]:
     try:
         yield
     finally:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns back to the test's own network namespace")
-        os.close(fd)
+        try:
+            netns.setns(fd, "the test's own network namespace")
+        finally:
+            os.close(fd)
 
 
 # -- the table, straight through the pins ---------------------------------------------------
