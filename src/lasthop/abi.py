@@ -11,11 +11,17 @@ import ctypes
 import enum
 
 ETH_ALEN = 6
+IFNAMSIZ = 16  # linux/if.h: an interface name is at most 15 bytes and a NUL
 MAX_VLAN_TAGS = 2
 MAX_IFACES = 256
 CNT_MAX = 48
 FAMILY_V4 = 4
 FAMILY_V6 = 6
+# IP protocol numbers (linux/in.h, linux/in6.h) as conn_key.proto and svc_key.proto hold them
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
 
 
 class Role(enum.IntEnum):

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lasthop import metrics
 from lasthop.api_services import router as services_router
 from lasthop.controller import Attached, DatapathError, InterfaceInfo, NotAttachedError, Stats
+from lasthop.endpoint import format_endpoint
 from lasthop.libbpf import BpfError
 from lasthop.table import Connection
 
@@ -180,8 +181,7 @@ class ApiServer:
                 self.addresses.append(f"unix:{self.unix_path}")
             if self.tcp is not None:
                 self._sockets.append(_bind_tcp(*self.tcp))
-                host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
-                self.addresses.append(f"http://{host}:{self.tcp[1]}")
+                self.addresses.append(f"http://{format_endpoint(*self.tcp)}")
         except BaseException:
             self.stop()
             raise

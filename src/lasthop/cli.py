@@ -27,6 +27,7 @@ from lasthop.controller import (
     NotAttachedError,
     TableSizeError,
 )
+from lasthop.endpoint import format_endpoint
 from lasthop.libbpf import BpfError
 from lasthop.netns import NetnsError
 
@@ -220,7 +221,7 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
 def _ep(addr: str, port: int, family: int) -> str:
     if not port:
         return addr
-    return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
+    return format_endpoint(addr, port)
 
 
 @cli.command()

@@ -11,11 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lasthop import abi
 from lasthop.services import HealthCheck, Service, ServiceError, check_unique
 
 __all__ = ["Config", "ConfigError", "Interface", "load", "parse_hostport", "API_SOCKET_DIR"]
 
-IFNAMSIZ = 15
 API_SOCKET_DIR = Path("/run/lasthop")
 
 
@@ -39,7 +39,7 @@ class _Model(BaseModel):
 class Interface(_Model):
     """An uplink or a VM port."""
 
-    name: str = Field(min_length=1, max_length=IFNAMSIZ)
+    name: str = Field(min_length=1, max_length=abi.IFNAMSIZ - 1)
     zone: int = Field(default=0, ge=0, le=65535)
 
 
@@ -47,7 +47,7 @@ class Config(_Model):
     netns: str | None = None
     uplinks: list[Interface] = Field(default_factory=list, alias="uplink")
     vm_ports: list[Interface] = Field(default_factory=list, alias="vm_port")
-    bridge: str | None = Field(default=None, max_length=IFNAMSIZ)
+    bridge: str | None = Field(default=None, max_length=abi.IFNAMSIZ - 1)
     bridge_zone: int = Field(default=0, ge=0, le=65535)
     routed: bool = False
     relearn: Literal["latest", "first"] = "latest"
