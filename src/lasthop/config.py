@@ -51,7 +51,7 @@ class Config(_Model):
     bridge_zone: int = Field(default=0, ge=0, le=65535)
     routed: bool = False
     relearn: Literal["latest", "first"] = "latest"
-    table_size: int = Field(default=1_048_576, ge=1, le=1 << 27)
+    table_size: int = Field(default=abi.CONN_TABLE_SIZE, ge=1, le=1 << 27)
     idle_timeout: float = Field(
         default=600.0, gt=0, description="seconds before an idle entry is removed"
     )

@@ -66,7 +66,6 @@ log = logging.getLogger("lasthop")
 
 STATE_DIR = Path(os.environ.get("LASTHOP_STATE_DIR", "/run/lasthop"))
 STATE_VERSION = 1
-IFNAMSIZ = 15
 BPF_MAP_TYPE_ARRAY = 2
 PROTO_NUMBERS = {"any": 0, "tcp": 6, "udp": 17, "icmp": 1}
 IPPROTO_ICMPV6 = 58
@@ -124,7 +123,9 @@ class HealthCheck(_Model):
 class ServiceVm(_Model):
     """A VM in a pool: its port on the host, and how it is weighed and checked."""
 
-    port: str = Field(min_length=1, max_length=IFNAMSIZ, description="the VM's port on the host")
+    port: str = Field(
+        min_length=1, max_length=abi.IFNAMSIZ - 1, description="the VM's port on the host"
+    )
     weight: int = Field(default=1, ge=1, le=1000, description="share of new connections")
     address: str | None = Field(default=None, description="the VM's own address: where checks go")
     mac: str | None = Field(default=None, description="the guest's MAC; default: learned")
