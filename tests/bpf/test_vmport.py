@@ -349,7 +349,7 @@ FAST_PATH = [
          output=bridged(tcp4_reply()),
          after=(reply_to(tcp4_request(), replies=1, seen="now", vm="vm1", flags=HOP | VM_FAST),),
          counters={("vm1", C.REDIRECTED): 1}),
-    Case("fast path off (the default): the reply binds nothing", VMPORT, "vm1",
+    Case("fast path off (fast_path = false): the reply binds nothing", VMPORT, "vm1",
          tcp4_reply(), setup=(reply_to(tcp4_request()),),
          vm_macs=(("vm1", MAC_VM_1),), verdict=TC_ACT_REDIRECT, redirect="up1",
          output=bridged(tcp4_reply()), after=(reply_to(tcp4_request(), replies=1, seen="now"),),
