@@ -204,8 +204,8 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
     for c in conns:
         table.add_row(
             c.proto,
-            _ep(c.src, c.sport, c.family),
-            _ep(c.dst, c.dport, c.family),
+            _ep(c.src, c.sport),
+            _ep(c.dst, c.dport),
             str(c.zone),
             c.mac or "-",
             c.uplink or "-",
@@ -218,7 +218,7 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
     console.print(table)
 
 
-def _ep(addr: str, port: int, family: int) -> str:
+def _ep(addr: str, port: int) -> str:
     if not port:
         return addr
     return format_endpoint(addr, port)

@@ -1,4 +1,5 @@
-/* consts.h: every constant of the lasthop data path; tunables take -D overrides. */
+/* consts.h: every constant of the lasthop data path. Those the agent mirrors are
+ * enum constants (they reach the BTF); the rest are #defines. */
 #pragma once
 
 /* Sizes and values the agent mirrors (lasthop.abi). They are enum constants, not
