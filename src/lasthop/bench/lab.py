@@ -54,9 +54,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lasthop.bench.frames import quiet
-from lasthop.lab import agent as lab_agent
 from lasthop.lab import plan as P
 from lasthop.lab import recipe as lab_recipe
+from lasthop.lab import runner as lab_runner
 from lasthop.lab.namespaces import LabError, ip_batch, ns_exec, run, sysctl
 from lasthop.lab.topology import BRIDGE_OPTS, COMMON_SYSCTLS, ROUTER_SYSCTLS
 from lasthop.lab.topology import down as lab_down
@@ -267,7 +267,7 @@ class BenchPath:
         self.plan = plan = mode.plan(prefix)
         self.fw, self.vm, self.host = plan.firewall(1), plan.vm(1), plan.host
         self.fw_if = P.FW_TRANSIT
-        self.lasthop: lab_agent.LasthopAgent | None = None
+        self.lasthop: lab_runner.AgentRunner | None = None
 
     @property
     def namespaces(self) -> list[str]:
@@ -385,9 +385,9 @@ class BenchPath:
     def _attach_lasthop(self) -> None:
         """Starts the agent, waits until it has attached, and stops it: the data
         path stays attached and no agent work (aging) lands in a measurement."""
-        if not lab_agent.available():
+        if not lab_runner.available():
             raise BenchError("the lasthop agent is not importable")
-        agent = lab_agent.LasthopAgent(self.plan)
+        agent = lab_runner.AgentRunner(self.plan)
         agent.start()
         agent.stop()
         self.lasthop = agent
