@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from lasthop.bench import lab as L
+from lasthop.bench.cli import EXIT_OK
 from lasthop.lab.namespaces import existing
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -115,7 +116,7 @@ def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
         timeout=RUN_TIMEOUT,
         check=False,
     )
-    assert done.returncode == L.EXIT_OK, done.stderr[-2000:]
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
     assert _leftovers(prefix) == []
     return json.loads(done.stdout), out
 

@@ -28,7 +28,6 @@ runs of fresh connections, timed like `bench datapath` times inserts.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import platform
 import random
@@ -42,13 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from lasthop import abi, build
 from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, u32
 from lasthop.maglev import MAGLEV_SEED, MAGLEV_SIZE, Backend, build_table, jhash2
 
-__all__ = ["BenchError", "Results", "run", "print_results", "services_command", "simulated_slots",
+__all__ = ["BenchError", "Results", "run", "print_results", "simulated_slots",
            "TARGETS"]
 
 TARGETS = {"spread": 1.02, "movement_extra": 0.01, "service_pinned": 3.0}
@@ -448,46 +445,3 @@ def print_results(results: Results, console: Any) -> None:
     env = results.environment
     console.print(f"kernel {env['kernel']}, {env['cpus']} CPUs; settings {results.settings}; "
                   f"{env['elapsed_s']} s", style="dim")
-
-
-@click.command("services")
-@click.option("--keys", type=click.IntRange(1000), default=1_000_000, show_default=True,
-              help="Simulated connection keys for the spread and movement figures.")
-@click.option("--repeat", type=click.IntRange(1000), default=1_000_000, show_default=True,
-              help="Back-to-back runs of each program per round.")
-@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
-              help="Rounds (the median is reported).")
-@click.option("--singles", type=click.IntRange(100), default=5000, show_default=True,
-              help="New service connections timed as single runs.")
-@click.option("--datapath/--no-datapath", default=True, show_default=True,
-              help="Also measure per-packet cost and the table swap (needs root).")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
-def services_command(keys: int, repeat: int, rounds: int, singles: int, datapath: bool,
-                     as_json: bool, strict: bool) -> None:
-    """Maglev spread and movement over simulated connections, table rebuild
-    time, and the service path's ns per packet vs an empty tc program.
-
-    Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
-    3 could not run."""
-    import sys
-
-    from rich.console import Console
-
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
-    try:
-        with console.status("starting") as status:
-            results = run(keys=keys, repeat=repeat, rounds=rounds, singles=singles,
-                          datapath=datapath, progress=lambda msg: status.update(msg))
-    except BenchError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
-        sys.exit(3)
-    if as_json:
-        print(json.dumps(results.to_json(), indent=1))
-    else:
-        print_results(results, console)
-    sys.exit(1 if strict and not results.ok else 0)
-
-
-if __name__ == "__main__":
-    services_command()
