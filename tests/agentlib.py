@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -292,12 +293,35 @@ class PinnedTable:
     def keys(self) -> list[bytes]:
         return list(self.conns.keys())
 
+    @contextlib.contextmanager
+    def kept_fresh(
+        self, key: abi.ConnKey, *, uplink: int = 1, every: float = 0.1
+    ) -> Iterator[None]:
+        """Keeps *key*'s entry seen as traffic would (rewritten every *every*
+        seconds) while the block runs: no aging pass finds it idle, however
+        slow the machine is, so a test need not race the idle timeout."""
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while not stop.is_set():
+                self.add(key, uplink=uplink)
+                stop.wait(every)
+
+        self.add(key, uplink=uplink)
+        worker = threading.Thread(target=refresh, daemon=True)
+        worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            worker.join()
+
     def close(self) -> None:
         self.conns.close()
         self.clock.close()
 
 
-def wait_for(check: Any, timeout: float = 5.0, every: float = 0.05) -> Any:
+def wait_for(check: Any, timeout: float = 15.0, every: float = 0.05) -> Any:
     """Polls *check* until it returns something truthy; returns that, or fails."""
     deadline = time.monotonic() + timeout
     while True:

@@ -127,7 +127,7 @@ def test_monitor_checks_each_vm_on_its_interval_and_reports(manager: ServiceMana
     try:
         mon.tick(100.0)
         _wait(lambda: len(calls) == 2)
-        time.sleep(0.05)
+        _wait(lambda: all(f.done() for f in mon._running.values()))  # both results ready
         mon.tick(100.5)  # collects; nothing due yet
         assert sorted(calls) == ["vm1", "vm2"]
         assert manager.health_of("web", "vm1").status == "up"

@@ -109,7 +109,7 @@ def test_bridge_mode_follows_a_vm_port_added_while_running(bridged_lab: Lab) -> 
         def vm4_works() -> bool:
             return traffic.check(bridged_lab.plan, n=1, clients=[2], vms=[4], protos=["tcp"]).all_ok
 
-        assert eventually(vm4_works, timeout=5.0, every=0.2), (
+        assert eventually(vm4_works, timeout=15.0, every=0.2), (
             "cl2 -> vm4 never worked: the new port was not attached"
         )
         assert expect_all_ok(traffic.check(bridged_lab.plan, n=1), "every VM incl. vm4") == []

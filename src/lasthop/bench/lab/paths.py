@@ -32,6 +32,7 @@ __all__ = [
     "Tools",
     "compile_tools",
     "remove_paths",
+    "rx_packets",
 ]
 
 HERE = Path(__file__).resolve().parent.parent  # the sources live in lasthop/bench/
@@ -298,7 +299,7 @@ class BenchPath:
 
     def counters(self) -> tuple[int, int]:
         """(packets the VM received, packets fw1 received)."""
-        return _rx_packets(self.vm.ns, P.ETH), _rx_packets(self.fw.ns, self.fw_if)
+        return rx_packets(self.vm.ns, P.ETH), rx_packets(self.fw.ns, self.fw_if)
 
     def lasthop_stats(self) -> dict[str, Any]:
         out = run(
@@ -312,7 +313,8 @@ class BenchPath:
         return int(out) if out.isdigit() else -1
 
 
-def _rx_packets(ns: str, dev: str) -> int:
+def rx_packets(ns: str, dev: str) -> int:
+    """Packets *dev* in namespace *ns* has received."""
     out = run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev]).stdout
     return int(json.loads(out)[0]["stats64"]["rx"]["packets"])
 
