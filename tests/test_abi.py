@@ -32,8 +32,12 @@ def btf(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
         obj = build.build(tmp_path_factory.mktemp("abi") / "lasthop.bpf.o")
     except build.BuildError as err:
         pytest.skip(str(err))
-    out = subprocess.run([BPFTOOL, "-j", "btf", "dump", "file", str(obj), "format", "raw"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [BPFTOOL, "-j", "btf", "dump", "file", str(obj), "format", "raw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {t["id"]: t for t in json.loads(out)["types"]}
 
 
@@ -75,10 +79,14 @@ def test_struct_matches_btf(btf: dict[int, dict[str, Any]], name: str) -> None:
     struct = named(btf, "STRUCT", name)
     mirror = abi.STRUCTS[name]
     assert ctypes.sizeof(mirror) == struct["size"]
-    want = [(m["name"], m["bits_offset"] // 8, size_of(btf, m["type_id"]), shape(btf, m["type_id"]))
-            for m in struct["members"]]
-    have = [(f, getattr(mirror, f).offset, getattr(mirror, f).size, ctypes_shape(t))
-            for f, t in mirror._fields_]  # type: ignore[misc]
+    want = [
+        (m["name"], m["bits_offset"] // 8, size_of(btf, m["type_id"]), shape(btf, m["type_id"]))
+        for m in struct["members"]
+    ]
+    have = [
+        (f, getattr(mirror, f).offset, getattr(mirror, f).size, ctypes_shape(t))
+        for f, t in mirror._fields_
+    ]  # type: ignore[misc]
     assert have == want
     assert all(m["bits_offset"] % 8 == 0 for m in struct["members"]), "no bit fields in the ABI"
 
@@ -122,8 +130,12 @@ def defines() -> dict[str, int]:
         clang = build._clang()
     except build.BuildError as err:
         pytest.skip(str(err))
-    out = subprocess.run([clang, "-dM", "-E", "-target", "bpf", str(build.BPF_DIR / "consts.h")],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [clang, "-dM", "-E", "-target", "bpf", str(build.BPF_DIR / "consts.h")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     values = {}
     for line in out.splitlines():
         m = _DEFINE.fullmatch(line.strip())
@@ -133,8 +145,14 @@ def defines() -> dict[str, int]:
 
 
 MIRRORED_DEFINES = [
-    "ETH_ALEN", "MAX_VLAN_TAGS", "MAX_IFACES", "FAMILY_V4", "FAMILY_V6", "MAX_SERVICES",
-    "MAGLEV_SIZE", "MAGLEV_SEED",
+    "ETH_ALEN",
+    "MAX_VLAN_TAGS",
+    "MAX_IFACES",
+    "FAMILY_V4",
+    "FAMILY_V6",
+    "MAX_SERVICES",
+    "MAGLEV_SIZE",
+    "MAGLEV_SEED",
 ]
 
 

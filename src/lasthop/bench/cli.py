@@ -30,20 +30,52 @@ def bench() -> None:
 
 
 @bench.command("datapath")
-@click.option("--repeat", type=click.IntRange(1000), default=2_000_000, show_default=True,
-              help="Back-to-back runs of each program per round.")
-@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
-              help="Rounds (the median is reported).")
-@click.option("--inserts", type=click.IntRange(100), default=20_000, show_default=True,
-              help="New connections inserted, each by a single run, per table state.")
-@click.option("--table", type=click.IntRange(1024), default=65_536, show_default=True,
-              help="Connection-table size for the runs (the full-table inserts evict).")
-@click.option("--memory-entries", type=click.IntRange(0), default=1 << 20, show_default=True,
-              help="Entries of the table whose kernel memory is reported (0: skip).")
+@click.option(
+    "--repeat",
+    type=click.IntRange(1000),
+    default=2_000_000,
+    show_default=True,
+    help="Back-to-back runs of each program per round.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Rounds (the median is reported).",
+)
+@click.option(
+    "--inserts",
+    type=click.IntRange(100),
+    default=20_000,
+    show_default=True,
+    help="New connections inserted, each by a single run, per table state.",
+)
+@click.option(
+    "--table",
+    type=click.IntRange(1024),
+    default=65_536,
+    show_default=True,
+    help="Connection-table size for the runs (the full-table inserts evict).",
+)
+@click.option(
+    "--memory-entries",
+    type=click.IntRange(0),
+    default=1 << 20,
+    show_default=True,
+    help="Entries of the table whose kernel memory is reported (0: skip).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
-def datapath(repeat: int, rounds: int, inserts: int, table: int, memory_entries: int,
-             as_json: bool, strict: bool) -> None:
+def datapath(
+    repeat: int,
+    rounds: int,
+    inserts: int,
+    table: int,
+    memory_entries: int,
+    as_json: bool,
+    strict: bool,
+) -> None:
     """ns per packet of each program path vs an empty tc program, and kernel
     memory per connection entry (docs/datapath.md).
 
@@ -52,9 +84,14 @@ def datapath(repeat: int, rounds: int, inserts: int, table: int, memory_entries:
     console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
     try:
         with console.status("starting") as status:
-            results = dp_bench.run(repeat=repeat, rounds=rounds, inserts=inserts, table=table,
-                                   memory_entries=memory_entries,
-                                   progress=lambda msg: status.update(msg))
+            results = dp_bench.run(
+                repeat=repeat,
+                rounds=rounds,
+                inserts=inserts,
+                table=table,
+                memory_entries=memory_entries,
+                progress=lambda msg: status.update(msg),
+            )
     except dp_bench.BenchError as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
         sys.exit(EXIT_CANNOT_RUN)
@@ -146,20 +183,45 @@ def lab(quick: bool, reps: int | None, packets: int | None, connections: int | N
 
 
 @bench.command("services")
-@click.option("--keys", type=click.IntRange(1000), default=1_000_000, show_default=True,
-              help="Simulated connection keys for the spread and movement figures.")
-@click.option("--repeat", type=click.IntRange(1000), default=1_000_000, show_default=True,
-              help="Back-to-back runs of each program per round.")
-@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
-              help="Rounds (the median is reported).")
-@click.option("--singles", type=click.IntRange(100), default=5000, show_default=True,
-              help="New service connections timed as single runs.")
-@click.option("--datapath/--no-datapath", default=True, show_default=True,
-              help="Also measure per-packet cost and the table swap (needs root).")
+@click.option(
+    "--keys",
+    type=click.IntRange(1000),
+    default=1_000_000,
+    show_default=True,
+    help="Simulated connection keys for the spread and movement figures.",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(1000),
+    default=1_000_000,
+    show_default=True,
+    help="Back-to-back runs of each program per round.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Rounds (the median is reported).",
+)
+@click.option(
+    "--singles",
+    type=click.IntRange(100),
+    default=5000,
+    show_default=True,
+    help="New service connections timed as single runs.",
+)
+@click.option(
+    "--datapath/--no-datapath",
+    default=True,
+    show_default=True,
+    help="Also measure per-packet cost and the table swap (needs root).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
-def services(keys: int, repeat: int, rounds: int, singles: int, datapath: bool,
-                     as_json: bool, strict: bool) -> None:
+def services(
+    keys: int, repeat: int, rounds: int, singles: int, datapath: bool, as_json: bool, strict: bool
+) -> None:
     """Maglev spread and movement over simulated connections, table rebuild
     time, and the service path's ns per packet vs an empty tc program.
 
@@ -168,8 +230,14 @@ def services(keys: int, repeat: int, rounds: int, singles: int, datapath: bool,
     console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
     try:
         with console.status("starting") as status:
-            results = svc_bench.run(keys=keys, repeat=repeat, rounds=rounds, singles=singles,
-                          datapath=datapath, progress=lambda msg: status.update(msg))
+            results = svc_bench.run(
+                keys=keys,
+                repeat=repeat,
+                rounds=rounds,
+                singles=singles,
+                datapath=datapath,
+                progress=lambda msg: status.update(msg),
+            )
     except svc_bench.BenchError as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
         sys.exit(EXIT_CANNOT_RUN)

@@ -69,9 +69,7 @@ class AgentProcess:
     subprocess: started, waited for until it prints its "attached" line, and
     stopped by SIGTERM. Its stderr goes to *log*; its stdout is drained."""
 
-    def __init__(
-        self, argv: list[str], log: Path, *, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, argv: list[str], log: Path, *, env: dict[str, str] | None = None) -> None:
         self.argv = argv
         self.log = log
         self.env = env

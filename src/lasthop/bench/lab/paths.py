@@ -88,7 +88,6 @@ MODE_BY_NAME = {m.name: m for m in MODES}
 BASELINE = "direct"
 
 
-
 @dataclass(frozen=True)
 class Tools:
     sender: Path
