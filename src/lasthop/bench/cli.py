@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import click
 from rich.console import Console
@@ -23,6 +25,68 @@ __all__ = ["bench"]
 # 3 it could not run.
 EXIT_OK, EXIT_TARGET_MISSED, EXIT_CANNOT_RUN = 0, 1, 3
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+# -- what the datapath and services benches share ---------------------------------
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+strict_option = click.option(
+    "--strict", is_flag=True, help="Exit 1 when a figure misses its target."
+)
+rounds_option = click.option(
+    "--rounds",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Rounds (the median is reported).",
+)
+
+
+def repeat_option(default: int) -> Callable[[F], F]:
+    return click.option(
+        "--repeat",
+        type=click.IntRange(1000),
+        default=default,
+        show_default=True,
+        help="Back-to-back runs of each program per round.",
+    )
+
+
+class Figures(Protocol):
+    """The results of the datapath and the services benches."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Figures)
+
+
+def _figures(
+    run: Callable[[Callable[[str], None]], R],
+    error: type[Exception],
+    print_results: Callable[[R, Console], None],
+    *,
+    as_json: bool,
+    strict: bool,
+) -> NoReturn:
+    """Runs a bench under a progress line, prints its figures (or their JSON)
+    and exits: 0 ran; 1 with strict, a target missed; 3 could not run."""
+    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
+    try:
+        with console.status("starting") as status:
+            results = run(lambda msg: status.update(msg))
+    except error as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+        sys.exit(EXIT_CANNOT_RUN)
+    if as_json:
+        print(json.dumps(results.to_json(), indent=1))
+    else:
+        print_results(results, console)
+    sys.exit(EXIT_TARGET_MISSED if strict and not results.ok else EXIT_OK)
+
 
 @click.group("bench")
 def bench() -> None:
@@ -30,20 +94,8 @@ def bench() -> None:
 
 
 @bench.command("datapath")
-@click.option(
-    "--repeat",
-    type=click.IntRange(1000),
-    default=2_000_000,
-    show_default=True,
-    help="Back-to-back runs of each program per round.",
-)
-@click.option(
-    "--rounds",
-    type=click.IntRange(1),
-    default=5,
-    show_default=True,
-    help="Rounds (the median is reported).",
-)
+@repeat_option(2_000_000)
+@rounds_option
 @click.option(
     "--inserts",
     type=click.IntRange(100),
@@ -65,8 +117,8 @@ def bench() -> None:
     show_default=True,
     help="Entries of the table whose kernel memory is reported (0: skip).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
+@json_option
+@strict_option
 def datapath(
     repeat: int,
     rounds: int,
@@ -81,25 +133,20 @@ def datapath(
 
     Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
     3 could not run."""
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
-    try:
-        with console.status("starting") as status:
-            results = dp_bench.run(
-                repeat=repeat,
-                rounds=rounds,
-                inserts=inserts,
-                table=table,
-                memory_entries=memory_entries,
-                progress=lambda msg: status.update(msg),
-            )
-    except dp_bench.BenchError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
-        sys.exit(EXIT_CANNOT_RUN)
-    if as_json:
-        print(json.dumps(results.to_json(), indent=1))
-    else:
-        dp_bench.print_results(results, console)
-    sys.exit(EXIT_TARGET_MISSED if strict and not results.ok else EXIT_OK)
+    _figures(
+        lambda progress: dp_bench.run(
+            repeat=repeat,
+            rounds=rounds,
+            inserts=inserts,
+            table=table,
+            memory_entries=memory_entries,
+            progress=progress,
+        ),
+        dp_bench.BenchError,
+        dp_bench.print_results,
+        as_json=as_json,
+        strict=strict,
+    )
 
 
 @bench.command("lab")
@@ -190,20 +237,8 @@ def lab(quick: bool, reps: int | None, packets: int | None, connections: int | N
     show_default=True,
     help="Simulated connection keys for the spread and movement figures.",
 )
-@click.option(
-    "--repeat",
-    type=click.IntRange(1000),
-    default=1_000_000,
-    show_default=True,
-    help="Back-to-back runs of each program per round.",
-)
-@click.option(
-    "--rounds",
-    type=click.IntRange(1),
-    default=5,
-    show_default=True,
-    help="Rounds (the median is reported).",
-)
+@repeat_option(1_000_000)
+@rounds_option
 @click.option(
     "--singles",
     type=click.IntRange(100),
@@ -217,8 +252,8 @@ def lab(quick: bool, reps: int | None, packets: int | None, connections: int | N
     show_default=True,
     help="Also measure per-packet cost and the table swap (needs root).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
+@json_option
+@strict_option
 def services(
     keys: int, repeat: int, rounds: int, singles: int, datapath: bool, as_json: bool, strict: bool
 ) -> None:
@@ -227,22 +262,17 @@ def services(
 
     Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
     3 could not run."""
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
-    try:
-        with console.status("starting") as status:
-            results = svc_bench.run(
-                keys=keys,
-                repeat=repeat,
-                rounds=rounds,
-                singles=singles,
-                datapath=datapath,
-                progress=lambda msg: status.update(msg),
-            )
-    except svc_bench.BenchError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
-        sys.exit(EXIT_CANNOT_RUN)
-    if as_json:
-        print(json.dumps(results.to_json(), indent=1))
-    else:
-        svc_bench.print_results(results, console)
-    sys.exit(EXIT_TARGET_MISSED if strict and not results.ok else EXIT_OK)
+    _figures(
+        lambda progress: svc_bench.run(
+            keys=keys,
+            repeat=repeat,
+            rounds=rounds,
+            singles=singles,
+            datapath=datapath,
+            progress=progress,
+        ),
+        svc_bench.BenchError,
+        svc_bench.print_results,
+        as_json=as_json,
+        strict=strict,
+    )
