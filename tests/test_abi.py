@@ -38,8 +38,12 @@ def btf(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
         obj = build.build(tmp_path_factory.mktemp("abi") / "lasthop.bpf.o")
     except build.BuildError as err:
         pytest.skip(str(err))
-    out = subprocess.run([BPFTOOL, "-j", "btf", "dump", "file", str(obj), "format", "raw"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [BPFTOOL, "-j", "btf", "dump", "file", str(obj), "format", "raw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {t["id"]: t for t in json.loads(out)["types"]}
 
 
@@ -81,10 +85,14 @@ def test_struct_matches_btf(btf: dict[int, dict[str, Any]], name: str) -> None:
     struct = named(btf, "STRUCT", name)
     mirror = abi.STRUCTS[name]
     assert ctypes.sizeof(mirror) == struct["size"]
-    want = [(m["name"], m["bits_offset"] // 8, size_of(btf, m["type_id"]), shape(btf, m["type_id"]))
-            for m in struct["members"]]
-    have = [(f, getattr(mirror, f).offset, getattr(mirror, f).size, ctypes_shape(t))
-            for f, t in mirror._fields_]  # type: ignore[misc]
+    want = [
+        (m["name"], m["bits_offset"] // 8, size_of(btf, m["type_id"]), shape(btf, m["type_id"]))
+        for m in struct["members"]
+    ]
+    have = [
+        (f, getattr(mirror, f).offset, getattr(mirror, f).size, ctypes_shape(t))
+        for f, t in mirror._fields_
+    ]  # type: ignore[misc]
     assert have == want
     assert all(m["bits_offset"] % 8 == 0 for m in struct["members"]), "no bit fields in the ABI"
 
@@ -121,23 +129,33 @@ def test_roles_match_enum_lh_role(btf: dict[int, dict[str, Any]]) -> None:
 # object's BTF by struct lh_abi_enums (abi.h): #defines would leave no trace there.
 CONST_ENUMS = ("lh_const", "lh_iface_flag", "lh_settings_flag", "lh_entry_flag")
 # the kernel's numbers, which the C takes from its headers: checked against those
-KERNEL_CONSTANTS = ("ETH_ALEN", "IFNAMSIZ", "IPPROTO_ICMP", "IPPROTO_TCP", "IPPROTO_UDP",
-                    "IPPROTO_ICMPV6")
+KERNEL_CONSTANTS = (
+    "ETH_ALEN",
+    "IFNAMSIZ",
+    "IPPROTO_ICMP",
+    "IPPROTO_TCP",
+    "IPPROTO_UDP",
+    "IPPROTO_ICMPV6",
+)
 
 
 @pytest.fixture(scope="module")
 def c_constants(btf: dict[int, dict[str, Any]]) -> dict[str, int]:
     """The constants of consts.h the agent mirrors, by name, from the BTF."""
-    values = {"CNT_MAX": {v["name"]: v["val"] for v in named(btf, "ENUM", "lh_counter")["values"]}
-              ["CNT_MAX"]}
+    values = {
+        "CNT_MAX": {v["name"]: v["val"] for v in named(btf, "ENUM", "lh_counter")["values"]}[
+            "CNT_MAX"
+        ]
+    }
     for enum_name in CONST_ENUMS:
         values |= {v["name"]: v["val"] for v in named(btf, "ENUM", enum_name)["values"]}
     return values
 
 
 def _int_constants(module: ModuleType) -> dict[str, int]:
-    return {k: v for k, v in vars(module).items()
-            if k.isupper() and type(v) is int}  # not bool, not IntEnum members
+    return {
+        k: v for k, v in vars(module).items() if k.isupper() and type(v) is int
+    }  # not bool, not IntEnum members
 
 
 def test_every_c_constant_has_its_value_in_the_mirror(c_constants: dict[str, int]) -> None:
@@ -170,8 +188,13 @@ def test_kernel_constants_match_the_kernel_headers() -> None:
     except build.BuildError as err:
         pytest.skip(str(err))
     source = "#include <linux/if_ether.h>\n#include <linux/if.h>\n"
-    out = subprocess.run([clang, "-dM", "-E", "-target", "bpf", *build._multiarch_include(), "-"],
-                         input=source, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [clang, "-dM", "-E", "-target", "bpf", *build._multiarch_include(), "-"],
+        input=source,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     defines = dict(re.findall(r"^#define (\w+) (\d+)$", out, re.M))
     assert int(defines["ETH_ALEN"]) == abi.ETH_ALEN
     assert int(defines["IFNAMSIZ"]) == abi.IFNAMSIZ

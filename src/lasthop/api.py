@@ -161,8 +161,9 @@ class ApiServer:
     namespace: threads inherit the namespace of the thread that creates them.
     """
 
-    def __init__(self, app: FastAPI, *, unix_path: Path | None = None,
-                 tcp: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, app: FastAPI, *, unix_path: Path | None = None, tcp: tuple[str, int] | None = None
+    ) -> None:
         self.app = app
         self.unix_path = unix_path
         self.tcp = tcp
@@ -190,11 +191,16 @@ class ApiServer:
         """Serves in the background; returns the addresses once they answer."""
         if not self._sockets:
             self.bind()
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
-                                access_log=False)
+        config = uvicorn.Config(
+            self.app, lifespan="off", log_config=None, log_level="warning", access_log=False
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": self._sockets},
-                                        name="lasthop-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": self._sockets},
+            name="lasthop-api",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:

@@ -85,8 +85,9 @@ class Links:
         sock.bind((0, RTMGRP_LINK))
         self._events = sock
 
-    def events(self, timeout: float,
-               wake: socket.socket | None = None) -> Iterator[tuple[str, Link]]:
+    def events(
+        self, timeout: float, wake: socket.socket | None = None
+    ) -> Iterator[tuple[str, Link]]:
         """("new"|"del", link) for link changes within *timeout* seconds; returns
         early when *wake* becomes readable.
 

@@ -46,7 +46,8 @@ class StatsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         st = self.source.stats()
         packets = CounterMetricFamily(
-            "lasthop_packets", "Packets the data path handled, by reason and interface",
+            "lasthop_packets",
+            "Packets the data path handled, by reason and interface",
             labels=["reason", "interface"],
         )
         for interface, counts in sorted(st.interfaces.items()):
@@ -54,16 +55,22 @@ class StatsCollector(Collector):
                 if reason != _REMOVED:
                     packets.add_metric([reason, interface], n)
         yield packets
-        yield GaugeMetricFamily("lasthop_table_entries", "Connections in the table",
-                                value=st.entries)
-        yield GaugeMetricFamily("lasthop_table_capacity", "Connections the table can hold",
-                                value=st.capacity)
+        yield GaugeMetricFamily(
+            "lasthop_table_entries", "Connections in the table", value=st.entries
+        )
+        yield GaugeMetricFamily(
+            "lasthop_table_capacity", "Connections the table can hold", value=st.capacity
+        )
         yield CounterMetricFamily(
-            "lasthop_table_evicted", "Entries the full table evicted (derived from the counters)",
+            "lasthop_table_evicted",
+            "Entries the full table evicted (derived from the counters)",
             value=st.evicted,
         )
-        yield CounterMetricFamily("lasthop_table_removed", "Entries the agent aged out or flushed",
-                                  value=st.totals.get(_REMOVED, 0))
+        yield CounterMetricFamily(
+            "lasthop_table_removed",
+            "Entries the agent aged out or flushed",
+            value=st.totals.get(_REMOVED, 0),
+        )
 
 
 class StatusSource(Protocol):
@@ -85,12 +92,15 @@ class ServicesCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         labels = ["service", "vm"]
-        serving = GaugeMetricFamily("lasthop_vm_serving", "1 when the VM gets new connections",
-                                    labels=labels)
-        health = GaugeMetricFamily("lasthop_vm_health", "1 for the VM's current health status",
-                                   labels=[*labels, "status"])
-        changes = CounterMetricFamily("lasthop_vm_health_changes",
-                                      "Health status changes of the VM", labels=labels)
+        serving = GaugeMetricFamily(
+            "lasthop_vm_serving", "1 when the VM gets new connections", labels=labels
+        )
+        health = GaugeMetricFamily(
+            "lasthop_vm_health", "1 for the VM's current health status", labels=[*labels, "status"]
+        )
+        changes = CounterMetricFamily(
+            "lasthop_vm_health_changes", "Health status changes of the VM", labels=labels
+        )
         for st in self.source.status():
             for vm in st.vms:
                 key = [st.service.name, vm.port]

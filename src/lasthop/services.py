@@ -57,9 +57,21 @@ if TYPE_CHECKING:
     from lasthop.libbpf import Map
 
 __all__ = [
-    "HealthCheck", "Service", "ServiceVm", "ServiceError", "ServiceNotFound", "ServiceConflict",
-    "ServiceManager", "ServiceStore", "StateFile", "VmHealth", "state_path", "write_table",
-    "read_table", "parse_vm", "STATE_DIR",
+    "HealthCheck",
+    "Service",
+    "ServiceVm",
+    "ServiceError",
+    "ServiceNotFound",
+    "ServiceConflict",
+    "ServiceManager",
+    "ServiceStore",
+    "StateFile",
+    "VmHealth",
+    "state_path",
+    "write_table",
+    "read_table",
+    "parse_vm",
+    "STATE_DIR",
 ]
 
 log = logging.getLogger("lasthop")
@@ -99,17 +111,22 @@ class HealthCheck(_Model):
     """How the agent checks each VM of a pool, from the host's namespace."""
 
     type: Literal["tcp", "http", "none"] = Field(
-        default="tcp", description="tcp: connect; http: GET path, 2xx/3xx = healthy; none")
-    port: int | None = Field(default=None, ge=1, le=65535,
-                             description="port to check; default: the service's first port")
+        default="tcp", description="tcp: connect; http: GET path, 2xx/3xx = healthy; none"
+    )
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="port to check; default: the service's first port"
+    )
     path: str = Field(default="/", description="http: the path to GET")
     interval: float = Field(default=2.0, gt=0, le=3600, description="seconds between checks")
     timeout: float = Field(default=1.0, gt=0, le=60, description="seconds a check may take")
     rise: int = Field(default=2, ge=1, le=100, description="passes in a row that bring a VM back")
     fall: int = Field(default=3, ge=1, le=100, description="failures in a row: unhealthy")
     down_after: int = Field(
-        default=0, ge=0, le=10000,
-        description="failures in a row after which the VM is down: its connections move; 0 = never")
+        default=0,
+        ge=0,
+        le=10000,
+        description="failures in a row after which the VM is down: its connections move; 0 = never",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HealthCheck:
@@ -257,8 +274,10 @@ def check_unique(services: Iterable[Service]) -> None:
         names.add(svc.name)
         for key in svc.svc_keys():
             if key in keys:
-                raise ServiceConflict(f"services {keys[key]!r} and {svc.name!r} both claim "
-                                      f"{_describe_key(svc, key[2])}")
+                raise ServiceConflict(
+                    f"services {keys[key]!r} and {svc.name!r} both claim "
+                    f"{_describe_key(svc, key[2])}"
+                )
             keys[key] = svc.name
     if count > abi.MAX_SERVICES:
         raise ServiceError(f"at most {abi.MAX_SERVICES} services")
@@ -475,8 +494,12 @@ class ServiceStatus:
     def to_json(self) -> dict[str, object]:
         svc = self.service
         return {
-            "name": svc.name, "id": self.id, "address": svc.address, "proto": svc.proto,
-            "ports": svc.ports, "health": svc.health.model_dump() if svc.health else None,
+            "name": svc.name,
+            "id": self.id,
+            "address": svc.address,
+            "proto": svc.proto,
+            "ports": svc.ports,
+            "health": svc.health.model_dump() if svc.health else None,
             "vms": [vm.to_json() for vm in self.vms],
         }
 
@@ -493,8 +516,14 @@ class ServiceManager:
     checks and the agent loop never interleave map writes.
     """
 
-    def __init__(self, netns: str, open_maps: MapsSource, *, lock: threading.RLock | None = None,
-                 path: Path | None = None) -> None:
+    def __init__(
+        self,
+        netns: str,
+        open_maps: MapsSource,
+        *,
+        lock: threading.RLock | None = None,
+        path: Path | None = None,
+    ) -> None:
         self.netns = netns
         self.store = ServiceStore(path or state_path(netns))
         self._open_maps = open_maps
@@ -536,13 +565,23 @@ class ServiceManager:
                 for vm in svc.vms:
                     ps = ports[vm.port]
                     h = self.health_of(svc.name, vm.port)
-                    vms.append(VmStatus(
-                        port=vm.port, ifindex=ps.ifindex, weight=vm.weight, address=vm.address,
-                        drained=vm.drained, health=h.status, link=ps.text,
-                        serving=self._serving(svc, vm, ps), down=self._down(vm.port, ps),
-                        slots=counts.get(ps.ifindex, 0) if ps.ifindex else 0,
-                        changes=h.changes, since=h.since, detail=h.detail,
-                    ))
+                    vms.append(
+                        VmStatus(
+                            port=vm.port,
+                            ifindex=ps.ifindex,
+                            weight=vm.weight,
+                            address=vm.address,
+                            drained=vm.drained,
+                            health=h.status,
+                            link=ps.text,
+                            serving=self._serving(svc, vm, ps),
+                            down=self._down(vm.port, ps),
+                            slots=counts.get(ps.ifindex, 0) if ps.ifindex else 0,
+                            changes=h.changes,
+                            since=h.since,
+                            detail=h.detail,
+                        )
+                    )
                 out.append(ServiceStatus(svc, sid, vms))
             return out
 
@@ -569,19 +608,27 @@ class ServiceManager:
             for st in self.status():
                 for vm in st.vms:
                     if vm.link != "up":
-                        log.warning("service %s: VM port %s is %s: it gets no connections",
-                                    st.service.name, vm.port, vm.link)
+                        log.warning(
+                            "service %s: VM port %s is %s: it gets no connections",
+                            st.service.name,
+                            vm.port,
+                            vm.link,
+                        )
 
     def add(self, service: Service) -> ServiceStatus:
         """A new service (ServiceConflict if the name or an address is taken)."""
         with self._lock:
             if any(s.name == service.name for s in self._state.services):
-                raise ServiceConflict(f"service {service.name!r} exists: remove it first, "
-                                      "or add VMs with `service add NAME --vm PORT`")
+                raise ServiceConflict(
+                    f"service {service.name!r} exists: remove it first, "
+                    "or add VMs with `service add NAME --vm PORT`"
+                )
             check_unique([*self._state.services, service])
             self._state.services.append(service)
-            self._changed(f"service {service.name} added ({_describe_key(service, 0)}, "
-                          f"VMs {', '.join(v.port for v in service.vms) or 'none'})")
+            self._changed(
+                f"service {service.name} added ({_describe_key(service, 0)}, "
+                f"VMs {', '.join(v.port for v in service.vms) or 'none'})"
+            )
             return self.status(service.name)[0]
 
     def add_vms(self, name: str, vms: Iterable[ServiceVm]) -> ServiceStatus:
@@ -621,8 +668,9 @@ class ServiceManager:
             gone = list(dict.fromkeys(ports))
             for port in gone:
                 svc.vm(port)
-            self._replace(svc.model_copy(update={"vms": [v for v in svc.vms
-                                                         if v.port not in gone]}))
+            self._replace(
+                svc.model_copy(update={"vms": [v for v in svc.vms if v.port not in gone]})
+            )
             for port in gone:
                 self._state.health.get(name, {}).pop(port, None)
             moved = {"moved": 0, "dropped": 0}
@@ -632,8 +680,13 @@ class ServiceManager:
                     ifindexes = {_ifindex(p) or self._state.ifindexes.get(p, 0) for p in gone} - {0}
                     moved = self._move_connections(maps, self.get(name), ifindexes)
             self._save()
-            log.warning("service %s: VMs %s removed (connections: %d moved, %d dropped)", name,
-                        ", ".join(gone), moved["moved"], moved["dropped"])
+            log.warning(
+                "service %s: VMs %s removed (connections: %d moved, %d dropped)",
+                name,
+                ", ".join(gone),
+                moved["moved"],
+                moved["dropped"],
+            )
             return moved
 
     def set_drained(self, name: str, ports: Iterable[str], drained: bool) -> ServiceStatus:
@@ -643,11 +696,15 @@ class ServiceManager:
             wanted = set(ports)
             for port in wanted:
                 svc.vm(port)
-            vms = [v.model_copy(update={"drained": drained}) if v.port in wanted else v
-                   for v in svc.vms]
+            vms = [
+                v.model_copy(update={"drained": drained}) if v.port in wanted else v
+                for v in svc.vms
+            ]
             self._replace(svc.model_copy(update={"vms": vms}))
-            self._changed(f"service {name}: {', '.join(sorted(wanted))} "
-                          f"{'drained' if drained else 'undrained'}")
+            self._changed(
+                f"service {name}: {', '.join(sorted(wanted))} "
+                f"{'drained' if drained else 'undrained'}"
+            )
             return self.status(name)[0]
 
     def report(self, name: str, port: str, ok: bool, detail: str) -> Status | None:
@@ -691,8 +748,11 @@ class ServiceManager:
             links = link_states()
             old = self._links or {}
             now = {p: _ifindex(p) for p in mine}
-            changed = [p for p in sorted(mine)
-                       if links.get(p) != old.get(p) or now[p] != self._observed.get(p)]
+            changed = [
+                p
+                for p in sorted(mine)
+                if links.get(p) != old.get(p) or now[p] != self._observed.get(p)
+            ]
             self._links = links
             self._observed = now
             for p in changed:
@@ -741,8 +801,11 @@ class ServiceManager:
         mine = {vm.port for s in self._state.services for vm in s.vms}
         self._state.ifindexes = {p: i for p, i in self._state.ifindexes.items() if p in mine}
         pools = {s.name: {vm.port for vm in s.vms} for s in self._state.services}
-        self._state.health = {name: {p: h for p, h in ports.items() if p in pools[name]}
-                              for name, ports in self._state.health.items() if name in pools}
+        self._state.health = {
+            name: {p: h for p, h in ports.items() if p in pools[name]}
+            for name, ports in self._state.health.items()
+            if name in pools
+        }
         if self._state.services or self.store.path.exists():  # no services, no file
             self.store.save(self._state)
 
@@ -767,7 +830,8 @@ class ServiceManager:
             for vm in svc.vms:
                 ifindex = _ifindex(vm.port)
                 attached = bool(ifindex) and (
-                    maps is None or maps.iface(ifindex).role == abi.Role.VM_PORT)
+                    maps is None or maps.iface(ifindex).role == abi.Role.VM_PORT
+                )
                 up = True if self._links is None else self._links.get(vm.port, True)
                 out[vm.port] = PortState(ifindex, attached, up)
         return out
@@ -781,8 +845,11 @@ class ServiceManager:
         it serves has found it down."""
         if not ps.ifindex or not ps.link_up:
             return True
-        statuses = [self.health_of(s.name, port).status
-                    for s in self._state.services if any(v.port == port for v in s.vms)]
+        statuses = [
+            self.health_of(s.name, port).status
+            for s in self._state.services
+            if any(v.port == port for v in s.vms)
+        ]
         return bool(statuses) and all(st == "down" for st in statuses)
 
     def _sync_maps(self, maps: Maps, *, force: bool, drop_ids: Iterable[int] = ()) -> None:
@@ -792,8 +859,11 @@ class ServiceManager:
         ports = self._port_states(maps)
         for svc in self._state.services:
             sid = self._state.ids[svc.name]
-            backends = [Backend(vm.port, ports[vm.port].ifindex, vm.weight)
-                        for vm in svc.vms if self._serving(svc, vm, ports[vm.port])]
+            backends = [
+                Backend(vm.port, ports[vm.port].ifindex, vm.weight)
+                for vm in svc.vms
+                if self._serving(svc, vm, ports[vm.port])
+            ]
             table = build_table(backends)
             if force or self._tables.get(sid) != table:
                 write_table(maps.maglev, sid, table)
@@ -838,8 +908,13 @@ class ServiceManager:
             if bytes(cfg) != before:
                 maps.set_iface(ps.ifindex, cfg)
                 if (abi.IfaceCfg.from_buffer_copy(before).flags ^ cfg.flags) & abi.F_IFACE_VM_DOWN:
-                    log.warning("VM port %s %s", port, "down: its connections move"
-                                if down else "up again: it serves its connections")
+                    log.warning(
+                        "VM port %s %s",
+                        port,
+                        "down: its connections move"
+                        if down
+                        else "up again: it serves its connections",
+                    )
 
     def _mark_gone(self, maps: Maps) -> None:
         """A VM port that went away (or came back as a new interface) leaves

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lasthop.endpoint import format_endpoint
-from lasthop.lab import agent, demo, firewall, recipe, traffic
+from lasthop.lab import demo, firewall, recipe, runner, traffic
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import LabError
 from lasthop.lab.topology import Lab, lab_namespaces
@@ -250,7 +250,7 @@ def demo_cmd(
         console.print(f"  - {p}", highlight=False)
     if len(problems) > 20:
         console.print(f"  ... and {len(problems) - 20} more")
-    sys.exit(EXIT_EXPECTATION if agent.available() else EXIT_LAB)
+    sys.exit(EXIT_EXPECTATION if runner.available() else EXIT_LAB)
 
 
 # -- rendering -------------------------------------------------------------------
