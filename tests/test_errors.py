@@ -41,8 +41,12 @@ def test_every_error_class_lives_in_errors_and_is_listed() -> None:
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
 def test_every_error_class_has_an_exit_code_and_an_http_status(cls: type[LasthopError]) -> None:
     """An exit code documented in docs/cli.md (1-4) and an HTTP error status."""
-    assert cls.exit_code in (errors.EXIT_FAILURE, errors.EXIT_USAGE, errors.EXIT_NOT_ATTACHED,
-                             errors.EXIT_NOT_FOUND)
+    assert cls.exit_code in (
+        errors.EXIT_FAILURE,
+        errors.EXIT_USAGE,
+        errors.EXIT_NOT_ATTACHED,
+        errors.EXIT_NOT_FOUND,
+    )
     assert isinstance(cls.http_status, int) and 400 <= cls.http_status < 600
     assert cls.prefix.endswith("error:")
 
@@ -51,10 +55,18 @@ def test_the_codes_are_those_docs_cli_md_lists() -> None:
     """The mapping as it was before the classes carried it."""
     table = {cls.__name__: (cls.exit_code, cls.http_status) for cls in ERRORS}
     assert table == {
-        "LasthopError": (1, 500), "ConfigError": (2, 500), "NetnsError": (2, 500),
-        "LinkError": (2, 500), "DatapathError": (1, 500), "NotAttachedError": (3, 503),
-        "TableSizeError": (2, 500), "BpfError": (1, 500), "ApiError": (1, 500),
-        "AgentError": (1, 500), "ServiceError": (2, 422), "ServiceNotFound": (4, 404),
+        "LasthopError": (1, 500),
+        "ConfigError": (2, 500),
+        "NetnsError": (2, 500),
+        "LinkError": (2, 500),
+        "DatapathError": (1, 500),
+        "NotAttachedError": (3, 503),
+        "TableSizeError": (2, 500),
+        "BpfError": (1, 500),
+        "ApiError": (1, 500),
+        "AgentError": (1, 500),
+        "ServiceError": (2, 422),
+        "ServiceNotFound": (4, 404),
         "ServiceConflict": (2, 409),
     }
 
@@ -70,8 +82,9 @@ def test_the_adapters_keep_no_mapping_of_their_own() -> None:
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
-def test_the_cli_exits_with_the_class_code(cls: type[LasthopError],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cli_exits_with_the_class_code(
+    cls: type[LasthopError], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`lasthop show` and `lasthop service list` exit with the error's code, one line on stderr."""
 
     class Broken:
@@ -126,8 +139,11 @@ def test_the_api_answers_with_the_class_status(cls: type[LasthopError]) -> None:
         assert resp.json() == {"detail": str(make(cls))}
 
 
-@pytest.mark.parametrize("cls", [errors.ServiceError, errors.ServiceNotFound,
-                                 errors.ServiceConflict], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [errors.ServiceError, errors.ServiceNotFound, errors.ServiceConflict],
+    ids=lambda c: c.__name__,
+)
 def test_the_service_client_reads_the_status_back(cls: type[LasthopError]) -> None:
     """An agent's answer of a class's status is that class again, for `lasthop service`."""
     err = errors.from_answer(cls.http_status, "why")

@@ -42,8 +42,11 @@ def c_jhash(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("jhash")
     (folder / "main.c").write_text(HASH_MAIN)
     exe = folder / "jhash"
-    subprocess.run([cc, "-O1", "-I", str(BPF_DIR), str(folder / "main.c"), "-o", str(exe)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [cc, "-O1", "-I", str(BPF_DIR), str(folder / "main.c"), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
     return exe
 
 
@@ -52,8 +55,13 @@ def test_jhash2_matches_the_data_path_header(c_jhash: Path) -> None:
     rng = random.Random(7)
     rows = [[abi.MAGLEV_SEED] + [0] * 10, [0] + [0xFFFFFFFF] * 10]
     rows += [[rng.getrandbits(32) for _ in range(11)] for _ in range(500)]
-    out = subprocess.run([str(c_jhash)], input="\n".join(" ".join(map(str, r)) for r in rows),
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [str(c_jhash)],
+        input="\n".join(" ".join(map(str, r)) for r in rows),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert [jhash2(r[1:], r[0]) for r in rows] == [int(x) for x in out]
 
 

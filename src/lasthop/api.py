@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lasthop import metrics
 from lasthop.connections import Connection
 from lasthop.controller import Attached, InterfaceInfo, Stats
+from lasthop.endpoint import format_endpoint
 from lasthop.errors import ApiError, LasthopError
 from lasthop.services.api import router as services_router
 from lasthop.services.manager import ServiceManager
@@ -152,8 +153,9 @@ class ApiServer:
     namespace: threads inherit the namespace of the thread that creates them.
     """
 
-    def __init__(self, app: FastAPI, *, unix_path: Path | None = None,
-                 tcp: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, app: FastAPI, *, unix_path: Path | None = None, tcp: tuple[str, int] | None = None
+    ) -> None:
         self.app = app
         self.unix_path = unix_path
         self.tcp = tcp
@@ -172,8 +174,7 @@ class ApiServer:
                 self.addresses.append(f"unix:{self.unix_path}")
             if self.tcp is not None:
                 self._sockets.append(_bind_tcp(*self.tcp))
-                host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
-                self.addresses.append(f"http://{host}:{self.tcp[1]}")
+                self.addresses.append(f"http://{format_endpoint(*self.tcp)}")
         except BaseException:
             self.stop()
             raise
@@ -182,11 +183,16 @@ class ApiServer:
         """Serves in the background; returns the addresses once they answer."""
         if not self._sockets:
             self.bind()
-        config = uvicorn.Config(self.app, lifespan="off", log_config=None, log_level="warning",
-                                access_log=False)
+        config = uvicorn.Config(
+            self.app, lifespan="off", log_config=None, log_level="warning", access_log=False
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": self._sockets},
-                                        name="lasthop-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": self._sockets},
+            name="lasthop-api",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:

@@ -20,6 +20,7 @@ from rich.table import Table
 from lasthop import config as config_mod
 from lasthop.agent import Agent
 from lasthop.controller import Controller
+from lasthop.endpoint import format_endpoint
 from lasthop.errors import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, friendly
 from lasthop.services.cli import service
 
@@ -164,8 +165,8 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
     for c in conns:
         table.add_row(
             c.proto,
-            _ep(c.src, c.sport, c.family),
-            _ep(c.dst, c.dport, c.family),
+            _ep(c.src, c.sport),
+            _ep(c.dst, c.dport),
             str(c.zone),
             c.mac or "-",
             c.uplink or "-",
@@ -178,10 +179,10 @@ def show(config_path: Path | None, netns: str | None, as_json: bool, limit: int)
     console.print(table)
 
 
-def _ep(addr: str, port: int, family: int) -> str:
+def _ep(addr: str, port: int) -> str:
     if not port:
         return addr
-    return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
+    return format_endpoint(addr, port)
 
 
 @cli.command()

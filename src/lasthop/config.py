@@ -11,12 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lasthop import abi
 from lasthop.errors import ConfigError, ServiceError
 from lasthop.services.model import HealthCheck, Service, check_unique
 
 __all__ = ["Config", "ConfigError", "Interface", "load", "parse_hostport", "API_SOCKET_DIR"]
 
-IFNAMSIZ = 15
 API_SOCKET_DIR = Path("/run/lasthop")
 
 
@@ -36,7 +36,7 @@ class _Model(BaseModel):
 class Interface(_Model):
     """An uplink or a VM port."""
 
-    name: str = Field(min_length=1, max_length=IFNAMSIZ)
+    name: str = Field(min_length=1, max_length=abi.IFNAMSIZ - 1)
     zone: int = Field(default=0, ge=0, le=65535)
 
 
@@ -44,11 +44,11 @@ class Config(_Model):
     netns: str | None = None
     uplinks: list[Interface] = Field(default_factory=list, alias="uplink")
     vm_ports: list[Interface] = Field(default_factory=list, alias="vm_port")
-    bridge: str | None = Field(default=None, max_length=IFNAMSIZ)
+    bridge: str | None = Field(default=None, max_length=abi.IFNAMSIZ - 1)
     bridge_zone: int = Field(default=0, ge=0, le=65535)
     routed: bool = False
     relearn: Literal["latest", "first"] = "latest"
-    table_size: int = Field(default=1_048_576, ge=1, le=1 << 27)
+    table_size: int = Field(default=abi.CONN_TABLE_SIZE, ge=1, le=1 << 27)
     idle_timeout: float = Field(
         default=600.0, gt=0, description="seconds before an idle entry is removed"
     )

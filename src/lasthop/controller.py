@@ -244,18 +244,16 @@ class Controller:
     @contextmanager
     def open_maps(self) -> Iterator[Maps]:
         """The data path's maps: the agent's own, or the pinned ones (closed after)."""
-        maps, owned = self._maps()
+        if self.datapath is not None:
+            yield self.datapath.maps
+            return
+        maps = Maps.open_pinned(self.pins)
         try:
             yield maps
         finally:
-            if owned:
-                maps.close()
+            maps.close()
 
     # -- reading -----------------------------------------------------------
-    def _maps(self) -> tuple[Maps, bool]:
-        if self.datapath is not None:
-            return self.datapath.maps, False
-        return Maps.open_pinned(self.pins), True
 
     def _now(self, maps: Maps) -> tuple[int, int]:
         """The data path's clock now (jiffies) and its HZ (0 = unknown: ages read 0)."""
@@ -270,13 +268,9 @@ class Controller:
 
     def connections(self, limit: int = 0) -> list[Connection]:
         """The table, most recently seen first; at most *limit* entries (0 = all)."""
-        maps, owned = self._maps()
-        try:
+        with self.open_maps() as maps:
             now, hz = self._now(maps)
             conns = [decode(k, e, now, hz) for k, e in maps.entries()]
-        finally:
-            if owned:
-                maps.close()
         conns.sort(key=lambda c: c.age_s)
         return conns[:limit] if limit > 0 else conns
 
@@ -287,8 +281,7 @@ class Controller:
 
     def interfaces(self) -> list[InterfaceInfo]:
         """Every interface the data path is configured for, by ifindex."""
-        maps, owned = self._maps()
-        try:
+        with self.open_maps() as maps:
             return [
                 InterfaceInfo(
                     name=ifname(i),
@@ -301,13 +294,9 @@ class Controller:
                 )
                 for i, cfg in sorted(maps.attached().items())
             ]
-        finally:
-            if owned:
-                maps.close()
 
     def stats(self) -> Stats:
-        maps, owned = self._maps()
-        try:
+        with self.open_maps() as maps:
             per_slot = maps.counter_totals()
             # not self.links: its netlink socket belongs to the agent's thread
             names = {cfg.slot: ifname(i) for i, cfg in maps.attached().items()}
@@ -327,9 +316,6 @@ class Controller:
                 capacity=maps.conns.info.max_entries,
                 evicted=evicted,
             )
-        finally:
-            if owned:
-                maps.close()
 
     # -- changing ----------------------------------------------------------
     def _remove(self, maps: Maps, keys: Iterable[abi.ConnKey]) -> int:
@@ -341,26 +327,18 @@ class Controller:
     @_locked
     def age(self, idle_timeout: float) -> int:
         """Removes entries idle for longer than *idle_timeout* seconds."""
-        maps, owned = self._maps()
-        try:
+        with self.open_maps() as maps:
             now, hz = self._now(maps)
             stale = [
                 k for k, e in maps.entries() if Clock.age_s(now, e.last_seen, hz) > idle_timeout
             ]
             return self._remove(maps, stale)
-        finally:
-            if owned:
-                maps.close()
 
     @_locked
     def flush(self) -> int:
         """Removes every entry; returns how many."""
-        maps, owned = self._maps()
-        try:
+        with self.open_maps() as maps:
             return self._remove(maps, [k for k, _ in maps.entries()])
-        finally:
-            if owned:
-                maps.close()
 
     @_locked
     def detach(self) -> list[str]:

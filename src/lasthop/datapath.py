@@ -31,7 +31,6 @@ __all__ = [
 
 TC_HANDLE = 0x4C48  # "LH"
 TC_PRIORITY = 0x4C48
-MAX_IFINDEX = 65536  # keep in sync with MAX_IFINDEX in bpf/consts.h
 OBJECT_ENV = "LASTHOP_BPF_OBJECT"  # a prebuilt object to load instead of building bpf/lasthop.c
 MAP_NAMES = ("lh_conns", "lh_ifaces", "lh_counters", "lh_settings", "lh_services", "lh_maglev")
 UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
@@ -96,9 +95,9 @@ class Maps:
         return abi.IfaceCfg.from_buffer_copy(raw) if raw else abi.IfaceCfg()
 
     def set_iface(self, ifindex: int, cfg: abi.IfaceCfg) -> None:
-        if not 0 < ifindex < MAX_IFINDEX:
+        if not 0 < ifindex < abi.MAX_IFINDEX:
             raise DatapathError(
-                f"ifindex {ifindex} is outside the data path's range 1..{MAX_IFINDEX - 1}"
+                f"ifindex {ifindex} is outside the data path's range 1..{abi.MAX_IFINDEX - 1}"
             )
         self.ifaces.update(_u32(ifindex), bytes(cfg))
 

@@ -33,10 +33,27 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 __all__ = [
-    "EXIT_FAILURE", "EXIT_USAGE", "EXIT_NOT_ATTACHED", "EXIT_NOT_FOUND",
-    "LasthopError", "ConfigError", "NetnsError", "LinkError", "DatapathError",
-    "NotAttachedError", "TableSizeError", "BpfError", "ApiError", "AgentError", "ServiceError",
-    "ServiceNotFound", "ServiceConflict", "ERRORS", "exit_code", "friendly", "from_answer",
+    "EXIT_FAILURE",
+    "EXIT_USAGE",
+    "EXIT_NOT_ATTACHED",
+    "EXIT_NOT_FOUND",
+    "LasthopError",
+    "ConfigError",
+    "NetnsError",
+    "LinkError",
+    "DatapathError",
+    "NotAttachedError",
+    "TableSizeError",
+    "BpfError",
+    "ApiError",
+    "AgentError",
+    "ServiceError",
+    "ServiceNotFound",
+    "ServiceConflict",
+    "ERRORS",
+    "exit_code",
+    "friendly",
+    "from_answer",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,8 +147,18 @@ class ServiceConflict(ServiceError):
 
 
 ERRORS: tuple[type[LasthopError], ...] = (
-    LasthopError, ConfigError, NetnsError, LinkError, DatapathError, NotAttachedError,
-    TableSizeError, BpfError, ApiError, AgentError, ServiceError, ServiceNotFound,
+    LasthopError,
+    ConfigError,
+    NetnsError,
+    LinkError,
+    DatapathError,
+    NotAttachedError,
+    TableSizeError,
+    BpfError,
+    ApiError,
+    AgentError,
+    ServiceError,
+    ServiceNotFound,
     ServiceConflict,
 )
 

@@ -65,8 +65,11 @@ class Links:
         """Interface name -> operationally up."""
         with self._query:
             msgs = self._ipr.get_links()
-        return {m.get_attr("IFLA_IFNAME"): (m.get_attr("IFLA_OPERSTATE") or "UNKNOWN")
-                not in ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT") for m in msgs}
+        return {
+            m.get_attr("IFLA_IFNAME"): (m.get_attr("IFLA_OPERSTATE") or "UNKNOWN")
+            not in ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+            for m in msgs
+        }
 
     def by_name(self, name: str, what: str = "interface") -> Link:
         for link in self.all():
@@ -93,8 +96,9 @@ class Links:
         sock.bind((0, RTMGRP_LINK))
         self._events = sock
 
-    def events(self, timeout: float,
-               wake: socket.socket | None = None) -> Iterator[tuple[str, Link]]:
+    def events(
+        self, timeout: float, wake: socket.socket | None = None
+    ) -> Iterator[tuple[str, Link]]:
         """("new"|"del", link) for link changes within *timeout* seconds; returns
         early when *wake* becomes readable.
 

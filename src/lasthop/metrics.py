@@ -45,7 +45,8 @@ class StatsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         st = self.source.stats()
         packets = CounterMetricFamily(
-            "lasthop_packets", "Packets the data path handled, by reason and interface",
+            "lasthop_packets",
+            "Packets the data path handled, by reason and interface",
             labels=["reason", "interface"],
         )
         for interface, counts in sorted(st.interfaces.items()):
@@ -53,16 +54,22 @@ class StatsCollector(Collector):
                 if reason != _REMOVED:
                     packets.add_metric([reason, interface], n)
         yield packets
-        yield GaugeMetricFamily("lasthop_table_entries", "Connections in the table",
-                                value=st.entries)
-        yield GaugeMetricFamily("lasthop_table_capacity", "Connections the table can hold",
-                                value=st.capacity)
+        yield GaugeMetricFamily(
+            "lasthop_table_entries", "Connections in the table", value=st.entries
+        )
+        yield GaugeMetricFamily(
+            "lasthop_table_capacity", "Connections the table can hold", value=st.capacity
+        )
         yield CounterMetricFamily(
-            "lasthop_table_evicted", "Entries the full table evicted (derived from the counters)",
+            "lasthop_table_evicted",
+            "Entries the full table evicted (derived from the counters)",
             value=st.evicted,
         )
-        yield CounterMetricFamily("lasthop_table_removed", "Entries the agent aged out or flushed",
-                                  value=st.totals.get(_REMOVED, 0))
+        yield CounterMetricFamily(
+            "lasthop_table_removed",
+            "Entries the agent aged out or flushed",
+            value=st.totals.get(_REMOVED, 0),
+        )
 
 
 def registry(source: StatsSource) -> CollectorRegistry:

@@ -110,8 +110,16 @@ class Key:
         sport, dport = _l4_ports(frame)
         if self.reverse:
             src_b, dst_b, sport, dport = dst_b, src_b, dport, sport
-        return struct.pack("<16s16s2s2sBBH", src_b, dst_b, sport.to_bytes(2, "big"),
-                           dport.to_bytes(2, "big"), _l4_proto(frame), family, self.zone)
+        return struct.pack(
+            "<16s16s2s2sBBH",
+            src_b,
+            dst_b,
+            sport.to_bytes(2, "big"),
+            dport.to_bytes(2, "big"),
+            _l4_proto(frame),
+            family,
+            self.zone,
+        )
 
     def describe(self) -> str:
         k = abi.ConnKey.from_buffer_copy(self.pack())
@@ -211,8 +219,11 @@ def routed(frame: Packet, src: str = MAC_UPLINK_1, dst: str = MAC_FW_B) -> Packe
 def inner_tag(frame: Packet, tag: int) -> Packet:
     """The frame with one 802.1Q tag after the MACs: what test run shows of a QinQ push."""
     out = Ether(bytes(frame))
-    return (Ether(src=out.src, dst=out.dst)
-            / Dot1Q(prio=tag >> 13, dei=tag >> 12 & 1, vlan=tag & 0xFFF) / out.payload)
+    return (
+        Ether(src=out.src, dst=out.dst)
+        / Dot1Q(prio=tag >> 13, dei=tag >> 12 & 1, vlan=tag & 0xFFF)
+        / out.payload
+    )
 
 
 # ---------------------------------------------------------------- the runner
@@ -241,8 +252,15 @@ class Datapath:
         self.set_settings(0)
         self.trace.update(_u32(0), _u32(0))
 
-    def configure(self, name: str, *, role: abi.Role | None = None, zone: int = 0,
-                  flags: int = 0, vm_mac: str | None = None) -> None:
+    def configure(
+        self,
+        name: str,
+        *,
+        role: abi.Role | None = None,
+        zone: int = 0,
+        flags: int = 0,
+        vm_mac: str | None = None,
+    ) -> None:
         iface = self.ifaces[name]
         role = iface.role if role is None else role
         cfg = abi.IfaceCfg(role=int(role), zone=zone, flags=flags, slot=iface.slot)
@@ -258,8 +276,13 @@ class Datapath:
         self.settings.update(_u32(0), bytes(abi.Settings(flags=flags)))
 
     def put(self, entry: Entry) -> None:
-        e = abi.ConnEntry(last_seen=SEEN_SETUP, flags=entry.flags, packets=entry.packets,
-                          replies=entry.replies, vlan_count=len(entry.vlans))
+        e = abi.ConnEntry(
+            last_seen=SEEN_SETUP,
+            flags=entry.flags,
+            packets=entry.packets,
+            replies=entry.replies,
+            vlan_count=len(entry.vlans),
+        )
         ctypes.memmove(e.mac, mac_bytes(entry.mac), abi.ETH_ALEN)
         e.ifindex = self.ifaces[entry.iface].ifindex if entry.iface else 0
         e.vm_ifindex = self.ifaces[entry.vm].ifindex if entry.vm else 0
@@ -290,14 +313,15 @@ class Datapath:
             for c in abi.Counter:
                 raw = self.counters.lookup(abi.counter_key(slot, c))
                 assert raw is not None
-                out[(name, c)] = sum(struct.unpack("<Q", v[:8])[0]
-                                     for v in self.counters.percpu_values(raw))
+                out[(name, c)] = sum(
+                    struct.unpack("<Q", v[:8])[0] for v in self.counters.percpu_values(raw)
+                )
         return out
 
     def table(self, t0: int = 0, t1: int = 0) -> dict[bytes, EntryView]:
         out = {}
         for key, raw in self.conns.items():
-            e = abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)])
+            e = abi.ConnEntry.from_buffer_copy(raw[: ctypes.sizeof(abi.ConnEntry)])
             if e.last_seen == SEEN_SETUP:
                 seen = "setup"
             elif (e.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32:
@@ -308,9 +332,12 @@ class Datapath:
                 mac=mac_str(bytes(e.mac)),
                 iface=self.by_index.get(e.ifindex, str(e.ifindex)) if e.ifindex else None,
                 vlans=tuple(e.vlan_tci[i] for i in range(e.vlan_count)),
-                flags=e.flags, packets=e.packets, replies=e.replies,
+                flags=e.flags,
+                packets=e.packets,
+                replies=e.replies,
                 vm=self.by_index.get(e.vm_ifindex, str(e.vm_ifindex)) if e.vm_ifindex else None,
-                tunnel_id=e.tunnel_id, seen=seen,
+                tunnel_id=e.tunnel_id,
+                seen=seen,
             )
         return out
 
@@ -320,16 +347,27 @@ def _u32(n: int) -> bytes:
 
 
 def view(entry: Entry) -> EntryView:
-    return EntryView(mac=entry.mac, iface=entry.iface, vlans=entry.vlans, flags=entry.flags,
-                     packets=entry.packets, replies=entry.replies, vm=entry.vm, tunnel_id=0,
-                     seen=entry.seen)
+    return EntryView(
+        mac=entry.mac,
+        iface=entry.iface,
+        vlans=entry.vlans,
+        flags=entry.flags,
+        packets=entry.packets,
+        replies=entry.replies,
+        vm=entry.vm,
+        tunnel_id=0,
+        seen=entry.seen,
+    )
 
 
 def frame_diff(actual: bytes, expected: bytes) -> str:
     def show(raw: bytes) -> str:
         return str(Ether(raw).show2(dump=True))
-    return (f"\n--- got ({len(actual)} bytes)\n{show(actual)}"
-            f"\n--- expected ({len(expected)} bytes)\n{show(expected)}")
+
+    return (
+        f"\n--- got ({len(actual)} bytes)\n{show(actual)}"
+        f"\n--- expected ({len(expected)} bytes)\n{show(expected)}"
+    )
 
 
 def check(dp: Datapath, case: Case) -> TestRun:
@@ -339,8 +377,9 @@ def check(dp: Datapath, case: Case) -> TestRun:
     for name, iface in dp.ifaces.items():
         role = roles.get(name, iface.role)
         flags = abi.F_IFACE_ROUTED if case.routed and role == abi.Role.VM_PORT else 0
-        dp.configure(name, role=role, zone=zones.get(name, 0), flags=flags,
-                     vm_mac=vm_macs.get(name))
+        dp.configure(
+            name, role=role, zone=zones.get(name, 0), flags=flags, vm_mac=vm_macs.get(name)
+        )
     dp.set_settings(case.settings)
     for entry in case.setup:
         dp.put(entry)
@@ -363,8 +402,23 @@ def check(dp: Datapath, case: Case) -> TestRun:
 
 
 __all__ = [
-    "Case", "Datapath", "Entry", "EntryView", "Iface", "Key", "SEEN_SETUP", "SLOT0",
-    "TC_ACT_OK", "TC_ACT_REDIRECT", "TC_ACT_SHOT", "UPLINK", "VMPORT", "bridged", "check",
-    "inner_tag", "routed",
-    "ids", "mac_bytes",
+    "Case",
+    "Datapath",
+    "Entry",
+    "EntryView",
+    "Iface",
+    "Key",
+    "SEEN_SETUP",
+    "SLOT0",
+    "TC_ACT_OK",
+    "TC_ACT_REDIRECT",
+    "TC_ACT_SHOT",
+    "UPLINK",
+    "VMPORT",
+    "bridged",
+    "check",
+    "inner_tag",
+    "routed",
+    "ids",
+    "mac_bytes",
 ]

@@ -66,16 +66,33 @@ _VM6 = socket.inet_pton(socket.AF_INET6, "2001:db8:2::11")
 
 
 def _key4(saddr: bytes, daddr: bytes, sport: int, dport: int) -> bytes:
-    return struct.pack("<16s16s2s2sBBH", saddr + bytes(12), daddr + bytes(12),
-                       sport.to_bytes(2, "big"), dport.to_bytes(2, "big"), 6, abi.FAMILY_V4, 0)
+    return struct.pack(
+        "<16s16s2s2sBBH",
+        saddr + bytes(12),
+        daddr + bytes(12),
+        sport.to_bytes(2, "big"),
+        dport.to_bytes(2, "big"),
+        6,
+        abi.FAMILY_V4,
+        0,
+    )
 
 
 def _key6(saddr: bytes, daddr: bytes, sport: int, dport: int) -> bytes:
-    return struct.pack("<16s16s2s2sBBH", saddr, daddr, sport.to_bytes(2, "big"),
-                       dport.to_bytes(2, "big"), 6, abi.FAMILY_V6, 0)
+    return struct.pack(
+        "<16s16s2s2sBBH",
+        saddr,
+        daddr,
+        sport.to_bytes(2, "big"),
+        dport.to_bytes(2, "big"),
+        6,
+        abi.FAMILY_V6,
+        0,
+    )
 
 
 # -- results --------------------------------------------------------------------------
+
 
 @dataclass
 class Figure:
@@ -135,11 +152,17 @@ class Results:
         if self.memory:
             memory = asdict(self.memory)
             memory["ok"] = self.memory.ok
-        return {"figures": figures, "memory": memory, "ok": self.ok,
-                "settings": self.settings, "environment": self.environment}
+        return {
+            "figures": figures,
+            "memory": memory,
+            "ok": self.ok,
+            "settings": self.settings,
+            "environment": self.environment,
+        }
 
 
 # -- the bench ------------------------------------------------------------------------
+
 
 class BenchError(RuntimeError):
     """The bench cannot run here (not root, no clang, no veth...)."""
@@ -176,8 +199,10 @@ class _Bench:
         self.conns: Map = obj.map("lh_conns")
         self.counters: Map = obj.map("lh_counters")
         ifaces = obj.map("lh_ifaces")
-        for ifname, mac, role, slot in (("up0", _UPLINK_MAC, abi.Role.UPLINK, 1),
-                                        ("vm0", _VMPORT_MAC, abi.Role.VM_PORT, 2)):
+        for ifname, mac, role, slot in (
+            ("up0", _UPLINK_MAC, abi.Role.UPLINK, 1),
+            ("vm0", _VMPORT_MAC, abi.Role.VM_PORT, 2),
+        ):
             cfg = abi.IfaceCfg(role=int(role), slot=slot)
             ctypes.memmove(cfg.mac, mac, abi.ETH_ALEN)
             ifaces.update(u32(index[ifname]), bytes(cfg))
@@ -205,8 +230,7 @@ class _Bench:
 Progress = Callable[[str], None]
 
 
-def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress
-                  ) -> dict[str, list[int]]:
+def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> dict[str, list[int]]:
     """Each case `rounds` times, interleaved: name -> per-round ns per packet."""
     b.entry(_key4(_CLIENT4, _VM4, 40001, 80))
     b.entry(_key6(_CLIENT6, _VM6, 40001, 80))
@@ -301,13 +325,23 @@ def _memory(obj_path: Path, entries: int) -> Memory:
     finally:
         obj.close()
     ct, source = _conntrack_entry()
-    return Memory(entries=n, memlock_bytes=memlock, per_entry=memlock / n,
-                  conntrack_bytes=ct, conntrack_source=source)
+    return Memory(
+        entries=n,
+        memlock_bytes=memlock,
+        per_entry=memlock / n,
+        conntrack_bytes=ct,
+        conntrack_source=source,
+    )
 
 
-def run(repeat: int = 2_000_000, rounds: int = 5, inserts: int = 20_000,
-        table: int = 65_536, memory_entries: int = 1 << 20,
-        progress: Progress = quiet) -> Results:
+def run(
+    repeat: int = 2_000_000,
+    rounds: int = 5,
+    inserts: int = 20_000,
+    table: int = 65_536,
+    memory_entries: int = 1 << 20,
+    progress: Progress = quiet,
+) -> Results:
     """Measures every figure; see the module docstring for the method."""
     if os.geteuid() != 0:
         raise BenchError("needs root (CAP_BPF, CAP_NET_ADMIN): run as root")
@@ -350,32 +384,67 @@ def run(repeat: int = 2_000_000, rounds: int = 5, inserts: int = 20_000,
     for name, runs in hot.items():
         label, prog = labels[name]
         ns = statistics.median(runs)
-        figures.append(Figure(name, label, prog, ns, min(runs), ns / empty, "back-to-back",
-                              TARGETS.get(name), detail=f"rounds: {runs}"))
+        figures.append(
+            Figure(
+                name,
+                label,
+                prog,
+                ns,
+                min(runs),
+                ns / empty,
+                "back-to-back",
+                TARGETS.get(name),
+                detail=f"rounds: {runs}",
+            )
+        )
+
     def single(name: str, label: str, runs: list[int], base: list[int], detail: str) -> Figure:
         extra = statistics.fmean(runs) - statistics.fmean(base)
         extra_med = statistics.median(runs) - statistics.median(base)
-        return Figure(name, label, "lh_uplink", empty + extra, empty + extra_med,
-                      (empty + extra) / empty, "single runs", TARGETS.get(name),
-                      detail=f"{detail}: mean {statistics.fmean(runs):.0f} ns, lh_empty "
-                             f"{statistics.fmean(base):.0f} ns; medians "
-                             f"{statistics.median(runs):.0f} / {statistics.median(base):.0f} ns")
+        return Figure(
+            name,
+            label,
+            "lh_uplink",
+            empty + extra,
+            empty + extra_med,
+            (empty + extra) / empty,
+            "single runs",
+            TARGETS.get(name),
+            detail=f"{detail}: mean {statistics.fmean(runs):.0f} ns, lh_empty "
+            f"{statistics.fmean(base):.0f} ns; medians "
+            f"{statistics.median(runs):.0f} / {statistics.median(base):.0f} ns",
+        )
 
     figures += [
-        single("insert_room", "new entry, table with room", room.insert, room.empty,
-               "single runs"),
-        single("insert_full", "new entry, full table (evicts)", full.insert, full.empty,
-               "single runs"),
-        single("refresh_single", "uplink refresh, as single runs", room.refresh + full.refresh,
-               room.empty + full.empty, "calibration"),
+        single("insert_room", "new entry, table with room", room.insert, room.empty, "single runs"),
+        single(
+            "insert_full", "new entry, full table (evicts)", full.insert, full.empty, "single runs"
+        ),
+        single(
+            "refresh_single",
+            "uplink refresh, as single runs",
+            room.refresh + full.refresh,
+            room.empty + full.empty,
+            "calibration",
+        ),
     ]
     return Results(
-        figures=figures, memory=memory,
-        settings={"repeat": repeat, "rounds": rounds, "inserts": inserts, "table": table,
-                  "memory_entries": memory_entries},
-        environment={"kernel": platform.release(), "machine": platform.machine(),
-                     "cpu": _cpu_model(), "cpus": os.cpu_count(),
-                     "elapsed_s": round(time.monotonic() - started, 1)},
+        figures=figures,
+        memory=memory,
+        settings={
+            "repeat": repeat,
+            "rounds": rounds,
+            "inserts": inserts,
+            "table": table,
+            "memory_entries": memory_entries,
+        },
+        environment={
+            "kernel": platform.release(),
+            "machine": platform.machine(),
+            "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        },
     )
 
 
@@ -389,19 +458,35 @@ def _cpu_model() -> str:
 
 # -- printing -------------------------------------------------------------------------
 
+
 def print_results(results: Results, console: Any) -> None:
     from rich.table import Table
 
     table = Table(title="lasthop data path, per packet (BPF_PROG_TEST_RUN)")
-    for col, justify in (("case", "left"), ("program", "left"), ("ns/packet", "right"),
-                         ("low", "right"), ("× empty", "right"), ("target", "right"),
-                         ("", "left"), ("method", "left")):
+    for col, justify in (
+        ("case", "left"),
+        ("program", "left"),
+        ("ns/packet", "right"),
+        ("low", "right"),
+        ("× empty", "right"),
+        ("target", "right"),
+        ("", "left"),
+        ("method", "left"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for f in results.figures:
         mark = "" if f.ok is None else ("[green]pass[/green]" if f.ok else "[red]FAIL[/red]")
         target = f"≤ {f.target:g}×" if f.target else ""
-        table.add_row(f.label, f.program, f"{f.ns:.1f}", f"{f.ns_low:.1f}", f"{f.ratio:.2f}",
-                      target, mark, f.method)
+        table.add_row(
+            f.label,
+            f.program,
+            f"{f.ns:.1f}",
+            f"{f.ns_low:.1f}",
+            f"{f.ratio:.2f}",
+            target,
+            mark,
+            f.method,
+        )
     console.print(table)
     m = results.memory
     if m:
@@ -411,10 +496,14 @@ def print_results(results: Results, console: Any) -> None:
             f"kernel memory per entry: {m.per_entry:.1f} B "
             f"({m.memlock_bytes / 2**20:.1f} MiB memlock for {m.entries} entries; "
             f"target ≤ {m.target:g} B) {mark}\n"
-            f"Linux conntrack per entry: {ct} ({m.conntrack_source})")
+            f"Linux conntrack per entry: {ct} ({m.conntrack_source})"
+        )
     for f in results.figures:
         if f.method == "single runs":
             console.print(f"{f.label}: {f.detail}", style="dim")
     env = results.environment
-    console.print(f"kernel {env.get('kernel')}, {env.get('cpu')}, {env.get('cpus')} CPUs; "
-                  f"settings {results.settings}; {env.get('elapsed_s')} s", style="dim")
+    console.print(
+        f"kernel {env.get('kernel')}, {env.get('cpu')}, {env.get('cpus')} CPUs; "
+        f"settings {results.settings}; {env.get('elapsed_s')} s",
+        style="dim",
+    )

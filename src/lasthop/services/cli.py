@@ -170,12 +170,21 @@ def _client(netns: str | None, config_path: Path | None, api_socket: Path | None
 
 
 def _common(fn: F) -> F:
-    fn = click.option("--api-socket", type=click.Path(path_type=Path), metavar="PATH",
-                      help="The agent's unix socket (default /run/lasthop/<netns>.sock).")(fn)
-    fn = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-                      help="TOML config file (its netns, pin_root and api_socket are used).")(fn)
-    fn = click.option("--netns", metavar="NAME",
-                      help="Named network namespace (/run/netns/NAME).")(fn)
+    fn = click.option(
+        "--api-socket",
+        type=click.Path(path_type=Path),
+        metavar="PATH",
+        help="The agent's unix socket (default /run/lasthop/<netns>.sock).",
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="TOML config file (its netns, pin_root and api_socket are used).",
+    )(fn)
+    fn = click.option("--netns", metavar="NAME", help="Named network namespace (/run/netns/NAME).")(
+        fn
+    )
     return fn
 
 
@@ -203,8 +212,18 @@ def _where(svc: dict[str, Any]) -> str:
 
 def _print(services: list[dict[str, Any]], where: str) -> None:
     table = Table(title=f"{len(services)} services ({where})", title_justify="left")
-    for col in ("service", "address", "VM", "weight", "state", "health", "link", "slots",
-                "changes", "last check"):
+    for col in (
+        "service",
+        "address",
+        "VM",
+        "weight",
+        "state",
+        "health",
+        "link",
+        "slots",
+        "changes",
+        "last check",
+    ):
         table.add_column(col, justify="right" if col in ("weight", "slots", "changes") else "left")
     size = sum(vm["slots"] for svc in services for vm in svc["vms"]) or 1
     for svc in services:
@@ -219,8 +238,17 @@ def _print(services: list[dict[str, Any]], where: str) -> None:
             share = f"{100 * vm['slots'] / total:.1f}%" if vm["slots"] else "0"
             since = time.strftime("%H:%M:%S", time.localtime(vm["since"])) if vm["since"] else ""
             detail = vm["detail"] + (f" (since {since})" if since else "")
-            table.add_row(*head, vm["port"], str(vm["weight"]), _state(vm), vm["health"],
-                          vm["link"], share, str(vm["changes"]), detail)
+            table.add_row(
+                *head,
+                vm["port"],
+                str(vm["weight"]),
+                _state(vm),
+                vm["health"],
+                vm["link"],
+                share,
+                str(vm["changes"]),
+                detail,
+            )
     console.print(table)
 
 
@@ -245,8 +273,9 @@ def service() -> None:
 @_common
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly
-def list_(netns: str | None, config_path: Path | None, api_socket: Path | None,
-          as_json: bool) -> None:
+def list_(
+    netns: str | None, config_path: Path | None, api_socket: Path | None, as_json: bool
+) -> None:
     """Every service, its VMs and whether each gets new connections."""
     client = _client(netns, config_path, api_socket)
     services = client.all()
@@ -259,36 +288,66 @@ def list_(netns: str | None, config_path: Path | None, api_socket: Path | None,
 @service.command()
 @_common
 @click.argument("name")
-@click.option("--address", metavar="IP",
-              help="The virtual address (IPv4 or IPv6); needed for a new service.")
-@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp", "any"]),
-              help="Protocol (default: tcp with --port, else any).")
-@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-              help="Port (repeatable).")
-@click.option("--vm", "vms", multiple=True, metavar="PORT[:WEIGHT][@ADDRESS]",
-              help="A VM: its port on the host, weight, address for checks (repeatable).")
-@click.option("--check", type=click.Choice(["tcp", "http", "none"]),
-              help="Health check of this service's VMs.")
+@click.option(
+    "--address", metavar="IP", help="The virtual address (IPv4 or IPv6); needed for a new service."
+)
+@click.option(
+    "--proto",
+    type=click.Choice(["tcp", "udp", "icmp", "any"]),
+    help="Protocol (default: tcp with --port, else any).",
+)
+@click.option(
+    "--port", "ports", type=click.IntRange(1, 65535), multiple=True, help="Port (repeatable)."
+)
+@click.option(
+    "--vm",
+    "vms",
+    multiple=True,
+    metavar="PORT[:WEIGHT][@ADDRESS]",
+    help="A VM: its port on the host, weight, address for checks (repeatable).",
+)
+@click.option(
+    "--check",
+    type=click.Choice(["tcp", "http", "none"]),
+    help="Health check of this service's VMs.",
+)
 @click.option("--check-port", type=click.IntRange(1, 65535), help="Port the check uses.")
 @click.option("--check-path", metavar="PATH", help="Path of the HTTP check.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly
-def add(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-        address: str | None, proto: str | None, ports: tuple[int, ...], vms: tuple[str, ...],
-        check: str | None, check_port: int | None, check_path: str | None, as_json: bool) -> None:
+def add(
+    netns: str | None,
+    config_path: Path | None,
+    api_socket: Path | None,
+    name: str,
+    address: str | None,
+    proto: str | None,
+    ports: tuple[int, ...],
+    vms: tuple[str, ...],
+    check: str | None,
+    check_port: int | None,
+    check_path: str | None,
+    as_json: bool,
+) -> None:
     """Define service NAME, or (without --address) add VMs to it."""
     pool = [parse_vm(v) for v in vms]
     client = _client(netns, config_path, api_socket)
     if address is None:
         if proto or ports or check or check_port or check_path:
-            raise ServiceError("to change an existing service's address, protocol, ports or check, "
-                               "remove it and add it again (with --address)")
+            raise ServiceError(
+                "to change an existing service's address, protocol, ports or check, "
+                "remove it and add it again (with --address)"
+            )
         if not pool:
             raise ServiceError("give --address to define a service, or --vm to add VMs to one")
         answer = client.add_vms(name, [v.model_dump(exclude_none=True) for v in pool])
     else:
-        definition: dict[str, Any] = {"name": name, "address": address, "ports": list(ports),
-                                      "vms": [v.model_dump(exclude_none=True) for v in pool]}
+        definition: dict[str, Any] = {
+            "name": name,
+            "address": address,
+            "ports": list(ports),
+            "vms": [v.model_dump(exclude_none=True) for v in pool],
+        }
         if proto:
             definition["proto"] = proto
         if check or check_port or check_path:
@@ -305,8 +364,14 @@ def add(netns: str | None, config_path: Path | None, api_socket: Path | None, na
 @click.argument("vms", nargs=-1, metavar="[VM]...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly
-def remove(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-           vms: tuple[str, ...], as_json: bool) -> None:
+def remove(
+    netns: str | None,
+    config_path: Path | None,
+    api_socket: Path | None,
+    name: str,
+    vms: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Remove service NAME (its connections are forgotten), or only the VMs
     named (their connections move to the others, or drop: on_vm_down)."""
     client = _client(netns, config_path, api_socket)
@@ -323,8 +388,14 @@ def _drain_command(verb: str, drained: bool, doc: str) -> None:
     @click.argument("vms", nargs=-1, required=True, metavar="VM...")
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @friendly
-    def command(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-                vms: tuple[str, ...], as_json: bool) -> None:
+    def command(
+        netns: str | None,
+        config_path: Path | None,
+        api_socket: Path | None,
+        name: str,
+        vms: tuple[str, ...],
+        as_json: bool,
+    ) -> None:
         client = _client(netns, config_path, api_socket)
         _done(client.drain(name, list(vms), drained), client, as_json)
 

@@ -55,8 +55,10 @@ def check_tcp(address: str, port: int, timeout: float) -> CheckResult:
             pass
     except OSError as err:
         return CheckResult(False, f"tcp {_where(address, port)}: {_reason(err)}")
-    return CheckResult(True, f"tcp {_where(address, port)}: connected in "
-                             f"{(time.monotonic() - start) * 1000:.0f} ms")
+    return CheckResult(
+        True,
+        f"tcp {_where(address, port)}: connected in {(time.monotonic() - start) * 1000:.0f} ms",
+    )
 
 
 def check_http(address: str, port: int, path: str, timeout: float) -> CheckResult:
@@ -110,14 +112,16 @@ class HealthMonitor:
     thread of its own (started after the process entered its namespace:
     threads inherit the namespace of the thread that starts them)."""
 
-    def __init__(self, manager: ServiceManager, *,
-                 check: Callable[[Target], CheckResult] = run_check) -> None:
+    def __init__(
+        self, manager: ServiceManager, *, check: Callable[[Target], CheckResult] = run_check
+    ) -> None:
         self.manager = manager
         self._check = check
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS,
-                                        thread_name_prefix="lasthop-health")
+        self._pool = ThreadPoolExecutor(
+            max_workers=MAX_WORKERS, thread_name_prefix="lasthop-health"
+        )
         self._due: dict[tuple[str, str], float] = {}
         self._running: dict[tuple[str, str], Future[CheckResult]] = {}
 

@@ -38,23 +38,42 @@ def _rol32(word: int, shift: int) -> int:
 
 
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    a = (a - c) & _M32; a ^= _rol32(c, 4); c = (c + b) & _M32  # noqa: E702
-    b = (b - a) & _M32; b ^= _rol32(a, 6); a = (a + c) & _M32  # noqa: E702
-    c = (c - b) & _M32; c ^= _rol32(b, 8); b = (b + a) & _M32  # noqa: E702
-    a = (a - c) & _M32; a ^= _rol32(c, 16); c = (c + b) & _M32  # noqa: E702
-    b = (b - a) & _M32; b ^= _rol32(a, 19); a = (a + c) & _M32  # noqa: E702
-    c = (c - b) & _M32; c ^= _rol32(b, 4); b = (b + a) & _M32  # noqa: E702
+    a = (a - c) & _M32
+    a ^= _rol32(c, 4)
+    c = (c + b) & _M32  # noqa: E702
+    b = (b - a) & _M32
+    b ^= _rol32(a, 6)
+    a = (a + c) & _M32  # noqa: E702
+    c = (c - b) & _M32
+    c ^= _rol32(b, 8)
+    b = (b + a) & _M32  # noqa: E702
+    a = (a - c) & _M32
+    a ^= _rol32(c, 16)
+    c = (c + b) & _M32  # noqa: E702
+    b = (b - a) & _M32
+    b ^= _rol32(a, 19)
+    a = (a + c) & _M32  # noqa: E702
+    c = (c - b) & _M32
+    c ^= _rol32(b, 4)
+    b = (b + a) & _M32  # noqa: E702
     return a, b, c
 
 
 def _final(a: int, b: int, c: int) -> int:
-    c ^= b; c = (c - _rol32(b, 14)) & _M32  # noqa: E702
-    a ^= c; a = (a - _rol32(c, 11)) & _M32  # noqa: E702
-    b ^= a; b = (b - _rol32(a, 25)) & _M32  # noqa: E702
-    c ^= b; c = (c - _rol32(b, 16)) & _M32  # noqa: E702
-    a ^= c; a = (a - _rol32(c, 4)) & _M32  # noqa: E702
-    b ^= a; b = (b - _rol32(a, 14)) & _M32  # noqa: E702
-    c ^= b; c = (c - _rol32(b, 24)) & _M32  # noqa: E702
+    c ^= b
+    c = (c - _rol32(b, 14)) & _M32  # noqa: E702
+    a ^= c
+    a = (a - _rol32(c, 11)) & _M32  # noqa: E702
+    b ^= a
+    b = (b - _rol32(a, 25)) & _M32  # noqa: E702
+    c ^= b
+    c = (c - _rol32(b, 16)) & _M32  # noqa: E702
+    a ^= c
+    a = (a - _rol32(c, 4)) & _M32  # noqa: E702
+    b ^= a
+    b = (b - _rol32(a, 14)) & _M32  # noqa: E702
+    c ^= b
+    c = (c - _rol32(b, 24)) & _M32  # noqa: E702
     return c
 
 

@@ -111,8 +111,12 @@ class ServiceStatus:
     def to_json(self) -> dict[str, object]:
         svc = self.service
         return {
-            "name": svc.name, "id": self.id, "address": svc.address, "proto": svc.proto,
-            "ports": svc.ports, "health": svc.health.model_dump() if svc.health else None,
+            "name": svc.name,
+            "id": self.id,
+            "address": svc.address,
+            "proto": svc.proto,
+            "ports": svc.ports,
+            "health": svc.health.model_dump() if svc.health else None,
             "vms": [vm.to_json() for vm in self.vms],
         }
 
@@ -129,8 +133,15 @@ class ServiceManager:
     checks and the agent loop never interleave map writes.
     """
 
-    def __init__(self, netns: str, open_maps: MapsSource, *, links: Links | None = None,
-                 lock: threading.RLock | None = None, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        netns: str,
+        open_maps: MapsSource,
+        *,
+        links: Links | None = None,
+        lock: threading.RLock | None = None,
+        path: Path | None = None,
+    ) -> None:
         self.netns = netns
         self._netlink = links  # the controller's; None: one of our own, made when first needed
         self.store = ServiceStore(path or state_path(netns))
@@ -173,13 +184,23 @@ class ServiceManager:
                 for vm in svc.vms:
                     ps = ports[vm.port]
                     h = self.health_of(svc.name, vm.port)
-                    vms.append(VmStatus(
-                        port=vm.port, ifindex=ps.ifindex, weight=vm.weight, address=vm.address,
-                        drained=vm.drained, health=h.status, link=ps.text,
-                        serving=self._serving(svc, vm, ps), down=self._down(vm.port, ps),
-                        slots=counts.get(ps.ifindex, 0) if ps.ifindex else 0,
-                        changes=h.changes, since=h.since, detail=h.detail,
-                    ))
+                    vms.append(
+                        VmStatus(
+                            port=vm.port,
+                            ifindex=ps.ifindex,
+                            weight=vm.weight,
+                            address=vm.address,
+                            drained=vm.drained,
+                            health=h.status,
+                            link=ps.text,
+                            serving=self._serving(svc, vm, ps),
+                            down=self._down(vm.port, ps),
+                            slots=counts.get(ps.ifindex, 0) if ps.ifindex else 0,
+                            changes=h.changes,
+                            since=h.since,
+                            detail=h.detail,
+                        )
+                    )
                 out.append(ServiceStatus(svc, sid, vms))
             return out
 
@@ -206,19 +227,27 @@ class ServiceManager:
             for st in self.status():
                 for vm in st.vms:
                     if vm.link != "up":
-                        log.warning("service %s: VM port %s is %s: it gets no connections",
-                                    st.service.name, vm.port, vm.link)
+                        log.warning(
+                            "service %s: VM port %s is %s: it gets no connections",
+                            st.service.name,
+                            vm.port,
+                            vm.link,
+                        )
 
     def add(self, service: Service) -> ServiceStatus:
         """A new service (ServiceConflict if the name or an address is taken)."""
         with self._lock:
             if any(s.name == service.name for s in self._state.services):
-                raise ServiceConflict(f"service {service.name!r} exists: remove it first, "
-                                      "or add VMs with `service add NAME --vm PORT`")
+                raise ServiceConflict(
+                    f"service {service.name!r} exists: remove it first, "
+                    "or add VMs with `service add NAME --vm PORT`"
+                )
             check_unique([*self._state.services, service])
             self._state.services.append(service)
-            self._changed(f"service {service.name} added ({describe_key(service, 0)}, "
-                          f"VMs {', '.join(v.port for v in service.vms) or 'none'})")
+            self._changed(
+                f"service {service.name} added ({describe_key(service, 0)}, "
+                f"VMs {', '.join(v.port for v in service.vms) or 'none'})"
+            )
             return self.status(service.name)[0]
 
     def add_vms(self, name: str, vms: Iterable[ServiceVm]) -> ServiceStatus:
@@ -258,8 +287,9 @@ class ServiceManager:
             gone = list(dict.fromkeys(ports))
             for port in gone:
                 svc.vm(port)
-            self._replace(svc.model_copy(update={"vms": [v for v in svc.vms
-                                                         if v.port not in gone]}))
+            self._replace(
+                svc.model_copy(update={"vms": [v for v in svc.vms if v.port not in gone]})
+            )
             for port in gone:
                 self._state.health.get(name, {}).pop(port, None)
             moved = {"moved": 0, "dropped": 0}
@@ -269,8 +299,13 @@ class ServiceManager:
                     ifindexes = {_ifindex(p) or self._state.ifindexes.get(p, 0) for p in gone} - {0}
                     moved = self._move_connections(maps, self.get(name), ifindexes)
             self._save()
-            log.warning("service %s: VMs %s removed (connections: %d moved, %d dropped)", name,
-                        ", ".join(gone), moved["moved"], moved["dropped"])
+            log.warning(
+                "service %s: VMs %s removed (connections: %d moved, %d dropped)",
+                name,
+                ", ".join(gone),
+                moved["moved"],
+                moved["dropped"],
+            )
             return moved
 
     def set_drained(self, name: str, ports: Iterable[str], drained: bool) -> ServiceStatus:
@@ -280,11 +315,15 @@ class ServiceManager:
             wanted = set(ports)
             for port in wanted:
                 svc.vm(port)
-            vms = [v.model_copy(update={"drained": drained}) if v.port in wanted else v
-                   for v in svc.vms]
+            vms = [
+                v.model_copy(update={"drained": drained}) if v.port in wanted else v
+                for v in svc.vms
+            ]
             self._replace(svc.model_copy(update={"vms": vms}))
-            self._changed(f"service {name}: {', '.join(sorted(wanted))} "
-                          f"{'drained' if drained else 'undrained'}")
+            self._changed(
+                f"service {name}: {', '.join(sorted(wanted))} "
+                f"{'drained' if drained else 'undrained'}"
+            )
             return self.status(name)[0]
 
     def report(self, name: str, port: str, ok: bool, detail: str) -> Status | None:
@@ -328,8 +367,11 @@ class ServiceManager:
             up = self._oper_up()
             old = self._up or {}
             now = {p: _ifindex(p) for p in mine}
-            changed = [p for p in sorted(mine)
-                       if up.get(p) != old.get(p) or now[p] != self._observed.get(p)]
+            changed = [
+                p
+                for p in sorted(mine)
+                if up.get(p) != old.get(p) or now[p] != self._observed.get(p)
+            ]
             self._up = up
             self._observed = now
             for p in changed:
@@ -382,8 +424,11 @@ class ServiceManager:
         mine = {vm.port for s in self._state.services for vm in s.vms}
         self._state.ifindexes = {p: i for p, i in self._state.ifindexes.items() if p in mine}
         pools = {s.name: {vm.port for vm in s.vms} for s in self._state.services}
-        self._state.health = {name: {p: h for p, h in ports.items() if p in pools[name]}
-                              for name, ports in self._state.health.items() if name in pools}
+        self._state.health = {
+            name: {p: h for p, h in ports.items() if p in pools[name]}
+            for name, ports in self._state.health.items()
+            if name in pools
+        }
         if self._state.services or self.store.path.exists():  # no services, no file
             self.store.save(self._state)
 
@@ -408,7 +453,8 @@ class ServiceManager:
             for vm in svc.vms:
                 ifindex = _ifindex(vm.port)
                 attached = bool(ifindex) and (
-                    maps is None or maps.iface(ifindex).role == abi.Role.VM_PORT)
+                    maps is None or maps.iface(ifindex).role == abi.Role.VM_PORT
+                )
                 up = True if self._up is None else self._up.get(vm.port, True)
                 out[vm.port] = PortState(ifindex, attached, up)
         return out
@@ -422,8 +468,11 @@ class ServiceManager:
         it serves has found it down."""
         if not ps.ifindex or not ps.link_up:
             return True
-        statuses = [self.health_of(s.name, port).status
-                    for s in self._state.services if any(v.port == port for v in s.vms)]
+        statuses = [
+            self.health_of(s.name, port).status
+            for s in self._state.services
+            if any(v.port == port for v in s.vms)
+        ]
         return bool(statuses) and all(st == "down" for st in statuses)
 
     def _sync_maps(self, maps: Maps, *, force: bool, drop_ids: Iterable[int] = ()) -> None:
@@ -433,8 +482,11 @@ class ServiceManager:
         ports = self._port_states(maps)
         for svc in self._state.services:
             sid = self._state.ids[svc.name]
-            members = [Member(vm.port, ports[vm.port].ifindex, vm.weight)
-                        for vm in svc.vms if self._serving(svc, vm, ports[vm.port])]
+            members = [
+                Member(vm.port, ports[vm.port].ifindex, vm.weight)
+                for vm in svc.vms
+                if self._serving(svc, vm, ports[vm.port])
+            ]
             table = build_table(members)
             if force or self._tables.get(sid) != table:
                 write_table(maps.maglev, sid, table)
@@ -479,8 +531,13 @@ class ServiceManager:
             if bytes(cfg) != before:
                 maps.set_iface(ps.ifindex, cfg)
                 if (abi.IfaceCfg.from_buffer_copy(before).flags ^ cfg.flags) & abi.F_IFACE_VM_DOWN:
-                    log.warning("VM port %s %s", port, "down: its connections move"
-                                if down else "up again: it serves its connections")
+                    log.warning(
+                        "VM port %s %s",
+                        port,
+                        "down: its connections move"
+                        if down
+                        else "up again: it serves its connections",
+                    )
 
     def _mark_gone(self, maps: Maps) -> None:
         """A VM port that went away (or came back as a new interface) leaves

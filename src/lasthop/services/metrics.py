@@ -41,12 +41,15 @@ class ServicesCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         labels = ["service", "vm"]
-        serving = GaugeMetricFamily("lasthop_vm_serving", "1 when the VM gets new connections",
-                                    labels=labels)
-        health = GaugeMetricFamily("lasthop_vm_health", "1 for the VM's current health status",
-                                   labels=[*labels, "status"])
-        changes = CounterMetricFamily("lasthop_vm_health_changes",
-                                      "Health status changes of the VM", labels=labels)
+        serving = GaugeMetricFamily(
+            "lasthop_vm_serving", "1 when the VM gets new connections", labels=labels
+        )
+        health = GaugeMetricFamily(
+            "lasthop_vm_health", "1 for the VM's current health status", labels=[*labels, "status"]
+        )
+        changes = CounterMetricFamily(
+            "lasthop_vm_health_changes", "Health status changes of the VM", labels=labels
+        )
         for st in self.source.status():
             for vm in st.vms:
                 key = [st.service.name, vm.port]

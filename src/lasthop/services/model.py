@@ -20,11 +20,18 @@ from lasthop import abi
 from lasthop.errors import ServiceConflict, ServiceError, ServiceNotFound
 
 __all__ = [
-    "HealthCheck", "Service", "ServiceVm", "Proto", "Status", "check_unique", "describe_key",
-    "first_error", "parse_vm", "validate_service",
+    "HealthCheck",
+    "Service",
+    "ServiceVm",
+    "Proto",
+    "Status",
+    "check_unique",
+    "describe_key",
+    "first_error",
+    "parse_vm",
+    "validate_service",
 ]
 
-IFNAMSIZ = 15
 PROTO_NUMBERS = {"any": 0, "tcp": 6, "udp": 17, "icmp": 1}
 IPPROTO_ICMPV6 = 58
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -42,17 +49,22 @@ class HealthCheck(_Model):
     """How the agent checks each VM of a pool, from the host's namespace."""
 
     type: Literal["tcp", "http", "none"] = Field(
-        default="tcp", description="tcp: connect; http: GET path, 2xx/3xx = healthy; none")
-    port: int | None = Field(default=None, ge=1, le=65535,
-                             description="port to check; default: the service's first port")
+        default="tcp", description="tcp: connect; http: GET path, 2xx/3xx = healthy; none"
+    )
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="port to check; default: the service's first port"
+    )
     path: str = Field(default="/", description="http: the path to GET")
     interval: float = Field(default=2.0, gt=0, le=3600, description="seconds between checks")
     timeout: float = Field(default=1.0, gt=0, le=60, description="seconds a check may take")
     rise: int = Field(default=2, ge=1, le=100, description="passes in a row that bring a VM back")
     fall: int = Field(default=3, ge=1, le=100, description="failures in a row: unhealthy")
     down_after: int = Field(
-        default=0, ge=0, le=10000,
-        description="failures in a row after which the VM is down: its connections move; 0 = never")
+        default=0,
+        ge=0,
+        le=10000,
+        description="failures in a row after which the VM is down: its connections move; 0 = never",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> HealthCheck:
@@ -66,7 +78,9 @@ class HealthCheck(_Model):
 class ServiceVm(_Model):
     """A VM in a pool: its port on the host, and how it is weighed and checked."""
 
-    port: str = Field(min_length=1, max_length=IFNAMSIZ, description="the VM's port on the host")
+    port: str = Field(
+        min_length=1, max_length=abi.IFNAMSIZ - 1, description="the VM's port on the host"
+    )
     weight: int = Field(default=1, ge=1, le=1000, description="share of new connections")
     address: str | None = Field(default=None, description="the VM's own address: where checks go")
     mac: str | None = Field(default=None, description="the guest's MAC; default: learned")
@@ -198,8 +212,10 @@ def check_unique(services: Iterable[Service]) -> None:
         names.add(svc.name)
         for key in svc.svc_keys():
             if key in keys:
-                raise ServiceConflict(f"services {keys[key]!r} and {svc.name!r} both claim "
-                                      f"{describe_key(svc, key[2])}")
+                raise ServiceConflict(
+                    f"services {keys[key]!r} and {svc.name!r} both claim "
+                    f"{describe_key(svc, key[2])}"
+                )
             keys[key] = svc.name
     if count > abi.MAX_SERVICES:
         raise ServiceError(f"at most {abi.MAX_SERVICES} services")

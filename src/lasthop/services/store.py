@@ -14,8 +14,15 @@ from pydantic import BaseModel, Field, ValidationError
 from lasthop.errors import ServiceError
 from lasthop.services.model import Service, Status, first_error
 
-__all__ = ["STATE_DIR", "STATE_VERSION", "ServiceStore", "StateFile", "VmHealth", "merge",
-           "state_path"]
+__all__ = [
+    "STATE_DIR",
+    "STATE_VERSION",
+    "ServiceStore",
+    "StateFile",
+    "VmHealth",
+    "merge",
+    "state_path",
+]
 
 STATE_DIR = Path(os.environ.get("LASTHOP_STATE_DIR", "/run/lasthop"))
 STATE_VERSION = 1

@@ -21,12 +21,24 @@ def test_run_measures_every_figure() -> None:
     memory figure is memlock over max_entries of a real table."""
     results = datapath.run(**SMALL)
     names = [f.name for f in results.figures]
-    assert names == ["empty", "reply_hit_v4", "reply_hit_v6", "uplink_refresh", "reply_miss",
-                     "insert_room", "insert_full", "refresh_single"]
+    assert names == [
+        "empty",
+        "reply_hit_v4",
+        "reply_hit_v6",
+        "uplink_refresh",
+        "reply_miss",
+        "insert_room",
+        "insert_full",
+        "refresh_single",
+    ]
     assert results.figure("empty").ratio == 1.0
     assert all(f.ns > 0 for f in results.figures)
     assert {f.name for f in results.figures if f.target} == {
-        "reply_hit_v4", "reply_hit_v6", "uplink_refresh", "insert_full"}
+        "reply_hit_v4",
+        "reply_hit_v6",
+        "uplink_refresh",
+        "insert_full",
+    }
     m = results.memory
     assert m is not None and m.entries == 4096
     assert m.per_entry == m.memlock_bytes / 4096
@@ -37,8 +49,20 @@ def test_run_measures_every_figure() -> None:
 def test_cli_json_and_exit_codes() -> None:
     """`bench datapath --json` prints the figures; exit 0 even when a target
     is missed, unless --strict."""
-    args = ["datapath", "--json", "--repeat", "2000", "--rounds", "1", "--inserts", "200",
-            "--table", "1024", "--memory-entries", "0"]
+    args = [
+        "datapath",
+        "--json",
+        "--repeat",
+        "2000",
+        "--rounds",
+        "1",
+        "--inserts",
+        "200",
+        "--table",
+        "1024",
+        "--memory-entries",
+        "0",
+    ]
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
