@@ -13,7 +13,15 @@ from lasthop.clock import Clock
 
 __all__ = ["Connection", "decode", "PROTO_NAMES", "format_mac", "counter_name", "ifname"]
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 47: "gre", 50: "esp", 132: "sctp"}
+PROTO_NAMES = {
+    abi.IPPROTO_ICMP: "icmp",
+    abi.IPPROTO_TCP: "tcp",
+    abi.IPPROTO_UDP: "udp",
+    abi.IPPROTO_ICMPV6: "icmpv6",
+    47: "gre",
+    50: "esp",
+    132: "sctp",
+}
 _FLAG_NAMES = {
     abi.F_ENTRY_HOP_KNOWN: "hop_known",
     abi.F_ENTRY_VM_ORIGIN: "vm_origin",
@@ -77,7 +85,7 @@ class Connection:
 
 def decode(key: abi.ConnKey, entry: abi.ConnEntry, now_jiffies: int, hz: int) -> Connection:
     """One entry as a record; ages from the data path's clock (lasthop.clock)."""
-    icmp = key.proto in (1, 58)
+    icmp = key.proto in (abi.IPPROTO_ICMP, abi.IPPROTO_ICMPV6)
     return Connection(
         proto=PROTO_NAMES.get(key.proto, str(key.proto)),
         family=key.family,

@@ -30,6 +30,7 @@ from rich.table import Table
 from lasthop import config as config_mod
 from lasthop import netns as netns_mod
 from lasthop.controller import Controller
+from lasthop.endpoint import format_endpoint
 from lasthop.errors import AgentError, ServiceError, friendly, from_answer
 from lasthop.services.manager import ServiceManager
 from lasthop.services.model import (
@@ -204,9 +205,8 @@ def _state(vm: dict[str, Any]) -> str:
 
 
 def _where(svc: dict[str, Any]) -> str:
-    addr = f"[{svc['address']}]" if ":" in svc["address"] else svc["address"]
     if svc["ports"]:
-        return f"{svc['proto']} {addr}:{','.join(map(str, svc['ports']))}"
+        return f"{svc['proto']} {format_endpoint(svc['address'], ','.join(map(str, svc['ports'])))}"
     return f"{svc['proto']} {svc['address']}"
 
 

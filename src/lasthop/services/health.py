@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from lasthop.endpoint import format_endpoint
 from lasthop.services.manager import ServiceManager
 from lasthop.services.model import HealthCheck
 
@@ -54,17 +55,15 @@ def check_tcp(address: str, port: int, timeout: float) -> CheckResult:
         with socket.create_connection((address, port), timeout=timeout):
             pass
     except OSError as err:
-        return CheckResult(False, f"tcp {_where(address, port)}: {_reason(err)}")
-    return CheckResult(
-        True,
-        f"tcp {_where(address, port)}: connected in {(time.monotonic() - start) * 1000:.0f} ms",
-    )
+        return CheckResult(False, f"tcp {format_endpoint(address, port)}: {_reason(err)}")
+    ms = (time.monotonic() - start) * 1000
+    return CheckResult(True, f"tcp {format_endpoint(address, port)}: connected in {ms:.0f} ms")
 
 
 def check_http(address: str, port: int, path: str, timeout: float) -> CheckResult:
     """Healthy when GET path answers 2xx or 3xx within *timeout*."""
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
-    url = f"http://{_where(address, port)}{path}"
+    url = f"http://{format_endpoint(address, port)}{path}"
     try:
         conn.request("GET", path, headers={"User-Agent": "lasthop-health", "Connection": "close"})
         resp = conn.getresponse()
@@ -82,10 +81,6 @@ def run_check(target: Target) -> CheckResult:
     if check.type == "http":
         return check_http(target.address, check.port, check.path, check.timeout)
     return check_tcp(target.address, check.port, check.timeout)
-
-
-def _where(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _reason(err: BaseException) -> str:

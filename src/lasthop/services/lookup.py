@@ -77,7 +77,7 @@ def matcher(services: Iterable[Service]) -> Callable[[abi.ConnKey], str | None]:
 
     def match(k: abi.ConnKey) -> str | None:
         addr = bytes(k.daddr)
-        if k.proto in (6, 17):
+        if k.proto in (abi.IPPROTO_TCP, abi.IPPROTO_UDP):
             name = keys.get((addr, k.proto, socket.ntohs(k.dport), k.family))
             if name:
                 return name

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lasthop import abi
+from lasthop.endpoint import format_endpoint
 from lasthop.errors import ServiceConflict, ServiceError, ServiceNotFound
 
 __all__ = [
@@ -32,8 +33,7 @@ __all__ = [
     "validate_service",
 ]
 
-PROTO_NUMBERS = {"any": 0, "tcp": 6, "udp": 17, "icmp": 1}
-IPPROTO_ICMPV6 = 58
+PROTO_NUMBERS = {"any": 0, "tcp": abi.IPPROTO_TCP, "udp": abi.IPPROTO_UDP, "icmp": abi.IPPROTO_ICMP}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 
@@ -149,7 +149,7 @@ class Service(_Model):
     @property
     def proto_number(self) -> int:
         if self.proto == "icmp" and self.family == abi.FAMILY_V6:
-            return IPPROTO_ICMPV6
+            return abi.IPPROTO_ICMPV6
         return PROTO_NUMBERS[self.proto]
 
     def svc_keys(self) -> list[tuple[bytes, int, int]]:
@@ -224,5 +224,8 @@ def check_unique(services: Iterable[Service]) -> None:
 
 
 def describe_key(svc: Service, port: int) -> str:
-    where = f"[{svc.address}]" if svc.family == abi.FAMILY_V6 else svc.address
-    return f"{svc.proto} {where}:{port}" if port else f"{svc.proto} {svc.address}"
+    return (
+        f"{svc.proto} {format_endpoint(svc.address, port)}"
+        if port
+        else f"{svc.proto} {svc.address}"
+    )
