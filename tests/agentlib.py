@@ -1,5 +1,6 @@
 """Helpers for the agent's tests on a real kernel: private network namespaces
-with veth pairs and bridges, `lasthop` as a subprocess, table entries written
+with veth pairs and bridges, `lasthop run` as a subprocess (through the lab's
+runner, lasthop.lab.runner), table entries written
 straight into the pinned maps, and the cleanup of all of it even on failure.
 
 Used by test_agent, test_api, test_cli and test_controller. Everything a test
@@ -14,12 +15,12 @@ import ipaddress
 import itertools
 import os
 import re
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +28,13 @@ from typing import Any
 
 import pytest
 
-from lasthop import abi, libbpf
+from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
+from lasthop.lab.runner import AgentProcess, lasthop_argv
 
-LASTHOP = [sys.executable, "-m", "lasthop"]
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "lasthop"
 SOCKET_DIR = Path("/run/lasthop")
-READY = "lasthop: attached"
 START_TIMEOUT = 20.0
 _names = itertools.count()
 
@@ -64,7 +64,7 @@ def sh(*argv: str, check: bool = True, timeout: float = 20.0) -> subprocess.Comp
 
 def lasthop(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """`lasthop ARGS` as a subprocess (any exit code)."""
-    return sh(*LASTHOP, *args, check=False, timeout=timeout)
+    return sh(*lasthop_argv(*args), check=False, timeout=timeout)
 
 
 class Netns:
@@ -152,70 +152,13 @@ class Netns:
         shutil.rmtree(SOCKET_DIR / self.name, ignore_errors=True)  # the services' state file
 
 
-class Agent:
-    """`lasthop run ...` as a subprocess, waited for until it prints its ready line."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.argv = argv
-        self.proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        self.ready_line = ""
-        self._stderr = ""
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                self.kill()
-                raise AssertionError(f"no {READY!r} line within {timeout} s; stderr: {self.stderr}")
-            line = self.proc.stdout.readline()
-            if not line:
-                code = self.proc.wait()
-                raise AssertionError(
-                    f"lasthop run exited {code} before attaching; stderr: {self.stderr}"
-                )
-            if line.startswith(READY):
-                self.ready_line = line.strip()
-                return self.ready_line
-
-    @property
-    def stderr(self) -> str:
-        if self.proc.poll() is not None and self.proc.stderr is not None and not self._stderr:
-            self._stderr = self.proc.stderr.read()
-        return self._stderr
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError("lasthop run did not stop within 10 s of SIGTERM") from None
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 class Sandbox:
     """Everything one test creates; close() removes it all (agents first)."""
 
     def __init__(self) -> None:
         self.namespaces: list[Netns] = []
-        self.agents: list[Agent] = []
+        self.agents: list[AgentProcess] = []
+        self.logs = Path(tempfile.mkdtemp(prefix="lasthop-test-"))
 
     def netns(self, tag: str = "") -> Netns:
         ns = Netns(tag)
@@ -238,18 +181,20 @@ class Sandbox:
         wait: bool = True,
         via_exec: bool = False,
         env: dict[str, str] | None = None,
-    ) -> Agent:
-        """`lasthop run --netns NS ARGS` (or `ip netns exec NS lasthop run ARGS`)."""
+    ) -> AgentProcess:
+        """`lasthop run --netns NS ARGS` (or `ip netns exec NS lasthop run ARGS`),
+        through the lab's runner; with wait, once it has attached."""
         if netns is None:
-            argv = [*LASTHOP, "run", *args]
+            argv = lasthop_argv("run", *args)
         elif via_exec:
-            argv = ["ip", "netns", "exec", netns.name, *LASTHOP, "run", *args]
+            argv = ["ip", "netns", "exec", netns.name, *lasthop_argv("run", *args)]
         else:
-            argv = [*LASTHOP, "run", "--netns", netns.name, *args]
-        agent = Agent(argv, env)
+            argv = lasthop_argv("run", "--netns", netns.name, *args)
+        agent = AgentProcess(argv, self.logs / f"agent{len(self.agents)}.log", env=env)
         self.agents.append(agent)
+        agent.spawn()
         if wait:
-            agent.wait_ready()
+            agent.wait_ready(START_TIMEOUT)
         return agent
 
     def close(self) -> None:
@@ -259,6 +204,7 @@ class Sandbox:
             agent.kill()
         for ns in self.namespaces:
             ns.delete()
+        shutil.rmtree(self.logs, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -273,9 +219,6 @@ def sandbox() -> Iterator[Sandbox]:
 
 # -- in-process: the controller enters namespaces; tests must come back --------------------
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
 
 @contextlib.contextmanager
 def back_to_own_netns() -> Iterator[None]:
@@ -284,9 +227,10 @@ def back_to_own_netns() -> Iterator[None]:
     try:
         yield
     finally:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns back to the test's own network namespace")
-        os.close(fd)
+        try:
+            netns.setns(fd, "the test's own network namespace")
+        finally:
+            os.close(fd)
 
 
 # -- the table, straight through the pins ---------------------------------------------------
@@ -347,12 +291,35 @@ class PinnedTable:
     def keys(self) -> list[bytes]:
         return list(self.conns.keys())
 
+    @contextlib.contextmanager
+    def kept_fresh(
+        self, key: abi.ConnKey, *, uplink: int = 1, every: float = 0.1
+    ) -> Iterator[None]:
+        """Keeps *key*'s entry seen as traffic would (rewritten every *every*
+        seconds) while the block runs: no aging pass finds it idle, however
+        slow the machine is, so a test need not race the idle timeout."""
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while not stop.is_set():
+                self.add(key, uplink=uplink)
+                stop.wait(every)
+
+        self.add(key, uplink=uplink)
+        worker = threading.Thread(target=refresh, daemon=True)
+        worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            worker.join()
+
     def close(self) -> None:
         self.conns.close()
         self.clock.close()
 
 
-def wait_for(check: Any, timeout: float = 5.0, every: float = 0.05) -> Any:
+def wait_for(check: Any, timeout: float = 15.0, every: float = 0.05) -> Any:
     """Polls *check* until it returns something truthy; returns that, or fails."""
     deadline = time.monotonic() + timeout
     while True:

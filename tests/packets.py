@@ -80,65 +80,107 @@ Tags = tuple[Packet, ...]
 
 
 def tcp4_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: Tags = ()) -> Packet:
-    return (eth(src_mac, MAC_VM_1, vlans) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
-            / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000))
+    return (
+        eth(src_mac, MAC_VM_1, vlans)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000)
+    )
 
 
 def tcp6_request(flags: str = "S", src_mac: str = MAC_FW_B, vlans: Tags = ()) -> Packet:
-    return (eth(src_mac, MAC_VM_1, vlans) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
-            / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000))
+    return (
+        eth(src_mac, MAC_VM_1, vlans)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=1000)
+    )
 
 
 def udp4_request(src_mac: str = MAC_FW_B) -> Packet:
-    return (eth(src_mac, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
-            / UDP(sport=PORT_CLIENT, dport=PORT_DNS) / b"query")
+    return (
+        eth(src_mac, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / UDP(sport=PORT_CLIENT, dport=PORT_DNS)
+        / b"query"
+    )
 
 
 def udp6_request(src_mac: str = MAC_FW_B) -> Packet:
-    return (eth(src_mac, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
-            / UDP(sport=PORT_CLIENT, dport=PORT_DNS) / b"query")
+    return (
+        eth(src_mac, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+        / UDP(sport=PORT_CLIENT, dport=PORT_DNS)
+        / b"query"
+    )
 
 
 def echo4_request(src_mac: str = MAC_FW_B) -> Packet:
-    return (eth(src_mac, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
-            / ICMP(type="echo-request", id=ECHO_ID, seq=ECHO_SEQ) / b"ping")
+    return (
+        eth(src_mac, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / ICMP(type="echo-request", id=ECHO_ID, seq=ECHO_SEQ)
+        / b"ping"
+    )
 
 
 def echo6_request(src_mac: str = MAC_FW_B) -> Packet:
-    return (eth(src_mac, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
-            / ICMPv6EchoRequest(id=ECHO_ID, seq=ECHO_SEQ, data=b"ping"))
+    return (
+        eth(src_mac, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+        / ICMPv6EchoRequest(id=ECHO_ID, seq=ECHO_SEQ, data=b"ping")
+    )
 
 
 # Replies: VM 1 -> client, sent by the VM to its default gateway, firewall A.
 # On a routed host the VM sends to its port's MAC instead (dst_mac=MAC_VMPORT_1).
 def tcp4_reply(flags: str = "A", dst_mac: str = MAC_FW_A, ttl: int = 64) -> Packet:
-    return (eth(MAC_VM_1, dst_mac) / IP(src=IP_VM_1, dst=IP_CLIENT_B, ttl=ttl)
-            / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags, seq=5000, ack=1001))
+    return (
+        eth(MAC_VM_1, dst_mac)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B, ttl=ttl)
+        / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags, seq=5000, ack=1001)
+    )
 
 
 def tcp6_reply(flags: str = "A", dst_mac: str = MAC_FW_A, hlim: int = 64) -> Packet:
-    return (eth(MAC_VM_1, dst_mac) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B, hlim=hlim)
-            / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags, seq=5000, ack=1001))
+    return (
+        eth(MAC_VM_1, dst_mac)
+        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B, hlim=hlim)
+        / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags, seq=5000, ack=1001)
+    )
 
 
 def udp4_reply(dst_mac: str = MAC_FW_A) -> Packet:
-    return (eth(MAC_VM_1, dst_mac) / IP(src=IP_VM_1, dst=IP_CLIENT_B)
-            / UDP(sport=PORT_DNS, dport=PORT_CLIENT) / b"answer")
+    return (
+        eth(MAC_VM_1, dst_mac)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B)
+        / UDP(sport=PORT_DNS, dport=PORT_CLIENT)
+        / b"answer"
+    )
 
 
 def udp6_reply(dst_mac: str = MAC_FW_A) -> Packet:
-    return (eth(MAC_VM_1, dst_mac) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
-            / UDP(sport=PORT_DNS, dport=PORT_CLIENT) / b"answer")
+    return (
+        eth(MAC_VM_1, dst_mac)
+        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+        / UDP(sport=PORT_DNS, dport=PORT_CLIENT)
+        / b"answer"
+    )
 
 
 def echo4_reply(dst_mac: str = MAC_FW_A) -> Packet:
-    return (eth(MAC_VM_1, dst_mac) / IP(src=IP_VM_1, dst=IP_CLIENT_B)
-            / ICMP(type="echo-reply", id=ECHO_ID, seq=ECHO_SEQ) / b"ping")
+    return (
+        eth(MAC_VM_1, dst_mac)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B)
+        / ICMP(type="echo-reply", id=ECHO_ID, seq=ECHO_SEQ)
+        / b"ping"
+    )
 
 
 def echo6_reply(dst_mac: str = MAC_FW_A) -> Packet:
-    return (eth(MAC_VM_1, dst_mac) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
-            / ICMPv6EchoReply(id=ECHO_ID, seq=ECHO_SEQ, data=b"ping"))
+    return (
+        eth(MAC_VM_1, dst_mac)
+        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+        / ICMPv6EchoReply(id=ECHO_ID, seq=ECHO_SEQ, data=b"ping")
+    )
 
 
 def l3(frame: Packet) -> Packet:

@@ -1,6 +1,7 @@
 """lasthop.abi mirrors the data path's map ABI exactly: struct sizes, field
 names, offsets and sizes, and the enums, as the compiled object's BTF states
-them; the flag and size constants as the C preprocessor sees consts.h.
+them; and every constant of consts.h the Python side repeats (sizes, flags,
+CNT_MAX), which consts.h declares as enum constants so that they reach the BTF.
 
 Needs clang and bpftool (scripts/setup installs both), not root: nothing is
 loaded into the kernel.
@@ -10,15 +11,20 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import importlib
 import json
+import pkgutil
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
+import lasthop
 from lasthop import abi, build
 
 BPFTOOL = shutil.which("bpftool") or "/usr/sbin/bpftool"
@@ -33,8 +39,12 @@ def btf(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
         obj = build.build(tmp_path_factory.mktemp("abi") / "lasthop.bpf.o")
     except build.BuildError as err:
         pytest.skip(str(err))
-    out = subprocess.run([BPFTOOL, "-j", "btf", "dump", "file", str(obj), "format", "raw"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [BPFTOOL, "-j", "btf", "dump", "file", str(obj), "format", "raw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {t["id"]: t for t in json.loads(out)["types"]}
 
 
@@ -76,10 +86,14 @@ def test_struct_matches_btf(btf: dict[int, dict[str, Any]], name: str) -> None:
     struct = named(btf, "STRUCT", name)
     mirror = abi.STRUCTS[name]
     assert ctypes.sizeof(mirror) == struct["size"]
-    want = [(m["name"], m["bits_offset"] // 8, size_of(btf, m["type_id"]), shape(btf, m["type_id"]))
-            for m in struct["members"]]
-    have = [(f, getattr(mirror, f).offset, getattr(mirror, f).size, ctypes_shape(t))
-            for f, t in mirror._fields_]  # type: ignore[misc]
+    want = [
+        (m["name"], m["bits_offset"] // 8, size_of(btf, m["type_id"]), shape(btf, m["type_id"]))
+        for m in struct["members"]
+    ]
+    have = [
+        (f, getattr(mirror, f).offset, getattr(mirror, f).size, ctypes_shape(t))
+        for f, t in mirror._fields_
+    ]  # type: ignore[misc]
     assert have == want
     assert all(m["bits_offset"] % 8 == 0 for m in struct["members"]), "no bit fields in the ABI"
 
@@ -107,13 +121,21 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
     assert max(values.values()) < abi.CNT_MAX
 
 
-@pytest.mark.parametrize(("mirror", "c_enum", "prefix", "maximum"), [
-    (abi.State, "conn_state", "CS_", ("CS_MAX", abi.CS_MAX)),
-    (abi.TableCounter, "lh_table_counter", "TC_", ("TC_MAX", abi.TC_MAX)),
-    (abi.VmAddrOrigin, "vm_addr_origin", "VM_ADDR_", None),
-])
-def test_enums_match_btf(btf: dict[int, dict[str, Any]], mirror: type[enum.IntEnum], c_enum: str,
-                         prefix: str, maximum: tuple[str, int] | None) -> None:
+@pytest.mark.parametrize(
+    ("mirror", "c_enum", "prefix", "maximum"),
+    [
+        (abi.State, "conn_state", "CS_", ("CS_MAX", abi.CS_MAX)),
+        (abi.TableCounter, "lh_table_counter", "TC_", ("TC_MAX", abi.TC_MAX)),
+        (abi.VmAddrOrigin, "vm_addr_origin", "VM_ADDR_", None),
+    ],
+)
+def test_enums_match_btf(
+    btf: dict[int, dict[str, Any]],
+    mirror: type[enum.IntEnum],
+    c_enum: str,
+    prefix: str,
+    maximum: tuple[str, int] | None,
+) -> None:
     """abi.State, abi.TableCounter and abi.VmAddrOrigin are their C enums without
     the prefix; CS_MAX and TC_MAX are abi.CS_MAX and abi.TC_MAX, above every value."""
     values = {v["name"]: v["val"] for v in named(btf, "ENUM", c_enum)["values"]}
@@ -129,38 +151,79 @@ def test_roles_match_enum_lh_role(btf: dict[int, dict[str, Any]]) -> None:
     assert {f"ROLE_{r.name}": int(r) for r in abi.Role} == values
 
 
-# Constants are #defines, which BTF does not carry: read them as clang's
-# preprocessor defines them from consts.h, and compare those the mirror has.
-_DEFINE = re.compile(r"#define (\w+) (.+)")
+# Every constant the agent mirrors is an enum constant in consts.h, kept in the
+# object's BTF by struct lh_abi_enums (abi.h): #defines would leave no trace there.
+CONST_ENUMS = ("lh_const", "lh_iface_flag", "lh_settings_flag", "lh_entry_flag")
+# the kernel's numbers, which the C takes from its headers: checked against those
+KERNEL_CONSTANTS = (
+    "ETH_ALEN",
+    "IFNAMSIZ",
+    "IPPROTO_ICMP",
+    "IPPROTO_TCP",
+    "IPPROTO_UDP",
+    "IPPROTO_ICMPV6",
+)
 
 
 @pytest.fixture(scope="module")
-def defines() -> dict[str, int]:
+def c_constants(btf: dict[int, dict[str, Any]]) -> dict[str, int]:
+    """The constants of consts.h the agent mirrors, by name, from the BTF."""
+    values = {
+        "CNT_MAX": {v["name"]: v["val"] for v in named(btf, "ENUM", "lh_counter")["values"]}[
+            "CNT_MAX"
+        ]
+    }
+    for enum_name in CONST_ENUMS:
+        values |= {v["name"]: v["val"] for v in named(btf, "ENUM", enum_name)["values"]}
+    return values
+
+
+def _int_constants(module: ModuleType) -> dict[str, int]:
+    return {
+        k: v for k, v in vars(module).items() if k.isupper() and type(v) is int
+    }  # not bool, not IntEnum members
+
+
+def test_every_c_constant_has_its_value_in_the_mirror(c_constants: dict[str, int]) -> None:
+    """lasthop.abi has every constant of consts.h's mirrored enums, with the same
+    value, and no constant of its own that the C lacks (besides the kernel's)."""
+    mine = {k: v for k, v in _int_constants(abi).items() if k not in KERNEL_CONSTANTS}
+    assert mine == c_constants
+
+
+def test_no_module_keeps_a_drifted_copy_of_a_c_constant(c_constants: dict[str, int]) -> None:
+    """A module of the package that names a C constant (MAX_IFINDEX, IFNAMSIZ, ...)
+    has the C's value: a copy outside lasthop.abi cannot drift unnoticed."""
+    known = c_constants | {k: getattr(abi, k) for k in KERNEL_CONSTANTS}
+    drifted = []
+    for info in pkgutil.walk_packages(lasthop.__path__, "lasthop."):
+        if info.name == "lasthop.__main__":
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in _int_constants(module).items():
+            if name in known and value != known[name]:
+                drifted.append(f"{info.name}.{name} = {value}, C has {known[name]}")
+    assert not drifted
+
+
+def test_kernel_constants_match_the_kernel_headers() -> None:
+    """ETH_ALEN and IFNAMSIZ as linux/if_ether.h and linux/if.h define them; the
+    IPPROTO_* numbers as the socket module (the C library's headers) has them."""
     try:
         clang = build._clang()
     except build.BuildError as err:
         pytest.skip(str(err))
-    out = subprocess.run([clang, "-dM", "-E", "-target", "bpf", str(build.BPF_DIR / "consts.h")],
-                         capture_output=True, text=True, check=True).stdout
-    values = {}
-    for line in out.splitlines():
-        m = _DEFINE.fullmatch(line.strip())
-        if m and re.fullmatch(r"[\s\d()x<|A-Fa-f*+-]+", m.group(2)):
-            values[m.group(1)] = int(eval(m.group(2), {"__builtins__": {}}))  # noqa: S307
-    return values
-
-
-MIRRORED_DEFINES = [
-    "ETH_ALEN", "MAX_VLAN_TAGS", "MAX_IFACES", "FAMILY_V4", "FAMILY_V6", "MAX_SERVICES",
-    "MAGLEV_SIZE", "MAGLEV_SEED",
-]
-
-
-def test_constants_match_consts_h(defines: dict[str, int]) -> None:
-    """Every F_* flag and size constant of consts.h has the same value in the mirror,
-    and every F_* flag of the mirror exists in consts.h."""
-    flags_c = {k: v for k, v in defines.items() if k.startswith("F_")}
-    flags_py = {k: v for k, v in vars(abi).items() if k.startswith("F_")}
-    assert flags_py == flags_c
-    for name in MIRRORED_DEFINES:
-        assert getattr(abi, name) == defines[name], name
+    source = "#include <linux/if_ether.h>\n#include <linux/if.h>\n"
+    out = subprocess.run(
+        [clang, "-dM", "-E", "-target", "bpf", *build._multiarch_include(), "-"],
+        input=source,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    defines = dict(re.findall(r"^#define (\w+) (\d+)$", out, re.M))
+    assert int(defines["ETH_ALEN"]) == abi.ETH_ALEN
+    assert int(defines["IFNAMSIZ"]) == abi.IFNAMSIZ
+    for name in KERNEL_CONSTANTS:
+        if name.startswith("IPPROTO_"):
+            assert getattr(abi, name) == getattr(socket, name), name

@@ -1,4 +1,4 @@
-"""lasthop.health: the TCP and HTTP checks against real local servers, and the
+"""lasthop.services.health: the TCP and HTTP checks against real local servers, and the
 monitor that runs them on each VM's interval and reports to the manager."""
 
 from __future__ import annotations
@@ -13,9 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from lasthop.datapath import NotAttachedError
-from lasthop.health import CheckResult, HealthMonitor, Target, check_http, check_tcp, targets
-from lasthop.services import HealthCheck, Service, ServiceManager
+from lasthop.errors import NotAttachedError
+from lasthop.services.health import (
+    CheckResult,
+    HealthMonitor,
+    Target,
+    check_http,
+    check_tcp,
+    targets,
+)
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import HealthCheck, Service
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -63,17 +71,22 @@ def test_tcp_check_passes_when_the_port_accepts(http_port: int) -> None:
 def test_tcp_check_fails_when_refused() -> None:
     port = _closed_port()
     assert check_tcp("127.0.0.1", port, 1.0) == CheckResult(
-        False, f"tcp 127.0.0.1:{port}: connection refused")
+        False, f"tcp 127.0.0.1:{port}: connection refused"
+    )
 
 
-@pytest.mark.parametrize(("path", "ok", "status"), [
-    ("/ok", True, "200 OK"),
-    ("/moved", True, "302 Found"),
-    ("/bad", False, "503 Service Unavailable"),
-])
+@pytest.mark.parametrize(
+    ("path", "ok", "status"),
+    [
+        ("/ok", True, "200 OK"),
+        ("/moved", True, "302 Found"),
+        ("/bad", False, "503 Service Unavailable"),
+    ],
+)
 def test_http_check_wants_2xx_or_3xx(http_port: int, path: str, ok: bool, status: str) -> None:
     assert check_http("127.0.0.1", http_port, path, 1.0) == CheckResult(
-        ok, f"GET http://127.0.0.1:{http_port}{path}: {status}")
+        ok, f"GET http://127.0.0.1:{http_port}{path}: {status}"
+    )
 
 
 def test_http_check_times_out(http_port: int) -> None:
@@ -98,20 +111,38 @@ def _no_maps() -> Iterator[None]:
 def manager(tmp_path: Path) -> ServiceManager:
     m = ServiceManager("test", _no_maps, path=tmp_path / "s.json")  # type: ignore[arg-type]
     m.default_health = HealthCheck(interval=1.0, fall=1, rise=1)
-    m.add(Service.model_validate({
-        "name": "web", "address": "192.0.2.100", "ports": [80],
-        "vms": [{"port": "vm1", "address": "10.2.0.11"}, {"port": "vm2", "address": "10.2.0.12"},
-                {"port": "vm3"}],  # no address: not checked
-    }))
-    m.add(Service.model_validate({"name": "quiet", "address": "192.0.2.101",
-                                  "health": {"type": "none"}, "vms": [{"port": "vm1",
-                                                                        "address": "10.2.0.11"}]}))
+    m.add(
+        Service.model_validate(
+            {
+                "name": "web",
+                "address": "192.0.2.100",
+                "ports": [80],
+                "vms": [
+                    {"port": "vm1", "address": "10.2.0.11"},
+                    {"port": "vm2", "address": "10.2.0.12"},
+                    {"port": "vm3"},
+                ],  # no address: not checked
+            }
+        )
+    )
+    m.add(
+        Service.model_validate(
+            {
+                "name": "quiet",
+                "address": "192.0.2.101",
+                "health": {"type": "none"},
+                "vms": [{"port": "vm1", "address": "10.2.0.11"}],
+            }
+        )
+    )
     return m
 
 
 def test_targets_are_the_vms_with_an_address_and_a_check(manager: ServiceManager) -> None:
     assert [(t.service, t.port, t.address, t.check.port) for t in targets(manager)] == [
-        ("web", "vm1", "10.2.0.11", 80), ("web", "vm2", "10.2.0.12", 80)]
+        ("web", "vm1", "10.2.0.11", 80),
+        ("web", "vm2", "10.2.0.12", 80),
+    ]
 
 
 def test_monitor_checks_each_vm_on_its_interval_and_reports(manager: ServiceManager) -> None:
@@ -127,7 +158,7 @@ def test_monitor_checks_each_vm_on_its_interval_and_reports(manager: ServiceMana
     try:
         mon.tick(100.0)
         _wait(lambda: len(calls) == 2)
-        time.sleep(0.05)
+        _wait(lambda: all(f.done() for f in mon._running.values()))  # both results ready
         mon.tick(100.5)  # collects; nothing due yet
         assert sorted(calls) == ["vm1", "vm2"]
         assert manager.health_of("web", "vm1").status == "up"

@@ -1,4 +1,4 @@
-"""lasthop.maglev: the jhash2 mirror agrees with bpf/hash.h, and the tables
+"""lasthop.services.maglev: the jhash2 mirror agrees with bpf/hash.h, and the tables
 are balanced, honour weights, and move little when the pool changes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lasthop import abi
-from lasthop.maglev import Backend, build_table, jhash2, key_words, slot_of
+from lasthop.services.maglev import Member, build_table, jhash2, key_words, slot_of
 
 BPF_DIR = Path(__file__).resolve().parents[1] / "src" / "lasthop" / "bpf"
 
@@ -42,8 +42,11 @@ def c_jhash(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("jhash")
     (folder / "main.c").write_text(HASH_MAIN)
     exe = folder / "jhash"
-    subprocess.run([cc, "-O1", "-I", str(BPF_DIR), str(folder / "main.c"), "-o", str(exe)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [cc, "-O1", "-I", str(BPF_DIR), str(folder / "main.c"), "-o", str(exe)],
+        check=True,
+        capture_output=True,
+    )
     return exe
 
 
@@ -52,8 +55,13 @@ def test_jhash2_matches_the_data_path_header(c_jhash: Path) -> None:
     rng = random.Random(7)
     rows = [[abi.MAGLEV_SEED] + [0] * 10, [0] + [0xFFFFFFFF] * 10]
     rows += [[rng.getrandbits(32) for _ in range(11)] for _ in range(500)]
-    out = subprocess.run([str(c_jhash)], input="\n".join(" ".join(map(str, r)) for r in rows),
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [str(c_jhash)],
+        input="\n".join(" ".join(map(str, r)) for r in rows),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert [jhash2(r[1:], r[0]) for r in rows] == [int(x) for x in out]
 
 
@@ -73,14 +81,14 @@ def test_slot_of_hashes_the_struct_bytes() -> None:
         key_words(b"short")
 
 
-def _backends(n: int) -> list[Backend]:
-    return [Backend(f"vm{i}", 100 + i) for i in range(n)]
+def _members(n: int) -> list[Member]:
+    return [Member(f"vm{i}", 100 + i) for i in range(n)]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64])
 def test_equal_weights_give_equal_shares_of_slots(n: int) -> None:
     """Every slot is filled, and no VM holds more than one slot above another."""
-    counts = collections.Counter(build_table(_backends(n)))
+    counts = collections.Counter(build_table(_members(n)))
     assert sum(counts.values()) == abi.MAGLEV_SIZE
     assert set(counts) == {100 + i for i in range(n)}
     assert max(counts.values()) - min(counts.values()) <= 1
@@ -88,7 +96,7 @@ def test_equal_weights_give_equal_shares_of_slots(n: int) -> None:
 
 def test_weights_are_honoured() -> None:
     """A weight-3 VM holds three times the slots of a weight-1 VM (to a slot)."""
-    pool = [Backend("a", 1, 1), Backend("b", 2, 3), Backend("c", 3, 2)]
+    pool = [Member("a", 1, 1), Member("b", 2, 3), Member("c", 3, 2)]
     counts = collections.Counter(build_table(pool))
     unit = abi.MAGLEV_SIZE / 6
     for value, weight in ((1, 1), (2, 3), (3, 2)):
@@ -97,25 +105,25 @@ def test_weights_are_honoured() -> None:
 
 def test_the_table_depends_on_names_not_on_order() -> None:
     """The same pool, listed in any order, gives the same table."""
-    pool = _backends(5)
+    pool = _members(5)
     assert build_table(pool) == build_table(list(reversed(pool)))
 
 
-def test_no_backend_means_all_zero() -> None:
+def test_no_member_means_all_zero() -> None:
     """An empty pool (or only weight 0) gives a table of zeros: 'no VM'."""
     assert set(build_table([])) == {0}
-    assert set(build_table([Backend("a", 1, 0)])) == {0}
+    assert set(build_table([Member("a", 1, 0)])) == {0}
 
 
 def test_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError):
-        build_table([Backend("a", 1), Backend("a", 2)])
+        build_table([Member("a", 1), Member("a", 2)])
 
 
 @pytest.mark.parametrize("n", [3, 8, 32])
 def test_removing_one_vm_moves_little_more_than_its_share(n: int) -> None:
     """Slots of the remaining VMs mostly stay: the change is within 1/N + 1 %."""
-    pool = _backends(n)
+    pool = _members(n)
     before = build_table(pool)
     after = build_table(pool[1:])
     changed = sum(1 for a, b in zip(before, after, strict=True) if a != b)
@@ -126,9 +134,9 @@ def test_removing_one_vm_moves_little_more_than_its_share(n: int) -> None:
 
 def test_adding_a_vm_takes_slots_only_for_itself() -> None:
     """A slot that changes owner when a VM joins goes to that VM (mostly)."""
-    pool = _backends(4)
+    pool = _members(4)
     before = build_table(pool)
-    after = build_table([*pool, Backend("vm-new", 999)])
+    after = build_table([*pool, Member("vm-new", 999)])
     moved = [b for a, b in zip(before, after, strict=True) if a != b]
     assert sum(1 for b in moved if b == 999) / len(moved) > 0.97
 

@@ -9,7 +9,7 @@ from typing import Any
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from lasthop.metrics import ServicesCollector
+from lasthop.services.metrics import ServicesCollector
 
 
 class FakeServices:

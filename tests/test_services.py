@@ -15,30 +15,30 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from lasthop import abi, service_cli
-from lasthop.datapath import NotAttachedError
-from lasthop.services import (
+from lasthop import abi
+from lasthop.errors import NotAttachedError, ServiceConflict, ServiceError, ServiceNotFound
+from lasthop.services import cli as service_cli
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import (
     HealthCheck,
     Service,
-    ServiceConflict,
-    ServiceError,
-    ServiceManager,
-    ServiceNotFound,
-    ServiceStore,
     ServiceVm,
-    StateFile,
     check_unique,
-    merge,
     parse_vm,
     validate_service,
 )
+from lasthop.services.store import ServiceStore, StateFile, merge
 
 VIP = "192.0.2.100"
 
 
 def web(**kw: Any) -> Service:
-    data: dict[str, Any] = {"name": "web", "address": VIP, "ports": [80],
-                            "vms": [{"port": "vm1"}, {"port": "vm2", "weight": 2}]}
+    data: dict[str, Any] = {
+        "name": "web",
+        "address": VIP,
+        "ports": [80],
+        "vms": [{"port": "vm1"}, {"port": "vm2", "weight": 2}],
+    }
     data.update(kw)
     return Service.model_validate(data)
 
@@ -56,17 +56,20 @@ def test_ports_need_tcp_or_udp() -> None:
         validate_service({"name": "x", "address": VIP, "proto": "icmp", "ports": [80]})
 
 
-@pytest.mark.parametrize("bad", [
-    {"name": "-x", "address": VIP},
-    {"name": "x", "address": "224.0.0.1"},
-    {"name": "x", "address": "not-an-ip"},
-    {"name": "x", "address": VIP, "ports": [80, 80]},
-    {"name": "x", "address": VIP, "vms": [{"port": "vm1"}, {"port": "vm1"}]},
-    {"name": "x", "address": VIP, "vms": [{"port": "vm1", "weight": 0}]},
-    {"name": "x", "address": VIP, "vms": [{"port": "vm1", "mac": "nope"}]},
-    {"name": "x", "address": VIP, "health": {"fall": 3, "down_after": 2}},
-    {"name": "x", "address": VIP, "extra": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"name": "-x", "address": VIP},
+        {"name": "x", "address": "224.0.0.1"},
+        {"name": "x", "address": "not-an-ip"},
+        {"name": "x", "address": VIP, "ports": [80, 80]},
+        {"name": "x", "address": VIP, "vms": [{"port": "vm1"}, {"port": "vm1"}]},
+        {"name": "x", "address": VIP, "vms": [{"port": "vm1", "weight": 0}]},
+        {"name": "x", "address": VIP, "vms": [{"port": "vm1", "mac": "nope"}]},
+        {"name": "x", "address": VIP, "health": {"fall": 3, "down_after": 2}},
+        {"name": "x", "address": VIP, "extra": 1},
+    ],
+)
 def test_invalid_definitions_are_refused_with_the_reason(bad: dict[str, Any]) -> None:
     with pytest.raises(ServiceError, match=r"service '.*': "):
         validate_service(bad)
@@ -95,12 +98,15 @@ def test_the_check_takes_the_services_first_port() -> None:
     assert web().check(HealthCheck(port=8080)).port == 8080
 
 
-@pytest.mark.parametrize(("text", "vm"), [
-    ("vm1", ServiceVm(port="vm1")),
-    ("vm1:3", ServiceVm(port="vm1", weight=3)),
-    ("vm1@10.2.0.11", ServiceVm(port="vm1", address="10.2.0.11")),
-    ("vm1:2@fd00::11", ServiceVm(port="vm1", weight=2, address="fd00::11")),
-])
+@pytest.mark.parametrize(
+    ("text", "vm"),
+    [
+        ("vm1", ServiceVm(port="vm1")),
+        ("vm1:3", ServiceVm(port="vm1", weight=3)),
+        ("vm1@10.2.0.11", ServiceVm(port="vm1", address="10.2.0.11")),
+        ("vm1:2@fd00::11", ServiceVm(port="vm1", weight=2, address="fd00::11")),
+    ],
+)
 def test_parse_vm(text: str, vm: ServiceVm) -> None:
     assert parse_vm(text) == vm
 
@@ -118,9 +124,11 @@ def test_config_carries_services_health_and_on_vm_down(tmp_path: Path) -> None:
     from lasthop import config
 
     path = tmp_path / "c.toml"
-    path.write_text('on_vm_down = "drop"\n[health]\ntype = "http"\npath = "/ok"\n'
-                    '[[service]]\nname = "web"\naddress = "192.0.2.100"\nports = [80]\n'
-                    'vms = [{port = "vm1", address = "10.2.0.11"}]\n')
+    path.write_text(
+        'on_vm_down = "drop"\n[health]\ntype = "http"\npath = "/ok"\n'
+        '[[service]]\nname = "web"\naddress = "192.0.2.100"\nports = [80]\n'
+        'vms = [{port = "vm1", address = "10.2.0.11"}]\n'
+    )
     cfg = config.load(path)
     assert cfg.on_vm_down == "drop" and cfg.health.path == "/ok"
     assert cfg.services[0].vms[0].address == "10.2.0.11"
@@ -226,8 +234,15 @@ def test_health_thresholds(tmp_path: Path) -> None:
     -> down after `down_after`; back up after `rise` passes. Changes are counted."""
     m = manager(tmp_path / "s.json")
     m.add(web(health={"fall": 2, "rise": 2, "down_after": 4}))
-    seq = [(True, "up"), (False, None), (False, "unhealthy"), (False, None), (False, "down"),
-           (True, None), (True, "up")]
+    seq = [
+        (True, "up"),
+        (False, None),
+        (False, "unhealthy"),
+        (False, None),
+        (False, "down"),
+        (True, None),
+        (True, "up"),
+    ]
     assert [m.report("web", "vm1", ok, "") for ok, _ in seq] == [want for _, want in seq]
     assert m.health_of("web", "vm1").changes == 4
     assert m.health_changes == 4
@@ -249,7 +264,7 @@ def api(tmp_path: Path) -> Any:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from lasthop.api_services import router
+    from lasthop.services.api import router
 
     class Holder:
         services = manager(tmp_path / "s.json")
@@ -260,19 +275,40 @@ def api(tmp_path: Path) -> Any:
 
 
 def test_api_add_list_drain_remove(api: Any) -> None:
-    r = api.post("/v1/services", json={"name": "web", "address": VIP, "ports": [80],
-                                       "vms": [{"port": "vm1"}, {"port": "vm2"}]})
+    r = api.post(
+        "/v1/services",
+        json={
+            "name": "web",
+            "address": VIP,
+            "ports": [80],
+            "vms": [{"port": "vm1"}, {"port": "vm2"}],
+        },
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert (body["name"], body["proto"], body["ports"]) == ("web", "tcp", [80])
     assert [v["port"] for v in body["vms"]] == ["vm1", "vm2"]
-    assert set(body["vms"][0]) >= {"port", "weight", "drained", "health", "link", "serving",
-                                   "down", "slots", "changes", "since", "detail", "ifindex"}
+    assert set(body["vms"][0]) >= {
+        "port",
+        "weight",
+        "drained",
+        "health",
+        "link",
+        "serving",
+        "down",
+        "slots",
+        "changes",
+        "since",
+        "detail",
+        "ifindex",
+    }
     assert api.post("/v1/services/web/drain", json={"vms": ["vm2"]}).json()["vms"][1]["drained"]
     r = api.post("/v1/services/web/vms", json=[{"port": "vm3", "weight": 4}])
     assert [v["weight"] for v in r.json()["vms"]] == [1, 1, 4]
     assert api.delete("/v1/services/web/vms", params={"port": ["vm1", "vm3"]}).json() == {
-        "moved": 0, "dropped": 0}
+        "moved": 0,
+        "dropped": 0,
+    }
     assert [s["name"] for s in api.get("/v1/services").json()] == ["web"]
     assert api.delete("/v1/services/web").json() == {"removed": "web", "forgotten": 0}
     assert api.get("/v1/services").json() == []
@@ -294,8 +330,8 @@ def test_api_errors(api: Any) -> None:
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     from lasthop.cli import cli as root
 
-    backend = service_cli.LocalServices(manager(tmp_path / "s.json"), attached=False)
-    monkeypatch.setattr(service_cli, "_backend", lambda *a: backend)
+    client = service_cli.LocalServices(manager(tmp_path / "s.json"), attached=False)
+    monkeypatch.setattr(service_cli, "_client", lambda *a: client)
     runner = CliRunner()
 
     def run(*args: str) -> Any:
@@ -305,18 +341,38 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_cli_commands_and_exit_codes(cli: Any) -> None:
-    r = cli("add", "web", "--address", VIP, "--port", "80", "--vm", "vm1",
-            "--vm", "vm2:3@10.2.0.12", "--check", "http", "--check-path", "/health", "--json")
+    r = cli(
+        "add",
+        "web",
+        "--address",
+        VIP,
+        "--port",
+        "80",
+        "--vm",
+        "vm1",
+        "--vm",
+        "vm2:3@10.2.0.12",
+        "--check",
+        "http",
+        "--check-path",
+        "/health",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     body = json.loads(r.output)
     assert body["health"]["type"] == "http" and body["health"]["path"] == "/health"
     assert [(v["port"], v["weight"], v["address"]) for v in body["vms"]] == [
-        ("vm1", 1, None), ("vm2", 3, "10.2.0.12")]
+        ("vm1", 1, None),
+        ("vm2", 3, "10.2.0.12"),
+    ]
     assert cli("add", "web", "--vm", "vm3").exit_code == 0
     assert cli("drain", "web", "vm1").exit_code == 0
     listed = json.loads(cli("list", "--json").output)
     assert [(v["port"], v["drained"]) for v in listed[0]["vms"]] == [
-        ("vm1", True), ("vm2", False), ("vm3", False)]
+        ("vm1", True),
+        ("vm2", False),
+        ("vm3", False),
+    ]
     assert "web" in cli("list").output
     assert cli("undrain", "web", "vm1").exit_code == 0
     assert cli("remove", "web", "vm3").exit_code == 0
@@ -345,7 +401,7 @@ def agent_box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 def _pinned_table(ns: Any) -> tuple[set[bytes], list[int] | None]:
     from lasthop import libbpf
-    from lasthop.services import read_table
+    from lasthop.services.lookup import read_table
 
     services = libbpf.Map.pinned(ns.pins / "lh_services")
     maglev = libbpf.Map.pinned(ns.pins / "lh_maglev")
@@ -359,8 +415,9 @@ def _pinned_table(ns: Any) -> tuple[set[bytes], list[int] | None]:
 @pytest.mark.root
 @pytest.mark.bpf
 @pytest.mark.netns
-def test_cli_through_the_agent_and_without_it_across_a_restart(agent_box: Any,
-                                                                tmp_path: Path) -> None:
+def test_cli_through_the_agent_and_without_it_across_a_restart(
+    agent_box: Any, tmp_path: Path
+) -> None:
     """`service add` goes through the running agent; with the agent stopped,
     `service drain` edits the pinned maps and the state file; the restarted
     agent keeps the service and the drain."""
@@ -370,8 +427,22 @@ def test_cli_through_the_agent_and_without_it_across_a_restart(agent_box: Any,
     ns = box.host(uplinks=1, vm_ports=3)
     args = ("--uplink", "up0", "--vm-port", "vm0", "--vm-port", "vm1", "--vm-port", "vm2")
     agent = box.agent(*args, netns=ns)
-    r = lasthop("service", "add", "web", "--netns", ns.name, "--address", VIP, "--port", "80",
-                "--vm", "vm0", "--vm", "vm1", "--json")
+    r = lasthop(
+        "service",
+        "add",
+        "web",
+        "--netns",
+        ns.name,
+        "--address",
+        VIP,
+        "--port",
+        "80",
+        "--vm",
+        "vm0",
+        "--vm",
+        "vm1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     listed = lasthop("service", "list", "--netns", ns.name)
     assert "(agent)" in listed.stdout and "serving" in listed.stdout
@@ -390,7 +461,9 @@ def test_cli_through_the_agent_and_without_it_across_a_restart(agent_box: Any,
     box.agent(*args, netns=ns)
     body = json.loads(lasthop("service", "list", "--netns", ns.name, "--json").stdout)
     assert [(v["port"], v["drained"], v["serving"]) for v in body[0]["vms"]] == [
-        ("vm0", False, True), ("vm1", True, False)]
+        ("vm0", False, True),
+        ("vm1", True, False),
+    ]
     assert set(_pinned_table(ns)[1] or []) == {ns.ifindex("vm0")}
     assert lasthop("service", "remove", "web", "--netns", ns.name).returncode == 0
     assert _pinned_table(ns) == (set(), None)

@@ -1,5 +1,6 @@
-"""The code keeps the project's own rules: ruff (lint, import order) over the
-package and the tests, and mypy strict over the package (pyproject.toml)."""
+"""The code keeps the project's own rules: ruff (lint, import order) and ruff
+format over the package and the tests, and mypy strict over the package
+(pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 def test_ruff_finds_nothing() -> None:
     result = _run(str(BIN / "ruff"), "check", "--no-cache", "src", "tests")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format_changes_nothing() -> None:
+    result = _run(str(BIN / "ruff"), "format", "--check", "--no-cache", "src", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

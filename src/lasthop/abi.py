@@ -1,8 +1,10 @@
-"""The map ABI in Python: ctypes mirrors of the structs in bpf/abi.h and the
-counters of bpf/consts.h.
+"""The map ABI in Python: ctypes mirrors of the structs in bpf/abi.h, and the
+constants, flags and counters of bpf/consts.h.
 
 Keep in sync with src/lasthop/bpf/abi.h and consts.h; tests/test_abi.py checks
-sizes, offsets and enum values against the compiled object's BTF.
+sizes, offsets, enum values and every constant here (and any copy of one
+elsewhere in the package) against the compiled object's BTF. The kernel's own
+numbers (ETH_ALEN, IFNAMSIZ, IPPROTO_*) are checked against its headers.
 """
 
 from __future__ import annotations
@@ -10,12 +12,27 @@ from __future__ import annotations
 import ctypes
 import enum
 
+# the kernel's
 ETH_ALEN = 6
-MAX_VLAN_TAGS = 2
+IFNAMSIZ = 16  # linux/if.h: an interface name is at most 15 bytes and a NUL
+# IP protocol numbers (linux/in.h, linux/in6.h), as conn_key.proto and svc_key.proto hold them
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_ICMPV6 = 58
+# enum lh_const
+CONN_TABLE_SIZE = 1 << 20  # the object's default; the config's table_size sets it
 MAX_IFACES = 256
-CNT_MAX = 48
+MAX_IFINDEX = 65536  # lh_ifaces is an array by ifindex: higher ones cannot be attached
+MAX_SERVICES = 256
+MAX_SERVICE_KEYS = MAX_SERVICES * 4
+MAGLEV_SIZE = 65537
+MAGLEV_SEED = 0x4C617374
+MAX_VLAN_TAGS = 2
 FAMILY_V4 = 4
 FAMILY_V6 = 6
+PENDING_TABLE_SIZE = 262144  # the object's default; the config's pending_table_size sets it
+MAX_VM_ADDRS = 65536
 
 
 class Role(enum.IntEnum):
@@ -24,22 +41,18 @@ class Role(enum.IntEnum):
     VM_PORT = 2
 
 
-# lh_ifaces value .flags
+# enum lh_iface_flag: lh_ifaces value .flags
 F_IFACE_ROUTED = 1 << 0
 F_IFACE_VM_DOWN = 1 << 1
 F_IFACE_VM_MAC = 1 << 2
 F_IFACE_ADDRS_FIXED = 1 << 3
-# lh_settings value .flags
+# enum lh_settings_flag: lh_settings value .flags
 F_SET_RELEARN_FIRST = 1 << 0
 F_SET_SERVICES = 1 << 1
 F_SET_VM_DOWN_DROP = 1 << 2
 F_SET_NO_VM_ORIGIN = 1 << 3
 F_SET_FAST_PATH = 1 << 4
-# services
-MAX_SERVICES = 256
-MAGLEV_SIZE = 65537
-MAGLEV_SEED = 0x4C617374
-# lh_conns value .flags
+# enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
 F_ENTRY_OUTER_8021AD = 1 << 2
@@ -91,6 +104,10 @@ class VmAddrOrigin(enum.IntEnum):
     CONFIGURED = 1
     LEARNED = 2
     SERVICE = 3
+
+
+# lh_counters: key = interface slot * CNT_MAX + Counter, CNT_MAX slots per interface
+CNT_MAX = 48
 
 
 class Counter(enum.IntEnum):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lasthop import abi
 from lasthop.config import Config, parse_hostport
 from lasthop.controller import Controller
-from lasthop.health import HealthMonitor
+from lasthop.services.health import HealthMonitor
 
 if TYPE_CHECKING:
     from lasthop.api import ApiServer

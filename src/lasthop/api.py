@@ -25,22 +25,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
-from lasthop.api_services import router as services_router
-from lasthop.controller import Attached, DatapathError, InterfaceInfo, NotAttachedError, Stats
-from lasthop.libbpf import BpfError
-from lasthop.table import Connection, ConnFilter
+from lasthop.connections import Connection, ConnFilter
+from lasthop.controller import Attached, InterfaceInfo, Stats
+from lasthop.endpoint import format_endpoint
+from lasthop.errors import ApiError, LasthopError
+from lasthop.services.api import router as services_router
+from lasthop.services.manager import ServiceManager
 
-__all__ = ["ApiError", "ApiServer", "Backend", "create_app"]
+__all__ = ["ApiError", "ApiServer", "ControllerApi", "create_app"]
 
 API_VERSION = "v1"
 SOCKET_MODE = 0o660
 
 
-class ApiError(OSError):
-    """The API cannot listen where it was asked to."""
-
-
-class Backend(Protocol):
+class ControllerApi(Protocol):
     """What the API needs of the controller."""
 
     netns: str
@@ -52,24 +50,19 @@ class Backend(Protocol):
     def stats(self) -> Stats: ...
     def flush(self) -> int: ...
     def interfaces(self) -> list[InterfaceInfo]: ...
+    @property
+    def services(self) -> ServiceManager: ...
 
 
-def create_app(controller: Backend) -> FastAPI:
+def create_app(controller: ControllerApi) -> FastAPI:
     """The app; every handler is one controller call."""
     app = FastAPI(title="lasthop", version=API_VERSION, docs_url="/docs", redoc_url=None)
     registry = metrics.registry(controller)
 
-    @app.exception_handler(NotAttachedError)
-    async def _not_attached(request: Request, err: NotAttachedError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=503)
-
-    @app.exception_handler(DatapathError)
-    async def _datapath(request: Request, err: DatapathError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=500)
-
-    @app.exception_handler(BpfError)
-    async def _kernel(request: Request, err: BpfError) -> JSONResponse:
-        return JSONResponse({"detail": str(err)}, status_code=500)
+    @app.exception_handler(LasthopError)
+    async def _error(request: Request, err: LasthopError) -> JSONResponse:
+        """Each error class knows its status (lasthop.errors)."""
+        return JSONResponse({"detail": str(err)}, status_code=err.http_status)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -127,7 +120,7 @@ def create_app(controller: Backend) -> FastAPI:
         """Prometheus text format, read from the maps on each scrape."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.include_router(services_router(controller))  # /v1/services: lasthop.api_services
+    app.include_router(services_router(controller))  # /v1/services: lasthop.services.api
     return app
 
 
@@ -203,8 +196,7 @@ class ApiServer:
                 self.addresses.append(f"unix:{self.unix_path}")
             if self.tcp is not None:
                 self._sockets.append(_bind_tcp(*self.tcp))
-                host = f"[{self.tcp[0]}]" if ":" in self.tcp[0] else self.tcp[0]
-                self.addresses.append(f"http://{host}:{self.tcp[1]}")
+                self.addresses.append(f"http://{format_endpoint(*self.tcp)}")
         except BaseException:
             self.stop()
             raise

@@ -1,8 +1,9 @@
 """The `lasthop` command: a thin layer over :class:`lasthop.controller.Controller`.
 
-Exit codes: 0 success, 1 runtime failure (kernel, netlink, the API's
-sockets), 2 usage, config error (also: table_size differs from the pinned
-table's), unknown interface or namespace, 3 nothing attached here.
+Exit codes (each error class carries its own: lasthop.errors): 0 success,
+1 runtime failure (kernel, netlink, the API's sockets), 2 usage, config
+error (also: table_size differs from the pinned table's), unknown interface
+or namespace, 3 nothing attached here, 4 no such service or VM.
 """
 
 from __future__ import annotations
@@ -10,60 +11,25 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterable
-from functools import wraps
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from lasthop import config as config_mod
-from lasthop.controller import (
-    Controller,
-    DatapathError,
-    LinkError,
-    NotAttachedError,
-    TableSizeError,
-)
-from lasthop.libbpf import BpfError
-from lasthop.netns import NetnsError
-from lasthop.table import ConnFilter
+from lasthop.agent import Agent
+from lasthop.connections import ConnFilter
+from lasthop.controller import Controller
+from lasthop.endpoint import format_endpoint
+from lasthop.errors import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, friendly
+from lasthop.services.cli import service
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_ATTACHED = 1, 2, 3
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["EXIT_FAILURE", "EXIT_NOT_ATTACHED", "EXIT_USAGE", "cli", "main"]
+
 console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
-
-
-def _friendly(fn: F) -> F:
-    """Turns expected failures into one clear line and a meaningful exit code."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except config_mod.ConfigError as err:
-            err_console.print(f"[red]config error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except (LinkError, NetnsError, TableSizeError) as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except NotAttachedError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_NOT_ATTACHED)
-        except DatapathError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_FAILURE)
-        except BpfError as err:
-            err_console.print(f"[red]kernel error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_FAILURE)
-        except OSError as err:  # the API's sockets (lasthop.api.ApiError), netlink
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_FAILURE)
-
-    return wrapper  # type: ignore[return-value]
 
 
 netns_option = click.option(
@@ -120,7 +86,7 @@ def cli(verbose: bool) -> None:
 )
 @click.option("--api", metavar="HOST:PORT", help="Also serve the REST API over TCP here.")
 @click.option("--api-socket", metavar="PATH", help='Unix socket of the REST API ("" = none).')
-@_friendly
+@friendly
 def run(
     config_path: Path | None,
     netns: str | None,
@@ -135,8 +101,6 @@ def run(
     api_socket: str | None,
 ) -> None:
     """Attach and run in the foreground; SIGTERM leaves the data path attached."""
-    from lasthop.agent import Agent
-
     cfg = config_mod.load(config_path).merged(
         netns=netns,
         uplinks=uplinks,
@@ -159,7 +123,7 @@ def run(
 @cli.command()
 @config_option
 @netns_option
-@_friendly
+@friendly
 def detach(config_path: Path | None, netns: str | None) -> None:
     """Remove the programs from every interface and drop the pinned table."""
     controller = _controller(netns, config_path)
@@ -183,7 +147,7 @@ def detach(config_path: Path | None, netns: str | None) -> None:
 @click.option("--vm-port", "vm_port", help="VM port that serves or opened the connection.")
 @click.option("--state", help="Connection state (tcp_established, udp_new, ...).")
 @click.option("--mac", help="Last-hop MAC.")
-@_friendly
+@friendly
 def show(
     config_path: Path | None,
     netns: str | None,
@@ -222,8 +186,8 @@ def show(
     for c in conns_list:
         table.add_row(
             c.proto,
-            _ep(c.src, c.sport, c.family),
-            _ep(c.dst, c.dport, c.family),
+            _ep(c.src, c.sport),
+            _ep(c.dst, c.dport),
             str(c.zone),
             c.mac or "-",
             c.uplink or "-",
@@ -247,17 +211,17 @@ def _stream_json(items: Iterable[dict[str, Any]]) -> None:
     out.write("\n]\n")
 
 
-def _ep(addr: str, port: int, family: int) -> str:
+def _ep(addr: str, port: int) -> str:
     if not port:
         return addr
-    return f"[{addr}]:{port}" if family == 6 else f"{addr}:{port}"
+    return format_endpoint(addr, port)
 
 
 @cli.command()
 @config_option
 @netns_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/cli.md).")
-@_friendly
+@friendly
 def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
     """The counters: per reason, in total and per interface."""
     st = _controller(netns, config_path).stats()
@@ -295,7 +259,7 @@ def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
 @cli.command()
 @config_option
 @netns_option
-@_friendly
+@friendly
 def flush(config_path: Path | None, netns: str | None) -> None:
     """Remove every entry: connections fall back to ordinary routing until seen again."""
     n = _controller(netns, config_path).flush()
@@ -307,7 +271,6 @@ def _add_optional_groups() -> None:
     for module, name in (
         ("lasthop.lab.cli", "lab"),
         ("lasthop.bench.cli", "bench"),
-        ("lasthop.service_cli", "service"),
     ):
         try:
             mod = __import__(module, fromlist=[name])
@@ -318,6 +281,7 @@ def _add_optional_groups() -> None:
         cli.add_command(getattr(mod, name))
 
 
+cli.add_command(service)
 _add_optional_groups()
 
 

@@ -20,8 +20,10 @@ from pydantic import (
     model_validator,
 )
 
+from lasthop import abi
 from lasthop.abi import State
-from lasthop.services import HealthCheck, Service, ServiceError, check_unique
+from lasthop.errors import ConfigError, ServiceError
+from lasthop.services.model import HealthCheck, Service, check_unique
 
 __all__ = [
     "Config",
@@ -33,7 +35,6 @@ __all__ = [
     "API_SOCKET_DIR",
 ]
 
-IFNAMSIZ = 15
 API_SOCKET_DIR = Path("/run/lasthop")
 
 
@@ -46,10 +47,6 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and why."""
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,7 +54,7 @@ class _Model(BaseModel):
 class Interface(_Model):
     """An uplink or a VM port."""
 
-    name: str = Field(min_length=1, max_length=IFNAMSIZ)
+    name: str = Field(min_length=1, max_length=abi.IFNAMSIZ - 1)
     zone: int = Field(default=0, ge=0, le=65535)
     addresses: list[IPvAnyAddress] = Field(
         default_factory=list,
@@ -111,12 +108,15 @@ class Config(_Model):
     netns: str | None = None
     uplinks: list[Interface] = Field(default_factory=list, alias="uplink")
     vm_ports: list[Interface] = Field(default_factory=list, alias="vm_port")
-    bridge: str | None = Field(default=None, max_length=IFNAMSIZ)
+    bridge: str | None = Field(default=None, max_length=abi.IFNAMSIZ - 1)
     bridge_zone: int = Field(default=0, ge=0, le=65535)
     routed: bool = False
     relearn: Literal["latest", "first"] = "latest"
     table_size: int = Field(
-        default=1_048_576, ge=1, le=1 << 27, description="confirmed connections the table holds"
+        default=abi.CONN_TABLE_SIZE,
+        ge=1,
+        le=1 << 27,
+        description="confirmed connections the table holds",
     )
     pending_table_size: int | None = Field(
         default=None,

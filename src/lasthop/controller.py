@@ -23,18 +23,18 @@ from typing import Any, TypeVar
 from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
 from lasthop.config import Config
-from lasthop.datapath import (
-    Datapath,
-    DatapathError,
-    Maps,
-    NotAttachedError,
-    Pins,
-    TableSizeError,
-    detach_filter,
+from lasthop.connections import (
+    Connection,
+    ConnFilter,
+    counter_name,
+    decode,
+    format_mac,
+    ifname,
 )
-from lasthop.links import Link, LinkError, Links
-from lasthop.services import ServiceManager
-from lasthop.table import Connection, ConnFilter, counter_name, decode, format_mac, ifname
+from lasthop.datapath import Datapath, Maps, Pins, detach_filter
+from lasthop.errors import DatapathError, LinkError, NotAttachedError, TableSizeError
+from lasthop.links import Link, Links
+from lasthop.services.manager import ServiceManager
 
 __all__ = [
     "Controller",
@@ -313,23 +313,21 @@ class Controller:
     @functools.cached_property
     def services(self) -> ServiceManager:
         """The services of this namespace (definitions, tables, health)."""
-        return ServiceManager(self.netns, self.open_maps, lock=self._lock)
+        return ServiceManager(self.netns, self.open_maps, links=self.links, lock=self._lock)
 
     @contextmanager
     def open_maps(self) -> Iterator[Maps]:
         """The data path's maps: the agent's own, or the pinned ones (closed after)."""
-        maps, owned = self._maps()
+        if self.datapath is not None:
+            yield self.datapath.maps
+            return
+        maps = Maps.open_pinned(self.pins)
         try:
             yield maps
         finally:
-            if owned:
-                maps.close()
+            maps.close()
 
     # -- reading -----------------------------------------------------------
-    def _maps(self) -> tuple[Maps, bool]:
-        if self.datapath is not None:
-            return self.datapath.maps, False
-        return Maps.open_pinned(self.pins), True
 
     def _now(self, maps: Maps) -> tuple[int, int]:
         """The data path's clock now (jiffies) and its HZ (0 = unknown: ages read 0)."""
@@ -369,8 +367,7 @@ class Controller:
 
     def interfaces(self) -> list[InterfaceInfo]:
         """Every interface the data path is configured for, by ifindex."""
-        maps, owned = self._maps()
-        try:
+        with self.open_maps() as maps:
             return [
                 InterfaceInfo(
                     name=ifname(i),
@@ -385,9 +382,6 @@ class Controller:
                     maps.attached(among=(i for i, _ in socket.if_nameindex())).items()
                 )
             ]
-        finally:
-            if owned:
-                maps.close()
 
     def stats(self) -> Stats:
         """Counters and the table's figures, all kept by the kernel: the cost

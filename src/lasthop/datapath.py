@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lasthop import abi, libbpf, upgrade
 from lasthop.build import ensure_object
+from lasthop.errors import DatapathError, NotAttachedError, TableSizeError
 
 __all__ = [
     "Datapath",
@@ -30,7 +31,6 @@ __all__ = [
 
 TC_HANDLE = 0x4C48  # "LH"
 TC_PRIORITY = 0x4C48
-MAX_IFINDEX = 65536  # keep in sync with MAX_IFINDEX in bpf/consts.h
 OBJECT_ENV = "LASTHOP_BPF_OBJECT"  # a prebuilt object to load instead of building bpf/lasthop.c
 MAP_NAMES = (
     "lh_conns",
@@ -49,18 +49,6 @@ PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
 TABLES = ("confirmed", "pending")  # lh_conns, lh_pending: the index of expiry_stats arrays
 UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
-
-
-class DatapathError(RuntimeError):
-    """The data path is missing, or cannot be loaded or attached."""
-
-
-class NotAttachedError(DatapathError):
-    """Nothing is pinned in this namespace: no agent ever attached here (or detach ran)."""
-
-
-class TableSizeError(DatapathError):
-    """The config's table_size differs from the size of the pinned table."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +108,9 @@ class Maps:
         return abi.IfaceCfg.from_buffer_copy(raw) if raw else abi.IfaceCfg()
 
     def set_iface(self, ifindex: int, cfg: abi.IfaceCfg) -> None:
-        if not 0 < ifindex < MAX_IFINDEX:
+        if not 0 < ifindex < abi.MAX_IFINDEX:
             raise DatapathError(
-                f"ifindex {ifindex} is outside the data path's range 1..{MAX_IFINDEX - 1}"
+                f"ifindex {ifindex} is outside the data path's range 1..{abi.MAX_IFINDEX - 1}"
             )
         self.ifaces.update(_u32(ifindex), bytes(cfg))
 
@@ -132,7 +120,7 @@ class Maps:
         out = {}
         if among is not None:
             pairs: Iterable[tuple[bytes, bytes | None]] = (
-                (_u32(i), self.ifaces.lookup(_u32(i))) for i in among if 0 < i < MAX_IFINDEX
+                (_u32(i), self.ifaces.lookup(_u32(i))) for i in among if 0 < i < abi.MAX_IFINDEX
             )
         else:
             pairs = self.ifaces.items()

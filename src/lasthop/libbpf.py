@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lasthop.errors import BpfError
+
 __all__ = [
     "BpfError",
     "BpfObject",
@@ -44,18 +46,6 @@ _MAP_TYPE_PERCPU = {
     10,
     21,
 }  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH, PERCPU_CGROUP_STORAGE
-
-
-class BpfError(OSError):
-    """A libbpf or bpf(2) call failed."""
-
-    def __init__(self, call: str, err: int, detail: str = "") -> None:
-        err = abs(err)
-        text = f"{call}: {os.strerror(err)} (errno {err})"
-        if detail:
-            text += f"\n{detail}"
-        super().__init__(err, text)
-        self.call = call
 
 
 def _load() -> ctypes.CDLL:

@@ -7,6 +7,7 @@ import errno
 import logging
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,15 +15,13 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from lasthop.errors import LinkError
+
 __all__ = ["Link", "LinkError", "Links"]
 
 
 log = logging.getLogger("lasthop")
 EVENT_BUFFER = 1 << 20  # bytes of link events the kernel may queue for us
-
-
-class LinkError(LookupError):
-    """An interface named in the config or on the command line is missing."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,7 @@ class Links:
 
     def __init__(self) -> None:
         self._ipr = IPRoute()
+        self._query = threading.Lock()  # the agent, the API and the health checks share _ipr
         self._events: socket.socket | None = None
         self._marshal = MarshalRtnl()
 
@@ -58,7 +58,18 @@ class Links:
             self._events.close()
 
     def all(self) -> list[Link]:
-        return [_link(m) for m in self._ipr.get_links()]
+        with self._query:
+            return [_link(m) for m in self._ipr.get_links()]
+
+    def oper_up(self) -> dict[str, bool]:
+        """Interface name -> operationally up."""
+        with self._query:
+            msgs = self._ipr.get_links()
+        return {
+            m.get_attr("IFLA_IFNAME"): (m.get_attr("IFLA_OPERSTATE") or "UNKNOWN")
+            not in ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+            for m in msgs
+        }
 
     def by_name(self, name: str, what: str = "interface") -> Link:
         for link in self.all():
@@ -85,8 +96,9 @@ class Links:
         sock.bind((0, RTMGRP_LINK))
         self._events = sock
 
-    def events(self, timeout: float,
-               wake: socket.socket | None = None) -> Iterator[tuple[str, Link]]:
+    def events(
+        self, timeout: float, wake: socket.socket | None = None
+    ) -> Iterator[tuple[str, Link]]:
         """("new"|"del", link) for link changes within *timeout* seconds; returns
         early when *wake* becomes readable.
 

@@ -8,9 +8,8 @@ size from the controller on every scrape (no background polling).
 | lasthop_table_capacity | gauge | |
 | lasthop_table_evicted_total | counter | |
 | lasthop_table_removed_total | counter | |
-| lasthop_vm_serving | gauge | service, vm (1: gets new connections) |
-| lasthop_vm_health | gauge | service, vm, status (1 for the VM's current status) |
-| lasthop_vm_health_changes_total | counter | service, vm |
+
+and the services' metrics (lasthop.services.metrics).
 """
 
 from __future__ import annotations
@@ -22,9 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lasthop.controller import Stats
-from lasthop.services import ServiceStatus, Status
+from lasthop.services.metrics import ServicesCollector
 
-__all__ = ["ServicesCollector", "StatsCollector", "StatsSource", "registry"]
+__all__ = ["StatsCollector", "StatsSource", "registry"]
 
 # Not a packet: the agent's own removals (aging, flush) go to lasthop_table_removed_total.
 _REMOVED = "agent_removed"
@@ -46,7 +45,8 @@ class StatsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         st = self.source.stats()
         packets = CounterMetricFamily(
-            "lasthop_packets", "Packets the data path handled, by reason and interface",
+            "lasthop_packets",
+            "Packets the data path handled, by reason and interface",
             labels=["reason", "interface"],
         )
         for interface, counts in sorted(st.interfaces.items()):
@@ -54,12 +54,15 @@ class StatsCollector(Collector):
                 if reason != _REMOVED:
                     packets.add_metric([reason, interface], n)
         yield packets
-        yield GaugeMetricFamily("lasthop_table_entries", "Connections in the table",
-                                value=st.entries)
-        yield GaugeMetricFamily("lasthop_table_capacity", "Connections the table can hold",
-                                value=st.capacity)
+        yield GaugeMetricFamily(
+            "lasthop_table_entries", "Connections in the table", value=st.entries
+        )
+        yield GaugeMetricFamily(
+            "lasthop_table_capacity", "Connections the table can hold", value=st.capacity
+        )
         yield CounterMetricFamily(
-            "lasthop_table_evicted", "Pending entries the full pending table evicted (LRU)",
+            "lasthop_table_evicted",
+            "Pending entries the full pending table evicted (LRU)",
             value=st.pending.evicted,
         )
         states = GaugeMetricFamily(
@@ -79,45 +82,11 @@ class StatsCollector(Collector):
         events.add_metric(["confirmed", "refused"], st.confirm_refused)
         yield states
         yield events
-        yield CounterMetricFamily("lasthop_table_removed", "Entries the agent aged out or flushed",
-                                  value=st.totals.get(_REMOVED, 0))
-
-
-class StatusSource(Protocol):
-    def status(self, name: str | None = None) -> list[ServiceStatus]: ...
-
-
-HEALTH_STATES: tuple[Status, ...] = ("unknown", "up", "unhealthy", "down")
-
-
-class ServicesCollector(Collector):
-    """Per VM of every service: serving or not, health, and how often the
-    health changed -- one status read per scrape."""
-
-    def __init__(self, source: StatusSource) -> None:
-        self.source = source
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        labels = ["service", "vm"]
-        serving = GaugeMetricFamily("lasthop_vm_serving", "1 when the VM gets new connections",
-                                    labels=labels)
-        health = GaugeMetricFamily("lasthop_vm_health", "1 for the VM's current health status",
-                                   labels=[*labels, "status"])
-        changes = CounterMetricFamily("lasthop_vm_health_changes",
-                                      "Health status changes of the VM", labels=labels)
-        for st in self.source.status():
-            for vm in st.vms:
-                key = [st.service.name, vm.port]
-                serving.add_metric(key, int(vm.serving))
-                for state in HEALTH_STATES:
-                    health.add_metric([*key, state], int(vm.health == state))
-                changes.add_metric(key, vm.changes)
-        yield serving
-        yield health
-        yield changes
+        yield CounterMetricFamily(
+            "lasthop_table_removed",
+            "Entries the agent flushed or moved out (services)",
+            value=st.totals.get(_REMOVED, 0),
+        )
 
 
 def registry(source: StatsSource) -> CollectorRegistry:

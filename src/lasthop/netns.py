@@ -1,5 +1,8 @@
 """Network namespaces and the bpffs: entering a named netns, finding our own
-name, and making sure pins have a bpffs to live in."""
+name, and making sure pins have a bpffs to live in.
+
+The one home of setns(2) (Python 3.11 has no os.setns): the agent, the lab
+and the tests all enter namespaces through here."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["NetnsError", "enter", "current_name", "bpffs_root"]
+from lasthop.errors import NetnsError
+
+__all__ = ["NetnsError", "NETNS_RUN", "setns", "enter", "current_name", "bpffs_root"]
 
 CLONE_NEWNET = 0x40000000
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -16,21 +21,26 @@ NETNS_RUN = Path("/run/netns")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class NetnsError(OSError):
-    """A namespace could not be entered or the bpffs not be found."""
+def setns(fd: int, name: str) -> None:
+    """Moves the calling thread into the network namespace open at *fd*
+    (*name* only says which one in the error)."""
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(err, f"setns({name}): {os.strerror(err)}")
 
 
 def enter(name: str) -> None:
-    """Moves this process (all its later sockets and netlink calls) into *name*."""
+    """Moves the calling thread into the namespace *name* under /run/netns.
+
+    Called before any other thread starts (the agent), it moves the whole
+    process: all its later sockets and netlink calls."""
     path = NETNS_RUN / name
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise NetnsError(f"network namespace {name!r} not found ({path} missing)") from None
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise NetnsError(err, f"setns({name}): {os.strerror(err)}")
+        setns(fd, name)
     finally:
         os.close(fd)
 

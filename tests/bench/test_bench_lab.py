@@ -18,7 +18,10 @@ from typing import Any
 import pytest
 
 from lasthop.bench import lab as L
-from lasthop.lab.namespaces import existing
+from lasthop.bench.cli import EXIT_OK
+from lasthop.bench.lab.paths import rx_packets
+from lasthop.lab.namespaces import LabError, existing
+from lasthop.lab.plan import FW_TRANSIT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_TIMEOUT = 180
@@ -115,7 +118,7 @@ def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
         timeout=RUN_TIMEOUT,
         check=False,
     )
-    assert done.returncode == L.EXIT_OK, done.stderr[-2000:]
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
     assert _leftovers(prefix) == []
     return json.loads(done.stdout), out
 
@@ -177,7 +180,7 @@ def test_quick_run_writes_positive_consistent_figures(
 @pytest.mark.bpf
 @pytest.mark.slow
 def test_ctrl_c_removes_every_namespace_pin_and_state() -> None:
-    """Interrupted in the middle of its repetitions, the bench exits 130 and
+    """Interrupted once its runs have begun, the bench exits 130 and
     leaves no namespace, lasthop pin, lab state or process behind."""
     prefix = _prefix()
     last = L.MODES[-1].plan(prefix)
@@ -187,12 +190,22 @@ def test_ctrl_c_removes_every_namespace_pin_and_state() -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    first = L.MODES[0].plan(prefix).firewall(1).ns
+
+    def runs_begun() -> bool:
+        """The last mode's path is built and the first path's answers come back."""
+        if last.vm(1).ns not in existing():
+            return False
+        try:
+            return rx_packets(first, FW_TRANSIT) > 0
+        except LabError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while last.vm(1).ns not in existing():  # the last mode is being built
-            assert proc.poll() is None and time.monotonic() < deadline, "no paths built"
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not runs_begun():  # waited for, not slept for: slow machines build slowly
+            assert proc.poll() is None and time.monotonic() < deadline, "the runs never began"
             time.sleep(0.1)
-        time.sleep(2.0)  # into the runs
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
     finally:

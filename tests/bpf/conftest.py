@@ -88,11 +88,13 @@ class TestNetns:
         path's bpf_fib_lookup checks on a routed host)."""
         import subprocess
 
-        subprocess.run(["ip", "netns", "exec", self.name, "sysctl", "-qw",
-                        "net.ipv4.ip_forward=1"], check=True)
-        for cmd in (["route", "add", f"{IP_VM_1}/32", "dev", "vm1"],
-                    ["neigh", "add", IP_VM_1, "lladdr", MAC_VM_1, "dev", "vm1",
-                     "nud", "permanent"]):
+        subprocess.run(
+            ["ip", "netns", "exec", self.name, "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True
+        )
+        for cmd in (
+            ["route", "add", f"{IP_VM_1}/32", "dev", "vm1"],
+            ["neigh", "add", IP_VM_1, "lladdr", MAC_VM_1, "dev", "vm1", "nud", "permanent"],
+        ):
             subprocess.run(["ip", "-n", self.name, *cmd], check=True)
 
     def del_links(self, names: list[str]) -> None:
@@ -122,8 +124,10 @@ def topology(test_netns: TestNetns) -> dict[str, Iface]:
 
     index = test_netns.add_veths([(name, mac) for name, mac, _, _ in TOPOLOGY])
     test_netns.route_vm1()
-    return {name: Iface(name, index[name], mac, abi.Role(role), slot)
-            for name, mac, role, slot in TOPOLOGY}
+    return {
+        name: Iface(name, index[name], mac, abi.Role(role), slot)
+        for name, mac, role, slot in TOPOLOGY
+    }
 
 
 @pytest.fixture(scope="session")
@@ -131,8 +135,9 @@ def test_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The object built with the redirect trace (lh_trace[0] = last redirect target)."""
     from lasthop import build
 
-    return build.build(tmp_path_factory.mktemp("bpf") / "lasthop-test.bpf.o",
-                       defines={"LH_TRACE_REDIRECT": "1"})
+    return build.build(
+        tmp_path_factory.mktemp("bpf") / "lasthop-test.bpf.o", defines={"LH_TRACE_REDIRECT": "1"}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -116,8 +116,16 @@ class Key:
         sport, dport = _l4_ports(frame)
         if self.reverse:
             src_b, dst_b, sport, dport = dst_b, src_b, dport, sport
-        return struct.pack("<16s16s2s2sBBH", src_b, dst_b, sport.to_bytes(2, "big"),
-                           dport.to_bytes(2, "big"), _l4_proto(frame), family, self.zone)
+        return struct.pack(
+            "<16s16s2s2sBBH",
+            src_b,
+            dst_b,
+            sport.to_bytes(2, "big"),
+            dport.to_bytes(2, "big"),
+            _l4_proto(frame),
+            family,
+            self.zone,
+        )
 
     def describe(self) -> str:
         k = abi.ConnKey.from_buffer_copy(self.pack())
@@ -250,8 +258,11 @@ def routed(frame: Packet, src: str = MAC_UPLINK_1, dst: str = MAC_FW_B) -> Packe
 def inner_tag(frame: Packet, tag: int) -> Packet:
     """The frame with one 802.1Q tag after the MACs: what test run shows of a QinQ push."""
     out = Ether(bytes(frame))
-    return (Ether(src=out.src, dst=out.dst)
-            / Dot1Q(prio=tag >> 13, dei=tag >> 12 & 1, vlan=tag & 0xFFF) / out.payload)
+    return (
+        Ether(src=out.src, dst=out.dst)
+        / Dot1Q(prio=tag >> 13, dei=tag >> 12 & 1, vlan=tag & 0xFFF)
+        / out.payload
+    )
 
 
 # ---------------------------------------------------------------- the runner
@@ -288,8 +299,15 @@ class Datapath:
         self.expiry.update(_u32(0), bytes(abi.ExpiryStats()))
         self.trace.update(_u32(0), _u32(0))
 
-    def configure(self, name: str, *, role: abi.Role | None = None, zone: int = 0,
-                  flags: int = 0, vm_mac: str | None = None) -> None:
+    def configure(
+        self,
+        name: str,
+        *,
+        role: abi.Role | None = None,
+        zone: int = 0,
+        flags: int = 0,
+        vm_mac: str | None = None,
+    ) -> None:
         iface = self.ifaces[name]
         role = iface.role if role is None else role
         cfg = abi.IfaceCfg(role=int(role), zone=zone, flags=flags, slot=iface.slot)
@@ -301,8 +319,14 @@ class Datapath:
             cfg = abi.IfaceCfg()
         self.iface_map.update(_u32(iface.ifindex), bytes(cfg))
 
-    def set_settings(self, flags: int, *, hz: int = 0, timeouts: dict[abi.State, int] | None = None,
-                     vm_quota: int = 0) -> None:
+    def set_settings(
+        self,
+        flags: int,
+        *,
+        hz: int = 0,
+        timeouts: dict[abi.State, int] | None = None,
+        vm_quota: int = 0,
+    ) -> None:
         s = abi.Settings(flags=flags, hz=hz, vm_quota=vm_quota)
         for state, seconds in (timeouts or {}).items():
             s.timeout[state] = seconds
@@ -310,9 +334,15 @@ class Datapath:
 
     def put(self, entry: Entry, last_seen: int = SEEN_SETUP) -> None:
         """Writes entry into the table it names (lh_conns or lh_pending)."""
-        e = abi.ConnEntry(last_seen=last_seen, flags=entry.flags, packets=entry.packets,
-                          replies=entry.replies, vlan_count=len(entry.vlans),
-                          state=int(entry.state), seq=entry.seq)
+        e = abi.ConnEntry(
+            last_seen=last_seen,
+            flags=entry.flags,
+            packets=entry.packets,
+            replies=entry.replies,
+            vlan_count=len(entry.vlans),
+            state=int(entry.state),
+            seq=entry.seq,
+        )
         ctypes.memmove(e.mac, mac_bytes(entry.mac), abi.ETH_ALEN)
         e.ifindex = self.ifaces[entry.iface].ifindex if entry.iface else 0
         e.vm_ifindex = self.ifaces[entry.vm].ifindex if entry.vm else 0
@@ -320,8 +350,9 @@ class Datapath:
             e.vlan_tci[i] = t
         self.tables[entry.table].update(entry.key.pack(), bytes(e))
 
-    def add_vm_addr(self, vm: str, addr: str,
-                    origin: abi.VmAddrOrigin = abi.VmAddrOrigin.CONFIGURED) -> None:
+    def add_vm_addr(
+        self, vm: str, addr: str, origin: abi.VmAddrOrigin = abi.VmAddrOrigin.CONFIGURED
+    ) -> None:
         family, raw = addr_bytes(addr)
         key = struct.pack("<II16s", self.ifaces[vm].ifindex, family, raw)
         self.vm_addrs.update(key, bytes(abi.VmAddr(origin=int(origin))))
@@ -349,7 +380,7 @@ class Datapath:
     def expiry_stats(self) -> abi.ExpiryStats:
         raw = self.expiry.lookup(_u32(0))
         assert raw is not None
-        return abi.ExpiryStats.from_buffer_copy(raw[:ctypes.sizeof(abi.ExpiryStats)])
+        return abi.ExpiryStats.from_buffer_copy(raw[: ctypes.sizeof(abi.ExpiryStats)])
 
     def redirected_to(self) -> str | None:
         raw = self.trace.lookup(_u32(0))
@@ -379,22 +410,27 @@ class Datapath:
         out = set()
         for key, raw in self.vm_addrs.items():
             ifindex, family, addr = struct.unpack("<II16s", key)
-            origin = abi.VmAddr.from_buffer_copy(raw[:ctypes.sizeof(abi.VmAddr)]).origin
-            out.add((self.by_index.get(ifindex, str(ifindex)), addr_str(family, addr),
-                     abi.VmAddrOrigin(origin)))
+            origin = abi.VmAddr.from_buffer_copy(raw[: ctypes.sizeof(abi.VmAddr)]).origin
+            out.add(
+                (
+                    self.by_index.get(ifindex, str(ifindex)),
+                    addr_str(family, addr),
+                    abi.VmAddrOrigin(origin),
+                )
+            )
         return out
 
     def usage(self, vm: str) -> abi.VmUsage:
         raw = self.vm_usage.lookup(_u32(self.ifaces[vm].ifindex))
         assert raw is not None, f"no lh_vm_usage element for {vm}"
-        return abi.VmUsage.from_buffer_copy(raw[:ctypes.sizeof(abi.VmUsage)])
+        return abi.VmUsage.from_buffer_copy(raw[: ctypes.sizeof(abi.VmUsage)])
 
     def usage_rows(self) -> dict[str, Usage]:
         """(created, base, counted) of every VM port lh_vm_usage has an element for."""
         out = {}
         for key, raw in self.vm_usage.items():
             ifindex = struct.unpack("<I", key)[0]
-            u = abi.VmUsage.from_buffer_copy(raw[:ctypes.sizeof(abi.VmUsage)])
+            u = abi.VmUsage.from_buffer_copy(raw[: ctypes.sizeof(abi.VmUsage)])
             out[self.by_index.get(ifindex, str(ifindex))] = (u.created, u.base, u.counted)
         return out
 
@@ -403,7 +439,7 @@ class Datapath:
         out: dict[bytes, EntryView] = {}
         for table, m in self.tables.items():
             for key, raw in m.items():
-                e = abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)])
+                e = abi.ConnEntry.from_buffer_copy(raw[: ctypes.sizeof(abi.ConnEntry)])
                 if e.last_seen == SEEN_SETUP:
                     seen = "setup"
                 elif (e.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32:
@@ -415,9 +451,14 @@ class Datapath:
                     mac=mac_str(bytes(e.mac)),
                     iface=self.by_index.get(e.ifindex, str(e.ifindex)) if e.ifindex else None,
                     vlans=tuple(e.vlan_tci[i] for i in range(e.vlan_count)),
-                    flags=e.flags, packets=e.packets, replies=e.replies,
+                    flags=e.flags,
+                    packets=e.packets,
+                    replies=e.replies,
                     vm=self.by_index.get(e.vm_ifindex, str(e.vm_ifindex)) if e.vm_ifindex else None,
-                    seen=seen, state=_state(e.state), seq=e.seq, table=table,
+                    seen=seen,
+                    state=_state(e.state),
+                    seq=e.seq,
+                    table=table,
                 )
         return out
 
@@ -438,16 +479,29 @@ def _u32(n: int) -> bytes:
 
 
 def view(entry: Entry) -> EntryView:
-    return EntryView(mac=entry.mac, iface=entry.iface, vlans=entry.vlans, flags=entry.flags,
-                     packets=entry.packets, replies=entry.replies, vm=entry.vm,
-                     seen=entry.seen, state=entry.state, seq=entry.seq, table=entry.table)
+    return EntryView(
+        mac=entry.mac,
+        iface=entry.iface,
+        vlans=entry.vlans,
+        flags=entry.flags,
+        packets=entry.packets,
+        replies=entry.replies,
+        vm=entry.vm,
+        seen=entry.seen,
+        state=entry.state,
+        seq=entry.seq,
+        table=entry.table,
+    )
 
 
 def frame_diff(actual: bytes, expected: bytes) -> str:
     def show(raw: bytes) -> str:
         return str(Ether(raw).show2(dump=True))
-    return (f"\n--- got ({len(actual)} bytes)\n{show(actual)}"
-            f"\n--- expected ({len(expected)} bytes)\n{show(expected)}")
+
+    return (
+        f"\n--- got ({len(actual)} bytes)\n{show(actual)}"
+        f"\n--- expected ({len(expected)} bytes)\n{show(expected)}"
+    )
 
 
 def check(dp: Datapath, case: Case) -> TestRun:
@@ -458,8 +512,13 @@ def check(dp: Datapath, case: Case) -> TestRun:
     for name, iface in dp.ifaces.items():
         role = roles.get(name, iface.role)
         flags = abi.F_IFACE_ROUTED if case.routed and role == abi.Role.VM_PORT else 0
-        dp.configure(name, role=role, zone=zones.get(name, 0), flags=flags | extra.get(name, 0),
-                     vm_mac=vm_macs.get(name))
+        dp.configure(
+            name,
+            role=role,
+            zone=zones.get(name, 0),
+            flags=flags | extra.get(name, 0),
+            vm_mac=vm_macs.get(name),
+        )
     dp.set_settings(case.settings, vm_quota=case.vm_quota)
     for entry in case.setup:
         dp.put(entry)
@@ -480,23 +539,49 @@ def check(dp: Datapath, case: Case) -> TestRun:
     assert run.data == expected, frame_diff(run.data, expected)
     deltas = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     assert deltas == case.counters
-    table_deltas = {k: tables_after[k] - tables_before[k] for k in tables_after
-                    if tables_after[k] != tables_before[k]}
+    table_deltas = {
+        k: tables_after[k] - tables_before[k]
+        for k in tables_after
+        if tables_after[k] != tables_before[k]
+    }
     assert table_deltas == case.table_counters
     want = case.setup if case.after is None else case.after
     assert dp.table(t0, t1) == {e.key.pack(): view(e) for e in want}
-    want_addrs = (case.vm_addrs_after if case.vm_addrs_after is not None else
-                  tuple((*row, abi.VmAddrOrigin.CONFIGURED)[:3] for row in case.vm_addrs))
+    want_addrs = (
+        case.vm_addrs_after
+        if case.vm_addrs_after is not None
+        else tuple((*row, abi.VmAddrOrigin.CONFIGURED)[:3] for row in case.vm_addrs)
+    )
     assert dp.vm_addr_rows() == set(want_addrs)
-    assert dp.usage_rows() == dict(case.vm_usage if case.vm_usage_after is None
-                                   else case.vm_usage_after)
+    assert dp.usage_rows() == dict(
+        case.vm_usage if case.vm_usage_after is None else case.vm_usage_after
+    )
     return run
 
 
 __all__ = [
-    "CONFIRMED", "PENDING", "Case", "Datapath", "Entry", "EntryView", "Iface", "Key",
-    "SEEN_SETUP", "SLOT0", "Usage", "VmAddr", "addr_bytes",
-    "TC_ACT_OK", "TC_ACT_REDIRECT", "TC_ACT_SHOT", "UPLINK", "VMPORT", "bridged", "check",
-    "inner_tag", "routed",
-    "ids", "mac_bytes",
+    "CONFIRMED",
+    "PENDING",
+    "Case",
+    "Datapath",
+    "Entry",
+    "EntryView",
+    "Iface",
+    "Key",
+    "SEEN_SETUP",
+    "SLOT0",
+    "Usage",
+    "VmAddr",
+    "addr_bytes",
+    "TC_ACT_OK",
+    "TC_ACT_REDIRECT",
+    "TC_ACT_SHOT",
+    "UPLINK",
+    "VMPORT",
+    "bridged",
+    "check",
+    "inner_tag",
+    "routed",
+    "ids",
+    "mac_bytes",
 ]

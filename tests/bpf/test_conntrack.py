@@ -86,8 +86,11 @@ assert SYN_ACK[TCP].ack == SEQ_CLIENT + 1
 
 def client(flags: str, ack: int = SEQ_VM + 1) -> Packet:
     """The client's next segment (after its SYN), through firewall B."""
-    return (eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
-            / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=SEQ_CLIENT + 1, ack=ack))
+    return (
+        eth(MAC_FW_B, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags, seq=SEQ_CLIENT + 1, ack=ack)
+    )
 
 
 ACK = client("A")  # completes the handshake
@@ -100,8 +103,11 @@ CLIENT_FIN = client("FA")
 CLIENT_RST = client("R", ack=0)
 VM_SYN = tcp4_reply("S")  # VM 1 opens a connection to the client's address
 SERVER_SYN_ACK = tcp4_request("SA")  # ... and the client's side answers it
-SPOOFED_SYN = (eth(MAC_VM_1, MAC_FW_B) / IP(src=IP_VM_2, dst=IP_CLIENT_B)
-               / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags="S"))  # VM 1 as VM 2
+SPOOFED_SYN = (
+    eth(MAC_VM_1, MAC_FW_B)
+    / IP(src=IP_VM_2, dst=IP_CLIENT_B)
+    / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags="S")
+)  # VM 1 as VM 2
 QUERY, ANSWER = udp4_request(), udp4_reply()
 PING, PONG = echo4_request(), echo4_reply()
 
@@ -110,14 +116,28 @@ PING, PONG = echo4_request(), echo4_reply()
 
 def conn(state: abi.State, table: str = PENDING, frame: Packet = SYN, **kw) -> Entry:  # type: ignore[no-untyped-def]
     """The client's connection, learned from firewall B on up1."""
-    return Entry(Key(frame), mac=MAC_FW_B, iface="up1", state=state, table=table,
-                 packets=kw.pop("packets", 1), **kw)
+    return Entry(
+        Key(frame),
+        mac=MAC_FW_B,
+        iface="up1",
+        state=state,
+        table=table,
+        packets=kw.pop("packets", 1),
+        **kw,
+    )
 
 
 def vm_opened(state: abi.State, table: str = PENDING, **kw) -> Entry:  # type: ignore[no-untyped-def]
     """The connection VM 1 opened to the client's address; no last hop yet."""
-    return Entry(Key(VM_SYN, reverse=True), flags=kw.pop("flags", ORIGIN), packets=0, vm="vm1",
-                 state=state, table=table, **kw)
+    return Entry(
+        Key(VM_SYN, reverse=True),
+        flags=kw.pop("flags", ORIGIN),
+        packets=0,
+        vm="vm1",
+        state=state,
+        table=table,
+        **kw,
+    )
 
 
 def counted(iface: str, *reasons: abi.Counter) -> dict[tuple[str, abi.Counter], int]:
@@ -127,21 +147,51 @@ def counted(iface: str, *reasons: abi.Counter) -> dict[tuple[str, abi.Counter], 
 PROMOTED = {TC.PENDING_PROMOTED: 1, TC.CONFIRMED_INSERTED: 1}
 
 
-def client_says(desc: str, frame: Packet, before: Entry, changes: dict,  # type: ignore[type-arg]
-                also: tuple[abi.Counter, ...] = (), **kw) -> Case:  # type: ignore[no-untyped-def]
+def client_says(
+    desc: str,
+    frame: Packet,
+    before: Entry,
+    changes: dict,  # type: ignore[type-arg]
+    also: tuple[abi.Counter, ...] = (),
+    **kw,
+) -> Case:  # type: ignore[no-untyped-def]
     """A row: the client's frame on up1 refreshes *before*, which then has *changes*."""
     after = before.but(packets=before.packets + 1, seen="now", **changes)
-    return Case(desc, UPLINK, "up1", frame, setup=(before,), after=(after,),
-                counters=counted("up1", C.REFRESHED, *also), **kw)
+    return Case(
+        desc,
+        UPLINK,
+        "up1",
+        frame,
+        setup=(before,),
+        after=(after,),
+        counters=counted("up1", C.REFRESHED, *also),
+        **kw,
+    )
 
 
-def vm_says(desc: str, frame: Packet, before: Entry, changes: dict,  # type: ignore[type-arg]
-            also: tuple[abi.Counter, ...] = (), **kw) -> Case:  # type: ignore[no-untyped-def]
+def vm_says(
+    desc: str,
+    frame: Packet,
+    before: Entry,
+    changes: dict,  # type: ignore[type-arg]
+    also: tuple[abi.Counter, ...] = (),
+    **kw,
+) -> Case:  # type: ignore[no-untyped-def]
     """A row: VM 1's frame goes back to firewall B on up1; *before* then has *changes*."""
     after = before.but(replies=before.replies + 1, seen="now", **changes)
-    return Case(desc, VMPORT, "vm1", frame, setup=(before,), verdict=TC_ACT_REDIRECT,
-                redirect="up1", output=bridged(frame), after=(after,),
-                counters=counted("vm1", C.REDIRECTED, *also), **kw)
+    return Case(
+        desc,
+        VMPORT,
+        "vm1",
+        frame,
+        setup=(before,),
+        verdict=TC_ACT_REDIRECT,
+        redirect="up1",
+        output=bridged(frame),
+        after=(after,),
+        counters=counted("vm1", C.REDIRECTED, *also),
+        **kw,
+    )
 
 
 VM1_LEARNED = (("vm1", IP_VM_1, ORIG.LEARNED),)
@@ -149,86 +199,207 @@ VM1_LEARNED = (("vm1", IP_VM_1, ORIG.LEARNED),)
 # ---------------------------------------------------------------- TCP
 
 TCP_ROWS = [
-    Case("the client's SYN: a pending entry, SYN sent", UPLINK, "up1", SYN,
-         after=(conn(ST.TCP_SYN_SENT, seen="now"),), counters=counted("up1", C.LEARNED),
-         table_counters={TC.PENDING_INSERTED: 1}),
-    vm_says("the VM's SYN-ACK: SYN received, seq = its seq + 1, the VM's address learned",
-            SYN_ACK, conn(ST.TCP_SYN_SENT), {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1},
-            also=(C.VM_ADDR_LEARNED,), vm_addrs_after=VM1_LEARNED),
-    client_says("the client's ACK of the SYN-ACK: established, moved into lh_conns",
-                ACK, conn(ST.TCP_SYN_RECV, seq=SEQ_VM + 1),
-                {"state": ST.TCP_ESTABLISHED, "table": CONFIRMED}, also=(C.CONFIRMED,),
-                table_counters=PROMOTED),
-    client_says("an ACK with the wrong number confirms nothing", ACK_WRONG,
-                conn(ST.TCP_SYN_RECV, seq=SEQ_VM + 1), {}),
+    Case(
+        "the client's SYN: a pending entry, SYN sent",
+        UPLINK,
+        "up1",
+        SYN,
+        after=(conn(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("up1", C.LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+    ),
+    vm_says(
+        "the VM's SYN-ACK: SYN received, seq = its seq + 1, the VM's address learned",
+        SYN_ACK,
+        conn(ST.TCP_SYN_SENT),
+        {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1},
+        also=(C.VM_ADDR_LEARNED,),
+        vm_addrs_after=VM1_LEARNED,
+    ),
+    client_says(
+        "the client's ACK of the SYN-ACK: established, moved into lh_conns",
+        ACK,
+        conn(ST.TCP_SYN_RECV, seq=SEQ_VM + 1),
+        {"state": ST.TCP_ESTABLISHED, "table": CONFIRMED},
+        also=(C.CONFIRMED,),
+        table_counters=PROMOTED,
+    ),
+    client_says(
+        "an ACK with the wrong number confirms nothing",
+        ACK_WRONG,
+        conn(ST.TCP_SYN_RECV, seq=SEQ_VM + 1),
+        {},
+    ),
     client_says("an ACK before any SYN-ACK confirms nothing", ACK, conn(ST.TCP_SYN_SENT), {}),
-    client_says("a SYN-ACK from the opener's side answers nothing", client("SA"),
-                conn(ST.TCP_SYN_SENT), {}),
+    client_says(
+        "a SYN-ACK from the opener's side answers nothing", client("SA"), conn(ST.TCP_SYN_SENT), {}
+    ),
     client_says("the client's SYN sent again: still SYN sent", SYN, conn(ST.TCP_SYN_SENT), {}),
-    vm_says("a SYN-ACK sent again takes its seq; the address is learned only once", SYN_ACK,
-            conn(ST.TCP_SYN_RECV, seq=1), {"seq": SEQ_VM + 1}),
-    vm_says("the VM's RST to a SYN: closed, still pending", VM_RST, conn(ST.TCP_SYN_SENT),
-            {"state": ST.TCP_CLOSED}, also=(C.VM_ADDR_LEARNED,), vm_addrs_after=VM1_LEARNED),
-    Case("a mid-stream segment of an unknown connection: pending, mid-stream", UPLINK, "up1",
-         DATA, after=(conn(ST.TCP_MIDSTREAM, seen="now"),), counters=counted("up1", C.LEARNED),
-         table_counters={TC.PENDING_INSERTED: 1}),
-    vm_says("the VM's answer to a mid-stream connection confirms it", VM_DATA,
-            conn(ST.TCP_MIDSTREAM), {"state": ST.TCP_ESTABLISHED, "table": CONFIRMED},
-            also=(C.CONFIRMED,), table_counters=PROMOTED),
-    client_says("the client speaking again mid-stream confirms nothing", DATA,
-                conn(ST.TCP_MIDSTREAM), {}),
-    vm_says("a RST answer to a mid-stream connection closes it, unconfirmed", VM_RST,
-            conn(ST.TCP_MIDSTREAM), {"state": ST.TCP_CLOSED}),
-    vm_says("a SYN-ACK answer to a mid-stream connection confirms nothing", SYN_ACK,
-            conn(ST.TCP_MIDSTREAM), {}),
-    client_says("the client's FIN: closing", CLIENT_FIN, conn(ST.TCP_ESTABLISHED, CONFIRMED),
-                {"state": ST.TCP_CLOSING, "flags": HOP | FIN_O}),
-    vm_says("the VM's FIN first: closing", VM_FIN, conn(ST.TCP_ESTABLISHED, CONFIRMED),
-            {"state": ST.TCP_CLOSING, "flags": HOP | FIN_A}),
-    vm_says("the VM's FIN after the client's: closed", VM_FIN,
-            conn(ST.TCP_CLOSING, CONFIRMED, flags=HOP | FIN_O),
-            {"state": ST.TCP_CLOSED, "flags": HOP | FIN_O | FIN_A}),
-    client_says("the client's FIN sent again: still closing", CLIENT_FIN,
-                conn(ST.TCP_CLOSING, CONFIRMED, flags=HOP | FIN_O), {}),
-    client_says("the client's RST closes an established connection", CLIENT_RST,
-                conn(ST.TCP_ESTABLISHED, CONFIRMED), {"state": ST.TCP_CLOSED}),
+    vm_says(
+        "a SYN-ACK sent again takes its seq; the address is learned only once",
+        SYN_ACK,
+        conn(ST.TCP_SYN_RECV, seq=1),
+        {"seq": SEQ_VM + 1},
+    ),
+    vm_says(
+        "the VM's RST to a SYN: closed, still pending",
+        VM_RST,
+        conn(ST.TCP_SYN_SENT),
+        {"state": ST.TCP_CLOSED},
+        also=(C.VM_ADDR_LEARNED,),
+        vm_addrs_after=VM1_LEARNED,
+    ),
+    Case(
+        "a mid-stream segment of an unknown connection: pending, mid-stream",
+        UPLINK,
+        "up1",
+        DATA,
+        after=(conn(ST.TCP_MIDSTREAM, seen="now"),),
+        counters=counted("up1", C.LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+    ),
+    vm_says(
+        "the VM's answer to a mid-stream connection confirms it",
+        VM_DATA,
+        conn(ST.TCP_MIDSTREAM),
+        {"state": ST.TCP_ESTABLISHED, "table": CONFIRMED},
+        also=(C.CONFIRMED,),
+        table_counters=PROMOTED,
+    ),
+    client_says(
+        "the client speaking again mid-stream confirms nothing", DATA, conn(ST.TCP_MIDSTREAM), {}
+    ),
+    vm_says(
+        "a RST answer to a mid-stream connection closes it, unconfirmed",
+        VM_RST,
+        conn(ST.TCP_MIDSTREAM),
+        {"state": ST.TCP_CLOSED},
+    ),
+    vm_says(
+        "a SYN-ACK answer to a mid-stream connection confirms nothing",
+        SYN_ACK,
+        conn(ST.TCP_MIDSTREAM),
+        {},
+    ),
+    client_says(
+        "the client's FIN: closing",
+        CLIENT_FIN,
+        conn(ST.TCP_ESTABLISHED, CONFIRMED),
+        {"state": ST.TCP_CLOSING, "flags": HOP | FIN_O},
+    ),
+    vm_says(
+        "the VM's FIN first: closing",
+        VM_FIN,
+        conn(ST.TCP_ESTABLISHED, CONFIRMED),
+        {"state": ST.TCP_CLOSING, "flags": HOP | FIN_A},
+    ),
+    vm_says(
+        "the VM's FIN after the client's: closed",
+        VM_FIN,
+        conn(ST.TCP_CLOSING, CONFIRMED, flags=HOP | FIN_O),
+        {"state": ST.TCP_CLOSED, "flags": HOP | FIN_O | FIN_A},
+    ),
+    client_says(
+        "the client's FIN sent again: still closing",
+        CLIENT_FIN,
+        conn(ST.TCP_CLOSING, CONFIRMED, flags=HOP | FIN_O),
+        {},
+    ),
+    client_says(
+        "the client's RST closes an established connection",
+        CLIENT_RST,
+        conn(ST.TCP_ESTABLISHED, CONFIRMED),
+        {"state": ST.TCP_CLOSED},
+    ),
     client_says("a FIN on SYN sent is no close", client("FA"), conn(ST.TCP_SYN_SENT), {}),
-    client_says("a SYN on a closed tuple: a new connection in the same entry, FINs cleared",
-                SYN, conn(ST.TCP_CLOSED, CONFIRMED, flags=HOP | FIN_O | FIN_A),
-                {"state": ST.TCP_SYN_SENT, "flags": HOP}),
-    client_says("a SYN on a closing tuple starts again too", SYN,
-                conn(ST.TCP_CLOSING, CONFIRMED, flags=HOP | FIN_A),
-                {"state": ST.TCP_SYN_SENT, "flags": HOP}),
-    client_says("a SYN on an established connection changes no state", SYN,
-                conn(ST.TCP_ESTABLISHED, CONFIRMED), {}),
-    vm_says("a SYN from the answerer on a closed tuple does not reopen it", tcp4_reply("S"),
-            conn(ST.TCP_CLOSED, CONFIRMED), {}),
-    Case("a RST of no known connection is not learned", UPLINK, "up1", CLIENT_RST,
-         counters=counted("up1", C.RST_UNKNOWN)),
-    Case("a RST-ACK of no known connection is not learned", UPLINK, "up1", client("RA"),
-         counters=counted("up1", C.RST_UNKNOWN)),
+    client_says(
+        "a SYN on a closed tuple: a new connection in the same entry, FINs cleared",
+        SYN,
+        conn(ST.TCP_CLOSED, CONFIRMED, flags=HOP | FIN_O | FIN_A),
+        {"state": ST.TCP_SYN_SENT, "flags": HOP},
+    ),
+    client_says(
+        "a SYN on a closing tuple starts again too",
+        SYN,
+        conn(ST.TCP_CLOSING, CONFIRMED, flags=HOP | FIN_A),
+        {"state": ST.TCP_SYN_SENT, "flags": HOP},
+    ),
+    client_says(
+        "a SYN on an established connection changes no state",
+        SYN,
+        conn(ST.TCP_ESTABLISHED, CONFIRMED),
+        {},
+    ),
+    vm_says(
+        "a SYN from the answerer on a closed tuple does not reopen it",
+        tcp4_reply("S"),
+        conn(ST.TCP_CLOSED, CONFIRMED),
+        {},
+    ),
+    Case(
+        "a RST of no known connection is not learned",
+        UPLINK,
+        "up1",
+        CLIENT_RST,
+        counters=counted("up1", C.RST_UNKNOWN),
+    ),
+    Case(
+        "a RST-ACK of no known connection is not learned",
+        UPLINK,
+        "up1",
+        client("RA"),
+        counters=counted("up1", C.RST_UNKNOWN),
+    ),
 ]
 
 # ---------------------------------------------------------------- UDP and ICMP
 
 UDP_ICMP_ROWS = [
-    vm_says("UDP: the VM's answer: answered, its address learned", ANSWER,
-            conn(ST.UDP_NEW, frame=QUERY), {"state": ST.UDP_ANSWERED},
-            also=(C.VM_ADDR_LEARNED,), vm_addrs_after=VM1_LEARNED),
-    client_says("UDP: the client speaks after the answer: a stream, confirmed", QUERY,
-                conn(ST.UDP_ANSWERED, frame=QUERY), {"state": ST.UDP_STREAM, "table": CONFIRMED},
-                also=(C.CONFIRMED,), table_counters=PROMOTED),
-    client_says("UDP: the client again with no answer yet: still new", QUERY,
-                conn(ST.UDP_NEW, frame=QUERY), {}),
-    vm_says("UDP: the VM again after its answer: still answered", ANSWER,
-            conn(ST.UDP_ANSWERED, frame=QUERY), {}),
-    client_says("UDP: a stream stays a stream", QUERY,
-                conn(ST.UDP_STREAM, CONFIRMED, frame=QUERY), {}),
-    vm_says("ICMP: the echo reply: answered, the VM's address learned", PONG,
-            conn(ST.ICMP_NEW, frame=PING), {"state": ST.ICMP_ANSWERED},
-            also=(C.VM_ADDR_LEARNED,), vm_addrs_after=VM1_LEARNED),
-    client_says("ICMP: the next echo request: a ping is never confirmed", PING,
-                conn(ST.ICMP_ANSWERED, frame=PING), {}),
+    vm_says(
+        "UDP: the VM's answer: answered, its address learned",
+        ANSWER,
+        conn(ST.UDP_NEW, frame=QUERY),
+        {"state": ST.UDP_ANSWERED},
+        also=(C.VM_ADDR_LEARNED,),
+        vm_addrs_after=VM1_LEARNED,
+    ),
+    client_says(
+        "UDP: the client speaks after the answer: a stream, confirmed",
+        QUERY,
+        conn(ST.UDP_ANSWERED, frame=QUERY),
+        {"state": ST.UDP_STREAM, "table": CONFIRMED},
+        also=(C.CONFIRMED,),
+        table_counters=PROMOTED,
+    ),
+    client_says(
+        "UDP: the client again with no answer yet: still new",
+        QUERY,
+        conn(ST.UDP_NEW, frame=QUERY),
+        {},
+    ),
+    vm_says(
+        "UDP: the VM again after its answer: still answered",
+        ANSWER,
+        conn(ST.UDP_ANSWERED, frame=QUERY),
+        {},
+    ),
+    client_says(
+        "UDP: a stream stays a stream", QUERY, conn(ST.UDP_STREAM, CONFIRMED, frame=QUERY), {}
+    ),
+    vm_says(
+        "ICMP: the echo reply: answered, the VM's address learned",
+        PONG,
+        conn(ST.ICMP_NEW, frame=PING),
+        {"state": ST.ICMP_ANSWERED},
+        also=(C.VM_ADDR_LEARNED,),
+        vm_addrs_after=VM1_LEARNED,
+    ),
+    client_says(
+        "ICMP: the next echo request: a ping is never confirmed",
+        PING,
+        conn(ST.ICMP_ANSWERED, frame=PING),
+        {},
+    ),
 ]
 
 # ---------------------------------------------------------------- what a VM may open
@@ -236,76 +407,189 @@ UDP_ICMP_ROWS = [
 QUOTA_FULL = (("vm1", (5, 4, 1)),)  # in use: counted 1 + created since the pass 5 - 4 = 2
 
 VM_ADDR_ROWS = [
-    Case("a VM's SYN from an address it does not own: not remembered", VMPORT, "vm1", VM_SYN,
-         counters=counted("vm1", C.VM_ORIGIN_SPOOFED)),
-    Case("a VM's SYN from another VM's address: not remembered", VMPORT, "vm1", SPOOFED_SYN,
-         vm_addrs=(("vm1", IP_VM_1), ("vm2", IP_VM_2)),
-         counters=counted("vm1", C.VM_ORIGIN_SPOOFED)),
-    Case("a VM's SYN from its own address on another port: not remembered", VMPORT, "vm1",
-         VM_SYN, vm_addrs=(("vm2", IP_VM_1),), counters=counted("vm1", C.VM_ORIGIN_SPOOFED)),
-    Case("a VM's SYN from its configured address: remembered, pending", VMPORT, "vm1", VM_SYN,
-         vm_addrs=(("vm1", IP_VM_1),), after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
-         counters=counted("vm1", C.VM_ORIGIN_LEARNED), table_counters={TC.PENDING_INSERTED: 1},
-         vm_usage_after=(("vm1", (1, 0, 0)),)),
-    Case("a VM's SYN from an address it was learned to own: remembered", VMPORT, "vm1", VM_SYN,
-         vm_addrs=(("vm1", IP_VM_1, ORIG.LEARNED),),
-         after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
-         counters=counted("vm1", C.VM_ORIGIN_LEARNED), table_counters={TC.PENDING_INSERTED: 1},
-         vm_usage_after=(("vm1", (1, 0, 0)),)),
-    Case("a VM's datagram from a service address of its pool: remembered", VMPORT, "vm1",
-         ANSWER, vm_addrs=(("vm1", IP_VM_1, ORIG.SERVICE),),
-         after=(vm_opened(ST.UDP_NEW, seen="now").but(key=Key(ANSWER, reverse=True)),),
-         counters=counted("vm1", C.VM_ORIGIN_LEARNED), table_counters={TC.PENDING_INSERTED: 1},
-         vm_usage_after=(("vm1", (1, 0, 0)),)),
-    Case("quota reached (counted + created since the pass): not remembered", VMPORT, "vm1",
-         VM_SYN, vm_addrs=(("vm1", IP_VM_1),), vm_quota=2, vm_usage=QUOTA_FULL,
-         counters=counted("vm1", C.VM_ORIGIN_QUOTA)),
-    Case("room in the quota: remembered, created + 1", VMPORT, "vm1", VM_SYN,
-         vm_addrs=(("vm1", IP_VM_1),), vm_quota=3, vm_usage=QUOTA_FULL,
-         after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
-         counters=counted("vm1", C.VM_ORIGIN_LEARNED), table_counters={TC.PENDING_INSERTED: 1},
-         vm_usage_after=(("vm1", (6, 4, 1)),)),
-    Case("quota 0 is no limit", VMPORT, "vm1", VM_SYN, vm_addrs=(("vm1", IP_VM_1),),
-         vm_usage=(("vm1", (1000, 0, 1000)),), after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
-         counters=counted("vm1", C.VM_ORIGIN_LEARNED), table_counters={TC.PENDING_INSERTED: 1},
-         vm_usage_after=(("vm1", (1001, 0, 1000)),)),
-    Case("another port's quota is not this one's", VMPORT, "vm1", VM_SYN,
-         vm_addrs=(("vm1", IP_VM_1),), vm_quota=2, vm_usage=(("vm2", (5, 4, 1)),),
-         after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
-         counters=counted("vm1", C.VM_ORIGIN_LEARNED), table_counters={TC.PENDING_INSERTED: 1},
-         vm_usage_after=(("vm1", (1, 0, 0)), ("vm2", (5, 4, 1)))),
-    vm_says("v6: the VM's SYN-ACK teaches its IPv6 address", tcp6_reply("SA"),
-            conn(ST.TCP_SYN_SENT, frame=tcp6_request()), {"state": ST.TCP_SYN_RECV,
-                                                          "seq": SEQ_VM + 1},
-            also=(C.VM_ADDR_LEARNED,), vm_addrs_after=(("vm1", IP6_VM_1, ORIG.LEARNED),)),
-    vm_says("a port with fixed addresses learns none", SYN_ACK, conn(ST.TCP_SYN_SENT),
-            {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1},
-            iface_flags=(("vm1", abi.F_IFACE_ADDRS_FIXED),)),
-    vm_says("a configured address stays configured", SYN_ACK, conn(ST.TCP_SYN_SENT),
-            {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1}, vm_addrs=(("vm1", IP_VM_1),)),
-    vm_says("a service connection's answer teaches nothing (the agent grants virtual addresses)",
-            SYN_ACK, conn(ST.TCP_SYN_SENT, vm="vm1"),
-            {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1}),
-    Case("the client's SYN on a VM-opened tuple supersedes it: a new connection", UPLINK, "up1",
-         SYN, setup=(vm_opened(ST.TCP_SYN_SENT),), after=(conn(ST.TCP_SYN_SENT, seen="now"),),
-         counters=counted("up1", C.LEARNED, C.VM_ORIGIN_SUPERSEDED),
-         table_counters={TC.PENDING_REMOVED: 1, TC.PENDING_INSERTED: 1}),
-    Case("... a confirmed VM-opened tuple too", UPLINK, "up1", SYN,
-         setup=(vm_opened(ST.TCP_ESTABLISHED, CONFIRMED),),
-         after=(conn(ST.TCP_SYN_SENT, seen="now"),),
-         counters=counted("up1", C.LEARNED, C.VM_ORIGIN_SUPERSEDED),
-         table_counters={TC.CONFIRMED_REMOVED: 1, TC.PENDING_INSERTED: 1}),
-    Case("the answer a VM-opened connection waits for: SYN received", UPLINK, "up1",
-         SERVER_SYN_ACK, setup=(vm_opened(ST.TCP_SYN_SENT),), vm_macs=(("vm1", MAC_VM_1),),
-         verdict=TC_ACT_REDIRECT, redirect="vm1",
-         after=(vm_opened(ST.TCP_SYN_RECV, seq=SEQ_CLIENT + 1, mac=MAC_FW_B, iface="up1",
-                          flags=ORIGIN | HOP, seen="now").but(packets=1),),
-         counters=counted("up1", C.VM_ORIGIN_HOP, C.VM_ORIGIN_RETURNED)),
-    vm_says("the VM's ACK of the answer confirms the connection it opened", VM_DATA,
-            vm_opened(ST.TCP_SYN_RECV, seq=SEQ_CLIENT + 1, mac=MAC_FW_B, iface="up1",
-                      flags=ORIGIN | HOP),
-            {"state": ST.TCP_ESTABLISHED, "table": CONFIRMED}, also=(C.CONFIRMED,),
-            table_counters=PROMOTED),
+    Case(
+        "a VM's SYN from an address it does not own: not remembered",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        counters=counted("vm1", C.VM_ORIGIN_SPOOFED),
+    ),
+    Case(
+        "a VM's SYN from another VM's address: not remembered",
+        VMPORT,
+        "vm1",
+        SPOOFED_SYN,
+        vm_addrs=(("vm1", IP_VM_1), ("vm2", IP_VM_2)),
+        counters=counted("vm1", C.VM_ORIGIN_SPOOFED),
+    ),
+    Case(
+        "a VM's SYN from its own address on another port: not remembered",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        vm_addrs=(("vm2", IP_VM_1),),
+        counters=counted("vm1", C.VM_ORIGIN_SPOOFED),
+    ),
+    Case(
+        "a VM's SYN from its configured address: remembered, pending",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        vm_addrs=(("vm1", IP_VM_1),),
+        after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("vm1", C.VM_ORIGIN_LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+        vm_usage_after=(("vm1", (1, 0, 0)),),
+    ),
+    Case(
+        "a VM's SYN from an address it was learned to own: remembered",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        vm_addrs=(("vm1", IP_VM_1, ORIG.LEARNED),),
+        after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("vm1", C.VM_ORIGIN_LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+        vm_usage_after=(("vm1", (1, 0, 0)),),
+    ),
+    Case(
+        "a VM's datagram from a service address of its pool: remembered",
+        VMPORT,
+        "vm1",
+        ANSWER,
+        vm_addrs=(("vm1", IP_VM_1, ORIG.SERVICE),),
+        after=(vm_opened(ST.UDP_NEW, seen="now").but(key=Key(ANSWER, reverse=True)),),
+        counters=counted("vm1", C.VM_ORIGIN_LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+        vm_usage_after=(("vm1", (1, 0, 0)),),
+    ),
+    Case(
+        "quota reached (counted + created since the pass): not remembered",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        vm_addrs=(("vm1", IP_VM_1),),
+        vm_quota=2,
+        vm_usage=QUOTA_FULL,
+        counters=counted("vm1", C.VM_ORIGIN_QUOTA),
+    ),
+    Case(
+        "room in the quota: remembered, created + 1",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        vm_addrs=(("vm1", IP_VM_1),),
+        vm_quota=3,
+        vm_usage=QUOTA_FULL,
+        after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("vm1", C.VM_ORIGIN_LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+        vm_usage_after=(("vm1", (6, 4, 1)),),
+    ),
+    Case(
+        "quota 0 is no limit",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        vm_addrs=(("vm1", IP_VM_1),),
+        vm_usage=(("vm1", (1000, 0, 1000)),),
+        after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("vm1", C.VM_ORIGIN_LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+        vm_usage_after=(("vm1", (1001, 0, 1000)),),
+    ),
+    Case(
+        "another port's quota is not this one's",
+        VMPORT,
+        "vm1",
+        VM_SYN,
+        vm_addrs=(("vm1", IP_VM_1),),
+        vm_quota=2,
+        vm_usage=(("vm2", (5, 4, 1)),),
+        after=(vm_opened(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("vm1", C.VM_ORIGIN_LEARNED),
+        table_counters={TC.PENDING_INSERTED: 1},
+        vm_usage_after=(("vm1", (1, 0, 0)), ("vm2", (5, 4, 1))),
+    ),
+    vm_says(
+        "v6: the VM's SYN-ACK teaches its IPv6 address",
+        tcp6_reply("SA"),
+        conn(ST.TCP_SYN_SENT, frame=tcp6_request()),
+        {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1},
+        also=(C.VM_ADDR_LEARNED,),
+        vm_addrs_after=(("vm1", IP6_VM_1, ORIG.LEARNED),),
+    ),
+    vm_says(
+        "a port with fixed addresses learns none",
+        SYN_ACK,
+        conn(ST.TCP_SYN_SENT),
+        {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1},
+        iface_flags=(("vm1", abi.F_IFACE_ADDRS_FIXED),),
+    ),
+    vm_says(
+        "a configured address stays configured",
+        SYN_ACK,
+        conn(ST.TCP_SYN_SENT),
+        {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1},
+        vm_addrs=(("vm1", IP_VM_1),),
+    ),
+    vm_says(
+        "a service connection's answer teaches nothing (the agent grants virtual addresses)",
+        SYN_ACK,
+        conn(ST.TCP_SYN_SENT, vm="vm1"),
+        {"state": ST.TCP_SYN_RECV, "seq": SEQ_VM + 1},
+    ),
+    Case(
+        "the client's SYN on a VM-opened tuple supersedes it: a new connection",
+        UPLINK,
+        "up1",
+        SYN,
+        setup=(vm_opened(ST.TCP_SYN_SENT),),
+        after=(conn(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("up1", C.LEARNED, C.VM_ORIGIN_SUPERSEDED),
+        table_counters={TC.PENDING_REMOVED: 1, TC.PENDING_INSERTED: 1},
+    ),
+    Case(
+        "... a confirmed VM-opened tuple too",
+        UPLINK,
+        "up1",
+        SYN,
+        setup=(vm_opened(ST.TCP_ESTABLISHED, CONFIRMED),),
+        after=(conn(ST.TCP_SYN_SENT, seen="now"),),
+        counters=counted("up1", C.LEARNED, C.VM_ORIGIN_SUPERSEDED),
+        table_counters={TC.CONFIRMED_REMOVED: 1, TC.PENDING_INSERTED: 1},
+    ),
+    Case(
+        "the answer a VM-opened connection waits for: SYN received",
+        UPLINK,
+        "up1",
+        SERVER_SYN_ACK,
+        setup=(vm_opened(ST.TCP_SYN_SENT),),
+        vm_macs=(("vm1", MAC_VM_1),),
+        verdict=TC_ACT_REDIRECT,
+        redirect="vm1",
+        after=(
+            vm_opened(
+                ST.TCP_SYN_RECV,
+                seq=SEQ_CLIENT + 1,
+                mac=MAC_FW_B,
+                iface="up1",
+                flags=ORIGIN | HOP,
+                seen="now",
+            ).but(packets=1),
+        ),
+        counters=counted("up1", C.VM_ORIGIN_HOP, C.VM_ORIGIN_RETURNED),
+    ),
+    vm_says(
+        "the VM's ACK of the answer confirms the connection it opened",
+        VM_DATA,
+        vm_opened(
+            ST.TCP_SYN_RECV, seq=SEQ_CLIENT + 1, mac=MAC_FW_B, iface="up1", flags=ORIGIN | HOP
+        ),
+        {"state": ST.TCP_ESTABLISHED, "table": CONFIRMED},
+        also=(C.CONFIRMED,),
+        table_counters=PROMOTED,
+    ),
 ]
 
 ALL = TCP_ROWS + UDP_ICMP_ROWS + VM_ADDR_ROWS
@@ -340,43 +624,78 @@ def full(tiny: Datapath, test_netns: TestNetns) -> Iterator[Datapath]:
 
 
 # another established connection of the client's: it fills lh_conns
-OTHER = Entry(Key(eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
-                  / TCP(sport=PORT_CLIENT + 1, dport=PORT_HTTP)),
-              mac=MAC_FW_B, iface="up1", state=ST.TCP_ESTABLISHED)
+OTHER = Entry(
+    Key(
+        eth(MAC_FW_B, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / TCP(sport=PORT_CLIENT + 1, dport=PORT_HTTP)
+    ),
+    mac=MAC_FW_B,
+    iface="up1",
+    state=ST.TCP_ESTABLISHED,
+)
 
 FULL_ROWS = [
-    client_says("confirmed table full: the handshake's ACK is refused, the entry stays pending",
-                ACK, conn(ST.TCP_SYN_RECV, seq=SEQ_VM + 1), {"state": ST.TCP_ESTABLISHED},
-                also=(C.CONFIRM_REFUSED,), table_counters={TC.CONFIRM_REFUSED: 1}),
-    vm_says("confirmed table full: a mid-stream answer is refused too", VM_DATA,
-            conn(ST.TCP_MIDSTREAM), {"state": ST.TCP_ESTABLISHED},
-            also=(C.CONFIRM_REFUSED,), table_counters={TC.CONFIRM_REFUSED: 1}),
-    vm_says("confirmed table full: a refused connection's replies still go to its last hop",
-            VM_DATA, conn(ST.TCP_ESTABLISHED), {}),
+    client_says(
+        "confirmed table full: the handshake's ACK is refused, the entry stays pending",
+        ACK,
+        conn(ST.TCP_SYN_RECV, seq=SEQ_VM + 1),
+        {"state": ST.TCP_ESTABLISHED},
+        also=(C.CONFIRM_REFUSED,),
+        table_counters={TC.CONFIRM_REFUSED: 1},
+    ),
+    vm_says(
+        "confirmed table full: a mid-stream answer is refused too",
+        VM_DATA,
+        conn(ST.TCP_MIDSTREAM),
+        {"state": ST.TCP_ESTABLISHED},
+        also=(C.CONFIRM_REFUSED,),
+        table_counters={TC.CONFIRM_REFUSED: 1},
+    ),
+    vm_says(
+        "confirmed table full: a refused connection's replies still go to its last hop",
+        VM_DATA,
+        conn(ST.TCP_ESTABLISHED),
+        {},
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", FULL_ROWS, ids=ids(FULL_ROWS))
 def test_confirmed_table_full(full: Datapath, case: Case) -> None:
     """lh_conns holds OTHER and has no room: a connection that proves itself stays pending."""
-    check(full, replace(case, setup=(*case.setup, OTHER),
-                        after=(*(case.after or case.setup), OTHER)))
+    check(
+        full, replace(case, setup=(*case.setup, OTHER), after=(*(case.after or case.setup), OTHER))
+    )
 
 
 # ---------------------------------------------------------------- expiry
 
 HZ = 1000  # jiffies per second, as settings.hz says (the ages below are in jiffies)
-TIMEOUTS = {ST.NONE: 600, ST.TCP_SYN_SENT: 10, ST.TCP_SYN_RECV: 10, ST.TCP_MIDSTREAM: 60,
-            ST.TCP_ESTABLISHED: 7440, ST.TCP_CLOSING: 120, ST.TCP_CLOSED: 10,
-            ST.UDP_NEW: 30, ST.UDP_ANSWERED: 30, ST.UDP_STREAM: 180,
-            ST.ICMP_NEW: 30, ST.ICMP_ANSWERED: 30}
+TIMEOUTS = {
+    ST.NONE: 600,
+    ST.TCP_SYN_SENT: 10,
+    ST.TCP_SYN_RECV: 10,
+    ST.TCP_MIDSTREAM: 60,
+    ST.TCP_ESTABLISHED: 7440,
+    ST.TCP_CLOSING: 120,
+    ST.TCP_CLOSED: 10,
+    ST.UDP_NEW: 30,
+    ST.UDP_ANSWERED: 30,
+    ST.UDP_STREAM: 180,
+    ST.ICMP_NEW: 30,
+    ST.ICMP_ANSWERED: 30,
+}
 MARGIN = 5 * HZ  # far from the boundary: the clock moves while the test runs
 
 
 def keyed(n: int) -> Key:
     """A distinct client connection per n (source port)."""
-    return Key(eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1)
-               / TCP(sport=20000 + n, dport=PORT_HTTP))
+    return Key(
+        eth(MAC_FW_B, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / TCP(sport=20000 + n, dport=PORT_HTTP)
+    )
 
 
 def remaining(dp: Datapath) -> dict[bytes, tuple[str, abi.State]]:
@@ -402,8 +721,10 @@ def test_expire_removes_each_state_past_its_timeout(dp: Datapath) -> None:
                     old = 0
                 key = keyed(n)
                 n += 1
-                dp.put(Entry(key, mac=MAC_FW_B, iface="up1", state=state, table=table),
-                       last_seen=(now - old) % 2**32)
+                dp.put(
+                    Entry(key, mac=MAC_FW_B, iface="up1", state=state, table=table),
+                    last_seen=(now - old) % 2**32,
+                )
                 into[key.pack()] = (table, state)
     before = dp.table_counter_values()
     assert dp.expire() == 1
@@ -419,8 +740,11 @@ def test_expire_removes_each_state_past_its_timeout(dp: Datapath) -> None:
     assert stats_by_state(st.expired, 1) == dict.fromkeys(TIMEOUTS, 1)
     assert (st.started - now) % 2**32 < 10 * HZ and (st.finished - st.started) % 2**32 < HZ
     deltas = {k: after[k] - before[k] for k in after if after[k] != before[k]}
-    assert deltas == {TC.CONFIRMED_EXPIRED: per_table, TC.PENDING_EXPIRED: per_table,
-                      TC.EXPIRY_PASSES: 1}
+    assert deltas == {
+        TC.CONFIRMED_EXPIRED: per_table,
+        TC.PENDING_EXPIRED: per_table,
+        TC.EXPIRY_PASSES: 1,
+    }
 
 
 def test_expired_counts_add_up_over_passes_and_live_counts_do_not(dp: Datapath) -> None:
@@ -428,12 +752,15 @@ def test_expired_counts_add_up_over_passes_and_live_counts_do_not(dp: Datapath) 
     dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
     now = dp.clock()
     for n in range(2):
-        dp.put(Entry(keyed(n), state=ST.UDP_NEW, table=PENDING),
-               last_seen=(now - 31 * HZ - MARGIN) % 2**32)
+        dp.put(
+            Entry(keyed(n), state=ST.UDP_NEW, table=PENDING),
+            last_seen=(now - 31 * HZ - MARGIN) % 2**32,
+        )
     dp.put(Entry(keyed(9), state=ST.UDP_NEW, table=PENDING), last_seen=now)
     dp.expire()
-    dp.put(Entry(keyed(3), state=ST.UDP_NEW, table=PENDING),
-           last_seen=(now - 31 * HZ - MARGIN) % 2**32)
+    dp.put(
+        Entry(keyed(3), state=ST.UDP_NEW, table=PENDING), last_seen=(now - 31 * HZ - MARGIN) % 2**32
+    )
     dp.expire()
     st = dp.expiry_stats()
     assert (st.passes, st.live[1][ST.UDP_NEW], st.expired[1][ST.UDP_NEW]) == (2, 1, 3)
@@ -453,8 +780,9 @@ def test_an_entry_refreshed_after_the_pass_read_the_clock_is_kept(dp: Datapath) 
     assert remaining(dp) == {keyed(1).pack(): (CONFIRMED, ST.TCP_ESTABLISHED)}
     raw = dp.conns.lookup(keyed(1).pack())
     assert raw is not None
-    assert abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)]).last_seen == (
-        (now + 2 * HZ) % 2**32)
+    assert abi.ConnEntry.from_buffer_copy(raw[: ctypes.sizeof(abi.ConnEntry)]).last_seen == (
+        (now + 2 * HZ) % 2**32
+    )
 
 
 def test_without_hz_the_pass_does_nothing(dp: Datapath) -> None:
@@ -474,14 +802,23 @@ def test_expiry_recounts_each_vm_ports_opened_entries(dp: Datapath) -> None:
     dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
     now = dp.clock()
     old = (now - TIMEOUTS[ST.TCP_SYN_SENT] * HZ - MARGIN) % 2**32
-    for n, (vm, last_seen, table) in enumerate((
-            ("vm1", now, PENDING), ("vm1", now, CONFIRMED), ("vm1", old, PENDING),
-            ("vm2", now, PENDING))):
+    for n, (vm, last_seen, table) in enumerate(
+        (
+            ("vm1", now, PENDING),
+            ("vm1", now, CONFIRMED),
+            ("vm1", old, PENDING),
+            ("vm2", now, PENDING),
+        )
+    ):
         state = ST.TCP_SYN_SENT if table == PENDING else ST.TCP_ESTABLISHED
-        dp.put(Entry(keyed(n), flags=ORIGIN, vm=vm, packets=0, state=state, table=table),
-               last_seen=last_seen)
-    dp.put(Entry(keyed(9), mac=MAC_FW_B, iface="up1", vm="vm1", state=ST.TCP_ESTABLISHED),
-           last_seen=now)  # a service connection of vm1's: not VM-opened, not counted
+        dp.put(
+            Entry(keyed(n), flags=ORIGIN, vm=vm, packets=0, state=state, table=table),
+            last_seen=last_seen,
+        )
+    dp.put(
+        Entry(keyed(9), mac=MAC_FW_B, iface="up1", vm="vm1", state=ST.TCP_ESTABLISHED),
+        last_seen=now,
+    )  # a service connection of vm1's: not VM-opened, not counted
     dp.set_usage("vm1", (10, 3, 5))  # 5 counted before, 7 created since: 12 in use
     dp.set_usage("vm2", (1, 0, 0))
     dp.expire()

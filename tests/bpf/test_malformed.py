@@ -97,14 +97,17 @@ def cut(n: int) -> Callable[[Packet], bytes]:
 
 def cut_l4(n: int) -> Callable[[Packet], Packet]:
     """The L4 header cut to n bytes, with IP lengths that agree with the frame."""
+
     def make(f: Packet) -> Packet:
         eth, head, l4 = _split(f)
         return eth / head / Raw(l4[:n])
+
     return make
 
 
 def set_ip(**fields: object) -> Callable[[Packet], Packet]:
     """Rebuilt with some IPv4/IPv6 header fields forced."""
+
     def make(f: Packet) -> Packet:
         e = Ether(bytes(f))
         ip = e[IP] if IP in e else e[IPv6]
@@ -113,6 +116,7 @@ def set_ip(**fields: object) -> Callable[[Packet], Packet]:
         if IP in e and "chksum" not in fields:
             del ip.chksum
         return e
+
     return make
 
 
@@ -123,11 +127,13 @@ def set_tcp(**fields: object) -> Callable[[Packet], Packet]:
             setattr(e[TCP], name, value)
         del e[TCP].chksum
         return e
+
     return make
 
 
 def ext6(*headers: Packet) -> Callable[[Packet], Packet]:
     """IPv6 extension headers inserted before the L4 header."""
+
     def make(f: Packet) -> Packet:
         eth, head, l4 = _split(f)
         del head.nh  # scapy fills in the first extension header's number
@@ -138,6 +144,7 @@ def ext6(*headers: Packet) -> Callable[[Packet], Packet]:
                 h.nh = _proto(f)  # the last one leads to the original L4 header
             chain = chain / h
         return eth / chain / Raw(l4)
+
     return make
 
 
@@ -148,6 +155,7 @@ def retag(*tags: Packet) -> Callable[[Packet], Packet]:
         for t in tags:
             out = out / t
         return out / e.payload
+
     return make
 
 
@@ -155,6 +163,7 @@ def replace_l3(build: Callable[[Packet], Packet]) -> Callable[[Packet], Packet]:
     def make(f: Packet) -> Packet:
         e = Ether(bytes(f))
         return Ether(src=e.src, dst=e.dst) / build(e)
+
     return make
 
 
@@ -180,11 +189,17 @@ SHORT_L3 = [
 
 ROWS = [
     # truncated at every layer
-    Bad("802.1Q tag cut short", ("tcp4",), lambda f: bytes(retag(dot1q())(f))[:E + 2]),
-    Bad("second (inner) tag of QinQ cut short", ("tcp4",),
-        lambda f: bytes(retag(dot1ad(), dot1q())(f))[:E + 4 + 2]),
-    Bad("IPv4 header with options cut short (total length beyond the frame)", ("tcp4",),
-        lambda f: bytes(set_ip(options=b"\x94\x04\x00\x00")(f))[:E + 22]),
+    Bad("802.1Q tag cut short", ("tcp4",), lambda f: bytes(retag(dot1q())(f))[: E + 2]),
+    Bad(
+        "second (inner) tag of QinQ cut short",
+        ("tcp4",),
+        lambda f: bytes(retag(dot1ad(), dot1q())(f))[: E + 4 + 2],
+    ),
+    Bad(
+        "IPv4 header with options cut short (total length beyond the frame)",
+        ("tcp4",),
+        lambda f: bytes(set_ip(options=b"\x94\x04\x00\x00")(f))[: E + 22],
+    ),
     Bad("TCP header cut at 19 bytes (IP lengths agree)", ("tcp4", "tcp6"), cut_l4(19)),
     Bad("TCP header cut at 3 bytes", ("tcp4",), cut_l4(3)),
     Bad("UDP header cut at 7 bytes", ("udp4",), cut_l4(7)),
@@ -199,33 +214,65 @@ ROWS = [
     Bad("IPv6 ethertype, version 4 inside", ("tcp6",), set_ip(version=4)),
     Bad("IPv6 payload length beyond the frame", ("tcp6",), set_ip(plen=100)),
     # the IP header's length is the datagram's: bytes after it are Ethernet padding
-    Bad("IPv4 total length ends inside the L4 header (the rest is padding)",
-        ("tcp4", "udp4", "icmp4"), set_ip(len=20 + 4)),
-    Bad("IPv6 payload length ends inside the L4 header (the rest is padding)",
-        ("tcp6", "icmp6"), set_ip(plen=4)),
-    Bad("IPv6 payload length ends inside an extension header", ("tcp6",),
-        lambda f: set_ip(plen=4)(ext6(IPv6ExtHdrDestOpt())(f))),
-    Bad("IPv6 extension header cut short (payload length 1)", ("tcp6",),
-        replace_l3(lambda e: IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, nh=60) / Raw(b"\x06"))),
-    Bad("IPv6 extension header whose length runs past the frame", ("tcp6",),
-        lambda f: bytes(ext6(IPv6ExtHdrHopByHop(len=20))(f))),
-    Bad("more IPv6 extension headers than the parser skips", ("tcp6",),
-        ext6(*[IPv6ExtHdrDestOpt() for _ in range(7)]), (C.MALFORMED, C.IPV6_EXT)),
-    Bad("ICMP (IPv4's protocol 1) inside IPv6", ("tcp6",),
-        replace_l3(lambda e: IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, nh=1) / Raw(bytes(8)))),
+    Bad(
+        "IPv4 total length ends inside the L4 header (the rest is padding)",
+        ("tcp4", "udp4", "icmp4"),
+        set_ip(len=20 + 4),
+    ),
+    Bad(
+        "IPv6 payload length ends inside the L4 header (the rest is padding)",
+        ("tcp6", "icmp6"),
+        set_ip(plen=4),
+    ),
+    Bad(
+        "IPv6 payload length ends inside an extension header",
+        ("tcp6",),
+        lambda f: set_ip(plen=4)(ext6(IPv6ExtHdrDestOpt())(f)),
+    ),
+    Bad(
+        "IPv6 extension header cut short (payload length 1)",
+        ("tcp6",),
+        replace_l3(lambda e: IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, nh=60) / Raw(b"\x06")),
+    ),
+    Bad(
+        "IPv6 extension header whose length runs past the frame",
+        ("tcp6",),
+        lambda f: bytes(ext6(IPv6ExtHdrHopByHop(len=20))(f)),
+    ),
+    Bad(
+        "more IPv6 extension headers than the parser skips",
+        ("tcp6",),
+        ext6(*[IPv6ExtHdrDestOpt() for _ in range(7)]),
+        (C.MALFORMED, C.IPV6_EXT),
+    ),
+    Bad(
+        "ICMP (IPv4's protocol 1) inside IPv6",
+        ("tcp6",),
+        replace_l3(lambda e: IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, nh=1) / Raw(bytes(8))),
+    ),
     # fragments: no ports to key on
-    Bad("IPv4 first fragment (MF set)", ("tcp4", "udp4"), set_ip(flags="MF"),
-        (C.FRAGMENT,)),
+    Bad("IPv4 first fragment (MF set)", ("tcp4", "udp4"), set_ip(flags="MF"), (C.FRAGMENT,)),
     Bad("IPv4 later fragment (offset set)", ("udp4",), set_ip(frag=185), (C.FRAGMENT,)),
     Bad("IPv6 fragment header", ("tcp6",), ext6(IPv6ExtHdrFragment(m=1)), (C.FRAGMENT,)),
-    Bad("IPv6 fragment header after hop-by-hop", ("tcp6",),
-        ext6(IPv6ExtHdrHopByHop(), IPv6ExtHdrFragment(offset=10)), (C.FRAGMENT, C.IPV6_EXT)),
+    Bad(
+        "IPv6 fragment header after hop-by-hop",
+        ("tcp6",),
+        ext6(IPv6ExtHdrHopByHop(), IPv6ExtHdrFragment(offset=10)),
+        (C.FRAGMENT, C.IPV6_EXT),
+    ),
     # not IP
-    Bad("ARP", ("tcp4",), replace_l3(lambda e: ARP(psrc="192.0.2.1", pdst="192.0.2.11")),
-        (C.NOT_IP,)),
-    Bad("LLDP", ("tcp4",),
+    Bad(
+        "ARP",
+        ("tcp4",),
+        replace_l3(lambda e: ARP(psrc="192.0.2.1", pdst="192.0.2.11")),
+        (C.NOT_IP,),
+    ),
+    Bad(
+        "LLDP",
+        ("tcp4",),
         lambda f: Ether(src=MAC_FW_B, dst=MAC_VM_1, type=0x88CC) / Raw(bytes(30)),
-        (C.NOT_IP,)),
+        (C.NOT_IP,),
+    ),
     Bad("a third VLAN tag", ("tcp4",), retag(dot1ad(), dot1q(), dot1q(VLAN_OTHER)), (C.NOT_IP,)),
 ]
 
@@ -236,11 +283,26 @@ def cases() -> list[Case]:
         for base in row.bases:
             request, reply, conn = BASES[base]
             frame = row.make(request)
-            out.append(Case(f"{row.desc} [{base}, uplink]", UPLINK, "up1", frame,
-                            counters={("up1", c): 1 for c in row.counters}))
+            out.append(
+                Case(
+                    f"{row.desc} [{base}, uplink]",
+                    UPLINK,
+                    "up1",
+                    frame,
+                    counters={("up1", c): 1 for c in row.counters},
+                )
+            )
             entry = Entry(Key(conn), mac=MAC_FW_B, iface="up1", packets=3)
-            out.append(Case(f"{row.desc} [{base}, VM port]", VMPORT, "vm1", row.make(reply),
-                            setup=(entry,), counters={("vm1", c): 1 for c in row.counters}))
+            out.append(
+                Case(
+                    f"{row.desc} [{base}, VM port]",
+                    VMPORT,
+                    "vm1",
+                    row.make(reply),
+                    setup=(entry,),
+                    counters={("vm1", c): 1 for c in row.counters},
+                )
+            )
     return out
 
 
@@ -252,22 +314,46 @@ def test_malformed_passes_unchanged(dp, case: Case) -> None:  # type: ignore[no-
     check(dp, case)
 
 
-MIDSTREAM = Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", seen="now",
-                  state=abi.State.TCP_MIDSTREAM, table=PENDING)
+MIDSTREAM = Entry(
+    Key(tcp4_request()),
+    mac=MAC_FW_B,
+    iface="up1",
+    seen="now",
+    state=abi.State.TCP_MIDSTREAM,
+    table=PENDING,
+)
 
 CONTROLS = [
-    Case("control: a well-formed request of the same shape is learned", UPLINK, "up1",
-         tcp4_request("A"), counters={("up1", C.LEARNED): 1},
-         table_counters={abi.TableCounter.PENDING_INSERTED: 1}, after=(MIDSTREAM,)),
-    Case("control: IPv4 DF is no fragment", UPLINK, "up1", set_ip(flags="DF")(tcp4_request("A")),
-         counters={("up1", C.LEARNED): 1},
-         table_counters={abi.TableCounter.PENDING_INSERTED: 1}, after=(MIDSTREAM,)),
-    Case("control: a well-formed reply of the same shape is redirected", VMPORT, "vm1",
-         tcp4_reply(), setup=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1"),),
-         verdict=TC_ACT_REDIRECT, redirect="up1",
-         output=bridged(tcp4_reply()),
-         after=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", replies=1, seen="now"),),
-         counters={("vm1", C.REDIRECTED): 1}),
+    Case(
+        "control: a well-formed request of the same shape is learned",
+        UPLINK,
+        "up1",
+        tcp4_request("A"),
+        counters={("up1", C.LEARNED): 1},
+        table_counters={abi.TableCounter.PENDING_INSERTED: 1},
+        after=(MIDSTREAM,),
+    ),
+    Case(
+        "control: IPv4 DF is no fragment",
+        UPLINK,
+        "up1",
+        set_ip(flags="DF")(tcp4_request("A")),
+        counters={("up1", C.LEARNED): 1},
+        table_counters={abi.TableCounter.PENDING_INSERTED: 1},
+        after=(MIDSTREAM,),
+    ),
+    Case(
+        "control: a well-formed reply of the same shape is redirected",
+        VMPORT,
+        "vm1",
+        tcp4_reply(),
+        setup=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1"),),
+        verdict=TC_ACT_REDIRECT,
+        redirect="up1",
+        output=bridged(tcp4_reply()),
+        after=(Entry(Key(tcp4_request()), mac=MAC_FW_B, iface="up1", replies=1, seen="now"),),
+        counters={("vm1", C.REDIRECTED): 1},
+    ),
 ]
 
 

@@ -26,15 +26,10 @@ from scapy.packet import Packet
 
 from lasthop import abi
 from lasthop.datapath import MAP_NAMES, Maps
-from lasthop.maglev import Backend, build_table, slot_of
-from lasthop.services import (
-    HealthCheck,
-    Service,
-    ServiceManager,
-    ServiceVm,
-    read_table,
-    write_table,
-)
+from lasthop.services.lookup import read_table, write_table
+from lasthop.services.maglev import Member, build_table, slot_of
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import HealthCheck, Service, ServiceVm
 from packets import (
     IP6_CLIENT_B,
     IP_CLIENT_A,
@@ -88,22 +83,33 @@ PORT_PROXY_2 = 50002
 # ---------------------------------------------------------------- frames
 
 
-def svc4(sport: int = PORT_CLIENT, flags: str = "S", dport: int = PORT_HTTP,
-         src: str = IP_CLIENT_B) -> Packet:
+def svc4(
+    sport: int = PORT_CLIENT, flags: str = "S", dport: int = PORT_HTTP, src: str = IP_CLIENT_B
+) -> Packet:
     """A client's TCP packet to the virtual address, through firewall B, to the host."""
-    return (eth(MAC_FW_B, MAC_UPLINK_1) / IP(src=src, dst=VIP, ttl=60)
-            / TCP(sport=sport, dport=dport, flags=flags, seq=1000))
+    return (
+        eth(MAC_FW_B, MAC_UPLINK_1)
+        / IP(src=src, dst=VIP, ttl=60)
+        / TCP(sport=sport, dport=dport, flags=flags, seq=1000)
+    )
 
 
 def svc6_udp(sport: int = PORT_CLIENT) -> Packet:
-    return (eth(MAC_FW_B, MAC_UPLINK_1) / IPv6(src=IP6_CLIENT_B, dst=VIP6, hlim=60)
-            / UDP(sport=sport, dport=PORT_DNS) / b"query")
+    return (
+        eth(MAC_FW_B, MAC_UPLINK_1)
+        / IPv6(src=IP6_CLIENT_B, dst=VIP6, hlim=60)
+        / UDP(sport=sport, dport=PORT_DNS)
+        / b"query"
+    )
 
 
 def vip_reply(vm: str, sport: int = PORT_CLIENT) -> Packet:
     """The VM answers from the virtual address, to its own default gateway (firewall A)."""
-    return (eth(VM_MACS[vm], MAC_FW_A) / IP(src=VIP, dst=IP_CLIENT_B)
-            / TCP(sport=PORT_HTTP, dport=sport, flags="SA", seq=5000, ack=1001))
+    return (
+        eth(VM_MACS[vm], MAC_FW_A)
+        / IP(src=VIP, dst=IP_CLIENT_B)
+        / TCP(sport=PORT_HTTP, dport=sport, flags="SA", seq=5000, ack=1001)
+    )
 
 
 def to_vm(frame: Packet, vm: str, *, routed: bool = False) -> Packet:
@@ -112,8 +118,11 @@ def to_vm(frame: Packet, vm: str, *, routed: bool = False) -> Packet:
     out = Ether(bytes(frame))
     out[Ether].dst = VM_MACS[vm]
     if routed:
-        out[Ether].src = {"vm1": "02:00:00:00:02:01", "vm2": "02:00:00:00:02:02",
-                          "vm3": MAC_VMPORT_3}[vm]
+        out[Ether].src = {
+            "vm1": "02:00:00:00:02:01",
+            "vm2": "02:00:00:00:02:02",
+            "vm3": MAC_VMPORT_3,
+        }[vm]
         if IP in out:
             out[IP].ttl -= 1
             del out[IP].chksum
@@ -154,8 +163,9 @@ class Services:
         flags |= abi.F_IFACE_ROUTED if routed else 0
         self.dp.configure(vm, flags=flags, vm_mac=VM_MACS[vm])
 
-    def service(self, sid: int, addr: str, table: list[int], *, proto: int = 0,
-                port: int = 0) -> None:
+    def service(
+        self, sid: int, addr: str, table: list[int], *, proto: int = 0, port: int = 0
+    ) -> None:
         """lh_services[(addr, proto, port)] = sid, with *table* swapped into lh_maglev[sid]."""
         write_table(self.maglev, sid, table)
         family = abi.FAMILY_V6 if ":" in addr else abi.FAMILY_V4
@@ -165,7 +175,7 @@ class Services:
         self.services.update(bytes(key), bytes(abi.SvcInfo(id=sid)))
 
     def pool_table(self, *vms: str) -> list[int]:
-        return build_table([Backend(vm, self.ifindex(vm)) for vm in vms])
+        return build_table([Member(vm, self.ifindex(vm)) for vm in vms])
 
     def all_to(self, vm: str | None) -> list[int]:
         """A table that sends every connection to *vm* (None: no VM)."""
@@ -189,7 +199,7 @@ class Services:
         """The connection's entry, confirmed (lh_conns) or pending (lh_pending)."""
         key = Key(frame, reverse=reverse).pack()
         raw = self.dp.conns.lookup(key) or self.dp.pending.lookup(key)
-        return abi.ConnEntry.from_buffer_copy(raw[:ctypes.sizeof(abi.ConnEntry)]) if raw else None
+        return abi.ConnEntry.from_buffer_copy(raw[: ctypes.sizeof(abi.ConnEntry)]) if raw else None
 
     def grant_vip(self, *vms: str) -> None:
         """The virtual address in lh_vm_addrs for *vms*, as the agent grants its pool members."""
@@ -207,8 +217,13 @@ class Services:
 
 
 class Sent:
-    def __init__(self, verdict: int, redirect: str | None, data: bytes,
-                 counters: dict[tuple[str, abi.Counter], int]) -> None:
+    def __init__(
+        self,
+        verdict: int,
+        redirect: str | None,
+        data: bytes,
+        counters: dict[tuple[str, abi.Counter], int],
+    ) -> None:
         self.verdict, self.redirect, self.data, self.counters = verdict, redirect, data, counters
 
     def assert_to_vm(self, frame: Packet, vm: str, *, routed: bool = False) -> None:
@@ -217,8 +232,9 @@ class Sent:
 
 
 @pytest.fixture(scope="module")
-def svc_dp(loaded: Datapath, test_netns: TestNetns,
-           topology: dict[str, Iface]) -> Iterator[Services]:
+def svc_dp(
+    loaded: Datapath, test_netns: TestNetns, topology: dict[str, Iface]
+) -> Iterator[Services]:
     """The shared data path plus a third VM port, vm3."""
     extra = {}
     if "vm3" not in topology:
@@ -266,7 +282,11 @@ def test_a_new_connection_gets_the_vm_the_table_names(sv: Services) -> None:
     e = sv.entry(frame)
     assert e is not None
     assert (sv.name(e.vm_ifindex), sv.name(e.ifindex), bytes(e.mac), e.flags) == (
-        vm, "up1", mac_bytes(MAC_FW_B), HOP)
+        vm,
+        "up1",
+        mac_bytes(MAC_FW_B),
+        HOP,
+    )
 
 
 def test_the_agents_prediction_matches_the_data_path_for_many_keys(sv: Services) -> None:
@@ -450,14 +470,20 @@ def test_the_guest_mac_is_learned_from_its_first_packet(sv: Services) -> None:
 
 def proxy_syn(vm: str, sport: int) -> Packet:
     """A full-proxy VM opens its own connection to the server, from the shared virtual address."""
-    return (eth(VM_MACS[vm], MAC_FW_A) / IP(src=VIP, dst=IP_SERVER)
-            / TCP(sport=sport, dport=PORT_HTTP, flags="S", seq=7000))
+    return (
+        eth(VM_MACS[vm], MAC_FW_A)
+        / IP(src=VIP, dst=IP_SERVER)
+        / TCP(sport=sport, dport=PORT_HTTP, flags="S", seq=7000)
+    )
 
 
 def server_reply(sport: int, flags: str = "SA") -> Packet:
     """The server's answer, through the server-side firewall, to the host."""
-    return (eth(MAC_FW_S, MAC_UPLINK_1) / IP(src=IP_SERVER, dst=VIP)
-            / TCP(sport=PORT_HTTP, dport=sport, flags=flags, seq=9000, ack=7001))
+    return (
+        eth(MAC_FW_S, MAC_UPLINK_1)
+        / IP(src=IP_SERVER, dst=VIP)
+        / TCP(sport=PORT_HTTP, dport=sport, flags=flags, seq=9000, ack=7001)
+    )
 
 
 def test_full_proxy_vms_sharing_one_address_each_get_their_servers_replies(sv: Services) -> None:
@@ -480,7 +506,10 @@ def test_full_proxy_vms_sharing_one_address_each_get_their_servers_replies(sv: S
         e = sv.entry(reply)
         assert e is not None
         assert (e.flags, bytes(e.mac), sv.name(e.ifindex)) == (
-            ORIGIN | HOP, mac_bytes(MAC_FW_S), "up1")
+            ORIGIN | HOP,
+            mac_bytes(MAC_FW_S),
+            "up1",
+        )
     # the VM's ACK: per-connection routing for the server side too
     ack = proxy_syn("vm1", PORT_PROXY_1)
     ack[TCP].flags, ack[TCP].seq, ack[TCP].ack = "A", 7001, 9001
@@ -491,8 +520,9 @@ def test_full_proxy_vms_sharing_one_address_each_get_their_servers_replies(sv: S
     assert sent.counters == {("vm1", C.REDIRECTED): 1, ("vm1", C.CONFIRMED): 1}
     confirmed = sv.dp.conns.lookup(Key(ack, reverse=True).pack())
     assert confirmed is not None
-    assert abi.ConnEntry.from_buffer_copy(confirmed[:ctypes.sizeof(abi.ConnEntry)]).state == (
-        abi.State.TCP_ESTABLISHED)
+    assert abi.ConnEntry.from_buffer_copy(confirmed[: ctypes.sizeof(abi.ConnEntry)]).state == (
+        abi.State.TCP_ESTABLISHED
+    )
 
 
 def test_a_vm_packet_before_the_servers_reply_is_pending(sv: Services) -> None:
@@ -528,8 +558,13 @@ def test_a_vm_opened_connection_of_a_down_vm_passes(sv: Services) -> None:
 
 
 def _three_vm_service(**kw: object) -> Service:
-    return Service(name="web", address=VIP, ports=[PORT_HTTP],
-                   vms=[ServiceVm(port=vm, mac=VM_MACS[vm]) for vm in POOL], **kw)  # type: ignore[arg-type]
+    return Service(
+        name="web",
+        address=VIP,
+        ports=[PORT_HTTP],
+        vms=[ServiceVm(port=vm, mac=VM_MACS[vm]) for vm in POOL],
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def test_manager_writes_tables_keys_and_flags(sv: Services, tmp_path: Path) -> None:
@@ -584,8 +619,9 @@ def test_drain_takes_no_new_connections_and_keeps_old_ones(sv: Services, tmp_pat
     assert read_table(sv.maglev, 0) == sv.pool_table(*POOL)
 
 
-def test_health_unhealthy_takes_no_new_connections_down_moves_them(sv: Services,
-                                                                  tmp_path: Path) -> None:
+def test_health_unhealthy_takes_no_new_connections_down_moves_them(
+    sv: Services, tmp_path: Path
+) -> None:
     """Failing checks: after `fall` the VM gets no new connections but keeps its
     own; after `down_after` it is down and its connections are reassigned."""
     m = sv.manager(tmp_path / "s.json")
@@ -631,8 +667,9 @@ def test_removing_a_vm_moves_its_connections_in_the_table(sv: Services, tmp_path
         assert sv.vm_of(frame) == "vm2"
 
 
-def test_removing_a_vm_with_on_vm_down_drop_forgets_its_connections(sv: Services,
-                                                                      tmp_path: Path) -> None:
+def test_removing_a_vm_with_on_vm_down_drop_forgets_its_connections(
+    sv: Services, tmp_path: Path
+) -> None:
     sv.reset(settings=abi.F_SET_VM_DOWN_DROP)
     m = sv.manager(tmp_path / "s.json")
     m.start([_three_vm_service()], HealthCheck(type="none"))

@@ -51,13 +51,21 @@ def learned(request: Packet, iface: str = "up1", **kw) -> Entry:  # type: ignore
 def host_frag_needed(quoted: Packet, src_mac: str = MAC_UPLINK_1) -> Packet:
     """The host's "fragmentation needed" to the client, addressed by its own
     routing to its default gateway, firewall A."""
-    return (eth(src_mac, MAC_FW_A) / IP(src=IP_ROUTER, dst=IP_CLIENT_B)
-            / ICMP(**FRAG_NEEDED) / l3(quoted))
+    return (
+        eth(src_mac, MAC_FW_A)
+        / IP(src=IP_ROUTER, dst=IP_CLIENT_B)
+        / ICMP(**FRAG_NEEDED)
+        / l3(quoted)
+    )
 
 
 def host_too_big(quoted: Packet) -> Packet:
-    return (eth(MAC_UPLINK_1, MAC_FW_A) / IPv6(src=IP6_ROUTER, dst=IP6_CLIENT_B)
-            / ICMPv6PacketTooBig(mtu=1280) / l3(quoted))
+    return (
+        eth(MAC_UPLINK_1, MAC_FW_A)
+        / IPv6(src=IP6_ROUTER, dst=IP6_CLIENT_B)
+        / ICMPv6PacketTooBig(mtu=1280)
+        / l3(quoted)
+    )
 
 
 def to(frame: Packet, dst: str, src: str | None = None) -> Packet:
@@ -69,46 +77,81 @@ def to(frame: Packet, dst: str, src: str | None = None) -> Packet:
 
 
 CASES = [
-    Case("v4 fragmentation needed about a known request goes to its firewall, same uplink",
-         UPLINK_OUT, "up1", host_frag_needed(tcp4_request("A")),
-         setup=(learned(tcp4_request()),),
-         output=to(host_frag_needed(tcp4_request("A")), MAC_FW_B),
-         counters={("up1", C.HOST_ICMP_REDIRECTED): 1}),
-    Case("v6 packet too big about a known request goes to its firewall",
-         UPLINK_OUT, "up1", host_too_big(tcp6_request("A")),
-         setup=(learned(tcp6_request()),),
-         output=to(host_too_big(tcp6_request("A")), MAC_FW_B),
-         counters={("up1", C.HOST_ICMP_REDIRECTED): 1}),
-    Case("a connection that came in on the other uplink: redirected there, with its MAC",
-         UPLINK_OUT, "up1", host_frag_needed(tcp4_request("A")),
-         setup=(learned(tcp4_request(), iface="up2"),),
-         verdict=TC_ACT_REDIRECT, redirect="up2",
-         output=to(host_frag_needed(tcp4_request("A")), MAC_FW_B, MAC_UPLINK_2),
-         counters={("up1", C.HOST_ICMP_REDIRECTED): 1}),
-    Case("about no known connection: left as routed, counted",
-         UPLINK_OUT, "up1", host_frag_needed(tcp4_request("A")),
-         counters={("up1", C.HOST_ICMP_MISS): 1}),
-    Case("about a VLAN-tagged connection: left as routed, counted",
-         UPLINK_OUT, "up1", host_frag_needed(tcp4_request("A")),
-         setup=(learned(tcp4_request(), vlans=(100,)),),
-         counters={("up1", C.HOST_ICMP_TAGGED): 1}),
-    Case("a TCP reply leaving the uplink is not looked at",
-         UPLINK_OUT, "up1", tcp4_reply(), setup=(learned(tcp4_request()),)),
-    Case("an echo reply the host sends is no error: untouched, uncounted",
-         UPLINK_OUT, "up1",
-         eth(MAC_UPLINK_1, MAC_FW_A) / IP(src=IP_ROUTER, dst=IP_CLIENT_B) / ICMP(type="echo-reply"),
-         setup=(learned(tcp4_request()),)),
-    Case("a tagged frame is not looked at",
-         UPLINK_OUT, "up1",
-         eth(MAC_UPLINK_1, MAC_FW_A, (dot1q(),)) / l3(host_frag_needed(tcp4_request("A"))),
-         setup=(learned(tcp4_request()),)),
-    Case("on an interface that is no uplink: untouched, uncounted",
-         UPLINK_OUT, "vm1", host_frag_needed(tcp4_request("A")),
-         setup=(learned(tcp4_request()),)),
+    Case(
+        "v4 fragmentation needed about a known request goes to its firewall, same uplink",
+        UPLINK_OUT,
+        "up1",
+        host_frag_needed(tcp4_request("A")),
+        setup=(learned(tcp4_request()),),
+        output=to(host_frag_needed(tcp4_request("A")), MAC_FW_B),
+        counters={("up1", C.HOST_ICMP_REDIRECTED): 1},
+    ),
+    Case(
+        "v6 packet too big about a known request goes to its firewall",
+        UPLINK_OUT,
+        "up1",
+        host_too_big(tcp6_request("A")),
+        setup=(learned(tcp6_request()),),
+        output=to(host_too_big(tcp6_request("A")), MAC_FW_B),
+        counters={("up1", C.HOST_ICMP_REDIRECTED): 1},
+    ),
+    Case(
+        "a connection that came in on the other uplink: redirected there, with its MAC",
+        UPLINK_OUT,
+        "up1",
+        host_frag_needed(tcp4_request("A")),
+        setup=(learned(tcp4_request(), iface="up2"),),
+        verdict=TC_ACT_REDIRECT,
+        redirect="up2",
+        output=to(host_frag_needed(tcp4_request("A")), MAC_FW_B, MAC_UPLINK_2),
+        counters={("up1", C.HOST_ICMP_REDIRECTED): 1},
+    ),
+    Case(
+        "about no known connection: left as routed, counted",
+        UPLINK_OUT,
+        "up1",
+        host_frag_needed(tcp4_request("A")),
+        counters={("up1", C.HOST_ICMP_MISS): 1},
+    ),
+    Case(
+        "about a VLAN-tagged connection: left as routed, counted",
+        UPLINK_OUT,
+        "up1",
+        host_frag_needed(tcp4_request("A")),
+        setup=(learned(tcp4_request(), vlans=(100,)),),
+        counters={("up1", C.HOST_ICMP_TAGGED): 1},
+    ),
+    Case(
+        "a TCP reply leaving the uplink is not looked at",
+        UPLINK_OUT,
+        "up1",
+        tcp4_reply(),
+        setup=(learned(tcp4_request()),),
+    ),
+    Case(
+        "an echo reply the host sends is no error: untouched, uncounted",
+        UPLINK_OUT,
+        "up1",
+        eth(MAC_UPLINK_1, MAC_FW_A) / IP(src=IP_ROUTER, dst=IP_CLIENT_B) / ICMP(type="echo-reply"),
+        setup=(learned(tcp4_request()),),
+    ),
+    Case(
+        "a tagged frame is not looked at",
+        UPLINK_OUT,
+        "up1",
+        eth(MAC_UPLINK_1, MAC_FW_A, (dot1q(),)) / l3(host_frag_needed(tcp4_request("A"))),
+        setup=(learned(tcp4_request()),),
+    ),
+    Case(
+        "on an interface that is no uplink: untouched, uncounted",
+        UPLINK_OUT,
+        "vm1",
+        host_frag_needed(tcp4_request("A")),
+        setup=(learned(tcp4_request()),),
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_uplink_out(dp, case: Case) -> None:  # type: ignore[no-untyped-def]
     check(dp, case)
-

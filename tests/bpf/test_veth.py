@@ -104,8 +104,10 @@ class Capture:
                 return
             seen.append(data)
         shown = "\n".join(Ether(d).summary() for d in seen) or "(nothing)"
-        raise AssertionError(f"expected frame not captured:\n{Ether(want).show2(dump=True)}\n"
-                             f"captured instead:\n{shown}")
+        raise AssertionError(
+            f"expected frame not captured:\n{Ether(want).show2(dump=True)}\n"
+            f"captured instead:\n{shown}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +116,13 @@ def wire(test_netns: TestNetns, test_object) -> Iterator[Wire]:  # type: ignore[
     test_netns.enter()
     obj = BpfObject(test_object, pin_root=None, max_entries={"lh_conns": 1024, "lh_pending": 1024})
     try:
-        dp = Datapath(obj, {
-            "wup": Iface("wup", index["wup"], MAC_UPLINK_1, abi.Role.UPLINK, 1),
-            "wvm": Iface("wvm", index["wvm"], MAC_VMPORT_1, abi.Role.VM_PORT, 3),
-        })
+        dp = Datapath(
+            obj,
+            {
+                "wup": Iface("wup", index["wup"], MAC_UPLINK_1, abi.Role.UPLINK, 1),
+                "wvm": Iface("wvm", index["wvm"], MAC_VMPORT_1, abi.Role.VM_PORT, 3),
+            },
+        )
         for name, prog in (("wup", "lh_uplink"), ("wvm", "lh_vmport")):
             hook = TcHook(index[name], INGRESS)
             hook.create()
@@ -132,10 +137,13 @@ def wire(test_netns: TestNetns, test_object) -> Iterator[Wire]:  # type: ignore[
 TAGS = [
     pytest.param((), (), 0, id="untagged"),
     pytest.param((dot1q(VLAN_C),), (tci(VLAN_C),), 0, id="802.1Q"),
-    pytest.param((dot1ad(VLAN_S), dot1q(VLAN_C)), (tci(VLAN_S), tci(VLAN_C)),
-                 abi.F_ENTRY_OUTER_8021AD, id="QinQ 802.1ad+802.1Q"),
-    pytest.param((dot1q(VLAN_S), dot1q(VLAN_C)), (tci(VLAN_S), tci(VLAN_C)), 0,
-                 id="two 802.1Q"),
+    pytest.param(
+        (dot1ad(VLAN_S), dot1q(VLAN_C)),
+        (tci(VLAN_S), tci(VLAN_C)),
+        abi.F_ENTRY_OUTER_8021AD,
+        id="QinQ 802.1ad+802.1Q",
+    ),
+    pytest.param((dot1q(VLAN_S), dot1q(VLAN_C)), (tci(VLAN_S), tci(VLAN_C)), 0, id="two 802.1Q"),
 ]
 
 
@@ -148,10 +156,13 @@ def tagged(frame: Packet, tags: tuple[Packet, ...]) -> Packet:
 
 
 @pytest.mark.parametrize(("tags", "tcis", "ad"), TAGS)
-@pytest.mark.parametrize(("request_", "reply"), [
-    pytest.param(tcp4_request("S"), tcp4_reply("SA"), id="v4"),
-    pytest.param(tcp6_request("S"), tcp6_reply("SA"), id="v6"),
-])
+@pytest.mark.parametrize(
+    ("request_", "reply"),
+    [
+        pytest.param(tcp4_request("S"), tcp4_reply("SA"), id="v4"),
+        pytest.param(tcp6_request("S"), tcp6_reply("SA"), id="v6"),
+    ],
+)
 def test_reply_leaves_with_the_request_tags(wire: Wire, tags, tcis, ad, request_, reply) -> None:  # type: ignore[no-untyped-def]
     """A request arriving tagged on the uplink (outer tag already in skb metadata)
     is learned with every tag; the reply leaves the uplink with the same tags,
@@ -161,14 +172,18 @@ def test_reply_leaves_with_the_request_tags(wire: Wire, tags, tcis, ad, request_
     capture = Capture("wupp")
     try:
         wire.send("wupp", tagged(request_, tags))
-        deadline = time.monotonic() + 1
+        deadline = time.monotonic() + 5  # a condition waited for: a long limit costs nothing
         while not dp.table(0, 2**32 - 1) and time.monotonic() < deadline:
             time.sleep(0.01)
         table = dp.table(0, 2**32 - 1)
         assert list(table) == [Key(request_).pack()]
         entry = table[Key(request_).pack()]
         assert (entry.mac, entry.iface, entry.vlans, entry.flags) == (
-            MAC_FW_B, "wup", tcis, abi.F_ENTRY_HOP_KNOWN | ad)
+            MAC_FW_B,
+            "wup",
+            tcis,
+            abi.F_ENTRY_HOP_KNOWN | ad,
+        )
 
         wire.send("wvmp", reply)
         capture.expect(bytes(tagged(bridged(reply), tags)))

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from lasthop.lab import Plan, agent
+from lasthop.lab import Plan, runner
 from lasthop.lab.cli import EXIT_LAB, EXIT_OK, EXIT_USAGE
 from lasthop.lab.services import VIP
 from lasthop.lab.topology import lab_namespaces
-from lasthop.services import state_path
+from lasthop.services.store import state_path
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -54,7 +54,7 @@ def test_recipe_without_routed_is_a_usage_error(lab_name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.bpf
-@pytest.mark.skipif(not agent.available(), reason="agent not built yet")
+@pytest.mark.skipif(not runner.available(), reason="agent not built yet")
 def test_demo_passes_and_cleans_up(lab_name: str) -> None:
     """The demo exits 0 on both host modes (fails without lasthop, works with
     it; the service spreads every connection over the VMs and the drain holds)

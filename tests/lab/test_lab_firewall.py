@@ -4,7 +4,6 @@ side with a bare SYN, and every drop is counted by reason."""
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -12,15 +11,26 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import GRE
 
 from lasthop.lab import Lab, firewall
-from lasthop.lab.namespaces import open_socket
+from lasthop.lab.namespaces import eventually, open_socket
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 
-def _delta(lab: Lab, fw: str, before: dict[str, dict[str, int]]) -> dict[str, int]:
-    time.sleep(0.05)
-    after = lab.counters()[fw]
-    return {k: v - before[fw][k] for k, v in after.items() if v != before[fw][k]}
+def _assert_delta(
+    lab: Lab, fw: str, before: dict[str, dict[str, int]], expected: dict[str, int]
+) -> None:
+    """fw's counters that changed since *before* come to read *expected* (waited
+    for, up to 5 s, rather than slept for)."""
+    delta: dict[str, int] = {}
+
+    def settled() -> bool:
+        nonlocal delta
+        after = lab.counters()[fw]
+        delta = {k: v - before[fw][k] for k, v in after.items() if v != before[fw][k]}
+        return delta == expected
+
+    eventually(settled, timeout=5.0, every=0.05)
+    assert delta == expected
 
 
 def test_counters_read_as_numbers(bridged_lab: Lab) -> None:
@@ -42,7 +52,7 @@ def test_a_new_tcp_connection_without_a_bare_syn_is_dropped(bridged_lab: Lab) ->
     )
     with open_socket(cl.ns, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
         s.sendto(bytes(ack6[TCP]), (vm.addr.v6, 0))
-    assert _delta(bridged_lab, "fw1", before) == {"drop_not_syn": 2}
+    _assert_delta(bridged_lab, "fw1", before, {"drop_not_syn": 2})
 
 
 def test_a_connection_from_the_transit_side_is_dropped(bridged_lab: Lab) -> None:
@@ -53,7 +63,7 @@ def test_a_connection_from_the_transit_side_is_dropped(bridged_lab: Lab) -> None
         s.sendto(b"hello", (plan.client(1).addr.v4, 7))
     with open_socket(plan.vm(2).ns, socket.AF_INET6, socket.SOCK_DGRAM) as s:
         s.sendto(b"hello", (plan.client(1).addr.v6, 7))
-    assert _delta(bridged_lab, "fw1", before) == {"drop_outside": 2}
+    _assert_delta(bridged_lab, "fw1", before, {"drop_outside": 2})
 
 
 def test_other_protocols_are_dropped(bridged_lab: Lab) -> None:
@@ -63,7 +73,7 @@ def test_other_protocols_are_dropped(bridged_lab: Lab) -> None:
     before = bridged_lab.counters()
     with open_socket(cl.ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
         s.sendto(bytes(IP(src=cl.addr.v4, dst=vm.addr.v4) / GRE()), (vm.addr.v4, 0))
-    assert _delta(bridged_lab, "fw2", before) == {"drop_other": 1}
+    _assert_delta(bridged_lab, "fw2", before, {"drop_other": 1})
 
 
 def test_a_reply_through_the_wrong_firewall_is_dropped_as_unknown(bridged_lab: Lab) -> None:
@@ -74,5 +84,5 @@ def test_a_reply_through_the_wrong_firewall_is_dropped_as_unknown(bridged_lab: L
         s.settimeout(0.5)
         with pytest.raises(TimeoutError):
             s.connect((plan.vm(1).addr.v4, 7))
-    assert _delta(bridged_lab, "fw2", before) == {"accepted_new": 1}
-    assert _delta(bridged_lab, "fw1", before) == {"drop_invalid": 1}
+    _assert_delta(bridged_lab, "fw2", before, {"accepted_new": 1})
+    _assert_delta(bridged_lab, "fw1", before, {"drop_invalid": 1})

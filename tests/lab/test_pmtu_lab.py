@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from lasthop.lab import Lab, agent
+from lasthop.lab import Lab, runner
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import ip_batch, open_socket
 
-needs_agent = pytest.mark.skipif(not agent.available(), reason="agent not built yet")
+needs_agent = pytest.mark.skipif(not runner.available(), reason="agent not built yet")
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.bpf, needs_agent]
 
 NARROW_MTU = 1280  # the host's side of the VM network (IPv6's minimum)
@@ -66,6 +66,6 @@ def test_path_mtu_discovery_works_through_the_host(routed_lab: Lab, family: int)
     assert echo_big(routed_lab, client=1, vm=1, family=family, timeout=5.0)
     # through fw2, without lasthop, the host's error goes to fw1 and dies
     assert not echo_big(routed_lab, client=2, vm=1, family=family, timeout=2.0)
-    with agent.LasthopAgent(routed_lab.plan):
+    with runner.AgentRunner(routed_lab.plan):
         assert echo_big(routed_lab, client=2, vm=1, family=family, timeout=5.0)
-        assert agent.stats(routed_lab.plan)["totals"]["host_icmp_redirected"] >= 1
+        assert runner.stats(routed_lab.plan)["totals"]["host_icmp_redirected"] >= 1

@@ -2,7 +2,7 @@
 
 1. A virtual address served by three VMs: the clients behind fw1..fw3 reach
    it only with lasthop; every connection lands on the VM the data path's
-   Maglev table names (predicted here with lasthop.maglev) and all three VMs
+   Maglev table names (predicted here with lasthop.services.maglev) and all three VMs
    serve; a drained VM keeps its established connection and takes no new
    ones, across an agent restart; a VM whose checks fail takes no new ones.
 2. Full-proxy VMs: the three VMs open their own connections, all from the
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from lasthop.lab import Lab, agent, firewall
+from lasthop.lab import Lab, firewall, runner
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import eventually, ip_batch, ns_exec, stop_pids
 from lasthop.lab.services import (
@@ -38,7 +38,7 @@ from lasthop.lab.services import (
 )
 from lasthop.lab.traffic import EchoSession
 
-needs_agent = pytest.mark.skipif(not agent.available(), reason="agent not built yet")
+needs_agent = pytest.mark.skipif(not runner.available(), reason="agent not built yet")
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.bpf, needs_agent]
 
 SERVER_SITE = 9  # cl9 plays the server network, fw9 its firewall
@@ -84,9 +84,9 @@ def vip_lab(routed_lab: Lab) -> Lab:
 
 
 @pytest.fixture
-def running(vip_lab: Lab, state_dir: Path, tmp_path: Path) -> Iterator[agent.LasthopAgent]:
+def running(vip_lab: Lab, state_dir: Path, tmp_path: Path) -> Iterator[runner.AgentRunner]:
     cfg = write_config(tmp_path / "lasthop.toml", vip_lab.plan)
-    with agent.LasthopAgent(vip_lab.plan, extra=("--config", str(cfg))) as a:
+    with runner.AgentRunner(vip_lab.plan, extra=("--config", str(cfg))) as a:
         assert eventually(lambda: all(s for _, s in vm_states(vip_lab.plan).values())), vm_states(
             vip_lab.plan
         )
@@ -109,7 +109,7 @@ def test_a_bridged_host_serves_the_address_too(
     lab, plan = bridged_lab, bridged_lab.plan
     serve_vip(lab)
     cfg = write_config(tmp_path / "lasthop.toml", plan)
-    with agent.LasthopAgent(plan, extra=("--config", str(cfg))):
+    with runner.AgentRunner(plan, extra=("--config", str(cfg))):
         for n in plan.vms:  # the guests' MACs: learned from their first packet
             ns_exec(plan.vm(n).ns, ["ping", "-c1", "-W1", plan.firewall(1).transit.v4], check=False)
         predict = Prediction(lab)
@@ -124,7 +124,7 @@ def test_a_bridged_host_serves_the_address_too(
 
 
 def test_three_vms_serve_the_address_each_connection_where_maglev_says(
-    vip_lab: Lab, running: agent.LasthopAgent, state_dir: Path
+    vip_lab: Lab, running: runner.AgentRunner, state_dir: Path
 ) -> None:
     """60 connections from the three sites, IPv4 and IPv6: all answered, each by
     the VM the table names, every VM used, no firewall drops a reply; then a
@@ -146,10 +146,10 @@ def test_three_vms_serve_the_address_each_connection_where_maglev_says(
 
     # a long-lived echo connection from cl2, then its VM is drained
     with EchoSession(plan, 2, address=VIP, timeout=TIMEOUT) as session:
-        rows = [r for r in agent.show(plan) if r["sport"] == session.local_port]
+        rows = [r for r in runner.show(plan) if r["sport"] == session.local_port]
         assert len(rows) == 1 and rows[0]["vm_port"], rows
         busy = rows[0]["vm_port"]
-        agent.command(plan, "service", "drain", "web", busy)  # a LabError if it fails
+        runner.command(plan, "service", "drain", "web", busy)  # a LabError if it fails
         assert session.exchange(TIMEOUT)
         running.stop()
         running.start()  # the drain and the service outlive the agent
@@ -162,18 +162,18 @@ def test_three_vms_serve_the_address_each_connection_where_maglev_says(
 
 
 def test_a_vm_failing_its_checks_gets_no_new_connections(
-    vip_lab: Lab, running: agent.LasthopAgent
+    vip_lab: Lab, running: runner.AgentRunner
 ) -> None:
     """vm3's servers stop: after two failed checks it is unhealthy and out of the table."""
     plan = vip_lab.plan
     vm3 = plan.vm(3)
     stop_pids([vip_lab.state.servers[vm3.name]])
     assert eventually(lambda: vm_states(plan)["vm3"] == ("unhealthy", False)), vm_states(plan)
-    assert "vm3" in agent.command(plan, "service", "list").stdout
+    assert "vm3" in runner.command(plan, "service", "list").stdout
     for i in range(20):
         body, _ = http_get(plan.client(1 + i % 3).ns, 4, VIP.v4)
         assert body in ("vm1", "vm2"), body
-    changes = {v["port"]: v["changes"] for v in agent.services(plan)["web"]["vms"]}
+    changes = {v["port"]: v["changes"] for v in runner.services(plan)["web"]["vms"]}
     assert changes["vm3"] >= 2  # unknown -> up -> unhealthy, each counted
 
 
@@ -231,12 +231,12 @@ def test_full_proxy_vms_sharing_one_address_get_their_servers_replies(
     lab, plan = proxy_lab, proxy_lab.plan
     assert _proxied(lab, 1, 4, 41000, timeout=1.0) is None
     cfg = write_config(tmp_path / "lasthop.toml", plan)
-    with agent.LasthopAgent(plan, extra=("--config", str(cfg))):
+    with runner.AgentRunner(plan, extra=("--config", str(cfg))):
         jobs = [(n, 4 if i % 2 else 6, 42000 + 10 * n + i) for n in plan.vms for i in range(4)]
         with ThreadPoolExecutor(len(jobs)) as pool:
             bodies = list(pool.map(lambda j: _proxied(lab, *j), jobs))
         assert bodies == ["srv"] * len(jobs), list(zip(jobs, bodies, strict=True))
-        rows = {(r["dst"], r["dport"]): r for r in agent.show(plan) if "vm_origin" in r["flags"]}
+        rows = {(r["dst"], r["dport"]): r for r in runner.show(plan) if "vm_origin" in r["flags"]}
         fw9 = plan.firewall(SERVER_SITE)
         for n, family, sport in jobs:
             row = rows[(VIP.of(family), sport)]
@@ -245,7 +245,7 @@ def test_full_proxy_vms_sharing_one_address_get_their_servers_replies(
                 fw9.transit_mac,
                 plan.host.uplink,
             ), row
-        stats = agent.stats(plan)["totals"]
+        stats = runner.stats(plan)["totals"]
         assert stats["vm_origin_learned"] >= len(jobs)
         assert stats["vm_origin_returned"] >= len(jobs)
     counters = json.loads(

@@ -105,29 +105,47 @@ _FILL_BATCH = 8192
 
 
 def _key4(saddr: bytes, daddr: bytes, sport: int, dport: int) -> bytes:
-    return struct.pack("<16s16s2s2sBBH", saddr + bytes(12), daddr + bytes(12),
-                       sport.to_bytes(2, "big"), dport.to_bytes(2, "big"), 6, abi.FAMILY_V4, 0)
+    return struct.pack(
+        "<16s16s2s2sBBH",
+        saddr + bytes(12),
+        daddr + bytes(12),
+        sport.to_bytes(2, "big"),
+        dport.to_bytes(2, "big"),
+        6,
+        abi.FAMILY_V4,
+        0,
+    )
 
 
 def _key6(saddr: bytes, daddr: bytes, sport: int, dport: int) -> bytes:
-    return struct.pack("<16s16s2s2sBBH", saddr, daddr, sport.to_bytes(2, "big"),
-                       dport.to_bytes(2, "big"), 6, abi.FAMILY_V6, 0)
+    return struct.pack(
+        "<16s16s2s2sBBH",
+        saddr,
+        daddr,
+        sport.to_bytes(2, "big"),
+        dport.to_bytes(2, "big"),
+        6,
+        abi.FAMILY_V6,
+        0,
+    )
 
 
 def _ref_key(saddr: bytes, daddr: bytes, sport: int, dport: int) -> bytes:
     """struct ref_key of a TCP connection, request orientation (saddr = client)."""
-    k = abi.RefKey.from_buffer_copy(saddr + daddr + sport.to_bytes(2, "big")
-                                    + dport.to_bytes(2, "big") + bytes(4))
+    k = abi.RefKey.from_buffer_copy(
+        saddr + daddr + sport.to_bytes(2, "big") + dport.to_bytes(2, "big") + bytes(4)
+    )
     k.proto = socket.IPPROTO_TCP
     return bytes(k)
 
 
 def _with_ack(frame: bytes, ack: int) -> bytes:
     """*frame* (untagged IPv4/TCP) with its ack number set."""
-    return frame[:_ACK_OFF] + ack.to_bytes(4, "big") + frame[_ACK_OFF + 4:]
+    return frame[:_ACK_OFF] + ack.to_bytes(4, "big") + frame[_ACK_OFF + 4 :]
 
 
 # -- results --------------------------------------------------------------------------
+
 
 @dataclass
 class Figure:
@@ -219,15 +237,26 @@ class Results:
         memory = None
         if self.memory:
             m = self.memory
-            memory = asdict(m) | {"entries": m.entries, "per_entry": m.per_entry,
-                                  "per_confirmed": m.per_confirmed, "ok": m.ok}
+            memory = asdict(m) | {
+                "entries": m.entries,
+                "per_entry": m.per_entry,
+                "per_confirmed": m.per_confirmed,
+                "ok": m.ok,
+            }
         checks = {run: [asdict(c) | {"ok": c.ok} for c in cs] for run, cs in self.checks.items()}
-        return {"figures": figures, "memory": memory, "checks": checks, "ok": self.ok,
-                "targets": {name: asdict(t) for name, t in TARGETS.items()},
-                "settings": self.settings, "environment": self.environment}
+        return {
+            "figures": figures,
+            "memory": memory,
+            "checks": checks,
+            "ok": self.ok,
+            "targets": {name: asdict(t) for name, t in TARGETS.items()},
+            "settings": self.settings,
+            "environment": self.environment,
+        }
 
 
 # -- the bench ------------------------------------------------------------------------
+
 
 class BenchError(RuntimeError):
     """The bench cannot run here (not root, no clang, no veth...), or a run did
@@ -267,8 +296,10 @@ class _Bench:
         self.counters: Map = obj.map("lh_counters")
         self.table_counters: Map = obj.map("lh_table_counters")
         ifaces = obj.map("lh_ifaces")
-        for ifname, mac, role, slot in (("up0", _UPLINK_MAC, abi.Role.UPLINK, 1),
-                                        ("vm0", _VMPORT_MAC, abi.Role.VM_PORT, 2)):
+        for ifname, mac, role, slot in (
+            ("up0", _UPLINK_MAC, abi.Role.UPLINK, 1),
+            ("vm0", _VMPORT_MAC, abi.Role.VM_PORT, 2),
+        ):
             cfg = abi.IfaceCfg(role=int(role), slot=slot)
             ctypes.memmove(cfg.mac, mac, abi.ETH_ALEN)
             ifaces.update(u32(index[ifname]), bytes(cfg))
@@ -294,7 +325,8 @@ class _Bench:
         for ifname in self.slot:
             for c in abi.Counter:
                 out[f"{ifname} {c.name}"] = self._percpu(
-                    self.counters, abi.counter_key(self.slot[ifname], c))
+                    self.counters, abi.counter_key(self.slot[ifname], c)
+                )
         for t in abi.TableCounter:
             out[f"table {t.name}"] = self._percpu(self.table_counters, u32(int(t)))
         return out
@@ -303,17 +335,27 @@ class _Bench:
         """Records that run moved exactly the expected counters by exactly the
         expected amounts (those not named: by 0); raises if it did not."""
         after = self.snapshot()
-        checks = [Counted(name, expected.get(name, 0), after[name] - before[name])
-                  for name in after if name in expected or after[name] != before[name]]
+        checks = [
+            Counted(name, expected.get(name, 0), after[name] - before[name])
+            for name in after
+            if name in expected or after[name] != before[name]
+        ]
         self.checks[run] = checks
         wrong = [c for c in checks if not c.ok]
         if wrong:
-            raise BenchError(f"{run}: the runs did not do what their name says: " + ", ".join(
-                f"{c.counter} {c.counted} (expected {c.expected})" for c in wrong))
+            raise BenchError(
+                f"{run}: the runs did not do what their name says: "
+                + ", ".join(f"{c.counter} {c.counted} (expected {c.expected})" for c in wrong)
+            )
 
     def entry(self, m: Map, key: bytes, state: abi.State, ifname: str = "up0") -> None:
-        e = abi.ConnEntry(ifindex=self.index[ifname], flags=abi.F_ENTRY_HOP_KNOWN, packets=1,
-                          state=int(state), seq=_SYN_ACK_SEQ + 1)
+        e = abi.ConnEntry(
+            ifindex=self.index[ifname],
+            flags=abi.F_ENTRY_HOP_KNOWN,
+            packets=1,
+            state=int(state),
+            seq=_SYN_ACK_SEQ + 1,
+        )
         ctypes.memmove(e.mac, _FW_B, abi.ETH_ALEN)
         m.update(key, bytes(e))
 
@@ -336,8 +378,7 @@ _HOT_COUNTERS = {
 }
 
 
-def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress
-                  ) -> dict[str, list[int]]:
+def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> dict[str, list[int]]:
     """Each case `rounds` times, interleaved: name -> per-round ns per packet."""
     hit4 = _key4(_CLIENT4, _VM4, _PORT_HIT, 80)
     hit6 = _key6(_CLIENT6, _VM6, _PORT_HIT, 80)
@@ -353,14 +394,30 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress
         "empty": ("lh_empty", reply4, "vm0", TC_ACT_OK),
         "reference": ("lh_reference", reply4, "vm0", TC_ACT_REDIRECT),
         "reply_hit_v4": ("lh_vmport", reply4, "vm0", TC_ACT_REDIRECT),
-        "reply_hit_v6": ("lh_vmport", tcp6_frame(_VM, _FW_A, _VM6, _CLIENT6, 80, _PORT_HIT),
-                         "vm0", TC_ACT_REDIRECT),
-        "reply_hit_pending": ("lh_vmport", tcp4_frame(_VM, _FW_A, _VM4, _CLIENT4, 80,
-                                                      _PORT_PENDING), "vm0", TC_ACT_REDIRECT),
-        "uplink_refresh": ("lh_uplink", tcp4_frame(_FW_B, _VM, _CLIENT4, _VM4, _PORT_HIT, 80),
-                           "up0", TC_ACT_OK),
-        "reply_miss": ("lh_vmport", tcp4_frame(_VM, _FW_A, _VM4, _CLIENT4, 80, _PORT_MISS),
-                       "vm0", TC_ACT_OK),
+        "reply_hit_v6": (
+            "lh_vmport",
+            tcp6_frame(_VM, _FW_A, _VM6, _CLIENT6, 80, _PORT_HIT),
+            "vm0",
+            TC_ACT_REDIRECT,
+        ),
+        "reply_hit_pending": (
+            "lh_vmport",
+            tcp4_frame(_VM, _FW_A, _VM4, _CLIENT4, 80, _PORT_PENDING),
+            "vm0",
+            TC_ACT_REDIRECT,
+        ),
+        "uplink_refresh": (
+            "lh_uplink",
+            tcp4_frame(_FW_B, _VM, _CLIENT4, _VM4, _PORT_HIT, 80),
+            "up0",
+            TC_ACT_OK,
+        ),
+        "reply_miss": (
+            "lh_vmport",
+            tcp4_frame(_VM, _FW_A, _VM4, _CLIENT4, 80, _PORT_MISS),
+            "vm0",
+            TC_ACT_OK,
+        ),
     }
     before = b.snapshot()
     out: dict[str, list[int]] = {name: [] for name in cases}
@@ -377,9 +434,11 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress
         if counter:
             expected[counter] = expected.get(counter, 0) + repeat * rounds
     b.check("back-to-back", before, expected)
-    states = {"reply_hit_v4": (b.conns, hit4, abi.State.TCP_ESTABLISHED),
-              "reply_hit_v6": (b.conns, hit6, abi.State.TCP_ESTABLISHED),
-              "reply_hit_pending": (b.pending, pending, abi.State.TCP_SYN_RECV)}
+    states = {
+        "reply_hit_v4": (b.conns, hit4, abi.State.TCP_ESTABLISHED),
+        "reply_hit_v6": (b.conns, hit6, abi.State.TCP_ESTABLISHED),
+        "reply_hit_pending": (b.pending, pending, abi.State.TCP_SYN_RECV),
+    }
     for name, (m, key, state) in states.items():
         if b.state(m, key) != state:
             raise BenchError(f"{name}: the entry left {state.name} (now {b.state(m, key)})")
@@ -443,26 +502,38 @@ def _handshakes(b: _Bench, n: int, first: int) -> _Handshakes:
         saddr, sport = _client(i)
         syn = tcp4_frame(_FW_B, _VM, saddr, _VM4, sport, 80, TCP_SYN)
         syn_ack = tcp4_frame(_VM, _FW_A, _VM4, saddr, 80, sport, _TCP_SYN_ACK)
-        ack = _with_ack(tcp4_frame(_FW_B, _VM, saddr, _VM4, sport, 80, TCP_ACK),
-                        _SYN_ACK_SEQ + 1)
-        for frame, prog, ctx, times in ((syn, up, up_ctx, out.syn),
-                                        (syn_ack, vm, vm_ctx, out.syn_ack),
-                                        (ack, up, up_ctx, out.ack)):
+        ack = _with_ack(tcp4_frame(_FW_B, _VM, saddr, _VM4, sport, 80, TCP_ACK), _SYN_ACK_SEQ + 1)
+        for frame, prog, ctx, times in (
+            (syn, up, up_ctx, out.syn),
+            (syn_ack, vm, vm_ctx, out.syn_ack),
+            (ack, up, up_ctx, out.ack),
+        ):
             times.append(prog.test_run(frame, ctx=ctx).duration_ns)
             out.empty.append(empty.test_run(frame, ctx=ctx).duration_ns)
     # the first SYN-ACK teaches the VM port its address (VM_ADDR_LEARNED), once
     learned = 0 if before["vm0 VM_ADDR_LEARNED"] else 1
-    b.check("new_connection", before, {
-        "up0 LEARNED": n, "vm0 REDIRECTED": n, "up0 REFRESHED": n, "up0 CONFIRMED": n,
-        "vm0 VM_ADDR_LEARNED": learned, "table PENDING_INSERTED": n,
-        "table CONFIRMED_INSERTED": n, "table PENDING_PROMOTED": n})
+    b.check(
+        "new_connection",
+        before,
+        {
+            "up0 LEARNED": n,
+            "vm0 REDIRECTED": n,
+            "up0 REFRESHED": n,
+            "up0 CONFIRMED": n,
+            "vm0 VM_ADDR_LEARNED": learned,
+            "table PENDING_INSERTED": n,
+            "table CONFIRMED_INSERTED": n,
+            "table PENDING_PROMOTED": n,
+        },
+    )
     return out
 
 
 def _fill(m: Map, keys: Iterable[bytes], state: abi.State, ifindex: int) -> int:
     """Writes an entry for every key, in batches; returns how many."""
-    value = bytes(abi.ConnEntry(ifindex=ifindex, flags=abi.F_ENTRY_HOP_KNOWN, packets=1,
-                                state=int(state)))
+    value = bytes(
+        abi.ConnEntry(ifindex=ifindex, flags=abi.F_ENTRY_HOP_KNOWN, packets=1, state=int(state))
+    )
     done, batch = 0, []
     for key in [*keys, None]:
         if key is not None:
@@ -493,8 +564,7 @@ def _prefill(b: _Bench, confirmed: int, pending: int) -> None:
             raise
     else:
         raise BenchError(f"lh_conns took more than its {confirmed} entries")
-    _fill(b.pending, _fill_keys(32, pending + pending // 8), abi.State.TCP_SYN_SENT,
-          b.index["up0"])
+    _fill(b.pending, _fill_keys(32, pending + pending // 8), abi.State.TCP_SYN_SENT, b.index["up0"])
 
 
 def _memlock(fd: int) -> int:
@@ -522,21 +592,33 @@ def _memory(obj_path: Path, confirmed: int) -> Memory:
     at its default size. Not counted: lh_ref_conns (the bench's own) and the
     Maglev tables the agent adds per service (per service, not per entry)."""
     pending = default_pending(confirmed)
-    obj = BpfObject(obj_path, pin_root=None,
-                    max_entries={"lh_conns": confirmed, "lh_pending": pending})
+    obj = BpfObject(
+        obj_path, pin_root=None, max_entries={"lh_conns": confirmed, "lh_pending": pending}
+    )
     try:
         maps = {name: _memlock(obj.map(name).fd) for name in MAP_NAMES}
         sizes = (obj.map("lh_conns").info.max_entries, obj.map("lh_pending").info.max_entries)
     finally:
         obj.close()
     ct, source = _conntrack_entry()
-    return Memory(confirmed=sizes[0], pending=sizes[1], memlock_bytes=sum(maps.values()),
-                  maps=maps, conntrack_bytes=ct, conntrack_source=source)
+    return Memory(
+        confirmed=sizes[0],
+        pending=sizes[1],
+        memlock_bytes=sum(maps.values()),
+        maps=maps,
+        conntrack_bytes=ct,
+        conntrack_source=source,
+    )
 
 
-def run(repeat: int = 2_000_000, rounds: int = 5, inserts: int = 20_000,
-        table: int = 65_536, memory_entries: int = 1 << 20,
-        progress: Progress = quiet) -> Results:
+def run(
+    repeat: int = 2_000_000,
+    rounds: int = 5,
+    inserts: int = 20_000,
+    table: int = 65_536,
+    memory_entries: int = 1 << 20,
+    progress: Progress = quiet,
+) -> Results:
     """Measures every figure; see the module docstring for the method. *table* is
     lh_conns' size for the runs; lh_pending gets its default size (a quarter),
     or twice *inserts* when that is larger, so inserts "with room" have room."""
@@ -553,8 +635,9 @@ def run(repeat: int = 2_000_000, rounds: int = 5, inserts: int = 20_000,
         except build.BuildError as err:
             raise BenchError(str(err)) from err
         with _private_netns() as index:
-            obj = BpfObject(obj_path, pin_root=None,
-                            max_entries={"lh_conns": table, "lh_pending": pending})
+            obj = BpfObject(
+                obj_path, pin_root=None, max_entries={"lh_conns": table, "lh_pending": pending}
+            )
             try:
                 b = _Bench(obj, index)
                 hot = _back_to_back(b, repeat, rounds, progress)
@@ -587,51 +670,116 @@ def run(repeat: int = 2_000_000, rounds: int = 5, inserts: int = 20_000,
         "reply_miss": ("reply miss (no entry)", "lh_vmport"),
     }
 
-    def figure(name: str, program: str, label: str, ns: float, low: float, method: str,
-               detail: str) -> Figure:
-        return Figure(name, label, program, ns, low, ns / empty, ns / reference, method,
-                      TARGETS.get(name), detail)
+    def figure(
+        name: str, program: str, label: str, ns: float, low: float, method: str, detail: str
+    ) -> Figure:
+        return Figure(
+            name,
+            label,
+            program,
+            ns,
+            low,
+            ns / empty,
+            ns / reference,
+            method,
+            TARGETS.get(name),
+            detail,
+        )
 
     figures = []
     for name, runs in hot.items():
         label, prog = labels[name]
-        figures.append(figure(name, prog, label, statistics.median(runs), min(runs),
-                              "back-to-back", f"rounds: {runs}"))
+        figures.append(
+            figure(
+                name,
+                prog,
+                label,
+                statistics.median(runs),
+                min(runs),
+                "back-to-back",
+                f"rounds: {runs}",
+            )
+        )
 
     def single(name: str, label: str, runs: list[int], base: list[int], detail: str) -> Figure:
         extra = statistics.fmean(runs) - statistics.fmean(base)
         extra_med = statistics.median(runs) - statistics.median(base)
-        return figure(name, "lh_uplink", label, empty + extra, empty + extra_med, "single runs",
-                      f"{detail}: mean {statistics.fmean(runs):.0f} ns, lh_empty "
-                      f"{statistics.fmean(base):.0f} ns; medians "
-                      f"{statistics.median(runs):.0f} / {statistics.median(base):.0f} ns")
+        return figure(
+            name,
+            "lh_uplink",
+            label,
+            empty + extra,
+            empty + extra_med,
+            "single runs",
+            f"{detail}: mean {statistics.fmean(runs):.0f} ns, lh_empty "
+            f"{statistics.fmean(base):.0f} ns; medians "
+            f"{statistics.median(runs):.0f} / {statistics.median(base):.0f} ns",
+        )
 
     figures += [
-        single("insert_room", "new entry (SYN), pending with room", room.insert, room.empty,
-               "single runs"),
-        single("insert_full", "new entry (SYN), full pending (evicts)", full.insert, full.empty,
-               f"single runs, tables {filled}"),
-        single("refresh_single", "uplink refresh, as single runs", room.refresh + full.refresh,
-               room.empty + full.empty, "calibration"),
+        single(
+            "insert_room",
+            "new entry (SYN), pending with room",
+            room.insert,
+            room.empty,
+            "single runs",
+        ),
+        single(
+            "insert_full",
+            "new entry (SYN), full pending (evicts)",
+            full.insert,
+            full.empty,
+            f"single runs, tables {filled}",
+        ),
+        single(
+            "refresh_single",
+            "uplink refresh, as single runs",
+            room.refresh + full.refresh,
+            room.empty + full.empty,
+            "calibration",
+        ),
     ]
     # a connection: three packets, each empty + (its mean - the single empty runs' mean)
     e_mean, e_med = statistics.fmean(hs.empty), statistics.median(hs.empty)
     packets = {"SYN": hs.syn, "SYN-ACK": hs.syn_ack, "ACK": hs.ack}
     conn = sum(empty + statistics.fmean(t) - e_mean for t in packets.values())
     conn_low = sum(empty + statistics.median(t) - e_med for t in packets.values())
-    figures.append(figure(
-        "new_connection", "lh_uplink+lh_vmport", "new confirmed connection (3 packets)", conn,
-        conn_low, "single runs",
-        "handshake, per connection: " + ", ".join(
-            f"{p} {empty + statistics.fmean(t) - e_mean:.0f} ns (mean {statistics.fmean(t):.0f})"
-            for p, t in packets.items()) + f"; lh_empty single runs: mean {e_mean:.0f} ns"))
+    figures.append(
+        figure(
+            "new_connection",
+            "lh_uplink+lh_vmport",
+            "new confirmed connection (3 packets)",
+            conn,
+            conn_low,
+            "single runs",
+            "handshake, per connection: "
+            + ", ".join(
+                f"{p} {empty + statistics.fmean(t) - e_mean:.0f} ns "
+                f"(mean {statistics.fmean(t):.0f})"
+                for p, t in packets.items()
+            )
+            + f"; lh_empty single runs: mean {e_mean:.0f} ns",
+        )
+    )
     return Results(
-        figures=figures, memory=memory, checks=checks,
-        settings={"repeat": repeat, "rounds": rounds, "inserts": inserts, "table": table,
-                  "pending": pending, "memory_entries": memory_entries},
-        environment={"kernel": platform.release(), "machine": platform.machine(),
-                     "cpu": _cpu_model(), "cpus": os.cpu_count(),
-                     "elapsed_s": round(time.monotonic() - started, 1)},
+        figures=figures,
+        memory=memory,
+        checks=checks,
+        settings={
+            "repeat": repeat,
+            "rounds": rounds,
+            "inserts": inserts,
+            "table": table,
+            "pending": pending,
+            "memory_entries": memory_entries,
+        },
+        environment={
+            "kernel": platform.release(),
+            "machine": platform.machine(),
+            "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        },
     )
 
 
@@ -645,6 +793,7 @@ def _cpu_model() -> str:
 
 # -- printing -------------------------------------------------------------------------
 
+
 def _mark(ok: bool | None) -> str:
     return "" if ok is None else ("[green]pass[/green]" if ok else "[red]MISSED[/red]")
 
@@ -653,17 +802,36 @@ def print_results(results: Results, console: Any) -> None:
     from rich.table import Table
 
     table = Table(title="lasthop data path (BPF_PROG_TEST_RUN)")
-    for col, justify in (("case", "left"), ("program", "left"), ("ns", "right"),
-                         ("low", "right"), ("× empty", "right"), ("× ref", "right"),
-                         ("target", "right"), ("", "left"), ("method", "left")):
+    for col, justify in (
+        ("case", "left"),
+        ("program", "left"),
+        ("ns", "right"),
+        ("low", "right"),
+        ("× empty", "right"),
+        ("× ref", "right"),
+        ("target", "right"),
+        ("", "left"),
+        ("method", "left"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for f in results.figures:
-        table.add_row(f.label, f.program, f"{f.ns:.1f}", f"{f.ns_low:.1f}", f"{f.vs_empty:.2f}",
-                      f"{f.vs_reference:.2f}", f.target.text() if f.target else "",
-                      _mark(f.ok), f.method)
+        table.add_row(
+            f.label,
+            f.program,
+            f"{f.ns:.1f}",
+            f"{f.ns_low:.1f}",
+            f"{f.vs_empty:.2f}",
+            f"{f.vs_reference:.2f}",
+            f.target.text() if f.target else "",
+            _mark(f.ok),
+            f.method,
+        )
     console.print(table)
-    console.print("ns: per packet; the new confirmed connection: per connection (µs of "
-                  "data-path time = ns / 1000)", style="dim")
+    console.print(
+        "ns: per packet; the new confirmed connection: per connection (µs of "
+        "data-path time = ns / 1000)",
+        style="dim",
+    )
     m = results.memory
     if m:
         ct = f"{m.conntrack_bytes} B" if m.conntrack_bytes else "256-320 B"
@@ -676,10 +844,14 @@ def print_results(results: Results, console: Any) -> None:
             f"{m.maps['lh_conns'] / m.confirmed:.1f} B/entry, lh_pending "
             f"{m.maps['lh_pending'] / m.pending:.1f} B/entry, the other maps "
             f"{small / 2**20:.1f} MiB\n"
-            f"Linux conntrack per entry: {ct} ({m.conntrack_source})")
+            f"Linux conntrack per entry: {ct} ({m.conntrack_source})"
+        )
     for f in results.figures:
         if f.method == "single runs":
             console.print(f"{f.label}: {f.detail}", style="dim")
     env = results.environment
-    console.print(f"kernel {env.get('kernel')}, {env.get('cpu')}, {env.get('cpus')} CPUs; "
-                  f"settings {results.settings}; {env.get('elapsed_s')} s", style="dim")
+    console.print(
+        f"kernel {env.get('kernel')}, {env.get('cpu')}, {env.get('cpus')} CPUs; "
+        f"settings {results.settings}; {env.get('elapsed_s')} s",
+        style="dim",
+    )

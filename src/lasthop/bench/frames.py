@@ -22,8 +22,9 @@ def _tcp(sport: int, dport: int, flags: int) -> bytes:
     return struct.pack("!HHIIBBHHH", sport, dport, 1000, 0, 5 << 4, flags, 8192, 0, 0)
 
 
-def tcp4_frame(src: bytes, dst: bytes, saddr: bytes, daddr: bytes, sport: int, dport: int,
-               flags: int = TCP_ACK) -> bytes:
+def tcp4_frame(
+    src: bytes, dst: bytes, saddr: bytes, daddr: bytes, sport: int, dport: int, flags: int = TCP_ACK
+) -> bytes:
     """Ethernet + IPv4 (checksum right) + TCP (checksum 0: lasthop reads no checksum)."""
     l4 = _tcp(sport, dport, flags)
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, 6, 0, saddr, daddr)
@@ -31,8 +32,9 @@ def tcp4_frame(src: bytes, dst: bytes, saddr: bytes, daddr: bytes, sport: int, d
     return dst + src + b"\x08\x00" + ip + l4
 
 
-def tcp6_frame(src: bytes, dst: bytes, saddr: bytes, daddr: bytes, sport: int, dport: int,
-               flags: int = TCP_ACK) -> bytes:
+def tcp6_frame(
+    src: bytes, dst: bytes, saddr: bytes, daddr: bytes, sport: int, dport: int, flags: int = TCP_ACK
+) -> bytes:
     l4 = _tcp(sport, dport, flags)
     ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(l4), 6, 64, saddr, daddr)
     return dst + src + b"\x86\xdd" + ip6 + l4

@@ -5,8 +5,8 @@ the service path costs per packet.
 Spread and movement are computed, not sampled from traffic: 1,000,000
 simulated connection keys (random client address and port to one virtual
 address, seeded, so every run gives the same figures) are hashed with the
-data path's jhash2 (lasthop.maglev; vectorised with numpy when it is there)
-and looked up in tables built by lasthop.maglev.build_table, exactly as the
+data path's jhash2 (lasthop.services.maglev; vectorised with numpy when it is there)
+and looked up in tables built by lasthop.services.maglev.build_table, exactly as the
 data path would for each key's first packet.
 
     spread     busiest VM's share of the keys / the mean share (equal weights)
@@ -28,7 +28,6 @@ runs of fresh connections, timed like `bench datapath` times inserts.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import platform
 import random
@@ -42,14 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from lasthop import abi, build
 from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, u32
-from lasthop.maglev import MAGLEV_SEED, MAGLEV_SIZE, Backend, build_table, jhash2
+from lasthop.services.maglev import MAGLEV_SEED, MAGLEV_SIZE, Member, build_table, jhash2
 
-__all__ = ["BenchError", "Results", "run", "print_results", "services_command", "simulated_slots",
-           "TARGETS"]
+__all__ = ["BenchError", "Results", "run", "print_results", "simulated_slots", "TARGETS"]
 
 TARGETS = {"spread": 1.02, "movement_extra": 0.01, "service_pinned": 3.0}
 POOLS = (3, 8, 16, 32, 64)
@@ -81,8 +77,10 @@ def _key_words_python(n: int, seed: int) -> list[tuple[int, ...]]:
     vip = struct.unpack("=I", _VIP)[0]
     port80 = socket.htons(80) << 16
     tail = 6 | abi.FAMILY_V4 << 8
-    return [(rng.getrandbits(32), 0, 0, 0, vip, 0, 0, 0, rng.getrandbits(16) | port80, tail)
-            for _ in range(n)]
+    return [
+        (rng.getrandbits(32), 0, 0, 0, vip, 0, 0, 0, rng.getrandbits(16) | port80, tail)
+        for _ in range(n)
+    ]
 
 
 def simulated_slots(n: int, seed: int = SEED) -> Sequence[int]:
@@ -113,12 +111,24 @@ def _jhash2_numpy(words: Any, initval: int) -> Any:
         return (x << np.uint32(k)) | (x >> np.uint32(32 - k))
 
     def mix(a: Any, b: Any, c: Any) -> tuple[Any, Any, Any]:
-        a = a - c; a ^= rol(c, 4); c = c + b  # noqa: E702
-        b = b - a; b ^= rol(a, 6); a = a + c  # noqa: E702
-        c = c - b; c ^= rol(b, 8); b = b + a  # noqa: E702
-        a = a - c; a ^= rol(c, 16); c = c + b  # noqa: E702
-        b = b - a; b ^= rol(a, 19); a = a + c  # noqa: E702
-        c = c - b; c ^= rol(b, 4); b = b + a  # noqa: E702
+        a = a - c
+        a ^= rol(c, 4)
+        c = c + b  # noqa: E702
+        b = b - a
+        b ^= rol(a, 6)
+        a = a + c  # noqa: E702
+        c = c - b
+        c ^= rol(b, 8)
+        b = b + a  # noqa: E702
+        a = a - c
+        a ^= rol(c, 16)
+        c = c + b  # noqa: E702
+        b = b - a
+        b ^= rol(a, 19)
+        a = a + c  # noqa: E702
+        c = c - b
+        c ^= rol(b, 4)
+        b = b + a  # noqa: E702
         return a, b, c
 
     n = words.shape[0]
@@ -128,13 +138,20 @@ def _jhash2_numpy(words: Any, initval: int) -> Any:
         a, b, c = a + words[:, i], b + words[:, i + 1], c + words[:, i + 2]
         a, b, c = mix(a, b, c)
     a = a + words[:, 9]
-    c ^= b; c = c - rol(b, 14)  # noqa: E702
-    a ^= c; a = a - rol(c, 11)  # noqa: E702
-    b ^= a; b = b - rol(a, 25)  # noqa: E702
-    c ^= b; c = c - rol(b, 16)  # noqa: E702
-    a ^= c; a = a - rol(c, 4)  # noqa: E702
-    b ^= a; b = b - rol(a, 14)  # noqa: E702
-    c ^= b; c = c - rol(b, 24)  # noqa: E702
+    c ^= b
+    c = c - rol(b, 14)  # noqa: E702
+    a ^= c
+    a = a - rol(c, 11)  # noqa: E702
+    b ^= a
+    b = b - rol(a, 25)  # noqa: E702
+    c ^= b
+    c = c - rol(b, 16)  # noqa: E702
+    a ^= c
+    a = a - rol(c, 4)  # noqa: E702
+    b ^= a
+    b = b - rol(a, 14)  # noqa: E702
+    c ^= b
+    c = c - rol(b, 24)  # noqa: E702
     return c
 
 
@@ -193,7 +210,9 @@ class Results:
             "weights": self.weights,
             "rebuild_ms": {"build_64_vms": self.rebuild_ms, "swap": self.swap_ms},
             "figures": [asdict(f) | {"ok": f.ok} for f in self.figures],
-            "targets": TARGETS, "ok": self.ok, "settings": self.settings,
+            "targets": TARGETS,
+            "ok": self.ok,
+            "settings": self.settings,
             "environment": self.environment,
         }
 
@@ -225,7 +244,7 @@ def _moved(before: list[int], after: list[int], slots: Sequence[int]) -> float:
 
 
 def spread(n: int, slots: Sequence[int]) -> Spread:
-    pool = [Backend(f"vm{i}", i + 1) for i in range(n)]
+    pool = [Member(f"vm{i}", i + 1) for i in range(n)]
     table = build_table(pool)
     counts = _shares(table, slots)
     mean = len(slots) / n
@@ -233,22 +252,26 @@ def spread(n: int, slots: Sequence[int]) -> Spread:
     after = build_table(pool[1:])
     modulo = _shares(list(range(n)) * (MAGLEV_SIZE // n + 1), slots)
     return Spread(
-        vms=n, busiest=max(counts.values()) / mean, quietest=min(counts.values()) / mean,
+        vms=n,
+        busiest=max(counts.values()) / mean,
+        quietest=min(counts.values()) / mean,
         control=max(modulo.values()) / mean,
-        moved=_moved(table, after, slots), moved_bound=1 / n + TARGETS["movement_extra"],
-        slots_min=min(per_slot.values()), slots_max=max(per_slot.values()),
+        moved=_moved(table, after, slots),
+        moved_bound=1 / n + TARGETS["movement_extra"],
+        slots_min=min(per_slot.values()),
+        slots_max=max(per_slot.values()),
     )
 
 
 def weights(slots: Sequence[int]) -> dict[str, float]:
-    pool = [Backend(f"vm{i}", i + 1, w) for i, w in enumerate(WEIGHTS)]
+    pool = [Member(f"vm{i}", i + 1, w) for i, w in enumerate(WEIGHTS)]
     counts = _shares(build_table(pool), slots)
     total = sum(WEIGHTS)
     return {f"weight {w}": counts[i + 1] / len(slots) / (w / total) for i, w in enumerate(WEIGHTS)}
 
 
 def rebuild_ms(rounds: int = 5) -> float:
-    pool = [Backend(f"vm{i}", i + 1) for i in range(REBUILD_VMS)]
+    pool = [Member(f"vm{i}", i + 1) for i in range(REBUILD_VMS)]
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -265,7 +288,7 @@ class _Datapath:
     only, one service over them."""
 
     def __init__(self, obj: Any) -> None:
-        from lasthop.services import write_table
+        from lasthop.services.lookup import write_table
 
         self.obj = obj
         ifaces = obj.map("lh_ifaces")
@@ -277,7 +300,7 @@ class _Datapath:
             vm = abi.IfaceCfg(role=int(abi.Role.VM_PORT), slot=2 + i, flags=abi.F_IFACE_VM_MAC)
             ctypes.memmove(vm.vm_mac, _VM_MAC, abi.ETH_ALEN)
             ifaces.update(u32(_VM_IFINDEX0 + i), bytes(vm))
-            pool.append(Backend(f"vm{i}", _VM_IFINDEX0 + i))
+            pool.append(Member(f"vm{i}", _VM_IFINDEX0 + i))
         write_table(obj.map("lh_maglev"), 0, build_table(pool))
         key = abi.SvcKey(port=socket.htons(80), proto=6, family=abi.FAMILY_V4)
         ctypes.memmove(key.addr, _VIP, 4)
@@ -294,8 +317,9 @@ class _Datapath:
 
     def vm_origin_entry(self, sport: int) -> bytes:
         """A VM-opened connection to the server (key: server -> VIP), as lh_vmport makes it."""
-        key = abi.ConnKey(sport=socket.htons(80), dport=socket.htons(sport), proto=6,
-                          family=abi.FAMILY_V4)
+        key = abi.ConnKey(
+            sport=socket.htons(80), dport=socket.htons(sport), proto=6, family=abi.FAMILY_V4
+        )
         ctypes.memmove(key.saddr, _SERVER, 4)
         ctypes.memmove(key.daddr, _VIP, 4)
         entry = abi.ConnEntry(vm_ifindex=_VM_IFINDEX0, flags=abi.F_ENTRY_VM_ORIGIN)
@@ -318,9 +342,12 @@ def _per_packet(repeat: int, rounds: int, singles: int, progress: Progress) -> l
             pinned = tcp4_frame(_FW, _UPLINK_MAC, _CLIENT, _VIP, 40001, 80, TCP_ACK)
             plain = tcp4_frame(_FW, _UPLINK_MAC, _CLIENT, _SERVER, 40001, 80, TCP_ACK)
             proxy = dp.vm_origin_entry(50001)
-            cases = {"empty": ("lh_empty", pinned), "service_pinned": ("lh_uplink", pinned),
-                     "vm_origin_return": ("lh_uplink", proxy),
-                     "uplink_refresh": ("lh_uplink", plain)}
+            cases = {
+                "empty": ("lh_empty", pinned),
+                "service_pinned": ("lh_uplink", pinned),
+                "vm_origin_return": ("lh_uplink", proxy),
+                "uplink_refresh": ("lh_uplink", plain),
+            }
             for prog, frame in cases.values():  # first packets: select, learn
                 dp.run(prog, frame)
             runs: dict[str, list[int]] = {name: [] for name in cases}
@@ -345,29 +372,48 @@ def _per_packet(repeat: int, rounds: int, singles: int, progress: Progress) -> l
         finally:
             obj.close()
     empty = statistics.median(runs["empty"])
-    labels = {"empty": "empty tc program (lh_empty)",
-              "service_pinned": "service packet, pinned to its VM",
-              "vm_origin_return": "server reply to a full-proxy VM",
-              "uplink_refresh": "uplink refresh (no service), same program"}
-    figures = [Figure(name, labels[name], statistics.median(ns), statistics.median(ns) / empty,
-                      TARGETS.get(name), f"rounds: {ns}") for name, ns in runs.items()]
+    labels = {
+        "empty": "empty tc program (lh_empty)",
+        "service_pinned": "service packet, pinned to its VM",
+        "vm_origin_return": "server reply to a full-proxy VM",
+        "uplink_refresh": "uplink refresh (no service), same program",
+    }
+    figures = [
+        Figure(
+            name,
+            labels[name],
+            statistics.median(ns),
+            statistics.median(ns) / empty,
+            TARGETS.get(name),
+            f"rounds: {ns}",
+        )
+        for name, ns in runs.items()
+    ]
     extra = statistics.fmean(sel) - statistics.fmean(base)
-    figures.append(Figure("service_selected", "new service connection: Maglev choice + learn",
-                          empty + extra, (empty + extra) / empty, None,
-                          f"single runs: mean {statistics.fmean(sel):.0f} ns, lh_empty "
-                          f"{statistics.fmean(base):.0f} ns"))
+    figures.append(
+        Figure(
+            "service_selected",
+            "new service connection: Maglev choice + learn",
+            empty + extra,
+            (empty + extra) / empty,
+            None,
+            f"single runs: mean {statistics.fmean(sel):.0f} ns, lh_empty "
+            f"{statistics.fmean(base):.0f} ns",
+        )
+    )
     return figures
 
 
 def _swap_ms(rounds: int = 5) -> float | None:
     """The swap of a 65,537-slot table into lh_maglev (create, batch fill, update)."""
     from lasthop.libbpf import BpfObject
-    from lasthop.services import write_table
+    from lasthop.services.lookup import write_table
 
-    table = build_table([Backend(f"vm{i}", i + 1) for i in range(REBUILD_VMS)])
+    table = build_table([Member(f"vm{i}", i + 1) for i in range(REBUILD_VMS)])
     with tempfile.TemporaryDirectory(prefix="lasthop-bench-") as tmp:
-        obj = BpfObject(build.build(Path(tmp) / "o.bpf.o"), pin_root=None,
-                        max_entries={"lh_conns": 1024})
+        obj = BpfObject(
+            build.build(Path(tmp) / "o.bpf.o"), pin_root=None, max_entries={"lh_conns": 1024}
+        )
         try:
             maglev = obj.map("lh_maglev")
             times = []
@@ -380,8 +426,14 @@ def _swap_ms(rounds: int = 5) -> float | None:
     return statistics.median(times)
 
 
-def run(keys: int = 1_000_000, repeat: int = 1_000_000, rounds: int = 5, singles: int = 5000,
-        datapath: bool = True, progress: Progress = quiet) -> Results:
+def run(
+    keys: int = 1_000_000,
+    repeat: int = 1_000_000,
+    rounds: int = 5,
+    singles: int = 5000,
+    datapath: bool = True,
+    progress: Progress = quiet,
+) -> Results:
     started = time.monotonic()
     progress(f"hashing {keys} simulated connection keys")
     slots = simulated_slots(keys)
@@ -396,16 +448,32 @@ def run(keys: int = 1_000_000, repeat: int = 1_000_000, rounds: int = 5, singles
     swap = None
     if datapath:
         if os.geteuid() != 0:
-            raise BenchError("the per-packet figures need root (CAP_BPF): run as root, "
-                             "or pass --no-datapath")
+            raise BenchError(
+                "the per-packet figures need root (CAP_BPF): run as root, or pass --no-datapath"
+            )
         swap = _swap_ms()
         figures = _per_packet(repeat, rounds, singles, progress)
     return Results(
-        keys=keys, spreads=spreads, weights=w, rebuild_ms=build_ms, swap_ms=swap, figures=figures,
-        settings={"keys": keys, "repeat": repeat, "rounds": rounds, "singles": singles,
-                  "seed": SEED, "table_size": MAGLEV_SIZE},
-        environment={"kernel": platform.release(), "machine": platform.machine(),
-                     "cpus": os.cpu_count(), "elapsed_s": round(time.monotonic() - started, 1)},
+        keys=keys,
+        spreads=spreads,
+        weights=w,
+        rebuild_ms=build_ms,
+        swap_ms=swap,
+        figures=figures,
+        settings={
+            "keys": keys,
+            "repeat": repeat,
+            "rounds": rounds,
+            "singles": singles,
+            "seed": SEED,
+            "table_size": MAGLEV_SIZE,
+        },
+        environment={
+            "kernel": platform.release(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "elapsed_s": round(time.monotonic() - started, 1),
+        },
     )
 
 
@@ -419,22 +487,45 @@ def _mark(ok: bool | None) -> str:
 def print_results(results: Results, console: Any) -> None:
     from rich.table import Table
 
-    t = Table(title=f"Maglev spread over {results.keys:,} simulated connections "
-                    f"(table {MAGLEV_SIZE:,} slots)")
-    for col in ("VMs", "busiest / mean", "quietest / mean", "", "hash % N",
-                "moved when 1 VM leaves", "bound 1/N + 1 %", "", "slots per VM"):
+    t = Table(
+        title=f"Maglev spread over {results.keys:,} simulated connections "
+        f"(table {MAGLEV_SIZE:,} slots)"
+    )
+    for col in (
+        "VMs",
+        "busiest / mean",
+        "quietest / mean",
+        "",
+        "hash % N",
+        "moved when 1 VM leaves",
+        "bound 1/N + 1 %",
+        "",
+        "slots per VM",
+    ):
         t.add_column(col, justify="left" if col in ("", "slots per VM") else "right")
     for s in results.spreads:
-        t.add_row(str(s.vms), f"{s.busiest:.4f}", f"{s.quietest:.4f}",
-                  _mark(s.busiest <= TARGETS["spread"]), f"{s.control:.4f}", f"{s.moved:.2%}",
-                  f"{s.moved_bound:.2%}", _mark(s.moved <= s.moved_bound),
-                  f"{s.slots_min}-{s.slots_max}")
+        t.add_row(
+            str(s.vms),
+            f"{s.busiest:.4f}",
+            f"{s.quietest:.4f}",
+            _mark(s.busiest <= TARGETS["spread"]),
+            f"{s.control:.4f}",
+            f"{s.moved:.2%}",
+            f"{s.moved_bound:.2%}",
+            _mark(s.moved <= s.moved_bound),
+            f"{s.slots_min}-{s.slots_max}",
+        )
     console.print(t)
-    console.print("hash % N: the busiest share when the same keys are spread by their hash "
-                  "modulo N, with no table: what 1,000,000 random keys alone give (the sampling "
-                  "noise, about 2.4 x sqrt(N / keys) at the busiest of N)", style="dim")
-    console.print("weights 1:2:3:4, each VM's share / its weight's share: "
-                  + ", ".join(f"{k}: {v:.4f}" for k, v in results.weights.items()))
+    console.print(
+        "hash % N: the busiest share when the same keys are spread by their hash "
+        "modulo N, with no table: what 1,000,000 random keys alone give (the sampling "
+        "noise, about 2.4 x sqrt(N / keys) at the busiest of N)",
+        style="dim",
+    )
+    console.print(
+        "weights 1:2:3:4, each VM's share / its weight's share: "
+        + ", ".join(f"{k}: {v:.4f}" for k, v in results.weights.items())
+    )
     swap = f"; swap into lh_maglev {results.swap_ms:.1f} ms" if results.swap_ms is not None else ""
     console.print(f"table rebuild, {REBUILD_VMS} VMs: {results.rebuild_ms:.1f} ms (Python){swap}")
     if results.figures:
@@ -442,52 +533,17 @@ def print_results(results: Results, console: Any) -> None:
         for col in ("case", "ns/packet", "× empty", "target", ""):
             t.add_column(col, justify="left" if col in ("case", "") else "right")
         for f in results.figures:
-            t.add_row(f.label, f"{f.ns:.1f}", f"{f.ratio:.2f}",
-                      f"≤ {f.target:g}×" if f.target else "", _mark(f.ok))
+            t.add_row(
+                f.label,
+                f"{f.ns:.1f}",
+                f"{f.ratio:.2f}",
+                f"≤ {f.target:g}×" if f.target else "",
+                _mark(f.ok),
+            )
         console.print(t)
     env = results.environment
-    console.print(f"kernel {env['kernel']}, {env['cpus']} CPUs; settings {results.settings}; "
-                  f"{env['elapsed_s']} s", style="dim")
-
-
-@click.command("services")
-@click.option("--keys", type=click.IntRange(1000), default=1_000_000, show_default=True,
-              help="Simulated connection keys for the spread and movement figures.")
-@click.option("--repeat", type=click.IntRange(1000), default=1_000_000, show_default=True,
-              help="Back-to-back runs of each program per round.")
-@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True,
-              help="Rounds (the median is reported).")
-@click.option("--singles", type=click.IntRange(100), default=5000, show_default=True,
-              help="New service connections timed as single runs.")
-@click.option("--datapath/--no-datapath", default=True, show_default=True,
-              help="Also measure per-packet cost and the table swap (needs root).")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
-def services_command(keys: int, repeat: int, rounds: int, singles: int, datapath: bool,
-                     as_json: bool, strict: bool) -> None:
-    """Maglev spread and movement over simulated connections, table rebuild
-    time, and the service path's ns per packet vs an empty tc program.
-
-    Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
-    3 could not run."""
-    import sys
-
-    from rich.console import Console
-
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
-    try:
-        with console.status("starting") as status:
-            results = run(keys=keys, repeat=repeat, rounds=rounds, singles=singles,
-                          datapath=datapath, progress=lambda msg: status.update(msg))
-    except BenchError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
-        sys.exit(3)
-    if as_json:
-        print(json.dumps(results.to_json(), indent=1))
-    else:
-        print_results(results, console)
-    sys.exit(1 if strict and not results.ok else 0)
-
-
-if __name__ == "__main__":
-    services_command()
+    console.print(
+        f"kernel {env['kernel']}, {env['cpus']} CPUs; settings {results.settings}; "
+        f"{env['elapsed_s']} s",
+        style="dim",
+    )

@@ -50,8 +50,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
-
 from lasthop import abi, libbpf
 from lasthop.build import ensure_object
 from lasthop.clock import Clock
@@ -60,7 +58,7 @@ from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
 
 EVERY = Config().expiry_interval  # the agent's default pass interval
 
-__all__ = ["BenchError", "Figure", "Results", "TARGETS", "run", "print_results", "table_command"]
+__all__ = ["BenchError", "Figure", "Results", "TARGETS", "run", "print_results"]
 
 # Issue 8's targets at N live entries.
 TARGETS: dict[str, float] = {
@@ -659,69 +657,3 @@ def print_results(results: Results, console: Any) -> None:
         f"median of {s['repeat']}; {env['elapsed_s']} s",
         style="dim",
     )
-
-
-@click.command("table")
-@click.option(
-    "--entries",
-    type=click.IntRange(1000, 1 << 27),
-    default=1_000_000,
-    show_default=True,
-    help="Live entries in the tables (table_size = this).",
-)
-@click.option(
-    "--rest",
-    type=click.FloatRange(1),
-    default=30.0,
-    show_default=True,
-    help="Seconds the agent's CPU is measured at rest (each table).",
-)
-@click.option(
-    "--repeat",
-    type=click.IntRange(1),
-    default=7,
-    show_default=True,
-    help="Runs of each timed command (the median is reported).",
-)
-@click.option(
-    "--expiring",
-    type=click.IntRange(2),
-    default=1000,
-    show_default=True,
-    help="Entries with a short timeout whose removal is timed.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-@click.option("--strict", is_flag=True, help="Exit 1 when a figure misses its target.")
-def table_command(
-    entries: int, rest: float, repeat: int, expiring: int, as_json: bool, strict: bool
-) -> None:
-    """The agent's cost at N live entries: CPU at rest, stats and /metrics
-    time, expiry pass and lateness, kernel memory per entry (issue 8's targets).
-
-    Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
-    3 could not run."""
-    import json
-
-    from rich.console import Console
-
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # cleanup on TERM too
-    try:
-        with console.status("starting") as status:
-            results = run(
-                entries=entries,
-                rest=rest,
-                repeat=repeat,
-                expiring=expiring,
-                progress=lambda msg: status.update(msg),
-            )
-    except (BenchError, libbpf.BpfError, subprocess.CalledProcessError) as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
-        sys.exit(3)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if as_json:
-        print(json.dumps(results.to_json(), indent=1))
-    else:
-        print_results(results, console)
-    sys.exit(1 if strict and not results.ok else 0)

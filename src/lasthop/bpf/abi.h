@@ -117,13 +117,18 @@ struct expiry_stats {
 };
 
 /* Keeps the ABI's enums in the object's BTF (enum constants alone leave no
- * type behind), so tests/test_abi.py can check lasthop.abi against them.
+ * type behind), so tests/test_abi.py can check lasthop.abi against them:
+ * the roles, the counters, the flags and the sizes of consts.h.
  * libbpf skips the section: no map is created and nothing runs. */
 struct lh_abi_enums {
-	enum lh_role    role;
-	enum lh_counter counter;
-	enum conn_state state;
-	enum lh_table_counter table_counter;
-	enum vm_addr_origin vm_addr_origin;
+	enum lh_role           role;
+	enum lh_counter        counter;
+	enum lh_const          consts;
+	enum lh_iface_flag     iface_flag;
+	enum lh_settings_flag  settings_flag;
+	enum lh_entry_flag     entry_flag;
+	enum conn_state        state;
+	enum lh_table_counter  table_counter;
+	enum vm_addr_origin    vm_addr_origin;
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

@@ -1,52 +1,42 @@
-/* consts.h: every constant of the lasthop data path; tunables take -D overrides. */
+/* consts.h: every constant of the lasthop data path. Those the agent mirrors are
+ * enum constants (they reach the BTF); the rest are #defines. */
 #pragma once
 
-/* Connection table size. The agent sets max_entries from the config before
- * loading, so this is only the default the object is built with. */
-#ifndef CONN_TABLE_SIZE
-#define CONN_TABLE_SIZE 1048576
-#endif
+/* Sizes and values the agent mirrors (lasthop.abi). They are enum constants, not
+ * #defines, so they reach the object's BTF (through lh_abi_enums in abi.h)
+ * and tests/test_abi.py checks every Python copy against them; for the same
+ * reason they take no -D override: the agent would disagree. */
+enum lh_const {
+	/* Connection table size. The agent sets max_entries from the config
+	 * before loading, so this is only the default the object is built with. */
+	CONN_TABLE_SIZE = 1048576,
+	/* Interfaces the agent can configure; slot 0 collects packets seen on an
+	 * interface the agent did not configure. */
+	MAX_IFACES = 256,
+	/* Interfaces are looked up by ifindex in an array (inlined, unlike a hash
+	 * lookup): ifindexes at or above this cannot be attached. */
+	MAX_IFINDEX = 65536,
+	/* Services: virtual addresses whose connections are spread over VM ports. */
+	MAX_SERVICES     = 256,
+	MAX_SERVICE_KEYS = MAX_SERVICES * 4, /* a service may list several ports */
+	MAGLEV_SIZE      = 65537,            /* prime: Maglev lookup table slots */
+	MAGLEV_SEED      = 0x4c617374,       /* jhash seed of the connection key */
+	MAX_VLAN_TAGS    = 2,                /* 802.1ad outer + 802.1Q inner */
+	FAMILY_V4        = 4,                /* conn_key/svc_key .family */
+	FAMILY_V6        = 6,
+	/* Pending table size (connections not yet confirmed): the agent sets it
+	 * from the config; this is the default the object is built with. */
+	PENDING_TABLE_SIZE = 262144,
+	/* Addresses VM ports may open connections from (configured, learned, services). */
+	MAX_VM_ADDRS     = 65536,
+};
 
-/* Pending table size (connections not yet confirmed): the agent sets it
- * from the config; this is the default the object is built with. */
-#ifndef PENDING_TABLE_SIZE
-#define PENDING_TABLE_SIZE 262144
-#endif
-
-/* Addresses VM ports may open connections from (configured, learned, services). */
-#ifndef MAX_VM_ADDRS
-#define MAX_VM_ADDRS 65536
-#endif
-
-/* Interfaces the agent can configure; slot 0 collects packets seen on an
- * interface the agent did not configure. */
-#ifndef MAX_IFACES
-#define MAX_IFACES 256
-#endif
-
-/* Interfaces are looked up by ifindex in an array (inlined, unlike a hash
- * lookup): ifindexes at or above this cannot be attached. */
-#ifndef MAX_IFINDEX
-#define MAX_IFINDEX 65536
-#endif
-
-/* Services: virtual addresses whose connections are spread over VM ports. */
-#ifndef MAX_SERVICES
-#define MAX_SERVICES 256
-#endif
-#define MAX_SERVICE_KEYS (MAX_SERVICES * 4) /* a service may list several ports */
-#define MAGLEV_SIZE      65537              /* prime: Maglev lookup table slots */
-#define MAGLEV_SEED      0x4c617374         /* jhash seed of the connection key */
-
-#define MAX_VLAN_TAGS     2   /* 802.1ad outer + 802.1Q inner */
 #define MAX_IPV6_EXT_HDRS 6   /* extension headers skipped before giving up */
 
 /* Bytes pulled into the linear area when the headers are not there yet. */
 #define PULL_LEN 128
 
-#define ETH_ALEN   6
-#define FAMILY_V4  4
-#define FAMILY_V6  6
+#define ETH_ALEN   6  /* as linux/if_ether.h: a #define there, so one here too */
 #define AF_INET_   2  /* bpf_fib_lookup's family: the socket API's values */
 #define AF_INET6_  10
 
@@ -58,25 +48,31 @@ enum lh_role {
 };
 
 /* lh_ifaces value .flags */
-#define F_IFACE_ROUTED  (1 << 0) /* routed host: frames leaving here get this port's MAC, TTL - 1 */
-#define F_IFACE_VM_DOWN (1 << 1) /* VM port: VM removed or down; its connections move or drop */
-#define F_IFACE_VM_MAC  (1 << 2) /* VM port: vm_mac is known */
-#define F_IFACE_ADDRS_FIXED (1 << 3) /* VM port: only its configured addresses, none learned */
+enum lh_iface_flag {
+	F_IFACE_ROUTED  = 1 << 0, /* routed host: frames leaving here get this port's MAC, TTL - 1 */
+	F_IFACE_VM_DOWN = 1 << 1, /* VM port: VM removed or down; its connections move or drop */
+	F_IFACE_VM_MAC  = 1 << 2, /* VM port: vm_mac is known */
+	F_IFACE_ADDRS_FIXED = 1 << 3, /* VM port: only its configured addresses, none learned */
+};
 
 /* lh_settings value .flags */
-#define F_SET_RELEARN_FIRST (1 << 0) /* keep the first MAC seen; only a SYN re-learns */
-#define F_SET_SERVICES      (1 << 1) /* some service is configured: look new connections up */
-#define F_SET_VM_DOWN_DROP  (1 << 2) /* on_vm_down = "drop": a down VM's connections are dropped */
-#define F_SET_NO_VM_ORIGIN  (1 << 3) /* do not remember connections VMs open */
-#define F_SET_FAST_PATH     (1 << 4) /* requests skip bridge/routing to the VM that answered */
+enum lh_settings_flag {
+	F_SET_RELEARN_FIRST = 1 << 0, /* keep the first MAC seen; only a SYN re-learns */
+	F_SET_SERVICES      = 1 << 1, /* some service is configured: look new connections up */
+	F_SET_VM_DOWN_DROP  = 1 << 2, /* on_vm_down = "drop": a down VM's connections are dropped */
+	F_SET_NO_VM_ORIGIN  = 1 << 3, /* vm_origin = false: do not remember connections VMs open */
+	F_SET_FAST_PATH     = 1 << 4, /* requests skip bridge/routing to the VM that answered */
+};
 
 /* lh_conns value .flags */
-#define F_ENTRY_HOP_KNOWN    (1 << 0) /* last hop learned on an uplink */
-#define F_ENTRY_VM_ORIGIN    (1 << 1) /* connection opened by a VM (full proxy) */
-#define F_ENTRY_OUTER_8021AD (1 << 2) /* outer tag was 802.1ad (0x88a8), not 802.1Q */
-#define F_ENTRY_VM_FAST      (1 << 3) /* fast path: vm_ifindex is the port that answered */
-#define F_ENTRY_FIN_OPENER   (1 << 4) /* TCP: the side that opened sent a FIN */
-#define F_ENTRY_FIN_ANSWERER (1 << 5) /* TCP: the side that answered sent a FIN */
+enum lh_entry_flag {
+	F_ENTRY_HOP_KNOWN    = 1 << 0, /* last hop learned on an uplink */
+	F_ENTRY_VM_ORIGIN    = 1 << 1, /* connection opened by a VM (full proxy) */
+	F_ENTRY_OUTER_8021AD = 1 << 2, /* outer tag was 802.1ad (0x88a8), not 802.1Q */
+	F_ENTRY_VM_FAST      = 1 << 3, /* fast path: vm_ifindex is the port that answered */
+	F_ENTRY_FIN_OPENER   = 1 << 4, /* TCP: the side that opened sent a FIN */
+	F_ENTRY_FIN_ANSWERER = 1 << 5, /* TCP: the side that answered sent a FIN */
+};
 
 /* A connection's state (conn_entry .state), from the packets both programs
  * see. "Opener" is the side that sent the first packet: the uplink side, or
@@ -115,8 +111,10 @@ enum lh_table_counter {
 	TC_MAX                = 16,
 };
 
-/* Counter slots, per interface: lh_counters key = iface slot * CNT_MAX + reason.
- * Python mirror: lasthop.abi.Counter (checked against BTF by a test). */
+/* Counter slots, per interface: lh_counters key = iface slot * CNT_MAX + reason,
+ * CNT_MAX slots per interface whatever the number of reasons in use (room to
+ * add reasons without moving any key). Python mirror: lasthop.abi.Counter and
+ * abi.CNT_MAX (checked against BTF by a test). */
 enum lh_counter {
 	CNT_LEARNED             = 0,  /* new entry from an uplink packet */
 	CNT_RELEARNED           = 1,  /* last hop changed: SYN, or a new MAC with relearn=latest */
@@ -160,4 +158,4 @@ enum lh_counter {
 	CNT_MAX                 = 48,
 };
 
-#define COUNTERS_SIZE (MAX_IFACES * CNT_MAX)
+enum { COUNTERS_SIZE = MAX_IFACES * CNT_MAX };

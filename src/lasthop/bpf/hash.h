@@ -1,5 +1,5 @@
 /* hash.h: jhash2 (Bob Jenkins' lookup3, as the kernel's include/linux/jhash.h)
- * over whole 32-bit words. Python mirror: lasthop.maglev.jhash2 -- the agent
+ * over whole 32-bit words. Python mirror: lasthop.services.maglev.jhash2 -- the agent
  * and the tests predict the data path's choice of VM with it. */
 #pragma once
 

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lasthop.lab import agent, demo, firewall, recipe, traffic
+from lasthop.endpoint import format_endpoint
+from lasthop.lab import demo, firewall, recipe, runner, traffic
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import LabError
 from lasthop.lab.topology import Lab, lab_namespaces
@@ -249,7 +250,7 @@ def demo_cmd(
         console.print(f"  - {p}", highlight=False)
     if len(problems) > 20:
         console.print(f"  ... and {len(problems) - 20} more")
-    sys.exit(EXIT_EXPECTATION if agent.available() else EXIT_LAB)
+    sys.exit(EXIT_EXPECTATION if runner.available() else EXIT_LAB)
 
 
 # -- rendering -------------------------------------------------------------------
@@ -377,10 +378,6 @@ def _print_service(svc: demo.ServiceRun) -> None:
         )
 
 
-def _endpoint(addr: Any, port: Any) -> str:
-    return f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
-
-
 def _print_show(rows: list[dict[str, Any]]) -> None:
     table = Table(title="lasthop show: where each connection's replies go", title_justify="left")
     for col in ("proto", "client", "server", "last-hop MAC", "firewall", "uplink", "packets"):
@@ -389,8 +386,8 @@ def _print_show(rows: list[dict[str, Any]]) -> None:
         mac = str(r.get("mac", ""))
         table.add_row(
             str(r.get("proto")),
-            escape(_endpoint(r.get("src"), r.get("sport"))),
-            escape(_endpoint(r.get("dst"), r.get("dport"))),
+            escape(format_endpoint(r.get("src"), r.get("sport"))),
+            escape(format_endpoint(r.get("dst"), r.get("dport"))),
             mac,
             P.who_has(mac),
             str(r.get("uplink", "")),

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lasthop.lab import agent, recipe, services, state, traffic
 from lasthop.lab import plan as P
+from lasthop.lab import recipe, runner, services, state, traffic
 from lasthop.lab.namespaces import LabError, eventually
 from lasthop.lab.topology import Lab
 from lasthop.lab.traffic import Attempt, CheckResult
@@ -259,7 +259,7 @@ def run_mode(
             run.service = _service_off(lab, run.mode, say)
             cfg = services.write_config(state.folder(name) / "lasthop.toml", lab.plan, macs=True)
             extra = ("--config", str(cfg))
-        if not agent.available():
+        if not runner.available():
             run.notes.append(
                 "lasthop agent not built yet (lasthop.controller missing): "
                 "the 'with' half did not run"
@@ -268,12 +268,12 @@ def run_mode(
             return run
         say(f"{run.mode} host: starting lasthop")
         try:
-            with agent.LasthopAgent(lab.plan, extra=extra):
+            with runner.AgentRunner(lab.plan, extra=extra):
                 say(f"{run.mode} host: traffic with lasthop")
                 on = _phase(lab, "on", "with lasthop", n)
                 on.problems = expect_all_ok(on.check, "with lasthop")
                 run.phases.append(on)
-                run.show_rows = sample_rows(agent.show(lab.plan))
+                run.show_rows = sample_rows(runner.show(lab.plan))
                 if run.service is not None:
                     _service_on(lab, run.service, run.mode, service_n, say)
         except LabError as err:
@@ -316,7 +316,7 @@ def _service_on(lab: Lab, svc: ServiceRun, mode: str, n: int, say: Say) -> None:
     before = lab.counters()
     try:
         attempts = traffic.connect(plan, svc.address, n=n)
-        svc.conns = _served(plan, attempts, agent.show(plan), predict)
+        svc.conns = _served(plan, attempts, runner.show(plan), predict)
         svc.problems += expect_served(svc.conns, svc.vms, "service with lasthop")
         _service_drain(lab, svc, mode, n, say)
     finally:
@@ -338,7 +338,7 @@ def _service_drain(lab: Lab, svc: ServiceRun, mode: str, n: int, say: Say) -> No
         mine = (client.addr.v4, session.local_port, svc.address.v4, P.ECHO_PORT)
         rows = [
             r
-            for r in agent.show(plan)
+            for r in runner.show(plan)
             if (r.get("src"), r.get("sport"), r.get("dst"), r.get("dport")) == mine
         ]
         port = str(rows[0].get("vm_port") or "") if rows else ""

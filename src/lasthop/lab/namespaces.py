@@ -1,12 +1,11 @@
 """Named network namespaces: create, list, run commands in, find and stop the
-processes inside, delete; and sockets opened inside one (per-thread setns,
-since Python 3.11 has no os.setns). Also `eventually`, the lab's wait for a
+processes inside, delete; and sockets opened inside one (a thread entered
+through lasthop.netns). Also `eventually`, the lab's wait for a
 condition."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -16,6 +15,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from lasthop import netns
+from lasthop.netns import NETNS_RUN
 
 __all__ = [
     "LabError",
@@ -32,10 +34,6 @@ __all__ = [
     "NetnsExecutor",
     "eventually",
 ]
-
-NETNS_RUN = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class LabError(RuntimeError):
@@ -158,13 +156,10 @@ def delete(names: Iterable[str]) -> None:
 
 def _enter(name: str) -> None:
     """Moves the calling thread (only) into namespace name."""
-    fd = os.open(NETNS_RUN / name, os.O_RDONLY)
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise LabError(f"setns({name}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
+        netns.enter(name)
+    except netns.NetnsError as err:
+        raise LabError(err.strerror or str(err)) from None
 
 
 class NetnsExecutor(ThreadPoolExecutor):

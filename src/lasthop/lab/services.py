@@ -4,7 +4,7 @@ firewalls route it to the host (docs/services.md, "Setting up the guests");
 the agent's config defines one service per address family over every VM.
 Also: a plain HTTP GET from a namespace, the services' state as `lasthop
 service list` reports it, and the VM the data path's Maglev table gives a
-new connection (predicted with lasthop.maglev from the pinned table).
+new connection (predicted with lasthop.services.maglev from the pinned table).
 
 Used by the demo's service section and tests/lab/test_services_lab.py.
 """
@@ -18,12 +18,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lasthop import abi
-from lasthop.lab import agent
 from lasthop.lab import plan as P
+from lasthop.lab import runner
 from lasthop.lab.namespaces import LabError, ip_batch, open_socket, sysctl
 from lasthop.lab.topology import Lab
-from lasthop.maglev import slot_of
-from lasthop.services import read_table
+from lasthop.services.maglev import slot_of
 
 __all__ = [
     "VIP",
@@ -99,13 +98,13 @@ def serve_vip(lab: Lab, firewalls: Iterable[int] | None = None, *, vms: bool = T
 
 def vm_states(plan: P.Plan, service: str = SERVICES[4]) -> dict[str, tuple[str, bool]]:
     """VM port -> (health, gets new connections) in *service*."""
-    vms = agent.services(plan)[service]["vms"]
+    vms = runner.services(plan)[service]["vms"]
     return {v["port"]: (v["health"], v["serving"]) for v in vms}
 
 
 def serving(plan: P.Plan) -> bool:
     """Whether the services are defined and every VM of each gets new connections."""
-    defined = agent.services(plan)
+    defined = runner.services(plan)
     wanted = [defined.get(name) for name in SERVICES.values()]
     return all(s and all(v["serving"] for v in s["vms"]) for s in wanted)
 
@@ -113,7 +112,7 @@ def serving(plan: P.Plan) -> bool:
 def drain(plan: P.Plan, port: str) -> None:
     """The VM on *port* gets no new connections of any service (`lasthop service drain`)."""
     for name in SERVICES.values():
-        agent.command(plan, "service", "drain", name, port)
+        runner.command(plan, "service", "drain", name, port)
 
 
 def http_get(
@@ -151,13 +150,14 @@ def _words(raw: bytes) -> tuple[int, ...]:
 
 class Prediction:
     """The VM port the data path's table gives a new TCP connection to VIP
-    (with lasthop.maglev), from the Maglev tables pinned in lh_maglev, read
+    (with lasthop.services.maglev), from the Maglev tables pinned in lh_maglev, read
     once: predictions hold while the pools do not change."""
 
     def __init__(self, lab: Lab) -> None:
         from lasthop import libbpf  # loads the system's libbpf: only once lasthop runs
+        from lasthop.services.lookup import read_table  # (so does this)
 
-        services = agent.services(lab.plan)
+        services = runner.services(lab.plan)
         pins = lab.lasthop_pins
         if pins is None:
             raise LabError("lasthop is not attached: no Maglev table to read")

@@ -35,7 +35,7 @@ from lasthop.lab.namespaces import (
     sysctl,
 )
 from lasthop.lab.servers import READY
-from lasthop.services import state_path as services_state_path
+from lasthop.services.store import state_path as services_state_path
 
 __all__ = ["Lab", "down", "lab_namespaces", "Progress"]
 

@@ -6,9 +6,9 @@ and tables follow at once. With no agent, the command edits the pinned maps
 (when a data path is pinned) and the state file itself; the next agent
 starts from there.
 
-Exit codes: 0 success, 1 runtime failure (kernel, the agent's socket),
-2 invalid definition, or a name or address already taken, 4 no such
-service or VM.
+Exit codes (lasthop.errors): 0 success, 1 runtime failure (kernel, the
+agent's socket), 2 invalid definition, or a name or address already taken,
+4 no such service or VM.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -30,27 +29,22 @@ from rich.table import Table
 
 from lasthop import config as config_mod
 from lasthop import netns as netns_mod
-from lasthop.services import (
+from lasthop.controller import Controller
+from lasthop.endpoint import format_endpoint
+from lasthop.errors import AgentError, ServiceError, friendly, from_answer
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import (
     HealthCheck,
-    ServiceConflict,
-    ServiceError,
-    ServiceManager,
-    ServiceNotFound,
+    ServiceVm,
     parse_vm,
     validate_service,
 )
 
 __all__ = ["service", "AgentClient", "LocalServices"]
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 4
 F = TypeVar("F", bound=Callable[..., Any])
 console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True)
 TIMEOUT = 30.0  # seconds: removing a VM walks the whole connection table
-
-
-class AgentError(OSError):
-    """The agent's API could not be reached or answered with a server error."""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -113,13 +107,7 @@ class AgentClient:
         detail = answer.get("detail") if isinstance(answer, dict) else answer
         if not isinstance(detail, str):
             detail = json.dumps(detail)
-        if resp.status == 404:
-            raise ServiceNotFound(detail)
-        if resp.status == 409:
-            raise ServiceConflict(detail)
-        if resp.status in (400, 422):
-            raise ServiceError(detail)
-        raise AgentError(f"the agent answered {resp.status}: {detail}")
+        raise from_answer(resp.status, detail)
 
     def all(self) -> list[dict[str, Any]]:
         return list(self._call("GET", ""))
@@ -156,8 +144,6 @@ class LocalServices:
         return self.manager.add(validate_service(definition)).to_json()
 
     def add_vms(self, name: str, vms: list[dict[str, Any]]) -> dict[str, Any]:
-        from lasthop.services import ServiceVm
-
         return self.manager.add_vms(name, [ServiceVm.model_validate(v) for v in vms]).to_json()
 
     def remove(self, name: str) -> dict[str, Any]:
@@ -170,55 +156,36 @@ class LocalServices:
         return self.manager.set_drained(name, ports, drained).to_json()
 
 
-Backend = AgentClient | LocalServices
+ServicesClient = AgentClient | LocalServices
 
 
-def _friendly(fn: F) -> F:
-    """Expected failures: one clear line and the exit code for it."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ServiceNotFound as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_NOT_FOUND)
-        except ServiceError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except config_mod.ConfigError as err:
-            err_console.print(f"[red]config error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except netns_mod.NetnsError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_USAGE)
-        except OSError as err:  # the agent's socket, the kernel (BpfError), netlink
-            err_console.print(f"[red]error:[/red] {err}", highlight=False)
-            sys.exit(EXIT_FAILURE)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _backend(netns: str | None, config_path: Path | None, api_socket: Path | None) -> Backend:
+def _client(netns: str | None, config_path: Path | None, api_socket: Path | None) -> ServicesClient:
     """The running agent when one answers, else the pinned maps and state file."""
     cfg = config_mod.load(config_path)
     name = netns or cfg.netns or netns_mod.current_name()
     client = AgentClient.probe(api_socket or cfg.api_socket_path(name))
     if client is not None:
         return client
-    from lasthop.controller import Controller
-
     controller = Controller(netns or cfg.netns, cfg.pin_root)
     return LocalServices(controller.services, controller.pins.exist())
 
 
 def _common(fn: F) -> F:
-    fn = click.option("--api-socket", type=click.Path(path_type=Path), metavar="PATH",
-                      help="The agent's unix socket (default /run/lasthop/<netns>.sock).")(fn)
-    fn = click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
-                      help="TOML config file (its netns, pin_root and api_socket are used).")(fn)
-    fn = click.option("--netns", metavar="NAME",
-                      help="Named network namespace (/run/netns/NAME).")(fn)
+    fn = click.option(
+        "--api-socket",
+        type=click.Path(path_type=Path),
+        metavar="PATH",
+        help="The agent's unix socket (default /run/lasthop/<netns>.sock).",
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="TOML config file (its netns, pin_root and api_socket are used).",
+    )(fn)
+    fn = click.option("--netns", metavar="NAME", help="Named network namespace (/run/netns/NAME).")(
+        fn
+    )
     return fn
 
 
@@ -238,16 +205,25 @@ def _state(vm: dict[str, Any]) -> str:
 
 
 def _where(svc: dict[str, Any]) -> str:
-    addr = f"[{svc['address']}]" if ":" in svc["address"] else svc["address"]
     if svc["ports"]:
-        return f"{svc['proto']} {addr}:{','.join(map(str, svc['ports']))}"
+        return f"{svc['proto']} {format_endpoint(svc['address'], ','.join(map(str, svc['ports'])))}"
     return f"{svc['proto']} {svc['address']}"
 
 
 def _print(services: list[dict[str, Any]], where: str) -> None:
     table = Table(title=f"{len(services)} services ({where})", title_justify="left")
-    for col in ("service", "address", "VM", "weight", "state", "health", "link", "slots",
-                "changes", "last check"):
+    for col in (
+        "service",
+        "address",
+        "VM",
+        "weight",
+        "state",
+        "health",
+        "link",
+        "slots",
+        "changes",
+        "last check",
+    ):
         table.add_column(col, justify="right" if col in ("weight", "slots", "changes") else "left")
     size = sum(vm["slots"] for svc in services for vm in svc["vms"]) or 1
     for svc in services:
@@ -262,16 +238,25 @@ def _print(services: list[dict[str, Any]], where: str) -> None:
             share = f"{100 * vm['slots'] / total:.1f}%" if vm["slots"] else "0"
             since = time.strftime("%H:%M:%S", time.localtime(vm["since"])) if vm["since"] else ""
             detail = vm["detail"] + (f" (since {since})" if since else "")
-            table.add_row(*head, vm["port"], str(vm["weight"]), _state(vm), vm["health"],
-                          vm["link"], share, str(vm["changes"]), detail)
+            table.add_row(
+                *head,
+                vm["port"],
+                str(vm["weight"]),
+                _state(vm),
+                vm["health"],
+                vm["link"],
+                share,
+                str(vm["changes"]),
+                detail,
+            )
     console.print(table)
 
 
-def _done(answer: dict[str, Any], backend: Backend, as_json: bool) -> None:
+def _done(answer: dict[str, Any], client: ServicesClient, as_json: bool) -> None:
     if as_json:
         print(json.dumps(answer, indent=1))
     elif "vms" in answer:
-        _print([answer], backend.where)
+        _print([answer], client.where)
     else:
         console.print(", ".join(f"{k}: {v}" for k, v in answer.items()), highlight=False)
 
@@ -287,59 +272,90 @@ def service() -> None:
 @service.command("list")
 @_common
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
-def list_(netns: str | None, config_path: Path | None, api_socket: Path | None,
-          as_json: bool) -> None:
+@friendly
+def list_(
+    netns: str | None, config_path: Path | None, api_socket: Path | None, as_json: bool
+) -> None:
     """Every service, its VMs and whether each gets new connections."""
-    backend = _backend(netns, config_path, api_socket)
-    services = backend.all()
+    client = _client(netns, config_path, api_socket)
+    services = client.all()
     if as_json:
         print(json.dumps(services, indent=1))
     else:
-        _print(services, backend.where)
+        _print(services, client.where)
 
 
 @service.command()
 @_common
 @click.argument("name")
-@click.option("--address", metavar="IP",
-              help="The virtual address (IPv4 or IPv6); needed for a new service.")
-@click.option("--proto", type=click.Choice(["tcp", "udp", "icmp", "any"]),
-              help="Protocol (default: tcp with --port, else any).")
-@click.option("--port", "ports", type=click.IntRange(1, 65535), multiple=True,
-              help="Port (repeatable).")
-@click.option("--vm", "vms", multiple=True, metavar="PORT[:WEIGHT][@ADDRESS]",
-              help="A VM: its port on the host, weight, address for checks (repeatable).")
-@click.option("--check", type=click.Choice(["tcp", "http", "none"]),
-              help="Health check of this service's VMs.")
+@click.option(
+    "--address", metavar="IP", help="The virtual address (IPv4 or IPv6); needed for a new service."
+)
+@click.option(
+    "--proto",
+    type=click.Choice(["tcp", "udp", "icmp", "any"]),
+    help="Protocol (default: tcp with --port, else any).",
+)
+@click.option(
+    "--port", "ports", type=click.IntRange(1, 65535), multiple=True, help="Port (repeatable)."
+)
+@click.option(
+    "--vm",
+    "vms",
+    multiple=True,
+    metavar="PORT[:WEIGHT][@ADDRESS]",
+    help="A VM: its port on the host, weight, address for checks (repeatable).",
+)
+@click.option(
+    "--check",
+    type=click.Choice(["tcp", "http", "none"]),
+    help="Health check of this service's VMs.",
+)
 @click.option("--check-port", type=click.IntRange(1, 65535), help="Port the check uses.")
 @click.option("--check-path", metavar="PATH", help="Path of the HTTP check.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
-def add(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-        address: str | None, proto: str | None, ports: tuple[int, ...], vms: tuple[str, ...],
-        check: str | None, check_port: int | None, check_path: str | None, as_json: bool) -> None:
+@friendly
+def add(
+    netns: str | None,
+    config_path: Path | None,
+    api_socket: Path | None,
+    name: str,
+    address: str | None,
+    proto: str | None,
+    ports: tuple[int, ...],
+    vms: tuple[str, ...],
+    check: str | None,
+    check_port: int | None,
+    check_path: str | None,
+    as_json: bool,
+) -> None:
     """Define service NAME, or (without --address) add VMs to it."""
     pool = [parse_vm(v) for v in vms]
-    backend = _backend(netns, config_path, api_socket)
+    client = _client(netns, config_path, api_socket)
     if address is None:
         if proto or ports or check or check_port or check_path:
-            raise ServiceError("to change an existing service's address, protocol, ports or check, "
-                               "remove it and add it again (with --address)")
+            raise ServiceError(
+                "to change an existing service's address, protocol, ports or check, "
+                "remove it and add it again (with --address)"
+            )
         if not pool:
             raise ServiceError("give --address to define a service, or --vm to add VMs to one")
-        answer = backend.add_vms(name, [v.model_dump(exclude_none=True) for v in pool])
+        answer = client.add_vms(name, [v.model_dump(exclude_none=True) for v in pool])
     else:
-        definition: dict[str, Any] = {"name": name, "address": address, "ports": list(ports),
-                                      "vms": [v.model_dump(exclude_none=True) for v in pool]}
+        definition: dict[str, Any] = {
+            "name": name,
+            "address": address,
+            "ports": list(ports),
+            "vms": [v.model_dump(exclude_none=True) for v in pool],
+        }
         if proto:
             definition["proto"] = proto
         if check or check_port or check_path:
             health = {"type": check or "tcp", "port": check_port, "path": check_path or "/"}
             HealthCheck.model_validate(health)  # fail here, with the option's name in the message
             definition["health"] = health
-        answer = backend.add(definition)
-    _done(answer, backend, as_json)
+        answer = client.add(definition)
+    _done(answer, client, as_json)
 
 
 @service.command()
@@ -347,37 +363,42 @@ def add(netns: str | None, config_path: Path | None, api_socket: Path | None, na
 @click.argument("name")
 @click.argument("vms", nargs=-1, metavar="[VM]...")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
-def remove(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-           vms: tuple[str, ...], as_json: bool) -> None:
+@friendly
+def remove(
+    netns: str | None,
+    config_path: Path | None,
+    api_socket: Path | None,
+    name: str,
+    vms: tuple[str, ...],
+    as_json: bool,
+) -> None:
     """Remove service NAME (its connections are forgotten), or only the VMs
     named (their connections move to the others, or drop: on_vm_down)."""
-    backend = _backend(netns, config_path, api_socket)
-    answer = backend.remove_vms(name, list(vms)) if vms else backend.remove(name)
-    _done(answer, backend, as_json)
+    client = _client(netns, config_path, api_socket)
+    answer = client.remove_vms(name, list(vms)) if vms else client.remove(name)
+    _done(answer, client, as_json)
 
 
-@service.command()
-@_common
-@click.argument("name")
-@click.argument("vms", nargs=-1, required=True, metavar="VM...")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
-def drain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-          vms: tuple[str, ...], as_json: bool) -> None:
-    """No new connections for these VMs; their connections stay."""
-    backend = _backend(netns, config_path, api_socket)
-    _done(backend.drain(name, list(vms), True), backend, as_json)
+def _drain_command(verb: str, drained: bool, doc: str) -> None:
+    """`service drain` and `service undrain`: one command each, one body."""
+
+    @service.command(verb, help=doc)
+    @_common
+    @click.argument("name")
+    @click.argument("vms", nargs=-1, required=True, metavar="VM...")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @friendly
+    def command(
+        netns: str | None,
+        config_path: Path | None,
+        api_socket: Path | None,
+        name: str,
+        vms: tuple[str, ...],
+        as_json: bool,
+    ) -> None:
+        client = _client(netns, config_path, api_socket)
+        _done(client.drain(name, list(vms), drained), client, as_json)
 
 
-@service.command()
-@_common
-@click.argument("name")
-@click.argument("vms", nargs=-1, required=True, metavar="VM...")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@_friendly
-def undrain(netns: str | None, config_path: Path | None, api_socket: Path | None, name: str,
-            vms: tuple[str, ...], as_json: bool) -> None:
-    """Give drained VMs new connections again."""
-    backend = _backend(netns, config_path, api_socket)
-    _done(backend.drain(name, list(vms), False), backend, as_json)
+_drain_command("drain", True, "No new connections for these VMs; their connections stay.")
+_drain_command("undrain", False, "Give drained VMs new connections again.")

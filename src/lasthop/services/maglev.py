@@ -25,7 +25,7 @@ from functools import reduce
 
 from lasthop import abi
 
-__all__ = ["Backend", "build_table", "jhash2", "slot_of", "key_words", "MAGLEV_SIZE", "MAGLEV_SEED"]
+__all__ = ["Member", "build_table", "jhash2", "slot_of", "key_words", "MAGLEV_SIZE", "MAGLEV_SEED"]
 
 MAGLEV_SIZE = abi.MAGLEV_SIZE  # keep in sync with bpf/consts.h (a prime)
 MAGLEV_SEED = abi.MAGLEV_SEED
@@ -38,23 +38,42 @@ def _rol32(word: int, shift: int) -> int:
 
 
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    a = (a - c) & _M32; a ^= _rol32(c, 4); c = (c + b) & _M32  # noqa: E702
-    b = (b - a) & _M32; b ^= _rol32(a, 6); a = (a + c) & _M32  # noqa: E702
-    c = (c - b) & _M32; c ^= _rol32(b, 8); b = (b + a) & _M32  # noqa: E702
-    a = (a - c) & _M32; a ^= _rol32(c, 16); c = (c + b) & _M32  # noqa: E702
-    b = (b - a) & _M32; b ^= _rol32(a, 19); a = (a + c) & _M32  # noqa: E702
-    c = (c - b) & _M32; c ^= _rol32(b, 4); b = (b + a) & _M32  # noqa: E702
+    a = (a - c) & _M32
+    a ^= _rol32(c, 4)
+    c = (c + b) & _M32  # noqa: E702
+    b = (b - a) & _M32
+    b ^= _rol32(a, 6)
+    a = (a + c) & _M32  # noqa: E702
+    c = (c - b) & _M32
+    c ^= _rol32(b, 8)
+    b = (b + a) & _M32  # noqa: E702
+    a = (a - c) & _M32
+    a ^= _rol32(c, 16)
+    c = (c + b) & _M32  # noqa: E702
+    b = (b - a) & _M32
+    b ^= _rol32(a, 19)
+    a = (a + c) & _M32  # noqa: E702
+    c = (c - b) & _M32
+    c ^= _rol32(b, 4)
+    b = (b + a) & _M32  # noqa: E702
     return a, b, c
 
 
 def _final(a: int, b: int, c: int) -> int:
-    c ^= b; c = (c - _rol32(b, 14)) & _M32  # noqa: E702
-    a ^= c; a = (a - _rol32(c, 11)) & _M32  # noqa: E702
-    b ^= a; b = (b - _rol32(a, 25)) & _M32  # noqa: E702
-    c ^= b; c = (c - _rol32(b, 16)) & _M32  # noqa: E702
-    a ^= c; a = (a - _rol32(c, 4)) & _M32  # noqa: E702
-    b ^= a; b = (b - _rol32(a, 14)) & _M32  # noqa: E702
-    c ^= b; c = (c - _rol32(b, 24)) & _M32  # noqa: E702
+    c ^= b
+    c = (c - _rol32(b, 14)) & _M32  # noqa: E702
+    a ^= c
+    a = (a - _rol32(c, 11)) & _M32  # noqa: E702
+    b ^= a
+    b = (b - _rol32(a, 25)) & _M32  # noqa: E702
+    c ^= b
+    c = (c - _rol32(b, 16)) & _M32  # noqa: E702
+    a ^= c
+    a = (a - _rol32(c, 4)) & _M32  # noqa: E702
+    b ^= a
+    b = (b - _rol32(a, 14)) & _M32  # noqa: E702
+    c ^= b
+    c = (c - _rol32(b, 24)) & _M32  # noqa: E702
     return c
 
 
@@ -94,7 +113,7 @@ def slot_of(key: abi.ConnKey | bytes) -> int:
 
 
 @dataclass(frozen=True)
-class Backend:
+class Member:
     """A VM in a table: *name* fixes its permutation, *value* is what its
     slots hold (the VM port's ifindex), *weight* its share."""
 
@@ -113,20 +132,20 @@ def _permutation(name: str, size: int) -> tuple[int, int]:
     return _h64(name, b"lasthop-offset") % size, _h64(name, b"lasthop-skip") % (size - 1) + 1
 
 
-def build_table(backends: Sequence[Backend], size: int = MAGLEV_SIZE) -> list[int]:
-    """The Maglev table: *size* slots, each holding a backend's value; all 0
-    when there is no backend. Backends with weight 0 get no slot."""
-    live = [b for b in backends if b.weight > 0]
+def build_table(members: Sequence[Member], size: int = MAGLEV_SIZE) -> list[int]:
+    """The Maglev table: *size* slots, each holding a member's value; all 0
+    when there is no member. Members with weight 0 get no slot."""
+    live = [b for b in members if b.weight > 0]
     if not live:
         return [0] * size
     names = [b.name for b in live]
     if len(set(names)) != len(names):
-        raise ValueError("backend names must be unique")
+        raise ValueError("member names must be unique")
     order = sorted(live, key=lambda b: b.name)  # the result must not depend on the caller's order
     divisor = reduce(math.gcd, (b.weight for b in order))
     turns = [b.weight // divisor for b in order]
     walks = [_permutation(b.name, size) for b in order]
-    nexts = [w[0] for w in walks]  # the slot each backend tries next
+    nexts = [w[0] for w in walks]  # the slot each member tries next
     skips = [w[1] for w in walks]
     owner = [-1] * size
     filled = 0

@@ -224,7 +224,7 @@ def test_show_json_shape(box: Sandbox) -> None:
         "vlan": [],
         "flags": ["hop_known"],
     }
-    assert 2.5 < oldest["age_s"] < 10
+    assert 2.5 < oldest["age_s"] < 60  # seconds, however long the CLI took to start
     [limited] = _json("show", "--netns", ns.name, "--json", "--limit", "1")
     assert limited["src"] == "192.0.2.1"
 
@@ -252,21 +252,24 @@ def test_stats_json_shape(box: Sandbox) -> None:
 
 
 def test_aging_removes_idle_entries_and_counts_them(box: Sandbox) -> None:
-    """With idle_timeout 2 s an entry idle for longer goes within a pass, a fresh one stays, and
-    stats counts the removal as agent_removed."""
+    """With idle_timeout 2 s an entry idle for longer goes within a pass, one that sees
+    traffic stays, and stats counts the removal as agent_removed."""
     ns = box.host()
     box.agent("--uplink", "up0", "--vm-port", "vm0", "--idle-timeout", "2", netns=ns)
     table = PinnedTable(ns.pins)
     try:
         up0 = ns.ifindex("up0")
-        table.add(conn_key("192.0.2.1", "192.0.2.9", 1000, 80), uplink=up0, idle_s=1.8)
-        table.add(conn_key("192.0.2.2", "192.0.2.9", 1000, 80), uplink=up0)
-        wait_for(lambda: len(table.keys()) == 1, timeout=3)
-        [remaining] = _json("show", "--netns", ns.name, "--json")
-        assert remaining["src"] == "192.0.2.2"
+        live = conn_key("192.0.2.2", "192.0.2.9", 1000, 80)
+        # the live entry is refreshed throughout, so no pass finds it idle however slow
+        # the machine (or the CLI's first start) is; the idle one is far past the timeout
+        with table.kept_fresh(live, uplink=up0):
+            table.add(conn_key("192.0.2.1", "192.0.2.9", 1000, 80), uplink=up0, idle_s=60)
+            wait_for(lambda: len(table.keys()) == 1)
+            [remaining] = _json("show", "--netns", ns.name, "--json")
+            assert remaining["src"] == "192.0.2.2"
+            st = _json("stats", "--netns", ns.name, "--json")
     finally:
         table.close()
-    st = _json("stats", "--netns", ns.name, "--json")
     assert st["totals"]["agent_removed"] == 1
     assert st["table"]["entries"] == 1
 

@@ -18,9 +18,19 @@ from lasthop.datapath import MAP_NAMES, default_pending
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
 SMALL = {"repeat": 2000, "rounds": 2, "inserts": 300, "table": 1024, "memory_entries": 4096}
-FIGURES = ["empty", "reference", "reply_hit_v4", "reply_hit_v6", "reply_hit_pending",
-           "uplink_refresh", "reply_miss", "insert_room", "insert_full", "refresh_single",
-           "new_connection"]
+FIGURES = [
+    "empty",
+    "reference",
+    "reply_hit_v4",
+    "reply_hit_v6",
+    "reply_hit_pending",
+    "uplink_refresh",
+    "reply_miss",
+    "insert_room",
+    "insert_full",
+    "refresh_single",
+    "new_connection",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +42,9 @@ def test_every_figure_is_measured(results: datapath.Results) -> None:
     """Every path gets a positive time and both ratios: to lh_empty (1.0 for
     itself) and to lh_reference (1.0 for itself)."""
     assert [f.name for f in results.figures] == FIGURES
-    assert all(f.ns > 0 and f.ns_low > 0 and f.vs_empty > 0 and f.vs_reference > 0
-               for f in results.figures)
+    assert all(
+        f.ns > 0 and f.ns_low > 0 and f.vs_empty > 0 and f.vs_reference > 0 for f in results.figures
+    )
     assert results.figure("empty").vs_empty == 1.0
     assert results.figure("reference").vs_reference == 1.0
     assert results.figure("reference").program == "lh_reference"
@@ -53,8 +64,12 @@ def test_targets_are_the_issues(results: datapath.Results) -> None:
         if f.target:
             value = f.vs_reference if f.target.of == "reference" else f.ns
             assert f.ok == (value <= f.target.limit)
-    assert results.ok == all([*(f.ok for f in results.figures if f.ok is not None),
-                              results.memory is None or results.memory.ok])
+    assert results.ok == all(
+        [
+            *(f.ok for f in results.figures if f.ok is not None),
+            results.memory is None or results.memory.ok,
+        ]
+    )
 
 
 def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
@@ -62,18 +77,26 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
     every reply hit redirected, every refresh refreshed, every miss missed,
     every new entry went into lh_pending, every handshake was confirmed."""
     n, packets = SMALL["inserts"], SMALL["repeat"] * SMALL["rounds"]
-    assert set(results.checks) == {"back-to-back", "insert_room", "new_connection",
-                                   "insert_full"}
+    assert set(results.checks) == {"back-to-back", "insert_room", "new_connection", "insert_full"}
     assert all(c.ok for cs in results.checks.values() for c in cs)
     moved = {run: {c.counter: c.counted for c in cs} for run, cs in results.checks.items()}
-    assert moved["back-to-back"] == {"vm0 REDIRECTED": 3 * packets, "up0 REFRESHED": packets,
-                                     "vm0 MISS": packets}
+    assert moved["back-to-back"] == {
+        "vm0 REDIRECTED": 3 * packets,
+        "up0 REFRESHED": packets,
+        "vm0 MISS": packets,
+    }
     for run in ("insert_room", "insert_full"):
         assert moved[run] == {"up0 LEARNED": n, "up0 REFRESHED": n, "table PENDING_INSERTED": n}
     assert moved["new_connection"] == {
-        "up0 LEARNED": n, "vm0 REDIRECTED": n, "up0 REFRESHED": n, "up0 CONFIRMED": n,
-        "vm0 VM_ADDR_LEARNED": 1, "table PENDING_INSERTED": n, "table PENDING_PROMOTED": n,
-        "table CONFIRMED_INSERTED": n}
+        "up0 LEARNED": n,
+        "vm0 REDIRECTED": n,
+        "up0 REFRESHED": n,
+        "up0 CONFIRMED": n,
+        "vm0 VM_ADDR_LEARNED": 1,
+        "table PENDING_INSERTED": n,
+        "table PENDING_PROMOTED": n,
+        "table CONFIRMED_INSERTED": n,
+    }
     assert "tables {'lh_conns': 1024," in results.figure("insert_full").detail
 
 
@@ -98,12 +121,21 @@ def test_json_has_every_field(results: datapath.Results) -> None:
     report = json.loads(json.dumps(results.to_json()))
     fig = {f["name"]: f for f in report["figures"]}
     assert set(fig) == set(FIGURES)
-    assert {"ns", "ns_low", "vs_empty", "vs_reference", "target", "ok", "method",
-            "detail"} <= set(fig["reply_hit_v4"])
+    assert {"ns", "ns_low", "vs_empty", "vs_reference", "target", "ok", "method", "detail"} <= set(
+        fig["reply_hit_v4"]
+    )
     assert fig["new_connection"]["target"] == {"limit": 1500.0, "of": "ns"}
     assert set(report["targets"]) == set(datapath.TARGETS)
-    assert {"confirmed", "pending", "entries", "maps", "memlock_bytes", "per_entry",
-            "per_confirmed", "ok"} <= set(report["memory"])
+    assert {
+        "confirmed",
+        "pending",
+        "entries",
+        "maps",
+        "memlock_bytes",
+        "per_entry",
+        "per_confirmed",
+        "ok",
+    } <= set(report["memory"])
     assert report["checks"]["new_connection"][0]["ok"] is True
     assert report["settings"]["pending"] == max(default_pending(1024), 2 * SMALL["inserts"])
 
@@ -111,13 +143,29 @@ def test_json_has_every_field(results: datapath.Results) -> None:
 def test_cli_json_and_exit_codes() -> None:
     """`bench datapath --json` prints the figures; exit 0 even when a target
     is missed, unless --strict."""
-    args = ["datapath", "--json", "--repeat", "2000", "--rounds", "1", "--inserts", "200",
-            "--table", "1024", "--memory-entries", "0"]
+    args = [
+        "datapath",
+        "--json",
+        "--repeat",
+        "2000",
+        "--rounds",
+        "1",
+        "--inserts",
+        "200",
+        "--table",
+        "1024",
+        "--memory-entries",
+        "0",
+    ]
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["memory"] is None
-    assert {f["name"] for f in report["figures"]} >= {"reference", "reply_hit_v4",
-                                                      "new_connection", "insert_full"}
+    assert {f["name"] for f in report["figures"]} >= {
+        "reference",
+        "reply_hit_v4",
+        "new_connection",
+        "insert_full",
+    }
     strict = CliRunner().invoke(bench, [*args, "--strict"])
     assert strict.exit_code == (0 if json.loads(strict.stdout)["ok"] else 1)

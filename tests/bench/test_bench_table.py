@@ -17,8 +17,15 @@ from lasthop.bench.cli import bench
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
 
 SMALL = {"entries": 5000, "rest": 2.0, "repeat": 2, "expiring": 20}
-FIGURES = ["agent_cpu", "stats_cli", "stats_inproc", "metrics", "expiry_pass",
-           "expiry_lateness", "memory_per_entry"]
+FIGURES = [
+    "agent_cpu",
+    "stats_cli",
+    "stats_inproc",
+    "metrics",
+    "expiry_pass",
+    "expiry_lateness",
+    "memory_per_entry",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,10 @@ def test_every_figure_is_measured(results: table.Results) -> None:
         assert f.value >= 0, f.name
         if f.unit in ("ms", "B"):
             assert f.value > 0, f.name
-    assert all(results.figure(n).baseline is not None
-               for n in ("agent_cpu", "stats_cli", "stats_inproc", "metrics", "expiry_pass"))
+    assert all(
+        results.figure(n).baseline is not None
+        for n in ("agent_cpu", "stats_cli", "stats_inproc", "metrics", "expiry_pass")
+    )
     assert results.threads, "the agent's threads were read"
 
 
@@ -63,8 +72,10 @@ def test_nothing_is_left_behind(results: table.Results) -> None:
 
 def test_json_output() -> None:
     """--json prints every figure with its target and ok; exit code 0 (ran)."""
-    out = CliRunner().invoke(bench, ["table", "--entries", "2000", "--rest", "1",
-                                     "--repeat", "1", "--expiring", "4", "--json"])
+    out = CliRunner().invoke(
+        bench,
+        ["table", "--entries", "2000", "--rest", "1", "--repeat", "1", "--expiring", "4", "--json"],
+    )
     assert out.exit_code == 0, out.output
     doc = json.loads(out.stdout)
     assert [f["name"] for f in doc["figures"]] == FIGURES

@@ -23,7 +23,15 @@ __all__ = [
     "state_name",
 ]
 
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 47: "gre", 50: "esp", 132: "sctp"}
+PROTO_NAMES = {
+    abi.IPPROTO_ICMP: "icmp",
+    abi.IPPROTO_TCP: "tcp",
+    abi.IPPROTO_UDP: "udp",
+    abi.IPPROTO_ICMPV6: "icmpv6",
+    47: "gre",
+    50: "esp",
+    132: "sctp",
+}
 _FLAG_NAMES = {
     abi.F_ENTRY_HOP_KNOWN: "hop_known",
     abi.F_ENTRY_VM_ORIGIN: "vm_origin",
@@ -104,7 +112,7 @@ def decode(
 ) -> Connection:
     """One entry as a record; ages from the data path's clock (lasthop.clock).
     *names* caches interface names across calls (one lookup per ifindex)."""
-    icmp = key.proto in (1, 58)
+    icmp = key.proto in (abi.IPPROTO_ICMP, abi.IPPROTO_ICMPV6)
     cache = names if names is not None else {}
 
     def name(ifindex: int) -> str:

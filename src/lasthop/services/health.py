@@ -21,7 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from lasthop.services import HealthCheck, ServiceManager
+from lasthop.endpoint import format_endpoint
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import HealthCheck
 
 __all__ = ["CheckResult", "HealthMonitor", "Target", "check_http", "check_tcp", "run_check"]
 
@@ -53,15 +55,15 @@ def check_tcp(address: str, port: int, timeout: float) -> CheckResult:
         with socket.create_connection((address, port), timeout=timeout):
             pass
     except OSError as err:
-        return CheckResult(False, f"tcp {_where(address, port)}: {_reason(err)}")
-    return CheckResult(True, f"tcp {_where(address, port)}: connected in "
-                             f"{(time.monotonic() - start) * 1000:.0f} ms")
+        return CheckResult(False, f"tcp {format_endpoint(address, port)}: {_reason(err)}")
+    ms = (time.monotonic() - start) * 1000
+    return CheckResult(True, f"tcp {format_endpoint(address, port)}: connected in {ms:.0f} ms")
 
 
 def check_http(address: str, port: int, path: str, timeout: float) -> CheckResult:
     """Healthy when GET path answers 2xx or 3xx within *timeout*."""
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
-    url = f"http://{_where(address, port)}{path}"
+    url = f"http://{format_endpoint(address, port)}{path}"
     try:
         conn.request("GET", path, headers={"User-Agent": "lasthop-health", "Connection": "close"})
         resp = conn.getresponse()
@@ -79,10 +81,6 @@ def run_check(target: Target) -> CheckResult:
     if check.type == "http":
         return check_http(target.address, check.port, check.path, check.timeout)
     return check_tcp(target.address, check.port, check.timeout)
-
-
-def _where(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def _reason(err: BaseException) -> str:
@@ -109,14 +107,16 @@ class HealthMonitor:
     thread of its own (started after the process entered its namespace:
     threads inherit the namespace of the thread that starts them)."""
 
-    def __init__(self, manager: ServiceManager, *,
-                 check: Callable[[Target], CheckResult] = run_check) -> None:
+    def __init__(
+        self, manager: ServiceManager, *, check: Callable[[Target], CheckResult] = run_check
+    ) -> None:
         self.manager = manager
         self._check = check
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS,
-                                        thread_name_prefix="lasthop-health")
+        self._pool = ThreadPoolExecutor(
+            max_workers=MAX_WORKERS, thread_name_prefix="lasthop-health"
+        )
         self._due: dict[tuple[str, str], float] = {}
         self._running: dict[tuple[str, str], Future[CheckResult]] = {}
 

@@ -18,42 +18,37 @@ Errors: 404 no such service or VM, 409 a name or address already taken,
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from lasthop.services import (
-    ServiceConflict,
-    ServiceError,
-    ServiceManager,
-    ServiceNotFound,
-    ServiceVm,
-    validate_service,
-)
+from lasthop.errors import LasthopError
+from lasthop.services.manager import ServiceManager
+from lasthop.services.model import ServiceVm, validate_service
 
-__all__ = ["router"]
+__all__ = ["ServicesHost", "router"]
 
 PREFIX = "/v1/services"
+
+
+class ServicesHost(Protocol):
+    """What the routes need of the controller: its services."""
+
+    @property
+    def services(self) -> ServiceManager: ...
 
 
 class VmList(BaseModel):
     vms: list[str]
 
 
-def _error(err: ServiceError) -> JSONResponse:
-    code = 422
-    if isinstance(err, ServiceNotFound):
-        code = 404
-    elif isinstance(err, ServiceConflict):
-        code = 409
-    return JSONResponse({"detail": str(err)}, status_code=code)
-
-
 class _Route(APIRoute):
-    """A route that answers ServiceError with 404/409/422 (the app needs no handler)."""
+    """A route that answers a LasthopError with its class's HTTP status (404
+    no such service or VM, 409 taken, 422 invalid: lasthop.errors), so the
+    app needs no handler."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         inner = super().get_route_handler()
@@ -61,20 +56,19 @@ class _Route(APIRoute):
         async def handler(request: Request) -> Response:
             try:
                 return await inner(request)
-            except ServiceError as err:
-                return _error(err)
+            except LasthopError as err:
+                return JSONResponse({"detail": str(err)}, status_code=err.http_status)
 
         return handler
 
 
-def router(controller: Any) -> APIRouter:
+def router(controller: ServicesHost) -> APIRouter:
     """The routes over *controller*.services (a ServiceManager, looked up per
     request); every handler is one ServiceManager call."""
     r = APIRouter(prefix=PREFIX, tags=["services"], route_class=_Route)
 
     def manager() -> ServiceManager:
-        services: ServiceManager = controller.services
-        return services
+        return controller.services
 
     @r.get("")
     def list_services() -> list[dict[str, object]]:

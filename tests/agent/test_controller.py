@@ -173,13 +173,14 @@ def test_age_removes_only_idle_entries_and_counts_them(box: Sandbox) -> None:
     try:
         table = PinnedTable(ns.pins)
         up0 = ns.ifindex("up0")
-        table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80), uplink=up0, idle_s=30)
-        table.add(conn_key("192.0.2.2", "192.0.2.9", 1, 80), uplink=up0, idle_s=30)
-        table.add(conn_key("192.0.2.3", "192.0.2.9", 1, 80), uplink=up0, idle_s=1)
+        # idle far past the limit, and far inside it: no margin a slow machine could eat
+        table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80), uplink=up0, idle_s=600)
+        table.add(conn_key("192.0.2.2", "192.0.2.9", 1, 80), uplink=up0, idle_s=600)
+        table.add(conn_key("192.0.2.3", "192.0.2.9", 1, 80), uplink=up0, idle_s=0)
         table.close()
-        assert c.age(10) == 2
+        assert c.age(300) == 2
         assert [x.src for x in c.connections()] == ["192.0.2.3"]
-        assert c.age(10) == 0
+        assert c.age(300) == 0
         st = c.stats()
         assert st.totals["agent_removed"] == 2 and st.entries == 1
     finally:

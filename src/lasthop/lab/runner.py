@@ -1,5 +1,5 @@
-"""Running lasthop in the lab: the one place that knows the agent's command
-line contract.
+"""Running lasthop as a subprocess: the one place that knows the agent's
+command line contract (used by the lab, the benches and the tests).
 
     <python> -m lasthop run --netns <lab>-host --uplink up0
             (--vm-port vmN ... | --bridge br0) [--routed]
@@ -35,8 +35,10 @@ from lasthop.lab.namespaces import LabError, run
 
 __all__ = [
     "READY_PREFIX",
+    "AgentProcess",
+    "AgentRunner",
     "available",
-    "LasthopAgent",
+    "lasthop_argv",
     "command",
     "detach",
     "show",
@@ -57,49 +59,50 @@ def available() -> bool:
         return False
 
 
-def _lasthop(*args: str) -> list[str]:
+def lasthop_argv(*args: str) -> list[str]:
+    """The command line of `lasthop ARGS` with this interpreter."""
     return [sys.executable, "-m", "lasthop", *args]
 
 
-class LasthopAgent:
-    """`lasthop run` on the lab's host, as a subprocess."""
+class AgentProcess:
+    """An agent's command line (`lasthop run ...`, or any wrapper of it) as a
+    subprocess: started, waited for until it prints its "attached" line, and
+    stopped by SIGTERM. Its stderr goes to *log*; its stdout is drained."""
 
-    def __init__(self, plan: P.Plan, *, bridge: bool = False, extra: tuple[str, ...] = ()) -> None:
-        self.plan = plan
-        self.bridge = bridge
-        self.extra = extra
+    def __init__(self, argv: list[str], log: Path, *, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log = log
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_line = ""
 
-    def argv(self, vms: list[int] | None = None) -> list[str]:
-        host = self.plan.host
-        args = ["run", "--netns", host.ns, "--uplink", host.uplink]
-        if self.bridge:
-            args += ["--bridge", host.bridge]
-        else:
-            for n in self.plan.vms if vms is None else vms:
-                args += ["--vm-port", self.plan.vm(n).port]
-        if self.plan.routed:
-            args.append("--routed")
-        return _lasthop(*args, *self.extra)
-
     def start(self, timeout: float = START_TIMEOUT) -> str:
         """Starts the agent and waits for its "attached" line; returns that line."""
-        if self.proc and self.proc.poll() is None:
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Starts the agent without waiting for it to attach."""
+        if self.running:
             raise LabError("the lasthop agent is already running")
-        log_path = state.folder(self.plan.name) / "lasthop.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv(),
+                self.argv,
                 stdout=subprocess.PIPE,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
+                env=self.env,
                 start_new_session=True,
             )
-        self._record(self.proc.pid)
+        self._started(self.proc.pid)
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
+        """Waits for the spawned agent's "attached" line; returns that line.
+        On failure or interruption, the agent is stopped."""
+        assert self.proc is not None
         try:
-            buf = self._wait_ready(timeout, log_path)
+            buf = self._wait_ready(timeout)
         except BaseException:  # interrupted or failed: no agent left behind
             self.stop()
             raise
@@ -108,30 +111,42 @@ class LasthopAgent:
         threading.Thread(target=self._drain, args=(self.proc.stdout,), daemon=True).start()
         return self.ready_line
 
-    def _wait_ready(self, timeout: float, log_path: Path) -> bytes:
+    def _wait_ready(self, timeout: float) -> bytes:
         """Reads the agent's stdout until its "attached" line; returns that line."""
         assert self.proc is not None and self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                argv = " ".join(self.argv())
+                argv = " ".join(self.argv)
                 raise LabError(f"lasthop did not attach within {timeout:.0f} s ({argv})")
             line = self.proc.stdout.readline()
             if not line:
                 code = self.proc.wait()
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                tail = self.stderr.strip().splitlines()[-5:]
                 raise LabError(f"lasthop run exited ({code}) before attaching: {' / '.join(tail)}")
             if line.decode(errors="replace").startswith(READY_PREFIX):
                 return line
+
+    def _started(self, pid: int) -> None:
+        """Called with the agent's pid as soon as it runs (a hook for subclasses)."""
 
     @staticmethod
     def _drain(stream: Any) -> None:
         while stream.read(4096):
             pass
 
+    @property
+    def stderr(self) -> str:
+        """What the agent wrote to stderr so far (its log)."""
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
-        """SIGTERM: the agent stops, leaving the data path attached. Returns its exit code."""
+        """SIGTERM: the agent stops, leaving the data path attached; killed if
+        it does not stop within *timeout*. Returns its exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -141,12 +156,48 @@ class LasthopAgent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._record(0)
         return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+class AgentRunner(AgentProcess):
+    """`lasthop run` on the lab's host, as a subprocess (its pid recorded in
+    the lab's state, its stderr in the lab's lasthop.log)."""
+
+    def __init__(self, plan: P.Plan, *, bridge: bool = False, extra: tuple[str, ...] = ()) -> None:
+        self.plan = plan
+        self.bridge = bridge
+        self.extra = extra
+        super().__init__(self.command_line(), state.folder(plan.name) / "lasthop.log")
+
+    def command_line(self, vms: list[int] | None = None) -> list[str]:
+        host = self.plan.host
+        args = ["run", "--netns", host.ns, "--uplink", host.uplink]
+        if self.bridge:
+            args += ["--bridge", host.bridge]
+        else:
+            for n in self.plan.vms if vms is None else vms:
+                args += ["--vm-port", self.plan.vm(n).port]
+        if self.plan.routed:
+            args.append("--routed")
+        return lasthop_argv(*args, *self.extra)
+
+    def _started(self, pid: int) -> None:
+        self._record(pid)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        code = super().stop(timeout)
+        if self.proc is not None:
+            self._record(0)
+        return code
 
     def _record(self, pid: int) -> None:
         st = state.load(self.plan.name)
@@ -154,7 +205,7 @@ class LasthopAgent:
             st.agent_pid = pid
             state.save(st)
 
-    def __enter__(self) -> LasthopAgent:
+    def __enter__(self) -> AgentRunner:
         self.start()
         return self
 
@@ -165,7 +216,7 @@ class LasthopAgent:
 
 def command(plan: P.Plan, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`lasthop <args> --netns <lab>-host`; with check, a LabError when it fails."""
-    return run(_lasthop(*args, "--netns", plan.host.ns), check=check)
+    return run(lasthop_argv(*args, "--netns", plan.host.ns), check=check)
 
 
 def _json(plan: P.Plan, *args: str, kind: type) -> Any:

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentlib import PinnedTable, Sandbox, conn_key, lasthop, sandbox
 from lasthop.api import create_app
+from lasthop.connections import Connection
 from lasthop.controller import Attached, InterfaceInfo, NotAttachedError, Stats
 from lasthop.libbpf import BpfError
-from lasthop.table import Connection
 
 CONN = Connection(
     proto="udp",
