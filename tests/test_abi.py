@@ -168,11 +168,15 @@ KERNEL_CONSTANTS = (
 @pytest.fixture(scope="module")
 def c_constants(btf: dict[int, dict[str, Any]]) -> dict[str, int]:
     """The constants of consts.h the agent mirrors, by name, from the BTF."""
-    values = {
-        "CNT_MAX": {v["name"]: v["val"] for v in named(btf, "ENUM", "lh_counter")["values"]}[
-            "CNT_MAX"
+    values = {}
+    for enum_name, bound in (
+        ("lh_counter", "CNT_MAX"),
+        ("conn_state", "CS_MAX"),
+        ("lh_table_counter", "TC_MAX"),
+    ):
+        values[bound] = {v["name"]: v["val"] for v in named(btf, "ENUM", enum_name)["values"]}[
+            bound
         ]
-    }
     for enum_name in CONST_ENUMS:
         values |= {v["name"]: v["val"] for v in named(btf, "ENUM", enum_name)["values"]}
     return values

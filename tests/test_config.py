@@ -56,8 +56,10 @@ def test_no_file_gives_the_defaults() -> None:
         False,
         "latest",
         1_048_576,
-        600.0,
+        None,
     )
+    assert (cfg.pending_table_size, cfg.vm_origin_quota, cfg.expiry_interval) == (None, 16384, 3.0)
+    assert cfg.timeouts.tcp_established == 7440.0 and cfg.timeouts.tcp_syn == 60.0
     assert (cfg.bridge_zone, cfg.pin_root, cfg.api, cfg.api_socket) == (0, None, None, None)
 
 
@@ -68,7 +70,8 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert [(i.name, i.zone) for i in cfg.uplinks] == [("eth0", 1), ("eth1.100", 0)]
     assert [(i.name, i.zone) for i in cfg.vm_ports] == [("tap0", 0)]
     assert cfg.routed and cfg.relearn == "first" and cfg.table_size == 65536
-    assert cfg.idle_timeout == 120.0 and cfg.pin_root == Path("/sys/fs/bpf/custom")
+    assert cfg.idle_timeout == 120.0 and cfg.timeouts.tcp_established == 120.0
+    assert cfg.pin_root == Path("/sys/fs/bpf/custom")
     assert cfg.api == "127.0.0.1:9180" and cfg.api_socket_path("host") == Path(
         "/run/lasthop/custom.sock"
     )

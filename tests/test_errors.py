@@ -57,6 +57,7 @@ def test_the_codes_are_those_docs_cli_md_lists() -> None:
     assert table == {
         "LasthopError": (1, 500),
         "ConfigError": (2, 500),
+        "FilterError": (2, 422),
         "NetnsError": (2, 500),
         "LinkError": (2, 500),
         "DatapathError": (1, 500),
@@ -88,7 +89,7 @@ def test_the_cli_exits_with_the_class_code(
     """`lasthop show` and `lasthop service list` exit with the error's code, one line on stderr."""
 
     class Broken:
-        def connections(self, limit: int = 0) -> Any:
+        def iter_connections(self, where: Any = None, *, limit: int = 0) -> Any:
             raise make(cls)
 
         def all(self) -> Any:
@@ -104,7 +105,7 @@ def test_the_cli_exits_with_the_class_code(
 
 def test_the_cli_exits_1_on_any_other_os_error(monkeypatch: pytest.MonkeyPatch) -> None:
     class Broken:
-        def connections(self, limit: int = 0) -> Any:
+        def iter_connections(self, where: Any = None, *, limit: int = 0) -> Any:
             raise ConnectionRefusedError(111, "refused")
 
     monkeypatch.setattr(cli_mod, "_controller", lambda *a: Broken())

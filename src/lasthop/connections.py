@@ -11,6 +11,7 @@ from typing import Any
 
 from lasthop import abi
 from lasthop.clock import Clock
+from lasthop.errors import FilterError
 
 __all__ = [
     "Connection",
@@ -161,10 +162,10 @@ class ConnFilter:
                 try:
                     ipaddress.ip_network(value, strict=False)
                 except ValueError:
-                    raise ValueError(f"{what}: {value!r} is not an address or prefix") from None
+                    raise FilterError(f"{what}: {value!r} is not an address or prefix") from None
         if self.state is not None and self.state not in {s.name.lower() for s in abi.State}:
             names = ", ".join(s.name.lower() for s in abi.State)
-            raise ValueError(f"state: {self.state!r} is not one of {names}")
+            raise FilterError(f"state: {self.state!r} is not one of {names}")
 
     @functools.cached_property
     def _nets(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | None, ...]:

@@ -5,6 +5,7 @@ API), so no adapter keeps a mapping of its own.
     class                                   exit  HTTP  raised when
     LasthopError                               1   500  (the root)
     ├── ConfigError (ValueError)               2   500  the config is invalid
+    ├── FilterError (ValueError)               2   422  a `show` filter is invalid
     ├── NetnsError (OSError)                   2   500  a namespace cannot be entered
     ├── LinkError (LookupError)                2   500  a named interface is missing
     ├── DatapathError (RuntimeError)           1   500  the data path cannot be loaded or attached
@@ -39,6 +40,7 @@ __all__ = [
     "EXIT_NOT_FOUND",
     "LasthopError",
     "ConfigError",
+    "FilterError",
     "NetnsError",
     "LinkError",
     "DatapathError",
@@ -73,6 +75,13 @@ class ConfigError(LasthopError, ValueError):
 
     exit_code = EXIT_USAGE
     prefix = "config error:"
+
+
+class FilterError(LasthopError, ValueError):
+    """A `show` filter (or the API's query) is not valid: the message names it."""
+
+    exit_code = EXIT_USAGE
+    http_status = 422
 
 
 class NetnsError(LasthopError, OSError):
@@ -149,6 +158,7 @@ class ServiceConflict(ServiceError):
 ERRORS: tuple[type[LasthopError], ...] = (
     LasthopError,
     ConfigError,
+    FilterError,
     NetnsError,
     LinkError,
     DatapathError,
