@@ -253,11 +253,13 @@ def conn_key(
 
 
 class PinnedTable:
-    """The pinned lh_conns of a namespace, opened from the test process."""
+    """The pinned tables of a namespace (lh_conns, lh_pending), opened from the
+    test process."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.conns = libbpf.Map.pinned(folder / "lh_conns")
+        self.pending = libbpf.Map.pinned(folder / "lh_pending")
         self.clock = Clock.pinned(folder / "lh_clock")
         settings = libbpf.Map.pinned(folder / "lh_settings")
         try:
@@ -277,8 +279,11 @@ class PinnedTable:
         mac: str = "02:00:00:00:00:01",
         uplink: int = 1,
         idle_s: float = 0.0,
+        state: abi.State = abi.State.TCP_ESTABLISHED,
+        pending: bool = False,
     ) -> None:
-        """An entry learned on ifindex *uplink*, last seen *idle_s* seconds ago."""
+        """An entry learned on ifindex *uplink*, last seen *idle_s* seconds ago,
+        confirmed (lh_conns) or *pending* (lh_pending)."""
         assert self.hz, "lh_settings.hz is 0: the agent has not measured HZ yet"
         entry = abi.ConnEntry()
         entry.last_seen = (self.clock.jiffies() - int(idle_s * self.hz)) & 0xFFFFFFFF
@@ -286,10 +291,11 @@ class PinnedTable:
         entry.mac[:] = list(bytes.fromhex(mac.replace(":", "")))
         entry.flags = abi.F_ENTRY_HOP_KNOWN
         entry.packets = 1
-        self.conns.update(bytes(key), bytes(entry))
+        entry.state = state
+        (self.pending if pending else self.conns).update(bytes(key), bytes(entry))
 
     def keys(self) -> list[bytes]:
-        return list(self.conns.keys())
+        return list(self.conns.keys()) + list(self.pending.keys())
 
     @contextlib.contextmanager
     def kept_fresh(
@@ -316,6 +322,7 @@ class PinnedTable:
 
     def close(self) -> None:
         self.conns.close()
+        self.pending.close()
         self.clock.close()
 
 

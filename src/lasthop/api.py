@@ -89,10 +89,17 @@ def create_app(controller: ControllerApi) -> FastAPI:
         streamed: one entry at a time, never the whole table in memory."""
         where = ConnFilter(client, server, uplink, vm_port, state, mac)  # FilterError: 422
 
+        conns = controller.iter_connections(where, limit=limit)
+        # the first entry is read here, so that nothing attached or a kernel error
+        # still becomes its HTTP status: once streaming starts, the status is sent
+        first = next(conns, None)
+
         def body() -> Iterator[str]:
             yield "["
-            for i, c in enumerate(controller.iter_connections(where, limit=limit)):
-                yield ("," if i else "") + json.dumps(c.to_json())
+            if first is not None:
+                yield json.dumps(first.to_json())
+                for c in conns:
+                    yield "," + json.dumps(c.to_json())
             yield "]"
 
         return StreamingResponse(body(), media_type="application/json")

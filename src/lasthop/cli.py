@@ -203,9 +203,10 @@ def _stream_json(items: Iterable[dict[str, Any]]) -> None:
     in memory as one document)."""
     out = sys.stdout
     out.write("[")
-    for i, item in enumerate(items):
-        out.write(("," if i else "") + "\n " + json.dumps(item))
-    out.write("\n]\n")
+    n = 0
+    for n, item in enumerate(items, 1):
+        out.write(("," if n > 1 else "") + "\n " + json.dumps(item))
+    out.write("\n]\n" if n else "]\n")
 
 
 def _ep(addr: str, port: int) -> str:

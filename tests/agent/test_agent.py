@@ -187,6 +187,7 @@ CONNECTION_FIELDS = {
     "packets": int,
     "replies": int,
     "vm_port": str,
+    "state": str,
     "flags": list,
 }
 
@@ -222,6 +223,7 @@ def test_show_json_shape(box: Sandbox) -> None:
         "mac": "02:aa:bb:cc:dd:ee",
         "uplink": "up0",
         "vlan": [],
+        "state": "tcp_established",
         "flags": ["hop_known"],
     }
     assert 2.5 < oldest["age_s"] < 60  # seconds, however long the CLI took to start
@@ -248,12 +250,25 @@ def test_stats_json_shape(box: Sandbox) -> None:
     }
     assert all(isinstance(v, int) for v in st["totals"].values())
     assert isinstance(st["interfaces"], dict)
-    assert st["table"] == {"entries": 0, "capacity": 1024, "evicted": 0}
+    table = st["table"]
+    assert (table["entries"], table["capacity"], table["evicted"]) == (0, 1024 + 1024, 0)
+    for name, capacity in (("confirmed", 1024), ("pending", 1024)):
+        assert table[name] == {
+            "entries": 0,
+            "capacity": capacity,
+            "inserted": 0,
+            "expired": 0,
+            "removed": 0,
+            "evicted": 0,
+            "states": {},
+        }
+    assert (table["promoted"], table["confirm_refused"]) == (0, 0)
 
 
-def test_aging_removes_idle_entries_and_counts_them(box: Sandbox) -> None:
-    """With idle_timeout 2 s an entry idle for longer goes within a pass, one that sees
-    traffic stays, and stats counts the removal as agent_removed."""
+def test_the_kernel_expires_idle_entries_and_counts_them(box: Sandbox) -> None:
+    """With tcp_established 2 s (set through the old --idle-timeout) the kernel's
+    pass removes an entry idle for longer, keeps one that sees traffic, and
+    stats counts the expiry; the agent itself removes nothing."""
     ns = box.host()
     box.agent("--uplink", "up0", "--vm-port", "vm0", "--idle-timeout", "2", netns=ns)
     table = PinnedTable(ns.pins)
@@ -270,8 +285,9 @@ def test_aging_removes_idle_entries_and_counts_them(box: Sandbox) -> None:
             st = _json("stats", "--netns", ns.name, "--json")
     finally:
         table.close()
-    assert st["totals"]["agent_removed"] == 1
-    assert st["table"]["entries"] == 1
+    assert st["table"]["confirmed"]["expired"] == 1
+    assert st["totals"]["agent_removed"] == 0
+    assert st["table"]["entries"] == 1 and st["table"]["expiry_passes"] >= 1
 
 
 def test_flush_empties_the_table(box: Sandbox) -> None:
@@ -320,9 +336,11 @@ def test_real_traffic_learns_the_firewall_and_redirects_replies(box: Sandbox, pr
 def test_a_vm_opened_connection_is_not_counted_as_evicted(box: Sandbox) -> None:
     """A connection the VM opens, answered through the uplink, leaves evicted at 0."""
     site = BridgedSite(box)
+    config = box.logs / "vm-address.toml"
+    config.write_text(f'[[vm_port]]\nname = "vm0"\naddresses = ["{site.VM_IP}"]\n')
     try:
         site.serve_on_firewall()
-        box.agent("--uplink", "fw0", "--bridge", "br0", netns=site.host)
+        box.agent("--config", str(config), "--uplink", "fw0", "--bridge", "br0", netns=site.host)
         site.exchange_from_vm("udp", n=2)
         st = _json("stats", "--netns", site.host.name, "--json")
         assert st["totals"]["vm_origin_learned"] == 1 and st["table"]["entries"] == 1

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agentlib import PinnedTable, Sandbox, conn_key, lasthop, sandbox
 from lasthop.api import create_app
-from lasthop.connections import Connection
-from lasthop.controller import Attached, InterfaceInfo, NotAttachedError, Stats
+from lasthop.connections import Connection, ConnFilter
+from lasthop.controller import Attached, InterfaceInfo, NotAttachedError, Stats, TableStats
 from lasthop.libbpf import BpfError
 
 CONN = Connection(
@@ -45,9 +45,28 @@ STATS = Stats(
         "vm0": {"redirected": 5, "miss": 1},
         "unattached": {"agent_removed": 2},
     },
-    entries=4,
-    capacity=1024,
-    evicted=1,
+    confirmed=TableStats(
+        entries=3,
+        capacity=1024,
+        inserted=3,
+        expired=0,
+        removed=2,
+        evicted=0,
+        states={"tcp_established": 3},
+    ),
+    pending=TableStats(
+        entries=1,
+        capacity=256,
+        inserted=9,
+        expired=2,
+        removed=0,
+        evicted=1,
+        states={"tcp_syn_sent": 1},
+    ),
+    promoted=5,
+    confirm_refused=0,
+    expiry_passes=7,
+    last_pass_age_s=1.0,
 )
 IFACE = InterfaceInfo(
     name="up0", ifindex=2, role="uplink", zone=0, slot=1, mac="02:00:00:00:00:01", routed=False
@@ -71,9 +90,12 @@ class FakeController:
     def attached_now(self) -> Attached:
         return Attached(uplinks={2: "up0"}, vm_ports={3: "vm0", 4: "vm1"})
 
-    def connections(self, limit: int = 0) -> list[Connection]:
+    def iter_connections(
+        self, where: ConnFilter | None = None, *, limit: int = 0
+    ) -> Iterator[Connection]:
         self._call("connections", limit)
-        return [CONN, CONN][: limit or None]
+        self.where = where
+        return iter([CONN, CONN][: limit or None])
 
     def stats(self) -> Stats:
         self._call("stats")
@@ -126,7 +148,7 @@ def test_a_bad_limit_is_422(query: str) -> None:
 def test_stats_are_stats_json() -> None:
     r = request(FakeController(), "GET", "/v1/stats")
     assert r.json() == STATS.to_json()
-    assert set(r.json()["table"]) == {"entries", "capacity", "evicted"}
+    assert {"entries", "capacity", "evicted", "confirmed", "pending"} <= set(r.json()["table"])
 
 
 def test_flush_is_a_post() -> None:
@@ -177,9 +199,24 @@ def test_metrics_are_prometheus_text_read_on_each_scrape() -> None:
         ("lasthop_packets_total", (("interface", "vm0"), ("reason", "miss"))): 1,
         ("lasthop_packets_total", (("interface", "vm0"), ("reason", "redirected"))): 5,
         ("lasthop_table_entries", ()): 4,
-        ("lasthop_table_capacity", ()): 1024,
+        ("lasthop_table_capacity", ()): 1280,
         ("lasthop_table_evicted_total", ()): 1,
         ("lasthop_table_removed_total", ()): 2,
+        ("lasthop_table_state_entries", (("state", "tcp_established"), ("table", "confirmed"))): 3,
+        ("lasthop_table_state_entries", (("state", "tcp_syn_sent"), ("table", "pending"))): 1,
+        **{
+            ("lasthop_table_events_total", (("event", e), ("table", t))): n
+            for t, e, n in (
+                ("confirmed", "inserted", 3),
+                ("confirmed", "expired", 0),
+                ("confirmed", "removed", 2),
+                ("pending", "inserted", 9),
+                ("pending", "expired", 2),
+                ("pending", "removed", 0),
+                ("pending", "promoted", 5),
+                ("confirmed", "refused", 0),
+            )
+        },
     }
     asyncio.run(scrape())
     assert fake.calls == [("stats", None), ("stats", None)]
@@ -238,15 +275,20 @@ def test_the_agent_serves_the_api_on_its_unix_socket(box: Sandbox) -> None:
         shown = json.loads(lasthop("show", "--netns", ns.name, "--json").stdout)
         assert no_age(api.get("/v1/connections").json()) == no_age(shown)
         assert len(api.get("/v1/connections", params={"limit": 1}).json()) == 1
-        assert api.get("/v1/stats").json() == json.loads(
-            lasthop("stats", "--netns", ns.name, "--json").stdout
+
+        def steady(st: dict[str, Any]) -> dict[str, Any]:
+            st["table"].pop("last_pass_age_s")  # moves between the two reads
+            return st
+
+        assert steady(api.get("/v1/stats").json()) == steady(
+            json.loads(lasthop("stats", "--netns", ns.name, "--json").stdout)
         )
         assert [i["name"] for i in api.get("/v1/interfaces").json()] == ["up0", "vm0"]
 
         assert api.post("/v1/flush").json() == {"flushed": 2}
         assert api.get("/v1/connections").json() == []
         metrics = api.get("/metrics").text
-        assert "lasthop_table_capacity 2048.0" in metrics
+        assert "lasthop_table_capacity 3072.0" in metrics  # lh_conns 2048 + lh_pending 1024
         assert "lasthop_table_removed_total 2.0" in metrics
     agent.stop()
     assert not ns.socket.exists()

@@ -142,7 +142,8 @@ def test_show_stats_flush_exit_0_when_attached(box: Sandbox) -> None:
     shown = invoke("show", "--netns", ns.name)
     assert shown.exit_code == 0 and "0 connections" in shown.stdout
     stats = invoke("stats", "--netns", ns.name)
-    assert stats.exit_code == 0 and "table: 0 of 1000 entries, 0 evicted" in stats.stdout
+    assert stats.exit_code == 0 and "confirmed: 0 of 1000 entries" in stats.stdout
+    assert "pending: 0 of 1024 entries" in stats.stdout and "0 evicted" in stats.stdout
     flushed = invoke("flush", "--netns", ns.name)
     assert flushed.exit_code == 0 and "flushed 0 entries" in flushed.stdout
     assert invoke("show", "--netns", ns.name, "--json").stdout.strip() == "[]"

@@ -165,24 +165,32 @@ def test_forget_detaches_a_port_that_still_exists(box: Sandbox) -> None:
         c.close()
 
 
-def test_age_removes_only_idle_entries_and_counts_them(box: Sandbox) -> None:
-    """age(t) deletes entries idle longer than t seconds, returns how many, and adds them to the
-    agent_removed counter."""
+def test_expire_removes_only_idle_entries_by_state_and_counts_them(box: Sandbox) -> None:
+    """expire() runs the kernel's pass: entries idle past their state's timeout go
+    (established 7440 s, udp_new 30 s by default), in both tables; the pass
+    returns how many and stats counts them per table, none as agent_removed."""
     ns = box.host()
     c = _started(ns, _config(["up0"], ["vm0"]))
     try:
         table = PinnedTable(ns.pins)
         up0 = ns.ifindex("up0")
-        # idle far past the limit, and far inside it: no margin a slow machine could eat
-        table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80), uplink=up0, idle_s=600)
+        # idle far past the timeouts, and far inside them: no margin a slow machine could eat
+        table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80), uplink=up0, idle_s=8000)
         table.add(conn_key("192.0.2.2", "192.0.2.9", 1, 80), uplink=up0, idle_s=600)
-        table.add(conn_key("192.0.2.3", "192.0.2.9", 1, 80), uplink=up0, idle_s=0)
+        udp = abi.State.UDP_NEW
+        table.add(conn_key("192.0.2.3", "192.0.2.9", 1, 53), uplink=up0, idle_s=600, state=udp,
+                  pending=True)  # fmt: skip
+        table.add(conn_key("192.0.2.4", "192.0.2.9", 1, 53), uplink=up0, idle_s=0, state=udp,
+                  pending=True)  # fmt: skip
         table.close()
-        assert c.age(300) == 2
-        assert [x.src for x in c.connections()] == ["192.0.2.3"]
-        assert c.age(300) == 0
+        assert c.expire() == 2
+        assert sorted(x.src for x in c.connections()) == ["192.0.2.2", "192.0.2.4"]
+        assert c.expire() == 0
         st = c.stats()
-        assert st.totals["agent_removed"] == 2 and st.entries == 1
+        assert (st.confirmed.expired, st.pending.expired) == (1, 1)
+        assert (st.confirmed.entries, st.pending.entries) == (1, 1)
+        assert st.confirmed.states == {"tcp_established": 1} and st.pending.states == {"udp_new": 1}
+        assert st.totals["agent_removed"] == 0 and st.expiry_passes == 2
     finally:
         c.close()
 
@@ -218,8 +226,9 @@ def test_connections_sorted_by_age_and_limited(box: Sandbox) -> None:
         c.close()
 
 
-def test_stats_names_interfaces_and_derives_evictions(box: Sandbox) -> None:
-    """stats() reports counters under interface names and evicted = learned - entries - removed."""
+def test_stats_names_interfaces_and_reads_the_kernel_counts(box: Sandbox) -> None:
+    """stats() reports counters under interface names, each table's entries as the
+    kernel counts them, and pending evictions from the kernel's exact terms."""
     ns = box.host()
     c = _started(ns, _config(["up0"], ["vm0"], table_size=512))
     try:
@@ -227,14 +236,18 @@ def test_stats_names_interfaces_and_derives_evictions(box: Sandbox) -> None:
         slot = {i.name: i.slot for i in c.interfaces()}
         maps.add_counter(slot["up0"], abi.Counter.LEARNED, 10)
         maps.add_counter(slot["vm0"], abi.Counter.REDIRECTED, 4)
-        maps.add_counter(0, abi.Counter.AGENT_REMOVED, 3)
+        maps.add_table_counter(abi.TableCounter.PENDING_INSERTED, 10)
+        maps.add_table_counter(abi.TableCounter.PENDING_PROMOTED, 3)
         table = PinnedTable(ns.pins)
         table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80))
+        table.add(conn_key("192.0.2.2", "192.0.2.9", 1, 80), pending=True)
         table.close()
         st = c.stats()
         assert st.interfaces["up0"] == {"learned": 10}
         assert st.interfaces["vm0"] == {"redirected": 4}
-        assert (st.entries, st.capacity, st.evicted) == (1, 512, 10 - 1 - 3)
+        assert (st.confirmed.entries, st.confirmed.capacity) == (1, 512)
+        assert (st.pending.entries, st.pending.capacity) == (1, 1024)
+        assert st.pending.evicted == 10 - 3 - 1  # inserted - promoted - entries
         assert st.totals["learned"] == 10 and st.totals["miss"] == 0
     finally:
         c.close()
