@@ -28,28 +28,28 @@ from typing import Any
 
 import pytest
 
-from lasthop.lab import Lab, agent, traffic
+from lasthop.lab import Lab, runner, traffic
 from lasthop.lab import plan as P
 from lasthop.lab.demo import expect_all_ok
 from lasthop.lab.flood import RawSender, spoofed_connections, spoofed_syns
 from lasthop.lab.namespaces import NetnsExecutor, eventually, open_socket
 
-needs_agent = pytest.mark.skipif(not agent.available(), reason="agent not built yet")
+needs_agent = pytest.mark.skipif(not runner.available(), reason="agent not built yet")
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.bpf, needs_agent]
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 SPEAK_PORT = 7070  # a server in the test process that speaks first
 
 
-def _agent(lab: Lab, tmp_path: Path, toml: str) -> agent.LasthopAgent:
+def _agent(lab: Lab, tmp_path: Path, toml: str) -> runner.AgentRunner:
     """The lab's agent with *toml* as its config file (the lab's command line on top)."""
     path = tmp_path / "lasthop.toml"
     path.write_text(toml)
-    return agent.LasthopAgent(lab.plan, extra=("--config", str(path)))
+    return runner.AgentRunner(lab.plan, extra=("--config", str(path)))
 
 
 def _table(plan: P.Plan) -> dict[str, Any]:
-    table: dict[str, Any] = agent.stats(plan)["table"]
+    table: dict[str, Any] = runner.stats(plan)["table"]
     return table
 
 
@@ -133,10 +133,10 @@ def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
         keys = {c.key for c in idle}
 
         def all_confirmed() -> bool:
-            rows = agent.show(plan, "--state", "tcp_established")
+            rows = runner.show(plan, "--state", "tcp_established")
             return keys <= {_key(r) for r in rows}
 
-        assert eventually(all_confirmed, timeout=5.0), agent.show(plan)
+        assert eventually(all_confirmed, timeout=5.0), runner.show(plan)
         before = _table(plan)
         assert before["confirmed"]["entries"] == IDLE_CONNECTIONS, before
 
@@ -151,17 +151,17 @@ def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
         assert sent == 3 * FLOOD_CONNECTIONS
 
         def flood_seen() -> bool:  # every flood packet learned or refreshed an entry
-            up: dict[str, int] = agent.stats(plan)["interfaces"].get(plan.host.uplink, {})
+            up: dict[str, int] = runner.stats(plan)["interfaces"].get(plan.host.uplink, {})
             return sum(up.get(c, 0) for c in ("learned", "relearned", "refreshed")) >= sent
 
-        assert eventually(flood_seen, timeout=10.0), agent.stats(plan)
+        assert eventually(flood_seen, timeout=10.0), runner.stats(plan)
         after = _table(plan)
         assert after["pending"]["evicted"] > 0, after
         assert after["confirmed"]["entries"] == IDLE_CONNECTIONS, after
         assert after["confirmed"]["states"] == {"tcp_established": IDLE_CONNECTIONS}, after
         assert after["confirmed"]["expired"] == after["confirmed"]["removed"] == 0, after
         assert after["promoted"] == IDLE_CONNECTIONS, after
-        rows = {_key(r): r for r in agent.show(plan, "--state", "tcp_established")}
+        rows = {_key(r): r for r in runner.show(plan, "--state", "tcp_established")}
         assert keys <= set(rows), sorted(keys - set(rows))
         assert {rows[k]["mac"] for k in keys} == {plan.firewall(2).transit_mac}
 
@@ -179,7 +179,7 @@ def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
 
         # The check sees a lost entry: with the table flushed, a server's
         # first words take its default route, and fw1 drops them.
-        agent.command(plan, "flush")
+        runner.command(plan, "flush")
         drops = sum(fw1_after[c] for c in ("drop_invalid", "drop_outside"))
         idle[0].server.sendall(b"lost")
 
@@ -290,7 +290,7 @@ def _hijack(lab: Lab, tmp_path: Path, toml: str, family: int, *, borrowed: bool)
             sender.send(spoofed + own)
 
         def counted(port: str = vm2.port) -> dict[str, int]:
-            c: dict[str, int] = agent.stats(plan)["interfaces"].get(port, {})
+            c: dict[str, int] = runner.stats(plan)["interfaces"].get(port, {})
             return c
 
         learned, spoofed_count = (n + 1, 0) if borrowed else (1, n)
@@ -306,7 +306,7 @@ def _hijack(lab: Lab, tmp_path: Path, toml: str, family: int, *, borrowed: bool)
         # An entry a VM opened is keyed as the server's replies will come: client -> VM.
         opened = sorted(
             (r["src"], r["sport"], r["dst"], r["dport"], r["vm_port"])
-            for r in agent.show(plan, "--client", cl2.addr.of(family))
+            for r in runner.show(plan, "--client", cl2.addr.of(family))
             if "vm_origin" in r["flags"]
         )
         client = cl2.addr.of(family)
@@ -461,7 +461,7 @@ def test_connections_learned_while_expiry_runs_all_stay_and_idle_ones_go(
     plan = bridged_lab.plan
     timeouts = "".join(f"{k} = {v}\n" for k, v in TIMEOUTS.items())
     with _agent(bridged_lab, tmp_path, f"[timeouts]\n{timeouts}"):
-        base = agent.stats(plan)
+        base = runner.stats(plan)
         gen = _Traffic(plan)
         thread = threading.Thread(target=gen.run, daemon=True)
         thread.start()
@@ -470,7 +470,7 @@ def test_connections_learned_while_expiry_runs_all_stay_and_idle_ones_go(
             # Watch the quiet flows go, while the live ones keep running.
             while True:
                 asked = time.monotonic()
-                present = {_key(r) for r in agent.show(plan)}
+                present = {_key(r) for r in runner.show(plan)}
                 with gen.lock:
                     quiet = [f for f in gen.flows if f.stop_at is not None]
                 for f in quiet:
@@ -492,8 +492,8 @@ def test_connections_learned_while_expiry_runs_all_stay_and_idle_ones_go(
         try:
             assert gen.error is None, gen.error
             gen.finish()
-            rows = {_key(r): r for r in agent.show(plan)}
-            after = agent.stats(plan)
+            rows = {_key(r): r for r in runner.show(plan)}
+            after = runner.stats(plan)
         finally:
             gen.close()
 
