@@ -357,8 +357,10 @@ class Controller:
                 yield from matching
 
     def connections(self, limit: int = 0, where: ConnFilter | None = None) -> list[Connection]:
-        """As :meth:`iter_connections`, in a list (tests, small tables)."""
-        return list(self.iter_connections(where, limit=limit))
+        """As :meth:`iter_connections`, in a list, most recently seen first
+        (for tests and small tables: the list holds every match)."""
+        conns = list(self.iter_connections(where, limit=limit))
+        return conns if limit > 0 else sorted(conns, key=lambda c: c.age_s)
 
     @_locked
     def attached_now(self) -> Attached:

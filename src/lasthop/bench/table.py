@@ -37,7 +37,6 @@ import ctypes
 import os
 import platform
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -55,6 +54,8 @@ from lasthop.build import ensure_object
 from lasthop.clock import Clock
 from lasthop.config import Config
 from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
+from lasthop.lab.namespaces import LabError
+from lasthop.lab.runner import AgentProcess, lasthop_argv
 
 EVERY = Config().expiry_interval  # the agent's default pass interval
 
@@ -74,7 +75,6 @@ SHORT_TIMEOUT = 5  # s: [timeouts] udp_new and udp_stream of the bench's config
 LONG_TIMEOUT = 3600  # s: tcp_midstream, so the pending fill outlives the run
 PENDING_SHARE = 10  # one live entry in ten is a pending (mid-stream) one
 _BATCH = 16384
-_READY = "lasthop: attached"
 _UP_MAC, _VM_MAC = "02:00:00:00:01:01", "02:00:00:00:02:01"
 _FW_MAC = bytes.fromhex("02fa0000000a")
 _VM4 = bytes((192, 0, 2, 11))
@@ -180,55 +180,6 @@ udp_new = {SHORT_TIMEOUT}
 udp_stream = {SHORT_TIMEOUT}
 tcp_midstream = {LONG_TIMEOUT}
 """
-
-
-class _Agent:
-    """`lasthop run --config <path>` as a subprocess of its own session."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.argv = [sys.executable, "-m", "lasthop", "run", "--config", str(config)]
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        assert self.proc.stdout is not None
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        deadline, buf = time.monotonic() + timeout, b""
-        while _READY.encode() not in buf:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace").strip().splitlines()[-5:]
-                raise BenchError(
-                    f"lasthop run exited ({self.proc.returncode}): " + " / ".join(tail)
-                )
-            if time.monotonic() > deadline:
-                raise BenchError(f"lasthop run did not attach within {timeout:.0f} s")
-            with contextlib.suppress(BlockingIOError, TypeError):
-                buf += self.proc.stdout.read() or b""
-            time.sleep(0.05)
-        # stdout is not read again: the agent prints one line, the rest goes to the log
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -466,12 +417,17 @@ def run(
     tmp = Path(tempfile.mkdtemp(prefix="lasthop-bench-table-"))
     config = tmp / "lasthop.toml"
     config.write_text(_config(name, pin_root, entries))
-    agent = _Agent(config, tmp / "agent.log")
+    agent = AgentProcess(lasthop_argv("run", "--config", str(config)), tmp / "agent.log")
     stack = contextlib.ExitStack()
     try:
         stack.enter_context(_private_netns(name))
         progress("starting the agent")
-        agent.start(timeout=60)
+        try:
+            agent.start(timeout=60)
+        except LabError as err:
+            raise BenchError(str(err)) from err
+        assert agent.proc is not None
+        pid = agent.proc.pid
         maps = Maps.open_pinned(pins)
         stack.callback(maps.close)
         clock = Clock.pinned(pins.path("lh_clock"))
@@ -489,7 +445,7 @@ def run(
         progress("empty table: timings")
         base = _timings(config, controller, obj, repeat)
         progress(f"empty table: agent at rest for {rest:g} s")
-        base_rest = _rest(agent.pid, maps, rest)
+        base_rest = _rest(pid, maps, rest)
 
         n_pending = entries // PENDING_SHARE
         n_conns = entries - n_pending
@@ -500,7 +456,7 @@ def run(
         fill_s = time.monotonic() - t_fill
 
         progress(f"{entries} entries: agent at rest for {rest:g} s")
-        full_rest = _rest(agent.pid, maps, rest)
+        full_rest = _rest(pid, maps, rest)
         progress(f"{entries} entries: timings")
         full = _timings(config, controller, obj, repeat)
         progress(f"{entries} entries: expiry lateness of {expiring} entries")
