@@ -116,6 +116,10 @@ static __always_inline int conn_track(struct conn_entry *e, const struct pkt *p,
 {
 	int confirmed = 0;
 
+	/* the common case, a segment of an established connection: nothing moves */
+	if (e->state == CS_TCP_ESTABLISHED &&
+	    !(p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_FIN_ | TCP_FLAG_RST_)))
+		return 0;
 	switch (e->state) {
 	case CS_UDP_NEW:
 	case CS_ICMP_NEW:

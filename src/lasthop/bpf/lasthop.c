@@ -446,7 +446,7 @@ static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct 
 
 	if (e->vm_ifindex || !(cfg->flags & F_IFACE_VM_MAC) || !eth)
 		return 0;
-	if (!mac_equal(eth->h_source, cfg->vm_mac) || !(settings_flags() & F_SET_FAST_PATH))
+	if (!(settings_flags() & F_SET_FAST_PATH) || !mac_equal(eth->h_source, cfg->vm_mac))
 		return 0;
 	return !(cfg->flags & F_IFACE_ROUTED) || vm_owns_address(skb, p, e, cfg);
 }
