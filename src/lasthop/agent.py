@@ -117,10 +117,7 @@ class Agent:
                 removed = c.expire()
                 if removed:
                     log.debug("expiry pass removed %d idle entries", removed)
-                # the pass is lh_expire, in the kernel (docs/table.md); an entry goes at
-        # most expiry_interval (plus one pass) after its timeout
-        every = self.config.expiry_interval
-        next_pass = time.monotonic() + every
+                next_pass = time.monotonic() + every
 
     def _follow_bridge(self, timeout: float) -> None:
         c = self.controller
