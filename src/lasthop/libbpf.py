@@ -374,6 +374,13 @@ class Map:
             _c.memmove(token_in, token_out, ks)
             first = False
 
+    def memlock(self) -> int:
+        """Kernel memory the map holds, as /proc/self/fdinfo reports it (bytes)."""
+        for line in Path(f"/proc/self/fdinfo/{self.fd}").read_text().splitlines():
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+        raise BpfError("memlock of a map", errno.ENODATA, f"no memlock in fdinfo of fd {self.fd}")
+
     def count(self) -> int:
         """Entries in the map, read in batches (one syscall per batch, not per key)."""
         return sum(1 for _ in self.items())

@@ -567,13 +567,6 @@ def _prefill(b: _Bench, confirmed: int, pending: int) -> None:
     _fill(b.pending, _fill_keys(32, pending + pending // 8), abi.State.TCP_SYN_SENT, b.index["up0"])
 
 
-def _memlock(fd: int) -> int:
-    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
-        if line.startswith("memlock:"):
-            return int(line.split()[1])
-    raise BenchError(f"no memlock in /proc/self/fdinfo/{fd}")
-
-
 def _conntrack_entry() -> tuple[int | None, str]:
     try:
         for line in Path("/proc/slabinfo").read_text().splitlines():
@@ -596,7 +589,7 @@ def _memory(obj_path: Path, confirmed: int) -> Memory:
         obj_path, pin_root=None, max_entries={"lh_conns": confirmed, "lh_pending": pending}
     )
     try:
-        maps = {name: _memlock(obj.map(name).fd) for name in MAP_NAMES}
+        maps = {name: obj.map(name).memlock() for name in MAP_NAMES}
         sizes = (obj.map("lh_conns").info.max_entries, obj.map("lh_pending").info.max_entries)
     finally:
         obj.close()

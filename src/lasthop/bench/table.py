@@ -383,9 +383,7 @@ def _memory(pins: Pins) -> tuple[float, dict[str, int], int]:
     for name in MAP_NAMES:
         m = libbpf.Map.pinned(pins.path(name))
         try:
-            for line in Path(f"/proc/self/fdinfo/{m.fd}").read_text().splitlines():
-                if line.startswith("memlock:"):
-                    maps[name] = int(line.split()[1])
+            maps[name] = m.memlock()
             if name in ("lh_conns", "lh_pending"):
                 capacity += m.info.max_entries
         finally:
