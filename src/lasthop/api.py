@@ -9,7 +9,7 @@ default the API listens on a unix socket, /run/lasthop/<netns>.sock;
 
 from __future__ import annotations
 
-import json
+import itertools
 import os
 import socket
 import stat
@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lasthop import metrics
-from lasthop.connections import Connection, ConnFilter
+from lasthop.connections import Connection, ConnFilter, json_array
 from lasthop.controller import Attached, InterfaceInfo, Stats
 from lasthop.endpoint import format_endpoint
 from lasthop.errors import ApiError, LasthopError
@@ -93,16 +93,10 @@ def create_app(controller: ControllerApi) -> FastAPI:
         # the first entry is read here, so that nothing attached or a kernel error
         # still becomes its HTTP status: once streaming starts, the status is sent
         first = next(conns, None)
-
-        def body() -> Iterator[str]:
-            yield "["
-            if first is not None:
-                yield json.dumps(first.to_json())
-                for c in conns:
-                    yield "," + json.dumps(c.to_json())
-            yield "]"
-
-        return StreamingResponse(body(), media_type="application/json")
+        rows = itertools.chain([] if first is None else [first], conns)
+        return StreamingResponse(
+            json_array(c.to_json() for c in rows), media_type="application/json"
+        )
 
     @app.get(f"/{API_VERSION}/stats")
     def stats() -> dict[str, object]:

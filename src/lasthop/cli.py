@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -21,7 +19,7 @@ from rich.table import Table
 
 from lasthop import config as config_mod
 from lasthop.agent import Agent
-from lasthop.connections import ConnFilter
+from lasthop.connections import ConnFilter, json_array
 from lasthop.controller import Controller
 from lasthop.endpoint import format_endpoint
 from lasthop.errors import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, friendly
@@ -159,7 +157,7 @@ def show(
     where = ConnFilter(**filters)  # FilterError: exit 2, naming the filter
     conns = _controller(netns, config_path).iter_connections(where, limit=limit)
     if as_json:
-        _stream_json(c.to_json() for c in conns)
+        sys.stdout.writelines(json_array(c.to_json() for c in conns))
         return
     conns_list = list(conns)
     table = Table(title=f"{len(conns_list)} connections", title_justify="left")
@@ -196,17 +194,6 @@ def show(
             c.state,
         )
     console.print(table)
-
-
-def _stream_json(items: Iterable[dict[str, Any]]) -> None:
-    """A JSON list written one element at a time (a million entries never sit
-    in memory as one document)."""
-    out = sys.stdout
-    out.write("[")
-    n = 0
-    for n, item in enumerate(items, 1):
-        out.write(("," if n > 1 else "") + "\n " + json.dumps(item))
-    out.write("\n]\n" if n else "]\n")
 
 
 def _ep(addr: str, port: int) -> str:

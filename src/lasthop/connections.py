@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "counter_name",
     "ifname",
     "state_name",
+    "json_array",
 ]
 
 PROTO_NAMES = {
@@ -41,6 +44,16 @@ _FLAG_NAMES = {
     abi.F_ENTRY_FIN_OPENER: "fin_opener",
     abi.F_ENTRY_FIN_ANSWERER: "fin_answerer",
 }
+
+
+def json_array(items: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """A JSON list in pieces, one element at a time: `show --json` and
+    /v1/connections stream a million entries without holding them as one document."""
+    n = 0
+    yield "["
+    for n, item in enumerate(items, 1):
+        yield ("," if n > 1 else "") + "\n " + json.dumps(item)
+    yield "\n]\n" if n else "]\n"
 
 
 def state_name(state: int) -> str:

@@ -380,18 +380,21 @@ class Controller:
                     mac=format_mac(bytes(cfg.mac)),
                     routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
                 )
-                for i, cfg in sorted(
-                    maps.attached(among=(i for i, _ in socket.if_nameindex())).items()
-                )
+                for i, cfg in sorted(self._host_attached(maps).items())
             ]
+
+    @staticmethod
+    def _host_attached(maps: Maps) -> dict[int, abi.IfaceCfg]:
+        """The namespace's interfaces the data path is configured for: a lookup
+        each, not a read of all MAX_IFINDEX slots; not self.links, whose netlink
+        socket belongs to the agent's thread."""
+        return maps.attached(among=(i for i, _ in socket.if_nameindex()))
 
     def stats(self) -> Stats:
         """Counters and the table's figures, all kept by the kernel: the cost
         does not grow with the table."""
         with self.open_maps() as maps:
-            # the host's interfaces, not all MAX_IFINDEX slots; not self.links:
-            # its netlink socket belongs to the agent's thread
-            attached = maps.attached(among=(i for i, _ in socket.if_nameindex()))
+            attached = self._host_attached(maps)
             names = {cfg.slot: ifname(i) for i, cfg in attached.items()}
             per_slot = maps.counter_totals(slots=[0, *names])
             totals = [0] * abi.CNT_MAX
