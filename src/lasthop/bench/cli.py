@@ -20,6 +20,7 @@ from lasthop.bench import datapath as dp_bench
 from lasthop.bench import lab as lab_bench
 from lasthop.bench import services as svc_bench
 from lasthop.bench import table as table_bench
+from lasthop.bench.signals import stop_signals_interrupt
 from lasthop.lab.namespaces import LabError
 from lasthop.libbpf import BpfError
 
@@ -321,8 +322,7 @@ def table(
 
     Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
     3 could not run."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on TERM too
-    try:
+    with stop_signals_interrupt(signal.SIGTERM):  # clean up on TERM too
         _figures(
             lambda progress: table_bench.run(
                 entries=entries, rest=rest, repeat=repeat, expiring=expiring, progress=progress
@@ -332,5 +332,3 @@ def table(
             as_json=as_json,
             strict=strict,
         )
-    finally:
-        signal.signal(signal.SIGTERM, previous)

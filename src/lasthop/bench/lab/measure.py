@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from lasthop.bench.frames import quiet
@@ -26,6 +25,7 @@ from lasthop.bench.lab.paths import (
     compile_tools,
     remove_paths,
 )
+from lasthop.bench.signals import stop_signals_interrupt
 
 __all__ = ["FULL", "QUICK", "DEFAULT_PREFIX", "Measured", "Run", "Settings", "measure_all"]
 
@@ -124,21 +124,6 @@ def _exclusive(prefix: str) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) raise KeyboardInterrupt, so the clean-up runs as on Ctrl-C."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def _measure(
     path: BenchPath, settings: Settings, test: str, rep: int, new_base: int, ksoft: list[int]
 ) -> Run:
@@ -178,7 +163,7 @@ def measure_all(
     started = time.monotonic()
     with (
         _exclusive(prefix),
-        _sigterm_interrupts(),
+        stop_signals_interrupt(signal.SIGTERM, signal.SIGHUP),
         tempfile.TemporaryDirectory(prefix="lasthop-bench-lab-") as tmp,
     ):
         progress("building the sender and the reflector")
