@@ -30,6 +30,7 @@ import pytest
 
 from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
+from lasthop.datapath import request_expiry
 from lasthop.lab.runner import AgentProcess, lasthop_argv
 
 BPFFS = Path("/sys/fs/bpf")
@@ -293,6 +294,11 @@ class PinnedTable:
         entry.packets = 1
         entry.state = state
         (self.pending if pending else self.conns).update(bytes(key), bytes(entry))
+        request = libbpf.Map.pinned(self.folder / "lh_expiry_request")
+        try:
+            request_expiry(request)  # as every writer from user space must
+        finally:
+            request.close()
 
     def keys(self) -> list[bytes]:
         return list(self.conns.keys()) + list(self.pending.keys())

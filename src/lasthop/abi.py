@@ -93,6 +93,8 @@ class TableCounter(enum.IntEnum):
     CONFIRMED_REMOVED = 6
     CONFIRM_REFUSED = 7
     EXPIRY_PASSES = 8
+    STATE_CHANGES = 9
+    EXPIRY_SKIPPED = 10
 
 
 TC_MAX = 16
@@ -226,6 +228,11 @@ class ExpiryStats(ctypes.Structure):
         ("live", (ctypes.c_uint32 * CS_MAX) * 2),
         ("expired", (ctypes.c_uint64 * CS_MAX) * 2),
         ("elements", ctypes.c_int64 * 2),
+        ("changes", ctypes.c_uint64),
+        ("request", ctypes.c_uint64),
+        ("skipped", ctypes.c_uint64),
+        ("next_due", ctypes.c_uint32),
+        ("checked", ctypes.c_uint32),
     ]
 
 

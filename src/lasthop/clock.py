@@ -49,3 +49,9 @@ class Clock:
         stamp a moment after *now_jiffies* (refreshed since the clock was read)."""
         diff = (now_jiffies - last_seen) & 0xFFFFFFFF
         return diff / hz if hz and diff < 0x80000000 else 0.0
+
+    @staticmethod
+    def until_s(now_jiffies: int, due: int, hz: int) -> float:
+        """Seconds from *now_jiffies* until *due* (jiffies), modulo 2**32; 0
+        once it has passed."""
+        return Clock.age_s(due, now_jiffies, hz)

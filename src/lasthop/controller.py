@@ -103,8 +103,10 @@ class Stats:
     pending: TableStats
     promoted: int  # pending -> confirmed
     confirm_refused: int  # the confirmed table was full
-    expiry_passes: int
+    expiry_passes: int  # runs of lh_expire that walked the tables
+    expiry_skipped: int  # runs that had no need to: nothing changed, nothing due
     last_pass_age_s: float | None  # None: no pass yet
+    next_due_s: float | None  # until the earliest deadline the last walk left; None: no walk
 
     @property
     def entries(self) -> int:
@@ -125,7 +127,9 @@ class Stats:
                 "promoted": self.promoted,
                 "confirm_refused": self.confirm_refused,
                 "expiry_passes": self.expiry_passes,
+                "expiry_skipped": self.expiry_skipped,
                 "last_pass_age_s": self.last_pass_age_s,
+                "next_due_s": self.next_due_s,
                 "confirmed": self.confirmed.to_json(),
                 "pending": self.pending.to_json(),
             },
@@ -426,7 +430,9 @@ class Controller:
                 promoted=ev[T.PENDING_PROMOTED],
                 confirm_refused=ev[T.CONFIRM_REFUSED],
                 expiry_passes=ex.passes,
+                expiry_skipped=ex.skipped,
                 last_pass_age_s=Clock.age_s(now, ex.finished, hz) if ex.passes else None,
+                next_due_s=Clock.until_s(now, ex.next_due, hz) if ex.passes else None,
             )
 
     @staticmethod
@@ -486,6 +492,7 @@ class Controller:
                 total += removed
             if total:
                 maps.add_counter(0, abi.Counter.AGENT_REMOVED, total)
+                maps.request_expiry()  # the counts by state are the walk's
         return total
 
     @_locked

@@ -42,6 +42,7 @@ MAP_NAMES = (
     "lh_maglev",
     "lh_table_counters",
     "lh_expiry",
+    "lh_expiry_request",
     "lh_vm_addrs",
     "lh_vm_usage",
 )
@@ -87,6 +88,7 @@ class Maps:
         self.maglev = maps["lh_maglev"]
         self.table_counters = maps["lh_table_counters"]
         self.expiry = maps["lh_expiry"]
+        self.expiry_request = maps["lh_expiry_request"]
         self.vm_addrs = maps["lh_vm_addrs"]
         self.vm_usage = maps["lh_vm_usage"]
 
@@ -137,6 +139,7 @@ class Maps:
 
     def set_settings(self, settings: abi.Settings) -> None:
         self.settings.update(_u32(0), bytes(settings))
+        self.request_expiry()  # new timeouts: every deadline moves
 
     # connections
     def entries(self) -> Iterator[tuple[abi.ConnKey, abi.ConnEntry]]:
@@ -153,12 +156,13 @@ class Maps:
     def delete(self, key: abi.ConnKey) -> bool:
         """Removes a connection from whichever table holds it; counts the removal."""
         raw = bytes(key)
-        if self.conns.delete(raw):
-            self.add_table_counter(abi.TableCounter.CONFIRMED_REMOVED, 1)
-            return True
-        if self.pending.delete(raw):
-            self.add_table_counter(abi.TableCounter.PENDING_REMOVED, 1)
-            return True
+        for table, counter in (
+            (self.conns, abi.TableCounter.CONFIRMED_REMOVED),
+            (self.pending, abi.TableCounter.PENDING_REMOVED),
+        ):
+            if table.delete(raw):
+                self.add_table_counter(counter, 1)
+                return True
         return False
 
     def update_entry(self, key: abi.ConnKey, entry: abi.ConnEntry) -> bool:
@@ -167,10 +171,14 @@ class Maps:
         for table in (self.conns, self.pending):
             try:
                 table.update(raw, bytes(entry), libbpf.BPF_EXIST)
-                return True
             except libbpf.BpfError:
                 continue  # not in this table
+            self.request_expiry()  # its state or last_seen may be new
+            return True
         return False
+
+    def request_expiry(self) -> None:
+        request_expiry(self.expiry_request)
 
     def table_totals(self) -> dict[abi.TableCounter, int]:
         """Table-wide event counters, summed over CPUs."""
@@ -226,6 +234,15 @@ class Maps:
     def add_counter(self, slot: int, counter: abi.Counter, n: int) -> None:
         """Adds *n* to a counter from user space (on CPU 0's copy)."""
         _add_percpu(self.counters, abi.counter_key(slot, counter), n)
+
+
+def request_expiry(expiry_request: libbpf.Map) -> None:
+    """Makes the next expiry run (lh_expire) walk the tables: call after
+    writing or removing entries from user space, which the data path's change
+    count does not see. A fresh token each time, so concurrent callers cannot
+    cancel each other out."""
+    token = int.from_bytes(os.urandom(8), "little") or 1
+    expiry_request.update(_u32(0), token.to_bytes(8, "little"))
 
 
 def _add_percpu(m: libbpf.Map, key: bytes, n: int) -> None:
@@ -285,7 +302,8 @@ class Datapath:
                     ) from err
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})
-        carried.apply(self.maps.conns)
+        if carried.apply(self.maps.conns):
+            self.maps.request_expiry()
         self.clock_prog = self._obj.program("lh_clock")
         self.expire_prog = self._obj.program("lh_expire")
         self.stats_prog = self._obj.program("lh_stats")

@@ -82,6 +82,14 @@ class StatsCollector(Collector):
         events.add_metric(["confirmed", "refused"], st.confirm_refused)
         yield states
         yield events
+        expiry = CounterMetricFamily(
+            "lasthop_expiry_runs",
+            "Runs of the kernel's expiry pass: walked the tables, or skipped (no change, none due)",
+            labels=["outcome"],
+        )
+        expiry.add_metric(["walked"], st.expiry_passes)
+        expiry.add_metric(["skipped"], st.expiry_skipped)
+        yield expiry
         yield CounterMetricFamily(
             "lasthop_table_removed",
             "Entries the agent flushed or moved out (services)",

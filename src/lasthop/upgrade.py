@@ -107,11 +107,13 @@ def prepare(folder: Path) -> Upgrade:
                 len(upgrade.entries),
             )
             conns_pin.unlink()
-    settings_pin = folder / "lh_settings"
-    if settings_pin.exists():
-        settings = libbpf.Map.pinned(settings_pin)
-        size = settings.info.value_size
-        settings.close()
-        if size != ctypes.sizeof(abi.Settings):
-            settings_pin.unlink()  # the agent writes every setting at start
+    # The agent writes every setting at start; the expiry figures start again.
+    for name, struct in (("lh_settings", abi.Settings), ("lh_expiry", abi.ExpiryStats)):
+        pin = folder / name
+        if pin.exists():
+            m = libbpf.Map.pinned(pin)
+            size = m.info.value_size
+            m.close()
+            if size != ctypes.sizeof(struct):
+                pin.unlink()
     return upgrade

@@ -66,7 +66,9 @@ STATS = Stats(
     promoted=5,
     confirm_refused=0,
     expiry_passes=7,
+    expiry_skipped=40,
     last_pass_age_s=1.0,
+    next_due_s=25.0,
 )
 IFACE = InterfaceInfo(
     name="up0", ifindex=2, role="uplink", zone=0, slot=1, mac="02:00:00:00:00:01", routed=False
@@ -202,6 +204,8 @@ def test_metrics_are_prometheus_text_read_on_each_scrape() -> None:
         ("lasthop_table_capacity", ()): 1280,
         ("lasthop_table_evicted_total", ()): 1,
         ("lasthop_table_removed_total", ()): 2,
+        ("lasthop_expiry_runs_total", (("outcome", "walked"),)): 7,
+        ("lasthop_expiry_runs_total", (("outcome", "skipped"),)): 40,
         ("lasthop_table_state_entries", (("state", "tcp_established"), ("table", "confirmed"))): 3,
         ("lasthop_table_state_entries", (("state", "tcp_syn_sent"), ("table", "pending"))): 1,
         **{

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.
 SMALL = {"entries": 5000, "rest": 2.0, "repeat": 2, "expiring": 20}
 FIGURES = [
     "agent_cpu",
+    "agent_cpu_churn",
     "stats_cli",
     "stats_inproc",
     "metrics",

@@ -29,6 +29,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet
 
 from lasthop import abi
+from lasthop.datapath import request_expiry
 from lasthop.libbpf import BpfObject, Map, TestRun
 from packets import MAC_FW_B, MAC_UPLINK_1
 
@@ -283,6 +284,7 @@ class Datapath:
         self.table_counters_map: Map = obj.map("lh_table_counters")
         self.settings: Map = obj.map("lh_settings")
         self.expiry: Map = obj.map("lh_expiry")
+        self.expiry_request: Map = obj.map("lh_expiry_request")
         self.vm_addrs: Map = obj.map("lh_vm_addrs")
         self.vm_usage: Map = obj.map("lh_vm_usage")
         self.trace: Map = obj.map("lh_trace")
@@ -349,6 +351,7 @@ class Datapath:
         for i, t in enumerate(entry.vlans):
             e.vlan_tci[i] = t
         self.tables[entry.table].update(entry.key.pack(), bytes(e))
+        request_expiry(self.expiry_request)  # as every writer from user space must
 
     def add_vm_addr(
         self, vm: str, addr: str, origin: abi.VmAddrOrigin = abi.VmAddrOrigin.CONFIGURED

@@ -17,6 +17,7 @@ data path's clock.
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.packet import Packet
 
 from lasthop import abi
+from lasthop.datapath import request_expiry
 from lasthop.libbpf import BpfObject
 from packets import (
     IP6_VM_1,
@@ -145,6 +147,16 @@ def counted(iface: str, *reasons: abi.Counter) -> dict[tuple[str, abi.Counter], 
 
 
 PROMOTED = {TC.PENDING_PROMOTED: 1, TC.CONFIRMED_INSERTED: 1}
+MOVED = {TC.STATE_CHANGES: 1}
+
+
+def _table_counters(before: Entry, changes: dict, kw: dict) -> dict:  # type: ignore[type-arg]
+    """The row's table counters: those it names, and one state change when
+    its *changes* move the entry to another state."""
+    counts = dict(kw.pop("table_counters", {}))
+    if changes.get("state", before.state) != before.state:
+        counts |= MOVED
+    return counts
 
 
 def client_says(
@@ -165,6 +177,7 @@ def client_says(
         setup=(before,),
         after=(after,),
         counters=counted("up1", C.REFRESHED, *also),
+        table_counters=_table_counters(before, changes, kw),
         **kw,
     )
 
@@ -190,6 +203,7 @@ def vm_says(
         output=bridged(frame),
         after=(after,),
         counters=counted("vm1", C.REDIRECTED, *also),
+        table_counters=_table_counters(before, changes, kw),
         **kw,
     )
 
@@ -579,6 +593,7 @@ VM_ADDR_ROWS = [
             ).but(packets=1),
         ),
         counters=counted("up1", C.VM_ORIGIN_HOP, C.VM_ORIGIN_RETURNED),
+        table_counters=MOVED,
     ),
     vm_says(
         "the VM's ACK of the answer confirms the connection it opened",
@@ -783,6 +798,87 @@ def test_an_entry_refreshed_after_the_pass_read_the_clock_is_kept(dp: Datapath) 
     assert abi.ConnEntry.from_buffer_copy(raw[: ctypes.sizeof(abi.ConnEntry)]).last_seen == (
         (now + 2 * HZ) % 2**32
     )
+
+
+WALKED, SKIPPED = 1, 2  # lh_expire's verdicts
+
+
+def test_a_table_at_rest_is_not_walked(dp: Datapath) -> None:
+    """After a walk, runs that find no change and no entry due skip the walk
+    (counted); the live counts the walk left stay; a refresh is no change."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
+    dp.put(conn(ST.TCP_ESTABLISHED, CONFIRMED), last_seen=dp.clock())
+    assert dp.expire() == WALKED
+    before = dp.table_counter_values()
+    assert [dp.expire() for _ in range(3)] == [SKIPPED] * 3
+    assert dp.run(UPLINK, bytes(client("A")), "up1").retval is not None  # a refresh
+    assert dp.expire() == SKIPPED
+    after = dp.table_counter_values()
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        TC.EXPIRY_SKIPPED: 4
+    }
+    st = dp.expiry_stats()
+    assert (st.passes, st.skipped, stats_by_state(st.live, 0)) == (
+        1, 4, {ST.TCP_ESTABLISHED: 1},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "frame", "live"),
+    [
+        ("a new connection", SYN, {ST.TCP_ESTABLISHED: 1, ST.TCP_SYN_SENT: 1}),
+        ("a state move (FIN)", CLIENT_FIN, {ST.TCP_CLOSING: 1}),
+    ],
+)
+def test_a_change_by_the_data_path_makes_the_next_run_walk(
+    dp: Datapath, change: str, frame: Packet, live: dict[abi.State, int]
+) -> None:
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
+    established = conn(ST.TCP_ESTABLISHED, CONFIRMED)
+    dp.put(established if frame is CLIENT_FIN else established.but(key=keyed(1)), dp.clock())
+    assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
+    dp.run(UPLINK, bytes(frame), "up1")
+    assert dp.expire() == WALKED, change
+    st = dp.expiry_stats()
+    assert stats_by_state(st.live, 0) | stats_by_state(st.live, 1) == live
+
+
+def test_a_request_from_user_space_makes_the_next_run_walk(dp: Datapath) -> None:
+    """Entries written or removed by the agent are no change the data path saw:
+    the writer's token asks for a walk."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
+    assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
+    request_expiry(dp.expiry_request)
+    assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
+
+
+def test_the_walk_leaves_the_earliest_deadline_and_runs_once_it_is_due(dp: Datapath) -> None:
+    """next_due is the earliest moment a live entry can go (never later);
+    runs before it skip, the first run at or after it walks and removes the entry."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
+    now = dp.clock()
+    soon = 50  # jiffies
+    due = (now + soon) % 2**32
+    last_seen = (due - TIMEOUTS[ST.UDP_NEW] * HZ) % 2**32
+    dp.put(Entry(keyed(1), state=ST.UDP_NEW, table=PENDING), last_seen=last_seen)
+    dp.put(Entry(keyed(2), state=ST.TCP_ESTABLISHED, table=CONFIRMED), last_seen=now)
+    assert dp.expire() == WALKED
+    next_due = dp.expiry_stats().next_due
+    gone_at = due + 1  # the first jiffy it is idle *past* its timeout
+    assert 0 <= (gone_at - next_due) % 2**32 <= 10, (gone_at, next_due)  # never later
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        before = dp.clock()
+        verdict = dp.expire()
+        after = dp.clock()
+        if verdict == SKIPPED:
+            assert (before - next_due) % 2**32 >= 2**31, "skipped a run with an entry due"
+            continue
+        assert verdict == WALKED and (after - next_due) % 2**32 < 2**31, "walked before due"
+        break
+    else:
+        pytest.fail("no run walked within 30 s of the deadline")
+    assert remaining(dp) == {keyed(2).pack(): (CONFIRMED, ST.TCP_ESTABLISHED)}
 
 
 def test_without_hz_the_pass_does_nothing(dp: Datapath) -> None:

@@ -446,6 +446,7 @@ VM_ORIGIN = [
             ),
         ),
         counters={("up1", C.VM_ORIGIN_HOP): 1, ("up1", C.VM_ORIGIN_RETURNED): 1},
+        table_counters={TC.STATE_CHANGES: 1},
     ),
 ]
 

@@ -114,6 +114,11 @@ struct expiry_stats {
 	__u32 live[2][CS_MAX];     /* [0] lh_conns, [1] lh_pending: entries left, by state */
 	__u64 expired[2][CS_MAX];  /* removed by expiry since the table was created, by state */
 	__s64 elements[2];         /* the kernel's element count of each table (lh_stats) */
+	__u64 changes;      /* the table's change count when the last walk began */
+	__u64 request;      /* lh_expiry_request's token when the last walk began */
+	__u64 skipped;      /* runs that did not walk */
+	__u32 next_due;     /* jiffies: the earliest deadline the last walk left */
+	__u32 checked;      /* jiffies: the last run, walked or not */
 };
 
 /* Keeps the ABI's enums in the object's BTF (enum constants alone leave no

@@ -109,17 +109,11 @@ static __always_inline int tcp_track_open(struct conn_entry *e, const struct pkt
 	}
 }
 
-/* Moves a connection along its states by one packet. from_opener: the packet
- * comes from the side that opened it. Returns 1 when the connection has just
- * proved itself (the caller promotes it), else 0. */
-static __always_inline int conn_track(struct conn_entry *e, const struct pkt *p, int from_opener)
+/* conn_track's work once the common case is ruled out. */
+static __always_inline int conn_step(struct conn_entry *e, const struct pkt *p, int from_opener)
 {
 	int confirmed = 0;
 
-	/* the common case, a segment of an established connection: nothing moves */
-	if (e->state == CS_TCP_ESTABLISHED &&
-	    !(p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_FIN_ | TCP_FLAG_RST_)))
-		return 0;
 	switch (e->state) {
 	case CS_UDP_NEW:
 	case CS_ICMP_NEW:
@@ -148,6 +142,25 @@ static __always_inline int conn_track(struct conn_entry *e, const struct pkt *p,
 	confirmed = tcp_track_open(e, p, from_opener);
 	tcp_track_close(e, p->tcp_flags, from_opener);
 	return confirmed && e->state == CS_TCP_ESTABLISHED;
+}
+
+/* Moves a connection along its states by one packet. from_opener: the packet
+ * comes from the side that opened it. Returns 1 when the connection has just
+ * proved itself (the caller promotes it), else 0. A move is counted: it may
+ * shorten the entry's timeout, which the expiry pass must then learn of. */
+static __always_inline int conn_track(struct conn_entry *e, const struct pkt *p, int from_opener)
+{
+	__u8 before = e->state;
+	int confirmed;
+
+	/* the common case, a segment of an established connection: nothing moves */
+	if (before == CS_TCP_ESTABLISHED &&
+	    !(p->tcp_flags & (TCP_FLAG_SYN_ | TCP_FLAG_FIN_ | TCP_FLAG_RST_)))
+		return 0;
+	confirmed = conn_step(e, p, from_opener);
+	if (e->state != before)
+		count_table(TC_STATE_CHANGES);
+	return confirmed;
 }
 
 /* Moves a pending connection that has proved itself into lh_conns. Returns

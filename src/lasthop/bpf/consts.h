@@ -31,6 +31,10 @@ enum lh_const {
 	MAX_VM_ADDRS     = 65536,
 };
 
+/* CPUs whose per-CPU counters the expiry pass sums (bpf_loop bound; the
+ * kernel's nr_cpu_ids ends the loop sooner). */
+#define MAX_CPUS 4096
+
 #define MAX_IPV6_EXT_HDRS 6   /* extension headers skipped before giving up */
 
 /* Bytes pulled into the linear area when the headers are not there yet. */
@@ -107,7 +111,9 @@ enum lh_table_counter {
 	TC_CONFIRMED_EXPIRED  = 5,
 	TC_CONFIRMED_REMOVED  = 6,
 	TC_CONFIRM_REFUSED    = 7, /* lh_conns full: the connection stays pending */
-	TC_EXPIRY_PASSES      = 8, /* lh_expire runs */
+	TC_EXPIRY_PASSES      = 8, /* lh_expire walks */
+	TC_STATE_CHANGES      = 9, /* an entry moved to another state (the data path) */
+	TC_EXPIRY_SKIPPED     = 10, /* lh_expire runs that did not walk: no change, nothing due */
 	TC_MAX                = 16,
 };
 

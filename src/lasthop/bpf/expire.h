@@ -24,6 +24,7 @@ struct expire_ctx {
 	__u32 timeout[CS_MAX]; /* jiffies, by state */
 	__u32 live[CS_MAX];
 	__u32 expired[CS_MAX];
+	__s32 next_left; /* jiffies until the earliest deadline of a live entry */
 };
 
 static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entry *e,
@@ -39,6 +40,9 @@ static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entr
 		return 0;
 	}
 	ctx->live[state]++;
+	/* jiffies until idle > timeout; idle < 0 (refreshed meanwhile) only adds */
+	if ((__s32)(ctx->timeout[state] - idle + 1) < ctx->next_left)
+		ctx->next_left = ctx->timeout[state] - idle + 1;
 	if (e->flags & F_ENTRY_VM_ORIGIN) {
 		__u32 vm = e->vm_ifindex;
 		struct vm_usage *u = bpf_map_lookup_elem(&lh_vm_usage, &vm);
@@ -98,4 +102,54 @@ static __always_inline void expire_timeouts(struct expire_ctx *ctx, const struct
 
 		ctx->timeout[i] = t < (1U << 30) ? t : (1U << 30);
 	}
+}
+
+/* The events that change which entries exist or when they are due: inserts,
+ * removals (the data path's and the agent's) and state moves. Expiry's own
+ * removals are not in it: a walk does not call for another. */
+static const __u32 change_counters[] = {
+	TC_PENDING_INSERTED, TC_PENDING_REMOVED,   TC_CONFIRMED_INSERTED,
+	TC_CONFIRMED_REMOVED, TC_STATE_CHANGES,
+};
+
+static long sum_cpu_changes(__u32 cpu, __u64 *sum)
+{
+#pragma unroll
+	for (int i = 0; i < sizeof(change_counters) / sizeof(change_counters[0]); i++) {
+		__u32 key = change_counters[i];
+		__u64 *n = bpf_map_lookup_percpu_elem(&lh_table_counters, &key, cpu);
+
+		if (!n)
+			return 1; /* past the last CPU */
+		*sum += *n;
+	}
+	return 0;
+}
+
+/* The table's change count: the counters above, summed over every CPU. A CPU
+ * counts a change after making it, so a count seen here covers the entry. */
+static __always_inline __u64 table_changes(void)
+{
+	__u64 sum = 0;
+
+	bpf_loop(MAX_CPUS, sum_cpu_changes, &sum, 0);
+	return sum;
+}
+
+/* Whether this run may skip the walk: a walk has run, nothing changed since it
+ * began (neither the data path nor user space), and the earliest deadline it
+ * left is still ahead. Records what the walk, if any, starts from. */
+static __always_inline int expire_skip(struct expiry_stats *st, __u32 now)
+{
+	__u32 zero = 0;
+	__u64 *token = bpf_map_lookup_elem(&lh_expiry_request, &zero);
+	__u64 request = token ? *token : 0, changes = table_changes();
+
+	st->checked = now;
+	if (st->passes && changes == st->changes && request == st->request &&
+	    (__s32)(now - st->next_due) < 0)
+		return 1;
+	st->changes = changes;
+	st->request = request;
+	return 0;
 }

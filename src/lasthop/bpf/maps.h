@@ -47,6 +47,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_expiry SEC(".maps");
 
+/* 0 -> a token user space changes after it wrote or removed entries itself
+ * (flush, upgrade, new timeouts): the next lh_expire walks even if the data
+ * path changed nothing. A token, not a flag, so no one needs an atomic op. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_expiry_request SEC(".maps");
+
 /* (VM port, address) -> why the port may open connections from it. Not
  * preallocated: it costs memory only for the addresses in it. */
 struct {
