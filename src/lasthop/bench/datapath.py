@@ -26,11 +26,18 @@ own cost is the difference of the two means, added to the empty program's
 back-to-back time so the figure compares with the rows above. A new entry
 goes into lh_pending (LRU): taken into a table with room, and with lh_conns
 full (to its max_entries: a plain hash refuses more) and lh_pending full
-(every insert evicts). A new confirmed connection is a whole handshake, each
-packet a single run: client SYN on the uplink (pending insert), the VM's
-SYN-ACK on the VM port (state, reply), the client's ACK with the right ack
-number on the uplink (promotion into lh_conns); its figure is the sum of the
-three packets' costs, per connection.
+(every insert evicts).
+
+A new confirmed connection is a whole handshake: client SYN on the uplink
+(pending insert), the VM's SYN-ACK on the VM port (state, reply), the
+client's ACK with the right ack number on the uplink (promotion into
+lh_conns); its figure is the sum of the three packets' costs, per
+connection. Measured two ways: back to back (the target's figure), by
+lh_bench_uplink / lh_bench_vmport -- lh_uplink's and lh_vmport's code, then
+a step of the frame's client address, so each of `repeat` runs is the next
+new connection; the step's own cost (lh_bench_step - lh_empty) is
+subtracted -- and as single runs, each packet followed by a single run of
+lh_empty, as the new entries above (cold: each run follows a syscall).
 """
 
 from __future__ import annotations
@@ -100,7 +107,8 @@ _VM = bytes.fromhex("525400000001")
 _CLIENT4, _VM4 = socket.inet_aton("198.51.100.20"), socket.inet_aton("192.0.2.11")
 _CLIENT6 = socket.inet_pton(socket.AF_INET6, "2001:db8:100::20")
 _VM6 = socket.inet_pton(socket.AF_INET6, "2001:db8:2::11")
-_PORT_HIT, _PORT_MISS, _PORT_PENDING = 40001, 40002, 40003
+_PORT_HIT, _PORT_MISS, _PORT_PENDING, _PORT_STREAM = 40001, 40002, 40003, 40004
+_STREAM_CLIENTS = 0x64400000  # 100.64.0.0: the clients of the back-to-back handshakes
 _FILL_BATCH = 8192
 
 
@@ -513,7 +521,7 @@ def _handshakes(b: _Bench, n: int, first: int) -> _Handshakes:
     # the first SYN-ACK teaches the VM port its address (VM_ADDR_LEARNED), once
     learned = 0 if before["vm0 VM_ADDR_LEARNED"] else 1
     b.check(
-        "new_connection",
+        "new_connection_single",
         before,
         {
             "up0 LEARNED": n,
@@ -524,6 +532,65 @@ def _handshakes(b: _Bench, n: int, first: int) -> _Handshakes:
             "table PENDING_INSERTED": n,
             "table CONFIRMED_INSERTED": n,
             "table PENDING_PROMOTED": n,
+        },
+    )
+    return out
+
+
+@dataclass
+class _Stream:
+    """ns per run, one value per round: each packet of the handshake over n
+    new connections, and the calibration (lh_bench_step, lh_empty)."""
+
+    syn: list[int]
+    syn_ack: list[int]
+    ack: list[int]
+    step: list[int]
+    empty: list[int]
+
+
+def _handshake_stream(b: _Bench, n: int, rounds: int) -> _Stream:
+    """*rounds* times n new connections, each packet of the handshake run
+    back to back (repeat = n) by lh_bench_uplink / lh_bench_vmport: the same
+    code as lh_uplink / lh_vmport, then the frame's client address is stepped
+    by one, so every run is the next connection: n SYNs, then the n SYN-ACKs,
+    then the n ACKs (promotions). lh_bench_step (the step alone) and lh_empty
+    run n times each round as the calibration."""
+    up, vm = b.prog("lh_bench_uplink"), b.prog("lh_bench_vmport")
+    step, empty = b.prog("lh_bench_step"), b.prog("lh_empty")
+    up_ctx, vm_ctx = b.ctx("up0"), b.ctx("vm0")
+    before = b.snapshot()
+    out = _Stream([], [], [], [], [])
+    for r in range(rounds):
+        client = (_STREAM_CLIENTS + r * n).to_bytes(4, "big")
+        syn = tcp4_frame(_FW_B, _VM, client, _VM4, _PORT_STREAM, 80, TCP_SYN)
+        syn_ack = tcp4_frame(_VM, _FW_A, _VM4, client, 80, _PORT_STREAM, _TCP_SYN_ACK)
+        ack = tcp4_frame(_FW_B, _VM, client, _VM4, _PORT_STREAM, 80, TCP_ACK)
+        for frame, prog, ctx, times, verdict in (
+            (syn, up, up_ctx, out.syn, TC_ACT_OK),
+            (syn_ack, vm, vm_ctx, out.syn_ack, TC_ACT_REDIRECT),
+            (_with_ack(ack, _SYN_ACK_SEQ + 1), up, up_ctx, out.ack, TC_ACT_OK),
+            (syn, step, up_ctx, out.step, TC_ACT_OK),
+            (syn, empty, up_ctx, out.empty, TC_ACT_OK),
+        ):
+            run = prog.test_run(frame, repeat=n, ctx=ctx)
+            if run.retval != verdict:
+                raise BenchError(f"new_connection: {prog.name} returned {run.retval}")
+            times.append(run.duration_ns)
+    done = n * rounds
+    learned = 0 if before["vm0 VM_ADDR_LEARNED"] else 1
+    b.check(
+        "new_connection",
+        before,
+        {
+            "up0 LEARNED": done,
+            "vm0 REDIRECTED": done,
+            "up0 REFRESHED": done,
+            "up0 CONFIRMED": done,
+            "vm0 VM_ADDR_LEARNED": learned,
+            "table PENDING_INSERTED": done,
+            "table CONFIRMED_INSERTED": done,
+            "table PENDING_PROMOTED": done,
         },
     )
     return out
@@ -624,7 +691,8 @@ def run(
     with tempfile.TemporaryDirectory(prefix="lasthop-bench-") as tmp:
         progress("building the BPF object")
         try:
-            obj_path = build.build(Path(tmp) / "lasthop.bpf.o")
+            # LH_BENCH adds the lh_bench_* programs; lh_uplink and lh_vmport are unchanged
+            obj_path = build.build(Path(tmp) / "lasthop.bpf.o", {"LH_BENCH": "1"})
         except build.BuildError as err:
             raise BenchError(str(err)) from err
         with _private_netns() as index:
@@ -638,6 +706,9 @@ def run(
                 room = _single_runs(b, "insert_room", inserts, 0)
                 progress(f"{inserts} new confirmed connections (handshakes)")
                 hs = _handshakes(b, inserts, 2 * inserts)
+                progress(f"{inserts} new confirmed connections, back to back")
+                stream_n = max(1, inserts // rounds)
+                stream = _handshake_stream(b, stream_n, rounds)
                 progress(f"filling lh_conns ({table}) and lh_pending ({pending})")
                 _prefill(b, table, pending)
                 filled = {"lh_conns": b.conns.count(), "lh_pending": b.pending.count()}
@@ -737,11 +808,35 @@ def run(
     packets = {"SYN": hs.syn, "SYN-ACK": hs.syn_ack, "ACK": hs.ack}
     conn = sum(empty + statistics.fmean(t) - e_mean for t in packets.values())
     conn_low = sum(empty + statistics.median(t) - e_med for t in packets.values())
+    # back to back: each packet's run, less the address step (lh_bench_step -
+    # lh_empty of the same round); per connection = the three packets' sum
+    steps = [s - e for s, e in zip(stream.step, stream.empty, strict=True)]
+    streamed = {
+        "SYN": [t - s for t, s in zip(stream.syn, steps, strict=True)],
+        "SYN-ACK": [t - s for t, s in zip(stream.syn_ack, steps, strict=True)],
+        "ACK": [t - s for t, s in zip(stream.ack, steps, strict=True)],
+    }
+    per_round = [sum(r) for r in zip(*streamed.values(), strict=True)]
     figures.append(
         figure(
             "new_connection",
             "lh_uplink+lh_vmport",
             "new confirmed connection (3 packets)",
+            statistics.median(per_round),
+            min(per_round),
+            "back-to-back",
+            "handshake, per connection, each packet run back to back over "
+            f"{stream_n} new connections: "
+            + ", ".join(f"{p} {statistics.median(t):.0f} ns" for p, t in streamed.items())
+            + f"; the address step {statistics.median(steps):.0f} ns, subtracted; rounds: "
+            f"{per_round}",
+        )
+    )
+    figures.append(
+        figure(
+            "new_connection_single",
+            "lh_uplink+lh_vmport",
+            "new confirmed connection, as single runs",
             conn,
             conn_low,
             "single runs",
@@ -840,7 +935,7 @@ def print_results(results: Results, console: Any) -> None:
             f"Linux conntrack per entry: {ct} ({m.conntrack_source})"
         )
     for f in results.figures:
-        if f.method == "single runs":
+        if f.method == "single runs" or f.name == "new_connection":
             console.print(f"{f.label}: {f.detail}", style="dim")
     env = results.environment
     console.print(
