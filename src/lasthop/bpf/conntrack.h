@@ -16,16 +16,31 @@
 #include "maps.h"
 #include "parse.h"
 
-/* The entry of key: confirmed first, then pending (*pending := 1). */
-static __always_inline struct conn_entry *conn_lookup(const struct conn_key *k, int *pending)
+/* The entry of p's key (*pending := 1 when it is in lh_pending). A key is
+ * in one table (a promotion inserts it into lh_conns, then deletes it from
+ * lh_pending; only while another CPU promotes it is it in both), so the
+ * order mostly decides what a miss costs: a TCP segment with SYN set (a new
+ * connection, its SYN-ACK, or one sent again) belongs to a connection not
+ * yet confirmed, so lh_pending first; any other packet most likely to an
+ * established one, so lh_conns first. */
+static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *pending)
 {
-	struct conn_entry *e = bpf_map_lookup_elem(&lh_conns, k);
+	struct conn_entry *e;
 
+	if (p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_)) {
+		e = bpf_map_lookup_elem(&lh_pending, &p->key);
+		*pending = 1;
+		if (e)
+			return e;
+		*pending = 0;
+		return bpf_map_lookup_elem(&lh_conns, &p->key);
+	}
+	e = bpf_map_lookup_elem(&lh_conns, &p->key);
 	*pending = 0;
 	if (e)
 		return e;
 	*pending = 1;
-	return bpf_map_lookup_elem(&lh_pending, k);
+	return bpf_map_lookup_elem(&lh_pending, &p->key);
 }
 
 /* The state a connection starts in from its first packet; CS_NONE = do not

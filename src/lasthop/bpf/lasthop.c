@@ -269,7 +269,7 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 		o->reason = CNT_NOT_UNICAST;
 		return TC_ACT_OK;
 	}
-	e = conn_lookup(&p->key, &pending);
+	e = conn_lookup(p, &pending);
 	if (e && (e->flags & F_ENTRY_VM_ORIGIN) && is_pure_syn(p)) {
 		vm_origin_supersede(&p->key, pending, o);
 		e = NULL;
@@ -517,7 +517,7 @@ static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, str
 		conn_key_reverse(&p->key);
 		o->reason = CNT_MISS;
 	}
-	e = conn_lookup(&p->key, &pending);
+	e = conn_lookup(p, &pending);
 	if (!e) {
 		if (hit == CNT_REDIRECTED)
 			o->reason = vm_origin_learn(p, skb->ifindex);
@@ -596,7 +596,7 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 	*reason = CNT_HOST_ICMP_MISS;
 	if (icmp_error_key(p, c) < 0)
 		return TC_ACT_OK;
-	e = conn_lookup(&p->key, &pending);
+	e = conn_lookup(p, &pending);
 	if (!e || !(e->flags & F_ENTRY_HOP_KNOWN))
 		return TC_ACT_OK;
 	if (e->vlan_count) {
