@@ -400,7 +400,10 @@ static __always_inline int vm_addr_learn(const struct pkt *p, const struct conn_
 	    (e->vm_ifindex && !(e->flags & F_ENTRY_VM_FAST)))
 		return -1;
 	__builtin_memcpy(ak.addr, p->key.daddr, sizeof(ak.addr));
-	if (bpf_map_update_elem(&lh_vm_addrs, &ak, &v, BPF_NOEXIST))
+	/* known already (every connection to it but the first): a lookup, which
+	 * takes no lock, settles it without the update's bucket lock */
+	if (bpf_map_lookup_elem(&lh_vm_addrs, &ak) ||
+	    bpf_map_update_elem(&lh_vm_addrs, &ak, &v, BPF_NOEXIST))
 		return -1;
 	return CNT_VM_ADDR_LEARNED;
 }
