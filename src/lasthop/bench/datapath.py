@@ -532,6 +532,7 @@ def _handshakes(b: _Bench, n: int, first: int) -> _Handshakes:
             "table PENDING_INSERTED": n,
             "table CONFIRMED_INSERTED": n,
             "table PENDING_PROMOTED": n,
+            "table STATE_CHANGES": 2 * n,  # SYN_SENT -> SYN_RECV -> ESTABLISHED
         },
     )
     return out
@@ -591,6 +592,7 @@ def _handshake_stream(b: _Bench, n: int, rounds: int) -> _Stream:
             "table PENDING_INSERTED": done,
             "table CONFIRMED_INSERTED": done,
             "table PENDING_PROMOTED": done,
+            "table STATE_CHANGES": 2 * done,
         },
     )
     return out
