@@ -127,6 +127,8 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
         (abi.State, "conn_state", "CS_", ("CS_MAX", abi.CS_MAX)),
         (abi.TableCounter, "lh_table_counter", "TC_", ("TC_MAX", abi.TC_MAX)),
         (abi.VmAddrOrigin, "vm_addr_origin", "VM_ADDR_", None),
+        (abi.ChangeKind, "lh_change_kind", "CH_", None),
+        (abi.ChangeTable, "lh_change_table", "CHT_", None),
     ],
 )
 def test_enums_match_btf(

@@ -33,6 +33,7 @@ FAMILY_V4 = 4
 FAMILY_V6 = 6
 PENDING_TABLE_SIZE = 262144  # the object's default; the config's pending_table_size sets it
 MAX_VM_ADDRS = 65536
+CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 
 
 class Role(enum.IntEnum):
@@ -52,6 +53,7 @@ F_SET_SERVICES = 1 << 1
 F_SET_VM_DOWN_DROP = 1 << 2
 F_SET_NO_VM_ORIGIN = 1 << 3
 F_SET_FAST_PATH = 1 << 4
+F_SET_SYNC = 1 << 5
 # enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -95,9 +97,29 @@ class TableCounter(enum.IntEnum):
     EXPIRY_PASSES = 8
     STATE_CHANGES = 9
     EXPIRY_SKIPPED = 10
+    SYNC_LOST = 11
 
 
 TC_MAX = 16
+
+
+class ChangeKind(enum.IntEnum):
+    """enum lh_change_kind: what a change record (conn_change.kind) reports."""
+
+    LEARNED = 1
+    HOP = 2
+    STATE = 3
+    PROMOTED = 4
+    REMOVED = 5
+    EXPIRED = 6
+
+
+class ChangeTable(enum.IntEnum):
+    """enum lh_change_table: which table a change record's entry is in."""
+
+    CONFIRMED = 0
+    PENDING = 1
+    EITHER = 2
 
 
 class VmAddrOrigin(enum.IntEnum):
@@ -182,6 +204,18 @@ class ConnEntry(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("state", ctypes.c_uint8),
         ("reserved", ctypes.c_uint8 * 3),
+    ]
+
+
+class ConnChange(ctypes.Structure):
+    """struct conn_change: one record of the lh_changes ring buffer."""
+
+    _fields_ = [
+        ("kind", ctypes.c_uint8),
+        ("table", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 2),
+        ("key", ConnKey),
+        ("entry", ConnEntry),
     ]
 
 
@@ -276,6 +310,7 @@ class VmUsage(ctypes.Structure):
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "conn_key": ConnKey,
     "conn_entry": ConnEntry,
+    "conn_change": ConnChange,
     "iface_cfg": IfaceCfg,
     "lh_settings": Settings,
     "svc_key": SvcKey,

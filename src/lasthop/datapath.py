@@ -45,6 +45,7 @@ MAP_NAMES = (
     "lh_expiry_request",
     "lh_vm_addrs",
     "lh_vm_usage",
+    "lh_changes",
 )
 PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
 TABLES = ("confirmed", "pending")  # lh_conns, lh_pending: the index of expiry_stats arrays
@@ -91,6 +92,7 @@ class Maps:
         self.expiry_request = maps["lh_expiry_request"]
         self.vm_addrs = maps["lh_vm_addrs"]
         self.vm_usage = maps["lh_vm_usage"]
+        self.changes = maps["lh_changes"]
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:

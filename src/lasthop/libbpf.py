@@ -24,6 +24,7 @@ __all__ = [
     "Map",
     "Program",
     "TestRun",
+    "RingBuffer",
     "TcHook",
     "obj_get",
     "obj_pin",
@@ -167,6 +168,11 @@ _sig("bpf_tc_attach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("bpf_tc_detach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("bpf_tc_query", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("libbpf_num_possible_cpus", _int)
+_SAMPLE_FN = _c.CFUNCTYPE(_int, _vp, _vp, _c.c_size_t)  # ring_buffer_sample_fn
+_sig("ring_buffer__new", _vp, _int, _SAMPLE_FN, _vp, _vp)
+_sig("ring_buffer__consume", _int, _vp)
+_sig("ring_buffer__epoll_fd", _int, _vp)
+_sig("ring_buffer__free", None, _vp)
 
 # libbpf prints through a callback taking a va_list; vsnprintf formats it.
 _PRINT_FN = _c.CFUNCTYPE(_int, _int, _cp, _vp)
@@ -395,6 +401,39 @@ class Map:
         """Splits a per-CPU value into one bytes object per possible CPU."""
         step = (self.info.value_size + 7) // 8 * 8
         return [raw[i : i + self.info.value_size] for i in range(0, len(raw), step)]
+
+
+class RingBuffer:
+    """A BPF ring buffer map read from user space (libbpf's ring_buffer):
+    :meth:`fileno` is readable when records wait; :meth:`read` takes them."""
+
+    def __init__(self, map_fd: int) -> None:
+        self._records: list[bytes] = []
+        self._cb = _SAMPLE_FN(self._on_sample)  # kept referenced: libbpf holds the pointer
+        self._rb: int | None = _check_ptr(
+            "ring_buffer__new", _lib.ring_buffer__new(map_fd, self._cb, None, None)
+        )
+
+    def _on_sample(self, ctx: int | None, data: int, size: int) -> int:
+        self._records.append(_c.string_at(data, size))
+        return 0
+
+    def fileno(self) -> int:
+        """An epoll fd, readable when the ring holds records (for select/poll)."""
+        assert self._rb is not None
+        return _lib.ring_buffer__epoll_fd(self._rb)
+
+    def read(self) -> list[bytes]:
+        """Every record waiting now (none: an empty list), oldest first."""
+        assert self._rb is not None
+        _check("ring_buffer__consume", _lib.ring_buffer__consume(self._rb))
+        out, self._records = self._records, []
+        return out
+
+    def close(self) -> None:
+        if self._rb is not None:
+            _lib.ring_buffer__free(self._rb)
+            self._rb = None
 
 
 class Program:

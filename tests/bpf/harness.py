@@ -336,6 +336,12 @@ class Datapath:
 
     def put(self, entry: Entry, last_seen: int = SEEN_SETUP) -> None:
         """Writes entry into the table it names (lh_conns or lh_pending)."""
+        e = self.pack_entry(entry, last_seen)
+        self.tables[entry.table].update(entry.key.pack(), bytes(e))
+        request_expiry(self.expiry_request)  # as every writer from user space must
+
+    def pack_entry(self, entry: Entry, last_seen: int = SEEN_SETUP) -> abi.ConnEntry:
+        """The conn_entry a row's entry stands for, ifindexes resolved."""
         e = abi.ConnEntry(
             last_seen=last_seen,
             flags=entry.flags,
@@ -350,8 +356,7 @@ class Datapath:
         e.vm_ifindex = self.ifaces[entry.vm].ifindex if entry.vm else 0
         for i, t in enumerate(entry.vlans):
             e.vlan_tci[i] = t
-        self.tables[entry.table].update(entry.key.pack(), bytes(e))
-        request_expiry(self.expiry_request)  # as every writer from user space must
+        return e
 
     def add_vm_addr(
         self, vm: str, addr: str, origin: abi.VmAddrOrigin = abi.VmAddrOrigin.CONFIGURED

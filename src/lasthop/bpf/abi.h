@@ -121,6 +121,16 @@ struct expiry_stats {
 	__u32 checked;      /* jiffies: the last run, walked or not */
 };
 
+/* lh_changes record: one change of one entry, as the data path made it
+ * (sync on). The entry is a copy taken at the change. */
+struct conn_change {
+	__u8  kind;     /* enum lh_change_kind */
+	__u8  table;    /* enum lh_change_table */
+	__u8  reserved[2];
+	struct conn_key   key;
+	struct conn_entry entry;
+};
+
 /* Keeps the ABI's enums in the object's BTF (enum constants alone leave no
  * type behind), so tests/test_abi.py can check lasthop.abi against them:
  * the roles, the counters, the flags and the sizes of consts.h.
@@ -135,5 +145,8 @@ struct lh_abi_enums {
 	enum conn_state        state;
 	enum lh_table_counter  table_counter;
 	enum vm_addr_origin    vm_addr_origin;
+	enum lh_change_kind    change_kind;
+	enum lh_change_table   change_table;
+	struct conn_change     change; /* lh_changes has no key or value type to carry it */
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

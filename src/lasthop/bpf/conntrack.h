@@ -15,6 +15,7 @@
 #include "abi.h"
 #include "maps.h"
 #include "parse.h"
+#include "changes.h"
 
 /* The entry of p's key (*pending := 1 when it is in lh_pending). A key is
  * in one table (a promotion inserts it into lh_conns, then deletes it from
@@ -71,6 +72,7 @@ static __always_inline int conn_insert(const struct conn_key *k, const struct co
 	if (err)
 		return -CNT_LEARN_FAILED;
 	count_table(TC_PENDING_INSERTED);
+	change_emit(CH_LEARNED, CHT_PENDING, k, e);
 	return 1;
 }
 
@@ -175,6 +177,8 @@ static __always_inline int conn_track(struct conn_entry *e, const struct pkt *p,
 	confirmed = conn_step(e, p, from_opener);
 	if (e->state != before)
 		count_table(TC_STATE_CHANGES);
+	if (e->state != before)
+		change_emit(CH_STATE, CHT_EITHER, &p->key, e);
 	return confirmed;
 }
 
@@ -193,6 +197,7 @@ static __always_inline int conn_promote(const struct conn_key *k, const struct c
 		return CNT_CONFIRM_REFUSED;
 	}
 	count_table(TC_CONFIRMED_INSERTED);
+	change_emit(CH_PROMOTED, CHT_CONFIRMED, k, &copy);
 	if (!bpf_map_delete_elem(&lh_pending, k))
 		count_table(TC_PENDING_PROMOTED);
 	return CNT_CONFIRMED;
@@ -203,4 +208,5 @@ static __always_inline void conn_drop_pending(const struct conn_key *k)
 {
 	if (!bpf_map_delete_elem(&lh_pending, k))
 		count_table(TC_PENDING_REMOVED);
+	change_emit(CH_REMOVED, CHT_PENDING, k, NULL);
 }

@@ -29,6 +29,9 @@ enum lh_const {
 	PENDING_TABLE_SIZE = 262144,
 	/* Addresses VM ports may open connections from (configured, learned, services). */
 	MAX_VM_ADDRS     = 65536,
+	/* Bytes of the lh_changes ring buffer (a power of 2, whole pages): about
+	 * 48,000 change records between two reads of the agent. */
+	CHANGES_RING_SIZE = 1 << 22,
 };
 
 /* CPUs whose per-CPU counters the expiry pass sums (bpf_loop bound; the
@@ -66,6 +69,7 @@ enum lh_settings_flag {
 	F_SET_VM_DOWN_DROP  = 1 << 2, /* on_vm_down = "drop": a down VM's connections are dropped */
 	F_SET_NO_VM_ORIGIN  = 1 << 3, /* vm_origin = false: do not remember connections VMs open */
 	F_SET_FAST_PATH     = 1 << 4, /* requests skip bridge/routing to the VM that answered */
+	F_SET_SYNC          = 1 << 5, /* sync is on: report table changes in lh_changes */
 };
 
 /* lh_conns value .flags */
@@ -114,7 +118,28 @@ enum lh_table_counter {
 	TC_EXPIRY_PASSES      = 8, /* lh_expire walks */
 	TC_STATE_CHANGES      = 9, /* an entry moved to another state (the data path) */
 	TC_EXPIRY_SKIPPED     = 10, /* lh_expire runs that did not walk: no change, nothing due */
+	TC_SYNC_LOST          = 11, /* change records lh_changes had no room for (sync on) */
 	TC_MAX                = 16,
+};
+
+/* What a change record reports (conn_change .kind). Python mirror:
+ * lasthop.abi.ChangeKind. */
+enum lh_change_kind {
+	CH_LEARNED  = 1, /* new entry (pending): an uplink packet, or a VM opened it */
+	CH_HOP      = 2, /* its last hop changed (re-learned, or first learned for a VM-opened one) */
+	CH_STATE    = 3, /* it moved to another state */
+	CH_PROMOTED = 4, /* it moved from lh_pending to lh_conns */
+	CH_REMOVED  = 5, /* the data path removed it (superseded) */
+	CH_EXPIRED  = 6, /* lh_expire removed it: idle past its state's timeout */
+};
+
+/* Which table a change record's entry is in (conn_change .table): the index
+ * of expiry_stats' per-table arrays. A state move does not know it. Python
+ * mirror: lasthop.abi.ChangeTable. */
+enum lh_change_table {
+	CHT_CONFIRMED = 0,
+	CHT_PENDING   = 1,
+	CHT_EITHER    = 2, /* whichever holds the key */
 };
 
 /* Counter slots, per interface: lh_counters key = iface slot * CNT_MAX + reason,

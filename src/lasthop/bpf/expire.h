@@ -11,6 +11,7 @@
 #include "consts.h"
 #include "abi.h"
 #include "maps.h"
+#include "changes.h"
 
 /* The kernel's struct, for the kfunc below (only its name matters to BTF). */
 struct bpf_map {
@@ -25,6 +26,7 @@ struct expire_ctx {
 	__u32 live[CS_MAX];
 	__u32 expired[CS_MAX];
 	__s32 next_left; /* jiffies until the earliest deadline of a live entry */
+	__u32 table;     /* the table walked: enum lh_change_table */
 };
 
 static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entry *e,
@@ -35,6 +37,8 @@ static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entr
 	if (state >= CS_MAX)
 		state = CS_NONE;
 	/* (__s32)idle < 0: refreshed by another CPU since now32() was read */
+	if ((__s32)idle > 0 && idle > ctx->timeout[state])
+		change_emit(CH_EXPIRED, ctx->table, k, NULL); /* before: k is freed after */
 	if ((__s32)idle > 0 && idle > ctx->timeout[state] && !bpf_map_delete_elem(map, k)) {
 		ctx->expired[state]++;
 		return 0;
@@ -79,6 +83,7 @@ static __always_inline void expire_table(void *map, int t, struct expire_ctx *ct
 {
 	__u64 expired = 0;
 
+	ctx->table = t;
 	__builtin_memset(ctx->live, 0, sizeof(ctx->live));
 	__builtin_memset(ctx->expired, 0, sizeof(ctx->expired));
 	bpf_for_each_map_elem(map, expire_one, ctx, 0);

@@ -115,6 +115,7 @@ static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *
 	else
 		return CNT_REFRESHED;
 	conn_set_hop(e, p, mac, ifindex);
+	change_emit(CH_HOP, CHT_EITHER, &p->key, e);
 	return reason;
 }
 
@@ -247,6 +248,8 @@ static __always_inline void vm_origin_supersede(const struct conn_key *k, int pe
 		conn_drop_pending(k);
 	else if (!bpf_map_delete_elem(&lh_conns, k))
 		count_table(TC_CONFIRMED_REMOVED);
+	if (!pending)
+		change_emit(CH_REMOVED, CHT_CONFIRMED, k, NULL);
 	o->table = CNT_VM_ORIGIN_SUPERSEDED;
 }
 

@@ -80,6 +80,15 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_vm_usage SEC(".maps");
 
+/* Table changes for the agent's sync (struct conn_change records), written
+ * only while F_SET_SYNC is set; full, a record is dropped and counted
+ * (TC_SYNC_LOST): the data path never waits. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, CHANGES_RING_SIZE);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_changes SEC(".maps");
+
 /* ifindex -> role, zone, own MAC and counter slot; role ROLE_NONE = not attached. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -1,0 +1,191 @@
+"""The change records the data path writes to lh_changes for the agent's sync.
+
+    client --SYN--> fw B --> up1 [lh_uplink]  --> LEARNED (pending)
+    client <-SYN-ACK- fw B <-- up1 <-- vm1 [lh_vmport]  --> STATE
+    client --ACK--> fw B --> up1  --> STATE, then PROMOTED (confirmed)
+    client --SYN--> fw C --> up1  --> HOP (the last hop moved to fw C)
+    lh_expire: an idle entry goes  --> EXPIRED (no entry, only its key)
+
+Each row runs one case of the packet tables (harness.check) with sync on
+and compares the ring's records byte for byte with the conn_change the row
+expects: kind, table, key and the entry as it stood at the change. With
+sync off the ring stays empty; a full ring drops records and counts them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from lasthop import abi
+from lasthop.libbpf import RingBuffer
+from packets import MAC_FW_C, eth
+
+from .harness import CONFIRMED, PENDING, SEEN_SETUP, Case, Datapath, Entry, check
+from .test_conntrack import (
+    HZ,
+    MARGIN,
+    SEQ_VM,
+    SYN,
+    TCP_ROWS,
+    TIMEOUTS,
+    conn,
+    keyed,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
+
+K = abi.ChangeKind
+T = abi.ChangeTable
+ST = abi.State
+TC = abi.TableCounter
+SYNC = abi.F_SET_SYNC
+
+
+@dataclass(frozen=True)
+class Record:
+    """A conn_change a row expects: entry None = a removal (zeroed entry)."""
+
+    kind: abi.ChangeKind
+    table: abi.ChangeTable
+    entry: Entry | None = None
+    key: Entry | None = None  # the key's owner when entry is None
+
+
+@pytest.fixture
+def ring(dp: Datapath) -> Iterator[RingBuffer]:
+    rb = RingBuffer(dp.obj.map("lh_changes").fd)
+    rb.read()  # what earlier tests left
+    try:
+        yield rb
+    finally:
+        rb.close()
+
+
+def expected_bytes(dp: Datapath, want: Record, got: abi.ConnChange, t0: int, t1: int) -> bytes:
+    """The record's bytes as the row states it; an entry seen "now" takes the
+    record's last_seen once it is checked to lie within the run."""
+    r = abi.ConnChange(kind=int(want.kind), table=int(want.table))
+    owner = want.entry or want.key
+    assert owner is not None
+    ctypes.memmove(ctypes.byref(r.key), owner.key.pack(), ctypes.sizeof(abi.ConnKey))
+    if want.entry is not None:
+        seen = SEEN_SETUP
+        if want.entry.seen == "now":
+            assert (got.entry.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32
+            seen = got.entry.last_seen
+        r.entry = dp.pack_entry(want.entry, seen)
+    return bytes(r)
+
+
+def check_records(dp: Datapath, ring: RingBuffer, case: Case, want: list[Record]) -> None:
+    t0 = dp.clock()
+    check(dp, case)
+    t1 = dp.clock()
+    got = ring.read()
+    assert len(got) == len(want), [abi.ChangeKind(g[0]).name for g in got]
+    for raw, w in zip(got, want, strict=True):
+        rec = abi.ConnChange.from_buffer_copy(raw)
+        assert raw == expected_bytes(dp, w, rec, t0, t1), f"{w.kind.name}: {raw.hex()}"
+
+
+def row(desc: str) -> Case:
+    """A row of test_conntrack's TCP table, with sync on."""
+    case = next(c for c in TCP_ROWS if c.desc.startswith(desc))
+    return Case(**{**case.__dict__, "settings": case.settings | SYNC})
+
+
+LEARN = row("the client's SYN: a pending entry")
+ANSWER = row("the VM's SYN-ACK: SYN received")
+CONFIRM = row("the client's ACK of the SYN-ACK")
+SYN_C = eth(MAC_FW_C, SYN.dst) / SYN.payload  # the client's SYN again, through fw C
+RELEARN = Case(
+    "a SYN through firewall C: the last hop moves",
+    "lh_uplink",
+    "up1",
+    SYN_C,
+    setup=(conn(ST.TCP_SYN_SENT),),
+    settings=SYNC,
+    after=(conn(ST.TCP_SYN_SENT, packets=2, seen="now").but(mac=MAC_FW_C),),
+    counters={("up1", abi.Counter.RELEARNED): 1},
+)
+
+ROWS = [
+    (LEARN, [Record(K.LEARNED, T.PENDING, conn(ST.TCP_SYN_SENT, seen="now"))]),
+    (
+        ANSWER,
+        [Record(K.STATE, T.EITHER, conn(ST.TCP_SYN_RECV, seq=SEQ_VM + 1))],
+    ),
+    (
+        CONFIRM,
+        [
+            Record(K.STATE, T.EITHER, conn(ST.TCP_ESTABLISHED, seq=SEQ_VM + 1)),
+            Record(
+                K.PROMOTED,
+                T.CONFIRMED,
+                conn(ST.TCP_ESTABLISHED, CONFIRMED, seq=SEQ_VM + 1, packets=2, seen="now"),
+            ),
+        ],
+    ),
+    (
+        RELEARN,
+        [Record(K.HOP, T.EITHER, conn(ST.TCP_SYN_SENT, packets=2, seen="now").but(mac=MAC_FW_C))],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "want"), ROWS, ids=[c.desc for c, _ in ROWS])
+def test_change_record_bytes(
+    dp: Datapath, ring: RingBuffer, case: Case, want: list[Record]
+) -> None:
+    """With sync on, each change writes exactly the records the row lists."""
+    check_records(dp, ring, case, want)
+
+
+@pytest.mark.parametrize("case", [LEARN, ANSWER, CONFIRM, RELEARN], ids=lambda c: c.desc)
+def test_no_record_with_sync_off(dp: Datapath, ring: RingBuffer, case: Case) -> None:
+    """With sync off the same changes write nothing to the ring."""
+    check_records(dp, ring, Case(**{**case.__dict__, "settings": case.settings & ~SYNC}), [])
+
+
+def test_expiry_reports_each_removed_entry(dp: Datapath, ring: RingBuffer) -> None:
+    """lh_expire writes one EXPIRED record (key, zeroed entry) per entry it
+    removes, naming its table, and none for the entries it keeps."""
+    dp.set_settings(SYNC, hz=HZ, timeouts=TIMEOUTS)
+    now = dp.clock()
+    old = TIMEOUTS[ST.TCP_ESTABLISHED] * HZ + MARGIN
+    gone = {CONFIRMED: keyed(1), PENDING: keyed(2)}
+    for table, key in gone.items():
+        dp.put(Entry(key, state=ST.TCP_ESTABLISHED, table=table), last_seen=(now - old) % 2**32)
+    dp.put(Entry(keyed(3), state=ST.TCP_ESTABLISHED), last_seen=now)
+    assert dp.expire() == 1
+    got = {bytes(r) for r in ring.read()}
+    want = set()
+    for table, key in gone.items():
+        r = abi.ConnChange(kind=K.EXPIRED, table=T.CONFIRMED if table == CONFIRMED else T.PENDING)
+        ctypes.memmove(ctypes.byref(r.key), key.pack(), ctypes.sizeof(abi.ConnKey))
+        want.add(bytes(r))
+    assert got == want
+
+
+def test_full_ring_counts_what_it_drops(dp: Datapath, ring: RingBuffer) -> None:
+    """The data path never waits for the reader: once the ring is full each
+    further record is dropped and counted (TC_SYNC_LOST)."""
+    dp.set_settings(SYNC)
+    dp.put(conn(ST.TCP_SYN_SENT))
+    # a record takes its size rounded up to 8 bytes, plus an 8-byte header
+    fits = abi.CHANGES_RING_SIZE // ((ctypes.sizeof(abi.ConnChange) + 7) // 8 * 8 + 8)
+    frames = [bytes(SYN_C), bytes(SYN)]  # each moves the last hop: one record
+    before = dp.table_counter_values()[TC.SYNC_LOST]
+    sent = 0
+    while sent < fits + 100:
+        for f in frames:
+            dp.run("lh_uplink", f, "up1")
+        sent += len(frames)
+    lost = dp.table_counter_values()[TC.SYNC_LOST] - before
+    kept = len(ring.read())
+    assert kept + lost == sent
+    assert kept == fits and lost == sent - fits
