@@ -113,6 +113,9 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
         ('routed = "yes please"\n', "routed", "valid boolean"),
         ('api = "localhost"\n', "api", "expected HOST:PORT"),
         ('api = "127.0.0.1:0"\n', "api", "expected HOST:PORT"),
+        ('sync = "localhost:6379"\n', "sync", "expected redis://HOST:PORT/DB"),
+        ('sync = "redis://localhost:6379/x"\n', "sync", "must be a number"),
+        ('sync_cluster = "a b"\n', "sync_cluster", "should match pattern"),
     ],
 )
 def test_a_bad_value_names_its_key_and_the_reason(
@@ -209,3 +212,14 @@ def test_api_socket_defaults_to_the_netns_name() -> None:
 def test_parse_hostport(text: str, parsed: tuple[str, int]) -> None:
     """HOST:PORT splits at the last colon; IPv6 hosts come in brackets."""
     assert parse_hostport(text) == parsed
+
+
+def test_sync_takes_a_redis_url_or_a_unix_socket(tmp_path: Path) -> None:
+    """`sync` accepts redis://HOST:PORT/DB and unix:///PATH; the cluster defaults to "default"."""
+    cfg = load(_write(tmp_path, 'sync = "redis://10.0.0.9:6379/2"\n'))
+    assert (cfg.sync, cfg.sync_cluster, cfg.sync_host) == (
+        "redis://10.0.0.9:6379/2",
+        "default",
+        None,
+    )
+    assert load(_write(tmp_path, 'sync = "unix:///run/redis.sock?db=0"\n')).sync

@@ -66,6 +66,7 @@ def test_the_codes_are_those_docs_cli_md_lists() -> None:
         "BpfError": (1, 500),
         "ApiError": (1, 500),
         "AgentError": (1, 500),
+        "SyncError": (1, 503),
         "ServiceError": (2, 422),
         "ServiceNotFound": (4, 404),
         "ServiceConflict": (2, 409),

@@ -162,6 +162,23 @@ class Config(_Model):
     vm_origin: bool = Field(
         default=True, description="remember connections VMs open, so servers' replies reach that VM"
     )
+    sync: str | None = Field(
+        default=None,
+        description="redis://HOST:PORT/DB: replicate the table with the cluster (docs/ha.md)",
+    )
+    sync_cluster: str = Field(
+        default="default",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="the cluster's name: its hosts share one stream",
+    )
+    sync_host: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="this host's id in the cluster; default <hostname>/<netns>",
+    )
     on_vm_down: Literal["reassign", "drop"] = Field(
         default="reassign", description="connections of a VM removed or down: move or drop them"
     )
@@ -188,6 +205,15 @@ class Config(_Model):
             timeouts = self.timeouts.model_copy(update={"tcp_established": self.idle_timeout})
             object.__setattr__(self, "timeouts", timeouts)
         return self
+
+    @field_validator("sync")
+    @classmethod
+    def _check_sync(cls, value: str | None) -> str | None:
+        if value is not None:
+            from lasthop.sync.replicator import check_url
+
+            check_url(value)
+        return value
 
     @field_validator("api")
     @classmethod

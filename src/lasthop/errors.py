@@ -14,6 +14,7 @@ API), so no adapter keeps a mapping of its own.
     ├── BpfError (OSError)                     1   500  a libbpf or bpf(2) call failed
     ├── ApiError (OSError)                     1   500  the API cannot listen
     ├── AgentError (OSError)                   1   500  the agent's API did not answer (CLI side)
+    ├── SyncError (OSError)                    1   503  sync is off, or its store cannot be reached
     └── ServiceError (ValueError)              2   422  a service definition or change is invalid
         ├── ServiceNotFound (LookupError)      4   404  no such service or VM
         └── ServiceConflict                    2   409  a name or address already taken
@@ -49,6 +50,7 @@ __all__ = [
     "BpfError",
     "ApiError",
     "AgentError",
+    "SyncError",
     "ServiceError",
     "ServiceNotFound",
     "ServiceConflict",
@@ -135,6 +137,12 @@ class AgentError(LasthopError, OSError):
     """The agent's API could not be reached or answered with a server error."""
 
 
+class SyncError(LasthopError, OSError):
+    """Sync is not configured here, or its store (Redis) cannot be reached."""
+
+    http_status = 503
+
+
 class ServiceError(LasthopError, ValueError):
     """A service definition or change is invalid."""
 
@@ -167,6 +175,7 @@ ERRORS: tuple[type[LasthopError], ...] = (
     BpfError,
     ApiError,
     AgentError,
+    SyncError,
     ServiceError,
     ServiceNotFound,
     ServiceConflict,

@@ -421,7 +421,7 @@ class RingBuffer:
     def fileno(self) -> int:
         """An epoll fd, readable when the ring holds records (for select/poll)."""
         assert self._rb is not None
-        return _lib.ring_buffer__epoll_fd(self._rb)
+        return int(_lib.ring_buffer__epoll_fd(self._rb))
 
     def read(self) -> list[bytes]:
         """Every record waiting now (none: an empty list), oldest first."""

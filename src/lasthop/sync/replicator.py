@@ -1,0 +1,451 @@
+"""The agent's replication: a publisher thread that drains lh_changes into
+the cluster's Redis stream in batches, and an applier thread that reads the
+stream (XREAD) and writes its peers' records into this host's tables.
+
+Neither thread is in the packet path: when Redis is down both hosts keep
+forwarding with their own tables, the publisher counts what it could not
+publish (the ring itself counts what the kernel could not write,
+TC_SYNC_LOST), and on reconnect it publishes a snapshot of its table
+(resync), which repairs the peer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import redis
+
+from lasthop import abi, libbpf
+from lasthop.clock import Clock
+from lasthop.connections import ifname
+from lasthop.datapath import Maps
+from lasthop.errors import SyncError
+from lasthop.sync.wire import Change, decode_record, encode_record, last_seen_for
+
+__all__ = ["Replicator", "SyncStatus", "read_status", "resync_once", "check_url", "default_host"]
+
+log = logging.getLogger("lasthop")
+BATCH = 1000  # records per stream message
+STREAM_MAXLEN = 100_000  # messages the stream keeps (approximately): a peer away longer resyncs
+HEARTBEAT_S = 1.0  # how often a host writes its figures into the cluster's hosts hash
+RETRY_S = 1.0  # how long a host waits before trying a store that failed again
+_REMOVALS = (abi.ChangeKind.REMOVED, abi.ChangeKind.EXPIRED)
+
+
+def check_url(url: str) -> str:
+    """*url* if it names a Redis server (redis://HOST:PORT/DB, or a local
+    socket: unix:///PATH?db=N), else ValueError."""
+    parts = urlparse(url)
+    if parts.scheme == "unix" and parts.path:
+        return url
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(f"expected redis://HOST:PORT/DB or unix:///PATH, got {url!r}")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database in {url!r} must be a number, got {db!r}")
+    _ = parts.port  # ValueError when not a port number
+    return url
+
+
+def default_host(netns: str) -> str:
+    """This host's id in the cluster: its name and namespace."""
+    return f"{socket.gethostname()}/{netns}"
+
+
+def _keys(cluster: str) -> tuple[str, str]:
+    return f"lasthop:{cluster}:changes", f"lasthop:{cluster}:hosts"
+
+
+def _client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+    )
+
+
+@dataclass
+class PeerStatus:
+    last_seen_s: float | None = None  # since its last heartbeat
+    batches: int = 0  # messages applied from it
+    lag_ms: float | None = None  # its last batch: from its publishing to our applying
+    lag_p99_ms: float | None = None  # over its last 1000 batches
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "last_seen_s": self.last_seen_s,
+            "batches": self.batches,
+            "lag_ms": self.lag_ms,
+            "lag_p99_ms": self.lag_p99_ms,
+        }
+
+
+@dataclass
+class SyncStatus:
+    """What this host's sync has done (the agent's figures, or its last heartbeat)."""
+
+    host: str
+    cluster: str
+    running: bool  # an agent with sync on is running here
+    connected: bool
+    published: int = 0  # records sent to the stream
+    unpublished: int = 0  # records read from the ring that the store did not take
+    applied: int = 0  # peers' records written into this host's tables
+    unmapped: int = 0  # peers' records naming an uplink this host does not have
+    resyncs: int = 0  # snapshots of the table published
+    lost: int = 0  # records the kernel had no ring room for (TC_SYNC_LOST)
+    peers: dict[str, PeerStatus] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "host": self.host,
+            "cluster": self.cluster,
+            "running": self.running,
+            "connected": self.connected,
+            "published": self.published,
+            "unpublished": self.unpublished,
+            "applied": self.applied,
+            "unmapped": self.unmapped,
+            "resyncs": self.resyncs,
+            "lost": self.lost,
+            "peers": {h: p.to_json() for h, p in sorted(self.peers.items())},
+        }
+
+
+def _snapshot(maps: Maps) -> Iterator[bytes]:
+    """Every live entry as a conn_change record (LEARNED, naming its table),
+    read in batches; only an on-demand resync calls this."""
+    for name, table in (
+        ("confirmed", abi.ChangeTable.CONFIRMED),
+        ("pending", abi.ChangeTable.PENDING),
+    ):
+        for key, entry in maps.entries_of(name):
+            yield bytes(
+                abi.ConnChange(kind=abi.ChangeKind.LEARNED, table=table, key=key, entry=entry)
+            )
+
+
+def _publish(
+    client: redis.Redis,
+    stream: str,
+    host: str,
+    kind: str,
+    records: Iterable[bytes],
+    maps: Maps,
+    clock: Clock,
+) -> int:
+    """XADDs *records* in batches of BATCH; returns how many it sent."""
+    settings = maps.get_settings()
+    names: dict[int, str] = {}
+
+    def name_of(ifindex: int) -> str:
+        if ifindex not in names:
+            names[ifindex] = ifname(ifindex)
+        return names[ifindex]
+
+    sent, batch = 0, []
+    now = clock.jiffies()
+    for raw in records:
+        batch.append(encode_record(raw, name_of, now, settings))
+        if len(batch) >= BATCH:
+            _xadd(client, stream, host, kind, batch)
+            sent, batch, now = sent + len(batch), [], clock.jiffies()
+    if batch or kind == "snapshot":
+        _xadd(client, stream, host, kind, batch)
+        sent += len(batch)
+    return sent
+
+
+def _xadd(client: redis.Redis, stream: str, host: str, kind: str, batch: list[Any]) -> str:
+    """One message; returns its id."""
+    fields = {"host": host, "type": kind, "ts": repr(time.time()), "records": json.dumps(batch)}
+    return str(client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True))  # type: ignore[arg-type]
+
+
+class Replicator:
+    """Publishes this host's changes and applies its peers' (two threads)."""
+
+    def __init__(
+        self,
+        maps: Maps,
+        clock: Clock,
+        lock: threading.RLock,
+        *,
+        url: str,
+        cluster: str,
+        host: str,
+    ) -> None:
+        self.maps, self.clock, self.lock = maps, clock, lock
+        self.url, self.cluster, self.host = url, cluster, host
+        self.stream, self.hosts_key = _keys(cluster)
+        self._status = SyncStatus(host=host, cluster=cluster, running=True, connected=False)
+        self._lags: dict[str, deque[float]] = {}
+        self._stop = threading.Event()
+        self._resync_wanted = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ring: libbpf.RingBuffer | None = None
+        self._pub = _client(url)
+        self._sub = _client(url)
+        self._names: dict[str, int] = {}
+
+    # -- life --------------------------------------------------------------
+    def start(self) -> None:
+        """Turns the data path's change records on and starts both threads;
+        the first thing the publisher does is a resync (and a hello, so the
+        peers resync to this host too)."""
+        self._ring = libbpf.RingBuffer(self.maps.changes.fd)
+        self._set_sync_flag(True)
+        self._resync_wanted.set()
+        for target, name in ((self._publisher, "sync-publish"), (self._applier, "sync-apply")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stops both threads and the data path's records (no reader is left)."""
+        self._set_sync_flag(False)
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self._ring is not None:
+            self._ring.close()
+        self._pub.close()
+        self._sub.close()
+
+    def _set_sync_flag(self, on: bool) -> None:
+        with self.lock:
+            s = self.maps.get_settings()
+            s.flags = (s.flags | abi.F_SET_SYNC) if on else (s.flags & ~abi.F_SET_SYNC)
+            self.maps.set_settings(s)
+
+    def request_resync(self) -> None:
+        """Asks the publisher thread for a snapshot of the table."""
+        self._resync_wanted.set()
+
+    def status(self) -> SyncStatus:
+        st = self._status
+        out = SyncStatus(**{**st.__dict__, "peers": {}})
+        out.lost = self.maps.table_totals()[abi.TableCounter.SYNC_LOST]
+        heartbeats: dict[str, str] = {}
+        with contextlib.suppress(redis.RedisError, OSError):
+            heartbeats = self._pub.hgetall(self.hosts_key)  # type: ignore[assignment]
+        now = time.time()
+        for peer in set(heartbeats) | set(st.peers):
+            if peer == self.host:
+                continue
+            p = st.peers.get(peer, PeerStatus())
+            seen = _heartbeat_ts(heartbeats.get(peer))
+            lags = sorted(self._lags.get(peer, ()))
+            out.peers[peer] = PeerStatus(
+                last_seen_s=round(now - seen, 3) if seen is not None else None,
+                batches=p.batches,
+                lag_ms=p.lag_ms,
+                lag_p99_ms=round(lags[int(0.99 * (len(lags) - 1))], 3) if lags else None,
+            )
+        return out
+
+    # -- publishing ----------------------------------------------------------
+    def _publisher(self) -> None:
+        assert self._ring is not None
+        st, next_beat = self._status, 0.0
+        while not self._stop.is_set():
+            select.select([self._ring], [], [], 0.05)
+            records = self._ring.read()
+            now = time.monotonic()
+            try:
+                if self._resync_wanted.is_set():
+                    self._resync_wanted.clear()
+                    self._resync()
+                if records:
+                    st.published += _publish(
+                        self._pub, self.stream, self.host, "changes", records, self.maps, self.clock
+                    )
+                if now >= next_beat:
+                    self._heartbeat()
+                    next_beat = now + HEARTBEAT_S
+                if not st.connected:
+                    log.info("sync: connected to %s", self.url)
+                st.connected = True
+            except (redis.RedisError, OSError) as err:
+                st.unpublished += len(records)
+                if st.connected:
+                    log.warning("sync: store unreachable (%s); counting what is not published", err)
+                st.connected = False
+                self._resync_wanted.set()  # the peer missed these: a snapshot on reconnect
+                self._stop.wait(RETRY_S)
+
+    def _resync(self) -> None:
+        sent = _publish(
+            self._pub,
+            self.stream,
+            self.host,
+            "snapshot",
+            _snapshot(self.maps),
+            self.maps,
+            self.clock,
+        )
+        self._status.resyncs += 1
+        self._status.published += sent
+        log.info("sync: published a snapshot of %d entries", sent)
+
+    def _heartbeat(self) -> None:
+        st = self._status
+        beat = {"ts": time.time(), "published": st.published, "applied": st.applied}
+        beat |= {"unpublished": st.unpublished, "resyncs": st.resyncs}
+        self._pub.hset(self.hosts_key, self.host, json.dumps(beat))
+
+    # -- applying ------------------------------------------------------------
+    def _applier(self) -> None:
+        last_id = ""  # read from our hello on: what came before, the peers' resyncs bring
+        hello_sent = False
+        while not self._stop.is_set():
+            try:
+                if not hello_sent:
+                    hello_id = _xadd(self._sub, self.stream, self.host, "hello", [])
+                    last_id = last_id or hello_id
+                    hello_sent = True
+                reply: Any = self._sub.xread({self.stream: last_id}, count=BATCH, block=200)
+            except (redis.RedisError, OSError):
+                hello_sent = False
+                self._stop.wait(RETRY_S)
+                continue
+            for _stream, messages in reply or []:
+                for msg_id, fields in messages:
+                    last_id = msg_id
+                    self._handle(fields)
+
+    def _handle(self, fields: dict[str, str]) -> None:
+        peer = fields.get("host", "")
+        if peer == self.host:
+            return
+        kind = fields.get("type", "")
+        if kind == "hello":
+            self._resync_wanted.set()  # a peer (re)started: it gets our table
+            return
+        try:
+            changes = [decode_record(v) for v in json.loads(fields.get("records", "[]"))]
+        except (ValueError, TypeError, KeyError) as err:
+            log.warning("sync: ignoring a malformed batch from %s: %s", peer, err)
+            return
+        self.apply(changes)
+        p = self._status.peers.setdefault(peer, PeerStatus())
+        p.batches += 1
+        try:
+            p.lag_ms = round((time.time() - float(fields["ts"])) * 1000, 3)
+            self._lags.setdefault(peer, deque(maxlen=1000)).append(p.lag_ms)
+        except (KeyError, ValueError):
+            pass
+
+    def _index_of(self, name: str) -> int:
+        if name not in self._names:
+            try:
+                self._names[name] = socket.if_nametoindex(name)
+            except OSError:
+                return 0  # not cached: the interface may appear later
+        return self._names[name]
+
+    def apply(self, changes: list[Change]) -> int:
+        """Writes peers' changes into this host's tables; returns how many."""
+        if not changes:
+            return 0
+        m = self.maps
+        applied = 0
+        with self.lock:
+            settings = m.get_settings()
+            now = self.clock.jiffies()
+            for c in changes:
+                key = bytes(c.key)
+                if c.kind in _REMOVALS:
+                    m.conns.delete(key) or m.pending.delete(key)
+                    applied += 1
+                    continue
+                e = c.entry
+                e.ifindex = self._index_of(c.uplink) if c.uplink else 0
+                if c.uplink and not e.ifindex:
+                    self._status.unmapped += 1
+                    continue
+                e.vm_ifindex = self._index_of(c.vm_port) if c.vm_port else 0
+                if not e.vm_ifindex:
+                    e.flags &= ~abi.F_ENTRY_VM_FAST
+                state = e.state if e.state < abi.CS_MAX else 0
+                e.last_seen = last_seen_for(c.left_ms, now, settings.hz, settings.timeout[state])
+                confirmed = c.table == abi.ChangeTable.CONFIRMED
+                try:
+                    if confirmed or m.conns.lookup(key) is not None:
+                        m.conns.update(key, bytes(e))
+                        if confirmed:
+                            m.pending.delete(key)
+                    else:
+                        m.pending.update(key, bytes(e))
+                except libbpf.BpfError as err:
+                    log.debug("sync: cannot apply an entry: %s", err)
+                    continue
+                applied += 1
+            m.request_expiry()  # written from user space: the expiry pass must look
+        self._status.applied += applied
+        return applied
+
+
+def _heartbeat_ts(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        return float(json.loads(raw)["ts"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_status(url: str, cluster: str, host: str, maps: Maps) -> SyncStatus:
+    """This host's sync as its agent last reported it (the cluster's hosts hash),
+    with the ring's losses from the kernel: for a CLI without the agent's memory."""
+    _, hosts_key = _keys(cluster)
+    client = _client(url)
+    try:
+        beats: dict[str, str] = client.hgetall(hosts_key)  # type: ignore[assignment]
+    except (redis.RedisError, OSError) as err:
+        raise SyncError(f"cannot read the sync store at {url}: {err}") from err
+    finally:
+        client.close()
+    mine = json.loads(beats.get(host, "{}"))
+    now = time.time()
+    st = SyncStatus(
+        host=host,
+        cluster=cluster,
+        running=bool(mine) and now - float(mine.get("ts", 0)) < 5 * HEARTBEAT_S,
+        connected=True,
+        published=int(mine.get("published", 0)),
+        unpublished=int(mine.get("unpublished", 0)),
+        applied=int(mine.get("applied", 0)),
+        resyncs=int(mine.get("resyncs", 0)),
+        lost=maps.table_totals()[abi.TableCounter.SYNC_LOST],
+    )
+    for peer, raw in beats.items():
+        seen = _heartbeat_ts(raw)
+        if peer != host:
+            st.peers[peer] = PeerStatus(last_seen_s=round(now - seen, 3) if seen else None)
+    return st
+
+
+def resync_once(
+    url: str, cluster: str, host: str, maps: Maps, clock: Clock, progress: Callable[[int], object]
+) -> int:
+    """Publishes a snapshot of this host's table (the CLI, when no agent runs one)."""
+    stream, _ = _keys(cluster)
+    client = _client(url)
+    try:
+        sent = _publish(client, stream, host, "snapshot", _snapshot(maps), maps, clock)
+    except (redis.RedisError, OSError) as err:
+        raise SyncError(f"cannot publish to the sync store at {url}: {err}") from err
+    finally:
+        client.close()
+    progress(sent)
+    return sent
