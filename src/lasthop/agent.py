@@ -69,6 +69,7 @@ class Agent:
                 c.links.watch()  # before start(): no port added meanwhile is missed
                 self._bridge_index = c.links.by_name(self.config.bridge, "bridge").index
             attached = c.start(self.config)
+            c.start_sync(self.config)  # after start: it adds F_SET_SYNC to the settings
             health = HealthMonitor(c.services)  # checks the services' VMs, follows their links
             health.start()
             where = api.start() if api is not None else []
@@ -81,6 +82,7 @@ class Agent:
             self._loop()
             log.info("stopping: data path stays attached, table stays pinned at %s", c.pins.folder)
         finally:
+            c.stop_sync()
             if health is not None:
                 health.stop()
             if api is not None:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Query, Request
@@ -31,6 +31,9 @@ from lasthop.endpoint import format_endpoint
 from lasthop.errors import ApiError, LasthopError
 from lasthop.services.api import router as services_router
 from lasthop.services.manager import ServiceManager
+
+if TYPE_CHECKING:
+    from lasthop.sync import SyncStatus
 
 __all__ = ["ApiError", "ApiServer", "ControllerApi", "create_app"]
 
@@ -48,6 +51,8 @@ class ControllerApi(Protocol):
         self, where: ConnFilter | None = None, *, limit: int = 0
     ) -> Iterator[Connection]: ...
     def stats(self) -> Stats: ...
+    def sync_status(self) -> SyncStatus: ...
+    def sync_resync(self) -> int: ...
     def flush(self) -> int: ...
     def interfaces(self) -> list[InterfaceInfo]: ...
     @property
@@ -112,6 +117,17 @@ def create_app(controller: ControllerApi) -> FastAPI:
     def interfaces() -> list[dict[str, object]]:
         """The interfaces the data path is configured for."""
         return [i.to_json() for i in controller.interfaces()]
+
+    @app.get(f"/{API_VERSION}/sync")
+    def sync_status() -> dict[str, object]:
+        """The sync's figures (as `sync status --json`); 503 when sync is off."""
+        return controller.sync_status().to_json()
+
+    @app.post(f"/{API_VERSION}/sync/resync")
+    def sync_resync() -> dict[str, bool]:
+        """Asks the agent for a snapshot of its table on the stream."""
+        controller.sync_resync()
+        return {"requested": True}
 
     @app.get("/metrics")
     def prometheus() -> Response:

@@ -84,6 +84,9 @@ def cli(verbose: bool) -> None:
 )
 @click.option("--api", metavar="HOST:PORT", help="Also serve the REST API over TCP here.")
 @click.option("--api-socket", metavar="PATH", help='Unix socket of the REST API ("" = none).')
+@click.option(
+    "--sync", metavar="URL", help="Replicate the table through Redis: redis://HOST:PORT/DB."
+)
 @friendly
 def run(
     config_path: Path | None,
@@ -97,6 +100,7 @@ def run(
     idle_timeout: float | None,
     api: str | None,
     api_socket: str | None,
+    sync: str | None,
 ) -> None:
     """Attach and run in the foreground; SIGTERM leaves the data path attached."""
     cfg = config_mod.load(config_path).merged(
@@ -110,6 +114,7 @@ def run(
         idle_timeout=idle_timeout,
         api=api,
         api_socket=api_socket,
+        sync=sync,
     )
     controller = Controller(cfg.netns, cfg.pin_root)
     try:
@@ -249,6 +254,60 @@ def flush(config_path: Path | None, netns: str | None) -> None:
     """Remove every entry: connections fall back to ordinary routing until seen again."""
     n = _controller(netns, config_path).flush()
     console.print(f"flushed {n} entries")
+
+
+sync_option = click.option(
+    "--sync", metavar="URL", help="The sync store (redis://HOST:PORT/DB); default: the config's."
+)
+
+
+def _sync_config(config_path: Path | None, netns: str | None, url: str | None) -> config_mod.Config:
+    return config_mod.load(config_path).merged(netns=netns, sync=url)
+
+
+@cli.group()
+def sync() -> None:
+    """Replication of the table with the cluster's hosts (docs/ha.md)."""
+
+
+@sync.command("status")
+@config_option
+@netns_option
+@sync_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def sync_status(
+    config_path: Path | None, netns: str | None, sync: str | None, as_json: bool
+) -> None:
+    """Published, applied, lost, resyncs, and each peer's last heartbeat and lag."""
+    cfg = _sync_config(config_path, netns, sync)
+    st = Controller(cfg.netns, cfg.pin_root).sync_status(cfg)
+    if as_json:
+        print(json.dumps(st.to_json(), indent=1))
+        return
+    console.print(
+        f"host {st.host} in cluster {st.cluster}: "
+        f"{'running' if st.running else 'no agent reporting'}; published {st.published}, "
+        f"unpublished {st.unpublished}, applied {st.applied}, lost {st.lost} (ring full), "
+        f"resyncs {st.resyncs}",
+        highlight=False,
+    )
+    for host, p in sorted(st.peers.items()):
+        seen = f"{p.last_seen_s:.1f} s ago" if p.last_seen_s is not None else "never"
+        lag = f", lag {p.lag_ms} ms (p99 {p.lag_p99_ms} ms)" if p.lag_ms is not None else ""
+        console.print(f"  peer {host}: last seen {seen}{lag}", highlight=False)
+
+
+@sync.command("resync")
+@config_option
+@netns_option
+@sync_option
+@friendly
+def sync_resync(config_path: Path | None, netns: str | None, sync: str | None) -> None:
+    """Publish a snapshot of this host's table (repairs peers after losses)."""
+    cfg = _sync_config(config_path, netns, sync)
+    n = Controller(cfg.netns, cfg.pin_root).sync_resync(cfg)
+    console.print(f"published a snapshot of {n} entries", highlight=False)
 
 
 def _add_optional_groups() -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
@@ -32,7 +32,7 @@ from lasthop.connections import (
     ifname,
 )
 from lasthop.datapath import Datapath, Maps, Pins, detach_filter
-from lasthop.errors import DatapathError, LinkError, NotAttachedError, TableSizeError
+from lasthop.errors import DatapathError, LinkError, NotAttachedError, SyncError, TableSizeError
 from lasthop.links import Link, Links
 from lasthop.services.manager import ServiceManager
 
@@ -46,6 +46,9 @@ __all__ = [
     "NotAttachedError",
     "TableSizeError",
 ]
+
+if TYPE_CHECKING:
+    from lasthop.sync import Replicator, SyncStatus
 
 log = logging.getLogger("lasthop")
 _FRAME = bytes(14)  # test run needs a frame; lh_expire and lh_stats ignore it
@@ -177,8 +180,10 @@ class Controller:
         self.attached = Attached()
         self._config: Config | None = None
         self._lock = threading.RLock()
+        self.replicator: Replicator | None = None
 
     def close(self) -> None:
+        self.stop_sync()
         if self.datapath is not None:
             self.datapath.close()
         self.links.close()
@@ -312,6 +317,78 @@ class Controller:
                 if self.links.by_index(ifindex) is not None:
                     detach_filter(ifindex)
                 self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
+
+    # -- sync (docs/ha.md) ---------------------------------------------------
+    def start_sync(self, config: Config) -> None:
+        """Replicates the table with the cluster's other hosts (config.sync)."""
+        assert self.datapath is not None, "start() first"
+        if not config.sync:
+            return
+        from lasthop.sync import Replicator  # redis only when syncing
+
+        self.replicator = Replicator(
+            self.datapath.maps,
+            Clock(self.datapath.clock_prog.fd),
+            self._lock,
+            url=config.sync,
+            cluster=config.sync_cluster,
+            host=self._sync_host(config),
+        )
+        self.replicator.start()
+        log.info(
+            "sync: host %s in cluster %s at %s",
+            self.replicator.host,
+            config.sync_cluster,
+            config.sync,
+        )
+
+    def stop_sync(self) -> None:
+        if self.replicator is not None:
+            self.replicator.stop()
+            self.replicator = None
+
+    def _sync_host(self, config: Config) -> str:
+        from lasthop.sync.replicator import default_host
+
+        return config.sync_host or default_host(self.netns)
+
+    def _sync_config(self, config: Config | None) -> Config:
+        cfg = config or self._config
+        if cfg is None or not cfg.sync:
+            raise SyncError("sync is off: give --sync redis://HOST:PORT/DB or the config key sync")
+        return cfg
+
+    def sync_status(self, config: Config | None = None) -> SyncStatus:
+        """The sync's figures: the running agent's own, or (the CLI) the last
+        its heartbeat left in the store, with the kernel's ring losses."""
+        if self.replicator is not None:
+            return self.replicator.status()
+        cfg = self._sync_config(config)
+        from lasthop.sync import read_status
+
+        with self.open_maps() as maps:
+            assert cfg.sync is not None
+            return read_status(cfg.sync, cfg.sync_cluster, self._sync_host(cfg), maps)
+
+    def sync_resync(self, config: Config | None = None) -> int:
+        """Publishes a snapshot of the table: the running agent's publisher does it
+        (returns -1: asked), else this process, from the pinned maps (returns the
+        entries sent)."""
+        if self.replicator is not None:
+            self.replicator.request_resync()
+            return -1
+        cfg = self._sync_config(config)
+        from lasthop.sync import resync_once
+
+        with self.open_maps() as maps:
+            assert cfg.sync is not None
+            clock = Clock.pinned(self.pins.path("lh_clock"))
+            try:
+                return resync_once(
+                    cfg.sync, cfg.sync_cluster, self._sync_host(cfg), maps, clock, lambda n: None
+                )
+            finally:
+                clock.close()
 
     # -- services ----------------------------------------------------------
     @functools.cached_property

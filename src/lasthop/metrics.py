@@ -8,6 +8,10 @@ size from the controller on every scrape (no background polling).
 | lasthop_table_capacity | gauge | |
 | lasthop_table_evicted_total | counter | |
 | lasthop_table_removed_total | counter | |
+| lasthop_sync_records_total | counter | event (published, unpublished, applied, unmapped, lost) |
+| lasthop_sync_resyncs_total | counter | |
+| lasthop_sync_peer_last_seen_seconds | gauge | peer |
+| lasthop_sync_peer_lag_seconds | gauge | peer |
 
 and the services' metrics (lasthop.services.metrics).
 """
@@ -23,7 +27,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from lasthop.controller import Stats
 from lasthop.services.metrics import ServicesCollector
 
-__all__ = ["StatsCollector", "StatsSource", "registry"]
+__all__ = ["StatsCollector", "StatsSource", "SyncCollector", "registry"]
 
 # Not a packet: the agent's own removals (aging, flush) go to lasthop_table_removed_total.
 _REMOVED = "agent_removed"
@@ -97,11 +101,54 @@ class StatsCollector(Collector):
         )
 
 
+class SyncCollector(Collector):
+    """The sync's figures, when the agent runs one (the controller's replicator)."""
+
+    def __init__(self, source: object) -> None:
+        self.source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        replicator = getattr(self.source, "replicator", None)
+        if replicator is None:
+            return
+        st = replicator.status()
+        records = CounterMetricFamily(
+            "lasthop_sync_records", "Change records of the sync, by what became of them",
+            labels=["event"],
+        )  # fmt: skip
+        for event in ("published", "unpublished", "applied", "unmapped", "lost"):
+            records.add_metric([event], getattr(st, event))
+        yield records
+        yield CounterMetricFamily(
+            "lasthop_sync_resyncs", "Snapshots of the table published", value=st.resyncs
+        )
+        seen = GaugeMetricFamily(
+            "lasthop_sync_peer_last_seen_seconds", "Since the peer's last heartbeat",
+            labels=["peer"],
+        )  # fmt: skip
+        lag = GaugeMetricFamily(
+            "lasthop_sync_peer_lag_seconds",
+            "From a peer's publishing of its last batch to its applying here",
+            labels=["peer"],
+        )
+        for peer, p in sorted(st.peers.items()):
+            if p.last_seen_s is not None:
+                seen.add_metric([peer], p.last_seen_s)
+            if p.lag_ms is not None:
+                lag.add_metric([peer], p.lag_ms / 1000)
+        yield seen
+        yield lag
+
+
 def registry(source: StatsSource) -> CollectorRegistry:
     """A registry of its own (not the global one) holding our collectors; the
     services' one when *source* has services (the controller does)."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(StatsCollector(source))
+    reg.register(SyncCollector(source))
     services = getattr(source, "services", None)
     if services is not None:
         reg.register(ServicesCollector(services))

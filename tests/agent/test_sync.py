@@ -1,0 +1,201 @@
+"""Sync between two hosts through a real Redis (a redis-server this module
+starts on a unix socket in a temp dir, reachable from every namespace):
+
+    fw (10.0.0.1) ── fw0 ┐                                   ┌ fw0   host B: same names,
+                          br0  host A ── agent A ─┐   ┌─ agent B   other ifindexes
+    vm (10.0.0.2) ── vm0 ┘                         Redis          └ vm0
+                                               (lasthop:<cluster>:changes)
+
+A connection the firewall opens to the VM through host A appears on host B
+with the same last-hop MAC, its uplink by name, and the same time left; with
+Redis down A keeps forwarding and counts what it could not publish, and
+once Redis is back its resync brings B what it missed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from agentlib import ROOT_MARKS, BridgedSite, Netns, Sandbox, lasthop, sandbox, wait_for
+from lasthop import abi, libbpf
+
+pytestmark = [*ROOT_MARKS, pytest.mark.slow]
+
+
+class RedisServer:
+    """redis-server on a unix socket in a temp dir; stop() and start() again keep the path."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip(
+                "needs redis-server (Debian package redis-server: scripts/setup installs it)"
+            )
+        self.exe = exe
+        self.dir = Path(tempfile.mkdtemp(prefix="lasthop-redis-"))
+        self.socket = self.dir / "redis.sock"
+        self.url = f"unix://{self.socket}?db=0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [self.exe, "--port", "0", "--unixsocket", str(self.socket)]
+        argv += [
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.socket.exists, timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+        self.socket.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Cluster:
+    """Host A (a bridged site with traffic) and host B (the same interface
+    names, shifted ifindexes), each with an agent syncing through *redis*."""
+
+    def __init__(self, box: Sandbox, redis: RedisServer) -> None:
+        self.redis = redis
+        self.box = box
+        self.site = BridgedSite(box)
+        self.a = self.site.host
+        self.b = box.netns("b")
+        self.b.veth("pad0", "pad0p")  # B's fw0 gets another ifindex than A's
+        self.b.veth("fw0", "fw0p")
+        self.b.veth("vm0", "vm0p")
+        assert self.a.ifindex("fw0") != self.b.ifindex("fw0")
+        self.site.serve()
+        sync = ("--sync", redis.url)
+        box.agent("--uplink", "fw0", "--bridge", "br0", *sync, netns=self.a)
+        box.agent("--uplink", "fw0", "--vm-port", "vm0", *sync, netns=self.b)
+
+    def show(self, ns: Netns) -> list[dict[str, Any]]:
+        result = lasthop("show", "--netns", ns.name, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def conn(self, ns: Netns, proto: str, port: int) -> dict[str, Any] | None:
+        found = [c for c in self.show(ns) if c["proto"] == proto and c["sport"] == port]
+        return found[0] if found else None
+
+    def last_seen(self, ns: Netns, sport: int) -> int:
+        """last_seen of the entry whose client port is *sport*, from the pins."""
+        for name in ("lh_conns", "lh_pending"):
+            table = libbpf.Map.pinned(ns.pins / name)
+            try:
+                for key, value in table.items():
+                    if abi.ConnKey.from_buffer_copy(key).sport == socket.htons(sport):
+                        return int(abi.ConnEntry.from_buffer_copy(value).last_seen)
+            finally:
+                table.close()
+        raise AssertionError(f"no entry of port {sport} in {ns.name}")
+
+    def hz(self) -> int:
+        settings = libbpf.Map.pinned(self.a.pins / "lh_settings")
+        try:
+            raw = settings.lookup(bytes(4))
+            assert raw is not None
+            return int(abi.Settings.from_buffer_copy(raw).hz)
+        finally:
+            settings.close()
+
+    def api(self, ns: Netns, path: str) -> Any:
+        transport = httpx.HTTPTransport(uds=str(ns.socket))
+        with httpx.Client(transport=transport, base_url="http://lasthop", timeout=10) as client:
+            return client.get(path).json()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    redis = RedisServer()
+    try:
+        with sandbox() as box:
+            redis.start()
+            c = Cluster(box, redis)
+            try:
+                yield c
+            finally:
+                c.site.close()
+    finally:
+        redis.close()
+
+
+def test_a_connection_learned_on_a_appears_on_b(cluster: Cluster) -> None:
+    """B holds A's entry: same last-hop MAC, the uplink by name (another
+    ifindex), the same state, and a time left within a second of A's."""
+    port = cluster.site.exchange("tcp", n=3)
+
+    def on_b() -> dict[str, Any] | None:
+        a, b = cluster.conn(cluster.a, "tcp", port), cluster.conn(cluster.b, "tcp", port)
+        return b if a and b and b["state"] == a["state"] else None  # the close too
+
+    b = wait_for(on_b, timeout=10)
+    a = cluster.conn(cluster.a, "tcp", port)
+    assert a is not None
+    assert b["mac"] == a["mac"] == cluster.site.fw_mac
+    assert b["uplink"] == a["uplink"] == "fw0"
+    assert (b["src"], b["dst"], b["dport"]) == (a["src"], a["dst"], a["dport"])
+    # one kernel, one jiffies clock, the same timeouts: the same time left is
+    # the same last_seen, read from both hosts' pins in the same instant
+    seen_a, seen_b = cluster.last_seen(cluster.a, port), cluster.last_seen(cluster.b, port)
+    assert abs((seen_a - seen_b + 2**31) % 2**32 - 2**31) < cluster.hz()
+
+    off = lasthop("sync", "status", "--netns", cluster.a.name)  # no --sync, no config key
+    assert off.returncode == 1 and "sync is off" in off.stderr
+    out = lasthop(
+        "sync", "status", "--netns", cluster.a.name, "--sync", cluster.redis.url, "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    a_status = json.loads(out.stdout)
+    b_status = cluster.api(cluster.b, "/v1/sync")
+    assert a_status["published"] >= 3 and a_status["lost"] == 0
+    assert b_status["applied"] >= 3
+    [peer] = b_status["peers"].values()
+    assert peer["last_seen_s"] < 5 and peer["lag_ms"] is not None
+    metrics = httpx.Client(transport=httpx.HTTPTransport(uds=str(cluster.b.socket)))
+    with metrics:
+        text = metrics.get("http://lasthop/metrics").text
+    assert 'lasthop_sync_records_total{event="applied"}' in text
+
+
+def test_store_down_a_keeps_forwarding_counts_and_resyncs(cluster: Cluster) -> None:
+    """Redis stopped: A still learns and forwards, and counts the records it
+    could not publish; Redis back: A's resync brings B the connection."""
+    cluster.redis.stop()
+    time.sleep(0.5)
+    port = cluster.site.exchange("udp", n=3)  # works: the data path does not wait for anyone
+    assert cluster.conn(cluster.a, "udp", port) is not None
+    unpublished = wait_for(lambda: cluster.api(cluster.a, "/v1/sync")["unpublished"], timeout=10)
+    assert unpublished >= 1
+    assert cluster.api(cluster.a, "/v1/sync")["connected"] is False
+    assert cluster.conn(cluster.b, "udp", port) is None
+
+    resyncs = cluster.api(cluster.a, "/v1/sync")["resyncs"]
+    cluster.redis.start()
+    wait_for(lambda: cluster.conn(cluster.b, "udp", port), timeout=15)
+    assert cluster.api(cluster.a, "/v1/sync")["resyncs"] > resyncs
