@@ -8,26 +8,38 @@ or namespace, 3 nothing attached here, 4 no such service or VM.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from lasthop import config as config_mod
-from lasthop.agent import Agent
-from lasthop.connections import ConnFilter, json_array
-from lasthop.controller import Controller
+from lasthop import configfile
 from lasthop.endpoint import format_endpoint
 from lasthop.errors import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, friendly
-from lasthop.services.cli import service
+
+# What only some commands need is imported in them: a command that reads the
+# pinned maps (`stats --json`, `show --json`) starts without pyroute2,
+# pydantic, rich or the subcommand groups' packages, which were ~1 s of its
+# start (issue 8; tests/test_cli_startup.py keeps it so).
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lasthop.config import Config
+    from lasthop.controller import Controller
 
 __all__ = ["EXIT_FAILURE", "EXIT_NOT_ATTACHED", "EXIT_USAGE", "cli", "main"]
 
-console = Console(width=None if sys.stdout.isatty() else 200)
+
+@functools.cache
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 netns_option = click.option(
@@ -44,11 +56,41 @@ config_option = click.option(
 def _controller(netns: str | None, config_path: Path | None) -> Controller:
     """A controller for a command that reads or removes what `run` set up:
     --netns, else the config's netns; the config's pin_root."""
-    cfg = config_mod.load(config_path)
-    return Controller(netns or cfg.netns, cfg.pin_root)
+    from lasthop.controller import Controller
+
+    place = configfile.place(config_path)
+    return Controller(netns or place.netns, place.pin_root)
 
 
-@click.group()
+class _Group(click.Group):
+    """The root group: the subcommand groups that live in their own packages
+    are imported when named (or listed by --help), not at every start
+    (click's documented lazy-loading pattern)."""
+
+    LAZY = {  # name -> (module, attribute)
+        "service": ("lasthop.services.cli", "service"),
+        "lab": ("lasthop.lab.cli", "lab"),
+        "bench": ("lasthop.bench.cli", "bench"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            module, name = self.LAZY[cmd_name]
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as err:
+                # a package left out of this install (lab, bench): no such command
+                if err.name is None or not module.startswith(err.name):
+                    raise
+                return None
+            self.add_command(getattr(mod, name))
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log what the agent does.")
 def cli(verbose: bool) -> None:
     """lasthop: send every reply back by the MAC and interface its request came in on."""
@@ -103,6 +145,10 @@ def run(
     sync: str | None,
 ) -> None:
     """Attach and run in the foreground; SIGTERM leaves the data path attached."""
+    from lasthop import config as config_mod
+    from lasthop.agent import Agent
+    from lasthop.controller import Controller
+
     cfg = config_mod.load(config_path).merged(
         netns=netns,
         uplinks=uplinks,
@@ -131,7 +177,7 @@ def detach(config_path: Path | None, netns: str | None) -> None:
     """Remove the programs from every interface and drop the pinned table."""
     controller = _controller(netns, config_path)
     names = controller.detach()
-    console.print(f"detached from {', '.join(names) if names else 'no interface'}; pins removed")
+    _console().print(f"detached from {', '.join(names) if names else 'no interface'}; pins removed")
 
 
 @cli.command()
@@ -159,11 +205,15 @@ def show(
     **filters: str | None,
 ) -> None:
     """The per-connection table (streams: the table is never held in memory)."""
+    from lasthop.connections import ConnFilter, json_array
+
     where = ConnFilter(**filters)  # FilterError: exit 2, naming the filter
     conns = _controller(netns, config_path).iter_connections(where, limit=limit)
     if as_json:
         sys.stdout.writelines(json_array(c.to_json() for c in conns))
         return
+    from rich.table import Table
+
     conns_list = list(conns)
     table = Table(title=f"{len(conns_list)} connections", title_justify="left")
     for col in (
@@ -198,7 +248,7 @@ def show(
             c.vm_port or "-",
             c.state,
         )
-    console.print(table)
+    _console().print(table)
 
 
 def _ep(addr: str, port: int) -> str:
@@ -218,6 +268,9 @@ def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps(st.to_json(), indent=1))
         return
+    from rich.table import Table
+
+    console = _console()
     names = list(st.interfaces)
     # a line of its own: as a table title rich wraps it to the (narrow) table's width
     for label, t in (("confirmed", st.confirmed), ("pending", st.pending)):
@@ -253,7 +306,7 @@ def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
 def flush(config_path: Path | None, netns: str | None) -> None:
     """Remove every entry: connections fall back to ordinary routing until seen again."""
     n = _controller(netns, config_path).flush()
-    console.print(f"flushed {n} entries")
+    _console().print(f"flushed {n} entries")
 
 
 sync_option = click.option(
@@ -261,7 +314,9 @@ sync_option = click.option(
 )
 
 
-def _sync_config(config_path: Path | None, netns: str | None, url: str | None) -> config_mod.Config:
+def _sync_config(config_path: Path | None, netns: str | None, url: str | None) -> Config:
+    from lasthop import config as config_mod
+
     return config_mod.load(config_path).merged(netns=netns, sync=url)
 
 
@@ -280,12 +335,14 @@ def sync_status(
     config_path: Path | None, netns: str | None, sync: str | None, as_json: bool
 ) -> None:
     """Published, applied, lost, resyncs, and each peer's last heartbeat and lag."""
+    from lasthop.controller import Controller
+
     cfg = _sync_config(config_path, netns, sync)
     st = Controller(cfg.netns, cfg.pin_root).sync_status(cfg)
     if as_json:
         print(json.dumps(st.to_json(), indent=1))
         return
-    console.print(
+    _console().print(
         f"host {st.host} in cluster {st.cluster}: "
         f"{'running' if st.running else 'no agent reporting'}; published {st.published}, "
         f"unpublished {st.unpublished}, applied {st.applied}, lost {st.lost} (ring full), "
@@ -295,7 +352,7 @@ def sync_status(
     for host, p in sorted(st.peers.items()):
         seen = f"{p.last_seen_s:.1f} s ago" if p.last_seen_s is not None else "never"
         lag = f", lag {p.lag_ms} ms (p99 {p.lag_p99_ms} ms)" if p.lag_ms is not None else ""
-        console.print(f"  peer {host}: last seen {seen}{lag}", highlight=False)
+        _console().print(f"  peer {host}: last seen {seen}{lag}", highlight=False)
 
 
 @sync.command("resync")
@@ -305,28 +362,11 @@ def sync_status(
 @friendly
 def sync_resync(config_path: Path | None, netns: str | None, sync: str | None) -> None:
     """Publish a snapshot of this host's table (repairs peers after losses)."""
+    from lasthop.controller import Controller
+
     cfg = _sync_config(config_path, netns, sync)
     n = Controller(cfg.netns, cfg.pin_root).sync_resync(cfg)
-    console.print(f"published a snapshot of {n} entries", highlight=False)
-
-
-def _add_optional_groups() -> None:
-    """Subcommand groups that live in their own packages."""
-    for module, name in (
-        ("lasthop.lab.cli", "lab"),
-        ("lasthop.bench.cli", "bench"),
-    ):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as err:
-            if err.name is None or not module.startswith(err.name):
-                raise
-            continue
-        cli.add_command(getattr(mod, name))
-
-
-cli.add_command(service)
-_add_optional_groups()
+    _console().print(f"published a snapshot of {n} entries", highlight=False)
 
 
 def main() -> int:

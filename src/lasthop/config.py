@@ -6,7 +6,6 @@ A bad file raises :class:`ConfigError` naming the key and the reason.
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from lasthop import abi
+from lasthop import abi, configfile
 from lasthop.abi import State
 from lasthop.errors import ConfigError, ServiceError
 from lasthop.services.model import HealthCheck, Service, check_unique
@@ -261,10 +260,4 @@ def load(path: Path | None) -> Config:
     """Reads *path* (TOML), or the defaults when None."""
     if path is None:
         return Config()
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML: {err}") from None
-    return _validate(data, str(path))
+    return _validate(configfile.read(path), str(path))

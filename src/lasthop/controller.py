@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
-from lasthop.config import Config
 from lasthop.connections import (
     Connection,
     ConnFilter,
@@ -34,7 +33,10 @@ from lasthop.connections import (
 from lasthop.datapath import Datapath, Maps, Pins, detach_filter
 from lasthop.errors import DatapathError, LinkError, NotAttachedError, SyncError, TableSizeError
 from lasthop.links import Link, Links
-from lasthop.services.manager import ServiceManager
+
+if TYPE_CHECKING:  # both load pydantic: the commands that only read maps go without
+    from lasthop.config import Config
+    from lasthop.services.manager import ServiceManager
 
 __all__ = [
     "Controller",
@@ -394,6 +396,8 @@ class Controller:
     @functools.cached_property
     def services(self) -> ServiceManager:
         """The services of this namespace (definitions, tables, health)."""
+        from lasthop.services.manager import ServiceManager
+
         return ServiceManager(self.netns, self.open_maps, links=self.links, lock=self._lock)
 
     @contextmanager

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lasthop import abi, libbpf, upgrade
-from lasthop.build import ensure_object
 from lasthop.errors import DatapathError, NotAttachedError, TableSizeError
 
 __all__ = [
@@ -255,6 +254,8 @@ def _add_percpu(m: libbpf.Map, key: bytes, n: int) -> None:
 
 def _object() -> Path:
     """The object to load: $LASTHOP_BPF_OBJECT when set, else the built one."""
+    from lasthop.build import ensure_object  # only the agent loads an object
+
     override = os.environ.get(OBJECT_ENV)
     return Path(override) if override else ensure_object()
 

@@ -32,8 +32,6 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
-from rich.console import Console
-
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_USAGE",
@@ -197,6 +195,8 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (LasthopError, OSError) as err:
+            from rich.console import Console  # only when there is an error to print
+
             head = err.prefix if isinstance(err, LasthopError) else LasthopError.prefix
             Console(stderr=True).print(f"[red]{head}[/red] {err}", highlight=False)
             sys.exit(exit_code(err))

@@ -9,7 +9,6 @@ program test runs, and tc attach/detach. Every failing call raises
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Iterator
@@ -50,13 +49,18 @@ _MAP_TYPE_PERCPU = {
 
 
 def _load() -> ctypes.CDLL:
-    for name in ("libbpf.so.1", ctypes.util.find_library("bpf")):
-        if not name:
-            continue
+    try:
+        return ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError:
+        pass
+    from ctypes.util import find_library  # only now: it runs ldconfig, ~15 ms a start
+
+    name = find_library("bpf")
+    if name:
         try:
             return ctypes.CDLL(name, use_errno=True)
         except OSError:
-            continue
+            pass
     raise BpfError("dlopen libbpf", errno.ENOENT, "libbpf.so.1 not found: run scripts/setup")
 
 

@@ -10,12 +10,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import RTMGRP_LINK
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+from typing import TYPE_CHECKING, Any
 
 from lasthop.errors import LinkError
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 __all__ = ["Link", "LinkError", "Links"]
 
@@ -44,16 +44,31 @@ def _link(msg: object) -> Link:
 
 
 class Links:
-    """Netlink access; one socket for queries, an optional one for events."""
+    """Netlink access; one socket for queries, an optional one for events.
+
+    pyroute2 (a quarter of a second of imports) is loaded, and its IPRoute
+    made, when netlink is first asked: a command that never asks (stats, show)
+    starts without it. IPRoute opens a socket in each thread that uses it, in
+    that thread's namespace, so making it late changes no namespace."""
 
     def __init__(self) -> None:
-        self._ipr = IPRoute()
+        self._iproute: IPRoute | None = None
         self._query = threading.Lock()  # the agent, the API and the health checks share _ipr
         self._events: socket.socket | None = None
-        self._marshal = MarshalRtnl()
+        self._marshal: Any = None
+
+    @property
+    def _ipr(self) -> IPRoute:
+        """pyroute2's IPRoute, made on first use (callers hold self._query)."""
+        if self._iproute is None:
+            from pyroute2 import IPRoute
+
+            self._iproute = IPRoute()
+        return self._iproute
 
     def close(self) -> None:
-        self._ipr.close()
+        if self._iproute is not None:
+            self._iproute.close()
         if self._events is not None:
             self._events.close()
 
@@ -91,10 +106,14 @@ class Links:
 
         A plain netlink socket, not a second IPRoute: IPRoute reads ahead into
         its own buffer, so select() on its fd missed events already read."""
+        from pyroute2.netlink.rtnl import RTMGRP_LINK
+        from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_BUFFER)
         sock.bind((0, RTMGRP_LINK))
         self._events = sock
+        self._marshal = MarshalRtnl()
 
     def events(
         self, timeout: float, wake: socket.socket | None = None

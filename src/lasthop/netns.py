@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 from pathlib import Path
 
 from lasthop.errors import NetnsError
@@ -107,6 +106,8 @@ def bpffs_root(wanted: Path = Path("/sys/fs/bpf")) -> Path:
         host = root / wanted.relative_to("/")
         if _is_bpffs(host):
             return host
+    import subprocess  # only here: the commands that find a bpffs start without it
+
     wanted.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["mount", "-t", "bpf", "bpf", str(wanted)], capture_output=True, text=True, check=False

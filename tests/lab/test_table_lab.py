@@ -165,6 +165,10 @@ def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
                 return stable and now >= 0.9 * sent
 
             assert eventually(settled, timeout=10.0, every=0.5), runner.stats(plan)
+        # the states are what the last expiry pass found: wait for a pass after the flood
+        # (`lasthop stats` starts fast enough now to read before any pass saw the connections)
+        flooded = _table(plan)["expiry_passes"]
+        assert eventually(lambda: _table(plan)["expiry_passes"] > flooded, timeout=10.0, every=0.5)
         after = _table(plan)
         assert after["pending"]["evicted"] > 0, after
         assert after["confirmed"]["entries"] == IDLE_CONNECTIONS, after

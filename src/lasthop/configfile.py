@@ -1,0 +1,88 @@
+"""The config file as TOML, and where it puts an agent's pins — its `netns`
+and `pin_root` — read without building the model.
+
+The commands that only read or remove what `run` set up (show, stats, flush,
+detach) need these two keys and no more, and loading pydantic with the whole
+model (services, health checks) was most of their start-up (issue 8). A file
+whose keys are all the config's and whose two values have the right type goes
+the short way; anything else is left to :func:`lasthop.config.load`, so the
+error names the key as `run` would.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lasthop.errors import ConfigError
+
+__all__ = ["KEYS", "Place", "place", "read"]
+
+# Every top-level key lasthop.config.Config takes, by name and by alias
+# (tests/test_config.py checks this against the model).
+KEYS = frozenset(
+    {
+        "api",
+        "api_socket",
+        "bridge",
+        "bridge_zone",
+        "expiry_interval",
+        "fast_path",
+        "health",
+        "idle_timeout",
+        "netns",
+        "on_vm_down",
+        "pending_table_size",
+        "pin_root",
+        "relearn",
+        "routed",
+        "service",
+        "services",
+        "sync",
+        "sync_cluster",
+        "sync_host",
+        "table_size",
+        "timeouts",
+        "uplink",
+        "uplinks",
+        "vm_origin",
+        "vm_origin_quota",
+        "vm_port",
+        "vm_ports",
+    }
+)
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The TOML in *path*; ConfigError when it cannot be read or is not TOML."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where an agent runs: its namespace (None: this one) and its pins' root
+    (None: <bpffs>/lasthop)."""
+
+    netns: str | None = None
+    pin_root: Path | None = None
+
+
+def place(path: Path | None) -> Place:
+    """The `netns` and `pin_root` of the config at *path* (the defaults when None)."""
+    if path is None:
+        return Place()
+    data = read(path)
+    netns, pin_root = data.get("netns"), data.get("pin_root")
+    if data.keys() <= KEYS and isinstance(netns, str | None) and isinstance(pin_root, str | None):
+        return Place(netns, None if pin_root is None else Path(pin_root))
+    from lasthop import config  # raises the model's ConfigError, naming the key
+
+    cfg = config.load(path)
+    return Place(cfg.netns, cfg.pin_root)
