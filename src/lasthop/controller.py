@@ -30,7 +30,7 @@ from lasthop.connections import (
     format_mac,
     ifname,
 )
-from lasthop.datapath import Datapath, Maps, Pins, detach_filter
+from lasthop.datapath import Datapath, Maps, Pins, changes_ring_size, detach_filter
 from lasthop.errors import DatapathError, LinkError, NotAttachedError, SyncError, TableSizeError
 from lasthop.links import Link, Links
 
@@ -212,7 +212,10 @@ class Controller:
             ]
         adopted = self.pins.exist()
         self.datapath = Datapath(
-            self.pins, table_size=config.table_size, pending_size=config.pending_table_size or 0
+            self.pins,
+            table_size=config.table_size,
+            pending_size=config.pending_table_size or 0,
+            changes_size=changes_ring_size(bool(config.sync)),
         )
         settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0

@@ -266,6 +266,26 @@ def default_pending(table_size: int) -> int:
     return max(1024, table_size // 4)
 
 
+def _unpin_if_resized(pin: Path, size: int) -> None:
+    """Removes a pinned map of another size, which the object could not reuse:
+    for maps whose content need not outlive the agent (lh_changes: records an
+    earlier agent did not read; its sync resyncs at start)."""
+    if not pin.exists():
+        return
+    m = libbpf.Map.pinned(pin)
+    resized = m.info.max_entries != size
+    m.close()
+    if resized:
+        pin.unlink()
+
+
+def changes_ring_size(sync: bool) -> int:
+    """lh_changes' bytes: the whole ring with sync on; without, one page (the
+    map must exist, but the data path writes nothing to it: 4 MiB for
+    nothing was ~3 B an entry of a 1,000,000-entry table's budget)."""
+    return abi.CHANGES_RING_SIZE if sync else os.sysconf("SC_PAGE_SIZE")
+
+
 def _u32(n: int) -> bytes:
     return bytes(ctypes.c_uint32(n))
 
@@ -279,12 +299,18 @@ class Datapath:
         *,
         table_size: int,
         pending_size: int = 0,
+        changes_size: int = abi.CHANGES_RING_SIZE,
         obj_path: Path | None = None,
     ) -> None:
         os.makedirs(pins.folder, exist_ok=True)
         self.pins = pins
-        sizes = {"lh_conns": table_size, "lh_pending": pending_size or default_pending(table_size)}
+        sizes = {
+            "lh_conns": table_size,
+            "lh_pending": pending_size or default_pending(table_size),
+            "lh_changes": changes_size,
+        }
         carried = upgrade.prepare(pins.folder)  # an older release's pins
+        _unpin_if_resized(pins.path("lh_changes"), changes_size)
         try:
             self._obj = libbpf.BpfObject(
                 obj_path or _object(), pin_root=pins.folder, max_entries=sizes

@@ -3,6 +3,7 @@ namespace (the test thread enters it and comes back afterwards)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -10,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 
 from agentlib import ROOT_MARKS, Netns, PinnedTable, Sandbox, back_to_own_netns, conn_key, sandbox
-from lasthop import abi
+from lasthop import abi, libbpf
 from lasthop.config import Config, Interface
 from lasthop.controller import Controller, LinkError, NotAttachedError, TableSizeError
-from lasthop.datapath import TC_HANDLE, TC_PRIORITY, filter_prog_id
+from lasthop.datapath import TC_HANDLE, TC_PRIORITY, Datapath, Pins, filter_prog_id
 from lasthop.libbpf import INGRESS, TcHook
 
 pytestmark = ROOT_MARKS
@@ -298,3 +299,20 @@ def test_writes_wait_for_the_lock(box: Sandbox) -> None:
         assert done.is_set()
     finally:
         c.close()
+
+
+def test_without_sync_the_change_ring_is_one_page_and_sync_gets_the_whole_ring(
+    box: Sandbox,
+) -> None:
+    """lh_changes costs a page when nothing reads it; an agent started again with
+    sync replaces the pin with the full ring (its content need not outlive an agent)."""
+    ns = box.host()
+    pin = ns.pins / "lh_changes"
+    for size in (os.sysconf("SC_PAGE_SIZE"), abi.CHANGES_RING_SIZE):
+        dp = Datapath(Pins(ns.pins), table_size=1024, changes_size=size)
+        try:
+            m = libbpf.Map.pinned(pin)
+            assert m.info.max_entries == size
+            m.close()
+        finally:
+            dp.close()
