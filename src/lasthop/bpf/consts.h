@@ -131,6 +131,7 @@ enum lh_change_kind {
 	CH_PROMOTED = 4, /* it moved from lh_pending to lh_conns */
 	CH_REMOVED  = 5, /* the data path removed it (superseded) */
 	CH_EXPIRED  = 6, /* lh_expire removed it: idle past its state's timeout */
+	CH_REFRESH  = 7, /* only refreshed: at most one per entry per sync epoch (changes.h) */
 };
 
 /* Which table a change record's entry is in (conn_change .table): the index

@@ -31,7 +31,13 @@ from lasthop.clock import Clock
 from lasthop.connections import ifname
 from lasthop.datapath import Maps
 from lasthop.errors import SyncError
-from lasthop.sync.wire import Change, decode_record, encode_record, last_seen_for
+from lasthop.sync.wire import (
+    Change,
+    decode_record,
+    encode_record,
+    last_seen_for,
+    sync_epoch_shift,
+)
 
 __all__ = ["Replicator", "SyncStatus", "read_status", "resync_once", "check_url", "default_host"]
 
@@ -225,6 +231,7 @@ class Replicator:
         with self.lock:
             s = self.maps.get_settings()
             s.flags = (s.flags | abi.F_SET_SYNC) if on else (s.flags & ~abi.F_SET_SYNC)
+            s.sync_shift = sync_epoch_shift(s.hz, dict(enumerate(s.timeout)))
             self.maps.set_settings(s)
 
     def request_resync(self) -> None:
