@@ -563,12 +563,16 @@ class Controller:
         T = abi.TableCounter
         total = 0
         with self.open_maps() as maps:
-            for table, counter in (
-                (maps.conns, T.CONFIRMED_REMOVED),
-                (maps.pending, T.PENDING_REMOVED),
+            for table, counter, which in (
+                (maps.conns, T.CONFIRMED_REMOVED, abi.ChangeTable.CONFIRMED),
+                (maps.pending, T.PENDING_REMOVED, abi.ChangeTable.PENDING),
             ):
                 keys = [k for k, _ in table.items()]  # 40 bytes an entry, not the entries
-                removed = sum(1 for k in keys if table.delete(k))
+                removed = 0
+                for k in keys:
+                    if table.delete(k):
+                        removed += 1
+                        maps.report(abi.ChangeKind.REMOVED, which, k)  # to the peers (sync)
                 maps.add_table_counter(counter, removed)
                 total += removed
             if total:

@@ -202,6 +202,7 @@ class Replicator:
         self._pub = _client(url)
         self._sub = _client(url)
         self._names: dict[str, int] = {}
+        self._local: deque[bytes] = deque()  # user space's own changes (Maps.report)
 
     # -- life --------------------------------------------------------------
     def start(self) -> None:
@@ -209,6 +210,7 @@ class Replicator:
         the first thing the publisher does is a resync (and a hello, so the
         peers resync to this host too)."""
         self._ring = libbpf.RingBuffer(self.maps.changes.fd)
+        self.maps.on_change = self._local.append  # flush, services: published like the ring's
         self._set_sync_flag(True)
         self._resync_wanted.set()
         for target, name in ((self._publisher, "sync-publish"), (self._applier, "sync-apply")):
@@ -219,6 +221,7 @@ class Replicator:
     def stop(self) -> None:
         """Stops both threads and the data path's records (no reader is left)."""
         self._set_sync_flag(False)
+        self.maps.on_change = None
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
@@ -267,6 +270,8 @@ class Replicator:
         while not self._stop.is_set():
             select.select([self._ring], [], [], 0.05)
             records = self._ring.read()
+            while self._local:
+                records.append(self._local.popleft())
             now = time.monotonic()
             try:
                 if self._resync_wanted.is_set():
