@@ -112,6 +112,7 @@ class ChangeKind(enum.IntEnum):
     PROMOTED = 4
     REMOVED = 5
     EXPIRED = 6
+    REFRESH = 7
 
 
 class ChangeTable(enum.IntEnum):
@@ -203,7 +204,8 @@ class ConnEntry(ctypes.Structure):
         ("vlan_count", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("state", ctypes.c_uint8),
-        ("reserved", ctypes.c_uint8 * 3),
+        ("sync_epoch", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 2),
     ]
 
 
@@ -250,7 +252,7 @@ class Settings(ctypes.Structure):
         ("hz", ctypes.c_uint32),
         ("timeout", ctypes.c_uint32 * CS_MAX),
         ("vm_quota", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("sync_shift", ctypes.c_uint32),
     ]
 
 

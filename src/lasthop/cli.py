@@ -14,13 +14,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
 from lasthop import configfile
 from lasthop.endpoint import format_endpoint
-from lasthop.errors import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, friendly
+from lasthop.errors import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, ConfigError, friendly
 
 # What only some commands need is imported in them: a command that reads the
 # pinned maps (`stats --json`, `show --json`) starts without pyroute2,
@@ -367,6 +367,50 @@ def sync_resync(config_path: Path | None, netns: str | None, sync: str | None) -
     cfg = _sync_config(config_path, netns, sync)
     n = Controller(cfg.netns, cfg.pin_root).sync_resync(cfg)
     _console().print(f"published a snapshot of {n} entries", highlight=False)
+
+
+@cli.command("export")
+@config_option
+@netns_option
+@click.option("--vm", "vm_port", required=True, metavar="PORT", help="The VM port leaving.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File to write (default: standard output).",
+)
+@friendly
+def export_cmd(config_path: Path | None, netns: str | None, vm_port: str, out: Path | None) -> None:
+    """Write the entries of a VM port's connections, for `lasthop import` on another host."""
+    data = _controller(netns, config_path).export_vm(vm_port)
+    text = json.dumps(data)
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text + "\n")
+        n = len(data["records"])  # type: ignore[arg-type]
+        print(f"exported {n} entries of {vm_port} to {out}", file=sys.stderr)
+
+
+@cli.command("import")
+@config_option
+@netns_option
+@click.argument("file", type=click.File("r"))
+@click.option(
+    "--vm-port", "vm_port", required=True, metavar="NAME", help="The VM's port on this host."
+)
+@friendly
+def import_cmd(config_path: Path | None, netns: str | None, file: TextIO, vm_port: str) -> None:
+    """Write the entries of a `lasthop export` into this host's tables (- = standard input)."""
+    try:
+        data = json.load(file)
+    except ValueError as err:
+        raise ConfigError(f"not a lasthop export: {err}") from err
+    got = _controller(netns, config_path).import_vm(data, vm_port)
+    note = "" if got["vm_port_found"] else f" ({vm_port} is not here yet: no VM pinned)"
+    _console().print(
+        f"imported {got['imported']} entries, {got['unmapped']} skipped (uplink not here){note}",
+        highlight=False,
+    )
 
 
 def main() -> int:

@@ -8,6 +8,7 @@ method that writes a map or attaches holds the controller's one lock.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import logging
@@ -31,7 +32,14 @@ from lasthop.connections import (
     ifname,
 )
 from lasthop.datapath import Datapath, Maps, Pins, changes_ring_size, detach_filter
-from lasthop.errors import DatapathError, LinkError, NotAttachedError, SyncError, TableSizeError
+from lasthop.errors import (
+    ConfigError,
+    DatapathError,
+    LinkError,
+    NotAttachedError,
+    SyncError,
+    TableSizeError,
+)
 from lasthop.links import Link, Links
 
 if TYPE_CHECKING:  # both load pydantic: the commands that only read maps go without
@@ -53,6 +61,7 @@ if TYPE_CHECKING:
     from lasthop.sync import Replicator, SyncStatus
 
 log = logging.getLogger("lasthop")
+EXPORT_FORMAT = "lasthop-export/1"  # lasthop export's files: the sync's wire records
 _FRAME = bytes(14)  # test run needs a frame; lh_expire and lh_stats ignore it
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -395,6 +404,70 @@ class Controller:
             finally:
                 clock.close()
 
+    # -- live migration without a store (docs/ha.md) -------------------------
+    @_locked
+    def export_vm(self, port: str) -> dict[str, object]:
+        """The entries of the connections pinned to VM port *port*, with their
+        last hops by interface name and the time they have left (the sync's
+        wire records): `lasthop export`, read on the host a VM leaves."""
+        from lasthop.sync.replicator import export_records
+        from lasthop.sync.wire import WIRE_FIELDS
+
+        try:
+            index = socket.if_nametoindex(port)
+        except OSError as err:
+            raise LinkError(f"no interface {port!r} in netns {self.netns}") from err
+        names: dict[int, str] = {}
+
+        def name_of(ifindex: int) -> str:
+            if ifindex not in names:
+                names[ifindex] = ifname(ifindex)
+            return names[ifindex]
+
+        with self.open_maps() as maps:
+            now, _ = self._now(maps)
+            records = export_records(maps, now, index, name_of)
+        return {
+            "format": EXPORT_FORMAT,
+            "vm_port": port,
+            "fields": [name for name, _ in WIRE_FIELDS],
+            "records": records,
+        }
+
+    @_locked
+    def import_vm(self, data: dict[str, Any], vm_port: str) -> dict[str, int]:
+        """Writes an export's entries into this host's tables, its uplinks by
+        name mapped to this host's ifindexes, pinned to *vm_port* (absent yet,
+        as before the VM starts here: entries without a VM, whose replies work
+        all the same). Returns the counts imported and skipped (an uplink
+        this host does not have)."""
+        from lasthop.sync.replicator import write_changes
+        from lasthop.sync.wire import decode_record
+
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise ConfigError(f"not a lasthop export (format {EXPORT_FORMAT!r})")
+        try:
+            changes = [
+                dataclasses.replace(decode_record(r), vm_port=vm_port) for r in data["records"]
+            ]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"a malformed lasthop export: {err}") from err
+
+        def index_of(name: str) -> int:
+            try:
+                return socket.if_nametoindex(name)
+            except OSError:
+                return 0
+
+        with self.open_maps() as maps:
+            now, _ = self._now(maps)
+            written, unmapped = write_changes(maps, changes, now, index_of)
+        return {
+            "imported": written,
+            "unmapped": unmapped,
+            "vm_port_found": int(bool(index_of(vm_port))),
+        }
+
     # -- services ----------------------------------------------------------
     @functools.cached_property
     def services(self) -> ServiceManager:
@@ -566,12 +639,16 @@ class Controller:
         T = abi.TableCounter
         total = 0
         with self.open_maps() as maps:
-            for table, counter in (
-                (maps.conns, T.CONFIRMED_REMOVED),
-                (maps.pending, T.PENDING_REMOVED),
+            for table, counter, which in (
+                (maps.conns, T.CONFIRMED_REMOVED, abi.ChangeTable.CONFIRMED),
+                (maps.pending, T.PENDING_REMOVED, abi.ChangeTable.PENDING),
             ):
                 keys = [k for k, _ in table.items()]  # 40 bytes an entry, not the entries
-                removed = sum(1 for k in keys if table.delete(k))
+                removed = 0
+                for k in keys:
+                    if table.delete(k):
+                        removed += 1
+                        maps.report(abi.ChangeKind.REMOVED, which, k)  # to the peers (sync)
                 maps.add_table_counter(counter, removed)
                 total += removed
             if total:

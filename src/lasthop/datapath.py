@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +92,9 @@ class Maps:
         self.vm_addrs = maps["lh_vm_addrs"]
         self.vm_usage = maps["lh_vm_usage"]
         self.changes = maps["lh_changes"]
+        # sync on (lasthop.sync): receives a conn_change record for each entry
+        # user space removes or rewrites, as the data path's go to lh_changes
+        self.on_change: Callable[[bytes], None] | None = None
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
@@ -154,27 +157,45 @@ class Maps:
         for key, value in (self.conns if table == "confirmed" else self.pending).items():
             yield abi.ConnKey.from_buffer_copy(key), abi.ConnEntry.from_buffer_copy(value)
 
+    def report(
+        self,
+        kind: abi.ChangeKind,
+        table: abi.ChangeTable,
+        key: bytes,
+        entry: abi.ConnEntry | None = None,
+    ) -> None:
+        """Hands a change user space made to the sync (on_change), if it is on."""
+        if self.on_change is not None:
+            rec = abi.ConnChange(kind=kind, table=table, entry=entry or abi.ConnEntry())
+            ctypes.memmove(ctypes.byref(rec.key), key, ctypes.sizeof(abi.ConnKey))
+            self.on_change(bytes(rec))
+
     def delete(self, key: abi.ConnKey) -> bool:
-        """Removes a connection from whichever table holds it; counts the removal."""
+        """Removes a connection from whichever table holds it; counts and reports the removal."""
         raw = bytes(key)
-        for table, counter in (
-            (self.conns, abi.TableCounter.CONFIRMED_REMOVED),
-            (self.pending, abi.TableCounter.PENDING_REMOVED),
+        for table, counter, which in (
+            (self.conns, abi.TableCounter.CONFIRMED_REMOVED, abi.ChangeTable.CONFIRMED),
+            (self.pending, abi.TableCounter.PENDING_REMOVED, abi.ChangeTable.PENDING),
         ):
             if table.delete(raw):
                 self.add_table_counter(counter, 1)
+                self.report(abi.ChangeKind.REMOVED, which, raw)
                 return True
         return False
 
     def update_entry(self, key: abi.ConnKey, entry: abi.ConnEntry) -> bool:
         """Rewrites an existing entry in place (whichever table); False when gone."""
         raw = bytes(key)
-        for table in (self.conns, self.pending):
+        for table, which in (
+            (self.conns, abi.ChangeTable.CONFIRMED),
+            (self.pending, abi.ChangeTable.PENDING),
+        ):
             try:
                 table.update(raw, bytes(entry), libbpf.BPF_EXIST)
             except libbpf.BpfError:
                 continue  # not in this table
             self.request_expiry()  # its state or last_seen may be new
+            self.report(abi.ChangeKind.HOP, which, raw, entry)  # e.g. a service moved its VM
             return True
         return False
 

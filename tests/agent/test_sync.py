@@ -9,7 +9,8 @@ starts on a unix socket in a temp dir, reachable from every namespace):
 A connection the firewall opens to the VM through host A appears on host B
 with the same last-hop MAC, its uplink by name, and the same time left; with
 Redis down A keeps forwarding and counts what it could not publish, and
-once Redis is back its resync brings B what it missed.
+once Redis is back its resync brings B what it missed. Entries A's agent
+removes (a flush) go from B too.
 """
 
 from __future__ import annotations
@@ -124,10 +125,10 @@ class Cluster:
         finally:
             settings.close()
 
-    def api(self, ns: Netns, path: str) -> Any:
+    def api(self, ns: Netns, path: str, method: str = "GET") -> Any:
         transport = httpx.HTTPTransport(uds=str(ns.socket))
         with httpx.Client(transport=transport, base_url="http://lasthop", timeout=10) as client:
-            return client.get(path).json()
+            return client.request(method, path).json()
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +200,12 @@ def test_store_down_a_keeps_forwarding_counts_and_resyncs(cluster: Cluster) -> N
     cluster.redis.start()
     wait_for(lambda: cluster.conn(cluster.b, "udp", port), timeout=15)
     assert cluster.api(cluster.a, "/v1/sync")["resyncs"] > resyncs
+
+
+def test_entries_the_agent_removes_go_from_b(cluster: Cluster) -> None:
+    """A flush through A's agent publishes a REMOVED record per entry: the
+    connection B holds from A goes from B's table too."""
+    port = cluster.site.exchange("tcp", n=3)
+    wait_for(lambda: cluster.conn(cluster.b, "tcp", port), timeout=10)
+    assert cluster.api(cluster.a, "/v1/flush", "POST")["flushed"] >= 1
+    wait_for(lambda: cluster.conn(cluster.b, "tcp", port) is None, timeout=10)

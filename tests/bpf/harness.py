@@ -328,8 +328,9 @@ class Datapath:
         hz: int = 0,
         timeouts: dict[abi.State, int] | None = None,
         vm_quota: int = 0,
+        sync_shift: int = 0,
     ) -> None:
-        s = abi.Settings(flags=flags, hz=hz, vm_quota=vm_quota)
+        s = abi.Settings(flags=flags, hz=hz, vm_quota=vm_quota, sync_shift=sync_shift)
         for state, seconds in (timeouts or {}).items():
             s.timeout[state] = seconds
         self.settings.update(_u32(0), bytes(s))

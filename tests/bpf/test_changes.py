@@ -4,6 +4,7 @@
     client <-SYN-ACK- fw B <-- up1 <-- vm1 [lh_vmport]  --> STATE
     client --ACK--> fw B --> up1  --> STATE, then PROMOTED (confirmed)
     client --SYN--> fw C --> up1  --> HOP (the last hop moved to fw C)
+    client --data--> fw B --> up1  --> REFRESH, once per sync epoch
     lh_expire: an idle entry goes  --> EXPIRED (no entry, only its key)
 
 Each row runs one case of the packet tables (harness.check) with sync on
@@ -26,6 +27,7 @@ from packets import MAC_FW_C, eth
 
 from .harness import CONFIRMED, PENDING, SEEN_SETUP, Case, Datapath, Entry, check
 from .test_conntrack import (
+    DATA,
     HZ,
     MARGIN,
     SEQ_VM,
@@ -78,6 +80,8 @@ def expected_bytes(dp: Datapath, want: Record, got: abi.ConnChange, t0: int, t1:
             assert (got.entry.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32
             seen = got.entry.last_seen
         r.entry = dp.pack_entry(want.entry, seen)
+        if want.kind == K.LEARNED:  # stamped with its epoch (sync_shift 0 here: the jiffy)
+            r.entry.sync_epoch = seen & 0xFF
     return bytes(r)
 
 
@@ -189,3 +193,51 @@ def test_full_ring_counts_what_it_drops(dp: Datapath, ring: RingBuffer) -> None:
     kept = len(ring.read())
     assert kept + lost == sent
     assert kept == fits and lost == sent - fits
+
+
+EPOCH_SHIFT = 30  # 2**30 jiffies an epoch: no boundary falls within a test
+
+
+@pytest.mark.parametrize(
+    ("stored", "records"),
+    [(0, 0), (1, 1)],
+    ids=["a refresh within the entry's epoch: nothing", "the first in a new epoch: one record"],
+)
+def test_refresh_once_per_epoch(dp: Datapath, ring: RingBuffer, stored: int, records: int) -> None:
+    """A data segment that only refreshes an established entry writes a
+    REFRESH record (the entry stamped with the epoch, its last_seen now)
+    when the epoch stored in the entry is not the current one, else none;
+    a second segment right after writes none."""
+    dp.set_settings(SYNC, sync_shift=EPOCH_SHIFT)
+    before = conn(ST.TCP_ESTABLISHED, CONFIRMED)
+    t0 = dp.clock()
+    epoch = (t0 >> EPOCH_SHIFT) & 0xFF
+    e = dp.pack_entry(before)
+    e.sync_epoch = (epoch + stored) & 0xFF  # stored = 1: an earlier epoch's stamp
+    dp.tables[CONFIRMED].update(before.key.pack(), bytes(e))
+    dp.run("lh_uplink", bytes(DATA), "up1")
+    t1 = dp.clock()
+    assert (t1 >> EPOCH_SHIFT) & 0xFF == epoch, "an epoch boundary fell within the test"
+    got = ring.read()
+    assert len(got) == records, [abi.ChangeKind(g[0]).name for g in got]
+    if records:
+        rec = abi.ConnChange.from_buffer_copy(got[0])
+        assert (rec.entry.last_seen - t0) % 2**32 <= (t1 - t0) % 2**32
+        want = abi.ConnChange(kind=K.REFRESH, table=T.EITHER)
+        ctypes.memmove(ctypes.byref(want.key), before.key.pack(), ctypes.sizeof(abi.ConnKey))
+        want.entry = dp.pack_entry(before.but(packets=2), rec.entry.last_seen)
+        want.entry.sync_epoch = epoch
+        assert got[0] == bytes(want), got[0].hex()
+    dp.run("lh_uplink", bytes(DATA), "up1")  # the same epoch again
+    assert ring.read() == []
+
+
+def test_no_refresh_record_with_sync_off(dp: Datapath, ring: RingBuffer) -> None:
+    """With sync off a refresh writes nothing and leaves the entry's epoch alone."""
+    dp.set_settings(0, sync_shift=EPOCH_SHIFT)
+    before = conn(ST.TCP_ESTABLISHED, CONFIRMED)
+    dp.put(before)
+    dp.run("lh_uplink", bytes(DATA), "up1")
+    assert ring.read() == []
+    raw = dp.tables[CONFIRMED].lookup(before.key.pack())
+    assert raw is not None and abi.ConnEntry.from_buffer_copy(raw).sync_epoch == 0

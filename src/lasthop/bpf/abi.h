@@ -35,7 +35,8 @@ struct conn_entry {
 	__u8  vlan_count;   /* tags in vlan_tci */
 	__u8  flags;        /* F_ENTRY_* */
 	__u8  state;        /* enum conn_state */
-	__u8  reserved[3];
+	__u8  sync_epoch;   /* sync on: the epoch (changes.h) of its last refresh record, low 8 bits */
+	__u8  reserved[2];
 };
 
 /* Per-interface settings, written by the agent (lh_ifaces value); vm_mac
@@ -101,7 +102,7 @@ struct lh_settings {
 	__u32 hz;            /* jiffies per second, measured by the agent, for entry ages */
 	__u32 timeout[CS_MAX]; /* seconds an entry may stay idle, by enum conn_state */
 	__u32 vm_quota;      /* entries each VM port may open (VM_ORIGIN) */
-	__u32 reserved;
+	__u32 sync_shift;    /* sync: a refresh epoch is jiffies >> sync_shift (the agent sets it) */
 };
 
 /* lh_expiry[0]: what the last expiry pass found. Per-state counts are a

@@ -126,11 +126,13 @@ enum lh_table_counter {
  * lasthop.abi.ChangeKind. */
 enum lh_change_kind {
 	CH_LEARNED  = 1, /* new entry (pending): an uplink packet, or a VM opened it */
-	CH_HOP      = 2, /* its last hop changed (re-learned, or first learned for a VM-opened one) */
+	CH_HOP      = 2, /* its last hop changed (re-learned, or first learned for a VM-opened one),
+			  * or (the agent) its VM: a service moved it */
 	CH_STATE    = 3, /* it moved to another state */
 	CH_PROMOTED = 4, /* it moved from lh_pending to lh_conns */
-	CH_REMOVED  = 5, /* the data path removed it (superseded) */
+	CH_REMOVED  = 5, /* removed: superseded (the data path), or flushed or dropped (the agent) */
 	CH_EXPIRED  = 6, /* lh_expire removed it: idle past its state's timeout */
+	CH_REFRESH  = 7, /* only refreshed: at most one per entry per sync epoch (changes.h) */
 };
 
 /* Which table a change record's entry is in (conn_change .table): the index

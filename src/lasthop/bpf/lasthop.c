@@ -121,11 +121,13 @@ static __always_inline int conn_refresh(struct conn_entry *e, const struct pkt *
 
 /* A new connection from an uplink: a pending entry with its last hop. */
 static __always_inline int conn_learn(const struct pkt *p, const __u8 *mac, __u32 ifindex,
-				      __u32 vm_ifindex, __u8 state)
+				      __u32 vm_ifindex, __u8 state, __u32 settings)
 {
 	struct conn_entry e = {};
 
 	e.last_seen = now32();
+	if (settings & F_SET_SYNC) /* its LEARNED record stands for this epoch's refresh */
+		e.sync_epoch = change_epoch(e.last_seen);
 	e.packets = 1;
 	e.vm_ifindex = vm_ifindex;
 	e.state = state;
@@ -220,7 +222,7 @@ static __always_inline int uplink_new(struct __sk_buff *skb, struct pkt *p, cons
 		}
 		o->svc = CNT_SVC_SELECTED;
 	}
-	o->reason = conn_learn(p, mac, skb->ifindex, vm, state);
+	o->reason = conn_learn(p, mac, skb->ifindex, vm, state, settings);
 	return uplink_to_vm(skb, p, vm, o);
 }
 
@@ -262,6 +264,7 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 	__u32 settings = settings_flags();
 	struct conn_entry *e;
 	int pending, confirmed, ret;
+	__u8 state;
 
 	if (!eth) {
 		o->reason = CNT_MALFORMED;
@@ -279,10 +282,13 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 	}
 	if (!e)
 		return uplink_new(skb, p, eth->h_source, settings, o);
+	state = e->state;
 	confirmed = conn_track(e, p, !(e->flags & F_ENTRY_VM_ORIGIN));
 	ret = uplink_known(skb, p, e, up, eth->h_source, settings, o);
 	if (confirmed && pending)
 		o->table = conn_promote(&p->key, e);
+	else if ((settings & F_SET_SYNC) && o->reason == CNT_REFRESHED && e->state == state)
+		change_refresh(&p->key, e); /* nothing else reported it */
 	return ret;
 }
 

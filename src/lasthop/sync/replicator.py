@@ -31,9 +31,24 @@ from lasthop.clock import Clock
 from lasthop.connections import ifname
 from lasthop.datapath import Maps
 from lasthop.errors import SyncError
-from lasthop.sync.wire import Change, decode_record, encode_record, last_seen_for
+from lasthop.sync.wire import (
+    Change,
+    decode_record,
+    encode_record,
+    last_seen_for,
+    sync_epoch_shift,
+)
 
-__all__ = ["Replicator", "SyncStatus", "read_status", "resync_once", "check_url", "default_host"]
+__all__ = [
+    "Replicator",
+    "SyncStatus",
+    "check_url",
+    "default_host",
+    "export_records",
+    "read_status",
+    "resync_once",
+    "write_changes",
+]
 
 log = logging.getLogger("lasthop")
 BATCH = 1000  # records per stream message
@@ -134,6 +149,21 @@ def _snapshot(maps: Maps) -> Iterator[bytes]:
             )
 
 
+def export_records(
+    maps: Maps, now: int, vm_ifindex: int, name_of: Callable[[int], str]
+) -> list[list[object]]:
+    """The entries of the connections pinned to VM port *vm_ifindex* (served
+    or opened by it), as wire records (LEARNED, naming their table) with the
+    time they have left at jiffies *now*: lasthop export, for a live migration."""
+    settings = maps.get_settings()
+    out = []
+    for raw in _snapshot(maps):
+        rec = abi.ConnChange.from_buffer_copy(raw)
+        if rec.entry.vm_ifindex == vm_ifindex:
+            out.append(encode_record(raw, name_of, now, settings))
+    return out
+
+
 def _publish(
     client: redis.Redis,
     stream: str,
@@ -196,6 +226,7 @@ class Replicator:
         self._pub = _client(url)
         self._sub = _client(url)
         self._names: dict[str, int] = {}
+        self._local: deque[bytes] = deque()  # user space's own changes (Maps.report)
 
     # -- life --------------------------------------------------------------
     def start(self) -> None:
@@ -203,6 +234,7 @@ class Replicator:
         the first thing the publisher does is a resync (and a hello, so the
         peers resync to this host too)."""
         self._ring = libbpf.RingBuffer(self.maps.changes.fd)
+        self.maps.on_change = self._local.append  # flush, services: published like the ring's
         self._set_sync_flag(True)
         self._resync_wanted.set()
         for target, name in ((self._publisher, "sync-publish"), (self._applier, "sync-apply")):
@@ -213,6 +245,7 @@ class Replicator:
     def stop(self) -> None:
         """Stops both threads and the data path's records (no reader is left)."""
         self._set_sync_flag(False)
+        self.maps.on_change = None
         self._stop.set()
         for t in self._threads:
             t.join(timeout=5)
@@ -225,6 +258,7 @@ class Replicator:
         with self.lock:
             s = self.maps.get_settings()
             s.flags = (s.flags | abi.F_SET_SYNC) if on else (s.flags & ~abi.F_SET_SYNC)
+            s.sync_shift = sync_epoch_shift(s.hz, dict(enumerate(s.timeout)))
             self.maps.set_settings(s)
 
     def request_resync(self) -> None:
@@ -260,6 +294,8 @@ class Replicator:
         while not self._stop.is_set():
             select.select([self._ring], [], [], 0.05)
             records = self._ring.read()
+            while self._local:
+                records.append(self._local.popleft())
             now = time.monotonic()
             try:
                 if self._resync_wanted.is_set():
@@ -357,42 +393,54 @@ class Replicator:
         """Writes peers' changes into this host's tables; returns how many."""
         if not changes:
             return 0
-        m = self.maps
-        applied = 0
         with self.lock:
-            settings = m.get_settings()
-            now = self.clock.jiffies()
-            for c in changes:
-                key = bytes(c.key)
-                if c.kind in _REMOVALS:
-                    m.conns.delete(key) or m.pending.delete(key)
-                    applied += 1
-                    continue
-                e = c.entry
-                e.ifindex = self._index_of(c.uplink) if c.uplink else 0
-                if c.uplink and not e.ifindex:
-                    self._status.unmapped += 1
-                    continue
-                e.vm_ifindex = self._index_of(c.vm_port) if c.vm_port else 0
-                if not e.vm_ifindex:
-                    e.flags &= ~abi.F_ENTRY_VM_FAST
-                state = e.state if e.state < abi.CS_MAX else 0
-                e.last_seen = last_seen_for(c.left_ms, now, settings.hz, settings.timeout[state])
-                confirmed = c.table == abi.ChangeTable.CONFIRMED
-                try:
-                    if confirmed or m.conns.lookup(key) is not None:
-                        m.conns.update(key, bytes(e))
-                        if confirmed:
-                            m.pending.delete(key)
-                    else:
-                        m.pending.update(key, bytes(e))
-                except libbpf.BpfError as err:
-                    log.debug("sync: cannot apply an entry: %s", err)
-                    continue
-                applied += 1
-            m.request_expiry()  # written from user space: the expiry pass must look
+            applied, unmapped = write_changes(
+                self.maps, changes, self.clock.jiffies(), self._index_of
+            )
         self._status.applied += applied
+        self._status.unmapped += unmapped
         return applied
+
+
+def write_changes(
+    maps: Maps, changes: Iterable[Change], now: int, index_of: Callable[[str], int]
+) -> tuple[int, int]:
+    """Writes *changes* (a peer's, or an export's) into this host's tables at
+    jiffies *now*, interfaces by name through *index_of* (0: none here), and
+    asks for an expiry walk. Returns (written, skipped: an uplink not here)."""
+    m = maps
+    applied = unmapped = 0
+    settings = m.get_settings()
+    for c in changes:
+        key = bytes(c.key)
+        if c.kind in _REMOVALS:
+            m.conns.delete(key) or m.pending.delete(key)
+            applied += 1
+            continue
+        e = c.entry
+        e.ifindex = index_of(c.uplink) if c.uplink else 0
+        if c.uplink and not e.ifindex:
+            unmapped += 1
+            continue
+        e.vm_ifindex = index_of(c.vm_port) if c.vm_port else 0
+        if not e.vm_ifindex:
+            e.flags &= ~abi.F_ENTRY_VM_FAST
+        state = e.state if e.state < abi.CS_MAX else 0
+        e.last_seen = last_seen_for(c.left_ms, now, settings.hz, settings.timeout[state])
+        confirmed = c.table == abi.ChangeTable.CONFIRMED
+        try:
+            if confirmed or m.conns.lookup(key) is not None:
+                m.conns.update(key, bytes(e))
+                if confirmed:
+                    m.pending.delete(key)
+            else:
+                m.pending.update(key, bytes(e))
+        except libbpf.BpfError as err:
+            log.debug("sync: cannot apply an entry: %s", err)
+            continue
+        applied += 1
+    m.request_expiry()  # written from user space: the expiry pass must look
+    return applied, unmapped
 
 
 def _heartbeat_ts(raw: str | None) -> float | None:

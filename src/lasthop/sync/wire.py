@@ -11,12 +11,20 @@ of records, each a list in the order of WIRE_FIELDS.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from lasthop import abi
 
-__all__ = ["WIRE_FIELDS", "Change", "decode_record", "encode_record", "left_ms", "last_seen_for"]
+__all__ = [
+    "WIRE_FIELDS",
+    "Change",
+    "decode_record",
+    "encode_record",
+    "last_seen_for",
+    "left_ms",
+    "sync_epoch_shift",
+]
 
 # name, what it holds (the order of a record's values)
 WIRE_FIELDS: tuple[tuple[str, str], ...] = (
@@ -47,6 +55,19 @@ class Change:
     vm_port: str
     entry: abi.ConnEntry  # ifindex, vm_ifindex, last_seen left 0: the applier sets them
     left_ms: int
+
+
+def sync_epoch_shift(hz: int, timeouts: Mapping[int, float]) -> int:
+    """lh_settings.sync_shift: the largest shift whose epoch (2**shift jiffies)
+    is at most 1/8 of the shortest timeout of a confirmed state (TCP
+    established, UDP stream). The data path writes a refresh record at most
+    once per entry per epoch, so a busy entry's copy on a peer is never older
+    than about two epochs (a quarter of that timeout), while the ring pays one
+    record per busy entry per epoch: HZ=1000, udp_stream 180 s -> 2**14
+    jiffies, 16.4 s."""
+    shortest = min(timeouts[abi.State.TCP_ESTABLISHED], timeouts[abi.State.UDP_STREAM])
+    epoch = max(1, int(hz * shortest) // 8)
+    return max(0, min(30, epoch.bit_length() - 1))
 
 
 def left_ms(entry: abi.ConnEntry, now: int, hz: int, timeout_s: int) -> int:
