@@ -460,9 +460,10 @@ def run(
         stack.callback(clock.close)
         controller = Controller(name, pin_root)
         stack.callback(controller.close)
-        sizes = {
+        sizes = {  # the agent sized these at load: the object must match its pins
             "lh_conns": maps.conns.info.max_entries,
             "lh_pending": maps.pending.info.max_entries,
+            "lh_changes": maps.changes.info.max_entries,
         }
         obj = libbpf.BpfObject(_object(), pin_root=pins.folder, max_entries=sizes)
         stack.callback(obj.close)
