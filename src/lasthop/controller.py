@@ -636,13 +636,9 @@ class Controller:
     @_locked
     def flush(self) -> int:
         """Removes every entry; returns how many (keys read in batches first)."""
-        T = abi.TableCounter
         total = 0
         with self.open_maps() as maps:
-            for table, counter, which in (
-                (maps.conns, T.CONFIRMED_REMOVED, abi.ChangeTable.CONFIRMED),
-                (maps.pending, T.PENDING_REMOVED, abi.ChangeTable.PENDING),
-            ):
+            for table, counter, which in maps.tables():
                 keys = [k for k, _ in table.items()]  # 40 bytes an entry, not the entries
                 removed = 0
                 for k in keys:

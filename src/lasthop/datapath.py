@@ -170,13 +170,18 @@ class Maps:
             ctypes.memmove(ctypes.byref(rec.key), key, ctypes.sizeof(abi.ConnKey))
             self.on_change(bytes(rec))
 
+    def tables(self) -> tuple[tuple[libbpf.Map, abi.TableCounter, abi.ChangeTable], ...]:
+        """Each table, confirmed first, with its counter of entries the agent
+        removed and its name in change records."""
+        return (
+            (self.conns, abi.TableCounter.CONFIRMED_REMOVED, abi.ChangeTable.CONFIRMED),
+            (self.pending, abi.TableCounter.PENDING_REMOVED, abi.ChangeTable.PENDING),
+        )
+
     def delete(self, key: abi.ConnKey) -> bool:
         """Removes a connection from whichever table holds it; counts and reports the removal."""
         raw = bytes(key)
-        for table, counter, which in (
-            (self.conns, abi.TableCounter.CONFIRMED_REMOVED, abi.ChangeTable.CONFIRMED),
-            (self.pending, abi.TableCounter.PENDING_REMOVED, abi.ChangeTable.PENDING),
-        ):
+        for table, counter, which in self.tables():
             if table.delete(raw):
                 self.add_table_counter(counter, 1)
                 self.report(abi.ChangeKind.REMOVED, which, raw)
@@ -184,17 +189,14 @@ class Maps:
         return False
 
     def update_entry(self, key: abi.ConnKey, entry: abi.ConnEntry) -> bool:
-        """Rewrites an existing entry in place (whichever table); False when gone."""
+        """Rewrites an existing entry in place (whichever table); False when gone.
+        The caller asks for a walk (request_expiry) once after its writes."""
         raw = bytes(key)
-        for table, which in (
-            (self.conns, abi.ChangeTable.CONFIRMED),
-            (self.pending, abi.ChangeTable.PENDING),
-        ):
+        for table, _, which in self.tables():
             try:
                 table.update(raw, bytes(entry), libbpf.BPF_EXIST)
             except libbpf.BpfError:
                 continue  # not in this table
-            self.request_expiry()  # its state or last_seen may be new
             self.report(abi.ChangeKind.HOP, which, raw, entry)  # e.g. a service moved its VM
             return True
         return False
@@ -287,19 +289,6 @@ def default_pending(table_size: int) -> int:
     return max(1024, table_size // 4)
 
 
-def _unpin_if_resized(pin: Path, size: int) -> None:
-    """Removes a pinned map of another size, which the object could not reuse:
-    for maps whose content need not outlive the agent (lh_changes: records an
-    earlier agent did not read; its sync resyncs at start)."""
-    if not pin.exists():
-        return
-    m = libbpf.Map.pinned(pin)
-    resized = m.info.max_entries != size
-    m.close()
-    if resized:
-        pin.unlink()
-
-
 def changes_ring_size(sync: bool) -> int:
     """lh_changes' bytes: the whole ring with sync on; without, one page (the
     map must exist, but the data path writes nothing to it: 4 MiB for
@@ -330,8 +319,7 @@ class Datapath:
             "lh_pending": pending_size or default_pending(table_size),
             "lh_changes": changes_size,
         }
-        carried = upgrade.prepare(pins.folder)  # an older release's pins
-        _unpin_if_resized(pins.path("lh_changes"), changes_size)
+        carried = upgrade.prepare(pins.folder, changes_size)  # an older agent's pins
         try:
             self._obj = libbpf.BpfObject(
                 obj_path or _object(), pin_root=pins.folder, max_entries=sizes
@@ -339,11 +327,8 @@ class Datapath:
         except libbpf.BpfError as err:
             keys = {"lh_conns": "table_size", "lh_pending": "pending_table_size"}
             for name, key in keys.items():
-                if not pins.path(name).exists():
-                    continue
-                current = libbpf.Map.pinned(pins.path(name))
-                size = current.info.max_entries
-                current.close()
+                info = libbpf.pinned_info(pins.path(name))
+                size = info.max_entries if info is not None else sizes[name]
                 if size != sizes[name]:
                     raise TableSizeError(
                         f"the pinned {name} at {pins.folder} holds {size} entries, the config "

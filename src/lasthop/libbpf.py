@@ -252,6 +252,18 @@ class MapInfo:
     name: str
 
 
+def pinned_info(path: Path) -> MapInfo | None:
+    """The info of the map pinned at *path* (opened and closed again); None
+    when nothing is pinned there."""
+    if not path.exists():
+        return None
+    m = Map.pinned(path)
+    try:
+        return m.info
+    finally:
+        m.close()
+
+
 class Map:
     """A map by fd, with element I/O on raw bytes (ctypes structs convert)."""
 

@@ -84,8 +84,10 @@ class Upgrade:
         return written
 
 
-def prepare(folder: Path) -> Upgrade:
-    """Reads and unpins what the new object cannot reuse; call before loading."""
+def prepare(folder: Path, changes_size: int) -> Upgrade:
+    """Reads and unpins what the new object cannot reuse; call before loading.
+    *changes_size*: the lh_changes ring the agent loads (records an earlier
+    agent did not read need not outlive it: its sync resyncs at start)."""
     upgrade = Upgrade(entries=[])
     conns_pin = folder / "lh_conns"
     if conns_pin.exists():
@@ -109,11 +111,10 @@ def prepare(folder: Path) -> Upgrade:
             conns_pin.unlink()
     # The agent writes every setting at start; the expiry figures start again.
     for name, struct in (("lh_settings", abi.Settings), ("lh_expiry", abi.ExpiryStats)):
-        pin = folder / name
-        if pin.exists():
-            m = libbpf.Map.pinned(pin)
-            size = m.info.value_size
-            m.close()
-            if size != ctypes.sizeof(struct):
-                pin.unlink()
+        info = libbpf.pinned_info(folder / name)
+        if info is not None and info.value_size != ctypes.sizeof(struct):
+            (folder / name).unlink()
+    info = libbpf.pinned_info(folder / "lh_changes")
+    if info is not None and info.max_entries != changes_size:
+        (folder / "lh_changes").unlink()
     return upgrade

@@ -590,6 +590,7 @@ class ServiceManager:
             entry.vm_ifindex = new
             moved += maps.update_entry(key, entry)  # False: expired or evicted meanwhile
         if moved:
+            maps.request_expiry()  # the rewrites may carry an older last_seen: deadlines moved
             maps.add_counter(0, abi.Counter.SVC_REASSIGNED, moved)
         if dropped:
             maps.add_counter(0, abi.Counter.AGENT_REMOVED, dropped)
