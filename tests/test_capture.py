@@ -248,6 +248,22 @@ def test_a_capture_cut_short_counts_what_was_read(tmp_path: Path) -> None:
     assert analyse([path]).frames == 2
 
 
+def test_macs_print_as_they_are(tmp_path: Path) -> None:
+    """rich would turn ":ab:" in a MAC into an emoji: every console of the CLI has them off."""
+    odd = "62:41:ec:ab:fe:8c"
+    frames = [in4(odd, SYN), out4(FW1, SYNACK)]
+    for i, f in enumerate(frames):
+        f.time = 1_700_000_000 + i
+    wrpcap(str(tmp_path / "up0.pcap"), frames)
+    got = CliRunner().invoke(cli, ["pcap", str(tmp_path / "up0.pcap")])
+    assert got.exit_code == 0 and odd in got.output, got.output
+    from lasthop.cli import _console
+
+    with _console().capture() as out:
+        _console().print(odd)
+    assert out.get().strip() == odd
+
+
 def test_names_file() -> None:
     assert read_names([f"{FW1.upper()} fw1  # the first", "", "# nothing"]) == {FW1: "fw1"}
     with pytest.raises(ConfigError, match="names line 2: expected 'MAC NAME'"):

@@ -66,7 +66,7 @@ def pcap(
 
 
 def _print(report: Report, names: dict[str, str], limit: int) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = Console(width=None if sys.stdout.isatty() else 200, emoji=False)
     s = report.summary()
     console.print(
         f"{s['frames']} frames, {s['connections']} connections: {s['symmetric']} symmetric, "

@@ -39,7 +39,7 @@ __all__ = ["EXIT_FAILURE", "EXIT_NOT_ATTACHED", "EXIT_USAGE", "cli", "main"]
 def _console() -> Console:
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 200)
+    return Console(width=None if sys.stdout.isatty() else 200, emoji=False)
 
 
 netns_option = click.option(
@@ -72,6 +72,7 @@ class _Group(click.Group):
         "lab": ("lasthop.lab.cli", "lab"),
         "bench": ("lasthop.bench.cli", "bench"),
         "pcap": ("lasthop.capture_cli", "pcap"),
+        "explain": ("lasthop.explain_cli", "explain"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from lasthop.explain import Explanation, Query
     from lasthop.sync import Replicator, SyncStatus
 
 log = logging.getLogger("lasthop")
@@ -516,6 +517,16 @@ class Controller:
                 yield from heapq.nsmallest(limit, matching, key=lambda c: c.age_s)
             else:
                 yield from matching
+
+    def explain(self, query: Query) -> Explanation:
+        """What the tables hold for one connection, and what the data path will
+        do with its packets (lasthop.explain): a few lookups, not a walk."""
+        from lasthop.explain import explain, neighbour_table
+
+        services = self.services
+        with self.open_maps() as maps:
+            now, hz = self._now(maps)
+            return explain(query, maps, now, hz, services, neighbour_table())
 
     def connections(self, limit: int = 0, where: ConnFilter | None = None) -> list[Connection]:
         """As :meth:`iter_connections`, in a list, most recently seen first

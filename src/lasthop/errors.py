@@ -198,7 +198,7 @@ def friendly(fn: F) -> F:
             from rich.console import Console  # only when there is an error to print
 
             head = err.prefix if isinstance(err, LasthopError) else LasthopError.prefix
-            Console(stderr=True).print(f"[red]{head}[/red] {err}", highlight=False)
+            Console(stderr=True, emoji=False).print(f"[red]{head}[/red] {err}", highlight=False)
             sys.exit(exit_code(err))
 
     return wrapper  # type: ignore[return-value]

@@ -176,6 +176,20 @@ def test_a_vm_failing_its_checks_gets_no_new_connections(
     changes = {v["port"]: v["changes"] for v in runner.services(plan)["web"]["vms"]}
     assert changes["vm3"] >= 2  # unknown -> up -> unhealthy, each counted
 
+    # `lasthop explain` of a connection not opened yet: the VM the table names, and why not vm3
+    predict = Prediction(vip_lab)
+    client = plan.client(1).addr.v4
+    for sport in (40001, 40002, 40003):
+        got = json.loads(
+            runner.command(
+                plan, "explain", "tcp", f"{client}:{sport}", f"{VIP.v4}:80", "--json"
+            ).stdout
+        )
+        assert got["table"] == "" and got["service"]["name"] == "web", got
+        assert got["service"]["vm"] == predict.vm(4, client, sport), got
+        assert got["service"]["not_serving"] == {"vm3": "health unhealthy"}, got
+        assert "gets no new connection: health unhealthy" in "\n".join(got["words"])
+
 
 # ---------------------------------------------------------------- full-proxy VMs
 

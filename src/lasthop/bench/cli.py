@@ -79,12 +79,12 @@ def _figures(
 ) -> NoReturn:
     """Runs a bench under a progress line, prints its figures (or their JSON)
     and exits: 0 ran; 1 with strict, a target missed; 3 could not run."""
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
+    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120, emoji=False)
     try:
         with console.status("starting") as status:
             results = run(lambda msg: status.update(msg))
     except error as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False)
+        Console(stderr=True, emoji=False).print(f"[red]error:[/red] {err}", highlight=False)
         sys.exit(EXIT_CANNOT_RUN)
     if as_json:
         print(json.dumps(results.to_json(), indent=1))
@@ -213,8 +213,8 @@ def lab(quick: bool, reps: int | None, packets: int | None, connections: int | N
         cpu=cpu,
         br_netfilter=br_netfilter,
     )
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True)
+    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 160, emoji=False)
+    err = Console(stderr=True, emoji=False)
     try:
         with console.status("starting") as status:
             report = lab_bench.run_bench(settings, status.update, prefix)

@@ -32,8 +32,8 @@ from lasthop.lab.topology import down as lab_down
 __all__ = ["lab", "EXIT_OK", "EXIT_EXPECTATION", "EXIT_USAGE", "EXIT_LAB"]
 
 EXIT_OK, EXIT_EXPECTATION, EXIT_USAGE, EXIT_LAB = 0, 1, 2, 3
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 120, emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 name_option = click.option(
     "--name",

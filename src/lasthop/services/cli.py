@@ -43,7 +43,7 @@ from lasthop.services.model import (
 __all__ = ["service", "AgentClient", "LocalServices"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-console = Console(width=None if sys.stdout.isatty() else 200)
+console = Console(width=None if sys.stdout.isatty() else 200, emoji=False)
 TIMEOUT = 30.0  # seconds: removing a VM walks the whole connection table
 
 
