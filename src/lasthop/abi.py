@@ -47,6 +47,7 @@ F_IFACE_ROUTED = 1 << 0
 F_IFACE_VM_DOWN = 1 << 1
 F_IFACE_VM_MAC = 1 << 2
 F_IFACE_ADDRS_FIXED = 1 << 3
+F_IFACE_LINK_DOWN = 1 << 4
 # enum lh_settings_flag: lh_settings value .flags
 F_SET_RELEARN_FIRST = 1 << 0
 F_SET_SERVICES = 1 << 1
@@ -177,6 +178,7 @@ class Counter(enum.IntEnum):
     VM_ORIGIN_SUPERSEDED = 36
     VM_ADDR_LEARNED = 37
     RST_UNKNOWN = 38
+    HOP_DOWN = 39
 
 
 class ConnKey(ctypes.Structure):

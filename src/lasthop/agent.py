@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lasthop import abi
 from lasthop.config import Config, parse_hostport
 from lasthop.controller import Controller
+from lasthop.linkwatch import UplinkWatch
 from lasthop.services.health import HealthMonitor
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Agent:
             self._restore(previous, previous_wakeup)
             raise
         health: HealthMonitor | None = None
+        uplinks_watch: UplinkWatch | None = None
         try:
             if self.config.bridge:
                 c.links.watch()  # before start(): no port added meanwhile is missed
@@ -72,6 +74,8 @@ class Agent:
             c.start_sync(self.config)  # after start: it adds F_SET_SYNC to the settings
             health = HealthMonitor(c.services)  # checks the services' VMs, follows their links
             health.start()
+            uplinks_watch = UplinkWatch(c)  # an uplink's link down: replies take routing
+            uplinks_watch.start()
             where = api.start() if api is not None else []
             uplinks = sorted(attached.uplinks.values())
             vm_ports = sorted(attached.vm_ports.values())
@@ -83,6 +87,8 @@ class Agent:
             log.info("stopping: data path stays attached, table stays pinned at %s", c.pins.folder)
         finally:
             c.stop_sync()
+            if uplinks_watch is not None:
+                uplinks_watch.stop()
             if health is not None:
                 health.stop()
             if api is not None:

@@ -162,6 +162,7 @@ class InterfaceInfo:
     slot: int
     mac: str
     routed: bool
+    link_down: bool = False  # uplink: its link is down, its replies take routing
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -172,6 +173,7 @@ class InterfaceInfo:
             "slot": self.slot,
             "mac": self.mac,
             "routed": self.routed,
+            "link_down": self.link_down,
         }
 
 
@@ -267,6 +269,8 @@ class Controller:
             cfg.flags |= current.flags & (abi.F_IFACE_VM_MAC | abi.F_IFACE_VM_DOWN)
         if role == abi.Role.VM_PORT and self._vm_addresses(link, maps):
             cfg.flags |= abi.F_IFACE_ADDRS_FIXED
+        if role == abi.Role.UPLINK and not link.oper_up:  # lasthop.linkwatch follows it from here
+            cfg.flags |= abi.F_IFACE_LINK_DOWN
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
@@ -306,6 +310,28 @@ class Controller:
         return link.mac
 
     @_locked
+    @_locked
+    def set_link_down(self, ifindex: int, down: bool) -> bool:
+        """An uplink's link went down (or came back): while it is down the data
+        path sends its connections' replies by ordinary routing, not into the
+        dead link; their entries stay, and are used again when it returns.
+        True when the flag changed."""
+        assert self.datapath is not None
+        maps = self.datapath.maps
+        cfg = maps.iface(ifindex)
+        if cfg.role != abi.Role.UPLINK:
+            return False
+        flags = cfg.flags | abi.F_IFACE_LINK_DOWN if down else cfg.flags & ~abi.F_IFACE_LINK_DOWN
+        if flags == cfg.flags:
+            return False
+        cfg.flags = flags
+        maps.set_iface(ifindex, cfg)
+        name = self.attached.uplinks.get(ifindex, f"ifindex {ifindex}")
+        then = "take ordinary routing" if down else "follow their last hops again"
+        state = "down" if down else "up"
+        log.warning("uplink %s link %s: its connections' replies %s", name, state, then)
+        return True
+
     def forget(self, ifindex: int) -> None:
         """A port went away or left the bridge: clear its config so its slot can
         be reused, and take our filter off it if it still exists."""
@@ -551,6 +577,7 @@ class Controller:
                     slot=cfg.slot,
                     mac=format_mac(bytes(cfg.mac)),
                     routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
+                    link_down=bool(cfg.flags & abi.F_IFACE_LINK_DOWN),
                 )
                 for i, cfg in sorted(self._host_attached(maps).items())
             ]

@@ -30,6 +30,10 @@ class Link:
     name: str
     mac: bytes
     master: int  # ifindex of the bridge it is a port of, 0 = none
+    oper_up: bool = True  # operationally up (IFLA_OPERSTATE, as Links.oper_up reads it)
+
+
+_OPER_DOWN = ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
 
 
 def _link(msg: object) -> Link:
@@ -40,6 +44,7 @@ def _link(msg: object) -> Link:
         name=get("IFLA_IFNAME"),
         mac=bytes.fromhex(mac.replace(":", ""))[:6].ljust(6, b"\0"),
         master=get("IFLA_MASTER") or 0,
+        oper_up=(get("IFLA_OPERSTATE") or "UNKNOWN") not in _OPER_DOWN,
     )
 
 
@@ -81,8 +86,7 @@ class Links:
         with self._query:
             msgs = self._ipr.get_links()
         return {
-            m.get_attr("IFLA_IFNAME"): (m.get_attr("IFLA_OPERSTATE") or "UNKNOWN")
-            not in ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+            m.get_attr("IFLA_IFNAME"): (m.get_attr("IFLA_OPERSTATE") or "UNKNOWN") not in _OPER_DOWN
             for m in msgs
         }
 

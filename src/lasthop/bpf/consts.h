@@ -60,6 +60,8 @@ enum lh_iface_flag {
 	F_IFACE_VM_DOWN = 1 << 1, /* VM port: VM removed or down; its connections move or drop */
 	F_IFACE_VM_MAC  = 1 << 2, /* VM port: vm_mac is known */
 	F_IFACE_ADDRS_FIXED = 1 << 3, /* VM port: only its configured addresses, none learned */
+	F_IFACE_LINK_DOWN = 1 << 4, /* uplink: its link is down (the agent follows it): replies
+				     * of its connections take ordinary routing until it returns */
 };
 
 /* lh_settings value .flags */
@@ -188,6 +190,7 @@ enum lh_counter {
 	CNT_VM_ORIGIN_SUPERSEDED = 36, /* uplink SYN on a VM-opened entry: a new connection replaces it */
 	CNT_VM_ADDR_LEARNED     = 37, /* VM port's address learned from its answer to a client */
 	CNT_RST_UNKNOWN         = 38, /* TCP RST of no known connection: nothing to remember */
+	CNT_HOP_DOWN            = 39, /* reply whose last hop's uplink link is down: left to routing */
 	CNT_MAX                 = 48,
 };
 

@@ -617,6 +617,10 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 	}
 	ifindex = e->ifindex;
 	up = iface_get(ifindex, ROLE_UPLINK);
+	if (up && up->flags & F_IFACE_LINK_DOWN) {
+		*reason = CNT_HOP_DOWN;
+		return TC_ACT_OK;
+	}
 	if (!up || rewrite_l2(skb, p, 0, up->mac, e->mac) < 0)
 		return TC_ACT_OK;
 	if (ifindex != skb->ifindex) {

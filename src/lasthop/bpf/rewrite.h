@@ -91,6 +91,8 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 
 	if (!up)
 		return -CNT_MISS; /* the uplink is gone: ordinary routing */
+	if (up->flags & F_IFACE_LINK_DOWN)
+		return -CNT_HOP_DOWN; /* not into a dead link: ordinary routing, until it returns */
 	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
 	if (err)
 		return err;
