@@ -80,7 +80,9 @@ def _node_label(topo: Topology, node: Node, drops: str) -> str:
     rows += [_iface_row(i) for i in node.ifaces]
     if drops:
         rows.append(
-            f'<tr><td><font color="{WAY_STYLES["reply-off"][0]}">✗ {escape(drops)}</font></td></tr>'
+            f'<tr><td><font color="{WAY_STYLES["reply-off"][0]}">✗ '
+            + "<br/>".join(escape(d) for d in drops.split(", "))
+            + "</font></td></tr>"
         )
     table = '<table border="0" cellborder="1" cellspacing="0" cellpadding="3">'
     return f"<{table}{''.join(rows)}</table>>"

@@ -21,6 +21,7 @@ from typing import Any
 
 from lasthop.lab import plan as P
 from lasthop.lab.discover import Topology, route_way
+from lasthop.lab.firewall import DROP_COUNTERS
 from lasthop.lab.traffic import CheckResult
 
 __all__ = ["Way", "Sketch", "sample_pairs", "by_routes", "settle_off", "drops_of", "with_lasthop"]
@@ -79,7 +80,7 @@ def _answered(check: CheckResult, client: str, vm: str) -> tuple[int, int]:
 
 
 def _moved(drops: dict[str, int]) -> str:
-    return ", ".join(f"{k} +{v}" for k, v in sorted(drops.items()) if v)
+    return ", ".join(f"{k} +{drops[k]}" for k in DROP_COUNTERS if drops.get(k))
 
 
 def settle_off(ways: list[Way], check: CheckResult) -> list[Way]:
@@ -99,7 +100,8 @@ def settle_off(ways: list[Way], check: CheckResult) -> list[Way]:
 
 
 def drops_of(plan: P.Plan, drops: dict[str, dict[str, int]]) -> dict[str, str]:
-    """Namespace -> the firewall's drop counters that moved ("drop_invalid +9")."""
+    """Namespace -> the firewall's drop counters that moved ("drop_invalid +9")
+    (accepted_new, which counts what was let in, is left out)."""
     return {plan.ns(fw): _moved(counts) for fw, counts in sorted(drops.items()) if _moved(counts)}
 
 
