@@ -29,6 +29,7 @@ from lasthop.lab.runner import lasthop_argv
 pytestmark = ROOT_MARKS
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 ROWS, COLS = 60, 160
+CELL = r"[ │]+"  # between two cells of a table row
 
 
 @pytest.fixture
@@ -100,9 +101,9 @@ def test_top_draws_its_view_and_shows_the_counters_real_traffic_moved(box: Sandb
         term = Terminal(argv)
         term.wait_for(r"counters that moved")  # the first frame is drawn
         site.exchange("udp", n=3)
-        term.wait_for(r"learned +fw0 +\+\d+ +\d+")
-        term.wait_for(r"redirected +vm0 +\+\d+ +\d+")
-        term.wait_for(re.escape(site.fw_mac) + r" +fw0 +\d+% +~\d+")
+        term.wait_for(rf"learned{CELL}fw0{CELL}\+[1-9]\d*{CELL}\d+")
+        term.wait_for(rf"redirected{CELL}vm0{CELL}\+[1-9]\d*{CELL}\d+")
+        term.wait_for(re.escape(site.fw_mac) + rf"{CELL}fw0{CELL}\d+%{CELL}~\d+")
         code = term.close()
         assert code == 0, term.text[-4000:]
         assert "Traceback" not in term.text
