@@ -45,7 +45,12 @@ class Everything:
         peer = SimpleNamespace(last_seen_s=1.0, lag_ms=5)
         self.replicator = SimpleNamespace(
             status=lambda: SimpleNamespace(
-                published=1, unpublished=1, applied=1, unmapped=1, lost=1, resyncs=1,
+                published=1,
+                unpublished=1,
+                applied=1,
+                unmapped=1,
+                lost=1,
+                resyncs=1,
                 peers={"host2": peer},
             )  # fmt: skip
         )
@@ -84,9 +89,7 @@ def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _queries() -> list[tuple[str, str]]:
     """(where, PromQL) of every panel target and templating query."""
     dash = _dashboard()
-    found = [
-        (p["title"], t["expr"]) for p in _panels(dash["panels"]) for t in p.get("targets", [])
-    ]
+    found = [(p["title"], t["expr"]) for p in _panels(dash["panels"]) for t in p.get("targets", [])]
     for var in dash["templating"]["list"]:
         q = var.get("query")
         if isinstance(q, dict):

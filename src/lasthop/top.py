@@ -131,26 +131,28 @@ def render(f: Frame, title: str) -> RenderableType:
         + ", ".join(f"{k} {v:.0f}/s" for k, v in f.rates.items())
         + f"; last expiry pass {age}"
     )
-    states = Table(title="connections by state (last expiry pass)", title_justify="left")
+
+    def table(title: str) -> Table:  # never narrower than its title (rich wraps it otherwise)
+        return Table(title=title, title_justify="left", min_width=len(title))
+
+    states = table("connections by state (last expiry pass)")
     for col in ("state", "confirmed", "pending"):
         states.add_column(col, justify="left" if col == "state" else "right")
     for s, (c, p) in f.states.items():
         states.add_row(s, str(c), str(p))
-    ifaces = Table(title="uplinks and VM ports (kernel counters)", title_justify="left")
+    ifaces = table("uplinks and VM ports (kernel counters)")
     for col in ("interface", "counter", "total", "per s"):
         ifaces.add_column(col, justify="left" if col in ("interface", "counter") else "right")
     for rows, counter in ((f.uplinks, "learned"), (f.vm_ports, "redirected")):
         for name, n, rate in rows:
             ifaces.add_row(name, counter, str(n), f"{rate:.0f}")
-    hops = Table(
-        title=f"top last hops (sample of {f.sampled} of {f.entries} entries)", title_justify="left"
-    )
+    hops = table(f"top last hops (sample of {f.sampled} of {f.entries} entries)")
     for col in ("last-hop MAC", "uplink", "share", "connections"):
         hops.add_column(col, justify="left" if col in ("last-hop MAC", "uplink") else "right")
     for mac, up, n in f.last_hops:
         share = n / f.sampled if f.sampled else 0.0
         hops.add_row(mac, up, f"{share:.0%}", f"~{round(share * f.entries)}")
-    moved = Table(title="counters that moved (since the last refresh)", title_justify="left")
+    moved = table("counters that moved (since the last refresh)")
     for col in ("counter", "interface", "moved", "total"):
         moved.add_column(col, justify="left" if col in ("counter", "interface") else "right")
     for counter, iface, d, n in f.moved:
