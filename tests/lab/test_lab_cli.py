@@ -43,6 +43,29 @@ def test_up_status_down(lab_name: str) -> None:
     assert lab_namespaces(lab_name) == []
 
 
+def test_draw_shows_the_lab_and_where_replies_die_now(lab_name: str, tmp_path: Path) -> None:
+    """`lab draw --check` on a routed lab without lasthop: every namespace and
+    link drawn; each client's request reaches its VM, and the replies to cl2
+    and cl3 stop at fw1 (routed host: vm -> host -> sw -> fw1)."""
+    assert _lab("up", "--name", lab_name, "--routed").returncode == EXIT_OK
+    out = tmp_path / "lab.svg"
+    result = _lab("draw", "--name", lab_name, "-o", str(out), "--check")
+    assert result.returncode == EXIT_OK, result.stderr
+    drawn = read(out)
+    plan, ns = Plan(lab_name, routed=True), Plan(lab_name).ns
+    assert sorted(drawn.nodes) == sorted(plan.namespaces())
+    assert len(drawn.links) == 2 * len(plan.sites) + 1 + len(plan.vms)
+    for n in plan.sites:
+        request = drawn.way("request", f"cl{n}", f"vm{n}")
+        assert request[-1] == (ns("host"), ns(f"vm{n}")), request
+        off = drawn.way("reply-off", f"cl{n}", f"vm{n}")
+        assert off[:2] == [(ns("host"), ns(f"vm{n}")), (ns("sw"), ns("host"))], off
+        end = (ns("cl1"), ns("fw1")) if n == 1 else (ns("fw1"), ns("sw"))
+        assert off[-1] == end, off
+    assert "drop_invalid +" in drawn.texts[ns("fw1")]
+    assert not drawn.way("reply-on", "cl2", "vm2")  # lasthop is not attached
+
+
 def test_status_of_a_missing_lab_exits_3(lab_name: str) -> None:
     result = _lab("status", "--name", lab_name)
     assert result.returncode == EXIT_LAB and f"no lab {lab_name}" in result.stdout
