@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from lasthop.controller import Stats
 
-__all__ = ["Frame", "frame", "render", "run", "SAMPLE", "TOP"]
+__all__ = ["Frame", "frame", "read", "render", "run", "SAMPLE", "TOP"]
 
 SAMPLE = 1000  # entries read per refresh for the last hops (a bounded sample)
 TOP = 5  # rows in the uplink and last-hop tables
@@ -160,6 +160,14 @@ def render(f: Frame, title: str) -> RenderableType:
     return Group(head, states, ifaces, hops, moved)
 
 
+def read(source: Source, sample: int = SAMPLE) -> tuple[Stats, list[Connection]]:
+    """One refresh's reads: one stats, and at most *sample* entries (the
+    batch read of the table's first entries, then closed)."""
+    cur = source.stats()
+    with closing(iter(source.iter_connections())) as entries:  # type: ignore[type-var]
+        return cur, list(itertools.islice(entries, sample))
+
+
 def run(
     source: Source,
     *,
@@ -176,10 +184,8 @@ def run(
     last = time.monotonic()
     with Live(console=console, auto_refresh=False, transient=False) as live:
         for n in itertools.count(1):
-            cur = source.stats()
+            cur, conns = read(source, sample)
             now = time.monotonic()
-            with closing(iter(source.iter_connections())) as entries:  # type: ignore[type-var]
-                conns = list(itertools.islice(entries, sample))
             live.update(render(frame(prev, cur, now - last, conns), title), refresh=True)
             prev, last = cur, now
             if count and n >= count:
