@@ -72,6 +72,7 @@ class _Group(click.Group):
         "service": ("lasthop.services.cli", "service"),
         "lab": ("lasthop.lab.cli", "lab"),
         "bench": ("lasthop.bench.cli", "bench"),
+        "pcap": ("lasthop.capture_cli", "pcap"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

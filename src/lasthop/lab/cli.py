@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lasthop.endpoint import format_endpoint
-from lasthop.lab import demo, firewall, recipe, runner, traffic, ways
+from lasthop.lab import capture, demo, firewall, recipe, runner, traffic, ways
 from lasthop.lab import plan as P
 from lasthop.lab.discover import discover
 from lasthop.lab.namespaces import LabError
@@ -193,6 +193,10 @@ def status(name: str, run_check: bool) -> None:
     help="Also draw each host mode's lab and sampled connections: FILE.png or FILE.svg "
     "(both modes: FILE-bridged.svg and FILE-routed.svg).",
 )
+@click.option(
+    "--capture", "capture_dir", type=click.Path(path_type=Path, file_okay=False),
+    help="Capture the host's uplink in each phase into DIR (for `lasthop pcap`).",
+)  # fmt: skip
 def demo_cmd(
     name: str,
     with_recipe: bool,
@@ -201,6 +205,7 @@ def demo_cmd(
     service_connections: int,
     no_service: bool,
     draw_to: Path | None,
+    capture_dir: Path | None,
 ) -> None:
     """Build the lab, show replies dying without lasthop and arriving with it,
     spread a service over the VMs, clean up."""
@@ -224,6 +229,7 @@ def demo_cmd(
                         say=steps.say,
                         detail=steps.detail,
                         draw=bool(drawings),
+                        capture_dir=capture_dir,
                     )
                 )
     except KeyboardInterrupt:
@@ -381,8 +387,28 @@ def _print_run(run: demo.ModeRun) -> None:
         )
     if run.service:
         _print_service(run.service)
+    _print_captures(run)
     for note in run.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+
+
+def _print_captures(run: demo.ModeRun) -> None:
+    """What `lasthop pcap` says of each phase's capture of the host's uplink."""
+    for ph in run.phases:
+        if ph.capture is None:
+            continue
+        s, path = ph.capture.summary, ph.capture.path
+        pairs = ", ".join(
+            f"{came} -> {went}: {n}" for (came, went), n in sorted(ph.capture.pairs.items())
+        )
+        console.print(
+            f"capture {ph.title}: {s['answered']} answered connections, "
+            f"{s['return_asymmetric']} replied by another way" + (f" ({pairs})" if pairs else ""),
+            highlight=False,
+        )
+        console.print(
+            f"  lasthop pcap {path} --names {path.parent / capture.NAMES_FILE}", highlight=False
+        )
 
 
 def _count(ok: int, tried: int) -> str:

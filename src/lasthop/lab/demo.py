@@ -14,13 +14,15 @@ drain no new connection reaches the drained VM and the open one still works.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from lasthop.lab import capture, recipe, runner, services, state, traffic, ways
 from lasthop.lab import plan as P
-from lasthop.lab import recipe, runner, services, state, traffic, ways
 from lasthop.lab.discover import discover
 from lasthop.lab.namespaces import LabError, eventually
 from lasthop.lab.topology import Lab
@@ -29,6 +31,7 @@ from lasthop.lab.traffic import Attempt, CheckResult
 __all__ = [
     "Phase",
     "ModeRun",
+    "PhaseCapture",
     "ServedConn",
     "ServiceRun",
     "DrainRun",
@@ -57,6 +60,16 @@ class Phase:
     check: CheckResult
     drops: dict[str, dict[str, int]]  # firewall -> counter -> packets during this phase
     problems: list[str] = field(default_factory=list)
+    capture: PhaseCapture | None = None  # with --capture: the uplink's capture and its report
+
+
+@dataclass
+class PhaseCapture:
+    """The host uplink's capture during a phase and what `lasthop pcap` says of it."""
+
+    path: Path
+    summary: dict[str, int]  # lasthop.capture.Report.summary()
+    pairs: dict[tuple[str, str], int]  # (request came from, reply went to) -> connections
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,7 @@ class ModeRun:
     problems: list[str] = field(default_factory=list)  # beyond the phases' own
     seconds: float = 0.0
     sketch: ways.Sketch | None = None  # with draw=True: the lab and the sampled ways
+    capture_dir: Path | None = None  # --capture: each phase's uplink capture goes here
 
     @property
     def all_problems(self) -> list[str]:
@@ -217,10 +231,40 @@ def counter_delta(
     }
 
 
-def _phase(lab: Lab, key: str, title: str, n: int) -> Phase:
+def _phase(lab: Lab, run: ModeRun, key: str, title: str, n: int) -> Phase:
     before = lab.counters()
-    result = traffic.check(lab.plan, n=n)
-    return Phase(key, title, result, counter_delta(before, lab.counters()))
+    path = run.capture_dir / f"{run.mode}-{key}.pcap" if run.capture_dir else None
+    with capture.capturing(lab.plan, path) if path else contextlib.nullcontext():
+        result = traffic.check(lab.plan, n=n)
+    phase = Phase(key, title, result, counter_delta(before, lab.counters()))
+    if path:
+        phase.capture = _report(path)
+    return phase
+
+
+def _report(path: Path) -> PhaseCapture:
+    from lasthop.capture import analyse, read_names
+
+    report = analyse([path])
+    names = read_names((path.parent / capture.NAMES_FILE).read_text().splitlines())
+    pairs = {
+        (names.get(came.mac, came.mac), names.get(went.mac, went.mac)): n
+        for (came, went), n in report.pairs().items()
+    }
+    return PhaseCapture(path, report.summary(), pairs)
+
+
+def expect_capture(phase: Phase, symmetric: bool) -> list[str]:
+    """The capture's report agrees with the phase: no reply by another way
+    (with lasthop), or some (without it)."""
+    if phase.capture is None:
+        return []
+    s = phase.capture.summary
+    if symmetric and s["return_asymmetric"]:
+        return [f"{phase.title}: the capture shows {s['return_asymmetric']} replies by another way"]
+    if not symmetric and not s["return_asymmetric"]:
+        return [f"{phase.title}: the capture shows no reply by another way"]
+    return []
 
 
 def sample_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -244,21 +288,27 @@ def run_mode(
     say: Say = print,
     detail: Say = print,
     draw: bool = False,
+    capture_dir: Path | None = None,
 ) -> ModeRun:
     """Runs the demo on one host mode; the lab is removed afterwards, whatever
     happens. With *draw*, run.sketch holds what its drawing shows: the lab as
-    built and the ways of one sampled connection per client."""
+    built and the ways of one sampled connection per client. With
+    *capture_dir*, each phase's traffic is also captured on the host's uplink
+    (<mode>-<phase>.pcap, and names.txt for `lasthop pcap`)."""
     start = time.monotonic()
-    run = ModeRun("routed" if routed else "bridged")
+    run = ModeRun("routed" if routed else "bridged", capture_dir=capture_dir)
     say(f"{run.mode} host: building the lab")
     lab = Lab.up(P.Plan(name, routed=routed), detail)
+    if capture_dir:
+        capture_dir.mkdir(parents=True, exist_ok=True)
+        capture.write_names(lab.plan, capture_dir)
     try:
         if draw:
             topo = discover(lab.plan)
             run.sketch = ways.Sketch(topo, ways.by_routes(lab.plan, topo))
         say(f"{run.mode} host: traffic without lasthop")
-        off = _phase(lab, "off", "without", n)
-        off.problems = expect_asymmetric(off.check, "without lasthop")
+        off = _phase(lab, run, "off", "without", n)
+        off.problems = expect_asymmetric(off.check, "without lasthop") + expect_capture(off, False)
         run.phases.append(off)
         if run.sketch is not None:
             run.sketch.ways = ways.settle_off(run.sketch.ways, off.check)
@@ -281,8 +331,8 @@ def run_mode(
         try:
             with runner.AgentRunner(lab.plan, extra=extra):
                 say(f"{run.mode} host: traffic with lasthop")
-                on = _phase(lab, "on", "with lasthop", n)
-                on.problems = expect_all_ok(on.check, "with lasthop")
+                on = _phase(lab, run, "on", "with lasthop", n)
+                on.problems = expect_all_ok(on.check, "with lasthop") + expect_capture(on, True)
                 run.phases.append(on)
                 rows = runner.show(lab.plan)
                 run.show_rows = sample_rows(rows)
@@ -428,7 +478,7 @@ def _recipe_phases(lab: Lab, run: ModeRun, n: int, say: Say) -> None:
         run.notes.append(f"Linux recipe: {err}")
         return
     say(f"{run.mode} host: traffic with the Linux recipe (ct mark by firewall MAC + ip rule)")
-    known = _phase(lab, "recipe", "recipe", n)
+    known = _phase(lab, run, "recipe", "recipe", n)
     known.problems = expect_all_ok(known.check, "recipe, known MACs")
     run.phases.append(known)
     fw = lab.plan.firewall(FAILOVER_SITE)
@@ -438,7 +488,7 @@ def _recipe_phases(lab: Lab, run: ModeRun, n: int, say: Say) -> None:
     )
     lab.failover(FAILOVER_SITE)
     lab.add_site(ADDED_SITE)
-    changed = _phase(lab, "recipe-changed", "recipe after changes", n)
+    changed = _phase(lab, run, "recipe-changed", "recipe after changes", n)
     changed.problems = expect_dead_only(
         changed.check, "recipe after changes", {f"cl{FAILOVER_SITE}", f"cl{ADDED_SITE}"}
     )
