@@ -2,7 +2,7 @@
 two reads, uplinks and VM ports from the per-interface counters, last hops
 from the sample, and only the counters that moved; it reads one stats and at
 most SAMPLE entries per refresh, however large the table. The live view
-under a pseudo-terminal, next to a real agent, is in tests/agent/test_top.py."""
+under a pseudo-terminal, next to a real agent, is in tests/agent/test_top_live.py."""
 
 from __future__ import annotations
 
