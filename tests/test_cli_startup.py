@@ -66,7 +66,7 @@ def test_importing_the_cli_loads_nothing_heavy() -> None:
     assert heavy == []
 
 
-@pytest.mark.parametrize("command", ["stats", "show", "flush", "detach", "run"])
+@pytest.mark.parametrize("command", ["stats", "show", "flush", "detach", "run", "top"])
 @pytest.mark.parametrize("entry", ["python -m lasthop", "lasthop"])
 def test_a_commands_help_loads_nothing_heavy(entry: str, command: str) -> None:
     """`lasthop COMMAND --help` loads no heavy package, by either entry point."""

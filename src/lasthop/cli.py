@@ -8,6 +8,7 @@ or namespace, 3 nothing attached here, 4 no such service or VM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -299,6 +300,28 @@ def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
                 counter, str(total), *(str(st.interfaces[n].get(counter, "")) for n in names)
             )
     console.print(table)
+
+
+@cli.command()
+@config_option
+@netns_option
+@click.option("--interval", type=click.FloatRange(0.1), default=1.0, show_default=True,
+              metavar="SECONDS", help="Time between refreshes.")  # fmt: skip
+@click.option("--sample", type=click.IntRange(1, 4096), default=1000, show_default=True,
+              help="Entries read per refresh for the top last hops (bounded sample).")  # fmt: skip
+@click.option("--count", type=click.IntRange(min=0), default=0, help="Stop after N refreshes.")
+@friendly
+def top(
+    config_path: Path | None, netns: str | None, interval: float, sample: int, count: int
+) -> None:
+    """A live view: states, learned/expired per second, top uplinks and last hops, counters
+    that moved (kernel counters and a bounded sample: no table walk). Ctrl-C quits."""
+    from lasthop import top as top_view
+
+    title = f"lasthop top{f' --netns {netns}' if netns else ''}"
+    with contextlib.suppress(KeyboardInterrupt):
+        controller = _controller(netns, config_path)
+        top_view.run(controller, title=title, interval=interval, sample=sample, count=count)
 
 
 @cli.command()

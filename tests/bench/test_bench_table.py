@@ -23,6 +23,7 @@ FIGURES = [
     "stats_cli",
     "stats_inproc",
     "metrics",
+    "top_refresh",
     "expiry_pass",
     "expiry_lateness",
     "memory_per_entry",
@@ -44,7 +45,7 @@ def test_every_figure_is_measured(results: table.Results) -> None:
             assert f.value > 0, f.name
     assert all(
         results.figure(n).baseline is not None
-        for n in ("agent_cpu", "stats_cli", "stats_inproc", "metrics", "expiry_pass")
+        for n in ("agent_cpu", "stats_cli", "stats_inproc", "metrics", "top_refresh", "expiry_pass")
     )
     assert results.threads, "the agent's threads were read"
 

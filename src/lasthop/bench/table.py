@@ -19,6 +19,9 @@ Figures (each also measured on the empty table first, as its baseline):
                         time: Python's start is part of it), median of several
     stats in-process    Controller.stats() on the pinned maps, median of several
     /metrics scrape     one GET of the agent's /metrics, median of several
+    top refresh         what `lasthop top` does each second, in-process: one
+                        Controller.stats(), a sample of the table's first
+                        entries (lasthop.top.SAMPLE), the frame and its tables
     expiry pass         lh_expire run once by test run on the agent's pinned maps
                         (the kernel's own timing); the agent's passes, from
                         lh_expiry started/finished jiffies, in the detail
@@ -60,6 +63,7 @@ from lasthop.config import Config
 from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
 from lasthop.lab.namespaces import LabError
 from lasthop.lab.runner import AgentProcess, lasthop_argv
+from lasthop.top import SAMPLE as TOP_SAMPLE
 
 EVERY = Config().expiry_interval  # the agent's default pass interval
 
@@ -301,6 +305,15 @@ class _Timings:
     stats_inproc: float
     metrics: float
     expiry_pass: float
+    top_refresh: float
+
+
+def _top_refresh(controller: Any) -> None:
+    """What `lasthop top` does each second: its reads, the frame and its tables."""
+    from lasthop import top
+
+    cur, sample = top.read(controller)
+    top.render(top.frame(None, cur, 1.0, sample), "bench")
 
 
 def _timings(
@@ -314,6 +327,7 @@ def _timings(
         stats_inproc=_median_ms(controller.stats, repeat),
         metrics=_median_ms(_scrape, repeat),
         expiry_pass=statistics.median(_expire_once(obj, maps) for _ in range(3)),
+        top_refresh=_median_ms(lambda: _top_refresh(controller), repeat),
     )
 
 
@@ -557,6 +571,16 @@ def run(
             ),
             Figure(
                 "metrics", "/metrics scrape", full.metrics, "ms", base.metrics, TARGETS["metrics"]
+            ),
+            Figure(
+                "top_refresh",
+                "a `lasthop top` refresh (in-process)",
+                full.top_refresh,
+                "ms",
+                base.top_refresh,
+                None,
+                f"one stats and a sample of {TOP_SAMPLE} entries; "
+                f"table's share: {full.top_refresh - base.top_refresh:+.1f} ms over empty",
             ),
             Figure(
                 "expiry_pass",

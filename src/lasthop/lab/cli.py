@@ -23,8 +23,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from lasthop.endpoint import format_endpoint
-from lasthop.lab import capture, demo, firewall, recipe, runner, traffic
+from lasthop.lab import capture, demo, firewall, recipe, runner, traffic, ways
 from lasthop.lab import plan as P
+from lasthop.lab.discover import discover
 from lasthop.lab.namespaces import LabError
 from lasthop.lab.topology import Lab, lab_namespaces
 from lasthop.lab.topology import down as lab_down
@@ -186,6 +187,13 @@ def status(name: str, run_check: bool) -> None:
 )
 @click.option("--no-service", is_flag=True, help="Leave out the service section.")
 @click.option(
+    "--draw",
+    "draw_to",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also draw each host mode's lab and sampled connections: FILE.png or FILE.svg "
+    "(both modes: FILE-bridged.svg and FILE-routed.svg).",
+)
+@click.option(
     "--capture", "capture_dir", type=click.Path(path_type=Path, file_okay=False),
     help="Capture the host's uplink in each phase into DIR (for `lasthop pcap`).",
 )  # fmt: skip
@@ -196,12 +204,14 @@ def demo_cmd(
     connections: int,
     service_connections: int,
     no_service: bool,
+    draw_to: Path | None,
     capture_dir: Path | None,
 ) -> None:
     """Build the lab, show replies dying without lasthop and arriving with it,
     spread a service over the VMs, clean up."""
-    _require_root()
     modes = {"both": [False, True], "bridged": [False], "routed": [True]}[mode]
+    drawings = _drawing_files(draw_to, modes) if draw_to else {}
+    _require_root()
     runs: list[demo.ModeRun] = []
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
@@ -218,6 +228,7 @@ def demo_cmd(
                         service_n=service_connections,
                         say=steps.say,
                         detail=steps.detail,
+                        draw=bool(drawings),
                         capture_dir=capture_dir,
                     )
                 )
@@ -231,6 +242,11 @@ def demo_cmd(
         sys.exit(EXIT_LAB)
     for run in runs:
         _print_run(run)
+    for run in runs:
+        if run.sketch is not None:
+            path = drawings[run.mode == "routed"]
+            _draw(run.sketch, path, f"lasthop lab demo: {run.mode} host")
+            console.print(f"drawing of the {run.mode} host: {path}", highlight=False)
     problems = [f"{run.mode}: {p}" for run in runs for p in run.all_problems]
     elapsed = time.monotonic() - started
     if not problems:
@@ -258,6 +274,73 @@ def demo_cmd(
     if len(problems) > 20:
         console.print(f"  ... and {len(problems) - 20} more")
     sys.exit(EXIT_EXPECTATION if runner.available() else EXIT_LAB)
+
+
+@lab.command("draw")
+@name_option
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The drawing: FILE.png or FILE.svg.",
+)
+@click.option(
+    "--check",
+    "run_check",
+    is_flag=True,
+    help="Also try one connection per client now and draw its way (and where it dies).",
+)
+def draw_cmd(name: str, out: Path, run_check: bool) -> None:
+    """Draw the running lab as it is: namespaces, interfaces, addresses, links."""
+    _drawing_files(out, [False])
+    _require_root()
+    the_lab = Lab.find(name)
+    if the_lab is None:
+        err_console.print(f"[red]error:[/red] no lab {name}", highlight=False)
+        sys.exit(EXIT_LAB)
+    with _lab_errors():
+        plan = the_lab.plan
+        sketch = ways.Sketch(discover(plan))
+        if run_check:
+            before = the_lab.counters()
+            result = traffic.check(plan, n=1)
+            if the_lab.lasthop_pins:
+                requests = [w for w in ways.by_routes(plan, sketch.topology) if w.kind == "request"]
+                sketch.ways = ways.settle_off(requests, result) + ways.with_lasthop(
+                    plan, sketch.topology, runner.show(plan), result
+                )
+            else:
+                sketch.ways = ways.settle_off(ways.by_routes(plan, sketch.topology), result)
+            sketch.drops = ways.drops_of(plan, demo.counter_delta(before, the_lab.counters()))
+        _draw(sketch, out, f"lab {name}: {plan.mode} host")
+    console.print(f"drew lab {name} to {out}", highlight=False)
+
+
+def _drawing_files(path: Path, modes: list[bool]) -> dict[bool, Path]:
+    """Where each host mode's drawing goes (routed -> path); a bad suffix is a usage error."""
+    from lasthop.lab.drawing import DrawingError, check_format
+
+    try:
+        check_format(path)
+    except DrawingError as err:
+        raise click.BadParameter(str(err), param_hint="--draw/--out") from err
+    if len(modes) == 1:
+        return {modes[0]: path}
+    return {
+        routed: path.with_name(f"{path.stem}-{'routed' if routed else 'bridged'}{path.suffix}")
+        for routed in modes
+    }
+
+
+def _draw(sketch: ways.Sketch, path: Path, title: str) -> None:
+    from lasthop.lab.drawing import DrawingError, render
+
+    try:
+        render(sketch, path, title)
+    except DrawingError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        sys.exit(EXIT_LAB)
 
 
 # -- rendering -------------------------------------------------------------------

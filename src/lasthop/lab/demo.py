@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lasthop.lab import capture, recipe, runner, services, state, traffic
+from lasthop.lab import capture, recipe, runner, services, state, traffic, ways
 from lasthop.lab import plan as P
+from lasthop.lab.discover import discover
 from lasthop.lab.namespaces import LabError, eventually
 from lasthop.lab.topology import Lab
 from lasthop.lab.traffic import Attempt, CheckResult
@@ -116,6 +117,7 @@ class ModeRun:
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # beyond the phases' own
     seconds: float = 0.0
+    sketch: ways.Sketch | None = None  # with draw=True: the lab and the sampled ways
     capture_dir: Path | None = None  # --capture: each phase's uplink capture goes here
 
     @property
@@ -285,11 +287,14 @@ def run_mode(
     service_n: int = SERVICE_CONNECTIONS,
     say: Say = print,
     detail: Say = print,
+    draw: bool = False,
     capture_dir: Path | None = None,
 ) -> ModeRun:
     """Runs the demo on one host mode; the lab is removed afterwards, whatever
-    happens. With *capture_dir*, each phase's traffic is also captured on the
-    host's uplink (<mode>-<phase>.pcap, and names.txt for `lasthop pcap`)."""
+    happens. With *draw*, run.sketch holds what its drawing shows: the lab as
+    built and the ways of one sampled connection per client. With
+    *capture_dir*, each phase's traffic is also captured on the host's uplink
+    (<mode>-<phase>.pcap, and names.txt for `lasthop pcap`)."""
     start = time.monotonic()
     run = ModeRun("routed" if routed else "bridged", capture_dir=capture_dir)
     say(f"{run.mode} host: building the lab")
@@ -298,10 +303,16 @@ def run_mode(
         capture_dir.mkdir(parents=True, exist_ok=True)
         capture.write_names(lab.plan, capture_dir)
     try:
+        if draw:
+            topo = discover(lab.plan)
+            run.sketch = ways.Sketch(topo, ways.by_routes(lab.plan, topo))
         say(f"{run.mode} host: traffic without lasthop")
         off = _phase(lab, run, "off", "without", n)
         off.problems = expect_asymmetric(off.check, "without lasthop") + expect_capture(off, False)
         run.phases.append(off)
+        if run.sketch is not None:
+            run.sketch.ways = ways.settle_off(run.sketch.ways, off.check)
+            run.sketch.drops = ways.drops_of(lab.plan, off.drops)
         if with_recipe:
             _recipe_phases(lab, run, n, say)
         extra: tuple[str, ...] = ()
@@ -323,9 +334,17 @@ def run_mode(
                 on = _phase(lab, run, "on", "with lasthop", n)
                 on.problems = expect_all_ok(on.check, "with lasthop") + expect_capture(on, True)
                 run.phases.append(on)
-                run.show_rows = sample_rows(runner.show(lab.plan))
+                rows = runner.show(lab.plan)
+                run.show_rows = sample_rows(rows)
+                if run.sketch is not None:
+                    if with_recipe:  # a fail-over and a new firewall since: read it again
+                        run.sketch.topology = discover(lab.plan)
+                    topo = run.sketch.topology
+                    run.sketch.ways += ways.with_lasthop(lab.plan, topo, rows, on.check)
                 if run.service is not None:
                     _service_on(lab, run.service, run.mode, service_n, say)
+                    if run.sketch is not None:
+                        _sketch_service(run.sketch, run.service)
         except LabError as err:
             run.problems.append(f"lasthop: {err}")
         return run
@@ -333,6 +352,22 @@ def run_mode(
         say(f"{run.mode} host: removing the lab")
         lab.down(detail)
         run.seconds = time.monotonic() - start
+
+
+def _sketch_service(sketch: ways.Sketch, svc: ServiceRun) -> None:
+    """The service on the drawing: per VM, the connections of each client it
+    answered; a caption line with the totals with and without lasthop."""
+    for c in svc.conns:
+        if c.vm is not None:
+            per_client = sketch.service.setdefault(c.vm, {})
+            per_client[c.client] = per_client.get(c.client, 0) + 1
+    answered = [c for c in svc.conns if c.vm is not None]
+    own = sum(c.last_hop == c.firewall for c in answered)
+    sketch.caption.append(
+        f"service {svc.address.v4}, {svc.address.v6}: without lasthop "
+        f"{sum(a.ok for a in svc.off)}/{len(svc.off)} answered; with lasthop "
+        f"{len(answered)}/{len(svc.conns)}, {own} of them back through their client's own firewall"
+    )
 
 
 def _service_off(lab: Lab, mode: str, say: Say) -> ServiceRun:
