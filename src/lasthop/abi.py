@@ -33,6 +33,8 @@ FAMILY_V4 = 4
 FAMILY_V6 = 6
 PENDING_TABLE_SIZE = 262144  # the object's default; the config's pending_table_size sets it
 MAX_VM_ADDRS = 65536
+MAX_LISTED_HOPS = 4096
+MAX_REFUSED_HOPS = 1024
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 
 
@@ -48,6 +50,8 @@ F_IFACE_VM_DOWN = 1 << 1
 F_IFACE_VM_MAC = 1 << 2
 F_IFACE_ADDRS_FIXED = 1 << 3
 F_IFACE_LINK_DOWN = 1 << 4
+F_IFACE_HOPS_ALLOW = 1 << 5
+F_IFACE_HOPS_DENY = 1 << 6
 # enum lh_settings_flag: lh_settings value .flags
 F_SET_RELEARN_FIRST = 1 << 0
 F_SET_SERVICES = 1 << 1
@@ -179,6 +183,7 @@ class Counter(enum.IntEnum):
     VM_ADDR_LEARNED = 37
     RST_UNKNOWN = 38
     HOP_DOWN = 39
+    HOP_UNTRUSTED = 40
 
 
 class ConnKey(ctypes.Structure):
@@ -288,6 +293,22 @@ class RefKey(ctypes.Structure):
     ]
 
 
+class HopKey(ctypes.Structure):
+    """struct hop_key: a last-hop MAC on one uplink (lh_hops, lh_hops_refused)."""
+
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("mac", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+def hop_key(ifindex: int, mac: bytes) -> HopKey:
+    key = HopKey(ifindex=ifindex)
+    key.mac[:] = list(mac)
+    return key
+
+
 class VmAddrKey(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
@@ -321,6 +342,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "svc_info": SvcInfo,
     "expiry_stats": ExpiryStats,
     "vm_addr_key": VmAddrKey,
+    "hop_key": HopKey,
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
     "ref_key": RefKey,

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     IPvAnyAddress,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -50,6 +51,12 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MacAddress = Annotated[
+    str,
+    StringConstraints(pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$", to_lower=True),
+]
+
+
 class Interface(_Model):
     """An uplink or a VM port."""
 
@@ -60,6 +67,27 @@ class Interface(_Model):
         description="VM port: the only addresses its VM may open connections from "
         "(none: learned from the VM's answers to clients)",
     )
+    allow_last_hops: list[MacAddress] = Field(
+        default_factory=list,
+        description="uplink: only these MACs are learned as last hops (the firewalls); "
+        "frames from any other take the host's normal path, counted with their MAC",
+    )
+    deny_last_hops: list[MacAddress] = Field(
+        default_factory=list,
+        description="uplink: these MACs are never learned as last hops",
+    )
+
+    @model_validator(mode="after")
+    def _one_list(self) -> Interface:
+        if self.allow_last_hops and self.deny_last_hops:
+            raise ValueError(
+                "allow_last_hops and deny_last_hops: give one list, not both (an allow-list "
+                "already refuses every MAC it does not name)"
+            )
+        n = len(self.allow_last_hops) + len(self.deny_last_hops)
+        if n > abi.MAX_LISTED_HOPS:
+            raise ValueError(f"at most {abi.MAX_LISTED_HOPS} last hops listed, not {n}")
+        return self
 
 
 # Longest timeout: ages are 32-bit jiffies differences, and the data path caps
@@ -204,6 +232,17 @@ class Config(_Model):
             timeouts = self.timeouts.model_copy(update={"tcp_established": self.idle_timeout})
             object.__setattr__(self, "timeouts", timeouts)
         return self
+
+    @field_validator("vm_ports")
+    @classmethod
+    def _no_hop_lists_on_vm_ports(cls, value: list[Interface]) -> list[Interface]:
+        for port in value:
+            if port.allow_last_hops or port.deny_last_hops:
+                raise ValueError(
+                    f"{port.name}: allow_last_hops and deny_last_hops are for uplinks "
+                    "(a VM port's packets are replies, not requests through a last hop)"
+                )
+        return value
 
     @field_validator("sync")
     @classmethod

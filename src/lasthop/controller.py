@@ -122,6 +122,9 @@ class Stats:
     expiry_skipped: int  # runs that had no need to: nothing changed, nothing due
     last_pass_age_s: float | None  # None: no pass yet
     next_due_s: float | None  # until the earliest deadline the last walk left; None: no walk
+    # uplink -> MAC -> frames its allow_last_hops/deny_last_hops refused (the most recent
+    # MAX_REFUSED_HOPS MACs: an LRU in the kernel)
+    untrusted_hops: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def entries(self) -> int:
@@ -148,6 +151,7 @@ class Stats:
                 "confirmed": self.confirmed.to_json(),
                 "pending": self.pending.to_json(),
             },
+            "untrusted_hops": self.untrusted_hops,
         }
 
 
@@ -271,6 +275,8 @@ class Controller:
             cfg.flags |= abi.F_IFACE_ADDRS_FIXED
         if role == abi.Role.UPLINK and not link.oper_up:  # lasthop.linkwatch follows it from here
             cfg.flags |= abi.F_IFACE_LINK_DOWN
+        if role == abi.Role.UPLINK:
+            cfg.flags |= self._list_hops(link, maps)
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
@@ -299,6 +305,22 @@ class Controller:
             maps.set_vm_addr(link.index, family, addr.packed, abi.VmAddrOrigin.CONFIGURED)
         return bool(addresses)
 
+    def _list_hops(self, link: Link, maps: Maps) -> int:
+        """Writes uplink *link*'s allow_last_hops or deny_last_hops into lh_hops
+        (replacing what a previous run listed for it); its F_IFACE_HOPS_* flag."""
+        assert self._config is not None
+        named = [u for u in self._config.uplinks if u.name == link.name]
+        allow, deny = (named[0].allow_last_hops, named[0].deny_last_hops) if named else ([], [])
+        for raw in list(maps.hops.keys()):  # at most MAX_LISTED_HOPS
+            if abi.HopKey.from_buffer_copy(raw).ifindex == link.index:
+                maps.hops.delete(raw)
+        for mac in allow or deny:
+            key = abi.hop_key(link.index, bytes.fromhex(mac.replace(":", "")))
+            maps.hops.update(bytes(key), b"\x01")
+        if allow:
+            return abi.F_IFACE_HOPS_ALLOW
+        return abi.F_IFACE_HOPS_DENY if deny else 0
+
     def _own_mac(self, link: Link, role: abi.Role) -> bytes:
         """The MAC frames the host routes to a VM come from: on a routed host
         whose VM ports sit on a bridge, the bridge's (the VM's gateway)."""
@@ -309,7 +331,6 @@ class Controller:
                 return master.mac
         return link.mac
 
-    @_locked
     @_locked
     def set_link_down(self, ifindex: int, down: bool) -> bool:
         """An uplink's link went down (or came back): while it is down the data
@@ -332,6 +353,7 @@ class Controller:
         log.warning("uplink %s link %s: its connections' replies %s", name, state, then)
         return True
 
+    @_locked
     def forget(self, ifindex: int) -> None:
         """A port went away or left the bridge: clear its config so its slot can
         be reused, and take our filter off it if it still exists."""
@@ -628,7 +650,18 @@ class Controller:
                 expiry_skipped=ex.skipped,
                 last_pass_age_s=Clock.age_s(now, ex.finished, hz) if ex.passes else None,
                 next_due_s=Clock.until_s(now, ex.next_due, hz) if ex.passes else None,
+                untrusted_hops=self._untrusted_hops(maps),
             )
+
+    @staticmethod
+    def _untrusted_hops(maps: Maps) -> dict[str, dict[str, int]]:
+        """lh_hops_refused, by uplink name (a bounded LRU, not the table)."""
+        out: dict[str, dict[str, int]] = {}
+        for raw_key, raw_value in maps.hops_refused.items():
+            key = abi.HopKey.from_buffer_copy(raw_key)
+            frames = int.from_bytes(raw_value[:8], "little")
+            out.setdefault(ifname(key.ifindex), {})[format_mac(bytes(key.mac))] = frames
+        return out
 
     @staticmethod
     def _table_stats(

@@ -45,6 +45,8 @@ MAP_NAMES = (
     "lh_vm_addrs",
     "lh_vm_usage",
     "lh_changes",
+    "lh_hops",
+    "lh_hops_refused",
 )
 PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
 TABLES = ("confirmed", "pending")  # lh_conns, lh_pending: the index of expiry_stats arrays
@@ -92,6 +94,8 @@ class Maps:
         self.vm_addrs = maps["lh_vm_addrs"]
         self.vm_usage = maps["lh_vm_usage"]
         self.changes = maps["lh_changes"]
+        self.hops = maps["lh_hops"]
+        self.hops_refused = maps["lh_hops_refused"]
         # sync on (lasthop.sync): receives a conn_change record for each entry
         # user space removes or rewrites, as the data path's go to lh_changes
         self.on_change: Callable[[bytes], None] | None = None

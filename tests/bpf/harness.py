@@ -217,6 +217,8 @@ class Case:
     # lh_vm_usage elements: (VM port, (created, base, counted)); a port with none has none
     vm_usage: tuple[tuple[str, Usage], ...] = ()
     gso_size: int = 0  # run as a GSO skb (GRO-merged) with this segment size
+    hops: tuple[tuple[str, str], ...] = ()  # lh_hops: (uplink, MAC) listed
+    refused: dict[tuple[str, str], int] = field(default_factory=dict)  # lh_hops_refused after
     verdict: int = TC_ACT_OK
     redirect: str | None = None  # interface the frame is redirected to
     output: Packet | None = None  # None: the input, unchanged
@@ -287,12 +289,15 @@ class Datapath:
         self.expiry_request: Map = obj.map("lh_expiry_request")
         self.vm_addrs: Map = obj.map("lh_vm_addrs")
         self.vm_usage: Map = obj.map("lh_vm_usage")
+        self.hops: Map = obj.map("lh_hops")
+        self.hops_refused: Map = obj.map("lh_hops_refused")
         self.trace: Map = obj.map("lh_trace")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
     # set-up
     def reset(self) -> None:
-        for m in (self.conns, self.pending, self.vm_addrs, self.vm_usage):
+        for m in (self.conns, self.pending, self.vm_addrs, self.vm_usage, self.hops,
+                  self.hops_refused):  # fmt: skip
             for key in list(m.keys()):
                 m.delete(key)
         for iface in self.ifaces.values():
@@ -365,6 +370,21 @@ class Datapath:
         family, raw = addr_bytes(addr)
         key = struct.pack("<II16s", self.ifaces[vm].ifindex, family, raw)
         self.vm_addrs.update(key, bytes(abi.VmAddr(origin=int(origin))))
+
+    def list_hop(self, iface: str, mac: str) -> None:
+        """An uplink's allow_last_hops/deny_last_hops entry (lh_hops)."""
+        key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(mac))
+        self.hops.update(bytes(key), b"\x01")
+
+    def refused_rows(self) -> dict[tuple[str, str], int]:
+        """lh_hops_refused: (uplink, MAC) -> frames refused."""
+        out = {}
+        for raw_key, raw in self.hops_refused.items():
+            key = abi.HopKey.from_buffer_copy(raw_key)
+            out[(self.by_index[key.ifindex], mac_str(bytes(key.mac)))] = int.from_bytes(
+                raw[:8], "little"
+            )
+        return out
 
     def set_usage(self, vm: str, usage: Usage) -> None:
         created, base, counted = usage
@@ -535,6 +555,8 @@ def check(dp: Datapath, case: Case) -> TestRun:
         dp.add_vm_addr(*row)
     for vm, usage in case.vm_usage:
         dp.set_usage(vm, usage)
+    for iface, mac in case.hops:
+        dp.list_hop(iface, mac)
     frame = bytes(case.packet)
     before, tables_before = dp.counter_values(), dp.table_counter_values()
     t0 = dp.clock()
@@ -565,6 +587,7 @@ def check(dp: Datapath, case: Case) -> TestRun:
     assert dp.usage_rows() == dict(
         case.vm_usage if case.vm_usage_after is None else case.vm_usage_after
     )
+    assert dp.refused_rows() == case.refused
     return run
 
 

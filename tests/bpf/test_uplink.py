@@ -592,7 +592,97 @@ ROUTED_FAST_PATH = [
     ),
 ]
 
-ALL = LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN + FAST_PATH + ROUTED_FAST_PATH
+# allow_last_hops / deny_last_hops (F_IFACE_HOPS_*, lh_hops): a MAC the uplink's list
+# refuses neither opens a connection nor takes one over; it is counted with its MAC
+ALLOW, DENY = abi.F_IFACE_HOPS_ALLOW, abi.F_IFACE_HOPS_DENY
+TRUSTED_HOPS = [
+    Case(
+        "allow-list: a listed firewall's SYN is learned",
+        UPLINK,
+        "up1",
+        tcp4_request("S"),
+        iface_flags=(("up1", ALLOW),),
+        hops=(("up1", MAC_FW_B),),
+        after=(learned(tcp4_request("S"), ST.TCP_SYN_SENT),),
+        counters=LEARNED,
+        table_counters=INSERTED,
+    ),
+    Case(
+        "allow-list: another MAC's SYN is not learned, counted with its MAC",
+        UPLINK,
+        "up1",
+        tcp4_request("S", src_mac=MAC_FW_C),
+        iface_flags=(("up1", ALLOW),),
+        hops=(("up1", MAC_FW_B),),
+        counters={("up1", C.HOP_UNTRUSTED): 1},
+        refused={("up1", MAC_FW_C): 1},
+    ),
+    Case(
+        "allow-list: an unlisted MAC cannot take over a known connection",
+        UPLINK,
+        "up1",
+        tcp4_request("A", src_mac=MAC_FW_C),
+        setup=(KNOWN,),
+        iface_flags=(("up1", ALLOW),),
+        hops=(("up1", MAC_FW_B),),
+        counters={("up1", C.HOP_UNTRUSTED): 1},
+        refused={("up1", MAC_FW_C): 1},
+    ),
+    Case(
+        "allow-list of another uplink lists nothing here",
+        UPLINK,
+        "up1",
+        tcp4_request("S"),
+        iface_flags=(("up1", ALLOW),),
+        hops=(("up2", MAC_FW_B),),
+        counters={("up1", C.HOP_UNTRUSTED): 1},
+        refused={("up1", MAC_FW_B): 1},
+    ),
+    Case(
+        "deny-list: a listed MAC is not learned (IPv6)",
+        UPLINK,
+        "up1",
+        tcp6_request("S", src_mac=MAC_FW_C),
+        iface_flags=(("up1", DENY),),
+        hops=(("up1", MAC_FW_C),),
+        counters={("up1", C.HOP_UNTRUSTED): 1},
+        refused={("up1", MAC_FW_C): 1},
+    ),
+    Case(
+        "deny-list: any other MAC is learned",
+        UPLINK,
+        "up1",
+        tcp6_request("S"),
+        iface_flags=(("up1", DENY),),
+        hops=(("up1", MAC_FW_C),),
+        after=(learned(tcp6_request("S"), ST.TCP_SYN_SENT),),
+        counters=LEARNED,
+        table_counters=INSERTED,
+    ),
+    Case(
+        "no list: lh_hops entries for the uplink change nothing",
+        UPLINK,
+        "up1",
+        tcp4_request("S", src_mac=MAC_FW_C),
+        hops=(("up1", MAC_FW_B),),
+        after=(learned(tcp4_request("S"), ST.TCP_SYN_SENT, mac=MAC_FW_C),),
+        counters=LEARNED,
+        table_counters=INSERTED,
+    ),
+]
+
+ALL = LEARNING + REFRESH + NOT_LEARNED + VM_ORIGIN + FAST_PATH + ROUTED_FAST_PATH + TRUSTED_HOPS
+
+
+def test_refused_macs_are_counted_per_mac(dp) -> None:  # type: ignore[no-untyped-def]
+    """Three frames from one refused MAC and one from another: two rows, exact counts."""
+    dp.reset()
+    dp.configure("up1", flags=ALLOW)
+    dp.list_hop("up1", MAC_FW_B)
+    for mac in (MAC_FW_C, MAC_FW_C, MAC_FW_C, MAC_VM_2):
+        dp.run(UPLINK, bytes(tcp4_request("S", src_mac=mac)), "up1")
+    assert dp.refused_rows() == {("up1", MAC_FW_C): 3, ("up1", MAC_VM_2): 1}
+    assert dp.table() == {}
 
 
 @pytest.mark.parametrize("case", ALL, ids=ids(ALL))

@@ -52,6 +52,13 @@ struct iface_cfg {
 };
 
 /* lh_vm_addrs key: an address a VM port may open connections from. */
+/* lh_hops and lh_hops_refused key: a last-hop MAC on one uplink. */
+struct hop_key {
+	__u32 ifindex;
+	__u8  mac[6];
+	__u16 pad; /* zero */
+};
+
 struct vm_addr_key {
 	__u32 ifindex;  /* the VM port */
 	__u32 family;   /* FAMILY_V4 or FAMILY_V6 */

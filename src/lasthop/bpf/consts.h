@@ -29,6 +29,10 @@ enum lh_const {
 	PENDING_TABLE_SIZE = 262144,
 	/* Addresses VM ports may open connections from (configured, learned, services). */
 	MAX_VM_ADDRS     = 65536,
+	/* Last-hop MACs the uplinks list (allow or deny, lh_hops), and the
+	 * refused MACs whose frames are counted (lh_hops_refused, an LRU). */
+	MAX_LISTED_HOPS  = 4096,
+	MAX_REFUSED_HOPS = 1024,
 	/* Bytes of the lh_changes ring buffer (a power of 2, whole pages): about
 	 * 48,000 change records between two reads of the agent. */
 	CHANGES_RING_SIZE = 1 << 22,
@@ -62,6 +66,8 @@ enum lh_iface_flag {
 	F_IFACE_ADDRS_FIXED = 1 << 3, /* VM port: only its configured addresses, none learned */
 	F_IFACE_LINK_DOWN = 1 << 4, /* uplink: its link is down (the agent follows it): replies
 				     * of its connections take ordinary routing until it returns */
+	F_IFACE_HOPS_ALLOW = 1 << 5, /* uplink: only the MACs lh_hops lists are last hops */
+	F_IFACE_HOPS_DENY  = 1 << 6, /* uplink: the MACs lh_hops lists are not last hops */
 };
 
 /* lh_settings value .flags */
@@ -191,6 +197,7 @@ enum lh_counter {
 	CNT_VM_ADDR_LEARNED     = 37, /* VM port's address learned from its answer to a client */
 	CNT_RST_UNKNOWN         = 38, /* TCP RST of no known connection: nothing to remember */
 	CNT_HOP_DOWN            = 39, /* reply whose last hop's uplink link is down: left to routing */
+	CNT_HOP_UNTRUSTED       = 40, /* uplink frame from a MAC its list refuses: not learned, passed */
 	CNT_MAX                 = 48,
 };
 

@@ -255,6 +255,29 @@ static __always_inline void vm_origin_supersede(const struct conn_key *k, int pe
 	o->table = CNT_VM_ORIGIN_SUPERSEDED;
 }
 
+/* Whether the uplink's list (allow_last_hops / deny_last_hops) lets *mac* be a
+ * last hop; a refusal is counted per MAC. No list: one flag test. */
+static __always_inline int hop_trusted(const struct iface_cfg *up, __u32 ifindex,
+				       const __u8 *mac)
+{
+	struct hop_key k = { .ifindex = ifindex };
+	__u64 one = 1, *n;
+	int listed;
+
+	if (!(up->flags & (F_IFACE_HOPS_ALLOW | F_IFACE_HOPS_DENY)))
+		return 1;
+	__builtin_memcpy(k.mac, mac, ETH_ALEN);
+	listed = bpf_map_lookup_elem(&lh_hops, &k) != NULL;
+	if (listed == !!(up->flags & F_IFACE_HOPS_ALLOW))
+		return 1;
+	n = bpf_map_lookup_elem(&lh_hops_refused, &k);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+	else
+		bpf_map_update_elem(&lh_hops_refused, &k, &one, BPF_NOEXIST);
+	return 0;
+}
+
 /* Learns or refreshes the connection of an uplink packet and decides where it
  * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT. */
 static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
@@ -273,6 +296,11 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 	/* a bridge port also sees floods and multicast: only unicast can be a request */
 	if (eth->h_dest[0] & 1) {
 		o->reason = CNT_NOT_UNICAST;
+		return TC_ACT_OK;
+	}
+	/* an untrusted host on the segment neither opens nor takes over a connection */
+	if (!hop_trusted(up, skb->ifindex, eth->h_source)) {
+		o->reason = CNT_HOP_UNTRUSTED;
 		return TC_ACT_OK;
 	}
 	e = conn_lookup(p, &pending);

@@ -69,6 +69,27 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_vm_addrs SEC(".maps");
 
+/* (uplink, MAC) the agent lists from the config's allow_last_hops or
+ * deny_last_hops (the uplink's F_IFACE_HOPS_* says which); value unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_LISTED_HOPS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct hop_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_hops SEC(".maps");
+
+/* (uplink, MAC) -> frames refused by its uplink's list (what `stats` shows).
+ * An LRU: frames from ever new forged MACs replace old counts, never fill it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_REFUSED_HOPS);
+	__type(key, struct hop_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_hops_refused SEC(".maps");
+
 /* VM port ifindex -> the entries it opened (its quota's use); an element
  * appears when the port first opens one. */
 struct {
