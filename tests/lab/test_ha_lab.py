@@ -50,22 +50,6 @@ def _hold(lab: ha.HaLab, held: ha.HeldSet, clients: list[int]) -> list[ha.Held]:
     return [held.open(c, 1, proto) for c in clients for proto in PROTOS for _ in range(PER_PATH)]
 
 
-def _replicated(lab: ha.HaLab, conns: list[ha.Held]) -> None:
-    """Waits until B holds A's entry of every connection: same last-hop MAC
-    and state (for TCP, established)."""
-
-    def done() -> bool:
-        a = ha.entries_by_port(lab.show(lab.a))
-        b = ha.entries_by_port(lab.show(lab.b))
-        for c in conns:
-            ea, eb = a.get((c.proto, c.sport)), b.get((c.proto, c.sport))
-            if not ea or not eb or (eb["mac"], eb["state"]) != (ea["mac"], ea["state"]):
-                return False
-        return True
-
-    assert eventually(done, ha.TIMEOUT, 0.2), "B does not hold A's entries"
-
-
 def _forget_on_b(lab: ha.HaLab, client: int) -> int:
     """Removes B's copy of client *client*'s entries straight from its pins
     (an agent's delete would publish the removal to A too); returns how many."""
@@ -93,7 +77,7 @@ def test_crash_of_the_active_host_loses_no_connection(ha_lab: ha.HaLab) -> None:
     with ha.HeldSet(lab) as held:
         kept = _hold(lab, held, [1, 2])
         control = _hold(lab, held, [3])
-        _replicated(lab, kept + control)
+        lab.wait_replicated(kept + control)
         b_rows = ha.entries_by_port(lab.show(lab.b))
         for c in kept + control:
             assert P.firewall_of(b_rows[(c.proto, c.sport)]["mac"]) == f"fw{c.client}"
@@ -118,21 +102,11 @@ def test_crash_of_the_active_host_loses_no_connection(ha_lab: ha.HaLab) -> None:
 def test_planned_switch_over_loses_no_connection(ha_lab: ha.HaLab) -> None:
     """keepalived on A stops (a planned switch-over; A's agent stays): B takes
     the addresses at once and every held connection's server speaks first
-    through B, then the client speaks again."""
-    lab = ha_lab
-    with ha.HeldSet(lab) as held:
-        conns = _hold(lab, held, [1, 2, 3])
-        _replicated(lab, conns)
-        drops = {fw: _drops(lab, fw) for fw in ("fw1", "fw2", "fw3")}
-
-        lab.switch_over(lab.a)
-        lab.wait_vrrp(lab.b, "MASTER")
-        assert not lab.holds_vips(lab.a)
-        lab.wait_neighbours(lab.b)
-
-        pushed = {(c.client, c.proto, c.sport): c.push(b"server first\n") for c in conns}
-        assert all(pushed.values()), {k: v for k, v in pushed.items() if not v}
-        assert all(c.echo(b"client again\n") for c in conns)
-        assert {fw: _drops(lab, fw) for fw in drops} == drops
-        rows = ha.entries_by_port(lab.show(lab.b))
-        assert all(P.firewall_of(rows[(c.proto, c.sport)]["mac"]) == f"fw{c.client}" for c in conns)
+    through B, then its client; no firewall drops a packet."""
+    run = ha.takeover(ha_lab, planned=True, per_path=PER_PATH)
+    assert not ha_lab.holds_vips(ha_lab.a)
+    assert set(run.rows) == {(c, p) for c in (1, 2, 3) for p in PROTOS}
+    for row in run.rows.values():
+        assert row.held == row.on_standby == row.pushed == row.echoed == PER_PATH, row
+    assert run.lost == 0
+    assert run.drops == {"fw1": 0, "fw2": 0, "fw3": 0}

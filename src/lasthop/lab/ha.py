@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lasthop.lab import firewall, state
 from lasthop.lab import plan as P
-from lasthop.lab import state
 from lasthop.lab.namespaces import LabError, eventually, ip_batch, open_socket, run
 from lasthop.lab.runner import AgentProcess, lasthop_argv
 from lasthop.lab.topology import (
@@ -56,8 +56,11 @@ __all__ = [
     "VIP_TRANSIT",
     "VIP_VMS",
     "VM_SIDE",
+    "TakeoverRow",
+    "TakeoverRun",
     "ha_hosts",
     "keepalived_conf",
+    "takeover",
 ]
 
 VIP_TRANSIT = "10.0.0.100"  # = Plan.host.uplink_addr: every fwN routes 10.2.0.0/24 via it
@@ -390,6 +393,22 @@ class HaLab(Lab):
         rows: list[dict[str, Any]] = json.loads(out.stdout)
         return rows
 
+    def wait_replicated(self, conns: Iterable[Held]) -> None:
+        """Waits until B holds A's entry of every connection: the same last-hop
+        MAC and state (for TCP, established)."""
+        conns = list(conns)
+
+        def done() -> bool:
+            a, b = entries_by_port(self.show(self.a)), entries_by_port(self.show(self.b))
+            for c in conns:
+                ea, eb = a.get((c.proto, c.sport)), b.get((c.proto, c.sport))
+                if not ea or not eb or (eb["mac"], eb["state"]) != (ea["mac"], ea["state"]):
+                    return False
+            return True
+
+        if not eventually(done, TIMEOUT, 0.2):
+            raise LabError("host B does not hold host A's entries of the held connections")
+
     def stop(self) -> None:
         """Stops the agents and Redis (down() removes the rest)."""
         for agent in self.agents.values():
@@ -528,3 +547,69 @@ class HeldSet:
 def entries_by_port(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
     """`show` rows of the held connections, by (proto, client port)."""
     return {(r["proto"], int(r["sport"])): r for r in rows if int(r["dport"]) == PUSH_PORT}
+
+
+@dataclass
+class TakeoverRow:
+    """One (client, protocol) of a takeover run: how many connections."""
+
+    held: int = 0  # opened through A, then idle
+    on_standby: int = 0  # whose entry B held, naming the client's own firewall
+    pushed: int = 0  # whose server's first bytes after the takeover reached the client
+    echoed: int = 0  # that then worked both ways, client first
+
+
+@dataclass
+class TakeoverRun:
+    planned: bool
+    takeover_s: float  # from the kill (or keepalived's stop) to B master with both addresses
+    rows: dict[tuple[int, str], TakeoverRow]
+    drops: dict[str, int]  # each firewall's drops during the takeover and after
+
+    @property
+    def lost(self) -> int:
+        return sum(r.held - min(r.pushed, r.echoed) for r in self.rows.values())
+
+
+def takeover(
+    lab: HaLab, *, planned: bool, per_path: int = 3, say: Progress = _quiet
+) -> TakeoverRun:
+    """Holds *per_path* TCP and UDP connections from every client to vm1
+    through A, waits for B's copies, then kills A (or, *planned*, stops its
+    keepalived) and has every server speak first, then every client."""
+    vm = lab.state.vms[0]
+    with HeldSet(lab) as held:
+        say(f"holding {per_path} TCP and {per_path} UDP connections per client through A")
+        conns = [
+            held.open(c, vm, proto)
+            for c in lab.state.sites
+            for proto in ("tcp", "udp")
+            for _ in range(per_path)
+        ]
+        lab.wait_replicated(conns)
+        b_rows = entries_by_port(lab.show(lab.b))
+        before = lab.counters()
+        say("switching over to B (keepalived on A stops)" if planned else "killing host A")
+        start = time.monotonic()
+        if planned:
+            lab.switch_over(lab.a)
+        else:
+            lab.crash(lab.a)
+        lab.wait_vrrp(lab.b, "MASTER")
+        took = time.monotonic() - start
+        lab.wait_neighbours(lab.b)
+        say(f"B is master after {took:.1f} s; the servers speak first")
+        rows: dict[tuple[int, str], TakeoverRow] = {}
+        for c in conns:
+            row = rows.setdefault((c.client, c.proto), TakeoverRow())
+            row.held += 1
+            entry = b_rows.get((c.proto, c.sport))
+            row.on_standby += bool(entry and P.firewall_of(entry["mac"]) == f"fw{c.client}")
+            row.pushed += c.push(b"server first\n")
+        for c in conns:
+            rows[(c.client, c.proto)].echoed += c.echo(b"client again\n")
+        after = lab.counters()
+    drops = {
+        fw: sum(after[fw][k] - before[fw].get(k, 0) for k in firewall.DROP_COUNTERS) for fw in after
+    }
+    return TakeoverRun(planned, took, rows, drops)
