@@ -208,16 +208,16 @@ def _peer(pipe: Any, obj_path: str, url: str, table: int, expect: int, timeout: 
     state = {"applied": 0, "last": 0.0}
 
     class Timed(Replicator):
-        def apply(self, changes: list[Any]) -> int:
-            n = int(super().apply(changes))
+        def apply(self, records: bytes, names: list[str]) -> Any:
+            batch = super().apply(records, names)
             now = time.time()
-            state["applied"] += n
+            state["applied"] = self._status.applied
             state["last"] = now
-            for c in changes:
-                applied_at[_client_of(bytes(c.key)) // CHUNK] = now
+            for key in batch.writes:
+                applied_at[_client_of(key) // CHUNK] = now
             if state["applied"] >= expect:
                 done.set()
-            return n
+            return batch
 
     try:
         with dp._private_netns():
