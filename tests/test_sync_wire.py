@@ -5,8 +5,19 @@ from __future__ import annotations
 
 import ctypes
 
+import pytest
+
 from lasthop import abi
-from lasthop.sync.wire import WIRE_FIELDS, decode_record, encode_record, last_seen_for, left_ms
+from lasthop.sync.wire import (
+    RECORD_SIZE,
+    WIRE_FIELDS,
+    BatchEncoder,
+    decode_batch,
+    decode_record,
+    encode_record,
+    last_seen_for,
+    left_ms,
+)
 
 HZ = 250
 
@@ -59,3 +70,66 @@ def test_the_applier_turns_time_left_into_last_seen_on_its_own_clock() -> None:
     e = abi.ConnEntry(last_seen=seen, state=abi.State.TCP_ESTABLISHED)
     assert left_ms(e, now, HZ, 100) == 90_000
     assert last_seen_for(500_000, now, HZ, 100) == now  # more left than our timeout: fresh
+
+
+# -- the stream's binary batches ---------------------------------------------------
+
+
+def _names(i: int) -> str:
+    return {7: "fw0", 9: "vm0"}[i]
+
+
+def test_a_binary_batch_round_trips_with_names_and_time_left() -> None:
+    """A record packed at 10 s after last_seen comes back on a host where fw0
+    is ifindex 3 and vm0 is 4: the same key and entry, its ifindexes this
+    host's, last_seen 10 s before the decoding host's now."""
+    enc = BatchEncoder(_names, 1000 + 10 * HZ, _settings())
+    enc.add([_record(abi.ChangeKind.PROMOTED, 1000)])
+    records, names = enc.take()
+    assert len(records) == RECORD_SIZE and names == ["fw0", "vm0"]
+    batch = decode_batch(records, names, {"fw0": 3, "vm0": 4}.__getitem__, 50_000, _settings())
+    original = abi.ConnChange.from_buffer_copy(_record(abi.ChangeKind.PROMOTED, 1000))
+    [(key, (raw, confirmed, new))] = batch.writes.items()
+    assert key == bytes(original.key) and confirmed and not new
+    entry = abi.ConnEntry.from_buffer_copy(raw)
+    assert (entry.ifindex, entry.vm_ifindex, entry.last_seen) == (3, 4, 50_000 - 10 * HZ)
+    original.entry.ifindex, original.entry.vm_ifindex = 3, 4
+    original.entry.last_seen = 50_000 - 10 * HZ
+    assert raw == bytes(original.entry)
+
+
+def test_the_last_record_of_a_key_wins_and_removals_are_keys() -> None:
+    """Learned, then expired, in one batch: a removal; expired, then learned:
+    an entry (new: the peer learned it into pending)."""
+    learned = bytearray(_record(abi.ChangeKind.LEARNED, 1000))
+    learned[1] = abi.ChangeTable.PENDING
+    expired = _record(abi.ChangeKind.EXPIRED, 0)
+    for order, removed in (([bytes(learned), expired], True), ([expired, bytes(learned)], False)):
+        enc = BatchEncoder(_names, 1000, _settings())
+        enc.add(order)
+        batch = decode_batch(*enc.take(), {"fw0": 3, "vm0": 4}.__getitem__, 1000, _settings())
+        assert (len(batch.removals), len(batch.writes)) == ((1, 0) if removed else (0, 1))
+        if not removed:
+            [(_, confirmed, new)] = batch.writes.values()
+            assert (confirmed, new) == (False, True)
+
+
+def test_an_uplink_this_host_lacks_is_counted_a_vm_port_becomes_none() -> None:
+    enc = BatchEncoder(_names, 1000, _settings())
+    enc.add([_record(abi.ChangeKind.PROMOTED, 1000)])
+    records, names = enc.take()
+    none = decode_batch(records, names, lambda n: 0, 1000, _settings())
+    assert (none.unmapped, none.writes) == (1, {})
+    no_vm = decode_batch(records, names, lambda n: {"fw0": 3}.get(n, 0), 1000, _settings())
+    [(raw, _, _)] = no_vm.writes.values()
+    assert abi.ConnEntry.from_buffer_copy(raw).vm_ifindex == 0
+
+
+def test_a_malformed_batch_is_a_value_error() -> None:
+    """A batch cut mid-record, or naming an interface it does not list."""
+    enc = BatchEncoder(_names, 1000, _settings())
+    enc.add([_record(abi.ChangeKind.PROMOTED, 1000)])
+    records, names = enc.take()
+    for bad, bad_names in ((records[:-1], names), (records, names[:1])):
+        with pytest.raises(ValueError):
+            decode_batch(bad, bad_names, {"fw0": 3, "vm0": 4}.__getitem__, 1000, _settings())

@@ -332,3 +332,70 @@ def table(
             as_json=as_json,
             strict=strict,
         )
+
+
+@bench.command("sync")
+@click.option(
+    "--changes",
+    type=click.IntRange(1000),
+    default=300_000,
+    show_default=True,
+    help="Records of the throughput phase, and again of the lag phase.",
+)
+@click.option(
+    "--rate",
+    type=click.IntRange(1000),
+    default=100_000,
+    show_default=True,
+    help="Records/s of the lag phase.",
+)
+@click.option(
+    "--resync",
+    "resync_entries",
+    type=click.IntRange(1000),
+    default=1_000_000,
+    show_default=True,
+    help="Entries a fresh peer receives in the resync phase.",
+)
+@click.option(
+    "--connections",
+    type=click.IntRange(100),
+    default=5_000,
+    show_default=True,
+    help="New connections per data-path round (sync off and on alternate).",
+)
+@rounds_option
+@json_option
+@strict_option
+def sync(
+    changes: int,
+    rate: int,
+    resync_entries: int,
+    connections: int,
+    rounds: int,
+    as_json: bool,
+    strict: bool,
+) -> None:
+    """Replication through a real Redis: data-path cost per new connection
+    with sync on / off, changes/s published and applied, lag p50/p99 at
+    --rate, full resync to a fresh peer (docs/ha.md).
+
+    Exit codes: 0 ran (targets reported); 1 with --strict, a target missed;
+    3 could not run."""
+    from lasthop.bench import sync as sync_bench
+
+    with stop_signals_interrupt(signal.SIGTERM):
+        _figures(
+            lambda progress: sync_bench.run(
+                changes=changes,
+                rate=rate,
+                resync=resync_entries,
+                conns=connections,
+                rounds=rounds,
+                progress=progress,
+            ),
+            (sync_bench.BenchError, BpfError, OSError),
+            sync_bench.print_results,
+            as_json=as_json,
+            strict=strict,
+        )

@@ -550,20 +550,22 @@ class _Stream:
     empty: list[int]
 
 
-def _handshake_stream(b: _Bench, n: int, rounds: int) -> _Stream:
+def _handshake_stream(b: _Bench, n: int, rounds: int, first_round: int = 0) -> _Stream:
     """*rounds* times n new connections, each packet of the handshake run
     back to back (repeat = n) by lh_bench_uplink / lh_bench_vmport: the same
     code as lh_uplink / lh_vmport, then the frame's client address is stepped
     by one, so every run is the next connection: n SYNs, then the n SYN-ACKs,
     then the n ACKs (promotions). lh_bench_step (the step alone) and lh_empty
-    run n times each round as the calibration."""
+    run n times each round as the calibration. *first_round* > 0 starts past
+    the clients of earlier calls (lasthop bench sync alternates calls with
+    sync off and on)."""
     up, vm = b.prog("lh_bench_uplink"), b.prog("lh_bench_vmport")
     step, empty = b.prog("lh_bench_step"), b.prog("lh_empty")
     up_ctx, vm_ctx = b.ctx("up0"), b.ctx("vm0")
     before = b.snapshot()
     out = _Stream([], [], [], [], [])
     for r in range(rounds):
-        client = (_STREAM_CLIENTS + r * n).to_bytes(4, "big")
+        client = (_STREAM_CLIENTS + (first_round + r) * n).to_bytes(4, "big")
         syn = tcp4_frame(_FW_B, _VM, client, _VM4, _PORT_STREAM, 80, TCP_SYN)
         syn_ack = tcp4_frame(_VM, _FW_A, _VM4, client, 80, _PORT_STREAM, _TCP_SYN_ACK)
         ack = tcp4_frame(_FW_B, _VM, client, _VM4, _PORT_STREAM, 80, TCP_ACK)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -29,6 +29,9 @@ from lasthop.lab.discover import discover
 from lasthop.lab.namespaces import LabError
 from lasthop.lab.topology import Lab, lab_namespaces
 from lasthop.lab.topology import down as lab_down
+
+if TYPE_CHECKING:
+    from lasthop.lab import ha
 
 __all__ = ["lab", "EXIT_OK", "EXIT_EXPECTATION", "EXIT_USAGE", "EXIT_LAB"]
 
@@ -343,6 +346,67 @@ def _draw(sketch: ways.Sketch, path: Path, title: str) -> None:
         sys.exit(EXIT_LAB)
 
 
+@lab.command("ha")
+@name_option
+@click.option(
+    "--planned",
+    is_flag=True,
+    help="A planned switch-over (keepalived on A stops) instead of killing host A.",
+)
+@click.option(
+    "-n",
+    "--connections",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 50),
+    help="Connections held per (client, protocol).",
+)
+def ha_cmd(name: str, planned: bool, connections: int) -> None:
+    """Build the HA lab (an active/standby pair with keepalived and --sync),
+    hold server-first connections through A, kill A (or switch over), and
+    show every server speaking first through B; clean up."""
+    from lasthop.lab import ha
+
+    _require_root()
+    if not runner.available():
+        err_console.print("[red]error:[/red] the lasthop agent is not built (scripts/setup)")
+        sys.exit(EXIT_LAB)
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    the_lab: ha.HaLab | None = None
+    try:
+        with _Steps() as steps:
+            steps.say("building the HA lab: hosts A and B, keepalived, Redis, lasthop --sync")
+            the_lab = ha.HaLab.start(name, progress=steps.detail)
+            result = ha.takeover(the_lab, planned=planned, per_path=connections, say=steps.say)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: lab removed")
+        sys.exit(130)
+    except LabError as err:
+        err_console.print(f"[red]error:[/red] {err}", highlight=False)
+        sys.exit(EXIT_LAB)
+    finally:
+        if the_lab is not None:
+            the_lab.stop()
+        lab_down(name)
+    _print_takeover(result)
+    elapsed = time.monotonic() - started
+    what = "planned switch-over" if planned else "crash of host A"
+    if result.lost == 0 and not any(result.drops.values()):
+        console.print(
+            f"[green bold]takeover passed[/green bold] in {elapsed:.1f} s: {what}, B master "
+            f"after {result.takeover_s:.1f} s, 0 connections lost, server-first included",
+            highlight=False,
+        )
+        sys.exit(EXIT_OK)
+    console.print(
+        f"[red bold]takeover failed[/red bold]: {what}, {result.lost} connections lost, "
+        f"firewall drops {result.drops}",
+        highlight=False,
+    )
+    sys.exit(EXIT_EXPECTATION)
+
+
 # -- rendering -------------------------------------------------------------------
 
 
@@ -526,6 +590,28 @@ def _print_counters(phases: dict[str, dict[str, dict[str, int]]], title: str) ->
     if not table.row_count:
         table.add_row("all", "drops", *("0" for _ in phases))
     console.print(table)
+
+
+def _print_takeover(result: ha.TakeoverRun) -> None:
+    table = Table(
+        title=("planned switch-over" if result.planned else "host A killed")
+        + f": B master after {result.takeover_s:.1f} s",
+        title_justify="left",
+    )
+    for col in ("client", "proto", "held via A", "on B, own fw", "server first", "then client"):
+        table.add_column(col, justify="right")
+    for (client, proto), row in sorted(result.rows.items()):
+        table.add_row(
+            f"cl{client}",
+            proto,
+            str(row.held),
+            _count(row.on_standby, row.held),
+            _count(row.pushed, row.held),
+            _count(row.echoed, row.held),
+        )
+    console.print(table)
+    drops = ", ".join(f"{fw} {n}" for fw, n in sorted(result.drops.items()))
+    console.print(f"firewall drops during and after the takeover: {drops}", highlight=False)
 
 
 def _print_lab(the_lab: Lab) -> None:

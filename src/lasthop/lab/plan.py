@@ -286,5 +286,6 @@ class Plan:
 
 
 def lab_namespace_pattern(name: str) -> re.Pattern[str]:
-    """Matches exactly the namespaces of lab *name* (not those of lab "<name>x")."""
-    return re.compile(rf"{re.escape(name)}-(?:sw|host|(?:cl|fw|vm)\d+)")
+    """Matches exactly the namespaces of lab *name* (not those of lab "<name>x");
+    `peer` is the standby host of the HA lab (lasthop.lab.ha)."""
+    return re.compile(rf"{re.escape(name)}-(?:sw|host|peer|(?:cl|fw|vm)\d+)")

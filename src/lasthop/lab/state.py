@@ -26,6 +26,8 @@ class LabState:
     servers: dict[str, int] = field(default_factory=dict)  # VM name -> server PID
     agent_pid: int = 0  # a lasthop agent the lab started, if any
     recipe: bool = False  # the Linux recipe is configured on the host
+    # other processes it started (the HA lab's Redis, keepalived, agents): name -> PID
+    processes: dict[str, int] = field(default_factory=dict)
 
     @property
     def plan(self) -> Plan:

@@ -41,6 +41,7 @@ __all__ = ["Lab", "down", "lab_namespaces", "Progress"]
 
 Progress = Callable[[str], None]
 SERVER_START_TIMEOUT = 10.0
+API_SOCKETS = Path("/run/lasthop")  # the agent's default API socket folder
 PIN_ROOTS = (Path("/sys/fs/bpf/lasthop"), Path("/proc/1/root/sys/fs/bpf/lasthop"))
 
 # sysctls every namespace gets before its links exist, so "default" applies to them.
@@ -120,15 +121,17 @@ def down(name: str, progress: Progress = _quiet) -> list[str]:
     Works from the namespace names alone, so also after a crash. Returns the
     namespaces it deleted."""
     st = state.load(name)
-    if st and st.agent_pid:
-        stop_pids([st.agent_pid])
+    if st and (st.agent_pid or st.processes):
+        stop_pids([p for p in [st.agent_pid, *st.processes.values()] if p])
     namespaces = lab_namespaces(name)
     host_ns = P.Plan(name).host.ns
-    _detach_lasthop(host_ns, host_ns in namespaces)
+    for ns in (host_ns, P.Plan(name).ns("peer")):  # the HA lab's standby has lasthop too
+        _detach_lasthop(ns, ns in namespaces)
     if namespaces:
         progress(f"removing {len(namespaces)} namespaces of lab {name}")
     delete(namespaces)
-    _forget_services(host_ns)
+    for ns in (host_ns, P.Plan(name).ns("peer")):
+        _forget_services(ns)
     state.remove(name)
     return namespaces
 
@@ -137,6 +140,8 @@ def _forget_services(host_ns: str) -> None:
     """Removes the agent's state of the lab's host (services, drains, health):
     a later lab of the same name starts from its own config."""
     shutil.rmtree(services_state_path(host_ns).parent, ignore_errors=True)
+    # a killed agent leaves its API socket (config.API_SOCKET_DIR; not imported: pydantic)
+    (API_SOCKETS / f"{host_ns}.sock").unlink(missing_ok=True)
 
 
 class Lab:

@@ -12,6 +12,7 @@ TC_SYNC_LOST), and on reconnect it publishes a snapshot of its table
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import select
@@ -32,10 +33,14 @@ from lasthop.connections import ifname
 from lasthop.datapath import Maps
 from lasthop.errors import SyncError
 from lasthop.sync.wire import (
+    WIRE_VERSION,
+    BatchEncoder,
     Change,
-    decode_record,
+    DecodedBatch,
+    decode_batch,
     encode_record,
     last_seen_for,
+    record_of,
     sync_epoch_shift,
 )
 
@@ -51,7 +56,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("lasthop")
-BATCH = 1000  # records per stream message
+BATCH = 2000  # records per stream message (RECORD_SIZE bytes each)
+READ_MESSAGES = 64  # stream messages per XREAD
 STREAM_MAXLEN = 100_000  # messages the stream keeps (approximately): a peer away longer resyncs
 HEARTBEAT_S = 1.0  # how often a host writes its figures into the cluster's hosts hash
 RETRY_S = 1.0  # how long a host waits before trying a store that failed again
@@ -82,9 +88,10 @@ def _keys(cluster: str) -> tuple[str, str]:
     return f"lasthop:{cluster}:changes", f"lasthop:{cluster}:hosts"
 
 
-def _client(url: str) -> redis.Redis:
+def _client(url: str, *, binary: bool = False) -> redis.Redis:
+    """A client; *binary*: replies as bytes (the stream's records are)."""
     return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=2, socket_connect_timeout=2
+        url, decode_responses=not binary, socket_timeout=2, socket_connect_timeout=2
     )
 
 
@@ -117,6 +124,7 @@ class SyncStatus:
     applied: int = 0  # peers' records written into this host's tables
     unmapped: int = 0  # peers' records naming an uplink this host does not have
     resyncs: int = 0  # snapshots of the table published
+    malformed: int = 0  # peers' batches ignored (another wire version, bad records)
     lost: int = 0  # records the kernel had no ring room for (TC_SYNC_LOST)
     peers: dict[str, PeerStatus] = field(default_factory=dict)
 
@@ -131,6 +139,7 @@ class SyncStatus:
             "applied": self.applied,
             "unmapped": self.unmapped,
             "resyncs": self.resyncs,
+            "malformed": self.malformed,
             "lost": self.lost,
             "peers": {h: p.to_json() for h, p in sorted(self.peers.items())},
         }
@@ -139,14 +148,9 @@ class SyncStatus:
 def _snapshot(maps: Maps) -> Iterator[bytes]:
     """Every live entry as a conn_change record (LEARNED, naming its table),
     read in batches; only an on-demand resync calls this."""
-    for name, table in (
-        ("confirmed", abi.ChangeTable.CONFIRMED),
-        ("pending", abi.ChangeTable.PENDING),
-    ):
-        for key, entry in maps.entries_of(name):
-            yield bytes(
-                abi.ConnChange(kind=abi.ChangeKind.LEARNED, table=table, key=key, entry=entry)
-            )
+    for table, _, which in maps.tables():
+        for key, value in table.items():
+            yield record_of(abi.ChangeKind.LEARNED, which, key, value)
 
 
 def export_records(
@@ -182,23 +186,35 @@ def _publish(
             names[ifindex] = ifname(ifindex)
         return names[ifindex]
 
-    sent, batch = 0, []
-    now = clock.jiffies()
-    for raw in records:
-        batch.append(encode_record(raw, name_of, now, settings))
-        if len(batch) >= BATCH:
-            _xadd(client, stream, host, kind, batch)
-            sent, batch, now = sent + len(batch), [], clock.jiffies()
-    if batch or kind == "snapshot":
-        _xadd(client, stream, host, kind, batch)
-        sent += len(batch)
+    sent = 0
+    enc = BatchEncoder(name_of, clock.jiffies(), settings)
+    pipe = client.pipeline(transaction=False)  # one round trip for a ring's worth of batches
+    records = iter(records)
+    while True:
+        enc.add(itertools.islice(records, BATCH))
+        if enc.count < BATCH:
+            break
+        sent += enc.count
+        _xadd(pipe, stream, host, kind, *enc.take())
+    if enc.count or kind == "snapshot":
+        sent += enc.count
+        _xadd(pipe, stream, host, kind, *enc.take())
+    pipe.execute()
     return sent
 
 
-def _xadd(client: redis.Redis, stream: str, host: str, kind: str, batch: list[Any]) -> str:
-    """One message; returns its id."""
-    fields = {"host": host, "type": kind, "ts": repr(time.time()), "records": json.dumps(batch)}
-    return str(client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True))  # type: ignore[arg-type]
+def _xadd(
+    client: Any,
+    stream: str,
+    host: str,
+    kind: str,
+    records: bytes = b"",
+    names: list[str] | None = None,
+) -> Any:
+    """One message (on a client: returns its id; on a pipeline: queued)."""
+    fields = {"host": host, "type": kind, "ts": repr(time.time()), "v": WIRE_VERSION}
+    fields |= {"names": json.dumps(names or []), "records": records}  # type: ignore[dict-item]
+    return client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
 
 
 class Replicator:
@@ -224,7 +240,7 @@ class Replicator:
         self._threads: list[threading.Thread] = []
         self._ring: libbpf.RingBuffer | None = None
         self._pub = _client(url)
-        self._sub = _client(url)
+        self._sub = _client(url, binary=True)
         self._names: dict[str, int] = {}
         self._local: deque[bytes] = deque()  # user space's own changes (Maps.report)
 
@@ -346,10 +362,10 @@ class Replicator:
         while not self._stop.is_set():
             try:
                 if not hello_sent:
-                    hello_id = _xadd(self._sub, self.stream, self.host, "hello", [])
+                    hello_id = _xadd(self._sub, self.stream, self.host, "hello")
                     last_id = last_id or hello_id
                     hello_sent = True
-                reply: Any = self._sub.xread({self.stream: last_id}, count=BATCH, block=200)
+                reply: Any = self._sub.xread({self.stream: last_id}, count=READ_MESSAGES, block=200)
             except (redis.RedisError, OSError):
                 hello_sent = False
                 self._stop.wait(RETRY_S)
@@ -359,20 +375,27 @@ class Replicator:
                     last_id = msg_id
                     self._handle(fields)
 
-    def _handle(self, fields: dict[str, str]) -> None:
-        peer = fields.get("host", "")
+    def _handle(self, raw: dict[bytes, bytes]) -> None:
+        fields = {k.decode(errors="replace"): v for k, v in raw.items()}
+        peer = fields.get("host", b"").decode(errors="replace")
         if peer == self.host:
             return
-        kind = fields.get("type", "")
+        kind = fields.get("type", b"").decode(errors="replace")
         if kind == "hello":
             self._resync_wanted.set()  # a peer (re)started: it gets our table
             return
         try:
-            changes = [decode_record(v) for v in json.loads(fields.get("records", "[]"))]
-        except (ValueError, TypeError, KeyError) as err:
+            version = fields.get("v", b"").decode(errors="replace")
+            if version != WIRE_VERSION:
+                raise ValueError(f"wire version {version!r}, this host reads {WIRE_VERSION!r}")
+            names = json.loads(fields.get("names", b"[]"))
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError("names is not a list of interface names")
+            self.apply(fields.get("records", b""), names)
+        except (ValueError, TypeError) as err:
+            self._status.malformed += 1
             log.warning("sync: ignoring a malformed batch from %s: %s", peer, err)
             return
-        self.apply(changes)
         p = self._status.peers.setdefault(peer, PeerStatus())
         p.batches += 1
         try:
@@ -389,17 +412,70 @@ class Replicator:
                 return 0  # not cached: the interface may appear later
         return self._names[name]
 
-    def apply(self, changes: list[Change]) -> int:
-        """Writes peers' changes into this host's tables; returns how many."""
-        if not changes:
-            return 0
+    def apply(self, records: bytes, names: list[str]) -> DecodedBatch:
+        """Writes a peer's batch (binary records, the names they use) into
+        this host's tables; ValueError when it is malformed."""
         with self.lock:
-            applied, unmapped = write_changes(
-                self.maps, changes, self.clock.jiffies(), self._index_of
+            batch = decode_batch(
+                records, names, self._index_of, self.clock.jiffies(), self.maps.get_settings()
             )
-        self._status.applied += applied
-        self._status.unmapped += unmapped
-        return applied
+            written = write_batch(self.maps, batch)
+        refused = len(batch.writes) + len(batch.removals) - written  # a full table
+        self._status.applied += batch.records - batch.unmapped - refused
+        self._status.unmapped += batch.unmapped
+        return batch
+
+
+def write_batch(maps: Maps, batch: DecodedBatch) -> int:
+    """Writes a decoded batch into this host's tables, in batches where the
+    kernel allows: removals, then each entry into the table its record names
+    (confirmed; pending unless the key is confirmed here already, looked up
+    unless the record is a new one's); a confirmed one leaves pending (not
+    looked for in an empty pending table: a fresh peer's resync). Asks for an
+    expiry walk. Returns how many records it wrote."""
+    (conns, _, _), (pending, _, _) = maps.tables()
+    for key in batch.removals:
+        conns.delete(key) or pending.delete(key)
+    to_conns: list[tuple[bytes, bytes]] = []
+    to_pending: list[tuple[bytes, bytes]] = []
+    leaving_pending: list[bytes] = []
+    for key, (entry, confirmed, new) in batch.writes.items():
+        if confirmed:
+            to_conns.append((key, entry))
+            leaving_pending.append(key)
+        elif not new and conns.lookup(key) is not None:
+            to_conns.append((key, entry))
+        else:
+            to_pending.append((key, entry))
+    written = len(batch.removals)
+    for table, items in ((conns, to_conns), (pending, to_pending)):
+        written += _update_many(table, items)
+    if leaving_pending and next(pending.keys(), None) is not None:  # one syscall: empty?
+        for key in leaving_pending:
+            pending.delete(key)
+    maps.request_expiry()  # written from user space: the expiry pass must look
+    return written
+
+
+def _update_many(table: libbpf.Map, items: list[tuple[bytes, bytes]]) -> int:
+    """Writes *items* in one batch call; when the kernel refuses the batch
+    (a full table), one by one, skipping those it refuses. Returns how many."""
+    if not items:
+        return 0
+    try:
+        table.update_batch(b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items))
+        return len(items)
+    except libbpf.BpfError as err:
+        log.debug("sync: a batch write failed (%s), writing one by one", err)
+    written = 0
+    for key, value in items:
+        try:
+            table.update(key, value)
+        except libbpf.BpfError as err:
+            log.debug("sync: cannot apply an entry: %s", err)
+            continue
+        written += 1
+    return written
 
 
 def write_changes(

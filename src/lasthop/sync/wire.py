@@ -2,22 +2,36 @@
 (hosts number their interfaces differently) and the time the entry has LEFT
 before its state's timeout (hosts' clocks differ; no absolute time travels).
 
-A stream message is one batch: fields ``host`` (who published), ``ts`` (its
-wall clock, for the lag figure only), ``type`` ("changes", "snapshot",
-"hello": a host asks its peers for their tables) and ``records``, a JSON list
-of records, each a list in the order of WIRE_FIELDS.
+On the stream (binary, packed with struct): a message is one batch, fields
+``host`` (who published), ``ts`` (its wall clock, for the lag figure only),
+``type`` ("changes", "snapshot", "hello": a host asks its peers for their
+tables), ``v`` (WIRE_VERSION), ``names`` (a JSON list of the interface
+names the batch uses) and ``records``: RECORD_SIZE bytes per record, each a
+struct conn_change as the data path wrote it with the three fields of
+BINARY_REWRITES rewritten (ifindexes -> 1 + their index in ``names``, 0 =
+none; last_seen -> milliseconds left). Encoding and decoding are a slice,
+one unpack and one pack per record: no per-field objects.
+
+In a file (`lasthop export`), a record is a JSON list in the order of
+WIRE_FIELDS, readable and independent of the struct's layout.
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Mapping
+import struct
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from lasthop import abi
 
 __all__ = [
+    "BINARY_REWRITES",
+    "RECORD_SIZE",
     "WIRE_FIELDS",
+    "WIRE_VERSION",
+    "BatchEncoder",
+    "decode_batch",
     "Change",
     "decode_record",
     "encode_record",
@@ -131,3 +145,154 @@ def decode_record(values: list[object]) -> Change:
         entry=e,
         left_ms=int(left),  # type: ignore[call-overload]
     )
+
+
+# -- the stream's binary records ---------------------------------------------------
+
+WIRE_VERSION = "2"  # of the binary record: bump when struct conn_change changes
+RECORD_SIZE = ctypes.sizeof(abi.ConnChange)
+_ENTRY = abi.ConnChange.entry.offset
+_KEY, _KEY_END = abi.ConnChange.key.offset, abi.ConnChange.key.offset + ctypes.sizeof(abi.ConnKey)
+# struct conn_entry's first three u32, rewritten on the wire (offsets checked below)
+_TRIPLE = struct.Struct("<III")
+BINARY_REWRITES: tuple[tuple[str, str], ...] = (
+    ("entry.last_seen", "milliseconds left before its state's timeout (0 for a removal)"),
+    ("entry.ifindex", "1 + index of the uplink's name in the batch's names; 0 = none"),
+    ("entry.vm_ifindex", "1 + index of the VM port's name in the batch's names; 0 = none"),
+)
+assert (abi.ConnEntry.last_seen.offset, abi.ConnEntry.ifindex.offset) == (0, 4)
+assert abi.ConnEntry.vm_ifindex.offset == 8
+_STATE = _ENTRY + abi.ConnEntry.state.offset
+_FLAGS = _ENTRY + abi.ConnEntry.flags.offset
+_REMOVAL_KINDS = frozenset((int(abi.ChangeKind.REMOVED), int(abi.ChangeKind.EXPIRED)))
+
+
+# a record as struct sees it: kind, table, key, the three rewritten u32, the entry's rest
+_RECORD = struct.Struct(f"<BB2x{_KEY_END - _KEY}sIII{RECORD_SIZE - _ENTRY - _TRIPLE.size}s")
+assert _RECORD.size == RECORD_SIZE and _KEY == 4
+_REST_STATE = abi.ConnEntry.state.offset - _TRIPLE.size  # offsets within the entry's rest
+_REST_FLAGS = abi.ConnEntry.flags.offset - _TRIPLE.size
+
+
+class BatchEncoder:
+    """Packs conn_change records (from lh_changes, or a snapshot) into one
+    batch: the records' bytes and the names they use."""
+
+    def __init__(self, name_of: Callable[[int], str], now: int, settings: abi.Settings) -> None:
+        self._name_of = name_of
+        self._now, self._hz = now, settings.hz
+        self._timeouts = [settings.timeout[i] for i in range(abi.CS_MAX)]
+        self._ids: dict[int, int] = {0: 0}
+        self.names: list[str] = []
+        self._out: list[bytes] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._out)
+
+    def _id(self, ifindex: int) -> int:
+        self.names.append(self._name_of(ifindex))
+        found = self._ids[ifindex] = len(self.names)
+        return found
+
+    def add(self, records: Iterable[bytes]) -> None:
+        """Records as the ring (or a snapshot) gives them."""
+        now, hz, timeouts, ids = self._now, self._hz, self._timeouts, self._ids
+        out, pack, unpack = self._out, _RECORD.pack, _RECORD.unpack_from
+        removals, cs_max = _REMOVAL_KINDS, abi.CS_MAX
+        for raw in records:
+            kind, table, key, last_seen, ifindex, vm_ifindex, rest = unpack(raw)
+            if kind in removals:
+                out.append(pack(kind, table, key, 0, 0, 0, rest))
+                continue
+            state = rest[_REST_STATE]
+            timeout = timeouts[state if state < cs_max else 0] * 1000
+            age = (now - last_seen) & 0xFFFFFFFF
+            if age >= 0x80000000:  # refreshed after now was read: not aged at all
+                age = 0
+            left = timeout - age * 1000 // hz if hz else timeout
+            up = ids.get(ifindex)
+            if up is None:
+                up = self._id(ifindex)
+            vm = ids.get(vm_ifindex)
+            if vm is None:
+                vm = self._id(vm_ifindex)
+            out.append(pack(kind, table, key, left if left > 0 else 0, up, vm, rest))
+
+    def take(self) -> tuple[bytes, list[str]]:
+        """The batch so far (records, names); the encoder starts a new one."""
+        out, names = b"".join(self._out), self.names
+        self._out, self.names, self._ids = [], [], {0: 0}
+        return out, names
+
+
+@dataclass
+class DecodedBatch:
+    """A batch made ready for this host's tables: the last record of each key
+    (each carries its entry whole, so the last one is the truth), as
+    key -> (entry bytes, confirmed, new) to write, and keys to remove. *new*:
+    the peer's data path learned it into pending, so its confirmed table had
+    no such key, nor has ours (its removal came before, in order)."""
+
+    writes: dict[bytes, tuple[bytes, bool, bool]]
+    removals: list[bytes]
+    unmapped: int  # records naming an uplink this host does not have
+    records: int  # in the batch, all told
+
+
+def decode_batch(
+    records: bytes,
+    names: list[str],
+    index_of: Callable[[str], int],
+    now: int,
+    settings: abi.Settings,
+) -> DecodedBatch:
+    """A binary batch back into entries for this host at jiffies *now*:
+    names -> its ifindexes (an uplink it lacks: skipped, counted; a VM port
+    it lacks: no VM), milliseconds left -> last_seen. ValueError when the
+    batch is malformed."""
+    if len(records) % RECORD_SIZE:
+        raise ValueError(f"a batch is whole records of {RECORD_SIZE} bytes, got {len(records)}")
+    local = [0, *(index_of(n) for n in names)]
+    hz, cs_max = settings.hz, abi.CS_MAX
+    timeouts = [settings.timeout[i] * 1000 for i in range(abi.CS_MAX)]
+    # plain ints: comparing with an IntEnum costs more, per record
+    confirmed_table, vm_fast = int(abi.ChangeTable.CONFIRMED), abi.F_ENTRY_VM_FAST
+    pending_table, learned = int(abi.ChangeTable.PENDING), int(abi.ChangeKind.LEARNED)
+    removals = _REMOVAL_KINDS
+    triple = _TRIPLE.pack
+    writes: dict[bytes, tuple[bytes, bool, bool] | None] = {}
+    unmapped = 0
+    try:
+        for kind, table, key, left, up, vm, rest in _RECORD.iter_unpack(records):
+            if kind in removals:
+                writes[key] = None
+                continue
+            ifindex, vm_ifindex = local[up], local[vm]
+            if up and not ifindex:
+                unmapped += 1
+                continue
+            state = rest[_REST_STATE]
+            idle = timeouts[state if state < cs_max else 0] - left
+            last_seen = (now - (idle if idle > 0 else 0) * hz // 1000) & 0xFFFFFFFF
+            if not vm_ifindex and rest[_REST_FLAGS] & vm_fast:
+                flags = rest[_REST_FLAGS] & ~vm_fast
+                rest = rest[:_REST_FLAGS] + bytes((flags,)) + rest[_REST_FLAGS + 1 :]
+            writes[key] = (
+                triple(last_seen, ifindex, vm_ifindex) + rest,
+                table == confirmed_table,
+                kind == learned and table == pending_table,
+            )
+    except IndexError:
+        raise ValueError(f"a record names an interface beyond the batch's {len(names)}") from None
+    return DecodedBatch(
+        writes={k: v for k, v in writes.items() if v is not None},
+        removals=[k for k, v in writes.items() if v is None],
+        unmapped=unmapped,
+        records=len(records) // RECORD_SIZE,
+    )
+
+
+def record_of(kind: int, table: int, key: bytes, entry: bytes) -> bytes:
+    """A conn_change record of an entry read from a table (a snapshot)."""
+    return bytes((kind, table, 0, 0)) + key + entry
