@@ -251,17 +251,20 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 }
 
 /* The packet an ICMP error quotes: its IP header and first 8 L4 bytes, into
- * key as quoted (no length checks against the frame: quotes are truncated). */
-static __always_inline int parse_quoted(struct cursor *c, struct conn_key *key)
+ * key as quoted (no check of the quoted lengths: quotes are truncated). The
+ * quote must lie inside the error's own datagram (p): bytes after it are
+ * Ethernet padding, not a quote. */
+static __always_inline int parse_quoted(struct cursor *c, const struct pkt *p,
+					struct conn_key *key)
 {
 	struct iphdr *ip = c->pos;
 
-	if ((void *)(ip + 1) > c->end)
+	if ((void *)(ip + 1) > c->end || !in_datagram(c, p, sizeof(*ip)))
 		return -CNT_MALFORMED;
 	if (ip->version == 4) {
 		__u32 hlen = ip->ihl * 4;
 
-		if (hlen < sizeof(*ip) || c->pos + hlen > c->end)
+		if (hlen < sizeof(*ip) || c->pos + hlen > c->end || !in_datagram(c, p, hlen))
 			return -CNT_MALFORMED;
 		if (ip->frag_off & bpf_htons(IP_OFFSET_))
 			return -CNT_FRAGMENT;
@@ -273,7 +276,8 @@ static __always_inline int parse_quoted(struct cursor *c, struct conn_key *key)
 	} else {
 		struct ipv6hdr *ip6 = c->pos;
 
-		if ((void *)(ip6 + 1) > c->end || ip6->version != 6)
+		if ((void *)(ip6 + 1) > c->end || !in_datagram(c, p, sizeof(*ip6)) ||
+		    ip6->version != 6)
 			return -CNT_MALFORMED;
 		key->family = FAMILY_V6;
 		key->proto = ip6->nexthdr;
@@ -284,7 +288,7 @@ static __always_inline int parse_quoted(struct cursor *c, struct conn_key *key)
 
 	struct { __be16 a; __be16 b; __u8 type; __u8 code; __be16 id; } *l4 = c->pos;
 
-	if ((void *)l4 + 8 > c->end)
+	if ((void *)l4 + 8 > c->end || !in_datagram(c, p, 8))
 		return -CNT_MALFORMED;
 	if (key->proto == IPPROTO_ICMP || key->proto == IPPROTO_ICMPV6) {
 		/* quoted echo: type, code, checksum, identifier */
