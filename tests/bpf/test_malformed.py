@@ -206,6 +206,8 @@ ROWS = [
     Bad("ICMP header cut at 7 bytes", ("icmp4",), cut_l4(7)),
     Bad("ICMPv6 header cut at 7 bytes", ("icmp6",), cut_l4(7)),
     Bad("TCP data offset below 5", ("tcp4", "tcp6"), set_tcp(dataofs=4)),
+    Bad("TCP data offset one word past the segment", ("tcp4", "tcp6"), set_tcp(dataofs=6)),
+    Bad("TCP data offset far past the segment", ("tcp4", "tcp6"), set_tcp(dataofs=15)),
     # bad lengths and versions
     Bad("IPv4 total length beyond the frame", ("tcp4", "udp4"), set_ip(len=200)),
     Bad("IPv4 total length shorter than the IPv4 header", ("tcp4",), set_ip(len=19)),

@@ -211,6 +211,10 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 
 		if ((void *)(th + 1) > c->end || !in_datagram(c, p, sizeof(*th)) || th->doff < 5)
 			return -CNT_MALFORMED;
+		/* strict: a header longer than the segment is no segment (the
+		 * kernel's tcp_v4_rcv/tcp_v6_rcv drop it too) */
+		if (!in_datagram(c, p, th->doff * 4))
+			return -CNT_MALFORMED;
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
