@@ -227,6 +227,10 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 
 		if ((void *)(uh + 1) > c->end || !in_datagram(c, p, sizeof(*uh)))
 			return -CNT_MALFORMED;
+		/* strict: the UDP length covers its own header and stays inside the
+		 * datagram (shorter is allowed: the kernel's udp_rcv trims the rest) */
+		if (bpf_ntohs(uh->len) < sizeof(*uh) || !in_datagram(c, p, bpf_ntohs(uh->len)))
+			return -CNT_MALFORMED;
 		p->key.sport = uh->source;
 		p->key.dport = uh->dest;
 		return 0;
