@@ -246,6 +246,16 @@ LEARNING = [
         table_counters=INSERTED,
     ),
     Case(
+        "IPv6 payload length 0 on a frame that is no GSO packet is malformed (no wire jumbograms)",
+        UPLINK,
+        "up1",
+        eth(MAC_FW_B, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, plen=0)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A")
+        / Raw(bytes(100)),
+        counters={("up1", C.MALFORMED): 1},
+    ),
+    Case(
         "Ethernet padding after the IPv4 total length is ignored",
         UPLINK,
         "up1",

@@ -138,10 +138,10 @@ static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, struct __
 
 /* IPv6: checks the payload length, skips hop-by-hop, routing, destination
  * options and AH headers; refuses fragments. Returns the L4 protocol. */
-static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, __u32 frame_len)
+static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, struct __sk_buff *skb)
 {
 	struct ipv6hdr *ip6 = c->pos;
-	__u32 off = p->l3_off, plen;
+	__u32 off = p->l3_off, plen, frame_len = skb->len;
 	__u8 next;
 
 	if ((void *)(ip6 + 1) > c->end)
@@ -149,7 +149,12 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, __u32 fra
 	plen = bpf_ntohs(ip6->payload_len);
 	if (ip6->version != 6 || off + sizeof(*ip6) + plen > frame_len)
 		return -CNT_MALFORMED;
-	/* payload length 0: a jumbogram (BIG TCP GRO), as long as the frame */
+	/* payload length 0 on a GSO packet: BIG TCP GRO over 64 KiB, as long as
+	 * the frame (the kernel's ipv6_payload_len() reads it so too). Strict
+	 * otherwise: a wire jumbogram (RFC 2675, a hop-by-hop Jumbo option) needs
+	 * a link MTU over 64 KiB, which no Ethernet has, so 0 is malformed. */
+	if (!plen && !skb->gso_size)
+		return -CNT_MALFORMED;
 	p->l3_len = plen ? sizeof(*ip6) + plen : frame_len - off;
 	p->key.family = FAMILY_V6;
 	__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
@@ -337,7 +342,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p, st
 	if (proto == ETH_P_IP)
 		proto = parse_ipv4(c, p, skb);
 	else if (proto == ETH_P_IPV6)
-		proto = parse_ipv6(c, p, skb->len);
+		proto = parse_ipv6(c, p, skb);
 	else
 		return -CNT_NOT_IP;
 	if (proto < 0)
