@@ -205,6 +205,13 @@ LEARNING = [
         counters={("up1", C.LEARNED): 1, ("up1", C.IPV6_EXT): 1},
     ),
     learn(
+        "lenient: an IPv4 header checksum is not checked (the kernel checks it after tc)",
+        eth(MAC_FW_B, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1, chksum=0xBAD)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S"),
+        SYN,
+    ),
+    learn(
         "a protocol without ports (GRE) is learned with ports 0",
         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, proto=47) / Raw(bytes(8)),
         ST.UDP_NEW,
