@@ -68,7 +68,7 @@ static __always_inline struct ethhdr *eth_of(struct __sk_buff *skb)
  * are Ethernet padding, not headers: the frame's end is not enough. */
 static __always_inline int in_datagram(const struct cursor *c, const struct pkt *p, __u32 n)
 {
-	return c->pos + n - p->l3 <= p->l3_len;
+	return LH_BROKEN_DATAGRAM_CHECK || c->pos + n - p->l3 <= p->l3_len;
 }
 
 /* Ethernet, then up to MAX_VLAN_TAGS 802.1Q/802.1ad tags in the data.
