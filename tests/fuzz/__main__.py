@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .runner import PROGRAMS, Fuzzer, build_object, sandbox
+from .runner import PROGRAMS, Fuzzer, Result, build_object, sandbox
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         fuzzer = Fuzzer(obj, up, vm)
         try:
             for program in programs:
-                result = fuzzer.run(program, args.seed, count, first)
+                result = fuzzer.run(program, args.seed, count, first, progress=_progress)
                 print(result.summary(), flush=True)
                 for d in result.discrepancies[: args.show]:
                     print(d.report(), flush=True)
@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             fuzzer.close()
     return 1 if found else 0
+
+
+def _progress(result: Result) -> None:
+    print(
+        f"  ... {result.program}: {result.cases} cases, {result.seconds:.0f} s, "
+        f"{result.found} discrepancies",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ VMPORT = "lh_vmport"
 PROGRAMS = (UPLINK, VMPORT)
 ZONE = 7  # both interfaces' zone: the key carries it
 SLOT_UP, SLOT_VM = 1, 2
+PROGRESS_EVERY = 50_000
 TABLE_SIZE = 64  # each table: a frame leaves at most one entry
 SEEN_SETUP = 1_000_000_007  # the VM port's entry's last_seen: "not touched"
 LAST_HOP = bytes.fromhex("02fa0000000b")  # firewall B, the entry's last hop
@@ -314,10 +315,17 @@ class Fuzzer:
                 m.delete(raw_key)
 
     def run(
-        self, program: str, seed: int, count: int, first: int = 0, stop_at_first: bool = False
+        self,
+        program: str,
+        seed: int,
+        count: int,
+        first: int = 0,
+        stop_at_first: bool = False,
+        progress: Callable[[Result], None] | None = None,
     ) -> Result:
         """Runs cases first, first + 1, ... until *count* frames ran (frames
-        test run refuses are counted apart and not run)."""
+        test run refuses are counted apart and not run); *progress* is called
+        every PROGRESS_EVERY frames."""
         result = Result(program, seed)
         start = time.monotonic()
         case = first
@@ -326,6 +334,9 @@ class Fuzzer:
             case += 1
             if stop_at_first and result.found:
                 break
+            if progress and result.cases % PROGRESS_EVERY == 0:
+                result.seconds = time.monotonic() - start
+                progress(result)
         result.seconds = time.monotonic() - start
         return result
 
