@@ -95,7 +95,9 @@ def read(data: bytes, gso: bool) -> Reading:
     r = Reading()
     n = len(data)
     # 3. Ethernet, then up to two tags; a third is not ours
-    etype, off = Ether(data[:14]).type, 14
+    head = Ether(data[:14])
+    # a type of 1500 or less is an 802.3 length to scapy (Dot3): no ethertype, so not IP
+    etype, off = getattr(head, "type", getattr(head, "len", 0)), 14
     while etype in TPIDS:
         if len(r.tags) == MAX_TAGS:
             return _fail(r, C.NOT_IP)

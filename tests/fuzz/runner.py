@@ -224,6 +224,22 @@ class Fuzzer:
     # one case
     def run_case(self, program: str, seed: int, case: int, result: Result) -> None:
         s = frames.sample(seed, program, case)
+        try:
+            self._run_case(program, seed, case, s, result)
+        except libbpf.BpfError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- the oracle failing on a frame is a finding
+            result.cases += 1
+            result.found += 1
+            result.found_by["oracle-error"] += 1
+            if len(result.discrepancies) < 20:
+                diff = f"the oracle raised {err!r}"
+                result.discrepancies.append(Discrepancy(program, seed, case, s, [diff]))
+            self._cleanup()
+
+    def _run_case(
+        self, program: str, seed: int, case: int, s: frames.Sample, result: Result
+    ) -> None:
         gso = s.gso_size > 0
         reading = oracle.read(s.data, gso)
         setup: tuple[oracle.Key, oracle.Row] | None = None
