@@ -180,7 +180,8 @@ def _ipv6(r: Reading, data: bytes, off: int, gso: bool) -> tuple[int, int, int] 
     return nh, pos, end
 
 
-def _none(r: Reading, reason: abi.Counter) -> None:
+def _none(r: Reading, reason: abi.Counter) -> tuple[int, int, int] | None:
+    """No protocol to go on with: pass with *reason*."""
     r.reason = reason
     return None
 
@@ -320,10 +321,11 @@ def _count(e: Expected, port: Port, r: Reading, reason: abi.Counter) -> Expected
 
 def _first_state(r: Reading, proto: int) -> int:
     if proto == 6:
-        return ST.TCP_SYN_SENT if r.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN else ST.TCP_MIDSTREAM
+        syn = r.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        return int(ST.TCP_SYN_SENT if syn else ST.TCP_MIDSTREAM)
     if proto in (1, 58):
-        return ST.ICMP_NEW
-    return ST.UDP_NEW
+        return int(ST.ICMP_NEW)
+    return int(ST.UDP_NEW)
 
 
 def uplink(data: bytes, r: Reading, up: Port) -> Expected:
