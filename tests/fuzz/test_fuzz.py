@@ -103,3 +103,25 @@ def test_mutations_change_the_frame() -> None:
             assert s.data == s.base and s.mutation == "valid"
         elif s.mutation != "valid":
             assert s.data != s.base, s.mutation
+
+
+def test_the_oracle_agrees_with_the_hand_written_malformed_rows() -> None:
+    """The oracle, like the C, is checked against the rows someone wrote by
+    hand (bpf/test_malformed.py): each frame, on either program, counts
+    exactly the reasons its row names."""
+    from bpf.test_malformed import BASES, ROWS, SHORT_L3
+
+    from . import oracle
+
+    up, vm = oracle.Port(2, 1, 0), oracle.Port(3, 2, 0)
+    for row in ROWS + SHORT_L3:
+        for base in row.bases:
+            request, reply, _ = BASES[base]
+            for frame, port in ((bytes(row.make(request)), up), (bytes(row.make(reply)), vm)):
+                reading = oracle.read(frame, False)
+                if port is up:
+                    want = oracle.uplink(frame, reading, up)
+                else:
+                    want = oracle.vmport(frame, reading, vm, up, None, b"\0" * 6)
+                got = {c for (_, c) in want.counters}
+                assert got == set(row.counters), f"{row.desc} [{base}]: {got}"
