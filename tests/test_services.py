@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,32 @@ def test_the_store_round_trips_and_rejects_other_files(tmp_path: Path) -> None:
     store.path.write_text('{"services": 7}')
     with pytest.raises(ServiceError, match="not a lasthop state file"):
         store.load()
+
+
+@pytest.mark.root
+@pytest.mark.netns
+def test_the_state_does_not_outlive_its_namespace(tmp_path: Path) -> None:
+    """A state file written in a namespace that has gone is not read (and is
+    removed) in a new namespace of the same name: it does not get the old
+    services back. In the namespace that wrote it, it is read as ever."""
+    from pyroute2 import netns
+
+    name = f"lh-state-{os.getpid()}"
+    path = tmp_path / name / "services.json"
+    state = _state([web()], [])
+    for generation in ("old", "new"):
+        netns.create(name)
+        netns.pushns(name)
+        try:
+            if generation == "old":
+                ServiceStore(path).save(state)
+                assert ServiceStore(path).load() == state
+            else:
+                assert ServiceStore(path).load() is None
+                assert not path.exists()
+        finally:
+            netns.popns()
+            netns.remove(name)
 
 
 # ---------------------------------------------------------------- the manager, state only

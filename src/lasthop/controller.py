@@ -725,8 +725,12 @@ class Controller:
 
     @_locked
     def detach(self) -> list[str]:
-        """Removes the programs from every attached interface and the pins."""
+        """Removes the programs from every attached interface, the pins and the
+        services state: a clean slate (docs/cli.md, "What each command keeps")."""
+        from lasthop.services import store  # pydantic: only when detaching
+
         # every link, not just those the table names: pins may already be gone
         detached = [link.name for link in self.links.all() if detach_filter(link.index)]
         self.pins.remove()
+        store.forget(self.netns)
         return detached

@@ -396,6 +396,24 @@ class Map:
             _c.memmove(token_in, token_out, ks)
             first = False
 
+    def array_values(self, count: int) -> bytes:
+        """The values of an array map's first *count* elements, back to back,
+        in one batch call (a per-CPU value holds every CPU's): what a caller
+        polling a few counters per event reads without a syscall per element."""
+        ks, vs = self.info.key_size, self._value_size
+        keys = _c.create_string_buffer(ks * count)
+        vals = _c.create_string_buffer(vs * count)
+        token = _c.create_string_buffer(ks)
+        n = _u32(count)
+        opts = _BatchOpts(sz=_c.sizeof(_BatchOpts))
+        ret = _lib.bpf_map_lookup_batch(
+            self.fd, None, token, keys, vals, _c.byref(n), _c.byref(opts)
+        )
+        err = 0 if ret >= 0 else (-ret if ret != -1 else _c.get_errno())
+        if err and err != errno.ENOENT:
+            raise BpfError("bpf_map_lookup_batch", err)
+        return vals.raw[: n.value * vs]
+
     def memlock(self) -> int:
         """Kernel memory the map holds, as /proc/self/fdinfo reports it (bytes)."""
         for line in Path(f"/proc/self/fdinfo/{self.fd}").read_text().splitlines():

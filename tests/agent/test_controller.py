@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from lasthop.config import Config, Interface
 from lasthop.controller import Controller, LinkError, NotAttachedError, TableSizeError
 from lasthop.datapath import TC_HANDLE, TC_PRIORITY, Datapath, Pins, filter_prog_id
 from lasthop.libbpf import INGRESS, TcHook
+from lasthop.services import store
 
 pytestmark = ROOT_MARKS
 
@@ -268,6 +270,25 @@ def test_detach_removes_filters_and_pins(box: Sandbox) -> None:
         )
         assert not ns.pins.exists()
         assert c.detach() == []
+    finally:
+        c.close()
+
+
+def test_detach_forgets_the_services_state(
+    box: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """detach also removes the namespace's services state (/run/lasthop/<netns>/):
+    the next run starts from its config alone, not the services of before."""
+    monkeypatch.setattr(store, "STATE_DIR", tmp_path)
+    ns = box.host()
+    _started(ns, _config(["up0"], ["vm0"])).close()
+    c = Controller(ns.name)
+    try:
+        store.ServiceStore(store.state_path(ns.name)).save(store.StateFile(ids={"web": 1}))
+        assert (tmp_path / ns.name / "services.json").exists()
+        c.detach()
+        assert not (tmp_path / ns.name).exists()
+        assert not ns.pins.exists()
     finally:
         c.close()
 

@@ -24,9 +24,11 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
+    IPv6ExtHdrSegmentRouting,
 )
+from scapy.layers.ipsec import AH
 from scapy.layers.l2 import Dot1Q, Ether
-from scapy.packet import Packet
+from scapy.packet import Packet, Raw
 
 from lasthop import abi
 from lasthop.datapath import request_expiry
@@ -73,6 +75,7 @@ def mac_str(raw: bytes) -> str:
 
 def _l4_ports(frame: Packet) -> tuple[int, int]:
     """Ports as the key holds them; ICMP echo puts its identifier in both."""
+    frame = _l4_dissected(frame)
     for layer in (TCP, UDP):
         if layer in frame:
             return frame[layer].sport, frame[layer].dport
@@ -84,15 +87,41 @@ def _l4_ports(frame: Packet) -> tuple[int, int]:
     return 0, 0
 
 
-def _l4_proto(frame: Packet) -> int:
+_SKIPPED_EXT = (
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrRouting,
+    IPv6ExtHdrSegmentRouting,
+    AH,
+)
+
+
+def _l4_layer(frame: Packet) -> tuple[int, Packet]:
+    """(protocol, the layer after the IP header and the extension headers lasthop
+    skips). The segment routing header is a routing header scapy has a class of
+    its own for; after AH scapy leaves the rest undissected."""
     if IP in frame:
-        return int(frame[IP].proto)
-    # IPv6: the next header after the extension headers lasthop skips
+        return int(frame[IP].proto), frame[IP].payload
     layer = frame[IPv6]
     nh, payload = layer.nh, layer.payload
-    while isinstance(payload, (IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt, IPv6ExtHdrRouting)):
+    while isinstance(payload, _SKIPPED_EXT):
         nh, payload = payload.nh, payload.payload
-    return int(nh)
+    return int(nh), payload
+
+
+_L4_CLASS = {6: TCP, 17: UDP}
+
+
+def _l4_dissected(frame: Packet) -> Packet:
+    """The frame itself, or its L4 header dissected where scapy left raw bytes."""
+    proto, payload = _l4_layer(frame)
+    if isinstance(payload, Raw) and proto in _L4_CLASS:
+        return _L4_CLASS[proto](bytes(payload))  # type: ignore[no-any-return]
+    return frame
+
+
+def _l4_proto(frame: Packet) -> int:
+    return _l4_layer(frame)[0]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
     IPv6,
     IPv6ExtHdrDestOpt,
@@ -131,6 +131,26 @@ def set_tcp(**fields: object) -> Callable[[Packet], Packet]:
     return make
 
 
+def set_udp(**fields: object) -> Callable[[Packet], Packet]:
+    def make(f: Packet) -> Packet:
+        e = Ether(bytes(f))
+        for name, value in fields.items():
+            setattr(e[UDP], name, value)
+        del e[UDP].chksum
+        return e
+
+    return make
+
+
+def udp_len_past(n: int) -> Callable[[Packet], Packet]:
+    """The UDP length n bytes longer than the datagram holds."""
+
+    def make(f: Packet) -> Packet:
+        return set_udp(len=len(Ether(bytes(f))[UDP]) + n)(f)
+
+    return make
+
+
 def ext6(*headers: Packet) -> Callable[[Packet], Packet]:
     """IPv6 extension headers inserted before the L4 header."""
 
@@ -206,6 +226,12 @@ ROWS = [
     Bad("ICMP header cut at 7 bytes", ("icmp4",), cut_l4(7)),
     Bad("ICMPv6 header cut at 7 bytes", ("icmp6",), cut_l4(7)),
     Bad("TCP data offset below 5", ("tcp4", "tcp6"), set_tcp(dataofs=4)),
+    Bad("UDP length 0", ("udp4",), set_udp(len=0)),
+    Bad("UDP length 7, shorter than its header", ("udp4",), set_udp(len=7)),
+    Bad("UDP length one byte past the datagram", ("udp4",), udp_len_past(1)),
+    Bad("UDP length far past the datagram", ("udp4",), set_udp(len=0xFFFF)),
+    Bad("TCP data offset one word past the segment", ("tcp4", "tcp6"), set_tcp(dataofs=6)),
+    Bad("TCP data offset far past the segment", ("tcp4", "tcp6"), set_tcp(dataofs=15)),
     # bad lengths and versions
     Bad("IPv4 total length beyond the frame", ("tcp4", "udp4"), set_ip(len=200)),
     Bad("IPv4 total length shorter than the IPv4 header", ("tcp4",), set_ip(len=19)),
@@ -341,6 +367,24 @@ CONTROLS = [
         counters={("up1", C.LEARNED): 1},
         table_counters={abi.TableCounter.PENDING_INSERTED: 1},
         after=(MIDSTREAM,),
+    ),
+    Case(
+        "control: a UDP length shorter than the datagram is learned (the rest is trimmed)",
+        UPLINK,
+        "up1",
+        set_udp(len=8)(udp4_request()),
+        counters={("up1", C.LEARNED): 1},
+        table_counters={abi.TableCounter.PENDING_INSERTED: 1},
+        after=(
+            Entry(
+                Key(udp4_request()),
+                mac=MAC_FW_B,
+                iface="up1",
+                seen="now",
+                state=abi.State.UDP_NEW,
+                table=PENDING,
+            ),
+        ),
     ),
     Case(
         "control: a well-formed reply of the same shape is redirected",

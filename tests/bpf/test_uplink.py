@@ -8,14 +8,16 @@ the whole table afterwards.
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6ND_NS,
     IPv6,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
+    IPv6ExtHdrSegmentRouting,
 )
+from scapy.layers.ipsec import AH
 from scapy.layers.l2 import Dot1Q
 from scapy.packet import Raw
 
@@ -33,6 +35,7 @@ from packets import (
     MAC_VM_2,
     MAC_VMPORT_1,
     PORT_CLIENT,
+    PORT_DNS,
     PORT_HTTP,
     VLAN_C,
     VLAN_OTHER,
@@ -100,7 +103,7 @@ def learn(desc: str, frame, state: abi.State, **kw) -> Case:  # type: ignore[no-
         "up1",
         frame,
         after=(learned(frame, state),),
-        counters=LEARNED,
+        counters=kw.pop("counters", LEARNED),
         table_counters=INSERTED,
         **kw,
     )
@@ -205,6 +208,31 @@ LEARNING = [
         counters={("up1", C.LEARNED): 1, ("up1", C.IPV6_EXT): 1},
     ),
     learn(
+        "IPv6 AH is skipped: the key's protocol is the one after it",
+        eth(MAC_FW_B, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+        / AH(nh=6, payloadlen=4, spi=7, seq=1, icv=bytes(12))
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S"),
+        SYN,
+        counters={("up1", C.LEARNED): 1, ("up1", C.IPV6_EXT): 1},
+    ),
+    learn(
+        "IPv6 segment routing header is skipped: the key's protocol is the one after it",
+        eth(MAC_FW_B, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+        / IPv6ExtHdrSegmentRouting(addresses=[IP6_VM_1])
+        / UDP(sport=PORT_CLIENT, dport=PORT_DNS),
+        ST.UDP_NEW,
+        counters={("up1", C.LEARNED): 1, ("up1", C.IPV6_EXT): 1},
+    ),
+    learn(
+        "lenient: an IPv4 header checksum is not checked (the kernel checks it after tc)",
+        eth(MAC_FW_B, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1, chksum=0xBAD)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="S"),
+        SYN,
+    ),
+    learn(
         "a protocol without ports (GRE) is learned with ports 0",
         eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1, proto=47) / Raw(bytes(8)),
         ST.UDP_NEW,
@@ -244,6 +272,16 @@ LEARNING = [
         after=(learned(tcp6_request(), ST.TCP_MIDSTREAM),),
         counters=LEARNED,
         table_counters=INSERTED,
+    ),
+    Case(
+        "IPv6 payload length 0 on a frame that is no GSO packet is malformed (no wire jumbograms)",
+        UPLINK,
+        "up1",
+        eth(MAC_FW_B, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, plen=0)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A")
+        / Raw(bytes(100)),
+        counters={("up1", C.MALFORMED): 1},
     ),
     Case(
         "Ethernet padding after the IPv4 total length is ignored",

@@ -450,6 +450,30 @@ ICMP_ERRORS = [
         setup=(reply_to(udp4_request()),),
     ),
     icmp_miss(
+        "an error whose quote lies in the Ethernet padding after its datagram: passed",
+        eth(MAC_VM_1, MAC_FW_A)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B, len=20 + 8)
+        / ICMP(**PORT_UNREACH)
+        / l3(udp4_request()),
+        setup=(reply_to(udp4_request()),),
+    ),
+    icmp_miss(
+        "a v6 error whose quote lies in the Ethernet padding after its datagram: passed",
+        eth(MAC_VM_1, MAC_FW_A)
+        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B, plen=8)
+        / ICMPv6DestUnreach(code=4)
+        / l3(udp6_request()),
+        setup=(reply_to(udp6_request()),),
+    ),
+    icmp_miss(
+        "an error whose quote's L4 bytes lie in the Ethernet padding: passed",
+        eth(MAC_VM_1, MAC_FW_A)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B, len=20 + 8 + 20 + 4)
+        / ICMP(**PORT_UNREACH)
+        / l3(udp4_request()),
+        setup=(reply_to(udp4_request()),),
+    ),
+    icmp_miss(
         "a quoted fragment (offset set): passed",
         eth(MAC_VM_1, MAC_FW_A)
         / IP(src=IP_VM_1, dst=IP_CLIENT_B)

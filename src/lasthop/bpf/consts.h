@@ -47,6 +47,13 @@ enum lh_const {
 /* Bytes pulled into the linear area when the headers are not there yet. */
 #define PULL_LEN 128
 
+/* Test builds only: 1 drops the datagram bound of in_datagram() (parse.h),
+ * the check that keeps headers out of the Ethernet padding, so the fuzzer
+ * (tests/fuzz) can show that it catches a parser missing one bounds check. */
+#ifndef LH_BROKEN_DATAGRAM_CHECK
+#define LH_BROKEN_DATAGRAM_CHECK 0
+#endif
+
 #define ETH_ALEN   6  /* as linux/if_ether.h: a #define there, so one here too */
 #define AF_INET_   2  /* bpf_fib_lookup's family: the socket API's values */
 #define AF_INET6_  10

@@ -360,7 +360,7 @@ int lh_uplink(struct __sk_buff *skb)
 static __always_inline int icmp_error_key(struct pkt *p, struct cursor *c)
 {
 	struct conn_key quoted = {};
-	int err = parse_quoted(c, &quoted);
+	int err = parse_quoted(c, p, &quoted);
 
 	if (err)
 		return err;

@@ -68,7 +68,7 @@ static __always_inline struct ethhdr *eth_of(struct __sk_buff *skb)
  * are Ethernet padding, not headers: the frame's end is not enough. */
 static __always_inline int in_datagram(const struct cursor *c, const struct pkt *p, __u32 n)
 {
-	return c->pos + n - p->l3 <= p->l3_len;
+	return LH_BROKEN_DATAGRAM_CHECK || c->pos + n - p->l3 <= p->l3_len;
 }
 
 /* Ethernet, then up to MAX_VLAN_TAGS 802.1Q/802.1ad tags in the data.
@@ -138,10 +138,10 @@ static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, struct __
 
 /* IPv6: checks the payload length, skips hop-by-hop, routing, destination
  * options and AH headers; refuses fragments. Returns the L4 protocol. */
-static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, __u32 frame_len)
+static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, struct __sk_buff *skb)
 {
 	struct ipv6hdr *ip6 = c->pos;
-	__u32 off = p->l3_off, plen;
+	__u32 off = p->l3_off, plen, frame_len = skb->len;
 	__u8 next;
 
 	if ((void *)(ip6 + 1) > c->end)
@@ -149,7 +149,12 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, __u32 fra
 	plen = bpf_ntohs(ip6->payload_len);
 	if (ip6->version != 6 || off + sizeof(*ip6) + plen > frame_len)
 		return -CNT_MALFORMED;
-	/* payload length 0: a jumbogram (BIG TCP GRO), as long as the frame */
+	/* payload length 0 on a GSO packet: BIG TCP GRO over 64 KiB, as long as
+	 * the frame (the kernel's ipv6_payload_len() reads it so too). Strict
+	 * otherwise: a wire jumbogram (RFC 2675, a hop-by-hop Jumbo option) needs
+	 * a link MTU over 64 KiB, which no Ethernet has, so 0 is malformed. */
+	if (!plen && !skb->gso_size)
+		return -CNT_MALFORMED;
 	p->l3_len = plen ? sizeof(*ip6) + plen : frame_len - off;
 	p->key.family = FAMILY_V6;
 	__builtin_memcpy(p->key.saddr, &ip6->saddr, 16);
@@ -211,6 +216,10 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 
 		if ((void *)(th + 1) > c->end || !in_datagram(c, p, sizeof(*th)) || th->doff < 5)
 			return -CNT_MALFORMED;
+		/* strict: a header longer than the segment is no segment (the
+		 * kernel's tcp_v4_rcv/tcp_v6_rcv drop it too) */
+		if (!in_datagram(c, p, th->doff * 4))
+			return -CNT_MALFORMED;
 		p->key.sport = th->source;
 		p->key.dport = th->dest;
 		p->tcp_flags = ((__u8 *)th)[13];
@@ -222,6 +231,10 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 		struct udphdr *uh = c->pos;
 
 		if ((void *)(uh + 1) > c->end || !in_datagram(c, p, sizeof(*uh)))
+			return -CNT_MALFORMED;
+		/* strict: the UDP length covers its own header and stays inside the
+		 * datagram (shorter is allowed: the kernel's udp_rcv trims the rest) */
+		if (bpf_ntohs(uh->len) < sizeof(*uh) || !in_datagram(c, p, bpf_ntohs(uh->len)))
 			return -CNT_MALFORMED;
 		p->key.sport = uh->source;
 		p->key.dport = uh->dest;
@@ -251,17 +264,20 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 }
 
 /* The packet an ICMP error quotes: its IP header and first 8 L4 bytes, into
- * key as quoted (no length checks against the frame: quotes are truncated). */
-static __always_inline int parse_quoted(struct cursor *c, struct conn_key *key)
+ * key as quoted (no check of the quoted lengths: quotes are truncated). The
+ * quote must lie inside the error's own datagram (p): bytes after it are
+ * Ethernet padding, not a quote. */
+static __always_inline int parse_quoted(struct cursor *c, const struct pkt *p,
+					struct conn_key *key)
 {
 	struct iphdr *ip = c->pos;
 
-	if ((void *)(ip + 1) > c->end)
+	if ((void *)(ip + 1) > c->end || !in_datagram(c, p, sizeof(*ip)))
 		return -CNT_MALFORMED;
 	if (ip->version == 4) {
 		__u32 hlen = ip->ihl * 4;
 
-		if (hlen < sizeof(*ip) || c->pos + hlen > c->end)
+		if (hlen < sizeof(*ip) || c->pos + hlen > c->end || !in_datagram(c, p, hlen))
 			return -CNT_MALFORMED;
 		if (ip->frag_off & bpf_htons(IP_OFFSET_))
 			return -CNT_FRAGMENT;
@@ -273,7 +289,8 @@ static __always_inline int parse_quoted(struct cursor *c, struct conn_key *key)
 	} else {
 		struct ipv6hdr *ip6 = c->pos;
 
-		if ((void *)(ip6 + 1) > c->end || ip6->version != 6)
+		if ((void *)(ip6 + 1) > c->end || !in_datagram(c, p, sizeof(*ip6)) ||
+		    ip6->version != 6)
 			return -CNT_MALFORMED;
 		key->family = FAMILY_V6;
 		key->proto = ip6->nexthdr;
@@ -284,7 +301,7 @@ static __always_inline int parse_quoted(struct cursor *c, struct conn_key *key)
 
 	struct { __be16 a; __be16 b; __u8 type; __u8 code; __be16 id; } *l4 = c->pos;
 
-	if ((void *)l4 + 8 > c->end)
+	if ((void *)l4 + 8 > c->end || !in_datagram(c, p, 8))
 		return -CNT_MALFORMED;
 	if (key->proto == IPPROTO_ICMP || key->proto == IPPROTO_ICMPV6) {
 		/* quoted echo: type, code, checksum, identifier */
@@ -325,7 +342,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p, st
 	if (proto == ETH_P_IP)
 		proto = parse_ipv4(c, p, skb);
 	else if (proto == ETH_P_IPV6)
-		proto = parse_ipv6(c, p, skb->len);
+		proto = parse_ipv6(c, p, skb);
 	else
 		return -CNT_NOT_IP;
 	if (proto < 0)

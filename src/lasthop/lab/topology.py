@@ -14,7 +14,6 @@ into its namespace on creation), so the caller's namespace never sees one.
 from __future__ import annotations
 
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from lasthop.lab.namespaces import (
     sysctl,
 )
 from lasthop.lab.servers import READY
-from lasthop.services.store import state_path as services_state_path
+from lasthop.services.store import forget as forget_services_state
 
 __all__ = ["Lab", "down", "lab_namespaces", "Progress"]
 
@@ -139,7 +138,7 @@ def down(name: str, progress: Progress = _quiet) -> list[str]:
 def _forget_services(host_ns: str) -> None:
     """Removes the agent's state of the lab's host (services, drains, health):
     a later lab of the same name starts from its own config."""
-    shutil.rmtree(services_state_path(host_ns).parent, ignore_errors=True)
+    forget_services_state(host_ns)
     # a killed agent leaves its API socket (config.API_SOCKET_DIR; not imported: pydantic)
     (API_SOCKETS / f"{host_ns}.sock").unlink(missing_ok=True)
 

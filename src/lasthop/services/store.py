@@ -2,11 +2,19 @@
 definitions, their Maglev table ids and the VMs' health, kept across agent
 restarts and edits made while no agent runs; and :func:`merge`, which lays
 the config's services over it when an agent starts.
+
+The state lives as long as its namespace's data path: `lasthop detach`
+removes it (:func:`forget`), and a file written in a namespace that has
+since gone is not read by a new namespace of the same name (the file names
+its namespace by cookie, which the kernel never gives twice).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
@@ -20,12 +28,15 @@ __all__ = [
     "ServiceStore",
     "StateFile",
     "VmHealth",
+    "forget",
     "merge",
+    "netns_cookie",
     "state_path",
 ]
 
 STATE_DIR = Path(os.environ.get("LASTHOP_STATE_DIR", "/run/lasthop"))
 STATE_VERSION = 1
+SO_NETNS_COOKIE = 71  # linux/socket.h (5.14+): the socket's network namespace, as a cookie
 
 
 class VmHealth(BaseModel):
@@ -51,10 +62,28 @@ class StateFile(BaseModel):
     # service -> port -> health
     health: dict[str, dict[str, VmHealth]] = Field(default_factory=dict)
     ifindexes: dict[str, int] = Field(default_factory=dict)  # VM port -> ifindex last seen
+    # the network namespace the file was written in (its cookie; 0: not known)
+    netns_cookie: int = 0
 
 
 def state_path(netns: str) -> Path:
     return STATE_DIR / netns / "services.json"
+
+
+def forget(netns: str) -> bool:
+    """Removes a namespace's services state (its folder); True when there was one."""
+    folder = state_path(netns).parent
+    existed = folder.exists()
+    shutil.rmtree(folder, ignore_errors=True)
+    return existed
+
+
+def netns_cookie() -> int:
+    """The calling thread's network namespace as the kernel names it: a cookie
+    unique since boot (a name, or an nsfs inode number, may be used again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    return int.from_bytes(raw, sys.byteorder)
 
 
 class ServiceStore:
@@ -75,9 +104,14 @@ class ServiceStore:
             raise ServiceError(f"{self.path}: not a lasthop state file: {why}") from None
         if state.version != STATE_VERSION:
             raise ServiceError(f"{self.path}: version {state.version}, expected {STATE_VERSION}")
+        if state.netns_cookie and state.netns_cookie != netns_cookie():
+            # written in a namespace that has gone: a new one of the same name starts clean
+            self.path.unlink(missing_ok=True)
+            return None
         return state
 
     def save(self, state: StateFile) -> None:
+        state.netns_cookie = netns_cookie()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         tmp.write_text(state.model_dump_json(indent=1, exclude_none=True) + "\n")
