@@ -207,15 +207,19 @@ def reload(
 ) -> None:
     """Have the running agent re-read its config and apply the difference
     (as SIGHUP does); a bad config is refused with the keys named (exit 2)."""
-    from lasthop import config as config_mod
     from lasthop import netns as netns_mod
+    from lasthop.config import API_SOCKET_DIR
     from lasthop.services.cli import AgentClient
 
     if api_socket is None:
-        cfg = config_mod.load(config_path).merged(netns=netns)
-        api_socket = cfg.api_socket_path(cfg.netns or netns_mod.current_name())
-    if api_socket is None:
-        raise ConfigError('api_socket is "": no socket to ask; send SIGHUP to the agent instead')
+        # the socket from the file's two keys alone: the agent judges the rest,
+        # so a bad config is refused by it, naming the keys (and logged there)
+        data = configfile.read(config_path) if config_path is not None else {}
+        name, where = data.get("netns"), data.get("api_socket")
+        if where == "":
+            raise ConfigError('api_socket is "": no socket to ask; send SIGHUP to the agent')
+        name = netns or (name if isinstance(name, str) else None) or netns_mod.current_name()
+        api_socket = Path(where) if isinstance(where, str) else API_SOCKET_DIR / f"{name}.sock"
     client = AgentClient.probe(api_socket)
     if client is None:
         raise NotAttachedError(f"no agent answers on {api_socket}")
