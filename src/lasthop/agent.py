@@ -104,22 +104,22 @@ class Agent:
                     self._app.state.tokens = tokens
                 assert self.controller.config is not None
                 self.config = self.controller.config
+                for key in result.kept:
+                    event(
+                        log, "reload_kept", level=logging.WARNING, key=key,
+                        reason="cannot change while running: restart the agent to change it",
+                    )  # fmt: skip
+                event(
+                    log, "reload", changed=",".join(result.changed) or "nothing",
+                    kept=",".join(result.kept), attached=",".join(result.attached),
+                    detached=",".join(result.detached),
+                )  # fmt: skip
             except LasthopError as err:
                 event(log, "reload_refused", level=logging.ERROR, error=str(err))
                 raise
-            finally:
+            finally:  # READY after the log lines: whoever waits for it finds them
                 if self.notifier.enabled:
                     self.notifier.ready(self._status())
-            for key in result.kept:
-                event(
-                    log, "reload_kept", level=logging.WARNING, key=key,
-                    reason="cannot change while running: restart the agent to change it",
-                )  # fmt: skip
-            event(
-                log, "reload", changed=",".join(result.changed) or "nothing",
-                kept=",".join(result.kept), attached=",".join(result.attached),
-                detached=",".join(result.detached),
-            )  # fmt: skip
             return result
 
     def _reload_json(self) -> dict[str, object]:

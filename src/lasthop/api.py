@@ -104,10 +104,10 @@ def create_app(
             return JSONResponse({"detail": str(refused)}, refused.status, headers=headers)
         response = await call_next(request)
         if request.method.upper() not in READ_METHODS:
-            event(
-                log, "api_write", who=caller.who, method=request.method,
-                path=request.url.path, query=request.url.query or None, status=response.status_code,
-            )  # fmt: skip
+            what: dict[str, Any] = {"method": request.method, "path": request.url.path}
+            if request.url.query:
+                what["query"] = request.url.query  # e.g. which VMs a DELETE removes
+            event(log, "api_write", who=caller.who, **what, status=response.status_code)
         return response
 
     @app.exception_handler(LasthopError)

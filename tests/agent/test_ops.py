@@ -211,3 +211,50 @@ def _has_group(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+FETCH = r"""
+import sys, urllib.request, urllib.error
+req = urllib.request.Request(sys.argv[1], method=sys.argv[2])
+if len(sys.argv) > 3:
+    req.add_header("Authorization", "Bearer " + sys.argv[3])
+try:
+    with urllib.request.urlopen(req, timeout=5) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+"""
+
+
+def test_over_tcp_the_real_agent_asks_every_request_for_its_token(box: Sandbox) -> None:
+    """A real agent with api_tokens: over TCP, no token is 401, a read token's
+    POST is 403, a write token's POST is served and logged with its name;
+    the unix socket still needs none."""
+    ns = box.host()
+    tokens = box.logs / "tokens.toml"
+    tokens.write_text(
+        '[[token]]\nname = "grafana"\naccess = "read"\nsecret = "' + "r" * 24 + '"\n'
+        '[[token]]\nname = "ops"\naccess = "write"\nsecret = "' + "w" * 24 + '"\n'
+    )
+    tokens.chmod(0o600)
+    cfg = box.logs / "lasthop.toml"
+    write_config(cfg, ns.name, f'api_tokens = "{tokens}"\napi = "127.0.0.1:9181"\n'
+                 '[[uplink]]\nname = "up0"\n')  # fmt: skip
+    info = {**os.environ, "LASTHOP_LOG_LEVEL": "info"}  # api_write is an info line
+    agent = box.agent("--config", str(cfg), netns=None, env=info)
+    url = "http://127.0.0.1:9181"
+
+    def fetch(path: str, method: str = "GET", *token: str) -> tuple[int, str]:
+        out = ns.exec(sys.executable, "-c", FETCH, url + path, method, *token).stdout
+        code, _, body = out.strip().partition(" ")
+        return int(code), body
+
+    code, body = fetch("/healthz")
+    assert code == 401 and "needs a token" in body
+    assert fetch("/healthz", "GET", "x" * 24) == (401, '{"detail":"unknown token"}')
+    assert fetch("/healthz", "GET", "r" * 24)[0] == 200
+    code, body = fetch("/v1/flush", "POST", "r" * 24)
+    assert code == 403 and "token 'grafana' is read-only" in body
+    assert fetch("/v1/flush", "POST", "w" * 24) == (200, '{"flushed":0}')
+    assert AgentClient(ns.socket).call("GET", "/healthz")["status"] == "ok"
+    wait_for(lambda: "api_write who=ops method=POST path=/v1/flush status=200" in agent.stderr)
