@@ -455,3 +455,51 @@ class BridgedSite:
         if self._server is not None:
             self._server.kill()
             self._server.wait()
+
+
+# -- systemd, as the unit runs the agent ------------------------------------------------------
+
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET: the
+    messages the agent sends (READY=1, STATUS=..., WATCHDOG=1, ...), in order."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.seen: list[dict[str, str]] = []
+
+    def _read(self, timeout: float) -> dict[str, str] | None:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            raw = self.sock.recv(4096).decode()
+        except TimeoutError:
+            return None
+        message = dict(line.split("=", 1) for line in raw.splitlines())
+        self.seen.append(message)
+        return message
+
+    def wait_for(self, key: str, timeout: float = START_TIMEOUT) -> dict[str, str]:
+        """The next message that carries *key* (those before it are kept in seen)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = self._read(left)
+            if message is not None and key in message:
+                return message
+        raise AssertionError(f"no {key}= message within {timeout} s; saw {self.seen}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def unit_command(key: str, config: Path) -> list[str]:
+    """The unit's ExecStart or ExecReload (lasthop.systemd.unit_text) for
+    *config*, with this interpreter's `python -m lasthop` as the executable."""
+    from lasthop.systemd import unit_text
+
+    exe = f"{sys.executable} -m lasthop"
+    for line in unit_text(config, exe).splitlines():
+        if line.startswith(f"{key}="):
+            return line.split("=", 1)[1].split()
+    raise AssertionError(f"no {key} in the unit")

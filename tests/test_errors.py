@@ -56,7 +56,7 @@ def test_the_codes_are_those_docs_cli_md_lists() -> None:
     table = {cls.__name__: (cls.exit_code, cls.http_status) for cls in ERRORS}
     assert table == {
         "LasthopError": (1, 500),
-        "ConfigError": (2, 500),
+        "ConfigError": (2, 422),
         "FilterError": (2, 422),
         "NetnsError": (2, 500),
         "LinkError": (2, 500),

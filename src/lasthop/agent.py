@@ -1,26 +1,38 @@
 """The foreground agent: attach, serve the REST API, then follow bridge ports
-and run the kernel's expiry pass until SIGTERM/SIGINT. Stopping leaves the data path attached
-and the table pinned, so traffic keeps flowing and the next run adopts every
-entry."""
+and run the kernel's expiry pass until SIGTERM/SIGINT; SIGHUP (or `lasthop
+reload`, POST /v1/reload) re-reads the config and applies the difference.
+Stopping leaves the data path attached and the table pinned, so traffic keeps
+flowing and the next run adopts every entry. Under systemd it tells the
+manager when it is ready, its entry count and that it is alive
+(lasthop.systemd)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from lasthop import abi
+from lasthop import reload as reload_mod
+from lasthop.apiauth import Tokens
 from lasthop.config import Config, parse_hostport
 from lasthop.controller import Controller
+from lasthop.errors import ConfigError, LasthopError
 from lasthop.linkwatch import UplinkWatch
+from lasthop.logs import event
 from lasthop.services.health import HealthMonitor
+from lasthop.systemd import Notifier
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from lasthop.api import ApiServer
 
 __all__ = ["Agent"]
@@ -30,9 +42,24 @@ TICK = 0.5  # longest wait between two looks at the clock (a signal ends a wait 
 
 
 class Agent:
-    def __init__(self, controller: Controller, config: Config) -> None:
+    """*source* re-reads the config for a reload (the file and the command
+    line's flags on top); None: this agent cannot reload."""
+
+    def __init__(
+        self,
+        controller: Controller,
+        config: Config,
+        *,
+        source: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.controller = controller
         self.config = config
+        self.source = source
+        self.notifier = notifier or Notifier()
+        self._app: FastAPI | None = None
+        self._reload_lock = threading.Lock()
+        self._reload_asked = False
         self._stop = False
         self._bridge_index = 0
         # the signal's byte lands here (signal.set_wakeup_fd) and ends the loop's wait at once
@@ -41,7 +68,10 @@ class Agent:
             sock.setblocking(False)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._stop = True
+        if signum == signal.SIGHUP:
+            self._reload_asked = True
+        else:
+            self._stop = True
 
     def _api(self) -> ApiServer | None:
         """The API server for this config (bound, not yet serving), or None."""
@@ -51,12 +81,64 @@ class Agent:
             return None
         from lasthop.api import ApiServer, create_app  # FastAPI and uvicorn only when serving
 
-        server = ApiServer(create_app(self.controller), unix_path=unix_path, tcp=tcp)
+        tokens = Tokens.load(self.config.api_tokens)  # ConfigError names the file and the entry
+        self._app = create_app(self.controller, tokens=tokens, reload=self._reload_json)
+        server = ApiServer(
+            self._app, unix_path=unix_path, tcp=tcp, group=self.config.api_socket_group
+        )
         server.bind()
         return server
 
+    # -- reload ------------------------------------------------------------
+    def reload(self) -> reload_mod.Result:
+        """Re-reads the config and applies the difference; a bad config raises
+        (ConfigError naming the keys) and the running config stays."""
+        with self._reload_lock:
+            if self.source is None:
+                raise ConfigError("this agent has no config to re-read")
+            self.notifier.reloading()
+            try:
+                new = self.source()
+                tokens = Tokens.load(new.api_tokens) if self._app is not None else None
+                result = self.controller.reload(new)
+                if tokens is not None and self._app is not None:
+                    self._app.state.tokens = tokens
+                assert self.controller.config is not None
+                self.config = self.controller.config
+                for key in result.kept:
+                    event(
+                        log, "reload_kept", level=logging.WARNING, key=key,
+                        reason="cannot change while running: restart the agent to change it",
+                    )  # fmt: skip
+                event(
+                    log, "reload", changed=",".join(result.changed) or "nothing",
+                    kept=",".join(result.kept), attached=",".join(result.attached),
+                    detached=",".join(result.detached),
+                )  # fmt: skip
+            except LasthopError as err:
+                event(log, "reload_refused", level=logging.ERROR, error=str(err))
+                raise
+            finally:  # READY after the log lines: whoever waits for it finds them
+                if self.notifier.enabled:
+                    self.notifier.ready(self._status())
+            return result
+
+    def _reload_json(self) -> dict[str, object]:
+        return self.reload().to_json()
+
+    def _status(self) -> str:
+        """systemd's STATUS: the table's entries and what is attached (no table walk)."""
+        c = self.controller
+        attached = c.attached_now()
+        try:
+            entries = f"{c.entry_count()} entries"
+        except LasthopError as err:
+            entries = f"entries unknown ({err})"
+        return f"{entries}; {len(attached.uplinks)} uplinks, {len(attached.vm_ports)} VM ports"
+
     def run(self, *, ready: Callable[[str], object] = print) -> None:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = {s: signal.signal(s, self._on_signal) for s in signals}
         previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         c = self.controller
         try:
@@ -83,9 +165,13 @@ class Agent:
                 f"lasthop: attached in netns {c.netns}: uplinks {uplinks}, VM ports {vm_ports}"
                 + (f"; API on {', '.join(where)}" if where else "")
             )
+            if self.notifier.enabled:
+                self.notifier.ready(self._status())
             self._loop()
-            log.info("stopping: data path stays attached, table stays pinned at %s", c.pins.folder)
+            self.notifier.stopping()
+            event(log, "stop", pins=str(c.pins.folder), data_path="stays attached")
         finally:
+            self.notifier.close()
             c.stop_sync()
             if uplinks_watch is not None:
                 uplinks_watch.stop()
@@ -113,25 +199,32 @@ class Agent:
         c = self.controller
         # the pass is lh_expire, in the kernel (docs/table.md); an entry goes at
         # most expiry_interval (plus one pass) after its timeout
-        every = self.config.expiry_interval
-        next_pass = time.monotonic() + every
+        next_pass = time.monotonic() + self.config.expiry_interval
         while not self._stop:
+            self.notifier.watchdog()  # from this loop: a hung loop is a dead agent
+            every = self.config.expiry_interval  # a reload may change it
             if self.config.bridge:
                 self._follow_bridge(timeout=TICK)
             else:
                 select.select([self._wake_r], [], [], min(TICK, every))
             self._drain_wake()
+            if self._reload_asked:
+                self._reload_asked = False
+                with contextlib.suppress(LasthopError):  # logged: the running config stays
+                    self.reload()
             if time.monotonic() >= next_pass:
                 removed = c.expire()
                 if removed:
                     log.debug("expiry pass removed %d idle entries", removed)
                 next_pass = time.monotonic() + every
+                if self.notifier.enabled:
+                    self.notifier.status(self._status())
 
     def _follow_bridge(self, timeout: float) -> None:
         c = self.controller
-        for event, link in c.links.events(timeout, wake=self._wake_r):
+        for change, link in c.links.events(timeout, wake=self._wake_r):
             is_port = link.master == self._bridge_index and link.index not in c.attached.uplinks
-            if event == "new" and is_port and link.index not in c.attached.vm_ports:
+            if change == "new" and is_port and link.index not in c.attached.vm_ports:
                 c.attach(link, abi.Role.VM_PORT, self.config.bridge_zone)
-            elif link.index in c.attached.vm_ports and (event == "del" or not is_port):
+            elif link.index in c.attached.vm_ports and (change == "del" or not is_port):
                 c.forget(link.index)

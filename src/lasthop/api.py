@@ -9,13 +9,16 @@ default the API listens on a unix socket, /run/lasthop/<netns>.sock;
 
 from __future__ import annotations
 
+import grp
 import itertools
+import logging
 import os
 import socket
 import stat
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,12 +26,15 @@ import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from lasthop import metrics
+from lasthop.apiauth import READ_METHODS, Refused, Tokens
 from lasthop.connections import Connection, ConnFilter, json_array
 from lasthop.controller import Attached, InterfaceInfo, Stats
 from lasthop.endpoint import format_endpoint
-from lasthop.errors import ApiError, LasthopError
+from lasthop.errors import ApiError, ConfigError, LasthopError
+from lasthop.logs import event
 from lasthop.services.api import router as services_router
 from lasthop.services.manager import ServiceManager
 
@@ -39,6 +45,8 @@ __all__ = ["ApiError", "ApiServer", "ControllerApi", "create_app"]
 
 API_VERSION = "v1"
 SOCKET_MODE = 0o660
+log = logging.getLogger("lasthop")
+Reload = Callable[[], dict[str, object]]  # the agent's reload: its result as JSON
 
 
 class ControllerApi(Protocol):
@@ -59,10 +67,48 @@ class ControllerApi(Protocol):
     def services(self) -> ServiceManager: ...
 
 
-def create_app(controller: ControllerApi) -> FastAPI:
-    """The app; every handler is one controller call."""
+def create_app(
+    controller: ControllerApi, *, tokens: Tokens | None = None, reload: Reload | None = None
+) -> FastAPI:
+    """The app; every handler is one controller call. *tokens*: who may call
+    over TCP (lasthop.apiauth); *reload*: what POST /v1/reload runs."""
     app = FastAPI(title="lasthop", version=API_VERSION, docs_url="/docs", redoc_url=None)
     registry = metrics.registry(controller)
+    app.state.tokens = tokens or Tokens([])
+
+    @app.middleware("http")
+    async def _owner(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        """Refuses what the caller may not do; logs every write with who and what."""
+        server = request.scope.get("server")
+        unix = server is None or server[1] is None
+        client = request.scope.get("client")
+        peer = (
+            f"{client[0]}" if unix and client else (f"{client[0]}:{client[1]}" if client else None)
+        )
+        try:
+            caller = app.state.tokens.caller(
+                method=request.method,
+                authorization=request.headers.get("authorization"),
+                peer=peer,
+                unix=unix,
+            )
+        except Refused as refused:
+            event(
+                log, "api_refused", level=logging.WARNING, peer=peer or "unix socket",
+                method=request.method, path=request.url.path, status=refused.status,
+                reason=str(refused),
+            )  # fmt: skip
+            headers = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
+            return JSONResponse({"detail": str(refused)}, refused.status, headers=headers)
+        response = await call_next(request)
+        if request.method.upper() not in READ_METHODS:
+            what: dict[str, Any] = {"method": request.method, "path": request.url.path}
+            if request.url.query:
+                what["query"] = request.url.query  # e.g. which VMs a DELETE removes
+            event(log, "api_write", who=caller.who, **what, status=response.status_code)
+        return response
 
     @app.exception_handler(LasthopError)
     async def _error(request: Request, err: LasthopError) -> JSONResponse:
@@ -113,6 +159,14 @@ def create_app(controller: ControllerApi) -> FastAPI:
         """Removes every entry."""
         return {"flushed": controller.flush()}
 
+    @app.post(f"/{API_VERSION}/reload")
+    def reload_config() -> dict[str, object]:
+        """Re-reads the config and applies the difference (docs/operations.md);
+        a bad config is refused (422) and the running one stays."""
+        if reload is None:
+            raise ConfigError("this agent cannot reload: it was not started by `lasthop run`")
+        return reload()
+
     @app.get(f"/{API_VERSION}/interfaces")
     def interfaces() -> list[dict[str, object]]:
         """The interfaces the data path is configured for."""
@@ -138,7 +192,20 @@ def create_app(controller: ControllerApi) -> FastAPI:
     return app
 
 
-def _bind_unix(path: Path) -> socket.socket:
+class _PeerProtocol(H11Protocol):
+    """uvicorn's h11 protocol that names a unix socket's caller by its uid
+    (SO_PEERCRED) in the request's scope ("client": ("uid N", pid))."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _ = struct.unpack("3i", creds)
+            self.client = (f"uid {uid}", pid)
+
+
+def _bind_unix(path: Path, group: str | None = None) -> socket.socket:
     """A listening-ready unix socket at *path*; a stale file is replaced, a live
     one (another agent answering) is an error."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +226,8 @@ def _bind_unix(path: Path) -> socket.socket:
     try:
         sock.bind(str(path))
         os.chmod(path, SOCKET_MODE)
+        if group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
     except OSError as err:
         sock.close()
         raise ApiError(f"cannot listen on {path}: {err.strerror}") from None
@@ -190,10 +259,16 @@ class ApiServer:
     """
 
     def __init__(
-        self, app: FastAPI, *, unix_path: Path | None = None, tcp: tuple[str, int] | None = None
+        self,
+        app: FastAPI,
+        *,
+        unix_path: Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        group: str | None = None,
     ) -> None:
         self.app = app
         self.unix_path = unix_path
+        self.group = group
         self.tcp = tcp
         self.addresses: list[str] = []
         self._sockets: list[socket.socket] = []
@@ -204,7 +279,7 @@ class ApiServer:
     def bind(self) -> None:
         try:
             if self.unix_path is not None:
-                sock = _bind_unix(self.unix_path)
+                sock = _bind_unix(self.unix_path, self.group)
                 self._sockets.append(sock)
                 self._unix_ino = self.unix_path.stat().st_ino
                 self.addresses.append(f"unix:{self.unix_path}")
@@ -220,7 +295,12 @@ class ApiServer:
         if not self._sockets:
             self.bind()
         config = uvicorn.Config(
-            self.app, lifespan="off", log_config=None, log_level="warning", access_log=False
+            self.app,
+            lifespan="off",
+            log_config=None,
+            log_level="warning",
+            access_log=False,  # writes are logged by the app, with who (api_write)
+            http=_PeerProtocol,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(

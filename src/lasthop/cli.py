@@ -12,16 +12,22 @@ import contextlib
 import functools
 import importlib
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from lasthop import configfile
+from lasthop import configfile, logs
 from lasthop.endpoint import format_endpoint
-from lasthop.errors import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, ConfigError, friendly
+from lasthop.errors import (
+    EXIT_FAILURE,
+    EXIT_NOT_ATTACHED,
+    EXIT_USAGE,
+    ConfigError,
+    NotAttachedError,
+    friendly,
+)
 
 # What only some commands need is imported in them: a command that reads the
 # pinned maps (`stats --json`, `show --json`) starts without pyroute2,
@@ -94,14 +100,25 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option("-v", "--verbose", is_flag=True, help="Log what the agent does.")
-def cli(verbose: bool) -> None:
+@click.version_option(package_name="lasthop", message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the agent does (--log-level info).")
+@click.option(
+    "--log-format",
+    type=click.Choice(logs.FORMATS),
+    default="text",
+    show_default=True,
+    envvar="LASTHOP_LOG_FORMAT",
+    help="Log lines as text (key=value) or JSON objects, on stderr.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(logs.LEVELS),
+    envvar="LASTHOP_LOG_LEVEL",
+    help="Least severe level logged [default: warning; info with -v].",
+)
+def cli(verbose: bool, log_format: str, log_level: str | None) -> None:
     """lasthop: send every reply back by the MAC and interface its request came in on."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(log_format, log_level or ("info" if verbose else "warning"))
 
 
 @cli.command()
@@ -152,7 +169,7 @@ def run(
     from lasthop.agent import Agent
     from lasthop.controller import Controller
 
-    cfg = config_mod.load(config_path).merged(
+    flags = dict(
         netns=netns,
         uplinks=uplinks,
         vm_ports=vm_ports,
@@ -165,11 +182,83 @@ def run(
         api_socket=api_socket,
         sync=sync,
     )
+
+    def source() -> Config:
+        """The config as now on disk, this command line's flags on top (a reload)."""
+        return config_mod.load(config_path).merged(**flags)
+
+    cfg = source()
     controller = Controller(cfg.netns, cfg.pin_root)
     try:
-        Agent(controller, cfg).run(ready=lambda line: print(line, flush=True))
+        Agent(controller, cfg, source=source).run(ready=lambda line: print(line, flush=True))
     finally:
         controller.close()
+
+
+@cli.command()
+@config_option
+@netns_option
+@click.option(
+    "--api-socket",
+    type=click.Path(path_type=Path),
+    help="The agent's unix socket (default: the config's, or /run/lasthop/<netns>.sock).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly
+def reload(
+    config_path: Path | None, netns: str | None, api_socket: Path | None, as_json: bool
+) -> None:
+    """Have the running agent re-read its config and apply the difference
+    (as SIGHUP does); a bad config is refused with the keys named (exit 2)."""
+    from lasthop import netns as netns_mod
+    from lasthop.config import API_SOCKET_DIR
+    from lasthop.services.cli import AgentClient
+
+    if api_socket is None:
+        # the socket from the file's two keys alone: the agent judges the rest,
+        # so a bad config is refused by it, naming the keys (and logged there)
+        data = configfile.read(config_path) if config_path is not None else {}
+        name, where = data.get("netns"), data.get("api_socket")
+        if where == "":
+            raise ConfigError('api_socket is "": no socket to ask; send SIGHUP to the agent')
+        name = netns or (name if isinstance(name, str) else None) or netns_mod.current_name()
+        api_socket = Path(where) if isinstance(where, str) else API_SOCKET_DIR / f"{name}.sock"
+    client = AgentClient.probe(api_socket)
+    if client is None:
+        raise NotAttachedError(f"no agent answers on {api_socket}")
+    from lasthop.errors import ServiceError
+
+    try:
+        answer = client.call("POST", "/v1/reload")
+    except ServiceError as err:  # 422: the agent refused the config
+        raise ConfigError(str(err)) from None
+    if as_json:
+        print(json.dumps(answer, indent=1))
+        return
+    changed = ", ".join(answer["changed"]) or "nothing"
+    print(f"reloaded: changed {changed}")
+    for key in answer["kept"]:
+        print(
+            f"warning: {key} cannot change while running: it keeps its value "
+            "(restart to change it)",
+            file=sys.stderr,
+        )
+
+
+@cli.command("systemd-unit")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="/etc/lasthop/lasthop.toml",
+    show_default=True,
+    help="The config file the unit runs the agent with.",
+)
+def systemd_unit(config_path: Path) -> None:
+    """Print the systemd unit (lasthop.service) for this install (docs/operations.md)."""
+    from lasthop.systemd import unit_text
+
+    sys.stdout.write(unit_text(config_path.absolute()))
 
 
 @cli.command()

@@ -5,6 +5,7 @@ A bad file raises :class:`ConfigError` naming the key and the reason.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,6 +17,7 @@ from pydantic import (
     IPvAnyAddress,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,11 +33,22 @@ __all__ = [
     "Interface",
     "Timeouts",
     "load",
+    "is_loopback",
     "parse_hostport",
     "API_SOCKET_DIR",
 ]
 
 API_SOCKET_DIR = Path("/run/lasthop")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether *host* (an address, or "localhost") is this host's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -171,10 +184,20 @@ class Config(_Model):
     pin_root: Path | None = Field(
         default=None, description="bpffs folder for the pins; default: <bpffs>/lasthop/<netns>"
     )
+    api_tokens: Path | None = Field(
+        default=None,
+        description="TOML file of the API's tokens (read-only or read-write); with it, every "
+        "request over TCP needs `Authorization: Bearer TOKEN` (docs/operations.md)",
+    )
     api: str | None = Field(default=None, description="HOST:PORT the REST API also serves (TCP)")
     api_socket: str | None = Field(
         default=None,
         description='unix socket of the REST API; default /run/lasthop/<netns>.sock, "" = none',
+    )
+    api_socket_group: str | None = Field(
+        default=None,
+        min_length=1,
+        description="group owning the unix socket (mode 0660): its members may drive the API",
     )
 
     services: list[Service] = Field(
@@ -255,9 +278,28 @@ class Config(_Model):
 
     @field_validator("api")
     @classmethod
-    def _check_api(cls, value: str | None) -> str | None:
+    def _check_api(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """HOST:PORT; an address other than loopback only with a token file
+        (api_tokens comes before api, so it is validated already)."""
         if value is not None:
-            parse_hostport(value)
+            host, _ = parse_hostport(value)
+            if not is_loopback(host) and info.data.get("api_tokens") is None:
+                raise ValueError(
+                    f"refusing to serve the API on {value}: not a loopback address, and no "
+                    "api_tokens file names who may use it (docs/operations.md)"
+                )
+        return value
+
+    @field_validator("api_socket_group")
+    @classmethod
+    def _check_group(cls, value: str | None) -> str | None:
+        if value is not None:
+            import grp
+
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"no group named {value!r} on this host") from None
         return value
 
     def api_socket_path(self, netns: str) -> Path | None:

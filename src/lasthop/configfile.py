@@ -26,6 +26,8 @@ KEYS = frozenset(
     {
         "api",
         "api_socket",
+        "api_socket_group",
+        "api_tokens",
         "bridge",
         "bridge_zone",
         "expiry_interval",

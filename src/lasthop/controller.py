@@ -41,9 +41,11 @@ from lasthop.errors import (
     TableSizeError,
 )
 from lasthop.links import Link, Links
+from lasthop.logs import event
 
 if TYPE_CHECKING:  # both load pydantic: the commands that only read maps go without
     from lasthop.config import Config
+    from lasthop.reload import Result as ReloadResult
     from lasthop.services.manager import ServiceManager
 
 __all__ = [
@@ -233,31 +235,107 @@ class Controller:
             pending_size=config.pending_table_size or 0,
             changes_size=changes_ring_size(bool(config.sync)),
         )
-        settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
-        settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
-        settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
-        settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
-        settings.flags |= (
-            self.datapath.maps.get_settings().flags & abi.F_SET_SERVICES
-        )  # until synced
-        settings.hz = Clock(self.datapath.clock_prog.fd).measure_hz()
-        for state, seconds in config.timeouts.by_state().items():
-            settings.timeout[state] = round(seconds)
-        settings.vm_quota = config.vm_origin_quota
-        self.datapath.maps.set_settings(settings)
+        self._write_settings(
+            config,
+            keep=abi.F_SET_SERVICES,  # until the services are synced
+            hz=Clock(self.datapath.clock_prog.fd).measure_hz(),
+        )
         for link, zone in uplinks:
             self.attach(link, abi.Role.UPLINK, zone)
         for link, zone in vm_ports:
             self.attach(link, abi.Role.VM_PORT, zone)
         self._forget_stale()
         self.services.start(config.services, config.health)
-        log.info(
-            "attached in netns %s (%s table at %s)",
-            self.netns,
-            "adopted" if adopted else "new",
-            self.pins.folder,
+        event(
+            log,
+            "start",
+            netns=self.netns,
+            table="adopted" if adopted else "new",
+            pins=str(self.pins.folder),
         )
         return self.attached
+
+    def _write_settings(self, config: Config, *, keep: int, hz: int) -> None:
+        """lh_settings from *config*; the flags in *keep* stay as the map has them."""
+        assert self.datapath is not None
+        maps = self.datapath.maps
+        settings = abi.Settings(flags=abi.F_SET_RELEARN_FIRST if config.relearn == "first" else 0)
+        settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
+        settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
+        settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
+        settings.flags |= maps.get_settings().flags & keep
+        settings.hz = hz
+        for state, seconds in config.timeouts.by_state().items():
+            settings.timeout[state] = round(seconds)
+        settings.vm_quota = config.vm_origin_quota
+        maps.set_settings(settings)
+
+    @property
+    def config(self) -> Config | None:
+        """The config running now (None before start)."""
+        return self._config
+
+    @_locked
+    def reload(self, new: Config) -> ReloadResult:
+        """Applies the difference between the running config and *new* (already
+        validated) without dropping an entry: interfaces attached, forgotten or
+        re-attached, lh_settings (timeouts, flags, quota) rewritten, services
+        merged. Keys that cannot change live keep their value (lasthop.reload).
+        Every named interface is looked up first: a missing one refuses the
+        reload, naming its key, before anything changes."""
+        from lasthop import reload as reload_mod
+
+        assert self.datapath is not None and self._config is not None, "start() first"
+        old = self._config
+        step = reload_mod.plan(old, new)
+        cfg = step.config
+        links = {}
+        for key, ifaces, what in (
+            ("uplink", cfg.uplinks, "uplink"),
+            ("vm_port", cfg.vm_ports, "VM port"),
+        ):
+            for n, iface in enumerate(ifaces):
+                try:
+                    links[(key, iface.name)] = self.links.by_name(iface.name, what)
+                except LinkError as err:
+                    raise ConfigError(f"key '{key}[{n}].name': {err}") from None
+        result = reload_mod.Result(changed=step.changed, kept=step.kept)
+        self._config = cfg
+        maps = self.datapath.maps
+        self._write_settings(
+            cfg, keep=abi.F_SET_SERVICES | abi.F_SET_SYNC, hz=maps.get_settings().hz
+        )
+        for key, role, before, after in (
+            ("uplink", abi.Role.UPLINK, old.uplinks, cfg.uplinks),
+            ("vm_port", abi.Role.VM_PORT, old.vm_ports, cfg.vm_ports),
+        ):
+            wanted = {i.name: i for i in after}
+            bridge = self.links.by_name(cfg.bridge, "bridge").index if cfg.bridge else None
+            for iface in before:
+                if iface.name in wanted:
+                    continue
+                ifindex = next(
+                    (i for i, name in self._attached(role).items() if name == iface.name), None
+                )
+                if ifindex is None:
+                    continue
+                link = self.links.by_index(ifindex)
+                if role == abi.Role.VM_PORT and link is not None and link.master == bridge:
+                    self.attach(link, role, cfg.bridge_zone)  # still a port of the bridge
+                else:
+                    self.forget(ifindex)
+                result.detached.append(iface.name)
+            previous = {i.name: i for i in before}
+            for iface in after:
+                if previous.get(iface.name) != iface:
+                    self.attach(links[(key, iface.name)], role, iface.zone)
+                    result.attached.append(iface.name)
+        if old.services != cfg.services or old.health != cfg.health:
+            self.services.reload(cfg.services, cfg.health)
+        return result
+
+    def _attached(self, role: abi.Role) -> dict[int, str]:
+        return self.attached.uplinks if role == abi.Role.UPLINK else self.attached.vm_ports
 
     @_locked
     def attach(self, link: Link, role: abi.Role, zone: int = 0) -> None:
@@ -285,13 +363,14 @@ class Controller:
         self.datapath.attach(link.index, role, egress=egress)
         target = self.attached.uplinks if role == abi.Role.UPLINK else self.attached.vm_ports
         target[link.index] = link.name
-        log.info(
-            "attached %s %s (ifindex %d, zone %d, slot %d)",
-            role.name.lower(),
-            link.name,
-            link.index,
-            zone,
-            slot,
+        event(
+            log,
+            "attach",
+            role=role.name.lower(),
+            interface=link.name,
+            ifindex=link.index,
+            zone=zone,
+            slot=slot,
         )
 
     def _vm_addresses(self, link: Link, maps: Maps) -> bool:
@@ -362,7 +441,7 @@ class Controller:
         if self.links.by_index(ifindex) is not None:
             detach_filter(ifindex)
         name = self.attached.vm_ports.pop(ifindex, None) or self.attached.uplinks.pop(ifindex, None)
-        log.info("forgot %s (ifindex %d)", name or "interface", ifindex)
+        event(log, "detach", interface=name, ifindex=ifindex)
 
     def _free_slot(self, maps: Maps) -> int:
         used = {cfg.slot for cfg in maps.attached().values()}
@@ -679,6 +758,12 @@ class Controller:
             states=states,
         )
 
+    def entry_count(self) -> int:
+        """Entries in both tables, as the kernel counts them (no walk)."""
+        with self.open_maps() as maps:
+            self._count_elements(maps)
+            return sum(maps.expiry_stats().elements)
+
     def _count_elements(self, maps: Maps) -> None:
         """Has the kernel write each table's element count into lh_expiry."""
         if self.datapath is not None:
@@ -721,6 +806,7 @@ class Controller:
             if total:
                 maps.add_counter(0, abi.Counter.AGENT_REMOVED, total)
                 maps.request_expiry()  # the counts by state are the walk's
+        event(log, "flush", removed=total)
         return total
 
     @_locked

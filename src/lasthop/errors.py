@@ -4,7 +4,7 @@ API), so no adapter keeps a mapping of its own.
 
     class                                   exit  HTTP  raised when
     LasthopError                               1   500  (the root)
-    ├── ConfigError (ValueError)               2   500  the config is invalid
+    ├── ConfigError (ValueError)               2   422  the config is invalid (reload)
     ├── FilterError (ValueError)               2   422  a `show` filter is invalid
     ├── NetnsError (OSError)                   2   500  a namespace cannot be entered
     ├── LinkError (LookupError)                2   500  a named interface is missing
@@ -74,6 +74,7 @@ class ConfigError(LasthopError, ValueError):
     """The configuration is invalid; the message names the key and why."""
 
     exit_code = EXIT_USAGE
+    http_status = 422  # POST /v1/reload with a bad config
     prefix = "config error:"
 
 

@@ -87,11 +87,15 @@ class AgentClient:
         return cls(path)
 
     def _call(self, method: str, path: str, body: object = None) -> Any:
+        return self.call(method, f"/v1/services{path}", body)
+
+    def call(self, method: str, path: str, body: object = None) -> Any:
+        """One request to the agent's API; its JSON answer, or the error it stands for."""
         conn = _UnixConnection(self.path, TIMEOUT)
         try:
             data = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if data is not None else {}
-            conn.request(method, f"/v1/services{path}", body=data, headers=headers)
+            conn.request(method, path, body=data, headers=headers)
             resp = conn.getresponse()
             payload = resp.read()
         except OSError as err:

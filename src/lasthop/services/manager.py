@@ -32,11 +32,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lasthop import abi
 from lasthop.datapath import Maps
 from lasthop.errors import NotAttachedError, ServiceConflict, ServiceNotFound
 from lasthop.links import Links
+from lasthop.logs import event
 from lasthop.services.lookup import delete_table, matcher, svc_key, write_table
 from lasthop.services.maglev import MAGLEV_SIZE, Member, build_table, slot_of
 from lasthop.services.model import (
@@ -234,6 +236,27 @@ class ServiceManager:
                             vm.link,
                         )
 
+    def reload(self, config_services: Iterable[Service], health: HealthCheck) -> None:
+        """The config was re-read: the same merge as at start (the config wins
+        for what it changed, run-time edits stay for what it did not), applied
+        to the running tables. A service the config dropped is removed (its
+        connections forgotten); new or changed ones are written."""
+        with self._lock:
+            config_services = list(config_services)
+            check_unique(config_services)
+            self.default_health = health
+            services = merge(config_services, self._state)
+            check_unique(services)
+            wanted = {s.name for s in services}
+            for svc in list(self._state.services):
+                if svc.name not in wanted:
+                    self.remove(svc.name)
+            before = {s.name: s for s in self._state.services}
+            self._state.services = services
+            self._state.config_services = config_services
+            changed = [s.name for s in services if before.get(s.name) != s]
+            self._changed("services_reload" if changed else None, services=",".join(changed))
+
     def add(self, service: Service) -> ServiceStatus:
         """A new service (ServiceConflict if the name or an address is taken)."""
         with self._lock:
@@ -245,8 +268,10 @@ class ServiceManager:
             check_unique([*self._state.services, service])
             self._state.services.append(service)
             self._changed(
-                f"service {service.name} added ({describe_key(service, 0)}, "
-                f"VMs {', '.join(v.port for v in service.vms) or 'none'})"
+                "service_add",
+                service=service.name,
+                key=describe_key(service, 0),
+                vms=",".join(v.port for v in service.vms),
             )
             return self.status(service.name)[0]
 
@@ -258,7 +283,7 @@ class ServiceManager:
                 if any(v.port == vm.port for v in svc.vms):
                     raise ServiceConflict(f"{vm.port!r} is already in the pool of {name!r}")
             self._replace(svc.model_copy(update={"vms": [*svc.vms, *new]}))
-            self._changed(f"service {name}: VMs {', '.join(v.port for v in new)} added")
+            self._changed("service_vms_add", service=name, vms=",".join(v.port for v in new))
             return self.status(name)[0]
 
     def remove(self, name: str) -> int:
@@ -276,7 +301,7 @@ class ServiceManager:
                     self._sync_maps(maps, force=False, drop_ids={gone})  # keys and table go first
                     removed = self._forget_connections(maps, lambda k: match(k) == name)
             self._save()
-            log.warning("service %s removed (%d connections forgotten)", name, removed)
+            event(log, "service_remove", level=logging.WARNING, service=name, forgotten=removed)
             return removed
 
     def remove_vms(self, name: str, ports: Iterable[str]) -> dict[str, int]:
@@ -299,12 +324,14 @@ class ServiceManager:
                     ifindexes = {_ifindex(p) or self._state.ifindexes.get(p, 0) for p in gone} - {0}
                     moved = self._move_connections(maps, self.get(name), ifindexes)
             self._save()
-            log.warning(
-                "service %s: VMs %s removed (connections: %d moved, %d dropped)",
-                name,
-                ", ".join(gone),
-                moved["moved"],
-                moved["dropped"],
+            event(
+                log,
+                "service_vms_remove",
+                level=logging.WARNING,
+                service=name,
+                vms=",".join(gone),
+                moved=moved["moved"],
+                dropped=moved["dropped"],
             )
             return moved
 
@@ -321,8 +348,9 @@ class ServiceManager:
             ]
             self._replace(svc.model_copy(update={"vms": vms}))
             self._changed(
-                f"service {name}: {', '.join(sorted(wanted))} "
-                f"{'drained' if drained else 'undrained'}"
+                "service_drain" if drained else "service_undrain",
+                service=name,
+                vms=",".join(sorted(wanted)),
             )
             return self.status(name)[0]
 
@@ -354,7 +382,10 @@ class ServiceManager:
             h.since = time.time()
             self.health_changes += 1
             level = logging.INFO if old == "unknown" and h.status == "up" else logging.WARNING
-            log.log(level, "service %s: VM %s %s -> %s (%s)", name, port, old, h.status, detail)
+            event(
+                log, "health", level=level, service=name, vm=port, old=old, new=h.status,
+                detail=detail,
+            )  # fmt: skip
             self._changed(None)
             return h.status
 
@@ -414,11 +445,12 @@ class ServiceManager:
     def _replace(self, svc: Service) -> None:
         self._state.services = [svc if s.name == svc.name else s for s in self._state.services]
 
-    def _changed(self, what: str | None) -> None:
+    def _changed(self, what: str | None, **fields: Any) -> None:
+        """Maps and state file follow the model; *what* (with *fields*) is logged."""
         self._sync(force=False)
         self._save()
         if what:
-            log.info("%s", what)
+            event(log, what, **fields)
 
     def _save(self) -> None:
         mine = {vm.port for s in self._state.services for vm in s.vms}
