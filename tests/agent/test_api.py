@@ -172,6 +172,7 @@ def test_interfaces() -> None:
             "slot": 1,
             "mac": "02:00:00:00:00:01",
             "routed": False,
+            "link_down": False,
         }
     ]
 
