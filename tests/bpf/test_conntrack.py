@@ -621,7 +621,11 @@ def test_conntrack(dp: Datapath, case: Case) -> None:
 @pytest.fixture(scope="module")
 def tiny(test_object: Path, topology: dict[str, Iface]) -> Iterator[Datapath]:
     """The object with room for one confirmed connection."""
-    obj = BpfObject(test_object, pin_root=None, max_entries={"lh_conns": 1, "lh_pending": 64})
+    obj = BpfObject(
+        test_object,
+        pin_root=None,
+        max_entries={"lh_conns4": 1, "lh_pending4": 64, "lh_conns": 1, "lh_pending": 64},
+    )
     try:
         yield Datapath(obj, topology)
     finally:

@@ -412,9 +412,9 @@ def write_changes(
     applied = unmapped = 0
     settings = m.get_settings()
     for c in changes:
-        key = bytes(c.key)
+        conns, pending = m.tables_for(c.key)  # its family's
         if c.kind in _REMOVALS:
-            m.conns.delete(key) or m.pending.delete(key)
+            conns.delete(c.key) or pending.delete(c.key)
             applied += 1
             continue
         e = c.entry
@@ -429,12 +429,12 @@ def write_changes(
         e.last_seen = last_seen_for(c.left_ms, now, settings.hz, settings.timeout[state])
         confirmed = c.table == abi.ChangeTable.CONFIRMED
         try:
-            if confirmed or m.conns.lookup(key) is not None:
-                m.conns.update(key, bytes(e))
+            if confirmed or conns.lookup(c.key) is not None:
+                conns.update(c.key, e)
                 if confirmed:
-                    m.pending.delete(key)
+                    pending.delete(c.key)
             else:
-                m.pending.update(key, bytes(e))
+                pending.update(c.key, e)
         except libbpf.BpfError as err:
             log.debug("sync: cannot apply an entry: %s", err)
             continue
