@@ -30,7 +30,7 @@ import pytest
 
 from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
-from lasthop.datapath import request_expiry
+from lasthop.datapath import FamilyMap, request_expiry
 from lasthop.lab.runner import AgentProcess, lasthop_argv
 
 BPFFS = Path("/sys/fs/bpf")
@@ -254,13 +254,17 @@ def conn_key(
 
 
 class PinnedTable:
-    """The pinned tables of a namespace (lh_conns, lh_pending), opened from the
-    test process."""
+    """The pinned tables of a namespace (confirmed: lh_conns4 and lh_conns,
+    pending: lh_pending4 and lh_pending), opened from the test process."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.conns = libbpf.Map.pinned(folder / "lh_conns")
-        self.pending = libbpf.Map.pinned(folder / "lh_pending")
+
+        def pinned(name: str) -> libbpf.Map:
+            return libbpf.Map.pinned(folder / name)
+
+        self.conns = FamilyMap.of(pinned, abi.ChangeTable.CONFIRMED)
+        self.pending = FamilyMap.of(pinned, abi.ChangeTable.PENDING)
         self.clock = Clock.pinned(folder / "lh_clock")
         settings = libbpf.Map.pinned(folder / "lh_settings")
         try:
@@ -271,7 +275,7 @@ class PinnedTable:
 
     @property
     def map_id(self) -> int:
-        return self.conns.info.id
+        return self.conns.map4.info.id
 
     def add(
         self,

@@ -21,7 +21,8 @@ IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMPV6 = 58
 # enum lh_const
-CONN_TABLE_SIZE = 1 << 20  # the object's default; the config's table_size sets it
+CONN_TABLE_SIZE = 1 << 20  # lh_conns4, the object's default; the config's table_size sets it
+CONN_TABLE_SIZE_V6 = 262144  # lh_conns; the config's table_size_v6 sets it
 MAX_IFACES = 256
 MAX_IFINDEX = 65536  # lh_ifaces is an array by ifindex: higher ones cannot be attached
 MAX_SERVICES = 256
@@ -31,7 +32,8 @@ MAGLEV_SEED = 0x4C617374
 MAX_VLAN_TAGS = 2
 FAMILY_V4 = 4
 FAMILY_V6 = 6
-PENDING_TABLE_SIZE = 262144  # the object's default; the config's pending_table_size sets it
+PENDING_TABLE_SIZE = 262144  # lh_pending4; the config's pending_table_size sets it
+PENDING_TABLE_SIZE_V6 = 65536  # lh_pending; the config's pending_table_size_v6 sets it
 MAX_VM_ADDRS = 65536
 MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
@@ -198,6 +200,43 @@ class ConnKey(ctypes.Structure):
     ]
 
 
+class ConnKey4(ctypes.Structure):
+    """struct conn_key4: the 16-byte key of the IPv4 tables (lh_conns4,
+    lh_pending4); the same fields as a ConnKey of FAMILY_V4."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8),
+        ("zone", ctypes.c_uint16),
+    ]
+
+
+def key4_of(key: ConnKey) -> ConnKey4:
+    """The IPv4 tables' key of an IPv4 ConnKey."""
+    return ConnKey4(
+        saddr=key.saddr[0],
+        daddr=key.daddr[0],
+        sport=key.sport,
+        dport=key.dport,
+        proto=key.proto,
+        zone=key.zone,
+    )
+
+
+def key_of4(key4: ConnKey4) -> ConnKey:
+    """The full ConnKey of an IPv4 tables' key."""
+    key = ConnKey(
+        sport=key4.sport, dport=key4.dport, proto=key4.proto, family=FAMILY_V4, zone=key4.zone
+    )
+    key.saddr[0] = key4.saddr
+    key.daddr[0] = key4.daddr
+    return key
+
+
 class ConnEntry(ctypes.Structure):
     _fields_ = [
         ("last_seen", ctypes.c_uint32),
@@ -334,6 +373,7 @@ class VmUsage(ctypes.Structure):
 # name in BTF -> mirror, for the ABI test
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "conn_key": ConnKey,
+    "conn_key4": ConnKey4,
     "conn_entry": ConnEntry,
     "conn_change": ConnChange,
     "iface_cfg": IfaceCfg,

@@ -156,13 +156,25 @@ class Config(_Model):
         default=abi.CONN_TABLE_SIZE,
         ge=1,
         le=1 << 27,
-        description="confirmed connections the table holds",
+        description="confirmed IPv4 connections the table holds",
     )
     pending_table_size: int | None = Field(
         default=None,
         ge=1,
         le=1 << 27,
-        description="new connections not yet confirmed (LRU); default table_size / 4",
+        description="new IPv4 connections not yet confirmed (LRU); default table_size / 4",
+    )
+    table_size_v6: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 27,
+        description="confirmed IPv6 connections the table holds; default table_size / 4",
+    )
+    pending_table_size_v6: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 27,
+        description="new IPv6 connections not yet confirmed (LRU); default pending_table_size / 4",
     )
     timeouts: Timeouts = Field(default_factory=Timeouts, description="idle timeouts by state")
     expiry_interval: float = Field(

@@ -233,6 +233,8 @@ class Controller:
             self.pins,
             table_size=config.table_size,
             pending_size=config.pending_table_size or 0,
+            table_size_v6=config.table_size_v6 or 0,
+            pending_size_v6=config.pending_table_size_v6 or 0,
             changes_size=changes_ring_size(bool(config.sync)),
         )
         self._write_settings(
@@ -709,12 +711,12 @@ class Controller:
             now, hz = self._now(maps)
             T = abi.TableCounter
             confirmed = self._table_stats(
-                maps.conns.info.max_entries, ex, 0, ev[T.CONFIRMED_INSERTED],
+                maps.capacity(abi.ChangeTable.CONFIRMED), ex, 0, ev[T.CONFIRMED_INSERTED],
                 ev[T.CONFIRMED_EXPIRED], ev[T.CONFIRMED_REMOVED], 0,
             )  # fmt: skip
             p_out = ev[T.PENDING_PROMOTED] + ev[T.PENDING_EXPIRED] + ev[T.PENDING_REMOVED]
             pending = self._table_stats(
-                maps.pending.info.max_entries, ex, 1, ev[T.PENDING_INSERTED],
+                maps.capacity(abi.ChangeTable.PENDING), ex, 1, ev[T.PENDING_INSERTED],
                 ev[T.PENDING_EXPIRED], ev[T.PENDING_REMOVED],
                 max(0, ev[T.PENDING_INSERTED] - p_out - ex.elements[1]),
             )  # fmt: skip
@@ -794,14 +796,15 @@ class Controller:
         """Removes every entry; returns how many (keys read in batches first)."""
         total = 0
         with self.open_maps() as maps:
-            for table, counter, which in maps.tables():
-                keys = [k for k, _ in table.items()]  # 40 bytes an entry, not the entries
+            for table in maps.tables():
+                keys = [k for k, _ in table.map.items()]  # 16 or 40 bytes an entry, not the entries
                 removed = 0
                 for k in keys:
-                    if table.delete(k):
+                    if table.map.delete(k):
                         removed += 1
-                        maps.report(abi.ChangeKind.REMOVED, which, k)  # to the peers (sync)
-                maps.add_table_counter(counter, removed)
+                        if maps.on_change is not None:  # to the peers (sync)
+                            maps.report(abi.ChangeKind.REMOVED, table.which, table.conn_key(k))
+                maps.add_table_counter(table.removed, removed)
                 total += removed
             if total:
                 maps.add_counter(0, abi.Counter.AGENT_REMOVED, total)

@@ -24,6 +24,8 @@ __all__ = [
     "NotAttachedError",
     "TableSizeError",
     "Pins",
+    "Table",
+    "FamilyMap",
     "TC_HANDLE",
     "TC_PRIORITY",
 ]
@@ -32,6 +34,8 @@ TC_HANDLE = 0x4C48  # "LH"
 TC_PRIORITY = 0x4C48
 OBJECT_ENV = "LASTHOP_BPF_OBJECT"  # a prebuilt object to load instead of building bpf/lasthop.c
 MAP_NAMES = (
+    "lh_conns4",
+    "lh_pending4",
     "lh_conns",
     "lh_pending",
     "lh_ifaces",
@@ -49,7 +53,22 @@ MAP_NAMES = (
     "lh_hops_refused",
 )
 PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
-TABLES = ("confirmed", "pending")  # lh_conns, lh_pending: the index of expiry_stats arrays
+TABLES = ("confirmed", "pending")  # the index of expiry_stats arrays (both families each)
+# the connection maps: (name, family, table); lh_conns4/lh_pending4 are keyed
+# by the 16-byte conn_key4, lh_conns/lh_pending (IPv6) by conn_key
+CONN_MAPS = (
+    ("lh_conns4", abi.FAMILY_V4, abi.ChangeTable.CONFIRMED),
+    ("lh_pending4", abi.FAMILY_V4, abi.ChangeTable.PENDING),
+    ("lh_conns", abi.FAMILY_V6, abi.ChangeTable.CONFIRMED),
+    ("lh_pending", abi.FAMILY_V6, abi.ChangeTable.PENDING),
+)
+# config key of each connection map's size
+SIZE_KEYS = {
+    "lh_conns4": "table_size",
+    "lh_pending4": "pending_table_size",
+    "lh_conns": "table_size_v6",
+    "lh_pending": "pending_table_size_v6",
+}
 UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 
@@ -76,13 +95,109 @@ class Pins:
         return removed
 
 
+@dataclass(frozen=True)
+class Table:
+    """One connection map: its family's key layout (conn_key4 for IPv4,
+    conn_key for IPv6), its counter of entries the agent removed and its name
+    in change records. Keys in and out are always the full ConnKey."""
+
+    map: libbpf.Map
+    family: int  # abi.FAMILY_V4 or FAMILY_V6
+    which: abi.ChangeTable  # CONFIRMED or PENDING
+
+    @property
+    def removed(self) -> abi.TableCounter:
+        if self.which == abi.ChangeTable.CONFIRMED:
+            return abi.TableCounter.CONFIRMED_REMOVED
+        return abi.TableCounter.PENDING_REMOVED
+
+    def raw_key(self, key: abi.ConnKey) -> bytes:
+        """The map's key of *key* (of this table's family)."""
+        return bytes(abi.key4_of(key)) if self.family == abi.FAMILY_V4 else bytes(key)
+
+    def conn_key(self, raw: bytes) -> abi.ConnKey:
+        """The full ConnKey of one of the map's keys."""
+        if self.family == abi.FAMILY_V4:
+            return abi.key_of4(abi.ConnKey4.from_buffer_copy(raw))
+        return abi.ConnKey.from_buffer_copy(raw)
+
+    def items(self) -> Iterator[tuple[abi.ConnKey, abi.ConnEntry]]:
+        """Every entry, read in batches (never all at once)."""
+        for key, value in self.map.items():
+            yield self.conn_key(key), abi.ConnEntry.from_buffer_copy(value)
+
+    def lookup(self, key: abi.ConnKey) -> abi.ConnEntry | None:
+        raw = self.map.lookup(self.raw_key(key))
+        return abi.ConnEntry.from_buffer_copy(raw) if raw is not None else None
+
+    def update(self, key: abi.ConnKey, entry: abi.ConnEntry, flags: int = libbpf.BPF_ANY) -> None:
+        self.map.update(self.raw_key(key), bytes(entry), flags)
+
+    def delete(self, key: abi.ConnKey) -> bool:
+        return self.map.delete(self.raw_key(key))
+
+
+class FamilyMap:
+    """The confirmed or the pending table, both families, as one map of full
+    conn_key bytes (for tests and benches that speak in raw keys): an IPv4 key
+    goes to the 16-byte-keyed map, an IPv6 one to the conn_key-keyed map."""
+
+    def __init__(self, map4: libbpf.Map, map6: libbpf.Map) -> None:
+        self.map4 = map4
+        self.map6 = map6
+
+    @classmethod
+    def of(cls, get: Callable[[str], libbpf.Map], which: abi.ChangeTable) -> FamilyMap:
+        """The table *which* of an object or pin folder (*get*: name -> map)."""
+        names = [name for name, _, w in CONN_MAPS if w == which]
+        return cls(get(names[0]), get(names[1]))
+
+    def route(self, key: bytes) -> tuple[libbpf.Map, bytes]:
+        """The map holding full key *key*, and its key there."""
+        k = abi.ConnKey.from_buffer_copy(key)
+        if k.family == abi.FAMILY_V4:
+            return self.map4, bytes(abi.key4_of(k))
+        return self.map6, key
+
+    def lookup(self, key: bytes) -> bytes | None:
+        m, k = self.route(key)
+        return m.lookup(k)
+
+    def update(self, key: bytes, value: bytes, flags: int = libbpf.BPF_ANY) -> None:
+        m, k = self.route(key)
+        m.update(k, value, flags)
+
+    def delete(self, key: bytes) -> bool:
+        m, k = self.route(key)
+        return m.delete(k)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every entry with its full key, IPv4 first, read in batches."""
+        for key, value in self.map4.items():
+            yield bytes(abi.key_of4(abi.ConnKey4.from_buffer_copy(key))), value
+        yield from self.map6.items()
+
+    def keys(self) -> Iterator[bytes]:
+        return (key for key, _ in self.items())
+
+    def count(self) -> int:
+        return self.map4.count() + self.map6.count()
+
+    def close(self) -> None:
+        self.map4.close()
+        self.map6.close()
+
+
 class Maps:
     """The pinned maps, with typed element access."""
 
     def __init__(self, maps: dict[str, libbpf.Map]) -> None:
         self._all = maps
-        self.conns = maps["lh_conns"]
-        self.pending = maps["lh_pending"]
+        self.conns4 = maps["lh_conns4"]
+        self.pending4 = maps["lh_pending4"]
+        self.conns = maps["lh_conns"]  # IPv6
+        self.pending = maps["lh_pending"]  # IPv6
+        self._tables = tuple(Table(maps[name], fam, which) for name, fam, which in CONN_MAPS)
         self.ifaces = maps["lh_ifaces"]
         self.counters = maps["lh_counters"]
         self.settings = maps["lh_settings"]
@@ -152,56 +267,60 @@ class Maps:
     # connections
     def entries(self) -> Iterator[tuple[abi.ConnKey, abi.ConnEntry]]:
         """Every entry, confirmed first, read in batches (never all at once)."""
-        for table in (self.conns, self.pending):
-            for key, value in table.items():
-                yield abi.ConnKey.from_buffer_copy(key), abi.ConnEntry.from_buffer_copy(value)
+        for which in (abi.ChangeTable.CONFIRMED, abi.ChangeTable.PENDING):
+            yield from self.entries_of(TABLES[which])
 
     def entries_of(self, table: str) -> Iterator[tuple[abi.ConnKey, abi.ConnEntry]]:
-        """The entries of one table: "confirmed" or "pending"."""
-        for key, value in (self.conns if table == "confirmed" else self.pending).items():
-            yield abi.ConnKey.from_buffer_copy(key), abi.ConnEntry.from_buffer_copy(value)
+        """The entries of one table, both families: "confirmed" or "pending"."""
+        which = abi.ChangeTable(TABLES.index(table))
+        for t in self._tables:
+            if t.which == which:
+                yield from t.items()
 
     def report(
         self,
         kind: abi.ChangeKind,
         table: abi.ChangeTable,
-        key: bytes,
+        key: abi.ConnKey,
         entry: abi.ConnEntry | None = None,
     ) -> None:
         """Hands a change user space made to the sync (on_change), if it is on."""
         if self.on_change is not None:
-            rec = abi.ConnChange(kind=kind, table=table, entry=entry or abi.ConnEntry())
-            ctypes.memmove(ctypes.byref(rec.key), key, ctypes.sizeof(abi.ConnKey))
+            rec = abi.ConnChange(kind=kind, table=table, key=key, entry=entry or abi.ConnEntry())
             self.on_change(bytes(rec))
 
-    def tables(self) -> tuple[tuple[libbpf.Map, abi.TableCounter, abi.ChangeTable], ...]:
-        """Each table, confirmed first, with its counter of entries the agent
-        removed and its name in change records."""
-        return (
-            (self.conns, abi.TableCounter.CONFIRMED_REMOVED, abi.ChangeTable.CONFIRMED),
-            (self.pending, abi.TableCounter.PENDING_REMOVED, abi.ChangeTable.PENDING),
-        )
+    def tables(self) -> tuple[Table, ...]:
+        """Each connection map, confirmed before pending, IPv4 before IPv6."""
+        return self._tables
+
+    def capacity(self, which: abi.ChangeTable) -> int:
+        """Entries the confirmed or the pending tables hold, both families."""
+        return sum(t.map.info.max_entries for t in self._tables if t.which == which)
+
+    def tables_for(self, key: abi.ConnKey) -> tuple[Table, Table]:
+        """The (confirmed, pending) tables of *key*'s family."""
+        fam = abi.FAMILY_V4 if key.family == abi.FAMILY_V4 else abi.FAMILY_V6
+        confirmed, pending = (t for t in self._tables if t.family == fam)
+        return confirmed, pending
 
     def delete(self, key: abi.ConnKey) -> bool:
         """Removes a connection from whichever table holds it; counts and reports the removal."""
-        raw = bytes(key)
-        for table, counter, which in self.tables():
-            if table.delete(raw):
-                self.add_table_counter(counter, 1)
-                self.report(abi.ChangeKind.REMOVED, which, raw)
+        for table in self.tables_for(key):
+            if table.delete(key):
+                self.add_table_counter(table.removed, 1)
+                self.report(abi.ChangeKind.REMOVED, table.which, key)
                 return True
         return False
 
     def update_entry(self, key: abi.ConnKey, entry: abi.ConnEntry) -> bool:
         """Rewrites an existing entry in place (whichever table); False when gone.
         The caller asks for a walk (request_expiry) once after its writes."""
-        raw = bytes(key)
-        for table, _, which in self.tables():
+        for table in self.tables_for(key):
             try:
-                table.update(raw, bytes(entry), libbpf.BPF_EXIST)
+                table.update(key, entry, libbpf.BPF_EXIST)
             except libbpf.BpfError:
                 continue  # not in this table
-            self.report(abi.ChangeKind.HOP, which, raw, entry)  # e.g. a service moved its VM
+            self.report(abi.ChangeKind.HOP, table.which, key, entry)  # e.g. a service moved its VM
             return True
         return False
 
@@ -293,6 +412,26 @@ def default_pending(table_size: int) -> int:
     return max(1024, table_size // 4)
 
 
+def default_v6(size_v4: int) -> int:
+    """An IPv6 table's size when the config names none: a quarter of the IPv4
+    one's (most hosts' connections are IPv4; a preallocated table costs its
+    whole size in memory whether used or not)."""
+    return max(1024, size_v4 // 4)
+
+
+def table_sizes(
+    table_size: int, pending_size: int = 0, table_size_v6: int = 0, pending_size_v6: int = 0
+) -> dict[str, int]:
+    """Each connection map's max_entries from the config's sizes (0: default)."""
+    pending = pending_size or default_pending(table_size)
+    return {
+        "lh_conns4": table_size,
+        "lh_pending4": pending,
+        "lh_conns": table_size_v6 or default_v6(table_size),
+        "lh_pending": pending_size_v6 or default_v6(pending),
+    }
+
+
 def changes_ring_size(sync: bool) -> int:
     """lh_changes' bytes: the whole ring with sync on; without, one page (the
     map must exist, but the data path writes nothing to it: 4 MiB for
@@ -313,24 +452,22 @@ class Datapath:
         *,
         table_size: int,
         pending_size: int = 0,
+        table_size_v6: int = 0,
+        pending_size_v6: int = 0,
         changes_size: int = abi.CHANGES_RING_SIZE,
         obj_path: Path | None = None,
     ) -> None:
         os.makedirs(pins.folder, exist_ok=True)
         self.pins = pins
-        sizes = {
-            "lh_conns": table_size,
-            "lh_pending": pending_size or default_pending(table_size),
-            "lh_changes": changes_size,
-        }
+        sizes = table_sizes(table_size, pending_size, table_size_v6, pending_size_v6)
+        sizes["lh_changes"] = changes_size
         carried = upgrade.prepare(pins.folder, changes_size)  # an older agent's pins
         try:
             self._obj = libbpf.BpfObject(
                 obj_path or _object(), pin_root=pins.folder, max_entries=sizes
             )
         except libbpf.BpfError as err:
-            keys = {"lh_conns": "table_size", "lh_pending": "pending_table_size"}
-            for name, key in keys.items():
+            for name, key in SIZE_KEYS.items():
                 info = libbpf.pinned_info(pins.path(name))
                 size = info.max_entries if info is not None else sizes[name]
                 if size != sizes[name]:
@@ -341,7 +478,7 @@ class Datapath:
                     ) from err
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})
-        if carried.apply(self.maps.conns):
+        if carried.apply(self.maps):
             self.maps.request_expiry()
         self.clock_prog = self._obj.program("lh_clock")
         self.expire_prog = self._obj.program("lh_expire")

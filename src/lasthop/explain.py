@@ -145,10 +145,10 @@ def explain(
     settings = maps.get_settings()
     for reverse in (False, True):
         key = q.key(reverse=reverse)
-        for name, table in (("confirmed", maps.conns), ("pending", maps.pending)):
-            raw = table.lookup(bytes(key))
-            if raw is not None:
-                entry = abi.ConnEntry.from_buffer_copy(raw)
+        confirmed, pending = maps.tables_for(key)  # the key's family's maps
+        for name, table in (("confirmed", confirmed), ("pending", pending)):
+            entry = table.lookup(key)
+            if entry is not None:
                 ex.table, ex.opened_by = name, "server" if reverse else "client"
                 ex.connection = decode(key, entry, now, hz)
                 ex.timeout_s = float(settings.timeout[entry.state])

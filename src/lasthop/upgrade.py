@@ -1,6 +1,16 @@
 """Adopting pins an older lasthop left: maps whose layout changed are
 converted, so an upgrade keeps every established connection.
 
+Release 3 gives IPv4 its own tables keyed by a 16-byte conn_key4
+(lh_conns4, lh_pending4); lh_conns and lh_pending keep the 40-byte conn_key
+and hold IPv6 only, sized by table_size_v6 / pending_table_size_v6. Pins of
+release 2 (lh_conns and lh_pending, both families, no lh_conns4 pin) are
+read before the object is loaded, their pins removed, and every entry goes
+back into the table of its family and kind (confirmed or pending) after
+loading. An entry the new table has no room for is dropped, and the count
+logged (the connection then falls back to ordinary routing, as an evicted
+one; `table_size_v6` sizes the IPv6 tables).
+
 Release 1 pinned `lh_conns` as one LRU hash with a 40-byte entry whose
 `last_seen` was 64 bits wide and which had no state. This release splits the
 table in two (lh_pending, lh_conns) and packs the entry differently. libbpf
@@ -17,8 +27,10 @@ import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from lasthop import abi, libbpf
+from lasthop.errors import DatapathError
 
 __all__ = ["OldEntry", "Upgrade", "prepare"]
 
@@ -60,18 +72,27 @@ def convert(old: OldEntry) -> abi.ConnEntry:
     return new
 
 
+class _Tables(Protocol):
+    def tables_for(self, key: abi.ConnKey) -> tuple[Any, Any]: ...
+
+
 @dataclass
 class Upgrade:
     """What `prepare` took out of the old pins, to put into the new maps."""
 
-    entries: list[tuple[bytes, bytes]]  # (conn_key, new conn_entry)
+    # (table: 0 confirmed / 1 pending, conn_key, new conn_entry)
+    entries: list[tuple[int, bytes, bytes]]
 
-    def apply(self, conns: libbpf.Map) -> int:
-        """Writes the carried entries into the new lh_conns; returns how many."""
+    def apply(self, maps: _Tables) -> int:
+        """Writes the carried entries into the new tables (datapath.Maps), each
+        into its family's; returns how many."""
         written = 0
-        for key, value in self.entries:
+        for which, raw_key, value in self.entries:
+            key = abi.ConnKey.from_buffer_copy(raw_key)
             try:
-                conns.update(key, value, libbpf.BPF_NOEXIST)
+                maps.tables_for(key)[which].update(
+                    key, abi.ConnEntry.from_buffer_copy(value), libbpf.BPF_NOEXIST
+                )
                 written += 1
             except libbpf.BpfError:  # full, or learned again meanwhile
                 continue
@@ -82,6 +103,33 @@ class Upgrade:
                 len(self.entries),
             )
         return written
+
+
+def _carry_release2(folder: Path, upgrade: Upgrade) -> None:
+    """Release 2's lh_conns and lh_pending (both families, conn_key): every
+    entry carried, both pins removed (IPv6-only tables of their own size
+    replace them)."""
+    for which, name in ((0, "lh_conns"), (1, "lh_pending")):
+        pin = folder / name
+        if not pin.exists():
+            continue
+        m = libbpf.Map.pinned(pin)
+        try:
+            if m.info.key_size != ctypes.sizeof(abi.ConnKey):
+                raise DatapathError(
+                    f"the pinned {name} at {folder} has {m.info.key_size}-byte keys, "
+                    f"no release's layout: `lasthop detach` first (drops every entry)"
+                )
+            upgrade.entries.extend((which, key, value) for key, value in m.items())
+        finally:
+            m.close()
+    log.warning(
+        "upgrade: the pinned tables have release 2's layout (one table for both "
+        "families); moving %d entries into the per-family tables",
+        len(upgrade.entries),
+    )
+    for name in ("lh_conns", "lh_pending"):
+        (folder / name).unlink(missing_ok=True)
 
 
 def prepare(folder: Path, changes_size: int) -> Upgrade:
@@ -100,7 +148,7 @@ def prepare(folder: Path, changes_size: int) -> Upgrade:
             if old:
                 for key, value in conns.items():
                     entry = convert(OldEntry.from_buffer_copy(value))
-                    upgrade.entries.append((key, bytes(entry)))
+                    upgrade.entries.append((0, key, bytes(entry)))
         finally:
             conns.close()
         if old:
@@ -109,6 +157,9 @@ def prepare(folder: Path, changes_size: int) -> Upgrade:
                 len(upgrade.entries),
             )
             conns_pin.unlink()
+    old_tables = (folder / "lh_pending").exists() or conns_pin.exists()
+    if old_tables and not (folder / "lh_conns4").exists():
+        _carry_release2(folder, upgrade)
     # The agent writes every setting at start; the expiry figures start again.
     for name, struct in (("lh_settings", abi.Settings), ("lh_expiry", abi.ExpiryStats)):
         info = libbpf.pinned_info(folder / name)

@@ -253,8 +253,9 @@ def test_stats_json_shape(box: Sandbox) -> None:
     assert all(isinstance(v, int) for v in st["totals"].values())
     assert isinstance(st["interfaces"], dict)
     table = st["table"]
-    assert (table["entries"], table["capacity"], table["evicted"]) == (0, 1024 + 1024, 0)
-    for name, capacity in (("confirmed", 1024), ("pending", 1024)):
+    # table_size 1024: each table, IPv4 and IPv6 (a quarter, at least 1024), 1024
+    assert (table["entries"], table["capacity"], table["evicted"]) == (0, 4 * 1024, 0)
+    for name, capacity in (("confirmed", 2048), ("pending", 2048)):
         assert table[name] == {
             "entries": 0,
             "capacity": capacity,

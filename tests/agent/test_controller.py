@@ -3,6 +3,7 @@ namespace (the test thread enters it and comes back afterwards)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -250,8 +251,9 @@ def test_stats_names_interfaces_and_reads_the_kernel_counts(box: Sandbox) -> Non
         st = c.stats()
         assert st.interfaces["up0"] == {"learned": 10}
         assert st.interfaces["vm0"] == {"redirected": 4}
-        assert (st.confirmed.entries, st.confirmed.capacity) == (1, 512)
-        assert (st.pending.entries, st.pending.capacity) == (1, 1024)
+        # capacity: IPv4 and IPv6 (a quarter of IPv4's, at least 1024) together
+        assert (st.confirmed.entries, st.confirmed.capacity) == (1, 512 + 1024)
+        assert (st.pending.entries, st.pending.capacity) == (1, 1024 + 1024)
         assert st.pending.evicted == 10 - 3 - 1  # inserted - promoted - entries
         assert st.totals["learned"] == 10 and st.totals["miss"] == 0
     finally:
@@ -337,3 +339,40 @@ def test_without_sync_the_change_ring_is_one_page_and_sync_gets_the_whole_ring(
             m.close()
         finally:
             dp.close()
+
+
+def test_release_2_pins_are_moved_into_the_per_family_tables(box: Sandbox) -> None:
+    """Pins of the previous layout -- lh_conns and lh_pending keyed by the
+    40-byte conn_key for both families, no lh_conns4 -- are read and unpinned
+    at load, and every entry goes into its family's map of the same kind."""
+    ns = box.host()
+    ns.pins.mkdir(parents=True, exist_ok=True)
+    keys = {
+        (abi.ChangeTable.CONFIRMED, abi.FAMILY_V4): conn_key("192.0.2.1", "192.0.2.2", 1, 2),
+        (abi.ChangeTable.CONFIRMED, abi.FAMILY_V6): conn_key("2001:db8::1", "2001:db8::2", 1, 2),
+        (abi.ChangeTable.PENDING, abi.FAMILY_V4): conn_key("192.0.2.3", "192.0.2.2", 3, 2),
+        (abi.ChangeTable.PENDING, abi.FAMILY_V6): conn_key("2001:db8::3", "2001:db8::2", 3, 2),
+    }
+    size = ctypes.sizeof(abi.ConnKey)
+    for which, name, map_type in (
+        (abi.ChangeTable.CONFIRMED, "lh_conns", 1),  # BPF_MAP_TYPE_HASH
+        (abi.ChangeTable.PENDING, "lh_pending", 9),  # BPF_MAP_TYPE_LRU_HASH
+    ):
+        m = libbpf.Map(libbpf.map_create(map_type, name, size, size, 1024), owned=True)
+        try:
+            for (w, fam), key in keys.items():
+                if w == which:
+                    m.update(bytes(key), bytes(abi.ConnEntry(ifindex=fam, state=4)))
+            libbpf.obj_pin(m.fd, ns.pins / name)
+        finally:
+            m.close()
+    dp = Datapath(Pins(ns.pins), table_size=1024)
+    try:
+        found = {
+            (t.which, t.family): [(k.family, e.ifindex) for k, e in t.items()]
+            for t in dp.maps.tables()
+        }
+        assert found == {where: [(where[1], where[1])] for where in keys}
+        assert (ns.pins / "lh_conns4").exists()
+    finally:
+        dp.close()

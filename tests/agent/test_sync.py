@@ -31,6 +31,7 @@ import pytest
 
 from agentlib import ROOT_MARKS, BridgedSite, Netns, Sandbox, lasthop, sandbox, wait_for
 from lasthop import abi, libbpf
+from lasthop.datapath import FamilyMap
 
 pytestmark = [*ROOT_MARKS, pytest.mark.slow]
 
@@ -107,8 +108,8 @@ class Cluster:
 
     def last_seen(self, ns: Netns, sport: int) -> int:
         """last_seen of the entry whose client port is *sport*, from the pins."""
-        for name in ("lh_conns", "lh_pending"):
-            table = libbpf.Map.pinned(ns.pins / name)
+        for which in (abi.ChangeTable.CONFIRMED, abi.ChangeTable.PENDING):
+            table = FamilyMap.of(lambda name: libbpf.Map.pinned(ns.pins / name), which)
             try:
                 for key, value in table.items():
                     if abi.ConnKey.from_buffer_copy(key).sport == socket.htons(sport):

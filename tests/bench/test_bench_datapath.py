@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from lasthop import abi
 from lasthop.bench import datapath
 from lasthop.bench.cli import bench
-from lasthop.datapath import MAP_NAMES, default_pending
+from lasthop.datapath import MAP_NAMES, default_pending, table_sizes
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
@@ -111,22 +111,25 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
     # address is known by then (VM_ADDR_LEARNED 1 // n = 0)
     streamed = n // SMALL["rounds"] * SMALL["rounds"]
     assert moved["new_connection"] == {k: v // n * streamed for k, v in handshake.items()}
-    assert "tables {'lh_conns': 1024," in results.figure("insert_full").detail
+    assert "tables {'lh_conns4': 1024," in results.figure("insert_full").detail
 
 
 def test_memory_counts_every_table(results: datapath.Results) -> None:
     """Kernel memory is the memlock of every map the agent pins, over the
-    entries of both tables (lh_pending at its default size), and over the
-    confirmed ones."""
+    entries of the four tables at the agent's sizes for table_size 4096
+    (IPv4 pending a quarter; IPv6 a quarter of IPv4, at least 1024), and
+    over the confirmed ones."""
     m = results.memory
     assert m is not None
-    assert (m.confirmed, m.pending) == (4096, default_pending(4096))
+    assert m.sizes == table_sizes(4096)
+    assert (m.confirmed, m.pending) == (4096 + 1024, default_pending(4096) + 1024)
     assert set(m.maps) == set(MAP_NAMES) and sum(m.maps.values()) == m.memlock_bytes
     assert m.per_entry == m.memlock_bytes / (m.confirmed + m.pending)
     assert m.per_confirmed == m.memlock_bytes / m.confirmed
-    entry = ctypes.sizeof(abi.ConnKey) + ctypes.sizeof(abi.ConnEntry)
-    assert m.maps["lh_conns"] / m.confirmed > entry  # at least key + value per entry
-    assert m.maps["lh_pending"] / m.pending > entry
+    value = ctypes.sizeof(abi.ConnEntry)
+    for name, size in m.sizes.items():  # at least key + value per entry
+        key = abi.ConnKey4 if name.endswith("4") else abi.ConnKey
+        assert m.maps[name] / size > ctypes.sizeof(key) + value, name
 
 
 def test_json_has_every_field(results: datapath.Results) -> None:

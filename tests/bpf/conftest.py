@@ -144,7 +144,11 @@ def test_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def loaded(test_object: Path, topology: dict[str, Iface]) -> Iterator[Datapath]:
     from lasthop.libbpf import BpfObject
 
-    obj = BpfObject(test_object, pin_root=None, max_entries={"lh_conns": 1024, "lh_pending": 1024})
+    obj = BpfObject(
+        test_object,
+        pin_root=None,
+        max_entries={"lh_conns4": 1024, "lh_pending4": 1024, "lh_conns": 1024, "lh_pending": 1024},
+    )
     try:
         yield Datapath(obj, topology)
     finally:

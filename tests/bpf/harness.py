@@ -1,7 +1,9 @@
 """Runs the data-path programs on frames with BPF_PROG_TEST_RUN and checks a
 case row: verdict, redirect target, output bytes, counter deltas (per
-interface and table-wide), the whole connection table afterwards (both maps:
-lh_conns, confirmed, and lh_pending), the VM ports' addresses (lh_vm_addrs)
+interface and table-wide), the whole connection table afterwards (every map:
+lh_conns4 and lh_conns, confirmed, lh_pending4 and lh_pending, pending; rows
+name keys as full conn_keys, datapath.FamilyMap puts an IPv4 one into the
+16-byte-keyed map of its family), the VM ports' addresses (lh_vm_addrs)
 and their quota use (lh_vm_usage).
 
 Interfaces are named (``up1``, ``vm1``, ...); their ifindexes exist only in
@@ -31,7 +33,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
 from lasthop import abi
-from lasthop.datapath import request_expiry
+from lasthop.datapath import FamilyMap, request_expiry
 from lasthop.libbpf import BpfObject, Map, TestRun
 from packets import MAC_FW_B, MAC_UPLINK_1
 
@@ -42,9 +44,8 @@ TC_ACT_REDIRECT = 7
 UPLINK = "lh_uplink"
 VMPORT = "lh_vmport"
 
-CONFIRMED = "confirmed"  # Entry.table: lh_conns
-PENDING = "pending"  # Entry.table: lh_pending
-TABLE_MAPS = {CONFIRMED: "lh_conns", PENDING: "lh_pending"}
+CONFIRMED = "confirmed"  # Entry.table: lh_conns4 (IPv4) or lh_conns (IPv6)
+PENDING = "pending"  # Entry.table: lh_pending4 or lh_pending
 
 SLOT0 = "slot0"  # counters of packets on interfaces the agent did not configure
 SEEN_SETUP = 1_000_000_007  # last_seen the rows write: "not touched by this run"
@@ -307,8 +308,8 @@ class Datapath:
         self.obj = obj
         self.ifaces = ifaces
         self.by_index = {i.ifindex: i.name for i in ifaces.values()}
-        self.conns: Map = obj.map("lh_conns")
-        self.pending: Map = obj.map("lh_pending")
+        self.conns = FamilyMap.of(obj.map, abi.ChangeTable.CONFIRMED)
+        self.pending = FamilyMap.of(obj.map, abi.ChangeTable.PENDING)
         self.tables = {CONFIRMED: self.conns, PENDING: self.pending}
         self.iface_map: Map = obj.map("lh_ifaces")
         self.counters: Map = obj.map("lh_counters")
@@ -325,8 +326,10 @@ class Datapath:
 
     # set-up
     def reset(self) -> None:
-        for m in (self.conns, self.pending, self.vm_addrs, self.vm_usage, self.hops,
-                  self.hops_refused):  # fmt: skip
+        for m in (
+            self.conns.map4, self.conns.map6, self.pending.map4, self.pending.map6,
+            self.vm_addrs, self.vm_usage, self.hops, self.hops_refused,
+        ):  # fmt: skip
             for key in list(m.keys()):
                 m.delete(key)
         for iface in self.ifaces.values():

@@ -621,7 +621,11 @@ def test_conntrack(dp: Datapath, case: Case) -> None:
 @pytest.fixture(scope="module")
 def tiny(test_object: Path, topology: dict[str, Iface]) -> Iterator[Datapath]:
     """The object with room for one confirmed connection."""
-    obj = BpfObject(test_object, pin_root=None, max_entries={"lh_conns": 1, "lh_pending": 64})
+    obj = BpfObject(
+        test_object,
+        pin_root=None,
+        max_entries={"lh_conns4": 1, "lh_pending4": 64, "lh_conns": 1, "lh_pending": 64},
+    )
     try:
         yield Datapath(obj, topology)
     finally:
@@ -931,3 +935,125 @@ def test_stats_reads_the_kernels_element_counts(dp: Datapath) -> None:
         dp.put(Entry(keyed(n), state=ST.TCP_SYN_SENT, table=PENDING))
     assert dp.obj.program("lh_stats").test_run(bytes(14)).retval == 1
     assert list(dp.expiry_stats().elements) == [3, 5]
+
+
+# ---------------------------------------------------------------- the families' tables
+#
+#   IPv4: lh_pending4 --ACK--> lh_conns4   (16-byte conn_key4)
+#   IPv6: lh_pending  --ACK--> lh_conns    (40-byte conn_key)
+#
+# The same handshake in each family ends in its own family's maps, and never
+# in the other's; expiry and a full confirmed table work the same in both.
+
+FAMILIES = {"v4": (tcp4_request, tcp4_reply), "v6": (tcp6_request, tcp6_reply)}
+MAPS_OF = {"v4": ("lh_conns4", "lh_pending4"), "v6": ("lh_conns", "lh_pending")}
+
+
+def map_counts(dp: Datapath) -> dict[str, int]:
+    """Elements of each of the four maps, by name."""
+    return {
+        "lh_conns4": dp.conns.map4.count(),
+        "lh_pending4": dp.pending.map4.count(),
+        "lh_conns": dp.conns.map6.count(),
+        "lh_pending": dp.pending.map6.count(),
+    }
+
+
+def only(dp: Datapath, name: str) -> dict[str, int]:
+    """map_counts as it must be with one entry, in map *name*."""
+    return {m: int(m == name) for m in map_counts(dp)}
+
+
+def handshake(family: str) -> tuple[Packet, Packet, Packet]:
+    """SYN, SYN-ACK and the ACK that completes them, in *family*."""
+    request, reply = FAMILIES[family]
+    syn, syn_ack = request("S"), reply("SA")
+    ack = request("A")
+    ack[TCP].seq, ack[TCP].ack = syn[TCP].seq + 1, syn_ack[TCP].seq + 1
+    return syn, syn_ack, ack
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_connection_lives_in_its_familys_tables(dp: Datapath, family: str) -> None:
+    """The SYN makes an entry in the family's pending map, the SYN-ACK finds
+    it there, the ACK moves it to the family's confirmed map; the other
+    family's maps stay empty throughout; the table counters are the same."""
+    confirmed_map, pending_map = MAPS_OF[family]
+    syn, syn_ack, ack = handshake(family)
+    before = dp.table_counter_values()
+    assert dp.run(UPLINK, bytes(syn), "up1").retval == 0
+    assert map_counts(dp) == only(dp, pending_map)
+    assert dp.run(VMPORT, bytes(syn_ack), "vm1").retval == TC_ACT_REDIRECT
+    assert dp.run(UPLINK, bytes(ack), "up1").retval == 0
+    assert map_counts(dp) == only(dp, confirmed_map)
+    ((key, view),) = dp.table().items()
+    assert (key, view.table, view.state) == (Key(syn).pack(), CONFIRMED, ST.TCP_ESTABLISHED)
+    after = dp.table_counter_values()
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        TC.PENDING_INSERTED: 1,
+        TC.PENDING_PROMOTED: 1,
+        TC.CONFIRMED_INSERTED: 1,
+        TC.STATE_CHANGES: 2,
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expiry_walks_each_familys_tables(dp: Datapath, family: str) -> None:
+    """An idle entry goes and a fresh one stays, in both tables of either
+    family; lh_expiry counts them per table (both families summed)."""
+    request, _ = FAMILIES[family]
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
+    now = dp.clock()
+    old = (now - TIMEOUTS[ST.UDP_NEW] * HZ - MARGIN) % 2**32
+    keep = {}
+    for n, (table, state, seen) in enumerate(
+        (
+            (CONFIRMED, ST.TCP_ESTABLISHED, now),
+            (CONFIRMED, ST.UDP_STREAM, (now - TIMEOUTS[ST.UDP_STREAM] * HZ - MARGIN) % 2**32),
+            (PENDING, ST.TCP_SYN_SENT, now),
+            (PENDING, ST.UDP_NEW, old),
+        )
+    ):
+        frame = request("A")
+        frame[TCP].sport = 30000 + n
+        dp.put(Entry(Key(frame), mac=MAC_FW_B, iface="up1", state=state, table=table), seen)
+        if seen == now:
+            keep[Key(frame).pack()] = (table, state)
+    assert dp.expire() == 1
+    assert remaining(dp) == keep
+    confirmed_map, pending_map = MAPS_OF[family]
+    assert map_counts(dp) == {m: int(m in (confirmed_map, pending_map)) for m in map_counts(dp)}
+    st = dp.expiry_stats()
+    assert stats_by_state(st.live, 0) == {ST.TCP_ESTABLISHED: 1}
+    assert stats_by_state(st.live, 1) == {ST.TCP_SYN_SENT: 1}
+    assert stats_by_state(st.expired, 0) == {ST.UDP_STREAM: 1}
+    assert stats_by_state(st.expired, 1) == {ST.UDP_NEW: 1}
+    assert dp.obj.program("lh_stats").test_run(bytes(14)).retval == 1
+    assert list(dp.expiry_stats().elements) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("family", "filler"), [("v4", "v4"), ("v6", "v6"), ("v4", "v6"), ("v6", "v4")]
+)
+def test_a_full_confirmed_table_refuses_only_its_own_family(
+    full: Datapath, family: str, filler: str
+) -> None:
+    """Each family's confirmed map holds one entry here: filled by an
+    established connection of family *filler*, it refuses the handshake of a
+    *family* connection when the two are the same family, and takes it when
+    they are not."""
+    request, _ = FAMILIES[filler]
+    other = request("A")
+    other[TCP].sport = PORT_CLIENT + 1
+    full.put(Entry(Key(other), mac=MAC_FW_B, iface="up1", state=ST.TCP_ESTABLISHED))
+    syn, syn_ack, ack = handshake(family)
+    for prog, frame, iface in ((UPLINK, syn, "up1"), (VMPORT, syn_ack, "vm1")):
+        full.run(prog, bytes(frame), iface)
+    before = full.table_counter_values()
+    full.run(UPLINK, bytes(ack), "up1")
+    after = full.table_counter_values()
+    refused = family == filler
+    assert after[TC.CONFIRM_REFUSED] - before[TC.CONFIRM_REFUSED] == int(refused)
+    assert after[TC.CONFIRMED_INSERTED] - before[TC.CONFIRMED_INSERTED] == int(not refused)
+    view = full.table()[Key(syn).pack()]
+    assert (view.table, view.state) == (PENDING if refused else CONFIRMED, ST.TCP_ESTABLISHED)

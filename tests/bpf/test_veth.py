@@ -114,7 +114,11 @@ class Capture:
 def wire(test_netns: TestNetns, test_object) -> Iterator[Wire]:  # type: ignore[no-untyped-def]
     index = test_netns.add_veths([("wup", MAC_UPLINK_1), ("wvm", MAC_VMPORT_1)])
     test_netns.enter()
-    obj = BpfObject(test_object, pin_root=None, max_entries={"lh_conns": 1024, "lh_pending": 1024})
+    obj = BpfObject(
+        test_object,
+        pin_root=None,
+        max_entries={"lh_conns4": 1024, "lh_pending4": 1024, "lh_conns": 1024, "lh_pending": 1024},
+    )
     try:
         dp = Datapath(
             obj,

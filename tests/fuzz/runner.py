@@ -142,7 +142,11 @@ class Fuzzer:
 
     def __init__(self, obj_path: Path, up: int, vm: int) -> None:
         self.obj = libbpf.BpfObject(
-            obj_path, pin_root=None, max_entries={"lh_conns": TABLE_SIZE, "lh_pending": TABLE_SIZE}
+            obj_path,
+            pin_root=None,
+            max_entries={
+                m: TABLE_SIZE for m in ("lh_conns4", "lh_pending4", "lh_conns", "lh_pending")
+            },
         )
         self.maps = datapath.Maps({n: self.obj.map(n) for n in datapath.MAP_NAMES})
         self.trace = self.obj.map("lh_trace")
@@ -181,12 +185,14 @@ class Fuzzer:
         return [sum(values[i : i + step]) for i in range(0, len(values), step)]
 
     def _read_table(self) -> dict[oracle.Key, tuple[str, abi.ConnEntry, bytes]]:
-        """The whole connection table, through Maps.tables(): key -> (table, entry, raw key)."""
+        """The whole connection table, through Maps.tables() (each family's maps):
+        key -> (table, entry, full conn_key)."""
         out = {}
-        for m, _, which in self.maps.tables():
-            name = "confirmed" if which == abi.ChangeTable.CONFIRMED else "pending"
-            for raw_key, raw in m.items(batch=TABLE_SIZE):
-                k = abi.ConnKey.from_buffer_copy(raw_key)
+        for t in self.maps.tables():
+            name = "confirmed" if t.which == abi.ChangeTable.CONFIRMED else "pending"
+            for map_key, raw in t.map.items(batch=TABLE_SIZE):
+                k = t.conn_key(map_key)
+                raw_key = bytes(k)
                 key = oracle.Key(
                     k.family,
                     bytes(k.saddr),
@@ -217,9 +223,9 @@ class Fuzzer:
         ctypes.memmove(e.mac, row.mac, abi.ETH_ALEN)
         for i, t in enumerate(row.tags):
             e.vlan_tci[i] = t
-        for m, _, which in self.maps.tables():
-            if which == abi.ChangeTable.CONFIRMED:
-                m.update(key.pack(), bytes(e))
+        full = abi.ConnKey.from_buffer_copy(key.pack())
+        confirmed, _ = self.maps.tables_for(full)
+        confirmed.update(full, e)
 
     # one case
     def run_case(self, program: str, seed: int, case: int, result: Result) -> None:
@@ -319,16 +325,17 @@ class Fuzzer:
             if len(result.discrepancies) < 20:
                 result.discrepancies.append(Discrepancy(program, seed, case, s, diffs))
         # undo what the frame did: its entries, a redirect's trace
-        for m, _, _ in self.maps.tables():
-            for _, _, raw_key in table.values():
-                m.delete(raw_key)
+        for _, _, raw_key in table.values():
+            full = abi.ConnKey.from_buffer_copy(raw_key)
+            for t in self.maps.tables_for(full):
+                t.delete(full)
         if redirect:
             self.trace.update(struct.pack("<I", 0), struct.pack("<I", 0))
 
     def _cleanup(self) -> None:
-        for m, _, _ in self.maps.tables():
-            for raw_key, _ in list(m.items()):
-                m.delete(raw_key)
+        for t in self.maps.tables():
+            for map_key, _ in list(t.map.items()):
+                t.map.delete(map_key)
 
     def run(
         self,

@@ -7,10 +7,10 @@ in kernel memory. docs/datapath.md explains the method and its limits.
 
 Per-packet figures (the program run back to back on one frame):
     reference           lh_reference hits its one entry in lh_ref_conns
-    reply hit v4 / v6   lh_vmport finds a confirmed entry (lh_conns, established),
+    reply hit v4 / v6   lh_vmport finds a confirmed entry (lh_conns4 / lh_conns, established),
                         tracks its state, rewrites the MAC, redirects (bridged)
-    reply hit, pending  the same on an entry still in lh_pending (SYN_RECV): the
-                        lookup misses lh_conns and falls through to lh_pending
+    reply hit, pending  the same on an entry still in lh_pending4 (SYN_RECV): the
+                        lookup misses lh_conns4 and falls through to lh_pending4
     uplink refresh      lh_uplink on an established entry: state tracking (an ACK),
                         last_seen, packets; same last hop
     reply miss          lh_vmport finds no entry (a TCP segment: nothing is learned)
@@ -24,14 +24,14 @@ frames, each a connection the tables have never seen, timed by the kernel
 (not the syscall) and interleaved with single runs of lh_empty; a packet's
 own cost is the difference of the two means, added to the empty program's
 back-to-back time so the figure compares with the rows above. A new entry
-goes into lh_pending (LRU): taken into a table with room, and with lh_conns
-full (to its max_entries: a plain hash refuses more) and lh_pending full
+goes into lh_pending4 (LRU): taken into a table with room, and with lh_conns4
+full (to its max_entries: a plain hash refuses more) and lh_pending4 full
 (every insert evicts).
 
 A new confirmed connection is a whole handshake: client SYN on the uplink
 (pending insert), the VM's SYN-ACK on the VM port (state, reply), the
 client's ACK with the right ack number on the uplink (promotion into
-lh_conns); its figure is the sum of the three packets' costs, per
+lh_conns4); its figure is the sum of the three packets' costs, per
 connection. Measured two ways: back to back (the target's figure), by
 lh_bench_uplink / lh_bench_vmport -- lh_uplink's and lh_vmport's code, then
 a step of the frame's client address, so each of `repeat` runs is the next
@@ -59,7 +59,7 @@ from typing import Any
 
 from lasthop import abi, build
 from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, tcp6_frame, u32
-from lasthop.datapath import MAP_NAMES, default_pending
+from lasthop.datapath import CONN_MAPS, MAP_NAMES, FamilyMap, default_pending, table_sizes
 from lasthop.libbpf import BpfError, BpfObject, Map, Program
 
 __all__ = ["Counted", "Figure", "Memory", "Results", "TARGETS", "Target", "run", "print_results"]
@@ -178,9 +178,10 @@ class Figure:
 
 @dataclass
 class Memory:
-    confirmed: int  # lh_conns max_entries
-    pending: int  # lh_pending max_entries
-    memlock_bytes: int  # every map the agent pins, lh_conns and lh_pending included
+    confirmed: int  # lh_conns4 + lh_conns max_entries (IPv4 + IPv6)
+    pending: int  # lh_pending4 + lh_pending max_entries
+    sizes: dict[str, int]  # connection map name -> max_entries
+    memlock_bytes: int  # every map the agent pins, the four tables included
     maps: dict[str, int]  # map name -> memlock bytes
     conntrack_bytes: int | None
     conntrack_source: str
@@ -299,8 +300,8 @@ class _Bench:
     def __init__(self, obj: BpfObject, index: dict[str, int]) -> None:
         self.obj = obj
         self.index = index
-        self.conns: Map = obj.map("lh_conns")
-        self.pending: Map = obj.map("lh_pending")
+        self.conns = FamilyMap.of(obj.map, abi.ChangeTable.CONFIRMED)
+        self.pending = FamilyMap.of(obj.map, abi.ChangeTable.PENDING)
         self.counters: Map = obj.map("lh_counters")
         self.table_counters: Map = obj.map("lh_table_counters")
         ifaces = obj.map("lh_ifaces")
@@ -356,7 +357,7 @@ class _Bench:
                 + ", ".join(f"{c.counter} {c.counted} (expected {c.expected})" for c in wrong)
             )
 
-    def entry(self, m: Map, key: bytes, state: abi.State, ifname: str = "up0") -> None:
+    def entry(self, m: FamilyMap, key: bytes, state: abi.State, ifname: str = "up0") -> None:
         e = abi.ConnEntry(
             ifindex=self.index[ifname],
             flags=abi.F_ENTRY_HOP_KNOWN,
@@ -367,7 +368,7 @@ class _Bench:
         ctypes.memmove(e.mac, _FW_B, abi.ETH_ALEN)
         m.update(key, bytes(e))
 
-    def state(self, m: Map, key: bytes) -> abi.State | None:
+    def state(self, m: FamilyMap, key: bytes) -> abi.State | None:
         raw = m.lookup(key)
         return None if raw is None else abi.State(abi.ConnEntry.from_buffer_copy(raw).state)
 
@@ -617,25 +618,28 @@ def _fill(m: Map, keys: Iterable[bytes], state: abi.State, ifindex: int) -> int:
 
 
 def _fill_keys(second: int, n: int) -> Iterator[bytes]:
-    """n keys of made-up connections: clients 172.<second + i>, port varied."""
+    """n conn_key4s (the IPv4 tables' keys) of made-up connections: clients
+    172.<second + i>, port varied."""
     for i in range(n):
         saddr = bytes((172, second + ((i >> 16) & 0x0F), (i >> 8) & 0xFF, i & 0xFF))
-        yield _key4(saddr, _VM4, 1024 + (i >> 20), 80)
+        k = abi.ConnKey.from_buffer_copy(_key4(saddr, _VM4, 1024 + (i >> 20), 80))
+        yield bytes(abi.key4_of(k))
 
 
 def _prefill(b: _Bench, confirmed: int, pending: int) -> None:
-    """Fills lh_conns to its max_entries exactly (a plain hash: one more is
-    refused, E2BIG; checked) and lh_pending past its size (the LRU evicts)."""
-    room = confirmed - b.conns.count()
-    _fill(b.conns, _fill_keys(16, room), abi.State.TCP_ESTABLISHED, b.index["up0"])
+    """Fills lh_conns4 to its max_entries exactly (a plain hash: one more is
+    refused, E2BIG; checked) and lh_pending4 past its size (the LRU evicts)."""
+    room = confirmed - b.conns.map4.count()
+    _fill(b.conns.map4, _fill_keys(16, room), abi.State.TCP_ESTABLISHED, b.index["up0"])
     try:
         b.conns.update(_key4(_CLIENT4, _VM4, 1, 1), bytes(abi.ConnEntry()))
     except BpfError as err:
         if err.errno != errno.E2BIG:
             raise
     else:
-        raise BenchError(f"lh_conns took more than its {confirmed} entries")
-    _fill(b.pending, _fill_keys(32, pending + pending // 8), abi.State.TCP_SYN_SENT, b.index["up0"])
+        raise BenchError(f"lh_conns4 took more than its {confirmed} entries")
+    keys = _fill_keys(32, pending + pending // 8)
+    _fill(b.pending.map4, keys, abi.State.TCP_SYN_SENT, b.index["up0"])
 
 
 def _conntrack_entry() -> tuple[int | None, str]:
@@ -651,23 +655,23 @@ def _conntrack_entry() -> tuple[int | None, str]:
 
 
 def _memory(obj_path: Path, confirmed: int) -> Memory:
-    """memlock of every map the agent pins (MAP_NAMES: both tables and the small
-    maps), the object loaded with lh_conns at *confirmed* entries and lh_pending
-    at its default size. Not counted: lh_ref_conns (the bench's own) and the
-    Maglev tables the agent adds per service (per service, not per entry)."""
-    pending = default_pending(confirmed)
-    obj = BpfObject(
-        obj_path, pin_root=None, max_entries={"lh_conns": confirmed, "lh_pending": pending}
-    )
+    """memlock of every map the agent pins (MAP_NAMES: every table and the small
+    maps), the object loaded with the agent's sizes for table_size =
+    *confirmed* (datapath.table_sizes: the pending table a quarter of it, the
+    IPv6 tables a quarter of the IPv4 ones). Not counted: lh_ref_conns (the
+    bench's own) and the Maglev tables the agent adds per service (per
+    service, not per entry)."""
+    obj = BpfObject(obj_path, pin_root=None, max_entries=table_sizes(confirmed))
     try:
         maps = {name: obj.map(name).memlock() for name in MAP_NAMES}
-        sizes = (obj.map("lh_conns").info.max_entries, obj.map("lh_pending").info.max_entries)
+        sizes = {name: obj.map(name).info.max_entries for name, _, _ in CONN_MAPS}
     finally:
         obj.close()
     ct, source = _conntrack_entry()
     return Memory(
-        confirmed=sizes[0],
-        pending=sizes[1],
+        confirmed=sizes["lh_conns4"] + sizes["lh_conns"],
+        pending=sizes["lh_pending4"] + sizes["lh_pending"],
+        sizes=sizes,
         memlock_bytes=sum(maps.values()),
         maps=maps,
         conntrack_bytes=ct,
@@ -684,7 +688,7 @@ def run(
     progress: Progress = quiet,
 ) -> Results:
     """Measures every figure; see the module docstring for the method. *table* is
-    lh_conns' size for the runs; lh_pending gets its default size (a quarter),
+    lh_conns4' size for the runs; lh_pending4 gets its default size (a quarter),
     or twice *inserts* when that is larger, so inserts "with room" have room."""
     if os.geteuid() != 0:
         raise BenchError("needs root (CAP_BPF, CAP_NET_ADMIN): run as root")
@@ -701,8 +705,11 @@ def run(
             raise BenchError(str(err)) from err
         with _private_netns() as index:
             obj = BpfObject(
-                obj_path, pin_root=None, max_entries={"lh_conns": table, "lh_pending": pending}
-            )
+                obj_path,
+                pin_root=None,
+                max_entries={"lh_conns4": table, "lh_pending4": pending, "lh_conns": 1024,
+                             "lh_pending": 1024},
+            )  # fmt: skip
             try:
                 b = _Bench(obj, index)
                 hot = _back_to_back(b, repeat, rounds, progress)
@@ -713,9 +720,12 @@ def run(
                 progress(f"{inserts} new confirmed connections, back to back")
                 stream_n = max(1, inserts // rounds)
                 stream = _handshake_stream(b, stream_n, rounds)
-                progress(f"filling lh_conns ({table}) and lh_pending ({pending})")
+                progress(f"filling lh_conns4 ({table}) and lh_pending4 ({pending})")
                 _prefill(b, table, pending)
-                filled = {"lh_conns": b.conns.count(), "lh_pending": b.pending.count()}
+                filled = {
+                    "lh_conns4": b.conns.map4.count(),
+                    "lh_pending4": b.pending.map4.count(),
+                }
                 progress(f"{inserts} new entries into a full pending table")
                 full = _single_runs(b, "insert_full", inserts, inserts)
                 checks = b.checks
@@ -927,14 +937,14 @@ def print_results(results: Results, console: Any) -> None:
     m = results.memory
     if m:
         ct = f"{m.conntrack_bytes} B" if m.conntrack_bytes else "256-320 B"
-        small = m.memlock_bytes - m.maps["lh_conns"] - m.maps["lh_pending"]
+        small = m.memlock_bytes - sum(m.maps[name] for name in m.sizes)
+        per_map = ", ".join(f"{n} {m.maps[n] / size:.1f} B/entry" for n, size in m.sizes.items())
         console.print(
             f"kernel memory per entry, all tables: {m.per_entry:.1f} B "
             f"({m.memlock_bytes / 2**20:.1f} MiB memlock for {m.confirmed} confirmed + "
-            f"{m.pending} pending entries; target {m.target.text()}) {_mark(m.ok)}\n"
-            f"  per confirmed entry: {m.per_confirmed:.1f} B; lh_conns "
-            f"{m.maps['lh_conns'] / m.confirmed:.1f} B/entry, lh_pending "
-            f"{m.maps['lh_pending'] / m.pending:.1f} B/entry, the other maps "
+            f"{m.pending} pending entries, IPv4 and IPv6 ({m.sizes}); target "
+            f"{m.target.text()}) {_mark(m.ok)}\n"
+            f"  per confirmed entry: {m.per_confirmed:.1f} B; {per_map}, the other maps "
             f"{small / 2**20:.1f} MiB\n"
             f"Linux conntrack per entry: {ct} ({m.conntrack_source})"
         )

@@ -43,6 +43,7 @@ from typing import Any
 
 from lasthop import abi, build
 from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, u32
+from lasthop.datapath import FamilyMap
 from lasthop.services.maglev import MAGLEV_SEED, MAGLEV_SIZE, Member, build_table, jhash2
 
 __all__ = ["BenchError", "Results", "run", "print_results", "simulated_slots", "TARGETS"]
@@ -309,7 +310,7 @@ class _Datapath:
         ctx = bytearray(192)
         struct.pack_into("=I", ctx, 40, _UPLINK_IFINDEX)
         self.ctx = bytes(ctx)
-        self.conns = obj.map("lh_conns")
+        self.conns = FamilyMap.of(obj.map, abi.ChangeTable.CONFIRMED)
 
     def run(self, prog: str, frame: bytes, repeat: int = 1) -> tuple[int, int]:
         r = self.obj.program(prog).test_run(frame, repeat=repeat, ctx=self.ctx)
@@ -336,7 +337,7 @@ def _per_packet(repeat: int, rounds: int, singles: int, progress: Progress) -> l
             obj_path = build.build(Path(tmp) / "lasthop.bpf.o")
         except build.BuildError as err:
             raise BenchError(str(err)) from err
-        obj = BpfObject(obj_path, pin_root=None, max_entries={"lh_conns": 1 << 18})
+        obj = BpfObject(obj_path, pin_root=None, max_entries={"lh_conns4": 1 << 18})
         try:
             dp = _Datapath(obj)
             pinned = tcp4_frame(_FW, _UPLINK_MAC, _CLIENT, _VIP, 40001, 80, TCP_ACK)
@@ -412,7 +413,7 @@ def _swap_ms(rounds: int = 5) -> float | None:
     table = build_table([Member(f"vm{i}", i + 1) for i in range(REBUILD_VMS)])
     with tempfile.TemporaryDirectory(prefix="lasthop-bench-") as tmp:
         obj = BpfObject(
-            build.build(Path(tmp) / "o.bpf.o"), pin_root=None, max_entries={"lh_conns": 1024}
+            build.build(Path(tmp) / "o.bpf.o"), pin_root=None, max_entries={"lh_conns4": 1024}
         )
         try:
             maglev = obj.map("lh_maglev")

@@ -3,7 +3,7 @@ entries, measured on the real agent (`lasthop run`, a subprocess) side by side
 in one run with the same agent on an empty table.
 
     bench process (netns lh-table-<pid>)       agent: lasthop run --config <tmp>
-      fills lh_conns / lh_pending  ──pins──>   lh_conns, lh_pending, lh_expiry ...
+      fills lh_conns4/lh_pending4 ──pins──>   lh_conns4, lh_pending4, lh_expiry ...
       times stats, /metrics        ──API───>   127.0.0.1:9180 (inside the netns)
       reads /proc/<agent>/stat                 lh_expire every 3 s: walks only
                                                after a change or when one is due
@@ -26,13 +26,14 @@ Figures (each also measured on the empty table first, as its baseline):
                         (the kernel's own timing); the agent's passes, from
                         lh_expiry started/finished jiffies, in the detail
     expiry lateness     K entries stamped now in states with a short timeout
-                        (udp_new in lh_pending, udp_stream in lh_conns); each
+                        (udp_new in lh_pending4, udp_stream in lh_conns4); each
                         is polled until gone; lateness = gone - (insert + timeout)
     memory per entry    memlock (/proc/self/fdinfo) of every map the agent pins
-                        over the entries both tables can hold
+                        over the entries the four tables can hold (IPv4 and
+                        IPv6 at their default sizes: IPv6 a quarter of IPv4)
 
-The N live entries are confirmed TCP connections (TCP_ESTABLISHED, in lh_conns)
-and, a tenth of them, mid-stream ones still in lh_pending, all stamped with the
+The N live entries are IPv4: confirmed TCP connections (TCP_ESTABLISHED, in
+lh_conns4) and, a tenth of them, mid-stream ones still in lh_pending4, all stamped with the
 data path's clock when written (batch updates through the pins); their timeouts
 outlast the run, and the run checks that none was removed.
 """
@@ -60,7 +61,7 @@ from lasthop import abi, libbpf
 from lasthop.build import ensure_object
 from lasthop.clock import Clock
 from lasthop.config import Config
-from lasthop.datapath import MAP_NAMES, OBJECT_ENV, Maps, Pins
+from lasthop.datapath import MAP_NAMES, OBJECT_ENV, SIZE_KEYS, Maps, Pins
 from lasthop.lab.namespaces import LabError
 from lasthop.lab.runner import AgentProcess, lasthop_argv
 from lasthop.top import SAMPLE as TOP_SAMPLE
@@ -86,7 +87,7 @@ _BATCH = 16384
 _UP_MAC, _VM_MAC = "02:00:00:00:01:01", "02:00:00:00:02:01"
 _FW_MAC = bytes.fromhex("02fa0000000a")
 _VM4 = bytes((192, 0, 2, 11))
-_KEY = struct.Struct("<4s12x4s12x2s2sBBH")  # struct conn_key, IPv4
+_KEY = struct.Struct("<4s4s2s2sBxH")  # struct conn_key4: the IPv4 tables' key
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 Progress = Callable[[str], None]
@@ -342,7 +343,6 @@ def _keys(first_octet: int, start: int, n: int, proto: int) -> bytes:
             (1024 + (i >> 24)).to_bytes(2, "big"),
             dport,
             proto,
-            abi.FAMILY_V4,
             0,
         )
         for i in range(start, start + n)
@@ -391,8 +391,8 @@ def _lateness(maps: Maps, clock: Clock, k: int, up: int, vm: int, grace: float) 
     """K entries with a SHORT_TIMEOUT state (half per table), polled until gone."""
     half = k // 2
     tables = (
-        (maps.pending, 12, half, abi.State.UDP_NEW),
-        (maps.conns, 13, k - half, abi.State.UDP_STREAM),
+        (maps.pending4, 12, half, abi.State.UDP_NEW),
+        (maps.conns4, 13, k - half, abi.State.UDP_STREAM),
     )
     pending: dict[bytes, tuple[libbpf.Map, float]] = {}
     for m, octet, n, state in tables:
@@ -419,14 +419,14 @@ def _lateness(maps: Maps, clock: Clock, k: int, up: int, vm: int, grace: float) 
 
 
 def _memory(pins: Pins) -> tuple[float, dict[str, int], int]:
-    """memlock of every map the agent pins over the entries both tables hold."""
+    """memlock of every map the agent pins over the entries the four tables hold."""
     maps: dict[str, int] = {}
     capacity = 0
     for name in MAP_NAMES:
         m = libbpf.Map.pinned(pins.path(name))
         try:
             maps[name] = m.memlock()
-            if name in ("lh_conns", "lh_pending"):
+            if name in SIZE_KEYS:
                 capacity += m.info.max_entries
         finally:
             m.close()
@@ -475,6 +475,8 @@ def run(
         controller = Controller(name, pin_root)
         stack.callback(controller.close)
         sizes = {  # the agent sized these at load: the object must match its pins
+            "lh_conns4": maps.conns4.info.max_entries,
+            "lh_pending4": maps.pending4.info.max_entries,
             "lh_conns": maps.conns.info.max_entries,
             "lh_pending": maps.pending.info.max_entries,
             "lh_changes": maps.changes.info.max_entries,
@@ -495,8 +497,8 @@ def run(
         n_conns = entries - n_pending
         progress(f"filling {n_conns} confirmed + {n_pending} pending entries")
         t_fill = time.monotonic()
-        _fill(maps.conns, 10, n_conns, abi.State.TCP_ESTABLISHED, clock, up, vm)
-        _fill(maps.pending, 11, n_pending, abi.State.TCP_MIDSTREAM, clock, up, vm)
+        _fill(maps.conns4, 10, n_conns, abi.State.TCP_ESTABLISHED, clock, up, vm)
+        _fill(maps.pending4, 11, n_pending, abi.State.TCP_MIDSTREAM, clock, up, vm)
         fill_s = time.monotonic() - t_fill
 
         progress(f"{entries} entries: agent at rest for {rest:g} s")
@@ -612,8 +614,7 @@ def run(
                 None,
                 TARGETS["memory_per_entry"],
                 f"{sum(memlock.values()) / 2**20:.1f} MiB memlock over {capacity} entries; "
-                f"lh_conns {memlock['lh_conns'] / sizes['lh_conns']:.1f} B/entry, "
-                f"lh_pending {memlock['lh_pending'] / sizes['lh_pending']:.1f} B/entry",
+                + ", ".join(f"{n} {memlock[n] / sizes[n]:.1f} B/entry" for n in SIZE_KEYS),
             ),
         ]
         return Results(
@@ -624,8 +625,7 @@ def run(
                 "entries": entries,
                 "confirmed": n_conns,
                 "pending": n_pending,
-                "table_size": sizes["lh_conns"],
-                "pending_table_size": sizes["lh_pending"],
+                **{SIZE_KEYS[n]: sizes[n] for n in SIZE_KEYS},
                 "rest_s": rest,
                 "repeat": repeat,
                 "expiring": expiring,

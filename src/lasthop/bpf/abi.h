@@ -19,6 +19,20 @@ struct conn_key {
 	__u16 zone;   /* routing domain of the interface, host order */
 };
 
+/* An IPv4 connection in 16 bytes: the key of lh_conns4 and lh_pending4 (the
+ * IPv6 tables keep struct conn_key). The same fields as a conn_key of
+ * FAMILY_V4, the family implied; conntrack.h converts between the two, so
+ * only its helpers know which table a family lives in. */
+struct conn_key4 {
+	__u32 saddr;  /* network order */
+	__u32 daddr;
+	__u16 sport;  /* network order */
+	__u16 dport;
+	__u8  proto;
+	__u8  reserved; /* 0 */
+	__u16 zone;   /* host order */
+};
+
 /* Per-connection state: the last hop its request came from, and where the
  * connection stands. 40 bytes, so a table element stays under 150 bytes of
  * kernel memory: hence last_seen in 32 bits (ages are differences modulo
@@ -119,9 +133,9 @@ struct expiry_stats {
 	__u64 passes;
 	__u32 started;   /* jiffies (low 32 bits) when the last pass began */
 	__u32 finished;  /* ... and ended */
-	__u32 live[2][CS_MAX];     /* [0] lh_conns, [1] lh_pending: entries left, by state */
+	__u32 live[2][CS_MAX];     /* [0] confirmed, [1] pending (both families): entries left, by state */
 	__u64 expired[2][CS_MAX];  /* removed by expiry since the table was created, by state */
-	__s64 elements[2];         /* the kernel's element count of each table (lh_stats) */
+	__s64 elements[2];         /* the kernel's element count of each table, both families (lh_stats) */
 	__u64 changes;      /* the table's change count when the last walk began */
 	__u64 request;      /* lh_expiry_request's token when the last walk began */
 	__u64 skipped;      /* runs that did not walk */

@@ -1,7 +1,12 @@
-/* conntrack.h: the connection table -- two maps, one entry per connection.
- *  lh_pending: new connections, until they prove themselves (LRU: a flood
- *              evicts only other newcomers);
- *  lh_conns:   confirmed connections (never evicted).
+/* conntrack.h: the connection table -- two tables per family, one entry per
+ * connection, behind the helpers below (the rest of the data path never
+ * names a table, so it does not care which family it handles):
+ *  lh_pending4, lh_pending: new connections, until they prove themselves
+ *                           (LRU: a flood evicts only other newcomers);
+ *  lh_conns4, lh_conns:     confirmed connections (never evicted).
+ * IPv4 tables take a 16-byte struct conn_key4, IPv6 ones the 40-byte
+ * conn_key; packets, services and change records always carry the full
+ * conn_key.
  * A connection is confirmed when the side that did not open it has shown it
  * is really talking to the opener: TCP, the opener's ACK of the answer's
  * SYN-ACK, with the right number (an off-path spoofer never sees it); a TCP
@@ -17,31 +22,99 @@
 #include "parse.h"
 #include "changes.h"
 
-/* The entry of p's key (*pending := 1 when it is in lh_pending). A key is
- * in one table (a promotion inserts it into lh_conns, then deletes it from
- * lh_pending; only while another CPU promotes it is it in both), so the
- * order mostly decides what a miss costs: a TCP segment with SYN set (a new
- * connection, its SYN-ACK, or one sent again) belongs to a connection not
- * yet confirmed, so lh_pending first; any other packet most likely to an
- * established one, so lh_conns first. */
-static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *pending)
+/* The IPv4 tables' key of an IPv4 conn_key. */
+static __always_inline void conn_key4_of(struct conn_key4 *k4, const struct conn_key *k)
 {
-	struct conn_entry *e;
+	k4->saddr = k->saddr[0];
+	k4->daddr = k->daddr[0];
+	k4->sport = k->sport;
+	k4->dport = k->dport;
+	k4->proto = k->proto;
+	k4->reserved = 0;
+	k4->zone = k->zone;
+}
 
-	if (p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_)) {
-		e = bpf_map_lookup_elem(&lh_pending, &p->key);
-		*pending = 1;
-		if (e)
-			return e;
-		*pending = 0;
-		return bpf_map_lookup_elem(&lh_conns, &p->key);
-	}
-	e = bpf_map_lookup_elem(&lh_conns, &p->key);
-	*pending = 0;
+/* The full conn_key of an IPv4 tables' key (change records carry it). */
+static __always_inline void conn_key_of4(struct conn_key *k, const struct conn_key4 *k4)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr[0] = k4->saddr;
+	k->daddr[0] = k4->daddr;
+	k->sport = k4->sport;
+	k->dport = k4->dport;
+	k->proto = k4->proto;
+	k->family = FAMILY_V4;
+	k->zone = k4->zone;
+}
+
+/* Inserts or rewrites k's entry in its family's confirmed (pending = 0) or
+ * pending (1) table; bpf_map_update_elem's result. */
+static __always_inline long conn_table_update(int pending, const struct conn_key *k,
+					      const struct conn_entry *e, __u64 flags)
+{
+	struct conn_key4 k4;
+
+	if (k->family != FAMILY_V4)
+		return pending ? bpf_map_update_elem(&lh_pending, k, e, flags)
+			       : bpf_map_update_elem(&lh_conns, k, e, flags);
+	conn_key4_of(&k4, k);
+	return pending ? bpf_map_update_elem(&lh_pending4, &k4, e, flags)
+		       : bpf_map_update_elem(&lh_conns4, &k4, e, flags);
+}
+
+/* Removes k from its family's confirmed (pending = 0) or pending (1) table;
+ * 0 when it was there. */
+static __always_inline long conn_table_delete(int pending, const struct conn_key *k)
+{
+	struct conn_key4 k4;
+
+	if (k->family != FAMILY_V4)
+		return pending ? bpf_map_delete_elem(&lh_pending, k) : bpf_map_delete_elem(&lh_conns, k);
+	conn_key4_of(&k4, k);
+	return pending ? bpf_map_delete_elem(&lh_pending4, &k4) : bpf_map_delete_elem(&lh_conns4, &k4);
+}
+
+/* Looks key up in table first, then in second (*in_second := 1 when found
+ * there, or when neither holds it). */
+static __always_inline struct conn_entry *__conn_lookup2(void *first, void *second,
+							  const void *key, int *in_second)
+{
+	struct conn_entry *e = bpf_map_lookup_elem(first, key);
+
+	*in_second = 0;
 	if (e)
 		return e;
-	*pending = 1;
-	return bpf_map_lookup_elem(&lh_pending, &p->key);
+	*in_second = 1;
+	return bpf_map_lookup_elem(second, key);
+}
+
+/* The entry of p's key (*pending := 1 when it is in a pending table). A key
+ * is in one table (a promotion inserts it into the confirmed one, then
+ * deletes it from the pending one; only while another CPU promotes it is it
+ * in both), so the order mostly decides what a miss costs: a TCP segment
+ * with SYN set (a new connection, its SYN-ACK, or one sent again) belongs to
+ * a connection not yet confirmed, so pending first; any other packet most
+ * likely to an established one, so confirmed first. */
+static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *pending)
+{
+	int syn = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_);
+	struct conn_entry *e;
+	struct conn_key4 k4;
+	int second;
+
+	if (p->key.family == FAMILY_V4) {
+		conn_key4_of(&k4, &p->key);
+		if (syn)
+			e = __conn_lookup2(&lh_pending4, &lh_conns4, &k4, &second);
+		else
+			e = __conn_lookup2(&lh_conns4, &lh_pending4, &k4, &second);
+	} else if (syn) {
+		e = __conn_lookup2(&lh_pending, &lh_conns, &p->key, &second);
+	} else {
+		e = __conn_lookup2(&lh_conns, &lh_pending, &p->key, &second);
+	}
+	*pending = syn ? !second : second;
+	return e;
 }
 
 /* The state a connection starts in from its first packet; CS_NONE = do not
@@ -61,11 +134,12 @@ static __always_inline __u8 conn_first_state(const struct pkt *p)
 	return CS_UDP_NEW;
 }
 
-/* Inserts e for p's key into lh_pending. Returns 1 (inserted), 0 (another
- * CPU inserted the key a moment ago: left as it wrote it), or -CNT_LEARN_FAILED. */
+/* Inserts e for k into its family's pending table. Returns 1 (inserted), 0
+ * (another CPU inserted the key a moment ago: left as it wrote it), or
+ * -CNT_LEARN_FAILED. */
 static __always_inline int conn_insert(const struct conn_key *k, const struct conn_entry *e)
 {
-	long err = bpf_map_update_elem(&lh_pending, k, e, BPF_NOEXIST);
+	long err = conn_table_update(1, k, e, BPF_NOEXIST);
 
 	if (err == -17 /* EEXIST */)
 		return 0;
@@ -182,13 +256,14 @@ static __always_inline int conn_track(struct conn_entry *e, const struct pkt *p,
 	return confirmed;
 }
 
-/* Moves a pending connection that has proved itself into lh_conns. Returns
- * the reason to count: CNT_CONFIRMED, CNT_CONFIRM_REFUSED (lh_conns full:
+/* Moves a pending connection that has proved itself into its family's
+ * confirmed table. Returns the reason to count: CNT_CONFIRMED,
+ * CNT_CONFIRM_REFUSED (the confirmed table full:
  * it stays pending, and works as before), or -1 when another CPU did it. */
 static __always_inline int conn_promote(const struct conn_key *k, const struct conn_entry *e)
 {
 	struct conn_entry copy = *e;
-	long err = bpf_map_update_elem(&lh_conns, k, &copy, BPF_NOEXIST);
+	long err = conn_table_update(0, k, &copy, BPF_NOEXIST);
 
 	if (err == -17 /* EEXIST */)
 		return -1;
@@ -198,7 +273,7 @@ static __always_inline int conn_promote(const struct conn_key *k, const struct c
 	}
 	count_table(TC_CONFIRMED_INSERTED);
 	change_emit(CH_PROMOTED, CHT_CONFIRMED, k, &copy);
-	if (!bpf_map_delete_elem(&lh_pending, k))
+	if (!conn_table_delete(1, k))
 		count_table(TC_PENDING_PROMOTED);
 	return CNT_CONFIRMED;
 }
@@ -206,7 +281,7 @@ static __always_inline int conn_promote(const struct conn_key *k, const struct c
 /* Removes a pending entry the data path replaces (counted as removed). */
 static __always_inline void conn_drop_pending(const struct conn_key *k)
 {
-	if (!bpf_map_delete_elem(&lh_pending, k))
+	if (!conn_table_delete(1, k))
 		count_table(TC_PENDING_REMOVED);
 	change_emit(CH_REMOVED, CHT_PENDING, k, NULL);
 }

@@ -7,9 +7,11 @@
  * and tests/test_abi.py checks every Python copy against them; for the same
  * reason they take no -D override: the agent would disagree. */
 enum lh_const {
-	/* Connection table size. The agent sets max_entries from the config
-	 * before loading, so this is only the default the object is built with. */
+	/* Connection table sizes, IPv4 (lh_conns4) and IPv6 (lh_conns). The
+	 * agent sets max_entries from the config before loading, so these are
+	 * only the defaults the object is built with. */
 	CONN_TABLE_SIZE = 1048576,
+	CONN_TABLE_SIZE_V6 = 262144,
 	/* Interfaces the agent can configure; slot 0 collects packets seen on an
 	 * interface the agent did not configure. */
 	MAX_IFACES = 256,
@@ -27,6 +29,7 @@ enum lh_const {
 	/* Pending table size (connections not yet confirmed): the agent sets it
 	 * from the config; this is the default the object is built with. */
 	PENDING_TABLE_SIZE = 262144,
+	PENDING_TABLE_SIZE_V6 = 65536,
 	/* Addresses VM ports may open connections from (configured, learned, services). */
 	MAX_VM_ADDRS     = 65536,
 	/* Last-hop MACs the uplinks list (allow or deny, lh_hops), and the

@@ -1,4 +1,5 @@
-/* expire.h: the expiry pass -- the kernel walks both tables and removes the
+/* expire.h: the expiry pass -- the kernel walks every table (confirmed and
+ * pending, IPv4 and IPv6) and removes the
  * entries idle past their state's timeout. Each entry's idle time is read
  * against the clock as the walk reaches it, and an entry refreshed after
  * that is simply not idle: no snapshot races the data path. The pass also
@@ -12,6 +13,7 @@
 #include "abi.h"
 #include "maps.h"
 #include "changes.h"
+#include "conntrack.h"
 
 /* The kernel's struct, for the kfunc below (only its name matters to BTF). */
 struct bpf_map {
@@ -29,24 +31,34 @@ struct expire_ctx {
 	__u32 table;     /* the table walked: enum lh_change_table */
 };
 
-static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entry *e,
-		       struct expire_ctx *ctx)
+/* Whether entry e is idle past its state's timeout (*state := its state,
+ * *idle_out := jiffies since its last packet). */
+static __always_inline int expire_due(const struct conn_entry *e, const struct expire_ctx *ctx,
+				      __u32 *state, __u32 *idle_out)
 {
-	__u32 state = e->state, idle = now32() - e->last_seen;
+	__u32 idle = now32() - e->last_seen, s = e->state;
 
-	if (state >= CS_MAX)
-		state = CS_NONE;
+	*idle_out = idle;
+	if (s >= CS_MAX)
+		s = CS_NONE;
+	*state = s;
 	/* (__s32)idle < 0: refreshed by another CPU since now32() was read */
-	if ((__s32)idle > 0 && idle > ctx->timeout[state])
-		change_emit(CH_EXPIRED, ctx->table, k, NULL); /* before: k is freed after */
-	if ((__s32)idle > 0 && idle > ctx->timeout[state] && !bpf_map_delete_elem(map, k)) {
-		ctx->expired[state]++;
-		return 0;
-	}
+	return (__s32)idle > 0 && idle > ctx->timeout[s];
+}
+
+/* A live entry: counted by state, its deadline, its VM port's quota use. */
+static __always_inline void expire_keep(const struct conn_entry *e, struct expire_ctx *ctx,
+					__u32 state, __u32 idle)
+{
+	__u32 timeout;
+
+	if (state >= CS_MAX) /* for the verifier: expire_due keeps it below */
+		return;
+	timeout = ctx->timeout[state];
 	ctx->live[state]++;
 	/* jiffies until idle > timeout; idle < 0 (refreshed meanwhile) only adds */
-	if ((__s32)(ctx->timeout[state] - idle + 1) < ctx->next_left)
-		ctx->next_left = ctx->timeout[state] - idle + 1;
+	if ((__s32)(timeout - idle + 1) < ctx->next_left)
+		ctx->next_left = timeout - idle + 1;
 	if (e->flags & F_ENTRY_VM_ORIGIN) {
 		__u32 vm = e->vm_ifindex;
 		struct vm_usage *u = bpf_map_lookup_elem(&lh_vm_usage, &vm);
@@ -54,6 +66,43 @@ static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entr
 		if (u)
 			__sync_fetch_and_add(&u->walking, 1);
 	}
+}
+
+/* An entry of an IPv6 table (conn_key). */
+static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entry *e,
+		       struct expire_ctx *ctx)
+{
+	__u32 state, idle;
+
+	if (expire_due(e, ctx, &state, &idle)) {
+		change_emit(CH_EXPIRED, ctx->table, k, NULL); /* before: k is freed after */
+		if (!bpf_map_delete_elem(map, k)) {
+			if (state < CS_MAX)
+				ctx->expired[state]++;
+			return 0;
+		}
+	}
+	expire_keep(e, ctx, state, idle);
+	return 0;
+}
+
+/* An entry of an IPv4 table (conn_key4): its record carries the full key. */
+static long expire_one4(struct bpf_map *map, struct conn_key4 *k4, struct conn_entry *e,
+			struct expire_ctx *ctx)
+{
+	struct conn_key k;
+	__u32 state, idle;
+
+	if (expire_due(e, ctx, &state, &idle)) {
+		conn_key_of4(&k, k4);
+		change_emit(CH_EXPIRED, ctx->table, &k, NULL);
+		if (!bpf_map_delete_elem(map, k4)) {
+			if (state < CS_MAX)
+				ctx->expired[state]++;
+			return 0;
+		}
+	}
+	expire_keep(e, ctx, state, idle);
 	return 0;
 }
 
@@ -77,8 +126,9 @@ static long usage_end(struct bpf_map *map, __u32 *ifindex, struct vm_usage *u, v
 	return 0;
 }
 
-/* Walks one table; adds what it found to stats (index t: 0 confirmed, 1 pending). */
-static __always_inline void expire_table(void *map, int t, struct expire_ctx *ctx,
+/* Walks one table, both families (map4: its IPv4 map, map6: its IPv6 one);
+ * adds what it found to stats (index t: 0 confirmed, 1 pending). */
+static __always_inline void expire_table(void *map4, void *map6, int t, struct expire_ctx *ctx,
 					 struct expiry_stats *st)
 {
 	__u64 expired = 0;
@@ -86,7 +136,8 @@ static __always_inline void expire_table(void *map, int t, struct expire_ctx *ct
 	ctx->table = t;
 	__builtin_memset(ctx->live, 0, sizeof(ctx->live));
 	__builtin_memset(ctx->expired, 0, sizeof(ctx->expired));
-	bpf_for_each_map_elem(map, expire_one, ctx, 0);
+	bpf_for_each_map_elem(map4, expire_one4, ctx, 0);
+	bpf_for_each_map_elem(map6, expire_one, ctx, 0);
 #pragma unroll
 	for (int s = 0; s < CS_MAX; s++) {
 		st->live[t][s] = ctx->live[s];

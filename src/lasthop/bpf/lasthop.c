@@ -248,7 +248,7 @@ static __always_inline void vm_origin_supersede(const struct conn_key *k, int pe
 {
 	if (pending)
 		conn_drop_pending(k);
-	else if (!bpf_map_delete_elem(&lh_conns, k))
+	else if (!conn_table_delete(0, k))
 		count_table(TC_CONFIRMED_REMOVED);
 	if (!pending)
 		change_emit(CH_REMOVED, CHT_CONFIRMED, k, NULL);
@@ -724,8 +724,8 @@ int lh_expire(struct __sk_buff *skb)
 	ctx.next_left = 1 << 30; /* an empty table: nothing is due for ~12 days at HZ 1000 */
 	st->started = started;
 	bpf_for_each_map_elem(&lh_vm_usage, usage_begin, NULL, 0);
-	expire_table(&lh_conns, 0, &ctx, st);
-	expire_table(&lh_pending, 1, &ctx, st);
+	expire_table(&lh_conns4, &lh_conns, 0, &ctx, st);
+	expire_table(&lh_pending4, &lh_pending, 1, &ctx, st);
 	bpf_for_each_map_elem(&lh_vm_usage, usage_end, NULL, 0);
 	st->next_due = started + ctx.next_left;
 	st->finished = now32();
@@ -735,7 +735,7 @@ int lh_expire(struct __sk_buff *skb)
 }
 
 /* Each table's element count as the kernel keeps it (exact, including LRU
- * evictions), into lh_expiry[0].elements: what `stats` reads instead of
+ * evictions), both families summed, into lh_expiry[0].elements: what `stats` reads instead of
  * walking the table. Run by test run. */
 SEC("tc")
 int lh_stats(struct __sk_buff *skb)
@@ -746,8 +746,10 @@ int lh_stats(struct __sk_buff *skb)
 	st = bpf_map_lookup_elem(&lh_expiry, &zero);
 	if (!st)
 		return 0;
-	st->elements[0] = bpf_map_sum_elem_count((struct bpf_map *)&lh_conns);
-	st->elements[1] = bpf_map_sum_elem_count((struct bpf_map *)&lh_pending);
+	st->elements[0] = bpf_map_sum_elem_count((struct bpf_map *)&lh_conns4) +
+			  bpf_map_sum_elem_count((struct bpf_map *)&lh_conns);
+	st->elements[1] = bpf_map_sum_elem_count((struct bpf_map *)&lh_pending4) +
+			  bpf_map_sum_elem_count((struct bpf_map *)&lh_pending);
 	return 1;
 }
 

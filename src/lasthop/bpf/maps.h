@@ -7,23 +7,45 @@
 #include "consts.h"
 #include "abi.h"
 
-/* Confirmed connections (request direction) -> last hop and state. A plain
- * hash, not an LRU: nothing evicts a confirmed connection; only expiry, a
- * close or the agent removes one. Full, it refuses new confirmations (they
- * stay pending), as conntrack's early drop spares assured connections. */
+/* Confirmed IPv4 connections (request direction, 16-byte key) -> last hop
+ * and state. A plain hash, not an LRU: nothing evicts a confirmed
+ * connection; only expiry, a close or the agent removes one. Full, it
+ * refuses new confirmations (they stay pending), as conntrack's early drop
+ * spares assured connections. Each family has its own tables so an IPv4
+ * packet hashes and compares 16 bytes, not a 40-byte conn_key, and its
+ * element stores 24 bytes less; conntrack.h's helpers pick the table. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, CONN_TABLE_SIZE);
+	__type(key, struct conn_key4);
+	__type(value, struct conn_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_conns4 SEC(".maps");
+
+/* IPv4 connections not yet confirmed (a SYN, a first datagram, a mid-stream
+ * packet): LRU, so a flood of spoofed packets only evicts other newcomers. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, PENDING_TABLE_SIZE);
+	__type(key, struct conn_key4);
+	__type(value, struct conn_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_pending4 SEC(".maps");
+
+/* Confirmed IPv6 connections (conn_key of FAMILY_V6) -> last hop and state:
+ * as lh_conns4. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CONN_TABLE_SIZE_V6);
 	__type(key, struct conn_key);
 	__type(value, struct conn_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_conns SEC(".maps");
 
-/* Connections not yet confirmed (a SYN, a first datagram, a mid-stream
- * packet): LRU, so a flood of spoofed packets only evicts other newcomers. */
+/* IPv6 connections not yet confirmed: as lh_pending4. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, PENDING_TABLE_SIZE);
+	__uint(max_entries, PENDING_TABLE_SIZE_V6);
 	__type(key, struct conn_key);
 	__type(value, struct conn_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

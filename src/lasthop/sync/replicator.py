@@ -30,7 +30,7 @@ import redis
 from lasthop import abi, libbpf
 from lasthop.clock import Clock
 from lasthop.connections import ifname
-from lasthop.datapath import Maps
+from lasthop.datapath import FamilyMap, Maps
 from lasthop.errors import SyncError
 from lasthop.sync.wire import (
     WIRE_VERSION,
@@ -148,9 +148,9 @@ class SyncStatus:
 def _snapshot(maps: Maps) -> Iterator[bytes]:
     """Every live entry as a conn_change record (LEARNED, naming its table),
     read in batches; only an on-demand resync calls this."""
-    for table, _, which in maps.tables():
-        for key, value in table.items():
-            yield record_of(abi.ChangeKind.LEARNED, which, key, value)
+    for table in maps.tables():
+        for key, entry in table.items():
+            yield record_of(abi.ChangeKind.LEARNED, table.which, bytes(key), bytes(entry))
 
 
 def export_records(
@@ -433,7 +433,9 @@ def write_batch(maps: Maps, batch: DecodedBatch) -> int:
     unless the record is a new one's); a confirmed one leaves pending (not
     looked for in an empty pending table: a fresh peer's resync). Asks for an
     expiry walk. Returns how many records it wrote."""
-    (conns, _, _), (pending, _, _) = maps.tables()
+    # records carry full conn_keys: each goes to its family's map (FamilyMap.route)
+    conns = FamilyMap(maps.conns4, maps.conns)
+    pending = FamilyMap(maps.pending4, maps.pending)
     for key in batch.removals:
         conns.delete(key) or pending.delete(key)
     to_conns: list[tuple[bytes, bytes]] = []
@@ -457,7 +459,17 @@ def write_batch(maps: Maps, batch: DecodedBatch) -> int:
     return written
 
 
-def _update_many(table: libbpf.Map, items: list[tuple[bytes, bytes]]) -> int:
+def _update_many(table: FamilyMap, items: list[tuple[bytes, bytes]]) -> int:
+    """Writes *items* (full conn_keys) in one batch call per family's map; see
+    _update_map. Returns how many were written."""
+    per_map: dict[int, tuple[libbpf.Map, list[tuple[bytes, bytes]]]] = {}
+    for key, value in items:
+        m, k = table.route(key)
+        per_map.setdefault(id(m), (m, []))[1].append((k, value))
+    return sum(_update_map(m, rows) for m, rows in per_map.values())
+
+
+def _update_map(table: libbpf.Map, items: list[tuple[bytes, bytes]]) -> int:
     """Writes *items* in one batch call; when the kernel refuses the batch
     (a full table), one by one, skipping those it refuses. Returns how many."""
     if not items:
@@ -488,9 +500,9 @@ def write_changes(
     applied = unmapped = 0
     settings = m.get_settings()
     for c in changes:
-        key = bytes(c.key)
+        conns, pending = m.tables_for(c.key)  # its family's
         if c.kind in _REMOVALS:
-            m.conns.delete(key) or m.pending.delete(key)
+            conns.delete(c.key) or pending.delete(c.key)
             applied += 1
             continue
         e = c.entry
@@ -505,12 +517,12 @@ def write_changes(
         e.last_seen = last_seen_for(c.left_ms, now, settings.hz, settings.timeout[state])
         confirmed = c.table == abi.ChangeTable.CONFIRMED
         try:
-            if confirmed or m.conns.lookup(key) is not None:
-                m.conns.update(key, bytes(e))
+            if confirmed or conns.lookup(c.key) is not None:
+                conns.update(c.key, e)
                 if confirmed:
-                    m.pending.delete(key)
+                    pending.delete(c.key)
             else:
-                m.pending.update(key, bytes(e))
+                pending.update(c.key, e)
         except libbpf.BpfError as err:
             log.debug("sync: cannot apply an entry: %s", err)
             continue

@@ -232,6 +232,9 @@ def _checks(paths: list[BenchPath], runs: list[Run]) -> dict[str, Any]:
                 "redirected": totals.get("redirected", 0),
                 "learned": totals.get("learned", 0),
                 "replies": replies,
+                # requests lh_uplink sent straight to the VM's port (the fast
+                # path): without it every request crosses the bridge/routing
+                "fast_to_vm": totals.get("fast_to_vm", 0),
             }
             entry["ok"] = entry["ok"] and entry["redirected"] >= replies
         elif path.mode.extra == "recipe":
