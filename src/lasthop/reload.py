@@ -46,6 +46,8 @@ KEPT = frozenset(
     {
         "table_size",
         "pending_table_size",
+        "table_size_v6",
+        "pending_table_size_v6",
         "netns",
         "pin_root",
         "bridge",
