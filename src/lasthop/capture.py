@@ -32,7 +32,8 @@ from typing import Any, BinaryIO
 
 import dpkt
 
-from lasthop.endpoint import format_endpoint
+from lasthop.connections import format_mac
+from lasthop.endpoint import format_flow
 from lasthop.errors import ConfigError
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "Hop",
     "Report",
     "analyse",
-    "mac_str",
     "read_names",
 ]
 
@@ -105,12 +105,7 @@ class Conn:
         return self.answered and set(self.reply_from) != set(self.request_to)
 
     def describe(self) -> str:
-        if self.proto == "icmp":
-            return f"icmp {self.client} -> {self.server} id {self.client_port}"
-        return (
-            f"{self.proto} {format_endpoint(self.client, self.client_port)} -> "
-            f"{format_endpoint(self.server, self.server_port)}"
-        )
+        return format_flow(self.proto, self.client, self.client_port, self.server, self.server_port)
 
     def to_json(self, names: dict[str, str]) -> dict[str, Any]:
         def hops(c: Counter[Hop]) -> list[dict[str, Any]]:
@@ -189,10 +184,6 @@ class Report:
 
 
 # -- reading ---------------------------------------------------------------------------
-
-
-def mac_str(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
 
 
 def _frames(path: Path, where: str) -> Iterator[tuple[float, str, bytes]]:
@@ -311,7 +302,8 @@ def _parse(buf: bytes, where: str, skipped: Counter[str]) -> _Packet | None:
     else:
         skipped["not_ip"] += 1
         return None
-    src_hop, dst_hop = Hop(where, mac_str(eth.src), tags), Hop(where, mac_str(eth.dst), tags)
+    src_hop = Hop(where, format_mac(eth.src), tags)
+    dst_hop = Hop(where, format_mac(eth.dst), tags)
     l4 = ip.data
     if isinstance(l4, dpkt.tcp.TCP):
         syn, ack = bool(l4.flags & TCP_SYN), bool(l4.flags & TCP_ACK)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_endpoint"]
+__all__ = ["format_endpoint", "format_flow"]
 
 
 def format_endpoint(addr: object, port: object) -> str:
@@ -12,3 +12,11 @@ def format_endpoint(addr: object, port: object) -> str:
     *port* may be any text (``"80,443"``): it is written as given."""
     text = str(addr)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def format_flow(proto: str, src: str, sport: int, dst: str, dport: int) -> str:
+    """One direction of a connection: ``tcp 192.0.2.1:40000 -> 10.0.0.11:80``;
+    an ICMP echo by its identifier (*sport*): ``icmp echo 192.0.2.1 -> 10.0.0.11 id 7``."""
+    if proto == "icmp":
+        return f"icmp echo {src} -> {dst} id {sport}"
+    return f"{proto} {format_endpoint(src, sport)} -> {format_endpoint(dst, dport)}"

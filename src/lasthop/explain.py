@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from lasthop import abi
 from lasthop.connections import Connection, decode
-from lasthop.endpoint import format_endpoint
+from lasthop.endpoint import format_flow
 from lasthop.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -94,12 +94,7 @@ class Query:
         return key
 
     def describe(self) -> str:
-        if self.proto == "icmp":
-            return f"icmp echo {self.client} -> {self.server} id {self.client_port}"
-        return (
-            f"{self.proto} {format_endpoint(self.client, self.client_port)} -> "
-            f"{format_endpoint(self.server, self.server_port)}"
-        )
+        return format_flow(self.proto, self.client, self.client_port, self.server, self.server_port)
 
 
 @dataclass
@@ -203,12 +198,7 @@ def _hop(c: Connection, neighbours: list[str]) -> str:
 
 def _words_for(ex: Explanation) -> list[str]:
     q, c = ex.query, ex.connection
-    back = (
-        f"{q.proto} {format_endpoint(q.server, q.server_port)} -> "
-        f"{format_endpoint(q.client, q.client_port)}"
-        if q.proto != "icmp"
-        else f"the echo reply {q.server} -> {q.client}"
-    )
+    back = format_flow(q.proto, q.server, q.server_port, q.client, q.client_port)
     if c is None:
         out = [f"No entry for {q.describe()} (zone {q.zone}), in either direction."]
         if ex.service is None:
