@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,12 @@ from agentlib import (
     Sandbox,
     conn_key,
     lasthop,
-    sandbox,
     wait_for,
 )
 
 pytestmark = ROOT_MARKS
 
 UDP, TCP = 17, 6
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 def _json(*args: str) -> object:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentlib import PinnedTable, Sandbox, conn_key, lasthop, sandbox
+from agentlib import PinnedTable, Sandbox, conn_key, lasthop
 from lasthop.api import create_app
 from lasthop.connections import Connection, ConnFilter
 from lasthop.controller import Attached, InterfaceInfo, NotAttachedError, Stats, TableStats
@@ -243,12 +243,6 @@ def test_controller_errors_become_http_errors(error: Exception, status: int) -> 
 
 
 # -- a running agent ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 @pytest.mark.root

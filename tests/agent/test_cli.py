@@ -5,13 +5,12 @@ click's CliRunner (the test thread returns to its own namespace after)."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
-from agentlib import BPFFS, Sandbox, back_to_own_netns, sandbox
+from agentlib import BPFFS, Sandbox, back_to_own_netns
 from lasthop.cli import EXIT_FAILURE, EXIT_NOT_ATTACHED, EXIT_USAGE, cli
 from lasthop.config import Config, Interface
 from lasthop.controller import Controller
@@ -24,12 +23,6 @@ def invoke(*args: str) -> Result:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 # -- 2: usage and config, no kernel needed ------------------------------------------------

@@ -6,19 +6,12 @@ the host's normal path; a service address names the VM Maglev would pick."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
-from agentlib import BridgedSite, Sandbox, lasthop, sandbox
+from agentlib import BridgedSite, Sandbox, lasthop
 from lasthop.errors import ConfigError
 from lasthop.explain import Query, parse_endpoint
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 def _explain(netns: str, *args: str) -> dict[str, object]:

@@ -6,21 +6,14 @@ learned (its frames take the host's normal path, counted with its MAC in
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 
-from agentlib import ROOT_MARKS, BridgedSite, Sandbox, lasthop, sandbox
+from agentlib import ROOT_MARKS, BridgedSite, Sandbox, lasthop
 
 pytestmark = ROOT_MARKS
 
 OTHER_MAC = "02:00:5e:00:01:0a"
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 def _json(*args: str) -> object:

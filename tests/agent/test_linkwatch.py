@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 
-import pytest
-
-from agentlib import ROOT_MARKS, BridgedSite, Sandbox, back_to_own_netns, lasthop, sandbox, wait_for
+from agentlib import ROOT_MARKS, BridgedSite, Sandbox, back_to_own_netns, lasthop, wait_for
 from lasthop.controller import Controller
 
 pytestmark = ROOT_MARKS
@@ -23,12 +20,6 @@ VM_REPLY = (
     "s.bind((sys.argv[1], int(sys.argv[2])))\n"
     "s.sendto(b'late answer', (sys.argv[3], int(sys.argv[4])))\n"
 )
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 def _link_down(site: BridgedSite) -> bool:

@@ -10,7 +10,6 @@ import grp
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from agentlib import (
     Sandbox,
     conn_key,
     lasthop,
-    sandbox,
     sh,
     unit_command,
     wait_for,
@@ -32,12 +30,6 @@ from lasthop.lab.runner import AgentProcess
 from lasthop.services.cli import AgentClient
 
 pytestmark = ROOT_MARKS
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 def write_config(path: Path, netns: str, body: str) -> Path:

@@ -19,23 +19,14 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Iterator
 
-import pytest
-
-from agentlib import ROOT_MARKS, BridgedSite, Sandbox, sandbox
+from agentlib import ROOT_MARKS, BridgedSite, Sandbox
 from lasthop.lab.runner import lasthop_argv
 
 pytestmark = ROOT_MARKS
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\r")
 ROWS, COLS = 60, 160
 CELL = r"[ │]+"  # between two cells of a table row
-
-
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
 
 
 class Terminal:
