@@ -22,21 +22,25 @@ from pathlib import Path
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import LabError
 
-__all__ = ["NAMES_FILE", "capturing", "write_names"]
+__all__ = ["NAMES_FILE", "capturing", "names", "write_names"]
 
 NAMES_FILE = "names.txt"
 READY_TIMEOUT = 60.0  # s: a fresh machine's first tcpdump is slow to start
 STOP_TIMEOUT = 30.0
 
 
+def names(plan: P.Plan) -> dict[str, str]:
+    """MAC -> name of every firewall (and its fail-over MAC), VM and host leg of the lab."""
+    out = {plan.firewall(n).transit_mac: f"fw{n}" for n in plan.sites}
+    out |= {plan.firewall(n).failover_mac: f"fw{n} (fail-over)" for n in plan.sites}
+    out |= {plan.vm(n).mac: f"vm{n}" for n in plan.vms}
+    return out | {plan.host.uplink_mac: "host uplink", plan.host.bridge_mac: "host br0"}
+
+
 def write_names(plan: P.Plan, folder: Path) -> Path:
-    """folder/names.txt: "MAC NAME" for every firewall and VM of the lab."""
-    lines = [f"{plan.firewall(n).transit_mac} fw{n}" for n in plan.sites]
-    lines += [f"{plan.firewall(n).failover_mac} fw{n} (fail-over)" for n in plan.sites]
-    lines += [f"{plan.vm(n).mac} vm{n}" for n in plan.vms]
-    lines += [f"{plan.host.uplink_mac} host uplink", f"{plan.host.bridge_mac} host br0"]
+    """folder/names.txt: "MAC NAME" lines of :func:`names`, for `lasthop pcap --names`."""
     path = folder / NAMES_FILE
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(f"{mac} {name}\n" for mac, name in names(plan).items()))
     return path
 
 

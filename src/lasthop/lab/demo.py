@@ -238,15 +238,14 @@ def _phase(lab: Lab, run: ModeRun, key: str, title: str, n: int) -> Phase:
         result = traffic.check(lab.plan, n=n)
     phase = Phase(key, title, result, counter_delta(before, lab.counters()))
     if path:
-        phase.capture = _report(path)
+        phase.capture = _report(path, capture.names(lab.plan))
     return phase
 
 
-def _report(path: Path) -> PhaseCapture:
-    from lasthop.capture import analyse, read_names
+def _report(path: Path, names: dict[str, str]) -> PhaseCapture:
+    from lasthop.capture import analyse
 
     report = analyse([path])
-    names = read_names((path.parent / capture.NAMES_FILE).read_text().splitlines())
     pairs = {
         (names.get(came.mac, came.mac), names.get(went.mac, went.mac)): n
         for (came, went), n in report.pairs().items()
