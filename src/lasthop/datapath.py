@@ -214,9 +214,9 @@ class Maps:
         # sync on (lasthop.sync): receives a conn_change record for each entry
         # user space removes or rewrites, as the data path's go to lh_changes
         self.on_change: Callable[[bytes], None] | None = None
-        # lh_svc_walk, when this object or the pins have it (svc_walk below)
+        # lh_svc_walk: the agent's object's, or opened from its pin when first run
         self.svc_walker: libbpf.Program | None = None
-        self._own_walker = False
+        self._walker_pin: Path | None = None
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
@@ -225,17 +225,14 @@ class Maps:
                 f"no data path pinned at {pins.folder}: is `lasthop run` attached here?"
             )
         maps = cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
-        walker = pins.path("lh_svc_walk")
-        if walker.exists():  # an agent of an older release pinned none
-            maps.svc_walker = libbpf.Program(libbpf.obj_get(walker), "lh_svc_walk")
-            maps._own_walker = True
+        maps._walker_pin = pins.path("lh_svc_walk")
         return maps
 
     def close(self) -> None:
         for m in self._all.values():
             m.close()
-        if self._own_walker and self.svc_walker is not None:
-            os.close(self.svc_walker.fd)
+        if self._walker_pin is not None and self.svc_walker is not None:
+            os.close(self.svc_walker.fd)  # opened from the pin: ours
             self.svc_walker = None
 
     def svc_walk(self, request: abi.SvcWalk) -> abi.SvcWalk | None:
@@ -243,6 +240,10 @@ class Maps:
         names (lh_svc_walk: it walks the tables, user space reads none of
         them); the request with its counts, or None when no lh_svc_walk is
         loaded here (then the caller walks)."""
+        if self.svc_walker is None and self._walker_pin is not None:
+            if not self._walker_pin.exists():  # an agent of an older release pinned none
+                return None
+            self.svc_walker = libbpf.Program(libbpf.obj_get(self._walker_pin), "lh_svc_walk")
         if self.svc_walker is None:
             return None
         run = self.svc_walker.test_run(bytes(request))
