@@ -38,6 +38,7 @@ MAX_VM_ADDRS = 65536
 MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
+SVC_WALK_IFACES = 16  # VM ports one run of lh_svc_walk looks for
 
 
 class Role(enum.IntEnum):
@@ -318,6 +319,20 @@ class ExpiryStats(ctypes.Structure):
     ]
 
 
+class SvcWalk(ctypes.Structure):
+    """struct svc_walk (abi.h): lh_svc_walk's frame, the request in and the counts out."""
+
+    _fields_ = [
+        ("service_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32 * SVC_WALK_IFACES),
+        ("drop", ctypes.c_uint32),
+        ("moved", ctypes.c_uint32),
+        ("dropped", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
 class RefKey(ctypes.Structure):
     """struct ref_key (lasthop.c): lh_ref_conns' key, the bench reference's
     IPv4 tuple in request orientation (saddr = the client); addresses and
@@ -386,6 +401,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
     "ref_key": RefKey,
+    "svc_walk": SvcWalk,
 }
 
 

@@ -39,6 +39,8 @@ enum lh_const {
 	/* Bytes of the lh_changes ring buffer (a power of 2, whole pages): about
 	 * 48,000 change records between two reads of the agent. */
 	CHANGES_RING_SIZE = 1 << 22,
+	/* VM ports one run of lh_svc_walk looks for (struct svc_walk). */
+	SVC_WALK_IFACES = 16,
 };
 
 /* CPUs whose per-CPU counters the expiry pass sums (bpf_loop bound; the
