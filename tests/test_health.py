@@ -48,7 +48,8 @@ class _Server(http.server.ThreadingHTTPServer):
 @pytest.fixture
 def http_port() -> Iterator[int]:
     server = _Server(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for the loop's next look at its flag: every 0.05 s, not 0.5
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server.server_address[1]

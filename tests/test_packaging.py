@@ -54,9 +54,12 @@ def test_the_wheel_carries_the_object_and_runs_without_a_compiler(
     assert {"lasthop/bpf/lasthop.bpf.o", "lasthop/bpf/lasthop.bpf.sha256"} <= set(names)
     assert "lasthop/data/lasthop.service" in names
 
+    # a fresh environment with nothing in it, into which this pip installs the
+    # wheel and its dependencies (seeding the venv's own pip took 12 s, and
+    # installing with it 27 s against 13 s; nothing is byte-compiled ahead)
     venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", venv)
-    _run(venv / "bin/pip", "install", "-q", wheel)
+    _run(sys.executable, "-m", "venv", "--without-pip", venv)
+    _run(pip, "--python", venv / "bin/python", "install", "-q", "--no-compile", wheel)
 
     tools = tmp_path / "tools"
     tools.mkdir()

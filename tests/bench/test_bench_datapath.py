@@ -1,18 +1,19 @@
 """The datapath benchmark runs end to end (tiny settings: this checks the
 method's plumbing and self-checks, not the figures: no target is asserted,
-nothing here is timed)."""
+nothing here is timed). It runs once, through `lasthop bench datapath
+--json`: the tests read its results and what the CLI printed of them."""
 
 from __future__ import annotations
 
 import ctypes
 import json
+from dataclasses import replace
 
 import pytest
-from click.testing import CliRunner
+from benchcli import CliRun, invoke
 
 from lasthop import abi
 from lasthop.bench import datapath
-from lasthop.bench.cli import bench
 from lasthop.datapath import MAP_NAMES, default_pending, table_sizes
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
@@ -34,9 +35,18 @@ FIGURES = [
 ]
 
 
+ARGS = [f"--{key.replace('_', '-')}={value}" for key, value in SMALL.items()]
+
+
 @pytest.fixture(scope="module")
-def results() -> datapath.Results:
-    return datapath.run(**SMALL)
+def cli_run() -> CliRun:
+    return invoke(datapath, ["datapath", "--json", *ARGS])
+
+
+@pytest.fixture(scope="module")
+def results(cli_run: CliRun) -> datapath.Results:
+    assert isinstance(cli_run.results, datapath.Results)
+    return cli_run.results
 
 
 def test_every_figure_is_measured(results: datapath.Results) -> None:
@@ -157,32 +167,32 @@ def test_json_has_every_field(results: datapath.Results) -> None:
     assert report["settings"]["pending"] == max(default_pending(1024), 2 * SMALL["inserts"])
 
 
-def test_cli_json_and_exit_codes() -> None:
-    """`bench datapath --json` prints the figures; exit 0 even when a target
-    is missed, unless --strict."""
-    args = [
-        "datapath",
-        "--json",
-        "--repeat",
-        "2000",
-        "--rounds",
-        "1",
-        "--inserts",
-        "200",
-        "--table",
-        "1024",
-        "--memory-entries",
-        "0",
-    ]
-    result = CliRunner().invoke(bench, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["memory"] is None
+def test_cli_json_and_exit_codes(cli_run: CliRun) -> None:
+    """`bench datapath --json` passes its options to the run and prints the
+    run's figures; exit 0 even when a target is missed, unless --strict;
+    --memory-entries 0 skips the memory figure."""
+    assert cli_run.output.exit_code == 0, cli_run.output.output
+    assert {k: v for k, v in cli_run.kwargs.items() if k != "progress"} == SMALL
+    report = json.loads(cli_run.output.stdout)
+    assert report == json.loads(json.dumps(cli_run.results.to_json()))
     assert {f["name"] for f in report["figures"]} >= {
         "reference",
         "reply_hit_v4",
         "new_connection",
         "insert_full",
     }
-    strict = CliRunner().invoke(bench, [*args, "--strict"])
-    assert strict.exit_code == (0 if json.loads(strict.stdout)["ok"] else 1)
+    measured = cli_run.results
+
+    def same_run(**kwargs: object) -> datapath.Results:  # the figures just measured
+        return measured
+
+    strict = invoke(datapath, ["datapath", "--json", *ARGS, "--strict"], run=same_run)
+    assert strict.output.exit_code == (0 if measured.ok else 1)
+    assert json.loads(strict.output.stdout)["ok"] == measured.ok
+    no_memory = invoke(
+        datapath,
+        ["datapath", "--json", *ARGS, "--memory-entries", "0"],
+        run=lambda **kwargs: replace(measured, memory=None),
+    )
+    assert no_memory.kwargs["memory_entries"] == 0
+    assert json.loads(no_memory.output.stdout)["memory"] is None

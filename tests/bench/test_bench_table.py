@@ -1,6 +1,7 @@
 """`lasthop bench table` runs end to end on the real agent (a tiny table and a
 short rest: this checks the method's plumbing and self-checks, not the
-figures; no target is asserted)."""
+figures; no target is asserted). It runs once, through `lasthop bench table
+--json`: the tests read its results and what the CLI printed of them."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from benchcli import CliRun, invoke
 
 from lasthop.bench import table
-from lasthop.bench.cli import bench
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
 
-SMALL = {"entries": 5000, "rest": 2.0, "repeat": 2, "expiring": 20}
+SMALL = {"entries": 5000, "rest": 1.0, "repeat": 2, "expiring": 20}
 FIGURES = [
     "agent_cpu",
     "agent_cpu_churn",
@@ -30,9 +30,18 @@ FIGURES = [
 ]
 
 
+ARGS = [f"--{key}={value}" for key, value in SMALL.items()]
+
+
 @pytest.fixture(scope="module")
-def results() -> table.Results:
-    return table.run(**SMALL)
+def cli_run() -> CliRun:
+    return invoke(table, ["table", "--json", *ARGS])
+
+
+@pytest.fixture(scope="module")
+def results(cli_run: CliRun) -> table.Results:
+    assert isinstance(cli_run.results, table.Results)
+    return cli_run.results
 
 
 def test_every_figure_is_measured(results: table.Results) -> None:
@@ -72,13 +81,13 @@ def test_nothing_is_left_behind(results: table.Results) -> None:
     assert not Path(f"/sys/fs/bpf/lasthop-bench-{os.getpid()}").exists()
 
 
-def test_json_output() -> None:
-    """--json prints every figure with its target and ok; exit code 0 (ran)."""
-    out = CliRunner().invoke(
-        bench,
-        ["table", "--entries", "2000", "--rest", "1", "--repeat", "1", "--expiring", "4", "--json"],
-    )
+def test_json_output(cli_run: CliRun) -> None:
+    """--json passes the options to the run and prints every figure of it with
+    its target and ok; exit code 0 (ran)."""
+    out = cli_run.output
     assert out.exit_code == 0, out.output
+    assert {k: v for k, v in cli_run.kwargs.items() if k != "progress"} == SMALL
     doc = json.loads(out.stdout)
     assert [f["name"] for f in doc["figures"]] == FIGURES
     assert doc["targets"] == table.TARGETS
+    assert doc == json.loads(json.dumps(cli_run.results.to_json()))
