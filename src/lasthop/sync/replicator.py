@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import redis
 
 from lasthop import abi, libbpf
 from lasthop.clock import Clock
 from lasthop.connections import ifname
-from lasthop.datapath import FamilyMap, Maps
+from lasthop.datapath import Maps
 from lasthop.errors import SyncError
 from lasthop.sync.wire import (
     WIRE_VERSION,
@@ -41,6 +42,7 @@ from lasthop.sync.wire import (
     encode_record,
     last_seen_for,
     record_of,
+    split_families,
     sync_epoch_shift,
 )
 
@@ -57,7 +59,8 @@ __all__ = [
 
 log = logging.getLogger("lasthop")
 BATCH = 2000  # records per stream message (RECORD_SIZE bytes each)
-READ_MESSAGES = 64  # stream messages per XREAD
+FLUSH_S = 0.002  # a batch smaller than BATCH leaves at most this long after its first record
+READ_MESSAGES = 8  # stream messages per XREAD: the first is applied before the rest are read
 STREAM_MAXLEN = 100_000  # messages the stream keeps (approximately): a peer away longer resyncs
 HEARTBEAT_S = 1.0  # how often a host writes its figures into the cluster's hosts hash
 RETRY_S = 1.0  # how long a host waits before trying a store that failed again
@@ -305,22 +308,32 @@ class Replicator:
 
     # -- publishing ----------------------------------------------------------
     def _publisher(self) -> None:
+        """Drains the ring into batches bounded by size (BATCH) and time
+        (FLUSH_S after a batch's first record), and publishes them."""
         assert self._ring is not None
         st, next_beat = self._status, 0.0
+        records: list[bytes] = []
+        flush_at = 0.0
         while not self._stop.is_set():
-            select.select([self._ring], [], [], 0.05)
-            records = self._ring.read()
+            wait = max(0.0, flush_at - time.monotonic()) if records else 0.05
+            select.select([self._ring], [], [], wait)
+            fresh = self._ring.read()
             while self._local:
-                records.append(self._local.popleft())
+                fresh.append(self._local.popleft())
             now = time.monotonic()
+            if fresh and not records:
+                flush_at = now + FLUSH_S
+            records += fresh
+            due = len(records) >= BATCH or (records and now >= flush_at)
             try:
                 if self._resync_wanted.is_set():
                     self._resync_wanted.clear()
                     self._resync()
-                if records:
+                if due:
                     st.published += _publish(
                         self._pub, self.stream, self.host, "changes", records, self.maps, self.clock
                     )
+                    records = []
                 if now >= next_beat:
                     self._heartbeat()
                     next_beat = now + HEARTBEAT_S
@@ -328,7 +341,8 @@ class Replicator:
                     log.info("sync: connected to %s", self.url)
                 st.connected = True
             except (redis.RedisError, OSError) as err:
-                st.unpublished += len(records)
+                st.unpublished += len(records)  # dropped: the resync on reconnect repairs it
+                records = []
                 if st.connected:
                     log.warning("sync: store unreachable (%s); counting what is not published", err)
                 st.connected = False
@@ -420,69 +434,65 @@ class Replicator:
                 records, names, self._index_of, self.clock.jiffies(), self.maps.get_settings()
             )
             written = write_batch(self.maps, batch)
-        refused = len(batch.writes) + len(batch.removals) - written  # a full table
+        refused = len(batch.keys) + len(batch.removed) - written  # a full table
         self._status.applied += batch.records - batch.unmapped - refused
         self._status.unmapped += batch.unmapped
         return batch
 
 
 def write_batch(maps: Maps, batch: DecodedBatch) -> int:
-    """Writes a decoded batch into this host's tables, in batches where the
-    kernel allows: removals, then each entry into the table its record names
-    (confirmed; pending unless the key is confirmed here already, looked up
-    unless the record is a new one's); a confirmed one leaves pending (not
-    looked for in an empty pending table: a fresh peer's resync). Asks for an
-    expiry walk. Returns how many records it wrote."""
-    # records carry full conn_keys: each goes to its family's map (FamilyMap.route)
-    conns = FamilyMap(maps.conns4, maps.conns)
-    pending = FamilyMap(maps.pending4, maps.pending)
-    for key in batch.removals:
-        conns.delete(key) or pending.delete(key)
-    to_conns: list[tuple[bytes, bytes]] = []
-    to_pending: list[tuple[bytes, bytes]] = []
-    leaving_pending: list[bytes] = []
-    for key, (entry, confirmed, new) in batch.writes.items():
-        if confirmed:
-            to_conns.append((key, entry))
-            leaving_pending.append(key)
-        elif not new and conns.lookup(key) is not None:
-            to_conns.append((key, entry))
-        else:
-            to_pending.append((key, entry))
-    written = len(batch.removals)
-    for table, items in ((conns, to_conns), (pending, to_pending)):
-        written += _update_many(table, items)
-    if leaving_pending and next(pending.keys(), None) is not None:  # one syscall: empty?
-        for key in leaving_pending:
-            pending.delete(key)
+    """Writes a decoded batch into this host's tables, one batch call per map
+    where the kernel allows: removals, then each entry into the table its
+    record names (confirmed; pending unless the key is confirmed here
+    already, looked up unless the record is a new one's); a confirmed one
+    leaves pending (not looked for in an empty pending table: a fresh peer's
+    resync). Asks for an expiry walk. Returns how many records it wrote."""
+    written = len(batch.removed)
+    for conns, pending, keys, rows in _by_family(maps, batch.keys):
+        confirmed, new = batch.confirmed[rows], batch.new[rows]
+        entries = np.ascontiguousarray(batch.entries[rows]).view(np.uint8).reshape(len(rows), -1)
+        to_conns = confirmed.copy()
+        for i in np.flatnonzero(~confirmed & ~new):  # a state or hop move into pending
+            to_conns[i] = conns.lookup(keys[i].tobytes()) is not None
+        written += _update_map(conns, keys[to_conns], entries[to_conns])
+        written += _update_map(pending, keys[~to_conns], entries[~to_conns])
+        if confirmed.any() and next(pending.keys(), None) is not None:  # one syscall: empty?
+            for key in keys[confirmed]:
+                pending.delete(key.tobytes())
+    for conns, pending, keys, _rows in _by_family(maps, batch.removed):
+        for key in keys:
+            conns.delete(key.tobytes()) or pending.delete(key.tobytes())
     maps.request_expiry()  # written from user space: the expiry pass must look
     return written
 
 
-def _update_many(table: FamilyMap, items: list[tuple[bytes, bytes]]) -> int:
-    """Writes *items* (full conn_keys) in one batch call per family's map; see
-    _update_map. Returns how many were written."""
-    per_map: dict[int, tuple[libbpf.Map, list[tuple[bytes, bytes]]]] = {}
-    for key, value in items:
-        m, k = table.route(key)
-        per_map.setdefault(id(m), (m, []))[1].append((k, value))
-    return sum(_update_map(m, rows) for m, rows in per_map.values())
+def _by_family(
+    maps: Maps, keys: np.ndarray
+) -> Iterator[tuple[libbpf.Map, libbpf.Map, np.ndarray, np.ndarray]]:
+    """(confirmed map, pending map, their keys as a (rows, key size) array,
+    the rows of *keys*) per family, for full conn_keys *keys*."""
+    rows4, keys4, rows6, keys6 = split_families(keys)
+    if len(rows4):
+        yield maps.conns4, maps.pending4, keys4, rows4
+    if len(rows6):
+        yield maps.conns, maps.pending, keys6, rows6
 
 
-def _update_map(table: libbpf.Map, items: list[tuple[bytes, bytes]]) -> int:
-    """Writes *items* in one batch call; when the kernel refuses the batch
-    (a full table), one by one, skipping those it refuses. Returns how many."""
-    if not items:
+def _update_map(table: libbpf.Map, keys: np.ndarray, values: np.ndarray) -> int:
+    """Writes *keys* / *values* (rows of bytes) in one batch call; when the
+    kernel refuses the batch (a full table), one by one, skipping those it
+    refuses. Returns how many."""
+    if not len(keys):
         return 0
     try:
-        table.update_batch(b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items))
-        return len(items)
+        table.update_batch(keys.tobytes(), values.tobytes(), len(keys))
+        return len(keys)
     except libbpf.BpfError as err:
         log.debug("sync: a batch write failed (%s), writing one by one", err)
     written = 0
-    for key, value in items:
+    for key, value in zip(keys, values, strict=True):
         try:
-            table.update(key, value)
+            table.update(key.tobytes(), value.tobytes())
         except libbpf.BpfError as err:
             log.debug("sync: cannot apply an entry: %s", err)
             continue
