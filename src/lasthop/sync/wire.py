@@ -201,6 +201,51 @@ def _states(arr: np.ndarray) -> np.ndarray:
     return state
 
 
+@dataclass
+class _Merged:
+    """The last record of each key of a batch (its index) and what the
+    key's records together say of it: *confirmed*, the last table it was
+    written to is the confirmed one (a record naming it, not followed by a
+    removal or a new learning; a state or hop move after a promotion names
+    EITHER table, and the key is still confirmed); *new*, it was learned into
+    pending since it was last confirmed or removed, so the peer's confirmed
+    table lacks it."""
+
+    last: np.ndarray
+    confirmed: np.ndarray
+    new: np.ndarray
+
+
+def _merge(records: bytes, arr: np.ndarray) -> _Merged:
+    n = len(arr)
+    groups: dict[bytes, int] = {}  # key -> its group, in first-seen order
+    starts = range(_KEY, len(records), RECORD_SIZE)
+    group = np.fromiter(
+        (groups.setdefault(records[o : o + KEY_SIZE], len(groups)) for o in starts),
+        dtype=np.intp,
+        count=n,
+    )
+    index = np.arange(n)
+
+    def last_where(mask: np.ndarray) -> np.ndarray:
+        out = np.full(len(groups), -1, dtype=np.intp)
+        np.maximum.at(out, group[mask], index[mask])
+        return out
+
+    removal = np.isin(arr["kind"], _REMOVAL_KINDS)
+    last = last_where(np.ones(n, dtype=bool))
+    removed = last_where(removal)
+    confirmed = last_where(~removal & (arr["table"] == abi.ChangeTable.CONFIRMED))
+    learned = last_where(
+        (arr["kind"] == abi.ChangeKind.LEARNED) & (arr["table"] == abi.ChangeTable.PENDING)
+    )
+    return _Merged(
+        last=last,
+        confirmed=confirmed > np.maximum(removed, learned),
+        new=learned > np.maximum(removed, confirmed),
+    )
+
+
 class BatchEncoder:
     """Packs conn_change records (from lh_changes, or a snapshot) into one
     batch: the records' bytes and the names they use."""
@@ -230,10 +275,18 @@ class BatchEncoder:
         self.add_bytes(b"".join(records))
 
     def add_bytes(self, raw: bytes) -> None:
-        """Records back to back (a whole number of RECORD_SIZE)."""
+        """Records back to back (a whole number of RECORD_SIZE). Records of
+        one key merge into its last one, which says what the peer needs of
+        the others (_merge): its table is the confirmed one if the key was
+        promoted meanwhile; a key learned here meanwhile travels as learned."""
         if not raw:
             return
-        arr = np.frombuffer(raw, dtype=RECORD_DTYPE).copy()
+        given = np.frombuffer(raw, dtype=RECORD_DTYPE)
+        merged = _merge(raw, given)
+        arr = given[merged.last]  # a copy
+        arr["table"][merged.confirmed] = abi.ChangeTable.CONFIRMED
+        arr["kind"][merged.new] = abi.ChangeKind.LEARNED
+        arr["table"][merged.new] = abi.ChangeTable.PENDING
         removal = np.isin(arr["kind"], _REMOVAL_KINDS)
         age = (self._now - arr["last_seen"].astype(np.int64)) & 0xFFFFFFFF
         age[age >= 0x80000000] = 0  # refreshed after now was read: not aged at all
@@ -250,7 +303,7 @@ class BatchEncoder:
             ids = np.array([self._id(int(i)) for i in found], dtype=np.uint32)
             col[kept] = ids[np.searchsorted(found, col[kept])]
         self._out.append(arr.tobytes())
-        self._count += len(arr)
+        self._count += len(given)
 
     def take(self) -> tuple[bytes, list[str]]:
         """The batch so far (records, names); the encoder starts a new one."""
@@ -265,9 +318,10 @@ class DecodedBatch:
     (each carries its entry whole, so the last one is the truth), as arrays
     in the batch's order: *keys* (full conn_key bytes, V40) and *entries*
     (conn_entry bytes, this host's ifindexes and clock) to write, *confirmed*
-    (its record names the confirmed table), *new* (the peer's data path
-    learned it into pending, so its confirmed table had no such key, nor has
-    ours: its removal came before, in order); and the keys to remove."""
+    (its key's last table is the confirmed one, _Merged), *new* (the peer's
+    data path learned it into pending, so its confirmed table had no such
+    key, nor has ours: its removal came before, in order); and the keys to
+    remove."""
 
     keys: np.ndarray
     entries: np.ndarray
@@ -305,16 +359,14 @@ def decode_batch(
     local = np.array([0, *(index_of(n) for n in names)], dtype=np.uint32)
     if len(arr) and max(int(arr["ifindex"].max()), int(arr["vm_ifindex"].max())) >= len(local):
         raise ValueError(f"a record names an interface beyond the batch's {len(names)}")
-    # the last record of each key: a dict keeps a key's last index, in first-seen order
-    starts = range(_KEY, len(records), RECORD_SIZE)
-    last = {records[o : o + KEY_SIZE]: i for i, o in enumerate(starts)}
-    arr = arr[np.fromiter(last.values(), dtype=np.intp, count=len(last))]
+    merged = _merge(records, arr)
+    arr = arr[merged.last]
     removal = np.isin(arr["kind"], _REMOVAL_KINDS)
     ifindex, vm_ifindex = local[arr["ifindex"]], local[arr["vm_ifindex"]]
     unmapped = ~removal & (arr["ifindex"] != 0) & (ifindex == 0)
-    out = arr[~removal & ~unmapped].copy()
-    out["ifindex"] = ifindex[~removal & ~unmapped]
-    out["vm_ifindex"] = vm_ifindex[~removal & ~unmapped]
+    write = ~removal & ~unmapped
+    out = arr[write]  # a copy
+    out["ifindex"], out["vm_ifindex"] = ifindex[write], vm_ifindex[write]
     idle = np.maximum(_timeouts_ms(settings)[_states(out)] - out["last_seen"], 0)
     out["last_seen"] = (now - idle * settings.hz // 1000) & 0xFFFFFFFF
     no_vm = out["vm_ifindex"] == 0
@@ -322,8 +374,8 @@ def decode_batch(
     return DecodedBatch(
         keys=out["key"],
         entries=out["entry"],
-        confirmed=out["table"] == abi.ChangeTable.CONFIRMED,
-        new=(out["kind"] == abi.ChangeKind.LEARNED) & (out["table"] == abi.ChangeTable.PENDING),
+        confirmed=merged.confirmed[write],
+        new=merged.new[write],
         removed=arr["key"][removal],
         unmapped=int(unmapped.sum()),
         records=len(records) // RECORD_SIZE,
