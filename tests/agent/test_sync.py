@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,50 +31,24 @@ import pytest
 from agentlib import ROOT_MARKS, BridgedSite, Netns, Sandbox, lasthop, sandbox, wait_for
 from lasthop import abi, libbpf
 from lasthop.datapath import FamilyMap
+from lasthop.sync import store
 
 pytestmark = [*ROOT_MARKS, pytest.mark.slow]
 
 
-class RedisServer:
-    """redis-server on a unix socket in a temp dir; stop() and start() again keep the path."""
+class RedisServer(store.RedisServer):
+    """The store of these tests, in a temp dir of its own; close() removes it."""
 
     def __init__(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
+        if shutil.which("redis-server") is None:
             pytest.skip(
                 "needs redis-server (Debian package redis-server: scripts/setup installs it)"
             )
-        self.exe = exe
-        self.dir = Path(tempfile.mkdtemp(prefix="lasthop-redis-"))
-        self.socket = self.dir / "redis.sock"
-        self.url = f"unix://{self.socket}?db=0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [self.exe, "--port", "0", "--unixsocket", str(self.socket)]
-        argv += [
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(self.dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.socket.exists, timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-        self.socket.unlink(missing_ok=True)
+        super().__init__(Path(tempfile.mkdtemp(prefix="lasthop-redis-")))
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Cluster:

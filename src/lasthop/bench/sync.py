@@ -30,9 +30,7 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
-import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -48,7 +46,9 @@ from lasthop.bench import datapath as dp
 from lasthop.bench.frames import TCP_SYN, quiet, tcp4_frame
 from lasthop.clock import Clock
 from lasthop.datapath import MAP_NAMES, Maps
+from lasthop.errors import SyncError
 from lasthop.libbpf import BpfObject, RingBuffer
+from lasthop.sync.store import RedisServer
 
 __all__ = ["BenchError", "Results", "TARGETS", "print_results", "run"]
 
@@ -126,23 +126,11 @@ class Results:
 
 @contextlib.contextmanager
 def _redis(folder: Path) -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise BenchError("needs redis-server (Debian package redis-server: scripts/setup)")
-    sock = folder / "redis.sock"
-    argv = [exe, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
-    argv += ["--dir", str(folder), "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise BenchError("redis-server did not start")
-            time.sleep(0.01)
-        yield f"unix://{sock}?db=0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        with RedisServer(folder) as server:
+            yield server.url
+    except SyncError as err:
+        raise BenchError(str(err)) from err
 
 
 # -- a host: a BPF object's maps and the agent's Replicator ------------------------

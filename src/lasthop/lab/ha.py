@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lasthop.errors import SyncError
 from lasthop.lab import firewall, state
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import LabError, eventually, ip_batch, open_socket, run
@@ -46,6 +47,7 @@ from lasthop.lab.topology import (
     Progress,
     _quiet,
 )
+from lasthop.sync.store import RedisServer
 
 __all__ = [
     "ADVERT_S",
@@ -148,10 +150,10 @@ class HaLab(Lab):
         super().__init__(st)
         self.a, self.b = ha_hosts(self.plan)
         self.folder = state.folder(self.name)
-        self.redis_socket = self.folder / "redis.sock"
-        self.url = f"unix://{self.redis_socket}?db=0"
+        self.redis = RedisServer(self.folder, log=self.folder / "redis.log")
+        self.redis_socket = self.redis.socket
+        self.url = self.redis.url
         self.agents: dict[str, AgentProcess] = {}
-        self._redis: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def start(
@@ -254,27 +256,14 @@ class HaLab(Lab):
         self._save()
 
     def start_redis(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise LabError("needs redis-server (Debian package redis-server: scripts/setup)")
-        argv = [exe, "--port", "0", "--unixsocket", str(self.redis_socket)]
-        argv += ["--unixsocketperm", "700", "--dir", str(self.folder)]
-        argv += ["--save", "", "--appendonly", "no"]
-        with open(self.folder / "redis.log", "ab") as log:
-            self._redis = subprocess.Popen(
-                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        self._record("redis", self._redis.pid)
-        if not eventually(self.redis_socket.exists, TIMEOUT, 0.02):
-            raise LabError(f"redis-server did not listen on {self.redis_socket}")
+        try:
+            self._record("redis", self.redis.start())
+        except SyncError as err:
+            raise LabError(str(err)) from err
 
     def stop_redis(self) -> None:
         """The store goes down (SIGTERM); start_redis() brings it back, empty."""
-        if self._redis is not None:
-            self._redis.terminate()
-            self._redis.wait(10)
-            self._redis = None
-        self.redis_socket.unlink(missing_ok=True)
+        self.redis.stop()
 
     def _pidfile(self, h: HaHost, kind: str) -> Path:
         return self.folder / f"keepalived-{h.role}-{kind}.pid"
