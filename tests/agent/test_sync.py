@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis as redis_client
 
 from agentlib import ROOT_MARKS, BridgedSite, Netns, Sandbox, lasthop, sandbox, wait_for
 from lasthop import abi, libbpf
@@ -158,6 +159,39 @@ def test_a_connection_learned_on_a_appears_on_b(cluster: Cluster) -> None:
     with metrics:
         text = metrics.get("http://lasthop/metrics").text
     assert 'lasthop_sync_records_total{event="applied"}' in text
+
+
+def test_a_malformed_batch_is_ignored_and_counted_in_the_api_metrics_and_status(
+    cluster: Cluster,
+) -> None:
+    """A batch of another wire version changes nothing and is counted once:
+    /v1/sync, /metrics (lasthop_sync_malformed_batches_total) and `sync
+    status` (from B's next heartbeat) all say so."""
+    before = cluster.api(cluster.b, "/v1/sync")["malformed"]
+    client = redis_client.Redis.from_url(cluster.redis.url)
+    with client:
+        client.xadd(
+            "lasthop:default:changes",
+            {"host": "intruder", "type": "changes", "ts": "0", "v": "1", "names": "[]",
+             "records": b"\x01" * 84},
+        )  # fmt: skip
+    wait_for(lambda: cluster.api(cluster.b, "/v1/sync")["malformed"] == before + 1, timeout=10)
+    metrics = httpx.Client(transport=httpx.HTTPTransport(uds=str(cluster.b.socket)))
+    with metrics:
+        text = metrics.get("http://lasthop/metrics").text
+    assert f"lasthop_sync_malformed_batches_total {float(before + 1)}" in text
+
+    def status() -> dict[str, Any]:
+        out = lasthop(
+            "sync", "status", "--netns", cluster.b.name, "--sync", cluster.redis.url, "--json"
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    wait_for(lambda: status()["malformed"] == before + 1, timeout=10)
+    text = lasthop("sync", "status", "--netns", cluster.b.name, "--sync", cluster.redis.url)
+    assert f"malformed batches {before + 1}" in text.stdout
+    assert "intruder" not in cluster.api(cluster.b, "/v1/sync")["peers"]
 
 
 def test_store_down_a_keeps_forwarding_counts_and_resyncs(cluster: Cluster) -> None:

@@ -367,6 +367,7 @@ class Replicator:
         st = self._status
         beat = {"ts": time.time(), "published": st.published, "applied": st.applied}
         beat |= {"unpublished": st.unpublished, "resyncs": st.resyncs}
+        beat |= {"unmapped": st.unmapped, "malformed": st.malformed}
         self._pub.hset(self.hosts_key, self.host, json.dumps(beat))
 
     # -- applying ------------------------------------------------------------
@@ -572,6 +573,8 @@ def read_status(url: str, cluster: str, host: str, maps: Maps) -> SyncStatus:
         unpublished=int(mine.get("unpublished", 0)),
         applied=int(mine.get("applied", 0)),
         resyncs=int(mine.get("resyncs", 0)),
+        unmapped=int(mine.get("unmapped", 0)),
+        malformed=int(mine.get("malformed", 0)),
         lost=maps.table_totals()[abi.TableCounter.SYNC_LOST],
     )
     for peer, raw in beats.items():
