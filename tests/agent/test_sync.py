@@ -152,7 +152,7 @@ def test_a_connection_learned_on_a_appears_on_b(cluster: Cluster) -> None:
     a_status = json.loads(out.stdout)
     b_status = cluster.api(cluster.b, "/v1/sync")
     assert a_status["published"] >= 3 and a_status["lost"] == 0
-    assert b_status["applied"] >= 3
+    assert b_status["applied"] >= 1  # A's records of one key in one batch travel as one
     [peer] = b_status["peers"].values()
     assert peer["last_seen_s"] < 5 and peer["lag_ms"] is not None
     metrics = httpx.Client(transport=httpx.HTTPTransport(uds=str(cluster.b.socket)))

@@ -34,14 +34,16 @@ from lasthop.connections import ifname
 from lasthop.datapath import Maps
 from lasthop.errors import SyncError
 from lasthop.sync.wire import (
+    RECORD_SIZE,
     WIRE_VERSION,
     BatchEncoder,
     Change,
     DecodedBatch,
     decode_batch,
     encode_record,
+    full_keys4,
     last_seen_for,
-    record_of,
+    records_of,
     split_families,
     sync_epoch_shift,
 )
@@ -60,6 +62,7 @@ __all__ = [
 log = logging.getLogger("lasthop")
 BATCH = 2000  # records per stream message (RECORD_SIZE bytes each)
 FLUSH_S = 0.002  # a batch smaller than BATCH leaves at most this long after its first record
+PIPELINE = 16  # messages sent per round trip: a peer applies the first while more are encoded
 READ_MESSAGES = 8  # stream messages per XREAD: the first is applied before the rest are read
 STREAM_MAXLEN = 100_000  # messages the stream keeps (approximately): a peer away longer resyncs
 HEARTBEAT_S = 1.0  # how often a host writes its figures into the cluster's hosts hash
@@ -122,7 +125,7 @@ class SyncStatus:
     cluster: str
     running: bool  # an agent with sync on is running here
     connected: bool
-    published: int = 0  # records sent to the stream
+    published: int = 0  # records read from the ring (or a snapshot) the store took; merged per key
     unpublished: int = 0  # records read from the ring that the store did not take
     applied: int = 0  # peers' records written into this host's tables
     unmapped: int = 0  # peers' records naming an uplink this host does not have
@@ -149,11 +152,27 @@ class SyncStatus:
 
 
 def _snapshot(maps: Maps) -> Iterator[bytes]:
-    """Every live entry as a conn_change record (LEARNED, naming its table),
-    read in batches; only an on-demand resync calls this."""
+    """Every live entry as conn_change records (LEARNED, naming its table),
+    BATCH records back to back at a time, read in batches; only an
+    on-demand resync calls this."""
     for table in maps.tables():
-        for key, entry in table.items():
-            yield record_of(abi.ChangeKind.LEARNED, table.which, bytes(key), bytes(entry))
+        items = table.map.items()
+        while chunk := list(itertools.islice(items, BATCH)):
+            keys = np.frombuffer(b"".join(k for k, _ in chunk), dtype=np.uint8)
+            keys = keys.reshape(len(chunk), -1)
+            if table.family == abi.FAMILY_V4:
+                keys = full_keys4(keys)
+            entries = np.frombuffer(b"".join(v for _, v in chunk), dtype=np.uint8)
+            yield records_of(
+                abi.ChangeKind.LEARNED, table.which, keys, entries.reshape(len(chunk), -1)
+            )
+
+
+def _records(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Each record of chunks of records back to back."""
+    for chunk in chunks:
+        for o in range(0, len(chunk), RECORD_SIZE):
+            yield chunk[o : o + RECORD_SIZE]
 
 
 def export_records(
@@ -164,7 +183,7 @@ def export_records(
     time they have left at jiffies *now*: lasthop export, for a live migration."""
     settings = maps.get_settings()
     out = []
-    for raw in _snapshot(maps):
+    for raw in _records(_snapshot(maps)):
         rec = abi.ConnChange.from_buffer_copy(raw)
         if rec.entry.vm_ifindex == vm_ifindex:
             out.append(encode_record(raw, name_of, now, settings))
@@ -176,11 +195,13 @@ def _publish(
     stream: str,
     host: str,
     kind: str,
-    records: Iterable[bytes],
+    chunks: Iterable[bytes],
     maps: Maps,
     clock: Clock,
 ) -> int:
-    """XADDs *records* in batches of BATCH; returns how many it sent."""
+    """XADDs *chunks* (records back to back, at most BATCH each), a message
+    each, PIPELINE messages per round trip; returns how many records it
+    took (a key's records in one chunk travel as one, BatchEncoder)."""
     settings = maps.get_settings()
     names: dict[int, str] = {}
 
@@ -191,19 +212,23 @@ def _publish(
 
     sent = 0
     enc = BatchEncoder(name_of, clock.jiffies(), settings)
-    pipe = client.pipeline(transaction=False)  # one round trip for a ring's worth of batches
-    records = iter(records)
-    while True:
-        enc.add(itertools.islice(records, BATCH))
-        if enc.count < BATCH:
-            break
+    pipe = client.pipeline(transaction=False)  # a round trip per PIPELINE messages
+    for n, chunk in enumerate(chunks, 1):
+        enc.add_bytes(chunk)
         sent += enc.count
         _xadd(pipe, stream, host, kind, *enc.take())
-    if enc.count or kind == "snapshot":
-        sent += enc.count
+        if n % PIPELINE == 0:
+            pipe.execute()
+    if not sent and kind == "snapshot":  # an empty table's snapshot: a message all the same
         _xadd(pipe, stream, host, kind, *enc.take())
     pipe.execute()
     return sent
+
+
+def _chunks(records: list[bytes]) -> Iterator[bytes]:
+    """*records* (from the ring) BATCH at a time, back to back."""
+    for lo in range(0, len(records), BATCH):
+        yield b"".join(records[lo : lo + BATCH])
 
 
 def _xadd(
@@ -331,7 +356,13 @@ class Replicator:
                     self._resync()
                 if due:
                     st.published += _publish(
-                        self._pub, self.stream, self.host, "changes", records, self.maps, self.clock
+                        self._pub,
+                        self.stream,
+                        self.host,
+                        "changes",
+                        _chunks(records),
+                        self.maps,
+                        self.clock,
                     )
                     records = []
                 if now >= next_beat:

@@ -39,6 +39,8 @@ __all__ = [
     "decode_batch",
     "decode_record",
     "encode_record",
+    "full_keys4",
+    "records_of",
     "last_seen_for",
     "left_ms",
     "split_families",
@@ -398,6 +400,24 @@ def split_families(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return rows4, k4, rows6, k[rows6]
 
 
-def record_of(kind: int, table: int, key: bytes, entry: bytes) -> bytes:
-    """A conn_change record of an entry read from a table (a snapshot)."""
-    return bytes((kind, table, 0, 0)) + key + entry
+def full_keys4(keys4: np.ndarray) -> np.ndarray:
+    """The full conn_keys (a (rows, KEY_SIZE) uint8 array) of the IPv4
+    tables' 16-byte keys (a (rows, 16) uint8 array): split_families undone."""
+    k = np.zeros((len(keys4), KEY_SIZE), dtype=np.uint8)
+    for name in ("saddr", "daddr", "sport", "dport", "proto", "zone"):
+        to, frm = int(getattr(abi.ConnKey, name).offset), int(getattr(abi.ConnKey4, name).offset)
+        size = int(getattr(abi.ConnKey4, name).size)
+        k[:, to : to + size] = keys4[:, frm : frm + size]
+    k[:, int(abi.ConnKey.family.offset)] = abi.FAMILY_V4
+    return k
+
+
+def records_of(kind: int, table: int, keys: np.ndarray, entries: np.ndarray) -> bytes:
+    """conn_change records of entries read from a table (a snapshot): full
+    keys and entries as (rows, size) uint8 arrays."""
+    out = np.zeros(len(keys), dtype=RECORD_DTYPE)
+    out["kind"], out["table"] = kind, table
+    rows = out.view(np.uint8).reshape(len(keys), RECORD_SIZE)
+    rows[:, _KEY : _KEY + KEY_SIZE] = keys
+    rows[:, _ENTRY : _ENTRY + ENTRY_SIZE] = entries
+    return out.tobytes()
