@@ -133,3 +133,63 @@ def test_a_malformed_batch_is_a_value_error() -> None:
     for bad, bad_names in ((records[:-1], names), (records, names[:1])):
         with pytest.raises(ValueError):
             decode_batch(bad, bad_names, {"fw0": 3, "vm0": 4}.__getitem__, 1000, _settings())
+
+
+def _kinds(*steps: tuple[abi.ChangeKind, abi.ChangeTable]) -> list[bytes]:
+    """Records of one key, each (kind, table) in order."""
+    out = []
+    for kind, table in steps:
+        rec = bytearray(_record(kind, 1000))
+        rec[1] = table
+        out.append(bytes(rec))
+    return out
+
+
+K, T = abi.ChangeKind, abi.ChangeTable
+MERGES = [
+    # description, one key's records in order, (confirmed, new) of the merged record
+    ("a handshake: learned, two state moves, promoted",
+     [(K.LEARNED, T.PENDING), (K.STATE, T.EITHER), (K.STATE, T.EITHER), (K.PROMOTED, T.CONFIRMED)],
+     (True, False)),
+    ("learned, then a state move: still new (the peer's confirmed table lacks it)",
+     [(K.LEARNED, T.PENDING), (K.STATE, T.EITHER)], (False, True)),
+    ("promoted, then a state move naming either table: still confirmed",
+     [(K.LEARNED, T.PENDING), (K.PROMOTED, T.CONFIRMED), (K.STATE, T.EITHER)], (True, False)),
+    ("a state move alone: neither (the applier looks the key up)",
+     [(K.STATE, T.EITHER)], (False, False)),
+    ("confirmed, expired, learned again: new",
+     [(K.PROMOTED, T.CONFIRMED), (K.EXPIRED, T.CONFIRMED), (K.LEARNED, T.PENDING)], (False, True)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("steps", "expect"), [m[1:] for m in MERGES], ids=[m[0] for m in MERGES])
+def test_the_publisher_merges_a_keys_records_into_one_that_says_what_the_peer_needs(
+    steps: list[tuple[abi.ChangeKind, abi.ChangeTable]], expect: tuple[bool, bool]
+) -> None:
+    """A key's records within a batch travel as one (its last entry), whose
+    kind and table say which of the peer's tables it belongs in; decoding
+    the records unmerged says the same."""
+    enc = BatchEncoder(_names, 1000, _settings())
+    enc.add(_kinds(*steps))
+    assert enc.count == len(steps)
+    records, names = enc.take()
+    assert len(records) == RECORD_SIZE
+    lookup = {"fw0": 3, "vm0": 4}.__getitem__
+    [(_, confirmed, new)] = decode_batch(records, names, lookup, 1000, _settings()).writes.values()
+    assert (confirmed, new) == expect
+    # the applier merges records no publisher merged (each encoded alone) the same way
+    joined = b"".join(_encode_each(_kinds(*steps)))
+    [(_, confirmed, new)] = decode_batch(joined, names, lookup, 1000, _settings()).writes.values()
+    assert (confirmed, new) == expect
+
+
+def _encode_each(records: list[bytes]) -> list[bytes]:
+    """Each record encoded alone (no merging), with the names of _names in one order."""
+    out = []
+    for rec in records:
+        enc = BatchEncoder(_names, 1000, _settings())
+        enc.add([rec])
+        one, names = enc.take()
+        assert names in ([], ["fw0", "vm0"])  # a removal names no interface
+        out.append(one)
+    return out

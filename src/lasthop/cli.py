@@ -448,7 +448,7 @@ def sync() -> None:
 def sync_status(
     config_path: Path | None, netns: str | None, sync: str | None, as_json: bool
 ) -> None:
-    """Published, applied, lost, resyncs, and each peer's last heartbeat and lag."""
+    """Published, applied, lost, resyncs, malformed batches; each peer's heartbeat and lag."""
     from lasthop.controller import Controller
 
     cfg = _sync_config(config_path, netns, sync)
@@ -459,8 +459,8 @@ def sync_status(
     _console().print(
         f"host {st.host} in cluster {st.cluster}: "
         f"{'running' if st.running else 'no agent reporting'}; published {st.published}, "
-        f"unpublished {st.unpublished}, applied {st.applied}, lost {st.lost} (ring full), "
-        f"resyncs {st.resyncs}",
+        f"unpublished {st.unpublished}, applied {st.applied}, unmapped {st.unmapped}, "
+        f"lost {st.lost} (ring full), resyncs {st.resyncs}, malformed batches {st.malformed}",
         highlight=False,
     )
     for host, p in sorted(st.peers.items()):

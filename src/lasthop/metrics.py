@@ -10,6 +10,7 @@ size from the controller on every scrape (no background polling).
 | lasthop_table_removed_total | counter | |
 | lasthop_sync_records_total | counter | event (published, unpublished, applied, unmapped, lost) |
 | lasthop_sync_resyncs_total | counter | |
+| lasthop_sync_malformed_batches_total | counter | |
 | lasthop_sync_peer_last_seen_seconds | gauge | peer |
 | lasthop_sync_peer_lag_seconds | gauge | peer |
 
@@ -124,6 +125,11 @@ class SyncCollector(Collector):
         yield records
         yield CounterMetricFamily(
             "lasthop_sync_resyncs", "Snapshots of the table published", value=st.resyncs
+        )
+        yield CounterMetricFamily(
+            "lasthop_sync_malformed_batches",
+            "Peers' batches ignored (another wire version, bad records)",
+            value=st.malformed,
         )
         seen = GaugeMetricFamily(
             "lasthop_sync_peer_last_seen_seconds", "Since the peer's last heartbeat",

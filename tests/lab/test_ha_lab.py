@@ -47,7 +47,13 @@ def ha_lab(lab_name: str) -> Iterator[ha.HaLab]:
 
 
 def _hold(lab: ha.HaLab, held: ha.HeldSet, clients: list[int]) -> list[ha.Held]:
-    return [held.open(c, 1, proto) for c in clients for proto in PROTOS for _ in range(PER_PATH)]
+    return [
+        held.open(c, 1, proto, family)
+        for c in clients
+        for proto in PROTOS
+        for family in ha.FAMILIES
+        for _ in range(PER_PATH)
+    ]
 
 
 def _forget_on_b(lab: ha.HaLab, client: int) -> int:
@@ -57,8 +63,8 @@ def _forget_on_b(lab: ha.HaLab, client: int) -> int:
     assert folder is not None
     maps = Maps.open_pinned(Pins(folder))
     try:
-        src = lab.plan.client(client).addr.v4
-        keys = [k for k, e in maps.entries() if decode(k, e, 0, 1000).src == src]
+        srcs = {lab.plan.client(client).addr.of(family) for family in ha.FAMILIES}
+        keys = [k for k, e in maps.entries() if decode(k, e, 0, 1000).src in srcs]
         return sum(maps.delete(k) for k in keys)
     finally:
         maps.close()
@@ -69,8 +75,8 @@ def _drops(lab: ha.HaLab, fw: str) -> int:
 
 
 def test_crash_of_the_active_host_loses_no_connection(ha_lab: ha.HaLab) -> None:
-    """A dies (links, keepalived, agent) while connections from cl1 and cl2
-    idle: B becomes master and every server speaks first through B to its
+    """A dies (links, keepalived, agent) while connections from cl1 and cl2,
+    IPv4 and IPv6, idle: B becomes master and every server speaks first through B to its
     client's own firewall; cl3's connections, whose copies were removed from
     B beforehand, show what happens without them (fw1 drops the bytes)."""
     lab = ha_lab
@@ -80,7 +86,7 @@ def test_crash_of_the_active_host_loses_no_connection(ha_lab: ha.HaLab) -> None:
         lab.wait_replicated(kept + control)
         b_rows = ha.entries_by_port(lab.show(lab.b))
         for c in kept + control:
-            assert P.firewall_of(b_rows[(c.proto, c.sport)]["mac"]) == f"fw{c.client}"
+            assert P.firewall_of(b_rows[c.row_key]["mac"]) == f"fw{c.client}"
         assert _forget_on_b(lab, 3) == len(control)
 
         fw1_drops = _drops(lab, "fw1")
@@ -101,11 +107,11 @@ def test_crash_of_the_active_host_loses_no_connection(ha_lab: ha.HaLab) -> None:
 
 def test_planned_switch_over_loses_no_connection(ha_lab: ha.HaLab) -> None:
     """keepalived on A stops (a planned switch-over; A's agent stays): B takes
-    the addresses at once and every held connection's server speaks first
+    the addresses at once and every held connection's server (IPv4 and IPv6) speaks first
     through B, then its client; no firewall drops a packet."""
     run = ha.takeover(ha_lab, planned=True, per_path=PER_PATH)
     assert not ha_lab.holds_vips(ha_lab.a)
-    assert set(run.rows) == {(c, p) for c in (1, 2, 3) for p in PROTOS}
+    assert set(run.rows) == {(c, p, f) for c in (1, 2, 3) for p in PROTOS for f in ha.FAMILIES}
     for row in run.rows.values():
         assert row.held == row.on_standby == row.pushed == row.echoed == PER_PATH, row
     assert run.lost == 0

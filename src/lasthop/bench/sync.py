@@ -30,9 +30,7 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
-import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -41,12 +39,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lasthop import abi, build
 from lasthop.bench import datapath as dp
 from lasthop.bench.frames import TCP_SYN, quiet, tcp4_frame
 from lasthop.clock import Clock
 from lasthop.datapath import MAP_NAMES, Maps
+from lasthop.errors import SyncError
 from lasthop.libbpf import BpfObject, RingBuffer
+from lasthop.sync.store import RedisServer
 
 __all__ = ["BenchError", "Results", "TARGETS", "print_results", "run"]
 
@@ -124,23 +126,11 @@ class Results:
 
 @contextlib.contextmanager
 def _redis(folder: Path) -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise BenchError("needs redis-server (Debian package redis-server: scripts/setup)")
-    sock = folder / "redis.sock"
-    argv = [exe, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
-    argv += ["--dir", str(folder), "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise BenchError("redis-server did not start")
-            time.sleep(0.01)
-        yield f"unix://{sock}?db=0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        with RedisServer(folder) as server:
+            yield server.url
+    except SyncError as err:
+        raise BenchError(str(err)) from err
 
 
 # -- a host: a BPF object's maps and the agent's Replicator ------------------------
@@ -199,15 +189,21 @@ class _Host:
 # -- host B: another process ---------------------------------------------------------
 
 
-def _client_of(key: bytes) -> int:
-    """The number of a bench connection's client (its IPv4 source address)."""
-    return int.from_bytes(key[:4], "big") - _CLIENTS
+def _clients_of(keys: Any) -> Any:
+    """The numbers of bench connections' clients (their IPv4 source
+    addresses), of full conn_keys (a numpy V40 array)."""
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, ctypes.sizeof(abi.ConnKey))
+    return raw[:, :4].copy().view(">u4").ravel().astype(np.int64) - _CLIENTS
 
 
-def _peer(pipe: Any, obj_path: str, url: str, table: int, expect: int, timeout: float) -> None:
-    """Host B: applies A's records; reports its start time, then how many it
-    applied, when each chunk's last record was written (chunk -> wall time),
-    when the last one was, and its confirmed table's size, through *pipe*."""
+def _peer(
+    pipe: Any, obj_path: str, url: str, table: int, expect: int, timeout: float, flat: int = 0
+) -> None:
+    """Host B: applies A's records; reports its start time, when it has
+    applied *flat* records (the throughput phase: the lag phase starts on an
+    empty queue), then how many it applied, when each chunk's last record was
+    written (chunk -> wall time), when the last one was, and its confirmed
+    table's size, through *pipe*."""
     from lasthop.sync import Replicator
 
     applied_at: dict[int, float] = {}
@@ -218,10 +214,13 @@ def _peer(pipe: Any, obj_path: str, url: str, table: int, expect: int, timeout: 
         def apply(self, records: bytes, names: list[str]) -> Any:
             batch = super().apply(records, names)
             now = time.time()
+            before = state["applied"]
             state["applied"] = self._status.applied
             state["last"] = now
-            for key in batch.writes:
-                applied_at[_client_of(key) // CHUNK] = now
+            for chunk in np.unique(_clients_of(batch.keys) // CHUNK):
+                applied_at[int(chunk)] = now
+            if before < flat <= state["applied"]:
+                pipe.send(("flat", now))
             if state["applied"] >= expect:
                 done.set()
             return batch
@@ -240,11 +239,15 @@ def _peer(pipe: Any, obj_path: str, url: str, table: int, expect: int, timeout: 
 
 
 class _PeerProcess:
-    def __init__(self, obj_path: Path, url: str, table: int, expect: int, timeout: float) -> None:
+    def __init__(
+        self, obj_path: Path, url: str, table: int, expect: int, timeout: float, flat: int = 0
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.pipe, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=_peer, args=(child, str(obj_path), url, table, expect, timeout), daemon=True
+            target=_peer,
+            args=(child, str(obj_path), url, table, expect, timeout, flat),
+            daemon=True,
         )
         self.proc.start()
         self.timeout = timeout
@@ -412,7 +415,7 @@ def run(
                 dp._Bench(a.obj, index)  # up0 an uplink, vm0 a VM port, as in bench datapath
                 a.start(url, "A")
                 _wait(lambda: a.replicator.status().resyncs >= 1, "host A's first snapshot")
-                peer = _PeerProcess(obj_path, url, table, 2 * changes, 120)
+                peer = _PeerProcess(obj_path, url, table, 2 * changes, 120, flat=changes)
                 peer.receive("started")
                 # B's hello has reached A once A has answered it with a snapshot
                 _wait(lambda: a.replicator.status().resyncs >= 2, "host B's hello")
@@ -425,6 +428,7 @@ def run(
                     120,
                 )
                 t_published = time.time()
+                peer.receive("flat")  # B has caught up: the lag phase starts on an empty queue
                 progress(f"lag: {changes} records at {rate}/s")
                 paced = _produce(a, index, changes, changes, rate)
                 applied, _, applied_at, _ = peer.receive("done")

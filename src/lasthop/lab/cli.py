@@ -598,12 +598,21 @@ def _print_takeover(result: ha.TakeoverRun) -> None:
         + f": B master after {result.takeover_s:.1f} s",
         title_justify="left",
     )
-    for col in ("client", "proto", "held via A", "on B, own fw", "server first", "then client"):
+    for col in (
+        "client",
+        "proto",
+        "IP",
+        "held via A",
+        "on B, own fw",
+        "server first",
+        "then client",
+    ):
         table.add_column(col, justify="right")
-    for (client, proto), row in sorted(result.rows.items()):
+    for (client, proto, family), row in sorted(result.rows.items()):
         table.add_row(
             f"cl{client}",
             proto,
+            f"v{family}",
             str(row.held),
             _count(row.on_standby, row.held),
             _count(row.pushed, row.held),

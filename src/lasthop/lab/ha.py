@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lasthop.errors import SyncError
 from lasthop.lab import firewall, state
 from lasthop.lab import plan as P
 from lasthop.lab.namespaces import LabError, eventually, ip_batch, open_socket, run
@@ -46,6 +47,7 @@ from lasthop.lab.topology import (
     Progress,
     _quiet,
 )
+from lasthop.sync.store import RedisServer
 
 __all__ = [
     "ADVERT_S",
@@ -55,6 +57,9 @@ __all__ = [
     "PUSH_PORT",
     "VIP_TRANSIT",
     "VIP_VMS",
+    "VIP6_TRANSIT",
+    "VIP6_VMS",
+    "FAMILIES",
     "VM_SIDE",
     "TakeoverRow",
     "TakeoverRun",
@@ -65,6 +70,9 @@ __all__ = [
 
 VIP_TRANSIT = "10.0.0.100"  # = Plan.host.uplink_addr: every fwN routes 10.2.0.0/24 via it
 VIP_VMS = "10.2.0.1"  # = Plan.host.vm_gateway: the VMs' default gateway
+VIP6_TRANSIT = "fd00::100"  # = Plan.host.uplink_addr.v6: every fwN routes fd00:2::/64 via it
+VIP6_VMS = "fd00:2::1"  # = Plan.host.vm_gateway.v6: the VMs' IPv6 default gateway
+FAMILIES = (4, 6)  # every client holds connections of both
 VM_SIDE = "vms"  # each host's leg on the VM segment: its lasthop VM port
 SEGMENT = "br1"  # the VM segment, a second bridge in the switch namespace
 VRID = 100  # the VRRP virtual router id of the pair
@@ -84,6 +92,8 @@ class HaHost:
     transit: str  # its own address on the transit network
     vm_side: str  # its own address on the VM segment
     priority: int  # VRRP: the higher is master
+    transit6: str  # the same, IPv6
+    vm_side6: str
 
     @property
     def name(self) -> str:
@@ -101,6 +111,8 @@ def ha_hosts(plan: P.Plan) -> tuple[HaHost, HaHost]:
             "10.0.0.101",
             "10.2.0.2",
             150,
+            "fd00::101",
+            "fd00:2::2",
         ),
         HaHost(
             "peer",
@@ -110,13 +122,17 @@ def ha_hosts(plan: P.Plan) -> tuple[HaHost, HaHost]:
             "10.0.0.102",
             "10.2.0.3",
             100,
+            "fd00::102",
+            "fd00:2::3",
         ),
     )
 
 
 def keepalived_conf(h: HaHost) -> str:
     """keepalived.conf of host *h*: one VRRP instance on the uplink holding
-    both service addresses (so they always move together)."""
+    both service addresses and their IPv6 twins (so they always move
+    together; the IPv6 ones are "excluded" from the IPv4 adverts, which
+    carry one family, and announced by unsolicited neighbour adverts)."""
     return f"""\
 global_defs {{
     router_id lasthop-{h.role}
@@ -133,6 +149,10 @@ vrrp_instance lasthop {{
         {VIP_TRANSIT}/24 dev {P.UPLINK}
         {VIP_VMS}/24 dev {VM_SIDE}
     }}
+    virtual_ipaddress_excluded {{
+        {VIP6_TRANSIT}/64 dev {P.UPLINK}
+        {VIP6_VMS}/64 dev {VM_SIDE}
+    }}
 }}
 """
 
@@ -148,10 +168,10 @@ class HaLab(Lab):
         super().__init__(st)
         self.a, self.b = ha_hosts(self.plan)
         self.folder = state.folder(self.name)
-        self.redis_socket = self.folder / "redis.sock"
-        self.url = f"unix://{self.redis_socket}?db=0"
+        self.redis = RedisServer(self.folder, log=self.folder / "redis.log")
+        self.redis_socket = self.redis.socket
+        self.url = self.redis.url
         self.agents: dict[str, AgentProcess] = {}
-        self._redis: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def start(
@@ -196,7 +216,7 @@ class HaLab(Lab):
                 f"link set {SEGMENT} up",
             ],
         )
-        fw1 = plan.firewall(1).transit.v4
+        fw1 = plan.firewall(1).transit
         for h in (self.a, self.b):
             ip_batch(
                 h.ns,
@@ -207,9 +227,12 @@ class HaLab(Lab):
                     f"peer name {h.role}v netns {sw}",
                     f"addr add {h.transit}/24 dev {P.UPLINK}",
                     f"addr add {h.vm_side}/24 dev {VM_SIDE}",
+                    f"addr add {h.transit6}/64 dev {P.UPLINK}",
+                    f"addr add {h.vm_side6}/64 dev {VM_SIDE}",
                     f"link set {P.UPLINK} up",
                     f"link set {VM_SIDE} up",
-                    f"route add default via {fw1}",
+                    f"route add default via {fw1.v4}",
+                    f"route add default via {fw1.v6}",
                 ],
             )
             ip_batch(
@@ -217,6 +240,10 @@ class HaLab(Lab):
                 [
                     f"link set {h.role} master {P.SWITCH_BRIDGE} up",
                     f"link set {h.role}v master {SEGMENT} up",
+                    # the hosts' legs hear the VMs, not each other (a private VLAN):
+                    # a host's IPv6 neighbour solicitations would otherwise reach
+                    # the other's VM port first and pass for its guest's MAC
+                    f"link set dev {h.role}v type bridge_slave isolated on",
                 ],
             )
 
@@ -239,8 +266,10 @@ class HaLab(Lab):
             vm.ns,
             [
                 f"addr add {vm.addr.cidr4} dev {P.ETH}",
+                f"addr add {vm.addr.cidr6} dev {P.ETH}",
                 f"link set {P.ETH} up",
                 f"route add default via {VIP_VMS}",
+                f"route add default via {VIP6_VMS}",
             ],
         )
         self.state.vms = sorted([*self.state.vms, n])
@@ -254,27 +283,14 @@ class HaLab(Lab):
         self._save()
 
     def start_redis(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise LabError("needs redis-server (Debian package redis-server: scripts/setup)")
-        argv = [exe, "--port", "0", "--unixsocket", str(self.redis_socket)]
-        argv += ["--unixsocketperm", "700", "--dir", str(self.folder)]
-        argv += ["--save", "", "--appendonly", "no"]
-        with open(self.folder / "redis.log", "ab") as log:
-            self._redis = subprocess.Popen(
-                argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        self._record("redis", self._redis.pid)
-        if not eventually(self.redis_socket.exists, TIMEOUT, 0.02):
-            raise LabError(f"redis-server did not listen on {self.redis_socket}")
+        try:
+            self._record("redis", self.redis.start())
+        except SyncError as err:
+            raise LabError(str(err)) from err
 
     def stop_redis(self) -> None:
         """The store goes down (SIGTERM); start_redis() brings it back, empty."""
-        if self._redis is not None:
-            self._redis.terminate()
-            self._redis.wait(10)
-            self._redis = None
-        self.redis_socket.unlink(missing_ok=True)
+        self.redis.stop()
 
     def _pidfile(self, h: HaHost, kind: str) -> Path:
         return self.folder / f"keepalived-{h.role}-{kind}.pid"
@@ -321,12 +337,12 @@ class HaLab(Lab):
         return found[-1] if found else ""
 
     def holds_vips(self, h: HaHost) -> bool:
-        out = run(["ip", "-n", h.ns, "-4", "-o", "addr", "show"], check=False).stdout
-        return f" {VIP_TRANSIT}/" in out and f" {VIP_VMS}/" in out
+        out = run(["ip", "-n", h.ns, "-o", "addr", "show"], check=False).stdout
+        return all(f" {vip}/" in out for vip in (VIP_TRANSIT, VIP_VMS, VIP6_TRANSIT, VIP6_VMS))
 
     def wait_vrrp(self, h: HaHost, want: str) -> None:
         """Waits until keepalived on *h* is in state *want* (MASTER: also holds
-        both addresses; BACKUP: holds neither)."""
+        both addresses and their IPv6 twins; BACKUP: not all of them)."""
 
         def ok() -> bool:
             return self.vrrp_state(h) == want and self.holds_vips(h) == (want == "MASTER")
@@ -337,11 +353,17 @@ class HaLab(Lab):
 
     def wait_neighbours(self, h: HaHost) -> None:
         """Waits until the VMs' gateway and the firewalls' next hop to the VM
-        network resolve to *h*'s MACs (keepalived's gratuitous ARPs)."""
-        who = [(self.plan.vm(n).ns, P.ETH, VIP_VMS, h.vm_mac) for n in self.state.vms]
+        network resolve to *h*'s MACs (keepalived's gratuitous ARPs and
+        unsolicited neighbour adverts), both families."""
+        who = [
+            (self.plan.vm(n).ns, P.ETH, vip, h.vm_mac)
+            for n in self.state.vms
+            for vip in (VIP_VMS, VIP6_VMS)
+        ]
         who += [
-            (self.plan.firewall(n).ns, P.FW_TRANSIT, VIP_TRANSIT, h.uplink_mac)
+            (self.plan.firewall(n).ns, P.FW_TRANSIT, vip, h.uplink_mac)
             for n in self.state.sites
+            for vip in (VIP_TRANSIT, VIP6_TRANSIT)
         ]
 
         def resolved() -> bool:
@@ -401,7 +423,7 @@ class HaLab(Lab):
         def done() -> bool:
             a, b = entries_by_port(self.show(self.a)), entries_by_port(self.show(self.b))
             for c in conns:
-                ea, eb = a.get((c.proto, c.sport)), b.get((c.proto, c.sport))
+                ea, eb = a.get(c.row_key), b.get(c.row_key)
                 if not ea or not eb or (eb["mac"], eb["state"]) != (ea["mac"], ea["state"]):
                     return False
             return True
@@ -419,16 +441,23 @@ class HaLab(Lab):
 @dataclass
 class Held:
     """One connection held open across a takeover, from client clN to VM vmM
-    port PUSH_PORT, TCP or UDP; its VM end can speak first."""
+    port PUSH_PORT, TCP or UDP, IPv4 or IPv6; its VM end can speak first."""
 
     client: int
     vm: int
     proto: str  # "tcp" or "udp"
+    family: int  # 4 or 6
+    src: str  # the client's address
     sport: int  # the client's port
     cli: socket.socket
     srv: socket.socket  # TCP: the accepted socket; UDP: the VM's bound socket
     peer: tuple[str, int] = ("", 0)  # UDP: the client as the VM sees it
     _buf: bytes = field(default=b"", repr=False)
+
+    @property
+    def row_key(self) -> tuple[str, str, int]:
+        """Its key in entries_by_port."""
+        return (self.proto, self.src, self.sport)
 
     def push(self, payload: bytes, timeout: float = 5.0) -> bool:
         """The server speaks first: whether *payload* reaches the client within
@@ -493,40 +522,47 @@ class HeldSet:
     def __init__(self, lab: HaLab) -> None:
         self.lab = lab
         self.held: list[Held] = []
-        self._listeners: dict[tuple[int, str], socket.socket] = {}
+        self._listeners: dict[tuple[int, str, int], socket.socket] = {}
 
-    def _listener(self, vm: int, proto: str) -> socket.socket:
-        if (vm, proto) not in self._listeners:
+    def _listener(self, vm: int, proto: str, family: int) -> socket.socket:
+        if (vm, proto, family) not in self._listeners:
             kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-            s = open_socket(self.lab.plan.vm(vm).ns, socket.AF_INET, kind)
+            af = socket.AF_INET if family == 4 else socket.AF_INET6
+            s = open_socket(self.lab.plan.vm(vm).ns, af, kind)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("0.0.0.0", PUSH_PORT))
+            if family == 6:  # beside the IPv4 one on the same port
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(("0.0.0.0" if family == 4 else "::", PUSH_PORT))
             if proto == "tcp":
                 s.listen(64)
             s.settimeout(5.0)
-            self._listeners[(vm, proto)] = s
-        return self._listeners[(vm, proto)]
+            self._listeners[(vm, proto, family)] = s
+        return self._listeners[(vm, proto, family)]
 
-    def open(self, client: int, vm: int, proto: str) -> Held:
+    def open(self, client: int, vm: int, proto: str, family: int = 4) -> Held:
         """One connection, opened by the client (through its own firewall and
         the active host) and answered once by the VM."""
-        listener = self._listener(vm, proto)
+        listener = self._listener(vm, proto, family)
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        cli = open_socket(self.lab.plan.client(client).ns, socket.AF_INET, kind)
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        cli = open_socket(self.lab.plan.client(client).ns, af, kind)
         cli.settimeout(5.0)
-        dst = (self.lab.plan.vm(vm).addr.v4, PUSH_PORT)
+        dst = (self.lab.plan.vm(vm).addr.of(family), PUSH_PORT)
+        src = self.lab.plan.client(client).addr.of(family)
         if proto == "tcp":
             cli.connect(dst)
             srv, _ = listener.accept()
-            held = Held(client, vm, proto, cli.getsockname()[1], cli, srv)
+            held = Held(client, vm, proto, family, src, cli.getsockname()[1], cli, srv)
         else:
             cli.connect(dst)
             cli.send(b"hello")
             _, peer = listener.recvfrom(4096)
-            held = Held(client, vm, proto, cli.getsockname()[1], cli, listener, peer)
+            held = Held(client, vm, proto, family, src, cli.getsockname()[1], cli, listener, peer)
         self.held.append(held)
         if not held.push(b"welcome\n"):
-            raise LabError(f"cl{client} -> vm{vm} {proto}: the VM's first answer did not arrive")
+            raise LabError(
+                f"cl{client} -> vm{vm} {proto} IPv{family}: the VM's first answer did not arrive"
+            )
         return held
 
     def close(self) -> None:
@@ -544,14 +580,16 @@ class HeldSet:
         self.close()
 
 
-def entries_by_port(rows: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
-    """`show` rows of the held connections, by (proto, client port)."""
-    return {(r["proto"], int(r["sport"])): r for r in rows if int(r["dport"]) == PUSH_PORT}
+def entries_by_port(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """`show` rows of the held connections, by (proto, client address, client port)."""
+    return {
+        (r["proto"], r["src"], int(r["sport"])): r for r in rows if int(r["dport"]) == PUSH_PORT
+    }
 
 
 @dataclass
 class TakeoverRow:
-    """One (client, protocol) of a takeover run: how many connections."""
+    """One (client, protocol, family) of a takeover run: how many connections."""
 
     held: int = 0  # opened through A, then idle
     on_standby: int = 0  # whose entry B held, naming the client's own firewall
@@ -563,7 +601,7 @@ class TakeoverRow:
 class TakeoverRun:
     planned: bool
     takeover_s: float  # from the kill (or keepalived's stop) to B master with both addresses
-    rows: dict[tuple[int, str], TakeoverRow]
+    rows: dict[tuple[int, str, int], TakeoverRow]
     drops: dict[str, int]  # each firewall's drops during the takeover and after
 
     @property
@@ -574,16 +612,18 @@ class TakeoverRun:
 def takeover(
     lab: HaLab, *, planned: bool, per_path: int = 3, say: Progress = _quiet
 ) -> TakeoverRun:
-    """Holds *per_path* TCP and UDP connections from every client to vm1
-    through A, waits for B's copies, then kills A (or, *planned*, stops its
-    keepalived) and has every server speak first, then every client."""
+    """Holds *per_path* TCP and UDP connections, IPv4 and IPv6, from every
+    client to vm1 through A, waits for B's copies, then kills A (or,
+    *planned*, stops its keepalived) and has every server speak first, then
+    every client."""
     vm = lab.state.vms[0]
     with HeldSet(lab) as held:
-        say(f"holding {per_path} TCP and {per_path} UDP connections per client through A")
+        say(f"holding {per_path} TCP and UDP connections of each family per client through A")
         conns = [
-            held.open(c, vm, proto)
+            held.open(c, vm, proto, family)
             for c in lab.state.sites
             for proto in ("tcp", "udp")
+            for family in FAMILIES
             for _ in range(per_path)
         ]
         lab.wait_replicated(conns)
@@ -599,15 +639,15 @@ def takeover(
         took = time.monotonic() - start
         lab.wait_neighbours(lab.b)
         say(f"B is master after {took:.1f} s; the servers speak first")
-        rows: dict[tuple[int, str], TakeoverRow] = {}
+        rows: dict[tuple[int, str, int], TakeoverRow] = {}
         for c in conns:
-            row = rows.setdefault((c.client, c.proto), TakeoverRow())
+            row = rows.setdefault((c.client, c.proto, c.family), TakeoverRow())
             row.held += 1
-            entry = b_rows.get((c.proto, c.sport))
+            entry = b_rows.get(c.row_key)
             row.on_standby += bool(entry and P.firewall_of(entry["mac"]) == f"fw{c.client}")
             row.pushed += c.push(b"server first\n")
         for c in conns:
-            rows[(c.client, c.proto)].echoed += c.echo(b"client again\n")
+            rows[(c.client, c.proto, c.family)].echoed += c.echo(b"client again\n")
         after = lab.counters()
     drops = {
         fw: sum(after[fw][k] - before[fw].get(k, 0) for k in firewall.DROP_COUNTERS) for fw in after

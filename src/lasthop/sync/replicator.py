@@ -25,22 +25,26 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import redis
 
 from lasthop import abi, libbpf
 from lasthop.clock import Clock
 from lasthop.connections import ifname
-from lasthop.datapath import FamilyMap, Maps
+from lasthop.datapath import Maps
 from lasthop.errors import SyncError
 from lasthop.sync.wire import (
+    RECORD_SIZE,
     WIRE_VERSION,
     BatchEncoder,
     Change,
     DecodedBatch,
     decode_batch,
     encode_record,
+    full_keys4,
     last_seen_for,
-    record_of,
+    records_of,
+    split_families,
     sync_epoch_shift,
 )
 
@@ -57,7 +61,9 @@ __all__ = [
 
 log = logging.getLogger("lasthop")
 BATCH = 2000  # records per stream message (RECORD_SIZE bytes each)
-READ_MESSAGES = 64  # stream messages per XREAD
+FLUSH_S = 0.002  # a batch smaller than BATCH leaves at most this long after its first record
+PIPELINE = 16  # messages sent per round trip: a peer applies the first while more are encoded
+READ_MESSAGES = 8  # stream messages per XREAD: the first is applied before the rest are read
 STREAM_MAXLEN = 100_000  # messages the stream keeps (approximately): a peer away longer resyncs
 HEARTBEAT_S = 1.0  # how often a host writes its figures into the cluster's hosts hash
 RETRY_S = 1.0  # how long a host waits before trying a store that failed again
@@ -119,7 +125,7 @@ class SyncStatus:
     cluster: str
     running: bool  # an agent with sync on is running here
     connected: bool
-    published: int = 0  # records sent to the stream
+    published: int = 0  # records read from the ring (or a snapshot) the store took; merged per key
     unpublished: int = 0  # records read from the ring that the store did not take
     applied: int = 0  # peers' records written into this host's tables
     unmapped: int = 0  # peers' records naming an uplink this host does not have
@@ -146,11 +152,27 @@ class SyncStatus:
 
 
 def _snapshot(maps: Maps) -> Iterator[bytes]:
-    """Every live entry as a conn_change record (LEARNED, naming its table),
-    read in batches; only an on-demand resync calls this."""
+    """Every live entry as conn_change records (LEARNED, naming its table),
+    BATCH records back to back at a time, read in batches; only an
+    on-demand resync calls this."""
     for table in maps.tables():
-        for key, entry in table.items():
-            yield record_of(abi.ChangeKind.LEARNED, table.which, bytes(key), bytes(entry))
+        items = table.map.items()
+        while chunk := list(itertools.islice(items, BATCH)):
+            keys = np.frombuffer(b"".join(k for k, _ in chunk), dtype=np.uint8)
+            keys = keys.reshape(len(chunk), -1)
+            if table.family == abi.FAMILY_V4:
+                keys = full_keys4(keys)
+            entries = np.frombuffer(b"".join(v for _, v in chunk), dtype=np.uint8)
+            yield records_of(
+                abi.ChangeKind.LEARNED, table.which, keys, entries.reshape(len(chunk), -1)
+            )
+
+
+def _records(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Each record of chunks of records back to back."""
+    for chunk in chunks:
+        for o in range(0, len(chunk), RECORD_SIZE):
+            yield chunk[o : o + RECORD_SIZE]
 
 
 def export_records(
@@ -161,7 +183,7 @@ def export_records(
     time they have left at jiffies *now*: lasthop export, for a live migration."""
     settings = maps.get_settings()
     out = []
-    for raw in _snapshot(maps):
+    for raw in _records(_snapshot(maps)):
         rec = abi.ConnChange.from_buffer_copy(raw)
         if rec.entry.vm_ifindex == vm_ifindex:
             out.append(encode_record(raw, name_of, now, settings))
@@ -173,11 +195,13 @@ def _publish(
     stream: str,
     host: str,
     kind: str,
-    records: Iterable[bytes],
+    chunks: Iterable[bytes],
     maps: Maps,
     clock: Clock,
 ) -> int:
-    """XADDs *records* in batches of BATCH; returns how many it sent."""
+    """XADDs *chunks* (records back to back, at most BATCH each), a message
+    each, PIPELINE messages per round trip; returns how many records it
+    took (a key's records in one chunk travel as one, BatchEncoder)."""
     settings = maps.get_settings()
     names: dict[int, str] = {}
 
@@ -188,19 +212,23 @@ def _publish(
 
     sent = 0
     enc = BatchEncoder(name_of, clock.jiffies(), settings)
-    pipe = client.pipeline(transaction=False)  # one round trip for a ring's worth of batches
-    records = iter(records)
-    while True:
-        enc.add(itertools.islice(records, BATCH))
-        if enc.count < BATCH:
-            break
+    pipe = client.pipeline(transaction=False)  # a round trip per PIPELINE messages
+    for n, chunk in enumerate(chunks, 1):
+        enc.add_bytes(chunk)
         sent += enc.count
         _xadd(pipe, stream, host, kind, *enc.take())
-    if enc.count or kind == "snapshot":
-        sent += enc.count
+        if n % PIPELINE == 0:
+            pipe.execute()
+    if not sent and kind == "snapshot":  # an empty table's snapshot: a message all the same
         _xadd(pipe, stream, host, kind, *enc.take())
     pipe.execute()
     return sent
+
+
+def _chunks(records: list[bytes]) -> Iterator[bytes]:
+    """*records* (from the ring) BATCH at a time, back to back."""
+    for lo in range(0, len(records), BATCH):
+        yield b"".join(records[lo : lo + BATCH])
 
 
 def _xadd(
@@ -305,22 +333,38 @@ class Replicator:
 
     # -- publishing ----------------------------------------------------------
     def _publisher(self) -> None:
+        """Drains the ring into batches bounded by size (BATCH) and time
+        (FLUSH_S after a batch's first record), and publishes them."""
         assert self._ring is not None
         st, next_beat = self._status, 0.0
+        records: list[bytes] = []
+        flush_at = 0.0
         while not self._stop.is_set():
-            select.select([self._ring], [], [], 0.05)
-            records = self._ring.read()
+            wait = max(0.0, flush_at - time.monotonic()) if records else 0.05
+            select.select([self._ring], [], [], wait)
+            fresh = self._ring.read()
             while self._local:
-                records.append(self._local.popleft())
+                fresh.append(self._local.popleft())
             now = time.monotonic()
+            if fresh and not records:
+                flush_at = now + FLUSH_S
+            records += fresh
+            due = len(records) >= BATCH or (records and now >= flush_at)
             try:
                 if self._resync_wanted.is_set():
                     self._resync_wanted.clear()
                     self._resync()
-                if records:
+                if due:
                     st.published += _publish(
-                        self._pub, self.stream, self.host, "changes", records, self.maps, self.clock
+                        self._pub,
+                        self.stream,
+                        self.host,
+                        "changes",
+                        _chunks(records),
+                        self.maps,
+                        self.clock,
                     )
+                    records = []
                 if now >= next_beat:
                     self._heartbeat()
                     next_beat = now + HEARTBEAT_S
@@ -328,7 +372,8 @@ class Replicator:
                     log.info("sync: connected to %s", self.url)
                 st.connected = True
             except (redis.RedisError, OSError) as err:
-                st.unpublished += len(records)
+                st.unpublished += len(records)  # dropped: the resync on reconnect repairs it
+                records = []
                 if st.connected:
                     log.warning("sync: store unreachable (%s); counting what is not published", err)
                 st.connected = False
@@ -353,6 +398,7 @@ class Replicator:
         st = self._status
         beat = {"ts": time.time(), "published": st.published, "applied": st.applied}
         beat |= {"unpublished": st.unpublished, "resyncs": st.resyncs}
+        beat |= {"unmapped": st.unmapped, "malformed": st.malformed}
         self._pub.hset(self.hosts_key, self.host, json.dumps(beat))
 
     # -- applying ------------------------------------------------------------
@@ -420,69 +466,65 @@ class Replicator:
                 records, names, self._index_of, self.clock.jiffies(), self.maps.get_settings()
             )
             written = write_batch(self.maps, batch)
-        refused = len(batch.writes) + len(batch.removals) - written  # a full table
+        refused = len(batch.keys) + len(batch.removed) - written  # a full table
         self._status.applied += batch.records - batch.unmapped - refused
         self._status.unmapped += batch.unmapped
         return batch
 
 
 def write_batch(maps: Maps, batch: DecodedBatch) -> int:
-    """Writes a decoded batch into this host's tables, in batches where the
-    kernel allows: removals, then each entry into the table its record names
-    (confirmed; pending unless the key is confirmed here already, looked up
-    unless the record is a new one's); a confirmed one leaves pending (not
-    looked for in an empty pending table: a fresh peer's resync). Asks for an
-    expiry walk. Returns how many records it wrote."""
-    # records carry full conn_keys: each goes to its family's map (FamilyMap.route)
-    conns = FamilyMap(maps.conns4, maps.conns)
-    pending = FamilyMap(maps.pending4, maps.pending)
-    for key in batch.removals:
-        conns.delete(key) or pending.delete(key)
-    to_conns: list[tuple[bytes, bytes]] = []
-    to_pending: list[tuple[bytes, bytes]] = []
-    leaving_pending: list[bytes] = []
-    for key, (entry, confirmed, new) in batch.writes.items():
-        if confirmed:
-            to_conns.append((key, entry))
-            leaving_pending.append(key)
-        elif not new and conns.lookup(key) is not None:
-            to_conns.append((key, entry))
-        else:
-            to_pending.append((key, entry))
-    written = len(batch.removals)
-    for table, items in ((conns, to_conns), (pending, to_pending)):
-        written += _update_many(table, items)
-    if leaving_pending and next(pending.keys(), None) is not None:  # one syscall: empty?
-        for key in leaving_pending:
-            pending.delete(key)
+    """Writes a decoded batch into this host's tables, one batch call per map
+    where the kernel allows: removals, then each entry into the table its
+    record names (confirmed; pending unless the key is confirmed here
+    already, looked up unless the record is a new one's); a confirmed one
+    leaves pending (not looked for in an empty pending table: a fresh peer's
+    resync). Asks for an expiry walk. Returns how many records it wrote."""
+    written = len(batch.removed)
+    for conns, pending, keys, rows in _by_family(maps, batch.keys):
+        confirmed, new = batch.confirmed[rows], batch.new[rows]
+        entries = np.ascontiguousarray(batch.entries[rows]).view(np.uint8).reshape(len(rows), -1)
+        to_conns = confirmed.copy()
+        for i in np.flatnonzero(~confirmed & ~new):  # a state or hop move into pending
+            to_conns[i] = conns.lookup(keys[i].tobytes()) is not None
+        written += _update_map(conns, keys[to_conns], entries[to_conns])
+        written += _update_map(pending, keys[~to_conns], entries[~to_conns])
+        if confirmed.any() and next(pending.keys(), None) is not None:  # one syscall: empty?
+            for key in keys[confirmed]:
+                pending.delete(key.tobytes())
+    for conns, pending, keys, _rows in _by_family(maps, batch.removed):
+        for key in keys:
+            conns.delete(key.tobytes()) or pending.delete(key.tobytes())
     maps.request_expiry()  # written from user space: the expiry pass must look
     return written
 
 
-def _update_many(table: FamilyMap, items: list[tuple[bytes, bytes]]) -> int:
-    """Writes *items* (full conn_keys) in one batch call per family's map; see
-    _update_map. Returns how many were written."""
-    per_map: dict[int, tuple[libbpf.Map, list[tuple[bytes, bytes]]]] = {}
-    for key, value in items:
-        m, k = table.route(key)
-        per_map.setdefault(id(m), (m, []))[1].append((k, value))
-    return sum(_update_map(m, rows) for m, rows in per_map.values())
+def _by_family(
+    maps: Maps, keys: np.ndarray
+) -> Iterator[tuple[libbpf.Map, libbpf.Map, np.ndarray, np.ndarray]]:
+    """(confirmed map, pending map, their keys as a (rows, key size) array,
+    the rows of *keys*) per family, for full conn_keys *keys*."""
+    rows4, keys4, rows6, keys6 = split_families(keys)
+    if len(rows4):
+        yield maps.conns4, maps.pending4, keys4, rows4
+    if len(rows6):
+        yield maps.conns, maps.pending, keys6, rows6
 
 
-def _update_map(table: libbpf.Map, items: list[tuple[bytes, bytes]]) -> int:
-    """Writes *items* in one batch call; when the kernel refuses the batch
-    (a full table), one by one, skipping those it refuses. Returns how many."""
-    if not items:
+def _update_map(table: libbpf.Map, keys: np.ndarray, values: np.ndarray) -> int:
+    """Writes *keys* / *values* (rows of bytes) in one batch call; when the
+    kernel refuses the batch (a full table), one by one, skipping those it
+    refuses. Returns how many."""
+    if not len(keys):
         return 0
     try:
-        table.update_batch(b"".join(k for k, _ in items), b"".join(v for _, v in items), len(items))
-        return len(items)
+        table.update_batch(keys.tobytes(), values.tobytes(), len(keys))
+        return len(keys)
     except libbpf.BpfError as err:
         log.debug("sync: a batch write failed (%s), writing one by one", err)
     written = 0
-    for key, value in items:
+    for key, value in zip(keys, values, strict=True):
         try:
-            table.update(key, value)
+            table.update(key.tobytes(), value.tobytes())
         except libbpf.BpfError as err:
             log.debug("sync: cannot apply an entry: %s", err)
             continue
@@ -562,6 +604,8 @@ def read_status(url: str, cluster: str, host: str, maps: Maps) -> SyncStatus:
         unpublished=int(mine.get("unpublished", 0)),
         applied=int(mine.get("applied", 0)),
         resyncs=int(mine.get("resyncs", 0)),
+        unmapped=int(mine.get("unmapped", 0)),
+        malformed=int(mine.get("malformed", 0)),
         lost=maps.table_totals()[abi.TableCounter.SYNC_LOST],
     )
     for peer, raw in beats.items():

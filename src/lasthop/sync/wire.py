@@ -9,8 +9,9 @@ tables), ``v`` (WIRE_VERSION), ``names`` (a JSON list of the interface
 names the batch uses) and ``records``: RECORD_SIZE bytes per record, each a
 struct conn_change as the data path wrote it with the three fields of
 BINARY_REWRITES rewritten (ifindexes -> 1 + their index in ``names``, 0 =
-none; last_seen -> milliseconds left). Encoding and decoding are a slice,
-one unpack and one pack per record: no per-field objects.
+none; last_seen -> milliseconds left). Encoding and decoding work on the
+whole batch at once (numpy structured arrays over its bytes, RECORD_DTYPE):
+no Python per record but a dict insert for "the last record of each key".
 
 In a file (`lasthop export`), a record is a JSON list in the order of
 WIRE_FIELDS, readable and independent of the struct's layout.
@@ -19,24 +20,30 @@ WIRE_FIELDS, readable and independent of the struct's layout.
 from __future__ import annotations
 
 import ctypes
-import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from lasthop import abi
 
 __all__ = [
     "BINARY_REWRITES",
+    "RECORD_DTYPE",
     "RECORD_SIZE",
     "WIRE_FIELDS",
     "WIRE_VERSION",
     "BatchEncoder",
-    "decode_batch",
     "Change",
+    "DecodedBatch",
+    "decode_batch",
     "decode_record",
     "encode_record",
+    "full_keys4",
+    "records_of",
     "last_seen_for",
     "left_ms",
+    "split_families",
     "sync_epoch_shift",
 ]
 
@@ -151,27 +158,94 @@ def decode_record(values: list[object]) -> Change:
 
 WIRE_VERSION = "2"  # of the binary record: bump when struct conn_change changes
 RECORD_SIZE = ctypes.sizeof(abi.ConnChange)
-_ENTRY = abi.ConnChange.entry.offset
-_KEY, _KEY_END = abi.ConnChange.key.offset, abi.ConnChange.key.offset + ctypes.sizeof(abi.ConnKey)
-# struct conn_entry's first three u32, rewritten on the wire (offsets checked below)
-_TRIPLE = struct.Struct("<III")
+KEY_SIZE = ctypes.sizeof(abi.ConnKey)
+ENTRY_SIZE = ctypes.sizeof(abi.ConnEntry)
 BINARY_REWRITES: tuple[tuple[str, str], ...] = (
     ("entry.last_seen", "milliseconds left before its state's timeout (0 for a removal)"),
     ("entry.ifindex", "1 + index of the uplink's name in the batch's names; 0 = none"),
     ("entry.vm_ifindex", "1 + index of the VM port's name in the batch's names; 0 = none"),
 )
-assert (abi.ConnEntry.last_seen.offset, abi.ConnEntry.ifindex.offset) == (0, 4)
-assert abi.ConnEntry.vm_ifindex.offset == 8
-_STATE = _ENTRY + abi.ConnEntry.state.offset
-_FLAGS = _ENTRY + abi.ConnEntry.flags.offset
-_REMOVAL_KINDS = frozenset((int(abi.ChangeKind.REMOVED), int(abi.ChangeKind.EXPIRED)))
+_KEY, _ENTRY = int(abi.ConnChange.key.offset), int(abi.ConnChange.entry.offset)
 
 
-# a record as struct sees it: kind, table, key, the three rewritten u32, the entry's rest
-_RECORD = struct.Struct(f"<BB2x{_KEY_END - _KEY}sIII{RECORD_SIZE - _ENTRY - _TRIPLE.size}s")
-assert _RECORD.size == RECORD_SIZE and _KEY == 4
-_REST_STATE = abi.ConnEntry.state.offset - _TRIPLE.size  # offsets within the entry's rest
-_REST_FLAGS = abi.ConnEntry.flags.offset - _TRIPLE.size
+def _entry_field(name: str) -> int:
+    return _ENTRY + int(getattr(abi.ConnEntry, name).offset)
+
+
+# struct conn_change as numpy sees it (offsets from the ctypes mirror, which
+# tests/test_abi.py checks against the object's BTF); key and entry whole as
+# opaque bytes, and the fields the wire reads or rewrites
+RECORD_DTYPE = np.dtype(
+    {
+        "names": ["kind", "table", "key", "family", "entry", "last_seen", "ifindex",
+                  "vm_ifindex", "flags", "state"],
+        "formats": ["u1", "u1", f"V{KEY_SIZE}", "u1", f"V{ENTRY_SIZE}", "<u4", "<u4", "<u4",
+                    "u1", "u1"],
+        "offsets": [int(abi.ConnChange.kind.offset), int(abi.ConnChange.table.offset),
+                    int(abi.ConnChange.key.offset),
+                    int(abi.ConnChange.key.offset) + int(abi.ConnKey.family.offset), _ENTRY,
+                    _entry_field("last_seen"), _entry_field("ifindex"),
+                    _entry_field("vm_ifindex"), _entry_field("flags"), _entry_field("state")],
+        "itemsize": RECORD_SIZE,
+    }
+)  # fmt: skip
+_REMOVAL_KINDS = np.array([abi.ChangeKind.REMOVED, abi.ChangeKind.EXPIRED], dtype=np.uint8)
+
+
+def _timeouts_ms(settings: abi.Settings) -> np.ndarray:
+    """Each state's timeout in ms, indexed by state (a state beyond CS_MAX: the first's)."""
+    return np.array([settings.timeout[i] * 1000 for i in range(abi.CS_MAX)], dtype=np.int64)
+
+
+def _states(arr: np.ndarray) -> np.ndarray:
+    state = arr["state"].astype(np.intp)
+    state[state >= abi.CS_MAX] = 0
+    return state
+
+
+@dataclass
+class _Merged:
+    """The last record of each key of a batch (its index) and what the
+    key's records together say of it: *confirmed*, the last table it was
+    written to is the confirmed one (a record naming it, not followed by a
+    removal or a new learning; a state or hop move after a promotion names
+    EITHER table, and the key is still confirmed); *new*, it was learned into
+    pending since it was last confirmed or removed, so the peer's confirmed
+    table lacks it."""
+
+    last: np.ndarray
+    confirmed: np.ndarray
+    new: np.ndarray
+
+
+def _merge(records: bytes, arr: np.ndarray) -> _Merged:
+    n = len(arr)
+    groups: dict[bytes, int] = {}  # key -> its group, in first-seen order
+    starts = range(_KEY, len(records), RECORD_SIZE)
+    group = np.fromiter(
+        (groups.setdefault(records[o : o + KEY_SIZE], len(groups)) for o in starts),
+        dtype=np.intp,
+        count=n,
+    )
+    index = np.arange(n)
+
+    def last_where(mask: np.ndarray) -> np.ndarray:
+        out = np.full(len(groups), -1, dtype=np.intp)
+        np.maximum.at(out, group[mask], index[mask])
+        return out
+
+    removal = np.isin(arr["kind"], _REMOVAL_KINDS)
+    last = last_where(np.ones(n, dtype=bool))
+    removed = last_where(removal)
+    confirmed = last_where(~removal & (arr["table"] == abi.ChangeTable.CONFIRMED))
+    learned = last_where(
+        (arr["kind"] == abi.ChangeKind.LEARNED) & (arr["table"] == abi.ChangeTable.PENDING)
+    )
+    return _Merged(
+        last=last,
+        confirmed=confirmed > np.maximum(removed, learned),
+        new=learned > np.maximum(removed, confirmed),
+    )
 
 
 class BatchEncoder:
@@ -181,63 +255,93 @@ class BatchEncoder:
     def __init__(self, name_of: Callable[[int], str], now: int, settings: abi.Settings) -> None:
         self._name_of = name_of
         self._now, self._hz = now, settings.hz
-        self._timeouts = [settings.timeout[i] for i in range(abi.CS_MAX)]
+        self._timeouts = _timeouts_ms(settings)
         self._ids: dict[int, int] = {0: 0}
         self.names: list[str] = []
         self._out: list[bytes] = []
+        self._count = 0
 
     @property
     def count(self) -> int:
-        return len(self._out)
+        return self._count
 
     def _id(self, ifindex: int) -> int:
-        self.names.append(self._name_of(ifindex))
-        found = self._ids[ifindex] = len(self.names)
+        found = self._ids.get(ifindex)
+        if found is None:
+            self.names.append(self._name_of(ifindex))
+            found = self._ids[ifindex] = len(self.names)
         return found
 
     def add(self, records: Iterable[bytes]) -> None:
-        """Records as the ring (or a snapshot) gives them."""
-        now, hz, timeouts, ids = self._now, self._hz, self._timeouts, self._ids
-        out, pack, unpack = self._out, _RECORD.pack, _RECORD.unpack_from
-        removals, cs_max = _REMOVAL_KINDS, abi.CS_MAX
-        for raw in records:
-            kind, table, key, last_seen, ifindex, vm_ifindex, rest = unpack(raw)
-            if kind in removals:
-                out.append(pack(kind, table, key, 0, 0, 0, rest))
-                continue
-            state = rest[_REST_STATE]
-            timeout = timeouts[state if state < cs_max else 0] * 1000
-            age = (now - last_seen) & 0xFFFFFFFF
-            if age >= 0x80000000:  # refreshed after now was read: not aged at all
-                age = 0
-            left = timeout - age * 1000 // hz if hz else timeout
-            up = ids.get(ifindex)
-            if up is None:
-                up = self._id(ifindex)
-            vm = ids.get(vm_ifindex)
-            if vm is None:
-                vm = self._id(vm_ifindex)
-            out.append(pack(kind, table, key, left if left > 0 else 0, up, vm, rest))
+        """Records as the ring (or a snapshot) gives them (RECORD_SIZE bytes each)."""
+        self.add_bytes(b"".join(records))
+
+    def add_bytes(self, raw: bytes) -> None:
+        """Records back to back (a whole number of RECORD_SIZE). Records of
+        one key merge into its last one, which says what the peer needs of
+        the others (_merge): its table is the confirmed one if the key was
+        promoted meanwhile; a key learned here meanwhile travels as learned."""
+        if not raw:
+            return
+        given = np.frombuffer(raw, dtype=RECORD_DTYPE)
+        merged = _merge(raw, given)
+        arr = given[merged.last]  # a copy
+        arr["table"][merged.confirmed] = abi.ChangeTable.CONFIRMED
+        arr["kind"][merged.new] = abi.ChangeKind.LEARNED
+        arr["table"][merged.new] = abi.ChangeTable.PENDING
+        removal = np.isin(arr["kind"], _REMOVAL_KINDS)
+        age = (self._now - arr["last_seen"].astype(np.int64)) & 0xFFFFFFFF
+        age[age >= 0x80000000] = 0  # refreshed after now was read: not aged at all
+        left = self._timeouts[_states(arr)]
+        if self._hz:
+            left -= age * 1000 // self._hz
+        left[removal] = 0
+        arr["last_seen"] = np.maximum(left, 0)
+        kept = ~removal
+        for field in ("ifindex", "vm_ifindex"):
+            col = arr[field]
+            col[removal] = 0
+            found = np.unique(col[kept])
+            ids = np.array([self._id(int(i)) for i in found], dtype=np.uint32)
+            col[kept] = ids[np.searchsorted(found, col[kept])]
+        self._out.append(arr.tobytes())
+        self._count += len(given)
 
     def take(self) -> tuple[bytes, list[str]]:
         """The batch so far (records, names); the encoder starts a new one."""
         out, names = b"".join(self._out), self.names
-        self._out, self.names, self._ids = [], [], {0: 0}
+        self._out, self.names, self._ids, self._count = [], [], {0: 0}, 0
         return out, names
 
 
 @dataclass
 class DecodedBatch:
     """A batch made ready for this host's tables: the last record of each key
-    (each carries its entry whole, so the last one is the truth), as
-    key -> (entry bytes, confirmed, new) to write, and keys to remove. *new*:
-    the peer's data path learned it into pending, so its confirmed table had
-    no such key, nor has ours (its removal came before, in order)."""
+    (each carries its entry whole, so the last one is the truth), as arrays
+    in the batch's order: *keys* (full conn_key bytes, V40) and *entries*
+    (conn_entry bytes, this host's ifindexes and clock) to write, *confirmed*
+    (its key's last table is the confirmed one, _Merged), *new* (the peer's
+    data path learned it into pending, so its confirmed table had no such
+    key, nor has ours: its removal came before, in order); and the keys to
+    remove."""
 
-    writes: dict[bytes, tuple[bytes, bool, bool]]
-    removals: list[bytes]
+    keys: np.ndarray
+    entries: np.ndarray
+    confirmed: np.ndarray
+    new: np.ndarray
+    removed: np.ndarray
     unmapped: int  # records naming an uplink this host does not have
     records: int  # in the batch, all told
+
+    @property
+    def writes(self) -> dict[bytes, tuple[bytes, bool, bool]]:
+        """key -> (entry, confirmed, new), as Python objects (tests, small batches)."""
+        rows = zip(self.keys, self.entries, self.confirmed, self.new, strict=True)
+        return {k.tobytes(): (e.tobytes(), bool(c), bool(n)) for k, e, c, n in rows}
+
+    @property
+    def removals(self) -> list[bytes]:
+        return [k.tobytes() for k in self.removed]
 
 
 def decode_batch(
@@ -253,46 +357,67 @@ def decode_batch(
     batch is malformed."""
     if len(records) % RECORD_SIZE:
         raise ValueError(f"a batch is whole records of {RECORD_SIZE} bytes, got {len(records)}")
-    local = [0, *(index_of(n) for n in names)]
-    hz, cs_max = settings.hz, abi.CS_MAX
-    timeouts = [settings.timeout[i] * 1000 for i in range(abi.CS_MAX)]
-    # plain ints: comparing with an IntEnum costs more, per record
-    confirmed_table, vm_fast = int(abi.ChangeTable.CONFIRMED), abi.F_ENTRY_VM_FAST
-    pending_table, learned = int(abi.ChangeTable.PENDING), int(abi.ChangeKind.LEARNED)
-    removals = _REMOVAL_KINDS
-    triple = _TRIPLE.pack
-    writes: dict[bytes, tuple[bytes, bool, bool] | None] = {}
-    unmapped = 0
-    try:
-        for kind, table, key, left, up, vm, rest in _RECORD.iter_unpack(records):
-            if kind in removals:
-                writes[key] = None
-                continue
-            ifindex, vm_ifindex = local[up], local[vm]
-            if up and not ifindex:
-                unmapped += 1
-                continue
-            state = rest[_REST_STATE]
-            idle = timeouts[state if state < cs_max else 0] - left
-            last_seen = (now - (idle if idle > 0 else 0) * hz // 1000) & 0xFFFFFFFF
-            if not vm_ifindex and rest[_REST_FLAGS] & vm_fast:
-                flags = rest[_REST_FLAGS] & ~vm_fast
-                rest = rest[:_REST_FLAGS] + bytes((flags,)) + rest[_REST_FLAGS + 1 :]
-            writes[key] = (
-                triple(last_seen, ifindex, vm_ifindex) + rest,
-                table == confirmed_table,
-                kind == learned and table == pending_table,
-            )
-    except IndexError:
-        raise ValueError(f"a record names an interface beyond the batch's {len(names)}") from None
+    arr = np.frombuffer(records, dtype=RECORD_DTYPE)
+    local = np.array([0, *(index_of(n) for n in names)], dtype=np.uint32)
+    if len(arr) and max(int(arr["ifindex"].max()), int(arr["vm_ifindex"].max())) >= len(local):
+        raise ValueError(f"a record names an interface beyond the batch's {len(names)}")
+    merged = _merge(records, arr)
+    arr = arr[merged.last]
+    removal = np.isin(arr["kind"], _REMOVAL_KINDS)
+    ifindex, vm_ifindex = local[arr["ifindex"]], local[arr["vm_ifindex"]]
+    unmapped = ~removal & (arr["ifindex"] != 0) & (ifindex == 0)
+    write = ~removal & ~unmapped
+    out = arr[write]  # a copy
+    out["ifindex"], out["vm_ifindex"] = ifindex[write], vm_ifindex[write]
+    idle = np.maximum(_timeouts_ms(settings)[_states(out)] - out["last_seen"], 0)
+    out["last_seen"] = (now - idle * settings.hz // 1000) & 0xFFFFFFFF
+    no_vm = out["vm_ifindex"] == 0
+    out["flags"][no_vm] &= np.uint8(~abi.F_ENTRY_VM_FAST & 0xFF)
     return DecodedBatch(
-        writes={k: v for k, v in writes.items() if v is not None},
-        removals=[k for k, v in writes.items() if v is None],
-        unmapped=unmapped,
+        keys=out["key"],
+        entries=out["entry"],
+        confirmed=merged.confirmed[write],
+        new=merged.new[write],
+        removed=arr["key"][removal],
+        unmapped=int(unmapped.sum()),
         records=len(records) // RECORD_SIZE,
     )
 
 
-def record_of(kind: int, table: int, key: bytes, entry: bytes) -> bytes:
-    """A conn_change record of an entry read from a table (a snapshot)."""
-    return bytes((kind, table, 0, 0)) + key + entry
+def split_families(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Full conn_keys (V40) as the per-family tables key them: (rows of the
+    IPv4 ones, their 16-byte conn_key4s; rows of the others, their keys),
+    each set of keys a (rows, key size) uint8 array."""
+    k = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, KEY_SIZE)
+    v4 = k[:, int(abi.ConnKey.family.offset)] == abi.FAMILY_V4
+    rows4, rows6 = np.flatnonzero(v4), np.flatnonzero(~v4)
+    k4 = np.zeros((len(rows4), ctypes.sizeof(abi.ConnKey4)), dtype=np.uint8)
+    src = k[rows4]
+    for name in ("saddr", "daddr", "sport", "dport", "proto", "zone"):
+        to, frm = int(getattr(abi.ConnKey4, name).offset), int(getattr(abi.ConnKey, name).offset)
+        size = int(getattr(abi.ConnKey4, name).size)
+        k4[:, to : to + size] = src[:, frm : frm + size]
+    return rows4, k4, rows6, k[rows6]
+
+
+def full_keys4(keys4: np.ndarray) -> np.ndarray:
+    """The full conn_keys (a (rows, KEY_SIZE) uint8 array) of the IPv4
+    tables' 16-byte keys (a (rows, 16) uint8 array): split_families undone."""
+    k = np.zeros((len(keys4), KEY_SIZE), dtype=np.uint8)
+    for name in ("saddr", "daddr", "sport", "dport", "proto", "zone"):
+        to, frm = int(getattr(abi.ConnKey, name).offset), int(getattr(abi.ConnKey4, name).offset)
+        size = int(getattr(abi.ConnKey4, name).size)
+        k[:, to : to + size] = keys4[:, frm : frm + size]
+    k[:, int(abi.ConnKey.family.offset)] = abi.FAMILY_V4
+    return k
+
+
+def records_of(kind: int, table: int, keys: np.ndarray, entries: np.ndarray) -> bytes:
+    """conn_change records of entries read from a table (a snapshot): full
+    keys and entries as (rows, size) uint8 arrays."""
+    out = np.zeros(len(keys), dtype=RECORD_DTYPE)
+    out["kind"], out["table"] = kind, table
+    rows = out.view(np.uint8).reshape(len(keys), RECORD_SIZE)
+    rows[:, _KEY : _KEY + KEY_SIZE] = keys
+    rows[:, _ENTRY : _ENTRY + ENTRY_SIZE] = entries
+    return out.tobytes()
