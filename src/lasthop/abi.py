@@ -37,6 +37,7 @@ PENDING_TABLE_SIZE_V6 = 65536  # lh_pending; the config's pending_table_size_v6 
 MAX_VM_ADDRS = 65536
 MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
+MAX_MOVED_HOPS = 1024  # lh_hop_moved: last hops whose address moved (failover)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 
 
@@ -54,6 +55,7 @@ F_IFACE_ADDRS_FIXED = 1 << 3
 F_IFACE_LINK_DOWN = 1 << 4
 F_IFACE_HOPS_ALLOW = 1 << 5
 F_IFACE_HOPS_DENY = 1 << 6
+F_IFACE_FOLLOW_MOVES = 1 << 7
 # enum lh_settings_flag: lh_settings value .flags
 F_SET_RELEARN_FIRST = 1 << 0
 F_SET_SERVICES = 1 << 1
@@ -61,6 +63,7 @@ F_SET_VM_DOWN_DROP = 1 << 2
 F_SET_NO_VM_ORIGIN = 1 << 3
 F_SET_FAST_PATH = 1 << 4
 F_SET_SYNC = 1 << 5
+F_SET_HOPS_MOVED = 1 << 6
 # enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -139,7 +142,7 @@ class VmAddrOrigin(enum.IntEnum):
 
 
 # lh_counters: key = interface slot * CNT_MAX + Counter, CNT_MAX slots per interface
-CNT_MAX = 48
+CNT_MAX = 64
 
 
 class Counter(enum.IntEnum):
@@ -186,6 +189,7 @@ class Counter(enum.IntEnum):
     RST_UNKNOWN = 38
     HOP_DOWN = 39
     HOP_UNTRUSTED = 40
+    HOP_FOLLOWED = 48
 
 
 class ConnKey(ctypes.Structure):
@@ -348,6 +352,21 @@ def hop_key(ifindex: int, mac: bytes) -> HopKey:
     return key
 
 
+class HopMoved(ctypes.Structure):
+    """struct hop_moved: lh_hop_moved's value, the MAC a last hop's address moved to."""
+
+    _fields_ = [
+        ("mac", ctypes.c_uint8 * ETH_ALEN),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+def hop_moved(mac: bytes) -> HopMoved:
+    value = HopMoved()
+    value.mac[:] = list(mac)
+    return value
+
+
 class VmAddrKey(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
@@ -383,6 +402,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "expiry_stats": ExpiryStats,
     "vm_addr_key": VmAddrKey,
     "hop_key": HopKey,
+    "hop_moved": HopMoved,
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
     "ref_key": RefKey,

@@ -51,6 +51,7 @@ MAP_NAMES = (
     "lh_changes",
     "lh_hops",
     "lh_hops_refused",
+    "lh_hop_moved",
 )
 PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
 TABLES = ("confirmed", "pending")  # the index of expiry_stats arrays (both families each)
@@ -211,6 +212,7 @@ class Maps:
         self.changes = maps["lh_changes"]
         self.hops = maps["lh_hops"]
         self.hops_refused = maps["lh_hops_refused"]
+        self.hop_moved = maps["lh_hop_moved"]
         # sync on (lasthop.sync): receives a conn_change record for each entry
         # user space removes or rewrites, as the data path's go to lh_changes
         self.on_change: Callable[[bytes], None] | None = None

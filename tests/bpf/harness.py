@@ -249,6 +249,7 @@ class Case:
     gso_size: int = 0  # run as a GSO skb (GRO-merged) with this segment size
     hops: tuple[tuple[str, str], ...] = ()  # lh_hops: (uplink, MAC) listed
     refused: dict[tuple[str, str], int] = field(default_factory=dict)  # lh_hops_refused after
+    moved: tuple[tuple[str, str, str], ...] = ()  # lh_hop_moved: (uplink, old MAC, new MAC)
     verdict: int = TC_ACT_OK
     redirect: str | None = None  # interface the frame is redirected to
     output: Packet | None = None  # None: the input, unchanged
@@ -321,6 +322,7 @@ class Datapath:
         self.vm_usage: Map = obj.map("lh_vm_usage")
         self.hops: Map = obj.map("lh_hops")
         self.hops_refused: Map = obj.map("lh_hops_refused")
+        self.hop_moved: Map = obj.map("lh_hop_moved")
         self.trace: Map = obj.map("lh_trace")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
@@ -328,7 +330,7 @@ class Datapath:
     def reset(self) -> None:
         for m in (
             self.conns.map4, self.conns.map6, self.pending.map4, self.pending.map6,
-            self.vm_addrs, self.vm_usage, self.hops, self.hops_refused,
+            self.vm_addrs, self.vm_usage, self.hops, self.hops_refused, self.hop_moved,
         ):  # fmt: skip
             for key in list(m.keys()):
                 m.delete(key)
@@ -407,6 +409,20 @@ class Datapath:
         """An uplink's allow_last_hops/deny_last_hops entry (lh_hops)."""
         key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(mac))
         self.hops.update(bytes(key), b"\x01")
+
+    def move_hop(self, iface: str, old: str, new: str) -> None:
+        """A fail-over record (lh_hop_moved): uplink *iface*'s last hop *old* is now *new*."""
+        key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(old))
+        self.hop_moved.update(bytes(key), bytes(abi.hop_moved(mac_bytes(new))))
+
+    def moved_rows(self) -> set[tuple[str, str, str]]:
+        """lh_hop_moved: (uplink, old MAC, new MAC)."""
+        out = set()
+        for raw_key, raw in self.hop_moved.items():
+            key = abi.HopKey.from_buffer_copy(raw_key)
+            new = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
+            out.add((self.by_index[key.ifindex], mac_str(bytes(key.mac)), mac_str(bytes(new.mac))))
+        return out
 
     def refused_rows(self) -> dict[tuple[str, str], int]:
         """lh_hops_refused: (uplink, MAC) -> frames refused."""
@@ -589,6 +605,8 @@ def check(dp: Datapath, case: Case) -> TestRun:
         dp.set_usage(vm, usage)
     for iface, mac in case.hops:
         dp.list_hop(iface, mac)
+    for row in case.moved:
+        dp.move_hop(*row)
     frame = bytes(case.packet)
     before, tables_before = dp.counter_values(), dp.table_counter_values()
     t0 = dp.clock()
@@ -620,6 +638,7 @@ def check(dp: Datapath, case: Case) -> TestRun:
         case.vm_usage if case.vm_usage_after is None else case.vm_usage_after
     )
     assert dp.refused_rows() == case.refused
+    assert dp.moved_rows() == set(case.moved)  # the data path only reads it
     return run
 
 

@@ -73,6 +73,12 @@ struct hop_key {
 	__u16 pad; /* zero */
 };
 
+/* lh_hop_moved value: the MAC a last hop's address moved to (failover.h). */
+struct hop_moved {
+	__u8  mac[ETH_ALEN];
+	__u16 pad; /* zero */
+};
+
 struct vm_addr_key {
 	__u32 ifindex;  /* the VM port */
 	__u32 family;   /* FAMILY_V4 or FAMILY_V6 */

@@ -36,6 +36,9 @@ enum lh_const {
 	 * refused MACs whose frames are counted (lh_hops_refused, an LRU). */
 	MAX_LISTED_HOPS  = 4096,
 	MAX_REFUSED_HOPS = 1024,
+	/* Last-hop MACs whose address moved to another MAC (lh_hop_moved):
+	 * firewalls that failed over, not connections. */
+	MAX_MOVED_HOPS   = 1024,
 	/* Bytes of the lh_changes ring buffer (a power of 2, whole pages): about
 	 * 48,000 change records between two reads of the agent. */
 	CHANGES_RING_SIZE = 1 << 22,
@@ -78,6 +81,7 @@ enum lh_iface_flag {
 				     * of its connections take ordinary routing until it returns */
 	F_IFACE_HOPS_ALLOW = 1 << 5, /* uplink: only the MACs lh_hops lists are last hops */
 	F_IFACE_HOPS_DENY  = 1 << 6, /* uplink: the MACs lh_hops lists are not last hops */
+	F_IFACE_FOLLOW_MOVES = 1 << 7, /* uplink: replies follow lh_hop_moved (failover.h) */
 };
 
 /* lh_settings value .flags */
@@ -88,6 +92,7 @@ enum lh_settings_flag {
 	F_SET_NO_VM_ORIGIN  = 1 << 3, /* vm_origin = false: do not remember connections VMs open */
 	F_SET_FAST_PATH     = 1 << 4, /* requests skip bridge/routing to the VM that answered */
 	F_SET_SYNC          = 1 << 5, /* sync is on: report table changes in lh_changes */
+	F_SET_HOPS_MOVED    = 1 << 6, /* lh_hop_moved holds a record: replies look their hop up */
 };
 
 /* lh_conns value .flags */
@@ -208,7 +213,10 @@ enum lh_counter {
 	CNT_RST_UNKNOWN         = 38, /* TCP RST of no known connection: nothing to remember */
 	CNT_HOP_DOWN            = 39, /* reply whose last hop's uplink link is down: left to routing */
 	CNT_HOP_UNTRUSTED       = 40, /* uplink frame from a MAC its list refuses: not learned, passed */
-	CNT_MAX                 = 48,
+	/* 41..44: overlay; 45..47: L3 uplinks, fragments, ICMP errors */
+	CNT_HOP_FOLLOWED        = 48, /* reply whose last hop had moved (failover): entry and frame
+				       * sent to the hop's new MAC (counted besides the redirect) */
+	CNT_MAX                 = 64,
 };
 
 enum { COUNTERS_SIZE = MAX_IFACES * CNT_MAX };

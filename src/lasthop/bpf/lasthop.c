@@ -16,6 +16,7 @@
 #include "service.h"
 #include "conntrack.h"
 #include "expire.h"
+#include "failover.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -524,6 +525,8 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 		return TC_ACT_OK;
 	}
 	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, p, e, cfg);
+	if (failover_follow(e, &p->key, settings_flags())) /* its firewall failed over */
+		count(cfg->slot, CNT_HOP_FOLLOWED);
 	ret = reply_to_last_hop(skb, p, e, cfg);
 	if (ret < 0) {
 		if (ret != -CNT_MISS)
