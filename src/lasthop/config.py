@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyAddress,
+    IPvAnyNetwork,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -89,6 +90,26 @@ class Interface(_Model):
         default_factory=list,
         description="uplink: these MACs are never learned as last hops",
     )
+    follow_failover: bool = Field(
+        default=False,
+        description="uplink: when a firewall address in firewall_addresses moves to another MAC "
+        "(gratuitous ARP, unsolicited NA), replies of the old MAC's connections go to the new "
+        "one at once (docs/failover.md)",
+    )
+    firewall_addresses: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="uplink: the firewalls' addresses (prefixes) whose announcements may move "
+        "last hops; announcements of any other address move nothing",
+    )
+
+    @model_validator(mode="after")
+    def _failover_needs_addresses(self) -> Interface:
+        if self.follow_failover and not self.firewall_addresses:
+            raise ValueError(
+                "follow_failover needs firewall_addresses: the prefixes of the firewalls' "
+                "shared addresses (any host on the segment can announce an address)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_list(self) -> Interface:
@@ -276,6 +297,11 @@ class Config(_Model):
                 raise ValueError(
                     f"{port.name}: allow_last_hops and deny_last_hops are for uplinks "
                     "(a VM port's packets are replies, not requests through a last hop)"
+                )
+            if port.follow_failover or port.firewall_addresses:
+                raise ValueError(
+                    f"{port.name}: follow_failover and firewall_addresses are for uplinks "
+                    "(the firewalls announce their addresses there)"
                 )
         return value
 

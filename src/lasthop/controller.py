@@ -8,6 +8,7 @@ method that writes a map or attaches holds the controller's one lock.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import heapq
@@ -239,7 +240,8 @@ class Controller:
         )
         self._write_settings(
             config,
-            keep=abi.F_SET_SERVICES,  # until the services are synced
+            # services: until they are synced; hops moved: as lh_hop_moved, which stays
+            keep=abi.F_SET_SERVICES | abi.F_SET_HOPS_MOVED,
             hz=Clock(self.datapath.clock_prog.fd).measure_hz(),
         )
         for link, zone in uplinks:
@@ -305,7 +307,9 @@ class Controller:
         self._config = cfg
         maps = self.datapath.maps
         self._write_settings(
-            cfg, keep=abi.F_SET_SERVICES | abi.F_SET_SYNC, hz=maps.get_settings().hz
+            cfg,
+            keep=abi.F_SET_SERVICES | abi.F_SET_SYNC | abi.F_SET_HOPS_MOVED,
+            hz=maps.get_settings().hz,
         )
         for key, role, before, after in (
             ("uplink", abi.Role.UPLINK, old.uplinks, cfg.uplinks),
@@ -357,6 +361,7 @@ class Controller:
             cfg.flags |= abi.F_IFACE_LINK_DOWN
         if role == abi.Role.UPLINK:
             cfg.flags |= self._list_hops(link, maps)
+            cfg.flags |= self._follows_failover(link)
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
@@ -401,6 +406,49 @@ class Controller:
         if allow:
             return abi.F_IFACE_HOPS_ALLOW
         return abi.F_IFACE_HOPS_DENY if deny else 0
+
+    def _follows_failover(self, link: Link) -> int:
+        """F_IFACE_FOLLOW_MOVES when uplink *link*'s config sets follow_failover."""
+        assert self._config is not None
+        named = [u for u in self._config.uplinks if u.name == link.name]
+        return abi.F_IFACE_FOLLOW_MOVES if named and named[0].follow_failover else 0
+
+    @_locked
+    def set_hop_moved(self, ifindex: int, old: bytes, new: bytes | None) -> None:
+        """lh_hop_moved: replies of last hop *old* on uplink *ifindex* go to *new*
+        from now on (None: that record retires). F_SET_HOPS_MOVED says whether
+        any record is left, so a host without one pays one flag test a reply."""
+        assert self.datapath is not None
+        maps = self.datapath.maps
+        key = bytes(abi.hop_key(ifindex, old))
+        if new is not None:
+            maps.hop_moved.update(key, bytes(abi.hop_moved(new)))
+            self._hops_moved_flag(maps, True)  # after the record: no reply looks in vain
+            event(log, "hop_moved", ifindex=ifindex, old=format_mac(old), new=format_mac(new))
+            return
+        maps.hop_moved.delete(key)
+        if next(iter(maps.hop_moved.keys()), None) is None:  # one get_next_key
+            self._hops_moved_flag(maps, False)
+
+    @staticmethod
+    def _hops_moved_flag(maps: Maps, on: bool) -> None:
+        settings = maps.get_settings()
+        flags = (
+            settings.flags | abi.F_SET_HOPS_MOVED if on else settings.flags & ~abi.F_SET_HOPS_MOVED
+        )
+        if flags != settings.flags:
+            settings.flags = flags
+            maps.settings.update(bytes(4), bytes(settings))  # no expiry request: no timeout moved
+
+    def hops_moved(self) -> list[tuple[tuple[int, bytes], bytes]]:
+        """lh_hop_moved's records ((uplink, old MAC), new MAC): at most MAX_MOVED_HOPS."""
+        with self.open_maps() as maps:
+            out = []
+            for raw_key, raw in maps.hop_moved.items():
+                key = abi.HopKey.from_buffer_copy(raw_key)
+                new = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
+                out.append(((key.ifindex, bytes(key.mac)), bytes(new.mac)))
+            return out
 
     def _own_mac(self, link: Link, role: abi.Role) -> bytes:
         """The MAC frames the host routes to a VM come from: on a routed host
