@@ -38,6 +38,8 @@ MAX_VM_ADDRS = 65536
 MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
 MAX_MOVED_HOPS = 1024  # lh_hop_moved: last hops whose address moved (failover)
+MAX_SCOPE_RULES = 64  # lh_scope: the config's scope rules and the default
+SCOPE_WORDS = 10  # 32-bit words of a scope match key (ScopeRule)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 
 
@@ -64,6 +66,7 @@ F_SET_NO_VM_ORIGIN = 1 << 3
 F_SET_FAST_PATH = 1 << 4
 F_SET_SYNC = 1 << 5
 F_SET_HOPS_MOVED = 1 << 6
+F_SET_SCOPE = 1 << 7
 # enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -133,6 +136,14 @@ class ChangeTable(enum.IntEnum):
     EITHER = 2
 
 
+class ScopeAction(enum.IntEnum):
+    """enum lh_scope_action: what a scope rule does with a new connection."""
+
+    END = 0
+    LEARN = 1
+    PASS = 2
+
+
 class VmAddrOrigin(enum.IntEnum):
     """enum vm_addr_origin: why a VM port may open connections from an address."""
 
@@ -190,6 +201,8 @@ class Counter(enum.IntEnum):
     HOP_DOWN = 39
     HOP_UNTRUSTED = 40
     HOP_FOLLOWED = 48
+    SCOPE_PASSED = 49
+    SCOPE_FLUSHED = 50
 
 
 class ConnKey(ctypes.Structure):
@@ -367,6 +380,20 @@ def hop_moved(mac: bytes) -> HopMoved:
     return value
 
 
+class ScopeRule(ctypes.Structure):
+    """struct scope_rule: one rule of lh_scope, a value and a mask over the
+    match key's words (bpf/abi.h says which); ports in host order."""
+
+    _fields_ = [
+        ("value", ctypes.c_uint32 * SCOPE_WORDS),
+        ("mask", ctypes.c_uint32 * SCOPE_WORDS),
+        ("port_lo", ctypes.c_uint16),
+        ("port_hi", ctypes.c_uint16),
+        ("action", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 3),
+    ]
+
+
 class VmAddrKey(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
@@ -403,6 +430,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "vm_addr_key": VmAddrKey,
     "hop_key": HopKey,
     "hop_moved": HopMoved,
+    "scope_rule": ScopeRule,
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
     "ref_key": RefKey,

@@ -26,6 +26,7 @@ from pydantic import (
 from lasthop import abi, configfile
 from lasthop.abi import State
 from lasthop.errors import ConfigError, ServiceError
+from lasthop.scope import ScopeRule
 from lasthop.services.model import HealthCheck, Service, check_unique
 
 __all__ = [
@@ -262,6 +263,14 @@ class Config(_Model):
         max_length=128,
         description="this host's id in the cluster; default <hostname>/<netns>",
     )
+    scope: list[ScopeRule] = Field(
+        default_factory=list,
+        description="which new connections lasthop handles: rules, first match wins "
+        "(docs/config.md, Scope)",
+    )
+    scope_default: Literal["learn", "pass"] = Field(
+        default="learn", description="what a new connection no scope rule matches gets"
+    )
     on_vm_down: Literal["reassign", "drop"] = Field(
         default="reassign", description="connections of a VM removed or down: move or drop them"
     )
@@ -304,6 +313,22 @@ class Config(_Model):
                     "(the firewalls announce their addresses there)"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _scope_names_uplinks(self) -> Config:
+        names = {u.name for u in self.uplinks}
+        for n, rule in enumerate(self.scope):
+            if rule.uplink is not None and rule.uplink not in names:
+                raise ValueError(
+                    f"scope[{n}].uplink: {rule.uplink!r} is not an uplink of the config "
+                    f"({', '.join(sorted(names)) or 'none'})"
+                )
+        if len(self.scope) >= abi.MAX_SCOPE_RULES:
+            raise ValueError(
+                f"scope: at most {abi.MAX_SCOPE_RULES - 1} rules (the default takes the "
+                f"last of {abi.MAX_SCOPE_RULES} slots), not {len(self.scope)}"
+            )
+        return self
 
     @field_validator("sync")
     @classmethod

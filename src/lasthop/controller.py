@@ -249,6 +249,7 @@ class Controller:
         for link, zone in vm_ports:
             self.attach(link, abi.Role.VM_PORT, zone)
         self._forget_stale()
+        self._write_scope(config)
         self.services.start(config.services, config.health)
         event(
             log,
@@ -267,6 +268,8 @@ class Controller:
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
         settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
+        scoped = bool(config.scope) or config.scope_default == "pass"
+        settings.flags |= abi.F_SET_SCOPE if scoped else 0
         settings.flags |= maps.get_settings().flags & keep
         settings.hz = hz
         for state, seconds in config.timeouts.by_state().items():
@@ -336,6 +339,10 @@ class Controller:
                 if previous.get(iface.name) != iface:
                     self.attach(links[(key, iface.name)], role, iface.zone)
                     result.attached.append(iface.name)
+        if {u.name for u in old.uplinks} - {u.name for u in cfg.uplinks}:
+            self._prune_uplinks()
+        if (old.scope, old.scope_default) != (cfg.scope, cfg.scope_default):
+            self._write_scope(cfg)  # new connections only: established entries stay
         if old.services != cfg.services or old.health != cfg.health:
             self.services.reload(cfg.services, cfg.health)
         return result
@@ -412,6 +419,52 @@ class Controller:
         assert self._config is not None
         named = [u for u in self._config.uplinks if u.name == link.name]
         return abi.F_IFACE_FOLLOW_MOVES if named and named[0].follow_failover else 0
+
+    def _write_scope(self, config: Config) -> None:
+        """lh_scope from the config's scope rules, the default last, then an
+        end mark (rules of an earlier, longer list after it are never read)."""
+        from lasthop.scope import compile_rules
+
+        assert self.datapath is not None
+        maps = self.datapath.maps
+
+        def index_of(name: str) -> int:
+            return self.links.by_name(name, "uplink").index
+
+        rules = compile_rules(config.scope, config.scope_default, index_of)
+        for n, rule in enumerate(rules):
+            maps.scope.update(n.to_bytes(4, "little"), bytes(rule))
+        if len(rules) < abi.MAX_SCOPE_RULES:
+            maps.scope.update(len(rules).to_bytes(4, "little"), bytes(abi.ScopeRule()))
+
+    def _prune_uplinks(self) -> int:
+        """An uplink left the config: the kernel removes the entries whose last
+        hop's uplink is no longer attached (lh_prune_uplinks, one walk)."""
+        assert self.datapath is not None
+        removed = int(self.datapath.prune_uplinks_prog.test_run(_FRAME).retval)
+        if removed:
+            self.datapath.maps.add_counter(0, abi.Counter.AGENT_REMOVED, removed)
+        event(log, "prune", removed=removed, reason="uplink removed from the config")
+        return removed
+
+    @_locked
+    def flush_out_of_scope(self) -> int:
+        """Removes the entries the scope rules (as the running agent wrote them)
+        now pass: the kernel walks the tables (lh_scope_flush), Python reads
+        none of it. Returns how many."""
+        with self.open_maps() as maps:
+            if self.datapath is not None:
+                removed = self.datapath.scope_flush_prog.test_run(_FRAME).retval
+            else:
+                fd = libbpf.obj_get(self.pins.path("lh_scope_flush"))
+                try:
+                    removed = libbpf.Program(fd, "lh_scope_flush").test_run(_FRAME).retval
+                finally:
+                    os.close(fd)
+            if removed:
+                maps.add_counter(0, abi.Counter.SCOPE_FLUSHED, removed)
+        event(log, "flush", removed=removed, out_of_scope=True)
+        return int(removed)
 
     @_locked
     def set_hop_moved(self, ifindex: int, old: bytes, new: bytes | None) -> None:

@@ -40,6 +40,8 @@ LIVE = frozenset(
         "services",
         "health",
         "api_tokens",
+        "scope",
+        "scope_default",
     }
 )
 KEPT = frozenset(

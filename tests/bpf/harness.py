@@ -35,6 +35,7 @@ from scapy.packet import Packet, Raw
 from lasthop import abi
 from lasthop.datapath import FamilyMap, request_expiry
 from lasthop.libbpf import BpfObject, Map, TestRun
+from lasthop.scope import ScopeRule, compile_rules
 from packets import MAC_FW_B, MAC_UPLINK_1
 
 TC_ACT_OK = 0
@@ -250,6 +251,8 @@ class Case:
     hops: tuple[tuple[str, str], ...] = ()  # lh_hops: (uplink, MAC) listed
     refused: dict[tuple[str, str], int] = field(default_factory=dict)  # lh_hops_refused after
     moved: tuple[tuple[str, str, str], ...] = ()  # lh_hop_moved: (uplink, old MAC, new MAC)
+    scope: tuple[ScopeRule, ...] = ()  # lh_scope: the rules (with F_SET_SCOPE in settings)
+    scope_default: str = "learn"  # ... and the default, written after them
     verdict: int = TC_ACT_OK
     redirect: str | None = None  # interface the frame is redirected to
     output: Packet | None = None  # None: the input, unchanged
@@ -323,6 +326,7 @@ class Datapath:
         self.hops: Map = obj.map("lh_hops")
         self.hops_refused: Map = obj.map("lh_hops_refused")
         self.hop_moved: Map = obj.map("lh_hop_moved")
+        self.scope: Map = obj.map("lh_scope")
         self.trace: Map = obj.map("lh_trace")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
@@ -337,6 +341,7 @@ class Datapath:
         for iface in self.ifaces.values():
             self.configure(iface.name)
         self.set_settings(0)
+        self.scope.update(_u32(0), bytes(abi.ScopeRule()))  # no rule: the list ends at once
         self.expiry.update(_u32(0), bytes(abi.ExpiryStats()))
         self.trace.update(_u32(0), _u32(0))
 
@@ -409,6 +414,12 @@ class Datapath:
         """An uplink's allow_last_hops/deny_last_hops entry (lh_hops)."""
         key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(mac))
         self.hops.update(bytes(key), b"\x01")
+
+    def set_scope(self, rules: tuple[ScopeRule, ...], default: str = "learn") -> None:
+        """lh_scope as the agent writes it: the rules (uplinks by name), the default, an end."""
+        compiled = compile_rules(rules, default, lambda name: self.ifaces[name].ifindex)  # type: ignore[arg-type]
+        for n, rule in enumerate([*compiled, abi.ScopeRule()]):
+            self.scope.update(_u32(n), bytes(rule))
 
     def move_hop(self, iface: str, old: str, new: str) -> None:
         """A fail-over record (lh_hop_moved): uplink *iface*'s last hop *old* is now *new*."""
@@ -607,6 +618,8 @@ def check(dp: Datapath, case: Case) -> TestRun:
         dp.list_hop(iface, mac)
     for row in case.moved:
         dp.move_hop(*row)
+    if case.scope or case.scope_default != "learn":
+        dp.set_scope(case.scope, case.scope_default)
     frame = bytes(case.packet)
     before, tables_before = dp.counter_values(), dp.table_counter_values()
     t0 = dp.clock()

@@ -39,6 +39,9 @@ enum lh_const {
 	/* Last-hop MACs whose address moved to another MAC (lh_hop_moved):
 	 * firewalls that failed over, not connections. */
 	MAX_MOVED_HOPS   = 1024,
+	/* Scope rules (lh_scope), the default among them: first match wins. */
+	MAX_SCOPE_RULES  = 64,
+	SCOPE_WORDS      = 10, /* 32-bit words of a scope match key (scope_rule) */
 	/* Bytes of the lh_changes ring buffer (a power of 2, whole pages): about
 	 * 48,000 change records between two reads of the agent. */
 	CHANGES_RING_SIZE = 1 << 22,
@@ -93,6 +96,7 @@ enum lh_settings_flag {
 	F_SET_FAST_PATH     = 1 << 4, /* requests skip bridge/routing to the VM that answered */
 	F_SET_SYNC          = 1 << 5, /* sync is on: report table changes in lh_changes */
 	F_SET_HOPS_MOVED    = 1 << 6, /* lh_hop_moved holds a record: replies look their hop up */
+	F_SET_SCOPE         = 1 << 7, /* scope rules in lh_scope: new connections are matched */
 };
 
 /* lh_conns value .flags */
@@ -103,6 +107,13 @@ enum lh_entry_flag {
 	F_ENTRY_VM_FAST      = 1 << 3, /* fast path: vm_ifindex is the port that answered */
 	F_ENTRY_FIN_OPENER   = 1 << 4, /* TCP: the side that opened sent a FIN */
 	F_ENTRY_FIN_ANSWERER = 1 << 5, /* TCP: the side that answered sent a FIN */
+};
+
+/* What a scope rule does with a new connection (scope_rule .action). */
+enum lh_scope_action {
+	SCOPE_END   = 0, /* no rule here or after: the list ends */
+	SCOPE_LEARN = 1, /* lasthop handles it */
+	SCOPE_PASS  = 2, /* the host's normal path, counted scope_passed */
 };
 
 /* A connection's state (conn_entry .state), from the packets both programs
@@ -216,6 +227,8 @@ enum lh_counter {
 	/* 41..44: overlay; 45..47: L3 uplinks, fragments, ICMP errors */
 	CNT_HOP_FOLLOWED        = 48, /* reply whose last hop had moved (failover): entry and frame
 				       * sent to the hop's new MAC (counted besides the redirect) */
+	CNT_SCOPE_PASSED        = 49, /* new connection a scope rule passes: not learned, passed */
+	CNT_SCOPE_FLUSHED       = 50, /* (slot 0) entries flush --out-of-scope removed */
 	CNT_MAX                 = 64,
 };
 
