@@ -263,6 +263,10 @@ class Config(_Model):
         max_length=128,
         description="this host's id in the cluster; default <hostname>/<netns>",
     )
+    last_hop_names: dict[MacAddress, str] = Field(
+        default_factory=dict,
+        description="MAC -> name of the firewall (or router) it is: `explain` names last hops so",
+    )
     scope: list[ScopeRule] = Field(
         default_factory=list,
         description="which new connections lasthop handles: rules, first match wins "

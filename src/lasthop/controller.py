@@ -748,15 +748,18 @@ class Controller:
             else:
                 yield from matching
 
-    def explain(self, query: Query) -> Explanation:
+    def explain(self, query: Query, config: Config | None = None) -> Explanation:
         """What the tables hold for one connection, and what the data path will
-        do with its packets (lasthop.explain): a few lookups, not a walk."""
+        do with its packets (lasthop.explain): a few lookups, not a walk. The
+        running agent's config (or *config*) names last hops and gives the scope."""
         from lasthop.explain import explain, neighbour_table
 
         services = self.services
         with self.open_maps() as maps:
             now, hz = self._now(maps)
-            return explain(query, maps, now, hz, services, neighbour_table())
+            return explain(
+                query, maps, now, hz, services, neighbour_table(), config or self._config
+            )
 
     def connections(self, limit: int = 0, where: ConnFilter | None = None) -> list[Connection]:
         """As :meth:`iter_connections`, in a list, most recently seen first

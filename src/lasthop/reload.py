@@ -42,6 +42,7 @@ LIVE = frozenset(
         "api_tokens",
         "scope",
         "scope_default",
+        "last_hop_names",
     }
 )
 KEPT = frozenset(
