@@ -129,6 +129,7 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
         (abi.VmAddrOrigin, "vm_addr_origin", "VM_ADDR_", None),
         (abi.ChangeKind, "lh_change_kind", "CH_", None),
         (abi.ChangeTable, "lh_change_table", "CHT_", None),
+        (abi.ScopeAction, "lh_scope_action", "SCOPE_", None),
     ],
 )
 def test_enums_match_btf(

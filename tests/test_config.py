@@ -116,6 +116,21 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
         ('sync = "localhost:6379"\n', "sync", "expected redis://HOST:PORT/DB"),
         ('sync = "redis://localhost:6379/x"\n', "sync", "must be a number"),
         ('sync_cluster = "a b"\n', "sync_cluster", "should match pattern"),
+        (
+            '[[uplink]]\nname = "eth0"\nfollow_failover = true\n',
+            "uplink[0]",
+            "follow_failover needs firewall_addresses",
+        ),
+        (
+            '[[uplink]]\nname = "eth0"\nfirewall_addresses = ["10.0.0.1/33"]\n',
+            "uplink[0].firewall_addresses[0]",
+            "not a valid IPv4 or IPv6 network",
+        ),
+        (
+            '[[vm_port]]\nname = "tap0"\nfirewall_addresses = ["10.0.0.1"]\n',
+            "vm_port",
+            "tap0: follow_failover and firewall_addresses are for uplinks",
+        ),
     ],
 )
 def test_a_bad_value_names_its_key_and_the_reason(

@@ -37,6 +37,9 @@ PENDING_TABLE_SIZE_V6 = 65536  # lh_pending; the config's pending_table_size_v6 
 MAX_VM_ADDRS = 65536
 MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
+MAX_MOVED_HOPS = 1024  # lh_hop_moved: last hops whose address moved (failover)
+MAX_SCOPE_RULES = 64  # lh_scope: the config's scope rules and the default
+SCOPE_WORDS = 10  # 32-bit words of a scope match key (ScopeRule)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 SVC_WALK_IFACES = 16  # VM ports one run of lh_svc_walk looks for
 
@@ -55,6 +58,7 @@ F_IFACE_ADDRS_FIXED = 1 << 3
 F_IFACE_LINK_DOWN = 1 << 4
 F_IFACE_HOPS_ALLOW = 1 << 5
 F_IFACE_HOPS_DENY = 1 << 6
+F_IFACE_FOLLOW_MOVES = 1 << 7
 # enum lh_settings_flag: lh_settings value .flags
 F_SET_RELEARN_FIRST = 1 << 0
 F_SET_SERVICES = 1 << 1
@@ -62,6 +66,8 @@ F_SET_VM_DOWN_DROP = 1 << 2
 F_SET_NO_VM_ORIGIN = 1 << 3
 F_SET_FAST_PATH = 1 << 4
 F_SET_SYNC = 1 << 5
+F_SET_HOPS_MOVED = 1 << 6
+F_SET_SCOPE = 1 << 7
 # enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -131,6 +137,14 @@ class ChangeTable(enum.IntEnum):
     EITHER = 2
 
 
+class ScopeAction(enum.IntEnum):
+    """enum lh_scope_action: what a scope rule does with a new connection."""
+
+    END = 0
+    LEARN = 1
+    PASS = 2
+
+
 class VmAddrOrigin(enum.IntEnum):
     """enum vm_addr_origin: why a VM port may open connections from an address."""
 
@@ -140,7 +154,7 @@ class VmAddrOrigin(enum.IntEnum):
 
 
 # lh_counters: key = interface slot * CNT_MAX + Counter, CNT_MAX slots per interface
-CNT_MAX = 48
+CNT_MAX = 64
 
 
 class Counter(enum.IntEnum):
@@ -187,6 +201,9 @@ class Counter(enum.IntEnum):
     RST_UNKNOWN = 38
     HOP_DOWN = 39
     HOP_UNTRUSTED = 40
+    HOP_FOLLOWED = 48
+    SCOPE_PASSED = 49
+    SCOPE_FLUSHED = 50
 
 
 class ConnKey(ctypes.Structure):
@@ -363,6 +380,35 @@ def hop_key(ifindex: int, mac: bytes) -> HopKey:
     return key
 
 
+class HopMoved(ctypes.Structure):
+    """struct hop_moved: lh_hop_moved's value, the MAC a last hop's address moved to."""
+
+    _fields_ = [
+        ("mac", ctypes.c_uint8 * ETH_ALEN),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+def hop_moved(mac: bytes) -> HopMoved:
+    value = HopMoved()
+    value.mac[:] = list(mac)
+    return value
+
+
+class ScopeRule(ctypes.Structure):
+    """struct scope_rule: one rule of lh_scope, a value and a mask over the
+    match key's words (bpf/abi.h says which); ports in host order."""
+
+    _fields_ = [
+        ("value", ctypes.c_uint32 * SCOPE_WORDS),
+        ("mask", ctypes.c_uint32 * SCOPE_WORDS),
+        ("port_lo", ctypes.c_uint16),
+        ("port_hi", ctypes.c_uint16),
+        ("action", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 3),
+    ]
+
+
 class VmAddrKey(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
@@ -398,6 +444,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "expiry_stats": ExpiryStats,
     "vm_addr_key": VmAddrKey,
     "hop_key": HopKey,
+    "hop_moved": HopMoved,
+    "scope_rule": ScopeRule,
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
     "ref_key": RefKey,

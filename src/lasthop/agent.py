@@ -25,6 +25,7 @@ from lasthop.apiauth import Tokens
 from lasthop.config import Config, parse_hostport
 from lasthop.controller import Controller
 from lasthop.errors import ConfigError, LasthopError
+from lasthop.failover import FailoverWatch
 from lasthop.linkwatch import UplinkWatch
 from lasthop.logs import event
 from lasthop.services.health import HealthMonitor
@@ -148,6 +149,7 @@ class Agent:
             raise
         health: HealthMonitor | None = None
         uplinks_watch: UplinkWatch | None = None
+        failover: FailoverWatch | None = None
         try:
             if self.config.bridge:
                 c.links.watch()  # before start(): no port added meanwhile is missed
@@ -158,6 +160,8 @@ class Agent:
             health.start()
             uplinks_watch = UplinkWatch(c)  # an uplink's link down: replies take routing
             uplinks_watch.start()
+            failover = FailoverWatch(c)  # a firewall's address moved: replies follow it
+            failover.start()
             where = api.start() if api is not None else []
             uplinks = sorted(attached.uplinks.values())
             vm_ports = sorted(attached.vm_ports.values())
@@ -175,6 +179,8 @@ class Agent:
             c.stop_sync()
             if uplinks_watch is not None:
                 uplinks_watch.stop()
+            if failover is not None:
+                failover.stop()
             if health is not None:
                 health.stop()
             if api is not None:

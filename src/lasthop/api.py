@@ -62,6 +62,7 @@ class ControllerApi(Protocol):
     def sync_status(self) -> SyncStatus: ...
     def sync_resync(self) -> int: ...
     def flush(self) -> int: ...
+    def flush_out_of_scope(self) -> int: ...
     def interfaces(self) -> list[InterfaceInfo]: ...
     @property
     def services(self) -> ServiceManager: ...
@@ -155,8 +156,10 @@ def create_app(
         return controller.stats().to_json()
 
     @app.post(f"/{API_VERSION}/flush")
-    def flush() -> dict[str, int]:
-        """Removes every entry."""
+    def flush(out_of_scope: bool = False) -> dict[str, int]:
+        """Removes every entry; with ?out_of_scope=true only those the scope rules now pass."""
+        if out_of_scope:
+            return {"flushed": controller.flush_out_of_scope()}
         return {"flushed": controller.flush()}
 
     @app.post(f"/{API_VERSION}/reload")

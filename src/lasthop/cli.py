@@ -417,9 +417,19 @@ def top(
 @config_option
 @netns_option
 @friendly
-def flush(config_path: Path | None, netns: str | None) -> None:
+@click.option(
+    "--out-of-scope",
+    is_flag=True,
+    help="only the entries the running agent's scope rules now pass (the kernel walks the table)",
+)
+def flush(config_path: Path | None, netns: str | None, out_of_scope: bool) -> None:
     """Remove every entry: connections fall back to ordinary routing until seen again."""
-    n = _controller(netns, config_path).flush()
+    controller = _controller(netns, config_path)
+    if out_of_scope:
+        n = controller.flush_out_of_scope()
+        _console().print(f"flushed {n} entries now out of scope")
+        return
+    n = controller.flush()
     _console().print(f"flushed {n} entries")
 
 

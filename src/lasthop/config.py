@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyAddress,
+    IPvAnyNetwork,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -25,6 +26,7 @@ from pydantic import (
 from lasthop import abi, configfile
 from lasthop.abi import State
 from lasthop.errors import ConfigError, ServiceError
+from lasthop.scope import ScopeRule
 from lasthop.services.model import HealthCheck, Service, check_unique
 
 __all__ = [
@@ -89,6 +91,26 @@ class Interface(_Model):
         default_factory=list,
         description="uplink: these MACs are never learned as last hops",
     )
+    follow_failover: bool = Field(
+        default=False,
+        description="uplink: when a firewall address in firewall_addresses moves to another MAC "
+        "(gratuitous ARP, unsolicited NA), replies of the old MAC's connections go to the new "
+        "one at once (docs/failover.md)",
+    )
+    firewall_addresses: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="uplink: the firewalls' addresses (prefixes) whose announcements may move "
+        "last hops; announcements of any other address move nothing",
+    )
+
+    @model_validator(mode="after")
+    def _failover_needs_addresses(self) -> Interface:
+        if self.follow_failover and not self.firewall_addresses:
+            raise ValueError(
+                "follow_failover needs firewall_addresses: the prefixes of the firewalls' "
+                "shared addresses (any host on the segment can announce an address)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_list(self) -> Interface:
@@ -241,6 +263,18 @@ class Config(_Model):
         max_length=128,
         description="this host's id in the cluster; default <hostname>/<netns>",
     )
+    last_hop_names: dict[MacAddress, str] = Field(
+        default_factory=dict,
+        description="MAC -> name of the firewall (or router) it is: `explain` names last hops so",
+    )
+    scope: list[ScopeRule] = Field(
+        default_factory=list,
+        description="which new connections lasthop handles: rules, first match wins "
+        "(docs/config.md, Scope)",
+    )
+    scope_default: Literal["learn", "pass"] = Field(
+        default="learn", description="what a new connection no scope rule matches gets"
+    )
     on_vm_down: Literal["reassign", "drop"] = Field(
         default="reassign", description="connections of a VM removed or down: move or drop them"
     )
@@ -277,7 +311,28 @@ class Config(_Model):
                     f"{port.name}: allow_last_hops and deny_last_hops are for uplinks "
                     "(a VM port's packets are replies, not requests through a last hop)"
                 )
+            if port.follow_failover or port.firewall_addresses:
+                raise ValueError(
+                    f"{port.name}: follow_failover and firewall_addresses are for uplinks "
+                    "(the firewalls announce their addresses there)"
+                )
         return value
+
+    @model_validator(mode="after")
+    def _scope_names_uplinks(self) -> Config:
+        names = {u.name for u in self.uplinks}
+        for n, rule in enumerate(self.scope):
+            if rule.uplink is not None and rule.uplink not in names:
+                raise ValueError(
+                    f"scope[{n}].uplink: {rule.uplink!r} is not an uplink of the config "
+                    f"({', '.join(sorted(names)) or 'none'})"
+                )
+        if len(self.scope) >= abi.MAX_SCOPE_RULES:
+            raise ValueError(
+                f"scope: at most {abi.MAX_SCOPE_RULES - 1} rules (the default takes the "
+                f"last of {abi.MAX_SCOPE_RULES} slots), not {len(self.scope)}"
+            )
+        return self
 
     @field_validator("sync")
     @classmethod

@@ -8,6 +8,7 @@ method that writes a map or attaches holds the controller's one lock.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import heapq
@@ -239,7 +240,8 @@ class Controller:
         )
         self._write_settings(
             config,
-            keep=abi.F_SET_SERVICES,  # until the services are synced
+            # services: until they are synced; hops moved: as lh_hop_moved, which stays
+            keep=abi.F_SET_SERVICES | abi.F_SET_HOPS_MOVED,
             hz=Clock(self.datapath.clock_prog.fd).measure_hz(),
         )
         for link, zone in uplinks:
@@ -247,6 +249,7 @@ class Controller:
         for link, zone in vm_ports:
             self.attach(link, abi.Role.VM_PORT, zone)
         self._forget_stale()
+        self._write_scope(config)
         self.services.start(config.services, config.health)
         event(
             log,
@@ -265,6 +268,8 @@ class Controller:
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
         settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
+        scoped = bool(config.scope) or config.scope_default == "pass"
+        settings.flags |= abi.F_SET_SCOPE if scoped else 0
         settings.flags |= maps.get_settings().flags & keep
         settings.hz = hz
         for state, seconds in config.timeouts.by_state().items():
@@ -305,7 +310,9 @@ class Controller:
         self._config = cfg
         maps = self.datapath.maps
         self._write_settings(
-            cfg, keep=abi.F_SET_SERVICES | abi.F_SET_SYNC, hz=maps.get_settings().hz
+            cfg,
+            keep=abi.F_SET_SERVICES | abi.F_SET_SYNC | abi.F_SET_HOPS_MOVED,
+            hz=maps.get_settings().hz,
         )
         for key, role, before, after in (
             ("uplink", abi.Role.UPLINK, old.uplinks, cfg.uplinks),
@@ -332,6 +339,10 @@ class Controller:
                 if previous.get(iface.name) != iface:
                     self.attach(links[(key, iface.name)], role, iface.zone)
                     result.attached.append(iface.name)
+        if {u.name for u in old.uplinks} - {u.name for u in cfg.uplinks}:
+            self._prune_uplinks()
+        if (old.scope, old.scope_default) != (cfg.scope, cfg.scope_default):
+            self._write_scope(cfg)  # new connections only: established entries stay
         if old.services != cfg.services or old.health != cfg.health:
             self.services.reload(cfg.services, cfg.health)
         return result
@@ -357,6 +368,7 @@ class Controller:
             cfg.flags |= abi.F_IFACE_LINK_DOWN
         if role == abi.Role.UPLINK:
             cfg.flags |= self._list_hops(link, maps)
+            cfg.flags |= self._follows_failover(link)
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
@@ -401,6 +413,95 @@ class Controller:
         if allow:
             return abi.F_IFACE_HOPS_ALLOW
         return abi.F_IFACE_HOPS_DENY if deny else 0
+
+    def _follows_failover(self, link: Link) -> int:
+        """F_IFACE_FOLLOW_MOVES when uplink *link*'s config sets follow_failover."""
+        assert self._config is not None
+        named = [u for u in self._config.uplinks if u.name == link.name]
+        return abi.F_IFACE_FOLLOW_MOVES if named and named[0].follow_failover else 0
+
+    def _write_scope(self, config: Config) -> None:
+        """lh_scope from the config's scope rules, the default last, then an
+        end mark (rules of an earlier, longer list after it are never read)."""
+        from lasthop.scope import compile_rules
+
+        assert self.datapath is not None
+        maps = self.datapath.maps
+
+        def index_of(name: str) -> int:
+            return self.links.by_name(name, "uplink").index
+
+        rules = compile_rules(config.scope, config.scope_default, index_of)
+        for n, rule in enumerate(rules):
+            maps.scope.update(n.to_bytes(4, "little"), bytes(rule))
+        if len(rules) < abi.MAX_SCOPE_RULES:
+            maps.scope.update(len(rules).to_bytes(4, "little"), bytes(abi.ScopeRule()))
+
+    def _prune_uplinks(self) -> int:
+        """An uplink left the config: the kernel removes the entries whose last
+        hop's uplink is no longer attached (lh_prune_uplinks, one walk)."""
+        assert self.datapath is not None
+        removed = int(self.datapath.prune_uplinks_prog.test_run(_FRAME).retval)
+        if removed:
+            self.datapath.maps.add_counter(0, abi.Counter.AGENT_REMOVED, removed)
+        event(log, "prune", removed=removed, reason="uplink removed from the config")
+        return removed
+
+    @_locked
+    def flush_out_of_scope(self) -> int:
+        """Removes the entries the scope rules (as the running agent wrote them)
+        now pass: the kernel walks the tables (lh_scope_flush), Python reads
+        none of it. Returns how many."""
+        with self.open_maps() as maps:
+            if self.datapath is not None:
+                removed = self.datapath.scope_flush_prog.test_run(_FRAME).retval
+            else:
+                fd = libbpf.obj_get(self.pins.path("lh_scope_flush"))
+                try:
+                    removed = libbpf.Program(fd, "lh_scope_flush").test_run(_FRAME).retval
+                finally:
+                    os.close(fd)
+            if removed:
+                maps.add_counter(0, abi.Counter.SCOPE_FLUSHED, removed)
+        event(log, "flush", removed=removed, out_of_scope=True)
+        return int(removed)
+
+    @_locked
+    def set_hop_moved(self, ifindex: int, old: bytes, new: bytes | None) -> None:
+        """lh_hop_moved: replies of last hop *old* on uplink *ifindex* go to *new*
+        from now on (None: that record retires). F_SET_HOPS_MOVED says whether
+        any record is left, so a host without one pays one flag test a reply."""
+        assert self.datapath is not None
+        maps = self.datapath.maps
+        key = bytes(abi.hop_key(ifindex, old))
+        if new is not None:
+            maps.hop_moved.update(key, bytes(abi.hop_moved(new)))
+            self._hops_moved_flag(maps, True)  # after the record: no reply looks in vain
+            event(log, "hop_moved", ifindex=ifindex, old=format_mac(old), new=format_mac(new))
+            return
+        maps.hop_moved.delete(key)
+        if next(iter(maps.hop_moved.keys()), None) is None:  # one get_next_key
+            self._hops_moved_flag(maps, False)
+
+    @staticmethod
+    def _hops_moved_flag(maps: Maps, on: bool) -> None:
+        settings = maps.get_settings()
+        flags = (
+            settings.flags | abi.F_SET_HOPS_MOVED if on else settings.flags & ~abi.F_SET_HOPS_MOVED
+        )
+        if flags != settings.flags:
+            settings.flags = flags
+            maps.settings.update(bytes(4), bytes(settings))  # no expiry request: no timeout moved
+
+    def hops_moved(self) -> list[tuple[tuple[int, bytes], bytes]]:
+        """lh_hop_moved's records ((uplink, old MAC), new MAC): at most MAX_MOVED_HOPS."""
+        with self.open_maps() as maps:
+            out = []
+            for raw_key, raw in maps.hop_moved.items():
+                key = abi.HopKey.from_buffer_copy(raw_key)
+                new = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
+                out.append(((key.ifindex, bytes(key.mac)), bytes(new.mac)))
+            return out
 
     def _own_mac(self, link: Link, role: abi.Role) -> bytes:
         """The MAC frames the host routes to a VM come from: on a routed host
@@ -647,15 +748,18 @@ class Controller:
             else:
                 yield from matching
 
-    def explain(self, query: Query) -> Explanation:
+    def explain(self, query: Query, config: Config | None = None) -> Explanation:
         """What the tables hold for one connection, and what the data path will
-        do with its packets (lasthop.explain): a few lookups, not a walk."""
+        do with its packets (lasthop.explain): a few lookups, not a walk. The
+        running agent's config (or *config*) names last hops and gives the scope."""
         from lasthop.explain import explain, neighbour_table
 
         services = self.services
         with self.open_maps() as maps:
             now, hz = self._now(maps)
-            return explain(query, maps, now, hz, services, neighbour_table())
+            return explain(
+                query, maps, now, hz, services, neighbour_table(), config or self._config
+            )
 
     def connections(self, limit: int = 0, where: ConnFilter | None = None) -> list[Connection]:
         """As :meth:`iter_connections`, in a list, most recently seen first

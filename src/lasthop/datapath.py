@@ -51,8 +51,11 @@ MAP_NAMES = (
     "lh_changes",
     "lh_hops",
     "lh_hops_refused",
+    "lh_hop_moved",
+    "lh_scope",
 )
-PINNED_PROGRAMS = ("lh_clock", "lh_stats", "lh_svc_walk")  # run by the CLI through their pins
+# run by the CLI through their pins
+PINNED_PROGRAMS = ("lh_clock", "lh_stats", "lh_svc_walk", "lh_scope_flush")
 TABLES = ("confirmed", "pending")  # the index of expiry_stats arrays (both families each)
 # the connection maps: (name, family, table); lh_conns4/lh_pending4 are keyed
 # by the 16-byte conn_key4, lh_conns/lh_pending (IPv6) by conn_key
@@ -211,6 +214,8 @@ class Maps:
         self.changes = maps["lh_changes"]
         self.hops = maps["lh_hops"]
         self.hops_refused = maps["lh_hops_refused"]
+        self.hop_moved = maps["lh_hop_moved"]
+        self.scope = maps["lh_scope"]
         # sync on (lasthop.sync): receives a conn_change record for each entry
         # user space removes or rewrites, as the data path's go to lh_changes
         self.on_change: Callable[[bytes], None] | None = None
@@ -508,6 +513,8 @@ class Datapath:
         self.expire_prog = self._obj.program("lh_expire")
         self.stats_prog = self._obj.program("lh_stats")
         self.maps.svc_walker = self._obj.program("lh_svc_walk")
+        self.scope_flush_prog = self._obj.program("lh_scope_flush")
+        self.prune_uplinks_prog = self._obj.program("lh_prune_uplinks")
         for name in PINNED_PROGRAMS:  # programs are not pinned by libbpf: replace by hand
             pin = pins.path(name)
             pin.unlink(missing_ok=True)

@@ -23,7 +23,9 @@ from lasthop.endpoint import format_flow
 from lasthop.errors import ConfigError
 
 if TYPE_CHECKING:
+    from lasthop.config import Config
     from lasthop.datapath import Maps
+    from lasthop.scope import Decision
     from lasthop.services.manager import ServiceManager
 
 __all__ = ["Explanation", "Query", "ServiceChoice", "explain", "parse_endpoint"]
@@ -117,12 +119,16 @@ class Explanation:
     timeout_s: float | None = None
     left_s: float | None = None
     neighbours: list[str] = field(default_factory=list)  # addresses the last-hop MAC has
+    firewall: str = ""  # the last hop's name in the config's last_hop_names
+    scope: Decision | None = None  # the config's scope rules on this connection
+    scope_uplink_known: bool = True  # False: rules naming an uplink were not considered
     service: ServiceChoice | None = None
     words: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["query"] = asdict(self.query) | {"family": self.query.family}
+        out["scope"] = self.scope.to_json() if self.scope is not None else None
         return out
 
 
@@ -133,9 +139,11 @@ def explain(
     hz: int,
     services: ServiceManager | None,
     neighbours: dict[str, list[str]],
+    config: Config | None = None,
 ) -> Explanation:
     """What the tables hold for *q* and what the data path will do with it.
-    *neighbours*: MAC -> the addresses the neighbour table gives it."""
+    *neighbours*: MAC -> the addresses the neighbour table gives it; *config*
+    (when given) names the last hops and holds the scope rules."""
     ex = Explanation(q)
     settings = maps.get_settings()
     for reverse in (False, True):
@@ -155,7 +163,9 @@ def explain(
         ex.neighbours = neighbours.get(ex.connection.mac, [])
     if services is not None and ex.opened_by != "server":
         ex.service = _service(q, maps, services)
-    ex.words = _words_for(ex)
+    if config is not None:
+        _from_config(ex, config)
+    ex.words = _words_for(ex) + _scope_words(ex)
     return ex
 
 
@@ -190,8 +200,55 @@ def _service(q: Query, maps: Maps, services: ServiceManager) -> ServiceChoice | 
     return ServiceChoice(name, chosen, slot, serving, not_serving)
 
 
-def _hop(c: Connection, neighbours: list[str]) -> str:
-    who = f" ({', '.join(neighbours)} in the neighbour table)" if neighbours else ""
+def _from_config(ex: Explanation, config: Config) -> None:
+    """The last hop's name, and what the scope rules say of the connection: as
+    its entry has it (the uplink it came in on; a VM-opened one none), or for a
+    new connection of the query (its uplink unknown)."""
+    from lasthop.scope import first_match
+
+    q, c = ex.query, ex.connection
+    if c is not None and c.mac:
+        ex.firewall = config.last_hop_names.get(c.mac, "")
+    if c is not None:
+        vm_opened = "vm_origin" in c.flags
+        uplink = None if vm_opened or not c.uplink else c.uplink
+        src, dst, dport, proto = c.src, c.dst, c.dport, q.key().proto
+    else:
+        uplink, src, dst, dport, proto = None, q.client, q.server, q.server_port, q.key().proto
+        ex.scope_uplink_known = not any(r.uplink for r in config.scope)
+    if q.proto == "icmp":
+        dport = q.client_port  # the echo identifier sits in both port fields
+    ex.scope = first_match(
+        config.scope, config.scope_default, uplink=uplink, zone=q.zone, src=src, dst=dst,
+        proto=proto, dport=dport,
+    )  # fmt: skip
+
+
+def _scope_words(ex: Explanation) -> list[str]:
+    s = ex.scope
+    if s is None:
+        return []
+    which = f"rule {s.rule} ({s.text})" if s.rule else f"no rule matches ({s.text})"
+    if s.action == "learn":
+        out = [f"Scope: {which}: lasthop handles a connection like it."]
+    elif ex.connection is not None:
+        out = [
+            f"Scope: {which}: a new connection like it takes the host's normal path; this "
+            "entry predates the rule (`lasthop flush --out-of-scope` removes it)."
+        ]
+    else:
+        out = [f"Scope: {which}: it takes the host's normal path, counted scope_passed."]
+    if not ex.scope_uplink_known:
+        out.append(
+            "(Rules naming an uplink were not considered: no entry says which it arrives on.)"
+        )
+    return out
+
+
+def _hop(c: Connection, neighbours: list[str], firewall: str = "") -> str:
+    names = [f"firewall {firewall}"] if firewall else []
+    names += [f"{', '.join(neighbours)} in the neighbour table"] if neighbours else []
+    who = f" ({'; '.join(names)})" if names else ""
     tags = f", VLAN {'.'.join(map(str, c.vlan))}" if c.vlan else ""
     return f"MAC {c.mac}{who} on uplink {c.uplink}{tags}"
 
@@ -218,7 +275,7 @@ def _words_for(ex: Explanation) -> list[str]:
             f"to {q.client}."
         )
     if c.mac:
-        out.append(f"Its requests came from {_hop(c, ex.neighbours)}.")
+        out.append(f"Its requests came from {_hop(c, ex.neighbours, ex.firewall)}.")
         side = "the VM's answers" if ex.opened_by == "client" else "the VM's next packets"
         out.append(
             f"So {side} ({back if ex.opened_by == 'client' else q.describe()}) go to "

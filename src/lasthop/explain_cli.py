@@ -41,7 +41,12 @@ def explain(
     if proto == "icmp":
         cport = sport = echo_id or 0
     q = Query(proto, caddr, cport, saddr, sport, zone)
-    ex = _controller(netns, config_path).explain(q)
+    config = None
+    if config_path is not None:  # its last_hop_names and scope rules
+        from lasthop.config import load
+
+        config = load(config_path)
+    ex = _controller(netns, config_path).explain(q, config)
     if as_json:
         print(json.dumps(ex.to_json(), indent=1))
         return

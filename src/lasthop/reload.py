@@ -40,6 +40,9 @@ LIVE = frozenset(
         "services",
         "health",
         "api_tokens",
+        "scope",
+        "scope_default",
+        "last_hop_names",
     }
 )
 KEPT = frozenset(

@@ -19,13 +19,19 @@ loaded the old table is read, its pin removed, and after loading its entries
 go into the new lh_conns as confirmed connections of state NONE (they expire
 after timeouts.tcp_established, like an established one). A pin whose
 contents the agent rewrites at start anyway (lh_settings) is simply removed.
+
+Release 4 gives each interface 64 counter slots in lh_counters (CNT_MAX),
+not 48: key = slot * CNT_MAX + reason, so every old key moves. The old
+per-CPU counts are read before loading, the pin removed, and each count
+written back under its new key (same slot, same reason): `stats` and the
+metrics go on from where they were, no counter restarts at zero.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,6 +81,9 @@ def convert(old: OldEntry) -> abi.ConnEntry:
 class _Tables(Protocol):
     def tables_for(self, key: abi.ConnKey) -> tuple[Any, Any]: ...
 
+    @property
+    def counters(self) -> libbpf.Map: ...
+
 
 @dataclass
 class Upgrade:
@@ -82,6 +91,8 @@ class Upgrade:
 
     # (table: 0 confirmed / 1 pending, conn_key, new conn_entry)
     entries: list[tuple[int, bytes, bytes]]
+    # lh_counters of an older CNT_MAX: (new key, every CPU's count as the map holds it)
+    counters: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def apply(self, maps: _Tables) -> int:
         """Writes the carried entries into the new tables (datapath.Maps), each
@@ -102,7 +113,39 @@ class Upgrade:
                 written,
                 len(self.entries),
             )
+        for counter_key, counts in self.counters:
+            maps.counters.update(counter_key, counts)
         return written
+
+
+def _carry_counters(folder: Path, upgrade: Upgrade) -> None:
+    """lh_counters with another CNT_MAX than this release's (48 before
+    release 4): every non-zero count re-keyed to (slot, reason) under
+    abi.CNT_MAX, the pin removed. MAX_IFACES * old CNT_MAX elements are read
+    once, whatever the table holds."""
+    pin = folder / "lh_counters"
+    info = libbpf.pinned_info(pin)
+    if info is None or info.max_entries == abi.MAX_IFACES * abi.CNT_MAX:
+        return
+    old_max = info.max_entries // abi.MAX_IFACES
+    m = libbpf.Map.pinned(pin)
+    try:
+        for key, value in m.items():
+            if not any(value):
+                continue
+            slot, reason = divmod(int.from_bytes(key, "little"), old_max)
+            if reason >= abi.CNT_MAX:
+                continue  # no such reason here: a later release's
+            upgrade.counters.append((bytes(ctypes.c_uint32(slot * abi.CNT_MAX + reason)), value))
+    finally:
+        m.close()
+    log.warning(
+        "upgrade: lh_counters had %d slots an interface, now %d; carried %d counts",
+        old_max,
+        abi.CNT_MAX,
+        len(upgrade.counters),
+    )
+    pin.unlink()
 
 
 def _carry_release2(folder: Path, upgrade: Upgrade) -> None:
@@ -160,6 +203,7 @@ def prepare(folder: Path, changes_size: int) -> Upgrade:
     old_tables = (folder / "lh_pending").exists() or conns_pin.exists()
     if old_tables and not (folder / "lh_conns4").exists():
         _carry_release2(folder, upgrade)
+    _carry_counters(folder, upgrade)
     # The agent writes every setting at start; the expiry figures start again.
     for name, struct in (("lh_settings", abi.Settings), ("lh_expiry", abi.ExpiryStats)):
         info = libbpf.pinned_info(folder / name)

@@ -107,6 +107,10 @@ class FakeController:
         self._call("flush")
         return 4
 
+    def flush_out_of_scope(self) -> int:
+        self._call("flush_out_of_scope")
+        return 1
+
     def interfaces(self) -> list[InterfaceInfo]:
         self._call("interfaces")
         return [IFACE]
@@ -160,6 +164,14 @@ def test_flush_is_a_post() -> None:
     assert fake.calls == []
     r = request(fake, "POST", "/v1/flush")
     assert (r.status_code, r.json(), fake.calls) == (200, {"flushed": 4}, [("flush", None)])
+
+
+def test_flush_out_of_scope_flushes_only_those() -> None:
+    """POST /v1/flush?out_of_scope=true asks the controller for the scope's flush alone."""
+    fake = FakeController()
+    r = request(fake, "POST", "/v1/flush?out_of_scope=true")
+    assert (r.status_code, r.json()) == (200, {"flushed": 1})
+    assert fake.calls == [("flush_out_of_scope", None)]
 
 
 def test_interfaces() -> None:

@@ -376,3 +376,37 @@ def test_release_2_pins_are_moved_into_the_per_family_tables(box: Sandbox) -> No
         assert (ns.pins / "lh_conns4").exists()
     finally:
         dp.close()
+
+
+def test_a_48_slot_lh_counters_is_carried_into_64_slots(box: Sandbox) -> None:
+    """lh_counters pinned by a release with CNT_MAX 48 (key = slot * 48 +
+    reason): at load every per-CPU count moves to slot * CNT_MAX + reason,
+    and `stats` reads the same totals per interface and reason as before."""
+    ns = box.host()
+    ns.pins.mkdir(parents=True, exist_ok=True)
+    old_max, cpus = 48, libbpf.num_possible_cpus()
+    counts = {  # (slot, reason) -> count on each CPU
+        (1, abi.Counter.REDIRECTED): [7] + [1] * (cpus - 1),
+        (3, abi.Counter.HOP_UNTRUSTED): [0] * (cpus - 1) + [5],
+        (255, 47): [2] * cpus,  # the last key of the old map: another branch's reason
+    }
+    m = libbpf.Map(
+        libbpf.map_create(6, "lh_counters", 4, 8, abi.MAX_IFACES * old_max),  # PERCPU_ARRAY
+        owned=True,
+    )
+    try:
+        for (slot, reason), per_cpu in counts.items():
+            value = b"".join(n.to_bytes(8, "little") for n in per_cpu)
+            m.update((slot * old_max + reason).to_bytes(4, "little"), value)
+        libbpf.obj_pin(m.fd, ns.pins / "lh_counters")
+    finally:
+        m.close()
+    dp = Datapath(Pins(ns.pins), table_size=1024)
+    try:
+        assert dp.maps.counters.info.max_entries == abi.MAX_IFACES * abi.CNT_MAX
+        totals = dp.maps.counter_totals()
+        assert {
+            (slot, reason): n for slot, row in totals.items() for reason, n in enumerate(row) if n
+        } == {key: sum(per_cpu) for key, per_cpu in counts.items()}
+    finally:
+        dp.close()

@@ -84,3 +84,37 @@ def test_explains_a_learned_connection_and_an_unknown_one(box: Sandbox, proto: s
         assert plain.returncode == 0 and f"came from MAC {site.fw_mac}" in plain.stdout
     finally:
         site.close()
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_explain_names_the_firewall_from_the_config_and_the_scope_rule(box: Sandbox) -> None:
+    """last_hop_names names the firewall; a TCP connection no rule matches is
+    learned (the default), a UDP one the rule passes is not: it takes the
+    host's normal path, counted scope_passed, and explain names rule 1."""
+    site = BridgedSite(box)
+    cfg = box.logs / "scope.toml"
+    cfg.write_text(
+        f'[last_hop_names]\n"{site.fw_mac}" = "fw-a"\n'
+        '[[scope]]\naction = "pass"\nproto = "udp"\n'
+        '[[uplink]]\nname = "fw0"\n'
+    )
+    try:
+        site.serve()
+        box.agent("--config", str(cfg), "--bridge", "br0", netns=site.host)
+        server = f"{site.VM_IP}:{site.PORT}"
+        tcp = site.exchange("tcp", n=2)
+        got = _explain(site.host.name, "--config", str(cfg), "tcp", f"{site.FW_IP}:{tcp}", server)
+        assert got["firewall"] == "fw-a"
+        assert got["scope"] == {"action": "learn", "rule": 0, "text": "scope_default = learn"}
+        words = "\n".join(got["words"])  # type: ignore[arg-type]
+        assert f"MAC {site.fw_mac} (firewall fw-a) on uplink fw0" in words
+        udp = site.exchange("udp", n=2)  # works: the bridge forwards it
+        got = _explain(site.host.name, "--config", str(cfg), "udp", f"{site.FW_IP}:{udp}", server)
+        assert got["table"] == ""
+        assert got["scope"] == {"action": "pass", "rule": 1, "text": "pass proto udp"}
+        stats = json.loads(lasthop("stats", "--netns", site.host.name, "--json").stdout)
+        assert stats["interfaces"]["fw0"]["scope_passed"] == 2
+    finally:
+        site.close()

@@ -35,6 +35,7 @@ from scapy.packet import Packet, Raw
 from lasthop import abi
 from lasthop.datapath import FamilyMap, request_expiry
 from lasthop.libbpf import BpfObject, Map, TestRun
+from lasthop.scope import ScopeRule, compile_rules
 from packets import MAC_FW_B, MAC_UPLINK_1
 
 TC_ACT_OK = 0
@@ -249,6 +250,9 @@ class Case:
     gso_size: int = 0  # run as a GSO skb (GRO-merged) with this segment size
     hops: tuple[tuple[str, str], ...] = ()  # lh_hops: (uplink, MAC) listed
     refused: dict[tuple[str, str], int] = field(default_factory=dict)  # lh_hops_refused after
+    moved: tuple[tuple[str, str, str], ...] = ()  # lh_hop_moved: (uplink, old MAC, new MAC)
+    scope: tuple[ScopeRule, ...] = ()  # lh_scope: the rules (with F_SET_SCOPE in settings)
+    scope_default: str = "learn"  # ... and the default, written after them
     verdict: int = TC_ACT_OK
     redirect: str | None = None  # interface the frame is redirected to
     output: Packet | None = None  # None: the input, unchanged
@@ -321,6 +325,8 @@ class Datapath:
         self.vm_usage: Map = obj.map("lh_vm_usage")
         self.hops: Map = obj.map("lh_hops")
         self.hops_refused: Map = obj.map("lh_hops_refused")
+        self.hop_moved: Map = obj.map("lh_hop_moved")
+        self.scope: Map = obj.map("lh_scope")
         self.trace: Map = obj.map("lh_trace")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
@@ -328,13 +334,14 @@ class Datapath:
     def reset(self) -> None:
         for m in (
             self.conns.map4, self.conns.map6, self.pending.map4, self.pending.map6,
-            self.vm_addrs, self.vm_usage, self.hops, self.hops_refused,
+            self.vm_addrs, self.vm_usage, self.hops, self.hops_refused, self.hop_moved,
         ):  # fmt: skip
             for key in list(m.keys()):
                 m.delete(key)
         for iface in self.ifaces.values():
             self.configure(iface.name)
         self.set_settings(0)
+        self.scope.update(_u32(0), bytes(abi.ScopeRule()))  # no rule: the list ends at once
         self.expiry.update(_u32(0), bytes(abi.ExpiryStats()))
         self.trace.update(_u32(0), _u32(0))
 
@@ -407,6 +414,26 @@ class Datapath:
         """An uplink's allow_last_hops/deny_last_hops entry (lh_hops)."""
         key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(mac))
         self.hops.update(bytes(key), b"\x01")
+
+    def set_scope(self, rules: tuple[ScopeRule, ...], default: str = "learn") -> None:
+        """lh_scope as the agent writes it: the rules (uplinks by name), the default, an end."""
+        compiled = compile_rules(rules, default, lambda name: self.ifaces[name].ifindex)  # type: ignore[arg-type]
+        for n, rule in enumerate([*compiled, abi.ScopeRule()]):
+            self.scope.update(_u32(n), bytes(rule))
+
+    def move_hop(self, iface: str, old: str, new: str) -> None:
+        """A fail-over record (lh_hop_moved): uplink *iface*'s last hop *old* is now *new*."""
+        key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(old))
+        self.hop_moved.update(bytes(key), bytes(abi.hop_moved(mac_bytes(new))))
+
+    def moved_rows(self) -> set[tuple[str, str, str]]:
+        """lh_hop_moved: (uplink, old MAC, new MAC)."""
+        out = set()
+        for raw_key, raw in self.hop_moved.items():
+            key = abi.HopKey.from_buffer_copy(raw_key)
+            new = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
+            out.add((self.by_index[key.ifindex], mac_str(bytes(key.mac)), mac_str(bytes(new.mac))))
+        return out
 
     def refused_rows(self) -> dict[tuple[str, str], int]:
         """lh_hops_refused: (uplink, MAC) -> frames refused."""
@@ -589,6 +616,10 @@ def check(dp: Datapath, case: Case) -> TestRun:
         dp.set_usage(vm, usage)
     for iface, mac in case.hops:
         dp.list_hop(iface, mac)
+    for row in case.moved:
+        dp.move_hop(*row)
+    if case.scope or case.scope_default != "learn":
+        dp.set_scope(case.scope, case.scope_default)
     frame = bytes(case.packet)
     before, tables_before = dp.counter_values(), dp.table_counter_values()
     t0 = dp.clock()
@@ -620,6 +651,7 @@ def check(dp: Datapath, case: Case) -> TestRun:
         case.vm_usage if case.vm_usage_after is None else case.vm_usage_after
     )
     assert dp.refused_rows() == case.refused
+    assert dp.moved_rows() == set(case.moved)  # the data path only reads it
     return run
 
 

@@ -73,6 +73,28 @@ struct hop_key {
 	__u16 pad; /* zero */
 };
 
+/* lh_hop_moved value: the MAC a last hop's address moved to (failover.h). */
+struct hop_moved {
+	__u8  mac[ETH_ALEN];
+	__u16 pad; /* zero */
+};
+
+/* lh_scope value: one scope rule, as a value and a mask over the words of a
+ * new connection's match key (scope.h): the connection matches when every
+ * word's (key & mask) == value and its destination port is in lo..hi. A
+ * word masked out matches anything. Words: 0-3 source address, 4-7
+ * destination address (the request's, network order, IPv4 in word 0), 8
+ * proto | family << 8 | zone << 16, 9 the uplink's ifindex (0 for a
+ * connection a VM opens). Ports in host order. */
+struct scope_rule {
+	__u32 value[SCOPE_WORDS];
+	__u32 mask[SCOPE_WORDS];
+	__u16 port_lo;  /* 0 and 65535 = any */
+	__u16 port_hi;
+	__u8  action;   /* enum lh_scope_action */
+	__u8  reserved[3];
+};
+
 struct vm_addr_key {
 	__u32 ifindex;  /* the VM port */
 	__u32 family;   /* FAMILY_V4 or FAMILY_V6 */
@@ -184,6 +206,7 @@ struct lh_abi_enums {
 	enum vm_addr_origin    vm_addr_origin;
 	enum lh_change_kind    change_kind;
 	enum lh_change_table   change_table;
+	enum lh_scope_action   scope_action;
 	struct conn_change     change; /* lh_changes has no key or value type to carry it */
 	struct svc_walk        svc_walk; /* lh_svc_walk's frame: no map carries it */
 };

@@ -36,6 +36,12 @@ enum lh_const {
 	 * refused MACs whose frames are counted (lh_hops_refused, an LRU). */
 	MAX_LISTED_HOPS  = 4096,
 	MAX_REFUSED_HOPS = 1024,
+	/* Last-hop MACs whose address moved to another MAC (lh_hop_moved):
+	 * firewalls that failed over, not connections. */
+	MAX_MOVED_HOPS   = 1024,
+	/* Scope rules (lh_scope), the default among them: first match wins. */
+	MAX_SCOPE_RULES  = 64,
+	SCOPE_WORDS      = 10, /* 32-bit words of a scope match key (scope_rule) */
 	/* Bytes of the lh_changes ring buffer (a power of 2, whole pages): about
 	 * 48,000 change records between two reads of the agent. */
 	CHANGES_RING_SIZE = 1 << 22,
@@ -80,6 +86,7 @@ enum lh_iface_flag {
 				     * of its connections take ordinary routing until it returns */
 	F_IFACE_HOPS_ALLOW = 1 << 5, /* uplink: only the MACs lh_hops lists are last hops */
 	F_IFACE_HOPS_DENY  = 1 << 6, /* uplink: the MACs lh_hops lists are not last hops */
+	F_IFACE_FOLLOW_MOVES = 1 << 7, /* uplink: replies follow lh_hop_moved (failover.h) */
 };
 
 /* lh_settings value .flags */
@@ -90,6 +97,8 @@ enum lh_settings_flag {
 	F_SET_NO_VM_ORIGIN  = 1 << 3, /* vm_origin = false: do not remember connections VMs open */
 	F_SET_FAST_PATH     = 1 << 4, /* requests skip bridge/routing to the VM that answered */
 	F_SET_SYNC          = 1 << 5, /* sync is on: report table changes in lh_changes */
+	F_SET_HOPS_MOVED    = 1 << 6, /* lh_hop_moved holds a record: replies look their hop up */
+	F_SET_SCOPE         = 1 << 7, /* scope rules in lh_scope: new connections are matched */
 };
 
 /* lh_conns value .flags */
@@ -100,6 +109,13 @@ enum lh_entry_flag {
 	F_ENTRY_VM_FAST      = 1 << 3, /* fast path: vm_ifindex is the port that answered */
 	F_ENTRY_FIN_OPENER   = 1 << 4, /* TCP: the side that opened sent a FIN */
 	F_ENTRY_FIN_ANSWERER = 1 << 5, /* TCP: the side that answered sent a FIN */
+};
+
+/* What a scope rule does with a new connection (scope_rule .action). */
+enum lh_scope_action {
+	SCOPE_END   = 0, /* no rule here or after: the list ends */
+	SCOPE_LEARN = 1, /* lasthop handles it */
+	SCOPE_PASS  = 2, /* the host's normal path, counted scope_passed */
 };
 
 /* A connection's state (conn_entry .state), from the packets both programs
@@ -210,7 +226,12 @@ enum lh_counter {
 	CNT_RST_UNKNOWN         = 38, /* TCP RST of no known connection: nothing to remember */
 	CNT_HOP_DOWN            = 39, /* reply whose last hop's uplink link is down: left to routing */
 	CNT_HOP_UNTRUSTED       = 40, /* uplink frame from a MAC its list refuses: not learned, passed */
-	CNT_MAX                 = 48,
+	/* 41..44: overlay; 45..47: L3 uplinks, fragments, ICMP errors */
+	CNT_HOP_FOLLOWED        = 48, /* reply whose last hop had moved (failover): entry and frame
+				       * sent to the hop's new MAC (counted besides the redirect) */
+	CNT_SCOPE_PASSED        = 49, /* new connection a scope rule passes: not learned, passed */
+	CNT_SCOPE_FLUSHED       = 50, /* (slot 0) entries flush --out-of-scope removed */
+	CNT_MAX                 = 64,
 };
 
 enum { COUNTERS_SIZE = MAX_IFACES * CNT_MAX };

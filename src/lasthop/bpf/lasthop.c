@@ -17,6 +17,9 @@
 #include "conntrack.h"
 #include "expire.h"
 #include "svc_walk.h"
+#include "failover.h"
+#include "scope.h"
+#include "prune.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -211,6 +214,10 @@ static __always_inline int uplink_new(struct __sk_buff *skb, struct pkt *p, cons
 
 	if (state == CS_NONE) {
 		o->reason = CNT_RST_UNKNOWN;
+		return TC_ACT_OK;
+	}
+	if (scope_passes(&p->key, skb->ifindex, settings)) { /* the user keeps it out */
+		o->reason = CNT_SCOPE_PASSED;
 		return TC_ACT_OK;
 	}
 	s = settings & F_SET_SERVICES ? svc_find(&p->key) : NULL;
@@ -409,6 +416,8 @@ static __always_inline int vm_origin_learn(const struct pkt *p, __u32 vm_ifindex
 		return CNT_MISS;
 	if ((p->key.proto == IPPROTO_ICMP || p->key.proto == IPPROTO_ICMPV6) && !p->echo_request)
 		return CNT_MISS; /* an echo reply answers something; it opens nothing */
+	if (scope_passes(&p->key, 0, s->flags))
+		return CNT_SCOPE_PASSED;
 	err = vm_origin_allowed(p, vm_ifindex, s->vm_quota);
 	if (err)
 		return err;
@@ -525,6 +534,8 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 		return TC_ACT_OK;
 	}
 	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, p, e, cfg);
+	if (failover_follow(e, &p->key, settings_flags())) /* its firewall failed over */
+		count(cfg->slot, CNT_HOP_FOLLOWED);
 	ret = reply_to_last_hop(skb, p, e, cfg);
 	if (ret < 0) {
 		if (ret != -CNT_MISS)
@@ -771,6 +782,22 @@ int lh_svc_walk(struct __sk_buff *skb)
 	req->moved = ctx.req.moved;
 	req->dropped = ctx.req.dropped;
 	return 1;
+}
+
+/* `lasthop flush --out-of-scope`: removes, in the kernel, every entry the
+ * scope rules in lh_scope now pass (prune.h); returns how many. Run by test run. */
+SEC("tc")
+int lh_scope_flush(struct __sk_buff *skb)
+{
+	return prune(PRUNE_OUT_OF_SCOPE);
+}
+
+/* A reload removed an uplink: removes the entries whose last hop's uplink is
+ * no longer attached (prune.h); returns how many. Run by test run. */
+SEC("tc")
+int lh_prune_uplinks(struct __sk_buff *skb)
+{
+	return prune(PRUNE_GONE_UPLINK);
 }
 
 /* The benchmark's reference for a reply: the irreducible work of one --

@@ -1,0 +1,389 @@
+"""Instant fail-over: replies follow a firewall's address to its new MAC (issue 11, item 3).
+
+When a firewall pair fails over, the new active unit announces the shared
+address from its own MAC: a gratuitous ARP, an unsolicited neighbour
+advertisement. Requests re-learn their last hop on the next packet anyway;
+a server that speaks first would still send to the dead MAC. On the uplinks
+that opt in (``uplink[].follow_failover``), a thread of the agent reads the
+ARP and NA frames arriving there (an AF_PACKET socket per uplink, with a
+classic BPF filter so nothing else wakes it), learns which address each
+MAC announces, and when an address moves from MAC A to MAC B writes A -> B
+into lh_hop_moved; the data path (bpf/failover.h) rewrites each entry of A
+on its next reply. The agent never reads the connection table for it.
+
+The segment is hostile: any host on it can send a gratuitous ARP for the
+firewall's address. Only an announcement of an address in the uplink's
+``firewall_addresses`` from a MAC its ``allow_last_hops`` / ``deny_last_hops``
+let be a last hop moves anything (and only on an uplink that opted in).
+
+A record is retired when its old MAC announces again (it is alive: A -> B,
+then B -> A, leaves B -> A alone) or after the longest timeout, when no
+entry can still hold the old MAC. Chains stay resolved: A -> B then B -> C
+is written A -> C and B -> C, so the data path needs one lookup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import dpkt
+
+from lasthop import abi
+from lasthop.connections import format_mac
+
+if TYPE_CHECKING:
+    from lasthop.config import Config
+    from lasthop.controller import Controller
+
+__all__ = [
+    "Announcement",
+    "FailoverWatch",
+    "HopMoves",
+    "Policy",
+    "parse_announcement",
+    "policies_of",
+]
+
+log = logging.getLogger("lasthop")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+WAIT = 1.0  # s: longest wait for frames before looking at retirements and the uplinks
+MAX_OWNERS = 4096  # (uplink, address) -> MAC remembered; the oldest goes first
+ICMP6_NA = 136
+ND_OPT_TARGET_LLADDR = 2
+PACKET_OUTGOING = 4  # sll_pkttype of a frame this host sends
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+
+# Classic BPF on the uplink's socket: ARP, or ICMPv6 type 136 (NA) right after
+# the IPv6 header; anything else never reaches the agent. (code, jt, jf, k)
+ANNOUNCEMENT_FILTER = (
+    (0x28, 0, 0, 12),  # ldh [12]            ethertype
+    (0x15, 5, 0, 0x0806),  # jeq ARP         -> accept
+    (0x15, 0, 5, 0x86DD),  # jeq IPv6, else  -> drop
+    (0x30, 0, 0, 20),  # ldb [20]            next header
+    (0x15, 0, 3, 58),  # jeq ICMPv6, else    -> drop
+    (0x30, 0, 0, 54),  # ldb [54]            ICMPv6 type
+    (0x15, 0, 1, ICMP6_NA),  # jeq NA        -> accept, else drop
+    (0x06, 0, 0, 0x40000),  # accept: ret 256 KiB
+    (0x06, 0, 0, 0),  # drop: ret 0
+)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A host on an uplink said: *address* is at *mac*."""
+
+    ifindex: int
+    address: IPAddress
+    mac: bytes
+
+
+def parse_announcement(frame: bytes, ifindex: int) -> Announcement | None:
+    """The binding an ARP (its sender's) or a neighbour advertisement (its
+    target's) states; None for anything else, or when the frame's own source
+    MAC is not the one it names (a frame about someone else moves nothing)."""
+    try:
+        eth = dpkt.ethernet.Ethernet(frame)
+    except (dpkt.UnpackError, struct.error):
+        return None
+    data = eth.data
+    if isinstance(data, dpkt.arp.ARP):
+        if data.hrd != dpkt.arp.ARP_HRD_ETH or data.pro != dpkt.ethernet.ETH_TYPE_IP:
+            return None
+        if len(data.sha) != 6 or len(data.spa) != 4 or data.sha != eth.src:
+            return None
+        addr: IPAddress = ipaddress.IPv4Address(data.spa)
+        if addr.is_unspecified:  # an address probe (RFC 5227) announces nothing
+            return None
+        return Announcement(ifindex, addr, bytes(data.sha))
+    if isinstance(data, dpkt.ip6.IP6) and data.nxt == dpkt.ip.IP_PROTO_ICMP6:
+        if data.hlim != 255:  # RFC 4861 7.1.2: not from the link itself
+            return None
+        icmp = data.data
+        if not isinstance(icmp, dpkt.icmp6.ICMP6) or icmp.type != ICMP6_NA:
+            return None
+        body = bytes(icmp.data)
+        if len(body) < 20:
+            return None
+        target = ipaddress.IPv6Address(body[4:20])
+        mac = _target_lladdr(body[20:]) or bytes(eth.src)
+        if mac != eth.src:
+            return None
+        return Announcement(ifindex, target, mac)
+    return None
+
+
+def _target_lladdr(options: bytes) -> bytes | None:
+    """The target link-layer address option of an NA's options, if any."""
+    while len(options) >= 8:
+        kind, length = options[0], options[1] * 8
+        if length == 0 or length > len(options):
+            return None
+        if kind == ND_OPT_TARGET_LLADDR and length == 8:
+            return options[2:8]
+        options = options[length:]
+    return None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What an uplink that opted in lets move an entry: announcements of an
+    address in *prefixes*, from a MAC its allow-list names (or its deny-list
+    does not)."""
+
+    prefixes: tuple[IPNetwork, ...]
+    allow: frozenset[bytes] = frozenset()
+    deny: frozenset[bytes] = frozenset()
+
+    def refuses(self, ann: Announcement) -> str | None:
+        """Why *ann* may move nothing; None when it may."""
+        if not any(ann.address in p for p in self.prefixes if p.version == ann.address.version):
+            return "address not in firewall_addresses"
+        if self.allow and ann.mac not in self.allow:
+            return "MAC not in allow_last_hops"
+        if ann.mac in self.deny:
+            return "MAC in deny_last_hops"
+        return None
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def policies_of(config: Config, index_of: Callable[[str], int | None]) -> dict[int, Policy]:
+    """ifindex -> Policy of every uplink whose config sets follow_failover."""
+    out = {}
+    for up in config.uplinks:
+        if not up.follow_failover:
+            continue
+        ifindex = index_of(up.name)
+        if ifindex is None:
+            continue
+        out[ifindex] = Policy(
+            prefixes=tuple(up.firewall_addresses),
+            allow=frozenset(_mac(m) for m in up.allow_last_hops),
+            deny=frozenset(_mac(m) for m in up.deny_last_hops),
+        )
+    return out
+
+
+HopKey = tuple[int, bytes]  # (uplink ifindex, MAC)
+
+
+class Sink:
+    """Where HopMoves writes: lh_hop_moved (through the controller)."""
+
+    def put(self, key: HopKey, new: bytes) -> None: ...
+
+    def delete(self, key: HopKey) -> None: ...
+
+
+@dataclass
+class HopMoves:
+    """Who announces which address, and the moves that follows (no I/O here:
+    *sink* writes lh_hop_moved). Bounded: MAX_OWNERS addresses and
+    abi.MAX_MOVED_HOPS records."""
+
+    sink: Sink
+    policies: dict[int, Policy] = field(default_factory=dict)
+    owners: OrderedDict[tuple[int, IPAddress], bytes] = field(default_factory=OrderedDict)
+    moved: dict[HopKey, tuple[bytes, float]] = field(default_factory=dict)  # -> (new MAC, since)
+    refused: Counter[tuple[int, str, str]] = field(default_factory=Counter)  # (if, MAC, why)
+    seen: int = 0
+
+    def see(self, ann: Announcement, now: float) -> bool:
+        """Takes one announcement; True when it moved a last hop."""
+        policy = self.policies.get(ann.ifindex)
+        if policy is None:
+            return False
+        why = policy.refuses(ann)
+        if why is not None:
+            key = (ann.ifindex, format_mac(ann.mac), why)
+            if not self.refused[key]:
+                log.warning(
+                    "failover: ignored an announcement of %s from %s on ifindex %d: %s",
+                    ann.address, format_mac(ann.mac), ann.ifindex, why,
+                )  # fmt: skip
+            self.refused[key] += 1
+            return False
+        self.seen += 1
+        here = (ann.ifindex, ann.mac)
+        if here in self.moved:  # it speaks: alive again, its entries stay its own
+            self._retire(here, "announces again")
+        where = (ann.ifindex, ann.address)
+        old = self.owners.pop(where, None)
+        self.owners[where] = ann.mac
+        while len(self.owners) > MAX_OWNERS:
+            self.owners.popitem(last=False)
+        if old is None or old == ann.mac:
+            return False
+        self._move((ann.ifindex, old), ann.mac, now, ann.address)
+        return True
+
+    def _move(self, old: HopKey, new: bytes, now: float, address: IPAddress) -> None:
+        ifindex = old[0]
+        # chains: whatever pointed to the old MAC now points to the new one
+        for key, (to, _) in list(self.moved.items()):
+            if key[0] == ifindex and to == old[1]:
+                self._record(key, new, now)
+        self._record(old, new, now)
+        log.warning(
+            "failover: %s moved from %s to %s on ifindex %d: replies of its connections follow",
+            address, format_mac(old[1]), format_mac(new), ifindex,
+        )  # fmt: skip
+
+    def _record(self, key: HopKey, new: bytes, now: float) -> None:
+        if key not in self.moved and len(self.moved) >= abi.MAX_MOVED_HOPS:
+            oldest = min(self.moved, key=lambda k: self.moved[k][1])
+            self._retire(oldest, "no room")
+        self.moved[key] = (new, now)
+        self.sink.put(key, new)
+
+    def _retire(self, key: HopKey, why: str) -> None:
+        del self.moved[key]
+        self.sink.delete(key)
+        log.info("failover: record %s on ifindex %d retired: %s", format_mac(key[1]), key[0], why)
+
+    def retire_older(self, now: float, max_age: float) -> int:
+        """Retires records older than *max_age* seconds (the longest timeout:
+        no entry can still hold their old MAC). Returns how many."""
+        old = [k for k, (_, since) in self.moved.items() if now - since > max_age]
+        for key in old:
+            self._retire(key, "older than the longest timeout")
+        return len(old)
+
+    def set_policies(self, policies: dict[int, Policy]) -> None:
+        """New config: records and owners of uplinks that no longer opt in go."""
+        self.policies = policies
+        for key in [k for k in self.moved if k[0] not in policies]:
+            self._retire(key, "uplink no longer follows fail-over")
+        for where in [w for w in self.owners if w[0] not in policies]:
+            del self.owners[where]
+
+    def adopt(self, records: Iterable[tuple[HopKey, bytes]], now: float) -> None:
+        """Records a previous agent left in lh_hop_moved: kept, retired on the usual rules."""
+        for key, new in records:
+            if key[0] in self.policies:
+                self.moved[key] = (new, now)
+            else:
+                self.sink.delete(key)
+
+
+def announcement_socket(ifindex: int) -> socket.socket:
+    """An AF_PACKET socket that receives the ARP and NA frames arriving on
+    *ifindex*; the filter is on before the socket is bound, so nothing
+    else is ever queued."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing yet
+    try:
+        insns = b"".join(struct.pack("HBBI", *i) for i in ANNOUNCEMENT_FILTER)
+        buf = ctypes.create_string_buffer(insns)
+        prog = struct.pack("HL", len(ANNOUNCEMENT_FILTER), ctypes.addressof(buf))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, prog)
+        sock.bind((socket.if_indextoname(ifindex), ETH_P_ALL))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ControllerSink(Sink):
+    def __init__(self, controller: Controller) -> None:
+        self._c = controller
+
+    def put(self, key: HopKey, new: bytes) -> None:
+        self._c.set_hop_moved(key[0], key[1], new)
+
+    def delete(self, key: HopKey) -> None:
+        self._c.set_hop_moved(key[0], key[1], None)
+
+
+class FailoverWatch:
+    """The agent's thread: reads announcements on the uplinks that follow
+    fail-over, and keeps lh_hop_moved as HopMoves decides."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._c = controller
+        self.moves = HopMoves(ControllerSink(controller))
+        self._socks: dict[int, socket.socket] = {}
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._thread: threading.Thread | None = None
+        self._config: Config | None = None
+
+    def start(self) -> None:
+        self._sync_uplinks()
+        self.moves.adopt(self._c.hops_moved(), time.monotonic())
+        self._thread = threading.Thread(target=self._run, name="lasthop-failover", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake_w.send(b"x")
+        if self._thread is not None:
+            self._thread.join()
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _sync_uplinks(self) -> None:
+        """Sockets and policies as the running config says (after a reload too)."""
+        config = self._c.config
+        if config is self._config or config is None:
+            return
+        self._config = config
+        attached = {name: i for i, name in self._c.attached_now().uplinks.items()}
+        policies = policies_of(config, attached.get)
+        self.moves.set_policies(policies)
+        for ifindex in [i for i in self._socks if i not in policies]:
+            self._socks.pop(ifindex).close()
+        for ifindex in policies:
+            if ifindex not in self._socks:
+                try:
+                    self._socks[ifindex] = announcement_socket(ifindex)
+                except OSError as err:
+                    log.error("failover: cannot read announcements on ifindex %d: %s", ifindex, err)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step()
+            except Exception:  # the agent goes on without it rather than stop forwarding
+                log.exception("following fail-overs failed; stopped following")
+                return
+
+    def _step(self) -> None:
+        ready, _, _ = select.select([self._wake_r, *self._socks.values()], [], [], WAIT)
+        now = time.monotonic()
+        for ifindex, sock in list(self._socks.items()):
+            if sock not in ready:
+                continue
+            while True:
+                try:
+                    frame, addr = sock.recvfrom(2048)
+                except BlockingIOError:
+                    break
+                if addr[2] == PACKET_OUTGOING:
+                    continue
+                ann = parse_announcement(frame, ifindex)
+                if ann is not None:
+                    self.moves.see(ann, now)
+        config = self._c.config
+        if config is not None:
+            longest = max(config.timeouts.by_state().values())
+            self.moves.retire_older(now, longest + config.expiry_interval)
+        self._sync_uplinks()
