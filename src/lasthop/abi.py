@@ -38,12 +38,30 @@ MAX_VM_ADDRS = 65536
 MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
+FRAG_TABLE_SIZE = 8192  # lh_frags: fragmented datagrams whose first fragment's decision is kept
 
 
 class Role(enum.IntEnum):
     NONE = 0
     UPLINK = 1
     VM_PORT = 2
+
+
+class LinkKind(enum.IntEnum):
+    """enum lh_link_kind: what an interface carries (iface_cfg.link_kind)."""
+
+    ETHERNET = 0
+    VXLAN = 1
+    GENEVE = 2
+    L3 = 3  # no Ethernet header: tun, WireGuard, xfrm, GRE, IP-in-IP
+
+
+class FragVerdict(enum.IntEnum):
+    """enum lh_frag_verdict: what a datagram's first fragment did (frag_entry.verdict)."""
+
+    PASSED = 0
+    TO_VM = 1
+    TO_HOP = 2
 
 
 # enum lh_iface_flag: lh_ifaces value .flags
@@ -186,6 +204,9 @@ class Counter(enum.IntEnum):
     RST_UNKNOWN = 38
     HOP_DOWN = 39
     HOP_UNTRUSTED = 40
+    FRAGMENT_FOLLOWED = 45
+    FRAGMENT_EARLY = 46
+    ICMP_ERROR_FORWARDED = 47
 
 
 class ConnKey(ctypes.Structure):
@@ -275,7 +296,8 @@ class IfaceCfg(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("slot", ctypes.c_uint16),
         ("vm_mac", ctypes.c_uint8 * ETH_ALEN),
-        ("reserved", ctypes.c_uint16),
+        ("link_kind", ctypes.c_uint8),  # enum lh_link_kind
+        ("reserved", ctypes.c_uint8),
     ]
 
 
@@ -370,6 +392,30 @@ class VmUsage(ctypes.Structure):
     ]
 
 
+class FragKey(ctypes.Structure):
+    """struct frag_key: one fragmented datagram (lh_frags)."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32 * 4),
+        ("daddr", ctypes.c_uint32 * 4),
+        ("id", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("zone", ctypes.c_uint16),
+    ]
+
+
+class FragEntry(ctypes.Structure):
+    """struct frag_entry: what a datagram's first fragment did (lh_frags)."""
+
+    _fields_ = [
+        ("verdict", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 3),
+        ("vm_ifindex", ctypes.c_uint32),
+        ("hop", ConnEntry),
+    ]
+
+
 # name in BTF -> mirror, for the ABI test
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "conn_key": ConnKey,
@@ -386,6 +432,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
     "ref_key": RefKey,
+    "frag_key": FragKey,
+    "frag_entry": FragEntry,
 }
 
 
