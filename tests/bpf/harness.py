@@ -24,6 +24,7 @@ from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
     IPv6,
     IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
     IPv6ExtHdrSegmentRouting,
@@ -89,6 +90,7 @@ def _l4_ports(frame: Packet) -> tuple[int, int]:
 
 
 _SKIPPED_EXT = (
+    IPv6ExtHdrFragment,  # a first fragment's: its L4 header follows
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrRouting,
@@ -322,13 +324,14 @@ class Datapath:
         self.hops: Map = obj.map("lh_hops")
         self.hops_refused: Map = obj.map("lh_hops_refused")
         self.trace: Map = obj.map("lh_trace")
+        self.frags: Map = obj.map("lh_frags")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
     # set-up
     def reset(self) -> None:
         for m in (
             self.conns.map4, self.conns.map6, self.pending.map4, self.pending.map6,
-            self.vm_addrs, self.vm_usage, self.hops, self.hops_refused,
+            self.vm_addrs, self.vm_usage, self.hops, self.hops_refused, self.frags,
         ):  # fmt: skip
             for key in list(m.keys()):
                 m.delete(key)
