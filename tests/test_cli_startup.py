@@ -41,8 +41,8 @@ HEAVY = (
 SCRIPT = Path(sys.executable).parent / "lasthop"  # the console script pip installed
 
 
-def _start(*argv: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    """Runs this interpreter with ARGV; its result and the heavy modules it imported."""
+def _imports(*argv: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Runs this interpreter with ARGV; its result and every module it imported."""
     result = subprocess.run(
         [sys.executable, "-X", "importtime", *argv],
         capture_output=True,
@@ -55,6 +55,12 @@ def _start(*argv: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
         for line in result.stderr.splitlines()
         if line.startswith("import time:")
     }
+    return result, imported
+
+
+def _start(*argv: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Runs this interpreter with ARGV; its result and the heavy modules it imported."""
+    result, imported = _imports(*argv)
     heavy = sorted(m for m in imported if any(m == h or m.startswith(h + ".") for h in HEAVY))
     return result, heavy
 
@@ -109,3 +115,16 @@ def test_reading_the_pinned_maps_loads_nothing_heavy(box: Sandbox, command: str)
     assert result.returncode == 0, result.stderr[-2000:]
     json.loads(result.stdout)
     assert heavy == []
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_stats_without_a_config_file_loads_no_toml_parser(box: Sandbox) -> None:
+    """`lasthop stats --netns NAME --json` reads no file, so it loads no tomllib
+    (with --config it does: the file is TOML)."""
+    ns = box.host()
+    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    result, imported = _imports("-m", "lasthop", "stats", "--netns", ns.name, "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tomllib" not in imported

@@ -495,3 +495,57 @@ def test_cli_through_the_agent_and_without_it_across_a_restart(
     assert lasthop("service", "remove", "web", "--netns", ns.name).returncode == 0
     assert _pinned_table(ns) == (set(), None)
     assert lasthop("service", "remove", "web", "--netns", ns.name).returncode == 4
+
+
+@pytest.mark.root
+@pytest.mark.bpf
+@pytest.mark.netns
+def test_without_the_agent_a_removed_vms_connections_move_through_the_pinned_walker(
+    agent_box: Any,
+) -> None:
+    """The agent pins lh_svc_walk; with the agent stopped, `service remove web vm1`
+    runs it through that pin: the service's entries on vm1 (confirmed and
+    pending) move to vm0, the table's only VM left, and vm1's shortcut entry
+    of another address stays."""
+    from agentlib import PinnedTable, conn_key, lasthop
+    from lasthop import libbpf
+    from lasthop.datapath import request_expiry
+
+    box = agent_box
+    ns = box.host(uplinks=1, vm_ports=2)
+    agent = box.agent("--uplink", "up0", "--vm-port", "vm0", "--vm-port", "vm1", netns=ns)
+    add = ("service", "add", "web", "--netns", ns.name, "--address", VIP, "--port", "80")
+    r = lasthop(*add, "--vm", "vm0", "--vm", "vm1")
+    assert r.returncode == 0, r.stderr
+    assert (ns.pins / "lh_svc_walk").exists()
+    vm0, vm1 = ns.ifindex("vm0"), ns.ifindex("vm1")
+    table = PinnedTable(ns.pins)
+    try:
+        ours = [conn_key("198.51.100.7", VIP, 40000 + i, 80, proto=6) for i in range(3)]
+        other = conn_key("198.51.100.7", "192.0.2.7", 40000, 80, proto=6)
+        for i, key in enumerate([*ours, other]):
+            entry = abi.ConnEntry(
+                vm_ifindex=vm1,
+                ifindex=ns.ifindex("up0"),
+                packets=1,
+                flags=abi.F_ENTRY_HOP_KNOWN | (abi.F_ENTRY_VM_FAST if key is other else 0),
+                state=int(abi.State.TCP_ESTABLISHED),
+                last_seen=table.clock.jiffies(),
+            )
+            (table.pending if i == 0 else table.conns).update(bytes(key), bytes(entry))
+        expiry = libbpf.Map.pinned(ns.pins / "lh_expiry_request")
+        try:
+            request_expiry(expiry)  # as every writer from user space must
+        finally:
+            expiry.close()
+        assert agent.stop() == 0
+        r = lasthop("service", "remove", "web", "vm1", "--netns", ns.name, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"moved": 3, "dropped": 0}
+        for i, key in enumerate(ours):
+            raw = (table.pending if i == 0 else table.conns).lookup(bytes(key))
+            assert raw is not None and abi.ConnEntry.from_buffer_copy(raw).vm_ifindex == vm0
+        raw = table.conns.lookup(bytes(other))
+        assert raw is not None and abi.ConnEntry.from_buffer_copy(raw).vm_ifindex == vm1
+    finally:
+        table.close()

@@ -39,6 +39,7 @@ MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 FRAG_TABLE_SIZE = 8192  # lh_frags: fragmented datagrams whose first fragment's decision is kept
+SVC_WALK_IFACES = 16  # VM ports one run of lh_svc_walk looks for
 
 
 class Role(enum.IntEnum):
@@ -340,6 +341,20 @@ class ExpiryStats(ctypes.Structure):
     ]
 
 
+class SvcWalk(ctypes.Structure):
+    """struct svc_walk (abi.h): lh_svc_walk's frame, the request in and the counts out."""
+
+    _fields_ = [
+        ("service_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32 * SVC_WALK_IFACES),
+        ("drop", ctypes.c_uint32),
+        ("moved", ctypes.c_uint32),
+        ("dropped", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
+    ]
+
+
 class RefKey(ctypes.Structure):
     """struct ref_key (lasthop.c): lh_ref_conns' key, the bench reference's
     IPv4 tuple in request orientation (saddr = the client); addresses and
@@ -434,6 +449,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "ref_key": RefKey,
     "frag_key": FragKey,
     "frag_entry": FragEntry,
+    "svc_walk": SvcWalk,
 }
 
 

@@ -11,7 +11,6 @@ error names the key as `run` would.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,8 @@ KEYS = frozenset(
 
 def read(path: Path) -> dict[str, Any]:
     """The TOML in *path*; ConfigError when it cannot be read or is not TOML."""
+    import tomllib  # only with a file: `stats` without --config starts without it
+
     try:
         return tomllib.loads(path.read_text())
     except OSError as err:

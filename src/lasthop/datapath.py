@@ -52,7 +52,7 @@ MAP_NAMES = (
     "lh_hops",
     "lh_hops_refused",
 )
-PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
+PINNED_PROGRAMS = ("lh_clock", "lh_stats", "lh_svc_walk")  # run by the CLI through their pins
 TABLES = ("confirmed", "pending")  # the index of expiry_stats arrays (both families each)
 # the connection maps: (name, family, table); lh_conns4/lh_pending4 are keyed
 # by the 16-byte conn_key4, lh_conns/lh_pending (IPv6) by conn_key
@@ -215,6 +215,9 @@ class Maps:
         # sync on (lasthop.sync): receives a conn_change record for each entry
         # user space removes or rewrites, as the data path's go to lh_changes
         self.on_change: Callable[[bytes], None] | None = None
+        # lh_svc_walk: the agent's object's, or opened from its pin when first run
+        self.svc_walker: libbpf.Program | None = None
+        self._walker_pin: Path | None = None
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
@@ -222,11 +225,32 @@ class Maps:
             raise NotAttachedError(
                 f"no data path pinned at {pins.folder}: is `lasthop run` attached here?"
             )
-        return cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
+        maps = cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
+        maps._walker_pin = pins.path("lh_svc_walk")
+        return maps
 
     def close(self) -> None:
         for m in self._all.values():
             m.close()
+        if self._walker_pin is not None and self.svc_walker is not None:
+            os.close(self.svc_walker.fd)  # opened from the pin: ours
+            self.svc_walker = None
+
+    def svc_walk(self, request: abi.SvcWalk) -> abi.SvcWalk | None:
+        """Has the kernel move or remove the service connections *request*
+        names (lh_svc_walk: it walks the tables, user space reads none of
+        them); the request with its counts, or None when no lh_svc_walk is
+        loaded here (then the caller walks)."""
+        if self.svc_walker is None and self._walker_pin is not None:
+            if not self._walker_pin.exists():  # an agent of an older release pinned none
+                return None
+            self.svc_walker = libbpf.Program(libbpf.obj_get(self._walker_pin), "lh_svc_walk")
+        if self.svc_walker is None:
+            return None
+        run = self.svc_walker.test_run(bytes(request))
+        if run.retval != 1:
+            raise DatapathError(f"lh_svc_walk refused its request (returned {run.retval})")
+        return abi.SvcWalk.from_buffer_copy(run.data[: ctypes.sizeof(abi.SvcWalk)])
 
     # interfaces
     def iface(self, ifindex: int) -> abi.IfaceCfg:
@@ -484,6 +508,7 @@ class Datapath:
         self.clock_prog = self._obj.program("lh_clock")
         self.expire_prog = self._obj.program("lh_expire")
         self.stats_prog = self._obj.program("lh_stats")
+        self.maps.svc_walker = self._obj.program("lh_svc_walk")
         for name in PINNED_PROGRAMS:  # programs are not pinned by libbpf: replace by hand
             pin = pins.path(name)
             pin.unlink(missing_ok=True)

@@ -211,8 +211,12 @@ class Services:
         assert e is not None, "no entry"
         return self.name(e.vm_ifindex) if e.vm_ifindex else None
 
-    def manager(self, path: Path) -> ServiceManager:
+    def manager(self, path: Path, *, walker: bool = True) -> ServiceManager:
+        """The agent's manager on these maps; with *walker*, lh_svc_walk loaded
+        (the agent's case), else none (an older agent's pins: it walks itself)."""
         maps = Maps({name: self.dp.obj.map(name) for name in MAP_NAMES})
+        if walker:
+            maps.svc_walker = self.dp.obj.program("lh_svc_walk")
         return ServiceManager("test", lambda: contextlib.nullcontext(maps), path=path)
 
 
@@ -651,9 +655,12 @@ def test_health_unhealthy_takes_no_new_connections_down_moves_them(
     assert {v.port: (v.health, v.changes) for v in st.vms}["vm3"] == ("up", 4)
 
 
-def test_removing_a_vm_moves_its_connections_in_the_table(sv: Services, tmp_path: Path) -> None:
+@pytest.mark.parametrize("walker", [True, False], ids=["kernel", "agent-walks"])
+def test_removing_a_vm_moves_its_connections_in_the_table(
+    sv: Services, tmp_path: Path, walker: bool
+) -> None:
     """remove_vms: entries pinned to the removed VM now name the table's choice."""
-    m = sv.manager(tmp_path / "s.json")
+    m = sv.manager(tmp_path / "s.json", walker=walker)
     m.start([_three_vm_service()], HealthCheck(type="none"))
     old = _frames_to(sv, sv.pool_table(*POOL), "vm1", 4)
     keep = _frames_to(sv, sv.pool_table(*POOL), "vm2", 2)
@@ -667,11 +674,12 @@ def test_removing_a_vm_moves_its_connections_in_the_table(sv: Services, tmp_path
         assert sv.vm_of(frame) == "vm2"
 
 
+@pytest.mark.parametrize("walker", [True, False], ids=["kernel", "agent-walks"])
 def test_removing_a_vm_with_on_vm_down_drop_forgets_its_connections(
-    sv: Services, tmp_path: Path
+    sv: Services, tmp_path: Path, walker: bool
 ) -> None:
     sv.reset(settings=abi.F_SET_VM_DOWN_DROP)
-    m = sv.manager(tmp_path / "s.json")
+    m = sv.manager(tmp_path / "s.json", walker=walker)
     m.start([_three_vm_service()], HealthCheck(type="none"))
     old = _frames_to(sv, sv.pool_table(*POOL), "vm1", 3)
     for frame in old:
@@ -679,3 +687,64 @@ def test_removing_a_vm_with_on_vm_down_drop_forgets_its_connections(
     assert m.remove_vms("web", ["vm1"]) == {"moved": 0, "dropped": 3}
     assert all(sv.entry(f) is None for f in old)
     assert sv.dp.counter_values()[(SLOT0, C.AGENT_REMOVED)] >= 3
+
+
+def _confirm(sv: Services, frame: Packet) -> None:
+    """Moves *frame*'s pending entry into the confirmed table, as a promotion does."""
+    maps = Maps({name: sv.dp.obj.map(name) for name in MAP_NAMES})
+    key = conn_key(frame)
+    confirmed, pending = maps.tables_for(key)
+    entry = pending.lookup(key)
+    assert entry is not None
+    confirmed.update(key, entry)
+    assert pending.delete(key)
+
+
+def test_the_kernel_moves_and_forgets_a_services_connections_without_the_agent_reading_the_table(
+    sv: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove_vms and remove run lh_svc_walk, which changes the service's own entries
+    (confirmed and pending, IPv4 and IPv6) and nothing else: another service's
+    entries on the same VM and a connection that VM opened stay; the agent
+    never lists the table (its cost is the VM's entries, not the table's)."""
+    monkeypatch.setattr(Maps, "entries", lambda self: pytest.fail("the agent read the table"))
+    m = sv.manager(tmp_path / "s.json")
+    dns = Service(name="dns", address=VIP6, proto="udp", ports=[PORT_DNS],
+                  vms=[ServiceVm(port="vm1", mac=MAC_VM_1)])  # fmt: skip
+    m.start([_three_vm_service(), dns], HealthCheck(type="none"))
+    old = _frames_to(sv, sv.pool_table(*POOL), "vm1", 4)
+    keep = _frames_to(sv, sv.pool_table(*POOL), "vm2", 2)
+    for frame in old + keep:
+        sv.send(UPLINK, "up1", frame)
+    _confirm(sv, old[0])
+    _confirm(sv, old[1])
+    other = svc6_udp()  # the dns service, on vm1 too
+    assert sv.send(UPLINK, "up1", other).redirect == "vm1"
+    sv.grant_vip("vm1")
+    opened = (  # from the virtual address and port: its key is the service's too
+        eth(MAC_VM_1, MAC_FW_A)
+        / IP(src=VIP, dst=IP_SERVER)
+        / TCP(sport=PORT_HTTP, dport=PORT_PROXY_1, flags="S")
+    )
+    sv.send(VMPORT, "vm1", opened)
+    assert sv.entry(opened, reverse=True) is not None
+    before = sv.dp.table_counter_values()
+
+    assert m.remove_vms("web", ["vm1"]) == {"moved": 4, "dropped": 0}
+    after = sv.pool_table("vm2", "vm3")
+    for frame in old:
+        assert sv.vm_of(frame) == sv.name(after[slot_of(conn_key(frame))])
+    assert [sv.vm_of(f) for f in keep] == ["vm2", "vm2"]
+    assert sv.vm_of(other) == "vm1"
+    assert sv.entry(opened, reverse=True) is not None
+
+    assert m.remove("web") == 6
+    assert all(sv.entry(f) is None for f in old + keep)
+    assert sv.vm_of(other) == "vm1"
+    assert sv.entry(opened, reverse=True) is not None
+    T = abi.TableCounter
+    moved = {c: n - before[c] for c, n in sv.dp.table_counter_values().items() if n != before[c]}
+    assert moved == {T.CONFIRMED_REMOVED: 2, T.PENDING_REMOVED: 4}
+    assert m.remove("dns") == 1
+    assert sv.entry(other) is None
+    assert sv.entry(opened, reverse=True) is not None

@@ -257,10 +257,24 @@ def lab(quick: bool, reps: int | None, packets: int | None, connections: int | N
     show_default=True,
     help="Also measure per-packet cost and the table swap (needs root).",
 )
+@click.option(
+    "--move-entries",
+    type=click.IntRange(0),
+    default=1_000_000,
+    show_default=True,
+    help="Live entries when a VM leaves a pool (the kernel walk vs reading them; 0: skip).",
+)
 @json_option
 @strict_option
 def services(
-    keys: int, repeat: int, rounds: int, singles: int, datapath: bool, as_json: bool, strict: bool
+    keys: int,
+    repeat: int,
+    rounds: int,
+    singles: int,
+    datapath: bool,
+    move_entries: int,
+    as_json: bool,
+    strict: bool,
 ) -> None:
     """Maglev spread and movement over simulated connections, table rebuild
     time, and the service path's ns per packet vs an empty tc program.
@@ -274,6 +288,7 @@ def services(
             rounds=rounds,
             singles=singles,
             datapath=datapath,
+            move_entries=move_entries,
             progress=progress,
         ),
         svc_bench.BenchError,

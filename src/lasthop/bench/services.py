@@ -16,6 +16,10 @@ data path would for each key's first packet.
                never move, that is what the entry is for)
     weights    each VM's share / its weight's share (weights 1, 2, 3, 4)
     rebuild    build_table for 64 VMs; the swap into lh_maglev (root)
+    VM leaves  a VM taken out of a pool with N live entries (K of them the
+               service's, on that VM): lh_svc_walk's run, which moves them
+               in the kernel, against reading the table into Python (what
+               the agent did before, at the least), side by side (root)
 
 Per packet (root): lh_uplink on a service connection's packets, back to back
 with BPF_PROG_TEST_RUN, against lh_empty in the same rounds: the pinned path
@@ -190,6 +194,22 @@ class Figure:
 
 
 @dataclass
+class Move:
+    """A VM leaving a pool at *entries* live entries, *ours* of them on it."""
+
+    entries: int
+    ours: int
+    walk_ms: float  # lh_svc_walk's run (test run, wall time), median
+    read_ms: float  # every entry read into Python (Maps.entries), median
+    walk_runs: list[float]
+    read_runs: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.read_ms / self.walk_ms
+
+
+@dataclass
 class Results:
     keys: int
     spreads: list[Spread]
@@ -199,6 +219,7 @@ class Results:
     figures: list[Figure]
     settings: dict[str, Any]
     environment: dict[str, Any] = field(default_factory=dict)
+    move: Move | None = None
 
     @property
     def ok(self) -> bool:
@@ -211,6 +232,7 @@ class Results:
             "weights": self.weights,
             "rebuild_ms": {"build_64_vms": self.rebuild_ms, "swap": self.swap_ms},
             "figures": [asdict(f) | {"ok": f.ok} for f in self.figures],
+            "vm_leaves": None if self.move is None else asdict(self.move),
             "targets": TARGETS,
             "ok": self.ok,
             "settings": self.settings,
@@ -427,12 +449,82 @@ def _swap_ms(rounds: int = 5) -> float | None:
     return statistics.median(times)
 
 
+_MOVE_KEY = struct.Struct("<4s4s2s2sBxH")  # struct conn_key4
+
+
+def _move_keys(start: int, n: int, daddr: bytes) -> bytes:
+    """n conn_key4s of clients 10.x.y.z (by i) to daddr port 80, TCP."""
+    return b"".join(
+        _MOVE_KEY.pack(
+            bytes((10, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF)),
+            daddr,
+            (1024 + (i >> 24)).to_bytes(2, "big"),
+            (80).to_bytes(2, "big"),
+            socket.IPPROTO_TCP,
+            0,
+        )
+        for i in range(start, start + n)
+    )
+
+
+def _move(entries: int, ours: int, rounds: int = 4) -> Move:
+    """lh_conns4 filled with *entries*, *ours* of them the service's on VM
+    ifindex 7; each round moves those between VMs 7 and 9 with one run of
+    lh_svc_walk (checked: all *ours* moved), then reads the table into Python."""
+    from lasthop.datapath import MAP_NAMES, Maps, table_sizes
+    from lasthop.libbpf import BpfObject
+    from lasthop.services.lookup import svc_key, write_table
+
+    with tempfile.TemporaryDirectory(prefix="lasthop-bench-") as tmp:
+        obj = BpfObject(
+            build.build(Path(tmp) / "o.bpf.o"), pin_root=None, max_entries=table_sizes(entries)
+        )
+        try:
+            maps = Maps({name: obj.map(name) for name in MAP_NAMES})
+            maps.svc_walker = obj.program("lh_svc_walk")
+
+            def value(vm: int) -> bytes:
+                return bytes(abi.ConnEntry(ifindex=3, vm_ifindex=vm, packets=1,
+                                           flags=abi.F_ENTRY_HOP_KNOWN,
+                                           state=int(abi.State.TCP_ESTABLISHED)))  # fmt: skip
+
+            others, batch = entries - ours, 16384
+            for start in range(0, others, batch):
+                n = min(batch, others - start)
+                maps.conns4.update_batch(_move_keys(start, n, _SERVER), value(5) * n, n)
+            maps.conns4.update_batch(_move_keys(others, ours, _VIP), value(7) * ours, ours)
+            maps.services.update(
+                svc_key(_VIP + bytes(12), socket.IPPROTO_TCP, 80, abi.FAMILY_V4),
+                bytes(abi.SvcInfo(id=0)),
+            )
+            walk, read = [], []
+            for r in range(rounds):
+                src, dst = (7, 9) if r % 2 == 0 else (9, 7)
+                write_table(maps.maglev, 0, [dst] * MAGLEV_SIZE)
+                req = abi.SvcWalk(service_id=0, count=1, drop=0)
+                req.ifindex[0] = src
+                t0 = time.perf_counter()
+                done = maps.svc_walk(req)
+                walk.append((time.perf_counter() - t0) * 1000)
+                if done is None or (done.moved, done.dropped) != (ours, 0):
+                    raise BenchError(f"lh_svc_walk did not move the {ours} entries ({done})")
+                t0 = time.perf_counter()
+                seen = sum(1 for _ in maps.entries())
+                read.append((time.perf_counter() - t0) * 1000)
+                if seen != entries:
+                    raise BenchError(f"read {seen} entries of {entries}")
+        finally:
+            obj.close()
+    return Move(entries, ours, statistics.median(walk), statistics.median(read), walk, read)
+
+
 def run(
     keys: int = 1_000_000,
     repeat: int = 1_000_000,
     rounds: int = 5,
     singles: int = 5000,
     datapath: bool = True,
+    move_entries: int = 1_000_000,
     progress: Progress = quiet,
 ) -> Results:
     started = time.monotonic()
@@ -447,6 +539,7 @@ def run(
     build_ms = rebuild_ms()
     figures: list[Figure] = []
     swap = None
+    move = None
     if datapath:
         if os.geteuid() != 0:
             raise BenchError(
@@ -454,6 +547,9 @@ def run(
             )
         swap = _swap_ms()
         figures = _per_packet(repeat, rounds, singles, progress)
+        if move_entries:
+            progress(f"a VM leaving a pool at {move_entries} entries")
+            move = _move(move_entries, min(1000, move_entries // 10))
     return Results(
         keys=keys,
         spreads=spreads,
@@ -461,11 +557,13 @@ def run(
         rebuild_ms=build_ms,
         swap_ms=swap,
         figures=figures,
+        move=move,
         settings={
             "keys": keys,
             "repeat": repeat,
             "rounds": rounds,
             "singles": singles,
+            "move_entries": move_entries,
             "seed": SEED,
             "table_size": MAGLEV_SIZE,
         },
@@ -529,6 +627,14 @@ def print_results(results: Results, console: Any) -> None:
     )
     swap = f"; swap into lh_maglev {results.swap_ms:.1f} ms" if results.swap_ms is not None else ""
     console.print(f"table rebuild, {REBUILD_VMS} VMs: {results.rebuild_ms:.1f} ms (Python){swap}")
+    if results.move is not None:
+        m = results.move
+        console.print(
+            f"a VM leaves a pool at {m.entries:,} entries ({m.ours} of them on it): "
+            f"lh_svc_walk {m.walk_ms:.1f} ms; reading the table into Python "
+            f"{m.read_ms:.0f} ms ({m.ratio:.1f}x)",
+            highlight=False,
+        )
     if results.figures:
         t = Table(title="service path per packet (BPF_PROG_TEST_RUN, lh_uplink)")
         for col in ("case", "ns/packet", "× empty", "target", ""):

@@ -163,6 +163,21 @@ struct expiry_stats {
 	__u32 checked;      /* jiffies: the last run, walked or not */
 };
 
+/* lh_svc_walk's frame (the test run's data in and out): which service
+ * connections to move or forget, and what it did. An entry matches when a
+ * VM port holds it (not one the VM opened), its key finds service_id as
+ * svc_find does, and (count > 0) its VM port is among ifindex[0..count). */
+struct svc_walk {
+	__u32 service_id;
+	__u32 count;                    /* ifindex[] used; 0: any VM port */
+	__u32 ifindex[SVC_WALK_IFACES];
+	__u32 drop;    /* 1: remove each match; 0: move it to the service's Maglev choice
+			* (removed when there is none) */
+	__u32 moved;   /* out: entries moved */
+	__u32 dropped; /* out: entries removed */
+	__u32 reserved;
+};
+
 /* lh_changes record: one change of one entry, as the data path made it
  * (sync on). The entry is a copy taken at the change. */
 struct conn_change {
@@ -192,5 +207,6 @@ struct lh_abi_enums {
 	enum lh_link_kind      link_kind;
 	enum lh_frag_verdict   frag_verdict;
 	struct conn_change     change; /* lh_changes has no key or value type to carry it */
+	struct svc_walk        svc_walk; /* lh_svc_walk's frame: no map carries it */
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

@@ -42,6 +42,8 @@ enum lh_const {
 	/* Fragmented datagrams whose first fragment's decision is remembered
 	 * (lh_frags, an LRU): what later fragments follow. */
 	FRAG_TABLE_SIZE  = 8192,
+	/* VM ports one run of lh_svc_walk looks for (struct svc_walk). */
+	SVC_WALK_IFACES = 16,
 };
 
 /* CPUs whose per-CPU counters the expiry pass sums (bpf_loop bound; the

@@ -17,6 +17,7 @@
 #include "conntrack.h"
 #include "expire.h"
 #include "frag.h"
+#include "svc_walk.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -829,6 +830,25 @@ int lh_stats(struct __sk_buff *skb)
 			  bpf_map_sum_elem_count((struct bpf_map *)&lh_conns);
 	st->elements[1] = bpf_map_sum_elem_count((struct bpf_map *)&lh_pending4) +
 			  bpf_map_sum_elem_count((struct bpf_map *)&lh_pending);
+	return 1;
+}
+
+/* Moves or forgets a service's connections (svc_walk.h): the frame is a
+ * struct svc_walk, read as the request and written back with the counts.
+ * Run by test run (the agent's services, through its pin). Returns 1, or 0
+ * when the frame is too short. */
+SEC("tc")
+int lh_svc_walk(struct __sk_buff *skb)
+{
+	struct svc_walk *req = (void *)(long)skb->data;
+	struct svc_walk_ctx ctx = {};
+
+	if ((void *)(req + 1) > (void *)(long)skb->data_end)
+		return 0;
+	ctx.req = *req;
+	svc_walk_tables(&ctx);
+	req->moved = ctx.req.moved;
+	req->dropped = ctx.req.dropped;
 	return 1;
 }
 

@@ -298,8 +298,13 @@ class ServiceManager:
             removed = 0
             with self._maps() as maps:
                 if maps is not None:
-                    self._sync_maps(maps, force=False, drop_ids={gone})  # keys and table go first
-                    removed = self._forget_connections(maps, lambda k: match(k) == name)
+                    # its table first (no new connection is pinned), then its
+                    # connections (found by its keys, as the data path finds
+                    # them), then the keys
+                    delete_table(maps.maglev, gone)
+                    self._tables.pop(gone, None)
+                    removed = self._forget_connections(maps, gone, lambda k: match(k) == name)
+                    self._sync_maps(maps, force=False, drop_ids={gone})
             self._save()
             event(log, "service_remove", level=logging.WARNING, service=name, forgotten=removed)
             return removed
@@ -604,8 +609,34 @@ class ServiceManager:
 
     def _move_connections(self, maps: Maps, svc: Service, ifindexes: set[int]) -> dict[str, int]:
         """Entries of *svc* pinned to *ifindexes*: to the table's choice now
-        (reassign), or deleted (drop, or no VM left)."""
+        (reassign), or deleted (drop, or no VM left). The kernel finds and
+        changes them (lh_svc_walk): nothing here reads the table."""
         drop = bool(maps.get_settings().flags & abi.F_SET_VM_DOWN_DROP)
+        sid = self._state.ids[svc.name]
+        moved = dropped = 0
+        ports = sorted(ifindexes)
+        for i in range(0, len(ports), abi.SVC_WALK_IFACES):
+            some = ports[i : i + abi.SVC_WALK_IFACES]
+            req = abi.SvcWalk(service_id=sid, count=len(some), drop=int(drop))
+            req.ifindex[: len(some)] = some
+            done = maps.svc_walk(req)
+            if done is None:  # no lh_svc_walk (an older agent's pins): walk here
+                return self._move_connections_walking(maps, svc, ifindexes, drop)
+            moved, dropped = moved + done.moved, dropped + done.dropped
+        return self._moved(maps, moved, dropped)
+
+    def _moved(self, maps: Maps, moved: int, dropped: int) -> dict[str, int]:
+        if moved:
+            maps.request_expiry()  # the rewrites may carry an older last_seen: deadlines moved
+            maps.add_counter(0, abi.Counter.SVC_REASSIGNED, moved)
+        if dropped:
+            maps.add_counter(0, abi.Counter.AGENT_REMOVED, dropped)
+        return {"moved": moved, "dropped": dropped}
+
+    def _move_connections_walking(
+        self, maps: Maps, svc: Service, ifindexes: set[int], drop: bool
+    ) -> dict[str, int]:
+        """_move_connections without lh_svc_walk: reads the whole table."""
         table = self._tables.get(self._state.ids[svc.name]) or [0] * MAGLEV_SIZE
         match = matcher(self._state.services)
         moved = dropped = 0
@@ -621,15 +652,17 @@ class ServiceManager:
                 continue
             entry.vm_ifindex = new
             moved += maps.update_entry(key, entry)  # False: expired or evicted meanwhile
-        if moved:
-            maps.request_expiry()  # the rewrites may carry an older last_seen: deadlines moved
-            maps.add_counter(0, abi.Counter.SVC_REASSIGNED, moved)
-        if dropped:
-            maps.add_counter(0, abi.Counter.AGENT_REMOVED, dropped)
-        return {"moved": moved, "dropped": dropped}
+        return self._moved(maps, moved, dropped)
 
-    def _forget_connections(self, maps: Maps, ours: Callable[[abi.ConnKey], bool]) -> int:
-        """Deletes the service connections *ours* picks (VM-opened ones stay)."""
+    def _forget_connections(self, maps: Maps, sid: int, ours: Callable[[abi.ConnKey], bool]) -> int:
+        """Deletes the connections of service *sid* (VM-opened ones stay): the
+        kernel finds them by the service's keys, still in lh_services
+        (lh_svc_walk); without it, every entry *ours* picks, read here."""
+        done = maps.svc_walk(abi.SvcWalk(service_id=sid, drop=1))
+        if done is not None:
+            if done.dropped:
+                maps.add_counter(0, abi.Counter.AGENT_REMOVED, done.dropped)
+            return int(done.dropped)
         removed = 0
         for key, entry in list(maps.entries()):
             if entry.vm_ifindex and not entry.flags & abi.F_ENTRY_VM_ORIGIN and ours(key):
