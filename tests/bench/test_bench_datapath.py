@@ -104,6 +104,7 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
         "vm0 REDIRECTED": 3 * packets,
         "up0 REFRESHED": packets,
         "vm0 MISS": packets,
+        "vmr0 REDIRECTED": 2 * packets,  # the routed replies: Ethernet uplink, L3 uplink
     }
     for run in ("insert_room", "insert_full"):
         assert moved[run] == {"up0 LEARNED": n, "up0 REFRESHED": n, "table PENDING_INSERTED": n}
