@@ -8,8 +8,14 @@ B, while VM 1's default gateway is firewall A.
 
 from __future__ import annotations
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
+from scapy.layers.inet6 import (
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrFragment,
+    fragment6,
+)
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet
 
@@ -186,3 +192,42 @@ def echo6_reply(dst_mac: str = MAC_FW_A) -> Packet:
 def l3(frame: Packet) -> Packet:
     """The IP or IPv6 layer of a frame, as an ICMP error quotes it."""
     return frame[IP] if IP in frame else frame[IPv6]
+
+
+# Fragmented UDP datagrams (a large DNS answer, and the request direction for
+# services): the first fragment carries the ports, the later ones only addresses.
+FRAG_ID = 0x4C48  # IPv4 identification / IPv6 fragment id of the datagram
+FRAG_PAYLOAD = b"A" * 2400  # two or three fragments at the sizes below
+
+
+def udp4_fragments(
+    src: str = IP_VM_1,
+    dst: str = IP_CLIENT_B,
+    sport: int = PORT_DNS,
+    dport: int = PORT_CLIENT,
+    src_mac: str = MAC_VM_1,
+    dst_mac: str = MAC_FW_A,
+    ident: int = FRAG_ID,
+) -> list[Packet]:
+    """An IPv4 UDP datagram cut into fragments of up to 1200 bytes, each framed."""
+    datagram = IP(src=src, dst=dst, id=ident) / UDP(sport=sport, dport=dport) / FRAG_PAYLOAD
+    return [Ether(src=src_mac, dst=dst_mac) / f for f in fragment(datagram, fragsize=1200)]
+
+
+def udp6_fragments(
+    src: str = IP6_VM_1,
+    dst: str = IP6_CLIENT_B,
+    sport: int = PORT_DNS,
+    dport: int = PORT_CLIENT,
+    src_mac: str = MAC_VM_1,
+    dst_mac: str = MAC_FW_A,
+    ident: int = FRAG_ID,
+) -> list[Packet]:
+    """The same datagram over IPv6: fragments of up to 1280 bytes, each framed."""
+    datagram = (
+        IPv6(src=src, dst=dst)
+        / IPv6ExtHdrFragment(id=ident)
+        / UDP(sport=sport, dport=dport)
+        / FRAG_PAYLOAD
+    )
+    return [Ether(src=src_mac, dst=dst_mac) / f for f in fragment6(datagram, 1280)]

@@ -130,6 +130,8 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
         (abi.ChangeKind, "lh_change_kind", "CH_", None),
         (abi.ChangeTable, "lh_change_table", "CHT_", None),
         (abi.ScopeAction, "lh_scope_action", "SCOPE_", None),
+        (abi.LinkKind, "lh_link_kind", "LINK_", None),
+        (abi.FragVerdict, "lh_frag_verdict", "FRAG_", None),
     ],
 )
 def test_enums_match_btf(

@@ -41,6 +41,7 @@ MAX_MOVED_HOPS = 1024  # lh_hop_moved: last hops whose address moved (failover)
 MAX_SCOPE_RULES = 64  # lh_scope: the config's scope rules and the default
 SCOPE_WORDS = 10  # 32-bit words of a scope match key (ScopeRule)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
+FRAG_TABLE_SIZE = 8192  # lh_frags: fragmented datagrams whose first fragment's decision is kept
 SVC_WALK_IFACES = 16  # VM ports one run of lh_svc_walk looks for
 
 
@@ -48,6 +49,23 @@ class Role(enum.IntEnum):
     NONE = 0
     UPLINK = 1
     VM_PORT = 2
+
+
+class LinkKind(enum.IntEnum):
+    """enum lh_link_kind: what an interface carries (iface_cfg.link_kind)."""
+
+    ETHERNET = 0
+    VXLAN = 1
+    GENEVE = 2
+    L3 = 3  # no Ethernet header: tun, WireGuard, xfrm, GRE, IP-in-IP
+
+
+class FragVerdict(enum.IntEnum):
+    """enum lh_frag_verdict: what a datagram's first fragment did (frag_entry.verdict)."""
+
+    PASSED = 0
+    TO_VM = 1
+    TO_HOP = 2
 
 
 # enum lh_iface_flag: lh_ifaces value .flags
@@ -201,6 +219,9 @@ class Counter(enum.IntEnum):
     RST_UNKNOWN = 38
     HOP_DOWN = 39
     HOP_UNTRUSTED = 40
+    FRAGMENT_FOLLOWED = 45
+    FRAGMENT_EARLY = 46
+    ICMP_ERROR_FORWARDED = 47
     HOP_FOLLOWED = 48
     SCOPE_PASSED = 49
     SCOPE_FLUSHED = 50
@@ -293,7 +314,8 @@ class IfaceCfg(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("slot", ctypes.c_uint16),
         ("vm_mac", ctypes.c_uint8 * ETH_ALEN),
-        ("reserved", ctypes.c_uint16),
+        ("link_kind", ctypes.c_uint8),  # enum lh_link_kind
+        ("reserved", ctypes.c_uint8),
     ]
 
 
@@ -431,6 +453,30 @@ class VmUsage(ctypes.Structure):
     ]
 
 
+class FragKey(ctypes.Structure):
+    """struct frag_key: one fragmented datagram (lh_frags)."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint32 * 4),
+        ("daddr", ctypes.c_uint32 * 4),
+        ("id", ctypes.c_uint32),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("zone", ctypes.c_uint16),
+    ]
+
+
+class FragEntry(ctypes.Structure):
+    """struct frag_entry: what a datagram's first fragment did (lh_frags)."""
+
+    _fields_ = [
+        ("verdict", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 3),
+        ("vm_ifindex", ctypes.c_uint32),
+        ("hop", ConnEntry),
+    ]
+
+
 # name in BTF -> mirror, for the ABI test
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "conn_key": ConnKey,
@@ -449,6 +495,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,
     "ref_key": RefKey,
+    "frag_key": FragKey,
+    "frag_entry": FragEntry,
     "svc_walk": SvcWalk,
 }
 

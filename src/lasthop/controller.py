@@ -170,6 +170,7 @@ class InterfaceInfo:
     mac: str
     routed: bool
     link_down: bool = False  # uplink: its link is down, its replies take routing
+    link_kind: str = "ethernet"  # what its frames carry: ethernet, vxlan, geneve, l3
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -181,6 +182,7 @@ class InterfaceInfo:
             "mac": self.mac,
             "routed": self.routed,
             "link_down": self.link_down,
+            "link_kind": self.link_kind,
         }
 
 
@@ -357,7 +359,7 @@ class Controller:
         current = maps.iface(link.index)
         slot = current.slot if current.role != abi.Role.NONE else self._free_slot(maps)
         flags = abi.F_IFACE_ROUTED if (role == abi.Role.VM_PORT and self._config.routed) else 0
-        cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot)
+        cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot, link_kind=link.kind)
         cfg.mac[:] = list(self._own_mac(link, role))
         if current.role == role == abi.Role.VM_PORT:  # keep the guest's MAC and the services' mark
             cfg.vm_mac[:] = list(current.vm_mac)
@@ -373,8 +375,9 @@ class Controller:
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
         # egress hook cost every reply ~35 ns in `bench lab`, so a bridged host goes without
-        egress = role == abi.Role.UPLINK and self._config.routed
-        self.datapath.attach(link.index, role, egress=egress)
+        # (an L3 link's frames have no MAC to choose: no egress program there)
+        egress = role == abi.Role.UPLINK and self._config.routed and link.kind != abi.LinkKind.L3
+        self.datapath.attach(link.index, role, egress=egress, kind=link.kind)
         target = self.attached.uplinks if role == abi.Role.UPLINK else self.attached.vm_ports
         target[link.index] = link.name
         event(
@@ -785,6 +788,7 @@ class Controller:
                     mac=format_mac(bytes(cfg.mac)),
                     routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
                     link_down=bool(cfg.flags & abi.F_IFACE_LINK_DOWN),
+                    link_kind=abi.LinkKind(cfg.link_kind).name.lower(),
                 )
                 for i, cfg in sorted(self._host_attached(maps).items())
             ]

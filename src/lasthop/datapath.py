@@ -74,6 +74,7 @@ SIZE_KEYS = {
 }
 UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
+L3_UPLINK_PROGRAM = "lh_uplink_l3"  # an uplink whose frames start at their IP header
 
 
 @dataclass(frozen=True)
@@ -520,11 +521,19 @@ class Datapath:
             pin.unlink(missing_ok=True)
             libbpf.obj_pin(self._obj.program(name).fd, pin)
 
-    def attach(self, ifindex: int, role: abi.Role, *, egress: bool = False) -> int:
-        """Attaches the role's program at ifindex's tc ingress, and with
-        *egress* (an uplink of a routed host) lh_uplink_out at its egress;
-        returns the ingress prog id."""
-        prog = self._obj.program(PROGRAM_OF_ROLE[role])
+    def attach(
+        self,
+        ifindex: int,
+        role: abi.Role,
+        *,
+        egress: bool = False,
+        kind: abi.LinkKind = abi.LinkKind.ETHERNET,
+    ) -> int:
+        """Attaches the role's program at ifindex's tc ingress (an L3 uplink's
+        own, lh_uplink_l3), and with *egress* (an uplink of a routed host)
+        lh_uplink_out at its egress; returns the ingress prog id."""
+        l3 = role == abi.Role.UPLINK and kind == abi.LinkKind.L3
+        prog = self._obj.program(L3_UPLINK_PROGRAM if l3 else PROGRAM_OF_ROLE[role])
         hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
         hook.create()  # clsact: one qdisc holds both hooks
         prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)

@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lasthop import abi
 from lasthop.errors import LinkError
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-__all__ = ["Link", "LinkError", "Links"]
+__all__ = ["Link", "LinkError", "Links", "link_kind"]
 
 
 log = logging.getLogger("lasthop")
@@ -31,9 +32,30 @@ class Link:
     mac: bytes
     master: int  # ifindex of the bridge it is a port of, 0 = none
     oper_up: bool = True  # operationally up (IFLA_OPERSTATE, as Links.oper_up reads it)
+    kind: abi.LinkKind = abi.LinkKind.ETHERNET  # what its frames carry (link_kind below)
 
 
 _OPER_DOWN = ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+
+# Link types (linux/if_arp.h ARPHRD_*) whose frames have no Ethernet header:
+# the data path sees IP first on them (lh_uplink_l3).
+L3_LINK_TYPES = {
+    0xFFFE: "none (tun, WireGuard, xfrm)",  # ARPHRD_NONE
+    768: "IP-in-IP",  # ARPHRD_TUNNEL
+    769: "IPv6-in-IPv6",  # ARPHRD_TUNNEL6
+    776: "sit",  # ARPHRD_SIT
+    778: "GRE",  # ARPHRD_IPGRE
+    823: "ip6gre",  # ARPHRD_IP6GRE
+}
+# IFLA_INFO_KIND of an Ethernet-typed link that is an overlay endpoint
+OVERLAY_KINDS = {"vxlan": abi.LinkKind.VXLAN, "geneve": abi.LinkKind.GENEVE}
+
+
+def link_kind(link_type: int, info_kind: str | None) -> abi.LinkKind:
+    """What a link's frames carry, from its type (ifi_type) and IFLA_INFO_KIND."""
+    if link_type in L3_LINK_TYPES:
+        return abi.LinkKind.L3
+    return OVERLAY_KINDS.get(info_kind or "", abi.LinkKind.ETHERNET)
 
 
 def _link(msg: object) -> Link:
@@ -45,7 +67,13 @@ def _link(msg: object) -> Link:
         mac=bytes.fromhex(mac.replace(":", ""))[:6].ljust(6, b"\0"),
         master=get("IFLA_MASTER") or 0,
         oper_up=(get("IFLA_OPERSTATE") or "UNKNOWN") not in _OPER_DOWN,
+        kind=link_kind(msg["ifi_type"], _info_kind(msg)),  # type: ignore[index]
     )
+
+
+def _info_kind(msg: object) -> str | None:
+    info = msg.get_attr("IFLA_LINKINFO")  # type: ignore[attr-defined]
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
 class Links:

@@ -27,6 +27,8 @@ FIGURES = [
     "reply_hit_pending",
     "uplink_refresh",
     "reply_miss",
+    "reply_hit_routed",
+    "reply_hit_l3",
     "insert_room",
     "insert_full",
     "refresh_single",
@@ -61,6 +63,14 @@ def test_every_figure_is_measured(results: datapath.Results) -> None:
     assert results.figure("reference").program == "lh_reference"
 
 
+def test_l3_reply_is_measured_against_the_ethernet_one(results: datapath.Results) -> None:
+    """The L3 uplink's reply carries its ratio to the Ethernet uplink's reply,
+    both routed and measured in the same rounds."""
+    l3, eth = results.figure("reply_hit_l3"), results.figure("reply_hit_routed")
+    assert l3.vs_ethernet == pytest.approx(l3.ns / eth.ns)
+    assert eth.vs_ethernet is None
+
+
 def test_targets_are_the_issues(results: datapath.Results) -> None:
     """Reply hits and the uplink refresh are held to the reference, the new
     connection to 1.5 us, memory to 150 B; ok follows the figure either way."""
@@ -70,10 +80,12 @@ def test_targets_are_the_issues(results: datapath.Results) -> None:
         "reply_hit_v6": datapath.Target(1.5, "reference"),
         "uplink_refresh": datapath.Target(1.5, "reference"),
         "new_connection": datapath.Target(1500.0, "ns"),
+        "reply_hit_l3": datapath.Target(1.3, "ethernet"),
     }
     for f in results.figures:
         if f.target:
-            value = f.vs_reference if f.target.of == "reference" else f.ns
+            value = {"reference": f.vs_reference, "ethernet": f.vs_ethernet}.get(f.target.of, f.ns)
+            assert value is not None
             assert f.ok == (value <= f.target.limit)
     assert results.ok == all(
         [
@@ -102,6 +114,7 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
         "vm0 REDIRECTED": 3 * packets,
         "up0 REFRESHED": packets,
         "vm0 MISS": packets,
+        "vmr0 REDIRECTED": 2 * packets,  # the routed replies: Ethernet uplink, L3 uplink
     }
     for run in ("insert_room", "insert_full"):
         assert moved[run] == {"up0 LEARNED": n, "up0 REFRESHED": n, "table PENDING_INSERTED": n}

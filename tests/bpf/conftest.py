@@ -28,6 +28,8 @@ pytest.register_assert_rewrite("bpf.harness")
 
 from .harness import Datapath, Iface  # noqa: E402
 
+FRAG_TABLE_SIZE = 64  # lh_frags in the tests: small, so a flood of fragment ids overflows it
+
 # name, MAC, role, counter slot (0: left unconfigured)
 TOPOLOGY = (
     ("up1", MAC_UPLINK_1, 1, 1),
@@ -147,7 +149,13 @@ def loaded(test_object: Path, topology: dict[str, Iface]) -> Iterator[Datapath]:
     obj = BpfObject(
         test_object,
         pin_root=None,
-        max_entries={"lh_conns4": 1024, "lh_pending4": 1024, "lh_conns": 1024, "lh_pending": 1024},
+        max_entries={
+            "lh_conns4": 1024,
+            "lh_pending4": 1024,
+            "lh_conns": 1024,
+            "lh_pending": 1024,
+            "lh_frags": FRAG_TABLE_SIZE,
+        },
     )
     try:
         yield Datapath(obj, topology)

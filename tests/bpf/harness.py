@@ -24,6 +24,7 @@ from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
     IPv6,
     IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
     IPv6ExtHdrSegmentRouting,
@@ -90,6 +91,7 @@ def _l4_ports(frame: Packet) -> tuple[int, int]:
 
 
 _SKIPPED_EXT = (
+    IPv6ExtHdrFragment,  # a first fragment's: its L4 header follows
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrDestOpt,
     IPv6ExtHdrRouting,
@@ -328,6 +330,7 @@ class Datapath:
         self.hop_moved: Map = obj.map("lh_hop_moved")
         self.scope: Map = obj.map("lh_scope")
         self.trace: Map = obj.map("lh_trace")
+        self.frags: Map = obj.map("lh_frags")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
     # set-up
@@ -335,6 +338,7 @@ class Datapath:
         for m in (
             self.conns.map4, self.conns.map6, self.pending.map4, self.pending.map6,
             self.vm_addrs, self.vm_usage, self.hops, self.hops_refused, self.hop_moved,
+            self.frags,
         ):  # fmt: skip
             for key in list(m.keys()):
                 m.delete(key)

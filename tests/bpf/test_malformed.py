@@ -276,15 +276,33 @@ ROWS = [
         ("tcp6",),
         replace_l3(lambda e: IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, nh=1) / Raw(bytes(8))),
     ),
-    # fragments: no ports to key on
-    Bad("IPv4 first fragment (MF set)", ("tcp4", "udp4"), set_ip(flags="MF"), (C.FRAGMENT,)),
-    Bad("IPv4 later fragment (offset set)", ("udp4",), set_ip(frag=185), (C.FRAGMENT,)),
-    Bad("IPv6 fragment header", ("tcp6",), ext6(IPv6ExtHdrFragment(m=1)), (C.FRAGMENT,)),
+    # later fragments (no ports to key on) whose first fragment was never seen
+    # (test_frag.py has the ones that follow it)
+    Bad("IPv4 later fragment (offset set)", ("udp4",), set_ip(frag=185), (C.FRAGMENT_EARLY,)),
     Bad(
-        "IPv6 fragment header after hop-by-hop",
+        "IPv6 later fragment after hop-by-hop",
         ("tcp6",),
         ext6(IPv6ExtHdrHopByHop(), IPv6ExtHdrFragment(offset=10)),
-        (C.FRAGMENT, C.IPV6_EXT),
+        (C.FRAGMENT_EARLY, C.IPV6_EXT),
+    ),
+    Bad(
+        "IPv6 fragment header cut short",
+        ("tcp6",),
+        replace_l3(lambda e: IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1, nh=44) / Raw(b"\x06\x00\x00")),
+    ),
+    Bad(
+        "two IPv6 fragment headers",
+        ("tcp6",),
+        ext6(IPv6ExtHdrFragment(m=1, id=7), IPv6ExtHdrFragment(m=1, id=7)),
+    ),
+    Bad(
+        "IPv4 first fragment too short for its TCP header",
+        ("tcp4",),
+        lambda f: (
+            Ether(bytes(f)[:14])
+            / IP(src=f[IP].src, dst=f[IP].dst, flags="MF", proto=6)
+            / Raw(bytes(f[TCP])[:8])
+        ),
     ),
     # not IP
     Bad(

@@ -13,14 +13,18 @@ kernel reports in PACKET_AUXDATA is put back into the captured frame.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from scapy.layers.l2 import Ether
+from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet
 
 from lasthop import abi
@@ -28,6 +32,7 @@ from lasthop.libbpf import INGRESS, BpfObject, TcHook
 from packets import (
     MAC_FW_B,
     MAC_UPLINK_1,
+    MAC_VM_1,
     MAC_VMPORT_1,
     VLAN_C,
     VLAN_S,
@@ -234,3 +239,86 @@ def test_short_ip_headers_pass_counted(wire: Wire, row) -> None:  # type: ignore
         assert deltas == {("wup", C.MALFORMED): 1, ("wvm", C.MALFORMED): 1}
         assert dp.table() == {Key(conn).pack(): view(entry)}
         dp.conns.delete(Key(conn).pack())
+
+
+def _to_vm1(frame: Packet) -> bytes:
+    """What the bridge gives VM 1 of a tagged frame: no tag, the guest's MAC."""
+    e = Ether(bytes(frame))
+    payload = e.payload
+    while isinstance(payload, (Dot1Q, Dot1AD)):
+        payload = payload.payload
+    return bytes(Ether(src=e.src, dst=MAC_VM_1, type=payload_type(e)) / payload)
+
+
+def payload_type(e: Packet) -> int:
+    layer = e
+    while isinstance(layer.payload, (Dot1Q, Dot1AD)):
+        layer = layer.payload
+    return int(layer.type)
+
+
+def _pinned(request: Packet, vm: str, tcis: tuple[int, ...], ad: int) -> Entry:
+    return Entry(Key(request), mac=MAC_FW_B, iface="wup", vm=vm, packets=1, vlans=tcis,
+                 flags=abi.F_ENTRY_HOP_KNOWN | ad, state=abi.State.TCP_ESTABLISHED)  # fmt: skip
+
+
+@pytest.mark.parametrize(("tags", "tcis", "ad"), TAGS[1:])
+def test_service_frame_reaches_a_veth_vm_untagged(wire: Wire, tags, tcis, ad) -> None:  # type: ignore[no-untyped-def]
+    """A tagged request of a connection pinned to the VM port (a service's)
+    leaves the VM port with no tag in the frame and none in the skb's VLAN
+    metadata (the capture puts a metadata tag back into what it compares)."""
+    dp = wire.dp
+    dp.reset()
+    dp.configure("wvm", vm_mac=MAC_VM_1)
+    request = tcp4_request("A")
+    dp.put(_pinned(request, "wvm", tcis, ad))
+    capture = Capture("wvmp")
+    try:
+        wire.send("wupp", tagged(request, tags))
+        capture.expect(_to_vm1(tagged(request, tags)))
+    finally:
+        capture.close()
+
+
+def test_service_frame_reaches_a_tap_vm_untagged(wire: Wire, test_netns: TestNetns) -> None:
+    """The same through a tap, as a guest reads it from the tap's file: the
+    tap would write a metadata tag into the frame (8100 a064 ...), so no tag
+    may be left anywhere."""
+    dp = wire.dp
+    dp.reset()
+    fd = _open_tap("wtap")
+    try:
+        index = socket.if_nametoindex("wtap")
+        with_tap = {**dp.ifaces, "wtap": Iface("wtap", index, MAC_VMPORT_1, abi.Role.VM_PORT, 4)}
+        dp.ifaces, dp.by_index = with_tap, {**dp.by_index, index: "wtap"}
+        dp.slots["wtap"] = 4
+        dp.configure("wtap", vm_mac=MAC_VM_1)
+        tags, tcis = (dot1ad(VLAN_S), dot1q(VLAN_C)), (tci(VLAN_S), tci(VLAN_C))
+        request = tcp4_request("A")
+        dp.put(_pinned(request, "wtap", tcis, abi.F_ENTRY_OUTER_8021AD))
+        wire.send("wupp", tagged(request, tags))
+        want, seen = _to_vm1(tagged(request, tags)), []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            got = os.read(fd, 65535)
+            if got == want:
+                return
+            seen.append(Ether(got).summary())
+        raise AssertionError(
+            f"the tap's guest read {seen or 'nothing'}, not {Ether(want).summary()}"
+        )
+    finally:
+        os.close(fd)  # the tap goes with it
+        dp.ifaces = {k: v for k, v in dp.ifaces.items() if k != "wtap"}
+        dp.slots.pop("wtap", None)
+
+
+def _open_tap(name: str) -> int:
+    """A tap device (Ethernet frames, no packet information header), up; its fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", name.encode(), 0x0002 | 0x1000))  # TUNSETIFF
+    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    return fd

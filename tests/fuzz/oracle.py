@@ -80,6 +80,7 @@ class Reading:
     echo_request: bool = False
     quoted: Key | None = None  # an ICMP error's quoted packet, when it is one
     quoted_reason: abi.Counter | None = None
+    fragment: bool = False  # a first fragment: its UDP length covers more than it holds
 
 
 def _addr4(raw: str) -> bytes:
@@ -136,11 +137,12 @@ def _ipv4(r: Reading, data: bytes, off: int, gso: bool) -> tuple[int, int, int] 
         total = n - off  # BIG TCP GRO: to the frame's end
     if ip.version != 4 or hlen < 20 or total < hlen or off + total > n:
         return _none(r, C.MALFORMED)
-    if ip.flags.MF or ip.frag:
-        return _none(r, C.FRAGMENT)
     if hlen > 20:
         r.notes.add(C.IP_OPTIONS)
     r.key = Key(4, _addr4(ip.src), _addr4(ip.dst), 0, 0, ip.proto)
+    if ip.frag:  # a later fragment: its first one was never seen (cases stand alone)
+        return _none(r, C.FRAGMENT_EARLY)
+    r.fragment = bool(ip.flags.MF)  # a first fragment is parsed on as any packet
     return ip.proto, off + hlen, off + total
 
 
@@ -158,8 +160,6 @@ def _ipv6(r: Reading, data: bytes, off: int, gso: bool) -> tuple[int, int, int] 
     r.key = Key(6, _addr6(ip6.src), _addr6(ip6.dst), 0, 0, 0)
     nh, pos = ip6.nh, off + 40
     for _ in range(MAX_EXT):
-        if nh == EXT_FRAGMENT:
-            return _none(r, C.FRAGMENT)
         if nh not in EXT_SKIPPED:
             break
         if pos + 2 > end:
@@ -174,6 +174,14 @@ def _ipv6(r: Reading, data: bytes, off: int, gso: bool) -> tuple[int, int, int] 
             return _none(r, C.MALFORMED)
         r.notes.add(C.IPV6_EXT)
         nh, pos = nxt, pos + size
+    if nh == EXT_FRAGMENT:  # one fragment header, after the skipped ones
+        if pos + 8 > end:
+            return _none(r, C.MALFORMED)
+        nxt, off = data[pos], struct.unpack("!H", data[pos + 2 : pos + 4])[0]
+        nh, pos = nxt, pos + 8
+        if off & 0xFFF8:  # a later fragment, its first never seen
+            return _none(r, C.FRAGMENT_EARLY)
+        r.fragment = bool(off & 1)  # offset 0 and M clear: an atomic fragment, a whole datagram
     if nh in EXT_SKIPPED or nh == EXT_FRAGMENT:
         return _none(r, C.MALFORMED)  # more extension headers than are skipped
     r.key = Key(6, r.key.saddr, r.key.daddr, 0, 0, nh)
@@ -203,7 +211,8 @@ def _l4(r: Reading, data: bytes, proto: int, pos: int, end: int) -> None:
         if room < 8:
             return _fail_l4(r, C.MALFORMED)
         uh = UDP(data[pos : pos + 8])
-        if uh.len < 8 or uh.len > room:  # strict: as the kernel's udp_rcv
+        # strict: as the kernel's udp_rcv (a first fragment holds only the start)
+        if uh.len < 8 or (uh.len > room and not r.fragment):
             return _fail_l4(r, C.MALFORMED)
         r.key = Key(k.family, k.saddr, k.daddr, uh.sport, uh.dport, proto)
     elif proto in (1, 58):

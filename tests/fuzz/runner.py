@@ -150,6 +150,7 @@ class Fuzzer:
         )
         self.maps = datapath.Maps({n: self.obj.map(n) for n in datapath.MAP_NAMES})
         self.trace = self.obj.map("lh_trace")
+        self.frags = self.obj.map("lh_frags")  # emptied after each case: cases stand alone
         self.progs = {p: self.obj.program(p) for p in PROGRAMS}
         self.clock_prog = self.obj.program("lh_clock")
         self.up = oracle.Port(up, SLOT_UP, ZONE)
@@ -331,6 +332,8 @@ class Fuzzer:
                 t.delete(full)
         if redirect:
             self.trace.update(struct.pack("<I", 0), struct.pack("<I", 0))
+        for frag_key in list(self.frags.keys()):  # a first fragment's decision
+            self.frags.delete(frag_key)
 
     def _cleanup(self) -> None:
         for t in self.maps.tables():

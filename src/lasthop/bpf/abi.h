@@ -62,7 +62,27 @@ struct iface_cfg {
 	__u8  flags;            /* F_IFACE_* */
 	__u16 slot;             /* counter slot, 1 .. MAX_IFACES - 1 */
 	__u8  vm_mac[ETH_ALEN]; /* VM port: the guest's MAC, valid with F_IFACE_VM_MAC */
-	__u16 reserved;
+	__u8  link_kind;        /* enum lh_link_kind */
+	__u8  reserved;
+};
+
+/* lh_frags key: one fragmented datagram, as its IP header names it
+ * (addresses as read, not reversed: each direction has its own). */
+struct frag_key {
+	__u32 saddr[4]; /* network order, IPv4 in word 0 */
+	__u32 daddr[4];
+	__u32 id;       /* IPv4 identification (16 bits) or IPv6 fragment id, network order */
+	__u8  proto;    /* IPv4 protocol, or the IPv6 fragment header's next header */
+	__u8  family;   /* FAMILY_V4 or FAMILY_V6 */
+	__u16 zone;     /* routing domain of the interface, host order */
+};
+
+/* lh_frags value: what the datagram's first fragment did. */
+struct frag_entry {
+	__u8  verdict;          /* enum lh_frag_verdict */
+	__u8  reserved[3];
+	__u32 vm_ifindex;       /* FRAG_TO_VM: the VM port */
+	struct conn_entry hop;  /* FRAG_TO_HOP: a copy of the connection's entry (its last hop) */
 };
 
 /* lh_vm_addrs key: an address a VM port may open connections from. */
@@ -207,6 +227,8 @@ struct lh_abi_enums {
 	enum lh_change_kind    change_kind;
 	enum lh_change_table   change_table;
 	enum lh_scope_action   scope_action;
+	enum lh_link_kind      link_kind;
+	enum lh_frag_verdict   frag_verdict;
 	struct conn_change     change; /* lh_changes has no key or value type to carry it */
 	struct svc_walk        svc_walk; /* lh_svc_walk's frame: no map carries it */
 };

@@ -45,6 +45,9 @@ enum lh_const {
 	/* Bytes of the lh_changes ring buffer (a power of 2, whole pages): about
 	 * 48,000 change records between two reads of the agent. */
 	CHANGES_RING_SIZE = 1 << 22,
+	/* Fragmented datagrams whose first fragment's decision is remembered
+	 * (lh_frags, an LRU): what later fragments follow. */
+	FRAG_TABLE_SIZE  = 8192,
 	/* VM ports one run of lh_svc_walk looks for (struct svc_walk). */
 	SVC_WALK_IFACES = 16,
 };
@@ -74,6 +77,23 @@ enum lh_role {
 	ROLE_NONE    = 0,
 	ROLE_UPLINK  = 1,
 	ROLE_VM_PORT = 2,
+};
+
+/* What an interface carries (lh_ifaces value .link_kind), from its link
+ * type: the agent reads it from the kernel. Python mirror: lasthop.abi.LinkKind. */
+enum lh_link_kind {
+	LINK_ETHERNET = 0,
+	LINK_VXLAN = 1,
+	LINK_GENEVE = 2,
+	LINK_L3 = 3, /* no Ethernet header: tun, WireGuard, xfrm, GRE, IP-in-IP */
+};
+
+/* What the first fragment of a datagram did (frag_entry .verdict): the
+ * later fragments, which carry no ports, do the same. */
+enum lh_frag_verdict {
+	FRAG_PASSED = 0, /* left to the host */
+	FRAG_TO_VM  = 1, /* sent to VM port frag_entry .vm_ifindex */
+	FRAG_TO_HOP = 2, /* sent to the last hop frag_entry .hop */
 };
 
 /* lh_ifaces value .flags */
@@ -192,7 +212,7 @@ enum lh_counter {
 	CNT_MISS                = 4,  /* reply with no entry: left to ordinary routing */
 	CNT_NOT_IP              = 5,  /* not IPv4/IPv6 (ARP, LLDP, ...): passed */
 	CNT_MALFORMED           = 6,  /* truncated header or bad length: passed */
-	CNT_FRAGMENT            = 7,  /* IP fragment (no ports to key on): passed */
+	CNT_FRAGMENT            = 7,  /* later IP fragment whose first one was passed: passed too */
 	CNT_ICMP_ERROR_REDIRECTED = 8, /* ICMP error sent along its connection's last hop */
 	CNT_ICMP_ERROR_MISS     = 9,  /* ICMP error about no known connection: passed */
 	CNT_ICMP_OTHER          = 10, /* ICMP neither echo nor error (ND, router adv.): passed */
@@ -226,7 +246,12 @@ enum lh_counter {
 	CNT_RST_UNKNOWN         = 38, /* TCP RST of no known connection: nothing to remember */
 	CNT_HOP_DOWN            = 39, /* reply whose last hop's uplink link is down: left to routing */
 	CNT_HOP_UNTRUSTED       = 40, /* uplink frame from a MAC its list refuses: not learned, passed */
-	/* 41..44: overlay; 45..47: L3 uplinks, fragments, ICMP errors */
+	/* 41..44: overlay */
+	CNT_FRAGMENT_FOLLOWED   = 45, /* later fragment sent where its datagram's first one went */
+	CNT_FRAGMENT_EARLY      = 46, /* later fragment, its first one not seen (out of order,
+				       * or forgotten by the LRU): passed */
+	CNT_ICMP_ERROR_FORWARDED = 47, /* uplink ICMP error about a connection no VM port holds:
+					* left to the bridge or routing, which reach its VM */
 	CNT_HOP_FOLLOWED        = 48, /* reply whose last hop had moved (failover): entry and frame
 				       * sent to the hop's new MAC (counted besides the redirect) */
 	CNT_SCOPE_PASSED        = 49, /* new connection a scope rule passes: not learned, passed */

@@ -16,6 +16,7 @@
 #include "service.h"
 #include "conntrack.h"
 #include "expire.h"
+#include "frag.h"
 #include "svc_walk.h"
 #include "failover.h"
 #include "scope.h"
@@ -169,8 +170,8 @@ static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
 	struct iface_cfg *vmc = iface_get(vm, ROLE_VM_PORT);
 	int routed, ret;
 
-	if (!eth)
-		return TC_ACT_OK;
+	if (!eth || p->l3_link)
+		return TC_ACT_OK; /* from an L3 link: the host routes it */
 	routed = vmc && (vmc->flags & F_IFACE_ROUTED);
 	if (!vmc || !(settings & F_SET_FAST_PATH) ||
 	    (vmc->flags & (F_IFACE_VM_DOWN | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC ||
@@ -287,29 +288,36 @@ static __always_inline int hop_trusted(const struct iface_cfg *up, __u32 ifindex
 }
 
 /* Learns or refreshes the connection of an uplink packet and decides where it
- * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT. */
+ * goes: TC_ACT_OK (the host forwards it), a redirect to a VM, or TC_ACT_SHOT.
+ * l3: an L3 link's packet (a constant: see uplink_main), whose last hop is
+ * the link alone. */
 static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
-				       const struct iface_cfg *up, struct outcome *o)
+				       const struct iface_cfg *up, struct outcome *o, int l3)
 {
-	struct ethhdr *eth = eth_of(skb);
+	struct ethhdr *eth = eth_of(skb); /* on an L3 link: not a MAC header, unused */
+	__u8 no_mac[8] __attribute__((aligned(8))) = {}; /* an L3 link's last hop: the link */
 	__u32 settings = settings_flags();
+	const __u8 *src = no_mac;
 	struct conn_entry *e;
 	int pending, confirmed, ret;
 	__u8 state;
 
-	if (!eth) {
-		o->reason = CNT_MALFORMED;
-		return TC_ACT_OK;
-	}
-	/* a bridge port also sees floods and multicast: only unicast can be a request */
-	if (eth->h_dest[0] & 1) {
-		o->reason = CNT_NOT_UNICAST;
-		return TC_ACT_OK;
-	}
-	/* an untrusted host on the segment neither opens nor takes over a connection */
-	if (!hop_trusted(up, skb->ifindex, eth->h_source)) {
-		o->reason = CNT_HOP_UNTRUSTED;
-		return TC_ACT_OK;
+	if (!l3) {
+		if (!eth) {
+			o->reason = CNT_MALFORMED;
+			return TC_ACT_OK;
+		}
+		/* a bridge port also sees floods and multicast: only unicast can be a request */
+		if (eth->h_dest[0] & 1) {
+			o->reason = CNT_NOT_UNICAST;
+			return TC_ACT_OK;
+		}
+		/* an untrusted host on the segment neither opens nor takes over a connection */
+		if (!hop_trusted(up, skb->ifindex, eth->h_source)) {
+			o->reason = CNT_HOP_UNTRUSTED;
+			return TC_ACT_OK;
+		}
+		src = eth->h_source;
 	}
 	e = conn_lookup(p, &pending);
 	if (e && (e->flags & F_ENTRY_VM_ORIGIN) && is_pure_syn(p)) {
@@ -317,10 +325,10 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 		e = NULL;
 	}
 	if (!e)
-		return uplink_new(skb, p, eth->h_source, settings, o);
+		return uplink_new(skb, p, src, settings, o);
 	state = e->state;
 	confirmed = conn_track(e, p, !(e->flags & F_ENTRY_VM_ORIGIN));
-	ret = uplink_known(skb, p, e, up, eth->h_source, settings, o);
+	ret = uplink_known(skb, p, e, up, src, settings, o);
 	if (confirmed && pending)
 		o->table = conn_promote(&p->key, e);
 	else if ((settings & F_SET_SYNC) && o->reason == CNT_REFRESHED && e->state == state)
@@ -328,7 +336,67 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 	return ret;
 }
 
-static __always_inline int uplink_main(struct __sk_buff *skb)
+/* The key of the connection an ICMP error quotes a packet of, as quoted:
+ * from a VM, the request as it arrived (no reversal); from an uplink, a
+ * packet that left (the caller reverses it). */
+static __always_inline int icmp_error_key(struct pkt *p, struct cursor *c)
+{
+	struct conn_key quoted = {};
+	int err = parse_quoted(c, p, &quoted);
+
+	if (err)
+		return err;
+	quoted.zone = p->key.zone;
+	p->key = quoted;
+	return 0;
+}
+
+/* An ICMP error from outside (a router beyond the firewall: "fragmentation
+ * needed", "packet too big") about a packet that left: it goes to the VM port
+ * that holds the connection (a service's, a VM-opened one, the fast path's),
+ * so path-MTU discovery works for a VM behind a service. A connection no VM
+ * port holds is left to the bridge or routing, which deliver it by address.
+ * Returns the verdict | the counter << 8. A global function, verified once
+ * (not on every path lh_uplink's parser leaves): it takes the packet as
+ * offsets -- of the IP header and of the quote -- and meta = zone | tags
+ * << 16 | l3_link << 18 | family << 24. */
+__noinline int uplink_icmp_error(struct __sk_buff *skb, __u32 l3_off, __u32 l3_len,
+				 __u32 quote_off, __u32 meta)
+{
+	struct iface_cfg *vm;
+	struct conn_entry *e;
+	struct pkt q = {};
+	struct cursor c;
+	int pending, ret;
+
+	if (!skb || l3_off > PULL_LEN || quote_off > PULL_LEN)
+		return CNT_ICMP_ERROR_MISS << 8;
+	q.l3 = (void *)(long)skb->data + l3_off;
+	q.l3_off = l3_off;
+	q.l3_len = l3_len;
+	q.key.zone = meta & 0xffff;
+	q.vlan_count = meta >> 16 & 3;
+	q.l3_link = meta >> 18 & 1;
+	c.pos = (void *)(long)skb->data + quote_off;
+	c.end = (void *)(long)skb->data_end;
+	if (icmp_error_key(&q, &c) < 0 || q.key.family != (meta >> 24 & 0xff))
+		return CNT_ICMP_ERROR_MISS << 8; /* unreadable, or ICMPv4 quoting IPv6 */
+	conn_key_reverse(&q.key); /* the quote left the host: a reply's direction */
+	e = conn_lookup(&q, &pending);
+	if (!e)
+		return CNT_ICMP_ERROR_MISS << 8;
+	vm = iface_get(e->vm_ifindex, ROLE_VM_PORT);
+	if (!e->vm_ifindex || !vm || (vm->flags & F_IFACE_VM_DOWN))
+		return CNT_ICMP_ERROR_FORWARDED << 8;
+	ret = send_to_vm(skb, &q, e->vm_ifindex);
+	if (ret < 0)
+		return CNT_ICMP_ERROR_FORWARDED << 8;
+	return CNT_ICMP_ERROR_REDIRECTED << 8 | ret;
+}
+
+/* l3: the uplink is an L3 link (no Ethernet header): a constant of each
+ * entry point, so each is verified with its own kind of frame only. */
+static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
 	struct outcome o = { .svc = -1, .table = -1 };
@@ -340,18 +408,31 @@ static __always_inline int uplink_main(struct __sk_buff *skb)
 		count(0, CNT_NO_IFACE);
 		return TC_ACT_OK;
 	}
+	p.l3_link = l3;
 	o.reason = parse_packet(skb, &p, &c);
+	p.key.zone = cfg->zone;
 	if (o.reason < 0) {
 		o.reason = -o.reason;
+		if (p.frag_later)
+			ret = frag_follow_to_vm(skb, &p, &o.reason);
 		goto out;
 	}
-	/* ICMP errors and neighbour discovery from outside are not connections */
-	if (p.icmp_kind == ICMP_KIND_OTHER || p.icmp_kind == ICMP_KIND_ERROR) {
-		o.reason = p.icmp_kind == ICMP_KIND_OTHER ? CNT_ICMP_OTHER : CNT_ICMP_ERROR_MISS;
+	/* neighbour discovery from outside is no connection */
+	if (p.icmp_kind == ICMP_KIND_OTHER) {
+		o.reason = CNT_ICMP_OTHER;
 		goto out;
 	}
-	p.key.zone = cfg->zone;
-	ret = uplink_conn(skb, &p, cfg, &o);
+	if (p.icmp_kind == ICMP_KIND_ERROR) {
+		ret = uplink_icmp_error(skb, p.l3_off, p.l3_len, c.pos - (void *)(long)skb->data,
+					p.key.zone | p.vlan_count << 16 | l3 << 18 |
+					p.key.family << 24);
+		o.reason = ret >> 8;
+		ret &= 0xff;
+	} else {
+		ret = uplink_conn(skb, &p, cfg, &o, l3);
+	}
+	if (p.frag && p.icmp_kind != ICMP_KIND_ERROR)
+		frag_remember(&p, ret, 1); /* a first fragment: the later ones follow it */
 out:
 	count_outcome(cfg->slot, &p, &o);
 	return ret;
@@ -360,21 +441,15 @@ out:
 SEC("tc")
 int lh_uplink(struct __sk_buff *skb)
 {
-	return uplink_main(skb);
+	return uplink_main(skb, 0);
 }
 
-/* An ICMP error a VM sends about a connection: the key is the quoted packet
- * (the request, as it arrived), so no reversal. */
-static __always_inline int icmp_error_key(struct pkt *p, struct cursor *c)
+/* lh_uplink for an L3 link (link_kind LINK_L3: tun, WireGuard, xfrm, GRE,
+ * IP-in-IP): the frame starts at its IP header, the last hop is the link. */
+SEC("tc")
+int lh_uplink_l3(struct __sk_buff *skb)
 {
-	struct conn_key quoted = {};
-	int err = parse_quoted(c, p, &quoted);
-
-	if (err)
-		return err;
-	quoted.zone = p->key.zone;
-	p->key = quoted;
-	return 0;
+	return uplink_main(skb, 1);
 }
 
 /* May VM port ifindex open a connection from the (reversed) key's daddr?
@@ -596,13 +671,17 @@ static __always_inline int vmport_main(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	o.reason = parse_packet(skb, &p, &c);
+	p.key.zone = cfg->zone;
 	if (o.reason < 0) {
 		o.reason = -o.reason;
+		if (p.frag_later)
+			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason);
 		goto out;
 	}
 	vm_mac_learn(skb, cfg);
-	p.key.zone = cfg->zone;
 	ret = vmport_conn(skb, &p, &c, cfg, &o);
+	if (p.frag && p.icmp_kind == ICMP_KIND_NONE)
+		frag_remember(&p, ret, 0); /* its key reversed: not for an ICMP error's quote */
 out:
 	count_outcome(cfg->slot, &p, &o);
 	return ret;
@@ -690,8 +769,8 @@ int lh_uplink_out(struct __sk_buff *skb)
 	struct cursor c;
 	int reason, ret;
 
-	if (!cfg || !maybe_icmp(skb))
-		return TC_ACT_OK;
+	if (!cfg || cfg->link_kind == LINK_L3 || !maybe_icmp(skb))
+		return TC_ACT_OK; /* an L3 link's frames have no MAC to choose */
 	reason = parse_packet(skb, &p, &c);
 	if (reason < 0 || p.icmp_kind != ICMP_KIND_ERROR)
 		return TC_ACT_OK;
@@ -878,7 +957,7 @@ static __always_inline void bench_step(struct __sk_buff *skb, __u32 off)
 SEC("tc")
 int lh_bench_uplink(struct __sk_buff *skb)
 {
-	int ret = uplink_main(skb);
+	int ret = uplink_main(skb, 0);
 
 	bench_step(skb, BENCH_SADDR_OFF);
 	return ret;
@@ -890,6 +969,25 @@ int lh_bench_vmport(struct __sk_buff *skb)
 	int ret = vmport_main(skb);
 
 	bench_step(skb, BENCH_DADDR_OFF);
+	return ret;
+}
+
+/* lh_vmport on a routed reply, its IPv4 TTL and checksum put back after each
+ * run (untagged frame), so `repeat` runs see the same packet, not one whose
+ * TTL runs out. */
+#define BENCH_TTL_OFF 22 /* Ethernet 14 + offsetof(struct iphdr, ttl) */
+
+SEC("tc")
+int lh_bench_vmport_ttl(struct __sk_buff *skb)
+{
+	__u16 ttl_word = 0, check = 0;
+	int ret;
+
+	bpf_skb_load_bytes(skb, BENCH_TTL_OFF, &ttl_word, 2);
+	bpf_skb_load_bytes(skb, BENCH_TTL_OFF + 2, &check, 2);
+	ret = vmport_main(skb);
+	bpf_skb_store_bytes(skb, BENCH_TTL_OFF, &ttl_word, 2, 0);
+	bpf_skb_store_bytes(skb, BENCH_TTL_OFF + 2, &check, 2, 0);
 	return ret;
 }
 

@@ -112,6 +112,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_hops_refused SEC(".maps");
 
+/* A fragmented datagram (addresses, protocol, IP id) -> what its first
+ * fragment did, for the later ones (frag.h). An LRU of its own: a flood of
+ * fragment ids evicts only other fragments' state, never a connection. Not
+ * pinned: a datagram in flight across an agent upgrade is all it loses. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FRAG_TABLE_SIZE);
+	__type(key, struct frag_key);
+	__type(value, struct frag_entry);
+} lh_frags SEC(".maps");
+
 /* VM port ifindex -> the entries it opened (its quota's use); an element
  * appears when the port first opens one. */
 struct {

@@ -20,6 +20,8 @@
 #define ETH_P_8021AD_ 0x88A8
 #define IP_MF_        0x2000
 #define IP_OFFSET_    0x1FFF
+#define IP6_OFFSET_   0xFFF8 /* IPv6 fragment header: offset, in 8-byte units, above 3 flag bits */
+#define IP6_MF_       0x0001
 #define TCP_FLAG_FIN_ 0x01
 #define TCP_FLAG_SYN_ 0x02
 #define TCP_FLAG_RST_ 0x04
@@ -54,6 +56,16 @@ struct pkt {
 	__u16 l3_off;       /* offset of the IP header from the frame start */
 	__u32 l3_len;       /* the datagram's length as its IP header states it */
 	void *l3;           /* the IP header (valid until the packet changes) */
+	/* Fragments: frag != 0 for any fragment, frag_later != 0 for one after
+	 * the first (no L4 header: the key holds addresses and protocol only).
+	 * Both keep the header's bits as read, not 0/1: the verifier then
+	 * tracks no constant through the rest of the program, so fragments
+	 * do not double its states. */
+	__u16 frag;         /* IPv4 MF and offset, or IPv6 offset and M, as read */
+	__u16 frag_later;   /* the offset bits alone */
+	__u8  frag_proto;   /* fragment: IPv4 protocol, or the fragment header's next header */
+	__u8  l3_link;      /* no Ethernet header: the frame arrived on an L3 link (set before parsing) */
+	__u32 frag_id;      /* fragment: IPv4 identification or IPv6 fragment id, network order */
 };
 
 /* The frame's Ethernet header, or NULL when the frame is shorter. */
@@ -105,8 +117,9 @@ static __always_inline int parse_eth(struct cursor *c, struct pkt *p)
 	return proto;
 }
 
-/* IPv4: checks IHL and total length against the frame; options are skipped,
- * fragments refused (no ports to key on). Returns the L4 protocol. */
+/* IPv4: checks IHL and total length against the frame; options are skipped.
+ * A later fragment (no ports to key on) returns -CNT_FRAGMENT with the
+ * addresses in the key. Returns the L4 protocol. */
 static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, struct __sk_buff *skb)
 {
 	struct iphdr *ip = c->pos;
@@ -122,8 +135,6 @@ static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, struct __
 		tot = frame_len - off;
 	if (ip->version != 4 || hlen < sizeof(*ip) || tot < hlen || off + tot > frame_len)
 		return -CNT_MALFORMED;
-	if (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_))
-		return -CNT_FRAGMENT;
 	if (c->pos + hlen > c->end)
 		return -CNT_MALFORMED;
 	p->ip_options = hlen > sizeof(*ip);
@@ -133,16 +144,47 @@ static __always_inline int parse_ipv4(struct cursor *c, struct pkt *p, struct __
 	p->key.saddr[0] = ip->saddr;
 	p->key.daddr[0] = ip->daddr;
 	c->pos += hlen;
+	/* a fragment: the first carries the ports, the later ones follow it (frag.h) */
+	p->frag = ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_);
+	if (p->frag) {
+		p->frag_later = ip->frag_off & bpf_htons(IP_OFFSET_);
+		p->frag_proto = ip->protocol;
+		p->frag_id = ip->id;
+		if (p->frag_later)
+			return -CNT_FRAGMENT;
+	}
 	return ip->protocol;
 }
 
+/* The IPv6 fragment header (RFC 8200 4.5): one per packet. Returns the next
+ * header; fills p's fragment fields unless it is an atomic fragment (offset
+ * 0, no more: a whole datagram, handled as one). */
+static __always_inline int parse_frag6(struct cursor *c, struct pkt *p)
+{
+	struct { __u8 next; __u8 reserved; __be16 off; __be32 id; } *fh = c->pos;
+
+	if ((void *)(fh + 1) > c->end || !in_datagram(c, p, sizeof(*fh)))
+		return -CNT_MALFORMED;
+	if (p->frag)
+		return -CNT_MALFORMED; /* a second fragment header */
+	c->pos = fh + 1;
+	p->frag = fh->off & bpf_htons(IP6_OFFSET_ | IP6_MF_);
+	if (!p->frag)
+		return fh->next;
+	p->frag_later = fh->off & bpf_htons(IP6_OFFSET_);
+	p->frag_proto = fh->next;
+	p->frag_id = fh->id;
+	return fh->next;
+}
+
 /* IPv6: checks the payload length, skips hop-by-hop, routing, destination
- * options and AH headers; refuses fragments. Returns the L4 protocol. */
+ * options and AH headers, then a fragment header (a later fragment stops
+ * there: no L4). Returns the L4 protocol. */
 static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, struct __sk_buff *skb)
 {
 	struct ipv6hdr *ip6 = c->pos;
 	__u32 off = p->l3_off, plen, frame_len = skb->len;
-	__u8 next;
+	int next;
 
 	if ((void *)(ip6 + 1) > c->end)
 		return -CNT_MALFORMED;
@@ -167,8 +209,6 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, struct __
 		struct { __u8 next; __u8 len; } *ext = c->pos;
 		__u32 len;
 
-		if (next == IPPROTO_FRAGMENT)
-			return -CNT_FRAGMENT;
 		if (next != IPPROTO_HOPOPTS && next != IPPROTO_ROUTING &&
 		    next != IPPROTO_DSTOPTS && next != IPPROTO_AH)
 			break;
@@ -181,9 +221,18 @@ static __always_inline int parse_ipv6(struct cursor *c, struct pkt *p, struct __
 		next = ext->next;
 		c->pos += len;
 	}
+	/* the fragment header, once, after the others (outside the loop: one
+	 * more branch per extension header costs the verifier dearly) */
+	if (next == IPPROTO_FRAGMENT) {
+		next = parse_frag6(c, p);
+		if (next < 0)
+			return next;
+		if (p->frag_later)
+			return -CNT_FRAGMENT;
+	}
 	if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
 	    next == IPPROTO_AH || next == IPPROTO_FRAGMENT)
-		return -CNT_MALFORMED; /* more extension headers than we skip */
+		return -CNT_MALFORMED; /* more extension headers than we skip (or some after a fragment header) */
 	p->key.proto = next;
 	return next;
 }
@@ -234,8 +283,9 @@ static __always_inline int parse_l4(struct cursor *c, struct pkt *p)
 			return -CNT_MALFORMED;
 		/* strict: the UDP length covers its own header and stays inside the
 		 * datagram (shorter is allowed: the kernel's udp_rcv trims the rest) */
-		if (bpf_ntohs(uh->len) < sizeof(*uh) || !in_datagram(c, p, bpf_ntohs(uh->len)))
-			return -CNT_MALFORMED;
+		if (bpf_ntohs(uh->len) < sizeof(*uh) ||
+		    (!p->frag && !in_datagram(c, p, bpf_ntohs(uh->len))))
+			return -CNT_MALFORMED; /* a first fragment holds only the start of it */
 		p->key.sport = uh->source;
 		p->key.dport = uh->dest;
 		return 0;
@@ -316,7 +366,8 @@ static __always_inline int parse_quoted(struct cursor *c, const struct pkt *p,
 	return 0;
 }
 
-/* Parses the frame at skb into p. Returns 0 or a negative reason to pass. */
+/* Parses the frame at skb into p (from its IP header when the caller set
+ * p->l3_link). Returns 0 or a negative reason to pass. */
 static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p, struct cursor *c)
 {
 	__u32 linear = skb->data_end - skb->data;
@@ -334,7 +385,8 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p, st
 		p->outer_ad = skb->vlan_proto == bpf_htons(ETH_P_8021AD_);
 		p->vlan_count = 1;
 	}
-	proto = parse_eth(c, p);
+	/* an L3 link (p->l3_link, the caller's): no Ethernet header, the family in skb->protocol */
+	proto = p->l3_link ? bpf_ntohs(skb->protocol) : parse_eth(c, p);
 	if (proto < 0)
 		return proto;
 	p->l3 = c->pos;
@@ -349,3 +401,4 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt *p, st
 		return proto;
 	return parse_l4(c, p);
 }
+

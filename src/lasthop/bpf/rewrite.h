@@ -23,7 +23,7 @@ static __always_inline int rewrite_ttl(struct pkt *p, void *data_end)
 		struct iphdr *ip = p->l3;
 		__u32 check;
 
-		if ((void *)(ip + 1) > data_end)
+		if (!ip || (void *)(ip + 1) > data_end) /* !ip: never parsed that far */
 			return -CNT_MALFORMED;
 		if (ip->ttl <= 1)
 			return -CNT_TTL_EXPIRED;
@@ -34,7 +34,7 @@ static __always_inline int rewrite_ttl(struct pkt *p, void *data_end)
 	} else {
 		struct ipv6hdr *ip6 = p->l3;
 
-		if ((void *)(ip6 + 1) > data_end)
+		if (!ip6 || (void *)(ip6 + 1) > data_end) /* !ip6: never parsed that far */
 			return -CNT_MALFORMED;
 		if (ip6->hop_limit <= 1)
 			return -CNT_TTL_EXPIRED;
@@ -54,6 +54,44 @@ static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn
 		return -CNT_REWRITE_FAILED;
 	if (e->vlan_count >= 1 && bpf_skb_vlan_push(skb, bpf_htons(outer), e->vlan_tci[0]))
 		return -CNT_REWRITE_FAILED;
+	return 0;
+}
+
+/* A frame for a VM port gets what the bridge would give it: no 802.1Q or
+ * 802.1ad tag, neither in the data nor in the skb's VLAN metadata (each
+ * bpf_skb_vlan_pop takes the outermost tag off, wherever it is, and moves
+ * the next one from the data into the metadata). Returns 0 or
+ * -CNT_REWRITE_FAILED. */
+static __always_inline int rewrite_untag(struct __sk_buff *skb, const struct pkt *p)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_VLAN_TAGS; i++)
+		if (i < p->vlan_count && bpf_skb_vlan_pop(skb))
+			return -CNT_REWRITE_FAILED;
+	return 0;
+}
+
+/* A packet of an L3 link (no MAC header) for an Ethernet port: the host
+ * routes it, so TTL - 1, then an Ethernet header src -> dst in front
+ * (bpf_skb_change_head exists for this: an L3 skb redirected into an L2
+ * device). Returns 0 or a negative reason to pass with. */
+static __always_inline int rewrite_push_eth(struct __sk_buff *skb, struct pkt *p,
+					    const __u8 *src, const __u8 *dst)
+{
+	__u16 proto = p->key.family == FAMILY_V4 ? ETH_P_IP : ETH_P_IPV6;
+	struct ethhdr *eth;
+	int err = rewrite_ttl(p, (void *)(long)skb->data_end);
+
+	if (err)
+		return err;
+	if (bpf_skb_change_head(skb, sizeof(*eth), 0))
+		return -CNT_REWRITE_FAILED;
+	eth = eth_of(skb);
+	if (!eth)
+		return -CNT_REWRITE_FAILED;
+	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, src, ETH_ALEN);
+	eth->h_proto = bpf_htons(proto);
 	return 0;
 }
 
@@ -93,12 +131,21 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 		return -CNT_MISS; /* the uplink is gone: ordinary routing */
 	if (up->flags & F_IFACE_LINK_DOWN)
 		return -CNT_HOP_DOWN; /* not into a dead link: ordinary routing, until it returns */
-	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
-	if (err)
-		return err;
-	err = rewrite_vlan(skb, e);
-	if (err)
-		return err;
+	if (up->link_kind == LINK_L3) {
+		/* no MAC on an L3 link: the kernel takes the Ethernet header off
+		 * on the redirect (__bpf_redirect_no_mac); the host routes the
+		 * reply into the link, so TTL - 1 whatever the VM port */
+		err = rewrite_ttl(p, (void *)(long)skb->data_end);
+		if (err)
+			return err;
+	} else {
+		err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
+		if (err)
+			return err;
+		err = rewrite_vlan(skb, e);
+		if (err)
+			return err;
+	}
 	/* a connection lives while either side speaks: a stream the VM sends with
 	 * nothing coming back must not age out */
 	e->last_seen = now32();

@@ -49,20 +49,45 @@ static __always_inline __u32 svc_pick(const struct svc_info *s, const struct con
 }
 
 /* Sends an uplink packet to VM port vm_ifindex: destination MAC := the VM's
- * (routed: source MAC := the port's, TTL - 1). Returns TC_ACT_REDIRECT or a
- * negative reason to pass with. */
-static __always_inline int send_to_vm(struct __sk_buff *skb, struct pkt *p, __u32 vm_ifindex)
+ * (routed: source MAC := the port's, TTL - 1), its VLAN tags removed; from
+ * an L3 link, with a new Ethernet header (and TTL - 1). Returns
+ * TC_ACT_REDIRECT or a negative reason to pass with.
+ * A global function, verified once rather than at each of lh_uplink's many
+ * ways to a VM (a pinned service, the fast path, a VM-opened connection,
+ * ICMP errors, fragments); a global function takes no pointer into the
+ * caller's packet, so it gets what it needs of it as numbers: the IP
+ * header's offset, the family, and tags | l3_link << 2. */
+__noinline int send_to_vm_at(struct __sk_buff *skb, __u32 vm_ifindex, __u32 l3_off,
+			     __u32 family, __u32 tags_l3)
 {
 	struct iface_cfg *vm = iface_get(vm_ifindex, ROLE_VM_PORT);
+	struct pkt q = {};
 	int err;
 
-	if (!vm || !(vm->flags & F_IFACE_VM_MAC))
+	if (!skb || !vm || !(vm->flags & F_IFACE_VM_MAC))
 		return -CNT_MISS;
-	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, vm->mac, vm->vm_mac);
+	if (l3_off > PULL_LEN)
+		return -CNT_MALFORMED;
+	q.l3 = (void *)(long)skb->data + l3_off; /* rewrite_ttl checks it against data_end */
+	q.key.family = family;
+	q.vlan_count = tags_l3 & 3;
+	if (tags_l3 >> 2 & 1) {
+		err = rewrite_push_eth(skb, &q, vm->mac, vm->vm_mac);
+	} else {
+		err = rewrite_l2(skb, &q, vm->flags & F_IFACE_ROUTED, vm->mac, vm->vm_mac);
+		if (!err)
+			err = rewrite_untag(skb, &q); /* the VM expects no tag (an access port) */
+	}
 	if (err)
 		return err;
 	trace_redirect(vm_ifindex);
 	return bpf_redirect(vm_ifindex, 0);
+}
+
+static __always_inline int send_to_vm(struct __sk_buff *skb, struct pkt *p, __u32 vm_ifindex)
+{
+	return send_to_vm_at(skb, vm_ifindex, p->l3_off, p->key.family,
+			     p->vlan_count | (__u32)p->l3_link << 2);
 }
 
 /* An entry pinned to a VM that is now down: choose again ("reassign") or

@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from lasthop import netns
 from lasthop.netns import NETNS_RUN
+
+T = TypeVar("T")
 
 __all__ = [
     "LabError",
@@ -30,6 +33,7 @@ __all__ = [
     "pids_in",
     "stop_pids",
     "delete",
+    "made_in",
     "open_socket",
     "NetnsExecutor",
     "eventually",
@@ -186,24 +190,30 @@ class NetnsExecutor(ThreadPoolExecutor):
         return self.submit(make).result()
 
 
-def open_socket(ns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
-    """A blocking socket that lives in namespace ns (its routes, its addresses)."""
-    box: dict[str, socket.socket | BaseException] = {}
+def made_in(ns: str, make: Callable[[], T]) -> T:
+    """What *make* returns, run in a thread of its own inside namespace ns:
+    a socket or a device it opens belongs to ns, the caller's thread stays put."""
+    box: list[T | BaseException] = []
 
-    def make() -> None:
+    def run_in() -> None:
         try:
             _enter(ns)
-            box["s"] = socket.socket(family, kind, proto)
+            box.append(make())
         except BaseException as err:  # handed to the caller
-            box["s"] = err
+            box.append(err)
 
-    t = threading.Thread(target=make)
+    t = threading.Thread(target=run_in)
     t.start()
     t.join()
-    result = box["s"]
+    result = box[0]
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+def open_socket(ns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A blocking socket that lives in namespace ns (its routes, its addresses)."""
+    return made_in(ns, lambda: socket.socket(family, kind, proto))
 
 
 def eventually(check: Callable[[], bool], timeout: float = 8.0, every: float = 0.1) -> bool:

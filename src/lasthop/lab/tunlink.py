@@ -1,0 +1,111 @@
+"""A point-to-point L3 link between two namespaces: a tun device at each end
+and a forwarder thread copying packets between them -- a stand-in for a
+WireGuard, GRE or IPsec peer, whose interface has no Ethernet header (the
+kernel hands tc an IP packet, skb->protocol saying which family).
+
+    ns A: tun NAME_A  <==  TunLink (this process: read one, write the other)  ==>  ns B: tun NAME_B
+
+The devices live as long as the link: closing their file descriptors (stop)
+removes them, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from lasthop.lab.namespaces import LabError, made_in
+
+__all__ = ["TunEnd", "TunLink"]
+
+TUNSETIFF = 0x400454CA  # linux/if_tun.h: _IOW('T', 202, int)
+IFF_TUN = 0x0001  # an L3 device: packets start at the IP header
+IFF_NO_PI = 0x1000  # no 4-byte packet information header in front
+MAX_PACKET = 65535
+
+
+@dataclass(frozen=True)
+class TunEnd:
+    ns: str  # network namespace the device is made in
+    name: str  # its interface name
+
+
+def open_tun(end: TunEnd) -> int:
+    """Creates tun device *end.name* in namespace *end.ns*; returns its fd
+    (the device goes away when the fd is closed)."""
+
+    def make() -> int:  # a tun device is made in its opener's namespace
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", end.name.encode(), IFF_TUN | IFF_NO_PI))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    try:
+        return made_in(end.ns, make)
+    except OSError as err:
+        raise LabError(f"tun {end.name} in {end.ns}: {err}") from err
+
+
+@dataclass
+class TunLink:
+    """Two tun devices joined by a forwarder thread; packets counted per direction."""
+
+    a: TunEnd
+    b: TunEnd
+    forwarded: dict[str, int] = field(default_factory=lambda: {"a->b": 0, "b->a": 0})
+    _fds: tuple[int, int] | None = None
+    _stop: tuple[int, int] | None = None  # a pipe that wakes the thread to end
+    _thread: threading.Thread | None = None
+
+    def start(self) -> TunLink:
+        fa = open_tun(self.a)
+        try:
+            fb = open_tun(self.b)
+        except BaseException:
+            os.close(fa)
+            raise
+        self._fds = (fa, fb)
+        self._stop = os.pipe()
+        self._thread = threading.Thread(target=self._forward, name="tunlink", daemon=True)
+        self._thread.start()
+        return self
+
+    def _forward(self) -> None:
+        assert self._fds is not None and self._stop is not None
+        fa, fb = self._fds
+        other = {fa: (fb, "a->b"), fb: (fa, "b->a")}
+        while True:
+            ready, _, _ = select.select([fa, fb, self._stop[0]], [], [])
+            if self._stop[0] in ready:
+                return
+            for fd in ready:
+                try:
+                    packet = os.read(fd, MAX_PACKET)
+                    to, way = other[fd]
+                    os.write(to, packet)
+                    self.forwarded[way] += 1
+                except OSError:  # the other end not up yet, or a packet it refused: dropped
+                    continue
+
+    def stop(self) -> None:
+        """Ends the forwarder and removes both devices."""
+        if self._stop is not None:
+            os.write(self._stop[1], b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for fd in (*(self._fds or ()), *(self._stop or ())):
+            os.close(fd)
+        self._fds = self._stop = self._thread = None
+
+    def __enter__(self) -> TunLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
