@@ -129,6 +129,8 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
         (abi.VmAddrOrigin, "vm_addr_origin", "VM_ADDR_", None),
         (abi.ChangeKind, "lh_change_kind", "CH_", None),
         (abi.ChangeTable, "lh_change_table", "CHT_", None),
+        (abi.LinkKind, "lh_link_kind", "LINK_", None),
+        (abi.HopKind, "lh_hop_kind", "HOP_", None),
     ],
 )
 def test_enums_match_btf(

@@ -51,6 +51,7 @@ MAP_NAMES = (
     "lh_changes",
     "lh_hops",
     "lh_hops_refused",
+    "lh_hop_descs",
 )
 PINNED_PROGRAMS = ("lh_clock", "lh_stats")  # run by the CLI through their pins
 TABLES = ("confirmed", "pending")  # the index of expiry_stats arrays (both families each)

@@ -54,6 +54,7 @@ struct pkt {
 	__u16 l3_off;       /* offset of the IP header from the frame start */
 	__u32 l3_len;       /* the datagram's length as its IP header states it */
 	void *l3;           /* the IP header (valid until the packet changes) */
+	__u8  hop_ext;      /* uplink: vlan_tci holds a hop descriptor's id (encap.h) */
 };
 
 /* The frame's Ethernet header, or NULL when the frame is shorter. */

@@ -7,6 +7,7 @@
 
 #include "parse.h"
 #include "maps.h"
+#include "encap.h"
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -96,7 +97,7 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
 	if (err)
 		return err;
-	err = rewrite_vlan(skb, e);
+	err = e->flags & F_ENTRY_HOP_EXT ? encap_reply(skb, e) : rewrite_vlan(skb, e);
 	if (err)
 		return err;
 	/* a connection lives while either side speaks: a stream the VM sends with
