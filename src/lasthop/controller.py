@@ -40,7 +40,7 @@ from lasthop.errors import (
     SyncError,
     TableSizeError,
 )
-from lasthop.links import Link, Links
+from lasthop.links import Link, Links, link_kind, link_kind_name
 from lasthop.logs import event
 
 if TYPE_CHECKING:  # both load pydantic: the commands that only read maps go without
@@ -169,6 +169,7 @@ class InterfaceInfo:
     mac: str
     routed: bool
     link_down: bool = False  # uplink: its link is down, its replies take routing
+    link_kind: str = "ethernet"  # abi.LinkKind, lower case: what the data path handles it as
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -180,6 +181,7 @@ class InterfaceInfo:
             "mac": self.mac,
             "routed": self.routed,
             "link_down": self.link_down,
+            "link_kind": self.link_kind,
         }
 
 
@@ -347,6 +349,7 @@ class Controller:
         slot = current.slot if current.role != abi.Role.NONE else self._free_slot(maps)
         flags = abi.F_IFACE_ROUTED if (role == abi.Role.VM_PORT and self._config.routed) else 0
         cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot)
+        cfg.link_kind = int(link_kind(link))
         cfg.mac[:] = list(self._own_mac(link, role))
         if current.role == role == abi.Role.VM_PORT:  # keep the guest's MAC and the services' mark
             cfg.vm_mac[:] = list(current.vm_mac)
@@ -640,7 +643,8 @@ class Controller:
         with self.open_maps() as maps:
             now, hz = self._now(maps)
             names: dict[int, str] = {}
-            conns = (decode(k, e, now, hz, names) for k, e in maps.entries())
+            hop = functools.lru_cache(maxsize=abi.MAX_HOP_DESCS)(maps.hop_desc)
+            conns = (decode(k, e, now, hz, names, hop) for k, e in maps.entries())
             matching = (c for c in conns if where is None or where.matches(c))
             if limit > 0:
                 yield from heapq.nsmallest(limit, matching, key=lambda c: c.age_s)
@@ -681,6 +685,7 @@ class Controller:
                     mac=format_mac(bytes(cfg.mac)),
                     routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
                     link_down=bool(cfg.flags & abi.F_IFACE_LINK_DOWN),
+                    link_kind=link_kind_name(cfg.link_kind),
                 )
                 for i, cfg in sorted(self._host_attached(maps).items())
             ]

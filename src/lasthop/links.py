@@ -12,12 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lasthop import abi
 from lasthop.errors import LinkError
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-__all__ = ["Link", "LinkError", "Links"]
+__all__ = ["Link", "LinkError", "Links", "link_kind", "link_kind_name"]
 
 
 log = logging.getLogger("lasthop")
@@ -31,21 +32,65 @@ class Link:
     mac: bytes
     master: int  # ifindex of the bridge it is a port of, 0 = none
     oper_up: bool = True  # operationally up (IFLA_OPERSTATE, as Links.oper_up reads it)
+    kind: str = ""  # IFLA_INFO_KIND ("vxlan", "veth", ...; "" = a plain device)
+    external: bool = False  # a tunnel in external (collect-metadata) mode
 
 
 _OPER_DOWN = ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+# tunnel kind -> its IFLA_INFO_DATA attribute that says "external" (collect metadata)
+_EXTERNAL_ATTR = {
+    "vxlan": "IFLA_VXLAN_COLLECT_METADATA",
+    "geneve": "IFLA_GENEVE_COLLECT_METADATA",
+}
+
+
+def _kind(msg: object) -> tuple[str, bool]:
+    """The link's kind and, for a tunnel, whether it is external."""
+    info = msg.get_attr("IFLA_LINKINFO")  # type: ignore[attr-defined]
+    if info is None:
+        return "", False
+    kind = info.get_attr("IFLA_INFO_KIND") or ""
+    data = info.get_attr("IFLA_INFO_DATA")
+    attr = _EXTERNAL_ATTR.get(kind)
+    if attr is None or data is None:
+        return kind, False
+    value = data.get_attr(attr)
+    return kind, value is not None and value is not False and value != 0
 
 
 def _link(msg: object) -> Link:
     get = msg.get_attr  # type: ignore[attr-defined]
     mac = get("IFLA_ADDRESS") or "00:00:00:00:00:00"
+    kind, external = _kind(msg)
     return Link(
         index=msg["index"],  # type: ignore[index]
         name=get("IFLA_IFNAME"),
         mac=bytes.fromhex(mac.replace(":", ""))[:6].ljust(6, b"\0"),
         master=get("IFLA_MASTER") or 0,
         oper_up=(get("IFLA_OPERSTATE") or "UNKNOWN") not in _OPER_DOWN,
+        kind=kind,
+        external=external,
     )
+
+
+# an external tunnel's kind -> how the data path handles it; a tunnel with its
+# own remote (not external) forwards by MAC like any Ethernet link
+_TUNNEL_KINDS = {"vxlan": abi.LinkKind.VXLAN, "geneve": abi.LinkKind.GENEVE}
+
+
+def link_kind(link: Link) -> abi.LinkKind:
+    """What the data path handles *link* as (iface_cfg.link_kind)."""
+    if link.external and link.kind in _TUNNEL_KINDS:
+        return _TUNNEL_KINDS[link.kind]
+    return abi.LinkKind.ETHERNET
+
+
+def link_kind_name(value: int) -> str:
+    """iface_cfg.link_kind as /v1/interfaces shows it: "ethernet", "vxlan", ..."""
+    try:
+        return abi.LinkKind(value).name.lower()
+    except ValueError:
+        return str(value)
 
 
 class Links:
