@@ -55,6 +55,7 @@ WIRE_FIELDS: tuple[tuple[str, str], ...] = (
     ("packets", "request packets seen"),
     ("replies", "replies redirected"),
     ("left_ms", "milliseconds left before its state's timeout"),
+    ("hop", "a tunnel last hop (flag hop_ext): struct hop_desc, hex; '' = none"),
 )
 
 
@@ -69,6 +70,7 @@ class Change:
     vm_port: str
     entry: abi.ConnEntry  # ifindex, vm_ifindex, last_seen left 0: the applier sets them
     left_ms: int
+    hop: bytes = b""  # F_ENTRY_HOP_EXT: its struct hop_desc (the id in entry is the exporter's)
 
 
 def sync_epoch_shift(hz: int, timeouts: Mapping[int, float]) -> int:
@@ -100,11 +102,18 @@ def last_seen_for(left: int, now: int, hz: int, timeout_s: int) -> int:
 
 
 def encode_record(
-    raw: bytes, name_of: Callable[[int], str], now: int, settings: abi.Settings
+    raw: bytes,
+    name_of: Callable[[int], str],
+    now: int,
+    settings: abi.Settings,
+    hop: Callable[[int], abi.HopDesc | None] | None = None,
 ) -> list[object]:
-    """A conn_change from lh_changes as the values of WIRE_FIELDS."""
+    """A conn_change from lh_changes as the values of WIRE_FIELDS; *hop*
+    reads the descriptor of a tunnel last hop (absent: the record carries none)."""
     rec = abi.ConnChange.from_buffer_copy(raw[: ctypes.sizeof(abi.ConnChange)])
     e = rec.entry
+    hop_id = abi.hop_desc_id(e)
+    desc = hop(hop_id) if hop is not None and hop_id is not None else None
     removal = rec.kind in (abi.ChangeKind.REMOVED, abi.ChangeKind.EXPIRED)
     state = e.state if e.state < abi.CS_MAX else 0
     return [
@@ -121,14 +130,17 @@ def encode_record(
         e.packets,
         e.replies,
         0 if removal else left_ms(e, now, settings.hz, settings.timeout[state]),
+        bytes(desc).hex() if desc is not None else "",
     ]
 
 
 def decode_record(values: list[object]) -> Change:
     """The values of WIRE_FIELDS back into a Change (ValueError when malformed)."""
+    if len(values) == len(WIRE_FIELDS) - 1:  # an export made before tunnel hops
+        values = [*values, ""]
     if len(values) != len(WIRE_FIELDS):
         raise ValueError(f"a record has {len(WIRE_FIELDS)} fields, got {len(values)}")
-    kind, table, key, uplink, vm_port, mac, vlan, flags, state, seq, pk, rp, left = values
+    kind, table, key, uplink, vm_port, mac, vlan, flags, state, seq, pk, rp, left, hop = values
     e = abi.ConnEntry(flags=int(flags), state=int(state), seq=int(seq))  # type: ignore[call-overload]
     e.packets, e.replies = int(pk), int(rp)  # type: ignore[call-overload]
     ctypes.memmove(e.mac, bytes.fromhex(str(mac)), abi.ETH_ALEN)
@@ -144,7 +156,16 @@ def decode_record(values: list[object]) -> Change:
         vm_port=str(vm_port),
         entry=e,
         left_ms=int(left),  # type: ignore[call-overload]
+        hop=_hop_bytes(str(hop)),
     )
+
+
+def _hop_bytes(text: str) -> bytes:
+    """A record's hop field: '' or a whole struct hop_desc in hex."""
+    raw = bytes.fromhex(text)
+    if raw and len(raw) != ctypes.sizeof(abi.HopDesc):
+        raise ValueError(f"a hop is {ctypes.sizeof(abi.HopDesc)} bytes, got {len(raw)}")
+    return raw
 
 
 # -- the stream's binary records ---------------------------------------------------
@@ -238,6 +259,7 @@ class DecodedBatch:
     removals: list[bytes]
     unmapped: int  # records naming an uplink this host does not have
     records: int  # in the batch, all told
+    hop_refused: int = 0  # tunnel last hops (their id means nothing here): removed, not written
 
 
 def decode_batch(
@@ -262,11 +284,18 @@ def decode_batch(
     removals = _REMOVAL_KINDS
     triple = _TRIPLE.pack
     writes: dict[bytes, tuple[bytes, bool, bool] | None] = {}
-    unmapped = 0
+    unmapped = hop_refused = 0
+    hop_ext = abi.F_ENTRY_HOP_EXT
     try:
         for kind, table, key, left, up, vm, rest in _RECORD.iter_unpack(records):
             if kind in removals:
                 writes[key] = None
+                continue
+            if rest[_REST_FLAGS] & hop_ext:
+                # its hop is an id into the peer's lh_hop_descs, which the record
+                # does not carry: never guess it, and drop a copy of older news
+                writes[key] = None
+                hop_refused += 1
                 continue
             ifindex, vm_ifindex = local[up], local[vm]
             if up and not ifindex:
@@ -290,6 +319,7 @@ def decode_batch(
         removals=[k for k, v in writes.items() if v is None],
         unmapped=unmapped,
         records=len(records) // RECORD_SIZE,
+        hop_refused=hop_refused,
     )
 
 
