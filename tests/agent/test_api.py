@@ -173,6 +173,7 @@ def test_interfaces() -> None:
             "mac": "02:00:00:00:00:01",
             "routed": False,
             "link_down": False,
+            "link_kind": "ethernet",
         }
     ]
 
