@@ -15,8 +15,11 @@ vx0 with that key, so it reaches fw2, which saw the connection open.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -150,3 +153,46 @@ def test_a_flood_of_endpoints_neither_grows_the_hop_table_nor_evicts_a_live_hop(
         assert session.exchange(), "the live connection lost its hop to the flood"
         rows = [r for r in runner.show(plan) if r["src"] == plan.client(2).addr.v6]
         assert rows and all(r["endpoint"] == plan.firewall(2).endpoint for r in rows), rows
+
+
+@pytest.mark.parametrize(
+    ("kind", "argv", "expected"),
+    [
+        ("vxlan", ["type", "vxlan", "external", "dstport", "4789"], abi.LinkKind.VXLAN),
+        ("vxlan", ["type", "vxlan", "id", "5", "remote", "192.0.2.1", "dstport", "4790"],
+         abi.LinkKind.ETHERNET),
+        ("geneve", ["type", "geneve", "external"], abi.LinkKind.GENEVE),
+    ],
+    ids=["vxlan external", "vxlan with its own remote", "geneve external"],
+)  # fmt: skip
+def test_the_agent_tells_an_external_tunnel_from_a_plain_link(
+    kind: str, argv: list[str], expected: abi.LinkKind
+) -> None:
+    """link_kind: an external (collect-metadata) VXLAN or Geneve device is a
+    tunnel uplink; a VXLAN device with its own remote forwards by MAC, so it is
+    Ethernet to the data path. This kernel may lack the geneve module: skipped."""
+    from lasthop.lab.namespaces import delete, ip_batch
+
+    ns = f"lhkind{secrets.token_hex(2)}"
+    ip_batch(None, [f"netns add {ns}"])
+    try:
+        made = subprocess.run(
+            ["ip", "-n", ns, "link", "add", "tun0", *argv], capture_output=True, text=True
+        )
+        if made.returncode != 0:
+            pytest.skip(
+                f"no {kind} device here ({made.stderr.strip()}): the kernel lacks its module"
+            )
+        code = (
+            "from lasthop.links import Links, link_kind; "
+            "print(int(link_kind(Links().by_name('tun0'))))"
+        )
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert abi.LinkKind(int(out)) == expected
+    finally:
+        delete([ns])
