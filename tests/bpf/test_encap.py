@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from harness import CONFIRMED, TC_ACT_OK, TC_ACT_REDIRECT, UPLINK, VMPORT, Entry, Key, bridged
 
 from lasthop import abi
 from lasthop.datapath import request_expiry
 from packets import MAC_FW_B, tcp4_reply, tcp4_request, tcp6_reply, tcp6_request
+
+from .harness import CONFIRMED, TC_ACT_OK, TC_ACT_REDIRECT, UPLINK, VMPORT, Entry, Key, bridged
 
 C = abi.Counter
 HOP_ID = 0x00010002  # any id: the reply reads the one its entry names

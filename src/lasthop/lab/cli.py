@@ -282,10 +282,16 @@ def demo_cmd(
             if any(run.service and run.service.conns for run in runs)
             else ""
         )
+        died = (
+            "every path through fw2 and fw3 died"
+            if modes
+            else "no reply crossed the overlay (fw1 and fw2 share one MAC)"
+        )
+        if modes and overlay:
+            died += "; in the overlay no reply crossed at all"
         console.print(
             f"[green bold]demo passed[/green bold] in {elapsed:.1f} s: every connection worked "
-            f"with lasthop; without it, every path through fw2 and fw3 died{recipe_line}"
-            f"{service_line}",
+            f"with lasthop; without it, {died}{recipe_line}{service_line}",
             highlight=False,
         )
         sys.exit(EXIT_OK)
