@@ -199,20 +199,29 @@ static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
-/* Reply of an entry with F_ENTRY_HOP_EXT: what its descriptor holds, put
- * back. Returns 0 or a negative reason (the frame unchanged but for the
- * MACs and TTL rewrite_l2 wrote). */
-static __always_inline int encap_reply(struct __sk_buff *skb, const struct conn_entry *e)
+/* The descriptor an entry with F_ENTRY_HOP_EXT names, if it can be used:
+ * looked up before the reply is touched, so a reply that cannot follow it
+ * passes unchanged. Returns NULL with *err set otherwise. */
+static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e, int *err)
 {
 	__u32 id = e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
 	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &id);
-	int err;
 
+	*err = 0;
 	if (!d)
-		return -CNT_HOP_DESC_GONE;
-	if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
-		return -CNT_ENCAP_UNSUPPORTED;
-	err = encap_set_tunnel(skb, d);
+		*err = -CNT_HOP_DESC_GONE;
+	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
+		*err = -CNT_ENCAP_UNSUPPORTED;
+	return *err ? NULL : d;
+}
+
+/* Reply of an entry with descriptor d: its tunnel key (and options) set, its
+ * tags pushed. Returns 0 or a negative reason. */
+static __always_inline int encap_reply(struct __sk_buff *skb, const struct conn_entry *e,
+				       const struct hop_desc *d)
+{
+	int err = encap_set_tunnel(skb, d);
+
 	if (err)
 		return err;
 	return encap_push_vlan(skb, e, d);

@@ -88,16 +88,19 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 {
 	__u32 ifindex = e->ifindex;
 	struct iface_cfg *up = iface_get(ifindex, ROLE_UPLINK);
+	struct hop_desc *hop = NULL;
 	int err;
 
 	if (!up)
 		return -CNT_MISS; /* the uplink is gone: ordinary routing */
 	if (up->flags & F_IFACE_LINK_DOWN)
 		return -CNT_HOP_DOWN; /* not into a dead link: ordinary routing, until it returns */
+	if ((e->flags & F_ENTRY_HOP_EXT) && !(hop = encap_hop_of(e, &err)))
+		return err; /* its tunnel hop is gone: unchanged, ordinary routing */
 	err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
 	if (err)
 		return err;
-	err = e->flags & F_ENTRY_HOP_EXT ? encap_reply(skb, e) : rewrite_vlan(skb, e);
+	err = hop ? encap_reply(skb, e, hop) : rewrite_vlan(skb, e);
 	if (err)
 		return err;
 	/* a connection lives while either side speaks: a stream the VM sends with
