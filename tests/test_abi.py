@@ -132,6 +132,7 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
         (abi.ScopeAction, "lh_scope_action", "SCOPE_", None),
         (abi.LinkKind, "lh_link_kind", "LINK_", None),
         (abi.FragVerdict, "lh_frag_verdict", "FRAG_", None),
+        (abi.HopKind, "lh_hop_kind", "HOP_", None),
     ],
 )
 def test_enums_match_btf(

@@ -43,6 +43,10 @@ SCOPE_WORDS = 10  # 32-bit words of a scope match key (ScopeRule)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 FRAG_TABLE_SIZE = 8192  # lh_frags: fragmented datagrams whose first fragment's decision is kept
 SVC_WALK_IFACES = 16  # VM ports one run of lh_svc_walk looks for
+MAX_HOP_DESCS = 16384  # lh_hop_descs: distinct tunnel/MPLS last hops
+GENEVE_OPT_MAX = 32  # Geneve option bytes a hop keeps
+MAX_MPLS_LABELS = 3
+HOP_DESC_PROBES = 4
 
 
 class Role(enum.IntEnum):
@@ -93,6 +97,7 @@ F_ENTRY_OUTER_8021AD = 1 << 2
 F_ENTRY_VM_FAST = 1 << 3
 F_ENTRY_FIN_OPENER = 1 << 4
 F_ENTRY_FIN_ANSWERER = 1 << 5
+F_ENTRY_HOP_EXT = 1 << 6  # vlan_tci holds the id of its lh_hop_descs descriptor
 
 
 class State(enum.IntEnum):
@@ -219,12 +224,24 @@ class Counter(enum.IntEnum):
     RST_UNKNOWN = 38
     HOP_DOWN = 39
     HOP_UNTRUSTED = 40
+    HOP_DESC_FULL = 41
+    HOP_DESC_GONE = 42
+    ENCAP_UNSUPPORTED = 43
+    ENCAP_REDIRECTED = 44
     FRAGMENT_FOLLOWED = 45
     FRAGMENT_EARLY = 46
     ICMP_ERROR_FORWARDED = 47
     HOP_FOLLOWED = 48
     SCOPE_PASSED = 49
     SCOPE_FLUSHED = 50
+
+
+class HopKind(enum.IntEnum):
+    """enum lh_hop_kind: what a hop descriptor (hop_desc.kind) holds."""
+
+    TUNNEL4 = 1
+    TUNNEL6 = 2
+    MPLS = 3
 
 
 class ConnKey(ctypes.Structure):
@@ -317,6 +334,30 @@ class IfaceCfg(ctypes.Structure):
         ("link_kind", ctypes.c_uint8),  # enum lh_link_kind
         ("reserved", ctypes.c_uint8),
     ]
+
+
+class HopDesc(ctypes.Structure):
+    """struct hop_desc: lh_hop_descs value, a last hop beyond MAC and tags."""
+
+    _fields_ = [
+        ("remote", ctypes.c_uint32 * 4),  # host order words (bpf_tunnel_key), IPv4 in word 0
+        ("vni", ctypes.c_uint32),
+        ("mpls", ctypes.c_uint32 * MAX_MPLS_LABELS),
+        ("vlan_tci", ctypes.c_uint16 * MAX_VLAN_TAGS),
+        ("kind", ctypes.c_uint8),
+        ("mpls_count", ctypes.c_uint8),
+        ("opt_len", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8),
+        ("opts", ctypes.c_uint8 * GENEVE_OPT_MAX),
+        ("mark", ctypes.c_uint32),
+    ]
+
+
+def hop_desc_id(entry: ConnEntry) -> int | None:
+    """The lh_hop_descs id an entry names, None when it names none."""
+    if not entry.flags & F_ENTRY_HOP_EXT:
+        return None
+    return int(entry.vlan_tci[0]) | int(entry.vlan_tci[1]) << 16
 
 
 class SvcKey(ctypes.Structure):
@@ -484,6 +525,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "conn_entry": ConnEntry,
     "conn_change": ConnChange,
     "iface_cfg": IfaceCfg,
+    "hop_desc": HopDesc,
     "lh_settings": Settings,
     "svc_key": SvcKey,
     "svc_info": SvcInfo,

@@ -297,7 +297,7 @@ def show(
     **filters: str | None,
 ) -> None:
     """The per-connection table (streams: the table is never held in memory)."""
-    from lasthop.connections import ConnFilter, json_array
+    from lasthop.connections import ConnFilter, json_array, tunnel_str
 
     where = ConnFilter(**filters)  # FilterError: exit 2, naming the filter
     conns = _controller(netns, config_path).iter_connections(where, limit=limit)
@@ -316,6 +316,7 @@ def show(
         "last-hop MAC",
         "uplink",
         "vlan",
+        "tunnel",
         "age s",
         "pkts",
         "replies",
@@ -334,6 +335,7 @@ def show(
             c.mac or "-",
             c.uplink or "-",
             ",".join(map(str, c.vlan)) or "-",
+            tunnel_str(c) or "-",
             f"{c.age_s:.1f}",
             str(c.packets),
             str(c.replies),

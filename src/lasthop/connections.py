@@ -7,7 +7,7 @@ import functools
 import ipaddress
 import json
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +43,9 @@ _FLAG_NAMES = {
     abi.F_ENTRY_VM_FAST: "vm_fast",
     abi.F_ENTRY_FIN_OPENER: "fin_opener",
     abi.F_ENTRY_FIN_ANSWERER: "fin_answerer",
+    abi.F_ENTRY_HOP_EXT: "hop_ext",
 }
+HopLookup = Callable[[int], abi.HopDesc | None]  # hop id -> its lh_hop_descs descriptor
 
 
 def json_array(items: Iterable[dict[str, Any]]) -> Iterator[str]:
@@ -112,9 +114,46 @@ class Connection:
     vm_port: str
     state: str = "none"
     flags: list[str] = field(default_factory=list)
+    # a tunnel last hop (lh_hop_descs): remote endpoint, VNI, Geneve options (hex)
+    endpoint: str = ""
+    vni: int | None = None
+    geneve_options: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def endpoint_str(desc: abi.HopDesc) -> str:
+    """A tunnel descriptor's remote endpoint (its words are in host order)."""
+    if desc.kind == abi.HopKind.TUNNEL4:
+        return str(ipaddress.IPv4Address(int(desc.remote[0])))
+    if desc.kind == abi.HopKind.TUNNEL6:
+        return str(ipaddress.IPv6Address(bytes(desc.remote)))
+    return ""
+
+
+def _hop_fields(entry: abi.ConnEntry, hop: HopLookup | None) -> dict[str, Any]:
+    """VLAN, endpoint and VNI of an entry's last hop; those of a descriptor
+    (F_ENTRY_HOP_EXT) from *hop*, "gone" when it is no longer there."""
+    tags = list(entry.vlan_tci)
+    hop_id = abi.hop_desc_id(entry)
+    out: dict[str, Any] = {}
+    if hop_id is not None:
+        desc = hop(hop_id) if hop is not None else None
+        tags = list(desc.vlan_tci) if desc is not None else [0, 0]
+        out["endpoint"] = endpoint_str(desc) if desc is not None else "gone"
+        if desc is not None and desc.kind in (abi.HopKind.TUNNEL4, abi.HopKind.TUNNEL6):
+            out["vni"] = int(desc.vni)
+            out["geneve_options"] = bytes(desc.opts[: desc.opt_len]).hex()
+    out["vlan"] = [tags[i] & 0x0FFF for i in range(min(entry.vlan_count, abi.MAX_VLAN_TAGS))]
+    return out
+
+
+def tunnel_str(c: Connection) -> str:
+    """A tunnel last hop as `show` and `explain` print it: "198.51.100.2 vni 100"."""
+    if not c.endpoint:
+        return ""
+    return c.endpoint + (f" vni {c.vni}" if c.vni is not None else "")
 
 
 def decode(
@@ -123,9 +162,11 @@ def decode(
     now_jiffies: int,
     hz: int,
     names: dict[int, str] | None = None,
+    hop: HopLookup | None = None,
 ) -> Connection:
     """One entry as a record; ages from the data path's clock (lasthop.clock).
-    *names* caches interface names across calls (one lookup per ifindex)."""
+    *names* caches interface names across calls (one lookup per ifindex);
+    *hop* reads a tunnel hop's descriptor (cache it: one lookup per hop)."""
     icmp = key.proto in (abi.IPPROTO_ICMP, abi.IPPROTO_ICMPV6)
     cache = names if names is not None else {}
 
@@ -145,13 +186,13 @@ def decode(
         mac=format_mac(bytes(entry.mac)) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
         uplink=name(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
         uplink_ifindex=entry.ifindex,
-        vlan=[entry.vlan_tci[i] & 0x0FFF for i in range(min(entry.vlan_count, abi.MAX_VLAN_TAGS))],
         age_s=round(Clock.age_s(now_jiffies, entry.last_seen, hz), 3),
         packets=entry.packets,
         replies=entry.replies,
         vm_port=name(entry.vm_ifindex),
         state=state_name(entry.state),
         flags=[name for bit, name in _FLAG_NAMES.items() if entry.flags & bit],
+        **_hop_fields(entry, hop),
     )
 
 

@@ -41,7 +41,7 @@ from lasthop.errors import (
     SyncError,
     TableSizeError,
 )
-from lasthop.links import Link, Links
+from lasthop.links import Link, Links, link_kind_name
 from lasthop.logs import event
 
 if TYPE_CHECKING:  # both load pydantic: the commands that only read maps go without
@@ -744,7 +744,8 @@ class Controller:
         with self.open_maps() as maps:
             now, hz = self._now(maps)
             names: dict[int, str] = {}
-            conns = (decode(k, e, now, hz, names) for k, e in maps.entries())
+            hop = functools.lru_cache(maxsize=abi.MAX_HOP_DESCS)(maps.hop_desc)
+            conns = (decode(k, e, now, hz, names, hop) for k, e in maps.entries())
             matching = (c for c in conns if where is None or where.matches(c))
             if limit > 0:
                 yield from heapq.nsmallest(limit, matching, key=lambda c: c.age_s)
@@ -788,7 +789,7 @@ class Controller:
                     mac=format_mac(bytes(cfg.mac)),
                     routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
                     link_down=bool(cfg.flags & abi.F_IFACE_LINK_DOWN),
-                    link_kind=abi.LinkKind(cfg.link_kind).name.lower(),
+                    link_kind=link_kind_name(cfg.link_kind),
                 )
                 for i, cfg in sorted(self._host_attached(maps).items())
             ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ MAP_NAMES = (
     "lh_hops_refused",
     "lh_hop_moved",
     "lh_scope",
+    "lh_hop_descs",
 )
 # run by the CLI through their pins
 PINNED_PROGRAMS = ("lh_clock", "lh_stats", "lh_svc_walk", "lh_scope_flush")
@@ -217,6 +219,7 @@ class Maps:
         self.hops_refused = maps["lh_hops_refused"]
         self.hop_moved = maps["lh_hop_moved"]
         self.scope = maps["lh_scope"]
+        self.hop_descs = maps["lh_hop_descs"]
         # sync on (lasthop.sync): receives a conn_change record for each entry
         # user space removes or rewrites, as the data path's go to lh_changes
         self.on_change: Callable[[bytes], None] | None = None
@@ -256,6 +259,25 @@ class Maps:
         if run.retval != 1:
             raise DatapathError(f"lh_svc_walk refused its request (returned {run.retval})")
         return abi.SvcWalk.from_buffer_copy(run.data[: ctypes.sizeof(abi.SvcWalk)])
+
+    def hop_desc(self, hop_id: int) -> abi.HopDesc | None:
+        """The tunnel/MPLS last hop an entry with F_ENTRY_HOP_EXT names, if still there."""
+        raw = self.hop_descs.lookup(_u32(hop_id))
+        return abi.HopDesc.from_buffer_copy(raw) if raw else None
+
+    def put_hop_desc(self, desc: abi.HopDesc) -> int:
+        """Stores *desc* as the data path would (the same id for the same
+        content, encap.h), for `import`; returns its id."""
+        base = hop_desc_hash(desc)
+        for i in range(abi.HOP_DESC_PROBES):
+            hop_id = (base + i) & 0xFFFFFFFF
+            cur = self.hop_desc(hop_id)
+            if cur is None:
+                self.hop_descs.update(_u32(hop_id), bytes(desc))
+                return hop_id
+            if bytes(cur)[:_HOP_CONTENT] == bytes(desc)[:_HOP_CONTENT]:
+                return hop_id
+        raise DatapathError(f"lh_hop_descs: no free id for hop {base:#x} (table full?)")
 
     # interfaces
     def iface(self, ifindex: int) -> abi.IfaceCfg:
@@ -467,6 +489,17 @@ def changes_ring_size(sync: bool) -> int:
     map must exist, but the data path writes nothing to it: 4 MiB for
     nothing was ~3 B an entry of a 1,000,000-entry table's budget)."""
     return abi.CHANGES_RING_SIZE if sync else os.sysconf("SC_PAGE_SIZE")
+
+
+_HOP_CONTENT = abi.HopDesc.mark.offset  # bytes of a hop_desc that are content
+
+
+def hop_desc_hash(desc: abi.HopDesc) -> int:
+    """encap.h's hop_desc_hash: the kernel's jhash2 of the content words."""
+    from lasthop.services.maglev import jhash2
+
+    raw = bytes(desc)[:_HOP_CONTENT]
+    return jhash2(struct.unpack(f"={len(raw) // 4}I", raw), 0)
 
 
 def _u32(n: int) -> bytes:

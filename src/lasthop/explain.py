@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lasthop import abi
-from lasthop.connections import Connection, decode
+from lasthop.connections import Connection, decode, tunnel_str
 from lasthop.endpoint import format_flow
 from lasthop.errors import ConfigError
 
@@ -153,7 +153,7 @@ def explain(
             entry = table.lookup(key)
             if entry is not None:
                 ex.table, ex.opened_by = name, "server" if reverse else "client"
-                ex.connection = decode(key, entry, now, hz)
+                ex.connection = decode(key, entry, now, hz, hop=maps.hop_desc)
                 ex.timeout_s = float(settings.timeout[entry.state])
                 ex.left_s = round(max(0.0, ex.timeout_s - ex.connection.age_s), 3)
                 break
@@ -250,7 +250,8 @@ def _hop(c: Connection, neighbours: list[str], firewall: str = "") -> str:
     names += [f"{', '.join(neighbours)} in the neighbour table"] if neighbours else []
     who = f" ({'; '.join(names)})" if names else ""
     tags = f", VLAN {'.'.join(map(str, c.vlan))}" if c.vlan else ""
-    return f"MAC {c.mac}{who} on uplink {c.uplink}{tags}"
+    tunnel = f", through the tunnel to {tunnel_str(c)}" if c.endpoint else ""
+    return f"MAC {c.mac}{who} on uplink {c.uplink}{tags}{tunnel}"
 
 
 def _words_for(ex: Explanation) -> list[str]:
@@ -281,6 +282,7 @@ def _words_for(ex: Explanation) -> list[str]:
             f"So {side} ({back if ex.opened_by == 'client' else q.describe()}) go to "
             f"{c.uplink} with destination MAC {c.mac}"
             + (f", tagged {'.'.join(map(str, c.vlan))}" if c.vlan else "")
+            + (f", encapsulated to {tunnel_str(c)}" if c.endpoint else "")
             + ", whatever the guest's routing says."
         )
     else:

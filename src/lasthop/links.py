@@ -18,7 +18,7 @@ from lasthop.errors import LinkError
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-__all__ = ["Link", "LinkError", "Links", "link_kind"]
+__all__ = ["Link", "LinkError", "Links", "link_kind", "link_kind_name"]
 
 
 log = logging.getLogger("lasthop")
@@ -33,9 +33,31 @@ class Link:
     master: int  # ifindex of the bridge it is a port of, 0 = none
     oper_up: bool = True  # operationally up (IFLA_OPERSTATE, as Links.oper_up reads it)
     kind: abi.LinkKind = abi.LinkKind.ETHERNET  # what its frames carry (link_kind below)
+    info_kind: str = ""  # IFLA_INFO_KIND ("vxlan", "veth", ...; "" = a plain device)
+    external: bool = False  # a tunnel in external (collect-metadata) mode
 
 
 _OPER_DOWN = ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+# tunnel kind -> its IFLA_INFO_DATA attribute that says "external" (collect metadata)
+_EXTERNAL_ATTR = {
+    "vxlan": "IFLA_VXLAN_COLLECT_METADATA",
+    "geneve": "IFLA_GENEVE_COLLECT_METADATA",
+}
+
+
+def _kind(msg: object) -> tuple[str, bool]:
+    """The link's kind and, for a tunnel, whether it is external."""
+    info = msg.get_attr("IFLA_LINKINFO")  # type: ignore[attr-defined]
+    if info is None:
+        return "", False
+    kind = info.get_attr("IFLA_INFO_KIND") or ""
+    data = info.get_attr("IFLA_INFO_DATA")
+    attr = _EXTERNAL_ATTR.get(kind)
+    if attr is None or data is None:
+        return kind, False
+    value = data.get_attr(attr)
+    return kind, value is not None and value is not False and value != 0
+
 
 # Link types (linux/if_arp.h ARPHRD_*) whose frames have no Ethernet header:
 # the data path sees IP first on them (lh_uplink_l3).
@@ -47,33 +69,43 @@ L3_LINK_TYPES = {
     778: "GRE",  # ARPHRD_IPGRE
     823: "ip6gre",  # ARPHRD_IP6GRE
 }
-# IFLA_INFO_KIND of an Ethernet-typed link that is an overlay endpoint
+# IFLA_INFO_KIND of an Ethernet-typed link that is an overlay endpoint when
+# external; a tunnel with its own remote forwards by MAC like any Ethernet link
 OVERLAY_KINDS = {"vxlan": abi.LinkKind.VXLAN, "geneve": abi.LinkKind.GENEVE}
 
 
-def link_kind(link_type: int, info_kind: str | None) -> abi.LinkKind:
-    """What a link's frames carry, from its type (ifi_type) and IFLA_INFO_KIND."""
+def link_kind(link_type: int, info_kind: str | None, external: bool = False) -> abi.LinkKind:
+    """What a link's frames carry, from its type (ifi_type), IFLA_INFO_KIND and,
+    for a tunnel, whether it is external (collect metadata)."""
     if link_type in L3_LINK_TYPES:
         return abi.LinkKind.L3
-    return OVERLAY_KINDS.get(info_kind or "", abi.LinkKind.ETHERNET)
+    if external:
+        return OVERLAY_KINDS.get(info_kind or "", abi.LinkKind.ETHERNET)
+    return abi.LinkKind.ETHERNET
 
 
 def _link(msg: object) -> Link:
     get = msg.get_attr  # type: ignore[attr-defined]
     mac = get("IFLA_ADDRESS") or "00:00:00:00:00:00"
+    kind, external = _kind(msg)
     return Link(
         index=msg["index"],  # type: ignore[index]
         name=get("IFLA_IFNAME"),
         mac=bytes.fromhex(mac.replace(":", ""))[:6].ljust(6, b"\0"),
         master=get("IFLA_MASTER") or 0,
         oper_up=(get("IFLA_OPERSTATE") or "UNKNOWN") not in _OPER_DOWN,
-        kind=link_kind(msg["ifi_type"], _info_kind(msg)),  # type: ignore[index]
+        kind=link_kind(msg["ifi_type"], kind, external),  # type: ignore[index]
+        info_kind=kind,
+        external=external,
     )
 
 
-def _info_kind(msg: object) -> str | None:
-    info = msg.get_attr("IFLA_LINKINFO")  # type: ignore[attr-defined]
-    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
+def link_kind_name(value: int) -> str:
+    """iface_cfg.link_kind as /v1/interfaces shows it: "ethernet", "vxlan", ..."""
+    try:
+        return abi.LinkKind(value).name.lower()
+    except ValueError:
+        return str(value)
 
 
 class Links:

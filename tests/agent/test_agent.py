@@ -181,6 +181,9 @@ CONNECTION_FIELDS = {
     "vm_port": str,
     "state": str,
     "flags": list,
+    "endpoint": str,
+    "vni": type(None),  # an int for a tunnel hop
+    "geneve_options": str,
 }
 
 

@@ -85,6 +85,23 @@ struct frag_entry {
 	struct conn_entry hop;  /* FRAG_TO_HOP: a copy of the connection's entry (its last hop) */
 };
 
+/* lh_hop_descs value: a last hop beyond MAC and tags, stored once per
+ * distinct hop; entries with F_ENTRY_HOP_EXT name it by id (jhash of the
+ * content words, probed on a clash). Everything before .mark is content. */
+struct hop_desc {
+	__u32 remote[4];   /* tunnel: remote endpoint, IPv4 in word 0, host order (bpf_tunnel_key) */
+	__u32 vni;         /* tunnel: VNI, host order */
+	__u32 mpls[MAX_MPLS_LABELS]; /* MPLS: label stack entries, outer first, host order,
+				      * S bit and TTL zero (restored on the reply) */
+	__u16 vlan_tci[MAX_VLAN_TAGS]; /* the request's tags, as conn_entry's would be */
+	__u8  kind;        /* enum lh_hop_kind */
+	__u8  mpls_count;  /* labels in mpls */
+	__u8  opt_len;     /* Geneve options, bytes (a multiple of 4) */
+	__u8  reserved;    /* 0 */
+	__u8  opts[GENEVE_OPT_MAX]; /* Geneve options, as received */
+	__u32 mark;        /* not content: the expiry pass that last found it in use */
+};
+
 /* lh_vm_addrs key: an address a VM port may open connections from. */
 /* lh_hops and lh_hops_refused key: a last-hop MAC on one uplink. */
 struct hop_key {
@@ -231,5 +248,6 @@ struct lh_abi_enums {
 	enum lh_frag_verdict   frag_verdict;
 	struct conn_change     change; /* lh_changes has no key or value type to carry it */
 	struct svc_walk        svc_walk; /* lh_svc_walk's frame: no map carries it */
+	enum lh_hop_kind       hop_kind;
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

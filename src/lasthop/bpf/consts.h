@@ -50,6 +50,15 @@ enum lh_const {
 	FRAG_TABLE_SIZE  = 8192,
 	/* VM ports one run of lh_svc_walk looks for (struct svc_walk). */
 	SVC_WALK_IFACES = 16,
+	/* Distinct last hops beyond MAC and tags (tunnel endpoint + VNI + options,
+	 * MPLS stacks): lh_hop_descs, a plain hash -- a full one refuses new hops,
+	 * it never evicts one a connection uses. */
+	MAX_HOP_DESCS    = 16384,
+	/* Geneve options kept per hop: AWS GWLB's three TLVs (endpoint id,
+	 * attachment id, flow cookie) take exactly 32 bytes. */
+	GENEVE_OPT_MAX   = 32,
+	MAX_MPLS_LABELS  = 3,                /* label stack entries learned */
+	HOP_DESC_PROBES  = 4,                /* ids tried when two hops hash alike */
 };
 
 /* CPUs whose per-CPU counters the expiry pass sums (bpf_loop bound; the
@@ -68,6 +77,7 @@ enum lh_const {
 #define LH_BROKEN_DATAGRAM_CHECK 0
 #endif
 
+#define ENOENT_    2  /* bpf_skb_get_tunnel_opt: the tunnel carried no options */
 #define ETH_ALEN   6  /* as linux/if_ether.h: a #define there, so one here too */
 #define AF_INET_   2  /* bpf_fib_lookup's family: the socket API's values */
 #define AF_INET6_  10
@@ -79,13 +89,13 @@ enum lh_role {
 	ROLE_VM_PORT = 2,
 };
 
-/* What an interface carries (lh_ifaces value .link_kind), from its link
- * type: the agent reads it from the kernel. Python mirror: lasthop.abi.LinkKind. */
+/* What kind of link an interface is (iface_cfg .link_kind), set by the agent
+ * from the link's kind. Python mirror: lasthop.abi.LinkKind. */
 enum lh_link_kind {
-	LINK_ETHERNET = 0,
-	LINK_VXLAN = 1,
-	LINK_GENEVE = 2,
-	LINK_L3 = 3, /* no Ethernet header: tun, WireGuard, xfrm, GRE, IP-in-IP */
+	LINK_ETHERNET = 0, /* NIC, veth, tap, bridge port, VLAN device */
+	LINK_VXLAN    = 1, /* VXLAN device in external (collect-metadata) mode */
+	LINK_GENEVE   = 2, /* Geneve device in external mode */
+	LINK_L3       = 3, /* no Ethernet header: tun, WireGuard, xfrm, GRE, IP-in-IP */
 };
 
 /* What the first fragment of a datagram did (frag_entry .verdict): the
@@ -94,6 +104,14 @@ enum lh_frag_verdict {
 	FRAG_PASSED = 0, /* left to the host */
 	FRAG_TO_VM  = 1, /* sent to VM port frag_entry .vm_ifindex */
 	FRAG_TO_HOP = 2, /* sent to the last hop frag_entry .hop */
+};
+
+/* What a last hop's descriptor holds (hop_desc .kind). Python mirror:
+ * lasthop.abi.HopKind. */
+enum lh_hop_kind {
+	HOP_TUNNEL4 = 1, /* tunnel with an IPv4 remote endpoint */
+	HOP_TUNNEL6 = 2, /* tunnel with an IPv6 remote endpoint */
+	HOP_MPLS    = 3, /* MPLS label stack on an Ethernet uplink */
 };
 
 /* lh_ifaces value .flags */
@@ -129,6 +147,8 @@ enum lh_entry_flag {
 	F_ENTRY_VM_FAST      = 1 << 3, /* fast path: vm_ifindex is the port that answered */
 	F_ENTRY_FIN_OPENER   = 1 << 4, /* TCP: the side that opened sent a FIN */
 	F_ENTRY_FIN_ANSWERER = 1 << 5, /* TCP: the side that answered sent a FIN */
+	F_ENTRY_HOP_EXT      = 1 << 6, /* last hop has a descriptor in lh_hop_descs: vlan_tci
+					* holds its id (low half first), the tags are in it */
 };
 
 /* What a scope rule does with a new connection (scope_rule .action). */
@@ -246,7 +266,11 @@ enum lh_counter {
 	CNT_RST_UNKNOWN         = 38, /* TCP RST of no known connection: nothing to remember */
 	CNT_HOP_DOWN            = 39, /* reply whose last hop's uplink link is down: left to routing */
 	CNT_HOP_UNTRUSTED       = 40, /* uplink frame from a MAC its list refuses: not learned, passed */
-	/* 41..44: overlay */
+	CNT_HOP_DESC_FULL       = 41, /* lh_hop_descs full: a new tunnel/MPLS hop not learned, passed */
+	CNT_HOP_DESC_GONE       = 42, /* reply whose hop descriptor is gone: left to routing */
+	CNT_ENCAP_UNSUPPORTED   = 43, /* tunnel frame without metadata, options over GENEVE_OPT_MAX,
+				       * or an MPLS stack deeper than MAX_MPLS_LABELS: passed */
+	CNT_ENCAP_REDIRECTED    = 44, /* reply sent into a tunnel or under MPLS labels (also REDIRECTED) */
 	CNT_FRAGMENT_FOLLOWED   = 45, /* later fragment sent where its datagram's first one went */
 	CNT_FRAGMENT_EARLY      = 46, /* later fragment, its first one not seen (out of order,
 				       * or forgotten by the LRU): passed */

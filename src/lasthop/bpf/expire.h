@@ -14,6 +14,7 @@
 #include "maps.h"
 #include "changes.h"
 #include "conntrack.h"
+#include "encap.h"
 
 /* The kernel's struct, for the kfunc below (only its name matters to BTF). */
 struct bpf_map {
@@ -29,6 +30,7 @@ struct expire_ctx {
 	__u32 expired[CS_MAX];
 	__s32 next_left; /* jiffies until the earliest deadline of a live entry */
 	__u32 table;     /* the table walked: enum lh_change_table */
+	__u32 pass;      /* the mark live entries' hop descriptors get (encap.h) */
 };
 
 /* Whether entry e is idle past its state's timeout (*state := its state,
@@ -56,6 +58,7 @@ static __always_inline void expire_keep(const struct conn_entry *e, struct expir
 		return;
 	timeout = ctx->timeout[state];
 	ctx->live[state]++;
+	hop_desc_keep(e, ctx->pass);
 	/* jiffies until idle > timeout; idle < 0 (refreshed meanwhile) only adds */
 	if ((__s32)(timeout - idle + 1) < ctx->next_left)
 		ctx->next_left = timeout - idle + 1;

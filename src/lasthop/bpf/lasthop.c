@@ -70,8 +70,8 @@ static __always_inline void conn_set_hop(struct conn_entry *e, const struct pkt 
 	e->vlan_count = p->vlan_count;
 	e->vlan_tci[0] = p->vlan_tci[0];
 	e->vlan_tci[1] = p->vlan_tci[1];
-	e->flags = (e->flags & ~F_ENTRY_OUTER_8021AD) | F_ENTRY_HOP_KNOWN |
-		   (p->outer_ad ? F_ENTRY_OUTER_8021AD : 0);
+	e->flags = (e->flags & ~(F_ENTRY_OUTER_8021AD | F_ENTRY_HOP_EXT)) | F_ENTRY_HOP_KNOWN |
+		   (p->outer_ad ? F_ENTRY_OUTER_8021AD : 0) | (p->hop_ext ? F_ENTRY_HOP_EXT : 0);
 }
 
 static __always_inline int conn_hop_same(const struct conn_entry *e, const struct pkt *p,
@@ -79,7 +79,8 @@ static __always_inline int conn_hop_same(const struct conn_entry *e, const struc
 {
 	return (e->flags & F_ENTRY_HOP_KNOWN) && e->ifindex == ifindex &&
 	       e->vlan_count == p->vlan_count && e->vlan_tci[0] == p->vlan_tci[0] &&
-	       e->vlan_tci[1] == p->vlan_tci[1] && mac_equal(e->mac, mac);
+	       e->vlan_tci[1] == p->vlan_tci[1] && mac_equal(e->mac, mac) &&
+	       !(e->flags & F_ENTRY_HOP_EXT) == !p->hop_ext;
 }
 
 static __always_inline struct lh_settings *settings_get(void)
@@ -429,6 +430,12 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
 		o.reason = ret >> 8;
 		ret &= 0xff;
 	} else {
+		/* a tunnel's hop: its descriptor's id (never on an L3 link) */
+		o.reason = l3 ? 0 : encap_learn(skb, cfg, &p);
+		if (o.reason < 0) {
+			o.reason = -o.reason;
+			goto out;
+		}
 		ret = uplink_conn(skb, &p, cfg, &o, l3);
 	}
 	if (p.frag && p.icmp_kind != ICMP_KIND_ERROR)
@@ -621,6 +628,8 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 		e->vm_ifindex = skb->ifindex;
 		e->flags |= F_ENTRY_VM_FAST;
 	}
+	if (e->flags & F_ENTRY_HOP_EXT)
+		o->svc = CNT_ENCAP_REDIRECTED;
 	o->reason = hit;
 	return ret;
 }
@@ -730,8 +739,8 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 	e = conn_lookup(p, &pending);
 	if (!e || !(e->flags & F_ENTRY_HOP_KNOWN))
 		return TC_ACT_OK;
-	if (e->vlan_count) {
-		*reason = CNT_HOST_ICMP_TAGGED; /* the host's own tagging applies */
+	if (e->vlan_count || (e->flags & F_ENTRY_HOP_EXT)) {
+		*reason = CNT_HOST_ICMP_TAGGED; /* the host's own tagging (or tunnel) applies */
 		return TC_ACT_OK;
 	}
 	ifindex = e->ifindex;
@@ -813,11 +822,13 @@ int lh_expire(struct __sk_buff *skb)
 	}
 	expire_timeouts(&ctx, s);
 	ctx.next_left = 1 << 30; /* an empty table: nothing is due for ~12 days at HZ 1000 */
+	ctx.pass = (__u32)st->passes + 1;
 	st->started = started;
 	bpf_for_each_map_elem(&lh_vm_usage, usage_begin, NULL, 0);
 	expire_table(&lh_conns4, &lh_conns, 0, &ctx, st);
 	expire_table(&lh_pending4, &lh_pending, 1, &ctx, st);
 	bpf_for_each_map_elem(&lh_vm_usage, usage_end, NULL, 0);
+	bpf_for_each_map_elem(&lh_hop_descs, hop_desc_sweep, &ctx.pass, 0);
 	st->next_due = started + ctx.next_left;
 	st->finished = now32();
 	st->passes++;

@@ -123,6 +123,26 @@ struct {
 	__type(value, struct frag_entry);
 } lh_frags SEC(".maps");
 
+/* Hop id -> a last hop beyond MAC and tags (encap.h): tunnel endpoint, VNI,
+ * Geneve options, tags. Entries with F_ENTRY_HOP_EXT name one; a plain hash,
+ * so a flood of new hops is refused when full, never evicts one in use;
+ * lh_expire sweeps those no live entry names. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_HOP_DESCS);
+	__type(key, __u32);
+	__type(value, struct hop_desc);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_hop_descs SEC(".maps");
+
+/* 0 -> the descriptor being built for this CPU's packet (off the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct hop_desc);
+} lh_hop_scratch SEC(".maps");
+
 /* VM port ifindex -> the entries it opened (its quota's use); an element
  * appears when the port first opens one. */
 struct {

@@ -66,6 +66,7 @@ struct pkt {
 	__u8  frag_proto;   /* fragment: IPv4 protocol, or the fragment header's next header */
 	__u8  l3_link;      /* no Ethernet header: the frame arrived on an L3 link (set before parsing) */
 	__u32 frag_id;      /* fragment: IPv4 identification or IPv6 fragment id, network order */
+	__u8  hop_ext;      /* uplink: vlan_tci holds a hop descriptor's id (encap.h) */
 };
 
 /* The frame's Ethernet header, or NULL when the frame is shorter. */

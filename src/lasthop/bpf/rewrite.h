@@ -7,6 +7,7 @@
 
 #include "parse.h"
 #include "maps.h"
+#include "encap.h"
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -139,10 +140,16 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 		if (err)
 			return err;
 	} else {
+		if ((e->flags & F_ENTRY_HOP_EXT) && !encap_hop_of(e, &err))
+			return err; /* its tunnel hop is gone: unchanged, ordinary routing */
 		err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
 		if (err)
 			return err;
-		err = rewrite_vlan(skb, e);
+		if (e->flags & F_ENTRY_HOP_EXT)
+			err = encap_reply(skb, e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16,
+					  e->vlan_count | !!(e->flags & F_ENTRY_OUTER_8021AD) << 8);
+		else
+			err = rewrite_vlan(skb, e);
 		if (err)
 			return err;
 	}

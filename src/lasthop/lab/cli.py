@@ -172,7 +172,12 @@ def status(name: str, run_check: bool) -> None:
     help="On the routed host also show the Linux recipe, and where it stops working.",
 )
 @click.option(
-    "--mode", type=click.Choice(["both", "bridged", "routed"]), default="both", show_default=True
+    "--mode",
+    type=click.Choice(["both", "bridged", "routed", "overlay", "all"]),
+    default="both",
+    show_default=True,
+    help="both = bridged and routed; overlay: the firewalls reach the host through VXLAN "
+    "(two share one MAC); all = the three.",
 )
 @click.option(
     "-n",
@@ -212,8 +217,10 @@ def demo_cmd(
 ) -> None:
     """Build the lab, show replies dying without lasthop and arriving with it,
     spread a service over the VMs, clean up."""
-    modes = {"both": [False, True], "bridged": [False], "routed": [True]}[mode]
-    drawings = _drawing_files(draw_to, modes) if draw_to else {}
+    modes = {"both": [False, True], "bridged": [False], "routed": [True], "overlay": [],
+             "all": [False, True]}[mode]  # fmt: skip
+    overlay = mode in ("overlay", "all")
+    drawings = _drawing_files(draw_to, modes) if draw_to and modes else {}
     _require_root()
     runs: list[demo.ModeRun] = []
     started = time.monotonic()
@@ -235,6 +242,17 @@ def demo_cmd(
                         capture_dir=capture_dir,
                     )
                 )
+            if overlay:
+                runs.append(
+                    demo.run_mode(
+                        name,
+                        False,
+                        overlay=True,
+                        n=connections,
+                        say=steps.say,
+                        detail=steps.detail,
+                    )
+                )
     except KeyboardInterrupt:
         lab_down(name)
         err_console.print("interrupted: lab removed")
@@ -247,7 +265,7 @@ def demo_cmd(
         _print_run(run)
     for run in runs:
         if run.sketch is not None:
-            path = drawings[run.mode == "routed"]
+            path = drawings[run.mode == "routed"]  # no sketch for the overlay run
             _draw(run.sketch, path, f"lasthop lab demo: {run.mode} host")
             console.print(f"drawing of the {run.mode} host: {path}", highlight=False)
     problems = [f"{run.mode}: {p}" for run in runs for p in run.all_problems]
@@ -264,10 +282,16 @@ def demo_cmd(
             if any(run.service and run.service.conns for run in runs)
             else ""
         )
+        died = (
+            "every path through fw2 and fw3 died"
+            if modes
+            else "no reply crossed the overlay (fw1 and fw2 share one MAC)"
+        )
+        if modes and overlay:
+            died += "; in the overlay no reply crossed at all"
         console.print(
             f"[green bold]demo passed[/green bold] in {elapsed:.1f} s: every connection worked "
-            f"with lasthop; without it, every path through fw2 and fw3 died{recipe_line}"
-            f"{service_line}",
+            f"with lasthop; without it, {died}{recipe_line}{service_line}",
             highlight=False,
         )
         sys.exit(EXIT_OK)
@@ -554,11 +578,13 @@ def _print_service(svc: demo.ServiceRun) -> None:
 
 def _print_show(rows: list[dict[str, Any]]) -> None:
     table = Table(title="lasthop show: where each connection's replies go", title_justify="left")
-    for col in ("proto", "client", "server", "last-hop MAC", "firewall", "uplink", "packets"):
-        table.add_column(col, justify="right" if col == "packets" else "left")
+    tunnels = any(r.get("endpoint") for r in rows)  # the overlay lab: endpoint, VNI
+    cols = ["proto", "client", "server", "last-hop MAC", "firewall", "uplink", "packets"]
+    for col in cols + (["endpoint", "vni"] if tunnels else []):
+        table.add_column(col, justify="right" if col in ("packets", "vni") else "left")
     for r in rows:
         mac = str(r.get("mac", ""))
-        table.add_row(
+        cells = [
             str(r.get("proto")),
             escape(format_endpoint(r.get("src"), r.get("sport"))),
             escape(format_endpoint(r.get("dst"), r.get("dport"))),
@@ -566,7 +592,10 @@ def _print_show(rows: list[dict[str, Any]]) -> None:
             P.who_has(mac),
             str(r.get("uplink", "")),
             str(r.get("packets", "")),
-        )
+        ]
+        if tunnels:
+            cells += [str(r.get("endpoint") or "-"), str(r.get("vni") or "-")]
+        table.add_row(*cells)
     console.print(table)
 
 

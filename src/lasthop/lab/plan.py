@@ -26,6 +26,10 @@ __all__ = [
     "lab_namespace_pattern",
     "BRIDGE",
     "UPLINK",
+    "VXLAN",
+    "UNDERLAY_LINK",
+    "VNI",
+    "VXLAN_PORT",
     "FW_TRANSIT",
     "FW_LAN",
     "ETH",
@@ -53,6 +57,11 @@ FW_TRANSIT = "tr0"  # firewall: leg on the transit network
 FW_LAN = "lan0"  # firewall: leg on its client network
 ETH = "eth0"  # clients and VMs
 SWITCH_BRIDGE = "br0"  # switch namespace: the transit L2 segment
+# The overlay lab (Plan.overlay): the transit network is VXLAN over an underlay
+VXLAN = "vx0"  # host: the external (collect-metadata) VXLAN device, lasthop's uplink
+UNDERLAY_LINK = "ul0"  # firewall: its leg on the underlay (tr0 is then its VXLAN device)
+VNI = 100  # the transit network's VNI
+VXLAN_PORT = 4789
 
 HTTP_PORT = 80
 ECHO_PORT = 7  # TCP and UDP echo
@@ -155,6 +164,8 @@ class Firewall:
     lan_mac: str
     transit: Addr  # on the transit net: 10.0.0.N, fd00::N
     lan: Addr  # on its client net: 10.1.N.1, fd00:1:N::1
+    underlay: Addr | None = None  # overlay lab: its tunnel endpoint's addresses
+    endpoint: str = ""  # overlay lab: the one its VXLAN device uses (fw2: IPv6)
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,8 @@ class Host:
     uplink_addr: Addr | None  # routed only: 10.0.0.100, fd00::100
     vm_gateway: Addr | None  # routed only, on br0: 10.2.0.1, fd00:2::1
     default_via: Addr | None  # routed only: fw1
+    underlay: Addr | None = None  # overlay lab: on up0, the host's tunnel endpoint
+    underlay_link: str = UPLINK
 
 
 @dataclass
@@ -199,8 +212,13 @@ class Plan:
     routed: bool = False
     sites: list[int] = field(default_factory=lambda: [1, 2, 3])
     vms: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # the firewalls reach the (bridged) host through VXLAN, each from its own
+    # endpoint, and fw1 and fw2 share one MAC: only endpoint learning tells them apart
+    overlay: bool = False
 
     def __post_init__(self) -> None:
+        if self.overlay and self.routed:
+            raise ValueError("the overlay lab is bridged: the VMs sit on the VXLAN segment")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", self.name):
             raise ValueError(
                 f"lab name {self.name!r}: 1-8 lowercase letters and digits, starting with a letter"
@@ -210,7 +228,7 @@ class Plan:
 
     @property
     def mode(self) -> str:
-        return "routed" if self.routed else "bridged"
+        return "routed" if self.routed else "overlay" if self.overlay else "bridged"
 
     def ns(self, role: str) -> str:
         return f"{self.name}-{role}"
@@ -225,12 +243,20 @@ class Plan:
             n=n,
             ns=self.ns(f"fw{n}"),
             name=f"fw{n}",
-            transit_mac=mac(MAC_FW, n),
+            # overlay: fw2 answers with fw1's MAC (an anycast / virtual MAC)
+            transit_mac=mac(MAC_FW, 1 if self.overlay and n == 2 else n),
             failover_mac=mac(MAC_FW_FAILOVER, n),
             lan_mac=mac(MAC_FW_LAN, n),
             transit=Addr(f"10.0.0.{n}", f"fd00::{n}"),
             lan=Addr(f"10.1.{n}.1", f"fd00:1:{n}::1"),
+            underlay=self._underlay(n) if self.overlay else None,
+            endpoint=self._underlay(n).of(6 if n == 2 else 4) if self.overlay else "",
         )
+
+    @staticmethod
+    def _underlay(n: int) -> Addr:
+        """Overlay lab: tunnel endpoint n (100 = the host) on the underlay."""
+        return Addr(f"10.255.0.{n}", f"fd00:ff::{n}")
 
     def client(self, n: int) -> Client:
         fw = self.firewall(n)
@@ -265,13 +291,14 @@ class Plan:
     def host(self) -> Host:
         return Host(
             ns=self.ns("host"),
-            uplink=UPLINK,
+            uplink=VXLAN if self.overlay else UPLINK,
             uplink_mac=mac(MAC_HOST, 1),
             bridge=BRIDGE,
             bridge_mac=mac(MAC_HOST, 0),
             uplink_addr=Addr("10.0.0.100", "fd00::100") if self.routed else None,
             vm_gateway=Addr("10.2.0.1", "fd00:2::1") if self.routed else None,
             default_via=self.firewall(1).transit if self.routed else None,
+            underlay=self._underlay(100) if self.overlay else None,
         )
 
     def namespaces(self) -> list[str]:

@@ -28,14 +28,15 @@ class LabState:
     recipe: bool = False  # the Linux recipe is configured on the host
     # other processes it started (the HA lab's Redis, keepalived, agents): name -> PID
     processes: dict[str, int] = field(default_factory=dict)
+    overlay: bool = False  # the firewalls reach the host through VXLAN
 
     @property
     def plan(self) -> Plan:
-        return Plan(self.name, self.routed, list(self.sites), list(self.vms))
+        return Plan(self.name, self.routed, list(self.sites), list(self.vms), self.overlay)
 
     @classmethod
     def of(cls, plan: Plan) -> LabState:
-        return cls(plan.name, plan.routed, list(plan.sites), list(plan.vms))
+        return cls(plan.name, plan.routed, list(plan.sites), list(plan.vms), overlay=plan.overlay)
 
 
 def folder(name: str) -> Path:

@@ -75,6 +75,7 @@ SWITCH_SYSCTLS: dict[str, str | int] = {
     "net.ipv6.conf.all.disable_ipv6": 1,  # a pure L2 switch
     "net.ipv6.conf.default.disable_ipv6": 1,
 }
+UNDERLAY_MTU = 1600  # overlay lab: room for VXLAN over IPv6 (70 bytes) under 1500-byte frames
 BRIDGE_OPTS = "type bridge stp_state 0 mcast_snooping 0 forward_delay 0"
 
 
@@ -169,7 +170,7 @@ class Lab:
     def up(cls, plan: P.Plan, progress: Progress = _quiet) -> Lab:
         """Builds the lab of *plan* (after removing any lab of the same name)."""
         down(plan.name, progress)
-        lab = cls(state.LabState.of(P.Plan(plan.name, plan.routed, [], [])))
+        lab = cls(state.LabState.of(P.Plan(plan.name, plan.routed, [], [], plan.overlay)))
         state.save(lab.state)
         try:
             lab._build_core(progress)
@@ -215,14 +216,17 @@ class Lab:
         ip_batch(
             host.ns,
             [
-                f"link add {host.uplink} address {host.uplink_mac} type veth "
+                f"link add {host.underlay_link} address {host.uplink_mac} type veth "
                 f"peer name host address {P.mac(P.MAC_SWITCH, 0x10)} netns {plan.switch_ns}",
                 f"link add {host.bridge} address {host.bridge_mac} {BRIDGE_OPTS}",
             ],
         )
-        ip_batch(plan.switch_ns, [f"link set host master {P.SWITCH_BRIDGE} up"])
+        mtu = [f"link set host mtu {UNDERLAY_MTU}"] if plan.overlay else []
+        ip_batch(plan.switch_ns, [*mtu, f"link set host master {P.SWITCH_BRIDGE} up"])
         lines = []
-        if plan.routed:
+        if plan.overlay:
+            lines += self._host_overlay()
+        elif plan.routed:
             assert host.uplink_addr and host.vm_gateway and host.default_via
             lines += [
                 f"addr add {host.uplink_addr.cidr4} dev {host.uplink}",
@@ -240,6 +244,51 @@ class Lab:
                 f"route add default via {host.default_via.v6}",
             ]
         ip_batch(host.ns, lines)
+
+    def _host_overlay(self) -> list[str]:
+        """Overlay lab: up0 is the host's underlay leg (its tunnel endpoint), and
+        an external VXLAN device, a port of the bridge, is lasthop's uplink."""
+        host = self.plan.host
+        assert host.underlay
+        return [
+            f"link set {host.underlay_link} mtu {UNDERLAY_MTU} up",
+            f"addr add {host.underlay.cidr4} dev {host.underlay_link}",
+            f"addr add {host.underlay.cidr6} dev {host.underlay_link} nodad",
+            f"link add {P.VXLAN} address {P.mac(P.MAC_HOST, 2)} mtu 1500 type vxlan external "
+            f"dstport {P.VXLAN_PORT}",
+            f"link set {P.VXLAN} master {host.bridge} up",
+        ]
+
+    def _firewall_overlay(self, n: int) -> None:
+        """Overlay lab: fwN's transit leg (tr0) is a VXLAN device whose remote is
+        the host's endpoint, over its underlay leg ul0; it knows the VMs' MACs
+        (static neighbours: their answers cannot come back without lasthop)."""
+        plan, fw = self.plan, self.plan.firewall(n)
+        host = plan.host
+        assert fw.underlay and host.underlay
+        family = 6 if ":" in fw.endpoint else 4
+        neighbours = []
+        for m in range(1, P.MAX_INDEX + 1):
+            vm = P.Plan(plan.name, overlay=True).vm(m)
+            neighbours += [
+                f"neigh replace {vm.addr.v4} lladdr {vm.mac} dev {P.FW_TRANSIT} nud permanent",
+                f"neigh replace {vm.addr.v6} lladdr {vm.mac} dev {P.FW_TRANSIT} nud permanent",
+            ]
+        ip_batch(
+            fw.ns,
+            [
+                f"link add {P.UNDERLAY_LINK} mtu {UNDERLAY_MTU} type veth "
+                f"peer name fw{n} mtu {UNDERLAY_MTU} address {P.mac(P.MAC_SWITCH, n)} "
+                f"netns {plan.switch_ns}",
+                f"addr add {fw.underlay.cidr4} dev {P.UNDERLAY_LINK}",
+                f"addr add {fw.underlay.cidr6} dev {P.UNDERLAY_LINK} nodad",
+                f"link set {P.UNDERLAY_LINK} up",
+                f"link add {P.FW_TRANSIT} address {fw.transit_mac} mtu 1500 type vxlan "
+                f"id {P.VNI} local {fw.endpoint} remote {host.underlay.of(family)} "
+                f"dstport {P.VXLAN_PORT} nolearning",
+                *neighbours,
+            ],
+        )
 
     def _site_routes(self, n: int) -> list[str]:
         """Routes firewall n needs towards every other site (and the VM subnet)."""
@@ -270,11 +319,19 @@ class Lab:
         fw, cl = plan.firewall(n), plan.client(n)
         progress(f"building {cl.name} behind {fw.name}")
         self._new_namespaces([fw.name, cl.name], [FIREWALL_SYSCTLS, {}])
+        if plan.overlay:
+            self._firewall_overlay(n)
+        else:
+            ip_batch(
+                fw.ns,
+                [
+                    f"link add {P.FW_TRANSIT} address {fw.transit_mac} type veth "
+                    f"peer name fw{n} address {P.mac(P.MAC_SWITCH, n)} netns {plan.switch_ns}",
+                ],
+            )
         ip_batch(
             fw.ns,
             [
-                f"link add {P.FW_TRANSIT} address {fw.transit_mac} type veth "
-                f"peer name fw{n} address {P.mac(P.MAC_SWITCH, n)} netns {plan.switch_ns}",
                 f"link add {P.FW_LAN} address {fw.lan_mac} type veth "
                 f"peer name {P.ETH} address {cl.mac} netns {cl.ns}",
             ],
@@ -333,12 +390,21 @@ class Lab:
                 f"link set {P.ETH} up",
                 f"route add default via {vm.gateway.v4}",
                 f"route add default via {vm.gateway.v6}",
+                *(self._vm_overlay_neighbours() if plan.overlay else []),
             ],
         )
         self.state.vms = sorted([*self.state.vms, n])
         self._save()
         if start:
             self._start_servers([n])
+
+    def _vm_overlay_neighbours(self) -> list[str]:
+        """Overlay lab: the VM's gateway (fw1) by its MAC -- which fw2 shares."""
+        fw1 = self.plan.firewall(1)
+        return [
+            f"neigh replace {fw1.transit.v4} lladdr {fw1.transit_mac} dev {P.ETH} nud permanent",
+            f"neigh replace {fw1.transit.v6} lladdr {fw1.transit_mac} dev {P.ETH} nud permanent",
+        ]
 
     def _start_servers(self, vms: list[int]) -> None:
         """Starts the servers of each VM (concurrently) and waits until they listen."""

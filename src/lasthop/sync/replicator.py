@@ -129,6 +129,7 @@ class SyncStatus:
     unpublished: int = 0  # records read from the ring that the store did not take
     applied: int = 0  # peers' records written into this host's tables
     unmapped: int = 0  # peers' records naming an uplink this host does not have
+    hop_refused: int = 0  # peers' records of tunnel last hops: not replicated (docs/ha.md)
     resyncs: int = 0  # snapshots of the table published
     malformed: int = 0  # peers' batches ignored (another wire version, bad records)
     lost: int = 0  # records the kernel had no ring room for (TC_SYNC_LOST)
@@ -144,6 +145,7 @@ class SyncStatus:
             "unpublished": self.unpublished,
             "applied": self.applied,
             "unmapped": self.unmapped,
+            "hop_refused": self.hop_refused,
             "resyncs": self.resyncs,
             "malformed": self.malformed,
             "lost": self.lost,
@@ -186,7 +188,7 @@ def export_records(
     for raw in _records(_snapshot(maps)):
         rec = abi.ConnChange.from_buffer_copy(raw)
         if rec.entry.vm_ifindex == vm_ifindex:
-            out.append(encode_record(raw, name_of, now, settings))
+            out.append(encode_record(raw, name_of, now, settings, maps.hop_desc))
     return out
 
 
@@ -467,8 +469,9 @@ class Replicator:
             )
             written = write_batch(self.maps, batch)
         refused = len(batch.keys) + len(batch.removed) - written  # a full table
-        self._status.applied += batch.records - batch.unmapped - refused
+        self._status.applied += batch.records - batch.unmapped - refused - batch.hop_refused
         self._status.unmapped += batch.unmapped
+        self._status.hop_refused += batch.hop_refused
         return batch
 
 
@@ -552,6 +555,12 @@ def write_changes(
         if c.uplink and not e.ifindex:
             unmapped += 1
             continue
+        if e.flags & abi.F_ENTRY_HOP_EXT:  # its hop's descriptor, under this host's id
+            if not c.hop:
+                unmapped += 1
+                continue
+            hop_id = m.put_hop_desc(abi.HopDesc.from_buffer_copy(c.hop))
+            e.vlan_tci[0], e.vlan_tci[1] = hop_id & 0xFFFF, hop_id >> 16
         e.vm_ifindex = index_of(c.vm_port) if c.vm_port else 0
         if not e.vm_ifindex:
             e.flags &= ~abi.F_ENTRY_VM_FAST

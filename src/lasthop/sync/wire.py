@@ -62,6 +62,7 @@ WIRE_FIELDS: tuple[tuple[str, str], ...] = (
     ("packets", "request packets seen"),
     ("replies", "replies redirected"),
     ("left_ms", "milliseconds left before its state's timeout"),
+    ("hop", "a tunnel last hop (flag hop_ext): struct hop_desc, hex; '' = none"),
 )
 
 
@@ -76,6 +77,7 @@ class Change:
     vm_port: str
     entry: abi.ConnEntry  # ifindex, vm_ifindex, last_seen left 0: the applier sets them
     left_ms: int
+    hop: bytes = b""  # F_ENTRY_HOP_EXT: its struct hop_desc (the id in entry is the exporter's)
 
 
 def sync_epoch_shift(hz: int, timeouts: Mapping[int, float]) -> int:
@@ -107,11 +109,18 @@ def last_seen_for(left: int, now: int, hz: int, timeout_s: int) -> int:
 
 
 def encode_record(
-    raw: bytes, name_of: Callable[[int], str], now: int, settings: abi.Settings
+    raw: bytes,
+    name_of: Callable[[int], str],
+    now: int,
+    settings: abi.Settings,
+    hop: Callable[[int], abi.HopDesc | None] | None = None,
 ) -> list[object]:
-    """A conn_change from lh_changes as the values of WIRE_FIELDS."""
+    """A conn_change from lh_changes as the values of WIRE_FIELDS; *hop*
+    reads the descriptor of a tunnel last hop (absent: the record carries none)."""
     rec = abi.ConnChange.from_buffer_copy(raw[: ctypes.sizeof(abi.ConnChange)])
     e = rec.entry
+    hop_id = abi.hop_desc_id(e)
+    desc = hop(hop_id) if hop is not None and hop_id is not None else None
     removal = rec.kind in (abi.ChangeKind.REMOVED, abi.ChangeKind.EXPIRED)
     state = e.state if e.state < abi.CS_MAX else 0
     return [
@@ -128,14 +137,17 @@ def encode_record(
         e.packets,
         e.replies,
         0 if removal else left_ms(e, now, settings.hz, settings.timeout[state]),
+        bytes(desc).hex() if desc is not None else "",
     ]
 
 
 def decode_record(values: list[object]) -> Change:
     """The values of WIRE_FIELDS back into a Change (ValueError when malformed)."""
+    if len(values) == len(WIRE_FIELDS) - 1:  # an export made before tunnel hops
+        values = [*values, ""]
     if len(values) != len(WIRE_FIELDS):
         raise ValueError(f"a record has {len(WIRE_FIELDS)} fields, got {len(values)}")
-    kind, table, key, uplink, vm_port, mac, vlan, flags, state, seq, pk, rp, left = values
+    kind, table, key, uplink, vm_port, mac, vlan, flags, state, seq, pk, rp, left, hop = values
     e = abi.ConnEntry(flags=int(flags), state=int(state), seq=int(seq))  # type: ignore[call-overload]
     e.packets, e.replies = int(pk), int(rp)  # type: ignore[call-overload]
     ctypes.memmove(e.mac, bytes.fromhex(str(mac)), abi.ETH_ALEN)
@@ -151,7 +163,16 @@ def decode_record(values: list[object]) -> Change:
         vm_port=str(vm_port),
         entry=e,
         left_ms=int(left),  # type: ignore[call-overload]
+        hop=_hop_bytes(str(hop)),
     )
+
+
+def _hop_bytes(text: str) -> bytes:
+    """A record's hop field: '' or a whole struct hop_desc in hex."""
+    raw = bytes.fromhex(text)
+    if raw and len(raw) != ctypes.sizeof(abi.HopDesc):
+        raise ValueError(f"a hop is {ctypes.sizeof(abi.HopDesc)} bytes, got {len(raw)}")
+    return raw
 
 
 # -- the stream's binary records ---------------------------------------------------
@@ -332,6 +353,7 @@ class DecodedBatch:
     removed: np.ndarray
     unmapped: int  # records naming an uplink this host does not have
     records: int  # in the batch, all told
+    hop_refused: int = 0  # tunnel last hops (their id means nothing here): removed, not written
 
     @property
     def writes(self) -> dict[bytes, tuple[bytes, bool, bool]]:
@@ -364,6 +386,11 @@ def decode_batch(
     merged = _merge(records, arr)
     arr = arr[merged.last]
     removal = np.isin(arr["kind"], _REMOVAL_KINDS)
+    # a tunnel hop's entry names an id into the peer's lh_hop_descs, which the
+    # record does not carry: never guess it; remove any copy of older news
+    hop = ~removal & ((arr["flags"] & abi.F_ENTRY_HOP_EXT) != 0)
+    hop_refused = int(hop.sum())
+    removal |= hop
     ifindex, vm_ifindex = local[arr["ifindex"]], local[arr["vm_ifindex"]]
     unmapped = ~removal & (arr["ifindex"] != 0) & (ifindex == 0)
     write = ~removal & ~unmapped
@@ -381,6 +408,7 @@ def decode_batch(
         removed=arr["key"][removal],
         unmapped=int(unmapped.sum()),
         records=len(records) // RECORD_SIZE,
+        hop_refused=hop_refused,
     )
 
 

@@ -1,0 +1,195 @@
+"""lasthop in the overlay lab (Plan.overlay): the firewalls reach the host
+through VXLAN, each from its own tunnel endpoint, and fw1 and fw2 share one
+MAC, so only the endpoint tells their connections apart.
+
+    cl1 ── fw1 ─ vxlan 10.255.0.1 ──┐                      ┌── vm1
+    cl2 ── fw2 ─ vxlan fd00:ff::2 ──┼─ sw ─ up0 ─ vx0 ─ br0 ┼── vm2
+    cl3 ── fw3 ─ vxlan 10.255.0.3 ──┘  (underlay)  (external) └── vm3
+           (fw1 and fw2: MAC 02:00:00:f0:00:01)
+
+A request from cl2 comes out of vx0 with tunnel key {fd00:ff::2, VNI 100}:
+lasthop learns it; the VM's reply (to its gateway, fw1's MAC) is sent into
+vx0 with that key, so it reaches fw2, which saw the connection open.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from lasthop import abi, libbpf
+from lasthop.lab import Lab, Plan, runner, traffic
+from lasthop.lab import plan as P
+from lasthop.lab.demo import expect_all_ok, expect_dead_only
+from lasthop.lab.namespaces import eventually, open_socket
+from lasthop.lab.traffic import EchoSession
+
+needs_agent = pytest.mark.skipif(not runner.available(), reason="agent not built yet")
+pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.bpf, needs_agent]
+
+
+@pytest.fixture
+def overlay_lab(lab_name: str) -> Lab:
+    return Lab.up(Plan(lab_name, overlay=True))
+
+
+@pytest.fixture
+def lasthop_on(overlay_lab: Lab) -> Iterator[runner.AgentRunner]:
+    with runner.AgentRunner(overlay_lab.plan) as running:
+        yield running
+
+
+def test_two_firewalls_share_one_mac_and_differ_by_endpoint() -> None:
+    plan = Plan("x", overlay=True)
+    fw1, fw2, fw3 = (plan.firewall(n) for n in (1, 2, 3))
+    assert fw1.transit_mac == fw2.transit_mac != fw3.transit_mac
+    assert (fw1.endpoint, fw2.endpoint, fw3.endpoint) == ("10.255.0.1", "fd00:ff::2", "10.255.0.3")
+    assert plan.host.uplink == P.VXLAN
+    with pytest.raises(ValueError, match="bridged"):
+        Plan("x", overlay=True, routed=True)
+
+
+def test_without_lasthop_no_reply_crosses_the_overlay(overlay_lab: Lab) -> None:
+    """An external VXLAN device sends only what carries a tunnel key: the VMs'
+    replies, addressed by MAC alone, reach no firewall."""
+    result = traffic.check(overlay_lab.plan, n=1, protos=["tcp", "udp"])
+    everyone = {f"cl{n}" for n in overlay_lab.plan.sites}
+    assert expect_dead_only(result, "without lasthop", everyone) == []
+
+
+def test_with_lasthop_each_reply_goes_back_through_its_own_endpoint(
+    overlay_lab: Lab, lasthop_on: runner.AgentRunner
+) -> None:
+    """Every client, protocol and family works; `show --json` names each
+    connection's endpoint (IPv4 or IPv6) and VNI, fw1 and fw2 with one MAC."""
+    plan = overlay_lab.plan
+    result = traffic.check(plan, n=1)
+    assert expect_all_ok(result, "with lasthop") == []
+    assert not any(c["drop_invalid"] or c["drop_outside"] for c in overlay_lab.counters().values())
+    by_client = {plan.client(n).addr.of(f): plan.firewall(n) for n in plan.sites for f in (4, 6)}
+    seen = set()
+    for row in runner.show(plan):
+        fw = by_client.get(row["src"])
+        if fw is None:
+            continue
+        assert (row["endpoint"], row["vni"], row["mac"]) == (fw.endpoint, P.VNI, fw.transit_mac)
+        assert row["uplink"] == P.VXLAN and "hop_ext" in row["flags"], row
+        seen.add(row["src"])
+    assert seen == set(by_client)
+    totals = runner.stats(plan)["totals"]
+    assert totals["encap_redirected"] > 0 and totals["encap_unsupported"] == 0, totals
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _flood_frames(plan: Plan, count: int) -> Iterator[bytes]:
+    """VXLAN frames from *count* distinct (forged) endpoints, each a TCP SYN of
+    a new connection from cl3 to vm1: built once with scapy, then only the
+    outer source address (and the IP checksum) and the inner port change."""
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+
+    vm, cl, host = plan.vm(1), plan.client(3), plan.host
+    assert host.underlay
+    template = bytes(
+        Ether(dst=host.uplink_mac, src=P.mac(P.MAC_SWITCH, 3))
+        / IP(src="10.255.1.0", dst=host.underlay.v4, ttl=64)
+        / UDP(sport=49152, dport=P.VXLAN_PORT, chksum=0)
+        / VXLAN(flags="Instance", NextProtocol=0, vni=P.VNI)  # scapy's default is VXLAN-GPE
+        / Ether(dst=vm.mac, src=plan.firewall(3).transit_mac)
+        / IP(src=cl.addr.v4, dst=vm.addr.v4)
+        / TCP(sport=1024, dport=9, flags="S")
+    )
+    base = int(ipaddress.IPv4Address("10.255.16.0"))
+    sport_off = len(template) - 20  # the inner TCP header's first byte
+    for i in range(count):
+        frame = bytearray(template)
+        frame[26:30] = (base + i).to_bytes(4, "big")
+        frame[24:26] = b"\0\0"
+        frame[24:26] = _ip_checksum(bytes(frame[14:34])).to_bytes(2, "big")
+        frame[sport_off : sport_off + 2] = (1024 + i % 60000).to_bytes(2, "big")
+        yield bytes(frame)
+
+
+def test_a_flood_of_endpoints_neither_grows_the_hop_table_nor_evicts_a_live_hop(
+    overlay_lab: Lab, lasthop_on: runner.AgentRunner
+) -> None:
+    """More distinct endpoints than lh_hop_descs holds: the table stops at its
+    size, the surplus is refused and counted (hop_desc_full, not learned), and
+    a connection opened before the flood (cl2, through fw2's IPv6 endpoint)
+    keeps its hop and its replies."""
+    plan = overlay_lab.plan
+    pins = overlay_lab.lasthop_pins
+    assert pins is not None
+    with EchoSession(plan, client=2, vm=1, family=6) as session:
+        assert session.exchange()
+        fw = plan.firewall(3)
+        sock = open_socket(fw.ns, socket.AF_PACKET, socket.SOCK_RAW)
+        try:
+            sock.bind((P.UNDERLAY_LINK, 0))
+            for frame in _flood_frames(plan, abi.MAX_HOP_DESCS + 1000):
+                sock.send(frame)
+        finally:
+            sock.close()
+        assert eventually(lambda: runner.stats(plan)["totals"]["hop_desc_full"] > 0, 30.0, 0.5)
+        descs = libbpf.Map.pinned(pins / "lh_hop_descs")
+        try:
+            assert descs.count() <= abi.MAX_HOP_DESCS
+        finally:
+            descs.close()
+        assert session.exchange(), "the live connection lost its hop to the flood"
+        rows = [r for r in runner.show(plan) if r["src"] == plan.client(2).addr.v6]
+        assert rows and all(r["endpoint"] == plan.firewall(2).endpoint for r in rows), rows
+
+
+@pytest.mark.parametrize(
+    ("kind", "argv", "expected"),
+    [
+        ("vxlan", ["type", "vxlan", "external", "dstport", "4789"], abi.LinkKind.VXLAN),
+        ("vxlan", ["type", "vxlan", "id", "5", "remote", "192.0.2.1", "dstport", "4790"],
+         abi.LinkKind.ETHERNET),
+        ("geneve", ["type", "geneve", "external"], abi.LinkKind.GENEVE),
+    ],
+    ids=["vxlan external", "vxlan with its own remote", "geneve external"],
+)  # fmt: skip
+def test_the_agent_tells_an_external_tunnel_from_a_plain_link(
+    kind: str, argv: list[str], expected: abi.LinkKind
+) -> None:
+    """link_kind: an external (collect-metadata) VXLAN or Geneve device is a
+    tunnel uplink; a VXLAN device with its own remote forwards by MAC, so it is
+    Ethernet to the data path. This kernel may lack the geneve module: skipped."""
+    from lasthop.lab.namespaces import delete, ip_batch
+
+    ns = f"lhkind{secrets.token_hex(2)}"
+    ip_batch(None, [f"netns add {ns}"])
+    try:
+        made = subprocess.run(
+            ["ip", "-n", ns, "link", "add", "tun0", *argv], capture_output=True, text=True
+        )
+        if made.returncode != 0:
+            pytest.skip(
+                f"no {kind} device here ({made.stderr.strip()}): the kernel lacks its module"
+            )
+        code = "from lasthop.links import Links; print(int(Links().by_name('tun0').kind))"
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert abi.LinkKind(int(out)) == expected
+    finally:
+        delete([ns])
