@@ -507,4 +507,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":  # `python -m lasthop.cli stats`: the click path, for comparison
-    sys.exit(main())
+    raise SystemExit(main())
