@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing's, without importing typing: `lasthop stats` goes without
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Config", "ConfigError", "Controller"]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 import sys
 
-from lasthop.cli import main
+from lasthop._entry import main
 
 sys.exit(main())

@@ -358,39 +358,13 @@ def _ep(addr: str, port: int) -> str:
 @friendly
 def stats(config_path: Path | None, netns: str | None, as_json: bool) -> None:
     """The counters: per reason, in total and per interface."""
+    from lasthop.stats_cli import render  # the short way's (lasthop._entry) printing
+
     st = _controller(netns, config_path).stats()
     if as_json:
         print(json.dumps(st.to_json(), indent=1))
         return
-    from rich.table import Table
-
-    console = _console()
-    names = list(st.interfaces)
-    # a line of its own: as a table title rich wraps it to the (narrow) table's width
-    for label, t in (("confirmed", st.confirmed), ("pending", st.pending)):
-        states = ", ".join(f"{k} {v}" for k, v in t.states.items()) or "none"
-        console.print(
-            f"{label}: {t.entries} of {t.capacity} entries ({states}); "
-            f"{t.inserted} inserted, {t.expired} expired, {t.removed} removed"
-            + (f", {t.evicted} evicted" if label == "pending" else ""),
-            highlight=False,
-        )
-    console.print(
-        f"table: {st.entries} of {st.capacity} entries, {st.promoted} confirmed, "
-        f"{st.confirm_refused} refused (confirmed table full)",
-        highlight=False,
-    )
-    table = Table()
-    table.add_column("counter")
-    table.add_column("total", justify="right")
-    for name in names:
-        table.add_column(name, justify="right")
-    for counter, total in st.totals.items():
-        if total or counter in ("learned", "redirected", "miss"):
-            table.add_row(
-                counter, str(total), *(str(st.interfaces[n].get(counter, "")) for n in names)
-            )
-    console.print(table)
+    render(st.to_json())
 
 
 @cli.command()
@@ -542,3 +516,7 @@ def import_cmd(config_path: Path | None, netns: str | None, file: TextIO, vm_por
 def main() -> int:
     cli.main(standalone_mode=True)
     return 0
+
+
+if __name__ == "__main__":  # `python -m lasthop.cli stats`: the click path, for comparison
+    raise SystemExit(main())

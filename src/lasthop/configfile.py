@@ -11,11 +11,13 @@ error names the key as `run` would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lasthop.errors import ConfigError
+
+TYPE_CHECKING = False  # typing's, without importing typing (`lasthop stats --config`)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["KEYS", "Place", "place", "read"]
 
@@ -73,13 +75,27 @@ def read(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
 
 
-@dataclass(frozen=True)
 class Place:
     """Where an agent runs: its namespace (None: this one) and its pins' root
-    (None: <bpffs>/lasthop)."""
+    (None: <bpffs>/lasthop). A plain class, not a dataclass: `lasthop stats
+    --config` starts without dataclasses and inspect (lasthop.stats_cli)."""
 
-    netns: str | None = None
-    pin_root: Path | None = None
+    __slots__ = ("netns", "pin_root")
+
+    def __init__(self, netns: str | None = None, pin_root: Path | None = None) -> None:
+        self.netns = netns
+        self.pin_root = pin_root
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Place):
+            return NotImplemented
+        return (self.netns, self.pin_root) == (other.netns, other.pin_root)
+
+    def __hash__(self) -> int:
+        return hash((self.netns, self.pin_root))
+
+    def __repr__(self) -> str:
+        return f"Place(netns={self.netns!r}, pin_root={self.pin_root!r})"
 
 
 def place(path: Path | None) -> Place:

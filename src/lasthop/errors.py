@@ -28,9 +28,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+
+TYPE_CHECKING = False  # typing's, without importing typing (~12 ms of `lasthop stats`)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn, TypeVar
+
+    F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = [
     "EXIT_FAILURE",
@@ -38,6 +43,7 @@ __all__ = [
     "EXIT_NOT_ATTACHED",
     "EXIT_NOT_FOUND",
     "LasthopError",
+    "fail",
     "ConfigError",
     "FilterError",
     "NetnsError",
@@ -58,7 +64,6 @@ __all__ = [
     "from_answer",
 ]
 
-F = TypeVar("F", bound=Callable[..., Any])
 EXIT_FAILURE, EXIT_USAGE, EXIT_NOT_ATTACHED, EXIT_NOT_FOUND = 1, 2, 3, 4
 
 
@@ -196,13 +201,18 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (LasthopError, OSError) as err:
-            from rich.console import Console  # only when there is an error to print
-
-            head = err.prefix if isinstance(err, LasthopError) else LasthopError.prefix
-            Console(stderr=True, emoji=False).print(f"[red]{head}[/red] {err}", highlight=False)
-            sys.exit(exit_code(err))
+            fail(err)
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(err: LasthopError | OSError) -> NoReturn:
+    """Ends the command: ``<prefix> <message>`` on stderr, the exit code of *err*'s class."""
+    from rich.console import Console  # only when there is an error to print
+
+    head = err.prefix if isinstance(err, LasthopError) else LasthopError.prefix
+    Console(stderr=True, emoji=False).print(f"[red]{head}[/red] {err}", highlight=False)
+    sys.exit(exit_code(err))
 
 
 # What an answer of the services API means to its client (the reverse of http_status).

@@ -21,6 +21,8 @@ FIGURES = [
     "agent_cpu",
     "agent_cpu_churn",
     "stats_cli",
+    "stats_click",
+    "python_start",
     "stats_inproc",
     "metrics",
     "top_refresh",
@@ -54,8 +56,11 @@ def test_every_figure_is_measured(results: table.Results) -> None:
             assert f.value > 0, f.name
     assert all(
         results.figure(n).baseline is not None
-        for n in ("agent_cpu", "stats_cli", "stats_inproc", "metrics", "top_refresh", "expiry_pass")
-    )
+        for n in (
+            "agent_cpu", "stats_cli", "stats_click", "python_start", "stats_inproc", "metrics",
+            "top_refresh", "expiry_pass",
+        )
+    )  # fmt: skip
     assert results.threads, "the agent's threads were read"
 
 

@@ -16,7 +16,10 @@ Figures (each also measured on the empty table first, as its baseline):
     ... table changing  the same while the bench asks for a walk every 0.25 s
                         (as a busy host's changes would): every run walks
     stats --json        wall time of `lasthop stats --json` (a new process each
-                        time: Python's start is part of it), median of several
+                        time: Python's start is part of it), median of several;
+                        in turn, round by round, the same through click
+                        (`python -m lasthop.cli stats`, the way before issue 8's
+                        lasthop.stats_cli) and `python -c pass`
     stats in-process    Controller.stats() on the pinned maps, median of several
     /metrics scrape     one GET of the agent's /metrics, median of several
     top refresh         what `lasthop top` does each second, in-process: one
@@ -271,12 +274,32 @@ def _median_ms(fn: Callable[[], object], times: int) -> float:
     return statistics.median(out)
 
 
-def _stats_cli(config: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "lasthop", "stats", "--config", str(config), "--json"],
-        check=True,
-        capture_output=True,
-    )
+# `lasthop stats --json` three ways, each a new process, interleaved round by round
+# (issue 8): the console script's way (lasthop._entry: lasthop.stats_cli, no click),
+# the click command it replaced (still `python -m lasthop.cli stats`), and Python's
+# own start, the floor under both.
+_STATS_WAYS = {
+    "stats_cli": ["-m", "lasthop", "stats"],
+    "stats_click": ["-m", "lasthop.cli", "stats"],
+    "python_start": ["-c", "pass"],
+}
+
+
+def _stats_cli(config: Path, way: str = "stats_cli") -> None:
+    argv = _STATS_WAYS[way]
+    args = [] if way == "python_start" else ["--config", str(config), "--json"]
+    subprocess.run([sys.executable, *argv, *args], check=True, capture_output=True)
+
+
+def _stats_ways_ms(config: Path, times: int) -> dict[str, float]:
+    """Median wall ms of each of _STATS_WAYS, run in turn in every round."""
+    out: dict[str, list[float]] = {way: [] for way in _STATS_WAYS}
+    for _ in range(times):
+        for way in _STATS_WAYS:
+            t = time.perf_counter()
+            _stats_cli(config, way)
+            out[way].append((time.perf_counter() - t) * 1000)
+    return {way: statistics.median(v) for way, v in out.items()}
 
 
 def _scrape() -> None:
@@ -307,6 +330,8 @@ def _expire_once(obj: libbpf.BpfObject, maps: Maps) -> float:
 @dataclass
 class _Timings:
     stats_cli: float
+    stats_click: float  # the same through click (`python -m lasthop.cli stats`)
+    python_start: float  # `python -c pass`
     stats_inproc: float
     metrics: float
     expiry_pass: float
@@ -324,11 +349,13 @@ def _top_refresh(controller: Any) -> None:
 def _timings(
     config: Path, controller: Any, obj: libbpf.BpfObject, maps: Maps, repeat: int
 ) -> _Timings:
-    _stats_cli(config)  # warm: the page cache of Python's imports
+    for way in _STATS_WAYS:
+        _stats_cli(config, way)  # warm: the page cache of Python's imports
     controller.stats()
     _scrape()
+    ways = _stats_ways_ms(config, repeat)
     return _Timings(
-        stats_cli=_median_ms(lambda: _stats_cli(config), repeat),
+        **ways,
         stats_inproc=_median_ms(controller.stats, repeat),
         metrics=_median_ms(_scrape, repeat),
         expiry_pass=statistics.median(_expire_once(obj, maps) for _ in range(3)),
@@ -565,7 +592,27 @@ def run(
                 "ms",
                 base.stats_cli,
                 TARGETS["stats_cli"],
-                f"table's share: {full.stats_cli - base.stats_cli:+.1f} ms over empty",
+                f"table's share: {full.stats_cli - base.stats_cli:+.1f} ms over empty; "
+                f"{full.stats_click / full.stats_cli:.2f}x faster than through click; "
+                f"Python's own start {full.python_start:.1f} ms",
+            ),
+            Figure(
+                "stats_click",
+                "... through click (before: python -m lasthop.cli)",
+                full.stats_click,
+                "ms",
+                base.stats_click,
+                None,
+                "run in turn with the line above and below, round by round",
+            ),
+            Figure(
+                "python_start",
+                "`python -c pass`",
+                full.python_start,
+                "ms",
+                base.python_start,
+                None,
+                f"{sys.executable}",
             ),
             Figure(
                 "stats_inproc",
