@@ -49,6 +49,7 @@ class Everything:
                 unpublished=1,
                 applied=1,
                 unmapped=1,
+                malformed=1,
                 lost=1,
                 resyncs=1,
                 peers={"host2": peer},

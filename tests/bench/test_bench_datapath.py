@@ -29,6 +29,7 @@ FIGURES = [
     "reply_miss",
     "reply_hit_routed",
     "reply_hit_l3",
+    "reply_hit_vxlan",
     "insert_room",
     "insert_full",
     "refresh_single",
@@ -71,6 +72,14 @@ def test_l3_reply_is_measured_against_the_ethernet_one(results: datapath.Results
     assert eth.vs_ethernet is None
 
 
+def test_tunnel_reply_is_measured_against_the_plain_one(results: datapath.Results) -> None:
+    """The VXLAN uplink's reply carries its ratio to reply_hit_v4 (the same
+    reply on a plain Ethernet uplink), measured in the same rounds."""
+    vxlan, plain = results.figure("reply_hit_vxlan"), results.figure("reply_hit_v4")
+    assert vxlan.vs_plain == pytest.approx(vxlan.ns / plain.ns)
+    assert plain.vs_plain is None and vxlan.vs_ethernet is None
+
+
 def test_targets_are_the_issues(results: datapath.Results) -> None:
     """Reply hits and the uplink refresh are held to the reference, the new
     connection to 1.5 us, memory to 150 B; ok follows the figure either way."""
@@ -81,10 +90,15 @@ def test_targets_are_the_issues(results: datapath.Results) -> None:
         "uplink_refresh": datapath.Target(1.5, "reference"),
         "new_connection": datapath.Target(1500.0, "ns"),
         "reply_hit_l3": datapath.Target(1.3, "ethernet"),
+        "reply_hit_vxlan": datapath.Target(1.3, "plain"),
     }
     for f in results.figures:
         if f.target:
-            value = {"reference": f.vs_reference, "ethernet": f.vs_ethernet}.get(f.target.of, f.ns)
+            value = {
+                "reference": f.vs_reference,
+                "ethernet": f.vs_ethernet,
+                "plain": f.vs_plain,
+            }.get(f.target.of, f.ns)
             assert value is not None
             assert f.ok == (value <= f.target.limit)
     assert results.ok == all(
@@ -111,7 +125,8 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
     assert all(c.ok for cs in results.checks.values() for c in cs)
     moved = {run: {c.counter: c.counted for c in cs} for run, cs in results.checks.items()}
     assert moved["back-to-back"] == {
-        "vm0 REDIRECTED": 3 * packets,
+        "vm0 REDIRECTED": 4 * packets,  # v4, v6, pending, and the VXLAN uplink's reply
+        "vm0 ENCAP_REDIRECTED": packets,  # the VXLAN uplink's reply, into its tunnel
         "up0 REFRESHED": packets,
         "vm0 MISS": packets,
         "vmr0 REDIRECTED": 2 * packets,  # the routed replies: Ethernet uplink, L3 uplink

@@ -842,7 +842,7 @@ def run(
             detail,
         )
 
-    figures = []
+    figures: list[Figure] = []
     ethernet = statistics.median(hot["reply_hit_routed"])
     plain = statistics.median(hot["reply_hit_v4"])
     for name, runs in hot.items():
@@ -857,7 +857,7 @@ def run(
             f"rounds: {runs}",
         )
         if name == "reply_hit_l3":
-            figures[-1].vs_ethernet = statistics.median(runs) / ethernet
+            fig.vs_ethernet = statistics.median(runs) / ethernet
         if name in TARGETS and TARGETS[name].of == "plain":
             fig.vs_plain = statistics.median(runs) / plain
             fig.detail += f"; {fig.vs_plain:.2f}x reply_hit_v4 ({plain:.0f} ns), same rounds"
