@@ -571,7 +571,7 @@ class Datapath:
         own, lh_uplink_l3), and with *egress* (an uplink of a routed host)
         lh_uplink_out at its egress; returns the ingress prog id."""
         l3 = role == abi.Role.UPLINK and kind == abi.LinkKind.L3
-        prog = self._l3_program() if l3 else self._obj.program(PROGRAM_OF_ROLE[role])
+        prog = self.l3_program() if l3 else self._obj.program(PROGRAM_OF_ROLE[role])
         hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
         hook.create()  # clsact: one qdisc holds both hooks
         prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
@@ -588,7 +588,7 @@ class Datapath:
         """Whether lh_uplink_l3 is loaded (an L3 uplink was attached)."""
         return self._l3_obj is not None
 
-    def _l3_program(self) -> libbpf.Program:
+    def l3_program(self) -> libbpf.Program:
         """lh_uplink_l3, loaded on first use (its verification, ~2 s, is paid
         only by an agent with an L3 uplink): the object opened again with
         only that program, every map the first object's own (shared by fd,

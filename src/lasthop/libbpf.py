@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,8 @@ _sig("bpf_object__next_program", _vp, _vp, _vp)
 _sig("bpf_program__name", _cp, _vp)
 _sig("bpf_program__set_autoload", _int, _vp, _c.c_bool)
 _sig("bpf_program__autoload", _c.c_bool, _vp)
+_sig("bpf_program__set_log_level", _int, _vp, _u32)
+_sig("bpf_program__set_log_buf", _int, _vp, _cp, _c.c_size_t)
 _sig("bpf_program__fd", _int, _vp)
 _sig("bpf_obj_get", _int, _cp)
 _sig("bpf_obj_pin", _int, _int, _cp)
@@ -532,10 +535,12 @@ class BpfObject:
     not pinned at all when *pin_root* is None (tests, benchmarks).
 
     With *programs*, only the programs named are loaded (verified); with
-    *skip*, all but those named: :meth:`program` of one not loaded raises. With *maps_of*, every
-    map of this object is the same-named map of that loaded object (shared by
-    fd: pinned or not, one map; nothing is pinned or created again), so a
-    program loaded later works on the same state as the first object's."""
+    *skip*, all but those named: :meth:`program` of one not loaded raises.
+    With *maps_of*, every map of this object is the same-named map of that
+    loaded object (shared by fd: pinned or not, one map; nothing is pinned or
+    created again), so a program loaded later works on the same state as the
+    first object's. With *verifier_stats*, :attr:`processed` holds each loaded
+    program's "processed N insns" from the verifier's log (level 4: stats)."""
 
     def __init__(
         self,
@@ -546,6 +551,7 @@ class BpfObject:
         programs: Collection[str] | None = None,
         skip: Collection[str] = (),
         maps_of: BpfObject | None = None,
+        verifier_stats: bool = False,
     ) -> None:
         self._keep = [str(path).encode(), str(pin_root).encode() if pin_root else None]
         opts = _OpenOpts(sz=_c.sizeof(_OpenOpts), pin_root_path=self._keep[1])
@@ -556,7 +562,9 @@ class BpfObject:
         try:
             self._maps_setup(pin_root, max_entries or {}, maps_of)
             self.loaded = self._programs_setup(path, programs, skip)
+            logs = self._stats_logs() if verifier_stats else {}
             _check(f"bpf_object__load({path.name})", _lib.bpf_object__load(self._obj), log=True)
+            self.processed = {name: _processed(buf.value) for name, buf in logs.items()}
         except BaseException:
             _lib.bpf_object__close(self._obj)
             raise
@@ -583,6 +591,20 @@ class BpfObject:
                 f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode())
             )
             _check(f"bpf_map__set_max_entries({name})", _lib.bpf_map__set_max_entries(m, n))
+
+    def _stats_logs(self) -> dict[str, _c.Array[_c.c_char]]:
+        """A verifier log buffer (level 4: stats) for each program to load;
+        libbpf writes into them at load."""
+        logs = {}
+        for name in self.loaded:
+            p = _lib.bpf_object__find_program_by_name(self._obj, name.encode())
+            logs[name] = buf = _c.create_string_buffer(4096)
+            _check(f"bpf_program__set_log_level({name})", _lib.bpf_program__set_log_level(p, 4))
+            _check(
+                f"bpf_program__set_log_buf({name})",
+                _lib.bpf_program__set_log_buf(p, buf, len(buf)),
+            )
+        return logs
 
     def _programs_setup(
         self, path: Path, programs: Collection[str] | None, skip: Collection[str]
@@ -638,6 +660,12 @@ class BpfObject:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _processed(log: bytes) -> int:
+    """N of the verifier log's "processed N insns" (-1 when absent)."""
+    found = re.search(rb"processed (\d+) insns", log)
+    return int(found.group(1)) if found else -1
 
 
 @dataclass(frozen=True)
