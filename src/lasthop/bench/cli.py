@@ -22,8 +22,8 @@ from lasthop.bench import services as svc_bench
 from lasthop.bench import startup as startup_bench
 from lasthop.bench import table as table_bench
 from lasthop.bench.signals import stop_signals_interrupt
-from lasthop.lab.namespaces import LabError
 from lasthop.errors import DatapathError
+from lasthop.lab.namespaces import LabError
 from lasthop.libbpf import BpfError
 
 __all__ = ["bench"]
