@@ -41,6 +41,7 @@ __all__ = [
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 INGRESS, EGRESS = 1, 2
 _TC_F_REPLACE = 1
+_OBJ_NAME_LEN = 16  # BPF_OBJ_NAME_LEN: a map's name in the kernel, NUL included
 _CTX_OUT_SIZE = 512  # >= sizeof(struct __sk_buff) (192 on 6.x)
 _MAP_TYPE_PERCPU = {
     5,
@@ -575,16 +576,24 @@ class BpfObject:
             yield m
             m = _lib.bpf_object__next_map(self._obj, m)
 
+    def _fds_by_name(self) -> dict[str, int]:
+        return {_lib.bpf_map__name(m).decode(): _lib.bpf_map__fd(m) for m in self._maps()}
+
     def _maps_setup(
         self, pin_root: Path | None, max_entries: dict[str, int], maps_of: BpfObject | None
     ) -> None:
+        # the other object's maps by name: a map libbpf took from a pin may carry
+        # the kernel's name, cut to BPF_OBJ_NAME_LEN - 1 (libbpf < 1.2)
+        shared = {} if maps_of is None else maps_of._fds_by_name()
         for m in self._maps():
             if pin_root is None or maps_of is not None:
                 # libbpf would otherwise pin LIBBPF_PIN_BY_NAME maps under /sys/fs/bpf
                 _lib.bpf_map__set_pin_path(m, None)
             if maps_of is not None and not _lib.bpf_map__is_internal(m):
                 name = _lib.bpf_map__name(m).decode()
-                fd = maps_of.map(name).fd
+                fd = shared.get(name, shared.get(name[: _OBJ_NAME_LEN - 1]))
+                if fd is None:
+                    raise BpfError(f"map {name}", errno.ENOENT, "not in the object to share")
                 _check(f"bpf_map__reuse_fd({name})", _lib.bpf_map__reuse_fd(m, fd))
         for name, n in max_entries.items():
             m = _check_ptr(
