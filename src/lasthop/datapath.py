@@ -526,6 +526,9 @@ class Datapath:
         sizes["lh_changes"] = changes_size
         carried = upgrade.prepare(pins.folder, changes_size)  # an older agent's pins
         self._path = obj_path or _object()
+        # the object as loaded now: lh_uplink_l3, loaded later, must come from the
+        # same build as the maps it shares, even if the file is replaced meanwhile
+        self._image = self._path.read_bytes()
         self._l3_obj: libbpf.BpfObject | None = None  # lh_uplink_l3's, loaded when first needed
         try:
             self._obj = libbpf.BpfObject(
@@ -533,6 +536,7 @@ class Datapath:
                 pin_root=pins.folder,
                 max_entries=sizes,
                 skip=[L3_UPLINK_PROGRAM],  # loaded when an L3 uplink is first attached
+                image=self._image,
             )
         except libbpf.BpfError as err:
             for name, key in SIZE_KEYS.items():
@@ -596,7 +600,7 @@ class Datapath:
         if self._l3_obj is None:
             try:
                 self._l3_obj = libbpf.BpfObject(
-                    self._path, programs=[L3_UPLINK_PROGRAM], maps_of=self._obj
+                    self._path, programs=[L3_UPLINK_PROGRAM], maps_of=self._obj, image=self._image
                 )
             except libbpf.BpfError as err:
                 raise DatapathError(f"cannot load {L3_UPLINK_PROGRAM}: {err}") from err

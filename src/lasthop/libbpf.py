@@ -146,6 +146,7 @@ def _sig(name: str, restype: object, *argtypes: object) -> None:
 
 _vp, _int, _u32, _cp = _c.c_void_p, _c.c_int, _c.c_uint32, _c.c_char_p
 _sig("bpf_object__open_file", _vp, _cp, _c.POINTER(_OpenOpts))
+_sig("bpf_object__open_mem", _vp, _cp, _c.c_size_t, _c.POINTER(_OpenOpts))
 _sig("bpf_object__load", _int, _vp)
 _sig("bpf_object__close", None, _vp)
 _sig("bpf_object__find_map_by_name", _vp, _vp, _cp)
@@ -541,7 +542,9 @@ class BpfObject:
     loaded object (shared by fd: pinned or not, one map; nothing is pinned or
     created again), so a program loaded later works on the same state as the
     first object's. With *verifier_stats*, :attr:`processed` holds each loaded
-    program's "processed N insns" from the verifier's log (level 4: stats)."""
+    program's "processed N insns" from the verifier's log (level 4: stats).
+    With *image*, the object is that ELF content (*path* names it), not the
+    file as it is now."""
 
     def __init__(
         self,
@@ -553,13 +556,17 @@ class BpfObject:
         skip: Collection[str] = (),
         maps_of: BpfObject | None = None,
         verifier_stats: bool = False,
+        image: bytes | None = None,
     ) -> None:
         self._keep = [str(path).encode(), str(pin_root).encode() if pin_root else None]
         opts = _OpenOpts(sz=_c.sizeof(_OpenOpts), pin_root_path=self._keep[1])
-        self._obj = _check_ptr(
-            f"bpf_object__open_file({path})",
-            _lib.bpf_object__open_file(self._keep[0], _c.byref(opts)),
-        )
+        if image is None:
+            obj = _lib.bpf_object__open_file(self._keep[0], _c.byref(opts))
+        else:  # path's content as read before (libbpf copies the buffer)
+            self._keep.append(path.name.split(".")[0].encode())  # as open_file names it
+            opts.object_name = self._keep[-1]
+            obj = _lib.bpf_object__open_mem(image, len(image), _c.byref(opts))
+        self._obj = _check_ptr(f"bpf_object__open({path})", obj)
         try:
             self._maps_setup(pin_root, max_entries or {}, maps_of)
             self.loaded = self._programs_setup(path, programs, skip)
