@@ -658,12 +658,8 @@ class BpfObject:
             f"program {name}", _lib.bpf_object__find_program_by_name(self._obj, name.encode())
         )
         if name not in self.loaded:
-            raise BpfError(
-                f"program {name}",
-                errno.ENOENT,
-                "not loaded: the object was loaded with only "
-                + ", ".join(sorted(self.loaded) or ["no program"]),
-            )
+            only = ", ".join(sorted(self.loaded)) or "none"
+            raise BpfError(f"program {name} (not loaded; this object loaded {only})", errno.ENOENT)
         return Program(_lib.bpf_program__fd(p), name)
 
     def close(self) -> None:
