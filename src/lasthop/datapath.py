@@ -525,9 +525,18 @@ class Datapath:
         sizes = table_sizes(table_size, pending_size, table_size_v6, pending_size_v6)
         sizes["lh_changes"] = changes_size
         carried = upgrade.prepare(pins.folder, changes_size)  # an older agent's pins
+        self._path = obj_path or _object()
+        # the object as loaded now: lh_uplink_l3, loaded later, must come from the
+        # same build as the maps it shares, even if the file is replaced meanwhile
+        self._image = self._path.read_bytes()
+        self._l3_obj: libbpf.BpfObject | None = None  # lh_uplink_l3's, loaded when first needed
         try:
             self._obj = libbpf.BpfObject(
-                obj_path or _object(), pin_root=pins.folder, max_entries=sizes
+                self._path,
+                pin_root=pins.folder,
+                max_entries=sizes,
+                skip=[L3_UPLINK_PROGRAM],  # loaded when an L3 uplink is first attached
+                image=self._image,
             )
         except libbpf.BpfError as err:
             for name, key in SIZE_KEYS.items():
@@ -566,7 +575,7 @@ class Datapath:
         own, lh_uplink_l3), and with *egress* (an uplink of a routed host)
         lh_uplink_out at its egress; returns the ingress prog id."""
         l3 = role == abi.Role.UPLINK and kind == abi.LinkKind.L3
-        prog = self._obj.program(L3_UPLINK_PROGRAM if l3 else PROGRAM_OF_ROLE[role])
+        prog = self.l3_program() if l3 else self._obj.program(PROGRAM_OF_ROLE[role])
         hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
         hook.create()  # clsact: one qdisc holds both hooks
         prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
@@ -578,8 +587,30 @@ class Datapath:
             out_hook.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
         return prog_id
 
+    @property
+    def l3_loaded(self) -> bool:
+        """Whether lh_uplink_l3 is loaded (an L3 uplink was attached)."""
+        return self._l3_obj is not None
+
+    def l3_program(self) -> libbpf.Program:
+        """lh_uplink_l3, loaded on first use (its verification, ~2 s, is paid
+        only by an agent with an L3 uplink): the object opened again with
+        only that program, every map the first object's own (shared by fd,
+        lh_frags and lh_hop_scratch included: docs/datapath.md says why)."""
+        if self._l3_obj is None:
+            try:
+                self._l3_obj = libbpf.BpfObject(
+                    self._path, programs=[L3_UPLINK_PROGRAM], maps_of=self._obj, image=self._image
+                )
+            except libbpf.BpfError as err:
+                raise DatapathError(f"cannot load {L3_UPLINK_PROGRAM}: {err}") from err
+        return self._l3_obj.program(L3_UPLINK_PROGRAM)
+
     def close(self) -> None:
-        """Forgets the object; attached programs and pinned maps stay."""
+        """Forgets the objects; attached programs and pinned maps stay."""
+        if self._l3_obj is not None:
+            self._l3_obj.close()
+            self._l3_obj = None
         self._obj.close()
 
 

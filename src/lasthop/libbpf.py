@@ -1,6 +1,7 @@
 """A thin ctypes binding to the system's libbpf (libbpf.so.1, 1.1 or later).
 
-Only what lasthop uses: open/load an object with pinned maps, create maps
+Only what lasthop uses: open/load an object with pinned maps (all its
+programs or only some, its maps its own or another object's), create maps
 (the inner maps of a map-in-map), map element I/O (single and batched),
 program test runs, and tc attach/detach. Every failing call raises
 :class:`BpfError` naming the call and the errno.
@@ -11,7 +12,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ __all__ = [
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 INGRESS, EGRESS = 1, 2
 _TC_F_REPLACE = 1
+_OBJ_NAME_LEN = 16  # BPF_OBJ_NAME_LEN: a map's name in the kernel, NUL included
 _CTX_OUT_SIZE = 512  # >= sizeof(struct __sk_buff) (192 on 6.x)
 _MAP_TYPE_PERCPU = {
     5,
@@ -143,6 +146,7 @@ def _sig(name: str, restype: object, *argtypes: object) -> None:
 
 _vp, _int, _u32, _cp = _c.c_void_p, _c.c_int, _c.c_uint32, _c.c_char_p
 _sig("bpf_object__open_file", _vp, _cp, _c.POINTER(_OpenOpts))
+_sig("bpf_object__open_mem", _vp, _cp, _c.c_size_t, _c.POINTER(_OpenOpts))
 _sig("bpf_object__load", _int, _vp)
 _sig("bpf_object__close", None, _vp)
 _sig("bpf_object__find_map_by_name", _vp, _vp, _cp)
@@ -151,6 +155,15 @@ _sig("bpf_map__set_max_entries", _int, _vp, _u32)
 _sig("bpf_map__set_pin_path", _int, _vp, _cp)
 _sig("bpf_object__next_map", _vp, _vp, _vp)
 _sig("bpf_map__fd", _int, _vp)
+_sig("bpf_map__name", _cp, _vp)
+_sig("bpf_map__is_internal", _c.c_bool, _vp)
+_sig("bpf_map__reuse_fd", _int, _vp, _int)
+_sig("bpf_object__next_program", _vp, _vp, _vp)
+_sig("bpf_program__name", _cp, _vp)
+_sig("bpf_program__set_autoload", _int, _vp, _c.c_bool)
+_sig("bpf_program__autoload", _c.c_bool, _vp)
+_sig("bpf_program__set_log_level", _int, _vp, _u32)
+_sig("bpf_program__set_log_buf", _int, _vp, _cp, _c.c_size_t)
 _sig("bpf_program__fd", _int, _vp)
 _sig("bpf_obj_get", _int, _cp)
 _sig("bpf_obj_pin", _int, _int, _cp)
@@ -521,42 +534,132 @@ class TestRun:
 class BpfObject:
     """An ELF object opened and loaded by libbpf, maps pinned by name under
     *pin_root* (existing compatible pins are reused, so state survives), or
-    not pinned at all when *pin_root* is None (tests, benchmarks)."""
+    not pinned at all when *pin_root* is None (tests, benchmarks).
+
+    With *programs*, only the programs named are loaded (verified); with
+    *skip*, all but those named: :meth:`program` of one not loaded raises.
+    With *maps_of*, every map of this object is the same-named map of that
+    loaded object (shared by fd: pinned or not, one map; nothing is pinned or
+    created again), so a program loaded later works on the same state as the
+    first object's. With *verifier_stats*, :attr:`processed` holds each loaded
+    program's "processed N insns" from the verifier's log (level 4: stats).
+    With *image*, the object is that ELF content (*path* names it), not the
+    file as it is now."""
 
     def __init__(
-        self, path: Path, *, pin_root: Path | None = None, max_entries: dict[str, int] | None = None
+        self,
+        path: Path,
+        *,
+        pin_root: Path | None = None,
+        max_entries: dict[str, int] | None = None,
+        programs: Collection[str] | None = None,
+        skip: Collection[str] = (),
+        maps_of: BpfObject | None = None,
+        verifier_stats: bool = False,
+        image: bytes | None = None,
     ) -> None:
         self._keep = [str(path).encode(), str(pin_root).encode() if pin_root else None]
         opts = _OpenOpts(sz=_c.sizeof(_OpenOpts), pin_root_path=self._keep[1])
-        self._obj = _check_ptr(
-            f"bpf_object__open_file({path})",
-            _lib.bpf_object__open_file(self._keep[0], _c.byref(opts)),
-        )
+        if image is None:
+            obj = _lib.bpf_object__open_file(self._keep[0], _c.byref(opts))
+        else:  # path's content as read before (libbpf copies the buffer)
+            self._keep.append(path.name.split(".")[0].encode())  # as open_file names it
+            opts.object_name = self._keep[-1]
+            obj = _lib.bpf_object__open_mem(image, len(image), _c.byref(opts))
+        self._obj = _check_ptr(f"bpf_object__open({path})", obj)
         try:
-            if pin_root is None:
-                # libbpf would otherwise pin LIBBPF_PIN_BY_NAME maps under /sys/fs/bpf
-                m = _lib.bpf_object__next_map(self._obj, None)
-                while m:
-                    _lib.bpf_map__set_pin_path(m, None)
-                    m = _lib.bpf_object__next_map(self._obj, m)
-            for name, n in (max_entries or {}).items():
-                m = _check_ptr(
-                    f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode())
-                )
-                _check(f"bpf_map__set_max_entries({name})", _lib.bpf_map__set_max_entries(m, n))
+            self._maps_setup(pin_root, max_entries or {}, maps_of)
+            self.loaded = self._programs_setup(path, programs, skip)
+            logs = self._stats_logs() if verifier_stats else {}
             _check(f"bpf_object__load({path.name})", _lib.bpf_object__load(self._obj), log=True)
+            self.processed = {name: _processed(buf.value) for name, buf in logs.items()}
         except BaseException:
             _lib.bpf_object__close(self._obj)
             raise
+
+    def _maps(self) -> Iterator[int]:
+        m = _lib.bpf_object__next_map(self._obj, None)
+        while m:
+            yield m
+            m = _lib.bpf_object__next_map(self._obj, m)
+
+    def _fds_by_name(self) -> dict[str, int]:
+        return {_lib.bpf_map__name(m).decode(): _lib.bpf_map__fd(m) for m in self._maps()}
+
+    def _maps_setup(
+        self, pin_root: Path | None, max_entries: dict[str, int], maps_of: BpfObject | None
+    ) -> None:
+        # the other object's maps by name: a map libbpf took from a pin may carry
+        # the kernel's name, cut to BPF_OBJ_NAME_LEN - 1 (libbpf < 1.2)
+        shared = {} if maps_of is None else maps_of._fds_by_name()
+        for m in self._maps():
+            if pin_root is None or maps_of is not None:
+                # libbpf would otherwise pin LIBBPF_PIN_BY_NAME maps under /sys/fs/bpf
+                _lib.bpf_map__set_pin_path(m, None)
+            if maps_of is not None and not _lib.bpf_map__is_internal(m):
+                name = _lib.bpf_map__name(m).decode()
+                fd = shared.get(name, shared.get(name[: _OBJ_NAME_LEN - 1]))
+                if fd is None:
+                    raise BpfError(f"map {name}", errno.ENOENT, "not in the object to share")
+                _check(f"bpf_map__reuse_fd({name})", _lib.bpf_map__reuse_fd(m, fd))
+        for name, n in max_entries.items():
+            m = _check_ptr(
+                f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode())
+            )
+            _check(f"bpf_map__set_max_entries({name})", _lib.bpf_map__set_max_entries(m, n))
+
+    def _stats_logs(self) -> dict[str, _c.Array[_c.c_char]]:
+        """A verifier log buffer (level 4: stats) for each program to load;
+        libbpf writes into them at load."""
+        logs = {}
+        for name in self.loaded:
+            p = _lib.bpf_object__find_program_by_name(self._obj, name.encode())
+            logs[name] = buf = _c.create_string_buffer(4096)
+            _check(f"bpf_program__set_log_level({name})", _lib.bpf_program__set_log_level(p, 4))
+            _check(
+                f"bpf_program__set_log_buf({name})",
+                _lib.bpf_program__set_log_buf(p, buf, len(buf)),
+            )
+        return logs
+
+    def _programs_setup(
+        self, path: Path, programs: Collection[str] | None, skip: Collection[str]
+    ) -> frozenset[str]:
+        """Marks which programs to load (*programs*, all but *skip*); the names loaded."""
+        names, seen = [], set()
+        p = _lib.bpf_object__next_program(self._obj, None)
+        while p:
+            name = _lib.bpf_program__name(p).decode()
+            seen.add(name)
+            if programs is not None or name in skip:
+                _check(
+                    f"bpf_program__set_autoload({name})",
+                    _lib.bpf_program__set_autoload(
+                        p, name in (programs or ()) and name not in skip
+                    ),
+                )
+            if _lib.bpf_program__autoload(p):
+                names.append(name)
+            p = _lib.bpf_object__next_program(self._obj, p)
+        missing = sorted((set(programs or ()) | set(skip)) - seen)
+        if missing:
+            raise BpfError(
+                f"programs of {path.name}", errno.ENOENT, f"no program {', '.join(missing)} in it"
+            )
+        return frozenset(names)
 
     def map(self, name: str) -> Map:
         m = _check_ptr(f"map {name}", _lib.bpf_object__find_map_by_name(self._obj, name.encode()))
         return Map(_lib.bpf_map__fd(m))
 
     def program(self, name: str) -> Program:
+        """A loaded program; one this object did not load raises BpfError."""
         p = _check_ptr(
             f"program {name}", _lib.bpf_object__find_program_by_name(self._obj, name.encode())
         )
+        if name not in self.loaded:
+            only = ", ".join(sorted(self.loaded)) or "none"
+            raise BpfError(f"program {name} (not loaded; this object loaded {only})", errno.ENOENT)
         return Program(_lib.bpf_program__fd(p), name)
 
     def close(self) -> None:
@@ -569,6 +672,12 @@ class BpfObject:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _processed(log: bytes) -> int:
+    """N of the verifier log's "processed N insns" (-1 when absent)."""
+    found = re.search(rb"processed (\d+) insns", log)
+    return int(found.group(1)) if found else -1
 
 
 @dataclass(frozen=True)

@@ -410,3 +410,63 @@ def test_a_48_slot_lh_counters_is_carried_into_64_slots(box: Sandbox) -> None:
         } == {key: sum(per_cpu) for key, per_cpu in counts.items()}
     finally:
         dp.close()
+
+
+def _prog_maps(prog_id: int) -> set[int]:
+    """The ids of the maps a loaded program uses (bpftool)."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        ["bpftool", "-j", "prog", "show", "id", str(prog_id)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return set(json.loads(out).get("map_ids", []))
+
+
+def test_lh_uplink_l3_is_loaded_only_when_an_l3_uplink_is_attached(box: Sandbox) -> None:
+    """An agent whose uplinks are Ethernet does not load lh_uplink_l3 (~2 s of verification);
+    a reload adding an L3 uplink (a tun device) loads it, attaches it there, and it works on
+    the agent's own maps (lh_frags and lh_hop_scratch too: shared, not copies)."""
+    ns = box.host()
+    ns.ip("tuntap", "add", "dev", "tun0", "mode", "tun")
+    ns.ip("link", "set", "tun0", "up")
+    c = _started(ns, _config(["up0"], ["vm0"], routed=True))
+    try:
+        dp = c.datapath
+        assert dp is not None and not dp.l3_loaded
+        with pytest.raises(libbpf.BpfError, match=r"program lh_uplink_l3 \(not loaded"):
+            dp._obj.program("lh_uplink_l3")
+        c.reload(_config(["up0", "tun0"], ["vm0"], routed=True))
+        assert dp.l3_loaded
+        ids = {n: filter_prog_id(ns.ifindex(n)) for n in ("up0", "vm0", "tun0")}
+        assert ids["tun0"] is not None and ids["tun0"] not in (ids["up0"], ids["vm0"])
+        assert [i.link_kind for i in c.interfaces() if i.name == "tun0"] == ["l3"]
+        l3_maps = _prog_maps(ids["tun0"])
+        uplink_maps = _prog_maps(ids["up0"])  # type: ignore[arg-type]
+        assert dp.maps.conns4.info.id in l3_maps
+        assert l3_maps <= uplink_maps | _prog_maps(ids["vm0"])  # type: ignore[arg-type]
+        loaded = dp._l3_obj
+        dp.attach(ns.ifindex("tun0"), abi.Role.UPLINK, kind=abi.LinkKind.L3)
+        assert dp._l3_obj is loaded  # loaded once, not again per attach
+        assert filter_prog_id(ns.ifindex("tun0")) == ids["tun0"]
+    finally:
+        c.close()
+    assert not dp.l3_loaded  # closed with the first object
+
+
+def test_a_program_not_loaded_is_a_clear_error(box: Sandbox) -> None:
+    """BpfObject(programs=...) loads only those; program() of another names it, and an
+    unknown name is refused before anything is loaded."""
+    from lasthop.datapath import _object
+
+    with libbpf.BpfObject(_object(), programs=["lh_clock"]) as obj:
+        assert obj.loaded == {"lh_clock"}
+        assert obj.program("lh_clock").fd >= 0
+        loaded_only = r"program lh_vmport \(not loaded; this object loaded lh_clock\)"
+        with pytest.raises(libbpf.BpfError, match=loaded_only):
+            obj.program("lh_vmport")
+    with pytest.raises(libbpf.BpfError, match="no program lh_nope in it"):
+        libbpf.BpfObject(_object(), skip=["lh_nope"])

@@ -17,6 +17,7 @@ the tun link (TTL one less: the host routed it), v4 and v6.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -127,12 +128,12 @@ class Echo:
             s.close()
 
 
-def echoed(family: int, tries: int = 20) -> bool:
-    """Whether a UDP datagram from the peer's client to the VM comes back
-    (up to *tries* datagrams of one connection, 0.25 s apart)."""
+def echoed(family: int, tries: int = 20, port: int = 40001) -> bool:
+    """Whether a UDP datagram from the peer's client (source *port*) to the
+    VM comes back (up to *tries* datagrams of one connection, 0.25 s apart)."""
     s = open_socket(PEER, AF[family], socket.SOCK_DGRAM)
     try:
-        s.bind((CLIENT[family], 40001))
+        s.bind((CLIENT[family], port))
         s.settimeout(0.25)
         for i in range(tries):
             s.sendto(b"ping %d" % i, (VM_ADDR[family], ECHO_PORT))
@@ -170,3 +171,40 @@ def test_replies_go_back_into_the_l3_link(l3_lab: TunLink, family: int, tmp_path
             run(runner.lasthop_argv("detach", "--netns", HOST))
     finally:
         echo.close()
+
+
+def test_a_reload_adding_the_l3_link_loads_its_program(l3_lab: TunLink, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An agent started with Ethernet uplinks only has no lh_uplink_l3 loaded
+    (the echo still dies at the firewall); `lasthop reload` with wg0 added
+    loads it, attaches it to wg0, and the replies come back through it."""
+    config = tmp_path / "lasthop.toml"
+    base = '[[vm_port]]\nname = "vm1"\n'
+    config.write_text(f'routed = true\n[[uplink]]\nname = "fw0"\n{base}')
+    echo = Echo()
+    try:
+        argv = runner.lasthop_argv("run", "--config", str(config), "--netns", HOST)
+        agent = runner.AgentProcess(argv, tmp_path / "lasthop.log")
+        agent.start()
+        try:
+            # another connection than the one tried below: the VM port remembers this one
+            assert not echoed(4, tries=4, port=40002), "answered without wg0: proves nothing"
+            assert tc_program(HOST, "wg0") is None
+            config.write_text(
+                f'routed = true\n[[uplink]]\nname = "fw0"\n[[uplink]]\nname = "wg0"\n{base}'
+            )
+            run(runner.lasthop_argv("reload", "--netns", HOST))
+            assert tc_program(HOST, "wg0") == "lh_uplink_l3"
+            for family in (4, 6):
+                assert echoed(family), agent.stderr[-2000:]
+        finally:
+            agent.stop()
+            run(runner.lasthop_argv("detach", "--netns", HOST))
+    finally:
+        echo.close()
+
+
+def tc_program(ns: str, dev: str) -> str | None:
+    """The name of our BPF filter on *dev*'s tc ingress (handle 0x4c48), or None."""
+    out = run(["tc", "-n", ns, "filter", "show", "dev", dev, "ingress"], check=False).stdout
+    found = re.search(r"handle 0x4c48 (\w+)", out)
+    return found.group(1) if found else None

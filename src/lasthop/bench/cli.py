@@ -19,8 +19,10 @@ from rich.console import Console
 from lasthop.bench import datapath as dp_bench
 from lasthop.bench import lab as lab_bench
 from lasthop.bench import services as svc_bench
+from lasthop.bench import startup as startup_bench
 from lasthop.bench import table as table_bench
 from lasthop.bench.signals import stop_signals_interrupt
+from lasthop.errors import DatapathError
 from lasthop.lab.namespaces import LabError
 from lasthop.libbpf import BpfError
 
@@ -347,6 +349,24 @@ def table(
             as_json=as_json,
             strict=strict,
         )
+
+
+@bench.command("startup")
+@rounds_option
+@json_option
+@strict_option
+def startup(rounds: int, as_json: bool, strict: bool) -> None:
+    """The data path's load at agent start with every program and without
+    lh_uplink_l3 (loaded at the first L3 attach), in turn; processed insns.
+
+    Exit codes: 0 ran; 1 with --strict, the lazy load is not faster; 3 could not run."""
+    _figures(
+        lambda progress: startup_bench.run(rounds, progress),
+        (BpfError, DatapathError),
+        startup_bench.print_results,
+        as_json=as_json,
+        strict=strict,
+    )
 
 
 @bench.command("sync")
