@@ -160,20 +160,6 @@ static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface
 	return 0;
 }
 
-/* The tags of a reply, inner first (as rewrite_vlan, from the descriptor). */
-static __always_inline int encap_push_vlan(struct __sk_buff *skb, const struct conn_entry *e,
-					   const struct hop_desc *d)
-{
-	__u16 outer = e->flags & F_ENTRY_OUTER_8021AD ? ETH_P_8021AD_ : ETH_P_8021Q;
-
-	if (e->vlan_count >= 2 &&
-	    bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), d->vlan_tci[1]))
-		return -CNT_REWRITE_FAILED;
-	if (e->vlan_count >= 1 && bpf_skb_vlan_push(skb, bpf_htons(outer), d->vlan_tci[0]))
-		return -CNT_REWRITE_FAILED;
-	return 0;
-}
-
 /* The tunnel key (and Geneve options) of descriptor d on the reply: the
  * device it is redirected to encapsulates with them. */
 static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct hop_desc *d)
@@ -213,32 +199,6 @@ static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e,
 	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
 		*err = -CNT_ENCAP_UNSUPPORTED;
 	return *err ? NULL : d;
-}
-
-/* Reply of an entry whose hop is descriptor id: its tunnel key (and
- * options) set, its tags pushed (vlan: the entry's vlan_count |
- * F_ENTRY_OUTER_8021AD's bit << 8). Returns 0 or a negative reason.
- * A global function, verified once: inlined, it doubled every state of
- * lh_vmport's many ways to a reply past the verifier's 1,000,000 insns. */
-__noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
-{
-	struct conn_entry e = {};
-	struct hop_desc *d;
-	int err;
-
-	if (!skb)
-		return -CNT_REWRITE_FAILED;
-	d = bpf_map_lookup_elem(&lh_hop_descs, &id);
-	if (!d)
-		return -CNT_HOP_DESC_GONE;
-	if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
-		return -CNT_ENCAP_UNSUPPORTED;
-	err = encap_set_tunnel(skb, d);
-	if (err)
-		return err;
-	e.vlan_count = vlan & 0xff;
-	e.flags = vlan >> 8 & 1 ? F_ENTRY_OUTER_8021AD : 0;
-	return encap_push_vlan(skb, &e, d);
 }
 
 /* The expiry walk met a live entry: its descriptor is in use. */
