@@ -185,11 +185,6 @@ _sig("bpf_tc_attach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("bpf_tc_detach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("bpf_tc_query", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("libbpf_num_possible_cpus", _int)
-_SAMPLE_FN = _c.CFUNCTYPE(_int, _vp, _vp, _c.c_size_t)  # ring_buffer_sample_fn
-_sig("ring_buffer__new", _vp, _int, _SAMPLE_FN, _vp, _vp)
-_sig("ring_buffer__consume", _int, _vp)
-_sig("ring_buffer__epoll_fd", _int, _vp)
-_sig("ring_buffer__free", None, _vp)
 
 # libbpf prints through a callback taking a va_list; vsnprintf formats it.
 _PRINT_FN = _c.CFUNCTYPE(_int, _int, _cp, _vp)
@@ -451,36 +446,102 @@ class Map:
 
 
 class RingBuffer:
-    """A BPF ring buffer map read from user space (libbpf's ring_buffer):
-    :meth:`fileno` is readable when records wait; :meth:`read` takes them."""
+    """A BPF ring buffer map read from user space through its pages, mapped
+    as libbpf's ring_buffer maps them (the consumer position's page read and
+    written; the producer position's page and the data, mapped twice so a
+    record never wraps, read only), without libbpf's callback per record:
+    :meth:`read_bytes` takes every waiting record of one size at once with
+    numpy. :meth:`fileno` (the map's fd) is readable when records wait.
+
+    The kernel writes a record's header (length; BUSY until submitted,
+    DISCARD when discarded) before its data; x86's ordering of loads keeps
+    a header seen un-BUSY behind its data (libbpf uses acquire loads)."""
+
+    _BUSY, _DISCARD, _HDR = 1 << 31, 1 << 30, 8  # linux/bpf.h BPF_RINGBUF_*
 
     def __init__(self, map_fd: int) -> None:
-        self._records: list[bytes] = []
-        self._cb = _SAMPLE_FN(self._on_sample)  # kept referenced: libbpf holds the pointer
-        self._rb: int | None = _check_ptr(
-            "ring_buffer__new", _lib.ring_buffer__new(map_fd, self._cb, None, None)
-        )
+        import mmap
 
-    def _on_sample(self, ctx: int | None, data: int, size: int) -> int:
-        self._records.append(_c.string_at(data, size))
-        return 0
+        self._fd = map_fd
+        size = Map(map_fd).info.max_entries  # the data's bytes, a power of 2
+        self._page, self._mask = mmap.PAGESIZE, size - 1
+        self._cons: mmap.mmap | None = mmap.mmap(
+            map_fd, self._page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
+        self._data: mmap.mmap | None = mmap.mmap(
+            map_fd, self._page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self._page
+        )
+        self._cons_pos: _c.c_uint64 | None = _c.c_uint64.from_buffer(self._cons)  # one store
+        self.skipped = 0  # records read_bytes left out: not of its size
 
     def fileno(self) -> int:
-        """An epoll fd, readable when the ring holds records (for select/poll)."""
-        assert self._rb is not None
-        return int(_lib.ring_buffer__epoll_fd(self._rb))
+        """The map's fd: readable (select/poll) when the ring holds records."""
+        return self._fd
+
+    def _positions(self) -> tuple[int, int]:
+        assert self._cons_pos is not None and self._data is not None
+        return self._cons_pos.value, _c.c_uint64.from_buffer_copy(self._data, 0).value
+
+    def _consumed(self, pos: int) -> None:
+        assert self._cons_pos is not None
+        self._cons_pos.value = pos  # the kernel now may reuse the space before it
+
+    def _walk(self, cons: int, prod: int, out: list[bytes]) -> int:
+        """Records from *cons* (one header at a time) into *out*, up to
+        *prod* or the first not yet submitted; returns where it stopped."""
+        import struct
+
+        assert self._data is not None
+        while cons < prod:
+            at = self._page + (cons & self._mask)
+            (hdr,) = struct.unpack_from("<I", self._data, at)
+            if hdr & self._BUSY:
+                break
+            size = hdr & ~(self._BUSY | self._DISCARD)
+            if not hdr & self._DISCARD:
+                out.append(self._data[at + self._HDR : at + self._HDR + size])
+            cons += (size + self._HDR + 7) & ~7
+        return cons
 
     def read(self) -> list[bytes]:
         """Every record waiting now (none: an empty list), oldest first."""
-        assert self._rb is not None
-        _check("ring_buffer__consume", _lib.ring_buffer__consume(self._rb))
-        out, self._records = self._records, []
+        cons, prod = self._positions()
+        out: list[bytes] = []
+        self._consumed(self._walk(cons, prod, out))
         return out
 
+    def read_bytes(self, size: int) -> bytes:
+        """Every record waiting now, all of *size* bytes, back to back: the
+        leading run of submitted records of that size in one numpy copy,
+        any other (discarded, another size) one at a time."""
+        import numpy as np
+
+        assert self._data is not None
+        cons, prod = self._positions()
+        stride = (size + self._HDR + 7) & ~7
+        n = (prod - cons) // stride
+        out: list[bytes] = []
+        if n:
+            ring = np.frombuffer(
+                self._data, np.uint8, count=n * stride, offset=self._page + (cons & self._mask)
+            ).reshape(n, stride)
+            ok = ring[:, :4].copy().view("<u4").ravel() == size  # submitted, kept, of size
+            whole = n if ok.all() else int(np.argmin(ok))
+            out.append(ring[:whole, self._HDR : self._HDR + size].tobytes())
+            del ring
+            cons += whole * stride
+        cons = self._walk(cons, prod, out)
+        self._consumed(cons)
+        kept = [r for r in out if len(r) % size == 0]
+        self.skipped += len(out) - len(kept)
+        return b"".join(kept)
+
     def close(self) -> None:
-        if self._rb is not None:
-            _lib.ring_buffer__free(self._rb)
-            self._rb = None
+        self._cons_pos = None  # its hold on the mapping first
+        for m in (self._cons, self._data):
+            if m is not None:
+                m.close()
+        self._cons = self._data = None
 
 
 class Program:

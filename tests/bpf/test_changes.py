@@ -23,7 +23,7 @@ import pytest
 
 from lasthop import abi
 from lasthop.libbpf import RingBuffer
-from packets import MAC_FW_C, eth
+from packets import MAC_FW_B, MAC_FW_C, eth
 
 from .harness import CONFIRMED, PENDING, SEEN_SETUP, Case, Datapath, Entry, check
 from .test_conntrack import (
@@ -241,3 +241,31 @@ def test_no_refresh_record_with_sync_off(dp: Datapath, ring: RingBuffer) -> None
     assert ring.read() == []
     raw = dp.tables[CONFIRMED].lookup(before.key.pack())
     assert raw is not None and abi.ConnEntry.from_buffer_copy(raw).sync_epoch == 0
+
+
+def test_read_bytes_takes_every_record_whole_across_the_rings_end(
+    dp: Datapath, ring: RingBuffer
+) -> None:
+    """The publisher's bulk read (numpy over the ring's mapped pages) gives
+    every record, in order, byte for byte as the one-at-a-time read does,
+    also where the records run past the end of the ring's data and on from
+    its start (the ring is read in rounds until its position has wrapped)."""
+    dp.set_settings(SYNC)
+    dp.put(conn(ST.TCP_SYN_SENT))
+    frames = [bytes(SYN_C), bytes(SYN)]  # each moves the last hop: one record
+    size = ctypes.sizeof(abi.ConnChange)
+    stride = (size + 7) // 8 * 8 + 8
+    per_round = 5000
+    macs_want = [bytes.fromhex(m.replace(":", "")) for m in (MAC_FW_C, MAC_FW_B)]
+    lost = dp.table_counter_values()[TC.SYNC_LOST]
+    for _ in range(abi.CHANGES_RING_SIZE // (stride * per_round) + 2):  # past the end, once
+        for i in range(per_round):
+            dp.run("lh_uplink", frames[i % 2], "up1")
+        got = ring.read_bytes(size)
+        assert len(got) == per_round * size
+        records = [abi.ConnChange.from_buffer_copy(got, o) for o in range(0, len(got), size)]
+        assert {r.kind for r in records} == {K.HOP}
+        macs = [bytes(r.entry.mac) for r in records]
+        assert macs == macs_want * (per_round // 2)
+    assert ring.read_bytes(size) == b"" and ring.read() == []
+    assert dp.table_counter_values()[TC.SYNC_LOST] == lost

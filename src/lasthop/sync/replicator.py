@@ -227,10 +227,11 @@ def _publish(
     return sent
 
 
-def _chunks(records: list[bytes]) -> Iterator[bytes]:
-    """*records* (from the ring) BATCH at a time, back to back."""
-    for lo in range(0, len(records), BATCH):
-        yield b"".join(records[lo : lo + BATCH])
+def _chunks(records: bytes) -> Iterator[bytes]:
+    """*records* (from the ring, back to back) BATCH at a time."""
+    step = BATCH * RECORD_SIZE
+    for lo in range(0, len(records), step):
+        yield records[lo : lo + step]
 
 
 def _xadd(
@@ -339,19 +340,21 @@ class Replicator:
         (FLUSH_S after a batch's first record), and publishes them."""
         assert self._ring is not None
         st, next_beat = self._status, 0.0
-        records: list[bytes] = []
-        flush_at = 0.0
+        records: list[bytes] = []  # runs of records back to back
+        count, flush_at = 0, 0.0
         while not self._stop.is_set():
-            wait = max(0.0, flush_at - time.monotonic()) if records else 0.05
+            wait = max(0.0, flush_at - time.monotonic()) if count else 0.05
             select.select([self._ring], [], [], wait)
-            fresh = self._ring.read()
+            fresh = [self._ring.read_bytes(RECORD_SIZE)]
             while self._local:
                 fresh.append(self._local.popleft())
+            got = sum(map(len, fresh)) // RECORD_SIZE
             now = time.monotonic()
-            if fresh and not records:
+            if got and not count:
                 flush_at = now + FLUSH_S
             records += fresh
-            due = len(records) >= BATCH or (records and now >= flush_at)
+            count += got
+            due = count >= BATCH or (count and now >= flush_at)
             try:
                 if self._resync_wanted.is_set():
                     self._resync_wanted.clear()
@@ -362,11 +365,11 @@ class Replicator:
                         self.stream,
                         self.host,
                         "changes",
-                        _chunks(records),
+                        _chunks(b"".join(records)),
                         self.maps,
                         self.clock,
                     )
-                    records = []
+                    records, count = [], 0
                 if now >= next_beat:
                     self._heartbeat()
                     next_beat = now + HEARTBEAT_S
@@ -374,8 +377,8 @@ class Replicator:
                     log.info("sync: connected to %s", self.url)
                 st.connected = True
             except (redis.RedisError, OSError) as err:
-                st.unpublished += len(records)  # dropped: the resync on reconnect repairs it
-                records = []
+                st.unpublished += count  # dropped: the resync on reconnect repairs it
+                records, count = [], 0
                 if st.connected:
                     log.warning("sync: store unreachable (%s); counting what is not published", err)
                 st.connected = False
