@@ -239,19 +239,46 @@ class _Merged:
     new: np.ndarray
 
 
+# odd 64-bit multipliers mixing a key's ten 32-bit words into one hash (_groups)
+_MIX = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                 0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
+                 0x27D4EB2F165667C5, 0x85EBCA77C2B2AE63, 0x94D049BB133111EB,
+                 0xBF58476D1CE4E5B9], dtype=np.uint64)  # fmt: skip
+assert RECORD_SIZE % 4 == 0 and _KEY % 4 == 0 and len(_MIX) == KEY_SIZE // 4
+
+
+def _groups(records: bytes, n: int) -> tuple[np.ndarray, int]:
+    """Each record's key group (numbered in order of first appearance) and
+    how many groups: the keys hashed column-wise, grouped by hash with numpy,
+    every member checked equal to its group's first key (a clash of hashes:
+    grouped by a dict instead)."""
+    w = RECORD_SIZE // 4
+    words = np.frombuffer(records, "<u4").reshape(n, w)[:, _KEY // 4 : (_KEY + KEY_SIZE) // 4]
+    with np.errstate(over="ignore"):
+        h = np.bitwise_xor.reduce(words.astype(np.uint64) * _MIX, axis=1)
+    order = np.argsort(h, kind="stable")  # equal hashes keep the batch's order
+    h = h[order]
+    starts = np.empty(n, bool)
+    starts[:1], starts[1:] = True, h[1:] != h[:-1]
+    first = order[starts]  # each group's first record
+    group = np.empty(n, np.intp)
+    group[order] = np.cumsum(starts) - 1
+    if not (words == words[first[group]]).all():  # two keys, one hash
+        seen: dict[bytes, int] = {}
+        keys = [records[o : o + KEY_SIZE] for o in range(_KEY, len(records), RECORD_SIZE)]
+        return np.array([seen.setdefault(k, len(seen)) for k in keys], np.intp), len(seen)
+    rank = np.empty(len(first), np.intp)  # groups numbered by their first record
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[group], len(first)
+
+
 def _merge(records: bytes, arr: np.ndarray) -> _Merged:
     n = len(arr)
-    groups: dict[bytes, int] = {}  # key -> its group, in first-seen order
-    starts = range(_KEY, len(records), RECORD_SIZE)
-    group = np.fromiter(
-        (groups.setdefault(records[o : o + KEY_SIZE], len(groups)) for o in starts),
-        dtype=np.intp,
-        count=n,
-    )
+    group, ngroups = _groups(records, n)
     index = np.arange(n)
 
     def last_where(mask: np.ndarray) -> np.ndarray:
-        out = np.full(len(groups), -1, dtype=np.intp)
+        out = np.full(ngroups, -1, dtype=np.intp)
         np.maximum.at(out, group[mask], index[mask])
         return out
 
