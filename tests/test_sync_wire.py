@@ -9,8 +9,10 @@ import pytest
 
 from lasthop import abi
 from lasthop.sync.wire import (
+    HOP_SIZE,
     RECORD_SIZE,
     WIRE_FIELDS,
+    WIRE_VERSION,
     BatchEncoder,
     decode_batch,
     decode_record,
@@ -85,7 +87,7 @@ def test_a_binary_batch_round_trips_with_names_and_time_left() -> None:
     host's, last_seen 10 s before the decoding host's now."""
     enc = BatchEncoder(_names, 1000 + 10 * HZ, _settings())
     enc.add([_record(abi.ChangeKind.PROMOTED, 1000)])
-    records, names = enc.take()
+    records, names, _ = enc.take()
     assert len(records) == RECORD_SIZE and names == ["fw0", "vm0"]
     batch = decode_batch(records, names, {"fw0": 3, "vm0": 4}.__getitem__, 50_000, _settings())
     original = abi.ConnChange.from_buffer_copy(_record(abi.ChangeKind.PROMOTED, 1000))
@@ -107,7 +109,8 @@ def test_the_last_record_of_a_key_wins_and_removals_are_keys() -> None:
     for order, removed in (([bytes(learned), expired], True), ([expired, bytes(learned)], False)):
         enc = BatchEncoder(_names, 1000, _settings())
         enc.add(order)
-        batch = decode_batch(*enc.take(), {"fw0": 3, "vm0": 4}.__getitem__, 1000, _settings())
+        records, names, _ = enc.take()
+        batch = decode_batch(records, names, {"fw0": 3, "vm0": 4}.__getitem__, 1000, _settings())
         assert (len(batch.removals), len(batch.writes)) == ((1, 0) if removed else (0, 1))
         if not removed:
             [(_, confirmed, new)] = batch.writes.values()
@@ -117,7 +120,7 @@ def test_the_last_record_of_a_key_wins_and_removals_are_keys() -> None:
 def test_an_uplink_this_host_lacks_is_counted_a_vm_port_becomes_none() -> None:
     enc = BatchEncoder(_names, 1000, _settings())
     enc.add([_record(abi.ChangeKind.PROMOTED, 1000)])
-    records, names = enc.take()
+    records, names, _ = enc.take()
     none = decode_batch(records, names, lambda n: 0, 1000, _settings())
     assert (none.unmapped, none.writes) == (1, {})
     no_vm = decode_batch(records, names, lambda n: {"fw0": 3}.get(n, 0), 1000, _settings())
@@ -129,7 +132,7 @@ def test_a_malformed_batch_is_a_value_error() -> None:
     """A batch cut mid-record, or naming an interface it does not list."""
     enc = BatchEncoder(_names, 1000, _settings())
     enc.add([_record(abi.ChangeKind.PROMOTED, 1000)])
-    records, names = enc.take()
+    records, names, _ = enc.take()
     for bad, bad_names in ((records[:-1], names), (records, names[:1])):
         with pytest.raises(ValueError):
             decode_batch(bad, bad_names, {"fw0": 3, "vm0": 4}.__getitem__, 1000, _settings())
@@ -172,7 +175,7 @@ def test_the_publisher_merges_a_keys_records_into_one_that_says_what_the_peer_ne
     enc = BatchEncoder(_names, 1000, _settings())
     enc.add(_kinds(*steps))
     assert enc.count == len(steps)
-    records, names = enc.take()
+    records, names, _ = enc.take()
     assert len(records) == RECORD_SIZE
     lookup = {"fw0": 3, "vm0": 4}.__getitem__
     [(_, confirmed, new)] = decode_batch(records, names, lookup, 1000, _settings()).writes.values()
@@ -189,7 +192,138 @@ def _encode_each(records: list[bytes]) -> list[bytes]:
     for rec in records:
         enc = BatchEncoder(_names, 1000, _settings())
         enc.add([rec])
-        one, names = enc.take()
+        one, names, _ = enc.take()
         assert names in ([], ["fw0", "vm0"])  # a removal names no interface
         out.append(one)
     return out
+
+
+# -- tunnel and MPLS last hops: the descriptor travels, the peer finds or allocates its id ----
+
+
+def _hop(kind: abi.HopKind, **fields: object) -> abi.HopDesc:
+    d = abi.HopDesc(kind=int(kind), mark=77)  # mark: the sender's expiry pass, never sent
+    for name, value in fields.items():
+        if isinstance(value, (list, tuple, bytes)):
+            for i, v in enumerate(value):
+                getattr(d, name)[i] = v
+        else:
+            setattr(d, name, value)
+    return d
+
+
+HOPS = [
+    # description, the sender's descriptor
+    ("VXLAN, IPv4 endpoint", _hop(abi.HopKind.TUNNEL4, remote=[0x0AFF0001], vni=100)),
+    ("VXLAN, IPv6 endpoint", _hop(abi.HopKind.TUNNEL6, remote=[0xFD000000, 0, 0, 2], vni=7)),
+    ("Geneve, options", _hop(abi.HopKind.TUNNEL4, remote=[0x0AFF0003], vni=9, opt_len=8,
+                             opts=b"\x01\x02\x03\x04\x05\x06\x07\x08")),
+    ("MPLS, three labels and a tag", _hop(abi.HopKind.MPLS, mpls=[100 << 12, 200 << 12, 300 << 12],
+                                         mpls_count=3, vlan_tci=[10])),
+]  # fmt: skip
+SENDER_ID, PEER_ID = 0x0001_2345, 0x0000_0777  # the ids each host gave the hop
+
+
+def _hop_record(kind: abi.ChangeKind = abi.ChangeKind.PROMOTED, saddr: int = 0x0100000A) -> bytes:
+    """A confirmed entry whose last hop is descriptor SENDER_ID (flag hop_ext)."""
+    rec = abi.ConnChange.from_buffer_copy(_record(kind, 1000))
+    rec.key.saddr[0] = saddr
+    rec.entry.flags |= abi.F_ENTRY_HOP_EXT
+    rec.entry.vlan_count = 0
+    rec.entry.vlan_tci[0], rec.entry.vlan_tci[1] = SENDER_ID & 0xFFFF, SENDER_ID >> 16
+    return bytes(rec)
+
+
+class Peer:
+    """The peer's lh_hop_descs, as decode_batch's hop_id_of sees it."""
+
+    def __init__(self, room: bool = True) -> None:
+        self.stored: dict[bytes, int] = {}
+        self.room = room
+
+    def hop_id_of(self, desc: bytes) -> int | None:
+        if not self.room:
+            return None
+        return self.stored.setdefault(desc, PEER_ID + len(self.stored))
+
+
+@pytest.mark.parametrize("desc", [h[1] for h in HOPS], ids=[h[0] for h in HOPS])
+def test_a_tunnel_or_mpls_hop_travels_as_its_descriptor_under_the_peers_own_id(
+    desc: abi.HopDesc,
+) -> None:
+    """The record names the batch's copy of its descriptor (the struct
+    hop_desc whole, its kind saying what it holds, mark zeroed); the peer
+    is handed exactly those bytes and writes the entry with its own id for
+    them, the entry otherwise as sent (flag hop_ext kept)."""
+    enc = BatchEncoder(_names, 1000, _settings(), {SENDER_ID: bytes(desc)}.get)
+    enc.add([_hop_record()])
+    records, names, hops = enc.take()
+    sent = abi.HopDesc.from_buffer_copy(bytes(desc))
+    sent.mark = 0
+    assert hops == bytes(sent) and len(hops) == HOP_SIZE
+    peer = Peer()
+    batch = decode_batch(
+        records, names, {"fw0": 3, "vm0": 4}.__getitem__, 1000, _settings(), hops, peer.hop_id_of
+    )
+    assert peer.stored == {bytes(sent): PEER_ID}
+    [(raw, confirmed, _)] = batch.writes.values()
+    entry = abi.ConnEntry.from_buffer_copy(raw)
+    assert abi.hop_desc_id(entry) == PEER_ID and confirmed and batch.hop_refused == 0
+    original = abi.ConnChange.from_buffer_copy(_hop_record()).entry
+    original.vlan_tci[0], original.vlan_tci[1] = PEER_ID & 0xFFFF, PEER_ID >> 16
+    original.ifindex, original.vm_ifindex, original.last_seen = 3, 4, entry.last_seen
+    assert raw == bytes(original)
+
+
+def test_records_of_one_hop_share_one_descriptor_in_the_batch() -> None:
+    enc = BatchEncoder(_names, 1000, _settings(), {SENDER_ID: bytes(HOPS[0][1])}.get)
+    enc.add([_hop_record(saddr=0x0100000A + i) for i in range(5)])
+    records, names, hops = enc.take()
+    assert len(hops) == HOP_SIZE
+    peer = Peer()
+    batch = decode_batch(records, names, lambda n: 3, 1000, _settings(), hops, peer.hop_id_of)
+    assert len(batch.writes) == 5 and len(peer.stored) == 1
+
+
+@pytest.mark.parametrize(
+    ("gone", "room"),
+    [(True, True), (False, False)],
+    ids=["the descriptor gone on the sender", "no room for it on the peer"],
+)
+def test_a_hop_the_peer_cannot_store_is_refused_its_key_removed_and_counted(
+    gone: bool, room: bool
+) -> None:
+    """A record whose descriptor the sender no longer has, or the peer has no
+    room for, is not written: the peer removes its older copy of the key
+    (never a reply to a wrong endpoint) and counts it hop_refused."""
+    descs: dict[int, bytes] = {} if gone else {SENDER_ID: bytes(HOPS[0][1])}
+    enc = BatchEncoder(_names, 1000, _settings(), descs.get)
+    enc.add([_hop_record()])
+    records, names, hops = enc.take()
+    batch = decode_batch(records, names, lambda n: 3, 1000, _settings(), hops, Peer(room).hop_id_of)
+    assert (batch.hop_refused, batch.writes, len(batch.removals)) == (1, {}, 1)
+
+
+def test_a_malformed_hop_makes_the_batch_a_value_error() -> None:
+    """hops cut mid-descriptor, a record naming a hop the batch lacks, a
+    descriptor of a kind this host does not know."""
+    enc = BatchEncoder(_names, 1000, _settings(), {SENDER_ID: bytes(HOPS[0][1])}.get)
+    enc.add([_hop_record()])
+    records, names, hops = enc.take()
+    unknown = bytearray(hops)
+    unknown[int(abi.HopDesc.kind.offset)] = 99
+    for bad in (hops[:-1], b"", bytes(unknown)):
+        with pytest.raises(ValueError):
+            decode_batch(records, names, lambda n: 3, 1000, _settings(), bad, Peer().hop_id_of)
+
+
+def test_the_wire_version_names_the_structs_it_carries() -> None:
+    """A change to struct conn_change or hop_desc changes the wire: bump
+    WIRE_VERSION with it (a peer of another version ignores the batch and
+    counts it) and write the new layout here."""
+    hop_layout = [(name, getattr(abi.HopDesc, name).offset) for name, *_ in abi.HopDesc._fields_]
+    assert (WIRE_VERSION, RECORD_SIZE, HOP_SIZE) == ("3", 84, 76)
+    assert hop_layout == [
+        ("remote", 0), ("vni", 16), ("mpls", 20), ("vlan_tci", 32), ("kind", 36),
+        ("mpls_count", 37), ("opt_len", 38), ("reserved", 39), ("opts", 40), ("mark", 72),
+    ]  # fmt: skip

@@ -10,6 +10,7 @@ atomically on the next attach.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -267,15 +268,27 @@ class Maps:
 
     def put_hop_desc(self, desc: abi.HopDesc) -> int:
         """Stores *desc* as the data path would (the same id for the same
-        content, encap.h), for `import`; returns its id."""
+        content, encap.h's hop_desc_resolve, marked in use by the expiry pass
+        under way or next so its sweep keeps it), for `import` and the sync's
+        applier; returns its id."""
         base = hop_desc_hash(desc)
+        mark = int(self.expiry_stats().passes + 1) & 0xFFFFFFFF  # encap.h's hop_desc_pass
+        marked = abi.HopDesc.from_buffer_copy(bytes(desc))
+        marked.mark = mark
         for i in range(abi.HOP_DESC_PROBES):
             hop_id = (base + i) & 0xFFFFFFFF
             cur = self.hop_desc(hop_id)
             if cur is None:
-                self.hop_descs.update(_u32(hop_id), bytes(desc))
-                return hop_id
-            if bytes(cur)[:_HOP_CONTENT] == bytes(desc)[:_HOP_CONTENT]:
+                try:  # never over another hop the data path stored meanwhile
+                    self.hop_descs.update(_u32(hop_id), bytes(marked), libbpf.BPF_NOEXIST)
+                    return hop_id
+                except libbpf.BpfError as err:
+                    if err.errno != errno.EEXIST:
+                        raise
+                cur = self.hop_desc(hop_id)
+            if cur is not None and bytes(cur)[:_HOP_CONTENT] == bytes(desc)[:_HOP_CONTENT]:
+                if cur.mark != mark:
+                    self.hop_descs.update(_u32(hop_id), bytes(marked), libbpf.BPF_EXIST)
                 return hop_id
         raise DatapathError(f"lh_hop_descs: no free id for hop {base:#x} (table full?)")
 

@@ -32,7 +32,7 @@ from lasthop import abi, libbpf
 from lasthop.clock import Clock
 from lasthop.connections import ifname
 from lasthop.datapath import Maps
-from lasthop.errors import SyncError
+from lasthop.errors import DatapathError, SyncError
 from lasthop.sync.wire import (
     RECORD_SIZE,
     WIRE_VERSION,
@@ -213,7 +213,11 @@ def _publish(
         return names[ifindex]
 
     sent = 0
-    enc = BatchEncoder(name_of, clock.jiffies(), settings)
+
+    def hop_of(hop_id: int) -> bytes | None:  # read once per publishing a descriptor is used
+        return maps.hop_descs.lookup(_u32(hop_id))
+
+    enc = BatchEncoder(name_of, clock.jiffies(), settings, hop_of)
     pipe = client.pipeline(transaction=False)  # a round trip per PIPELINE messages
     for n, chunk in enumerate(chunks, 1):
         enc.add_bytes(chunk)
@@ -241,10 +245,13 @@ def _xadd(
     kind: str,
     records: bytes = b"",
     names: list[str] | None = None,
+    hops: bytes = b"",
 ) -> Any:
     """One message (on a client: returns its id; on a pipeline: queued)."""
     fields = {"host": host, "type": kind, "ts": repr(time.time()), "v": WIRE_VERSION}
     fields |= {"names": json.dumps(names or []), "records": records}  # type: ignore[dict-item]
+    if hops:
+        fields["hops"] = hops  # type: ignore[assignment]
     return client.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
 
 
@@ -442,7 +449,7 @@ class Replicator:
             names = json.loads(fields.get("names", b"[]"))
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError("names is not a list of interface names")
-            self.apply(fields.get("records", b""), names)
+            self.apply(fields.get("records", b""), names, fields.get("hops", b""))
         except (ValueError, TypeError) as err:
             self._status.malformed += 1
             log.warning("sync: ignoring a malformed batch from %s: %s", peer, err)
@@ -463,12 +470,28 @@ class Replicator:
                 return 0  # not cached: the interface may appear later
         return self._names[name]
 
-    def apply(self, records: bytes, names: list[str]) -> DecodedBatch:
-        """Writes a peer's batch (binary records, the names they use) into
-        this host's tables; ValueError when it is malformed."""
+    def _hop_id(self, desc: bytes) -> int | None:
+        """This host's id of a peer's hop descriptor (found, or stored as the
+        data path would); None when lh_hop_descs has no room for it."""
+        try:
+            return self.maps.put_hop_desc(abi.HopDesc.from_buffer_copy(desc))
+        except (DatapathError, libbpf.BpfError) as err:
+            log.debug("sync: cannot store a peer's hop: %s", err)
+            return None
+
+    def apply(self, records: bytes, names: list[str], hops: bytes = b"") -> DecodedBatch:
+        """Writes a peer's batch (binary records, the names and hop
+        descriptors they use) into this host's tables; ValueError when it is
+        malformed."""
         with self.lock:
             batch = decode_batch(
-                records, names, self._index_of, self.clock.jiffies(), self.maps.get_settings()
+                records,
+                names,
+                self._index_of,
+                self.clock.jiffies(),
+                self.maps.get_settings(),
+                hops,
+                self._hop_id,
             )
             written = write_batch(self.maps, batch)
         refused = len(batch.keys) + len(batch.removed) - written  # a full table
@@ -583,6 +606,10 @@ def write_changes(
         applied += 1
     m.request_expiry()  # written from user space: the expiry pass must look
     return applied, unmapped
+
+
+def _u32(n: int) -> bytes:
+    return n.to_bytes(4, "little")
 
 
 def _heartbeat_ts(raw: str | None) -> float | None:

@@ -6,12 +6,17 @@ On the stream (binary, packed with struct): a message is one batch, fields
 ``host`` (who published), ``ts`` (its wall clock, for the lag figure only),
 ``type`` ("changes", "snapshot", "hello": a host asks its peers for their
 tables), ``v`` (WIRE_VERSION), ``names`` (a JSON list of the interface
-names the batch uses) and ``records``: RECORD_SIZE bytes per record, each a
-struct conn_change as the data path wrote it with the three fields of
+names the batch uses), ``records``: RECORD_SIZE bytes per record, each a
+struct conn_change as the data path wrote it with the fields of
 BINARY_REWRITES rewritten (ifindexes -> 1 + their index in ``names``, 0 =
-none; last_seen -> milliseconds left). Encoding and decoding work on the
-whole batch at once (numpy structured arrays over its bytes, RECORD_DTYPE):
-no Python per record but a dict insert for "the last record of each key".
+none; last_seen -> milliseconds left; a tunnel/MPLS last hop's descriptor
+id -> 1 + its index in ``hops``), and ``hops``: the descriptors those
+records name, HOP_SIZE bytes each, a struct hop_desc whole (its ``kind``
+says what it holds: a tunnel endpoint and VNI, an MPLS label stack, ...)
+with ``mark`` zeroed; the peer stores each under an id of its own (find
+or allocate, as the data path does). Encoding and decoding work on the
+whole batch at once (numpy structured arrays over its bytes, RECORD_DTYPE;
+a key's records grouped by a hash of the key, _groups): no Python per record.
 
 In a file (`lasthop export`), a record is a JSON list in the order of
 WIRE_FIELDS, readable and independent of the struct's layout.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +39,8 @@ __all__ = [
     "RECORD_SIZE",
     "WIRE_FIELDS",
     "WIRE_VERSION",
+    "HOP_SIZE",
+    "Batch",
     "BatchEncoder",
     "Change",
     "DecodedBatch",
@@ -177,14 +185,17 @@ def _hop_bytes(text: str) -> bytes:
 
 # -- the stream's binary records ---------------------------------------------------
 
-WIRE_VERSION = "2"  # of the binary record: bump when struct conn_change changes
+WIRE_VERSION = "3"  # of the binary batch: bump when struct conn_change or hop_desc changes
 RECORD_SIZE = ctypes.sizeof(abi.ConnChange)
+HOP_SIZE = ctypes.sizeof(abi.HopDesc)
+_HOP_CONTENT = int(abi.HopDesc.mark.offset)  # a descriptor's bytes that travel (mark: 0)
 KEY_SIZE = ctypes.sizeof(abi.ConnKey)
 ENTRY_SIZE = ctypes.sizeof(abi.ConnEntry)
 BINARY_REWRITES: tuple[tuple[str, str], ...] = (
     ("entry.last_seen", "milliseconds left before its state's timeout (0 for a removal)"),
     ("entry.ifindex", "1 + index of the uplink's name in the batch's names; 0 = none"),
     ("entry.vm_ifindex", "1 + index of the VM port's name in the batch's names; 0 = none"),
+    ("entry.vlan_tci", "flag hop_ext: 1 + index of its hop_desc in the batch's hops; 0 = gone"),
 )
 _KEY, _ENTRY = int(abi.ConnChange.key.offset), int(abi.ConnChange.entry.offset)
 
@@ -199,14 +210,15 @@ def _entry_field(name: str) -> int:
 RECORD_DTYPE = np.dtype(
     {
         "names": ["kind", "table", "key", "family", "entry", "last_seen", "ifindex",
-                  "vm_ifindex", "flags", "state"],
+                  "vm_ifindex", "flags", "state", "hop"],
         "formats": ["u1", "u1", f"V{KEY_SIZE}", "u1", f"V{ENTRY_SIZE}", "<u4", "<u4", "<u4",
-                    "u1", "u1"],
+                    "u1", "u1", "<u4"],
         "offsets": [int(abi.ConnChange.kind.offset), int(abi.ConnChange.table.offset),
                     int(abi.ConnChange.key.offset),
                     int(abi.ConnChange.key.offset) + int(abi.ConnKey.family.offset), _ENTRY,
                     _entry_field("last_seen"), _entry_field("ifindex"),
-                    _entry_field("vm_ifindex"), _entry_field("flags"), _entry_field("state")],
+                    _entry_field("vm_ifindex"), _entry_field("flags"), _entry_field("state"),
+                    _entry_field("vlan_tci")],  # flag hop_ext: the id, tci[0] | tci[1] << 16
         "itemsize": RECORD_SIZE,
     }
 )  # fmt: skip
@@ -296,16 +308,37 @@ def _merge(records: bytes, arr: np.ndarray) -> _Merged:
     )
 
 
+class Batch(NamedTuple):
+    """A batch as it travels: the records back to back, the interface names
+    and the hop descriptors (back to back) they use."""
+
+    records: bytes
+    names: list[str]
+    hops: bytes
+
+
+HopOf = Callable[[int], "bytes | None"]  # a local descriptor id -> its hop_desc bytes (None: gone)
+
+
 class BatchEncoder:
     """Packs conn_change records (from lh_changes, or a snapshot) into one
-    batch: the records' bytes and the names they use."""
+    batch: the records' bytes, the names and the hop descriptors they use
+    (*hop_of* reads a descriptor of this host's lh_hop_descs)."""
 
-    def __init__(self, name_of: Callable[[int], str], now: int, settings: abi.Settings) -> None:
-        self._name_of = name_of
+    def __init__(
+        self,
+        name_of: Callable[[int], str],
+        now: int,
+        settings: abi.Settings,
+        hop_of: HopOf | None = None,
+    ) -> None:
+        self._name_of, self._hop_of = name_of, hop_of
         self._now, self._hz = now, settings.hz
         self._timeouts = _timeouts_ms(settings)
         self._ids: dict[int, int] = {0: 0}
         self.names: list[str] = []
+        self._hop_ids: dict[int, int] = {}
+        self._hops: list[bytes] = []
         self._out: list[bytes] = []
         self._count = 0
 
@@ -318,6 +351,19 @@ class BatchEncoder:
         if found is None:
             self.names.append(self._name_of(ifindex))
             found = self._ids[ifindex] = len(self.names)
+        return found
+
+    def _hop(self, hop_id: int) -> int:
+        """1 + the index in the batch's hops of this host's descriptor
+        *hop_id*, 0 when it is gone (the peer refuses the record)."""
+        found = self._hop_ids.get(hop_id)
+        if found is None:
+            raw = self._hop_of(hop_id) if self._hop_of is not None else None
+            found = 0
+            if raw is not None and len(raw) == HOP_SIZE:
+                self._hops.append(raw[:_HOP_CONTENT] + bytes(HOP_SIZE - _HOP_CONTENT))
+                found = len(self._hops)
+            self._hop_ids[hop_id] = found
         return found
 
     def add(self, records: Iterable[bytes]) -> None:
@@ -352,14 +398,21 @@ class BatchEncoder:
             found = np.unique(col[kept])
             ids = np.array([self._id(int(i)) for i in found], dtype=np.uint32)
             col[kept] = ids[np.searchsorted(found, col[kept])]
+        ext = kept & ((arr["flags"] & abi.F_ENTRY_HOP_EXT) != 0)
+        if ext.any():  # a tunnel/MPLS last hop: its descriptor travels in the batch
+            col = arr["hop"]
+            found = np.unique(col[ext])
+            ids = np.array([self._hop(int(i)) for i in found], dtype=np.uint32)
+            col[ext] = ids[np.searchsorted(found, col[ext])]
         self._out.append(arr.tobytes())
         self._count += len(given)
 
-    def take(self) -> tuple[bytes, list[str]]:
-        """The batch so far (records, names); the encoder starts a new one."""
-        out, names = b"".join(self._out), self.names
+    def take(self) -> Batch:
+        """The batch so far; the encoder starts a new one."""
+        out = Batch(b"".join(self._out), self.names, b"".join(self._hops))
         self._out, self.names, self._ids, self._count = [], [], {0: 0}, 0
-        return out, names
+        self._hops, self._hop_ids = [], {}
+        return out
 
 
 @dataclass
@@ -380,7 +433,7 @@ class DecodedBatch:
     removed: np.ndarray
     unmapped: int  # records naming an uplink this host does not have
     records: int  # in the batch, all told
-    hop_refused: int = 0  # tunnel last hops (their id means nothing here): removed, not written
+    hop_refused: int = 0  # tunnel/MPLS last hops without a descriptor here: removed, not written
 
     @property
     def writes(self) -> dict[bytes, tuple[bytes, bool, bool]]:
@@ -393,36 +446,69 @@ class DecodedBatch:
         return [k.tobytes() for k in self.removed]
 
 
+HopIdOf = Callable[[bytes], "int | None"]  # a hop_desc's bytes -> this host's id (None: no room)
+
+
+def _hop_descs(hops: bytes) -> list[bytes]:
+    """A batch's hops field as descriptors; ValueError when malformed."""
+    if len(hops) % HOP_SIZE:
+        raise ValueError(f"hops are whole hop_descs of {HOP_SIZE} bytes, got {len(hops)}")
+    descs = [hops[o : o + HOP_SIZE] for o in range(0, len(hops), HOP_SIZE)]
+    known = {int(k) for k in abi.HopKind}
+    for d in descs:
+        kind = abi.HopDesc.from_buffer_copy(d).kind
+        if kind not in known:
+            raise ValueError(f"a hop of unknown kind {kind}")
+    return descs
+
+
 def decode_batch(
     records: bytes,
     names: list[str],
     index_of: Callable[[str], int],
     now: int,
     settings: abi.Settings,
+    hops: bytes = b"",
+    hop_id_of: HopIdOf | None = None,
 ) -> DecodedBatch:
     """A binary batch back into entries for this host at jiffies *now*:
     names -> its ifindexes (an uplink it lacks: skipped, counted; a VM port
-    it lacks: no VM), milliseconds left -> last_seen. ValueError when the
-    batch is malformed."""
+    it lacks: no VM), milliseconds left -> last_seen, a tunnel/MPLS last
+    hop's descriptor -> this host's id for it (*hop_id_of*: find or
+    allocate; None, or a descriptor gone on the sender: the record is
+    refused, its key removed, counted). ValueError when the batch is
+    malformed."""
     if len(records) % RECORD_SIZE:
         raise ValueError(f"a batch is whole records of {RECORD_SIZE} bytes, got {len(records)}")
     arr = np.frombuffer(records, dtype=RECORD_DTYPE)
     local = np.array([0, *(index_of(n) for n in names)], dtype=np.uint32)
     if len(arr) and max(int(arr["ifindex"].max()), int(arr["vm_ifindex"].max())) >= len(local):
         raise ValueError(f"a record names an interface beyond the batch's {len(names)}")
+    descs = _hop_descs(hops)
     merged = _merge(records, arr)
     arr = arr[merged.last]
     removal = np.isin(arr["kind"], _REMOVAL_KINDS)
-    # a tunnel hop's entry names an id into the peer's lh_hop_descs, which the
-    # record does not carry: never guess it; remove any copy of older news
-    hop = ~removal & ((arr["flags"] & abi.F_ENTRY_HOP_EXT) != 0)
-    hop_refused = int(hop.sum())
-    removal |= hop
+    ext = ~removal & ((arr["flags"] & abi.F_ENTRY_HOP_EXT) != 0)
+    if ext.any() and int(arr["hop"][ext].max()) > len(descs):
+        raise ValueError(f"a record names a hop beyond the batch's {len(descs)}")
+    # each descriptor used, under this host's id; none here: the record is
+    # refused and any copy of older news removed (an id is never guessed)
+    hop_ids = np.zeros(len(descs) + 1, dtype=np.uint32)
+    hop_ok = np.zeros(len(descs) + 1, dtype=bool)
+    for i in np.unique(arr["hop"][ext]):
+        found = hop_id_of(descs[i - 1]) if i and hop_id_of is not None else None
+        if found is not None:
+            hop_ids[i], hop_ok[i] = found, True
+    refused = ext & ~hop_ok[np.where(ext, arr["hop"], 0)]
+    hop_refused = int(refused.sum())
+    removal |= refused
     ifindex, vm_ifindex = local[arr["ifindex"]], local[arr["vm_ifindex"]]
     unmapped = ~removal & (arr["ifindex"] != 0) & (ifindex == 0)
     write = ~removal & ~unmapped
     out = arr[write]  # a copy
     out["ifindex"], out["vm_ifindex"] = ifindex[write], vm_ifindex[write]
+    out_ext = ext[write]
+    out["hop"][out_ext] = hop_ids[out["hop"][out_ext]]
     idle = np.maximum(_timeouts_ms(settings)[_states(out)] - out["last_seen"], 0)
     out["last_seen"] = (now - idle * settings.hz // 1000) & 0xFFFFFFFF
     no_vm = out["vm_ifindex"] == 0
