@@ -308,3 +308,126 @@ def test_store_down_both_hosts_forward_count_and_resync_to_equal_tables() -> Non
                 site_b.close()
     finally:
         redis.close()
+
+
+class OverlaySite(BridgedSite):
+    """The firewall reaches host A's bridge through VXLAN (VNI 100, from its
+    endpoint 192.0.2.1 to the host's 192.0.2.2), as in an EVPN overlay: host
+    A's uplink vx0 is an external (collect-metadata) VXLAN device, so a reply
+    reaches the firewall only with the tunnel key lasthop learned.
+
+    fw (vxf 10.0.0.1) ─ eth0 192.0.2.1 ══ und0 192.0.2.2 ─ vx0 ┐
+                                                               br0  host A
+    vm (eth0 10.0.0.2) ─────────────────────────────────── vm0 ┘
+    """
+
+    ENDPOINT, HOST_ENDPOINT, VNI = "192.0.2.1", "192.0.2.2", 100
+
+    def __init__(self, box: Sandbox) -> None:  # noqa: D107 (no super(): other links)
+        self.box = box
+        self.host, self.fw, self.vm = box.netns("h"), box.netns("f"), box.netns("v")
+        self.host.veth("und0", "eth0", self.fw)
+        self.host.ip("addr", "add", f"{self.HOST_ENDPOINT}/24", "dev", "und0")
+        self.fw.ip("addr", "add", f"{self.ENDPOINT}/24", "dev", "eth0")
+        self.host.ip("link", "add", "vx0", "type", "vxlan", "external", "dstport", "4789")
+        self.host.veth("vm0", "eth0", self.vm)
+        self.host.bridge("br0", "vx0", "vm0")
+        self.fw.ip("link", "add", "vxf", "type", "vxlan", "id", str(self.VNI), "local",
+                   self.ENDPOINT, "remote", self.HOST_ENDPOINT, "dstport", "4789",
+                   "nolearning")  # fmt: skip
+        self.fw.ip("link", "set", "vxf", "up")
+        self.fw.ip("addr", "add", f"{self.FW_IP}/24", "dev", "vxf")
+        self.vm.ip("addr", "add", f"{self.VM_IP}/24", "dev", "eth0")
+        self.fw_mac = self.fw.mac("vxf")
+        # neither side's ARP crosses the external device without a tunnel key
+        self.fw.ip("neigh", "replace", self.VM_IP, "lladdr", self.vm.mac("eth0"), "dev", "vxf",
+                   "nud", "permanent")  # fmt: skip
+        self.vm.ip("neigh", "replace", self.FW_IP, "lladdr", self.fw_mac, "dev", "eth0",
+                   "nud", "permanent")  # fmt: skip
+        self._server = None
+
+
+def _show(ns: Netns) -> list[dict[str, Any]]:
+    result = lasthop("show", "--netns", ns.name, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _hops(ns: Netns) -> dict[int, bytes]:
+    """Host *ns*'s lh_hop_descs from its pins: id -> the descriptor's content
+    (its bytes before mark, which only says which expiry pass last kept it)."""
+    descs = libbpf.Map.pinned(ns.pins / "lh_hop_descs")
+    try:
+        return {int.from_bytes(k, "little"): v[: abi.HopDesc.mark.offset] for k, v in descs.items()}
+    finally:
+        descs.close()
+
+
+def _hop_of(ns: Netns, port: int) -> tuple[dict[str, Any], bytes]:
+    """The entry of client port *port* as `show` gives it, and the content of
+    the descriptor it names in *ns*'s lh_hop_descs."""
+    for which in (abi.ChangeTable.CONFIRMED, abi.ChangeTable.PENDING):
+        table = FamilyMap.of(lambda name: libbpf.Map.pinned(ns.pins / name), which)
+        try:
+            for key, value in table.items():
+                if abi.ConnKey.from_buffer_copy(key).sport == socket.htons(port):
+                    hop_id = abi.hop_desc_id(abi.ConnEntry.from_buffer_copy(value))
+                    assert hop_id is not None, "the entry names no hop descriptor"
+                    shown = [c for c in _show(ns) if c["sport"] == port]
+                    return shown[0], _hops(ns)[hop_id]
+        finally:
+            table.close()
+    raise AssertionError(f"no entry of port {port} in {ns.name}")
+
+
+def test_a_vxlan_last_hop_learned_on_a_appears_on_b_with_an_equal_descriptor() -> None:
+    """A connection through a VXLAN uplink: A's entry names a descriptor
+    (endpoint, VNI) in its lh_hop_descs. B (its own vx0 and vm0, other
+    ifindexes) gets the entry naming a descriptor of its own, equal in
+    content; and again from A's resync after B lost both."""
+    redis = RedisServer()
+    try:
+        with sandbox() as box:
+            redis.start()
+            site = OverlaySite(box)
+            b = box.netns("b")
+            b.veth("pad0", "pad0p")
+            b.ip("link", "add", "vx0", "type", "vxlan", "external", "dstport", "4789")
+            b.ip("link", "set", "vx0", "up")
+            b.veth("vm0", "vm0p")
+            try:
+                site.serve()
+                sync = ("--sync", redis.url)
+                box.agent("--uplink", "vx0", "--bridge", "br0", *sync, netns=site.host)
+                box.agent("--uplink", "vx0", "--vm-port", "vm0", *sync, netns=b)
+                port = site.exchange("tcp", n=3)  # answered only through lasthop's tunnel key
+                shown_a, desc_a = _hop_of(site.host, port)
+                assert (shown_a["endpoint"], shown_a["vni"]) == (site.ENDPOINT, site.VNI)
+
+                def on_b() -> tuple[dict[str, Any], bytes] | None:
+                    shown = [c for c in _show(b) if c["sport"] == port]
+                    ok = shown and shown[0]["state"] == shown_a["state"]
+                    return _hop_of(b, port) if ok else None
+
+                shown_b, desc_b = wait_for(on_b, timeout=10)
+                assert desc_b == desc_a
+                for f in ("endpoint", "vni", "mac", "uplink", "state", "flags"):
+                    assert shown_b[f] == shown_a[f], f
+                assert Cluster.api(b, "/v1/sync")["hop_refused"] == 0
+
+                # B loses the entry and the descriptor; A's resync brings both back
+                for name in ("lh_conns4", "lh_pending4", "lh_hop_descs"):
+                    m = libbpf.Map.pinned(b.pins / name)
+                    try:
+                        for key in list(m.keys()):
+                            m.delete(key)
+                    finally:
+                        m.close()
+                assert not [c for c in _show(b) if c["sport"] == port]
+                Cluster.api(site.host, "/v1/sync/resync", "POST")
+                shown_b, desc_b = wait_for(on_b, timeout=10)
+                assert desc_b == desc_a and shown_b["endpoint"] == site.ENDPOINT
+            finally:
+                site.close()
+    finally:
+        redis.close()
