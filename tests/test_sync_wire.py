@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 
 from lasthop import abi
+from lasthop.sync import wire
 from lasthop.sync.wire import (
     HOP_SIZE,
     RECORD_SIZE,
@@ -327,3 +329,24 @@ def test_the_wire_version_names_the_structs_it_carries() -> None:
         ("remote", 0), ("vni", 16), ("mpls", 20), ("vlan_tci", 32), ("kind", 36),
         ("mpls_count", 37), ("opt_len", 38), ("reserved", 39), ("opts", 40), ("mark", 72),
     ]  # fmt: skip
+
+
+def test_keys_whose_hashes_clash_are_still_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records are grouped by a hash of their key; when two keys share one
+    (forced here: every key hashes to 0) the grouping falls back to the keys
+    themselves, and the batch merges exactly as it does without a clash."""
+    one = _kinds((K.LEARNED, T.PENDING), (K.PROMOTED, T.CONFIRMED))
+    other = [_hop_record(abi.ChangeKind.LEARNED, saddr=0x0900000A)]  # another key
+    records = [one[0], other[0], one[1]]
+    lookup = {"fw0": 3, "vm0": 4}.__getitem__
+
+    def merged() -> dict[bytes, tuple[bytes, bool, bool]]:
+        enc = BatchEncoder(_names, 1000, _settings(), {SENDER_ID: bytes(HOPS[0][1])}.get)
+        enc.add(records)
+        raw, names, hops = enc.take()
+        assert len(raw) == 2 * RECORD_SIZE
+        return decode_batch(raw, names, lookup, 1000, _settings(), hops, Peer().hop_id_of).writes
+
+    plain = merged()
+    monkeypatch.setattr(wire, "_MIX", np.zeros_like(wire._MIX))
+    assert merged() == plain and len(plain) == 2
