@@ -224,8 +224,8 @@ def _peer(
             state["ts"] = float(raw.get(b"ts", b"nan"))
             super()._handle(raw)
 
-        def apply(self, records: bytes, names: list[str]) -> Any:
-            batch = super().apply(records, names)
+        def apply(self, records: bytes, names: list[str], hops: bytes = b"") -> Any:
+            batch = super().apply(records, names, hops)
             now = time.time()
             before = state["applied"]
             state["applied"] = self._status.applied
