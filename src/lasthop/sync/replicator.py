@@ -129,7 +129,7 @@ class SyncStatus:
     unpublished: int = 0  # records read from the ring that the store did not take
     applied: int = 0  # peers' records written into this host's tables
     unmapped: int = 0  # peers' records naming an uplink this host does not have
-    hop_refused: int = 0  # peers' records of tunnel last hops: not replicated (docs/ha.md)
+    hop_refused: int = 0  # peers' tunnel/MPLS last hops not stored here (gone there, no room)
     resyncs: int = 0  # snapshots of the table published
     malformed: int = 0  # peers' batches ignored (another wire version, bad records)
     lost: int = 0  # records the kernel had no ring room for (TC_SYNC_LOST)
@@ -350,8 +350,11 @@ class Replicator:
         records: list[bytes] = []  # runs of records back to back
         count, flush_at = 0, 0.0
         while not self._stop.is_set():
-            wait = max(0.0, flush_at - time.monotonic()) if count else 0.05
-            select.select([self._ring], [], [], wait)
+            if count:  # a batch is open: the ring keeps what comes until it closes
+                # (not select: the ring's fd is readable while a record waits, a spin)
+                self._stop.wait(max(0.0, flush_at - time.monotonic()))
+            else:  # the first record wakes us
+                select.select([self._ring], [], [], 0.05)
             fresh = [self._ring.read_bytes(RECORD_SIZE)]
             while self._local:
                 fresh.append(self._local.popleft())
