@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lasthop import abi
-from lasthop.datapath import request_expiry
+from lasthop.datapath import MAP_NAMES, Maps, hop_desc_hash, request_expiry
 from packets import MAC_FW_B, tcp4_reply, tcp4_request, tcp6_reply, tcp6_request
 
 from .harness import CONFIRMED, TC_ACT_OK, TC_ACT_REDIRECT, UPLINK, VMPORT, Entry, Key, bridged
@@ -151,3 +151,25 @@ def test_the_expiry_pass_sweeps_descriptors_no_entry_names(dp, descs) -> None:  
     request_expiry(dp.expiry_request)  # written from user space: the pass must look
     assert dp.expire() == 1
     assert [int.from_bytes(k, "little") for k in list(descs.keys())] == [HOP_ID]
+
+
+def test_a_peers_descriptor_is_stored_as_the_data_path_would_store_it(dp, descs) -> None:  # type: ignore[no-untyped-def]
+    """The sync's applier (and import) store a peer's descriptor under the id
+    the data path would give it: its hash, or the next free one when another
+    hop holds that (never over it); stored again, the same id. It is marked
+    in use by the expiry pass to come (hop_desc_pass), so the sweep of a pass
+    under way keeps it."""
+    maps = Maps({name: dp.obj.map(name) for name in MAP_NAMES})
+    want, other = desc4(), desc4(endpoint=0xC0000209)
+    base = hop_desc_hash(want)
+    descs.update(_u32(base), bytes(other))  # another hop holds the hash's id
+    hop_id = maps.put_hop_desc(want)
+    assert hop_id == (base + 1) & 0xFFFFFFFF
+    raw = descs.lookup(_u32(hop_id))
+    assert raw is not None
+    stored = abi.HopDesc.from_buffer_copy(raw)
+    assert stored.mark == maps.expiry_stats().passes + 1
+    stored.mark = 0
+    assert bytes(stored) == bytes(want)
+    assert descs.lookup(_u32(base)) == bytes(other)
+    assert maps.put_hop_desc(want) == hop_id and len(list(descs.keys())) == 2
