@@ -350,3 +350,14 @@ def test_keys_whose_hashes_clash_are_still_told_apart(monkeypatch: pytest.Monkey
     plain = merged()
     monkeypatch.setattr(wire, "_MIX", np.zeros_like(wire._MIX))
     assert merged() == plain and len(plain) == 2
+
+
+def test_a_hop_record_naming_an_uplink_this_host_lacks_stores_no_descriptor() -> None:
+    """Skipped as unmapped, like any record of an uplink not here: its
+    descriptor is not stored (it would only wait for the sweep)."""
+    enc = BatchEncoder(_names, 1000, _settings(), {SENDER_ID: bytes(HOPS[0][1])}.get)
+    enc.add([_hop_record()])
+    records, names, hops = enc.take()
+    peer = Peer()
+    batch = decode_batch(records, names, lambda n: 0, 1000, _settings(), hops, peer.hop_id_of)
+    assert (batch.unmapped, batch.hop_refused, batch.writes, peer.stored) == (1, 0, {}, {})

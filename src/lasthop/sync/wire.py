@@ -491,8 +491,12 @@ def decode_batch(
     ext = ~removal & ((arr["flags"] & abi.F_ENTRY_HOP_EXT) != 0)
     if ext.any() and int(arr["hop"][ext].max()) > len(descs):
         raise ValueError(f"a record names a hop beyond the batch's {len(descs)}")
-    # each descriptor used, under this host's id; none here: the record is
-    # refused and any copy of older news removed (an id is never guessed)
+    ifindex, vm_ifindex = local[arr["ifindex"]], local[arr["vm_ifindex"]]
+    unmapped = ~removal & (arr["ifindex"] != 0) & (ifindex == 0)
+    ext &= ~unmapped
+    # each descriptor the records to write use, under this host's id; none
+    # here: the record is refused and any copy of older news removed (an id
+    # is never guessed)
     hop_ids = np.zeros(len(descs) + 1, dtype=np.uint32)
     hop_ok = np.zeros(len(descs) + 1, dtype=bool)
     for i in np.unique(arr["hop"][ext]):
@@ -502,8 +506,6 @@ def decode_batch(
     refused = ext & ~hop_ok[np.where(ext, arr["hop"], 0)]
     hop_refused = int(refused.sum())
     removal |= refused
-    ifindex, vm_ifindex = local[arr["ifindex"]], local[arr["vm_ifindex"]]
-    unmapped = ~removal & (arr["ifindex"] != 0) & (ifindex == 0)
     write = ~removal & ~unmapped
     out = arr[write]  # a copy
     out["ifindex"], out["vm_ifindex"] = ifindex[write], vm_ifindex[write]
