@@ -332,6 +332,7 @@ class OverlaySite(BridgedSite):
         self.host.ip("link", "add", "vx0", "type", "vxlan", "external", "dstport", "4789")
         self.host.veth("vm0", "eth0", self.vm)
         self.host.bridge("br0", "vx0", "vm0")
+        self.host.ip("link", "set", "vx0", "up")
         self.fw.ip("link", "add", "vxf", "type", "vxlan", "id", str(self.VNI), "local",
                    self.ENDPOINT, "remote", self.HOST_ENDPOINT, "dstport", "4789",
                    "nolearning")  # fmt: skip
