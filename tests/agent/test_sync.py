@@ -72,9 +72,7 @@ class Cluster:
         box.agent("--uplink", "fw0", "--vm-port", "vm0", *sync, netns=self.b)
 
     def show(self, ns: Netns) -> list[dict[str, Any]]:
-        result = lasthop("show", "--netns", ns.name, "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+        return _show(ns)
 
     def conn(self, ns: Netns, proto: str, port: int) -> dict[str, Any] | None:
         found = [c for c in self.show(ns) if c["proto"] == proto and c["sport"] == port]
