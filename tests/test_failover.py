@@ -51,16 +51,23 @@ def unsolicited_na(target_mac: bytes, ip: str = FW6_IP, hlim: int = 255) -> byte
 
 
 class Recorder(Sink):
-    """lh_hop_moved as a dict."""
+    """lh_hop_moved as a dict of moves and a set of unreachable hops."""
 
     def __init__(self) -> None:
         self.map: dict[tuple[int, bytes], bytes] = {}
+        self.down: set[tuple[int, bytes]] = set()
 
     def put(self, key: tuple[int, bytes], new: bytes) -> None:
+        self.down.discard(key)
         self.map[key] = new
+
+    def put_unreachable(self, key: tuple[int, bytes]) -> None:
+        self.map.pop(key, None)
+        self.down.add(key)
 
     def delete(self, key: tuple[int, bytes]) -> None:
         self.map.pop(key, None)
+        self.down.discard(key)
 
 
 def moves(
@@ -83,6 +90,14 @@ def see(m: HopMoves, frame: bytes, ifindex: int = UPLINK, now: float = 0.0) -> b
 def records(m: HopMoves) -> dict[tuple[int, bytes], bytes]:
     assert isinstance(m.sink, Recorder)
     return m.sink.map
+
+
+def down(m: HopMoves) -> set[tuple[int, bytes]]:
+    assert isinstance(m.sink, Recorder)
+    return m.sink.down
+
+
+FW = ipaddress.ip_address(FW_IP)
 
 
 # ---------------------------------------------------------------- the hostile segment
@@ -251,3 +266,67 @@ def test_the_socket_filter_passes_arp_and_na_only() -> None:
     assert run(unsolicited_na(MAC_A)) > 0
     assert run(bytes(Ether() / IP(dst=FW_IP) / UDP())) == 0
     assert run(bytes(Ether() / IPv6(dst=FW6_IP) / ICMPv6ND_NS(tgt=FW6_IP))) == 0
+
+
+# ---------------------------------------------------------------- a hop that no longer answers
+
+
+def test_a_failed_neighbour_makes_its_mac_unreachable_until_it_answers() -> None:
+    """The host's neighbour entry for the firewall's address failed: A's
+    entries stop being used; A speaking again (an entry naming it, an
+    announcement) lifts the record."""
+    m = moves()
+    see(m, garp(MAC_A))
+    assert m.lost(UPLINK, FW, now=1.0)
+    assert down(m) == {(UPLINK, MAC_A)} and records(m) == {}
+    assert not m.lost(UPLINK, FW, now=2.0)  # already written
+    see(m, garp(MAC_A), now=3.0)
+    assert down(m) == set() and records(m) == {}
+
+
+def test_a_failed_neighbour_then_a_new_mac_is_a_move() -> None:
+    """The firewall's address fails, then answers from B: A's entries go to B."""
+    m = moves()
+    see(m, garp(MAC_A))
+    m.lost(UPLINK, FW, now=1.0)
+    assert see(m, garp(MAC_B), now=2.0)
+    assert records(m) == {(UPLINK, MAC_A): MAC_B} and down(m) == set()
+    assert m.unreachable == {}
+
+
+def test_a_failure_of_no_firewall_address_or_unknown_owner_changes_nothing() -> None:
+    m = moves()
+    see(m, garp(MAC_A, ip="10.0.0.100"))  # a server's address: no firewall's
+    assert not m.lost(UPLINK, ipaddress.ip_address("10.0.0.100"), now=1.0)
+    assert not m.lost(UPLINK, FW, now=1.0)  # no MAC known to own it yet
+    see(m, garp(MAC_A))
+    assert not m.lost(OTHER_UPLINK, FW, now=1.0)  # an uplink that did not opt in
+    assert down(m) == set()
+
+
+def test_a_moved_mac_failing_keeps_its_move() -> None:
+    """A moved to B; A's address later failing cannot happen (B owns it), and
+    B failing marks B only: A's record still sends A's entries to B."""
+    m = moves()
+    see(m, garp(MAC_A))
+    see(m, garp(MAC_B))
+    assert m.lost(UPLINK, FW, now=5.0)
+    assert records(m) == {(UPLINK, MAC_A): MAC_B} and down(m) == {(UPLINK, MAC_B)}
+
+
+def test_unreachable_records_retire_with_the_longest_timeout_and_the_uplink() -> None:
+    m = moves()
+    see(m, garp(MAC_A))
+    m.lost(UPLINK, FW, now=10.0)
+    assert m.retire_older(now=110.5, max_age=100.0) == 1
+    assert down(m) == set()
+    m.lost(UPLINK, FW, now=200.0)
+    m.set_policies({})
+    assert down(m) == set()
+
+
+def test_a_restarted_agent_adopts_unreachable_records() -> None:
+    m = moves()
+    m.adopt([((UPLINK, MAC_A), MAC_A, True), ((UPLINK, MAC_B), MAC_C, False)], now=0.0)
+    assert m.unreachable == {(UPLINK, MAC_A): 0.0}
+    assert m.moved == {(UPLINK, MAC_B): (MAC_C, 0.0)}

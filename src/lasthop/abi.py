@@ -98,6 +98,8 @@ F_ENTRY_VM_FAST = 1 << 3
 F_ENTRY_FIN_OPENER = 1 << 4
 F_ENTRY_FIN_ANSWERER = 1 << 5
 F_ENTRY_HOP_EXT = 1 << 6  # vlan_tci holds the id of its lh_hop_descs descriptor
+# enum lh_hop_flag: lh_hop_moved value .flags
+HOP_UNREACHABLE = 1 << 0  # the hop's neighbour entry failed: its entries are not used
 
 
 class State(enum.IntEnum):
@@ -234,6 +236,7 @@ class Counter(enum.IntEnum):
     HOP_FOLLOWED = 48
     SCOPE_PASSED = 49
     SCOPE_FLUSHED = 50
+    HOP_UNREACHABLE = 51
 
 
 class HopKind(enum.IntEnum):
@@ -444,16 +447,17 @@ def hop_key(ifindex: int, mac: bytes) -> HopKey:
 
 
 class HopMoved(ctypes.Structure):
-    """struct hop_moved: lh_hop_moved's value, the MAC a last hop's address moved to."""
+    """struct hop_moved: lh_hop_moved's value, the MAC a last hop's address moved
+    to, or (flags HOP_UNREACHABLE) that the hop no longer answers."""
 
     _fields_ = [
         ("mac", ctypes.c_uint8 * ETH_ALEN),
-        ("pad", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
     ]
 
 
-def hop_moved(mac: bytes) -> HopMoved:
-    value = HopMoved()
+def hop_moved(mac: bytes, flags: int = 0) -> HopMoved:
+    value = HopMoved(flags=flags)
     value.mac[:] = list(mac)
     return value
 

@@ -470,17 +470,24 @@ class Controller:
         return int(removed)
 
     @_locked
-    def set_hop_moved(self, ifindex: int, old: bytes, new: bytes | None) -> None:
+    def set_hop_moved(
+        self, ifindex: int, old: bytes, new: bytes | None, unreachable: bool = False
+    ) -> None:
         """lh_hop_moved: replies of last hop *old* on uplink *ifindex* go to *new*
-        from now on (None: that record retires). F_SET_HOPS_MOVED says whether
+        from now on (None: that record retires; *unreachable*: they take the
+        host's routing, the hop does not answer). F_SET_HOPS_MOVED says whether
         any record is left, so a host without one pays one flag test a reply."""
         assert self.datapath is not None
         maps = self.datapath.maps
         key = bytes(abi.hop_key(ifindex, old))
         if new is not None:
-            maps.hop_moved.update(key, bytes(abi.hop_moved(new)))
+            flags = abi.HOP_UNREACHABLE if unreachable else 0
+            maps.hop_moved.update(key, bytes(abi.hop_moved(new, flags)))
             self._hops_moved_flag(maps, True)  # after the record: no reply looks in vain
-            event(log, "hop_moved", ifindex=ifindex, old=format_mac(old), new=format_mac(new))
+            if unreachable:
+                event(log, "hop_unreachable", ifindex=ifindex, mac=format_mac(old))
+            else:
+                event(log, "hop_moved", ifindex=ifindex, old=format_mac(old), new=format_mac(new))
             return
         maps.hop_moved.delete(key)
         if next(iter(maps.hop_moved.keys()), None) is None:  # one get_next_key
@@ -496,14 +503,16 @@ class Controller:
             settings.flags = flags
             maps.settings.update(bytes(4), bytes(settings))  # no expiry request: no timeout moved
 
-    def hops_moved(self) -> list[tuple[tuple[int, bytes], bytes]]:
-        """lh_hop_moved's records ((uplink, old MAC), new MAC): at most MAX_MOVED_HOPS."""
+    def hops_moved(self) -> list[tuple[tuple[int, bytes], bytes, bool]]:
+        """lh_hop_moved's records ((uplink, old MAC), new MAC, unreachable): at
+        most MAX_MOVED_HOPS."""
         with self.open_maps() as maps:
             out = []
             for raw_key, raw in maps.hop_moved.items():
                 key = abi.HopKey.from_buffer_copy(raw_key)
                 new = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
-                out.append(((key.ifindex, bytes(key.mac)), bytes(new.mac)))
+                down = bool(new.flags & abi.HOP_UNREACHABLE)
+                out.append(((key.ifindex, bytes(key.mac)), bytes(new.mac), down))
             return out
 
     def _own_mac(self, link: Link, role: abi.Role) -> bytes:

@@ -151,6 +151,19 @@ enum lh_entry_flag {
 					* holds its id (low half first), the tags are in it */
 };
 
+/* What a fail-over record says of its hop (hop_moved .flags). Python
+ * mirror: lasthop.abi.HOP_UNREACHABLE. */
+enum lh_hop_flag {
+	HOP_UNREACHABLE = 1 << 0, /* the hop's neighbour entry failed: its entries are not used */
+};
+
+/* What failover_follow did with a reply's entry (failover.h). */
+enum lh_follow {
+	FOLLOW_NONE        = 0, /* no record: the entry's hop as it is */
+	FOLLOW_MOVED       = 1, /* the hop's address moved: the entry now holds the new MAC */
+	FOLLOW_UNREACHABLE = 2, /* the hop does not answer: the reply takes routing */
+};
+
 /* What a scope rule does with a new connection (scope_rule .action). */
 enum lh_scope_action {
 	SCOPE_END   = 0, /* no rule here or after: the list ends */
@@ -280,6 +293,8 @@ enum lh_counter {
 				       * sent to the hop's new MAC (counted besides the redirect) */
 	CNT_SCOPE_PASSED        = 49, /* new connection a scope rule passes: not learned, passed */
 	CNT_SCOPE_FLUSHED       = 50, /* (slot 0) entries flush --out-of-scope removed */
+	CNT_HOP_UNREACHABLE     = 51, /* reply whose last hop's neighbour entry failed (or whose
+				       * tunnel endpoint is unreachable): left to routing */
 	CNT_MAX                 = 64,
 };
 

@@ -616,8 +616,15 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 		return TC_ACT_OK;
 	}
 	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, p, e, cfg);
-	if (failover_follow(e, &p->key, settings_flags())) /* its firewall failed over */
-		count(cfg->slot, CNT_HOP_FOLLOWED);
+	if (failover_needed(settings_flags())) { /* its firewall failed over, or is gone */
+		ret = failover_follow(e, &p->key);
+		if (ret == FOLLOW_UNREACHABLE) {
+			o->reason = CNT_HOP_UNREACHABLE;
+			return TC_ACT_OK;
+		}
+		if (ret == FOLLOW_MOVED)
+			count(cfg->slot, CNT_HOP_FOLLOWED);
+	}
 	ret = reply_to_last_hop(skb, p, e, cfg);
 	if (ret < 0) {
 		if (ret != -CNT_MISS)
@@ -724,14 +731,15 @@ static __always_inline int maybe_icmp(struct __sk_buff *skb)
 
 /* A host-sent ICMP error goes to the last hop of the connection it quotes:
  * destination MAC := last hop (source MAC := that uplink's), redirected when
- * the connection came in on another uplink. */
+ * the connection came in on another uplink. Like a VM's reply, it follows
+ * the hop's fail-over (counted hop_followed on this uplink's slot). */
 static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct pkt *p,
-						 struct cursor *c, int *reason)
+						 struct cursor *c, __u32 slot, int *reason)
 {
 	struct conn_entry *e;
 	struct iface_cfg *up;
 	__u32 ifindex;
-	int pending;
+	int pending, follow;
 
 	*reason = CNT_HOST_ICMP_MISS;
 	if (icmp_error_key(p, c) < 0)
@@ -742,6 +750,15 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 	if (e->vlan_count || (e->flags & F_ENTRY_HOP_EXT)) {
 		*reason = CNT_HOST_ICMP_TAGGED; /* the host's own tagging (or tunnel) applies */
 		return TC_ACT_OK;
+	}
+	if (failover_needed(settings_flags())) {
+		follow = failover_follow(e, &p->key);
+		if (follow == FOLLOW_UNREACHABLE) {
+			*reason = CNT_HOP_UNREACHABLE;
+			return TC_ACT_OK;
+		}
+		if (follow == FOLLOW_MOVED)
+			count(slot, CNT_HOP_FOLLOWED);
 	}
 	ifindex = e->ifindex;
 	up = iface_get(ifindex, ROLE_UPLINK);
@@ -784,7 +801,7 @@ int lh_uplink_out(struct __sk_buff *skb)
 	if (reason < 0 || p.icmp_kind != ICMP_KIND_ERROR)
 		return TC_ACT_OK;
 	p.key.zone = cfg->zone;
-	ret = host_icmp_to_last_hop(skb, &p, &c, &reason);
+	ret = host_icmp_to_last_hop(skb, &p, &c, cfg->slot, &reason);
 	count(cfg->slot, reason);
 	return ret;
 }
