@@ -102,6 +102,11 @@ class Interface(_Model):
         description="uplink: the firewalls' addresses (prefixes) whose announcements may move "
         "last hops; announcements of any other address move nothing",
     )
+    learn: bool = Field(
+        default=True,
+        description="uplink: false = lasthop learns no new connection arriving here: they take "
+        "the host's normal path, counted scope_passed (a scope rule ahead of [[scope]])",
+    )
 
     @model_validator(mode="after")
     def _failover_needs_addresses(self) -> Interface:
@@ -316,7 +321,22 @@ class Config(_Model):
                     f"{port.name}: follow_failover and firewall_addresses are for uplinks "
                     "(the firewalls announce their addresses there)"
                 )
+            if not port.learn:
+                raise ValueError(
+                    f"{port.name}: learn is for uplinks (a VM port's connections are "
+                    'scoped by [[scope]] rules without an uplink, scope_default = "pass")'
+                )
         return value
+
+    def scope_rules(self) -> list[ScopeRule]:
+        """The scope rules in force, in order: a pass of every uplink with
+        ``learn = false``, then the ``[[scope]]`` rules."""
+        passes = [ScopeRule(action="pass", uplink=u.name) for u in self.uplinks if not u.learn]
+        return [*passes, *self.scope]
+
+    def scoped(self) -> bool:
+        """Whether the data path must match new connections at all."""
+        return bool(self.scope_rules()) or self.scope_default == "pass"
 
     @model_validator(mode="after")
     def _scope_names_uplinks(self) -> Config:
@@ -327,10 +347,11 @@ class Config(_Model):
                     f"scope[{n}].uplink: {rule.uplink!r} is not an uplink of the config "
                     f"({', '.join(sorted(names)) or 'none'})"
                 )
-        if len(self.scope) >= abi.MAX_SCOPE_RULES:
+        n = len(self.scope_rules())
+        if n >= abi.MAX_SCOPE_RULES:
             raise ValueError(
-                f"scope: at most {abi.MAX_SCOPE_RULES - 1} rules (the default takes the "
-                f"last of {abi.MAX_SCOPE_RULES} slots), not {len(self.scope)}"
+                f"scope: at most {abi.MAX_SCOPE_RULES - 1} rules, uplinks with learn = false "
+                f"counted (the default takes the last of {abi.MAX_SCOPE_RULES} slots), not {n}"
             )
         return self
 

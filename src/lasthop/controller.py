@@ -270,8 +270,7 @@ class Controller:
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
         settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
-        scoped = bool(config.scope) or config.scope_default == "pass"
-        settings.flags |= abi.F_SET_SCOPE if scoped else 0
+        settings.flags |= abi.F_SET_SCOPE if config.scoped() else 0
         settings.flags |= maps.get_settings().flags & keep
         settings.hz = hz
         for state, seconds in config.timeouts.by_state().items():
@@ -343,7 +342,7 @@ class Controller:
                     result.attached.append(iface.name)
         if {u.name for u in old.uplinks} - {u.name for u in cfg.uplinks}:
             self._prune_uplinks()
-        if (old.scope, old.scope_default) != (cfg.scope, cfg.scope_default):
+        if (old.scope_rules(), old.scope_default) != (cfg.scope_rules(), cfg.scope_default):
             self._write_scope(cfg)  # new connections only: established entries stay
         if old.services != cfg.services or old.health != cfg.health:
             self.services.reload(cfg.services, cfg.health)
@@ -434,7 +433,7 @@ class Controller:
         def index_of(name: str) -> int:
             return self.links.by_name(name, "uplink").index
 
-        rules = compile_rules(config.scope, config.scope_default, index_of)
+        rules = compile_rules(config.scope_rules(), config.scope_default, index_of)
         for n, rule in enumerate(rules):
             maps.scope.update(n.to_bytes(4, "little"), bytes(rule))
         if len(rules) < abi.MAX_SCOPE_RULES:

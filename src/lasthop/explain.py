@@ -215,11 +215,11 @@ def _from_config(ex: Explanation, config: Config) -> None:
         src, dst, dport, proto = c.src, c.dst, c.dport, q.key().proto
     else:
         uplink, src, dst, dport, proto = None, q.client, q.server, q.server_port, q.key().proto
-        ex.scope_uplink_known = not any(r.uplink for r in config.scope)
+        ex.scope_uplink_known = not any(r.uplink for r in config.scope_rules())
     if q.proto == "icmp":
         dport = q.client_port  # the echo identifier sits in both port fields
     ex.scope = first_match(
-        config.scope, config.scope_default, uplink=uplink, zone=q.zone, src=src, dst=dst,
+        config.scope_rules(), config.scope_default, uplink=uplink, zone=q.zone, src=src, dst=dst,
         proto=proto, dport=dport,
     )  # fmt: skip
 
