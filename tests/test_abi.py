@@ -165,6 +165,7 @@ CONST_ENUMS = (
     "lh_settings_flag",
     "lh_entry_flag",
     "lh_hop_flag",
+    "lh_endpoint_verdict",
 )
 # the kernel's numbers, which the C takes from its headers: checked against those
 KERNEL_CONSTANTS = (

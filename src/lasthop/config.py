@@ -91,6 +91,15 @@ class Interface(_Model):
         default_factory=list,
         description="uplink: these MACs are never learned as last hops",
     )
+    allow_endpoints: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="tunnel uplink (VXLAN, Geneve): only requests from these remote endpoints "
+        "(prefixes) are learned; any other takes the host's normal path, counted with it",
+    )
+    deny_endpoints: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="tunnel uplink: requests from these remote endpoints are never learned",
+    )
     follow_failover: bool = Field(
         default=False,
         description="uplink: when a firewall address in firewall_addresses moves to another MAC "
@@ -127,6 +136,11 @@ class Interface(_Model):
         n = len(self.allow_last_hops) + len(self.deny_last_hops)
         if n > abi.MAX_LISTED_HOPS:
             raise ValueError(f"at most {abi.MAX_LISTED_HOPS} last hops listed, not {n}")
+        if self.allow_endpoints and self.deny_endpoints:
+            raise ValueError(
+                "allow_endpoints and deny_endpoints: give one list, not both (an allow-list "
+                "already refuses every endpoint it does not name)"
+            )
         return self
 
 
@@ -316,6 +330,11 @@ class Config(_Model):
                     f"{port.name}: allow_last_hops and deny_last_hops are for uplinks "
                     "(a VM port's packets are replies, not requests through a last hop)"
                 )
+            if port.allow_endpoints or port.deny_endpoints:
+                raise ValueError(
+                    f"{port.name}: allow_endpoints and deny_endpoints are for tunnel uplinks "
+                    "(a VM port's packets are replies, not requests through a last hop)"
+                )
             if port.follow_failover or port.firewall_addresses:
                 raise ValueError(
                     f"{port.name}: follow_failover and firewall_addresses are for uplinks "
@@ -333,6 +352,10 @@ class Config(_Model):
         ``learn = false``, then the ``[[scope]]`` rules."""
         passes = [ScopeRule(action="pass", uplink=u.name) for u in self.uplinks if not u.learn]
         return [*passes, *self.scope]
+
+    def lists_endpoints(self) -> bool:
+        """Whether some uplink lists tunnel endpoints (F_SET_ENDPOINTS)."""
+        return any(u.allow_endpoints or u.deny_endpoints for u in self.uplinks)
 
     def scoped(self) -> bool:
         """Whether the data path must match new connections at all."""

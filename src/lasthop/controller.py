@@ -128,6 +128,8 @@ class Stats:
     # uplink -> MAC -> frames its allow_last_hops/deny_last_hops refused (the most recent
     # MAX_REFUSED_HOPS MACs: an LRU in the kernel)
     untrusted_hops: dict[str, dict[str, int]] = field(default_factory=dict)
+    # uplink -> tunnel endpoint -> requests its allow_endpoints/deny_endpoints refused (LRU)
+    untrusted_endpoints: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def entries(self) -> int:
@@ -155,6 +157,7 @@ class Stats:
                 "pending": self.pending.to_json(),
             },
             "untrusted_hops": self.untrusted_hops,
+            "untrusted_endpoints": self.untrusted_endpoints,
         }
 
 
@@ -271,6 +274,7 @@ class Controller:
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
         settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
         settings.flags |= abi.F_SET_SCOPE if config.scoped() else 0
+        settings.flags |= abi.F_SET_ENDPOINTS if config.lists_endpoints() else 0
         settings.flags |= maps.get_settings().flags & keep
         settings.hz = hz
         for state, seconds in config.timeouts.by_state().items():
@@ -370,6 +374,7 @@ class Controller:
         if role == abi.Role.UPLINK:
             cfg.flags |= self._list_hops(link, maps)
             cfg.flags |= self._follows_failover(link)
+            self._list_endpoints(link, maps)
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
@@ -415,6 +420,39 @@ class Controller:
         if allow:
             return abi.F_IFACE_HOPS_ALLOW
         return abi.F_IFACE_HOPS_DENY if deny else 0
+
+    def _list_endpoints(self, link: Link, maps: Maps) -> None:
+        """Writes tunnel uplink *link*'s allow_endpoints or deny_endpoints into
+        lh_endpoints (replacing what a previous run listed for it); an
+        allow-list also gets the uplink's /0 of each family, refused."""
+        from lasthop.links import link_kind_name
+
+        assert self._config is not None
+        named = [u for u in self._config.uplinks if u.name == link.name]
+        allow, deny = (named[0].allow_endpoints, named[0].deny_endpoints) if named else ([], [])
+        for raw in list(maps.endpoints.keys()):  # at most MAX_LISTED_ENDPOINTS
+            if abi.EndpointLpmKey.from_buffer_copy(raw).ifindex == link.index:
+                maps.endpoints.delete(raw)
+        if not (allow or deny):
+            return
+        if link.kind not in (abi.LinkKind.VXLAN, abi.LinkKind.GENEVE):
+            raise ConfigError(
+                f"uplink {link.name}: allow_endpoints and deny_endpoints need a tunnel uplink "
+                f"(VXLAN or Geneve in external mode), and {link.name} is "
+                f"{link_kind_name(link.kind)}"
+            )
+        verdict = abi.ENDPOINT_TRUSTED if allow else abi.ENDPOINT_REFUSED
+        for net in allow or deny:
+            family = abi.FAMILY_V4 if net.version == 4 else abi.FAMILY_V6
+            key = abi.endpoint_lpm_key(
+                link.index, family, net.network_address.packed, net.prefixlen
+            )
+            maps.endpoints.update(bytes(key), bytes([verdict]))
+        if allow:  # every other endpoint, of either family: refused
+            for family in (abi.FAMILY_V4, abi.FAMILY_V6):
+                key = abi.endpoint_lpm_key(link.index, family, b"", 0)
+                if maps.endpoints.lookup(bytes(key)) is None:  # an allowed ::/0 stays
+                    maps.endpoints.update(bytes(key), bytes([abi.ENDPOINT_REFUSED]))
 
     def _follows_failover(self, link: Link) -> int:
         """F_IFACE_FOLLOW_MOVES when uplink *link*'s config sets follow_failover."""
@@ -849,6 +887,7 @@ class Controller:
                 last_pass_age_s=Clock.age_s(now, ex.finished, hz) if ex.passes else None,
                 next_due_s=Clock.until_s(now, ex.next_due, hz) if ex.passes else None,
                 untrusted_hops=self._untrusted_hops(maps),
+                untrusted_endpoints=self._untrusted_endpoints(maps),
             )
 
     @staticmethod
@@ -859,6 +898,16 @@ class Controller:
             key = abi.HopKey.from_buffer_copy(raw_key)
             frames = int.from_bytes(raw_value[:8], "little")
             out.setdefault(ifname(key.ifindex), {})[format_mac(bytes(key.mac))] = frames
+        return out
+
+    @staticmethod
+    def _untrusted_endpoints(maps: Maps) -> dict[str, dict[str, int]]:
+        """lh_endpoints_refused, by uplink name (a bounded LRU, not the table)."""
+        out: dict[str, dict[str, int]] = {}
+        for raw_key, raw_value in maps.endpoints_refused.items():
+            key = abi.EndpointKey.from_buffer_copy(raw_key)
+            requests = int.from_bytes(raw_value[:8], "little")
+            out.setdefault(ifname(key.ifindex), {})[abi.endpoint_text(key)] = requests
         return out
 
     @staticmethod

@@ -53,6 +53,8 @@ MAP_NAMES = (
     "lh_hops",
     "lh_hops_refused",
     "lh_hop_moved",
+    "lh_endpoints",
+    "lh_endpoints_refused",
     "lh_scope",
     "lh_hop_descs",
 )
@@ -218,6 +220,8 @@ class Maps:
         self.hops = maps["lh_hops"]
         self.hops_refused = maps["lh_hops_refused"]
         self.hop_moved = maps["lh_hop_moved"]
+        self.endpoints = maps["lh_endpoints"]
+        self.endpoints_refused = maps["lh_endpoints_refused"]
         self.scope = maps["lh_scope"]
         self.hop_descs = maps["lh_hop_descs"]
         # sync on (lasthop.sync): receives a conn_change record for each entry

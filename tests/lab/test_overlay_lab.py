@@ -15,12 +15,14 @@ vx0 with that key, so it reaches fw2, which saw the connection open.
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
 import socket
 import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -153,6 +155,38 @@ def test_a_flood_of_endpoints_neither_grows_the_hop_table_nor_evicts_a_live_hop(
         assert session.exchange(), "the live connection lost its hop to the flood"
         rows = [r for r in runner.show(plan) if r["src"] == plan.client(2).addr.v6]
         assert rows and all(r["endpoint"] == plan.firewall(2).endpoint for r in rows), rows
+
+
+@pytest.mark.parametrize("listing", ["allow", "deny"])
+def test_an_endpoint_the_uplink_does_not_trust_is_not_learned_and_is_counted(
+    overlay_lab: Lab, tmp_path: Path, listing: str
+) -> None:
+    """vx0 trusts fw1's and fw2's endpoints (an allow-list), or refuses fw3's
+    (a deny-list): cl3's requests through fw3 are not learned -- they take the
+    host's normal path, and an external VXLAN device sends no reply of theirs
+    -- and are counted hop_untrusted, per endpoint under untrusted_endpoints;
+    cl1 and cl2 (fw1, fw2: one MAC, two endpoints) work as ever.
+
+        cl3 ── fw3 ─ vxlan 10.255.0.3 ──▶ vx0: endpoint refused ──▶ not learned
+    """
+    plan = overlay_lab.plan
+    fw1, fw2, fw3 = (plan.firewall(n) for n in (1, 2, 3))
+    listed = (
+        f"allow_endpoints = {json.dumps([fw1.endpoint, fw2.endpoint + '/128'])}"
+        if listing == "allow"
+        else f'deny_endpoints = ["{fw3.endpoint}/32"]'
+    )
+    config = tmp_path / "lasthop.toml"
+    config.write_text(f'[[uplink]]\nname = "{P.VXLAN}"\n{listed}\n')
+    with runner.AgentRunner(plan, extra=("--config", str(config))):
+        result = traffic.check(plan, n=1, protos=["tcp", "udp"])
+        assert expect_dead_only(result, f"{listing}_endpoints", {"cl3"}) == []
+        stats = runner.stats(plan)
+        refused = stats["untrusted_endpoints"]
+        assert set(refused) == {P.VXLAN} and set(refused[P.VXLAN]) == {fw3.endpoint}, refused
+        assert refused[P.VXLAN][fw3.endpoint] == stats["totals"]["hop_untrusted"] > 0
+        rows = runner.show(plan)
+        assert rows and not [r for r in rows if r.get("endpoint") == fw3.endpoint], rows
 
 
 @pytest.mark.parametrize(

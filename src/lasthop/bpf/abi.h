@@ -110,6 +110,22 @@ struct hop_key {
 	__u16 pad; /* zero */
 };
 
+/* lh_endpoints key: a tunnel endpoint prefix of one uplink; prefixlen counts
+ * the bits of ifindex and family too (ENDPOINT_KEY_BITS + the prefix's). */
+struct endpoint_lpm_key {
+	__u32 prefixlen;
+	__u32 ifindex;
+	__u32 family;  /* FAMILY_V4 or FAMILY_V6 */
+	__u32 addr[4]; /* network order, IPv4 in word 0 */
+};
+
+/* lh_endpoints_refused key: a tunnel endpoint on one uplink. */
+struct endpoint_key {
+	__u32 ifindex;
+	__u32 family;  /* FAMILY_V4 or FAMILY_V6 */
+	__u32 addr[4]; /* network order, IPv4 in word 0 */
+};
+
 /* lh_hop_moved value: the MAC a last hop's address moved to, or (with
  * HOP_UNREACHABLE) that the hop no longer answers (failover.h). */
 struct hop_moved {
@@ -251,5 +267,6 @@ struct lh_abi_enums {
 	struct svc_walk        svc_walk; /* lh_svc_walk's frame: no map carries it */
 	enum lh_hop_kind       hop_kind;
 	enum lh_hop_flag       hop_flag;
+	enum lh_endpoint_verdict endpoint_verdict;
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

@@ -39,6 +39,10 @@ enum lh_const {
 	/* Last-hop MACs whose address moved to another MAC (lh_hop_moved):
 	 * firewalls that failed over, not connections. */
 	MAX_MOVED_HOPS   = 1024,
+	/* Tunnel endpoint prefixes the uplinks list (allow or deny, lh_endpoints),
+	 * two catch-alls per allow-listing uplink included. */
+	MAX_LISTED_ENDPOINTS = 4096,
+	ENDPOINT_KEY_BITS = 64, /* endpoint_lpm_key bits before the address: uplink, family */
 	/* Scope rules (lh_scope), the default among them: first match wins. */
 	MAX_SCOPE_RULES  = 64,
 	SCOPE_WORDS      = 10, /* 32-bit words of a scope match key (scope_rule) */
@@ -137,6 +141,7 @@ enum lh_settings_flag {
 	F_SET_SYNC          = 1 << 5, /* sync is on: report table changes in lh_changes */
 	F_SET_HOPS_MOVED    = 1 << 6, /* lh_hop_moved holds a record: replies look their hop up */
 	F_SET_SCOPE         = 1 << 7, /* scope rules in lh_scope: new connections are matched */
+	F_SET_ENDPOINTS     = 1 << 8, /* an uplink lists tunnel endpoints: requests look theirs up */
 };
 
 /* lh_conns value .flags */
@@ -155,6 +160,12 @@ enum lh_entry_flag {
  * mirror: lasthop.abi.HOP_UNREACHABLE. */
 enum lh_hop_flag {
 	HOP_UNREACHABLE = 1 << 0, /* the hop's neighbour entry failed: its entries are not used */
+};
+
+/* lh_endpoints value: what a listed prefix says of an endpoint in it. */
+enum lh_endpoint_verdict {
+	ENDPOINT_TRUSTED = 1,
+	ENDPOINT_REFUSED = 2,
 };
 
 /* What failover_follow did with a reply's entry (failover.h). */

@@ -15,6 +15,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "hash.h"
+#include "endpoints.h"
 
 struct bpf_map; /* the kernel's: hop_desc_sweep only passes it on (expire.h declares it) */
 
@@ -149,6 +150,8 @@ static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface
 	err = encap_read_tunnel(skb, cfg, d);
 	if (err)
 		return err;
+	if (!endpoint_trusted(d, skb->ifindex))
+		return -CNT_HOP_UNTRUSTED; /* an endpoint the uplink's list refuses */
 	d->vlan_tci[0] = p->vlan_tci[0];
 	d->vlan_tci[1] = p->vlan_tci[1];
 	err = hop_desc_resolve(d, &id);
