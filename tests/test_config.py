@@ -132,6 +132,22 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
             "tap0: follow_failover and firewall_addresses are for uplinks",
         ),
         ('[[uplink]]\nname = "eth0"\nlearn = "sometimes"\n', "uplink[0].learn", "valid boolean"),
+        (
+            '[[uplink]]\nname = "vx0"\nallow_endpoints = ["10.255.0.1/33"]\n',
+            "uplink[0].allow_endpoints[0]",
+            "not a valid IPv4 or IPv6 network",
+        ),
+        (
+            '[[uplink]]\nname = "vx0"\nallow_endpoints = ["10.255.0.1"]\n'
+            'deny_endpoints = ["10.255.0.3"]\n',
+            "uplink[0]",
+            "allow_endpoints and deny_endpoints: give one list, not both",
+        ),
+        (
+            '[[vm_port]]\nname = "tap0"\ndeny_endpoints = ["10.255.0.3"]\n',
+            "vm_port",
+            "tap0: allow_endpoints and deny_endpoints are for tunnel uplinks",
+        ),
         ('[[vm_port]]\nname = "tap0"\nlearn = false\n', "vm_port", "tap0: learn is for uplinks"),
         (
             "".join(f'[[uplink]]\nname = "e{n}"\nlearn = false\n' for n in range(64)),
@@ -263,3 +279,15 @@ def test_an_uplink_that_does_not_learn_is_a_pass_rule_ahead_of_the_scope_rules(
     assert cfg.scoped()
     plain = load(_write(tmp_path, '[[uplink]]\nname = "eth0"\n'))
     assert plain.scope_rules() == [] and not plain.scoped()
+
+
+def test_endpoint_lists_take_addresses_and_prefixes_of_both_families(tmp_path: Path) -> None:
+    cfg = load(
+        _write(
+            tmp_path,
+            '[[uplink]]\nname = "vx0"\nallow_endpoints = ["10.255.0.1", "fd00:ff::/64"]\n',
+        )
+    )
+    assert [str(n) for n in cfg.uplinks[0].allow_endpoints] == ["10.255.0.1/32", "fd00:ff::/64"]
+    assert cfg.lists_endpoints()
+    assert not load(_write(tmp_path, '[[uplink]]\nname = "vx0"\n')).lists_endpoints()

@@ -362,6 +362,19 @@ class Config(_Model):
         return bool(self.scope_rules()) or self.scope_default == "pass"
 
     @model_validator(mode="after")
+    def _endpoints_fit(self) -> Config:
+        n = sum(
+            len(u.allow_endpoints) + len(u.deny_endpoints) + (2 if u.allow_endpoints else 0)
+            for u in self.uplinks
+        )
+        if n > abi.MAX_LISTED_ENDPOINTS:
+            raise ValueError(
+                f"at most {abi.MAX_LISTED_ENDPOINTS} endpoints listed over all uplinks (each "
+                f"allow-list takes two more), not {n}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _scope_names_uplinks(self) -> Config:
         names = {u.name for u in self.uplinks}
         for n, rule in enumerate(self.scope):
