@@ -12,14 +12,18 @@ import pytest
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
+from lasthop import abi
 from lasthop.failover import (
     ANNOUNCEMENT_FILTER,
     Announcement,
+    EndpointsDown,
+    EndpointSink,
     HopMoves,
     Policy,
     Sink,
     parse_announcement,
 )
+from lasthop.neighwatch import NeighbourEvent
 
 UPLINK, OTHER_UPLINK = 7, 8
 FW_IP = "10.0.0.1"
@@ -330,3 +334,45 @@ def test_a_restarted_agent_adopts_unreachable_records() -> None:
     m.adopt([((UPLINK, MAC_A), MAC_A, True), ((UPLINK, MAC_B), MAC_C, False)], now=0.0)
     assert m.unreachable == {(UPLINK, MAC_A): 0.0}
     assert m.moved == {(UPLINK, MAC_B): (MAC_C, 0.0)}
+
+
+# -------------------------------------------------------- tunnel endpoints that do not answer
+
+
+class EndpointRecorder(EndpointSink):
+    """lh_endpoints_down as a set."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.down: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+
+    def set(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, down: bool) -> None:
+        (self.down.add if down else self.down.discard)(address)
+
+
+ENDPOINT = ipaddress.ip_address("10.255.0.3")
+
+
+def test_an_endpoint_whose_neighbour_entry_failed_is_down_until_it_answers_or_is_forgotten() -> (
+    None
+):
+    rec = EndpointRecorder()
+    eps = EndpointsDown(rec)
+    eps.see(NeighbourEvent(3, ENDPOINT, None), now=0.0)
+    assert rec.down == {ENDPOINT}
+    eps.see(NeighbourEvent(3, ENDPOINT, MAC_A), now=1.0)  # answers again
+    assert rec.down == set()
+    eps.see(NeighbourEvent(3, ENDPOINT, None), now=2.0)
+    eps.see(NeighbourEvent(3, ENDPOINT, None, deleted=True), now=3.0)  # collected: try again
+    assert rec.down == set() and eps.down == {}
+
+
+def test_endpoint_records_are_bounded_and_age_out() -> None:
+    rec = EndpointRecorder()
+    eps = EndpointsDown(rec)
+    for n in range(abi.MAX_ENDPOINTS_DOWN + 5):
+        eps.see(NeighbourEvent(3, ipaddress.ip_address(0x0AFF0000 + n), None), now=float(n))
+    assert len(rec.down) == len(eps.down) == abi.MAX_ENDPOINTS_DOWN
+    assert ipaddress.ip_address(0x0AFF0000) not in rec.down  # the oldest went first
+    assert eps.retire_older(now=1e9, max_age=10.0) == abi.MAX_ENDPOINTS_DOWN
+    assert rec.down == set()

@@ -61,6 +61,12 @@ def test_an_ipv6_entry_too() -> None:
     assert ev is not None and ev.address == ipaddress.ip_address("2001:db8::1")
 
 
+def test_a_deleted_entry_is_forgotten_not_failed() -> None:
+    assert neighbour_event(wire(NUD_STALE, kind=RTM_DELNEIGH)) == NeighbourEvent(
+        7, ipaddress.ip_address("10.0.0.1"), None, deleted=True
+    )
+
+
 def test_a_failed_entry_is_a_lost_hop() -> None:
     assert neighbour_event(wire(NUD_FAILED, lladdr=None)) == NeighbourEvent(
         7, ipaddress.ip_address("10.0.0.1"), None
@@ -72,7 +78,6 @@ def test_a_failed_entry_is_a_lost_hop() -> None:
     [
         ("INCOMPLETE: the kernel still asks", lambda: wire(NUD_INCOMPLETE, lladdr=None)),
         ("NOARP: no neighbour behind it", lambda: wire(NUD_NOARP)),
-        ("a deleted entry: forgotten, not failed", lambda: wire(NUD_STALE, kind=RTM_DELNEIGH)),
         ("a bridge's FDB entry", lambda: wire(NUD_REACHABLE, family=AF_BRIDGE)),
         ("a valid state without a MAC", lambda: wire(NUD_REACHABLE, lladdr=None)),
         ("an all-zero MAC", lambda: wire(NUD_REACHABLE, lladdr="00:00:00:00:00:00")),

@@ -41,6 +41,7 @@ MAX_REFUSED_HOPS = 1024
 MAX_MOVED_HOPS = 1024  # lh_hop_moved: last hops whose address moved (failover)
 MAX_LISTED_ENDPOINTS = 4096  # lh_endpoints: listed tunnel endpoint prefixes, catch-alls too
 ENDPOINT_KEY_BITS = 64  # EndpointLpmKey bits before the address: uplink, family
+MAX_ENDPOINTS_DOWN = 1024  # lh_endpoints_down: endpoints whose neighbour entry failed
 MAX_SCOPE_RULES = 64  # lh_scope: the config's scope rules and the default
 SCOPE_WORDS = 10  # 32-bit words of a scope match key (ScopeRule)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
@@ -94,6 +95,7 @@ F_SET_SYNC = 1 << 5
 F_SET_HOPS_MOVED = 1 << 6
 F_SET_SCOPE = 1 << 7
 F_SET_ENDPOINTS = 1 << 8
+F_SET_ENDPOINTS_DOWN = 1 << 9
 # enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -496,7 +498,8 @@ class EndpointLpmKey(ctypes.Structure):
 
 
 class EndpointKey(ctypes.Structure):
-    """struct endpoint_key: a tunnel endpoint on one uplink (lh_endpoints_refused)."""
+    """struct endpoint_key: a tunnel endpoint on one uplink (lh_endpoints_refused;
+    lh_endpoints_down: uplink 0)."""
 
     _fields_ = [
         ("ifindex", ctypes.c_uint32),

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -246,7 +247,7 @@ class Controller:
         self._write_settings(
             config,
             # services: until they are synced; hops moved: as lh_hop_moved, which stays
-            keep=abi.F_SET_SERVICES | abi.F_SET_HOPS_MOVED,
+            keep=abi.F_SET_SERVICES | abi.F_SET_HOPS_MOVED | abi.F_SET_ENDPOINTS_DOWN,
             hz=Clock(self.datapath.clock_prog.fd).measure_hz(),
         )
         for link, zone in uplinks:
@@ -316,7 +317,10 @@ class Controller:
         maps = self.datapath.maps
         self._write_settings(
             cfg,
-            keep=abi.F_SET_SERVICES | abi.F_SET_SYNC | abi.F_SET_HOPS_MOVED,
+            keep=abi.F_SET_SERVICES
+            | abi.F_SET_SYNC
+            | abi.F_SET_HOPS_MOVED
+            | abi.F_SET_ENDPOINTS_DOWN,
             hz=maps.get_settings().hz,
         )
         for key, role, before, after in (
@@ -530,12 +534,36 @@ class Controller:
         if next(iter(maps.hop_moved.keys()), None) is None:  # one get_next_key
             self._hops_moved_flag(maps, False)
 
+    def set_endpoint_down(self, address: IPv4Address | IPv6Address, down: bool) -> None:
+        """lh_endpoints_down: replies through tunnel endpoint *address* take the
+        host's routing (*down*), or use it again. F_SET_ENDPOINTS_DOWN says
+        whether any record is left."""
+        assert self.datapath is not None
+        maps = self.datapath.maps
+        key = abi.EndpointKey(family=abi.FAMILY_V4 if address.version == 4 else abi.FAMILY_V6)
+        ctypes.memmove(key.addr, address.packed, len(address.packed))
+        if down:
+            maps.endpoints_down.update(bytes(key), b"\x01")
+            self._hops_moved_flag(maps, True, abi.F_SET_ENDPOINTS_DOWN)
+            event(log, "endpoint_unreachable", address=str(address))
+            return
+        maps.endpoints_down.delete(bytes(key))
+        if next(iter(maps.endpoints_down.keys()), None) is None:  # one get_next_key
+            self._hops_moved_flag(maps, False, abi.F_SET_ENDPOINTS_DOWN)
+
+    def endpoints_down(self) -> list[IPv4Address | IPv6Address]:
+        """lh_endpoints_down's records: at most MAX_ENDPOINTS_DOWN."""
+        with self.open_maps() as maps:
+            out = []
+            for raw in list(maps.endpoints_down.keys()):  # at most MAX_ENDPOINTS_DOWN
+                key = abi.EndpointKey.from_buffer_copy(raw)
+                out.append(ip_address(abi.endpoint_text(key)))
+            return out
+
     @staticmethod
-    def _hops_moved_flag(maps: Maps, on: bool) -> None:
+    def _hops_moved_flag(maps: Maps, on: bool, flag: int = abi.F_SET_HOPS_MOVED) -> None:
         settings = maps.get_settings()
-        flags = (
-            settings.flags | abi.F_SET_HOPS_MOVED if on else settings.flags & ~abi.F_SET_HOPS_MOVED
-        )
+        flags = settings.flags | flag if on else settings.flags & ~flag
         if flags != settings.flags:
             settings.flags = flags
             maps.settings.update(bytes(4), bytes(settings))  # no expiry request: no timeout moved

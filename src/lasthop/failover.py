@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Announcement",
+    "EndpointSink",
+    "EndpointsDown",
     "FailoverWatch",
     "HopMoves",
     "Policy",
@@ -352,6 +354,56 @@ def announcement_socket(ifindex: int) -> socket.socket:
     return sock
 
 
+class EndpointSink:
+    """Where EndpointsDown writes: lh_endpoints_down (through the controller)."""
+
+    def __init__(self, controller: Controller | None) -> None:
+        self._c = controller
+
+    def set(self, address: IPAddress, down: bool) -> None:
+        if self._c is not None:
+            self._c.set_endpoint_down(address, down)
+
+
+@dataclass
+class EndpointsDown:
+    """Tunnel endpoints whose neighbour entry failed (item 4 for tunnels), as
+    lh_endpoints_down holds them: at most abi.MAX_ENDPOINTS_DOWN, the oldest
+    retired first. An entry naming a MAC again, or deleted (the kernel
+    collects a FAILED entry after a while: the endpoint is tried again), or
+    older than the longest timeout, retires the record."""
+
+    sink: EndpointSink
+    down: OrderedDict[IPAddress, float] = field(default_factory=OrderedDict)
+
+    def see(self, ev: NeighbourEvent, now: float) -> None:
+        if ev.mac is None and not ev.deleted:
+            if ev.address in self.down:
+                return
+            while len(self.down) >= abi.MAX_ENDPOINTS_DOWN:
+                self._retire(next(iter(self.down)), "no room")
+            self.down[ev.address] = now
+            self.sink.set(ev.address, True)
+            log.warning(
+                "failover: %s does not answer (neighbour entry failed): replies through it as "
+                "a tunnel endpoint take the host's routing until it does",
+                ev.address,
+            )
+        elif ev.address in self.down:
+            self._retire(ev.address, "forgotten" if ev.deleted else "answers again")
+
+    def _retire(self, address: IPAddress, why: str) -> None:
+        del self.down[address]
+        self.sink.set(address, False)
+        log.warning("failover: endpoint %s is used again: %s", address, why)
+
+    def retire_older(self, now: float, max_age: float) -> int:
+        old = [a for a, since in self.down.items() if now - since > max_age]
+        for address in old:
+            self._retire(address, "older than the longest timeout")
+        return len(old)
+
+
 class ControllerSink(Sink):
     def __init__(self, controller: Controller) -> None:
         self._c = controller
@@ -382,12 +434,17 @@ class FailoverWatch:
         self._neigh: NeighbourWatch | None = None
         # neighbour device (the uplink, or the bridge it is a port of) -> its uplinks
         self._neigh_uplinks: dict[int, tuple[int, ...]] = {}
+        self._tunnels = False  # a tunnel uplink is attached: endpoints are followed
+        self.endpoints = EndpointsDown(EndpointSink(controller))
 
     def start(self) -> None:
         from lasthop.neighwatch import NeighbourWatch
 
         self._neigh = NeighbourWatch()  # before the seed dump: no change between is missed
-        self.moves.adopt(self._c.hops_moved(), time.monotonic())
+        now = time.monotonic()
+        self.moves.adopt(self._c.hops_moved(), now)
+        for address in self._c.endpoints_down():  # a previous agent's: retired as usual
+            self.endpoints.down[address] = now
         self._sync_uplinks()
         self._thread = threading.Thread(target=self._run, name="lasthop-failover", daemon=True)
         self._thread.start()
@@ -423,6 +480,11 @@ class FailoverWatch:
                 except OSError as err:
                     log.error("failover: cannot read announcements on ifindex %d: %s", ifindex, err)
         self._neigh_uplinks = self._neighbour_devices(policies)
+        self._tunnels = any(
+            link.kind in (abi.LinkKind.VXLAN, abi.LinkKind.GENEVE)
+            for link in self._c.links.all()
+            if link.index in attached.values()
+        )
         self._seed()
 
     def _neighbour_devices(self, policies: dict[int, Policy]) -> dict[int, tuple[int, ...]]:
@@ -450,6 +512,10 @@ class FailoverWatch:
     def _neighbour(self, ev: NeighbourEvent, now: float) -> None:
         """One neighbour event, for each uplink it speaks for: only a firewall
         address counts (the rest of the table is no one's concern here)."""
+        if self._tunnels:
+            self.endpoints.see(ev, now)
+        if ev.deleted:
+            return  # forgotten: nothing said of a last hop
         for uplink in self._neigh_uplinks.get(ev.ifindex, ()):
             policy = self.moves.policies.get(uplink)
             if policy is None or not policy.covers(ev.address):
@@ -494,4 +560,5 @@ class FailoverWatch:
         if config is not None:
             longest = max(config.timeouts.by_state().values())
             self.moves.retire_older(now, longest + config.expiry_interval)
+            self.endpoints.retire_older(now, longest + config.expiry_interval)
         self._sync_uplinks()

@@ -16,7 +16,14 @@ uplink at start (and after a reload) seeds which MAC owns which address.
   routing, counted hop_unreachable, until the entry names a MAC again.
   INCOMPLETE is the kernel still asking (a new entry): it waits for FAILED.
 - RTM_DELNEIGH (the kernel forgot an entry it did not need) says nothing
-  about the hop, and changes nothing.
+  about a last hop, and changes nothing there; a tunnel endpoint marked
+  unreachable (below) is tried again.
+
+Tunnel endpoints (item 4): a FAILED entry of any device, while a tunnel
+uplink is attached, marks that address unreachable as an endpoint
+(lh_endpoints_down): replies of entries whose hop is that endpoint take the
+host's routing until its entry names a MAC again or is deleted (the kernel
+collects a FAILED entry after a while: the endpoint is then tried again).
 
 Neighbour entries of a bridge the uplink is a port of count for the uplink
 (a bridged host holds its neighbours on the bridge).
@@ -54,18 +61,20 @@ NUD_NAMES_MAC = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANEN
 @dataclass(frozen=True)
 class NeighbourEvent:
     """What one neighbour message says of a hop on neighbour device *ifindex*:
-    *address* is at *mac* (an announcement), or (mac None) it failed."""
+    *address* is at *mac* (an announcement), or (mac None) it failed, or
+    (*deleted*) the kernel forgot it."""
 
     ifindex: int
     address: IPAddress
     mac: bytes | None
+    deleted: bool = False
 
 
 def neighbour_event(msg: Any) -> NeighbourEvent | None:
-    """The event a RTM_NEWNEIGH message (pyroute2's ndmsg) carries; None for
-    any other message, family (a bridge's FDB) or state."""
-    if msg.get("event") not in (None, "RTM_NEWNEIGH"):
-        return None  # RTM_DELNEIGH: forgotten, not failed
+    """The event a RTM_NEWNEIGH or RTM_DELNEIGH message (pyroute2's ndmsg)
+    carries; None for any other message, family (a bridge's FDB) or state."""
+    if msg.get("event") not in (None, "RTM_NEWNEIGH", "RTM_DELNEIGH"):
+        return None
     if msg["family"] not in (socket.AF_INET, socket.AF_INET6):
         return None
     dst = msg.get_attr("NDA_DST")
@@ -75,6 +84,8 @@ def neighbour_event(msg: Any) -> NeighbourEvent | None:
         address = ipaddress.ip_address(dst)
     except ValueError:
         return None
+    if msg.get("event") == "RTM_DELNEIGH":
+        return NeighbourEvent(msg["ifindex"], address, None, deleted=True)
     state = msg["state"]
     if state & NUD_NAMES_MAC:
         lladdr = msg.get_attr("NDA_LLADDR")

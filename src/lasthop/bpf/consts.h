@@ -43,6 +43,7 @@ enum lh_const {
 	 * two catch-alls per allow-listing uplink included. */
 	MAX_LISTED_ENDPOINTS = 4096,
 	ENDPOINT_KEY_BITS = 64, /* endpoint_lpm_key bits before the address: uplink, family */
+	MAX_ENDPOINTS_DOWN = 1024, /* tunnel endpoints whose neighbour entry failed (lh_endpoints_down) */
 	/* Scope rules (lh_scope), the default among them: first match wins. */
 	MAX_SCOPE_RULES  = 64,
 	SCOPE_WORDS      = 10, /* 32-bit words of a scope match key (scope_rule) */
@@ -142,6 +143,7 @@ enum lh_settings_flag {
 	F_SET_HOPS_MOVED    = 1 << 6, /* lh_hop_moved holds a record: replies look their hop up */
 	F_SET_SCOPE         = 1 << 7, /* scope rules in lh_scope: new connections are matched */
 	F_SET_ENDPOINTS     = 1 << 8, /* an uplink lists tunnel endpoints: requests look theirs up */
+	F_SET_ENDPOINTS_DOWN = 1 << 9, /* lh_endpoints_down holds a record: tunnel replies look */
 };
 
 /* lh_conns value .flags */
