@@ -493,7 +493,7 @@ class EndpointLpmKey(ctypes.Structure):
         ("prefixlen", ctypes.c_uint32),
         ("ifindex", ctypes.c_uint32),
         ("family", ctypes.c_uint32),
-        ("addr", ctypes.c_uint8 * 16),
+        ("addr", ctypes.c_uint32 * 4),
     ]
 
 
@@ -504,7 +504,7 @@ class EndpointKey(ctypes.Structure):
     _fields_ = [
         ("ifindex", ctypes.c_uint32),
         ("family", ctypes.c_uint32),
-        ("addr", ctypes.c_uint8 * 16),
+        ("addr", ctypes.c_uint32 * 4),
     ]
 
 
