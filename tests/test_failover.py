@@ -18,6 +18,7 @@ from lasthop.failover import (
     Announcement,
     EndpointsDown,
     EndpointSink,
+    FailoverWatch,
     HopMoves,
     Policy,
     Sink,
@@ -376,3 +377,63 @@ def test_endpoint_records_are_bounded_and_age_out() -> None:
     assert ipaddress.ip_address(0x0AFF0000) not in rec.down  # the oldest went first
     assert eps.retire_older(now=1e9, max_age=10.0) == abi.MAX_ENDPOINTS_DOWN
     assert rec.down == set()
+
+
+# -------------------------------------------------------- the host's neighbour table
+
+
+def neighbour_watch(m: HopMoves) -> FailoverWatch:
+    """The agent's thread object with no thread and no controller: only its
+    handling of neighbour events, for uplink UPLINK's own neighbour device."""
+    watch = FailoverWatch(None)  # type: ignore[arg-type]
+    watch._wake_r.close()  # no thread to wake
+    watch._wake_w.close()
+    watch.moves = m
+    watch._neigh_uplinks = {UPLINK: (UPLINK,)}
+    return watch
+
+
+def entry(mac: bytes | None, ip: str = FW_IP) -> NeighbourEvent:
+    return NeighbourEvent(UPLINK, ipaddress.ip_address(ip), mac)
+
+
+def test_a_neighbour_entry_naming_a_new_mac_moves_the_old_one() -> None:
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A), 0.0)  # the seed: who owns it
+    watch._neighbour(entry(MAC_B), 1.0)
+    assert records(m) == {(UPLINK, MAC_A): MAC_B}
+
+
+def test_a_lagging_neighbour_entry_does_not_undo_a_move_seen_on_the_wire() -> None:
+    """The wire says A -> B; the host's entry, which may ignore an update within
+    its locktime, still names A and goes STALE, DELAY: no move back to A."""
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A), 0.0)
+    see(m, garp(MAC_B), now=1.0)
+    watch._neighbour(entry(MAC_A), 2.0)  # the same word again, another state
+    assert records(m) == {(UPLINK, MAC_A): MAC_B}
+    watch._neighbour(entry(MAC_B), 3.0)  # caught up
+    assert records(m) == {(UPLINK, MAC_A): MAC_B}
+
+
+def test_a_failed_neighbour_entry_then_the_same_mac_again() -> None:
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A), 0.0)
+    watch._neighbour(entry(None), 1.0)
+    assert down(m) == {(UPLINK, MAC_A)}
+    watch._neighbour(entry(MAC_A), 2.0)  # REACHABLE again
+    assert down(m) == set() and records(m) == {}
+
+
+def test_neighbour_entries_of_other_addresses_or_an_untrusted_mac_move_nothing() -> None:
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A, ip="10.0.0.100"), 0.0)
+    watch._neighbour(entry(MAC_B, ip="10.0.0.100"), 1.0)  # no firewall's address
+    watch._neighbour(entry(MAC_A), 2.0)
+    watch._neighbour(entry(MAC_EVIL), 3.0)  # not in the allow-list
+    assert records(m) == {} and m.owners[(UPLINK, FW)] == MAC_A
+    assert watch._neigh_macs.keys() == {(UPLINK, FW)}  # only firewall addresses kept

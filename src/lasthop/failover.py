@@ -435,6 +435,8 @@ class FailoverWatch:
         # neighbour device (the uplink, or the bridge it is a port of) -> its uplinks
         self._neigh_uplinks: dict[int, tuple[int, ...]] = {}
         self._tunnels = False  # a tunnel uplink is attached: endpoints are followed
+        # (neighbour device, firewall address) -> the MAC its entry last named (None: failed)
+        self._neigh_macs: dict[tuple[int, IPAddress], bytes | None] = {}
         self.endpoints = EndpointsDown(EndpointSink(controller))
 
     def start(self) -> None:
@@ -516,10 +518,23 @@ class FailoverWatch:
             self.endpoints.see(ev, now)
         if ev.deleted:
             return  # forgotten: nothing said of a last hop
-        for uplink in self._neigh_uplinks.get(ev.ifindex, ()):
-            policy = self.moves.policies.get(uplink)
-            if policy is None or not policy.covers(ev.address):
-                continue
+        uplinks = [
+            u
+            for u in self._neigh_uplinks.get(ev.ifindex, ())
+            if (policy := self.moves.policies.get(u)) is not None and policy.covers(ev.address)
+        ]
+        if not uplinks:
+            return
+        # Only a change of the table's own word counts: an entry going REACHABLE
+        # -> STALE -> DELAY still naming A must not undo a move to B seen on the
+        # wire before the table (which may ignore an update within its locktime)
+        # caught up. Bounded: firewall addresses only.
+        where = (ev.ifindex, ev.address)
+        before = self._neigh_macs.get(where, b"")
+        self._neigh_macs[where] = ev.mac
+        if ev.mac == before:
+            return
+        for uplink in uplinks:
             if ev.mac is None:
                 self.moves.lost(uplink, ev.address, now)
             else:
