@@ -263,6 +263,12 @@ def test_a_failed_neighbour_stops_its_entries_until_it_answers(box: Sandbox) -> 
     site.host.ip("neigh", "flush", "dev", "br0")  # forgotten: nothing changes yet
     host_asks()  # INCOMPLETE, then FAILED (which the kernel may soon collect)
     wait_for(lambda: "does not answer" in agent.log.read_text())
+    said = lasthop(
+        "explain", "--netns", site.host.name, "udp", f"{site.FW_IP}:{port}",
+        f"{site.VM_IP}:{site.PORT}", "--json",
+    )  # fmt: skip
+    assert said.returncode == 0, said.stderr
+    assert json.loads(said.stdout)["hop_unreachable"] is True
     before = _vm0(site)
     answer()
     wait_for(lambda: _vm0(site).get("hop_unreachable", 0) == before.get("hop_unreachable", 0) + 1)
