@@ -440,9 +440,6 @@ class FailoverWatch:
         self.endpoints = EndpointsDown(EndpointSink(controller))
 
     def start(self) -> None:
-        from lasthop.neighwatch import NeighbourWatch
-
-        self._neigh = NeighbourWatch()  # before the seed dump: no change between is missed
         now = time.monotonic()
         self.moves.adopt(self._c.hops_moved(), now)
         for address in self._c.endpoints_down():  # a previous agent's: retired as usual
@@ -487,7 +484,21 @@ class FailoverWatch:
             for link in self._c.links.all()
             if link.index in attached.values()
         )
+        self._follow_neighbours(bool(policies) or self._tunnels)
         self._seed()
+
+    def _follow_neighbours(self, wanted: bool) -> None:
+        """Opens the neighbour event socket (before the seed dump: no change
+        between is missed) only while something needs it: a bridge's FDB
+        churn arrives there too, and a host that follows nothing pays nothing."""
+        from lasthop.neighwatch import NeighbourWatch
+
+        if wanted and self._neigh is None:
+            self._neigh = NeighbourWatch()
+        elif not wanted and self._neigh is not None:
+            self._neigh.close()
+            self._neigh = None
+            self._neigh_macs.clear()
 
     def _neighbour_devices(self, policies: dict[int, Policy]) -> dict[int, tuple[int, ...]]:
         """Neighbour device -> the uplinks its entries speak for: each uplink
