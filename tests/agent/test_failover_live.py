@@ -205,21 +205,7 @@ def test_a_neighbour_entry_moves_the_hop_with_no_announcement(
                 proc.wait()
 
 
-# the VM answers the firewall's connection once more, from the server's port
-VM_REPLY = (
-    "import socket, sys\n"
-    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-    "s.bind((sys.argv[1], int(sys.argv[2])))\n"
-    "s.sendto(b'late answer', (sys.argv[3], int(sys.argv[4])))\n"
-)
 HOST_IP = "10.0.0.254"  # the host's own address on br0: its kernel resolves the firewall
-
-
-def _vm0(site: BridgedSite) -> dict[str, int]:
-    result = lasthop("stats", "--netns", site.host.name, "--json")
-    assert result.returncode == 0, result.stderr
-    counters: dict[str, int] = json.loads(result.stdout)["interfaces"].get("vm0", {})
-    return counters
 
 
 def _neigh_state(site: BridgedSite) -> str:
@@ -245,14 +231,7 @@ def test_a_failed_neighbour_stops_its_entries_until_it_answers(box: Sandbox) -> 
         port = site.exchange("udp", n=2)
     finally:
         site.close()  # the echo server: the VM's late answers below are ours
-    site.vm.ip(
-        "neigh", "replace", site.FW_IP, "lladdr", site.fw_mac, "dev", "eth0", "nud", "permanent"
-    )
-
-    def answer() -> None:
-        site.vm.exec(
-            sys.executable, "-c", VM_REPLY, site.VM_IP, str(site.PORT), site.FW_IP, str(port)
-        )
+    site.keep_firewall_mac()
 
     def host_asks() -> None:
         site.host.exec("ping", "-c", "1", "-W", "1", site.FW_IP, check=False)
@@ -269,14 +248,16 @@ def test_a_failed_neighbour_stops_its_entries_until_it_answers(box: Sandbox) -> 
     )  # fmt: skip
     assert said.returncode == 0, said.stderr
     assert json.loads(said.stdout)["hop_unreachable"] is True
-    before = _vm0(site)
-    answer()
-    wait_for(lambda: _vm0(site).get("hop_unreachable", 0) == before.get("hop_unreachable", 0) + 1)
-    assert _vm0(site).get("redirected", 0) == before.get("redirected", 0)
+    before = site.vm_counters()
+    site.answer_late(port)
+    wait_for(
+        lambda: site.vm_counters().get("hop_unreachable", 0) == before.get("hop_unreachable", 0) + 1
+    )
+    assert site.vm_counters().get("redirected", 0) == before.get("redirected", 0)
 
     site.fw.ip("link", "set", "eth0", "arp", "on")
     host_asks()
     wait_for(lambda: "answers again" in agent.log.read_text())
-    answer()
-    wait_for(lambda: _vm0(site).get("redirected", 0) == before.get("redirected", 0) + 1)
-    assert _vm0(site).get("hop_unreachable", 0) == before.get("hop_unreachable", 0) + 1
+    site.answer_late(port)
+    wait_for(lambda: site.vm_counters().get("redirected", 0) == before.get("redirected", 0) + 1)
+    assert site.vm_counters().get("hop_unreachable", 0) == before.get("hop_unreachable", 0) + 1
