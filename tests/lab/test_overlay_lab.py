@@ -192,13 +192,14 @@ def test_an_endpoint_the_uplink_does_not_trust_is_not_learned_and_is_counted(
 def test_an_endpoint_whose_neighbour_entry_failed_stops_its_entries_until_it_answers(
     overlay_lab: Lab, lasthop_on: runner.AgentRunner
 ) -> None:
-    """fw3's underlay leg stops answering ARP; the host, sending the VM's reply
+    """fw3's underlay leg stops answering ARP (it still sends: arp_ignore, not
+    arp off, which would flush its own entries); the host, sending the VM's reply
     into vx0 toward 10.255.0.3, finds its neighbour entry FAILED: the agent
     marks the endpoint unreachable and the next replies take the host's path
     (counted hop_unreachable) instead of the dead tunnel. fw3 answers again,
     the host's entry is REACHABLE: the connection works again.
 
-        cl3 ── fw3 (ul0: arp off) ─ 10.255.0.3 ─ sw ─ up0 (neigh FAILED) ─ vx0 ─ br0 ── vm1
+        cl3 ── fw3 (ul0: answers no ARP) ─ 10.255.0.3 ─ sw ─ up0 (neigh FAILED) ─ vx0 ─ br0 ── vm1
     """
     plan = overlay_lab.plan
     fw3, host = plan.firewall(3), plan.host
@@ -211,14 +212,15 @@ def test_an_endpoint_whose_neighbour_entry_failed_stops_its_entries_until_it_ans
         assert session.exchange()
         before = unreachable()
         ns_exec(host.ns, ["sysctl", "-q", "-w", f"net.ipv4.neigh.{P.UPLINK}.retrans_time_ms=100"])
-        ip_batch(fw3.ns, [f"link set {P.UNDERLAY_LINK} arp off"])
+        ignore_arp = f"net.ipv4.conf.{P.UNDERLAY_LINK}.arp_ignore"
+        ns_exec(fw3.ns, ["sysctl", "-q", "-w", f"{ignore_arp}=8"])
         ip_batch(host.ns, [f"neigh flush dev {P.UPLINK}"])
         # each exchange's reply asks for the endpoint (FAILED: marked) or, once
         # marked, takes the host's path (counted); the kernel may collect a
         # FAILED entry meanwhile (then it is asked again): wait for the count
         assert eventually(lambda: not session.exchange(0.5) and unreachable() > before, 20.0)
         assert f"{endpoint} does not answer" in lasthop_on.stderr
-        ip_batch(fw3.ns, [f"link set {P.UNDERLAY_LINK} arp on"])
+        ns_exec(fw3.ns, ["sysctl", "-q", "-w", f"{ignore_arp}=0"])
         ns_exec(host.ns, ["ping", "-c1", "-W1", endpoint], check=False)
         assert eventually(lambda: f"endpoint {endpoint} is used again" in lasthop_on.stderr, 10.0)
         assert eventually(lambda: session.exchange(1.0), 15.0), (
