@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import ipaddress
 import itertools
+import json
 import os
 import re
 import shutil
@@ -455,10 +456,38 @@ class BridgedSite:
         )
         return int(result.stdout)
 
+    def answer_late(self, port: int) -> None:
+        """The VM answers the firewall's UDP connection from *port* once more,
+        from the server's port (the echo server closed: this answer is ours)."""
+        self.vm.exec(
+            sys.executable, "-c", LATE_ANSWER, self.VM_IP, str(self.PORT), self.FW_IP, str(port)
+        )
+
+    def keep_firewall_mac(self) -> None:
+        """The VM keeps the firewall's MAC whatever ARP says (none may get through)."""
+        self.vm.ip(
+            "neigh", "replace", self.FW_IP, "lladdr", self.fw_mac, "dev", "eth0", "nud", "permanent"
+        )
+
+    def vm_counters(self) -> dict[str, int]:
+        """The host's counters of VM port vm0 (`lasthop stats --json`)."""
+        result = lasthop("stats", "--netns", self.host.name, "--json")
+        assert result.returncode == 0, result.stderr
+        counters: dict[str, int] = json.loads(result.stdout)["interfaces"].get("vm0", {})
+        return counters
+
     def close(self) -> None:
         if self._server is not None:
             self._server.kill()
             self._server.wait()
+
+
+LATE_ANSWER = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "s.bind((sys.argv[1], int(sys.argv[2])))\n"
+    "s.sendto(b'late answer', (sys.argv[3], int(sys.argv[4])))\n"
+)
 
 
 # -- systemd, as the unit runs the agent ------------------------------------------------------

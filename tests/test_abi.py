@@ -159,7 +159,14 @@ def test_roles_match_enum_lh_role(btf: dict[int, dict[str, Any]]) -> None:
 
 # Every constant the agent mirrors is an enum constant in consts.h, kept in the
 # object's BTF by struct lh_abi_enums (abi.h): #defines would leave no trace there.
-CONST_ENUMS = ("lh_const", "lh_iface_flag", "lh_settings_flag", "lh_entry_flag")
+CONST_ENUMS = (
+    "lh_const",
+    "lh_iface_flag",
+    "lh_settings_flag",
+    "lh_entry_flag",
+    "lh_hop_flag",
+    "lh_endpoint_verdict",
+)
 # the kernel's numbers, which the C takes from its headers: checked against those
 KERNEL_CONSTANTS = (
     "ETH_ALEN",

@@ -131,6 +131,29 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
             "vm_port",
             "tap0: follow_failover and firewall_addresses are for uplinks",
         ),
+        ('[[uplink]]\nname = "eth0"\nlearn = "sometimes"\n', "uplink[0].learn", "valid boolean"),
+        (
+            '[[uplink]]\nname = "vx0"\nallow_endpoints = ["10.255.0.1/33"]\n',
+            "uplink[0].allow_endpoints[0]",
+            "not a valid IPv4 or IPv6 network",
+        ),
+        (
+            '[[uplink]]\nname = "vx0"\nallow_endpoints = ["10.255.0.1"]\n'
+            'deny_endpoints = ["10.255.0.3"]\n',
+            "uplink[0]",
+            "allow_endpoints and deny_endpoints: give one list, not both",
+        ),
+        (
+            '[[vm_port]]\nname = "tap0"\ndeny_endpoints = ["10.255.0.3"]\n',
+            "vm_port",
+            "tap0: allow_endpoints and deny_endpoints are for tunnel uplinks",
+        ),
+        ('[[vm_port]]\nname = "tap0"\nlearn = false\n', "vm_port", "tap0: learn is for uplinks"),
+        (
+            "".join(f'[[uplink]]\nname = "e{n}"\nlearn = false\n' for n in range(64)),
+            "",
+            "scope: at most 63 rules, uplinks with learn = false counted",
+        ),
     ],
 )
 def test_a_bad_value_names_its_key_and_the_reason(
@@ -238,3 +261,33 @@ def test_sync_takes_a_redis_url_or_a_unix_socket(tmp_path: Path) -> None:
         None,
     )
     assert load(_write(tmp_path, 'sync = "unix:///run/redis.sock?db=0"\n')).sync
+
+
+def test_an_uplink_that_does_not_learn_is_a_pass_rule_ahead_of_the_scope_rules(
+    tmp_path: Path,
+) -> None:
+    """learn = false on eth1 puts "pass uplink eth1" before [[scope]]; the data
+    path then matches new connections (F_SET_SCOPE) though no rule is written."""
+    cfg = load(
+        _write(
+            tmp_path,
+            '[[uplink]]\nname = "eth0"\n[[uplink]]\nname = "eth1"\nlearn = false\n'
+            '[[scope]]\naction = "pass"\nproto = "udp"\n',
+        )
+    )
+    assert [r.describe() for r in cfg.scope_rules()] == ["pass uplink eth1", "pass proto udp"]
+    assert cfg.scoped()
+    plain = load(_write(tmp_path, '[[uplink]]\nname = "eth0"\n'))
+    assert plain.scope_rules() == [] and not plain.scoped()
+
+
+def test_endpoint_lists_take_addresses_and_prefixes_of_both_families(tmp_path: Path) -> None:
+    cfg = load(
+        _write(
+            tmp_path,
+            '[[uplink]]\nname = "vx0"\nallow_endpoints = ["10.255.0.1", "fd00:ff::/64"]\n',
+        )
+    )
+    assert [str(n) for n in cfg.uplinks[0].allow_endpoints] == ["10.255.0.1/32", "fd00:ff::/64"]
+    assert cfg.lists_endpoints()
+    assert not load(_write(tmp_path, '[[uplink]]\nname = "vx0"\n')).lists_endpoints()

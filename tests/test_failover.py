@@ -12,14 +12,19 @@ import pytest
 from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6NDOptDstLLAddr, ICMPv6NDOptSrcLLAddr, IPv6
 from scapy.layers.l2 import ARP, Ether
 
+from lasthop import abi
 from lasthop.failover import (
     ANNOUNCEMENT_FILTER,
     Announcement,
+    EndpointsDown,
+    EndpointSink,
+    FailoverWatch,
     HopMoves,
     Policy,
     Sink,
     parse_announcement,
 )
+from lasthop.neighwatch import NeighbourEvent
 
 UPLINK, OTHER_UPLINK = 7, 8
 FW_IP = "10.0.0.1"
@@ -51,16 +56,23 @@ def unsolicited_na(target_mac: bytes, ip: str = FW6_IP, hlim: int = 255) -> byte
 
 
 class Recorder(Sink):
-    """lh_hop_moved as a dict."""
+    """lh_hop_moved as a dict of moves and a set of unreachable hops."""
 
     def __init__(self) -> None:
         self.map: dict[tuple[int, bytes], bytes] = {}
+        self.down: set[tuple[int, bytes]] = set()
 
     def put(self, key: tuple[int, bytes], new: bytes) -> None:
+        self.down.discard(key)
         self.map[key] = new
+
+    def put_unreachable(self, key: tuple[int, bytes]) -> None:
+        self.map.pop(key, None)
+        self.down.add(key)
 
     def delete(self, key: tuple[int, bytes]) -> None:
         self.map.pop(key, None)
+        self.down.discard(key)
 
 
 def moves(
@@ -83,6 +95,14 @@ def see(m: HopMoves, frame: bytes, ifindex: int = UPLINK, now: float = 0.0) -> b
 def records(m: HopMoves) -> dict[tuple[int, bytes], bytes]:
     assert isinstance(m.sink, Recorder)
     return m.sink.map
+
+
+def down(m: HopMoves) -> set[tuple[int, bytes]]:
+    assert isinstance(m.sink, Recorder)
+    return m.sink.down
+
+
+FW = ipaddress.ip_address(FW_IP)
 
 
 # ---------------------------------------------------------------- the hostile segment
@@ -251,3 +271,169 @@ def test_the_socket_filter_passes_arp_and_na_only() -> None:
     assert run(unsolicited_na(MAC_A)) > 0
     assert run(bytes(Ether() / IP(dst=FW_IP) / UDP())) == 0
     assert run(bytes(Ether() / IPv6(dst=FW6_IP) / ICMPv6ND_NS(tgt=FW6_IP))) == 0
+
+
+# ---------------------------------------------------------------- a hop that no longer answers
+
+
+def test_a_failed_neighbour_makes_its_mac_unreachable_until_it_answers() -> None:
+    """The host's neighbour entry for the firewall's address failed: A's
+    entries stop being used; A speaking again (an entry naming it, an
+    announcement) lifts the record."""
+    m = moves()
+    see(m, garp(MAC_A))
+    assert m.lost(UPLINK, FW, now=1.0)
+    assert down(m) == {(UPLINK, MAC_A)} and records(m) == {}
+    assert not m.lost(UPLINK, FW, now=2.0)  # already written
+    see(m, garp(MAC_A), now=3.0)
+    assert down(m) == set() and records(m) == {}
+
+
+def test_a_failed_neighbour_then_a_new_mac_is_a_move() -> None:
+    """The firewall's address fails, then answers from B: A's entries go to B."""
+    m = moves()
+    see(m, garp(MAC_A))
+    m.lost(UPLINK, FW, now=1.0)
+    assert see(m, garp(MAC_B), now=2.0)
+    assert records(m) == {(UPLINK, MAC_A): MAC_B} and down(m) == set()
+    assert m.unreachable == {}
+
+
+def test_a_failure_of_no_firewall_address_or_unknown_owner_changes_nothing() -> None:
+    m = moves()
+    see(m, garp(MAC_A, ip="10.0.0.100"))  # a server's address: no firewall's
+    assert not m.lost(UPLINK, ipaddress.ip_address("10.0.0.100"), now=1.0)
+    assert not m.lost(UPLINK, FW, now=1.0)  # no MAC known to own it yet
+    see(m, garp(MAC_A))
+    assert not m.lost(OTHER_UPLINK, FW, now=1.0)  # an uplink that did not opt in
+    assert down(m) == set()
+
+
+def test_a_moved_mac_failing_keeps_its_move() -> None:
+    """A moved to B; A's address later failing cannot happen (B owns it), and
+    B failing marks B only: A's record still sends A's entries to B."""
+    m = moves()
+    see(m, garp(MAC_A))
+    see(m, garp(MAC_B))
+    assert m.lost(UPLINK, FW, now=5.0)
+    assert records(m) == {(UPLINK, MAC_A): MAC_B} and down(m) == {(UPLINK, MAC_B)}
+
+
+def test_unreachable_records_retire_with_the_longest_timeout_and_the_uplink() -> None:
+    m = moves()
+    see(m, garp(MAC_A))
+    m.lost(UPLINK, FW, now=10.0)
+    assert m.retire_older(now=110.5, max_age=100.0) == 1
+    assert down(m) == set()
+    m.lost(UPLINK, FW, now=200.0)
+    m.set_policies({})
+    assert down(m) == set()
+
+
+def test_a_restarted_agent_adopts_unreachable_records() -> None:
+    m = moves()
+    m.adopt([((UPLINK, MAC_A), MAC_A, True), ((UPLINK, MAC_B), MAC_C, False)], now=0.0)
+    assert m.unreachable == {(UPLINK, MAC_A): 0.0}
+    assert m.moved == {(UPLINK, MAC_B): (MAC_C, 0.0)}
+
+
+# -------------------------------------------------------- tunnel endpoints that do not answer
+
+
+class EndpointRecorder(EndpointSink):
+    """lh_endpoints_down as a set."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.down: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+
+    def set(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, down: bool) -> None:
+        (self.down.add if down else self.down.discard)(address)
+
+
+ENDPOINT = ipaddress.ip_address("10.255.0.3")
+
+
+def test_an_endpoint_whose_neighbour_entry_failed_is_down_until_it_answers_or_is_forgotten() -> (
+    None
+):
+    rec = EndpointRecorder()
+    eps = EndpointsDown(rec)
+    eps.see(NeighbourEvent(3, ENDPOINT, None), now=0.0)
+    assert rec.down == {ENDPOINT}
+    eps.see(NeighbourEvent(3, ENDPOINT, MAC_A), now=1.0)  # answers again
+    assert rec.down == set()
+    eps.see(NeighbourEvent(3, ENDPOINT, None), now=2.0)
+    eps.see(NeighbourEvent(3, ENDPOINT, None, deleted=True), now=3.0)  # collected: try again
+    assert rec.down == set() and eps.down == {}
+
+
+def test_endpoint_records_are_bounded_and_age_out() -> None:
+    rec = EndpointRecorder()
+    eps = EndpointsDown(rec)
+    for n in range(abi.MAX_ENDPOINTS_DOWN + 5):
+        eps.see(NeighbourEvent(3, ipaddress.ip_address(0x0AFF0000 + n), None), now=float(n))
+    assert len(rec.down) == len(eps.down) == abi.MAX_ENDPOINTS_DOWN
+    assert ipaddress.ip_address(0x0AFF0000) not in rec.down  # the oldest went first
+    assert eps.retire_older(now=1e9, max_age=10.0) == abi.MAX_ENDPOINTS_DOWN
+    assert rec.down == set()
+
+
+# -------------------------------------------------------- the host's neighbour table
+
+
+def neighbour_watch(m: HopMoves) -> FailoverWatch:
+    """The agent's thread object with no thread and no controller: only its
+    handling of neighbour events, for uplink UPLINK's own neighbour device."""
+    watch = FailoverWatch(None)  # type: ignore[arg-type]
+    watch._wake_r.close()  # no thread to wake
+    watch._wake_w.close()
+    watch.moves = m
+    watch._neigh_uplinks = {UPLINK: (UPLINK,)}
+    return watch
+
+
+def entry(mac: bytes | None, ip: str = FW_IP) -> NeighbourEvent:
+    return NeighbourEvent(UPLINK, ipaddress.ip_address(ip), mac)
+
+
+def test_a_neighbour_entry_naming_a_new_mac_moves_the_old_one() -> None:
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A), 0.0)  # the seed: who owns it
+    watch._neighbour(entry(MAC_B), 1.0)
+    assert records(m) == {(UPLINK, MAC_A): MAC_B}
+
+
+def test_a_lagging_neighbour_entry_does_not_undo_a_move_seen_on_the_wire() -> None:
+    """The wire says A -> B; the host's entry, which may ignore an update within
+    its locktime, still names A and goes STALE, DELAY: no move back to A."""
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A), 0.0)
+    see(m, garp(MAC_B), now=1.0)
+    watch._neighbour(entry(MAC_A), 2.0)  # the same word again, another state
+    assert records(m) == {(UPLINK, MAC_A): MAC_B}
+    watch._neighbour(entry(MAC_B), 3.0)  # caught up
+    assert records(m) == {(UPLINK, MAC_A): MAC_B}
+
+
+def test_a_failed_neighbour_entry_then_the_same_mac_again() -> None:
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A), 0.0)
+    watch._neighbour(entry(None), 1.0)
+    assert down(m) == {(UPLINK, MAC_A)}
+    watch._neighbour(entry(MAC_A), 2.0)  # REACHABLE again
+    assert down(m) == set() and records(m) == {}
+
+
+def test_neighbour_entries_of_other_addresses_or_an_untrusted_mac_move_nothing() -> None:
+    m = moves()
+    watch = neighbour_watch(m)
+    watch._neighbour(entry(MAC_A, ip="10.0.0.100"), 0.0)
+    watch._neighbour(entry(MAC_B, ip="10.0.0.100"), 1.0)  # no firewall's address
+    watch._neighbour(entry(MAC_A), 2.0)
+    watch._neighbour(entry(MAC_EVIL), 3.0)  # not in the allow-list
+    assert records(m) == {} and m.owners[(UPLINK, FW)] == MAC_A
+    assert watch._neigh_macs.keys() == {(UPLINK, FW)}  # only firewall addresses kept

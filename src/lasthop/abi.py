@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import ipaddress
 
 # the kernel's
 ETH_ALEN = 6
@@ -38,6 +39,9 @@ MAX_VM_ADDRS = 65536
 MAX_LISTED_HOPS = 4096
 MAX_REFUSED_HOPS = 1024
 MAX_MOVED_HOPS = 1024  # lh_hop_moved: last hops whose address moved (failover)
+MAX_LISTED_ENDPOINTS = 4096  # lh_endpoints: listed tunnel endpoint prefixes, catch-alls too
+ENDPOINT_KEY_BITS = 64  # EndpointLpmKey bits before the address: uplink, family
+MAX_ENDPOINTS_DOWN = 1024  # lh_endpoints_down: endpoints whose neighbour entry failed
 MAX_SCOPE_RULES = 64  # lh_scope: the config's scope rules and the default
 SCOPE_WORDS = 10  # 32-bit words of a scope match key (ScopeRule)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
@@ -90,6 +94,8 @@ F_SET_FAST_PATH = 1 << 4
 F_SET_SYNC = 1 << 5
 F_SET_HOPS_MOVED = 1 << 6
 F_SET_SCOPE = 1 << 7
+F_SET_ENDPOINTS = 1 << 8
+F_SET_ENDPOINTS_DOWN = 1 << 9
 # enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -98,6 +104,11 @@ F_ENTRY_VM_FAST = 1 << 3
 F_ENTRY_FIN_OPENER = 1 << 4
 F_ENTRY_FIN_ANSWERER = 1 << 5
 F_ENTRY_HOP_EXT = 1 << 6  # vlan_tci holds the id of its lh_hop_descs descriptor
+# enum lh_hop_flag: lh_hop_moved value .flags
+HOP_UNREACHABLE = 1 << 0  # the hop's neighbour entry failed: its entries are not used
+# enum lh_endpoint_verdict: lh_endpoints value
+ENDPOINT_TRUSTED = 1
+ENDPOINT_REFUSED = 2
 
 
 class State(enum.IntEnum):
@@ -234,6 +245,7 @@ class Counter(enum.IntEnum):
     HOP_FOLLOWED = 48
     SCOPE_PASSED = 49
     SCOPE_FLUSHED = 50
+    HOP_UNREACHABLE = 51
 
 
 class HopKind(enum.IntEnum):
@@ -444,16 +456,17 @@ def hop_key(ifindex: int, mac: bytes) -> HopKey:
 
 
 class HopMoved(ctypes.Structure):
-    """struct hop_moved: lh_hop_moved's value, the MAC a last hop's address moved to."""
+    """struct hop_moved: lh_hop_moved's value, the MAC a last hop's address moved
+    to, or (flags HOP_UNREACHABLE) that the hop no longer answers."""
 
     _fields_ = [
         ("mac", ctypes.c_uint8 * ETH_ALEN),
-        ("pad", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
     ]
 
 
-def hop_moved(mac: bytes) -> HopMoved:
-    value = HopMoved()
+def hop_moved(mac: bytes, flags: int = 0) -> HopMoved:
+    value = HopMoved(flags=flags)
     value.mac[:] = list(mac)
     return value
 
@@ -470,6 +483,42 @@ class ScopeRule(ctypes.Structure):
         ("action", ctypes.c_uint8),
         ("reserved", ctypes.c_uint8 * 3),
     ]
+
+
+class EndpointLpmKey(ctypes.Structure):
+    """struct endpoint_lpm_key: a tunnel endpoint prefix of one uplink (lh_endpoints);
+    prefixlen counts the uplink's and family's bits too (ENDPOINT_KEY_BITS)."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32 * 4),
+    ]
+
+
+class EndpointKey(ctypes.Structure):
+    """struct endpoint_key: a tunnel endpoint on one uplink (lh_endpoints_refused;
+    lh_endpoints_down: uplink 0)."""
+
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint32 * 4),
+    ]
+
+
+def endpoint_text(key: EndpointKey) -> str:
+    """The endpoint an EndpointKey names, as text ("192.0.2.1", "2001:db8::1")."""
+    raw = bytes(key.addr)
+    return str(ipaddress.ip_address(raw[:4] if key.family == FAMILY_V4 else raw))
+
+
+def endpoint_lpm_key(ifindex: int, family: int, addr: bytes, bits: int) -> EndpointLpmKey:
+    """The lh_endpoints key of prefix *addr*/*bits* (4 or 16 bytes, network order)."""
+    key = EndpointLpmKey(prefixlen=ENDPOINT_KEY_BITS + bits, ifindex=ifindex, family=family)
+    ctypes.memmove(key.addr, addr, len(addr))
+    return key
 
 
 class VmAddrKey(ctypes.Structure):
@@ -533,6 +582,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "vm_addr_key": VmAddrKey,
     "hop_key": HopKey,
     "hop_moved": HopMoved,
+    "endpoint_lpm_key": EndpointLpmKey,
+    "endpoint_key": EndpointKey,
     "scope_rule": ScopeRule,
     "vm_addr": VmAddr,
     "vm_usage": VmUsage,

@@ -91,6 +91,15 @@ class Interface(_Model):
         default_factory=list,
         description="uplink: these MACs are never learned as last hops",
     )
+    allow_endpoints: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="tunnel uplink (VXLAN, Geneve): only requests from these remote endpoints "
+        "(prefixes) are learned; any other takes the host's normal path, counted with it",
+    )
+    deny_endpoints: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="tunnel uplink: requests from these remote endpoints are never learned",
+    )
     follow_failover: bool = Field(
         default=False,
         description="uplink: when a firewall address in firewall_addresses moves to another MAC "
@@ -101,6 +110,11 @@ class Interface(_Model):
         default_factory=list,
         description="uplink: the firewalls' addresses (prefixes) whose announcements may move "
         "last hops; announcements of any other address move nothing",
+    )
+    learn: bool = Field(
+        default=True,
+        description="uplink: false = lasthop learns no new connection arriving here: they take "
+        "the host's normal path, counted scope_passed (a scope rule ahead of [[scope]])",
     )
 
     @model_validator(mode="after")
@@ -122,6 +136,11 @@ class Interface(_Model):
         n = len(self.allow_last_hops) + len(self.deny_last_hops)
         if n > abi.MAX_LISTED_HOPS:
             raise ValueError(f"at most {abi.MAX_LISTED_HOPS} last hops listed, not {n}")
+        if self.allow_endpoints and self.deny_endpoints:
+            raise ValueError(
+                "allow_endpoints and deny_endpoints: give one list, not both (an allow-list "
+                "already refuses every endpoint it does not name)"
+            )
         return self
 
 
@@ -311,12 +330,49 @@ class Config(_Model):
                     f"{port.name}: allow_last_hops and deny_last_hops are for uplinks "
                     "(a VM port's packets are replies, not requests through a last hop)"
                 )
+            if port.allow_endpoints or port.deny_endpoints:
+                raise ValueError(
+                    f"{port.name}: allow_endpoints and deny_endpoints are for tunnel uplinks "
+                    "(a VM port's packets are replies, not requests through a last hop)"
+                )
             if port.follow_failover or port.firewall_addresses:
                 raise ValueError(
                     f"{port.name}: follow_failover and firewall_addresses are for uplinks "
                     "(the firewalls announce their addresses there)"
                 )
+            if not port.learn:
+                raise ValueError(
+                    f"{port.name}: learn is for uplinks (a VM port's connections are "
+                    'scoped by [[scope]] rules without an uplink, scope_default = "pass")'
+                )
         return value
+
+    def scope_rules(self) -> list[ScopeRule]:
+        """The scope rules in force, in order: a pass of every uplink with
+        ``learn = false``, then the ``[[scope]]`` rules."""
+        passes = [ScopeRule(action="pass", uplink=u.name) for u in self.uplinks if not u.learn]
+        return [*passes, *self.scope]
+
+    def lists_endpoints(self) -> bool:
+        """Whether some uplink lists tunnel endpoints (F_SET_ENDPOINTS)."""
+        return any(u.allow_endpoints or u.deny_endpoints for u in self.uplinks)
+
+    def scoped(self) -> bool:
+        """Whether the data path must match new connections at all."""
+        return bool(self.scope_rules()) or self.scope_default == "pass"
+
+    @model_validator(mode="after")
+    def _endpoints_fit(self) -> Config:
+        n = sum(
+            len(u.allow_endpoints) + len(u.deny_endpoints) + (2 if u.allow_endpoints else 0)
+            for u in self.uplinks
+        )
+        if n > abi.MAX_LISTED_ENDPOINTS:
+            raise ValueError(
+                f"at most {abi.MAX_LISTED_ENDPOINTS} endpoints listed over all uplinks (each "
+                f"allow-list takes two more), not {n}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _scope_names_uplinks(self) -> Config:
@@ -327,10 +383,11 @@ class Config(_Model):
                     f"scope[{n}].uplink: {rule.uplink!r} is not an uplink of the config "
                     f"({', '.join(sorted(names)) or 'none'})"
                 )
-        if len(self.scope) >= abi.MAX_SCOPE_RULES:
+        n = len(self.scope_rules())
+        if n >= abi.MAX_SCOPE_RULES:
             raise ValueError(
-                f"scope: at most {abi.MAX_SCOPE_RULES - 1} rules (the default takes the "
-                f"last of {abi.MAX_SCOPE_RULES} slots), not {len(self.scope)}"
+                f"scope: at most {abi.MAX_SCOPE_RULES - 1} rules, uplinks with learn = false "
+                f"counted (the default takes the last of {abi.MAX_SCOPE_RULES} slots), not {n}"
             )
         return self
 

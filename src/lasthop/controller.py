@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -128,6 +129,8 @@ class Stats:
     # uplink -> MAC -> frames its allow_last_hops/deny_last_hops refused (the most recent
     # MAX_REFUSED_HOPS MACs: an LRU in the kernel)
     untrusted_hops: dict[str, dict[str, int]] = field(default_factory=dict)
+    # uplink -> tunnel endpoint -> requests its allow_endpoints/deny_endpoints refused (LRU)
+    untrusted_endpoints: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def entries(self) -> int:
@@ -155,6 +158,7 @@ class Stats:
                 "pending": self.pending.to_json(),
             },
             "untrusted_hops": self.untrusted_hops,
+            "untrusted_endpoints": self.untrusted_endpoints,
         }
 
 
@@ -243,7 +247,7 @@ class Controller:
         self._write_settings(
             config,
             # services: until they are synced; hops moved: as lh_hop_moved, which stays
-            keep=abi.F_SET_SERVICES | abi.F_SET_HOPS_MOVED,
+            keep=abi.F_SET_SERVICES | abi.F_SET_HOPS_MOVED | abi.F_SET_ENDPOINTS_DOWN,
             hz=Clock(self.datapath.clock_prog.fd).measure_hz(),
         )
         for link, zone in uplinks:
@@ -270,8 +274,8 @@ class Controller:
         settings.flags |= abi.F_SET_VM_DOWN_DROP if config.on_vm_down == "drop" else 0
         settings.flags |= 0 if config.vm_origin else abi.F_SET_NO_VM_ORIGIN
         settings.flags |= abi.F_SET_FAST_PATH if config.fast_path else 0
-        scoped = bool(config.scope) or config.scope_default == "pass"
-        settings.flags |= abi.F_SET_SCOPE if scoped else 0
+        settings.flags |= abi.F_SET_SCOPE if config.scoped() else 0
+        settings.flags |= abi.F_SET_ENDPOINTS if config.lists_endpoints() else 0
         settings.flags |= maps.get_settings().flags & keep
         settings.hz = hz
         for state, seconds in config.timeouts.by_state().items():
@@ -313,7 +317,10 @@ class Controller:
         maps = self.datapath.maps
         self._write_settings(
             cfg,
-            keep=abi.F_SET_SERVICES | abi.F_SET_SYNC | abi.F_SET_HOPS_MOVED,
+            keep=abi.F_SET_SERVICES
+            | abi.F_SET_SYNC
+            | abi.F_SET_HOPS_MOVED
+            | abi.F_SET_ENDPOINTS_DOWN,
             hz=maps.get_settings().hz,
         )
         for key, role, before, after in (
@@ -343,7 +350,7 @@ class Controller:
                     result.attached.append(iface.name)
         if {u.name for u in old.uplinks} - {u.name for u in cfg.uplinks}:
             self._prune_uplinks()
-        if (old.scope, old.scope_default) != (cfg.scope, cfg.scope_default):
+        if (old.scope_rules(), old.scope_default) != (cfg.scope_rules(), cfg.scope_default):
             self._write_scope(cfg)  # new connections only: established entries stay
         if old.services != cfg.services or old.health != cfg.health:
             self.services.reload(cfg.services, cfg.health)
@@ -371,6 +378,7 @@ class Controller:
         if role == abi.Role.UPLINK:
             cfg.flags |= self._list_hops(link, maps)
             cfg.flags |= self._follows_failover(link)
+            self._list_endpoints(link, maps)
         # config first: the program must find its interface from the first packet on
         maps.set_iface(link.index, cfg)
         # only a routed host sends ICMP errors of its own about VM traffic; the
@@ -417,6 +425,39 @@ class Controller:
             return abi.F_IFACE_HOPS_ALLOW
         return abi.F_IFACE_HOPS_DENY if deny else 0
 
+    def _list_endpoints(self, link: Link, maps: Maps) -> None:
+        """Writes tunnel uplink *link*'s allow_endpoints or deny_endpoints into
+        lh_endpoints (replacing what a previous run listed for it); an
+        allow-list also gets the uplink's /0 of each family, refused."""
+        from lasthop.links import link_kind_name
+
+        assert self._config is not None
+        named = [u for u in self._config.uplinks if u.name == link.name]
+        allow, deny = (named[0].allow_endpoints, named[0].deny_endpoints) if named else ([], [])
+        for raw in list(maps.endpoints.keys()):  # at most MAX_LISTED_ENDPOINTS
+            if abi.EndpointLpmKey.from_buffer_copy(raw).ifindex == link.index:
+                maps.endpoints.delete(raw)
+        if not (allow or deny):
+            return
+        if link.kind not in (abi.LinkKind.VXLAN, abi.LinkKind.GENEVE):
+            raise ConfigError(
+                f"uplink {link.name}: allow_endpoints and deny_endpoints need a tunnel uplink "
+                f"(VXLAN or Geneve in external mode), and {link.name} is "
+                f"{link_kind_name(link.kind)}"
+            )
+        verdict = abi.ENDPOINT_TRUSTED if allow else abi.ENDPOINT_REFUSED
+        for net in allow or deny:
+            family = abi.FAMILY_V4 if net.version == 4 else abi.FAMILY_V6
+            key = abi.endpoint_lpm_key(
+                link.index, family, net.network_address.packed, net.prefixlen
+            )
+            maps.endpoints.update(bytes(key), bytes([verdict]))
+        if allow:  # every other endpoint, of either family: refused
+            for family in (abi.FAMILY_V4, abi.FAMILY_V6):
+                key = abi.endpoint_lpm_key(link.index, family, b"", 0)
+                if maps.endpoints.lookup(bytes(key)) is None:  # an allowed ::/0 stays
+                    maps.endpoints.update(bytes(key), bytes([abi.ENDPOINT_REFUSED]))
+
     def _follows_failover(self, link: Link) -> int:
         """F_IFACE_FOLLOW_MOVES when uplink *link*'s config sets follow_failover."""
         assert self._config is not None
@@ -434,7 +475,7 @@ class Controller:
         def index_of(name: str) -> int:
             return self.links.by_name(name, "uplink").index
 
-        rules = compile_rules(config.scope, config.scope_default, index_of)
+        rules = compile_rules(config.scope_rules(), config.scope_default, index_of)
         for n, rule in enumerate(rules):
             maps.scope.update(n.to_bytes(4, "little"), bytes(rule))
         if len(rules) < abi.MAX_SCOPE_RULES:
@@ -470,40 +511,73 @@ class Controller:
         return int(removed)
 
     @_locked
-    def set_hop_moved(self, ifindex: int, old: bytes, new: bytes | None) -> None:
+    def set_hop_moved(
+        self, ifindex: int, old: bytes, new: bytes | None, unreachable: bool = False
+    ) -> None:
         """lh_hop_moved: replies of last hop *old* on uplink *ifindex* go to *new*
-        from now on (None: that record retires). F_SET_HOPS_MOVED says whether
+        from now on (None: that record retires; *unreachable*: they take the
+        host's routing, the hop does not answer). F_SET_HOPS_MOVED says whether
         any record is left, so a host without one pays one flag test a reply."""
         assert self.datapath is not None
         maps = self.datapath.maps
         key = bytes(abi.hop_key(ifindex, old))
         if new is not None:
-            maps.hop_moved.update(key, bytes(abi.hop_moved(new)))
+            flags = abi.HOP_UNREACHABLE if unreachable else 0
+            maps.hop_moved.update(key, bytes(abi.hop_moved(new, flags)))
             self._hops_moved_flag(maps, True)  # after the record: no reply looks in vain
-            event(log, "hop_moved", ifindex=ifindex, old=format_mac(old), new=format_mac(new))
+            if unreachable:
+                event(log, "hop_unreachable", ifindex=ifindex, mac=format_mac(old))
+            else:
+                event(log, "hop_moved", ifindex=ifindex, old=format_mac(old), new=format_mac(new))
             return
         maps.hop_moved.delete(key)
         if next(iter(maps.hop_moved.keys()), None) is None:  # one get_next_key
             self._hops_moved_flag(maps, False)
 
+    def set_endpoint_down(self, address: IPv4Address | IPv6Address, down: bool) -> None:
+        """lh_endpoints_down: replies through tunnel endpoint *address* take the
+        host's routing (*down*), or use it again. F_SET_ENDPOINTS_DOWN says
+        whether any record is left."""
+        assert self.datapath is not None
+        maps = self.datapath.maps
+        key = abi.EndpointKey(family=abi.FAMILY_V4 if address.version == 4 else abi.FAMILY_V6)
+        ctypes.memmove(key.addr, address.packed, len(address.packed))
+        if down:
+            maps.endpoints_down.update(bytes(key), b"\x01")
+            self._hops_moved_flag(maps, True, abi.F_SET_ENDPOINTS_DOWN)
+            event(log, "endpoint_unreachable", address=str(address))
+            return
+        maps.endpoints_down.delete(bytes(key))
+        if next(iter(maps.endpoints_down.keys()), None) is None:  # one get_next_key
+            self._hops_moved_flag(maps, False, abi.F_SET_ENDPOINTS_DOWN)
+
+    def endpoints_down(self) -> list[IPv4Address | IPv6Address]:
+        """lh_endpoints_down's records: at most MAX_ENDPOINTS_DOWN."""
+        with self.open_maps() as maps:
+            out = []
+            for raw in list(maps.endpoints_down.keys()):  # at most MAX_ENDPOINTS_DOWN
+                key = abi.EndpointKey.from_buffer_copy(raw)
+                out.append(ip_address(abi.endpoint_text(key)))
+            return out
+
     @staticmethod
-    def _hops_moved_flag(maps: Maps, on: bool) -> None:
+    def _hops_moved_flag(maps: Maps, on: bool, flag: int = abi.F_SET_HOPS_MOVED) -> None:
         settings = maps.get_settings()
-        flags = (
-            settings.flags | abi.F_SET_HOPS_MOVED if on else settings.flags & ~abi.F_SET_HOPS_MOVED
-        )
+        flags = settings.flags | flag if on else settings.flags & ~flag
         if flags != settings.flags:
             settings.flags = flags
             maps.settings.update(bytes(4), bytes(settings))  # no expiry request: no timeout moved
 
-    def hops_moved(self) -> list[tuple[tuple[int, bytes], bytes]]:
-        """lh_hop_moved's records ((uplink, old MAC), new MAC): at most MAX_MOVED_HOPS."""
+    def hops_moved(self) -> list[tuple[tuple[int, bytes], bytes, bool]]:
+        """lh_hop_moved's records ((uplink, old MAC), new MAC, unreachable): at
+        most MAX_MOVED_HOPS."""
         with self.open_maps() as maps:
             out = []
             for raw_key, raw in maps.hop_moved.items():
                 key = abi.HopKey.from_buffer_copy(raw_key)
                 new = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
-                out.append(((key.ifindex, bytes(key.mac)), bytes(new.mac)))
+                down = bool(new.flags & abi.HOP_UNREACHABLE)
+                out.append(((key.ifindex, bytes(key.mac)), bytes(new.mac), down))
             return out
 
     def _own_mac(self, link: Link, role: abi.Role) -> bytes:
@@ -841,6 +915,7 @@ class Controller:
                 last_pass_age_s=Clock.age_s(now, ex.finished, hz) if ex.passes else None,
                 next_due_s=Clock.until_s(now, ex.next_due, hz) if ex.passes else None,
                 untrusted_hops=self._untrusted_hops(maps),
+                untrusted_endpoints=self._untrusted_endpoints(maps),
             )
 
     @staticmethod
@@ -851,6 +926,16 @@ class Controller:
             key = abi.HopKey.from_buffer_copy(raw_key)
             frames = int.from_bytes(raw_value[:8], "little")
             out.setdefault(ifname(key.ifindex), {})[format_mac(bytes(key.mac))] = frames
+        return out
+
+    @staticmethod
+    def _untrusted_endpoints(maps: Maps) -> dict[str, dict[str, int]]:
+        """lh_endpoints_refused, by uplink name (a bounded LRU, not the table)."""
+        out: dict[str, dict[str, int]] = {}
+        for raw_key, raw_value in maps.endpoints_refused.items():
+            key = abi.EndpointKey.from_buffer_copy(raw_key)
+            requests = int.from_bytes(raw_value[:8], "little")
+            out.setdefault(ifname(key.ifindex), {})[abi.endpoint_text(key)] = requests
         return out
 
     @staticmethod

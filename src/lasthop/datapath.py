@@ -54,6 +54,9 @@ MAP_NAMES = (
     "lh_hops",
     "lh_hops_refused",
     "lh_hop_moved",
+    "lh_endpoints",
+    "lh_endpoints_refused",
+    "lh_endpoints_down",
     "lh_scope",
     "lh_hop_descs",
 )
@@ -219,6 +222,9 @@ class Maps:
         self.hops = maps["lh_hops"]
         self.hops_refused = maps["lh_hops_refused"]
         self.hop_moved = maps["lh_hop_moved"]
+        self.endpoints = maps["lh_endpoints"]
+        self.endpoints_refused = maps["lh_endpoints_refused"]
+        self.endpoints_down = maps["lh_endpoints_down"]
         self.scope = maps["lh_scope"]
         self.hop_descs = maps["lh_hop_descs"]
         # sync on (lasthop.sync): receives a conn_change record for each entry

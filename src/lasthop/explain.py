@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lasthop import abi
-from lasthop.connections import Connection, decode, tunnel_str
+from lasthop.connections import Connection, decode, format_mac, tunnel_str
 from lasthop.endpoint import format_flow
 from lasthop.errors import ConfigError
 
@@ -120,6 +120,8 @@ class Explanation:
     left_s: float | None = None
     neighbours: list[str] = field(default_factory=list)  # addresses the last-hop MAC has
     firewall: str = ""  # the last hop's name in the config's last_hop_names
+    hop_moved_to: str = ""  # lh_hop_moved: the MAC the last hop's address moved to
+    hop_unreachable: bool = False  # lh_hop_moved: the last hop's neighbour entry failed
     scope: Decision | None = None  # the config's scope rules on this connection
     scope_uplink_known: bool = True  # False: rules naming an uplink were not considered
     service: ServiceChoice | None = None
@@ -161,12 +163,30 @@ def explain(
             break
     if ex.connection is not None and ex.connection.mac:
         ex.neighbours = neighbours.get(ex.connection.mac, [])
+        if settings.flags & abi.F_SET_HOPS_MOVED:
+            _hop_record(ex, ex.connection, maps)
     if services is not None and ex.opened_by != "server":
         ex.service = _service(q, maps, services)
     if config is not None:
         _from_config(ex, config)
     ex.words = _words_for(ex) + _scope_words(ex)
     return ex
+
+
+def _hop_record(ex: Explanation, c: Connection, maps: Maps) -> None:
+    """What lh_hop_moved says of the entry's last hop (one lookup), when its
+    uplink follows fail-over."""
+    if not c.uplink_ifindex or not maps.iface(c.uplink_ifindex).flags & abi.F_IFACE_FOLLOW_MOVES:
+        return
+    key = abi.hop_key(c.uplink_ifindex, bytes.fromhex(c.mac.replace(":", "")))
+    raw = maps.hop_moved.lookup(bytes(key))
+    if raw is None:
+        return
+    record = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
+    if record.flags & abi.HOP_UNREACHABLE:
+        ex.hop_unreachable = True
+    else:
+        ex.hop_moved_to = format_mac(bytes(record.mac))
 
 
 def _service(q: Query, maps: Maps, services: ServiceManager) -> ServiceChoice | None:
@@ -215,11 +235,11 @@ def _from_config(ex: Explanation, config: Config) -> None:
         src, dst, dport, proto = c.src, c.dst, c.dport, q.key().proto
     else:
         uplink, src, dst, dport, proto = None, q.client, q.server, q.server_port, q.key().proto
-        ex.scope_uplink_known = not any(r.uplink for r in config.scope)
+        ex.scope_uplink_known = not any(r.uplink for r in config.scope_rules())
     if q.proto == "icmp":
         dport = q.client_port  # the echo identifier sits in both port fields
     ex.scope = first_match(
-        config.scope, config.scope_default, uplink=uplink, zone=q.zone, src=src, dst=dst,
+        config.scope_rules(), config.scope_default, uplink=uplink, zone=q.zone, src=src, dst=dst,
         proto=proto, dport=dport,
     )  # fmt: skip
 
@@ -285,6 +305,16 @@ def _words_for(ex: Explanation) -> list[str]:
             + (f", encapsulated to {tunnel_str(c)}" if c.endpoint else "")
             + ", whatever the guest's routing says."
         )
+        if ex.hop_moved_to:
+            out.append(
+                f"But its address moved to MAC {ex.hop_moved_to} (a fail-over): the next reply "
+                "goes there, and the entry follows."
+            )
+        if ex.hop_unreachable:
+            out.append(
+                f"But MAC {c.mac} does not answer (the host's neighbour entry for it failed): "
+                "replies take the host's normal path, counted hop_unreachable, until it does."
+            )
     else:
         out.append(
             "Its last hop is not known yet (nothing has come back from an uplink): the VM's "

@@ -45,9 +45,12 @@ from lasthop.connections import format_mac
 if TYPE_CHECKING:
     from lasthop.config import Config
     from lasthop.controller import Controller
+    from lasthop.neighwatch import NeighbourEvent, NeighbourWatch
 
 __all__ = [
     "Announcement",
+    "EndpointSink",
+    "EndpointsDown",
     "FailoverWatch",
     "HopMoves",
     "Policy",
@@ -58,6 +61,7 @@ __all__ = [
 log = logging.getLogger("lasthop")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+NEIGHBOUR_TABLE = "entry of the host's neighbour table"  # a move's source, as logged
 WAIT = 1.0  # s: longest wait for frames before looking at retirements and the uplinks
 MAX_OWNERS = 4096  # (uplink, address) -> MAC remembered; the oldest goes first
 ICMP6_NA = 136
@@ -147,9 +151,13 @@ class Policy:
     allow: frozenset[bytes] = frozenset()
     deny: frozenset[bytes] = frozenset()
 
+    def covers(self, address: IPAddress) -> bool:
+        """Whether *address* is a firewall's (in firewall_addresses)."""
+        return any(address in p for p in self.prefixes if p.version == address.version)
+
     def refuses(self, ann: Announcement) -> str | None:
         """Why *ann* may move nothing; None when it may."""
-        if not any(ann.address in p for p in self.prefixes if p.version == ann.address.version):
+        if not self.covers(ann.address):
             return "address not in firewall_addresses"
         if self.allow and ann.mac not in self.allow:
             return "MAC not in allow_last_hops"
@@ -187,6 +195,8 @@ class Sink:
 
     def put(self, key: HopKey, new: bytes) -> None: ...
 
+    def put_unreachable(self, key: HopKey) -> None: ...
+
     def delete(self, key: HopKey) -> None: ...
 
 
@@ -200,11 +210,13 @@ class HopMoves:
     policies: dict[int, Policy] = field(default_factory=dict)
     owners: OrderedDict[tuple[int, IPAddress], bytes] = field(default_factory=OrderedDict)
     moved: dict[HopKey, tuple[bytes, float]] = field(default_factory=dict)  # -> (new MAC, since)
+    unreachable: dict[HopKey, float] = field(default_factory=dict)  # -> since (neighbour FAILED)
     refused: Counter[tuple[int, str, str]] = field(default_factory=Counter)  # (if, MAC, why)
     seen: int = 0
 
-    def see(self, ann: Announcement, now: float) -> bool:
-        """Takes one announcement; True when it moved a last hop."""
+    def see(self, ann: Announcement, now: float, source: str = "announcement") -> bool:
+        """Takes one announcement (*source*: what said it, for the log); True
+        when it moved a last hop."""
         policy = self.policies.get(ann.ifindex)
         if policy is None:
             return False
@@ -213,8 +225,8 @@ class HopMoves:
             key = (ann.ifindex, format_mac(ann.mac), why)
             if not self.refused[key]:
                 log.warning(
-                    "failover: ignored an announcement of %s from %s on ifindex %d: %s",
-                    ann.address, format_mac(ann.mac), ann.ifindex, why,
+                    "failover: ignored an %s of %s from %s on ifindex %d: %s",
+                    source, ann.address, format_mac(ann.mac), ann.ifindex, why,
                 )  # fmt: skip
             self.refused[key] += 1
             return False
@@ -222,6 +234,12 @@ class HopMoves:
         here = (ann.ifindex, ann.mac)
         if here in self.moved:  # it speaks: alive again, its entries stay its own
             self._retire(here, "announces again")
+        if here in self.unreachable:  # it answers again: its entries are used again
+            self._retire(here, "reachable again")
+            log.warning(
+                "failover: %s on ifindex %d answers again: replies of its connections go to it",
+                format_mac(ann.mac), ann.ifindex,
+            )  # fmt: skip
         where = (ann.ifindex, ann.address)
         old = self.owners.pop(where, None)
         self.owners[where] = ann.mac
@@ -229,30 +247,63 @@ class HopMoves:
             self.owners.popitem(last=False)
         if old is None or old == ann.mac:
             return False
-        self._move((ann.ifindex, old), ann.mac, now, ann.address)
+        self._move((ann.ifindex, old), ann.mac, now, ann.address, source)
         return True
 
-    def _move(self, old: HopKey, new: bytes, now: float, address: IPAddress) -> None:
+    def lost(self, ifindex: int, address: IPAddress, now: float) -> bool:
+        """The host's neighbour entry for *address* on uplink *ifindex* failed
+        (FAILED, INCOMPLETE): the MAC that owns it no longer answers, so its
+        entries stop being used until it is valid again (a record with
+        HOP_UNREACHABLE). True when that wrote a record. The same trust as an
+        announcement: only a firewall address, on an uplink that opted in."""
+        policy = self.policies.get(ifindex)
+        if policy is None or not policy.covers(address):
+            return False
+        mac = self.owners.get((ifindex, address))
+        if mac is None:
+            return False  # no MAC known to own it: nothing is sent to it by us
+        key = (ifindex, mac)
+        if key in self.moved or key in self.unreachable:
+            return False  # its entries already go elsewhere, or nowhere
+        if len(self.moved) + len(self.unreachable) >= abi.MAX_MOVED_HOPS:
+            self._make_room()
+        self.unreachable[key] = now
+        self.sink.put_unreachable(key)
+        log.warning(
+            "failover: %s at %s on ifindex %d does not answer (neighbour entry failed): "
+            "replies of its connections take the host's routing until it does",
+            address, format_mac(mac), ifindex,
+        )  # fmt: skip
+        return True
+
+    def _make_room(self) -> None:
+        """Retires the oldest record of either kind."""
+        ages = {k: since for k, (_, since) in self.moved.items()} | self.unreachable
+        oldest = min(ages, key=lambda k: ages[k])
+        self._retire(oldest, "no room")
+
+    def _move(self, old: HopKey, new: bytes, now: float, address: IPAddress, source: str) -> None:
         ifindex = old[0]
+        self.unreachable.pop(old, None)  # the move's record takes its place
         # chains: whatever pointed to the old MAC now points to the new one
         for key, (to, _) in list(self.moved.items()):
             if key[0] == ifindex and to == old[1]:
                 self._record(key, new, now)
         self._record(old, new, now)
         log.warning(
-            "failover: %s moved from %s to %s on ifindex %d: replies of its connections follow",
-            address, format_mac(old[1]), format_mac(new), ifindex,
+            "failover: %s moved from %s to %s on ifindex %d (%s): its connections' replies follow",
+            address, format_mac(old[1]), format_mac(new), ifindex, source,
         )  # fmt: skip
 
     def _record(self, key: HopKey, new: bytes, now: float) -> None:
-        if key not in self.moved and len(self.moved) >= abi.MAX_MOVED_HOPS:
-            oldest = min(self.moved, key=lambda k: self.moved[k][1])
-            self._retire(oldest, "no room")
+        if key not in self.moved and len(self.moved) + len(self.unreachable) >= abi.MAX_MOVED_HOPS:
+            self._make_room()
         self.moved[key] = (new, now)
         self.sink.put(key, new)
 
     def _retire(self, key: HopKey, why: str) -> None:
-        del self.moved[key]
+        self.moved.pop(key, None)
+        self.unreachable.pop(key, None)
         self.sink.delete(key)
         log.info("failover: record %s on ifindex %d retired: %s", format_mac(key[1]), key[0], why)
 
@@ -260,6 +311,7 @@ class HopMoves:
         """Retires records older than *max_age* seconds (the longest timeout:
         no entry can still hold their old MAC). Returns how many."""
         old = [k for k, (_, since) in self.moved.items() if now - since > max_age]
+        old += [k for k, since in self.unreachable.items() if now - since > max_age]
         for key in old:
             self._retire(key, "older than the longest timeout")
         return len(old)
@@ -267,18 +319,21 @@ class HopMoves:
     def set_policies(self, policies: dict[int, Policy]) -> None:
         """New config: records and owners of uplinks that no longer opt in go."""
         self.policies = policies
-        for key in [k for k in self.moved if k[0] not in policies]:
+        for key in [k for k in [*self.moved, *self.unreachable] if k[0] not in policies]:
             self._retire(key, "uplink no longer follows fail-over")
         for where in [w for w in self.owners if w[0] not in policies]:
             del self.owners[where]
 
-    def adopt(self, records: Iterable[tuple[HopKey, bytes]], now: float) -> None:
-        """Records a previous agent left in lh_hop_moved: kept, retired on the usual rules."""
-        for key, new in records:
-            if key[0] in self.policies:
-                self.moved[key] = (new, now)
-            else:
+    def adopt(self, records: Iterable[tuple[HopKey, bytes, bool]], now: float) -> None:
+        """Records a previous agent left in lh_hop_moved ((uplink, MAC), new MAC,
+        unreachable): kept, retired on the usual rules."""
+        for key, new, unreachable in records:
+            if key[0] not in self.policies:
                 self.sink.delete(key)
+            elif unreachable:
+                self.unreachable[key] = now
+            else:
+                self.moved[key] = (new, now)
 
 
 def announcement_socket(ifindex: int) -> socket.socket:
@@ -299,6 +354,56 @@ def announcement_socket(ifindex: int) -> socket.socket:
     return sock
 
 
+class EndpointSink:
+    """Where EndpointsDown writes: lh_endpoints_down (through the controller)."""
+
+    def __init__(self, controller: Controller | None) -> None:
+        self._c = controller
+
+    def set(self, address: IPAddress, down: bool) -> None:
+        if self._c is not None:
+            self._c.set_endpoint_down(address, down)
+
+
+@dataclass
+class EndpointsDown:
+    """Tunnel endpoints whose neighbour entry failed (item 4 for tunnels), as
+    lh_endpoints_down holds them: at most abi.MAX_ENDPOINTS_DOWN, the oldest
+    retired first. An entry naming a MAC again, or deleted (the kernel
+    collects a FAILED entry after a while: the endpoint is tried again), or
+    older than the longest timeout, retires the record."""
+
+    sink: EndpointSink
+    down: OrderedDict[IPAddress, float] = field(default_factory=OrderedDict)
+
+    def see(self, ev: NeighbourEvent, now: float) -> None:
+        if ev.mac is None and not ev.deleted:
+            if ev.address in self.down:
+                return
+            while len(self.down) >= abi.MAX_ENDPOINTS_DOWN:
+                self._retire(next(iter(self.down)), "no room")
+            self.down[ev.address] = now
+            self.sink.set(ev.address, True)
+            log.warning(
+                "failover: %s does not answer (neighbour entry failed): replies through it as "
+                "a tunnel endpoint take the host's routing until it does",
+                ev.address,
+            )
+        elif ev.address in self.down:
+            self._retire(ev.address, "forgotten" if ev.deleted else "answers again")
+
+    def _retire(self, address: IPAddress, why: str) -> None:
+        del self.down[address]
+        self.sink.set(address, False)
+        log.warning("failover: endpoint %s is used again: %s", address, why)
+
+    def retire_older(self, now: float, max_age: float) -> int:
+        old = [a for a, since in self.down.items() if now - since > max_age]
+        for address in old:
+            self._retire(address, "older than the longest timeout")
+        return len(old)
+
+
 class ControllerSink(Sink):
     def __init__(self, controller: Controller) -> None:
         self._c = controller
@@ -306,13 +411,17 @@ class ControllerSink(Sink):
     def put(self, key: HopKey, new: bytes) -> None:
         self._c.set_hop_moved(key[0], key[1], new)
 
+    def put_unreachable(self, key: HopKey) -> None:
+        self._c.set_hop_moved(key[0], key[1], key[1], unreachable=True)
+
     def delete(self, key: HopKey) -> None:
         self._c.set_hop_moved(key[0], key[1], None)
 
 
 class FailoverWatch:
     """The agent's thread: reads announcements on the uplinks that follow
-    fail-over, and keeps lh_hop_moved as HopMoves decides."""
+    fail-over, and the host's neighbour table (lasthop.neighwatch), and
+    keeps lh_hop_moved as HopMoves decides."""
 
     def __init__(self, controller: Controller) -> None:
         self._c = controller
@@ -322,10 +431,20 @@ class FailoverWatch:
         self._wake_r, self._wake_w = socket.socketpair()
         self._thread: threading.Thread | None = None
         self._config: Config | None = None
+        self._neigh: NeighbourWatch | None = None
+        # neighbour device (the uplink, or the bridge it is a port of) -> its uplinks
+        self._neigh_uplinks: dict[int, tuple[int, ...]] = {}
+        self._tunnels = False  # a tunnel uplink is attached: endpoints are followed
+        # (neighbour device, firewall address) -> the MAC its entry last named (None: failed)
+        self._neigh_macs: dict[tuple[int, IPAddress], bytes | None] = {}
+        self.endpoints = EndpointsDown(EndpointSink(controller))
 
     def start(self) -> None:
+        now = time.monotonic()
+        self.moves.adopt(self._c.hops_moved(), now)
+        for address in self._c.endpoints_down():  # a previous agent's: retired as usual
+            self.endpoints.down[address] = now
         self._sync_uplinks()
-        self.moves.adopt(self._c.hops_moved(), time.monotonic())
         self._thread = threading.Thread(target=self._run, name="lasthop-failover", daemon=True)
         self._thread.start()
 
@@ -337,6 +456,8 @@ class FailoverWatch:
         for sock in self._socks.values():
             sock.close()
         self._socks.clear()
+        if self._neigh is not None:
+            self._neigh.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -357,6 +478,78 @@ class FailoverWatch:
                     self._socks[ifindex] = announcement_socket(ifindex)
                 except OSError as err:
                     log.error("failover: cannot read announcements on ifindex %d: %s", ifindex, err)
+        self._neigh_uplinks = self._neighbour_devices(policies)
+        self._tunnels = any(
+            link.kind in (abi.LinkKind.VXLAN, abi.LinkKind.GENEVE)
+            for link in self._c.links.all()
+            if link.index in attached.values()
+        )
+        self._follow_neighbours(bool(policies) or self._tunnels)
+        self._seed()
+
+    def _follow_neighbours(self, wanted: bool) -> None:
+        """Opens the neighbour event socket (before the seed dump: no change
+        between is missed) only while something needs it: a bridge's FDB
+        churn arrives there too, and a host that follows nothing pays nothing."""
+        from lasthop.neighwatch import NeighbourWatch
+
+        if wanted and self._neigh is None:
+            self._neigh = NeighbourWatch()
+        elif not wanted and self._neigh is not None:
+            self._neigh.close()
+            self._neigh = None
+            self._neigh_macs.clear()
+
+    def _neighbour_devices(self, policies: dict[int, Policy]) -> dict[int, tuple[int, ...]]:
+        """Neighbour device -> the uplinks its entries speak for: each uplink
+        itself, and the bridge it is a port of (one read of the links)."""
+        out: dict[int, list[int]] = {}
+        for link in self._c.links.all() if policies else ():
+            if link.index in policies:
+                out.setdefault(link.index, []).append(link.index)
+                if link.master:
+                    out.setdefault(link.master, []).append(link.index)
+        return {dev: tuple(ups) for dev, ups in out.items()}
+
+    def _seed(self) -> None:
+        """One dump of the neighbour devices' entries: who owns which address
+        (and, for an owner known before, a move or a failure)."""
+        if self._neigh is None or not self._neigh_uplinks:
+            return
+        from lasthop.neighwatch import NeighbourWatch
+
+        now = time.monotonic()
+        for ev in NeighbourWatch.dump(self._neigh_uplinks):
+            self._neighbour(ev, now)
+
+    def _neighbour(self, ev: NeighbourEvent, now: float) -> None:
+        """One neighbour event, for each uplink it speaks for: only a firewall
+        address counts (the rest of the table is no one's concern here)."""
+        if self._tunnels:
+            self.endpoints.see(ev, now)
+        if ev.deleted:
+            return  # forgotten: nothing said of a last hop
+        uplinks = [
+            u
+            for u in self._neigh_uplinks.get(ev.ifindex, ())
+            if (policy := self.moves.policies.get(u)) is not None and policy.covers(ev.address)
+        ]
+        if not uplinks:
+            return
+        # Only a change of the table's own word counts: an entry going REACHABLE
+        # -> STALE -> DELAY still naming A must not undo a move to B seen on the
+        # wire before the table (which may ignore an update within its locktime)
+        # caught up. Bounded: firewall addresses only.
+        where = (ev.ifindex, ev.address)
+        before = self._neigh_macs.get(where, b"")
+        self._neigh_macs[where] = ev.mac
+        if ev.mac == before:
+            return
+        for uplink in uplinks:
+            if ev.mac is None:
+                self.moves.lost(uplink, ev.address, now)
+            else:
+                self.moves.see(Announcement(uplink, ev.address, ev.mac), now, NEIGHBOUR_TABLE)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -367,8 +560,15 @@ class FailoverWatch:
                 return
 
     def _step(self) -> None:
-        ready, _, _ = select.select([self._wake_r, *self._socks.values()], [], [], WAIT)
+        neigh = [self._neigh.sock] if self._neigh is not None else []
+        ready, _, _ = select.select([self._wake_r, *neigh, *self._socks.values()], [], [], WAIT)
         now = time.monotonic()
+        if self._neigh is not None and self._neigh.sock in ready:
+            for ev in self._neigh.events():
+                self._neighbour(ev, now)
+            if self._neigh.lost_events:
+                self._neigh.lost_events = False
+                self._seed()
         for ifindex, sock in list(self._socks.items()):
             if sock not in ready:
                 continue
@@ -386,4 +586,5 @@ class FailoverWatch:
         if config is not None:
             longest = max(config.timeouts.by_state().values())
             self.moves.retire_older(now, longest + config.expiry_interval)
+            self.endpoints.retire_older(now, longest + config.expiry_interval)
         self._sync_uplinks()

@@ -162,7 +162,8 @@ def read(folder: str) -> dict[str, object]:
     try:
         pin = {name: bpf.get(f"{folder}/{name}") for name in (
             "lh_ifaces", "lh_counters", "lh_table_counters", "lh_expiry", "lh_settings",
-            "lh_hops_refused", "lh_conns4", "lh_conns", "lh_pending4", "lh_pending",
+            "lh_hops_refused", "lh_endpoints_refused", "lh_conns4", "lh_conns", "lh_pending4",
+            "lh_pending",
         )}  # fmt: skip
         cfg_size, role_at = ctypes.sizeof(abi.IfaceCfg), abi.IfaceCfg.role.offset
         names: dict[int, str] = {}  # slot -> interface
@@ -198,6 +199,14 @@ def read(folder: str) -> dict[str, object]:
                 hop = abi.HopKey.from_buffer_copy(key)
                 untrusted.setdefault(_ifname(hop.ifindex) if hop.ifindex else "", {})[
                     _mac(bytes(hop.mac))] = int.from_bytes(value, "little")  # fmt: skip
+        endpoints: dict[str, dict[str, int]] = {}
+        key_size = ctypes.sizeof(abi.EndpointKey)
+        for key in bpf.keys(pin["lh_endpoints_refused"], key_size):
+            value = bpf.lookup(pin["lh_endpoints_refused"], key, 8)
+            if value is not None:
+                ep = abi.EndpointKey.from_buffer_copy(key)
+                endpoints.setdefault(_ifname(ep.ifindex) if ep.ifindex else "", {})[
+                    abi.endpoint_text(ep)] = int.from_bytes(value, "little")  # fmt: skip
         capacity = [
             bpf.max_entries(pin[a]) + bpf.max_entries(pin[b])
             for a, b in (("lh_conns4", "lh_conns"), ("lh_pending4", "lh_pending"))
@@ -242,6 +251,7 @@ def read(folder: str) -> dict[str, object]:
             "pending": pending,
         },
         "untrusted_hops": untrusted,
+        "untrusted_endpoints": endpoints,
     }
 
 

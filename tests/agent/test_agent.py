@@ -227,13 +227,20 @@ def test_show_json_shape(box: Sandbox) -> None:
 
 
 def test_stats_json_shape(box: Sandbox) -> None:
-    """stats --json has totals (every counter), interfaces (name -> non-zero counters), table
-    and untrusted_hops (uplink -> MAC -> frames refused; none here)."""
+    """stats --json has totals (every counter), interfaces (name -> non-zero counters), table,
+    untrusted_hops (uplink -> MAC -> frames refused; none here) and untrusted_endpoints
+    (uplink -> tunnel endpoint -> requests refused; none here)."""
     ns = box.host()
     box.agent("--uplink", "up0", "--vm-port", "vm0", "--table-size", "1024", netns=ns)
     st = _json("stats", "--netns", ns.name, "--json")
-    assert isinstance(st, dict) and set(st) == {"totals", "interfaces", "table", "untrusted_hops"}
-    assert st["untrusted_hops"] == {}
+    assert isinstance(st, dict) and set(st) == {
+        "totals",
+        "interfaces",
+        "table",
+        "untrusted_hops",
+        "untrusted_endpoints",
+    }
+    assert st["untrusted_hops"] == {} and st["untrusted_endpoints"] == {}
     assert set(st["totals"]) >= {
         "learned",
         "relearned",

@@ -5,21 +5,10 @@ link returns the same entry is used again."""
 
 from __future__ import annotations
 
-import json
-import sys
-
-from agentlib import ROOT_MARKS, BridgedSite, Sandbox, back_to_own_netns, lasthop, wait_for
+from agentlib import ROOT_MARKS, BridgedSite, Sandbox, back_to_own_netns, wait_for
 from lasthop.controller import Controller
 
 pytestmark = ROOT_MARKS
-
-# the VM answers the firewall's connection once more, from the server's port
-VM_REPLY = (
-    "import socket, sys\n"
-    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-    "s.bind((sys.argv[1], int(sys.argv[2])))\n"
-    "s.sendto(b'late answer', (sys.argv[3], int(sys.argv[4])))\n"
-)
 
 
 def _link_down(site: BridgedSite) -> bool:
@@ -31,13 +20,6 @@ def _link_down(site: BridgedSite) -> bool:
             c.close()
 
 
-def _vm0(site: BridgedSite) -> dict[str, int]:
-    result = lasthop("stats", "--netns", site.host.name, "--json")
-    assert result.returncode == 0, result.stderr
-    counters: dict[str, int] = json.loads(result.stdout)["interfaces"].get("vm0", {})
-    return counters
-
-
 def test_replies_avoid_an_uplink_whose_link_is_down_until_it_returns(box: Sandbox) -> None:
     site = BridgedSite(box)
     try:
@@ -46,26 +28,18 @@ def test_replies_avoid_an_uplink_whose_link_is_down_until_it_returns(box: Sandbo
         port = site.exchange("udp", n=2)
     finally:
         site.close()  # the echo server: the VM's late answers below are ours
-    # the VM keeps the firewall's MAC while the link is down (no ARP gets through)
-    site.vm.ip(
-        "neigh", "replace", site.FW_IP, "lladdr", site.fw_mac, "dev", "eth0", "nud", "permanent"
-    )
-
-    def answer() -> None:
-        site.vm.exec(
-            sys.executable, "-c", VM_REPLY, site.VM_IP, str(site.PORT), site.FW_IP, str(port)
-        )
+    site.keep_firewall_mac()  # while the link is down no ARP gets through
 
     assert not _link_down(site)
     site.host.ip("link", "set", "fw0", "down")
     wait_for(lambda: _link_down(site))
-    before = _vm0(site)
-    answer()
-    wait_for(lambda: _vm0(site).get("hop_down", 0) == before.get("hop_down", 0) + 1)
-    assert _vm0(site).get("redirected", 0) == before.get("redirected", 0)
+    before = site.vm_counters()
+    site.answer_late(port)
+    wait_for(lambda: site.vm_counters().get("hop_down", 0) == before.get("hop_down", 0) + 1)
+    assert site.vm_counters().get("redirected", 0) == before.get("redirected", 0)
 
     site.host.ip("link", "set", "fw0", "up")
     wait_for(lambda: not _link_down(site))
-    answer()
-    wait_for(lambda: _vm0(site).get("redirected", 0) == before.get("redirected", 0) + 1)
-    assert _vm0(site).get("hop_down", 0) == before.get("hop_down", 0) + 1
+    site.answer_late(port)
+    wait_for(lambda: site.vm_counters().get("redirected", 0) == before.get("redirected", 0) + 1)
+    assert site.vm_counters().get("hop_down", 0) == before.get("hop_down", 0) + 1

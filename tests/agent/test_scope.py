@@ -62,3 +62,27 @@ def test_rules_change_keeps_entries_until_flush_out_of_scope_and_a_removed_uplin
         assert ns.tc_program("up1") is None
     finally:
         table.close()
+
+
+def test_an_uplink_with_learn_false_is_passed_as_a_rule_would_pass_it(box: Sandbox) -> None:
+    """`learn = false` on up0 is a pass rule for up0 ahead of [[scope]]: the
+    reload keeps the entries, the flush removes up0's and only up0's."""
+    ns = box.host(uplinks=2)
+    cfg = box.logs / "lasthop.toml"
+    _config(cfg, ns.name, BASE + UP1)
+    box.agent("--config", str(cfg), netns=None)
+    table = PinnedTable(ns.pins)
+    on_up0 = conn_key("198.51.100.1", "192.0.2.11", 40001, 80, proto=6)
+    on_up1 = conn_key("198.51.100.2", "192.0.2.11", 40002, 80, proto=6)
+    try:
+        table.add(on_up0, uplink=ns.ifindex("up0"))
+        table.add(on_up1, uplink=ns.ifindex("up1"))
+        _config(cfg, ns.name, BASE.replace('name = "up0"\n', 'name = "up0"\nlearn = false\n') + UP1)
+        _reload(cfg)
+        assert set(table.keys()) == {bytes(on_up0), bytes(on_up1)}
+        result = lasthop("flush", "--out-of-scope", "--netns", ns.name)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "flushed 1 entries now out of scope"
+        assert set(table.keys()) == {bytes(on_up1)}
+    finally:
+        table.close()

@@ -253,6 +253,7 @@ class Case:
     hops: tuple[tuple[str, str], ...] = ()  # lh_hops: (uplink, MAC) listed
     refused: dict[tuple[str, str], int] = field(default_factory=dict)  # lh_hops_refused after
     moved: tuple[tuple[str, str, str], ...] = ()  # lh_hop_moved: (uplink, old MAC, new MAC)
+    unreachable: tuple[tuple[str, str], ...] = ()  # lh_hop_moved, HOP_UNREACHABLE: (uplink, MAC)
     scope: tuple[ScopeRule, ...] = ()  # lh_scope: the rules (with F_SET_SCOPE in settings)
     scope_default: str = "learn"  # ... and the default, written after them
     verdict: int = TC_ACT_OK
@@ -430,13 +431,23 @@ class Datapath:
         key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(old))
         self.hop_moved.update(bytes(key), bytes(abi.hop_moved(mac_bytes(new))))
 
-    def moved_rows(self) -> set[tuple[str, str, str]]:
-        """lh_hop_moved: (uplink, old MAC, new MAC)."""
-        out = set()
+    def unreachable_hop(self, iface: str, mac: str) -> None:
+        """A record that uplink *iface*'s last hop *mac* does not answer (HOP_UNREACHABLE)."""
+        key = abi.hop_key(self.ifaces[iface].ifindex, mac_bytes(mac))
+        value = abi.hop_moved(mac_bytes(mac), abi.HOP_UNREACHABLE)
+        self.hop_moved.update(bytes(key), bytes(value))
+
+    def moved_rows(self, unreachable: bool = False) -> set[tuple[str, ...]]:
+        """lh_hop_moved: (uplink, old MAC, new MAC) of its moves, or (uplink,
+        MAC) of its unreachable hops."""
+        out: set[tuple[str, ...]] = set()
         for raw_key, raw in self.hop_moved.items():
             key = abi.HopKey.from_buffer_copy(raw_key)
             new = abi.HopMoved.from_buffer_copy(raw[: ctypes.sizeof(abi.HopMoved)])
-            out.add((self.by_index[key.ifindex], mac_str(bytes(key.mac)), mac_str(bytes(new.mac))))
+            if bool(new.flags & abi.HOP_UNREACHABLE) != unreachable:
+                continue
+            row = (self.by_index[key.ifindex], mac_str(bytes(key.mac)))
+            out.add(row if unreachable else (*row, mac_str(bytes(new.mac))))
         return out
 
     def refused_rows(self) -> dict[tuple[str, str], int]:
@@ -622,6 +633,8 @@ def check(dp: Datapath, case: Case) -> TestRun:
         dp.list_hop(iface, mac)
     for row in case.moved:
         dp.move_hop(*row)
+    for iface, mac in case.unreachable:
+        dp.unreachable_hop(iface, mac)
     if case.scope or case.scope_default != "learn":
         dp.set_scope(case.scope, case.scope_default)
     frame = bytes(case.packet)
@@ -656,6 +669,7 @@ def check(dp: Datapath, case: Case) -> TestRun:
     )
     assert dp.refused_rows() == case.refused
     assert dp.moved_rows() == set(case.moved)  # the data path only reads it
+    assert dp.moved_rows(unreachable=True) == set(case.unreachable)
     return run
 
 

@@ -14,6 +14,7 @@ the redirect, the bytes (only the destination MAC changes) and the counters.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -52,6 +53,8 @@ class Row:
     desc: abi.HopDesc | None  # in lh_hop_descs under HOP_ID; None: gone
     verdict: int
     counters: dict[abi.Counter, int] = field(default_factory=dict)
+    down: tuple[str, ...] = ()  # lh_endpoints_down: endpoints whose neighbour entry failed
+    settings: int = 0  # lh_settings .flags
 
 
 ROWS = [
@@ -79,6 +82,45 @@ ROWS = [
         TC_ACT_OK,
         {C.HOP_DESC_GONE: 1},
     ),
+    Row(
+        "the hop's IPv4 endpoint does not answer: the reply passes unchanged, counted",
+        tcp4_request(),
+        tcp4_reply(),
+        desc4(),
+        TC_ACT_OK,
+        {C.HOP_UNREACHABLE: 1},
+        down=("192.0.2.1",),
+        settings=abi.F_SET_ENDPOINTS_DOWN,
+    ),
+    Row(
+        "the hop's IPv6 endpoint does not answer: the same",
+        tcp6_request(),
+        tcp6_reply(),
+        desc6_geneve(),
+        TC_ACT_OK,
+        {C.HOP_UNREACHABLE: 1},
+        down=("fd00:ff00::2",),
+        settings=abi.F_SET_ENDPOINTS_DOWN,
+    ),
+    Row(
+        "another endpoint not answering changes nothing",
+        tcp4_request(),
+        tcp4_reply(),
+        desc4(),
+        TC_ACT_REDIRECT,
+        {C.REDIRECTED: 1, C.ENCAP_REDIRECTED: 1},
+        down=("192.0.2.2", "fd00:ff00::2"),
+        settings=abi.F_SET_ENDPOINTS_DOWN,
+    ),
+    Row(
+        "a record while F_SET_ENDPOINTS_DOWN is clear is not looked at",
+        tcp4_request(),
+        tcp4_reply(),
+        desc4(),
+        TC_ACT_REDIRECT,
+        {C.REDIRECTED: 1, C.ENCAP_REDIRECTED: 1},
+        down=("192.0.2.1",),
+    ),
 ]
 
 
@@ -91,6 +133,24 @@ def descs(dp) -> Iterator[object]:  # type: ignore[no-untyped-def]
     yield m
     for key in list(m.keys()):
         m.delete(key)
+
+
+@pytest.fixture
+def endpoints_down(dp) -> Iterator[object]:  # type: ignore[no-untyped-def]
+    """lh_endpoints_down, emptied before and after."""
+    m = dp.obj.map("lh_endpoints_down")
+    for key in list(m.keys()):
+        m.delete(key)
+    yield m
+    for key in list(m.keys()):
+        m.delete(key)
+
+
+def endpoint_key(address: str) -> bytes:
+    addr = ipaddress.ip_address(address)
+    key = abi.EndpointKey(family=abi.FAMILY_V4 if addr.version == 4 else abi.FAMILY_V6)
+    ctypes.memmove(key.addr, addr.packed, len(addr.packed))
+    return bytes(key)
 
 
 def put_tunnel_entry(dp, request: object, hop_id: int = HOP_ID) -> Key:  # type: ignore[no-untyped-def]
@@ -108,8 +168,11 @@ def _u32(n: int) -> bytes:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.description for r in ROWS])
-def test_reply_through_a_tunnel(dp, descs, row: Row) -> None:  # type: ignore[no-untyped-def]
+def test_reply_through_a_tunnel(dp, descs, endpoints_down, row: Row) -> None:  # type: ignore[no-untyped-def]
     put_tunnel_entry(dp, row.request)
+    dp.set_settings(row.settings)
+    for address in row.down:
+        endpoints_down.update(endpoint_key(address), b"\x01")
     if row.desc is not None:
         descs.update(_u32(HOP_ID), bytes(row.desc))
     before = dp.counter_values()

@@ -109,6 +109,46 @@ CASES = [
 ]
 
 
+# The host's neighbour entry for B's address failed (lasthop.neighwatch): a
+# HOP_UNREACHABLE record for (up1, B). Its replies take routing, counted; the
+# entry keeps B, to be used again when the record goes.
+CASES += [
+    Case(
+        "B does not answer: the reply takes routing, counted; the entry keeps B",
+        VMPORT,
+        "vm1",
+        tcp4_reply(),
+        setup=(entry(tcp4_request()),),
+        settings=MOVED,
+        iface_flags=FOLLOW,
+        unreachable=(("up1", MAC_FW_B),),
+        counters={("vm1", C.HOP_UNREACHABLE): 1},
+    ),
+    Case(
+        "v6 the same",
+        VMPORT,
+        "vm1",
+        tcp6_reply(),
+        setup=(entry(tcp6_request()),),
+        settings=MOVED,
+        iface_flags=FOLLOW,
+        unreachable=(("up1", MAC_FW_B),),
+        counters={("vm1", C.HOP_UNREACHABLE): 1},
+    ),
+    unmoved(
+        "an unreachable record of another MAC changes nothing",
+        moved=(),
+        unreachable=(("up1", MAC_FW_A),),
+    ),
+    unmoved(
+        "an unreachable record on an uplink that does not follow: ignored",
+        moved=(),
+        iface_flags=(),
+        unreachable=(("up1", MAC_FW_B),),
+    ),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_failover(dp, case: Case) -> None:  # type: ignore[no-untyped-def]
     check(dp, case)

@@ -461,8 +461,11 @@ def test_a_vm_port_without_a_known_guest_mac_passes(sv: Services) -> None:
 
 
 def test_the_guest_mac_is_learned_from_its_first_packet(sv: Services) -> None:
-    """lh_vmport learns the guest's MAC from what it sends; then service traffic reaches it."""
+    """lh_vmport learns the guest's MAC from what it sends from an address its
+    port owns (the agent grants a pool member the service's address); then
+    service traffic reaches it."""
     sv.dp.configure("vm2")
+    sv.dp.add_vm_addr("vm2", VIP, abi.VmAddrOrigin.SERVICE)
     sv.send(VMPORT, "vm2", vip_reply("vm2", sport=1))
     sv.service(0, VIP, sv.all_to("vm2"))
     frame = svc4()

@@ -23,6 +23,7 @@ from packets import (
     IP_ROUTER,
     MAC_FW_A,
     MAC_FW_B,
+    MAC_FW_C,
     MAC_UPLINK_1,
     MAC_UPLINK_2,
     dot1q,
@@ -148,6 +149,49 @@ CASES = [
         "vm1",
         host_frag_needed(tcp4_request("A")),
         setup=(learned(tcp4_request()),),
+    ),
+]
+
+
+FOLLOW = (("up1", abi.F_IFACE_FOLLOW_MOVES),)
+
+# The host's own errors follow a fail-over as a VM's replies do (failover.h):
+# firewall B's address moved to C, or B no longer answers.
+CASES += [
+    Case(
+        "B moved to C: the host's error goes to C and the entry follows",
+        UPLINK_OUT,
+        "up1",
+        host_frag_needed(tcp4_request("A")),
+        setup=(learned(tcp4_request()),),
+        settings=abi.F_SET_HOPS_MOVED,
+        iface_flags=FOLLOW,
+        moved=(("up1", MAC_FW_B, MAC_FW_C),),
+        output=to(host_frag_needed(tcp4_request("A")), MAC_FW_C),
+        after=(Entry(Key(tcp4_request()), mac=MAC_FW_C, iface="up1", packets=1),),
+        counters={("up1", C.HOST_ICMP_REDIRECTED): 1, ("up1", C.HOP_FOLLOWED): 1},
+    ),
+    Case(
+        "B does not answer: the host's error is left as routed, counted",
+        UPLINK_OUT,
+        "up1",
+        host_frag_needed(tcp4_request("A")),
+        setup=(learned(tcp4_request()),),
+        settings=abi.F_SET_HOPS_MOVED,
+        iface_flags=FOLLOW,
+        unreachable=(("up1", MAC_FW_B),),
+        counters={("up1", C.HOP_UNREACHABLE): 1},
+    ),
+    Case(
+        "B moved, but F_SET_HOPS_MOVED is clear: the record is not looked at",
+        UPLINK_OUT,
+        "up1",
+        host_frag_needed(tcp4_request("A")),
+        setup=(learned(tcp4_request()),),
+        iface_flags=FOLLOW,
+        moved=(("up1", MAC_FW_B, MAC_FW_C),),
+        output=to(host_frag_needed(tcp4_request("A")), MAC_FW_B),
+        counters={("up1", C.HOST_ICMP_REDIRECTED): 1},
     ),
 ]
 

@@ -810,8 +810,10 @@ def test_vmport(dp, case: Case) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_vmport_learns_the_guest_mac_once(dp) -> None:  # type: ignore[no-untyped-def]
-    """The first frame a VM sends records the guest's MAC in lh_ifaces (for
-    service traffic to it); a later frame from another MAC does not change it."""
+    """The first frame a VM sends from an address it owns records the guest's
+    MAC in lh_ifaces (for service traffic to it); a later frame from another
+    MAC does not change it (bpf/test_vm_mac.py: the frames that teach nothing)."""
+    dp.add_vm_addr("vm1", IP_VM_1)
     dp.run(VMPORT, bytes(tcp4_reply()), "vm1")
     dp.run(VMPORT, bytes(eth("52:54:00:00:00:99", MAC_FW_A) / l3(tcp4_reply())), "vm1")
     raw = dp.iface_map.lookup(dp.ifaces["vm1"].ifindex.to_bytes(4, "little"))

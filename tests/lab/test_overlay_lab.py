@@ -15,12 +15,14 @@ vx0 with that key, so it reaches fw2, which saw the connection open.
 from __future__ import annotations
 
 import ipaddress
+import json
 import secrets
 import socket
 import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +30,7 @@ from lasthop import abi, libbpf
 from lasthop.lab import Lab, Plan, runner, traffic
 from lasthop.lab import plan as P
 from lasthop.lab.demo import expect_all_ok, expect_dead_only
-from lasthop.lab.namespaces import eventually, open_socket
+from lasthop.lab.namespaces import eventually, ip_batch, ns_exec, open_socket
 from lasthop.lab.traffic import EchoSession
 
 needs_agent = pytest.mark.skipif(not runner.available(), reason="agent not built yet")
@@ -153,6 +155,77 @@ def test_a_flood_of_endpoints_neither_grows_the_hop_table_nor_evicts_a_live_hop(
         assert session.exchange(), "the live connection lost its hop to the flood"
         rows = [r for r in runner.show(plan) if r["src"] == plan.client(2).addr.v6]
         assert rows and all(r["endpoint"] == plan.firewall(2).endpoint for r in rows), rows
+
+
+@pytest.mark.parametrize("listing", ["allow", "deny"])
+def test_an_endpoint_the_uplink_does_not_trust_is_not_learned_and_is_counted(
+    overlay_lab: Lab, tmp_path: Path, listing: str
+) -> None:
+    """vx0 trusts fw1's and fw2's endpoints (an allow-list), or refuses fw3's
+    (a deny-list): cl3's requests through fw3 are not learned -- they take the
+    host's normal path, and an external VXLAN device sends no reply of theirs
+    -- and are counted hop_untrusted, per endpoint under untrusted_endpoints;
+    cl1 and cl2 (fw1, fw2: one MAC, two endpoints) work as ever.
+
+        cl3 ── fw3 ─ vxlan 10.255.0.3 ──▶ vx0: endpoint refused ──▶ not learned
+    """
+    plan = overlay_lab.plan
+    fw1, fw2, fw3 = (plan.firewall(n) for n in (1, 2, 3))
+    listed = (
+        f"allow_endpoints = {json.dumps([fw1.endpoint, fw2.endpoint + '/128'])}"
+        if listing == "allow"
+        else f'deny_endpoints = ["{fw3.endpoint}/32"]'
+    )
+    config = tmp_path / "lasthop.toml"
+    config.write_text(f'[[uplink]]\nname = "{P.VXLAN}"\n{listed}\n')
+    with runner.AgentRunner(plan, extra=("--config", str(config))):
+        result = traffic.check(plan, n=1, protos=["tcp", "udp"])
+        assert expect_dead_only(result, f"{listing}_endpoints", {"cl3"}) == []
+        stats = runner.stats(plan)
+        refused = stats["untrusted_endpoints"]
+        assert set(refused) == {P.VXLAN} and set(refused[P.VXLAN]) == {fw3.endpoint}, refused
+        assert refused[P.VXLAN][fw3.endpoint] == stats["totals"]["hop_untrusted"] > 0
+        rows = runner.show(plan)
+        assert rows and not [r for r in rows if r.get("endpoint") == fw3.endpoint], rows
+
+
+def test_an_endpoint_whose_neighbour_entry_failed_stops_its_entries_until_it_answers(
+    overlay_lab: Lab, lasthop_on: runner.AgentRunner
+) -> None:
+    """fw3's underlay leg stops answering ARP (it still sends: arp_ignore, not
+    arp off, which would flush its own entries); the host, sending the VM's reply
+    into vx0 toward 10.255.0.3, finds its neighbour entry FAILED: the agent
+    marks the endpoint unreachable and the next replies take the host's path
+    (counted hop_unreachable) instead of the dead tunnel. fw3 answers again,
+    the host's entry is REACHABLE: the connection works again.
+
+        cl3 ── fw3 (ul0: answers no ARP) ─ 10.255.0.3 ─ sw ─ up0 (neigh FAILED) ─ vx0 ─ br0 ── vm1
+    """
+    plan = overlay_lab.plan
+    fw3, host = plan.firewall(3), plan.host
+    endpoint = fw3.endpoint
+
+    def unreachable() -> int:
+        return int(runner.stats(plan)["totals"].get("hop_unreachable", 0))
+
+    with EchoSession(plan, client=3, vm=1) as session:
+        assert session.exchange()
+        before = unreachable()
+        ns_exec(host.ns, ["sysctl", "-q", "-w", f"net.ipv4.neigh.{P.UPLINK}.retrans_time_ms=100"])
+        ignore_arp = f"net.ipv4.conf.{P.UNDERLAY_LINK}.arp_ignore"
+        ns_exec(fw3.ns, ["sysctl", "-q", "-w", f"{ignore_arp}=8"])
+        ip_batch(host.ns, [f"neigh flush dev {P.UPLINK}"])
+        # each exchange's reply asks for the endpoint (FAILED: marked) or, once
+        # marked, takes the host's path (counted); the kernel may collect a
+        # FAILED entry meanwhile (then it is asked again): wait for the count
+        assert eventually(lambda: not session.exchange(0.5) and unreachable() > before, 20.0)
+        assert f"{endpoint} does not answer" in lasthop_on.stderr
+        ns_exec(fw3.ns, ["sysctl", "-q", "-w", f"{ignore_arp}=0"])
+        ns_exec(host.ns, ["ping", "-c1", "-W1", endpoint], check=False)
+        assert eventually(lambda: f"endpoint {endpoint} is used again" in lasthop_on.stderr, 10.0)
+        assert eventually(lambda: session.exchange(1.0), 15.0), (
+            "the tunnel's hop was not used again"
+        )
 
 
 @pytest.mark.parametrize(

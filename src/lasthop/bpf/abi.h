@@ -110,10 +110,27 @@ struct hop_key {
 	__u16 pad; /* zero */
 };
 
-/* lh_hop_moved value: the MAC a last hop's address moved to (failover.h). */
+/* lh_endpoints key: a tunnel endpoint prefix of one uplink; prefixlen counts
+ * the bits of ifindex and family too (ENDPOINT_KEY_BITS + the prefix's). */
+struct endpoint_lpm_key {
+	__u32 prefixlen;
+	__u32 ifindex;
+	__u32 family;  /* FAMILY_V4 or FAMILY_V6 */
+	__u32 addr[4]; /* network order, IPv4 in word 0 */
+};
+
+/* lh_endpoints_refused key: a tunnel endpoint on one uplink. */
+struct endpoint_key {
+	__u32 ifindex;
+	__u32 family;  /* FAMILY_V4 or FAMILY_V6 */
+	__u32 addr[4]; /* network order, IPv4 in word 0 */
+};
+
+/* lh_hop_moved value: the MAC a last hop's address moved to, or (with
+ * HOP_UNREACHABLE) that the hop no longer answers (failover.h). */
 struct hop_moved {
-	__u8  mac[ETH_ALEN];
-	__u16 pad; /* zero */
+	__u8  mac[ETH_ALEN]; /* the new MAC; HOP_UNREACHABLE: the hop's own, unused */
+	__u16 flags;         /* HOP_* */
 };
 
 /* lh_scope value: one scope rule, as a value and a mask over the words of a
@@ -249,5 +266,7 @@ struct lh_abi_enums {
 	struct conn_change     change; /* lh_changes has no key or value type to carry it */
 	struct svc_walk        svc_walk; /* lh_svc_walk's frame: no map carries it */
 	enum lh_hop_kind       hop_kind;
+	enum lh_hop_flag       hop_flag;
+	enum lh_endpoint_verdict endpoint_verdict;
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

@@ -39,6 +39,11 @@ enum lh_const {
 	/* Last-hop MACs whose address moved to another MAC (lh_hop_moved):
 	 * firewalls that failed over, not connections. */
 	MAX_MOVED_HOPS   = 1024,
+	/* Tunnel endpoint prefixes the uplinks list (allow or deny, lh_endpoints),
+	 * two catch-alls per allow-listing uplink included. */
+	MAX_LISTED_ENDPOINTS = 4096,
+	ENDPOINT_KEY_BITS = 64, /* endpoint_lpm_key bits before the address: uplink, family */
+	MAX_ENDPOINTS_DOWN = 1024, /* tunnel endpoints whose neighbour entry failed (lh_endpoints_down) */
 	/* Scope rules (lh_scope), the default among them: first match wins. */
 	MAX_SCOPE_RULES  = 64,
 	SCOPE_WORDS      = 10, /* 32-bit words of a scope match key (scope_rule) */
@@ -137,6 +142,8 @@ enum lh_settings_flag {
 	F_SET_SYNC          = 1 << 5, /* sync is on: report table changes in lh_changes */
 	F_SET_HOPS_MOVED    = 1 << 6, /* lh_hop_moved holds a record: replies look their hop up */
 	F_SET_SCOPE         = 1 << 7, /* scope rules in lh_scope: new connections are matched */
+	F_SET_ENDPOINTS     = 1 << 8, /* an uplink lists tunnel endpoints: requests look theirs up */
+	F_SET_ENDPOINTS_DOWN = 1 << 9, /* lh_endpoints_down holds a record: tunnel replies look */
 };
 
 /* lh_conns value .flags */
@@ -149,6 +156,25 @@ enum lh_entry_flag {
 	F_ENTRY_FIN_ANSWERER = 1 << 5, /* TCP: the side that answered sent a FIN */
 	F_ENTRY_HOP_EXT      = 1 << 6, /* last hop has a descriptor in lh_hop_descs: vlan_tci
 					* holds its id (low half first), the tags are in it */
+};
+
+/* What a fail-over record says of its hop (hop_moved .flags). Python
+ * mirror: lasthop.abi.HOP_UNREACHABLE. */
+enum lh_hop_flag {
+	HOP_UNREACHABLE = 1 << 0, /* the hop's neighbour entry failed: its entries are not used */
+};
+
+/* lh_endpoints value: what a listed prefix says of an endpoint in it. */
+enum lh_endpoint_verdict {
+	ENDPOINT_TRUSTED = 1,
+	ENDPOINT_REFUSED = 2,
+};
+
+/* What failover_follow did with a reply's entry (failover.h). */
+enum lh_follow {
+	FOLLOW_NONE        = 0, /* no record: the entry's hop as it is */
+	FOLLOW_MOVED       = 1, /* the hop's address moved: the entry now holds the new MAC */
+	FOLLOW_UNREACHABLE = 2, /* the hop does not answer: the reply takes routing */
 };
 
 /* What a scope rule does with a new connection (scope_rule .action). */
@@ -280,6 +306,8 @@ enum lh_counter {
 				       * sent to the hop's new MAC (counted besides the redirect) */
 	CNT_SCOPE_PASSED        = 49, /* new connection a scope rule passes: not learned, passed */
 	CNT_SCOPE_FLUSHED       = 50, /* (slot 0) entries flush --out-of-scope removed */
+	CNT_HOP_UNREACHABLE     = 51, /* reply whose last hop's neighbour entry failed (or whose
+				       * tunnel endpoint is unreachable): left to routing */
 	CNT_MAX                 = 64,
 };
 

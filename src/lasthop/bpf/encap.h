@@ -15,6 +15,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "hash.h"
+#include "endpoints.h"
 
 struct bpf_map; /* the kernel's: hop_desc_sweep only passes it on (expire.h declares it) */
 
@@ -149,6 +150,8 @@ static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface
 	err = encap_read_tunnel(skb, cfg, d);
 	if (err)
 		return err;
+	if (!endpoint_trusted(d, skb->ifindex))
+		return -CNT_HOP_UNTRUSTED; /* an endpoint the uplink's list refuses */
 	d->vlan_tci[0] = p->vlan_tci[0];
 	d->vlan_tci[1] = p->vlan_tci[1];
 	err = hop_desc_resolve(d, &id);
@@ -187,7 +190,8 @@ static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct 
 
 /* The descriptor an entry with F_ENTRY_HOP_EXT names, if it can be used:
  * looked up before the reply is touched, so a reply that cannot follow it
- * passes unchanged. Returns NULL with *err set otherwise. */
+ * passes unchanged (its endpoint unreachable, too: endpoints.h). Returns
+ * NULL with *err set otherwise. */
 static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e, int *err)
 {
 	__u32 id = e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
@@ -198,6 +202,8 @@ static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e,
 		*err = -CNT_HOP_DESC_GONE;
 	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
 		*err = -CNT_ENCAP_UNSUPPORTED;
+	else if (endpoint_unreachable(d))
+		*err = -CNT_HOP_UNREACHABLE;
 	return *err ? NULL : d;
 }
 

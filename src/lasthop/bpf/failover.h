@@ -9,7 +9,13 @@
  * the map holds a record -- and, found, rewrites the entry to the new MAC
  * before sending: every entry of the old MAC follows on its next reply, with
  * no walk of the table by anyone. The agent keeps chains resolved (A -> B,
- * then B -> C, is written A -> C and B -> C), so one lookup suffices. */
+ * then B -> C, is written A -> C and B -> C), so one lookup suffices.
+ *
+ * The agent also writes what the host's neighbour table says (lasthop.
+ * failover follows RTM_NEWNEIGH): an address whose entry names a new MAC
+ * moves as an announcement does, and a last hop whose entry goes FAILED or
+ * INCOMPLETE gets a HOP_UNREACHABLE record: its replies take routing,
+ * counted hop_unreachable, until the entry is valid again. */
 #pragma once
 
 #include <bpf/bpf_helpers.h>
@@ -32,25 +38,36 @@ struct {
 
 /* Entry e (of key k) of a reply about to go to its last hop: if that hop's
  * address moved to another MAC, the entry takes the new MAC (reported to the
- * sync as a hop change). Returns 1 when it moved. Without a record anywhere:
- * one flag test. */
-static __always_inline int failover_follow(struct conn_entry *e, const struct conn_key *k,
-					   __u32 settings)
+ * sync as a hop change); if the hop no longer answers (its neighbour entry
+ * failed: HOP_UNREACHABLE), the entry is left alone and the reply must take
+ * routing. Returns enum lh_follow. Without a record anywhere: one flag test
+ * (the caller's, failover_needed). A global function: verified once, off the
+ * verifier budget of the programs that call it (lh_vmport, lh_uplink_out). */
+__noinline int failover_follow(struct conn_entry *e, const struct conn_key *k)
 {
-	struct hop_key hk = { .ifindex = e->ifindex };
+	struct hop_key hk = {};
 	struct hop_moved *m;
 	struct iface_cfg *up;
 
-	if (!(settings & F_SET_HOPS_MOVED))
-		return 0;
-	up = iface_get(e->ifindex, ROLE_UPLINK);
+	if (!e || !k)
+		return FOLLOW_NONE;
+	hk.ifindex = e->ifindex;
+	up = iface_get(hk.ifindex, ROLE_UPLINK);
 	if (!up || !(up->flags & F_IFACE_FOLLOW_MOVES))
-		return 0;
+		return FOLLOW_NONE;
 	__builtin_memcpy(hk.mac, e->mac, ETH_ALEN);
 	m = bpf_map_lookup_elem(&lh_hop_moved, &hk);
 	if (!m)
-		return 0;
+		return FOLLOW_NONE;
+	if (m->flags & HOP_UNREACHABLE)
+		return FOLLOW_UNREACHABLE;
 	__builtin_memcpy(e->mac, m->mac, ETH_ALEN);
 	change_emit(CH_HOP, CHT_EITHER, k, e);
-	return 1;
+	return FOLLOW_MOVED;
+}
+
+/* Whether a reply must ask failover_follow: a record exists somewhere. */
+static __always_inline int failover_needed(__u32 settings)
+{
+	return !!(settings & F_SET_HOPS_MOVED);
 }

@@ -537,15 +537,36 @@ static __always_inline int vm_addr_learn(const struct pkt *p, const struct conn_
 	return CNT_VM_ADDR_LEARNED;
 }
 
-/* The guest's MAC, learned once, for sending service traffic to it. */
-static __always_inline void vm_mac_learn(struct __sk_buff *skb, struct iface_cfg *cfg)
+/* The guest's MAC, learned once, for the fast path and service traffic:
+ * only from a frame whose source address (key k's saddr, or its daddr when
+ * k is reversed) the port's VM owns -- in lh_vm_addrs: configured, learned
+ * from its answer to a client, or a service address of its pool. Tenants
+ * are hostile and a VM segment may hold another router: its neighbour
+ * solicitation, or any frame from an address not the VM's, teaches
+ * nothing. Returns 1 when it learned. A global function: verified once,
+ * off lh_vmport's budget. */
+__noinline int vm_mac_learn(struct __sk_buff *skb, struct iface_cfg *cfg,
+			    const struct conn_key *k, int reversed)
 {
-	struct ethhdr *eth = eth_of(skb);
+	struct vm_addr_key ak = {};
+	struct ethhdr *eth;
 
-	if (cfg->flags & F_IFACE_VM_MAC || !eth)
-		return;
+	if (!skb || !cfg || !k || cfg->flags & F_IFACE_VM_MAC)
+		return 0;
+	eth = eth_of(skb);
+	if (!eth)
+		return 0;
+	ak.ifindex = skb->ifindex;
+	ak.family = k->family;
+	if (reversed)
+		__builtin_memcpy(ak.addr, k->daddr, sizeof(ak.addr));
+	else
+		__builtin_memcpy(ak.addr, k->saddr, sizeof(ak.addr));
+	if (!bpf_map_lookup_elem(&lh_vm_addrs, &ak))
+		return 0;
 	__builtin_memcpy(cfg->vm_mac, eth->h_source, ETH_ALEN);
 	cfg->flags |= F_IFACE_VM_MAC;
+	return 1;
 }
 
 /* Routed host: does the host's own neighbour entry for the VM's address (the
@@ -591,15 +612,18 @@ static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct 
 /* A reply (not an ICMP error) of a known connection: track its state, learn
  * the VM's address from its first answer. Returns 1 when it confirms. */
 static __always_inline int vmport_track(struct __sk_buff *skb, const struct pkt *p,
-					struct conn_entry *e, const struct iface_cfg *cfg,
+					struct conn_entry *e, struct iface_cfg *cfg,
 					struct outcome *o)
 {
 	__u8 before = e->state;
 	int confirmed = conn_track(e, p, !!(e->flags & F_ENTRY_VM_ORIGIN));
 
 	if (e->state != before && (before == CS_TCP_SYN_SENT || before == CS_UDP_NEW ||
-				   before == CS_ICMP_NEW))
+				   before == CS_ICMP_NEW)) {
 		o->table = vm_addr_learn(p, e, cfg, skb->ifindex);
+		if (o->table == CNT_VM_ADDR_LEARNED) /* this frame's source: now the VM's */
+			vm_mac_learn(skb, cfg, &p->key, 1);
+	}
 	return confirmed;
 }
 
@@ -616,8 +640,15 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 		return TC_ACT_OK;
 	}
 	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, p, e, cfg);
-	if (failover_follow(e, &p->key, settings_flags())) /* its firewall failed over */
-		count(cfg->slot, CNT_HOP_FOLLOWED);
+	if (failover_needed(settings_flags())) { /* its firewall failed over, or is gone */
+		ret = failover_follow(e, &p->key);
+		if (ret == FOLLOW_UNREACHABLE) {
+			o->reason = CNT_HOP_UNREACHABLE;
+			return TC_ACT_OK;
+		}
+		if (ret == FOLLOW_MOVED)
+			count(cfg->slot, CNT_HOP_FOLLOWED);
+	}
 	ret = reply_to_last_hop(skb, p, e, cfg);
 	if (ret < 0) {
 		if (ret != -CNT_MISS)
@@ -687,7 +718,7 @@ static __always_inline int vmport_main(struct __sk_buff *skb)
 			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason);
 		goto out;
 	}
-	vm_mac_learn(skb, cfg);
+	vm_mac_learn(skb, cfg, &p.key, 0);
 	ret = vmport_conn(skb, &p, &c, cfg, &o);
 	if (p.frag && p.icmp_kind == ICMP_KIND_NONE)
 		frag_remember(&p, ret, 0); /* its key reversed: not for an ICMP error's quote */
@@ -724,14 +755,15 @@ static __always_inline int maybe_icmp(struct __sk_buff *skb)
 
 /* A host-sent ICMP error goes to the last hop of the connection it quotes:
  * destination MAC := last hop (source MAC := that uplink's), redirected when
- * the connection came in on another uplink. */
+ * the connection came in on another uplink. Like a VM's reply, it follows
+ * the hop's fail-over (counted hop_followed on this uplink's slot). */
 static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct pkt *p,
-						 struct cursor *c, int *reason)
+						 struct cursor *c, __u32 slot, int *reason)
 {
 	struct conn_entry *e;
 	struct iface_cfg *up;
 	__u32 ifindex;
-	int pending;
+	int pending, follow;
 
 	*reason = CNT_HOST_ICMP_MISS;
 	if (icmp_error_key(p, c) < 0)
@@ -742,6 +774,15 @@ static __always_inline int host_icmp_to_last_hop(struct __sk_buff *skb, struct p
 	if (e->vlan_count || (e->flags & F_ENTRY_HOP_EXT)) {
 		*reason = CNT_HOST_ICMP_TAGGED; /* the host's own tagging (or tunnel) applies */
 		return TC_ACT_OK;
+	}
+	if (failover_needed(settings_flags())) {
+		follow = failover_follow(e, &p->key);
+		if (follow == FOLLOW_UNREACHABLE) {
+			*reason = CNT_HOP_UNREACHABLE;
+			return TC_ACT_OK;
+		}
+		if (follow == FOLLOW_MOVED)
+			count(slot, CNT_HOP_FOLLOWED);
 	}
 	ifindex = e->ifindex;
 	up = iface_get(ifindex, ROLE_UPLINK);
@@ -784,7 +825,7 @@ int lh_uplink_out(struct __sk_buff *skb)
 	if (reason < 0 || p.icmp_kind != ICMP_KIND_ERROR)
 		return TC_ACT_OK;
 	p.key.zone = cfg->zone;
-	ret = host_icmp_to_last_hop(skb, &p, &c, &reason);
+	ret = host_icmp_to_last_hop(skb, &p, &c, cfg->slot, &reason);
 	count(cfg->slot, reason);
 	return ret;
 }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import socket
 import threading
@@ -579,20 +580,31 @@ class ServiceManager:
 
     def _grant_addresses(self, maps: Maps, ports: dict[str, PortState]) -> None:
         """Each pool member may open connections from its service's address
-        (full proxies); a port that left a pool loses it (lh_vm_addrs)."""
-        wanted = set()
+        (full proxies), and from its own address when the pool names it --
+        the data path learns the guest's MAC only from a frame of an address
+        it owns; a port that left a pool loses them (lh_vm_addrs). An own
+        address the port already holds (configured, learned) stays as it is."""
+        wanted, own = set(), set()
         for svc in self._state.services:
             addr = svc.svc_keys()[0][0]
             for vm in svc.vms:
                 ifindex = ports[vm.port].ifindex
-                if ifindex:
-                    wanted.add(bytes(abi.vm_addr_key(ifindex, svc.family, addr)))
+                if not ifindex:
+                    continue
+                wanted.add(bytes(abi.vm_addr_key(ifindex, svc.family, addr)))
+                if vm.address:
+                    mine = ipaddress.ip_address(vm.address)
+                    family = abi.FAMILY_V4 if mine.version == 4 else abi.FAMILY_V6
+                    own.add(bytes(abi.vm_addr_key(ifindex, family, mine.packed)))
         granted = {
             bytes(k) for k, v in maps.vm_addr_items() if v.origin == abi.VmAddrOrigin.SERVICE
         }
         for key in wanted - granted:
             maps.vm_addrs.update(key, bytes(abi.VmAddr(abi.VmAddrOrigin.SERVICE)))
-        for key in granted - wanted:
+        for key in own - wanted - granted:
+            if maps.vm_addrs.lookup(key) is None:  # configured or learned: kept as it is
+                maps.vm_addrs.update(key, bytes(abi.VmAddr(abi.VmAddrOrigin.SERVICE)))
+        for key in granted - wanted - own:
             maps.vm_addrs.delete(key)
 
     def _mark_gone(self, maps: Maps) -> None:
