@@ -185,10 +185,12 @@ static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
-/* The descriptor an entry with F_ENTRY_HOP_EXT names, if it can be used:
- * looked up before the reply is touched, so a reply that cannot follow it
- * passes unchanged. Returns NULL with *err set otherwise. */
-static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e, int *err)
+/* The descriptor an entry with F_ENTRY_HOP_EXT names, if the reply skb can
+ * follow it: looked up before the reply is touched, so a reply that cannot
+ * passes unchanged (an MPLS hop's reply must be one frame: mpls.h). Returns
+ * NULL with *err set otherwise. */
+static __always_inline struct hop_desc *encap_hop_of(const struct __sk_buff *skb,
+						     const struct conn_entry *e, int *err)
 {
 	__u32 id = e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
 	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &id);
@@ -196,7 +198,9 @@ static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e,
 	*err = 0;
 	if (!d)
 		*err = -CNT_HOP_DESC_GONE;
-	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
+	else if (d->kind == HOP_MPLS && skb->gso_size)
+		*err = -CNT_MPLS_GSO;
+	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6 && d->kind != HOP_MPLS)
 		*err = -CNT_ENCAP_UNSUPPORTED;
 	return *err ? NULL : d;
 }
