@@ -131,6 +131,8 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
             "vm_port",
             "tap0: follow_failover and firewall_addresses are for uplinks",
         ),
+        ('[[vm_port]]\nname = "tap0"\nmpls = true\n', "vm_port", "tap0: mpls is for uplinks"),
+        ('[[uplink]]\nname = "eth0"\nmpls = "maybe"\n', "uplink[0].mpls", "valid boolean"),
     ],
 )
 def test_a_bad_value_names_its_key_and_the_reason(

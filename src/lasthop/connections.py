@@ -191,7 +191,10 @@ def decode(
         sport=socket.ntohs(key.sport),
         dport=0 if icmp else socket.ntohs(key.dport),
         zone=key.zone,
-        mac=format_mac(bytes(entry.mac)) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
+        # an L3 link's last hop is the link alone: no MAC (the entry's is zero)
+        mac=format_mac(bytes(entry.mac))
+        if entry.flags & abi.F_ENTRY_HOP_KNOWN and any(entry.mac)
+        else "",
         uplink=name(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
         uplink_ifindex=entry.ifindex,
         age_s=round(Clock.age_s(now_jiffies, entry.last_seen, hz), 3),
