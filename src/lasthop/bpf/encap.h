@@ -130,11 +130,12 @@ static __always_inline int encap_read_tunnel(struct __sk_buff *skb, const struct
 }
 
 /* Uplink: a request's hop descriptor, when its link is a tunnel. Its id takes
- * the tags' place in p->vlan_tci (the tags go into the descriptor), and
- * p->hop_ext := 1, so conn_set_hop/conn_hop_same store and compare it as they
- * do tags. Returns 0 or a negative reason to pass with. */
+ * the tags' place in *tags (the request's p->vlan_tci seen as one word; the
+ * tags go into the descriptor), so conn_set_hop/conn_hop_same store and
+ * compare it as they do tags. Returns 1 when it learned one, 0 when the link
+ * is no tunnel, or a negative reason to pass with. */
 static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface_cfg *cfg,
-				       struct pkt *p)
+				       __u32 *tags)
 {
 	__u32 zero = 0, id = 0;
 	struct hop_desc *d;
@@ -149,15 +150,12 @@ static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface
 	err = encap_read_tunnel(skb, cfg, d);
 	if (err)
 		return err;
-	d->vlan_tci[0] = p->vlan_tci[0];
-	d->vlan_tci[1] = p->vlan_tci[1];
+	__builtin_memcpy(d->vlan_tci, tags, sizeof(d->vlan_tci));
 	err = hop_desc_resolve(d, &id);
 	if (err)
 		return err;
-	p->vlan_tci[0] = id & 0xffff;
-	p->vlan_tci[1] = id >> 16;
-	p->hop_ext = 1;
-	return 0;
+	*tags = id; /* low half first: vlan_tci[0] */
+	return 1;
 }
 
 /* The tunnel key (and Geneve options) of descriptor d on the reply: the

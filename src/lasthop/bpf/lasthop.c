@@ -430,12 +430,14 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
 		o.reason = ret >> 8;
 		ret &= 0xff;
 	} else {
-		/* a tunnel's or MPLS stack's hop: its descriptor's id (never on an L3 link) */
-		o.reason = l3 ? 0 : hop_learn(skb, cfg, &p);
+		/* a tunnel's or MPLS stack's hop: its descriptor's id in the tags'
+		 * place (never on an L3 link) */
+		o.reason = l3 ? 0 : hop_learn(skb, (__u32 *)p.vlan_tci);
 		if (o.reason < 0) {
 			o.reason = -o.reason;
 			goto out;
 		}
+		p.hop_ext = o.reason;
 		ret = uplink_conn(skb, &p, cfg, &o, l3);
 	}
 	if (p.frag && p.icmp_kind != ICMP_KIND_ERROR)

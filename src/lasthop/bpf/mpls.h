@@ -167,27 +167,27 @@ static __always_inline int mpls_pop(struct xdp_md *ctx)
 
 	if ((void *)(meta + 1) > data)
 		return -CNT_ENCAP_UNSUPPORTED;
-	*meta = m;
+	meta->magic = m.magic;
+#pragma unroll
+	for (int i = 0; i < MAX_MPLS_LABELS; i++)
+		meta->lse[i] = m.lse[i];
+	meta->count = m.count;
+	meta->reserved[0] = meta->reserved[1] = meta->reserved[2] = 0;
 	return CNT_MPLS_POPPED;
 }
 
 /* tc, an MPLS uplink's request: the stack lh_uplink_mpls left in the frame's
  * metadata, as a descriptor (kind HOP_MPLS; label and TC of each entry, the
  * request's tags from *tags) resolved to its id, which replaces the tags in
- * *tags (p->vlan_tci seen as one word: id's low half first). Returns 1 when
- * it learned one, 0 when the frame brought none (not MPLS), or a negative
- * reason to pass with. A global function, verified once, not on each of
- * lh_uplink's paths. */
-__noinline int mpls_learn(struct __sk_buff *skb, __u32 *tags)
+ * *tags (low half first). Returns 1 when it learned one, 0 when the frame
+ * brought none (not MPLS), or a negative reason to pass with. */
+static __always_inline int mpls_learn(struct __sk_buff *skb, __u32 *tags)
 {
-	struct mpls_meta *m;
-	struct hop_desc *d;
+	struct mpls_meta *m = (void *)(long)skb->data_meta;
 	__u32 zero = 0, id = 0, n;
+	struct hop_desc *d;
 	int err;
 
-	if (!skb || !tags)
-		return 0;
-	m = (void *)(long)skb->data_meta;
 	if ((void *)(m + 1) > (void *)(long)skb->data || m->magic != MPLS_META_MAGIC)
 		return 0;
 	n = m->count;
@@ -211,21 +211,25 @@ __noinline int mpls_learn(struct __sk_buff *skb, __u32 *tags)
 	return 1;
 }
 
-/* Uplink: a request's hop descriptor, a tunnel's (encap_learn) or an MPLS
- * stack's (mpls_learn): its id in p->vlan_tci, p->hop_ext := 1. Returns 0 or
- * a negative reason to pass with. */
-static __always_inline int hop_learn(struct __sk_buff *skb, const struct iface_cfg *cfg,
-				     struct pkt *p)
+/* Uplink (not an L3 link): a request's hop descriptor, a tunnel's
+ * (encap_learn) or an MPLS stack's (mpls_learn), its id in the tags' place:
+ * *tags is the request's p->vlan_tci seen as one word. Returns 1 when it
+ * learned one (the caller sets p->hop_ext), 0 on a plain Ethernet uplink,
+ * or a negative reason to pass with. A global function, verified once: off
+ * lh_uplink's paths and its stack (inlined, the tunnel key's 44 bytes and
+ * these branches were lh_uplink's). */
+__noinline int hop_learn(struct __sk_buff *skb, __u32 *tags)
 {
-	int ret;
+	struct iface_cfg *cfg;
 
-	if (cfg->link_kind != LINK_MPLS)
-		return encap_learn(skb, cfg, p);
-	ret = mpls_learn(skb, (__u32 *)p->vlan_tci);
-	if (ret < 0)
-		return ret;
-	p->hop_ext = ret;
-	return 0;
+	if (!skb || !tags)
+		return 0;
+	cfg = iface_get(skb->ifindex, ROLE_UPLINK);
+	if (!cfg)
+		return 0;
+	if (cfg->link_kind == LINK_MPLS)
+		return mpls_learn(skb, tags);
+	return encap_learn(skb, cfg, tags);
 }
 
 /* The reply of an MPLS hop: descriptor d's stack pushed under the Ethernet
