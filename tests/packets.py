@@ -8,6 +8,7 @@ B, while VM 1's default gateway is firewall A.
 
 from __future__ import annotations
 
+from scapy.contrib.mpls import MPLS
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import (
     ICMPv6EchoReply,
@@ -192,6 +193,37 @@ def echo6_reply(dst_mac: str = MAC_FW_A) -> Packet:
 def l3(frame: Packet) -> Packet:
     """The IP or IPv6 layer of a frame, as an ICMP error quotes it."""
     return frame[IP] if IP in frame else frame[IPv6]
+
+
+# MPLS hand-off (an uplink with mpls = true): label stack entries as
+# (label, traffic class, TTL), outer first.
+MPLS_LABEL_A = 16001  # a provider's transport label
+MPLS_LABEL_B = 24002  # a service (VPN) label
+MPLS_LABEL_C = 30003
+MPLS_TC = 5  # a traffic class that must survive the round trip
+Lse = tuple[int, int, int]
+
+
+def lse(label: int, ttl: int = 60, tc: int = MPLS_TC) -> Lse:
+    return (label, tc, ttl)
+
+
+def mpls_stack(entries: tuple[Lse, ...], bottom: bool = True) -> bytes:
+    """The label stack entries on the wire, the bottom-of-stack bit on the
+    last (unless *bottom* is False: a stack that never ends)."""
+    return b"".join(
+        bytes(MPLS(label=label, cos=tc, ttl=ttl, s=int(bottom and i == len(entries) - 1)))
+        for i, (label, tc, ttl) in enumerate(entries)
+    )
+
+
+def labelled(frame: Packet, entries: tuple[Lse, ...], bottom: bool = True) -> Packet:
+    """The frame with an MPLS label stack between its Ethernet header (and
+    tags) and its IP header, its type 0x8847 (MPLS unicast)."""
+    raw = bytes(frame)
+    ip = bytes(l3(frame))
+    head = raw[: len(raw) - len(ip)]
+    return Ether(head[:-2] + b"\x88\x47" + mpls_stack(entries, bottom) + ip)
 
 
 # Fragmented UDP datagrams (a large DNS answer, and the request direction for

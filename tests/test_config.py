@@ -154,6 +154,8 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
             "",
             "scope: at most 63 rules, uplinks with learn = false counted",
         ),
+        ('[[vm_port]]\nname = "tap0"\nmpls = true\n', "vm_port", "tap0: mpls is for uplinks"),
+        ('[[uplink]]\nname = "eth0"\nmpls = "maybe"\n', "uplink[0].mpls", "valid boolean"),
     ],
 )
 def test_a_bad_value_names_its_key_and_the_reason(

@@ -51,6 +51,7 @@ MAX_HOP_DESCS = 16384  # lh_hop_descs: distinct tunnel/MPLS last hops
 GENEVE_OPT_MAX = 32  # Geneve option bytes a hop keeps
 MAX_MPLS_LABELS = 3
 HOP_DESC_PROBES = 4
+MPLS_META_MAGIC = 0x4D504C53  # struct mpls_meta.magic: "MPLS"
 
 
 class Role(enum.IntEnum):
@@ -66,6 +67,7 @@ class LinkKind(enum.IntEnum):
     VXLAN = 1
     GENEVE = 2
     L3 = 3  # no Ethernet header: tun, WireGuard, xfrm, GRE, IP-in-IP
+    MPLS = 4  # Ethernet with MPLS hand-off: lh_uplink_mpls (XDP) pops, lh_uplink learns
 
 
 class FragVerdict(enum.IntEnum):
@@ -246,6 +248,9 @@ class Counter(enum.IntEnum):
     SCOPE_PASSED = 49
     SCOPE_FLUSHED = 50
     HOP_UNREACHABLE = 51
+    MPLS_POPPED = 52
+    MPLS_MALFORMED = 53
+    MPLS_GSO = 54
 
 
 class HopKind(enum.IntEnum):
@@ -362,6 +367,17 @@ class HopDesc(ctypes.Structure):
         ("reserved", ctypes.c_uint8),
         ("opts", ctypes.c_uint8 * GENEVE_OPT_MAX),
         ("mark", ctypes.c_uint32),
+    ]
+
+
+class MplsMeta(ctypes.Structure):
+    """struct mpls_meta: the frame metadata lh_uplink_mpls leaves for lh_uplink."""
+
+    _fields_ = [
+        ("magic", ctypes.c_uint32),  # MPLS_META_MAGIC
+        ("lse", ctypes.c_uint32 * MAX_MPLS_LABELS),  # host order, outer first, as received
+        ("count", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 3),
     ]
 
 
@@ -575,6 +591,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "conn_change": ConnChange,
     "iface_cfg": IfaceCfg,
     "hop_desc": HopDesc,
+    "mpls_meta": MplsMeta,
     "lh_settings": Settings,
     "svc_key": SvcKey,
     "svc_info": SvcInfo,

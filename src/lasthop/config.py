@@ -117,6 +117,13 @@ class Interface(_Model):
         "the host's normal path, counted scope_passed (a scope rule ahead of [[scope]])",
     )
 
+    mpls: bool = Field(
+        default=False,
+        description="uplink: the firewalls hand requests over under MPLS labels (up to 3 above "
+        "IPv4/IPv6): an XDP program takes them off, each connection's stack is learned and "
+        "put back on its replies (docs/datapath.md, MPLS)",
+    )
+
     @model_validator(mode="after")
     def _failover_needs_addresses(self) -> Interface:
         if self.follow_failover and not self.firewall_addresses:
@@ -334,6 +341,11 @@ class Config(_Model):
                 raise ValueError(
                     f"{port.name}: allow_endpoints and deny_endpoints are for tunnel uplinks "
                     "(a VM port's packets are replies, not requests through a last hop)"
+                )
+            if port.mpls:
+                raise ValueError(
+                    f"{port.name}: mpls is for uplinks (requests arrive labelled there; "
+                    "a VM gets its frames without labels)"
                 )
             if port.follow_failover or port.firewall_addresses:
                 raise ValueError(

@@ -118,6 +118,8 @@ class Connection:
     endpoint: str = ""
     vni: int | None = None
     geneve_options: str = ""
+    # an MPLS last hop (lh_hop_descs): its labels, outer first
+    mpls: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,12 +147,18 @@ def _hop_fields(entry: abi.ConnEntry, hop: HopLookup | None) -> dict[str, Any]:
         if desc is not None and desc.kind in (abi.HopKind.TUNNEL4, abi.HopKind.TUNNEL6):
             out["vni"] = int(desc.vni)
             out["geneve_options"] = bytes(desc.opts[: desc.opt_len]).hex()
+        if desc is not None and desc.kind == abi.HopKind.MPLS:
+            n = min(int(desc.mpls_count), abi.MAX_MPLS_LABELS)
+            out["mpls"] = [int(desc.mpls[i]) >> 12 for i in range(n)]
     out["vlan"] = [tags[i] & 0x0FFF for i in range(min(entry.vlan_count, abi.MAX_VLAN_TAGS))]
     return out
 
 
 def tunnel_str(c: Connection) -> str:
-    """A tunnel last hop as `show` and `explain` print it: "198.51.100.2 vni 100"."""
+    """A tunnel last hop as `show` and `explain` print it: "198.51.100.2 vni 100",
+    an MPLS one "mpls 16001/24002" (labels outer first)."""
+    if c.mpls:
+        return "mpls " + "/".join(str(label) for label in c.mpls)
     if not c.endpoint:
         return ""
     return c.endpoint + (f" vni {c.vni}" if c.vni is not None else "")
@@ -183,7 +191,10 @@ def decode(
         sport=socket.ntohs(key.sport),
         dport=0 if icmp else socket.ntohs(key.dport),
         zone=key.zone,
-        mac=format_mac(bytes(entry.mac)) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
+        # an L3 link's last hop is the link alone: no MAC (the entry's is zero)
+        mac=format_mac(bytes(entry.mac))
+        if entry.flags & abi.F_ENTRY_HOP_KNOWN and any(entry.mac)
+        else "",
         uplink=name(entry.ifindex) if entry.flags & abi.F_ENTRY_HOP_KNOWN else "",
         uplink_ifindex=entry.ifindex,
         age_s=round(Clock.age_s(now_jiffies, entry.last_seen, hz), 3),

@@ -366,7 +366,8 @@ class Controller:
         current = maps.iface(link.index)
         slot = current.slot if current.role != abi.Role.NONE else self._free_slot(maps)
         flags = abi.F_IFACE_ROUTED if (role == abi.Role.VM_PORT and self._config.routed) else 0
-        cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot, link_kind=link.kind)
+        kind = self._link_kind(link, role)
+        cfg = abi.IfaceCfg(zone=zone, role=int(role), flags=flags, slot=slot, link_kind=kind)
         cfg.mac[:] = list(self._own_mac(link, role))
         if current.role == role == abi.Role.VM_PORT:  # keep the guest's MAC and the services' mark
             cfg.vm_mac[:] = list(current.vm_mac)
@@ -385,7 +386,7 @@ class Controller:
         # egress hook cost every reply ~35 ns in `bench lab`, so a bridged host goes without
         # (an L3 link's frames have no MAC to choose: no egress program there)
         egress = role == abi.Role.UPLINK and self._config.routed and link.kind != abi.LinkKind.L3
-        self.datapath.attach(link.index, role, egress=egress, kind=link.kind)
+        self.datapath.attach(link.index, role, egress=egress, kind=kind)
         target = self.attached.uplinks if role == abi.Role.UPLINK else self.attached.vm_ports
         target[link.index] = link.name
         event(
@@ -457,6 +458,18 @@ class Controller:
                 key = abi.endpoint_lpm_key(link.index, family, b"", 0)
                 if maps.endpoints.lookup(bytes(key)) is None:  # an allowed ::/0 stays
                     maps.endpoints.update(bytes(key), bytes([abi.ENDPOINT_REFUSED]))
+    def _link_kind(self, link: Link, role: abi.Role) -> abi.LinkKind:
+        """The link's kind, or MPLS for an Ethernet uplink whose config sets mpls."""
+        assert self._config is not None
+        named = [u for u in self._config.uplinks if u.name == link.name]
+        if role == abi.Role.UPLINK and named and named[0].mpls:
+            if link.kind != abi.LinkKind.ETHERNET:
+                raise LinkError(
+                    f"{link.name}: mpls needs an Ethernet uplink, not a "
+                    f"{link_kind_name(link.kind)} link"
+                )
+            return abi.LinkKind.MPLS
+        return link.kind
 
     def _follows_failover(self, link: Link) -> int:
         """F_IFACE_FOLLOW_MOVES when uplink *link*'s config sets follow_failover."""

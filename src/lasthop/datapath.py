@@ -81,6 +81,7 @@ SIZE_KEYS = {
 UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last hop
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 L3_UPLINK_PROGRAM = "lh_uplink_l3"  # an uplink whose frames start at their IP header
+MPLS_UPLINK_PROGRAM = "lh_uplink_mpls"  # XDP of an MPLS uplink: labels off, into metadata
 
 
 @dataclass(frozen=True)
@@ -591,13 +592,21 @@ class Datapath:
         kind: abi.LinkKind = abi.LinkKind.ETHERNET,
     ) -> int:
         """Attaches the role's program at ifindex's tc ingress (an L3 uplink's
-        own, lh_uplink_l3), and with *egress* (an uplink of a routed host)
-        lh_uplink_out at its egress; returns the ingress prog id."""
+        own, lh_uplink_l3), an MPLS uplink's lh_uplink_mpls at its XDP hook,
+        and with *egress* (an uplink of a routed host) lh_uplink_out at its
+        egress; returns the ingress prog id."""
         l3 = role == abi.Role.UPLINK and kind == abi.LinkKind.L3
         prog = self.l3_program() if l3 else self._obj.program(PROGRAM_OF_ROLE[role])
         hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
         hook.create()  # clsact: one qdisc holds both hooks
         prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        xdp = libbpf.XdpHook(ifindex)
+        if role == abi.Role.UPLINK and kind == abi.LinkKind.MPLS:
+            xdp.attach(
+                self._obj.program(MPLS_UPLINK_PROGRAM).fd
+            )  # after tc: it learns what XDP pops
+        else:  # none, or one a previous run attached to an MPLS uplink
+            xdp.detach(MPLS_UPLINK_PROGRAM)
         out_hook = libbpf.TcHook(ifindex, libbpf.EGRESS)
         if egress:
             out = self._obj.program(UPLINK_EGRESS_PROGRAM)
@@ -639,6 +648,7 @@ def detach_filter(ifindex: int) -> bool:
     found = False
     for point in (libbpf.INGRESS, libbpf.EGRESS):
         found |= libbpf.TcHook(ifindex, point).detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+    found |= libbpf.XdpHook(ifindex).detach(MPLS_UPLINK_PROGRAM)
     return found
 
 

@@ -184,6 +184,10 @@ _sig("bpf_tc_hook_destroy", _int, _c.POINTER(_TcHook))
 _sig("bpf_tc_attach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("bpf_tc_detach", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
 _sig("bpf_tc_query", _int, _c.POINTER(_TcHook), _c.POINTER(_TcOpts))
+_sig("bpf_xdp_attach", _int, _int, _int, _u32, _vp)
+_sig("bpf_xdp_detach", _int, _int, _u32, _vp)
+_sig("bpf_xdp_query_id", _int, _int, _int, _c.POINTER(_u32))
+_sig("bpf_prog_get_fd_by_id", _int, _u32)
 _sig("libbpf_num_possible_cpus", _int)
 
 # libbpf prints through a callback taking a va_list; vsnprintf formats it.
@@ -789,3 +793,77 @@ class TcHook:
                 return False
             raise BpfError(f"bpf_tc_detach(ifindex {self.ifindex})", err)
         return True
+
+
+XDP_FLAGS_SKB_MODE = 1 << 1  # linux/if_link.h: the kernel's generic XDP hook
+XDP_FLAGS_DRV_MODE = 1 << 2  # the driver's own (native) hook
+_PROG_INFO_SIZE = 256  # struct bpf_prog_info, room to spare: the kernel fills what it has
+_PROG_INFO_NAME = slice(64, 80)  # bpf_prog_info.name, char[BPF_OBJ_NAME_LEN]
+
+
+def prog_name(prog_id: int) -> str | None:
+    """The name of loaded program *prog_id* (cut to 15 characters by the kernel),
+    None when it is gone."""
+    fd = _lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return None
+    try:
+        info = _c.create_string_buffer(_PROG_INFO_SIZE)
+        size = _u32(_PROG_INFO_SIZE)
+        _check(
+            "bpf_obj_get_info_by_fd(prog)", _lib.bpf_obj_get_info_by_fd(fd, info, _c.byref(size))
+        )
+        return info.raw[_PROG_INFO_NAME].split(b"\0", 1)[0].decode()
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class XdpHook:
+    """The XDP hook of one interface in the current netns: the driver's
+    (native) when it has one, else the kernel's generic one."""
+
+    ifindex: int
+
+    def attach(self, prog_fd: int, flags: int = 0) -> int:
+        """Attaches the program, replacing the one there; returns its prog id.
+        *flags*: XDP_FLAGS_* (0: the driver's hook if it has one, else generic)."""
+        _check(
+            f"bpf_xdp_attach(ifindex {self.ifindex})",
+            _lib.bpf_xdp_attach(self.ifindex, prog_fd, flags, None),
+        )
+        prog_id = self.query()
+        if prog_id is None:
+            raise BpfError(
+                f"bpf_xdp_attach(ifindex {self.ifindex}): no program after", errno.ENOENT
+            )
+        return prog_id
+
+    def query(self, mode: int = 0) -> int | None:
+        """The prog id attached here (in *mode*, XDP_FLAGS_SKB_MODE or
+        XDP_FLAGS_DRV_MODE; 0: whichever holds one), None when there is none."""
+        prog_id = _u32(0)
+        ret = _lib.bpf_xdp_query_id(self.ifindex, mode, _c.byref(prog_id))
+        if ret < 0:
+            err = -ret if ret != -1 else _c.get_errno()
+            if err in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise BpfError(f"bpf_xdp_query_id(ifindex {self.ifindex})", err)
+        return int(prog_id.value) or None
+
+    def detach(self, name: str) -> bool:
+        """Removes the program here if it is named *name* (another's stays),
+        from the driver's hook or the generic one; True when there was one."""
+        found = False
+        for mode in (XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE):
+            prog_id = self.query(mode)
+            if prog_id is None or prog_name(prog_id) != name[:15]:
+                continue
+            ret = _lib.bpf_xdp_detach(self.ifindex, mode, None)
+            if ret < 0:
+                err = -ret if ret != -1 else _c.get_errno()
+                if err == errno.ENODEV:
+                    return found
+                raise BpfError(f"bpf_xdp_detach(ifindex {self.ifindex})", err)
+            found = True
+        return found

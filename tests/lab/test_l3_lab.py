@@ -96,12 +96,12 @@ def l3_lab() -> Iterator[TunLink]:
 
 
 class Echo:
-    """A UDP echo server inside the VM namespace, both families."""
+    """A UDP echo server inside the VM namespace (*ns*), both families."""
 
-    def __init__(self) -> None:
+    def __init__(self, ns: str = VM) -> None:
         self.socks = []
         for family, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-            s = open_socket(VM, family, socket.SOCK_DGRAM)
+            s = open_socket(ns, family, socket.SOCK_DGRAM)
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind((addr, ECHO_PORT))

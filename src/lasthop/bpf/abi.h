@@ -102,6 +102,16 @@ struct hop_desc {
 	__u32 mark;        /* not content: the expiry pass that last found it in use */
 };
 
+/* The metadata lh_uplink_mpls (XDP) puts in front of a frame whose label
+ * stack it took off (bpf_xdp_adjust_meta), for lh_uplink to learn
+ * (skb->data_meta): the stack as received. 20 bytes, a multiple of 4. */
+struct mpls_meta {
+	__u32 magic;                  /* MPLS_META_MAGIC: this program's, no other's */
+	__u32 lse[MAX_MPLS_LABELS];   /* label stack entries, outer first, host order, as received */
+	__u8  count;                  /* entries in lse: 1..MAX_MPLS_LABELS */
+	__u8  reserved[3];            /* 0 */
+};
+
 /* lh_vm_addrs key: an address a VM port may open connections from. */
 /* lh_hops and lh_hops_refused key: a last-hop MAC on one uplink. */
 struct hop_key {
@@ -268,5 +278,6 @@ struct lh_abi_enums {
 	enum lh_hop_kind       hop_kind;
 	enum lh_hop_flag       hop_flag;
 	enum lh_endpoint_verdict endpoint_verdict;
+	struct mpls_meta       mpls_meta; /* frame metadata: no map carries it */
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

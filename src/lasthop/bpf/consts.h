@@ -64,6 +64,8 @@ enum lh_const {
 	GENEVE_OPT_MAX   = 32,
 	MAX_MPLS_LABELS  = 3,                /* label stack entries learned */
 	HOP_DESC_PROBES  = 4,                /* ids tried when two hops hash alike */
+	/* struct mpls_meta .magic: the frame metadata is lh_uplink_mpls's */
+	MPLS_META_MAGIC  = 0x4d504c53,       /* "MPLS" */
 };
 
 /* CPUs whose per-CPU counters the expiry pass sums (bpf_loop bound; the
@@ -101,6 +103,8 @@ enum lh_link_kind {
 	LINK_VXLAN    = 1, /* VXLAN device in external (collect-metadata) mode */
 	LINK_GENEVE   = 2, /* Geneve device in external mode */
 	LINK_L3       = 3, /* no Ethernet header: tun, WireGuard, xfrm, GRE, IP-in-IP */
+	LINK_MPLS     = 4, /* Ethernet uplink with MPLS hand-off: lh_uplink_mpls (XDP) pops
+			    * the labels, lh_uplink learns them (mpls.h) */
 };
 
 /* What the first fragment of a datagram did (frag_entry .verdict): the
@@ -308,6 +312,12 @@ enum lh_counter {
 	CNT_SCOPE_FLUSHED       = 50, /* (slot 0) entries flush --out-of-scope removed */
 	CNT_HOP_UNREACHABLE     = 51, /* reply whose last hop's neighbour entry failed (or whose
 				       * tunnel endpoint is unreachable): left to routing */
+	CNT_MPLS_POPPED         = 52, /* (XDP) MPLS frame: labels taken off, kept in its metadata
+				       * for lh_uplink (counted besides what lh_uplink does) */
+	CNT_MPLS_MALFORMED      = 53, /* (XDP) MPLS frame truncated in its label stack or the IP
+				       * header under it: passed unchanged */
+	CNT_MPLS_GSO            = 54, /* reply to an MPLS hop larger than a frame (GSO): the kernel
+				       * here cannot segment MPLS, so it is left to routing */
 	CNT_MAX                 = 64,
 };
 

@@ -131,11 +131,12 @@ static __always_inline int encap_read_tunnel(struct __sk_buff *skb, const struct
 }
 
 /* Uplink: a request's hop descriptor, when its link is a tunnel. Its id takes
- * the tags' place in p->vlan_tci (the tags go into the descriptor), and
- * p->hop_ext := 1, so conn_set_hop/conn_hop_same store and compare it as they
- * do tags. Returns 0 or a negative reason to pass with. */
+ * the tags' place in *tags (the request's p->vlan_tci seen as one word; the
+ * tags go into the descriptor), so conn_set_hop/conn_hop_same store and
+ * compare it as they do tags. Returns 1 when it learned one, 0 when the link
+ * is no tunnel, or a negative reason to pass with. */
 static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface_cfg *cfg,
-				       struct pkt *p)
+				       __u32 *tags)
 {
 	__u32 zero = 0, id = 0;
 	struct hop_desc *d;
@@ -152,15 +153,12 @@ static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface
 		return err;
 	if (!endpoint_trusted(d, skb->ifindex))
 		return -CNT_HOP_UNTRUSTED; /* an endpoint the uplink's list refuses */
-	d->vlan_tci[0] = p->vlan_tci[0];
-	d->vlan_tci[1] = p->vlan_tci[1];
+	__builtin_memcpy(d->vlan_tci, tags, sizeof(d->vlan_tci));
 	err = hop_desc_resolve(d, &id);
 	if (err)
 		return err;
-	p->vlan_tci[0] = id & 0xffff;
-	p->vlan_tci[1] = id >> 16;
-	p->hop_ext = 1;
-	return 0;
+	*tags = id; /* low half first: vlan_tci[0] */
+	return 1;
 }
 
 /* The tunnel key (and Geneve options) of descriptor d on the reply: the
@@ -188,11 +186,12 @@ static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
-/* The descriptor an entry with F_ENTRY_HOP_EXT names, if it can be used:
- * looked up before the reply is touched, so a reply that cannot follow it
- * passes unchanged (its endpoint unreachable, too: endpoints.h). Returns
- * NULL with *err set otherwise. */
-static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e, int *err)
+/* The descriptor an entry with F_ENTRY_HOP_EXT names, if the reply skb can
+ * follow it: looked up before the reply is touched, so a reply that cannot
+ * passes unchanged (its endpoint unreachable: endpoints.h; an MPLS hop's reply
+ * must be one frame: mpls.h). Returns NULL with *err set otherwise. */
+static __always_inline struct hop_desc *encap_hop_of(const struct __sk_buff *skb,
+						     const struct conn_entry *e, int *err)
 {
 	__u32 id = e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
 	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &id);
@@ -200,7 +199,9 @@ static __always_inline struct hop_desc *encap_hop_of(const struct conn_entry *e,
 	*err = 0;
 	if (!d)
 		*err = -CNT_HOP_DESC_GONE;
-	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
+	else if (d->kind == HOP_MPLS && skb->gso_size)
+		*err = -CNT_MPLS_GSO;
+	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6 && d->kind != HOP_MPLS)
 		*err = -CNT_ENCAP_UNSUPPORTED;
 	else if (endpoint_unreachable(d))
 		*err = -CNT_HOP_UNREACHABLE;

@@ -430,12 +430,14 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
 		o.reason = ret >> 8;
 		ret &= 0xff;
 	} else {
-		/* a tunnel's hop: its descriptor's id (never on an L3 link) */
-		o.reason = l3 ? 0 : encap_learn(skb, cfg, &p);
+		/* a tunnel's or MPLS stack's hop: its descriptor's id in the tags'
+		 * place (never on an L3 link) */
+		o.reason = l3 ? 0 : hop_learn(skb, (__u32 *)p.vlan_tci);
 		if (o.reason < 0) {
 			o.reason = -o.reason;
 			goto out;
 		}
+		p.hop_ext = o.reason;
 		ret = uplink_conn(skb, &p, cfg, &o, l3);
 	}
 	if (p.frag && p.icmp_kind != ICMP_KIND_ERROR)
@@ -457,6 +459,23 @@ SEC("tc")
 int lh_uplink_l3(struct __sk_buff *skb)
 {
 	return uplink_main(skb, 1);
+}
+
+/* XDP on an MPLS uplink (link_kind LINK_MPLS), before lh_uplink: takes the
+ * label stack off an MPLS frame into the frame's metadata, where lh_uplink
+ * learns it (mpls.h). Every frame passes; what it did is counted. */
+SEC("xdp")
+int lh_uplink_mpls(struct xdp_md *ctx)
+{
+	struct iface_cfg *cfg = iface_get(ctx->ingress_ifindex, ROLE_UPLINK);
+	int reason;
+
+	if (!cfg)
+		return XDP_PASS; /* lh_uplink counts it */
+	reason = mpls_pop(ctx);
+	if (reason)
+		count(cfg->slot, reason < 0 ? -reason : reason);
+	return XDP_PASS;
 }
 
 /* May VM port ifindex open a connection from the (reversed) key's daddr?

@@ -8,6 +8,7 @@
 #include "parse.h"
 #include "maps.h"
 #include "encap.h"
+#include "mpls.h"
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 {
@@ -59,7 +60,7 @@ static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn
 }
 
 /* Reply of an entry whose hop is descriptor id: its tunnel key (and
- * options) set, its tags pushed (vlan: the entry's vlan_count |
+ * options) set or its MPLS labels pushed, its tags pushed (vlan: the entry's vlan_count |
  * F_ENTRY_OUTER_8021AD's bit << 8). Returns 0 or a negative reason.
  * A global function, verified once: inlined, it doubled every state of
  * lh_vmport's many ways to a reply past the verifier's 1,000,000 insns. */
@@ -74,9 +75,12 @@ __noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
 	d = bpf_map_lookup_elem(&lh_hop_descs, &id);
 	if (!d)
 		return -CNT_HOP_DESC_GONE;
-	if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6)
+	if (d->kind == HOP_MPLS)
+		err = mpls_push(skb, d); /* before the tags: they go outside the labels */
+	else if (d->kind == HOP_TUNNEL4 || d->kind == HOP_TUNNEL6)
+		err = encap_set_tunnel(skb, d);
+	else
 		return -CNT_ENCAP_UNSUPPORTED;
-	err = encap_set_tunnel(skb, d);
 	if (err)
 		return err;
 	/* the tags are the descriptor's (the entry's vlan_tci holds the id) */
@@ -169,7 +173,7 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 		if (err)
 			return err;
 	} else {
-		if ((e->flags & F_ENTRY_HOP_EXT) && !encap_hop_of(e, &err))
+		if ((e->flags & F_ENTRY_HOP_EXT) && !encap_hop_of(skb, e, &err))
 			return err; /* its tunnel hop is gone: unchanged, ordinary routing */
 		err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
 		if (err)

@@ -1,0 +1,171 @@
+"""A label-edge router for the lab: the kernel here routes no MPLS, so this
+process plays the provider edge in front of an MPLS-labelled uplink. IP
+packets from the client's namespace (a tun device) leave on an Ethernet link
+under a label stack; labelled frames coming back lose their labels and go to
+the client -- each one checked as it arrives (the stack it carries, its
+bottom-of-stack bit, its TTLs against the IP TTL).
+
+    client ns: tun NAME  <==  MplsPeer (this process)  ==>  AF_PACKET on DEV (ns B) ──▶ host uplink
+               IP packets         push / check + pop          Ethernet / MPLS stack / IP
+
+The tun device lives as long as the peer (closing its fd removes it).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from lasthop.lab.namespaces import open_socket
+from lasthop.lab.tunlink import MAX_PACKET, TunEnd, open_tun
+
+__all__ = ["LabelCheck", "MplsPeer"]
+
+ETH_P_ALL = 0x0003
+ETH_P_MPLS_UC = 0x8847
+ETH_TYPE = {4: 0x0800, 6: 0x86DD}
+S_BIT = 1 << 8
+DEFAULT_TTL = 64  # the label TTL of what the peer sends (the IP TTL, uniform model)
+
+
+@dataclass(frozen=True)
+class LabelCheck:
+    """One labelled frame the peer received: its labels (outer first) and
+    whether its stack was right -- the bottom-of-stack bit on the last entry
+    only, every TTL the IP TTL (uniform model), the TC bits as sent."""
+
+    labels: tuple[int, ...]
+    ttls: tuple[int, ...]
+    ip_ttl: int
+    bottom_ok: bool
+    tc_ok: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.bottom_ok and self.tc_ok and all(t == self.ip_ttl for t in self.ttls)
+
+
+def stack_bytes(labels: tuple[int, ...], tc: int, ttl: int) -> bytes:
+    """Label stack entries, network order, S on the last."""
+    return b"".join(
+        struct.pack("!I", label << 12 | tc << 9 | (S_BIT if i == len(labels) - 1 else 0) | ttl)
+        for i, label in enumerate(labels)
+    )
+
+
+def ip_ttl(packet: bytes) -> int:
+    """An IP packet's TTL or hop limit."""
+    return packet[8] if packet[0] >> 4 == 4 else packet[7]
+
+
+@dataclass
+class MplsPeer:
+    """The label-edge router: *tun* in the client's namespace, *dev* the
+    Ethernet end facing the host's uplink (its MAC *mac*), frames sent to
+    *host_mac* under *labels* (traffic class *tc*)."""
+
+    tun: TunEnd
+    dev_ns: str
+    dev: str
+    mac: bytes
+    host_mac: bytes
+    labels: tuple[int, ...]
+    tc: int = 5
+    received: list[LabelCheck] = field(default_factory=list)
+    unlabelled: int = 0  # frames from the host without labels (ARP, ...): not forwarded
+    _tun_fd: int | None = None
+    _sock: socket.socket | None = None
+    _stop: tuple[int, int] | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> MplsPeer:
+        self._tun_fd = open_tun(self.tun)
+        try:
+            self._sock = open_socket(
+                self.dev_ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
+            )
+            self._sock.bind((self.dev, 0))  # the name is looked up in the socket's namespace
+        except BaseException:
+            os.close(self._tun_fd)
+            raise
+        self._stop = os.pipe()
+        self._thread = threading.Thread(target=self._forward, name="mplspeer", daemon=True)
+        self._thread.start()
+        return self
+
+    def _to_host(self, packet: bytes) -> None:
+        version = packet[0] >> 4
+        if version not in ETH_TYPE:
+            return
+        head = self.host_mac + self.mac + struct.pack("!H", ETH_P_MPLS_UC)
+        assert self._sock is not None
+        self._sock.send(head + stack_bytes(self.labels, self.tc, ip_ttl(packet)) + packet)
+
+    def _from_host(self, frame: bytes) -> bytes | None:
+        """The IP packet of a labelled frame (its stack checked and noted), or None."""
+        if len(frame) < 14 or struct.unpack("!H", frame[12:14])[0] != ETH_P_MPLS_UC:
+            self.unlabelled += 1
+            return None
+        pos, entries = 14, []
+        while pos + 4 <= len(frame):
+            (lse,) = struct.unpack("!I", frame[pos : pos + 4])
+            entries.append(lse)
+            pos += 4
+            if lse & S_BIT:
+                break
+        packet = frame[pos:]
+        if not packet or not entries:
+            return None
+        self.received.append(
+            LabelCheck(
+                labels=tuple(e >> 12 for e in entries),
+                ttls=tuple(e & 0xFF for e in entries),
+                ip_ttl=ip_ttl(packet),
+                bottom_ok=[bool(e & S_BIT) for e in entries]
+                == [i == len(entries) - 1 for i in range(len(entries))],
+                tc_ok=all((e >> 9) & 7 == self.tc for e in entries),
+            )
+        )
+        return packet
+
+    def _forward(self) -> None:
+        assert self._tun_fd is not None and self._sock is not None and self._stop is not None
+        sock_fd = self._sock.fileno()
+        while True:
+            ready, _, _ = select.select([self._tun_fd, sock_fd, self._stop[0]], [], [])
+            if self._stop[0] in ready:
+                return
+            try:
+                if self._tun_fd in ready:
+                    self._to_host(os.read(self._tun_fd, MAX_PACKET))
+                if sock_fd in ready:
+                    data, addr = self._sock.recvfrom(MAX_PACKET)
+                    if addr[2] == socket.PACKET_OUTGOING:
+                        continue  # our own frames, seen leaving
+                    packet = self._from_host(data)
+                    if packet is not None:
+                        os.write(self._tun_fd, packet)
+            except OSError:  # the tun not up yet, or a packet it refused: dropped
+                continue
+
+    def stop(self) -> None:
+        """Ends the forwarder, closes the socket and removes the tun device."""
+        if self._stop is not None:
+            os.write(self._stop[1], b"x")
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+        for fd in (*((self._tun_fd,) if self._tun_fd is not None else ()), *(self._stop or ())):
+            os.close(fd)
+        self._tun_fd = self._sock = self._stop = self._thread = None
+
+    def __enter__(self) -> MplsPeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
