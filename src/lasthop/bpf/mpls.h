@@ -267,6 +267,8 @@ static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_des
 		return -CNT_REWRITE_FAILED;
 	from = data + len;
 	to = data;
+	if ((void *)(from + ETH_ALEN) > end) /* the check above, again: len is variable */
+		return -CNT_REWRITE_FAILED;
 #pragma unroll
 	for (int i = 0; i < ETH_ALEN; i++) /* both MACs, 2 bytes a step, front first */
 		to[i] = from[i];
