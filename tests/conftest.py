@@ -5,8 +5,13 @@ area's own conftest (tests/bpf/conftest.py, ...)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from agentlib import Sandbox
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -18,3 +23,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("root"):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def module_box() -> Iterator[Sandbox]:
+    """One agent sandbox (tests/agentlib.py) for a whole test module: for the tests
+    that share one agent (each agent start verifies its BPF programs, ~3 s) because
+    they only read what it attached, or restore what they change. Everything in it
+    is removed after the module's last test."""
+    from agentlib import sandbox
+
+    with sandbox() as box:
+        yield box

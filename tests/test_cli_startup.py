@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agentlib import Sandbox, sandbox
+from agentlib import Sandbox
 
 HEAVY = (
     "pyroute2",
@@ -111,22 +110,23 @@ def test_the_subcommand_groups_still_load_when_named() -> None:
         assert subprocess.run(argv, capture_output=True, check=False).returncode == 0, group
 
 
-@pytest.fixture
-def box() -> Iterator[Sandbox]:
-    with sandbox() as b:
-        yield b
+@pytest.fixture(scope="module")
+def attached(module_box: Sandbox) -> str:
+    """The namespace of one agent (uplink up0, VM port vm0) that the tests below
+    share: each only runs a reading command next to it. Its name."""
+    ns = module_box.host()
+    module_box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    return ns.name
 
 
 @pytest.mark.root
 @pytest.mark.bpf
 @pytest.mark.netns
 @pytest.mark.parametrize("command", ["stats", "show"])
-def test_reading_the_pinned_maps_loads_nothing_heavy(box: Sandbox, command: str) -> None:
+def test_reading_the_pinned_maps_loads_nothing_heavy(attached: str, command: str) -> None:
     """`lasthop stats --json` and `show --json` next to a running agent answer, and load
     no heavy package: no pyroute2, no config model, no rich."""
-    ns = box.host()
-    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
-    result, heavy = _start("-m", "lasthop", command, "--netns", ns.name, "--json")
+    result, heavy = _start("-m", "lasthop", command, "--netns", attached, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     json.loads(result.stdout)
     assert heavy == []
@@ -135,12 +135,10 @@ def test_reading_the_pinned_maps_loads_nothing_heavy(box: Sandbox, command: str)
 @pytest.mark.root
 @pytest.mark.bpf
 @pytest.mark.netns
-def test_stats_without_a_config_file_loads_no_toml_parser(box: Sandbox) -> None:
+def test_stats_without_a_config_file_loads_no_toml_parser(attached: str) -> None:
     """`lasthop stats --netns NAME --json` reads no file, so it loads no tomllib
     (with --config it does: the file is TOML)."""
-    ns = box.host()
-    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
-    result, imported = _imports("-m", "lasthop", "stats", "--netns", ns.name, "--json")
+    result, imported = _imports("-m", "lasthop", "stats", "--netns", attached, "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tomllib" not in imported
 
@@ -149,14 +147,12 @@ def test_stats_without_a_config_file_loads_no_toml_parser(box: Sandbox) -> None:
 @pytest.mark.bpf
 @pytest.mark.netns
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
-def test_stats_the_short_way_loads_no_click_nor_what_it_needs(box: Sandbox, as_json: bool) -> None:
+def test_stats_the_short_way_loads_no_click_nor_what_it_needs(attached: str, as_json: bool) -> None:
     """`lasthop stats [--json]` (lasthop._entry -> lasthop.stats_cli) imports no click,
     libbpf binding or controller, and with --json no typing, dataclasses, inspect, logging
     or socket either: what made its start 180-300 ms (the text output loads rich, which
     needs those)."""
-    ns = box.host()
-    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
-    argv = ["-m", "lasthop", "stats", "--netns", ns.name, *(["--json"] if as_json else [])]
+    argv = ["-m", "lasthop", "stats", "--netns", attached, *(["--json"] if as_json else [])]
     result, found = _start(*argv, heavy=LEAN + (HEAVY + LEAN_JSON if as_json else ()))
     assert result.returncode == 0, result.stderr[-2000:]
     assert found == []

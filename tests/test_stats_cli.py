@@ -83,55 +83,66 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.fixture(scope="module", params=["learned", "refused"])
+def hops(request: pytest.FixtureRequest, module_box: Sandbox) -> Iterator[tuple[str, BridgedSite]]:
+    """A bridged site whose agent learned connections in both tables ("learned"), or
+    refused the firewall's MAC, counted in untrusted_hops ("refused"): which, and the
+    site. The text and --json tests of one kind share it (they only read)."""
+    site = BridgedSite(module_box)
+    config = module_box.logs / f"hops-{request.param}.toml"
+    allowed = [OTHER_MAC] if request.param == "refused" else [OTHER_MAC, site.fw_mac]
+    config.write_text(f'[[uplink]]\nname = "fw0"\nallow_last_hops = {json.dumps(allowed)}\n')
+    agent = None
+    try:
+        site.serve()
+        agent = module_box.agent("--config", str(config), "--bridge", "br0", netns=site.host)
+        site.exchange("tcp", n=3)  # works either way: the bridge forwards it
+        site.exchange("udp", n=2)
+        yield request.param, site
+    finally:
+        if agent is not None:
+            agent.stop()
+        site.close()
+
+
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
-@pytest.mark.parametrize("hops", ["learned", "refused"])
 @_root
-def test_both_ways_print_the_same(box: Sandbox, as_json: bool, hops: str) -> None:
+def test_both_ways_print_the_same(hops: tuple[str, BridgedSite], as_json: bool) -> None:
     """With connections learned in both tables (or the firewall's MAC refused, counted
     in untrusted_hops), the short way prints what the click command prints (the two
     ages within a second: time passes between the runs)."""
-    site = BridgedSite(box)
-    config = box.logs / "hops.toml"
-    allowed = [OTHER_MAC] if hops == "refused" else [OTHER_MAC, site.fw_mac]
-    config.write_text(f'[[uplink]]\nname = "fw0"\nallow_last_hops = {json.dumps(allowed)}\n')
-    try:
-        site.serve()
-        box.agent("--config", str(config), "--bridge", "br0", netns=site.host)
-        site.exchange("tcp", n=3)  # works either way: the bridge forwards it
-        site.exchange("udp", n=2)
-        argv = ["--netns", site.host.name, *(["--json"] if as_json else [])]
-        for _ in range(10):  # an expiry pass may land between two runs: then again
-            before, click, after = (
-                _run([*SHORT, *argv]),
-                _run([*CLICK, *argv]),
-                _run([*SHORT, *argv]),
-            )
-            for r in (before, click, after):
-                assert r.returncode == 0, r.stderr
-            if not as_json:
-                if before.stdout == after.stdout:
-                    assert click.stdout == before.stdout
-                    assert "confirmed: " in click.stdout and "fw0" in click.stdout
-                    return
-                continue
-            got = [json.loads(r.stdout) for r in (before, click, after)]
-            ages = [[g["table"].pop(k) for g in got] for k in ("last_pass_age_s", "next_due_s")]
-            if got[0] == got[2]:
-                assert got[1] == got[0]
-                for values in ages:  # None until the first expiry pass, then seconds
-                    if None in values:
-                        assert values == [None, None, None]
-                    else:
-                        assert max(values) - min(values) < 1.0, values
-                assert "fw0" in got[1]["interfaces"]
-                if hops == "refused":
-                    assert got[1]["untrusted_hops"]["fw0"][site.fw_mac] > 0
-                else:
-                    assert got[1]["totals"]["learned"] > 0
+    kind, site = hops
+    argv = ["--netns", site.host.name, *(["--json"] if as_json else [])]
+    for _ in range(10):  # an expiry pass may land between two runs: then again
+        before, click, after = (
+            _run([*SHORT, *argv]),
+            _run([*CLICK, *argv]),
+            _run([*SHORT, *argv]),
+        )
+        for r in (before, click, after):
+            assert r.returncode == 0, r.stderr
+        if not as_json:
+            if before.stdout == after.stdout:
+                assert click.stdout == before.stdout
+                assert "confirmed: " in click.stdout and "fw0" in click.stdout
                 return
-        pytest.fail("the counters moved between every two runs")
-    finally:
-        site.close()
+            continue
+        got = [json.loads(r.stdout) for r in (before, click, after)]
+        ages = [[g["table"].pop(k) for g in got] for k in ("last_pass_age_s", "next_due_s")]
+        if got[0] == got[2]:
+            assert got[1] == got[0]
+            for values in ages:  # None until the first expiry pass, then seconds
+                if None in values:
+                    assert values == [None, None, None]
+                else:
+                    assert max(values) - min(values) < 1.0, values
+            assert "fw0" in got[1]["interfaces"]
+            if kind == "refused":
+                assert got[1]["untrusted_hops"]["fw0"][site.fw_mac] > 0
+            else:
+                assert got[1]["totals"]["learned"] > 0
+            return
+    pytest.fail("the counters moved between every two runs")
 
 
 @_root

@@ -312,30 +312,39 @@ def test_flush_empties_the_table(box: Sandbox) -> None:
 
 
 @pytest.mark.parametrize("proto", ["udp", "tcp"])
-def test_real_traffic_learns_the_firewall_and_redirects_replies(box: Sandbox, proto: str) -> None:
+def test_real_traffic_learns_the_firewall_and_redirects_replies(
+    served_site: BridgedSite, proto: str
+) -> None:
     """Firewall -> host bridge -> VM: the exchange creates an entry holding the firewall's MAC and
     uplink, and the VM's replies are redirected to it (counter redirected rises)."""
-    site = BridgedSite(box)
-    try:
-        site.serve()
-        box.agent("--uplink", "fw0", "--bridge", "br0", netns=site.host)
-        port = site.exchange(proto, n=3)
-        conns = [
-            c
-            for c in _json("show", "--netns", site.host.name, "--json")
-            if c["proto"] == proto and c["sport"] == port
-        ]
-        assert len(conns) == 1, conns
-        [c] = conns
-        assert (c["src"], c["dst"], c["dport"]) == (site.FW_IP, site.VM_IP, site.PORT)
-        assert (c["mac"], c["uplink"]) == (site.fw_mac, "fw0")
-        assert c["packets"] >= 3 and c["replies"] >= 3
-        st = _json("stats", "--netns", site.host.name, "--json")
-        assert st["totals"]["learned"] >= 1
-        assert st["interfaces"]["vm0"]["redirected"] >= 3
-        assert st["interfaces"]["fw0"]["learned"] >= 1
-    finally:
-        site.close()
+    site = served_site
+    before = _counts(site.host.name)  # the site is shared: what this exchange adds
+    port = site.exchange(proto, n=3)
+    conns = [
+        c
+        for c in _json("show", "--netns", site.host.name, "--json")
+        if c["proto"] == proto and c["sport"] == port
+    ]
+    assert len(conns) == 1, conns
+    [c] = conns
+    assert (c["src"], c["dst"], c["dport"]) == (site.FW_IP, site.VM_IP, site.PORT)
+    assert (c["mac"], c["uplink"]) == (site.fw_mac, "fw0")
+    assert c["packets"] >= 3 and c["replies"] >= 3
+    after = _counts(site.host.name)
+    assert after["learned"] - before["learned"] >= 1
+    assert after["vm0.redirected"] - before["vm0.redirected"] >= 3
+    assert after["fw0.learned"] - before["fw0.learned"] >= 1
+
+
+def _counts(netns: str) -> dict[str, int]:
+    """stats --json's learned total and the counters of vm0 and fw0 (0 when not yet counted)."""
+    st = _json("stats", "--netns", netns, "--json")
+    assert isinstance(st, dict)
+    return {
+        "learned": st["totals"]["learned"],
+        "vm0.redirected": st["interfaces"].get("vm0", {}).get("redirected", 0),
+        "fw0.learned": st["interfaces"].get("fw0", {}).get("learned", 0),
+    }
 
 
 def test_a_vm_opened_connection_is_not_counted_as_evicted(box: Sandbox) -> None:

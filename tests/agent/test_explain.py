@@ -56,34 +56,31 @@ def test_query_refuses_mixed_families() -> None:
 @pytest.mark.bpf
 @pytest.mark.netns
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
-def test_explains_a_learned_connection_and_an_unknown_one(box: Sandbox, proto: str) -> None:
-    site = BridgedSite(box)
-    try:
-        site.serve()
-        box.agent("--uplink", "fw0", "--bridge", "br0", netns=site.host)
-        port = site.exchange(proto, n=2)
-        client, server = f"{site.FW_IP}:{port}", f"{site.VM_IP}:{site.PORT}"
-        got = _explain(site.host.name, proto, client, server)
-        assert got["table"] and got["opened_by"] == "client", got
-        conn = got["connection"]
-        assert isinstance(conn, dict)
-        assert (conn["mac"], conn["uplink"], conn["sport"]) == (site.fw_mac, "fw0", port)
-        words = "\n".join(got["words"])  # type: ignore[arg-type]
-        assert f"came from MAC {site.fw_mac}" in words and "on uplink fw0" in words
-        assert "whatever the guest's routing says" in words
-        # named the other way round (server first): the same entry, opened by the other end
-        back = _explain(site.host.name, proto, server, client)
-        assert back["opened_by"] == "server" and back["connection"] == got["connection"] | {
-            "age_s": back["connection"]["age_s"]  # type: ignore[index]
-        }
-        # a port nobody used: no entry, the host's normal path
-        none = _explain(site.host.name, proto, f"{site.FW_IP}:{port ^ 1}", server)
-        assert none["table"] == "" and none["connection"] is None
-        assert "takes the host's normal path" in "\n".join(none["words"])  # type: ignore[arg-type]
-        plain = lasthop("explain", "--netns", site.host.name, proto, client, server)
-        assert plain.returncode == 0 and f"came from MAC {site.fw_mac}" in plain.stdout
-    finally:
-        site.close()
+def test_explains_a_learned_connection_and_an_unknown_one(
+    served_site: BridgedSite, proto: str
+) -> None:
+    site = served_site
+    port = site.exchange(proto, n=2)
+    client, server = f"{site.FW_IP}:{port}", f"{site.VM_IP}:{site.PORT}"
+    got = _explain(site.host.name, proto, client, server)
+    assert got["table"] and got["opened_by"] == "client", got
+    conn = got["connection"]
+    assert isinstance(conn, dict)
+    assert (conn["mac"], conn["uplink"], conn["sport"]) == (site.fw_mac, "fw0", port)
+    words = "\n".join(got["words"])  # type: ignore[arg-type]
+    assert f"came from MAC {site.fw_mac}" in words and "on uplink fw0" in words
+    assert "whatever the guest's routing says" in words
+    # named the other way round (server first): the same entry, opened by the other end
+    back = _explain(site.host.name, proto, server, client)
+    assert back["opened_by"] == "server" and back["connection"] == got["connection"] | {
+        "age_s": back["connection"]["age_s"]  # type: ignore[index]
+    }
+    # a port nobody used: no entry, the host's normal path
+    none = _explain(site.host.name, proto, f"{site.FW_IP}:{port ^ 1}", server)
+    assert none["table"] == "" and none["connection"] is None
+    assert "takes the host's normal path" in "\n".join(none["words"])  # type: ignore[arg-type]
+    plain = lasthop("explain", "--netns", site.host.name, proto, client, server)
+    assert plain.returncode == 0 and f"came from MAC {site.fw_mac}" in plain.stdout
 
 
 @pytest.mark.root

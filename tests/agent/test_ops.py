@@ -16,6 +16,7 @@ import pytest
 
 from agentlib import (
     ROOT_MARKS,
+    Netns,
     NotifySocket,
     PinnedTable,
     Sandbox,
@@ -138,6 +139,19 @@ def test_reload_applies_live_keys_and_keeps_the_table_size(box: Sandbox) -> None
         notify.close()
 
 
+RELOAD_BASE = '[[uplink]]\nname = "up0"\n'
+
+
+@pytest.fixture(scope="module")
+def reloadable(module_box: Sandbox) -> tuple[Netns, Path, AgentProcess]:
+    """One agent run from a config file (uplink up0; up1 exists but is not in it),
+    shared by the bad-config cases below: each leaves it as it found it. Its
+    namespace, config file and process."""
+    ns = module_box.host(uplinks=2)
+    cfg = write_config(module_box.logs / "reloadable.toml", ns.name, RELOAD_BASE)
+    return ns, cfg, module_box.agent("--config", str(cfg), netns=None)
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -148,23 +162,25 @@ def test_reload_applies_live_keys_and_keeps_the_table_size(box: Sandbox) -> None
     ],
 )
 def test_a_bad_config_is_refused_naming_the_key_and_the_running_one_stays(
-    box: Sandbox, body: str, message: str
+    reloadable: tuple[Netns, Path, AgentProcess], body: str, message: str
 ) -> None:
-    ns = box.host(uplinks=2)
-    cfg = box.logs / "lasthop.toml"
-    base = '[[uplink]]\nname = "up0"\n'
-    write_config(cfg, ns.name, base)
-    agent = box.agent("--config", str(cfg), netns=None)
-    write_config(cfg, ns.name, body + base)  # top-level keys before the tables
+    ns, cfg, agent = reloadable
+    assert ns.tc_program("up1") is None
+    refused = agent.stderr.count("reload_refused")
+    write_config(cfg, ns.name, body + RELOAD_BASE)  # top-level keys before the tables
     result = lasthop("reload", "--config", str(cfg))
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in " ".join(result.stderr.split()), result.stderr
     assert ns.tc_program("up0") == "lh_uplink"
-    write_config(cfg, ns.name, base + '[[uplink]]\nname = "up1"\n')  # a good one still applies
+    write_config(cfg, ns.name, RELOAD_BASE + '[[uplink]]\nname = "up1"\n')  # a good one applies
     assert lasthop("reload", "--config", str(cfg)).returncode == 0
     assert ns.tc_program("up1") == "lh_uplink"
     assert agent.running
-    assert "reload_refused" in agent.stderr
+    assert agent.stderr.count("reload_refused") == refused + 1
+    # back to the config the next case starts from: up1 detached again
+    write_config(cfg, ns.name, RELOAD_BASE)
+    assert lasthop("reload", "--config", str(cfg)).returncode == 0
+    assert ns.tc_program("up1") is None
 
 
 def test_reload_through_the_api_and_the_unix_sockets_group_and_callers(box: Sandbox) -> None:

@@ -3,6 +3,7 @@ uses, and always removes it (namespaces, processes, nft tables, pins)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import secrets
@@ -23,8 +24,8 @@ def _root_only(request: pytest.FixtureRequest) -> None:
         pytest.skip("needs root: builds network namespaces, nftables tables and veth links")
 
 
-@pytest.fixture
-def lab_name() -> Iterator[str]:
+@contextlib.contextmanager
+def _fresh_name() -> Iterator[str]:
     """A fresh lab name; whatever lab carries it is removed afterwards, and checked gone."""
     name = f"{_PREFIX}{next(_numbers):02d}"
     assert not lab_namespaces(name), f"lab name {name} is taken"
@@ -33,6 +34,13 @@ def lab_name() -> Iterator[str]:
     finally:
         down(name)
         assert not lab_namespaces(name), f"namespaces of lab {name} left behind"
+
+
+@pytest.fixture
+def lab_name() -> Iterator[str]:
+    """A fresh lab name; whatever lab carries it is removed afterwards, and checked gone."""
+    with _fresh_name() as name:
+        yield name
 
 
 @pytest.fixture
@@ -48,3 +56,13 @@ def routed_lab(lab_name: str) -> Lab:
 @pytest.fixture(params=["bridged", "routed"])
 def any_lab(request: pytest.FixtureRequest, lab_name: str) -> Lab:
     return Lab.up(Plan(lab_name, routed=request.param == "routed"))
+
+
+@pytest.fixture(scope="module", params=["bridged", "routed"])
+def module_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """One lab per host mode for a whole module (removed after its last test): for
+    the tests that only read it, or restore what they change."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: builds network namespaces, nftables tables and veth links")
+    with _fresh_name() as name:
+        yield Lab.up(Plan(name, routed=request.param == "routed"))
