@@ -260,12 +260,16 @@ def _rest(pid: int, maps: Maps, seconds: float, *, churn: bool = False) -> _Rest
 
 
 def _settle(maps: Maps, timeout: float = 120.0) -> None:
-    """Asks for a walk and waits until the agent's next one has finished:
-    entries written from here are no change the data path counted."""
+    """Asks for a walk and waits until one that began after the asking has
+    finished (a walk already under way would leave the request for a walk in
+    the window measured next): entries written from here are no change the
+    data path counted."""
     seen = maps.expiry_stats().passes
     maps.request_expiry()
+    raw = maps.expiry_request.lookup(bytes(4))
+    token = int.from_bytes(raw[:8], "little") if raw else 0
     deadline = time.monotonic() + timeout
-    while maps.expiry_stats().passes == seen:
+    while (ex := maps.expiry_stats()).passes == seen or ex.request != token:
         if time.monotonic() > deadline:
             raise BenchError(f"the agent ran no expiry pass within {timeout:.0f} s")
         time.sleep(0.05)
