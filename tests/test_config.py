@@ -58,7 +58,7 @@ def test_no_file_gives_the_defaults() -> None:
         1_048_576,
         None,
     )
-    assert (cfg.pending_table_size, cfg.vm_origin_quota, cfg.expiry_interval) == (None, 16384, 3.0)
+    assert (cfg.pending_table_size, cfg.vm_origin_quota, cfg.expiry_interval) == (None, 16384, 1.0)
     assert cfg.timeouts.tcp_established == 7440.0 and cfg.timeouts.tcp_syn == 60.0
     assert (cfg.bridge_zone, cfg.pin_root, cfg.api, cfg.api_socket) == (0, None, None, None)
 

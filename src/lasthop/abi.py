@@ -424,7 +424,20 @@ class ExpiryStats(ctypes.Structure):
         ("skipped", ctypes.c_uint64),
         ("next_due", ctypes.c_uint32),
         ("checked", ctypes.c_uint32),
+        ("lead", ctypes.c_uint32),
+        ("due_next", ctypes.c_uint32),
+        ("drains", ctypes.c_uint64),
+        ("due_expired", ctypes.c_uint64),
+        ("due_full", ctypes.c_uint64),
+        ("indexed", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
     ]
+
+
+class ExpiryDue(ctypes.Structure):
+    """struct expiry_due (abi.h): lh_expiry_due's value, when an indexed entry is due."""
+
+    _fields_ = [("deadline", ctypes.c_uint32), ("table", ctypes.c_uint32)]
 
 
 class SvcWalk(ctypes.Structure):
@@ -596,6 +609,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "svc_key": SvcKey,
     "svc_info": SvcInfo,
     "expiry_stats": ExpiryStats,
+    "expiry_due": ExpiryDue,
     "vm_addr_key": VmAddrKey,
     "hop_key": HopKey,
     "hop_moved": HopMoved,

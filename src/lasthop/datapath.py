@@ -48,6 +48,7 @@ MAP_NAMES = (
     "lh_table_counters",
     "lh_expiry",
     "lh_expiry_request",
+    "lh_expiry_due",
     "lh_vm_addrs",
     "lh_vm_usage",
     "lh_changes",

@@ -324,6 +324,7 @@ class Datapath:
         self.settings: Map = obj.map("lh_settings")
         self.expiry: Map = obj.map("lh_expiry")
         self.expiry_request: Map = obj.map("lh_expiry_request")
+        self.expiry_due: Map = obj.map("lh_expiry_due")
         self.vm_addrs: Map = obj.map("lh_vm_addrs")
         self.vm_usage: Map = obj.map("lh_vm_usage")
         self.hops: Map = obj.map("lh_hops")
@@ -339,7 +340,7 @@ class Datapath:
         for m in (
             self.conns.map4, self.conns.map6, self.pending.map4, self.pending.map6,
             self.vm_addrs, self.vm_usage, self.hops, self.hops_refused, self.hop_moved,
-            self.frags,
+            self.frags, self.expiry_due,
         ):  # fmt: skip
             for key in list(m.keys()):
                 m.delete(key)
@@ -484,6 +485,14 @@ class Datapath:
         raw = self.expiry.lookup(_u32(0))
         assert raw is not None
         return abi.ExpiryStats.from_buffer_copy(raw[: ctypes.sizeof(abi.ExpiryStats)])
+
+    def expiry_index(self) -> dict[bytes, tuple[int, str]]:
+        """lh_expiry_due: full conn_key -> (deadline, the table that held it)."""
+        out = {}
+        for raw_key, raw in self.expiry_due.items():
+            d = abi.ExpiryDue.from_buffer_copy(raw[: ctypes.sizeof(abi.ExpiryDue)])
+            out[bytes(raw_key)] = (d.deadline, PENDING if d.table else CONFIRMED)
+        return out
 
     def redirected_to(self) -> str | None:
         raw = self.trace.lookup(_u32(0))

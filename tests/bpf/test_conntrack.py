@@ -837,7 +837,9 @@ def test_a_table_at_rest_is_not_walked(dp: Datapath) -> None:
 def test_a_change_by_the_data_path_makes_the_next_run_walk(
     dp: Datapath, change: str, frame: Packet, live: dict[abi.State, int]
 ) -> None:
-    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
+    """With a timeout as short as the lead (tcp_closed 1 s), a changed entry may
+    be due before a later walk could file it: the next run walks."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS | {ST.TCP_CLOSED: 1})
     established = conn(ST.TCP_ESTABLISHED, CONFIRMED)
     dp.put(established if frame is CLIENT_FIN else established.but(key=keyed(1)), dp.clock())
     assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
@@ -856,33 +858,120 @@ def test_a_request_from_user_space_makes_the_next_run_walk(dp: Datapath) -> None
     assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
 
 
-def test_the_walk_leaves_the_earliest_deadline_and_runs_once_it_is_due(dp: Datapath) -> None:
-    """next_due is the earliest moment a live entry can go (never later);
-    runs before it skip, the first run at or after it walks and removes the entry."""
+def back_date(dp: Datapath, jiffies: int) -> None:
+    """Moves the last walk's start (and so every moment reckoned from it) back."""
+    st = dp.expiry_stats()
+    st.started = (st.started - jiffies) % 2**32
+    dp.expiry.update(bytes(4), bytes(st))
+
+
+def test_a_change_waits_until_a_walk_can_still_file_it_in_time(dp: Datapath) -> None:
+    """A change by the data path calls for a walk only once the shortest
+    timeout less the lead has passed since the last walk began: an entry it
+    made is not due before then, and that walk meets it in time. A request
+    from user space walks at once."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)  # shortest: 10 s
+    dp.put(conn(ST.TCP_ESTABLISHED, CONFIRMED).but(key=keyed(1)), dp.clock())
+    assert dp.expire() == WALKED
+    lead = dp.expiry_stats().lead
+    assert HZ * 2 <= lead < HZ * 3  # EXPIRY_LEAD_MS + twice a walk of two entries
+    dp.run(UPLINK, bytes(SYN), "up1")
+    assert dp.expire() == SKIPPED
+    back_date(dp, 10 * HZ - lead - MARGIN)  # not yet
+    assert dp.expire() == SKIPPED
+    back_date(dp, MARGIN)
+    assert dp.expire() == WALKED
+    st = dp.expiry_stats()
+    assert stats_by_state(st.live, 0) | stats_by_state(st.live, 1) == {
+        ST.TCP_ESTABLISHED: 1, ST.TCP_SYN_SENT: 1,
+    }  # fmt: skip
+
+
+def wait_clock(dp: Datapath, jiffy: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while (dp.clock() - jiffy) % 2**32 >= 2**31:
+        assert time.monotonic() < deadline, "the clock did not reach the deadline"
+        time.sleep(0.02)
+
+
+SOON = 100  # jiffies: well inside the horizon (twice the lead, >= 4 s)
+
+
+@pytest.mark.parametrize(
+    ("table", "frame"),
+    [(PENDING, SYN), (CONFIRMED, SYN), (PENDING, tcp6_request())],
+    ids=["pending v4", "confirmed v4", "pending v6"],
+)
+def test_an_entry_due_soon_goes_at_its_deadline_without_another_walk(
+    dp: Datapath, table: str, frame: Packet
+) -> None:
+    """The walk files an entry due within its horizon in lh_expiry_due (key,
+    deadline, table); runs before the deadline skip; the first run after it
+    removes the entry without walking (the drain), counted as a walk's removal
+    is; the index is empty after, and the next walk is not brought forward."""
     dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
     now = dp.clock()
-    soon = 50  # jiffies
-    due = (now + soon) % 2**32
-    last_seen = (due - TIMEOUTS[ST.UDP_NEW] * HZ) % 2**32
-    dp.put(Entry(keyed(1), state=ST.UDP_NEW, table=PENDING), last_seen=last_seen)
-    dp.put(Entry(keyed(2), state=ST.TCP_ESTABLISHED, table=CONFIRMED), last_seen=now)
+    gone_at = (now + SOON + 1) % 2**32  # the first jiffy it is idle past its timeout
+    soon = conn(ST.UDP_NEW, table, frame)
+    dp.put(soon, last_seen=(now + SOON - TIMEOUTS[ST.UDP_NEW] * HZ) % 2**32)
+    dp.put(conn(ST.TCP_ESTABLISHED, CONFIRMED).but(key=keyed(1)), last_seen=now)
     assert dp.expire() == WALKED
-    next_due = dp.expiry_stats().next_due
-    gone_at = due + 1  # the first jiffy it is idle *past* its timeout
-    assert 0 <= (gone_at - next_due) % 2**32 <= 10, (gone_at, next_due)  # never later
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        before = dp.clock()
-        verdict = dp.expire()
-        after = dp.clock()
-        if verdict == SKIPPED:
-            assert (before - next_due) % 2**32 >= 2**31, "skipped a run with an entry due"
-            continue
-        assert verdict == WALKED and (after - next_due) % 2**32 < 2**31, "walked before due"
-        break
-    else:
-        pytest.fail("no run walked within 30 s of the deadline")
-    assert remaining(dp) == {keyed(2).pack(): (CONFIRMED, ST.TCP_ESTABLISHED)}
+    assert dp.expiry_index() == {soon.key.pack(): (gone_at, table)}
+    st = dp.expiry_stats()
+    assert (st.due_next, st.indexed) == (gone_at, 1)
+    assert (st.next_due - now) % 2**32 > TIMEOUTS[ST.TCP_ESTABLISHED] * HZ // 2  # not soon
+    before = dp.table_counter_values()
+    verdicts = []
+    while soon.key.pack() in {k for k in dp.table()}:
+        t = dp.clock()
+        verdicts.append(dp.expire())
+        if (t - gone_at) % 2**32 >= 2**31:  # before the deadline: still there
+            assert soon.key.pack() in dp.table()
+        wait_clock(dp, (t + 1) % 2**32)
+        assert len(verdicts) < 10_000
+    assert set(verdicts) == {SKIPPED}
+    assert remaining(dp) == {keyed(1).pack(): (CONFIRMED, ST.TCP_ESTABLISHED)}
+    assert dp.expiry_index() == {}
+    st = dp.expiry_stats()
+    t = 1 if table == PENDING else 0
+    assert (st.passes, st.due_expired, st.indexed, st.expired[t][ST.UDP_NEW]) == (1, 1, 0, 1)
+    assert st.live[t][ST.UDP_NEW] == 0 and st.live[0][ST.TCP_ESTABLISHED] == 1
+    assert st.drains >= 1
+    after = dp.table_counter_values()
+    expired = TC.PENDING_EXPIRED if table == PENDING else TC.CONFIRMED_EXPIRED
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
+        expired: 1, TC.EXPIRY_SKIPPED: len(verdicts),
+    }  # fmt: skip
+
+
+def test_an_indexed_entry_refreshed_meanwhile_stays_with_its_new_deadline(dp: Datapath) -> None:
+    """A packet after the walk (last_seen moved, no change counted) keeps the
+    entry: the drain at the old deadline re-reads it and files the new one; a
+    refresh past the horizon takes it out of the index and brings the next
+    walk forward to lead before its deadline."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
+    now = dp.clock()
+    near, far = conn(ST.UDP_NEW, PENDING), conn(ST.UDP_NEW, PENDING, frame=tcp6_request())
+    for e in (near, far):
+        dp.put(e, last_seen=(now + SOON - TIMEOUTS[ST.UDP_NEW] * HZ) % 2**32)
+    dp.put(conn(ST.TCP_ESTABLISHED, CONFIRMED).but(key=keyed(1)), last_seen=now)
+    assert dp.expire() == WALKED
+    assert set(dp.expiry_index()) == {near.key.pack(), far.key.pack()}
+    lead = dp.expiry_stats().lead
+    horizon = 2 * lead
+    near_seen = (now + 2 * SOON - TIMEOUTS[ST.UDP_NEW] * HZ) % 2**32  # due SOON later
+    far_seen = (now + horizon + 10 * HZ - TIMEOUTS[ST.UDP_NEW] * HZ) % 2**32
+    for e, seen in ((near, near_seen), (far, far_seen)):  # as a packet would: no request
+        dp.tables[PENDING].update(e.key.pack(), bytes(dp.pack_entry(e, seen)))
+    wait_clock(dp, (now + SOON + 1) % 2**32)
+    assert dp.expire() == SKIPPED
+    near_due = (near_seen + TIMEOUTS[ST.UDP_NEW] * HZ + 1) % 2**32
+    far_due = (far_seen + TIMEOUTS[ST.UDP_NEW] * HZ + 1) % 2**32
+    assert dp.expiry_index() == {near.key.pack(): (near_due, PENDING)}
+    assert set(remaining(dp)) == {near.key.pack(), far.key.pack(), keyed(1).pack()}
+    st = dp.expiry_stats()
+    assert st.next_due == (far_due - lead) % 2**32
+    assert (st.due_next, st.indexed, st.due_expired, st.passes) == (near_due, 1, 0, 1)
 
 
 def test_without_hz_the_pass_does_nothing(dp: Datapath) -> None:

@@ -225,8 +225,22 @@ struct expiry_stats {
 	__u64 changes;      /* the table's change count when the last walk began */
 	__u64 request;      /* lh_expiry_request's token when the last walk began */
 	__u64 skipped;      /* runs that did not walk */
-	__u32 next_due;     /* jiffies: the earliest deadline the last walk left */
+	__u32 next_due;     /* jiffies: the next walk, lead before the earliest deadline it left
+			     * out of lh_expiry_due */
 	__u32 checked;      /* jiffies: the last run, walked or not */
+	__u32 lead;         /* jiffies: twice the last walk's length + EXPIRY_LEAD_MS */
+	__u32 due_next;     /* jiffies: the earliest deadline in lh_expiry_due (a drain runs then) */
+	__u64 drains;       /* runs that drained lh_expiry_due */
+	__u64 due_expired;  /* of expired[]: removed by a drain at their deadline */
+	__u64 due_full;     /* entries a walk could not index (lh_expiry_due full) */
+	__u32 indexed;      /* entries in lh_expiry_due after the last walk or drain */
+	__u32 reserved;
+};
+
+/* lh_expiry_due value: when an entry the walk found due soon is due. */
+struct expiry_due {
+	__u32 deadline; /* jiffies: the first at which it is idle past its timeout */
+	__u32 table;    /* CHT_CONFIRMED or CHT_PENDING: the table that held it */
 };
 
 /* lh_svc_walk's frame (the test run's data in and out): which service

@@ -72,6 +72,21 @@ enum lh_const {
  * kernel's nr_cpu_ids ends the loop sooner). */
 #define MAX_CPUS 4096
 
+/* The expiry pass's deadline index (lh_expiry_due, expire.h): entries a walk
+ * found due within its horizon, each removed at its deadline by a drain that
+ * visits only them. Full, the rest wait for a walk, as without the index. */
+#ifndef EXPIRY_DUE_SIZE
+#define EXPIRY_DUE_SIZE 65536
+#endif
+
+/* How long before the earliest deadline left out of the index the next walk
+ * starts: twice the last walk's length plus this (ms), which covers the
+ * agent's interval between runs (1 s by default) and slack. The walk indexes
+ * what is due within twice that lead. */
+#ifndef EXPIRY_LEAD_MS
+#define EXPIRY_LEAD_MS 2000
+#endif
+
 #define MAX_IPV6_EXT_HDRS 6   /* extension headers skipped before giving up */
 
 /* Bytes pulled into the linear area when the headers are not there yet. */

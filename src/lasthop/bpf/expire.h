@@ -4,7 +4,14 @@
  * against the clock as the walk reaches it, and an entry refreshed after
  * that is simply not idle: no snapshot races the data path. The pass also
  * counts what it leaves, by state, and recounts the entries each VM port
- * opened (its quota's use), so none is leaked by an LRU eviction. */
+ * opened (its quota's use), so none is leaked by an LRU eviction.
+ *
+ * A walk of 10,000,000 entries takes seconds, so an entry due just behind
+ * where a walk is would wait for the next walk to come round. Instead each
+ * walk files the entries due within its horizon in lh_expiry_due, and the
+ * next walk starts `lead` before the earliest deadline it left out; a drain
+ * visits only the index, each run once its earliest deadline has come, and
+ * removes what is due then (read against the clock, as the walk does). */
 #pragma once
 
 #include <bpf/bpf_helpers.h>
@@ -28,9 +35,14 @@ struct expire_ctx {
 	__u32 timeout[CS_MAX]; /* jiffies, by state */
 	__u32 live[CS_MAX];
 	__u32 expired[CS_MAX];
-	__s32 next_left; /* jiffies until the earliest deadline of a live entry */
+	__u32 drained[2][CS_MAX]; /* removed by the drain, by table and state */
+	__s32 next_left; /* jiffies from started to the earliest deadline left out of the index */
+	__s32 due_left;  /* jiffies from started to the earliest deadline in the index */
 	__u32 table;     /* the table walked: enum lh_change_table */
 	__u32 pass;      /* the mark live entries' hop descriptors get (encap.h) */
+	__u32 started;   /* jiffies: when this run began */
+	__u32 horizon;   /* jiffies: entries due within this of started are indexed */
+	__u32 due_full;  /* entries the index had no room for */
 };
 
 /* Whether entry e is idle past its state's timeout (*state := its state,
@@ -48,20 +60,27 @@ static __always_inline int expire_due(const struct conn_entry *e, const struct e
 	return (__s32)idle > 0 && idle > ctx->timeout[s];
 }
 
-/* A live entry: counted by state, its deadline, its VM port's quota use. */
-static __always_inline void expire_keep(const struct conn_entry *e, struct expire_ctx *ctx,
-					__u32 state, __u32 idle)
+/* Files entry k (of table t) in the index, due at deadline; 0 when there was room. */
+static __always_inline long expire_index(const struct conn_key *k, __u32 t, __u32 deadline)
+{
+	struct expiry_due d = { .deadline = deadline, .table = t };
+
+	return bpf_map_update_elem(&lh_expiry_due, k, &d, BPF_ANY);
+}
+
+/* A live entry: counted by state, its VM port's quota use. Returns its
+ * deadline as jiffies from ctx->started (the first at which it is idle past
+ * its timeout); the caller indexes it or leaves it to a walk (expire_later). */
+static __always_inline __s32 expire_keep(const struct conn_entry *e, struct expire_ctx *ctx,
+					 __u32 state)
 {
 	__u32 timeout;
 
 	if (state >= CS_MAX) /* for the verifier: expire_due keeps it below */
-		return;
+		return 0;
 	timeout = ctx->timeout[state];
 	ctx->live[state]++;
 	hop_desc_keep(e, ctx->pass);
-	/* jiffies until idle > timeout; idle < 0 (refreshed meanwhile) only adds */
-	if ((__s32)(timeout - idle + 1) < ctx->next_left)
-		ctx->next_left = timeout - idle + 1;
 	if (e->flags & F_ENTRY_VM_ORIGIN) {
 		__u32 vm = e->vm_ifindex;
 		struct vm_usage *u = bpf_map_lookup_elem(&lh_vm_usage, &vm);
@@ -69,6 +88,34 @@ static __always_inline void expire_keep(const struct conn_entry *e, struct expir
 		if (u)
 			__sync_fetch_and_add(&u->walking, 1);
 	}
+	/* last_seen ahead of started (refreshed meanwhile) only moves it later */
+	return (__s32)(e->last_seen + timeout + 1 - ctx->started);
+}
+
+/* An entry due at left (jiffies from started) that is not in the index: the
+ * next walk must come before it. */
+static __always_inline void expire_later(struct expire_ctx *ctx, __s32 left)
+{
+	if (left < ctx->next_left)
+		ctx->next_left = left;
+}
+
+/* A live entry the walk met, due at left: into the index when within the
+ * horizon (and there is room), else left to a later walk. */
+static __always_inline void expire_file(const struct conn_key *k, struct expire_ctx *ctx,
+					__s32 left)
+{
+	if (left > (__s32)ctx->horizon) {
+		expire_later(ctx, left);
+		return;
+	}
+	if (expire_index(k, ctx->table, ctx->started + left)) {
+		ctx->due_full++;
+		expire_later(ctx, left);
+		return;
+	}
+	if (left < ctx->due_left)
+		ctx->due_left = left;
 }
 
 /* An entry of an IPv6 table (conn_key). */
@@ -85,7 +132,7 @@ static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entr
 			return 0;
 		}
 	}
-	expire_keep(e, ctx, state, idle);
+	expire_file(k, ctx, expire_keep(e, ctx, state));
 	return 0;
 }
 
@@ -96,6 +143,8 @@ static long expire_one4(struct bpf_map *map, struct conn_key4 *k4, struct conn_e
 	struct conn_key k;
 	__u32 state, idle;
 
+	__s32 left;
+
 	if (expire_due(e, ctx, &state, &idle)) {
 		conn_key_of4(&k, k4);
 		change_emit(CH_EXPIRED, ctx->table, &k, NULL);
@@ -105,8 +154,108 @@ static long expire_one4(struct bpf_map *map, struct conn_key4 *k4, struct conn_e
 			return 0;
 		}
 	}
-	expire_keep(e, ctx, state, idle);
+	left = expire_keep(e, ctx, state);
+	if (left > (__s32)ctx->horizon) { /* most entries: no full key needed */
+		expire_later(ctx, left);
+		return 0;
+	}
+	conn_key_of4(&k, k4);
+	expire_file(&k, ctx, left);
 	return 0;
+}
+
+/* The entry of index key k in table t (CHT_CONFIRMED or CHT_PENDING), or NULL. */
+static __always_inline struct conn_entry *expire_entry(const struct conn_key *k, __u32 t)
+{
+	struct conn_key4 k4;
+
+	if (k->family != FAMILY_V4)
+		return t ? bpf_map_lookup_elem(&lh_pending, k) : bpf_map_lookup_elem(&lh_conns, k);
+	conn_key4_of(&k4, k);
+	return t ? bpf_map_lookup_elem(&lh_pending4, &k4) : bpf_map_lookup_elem(&lh_conns4, &k4);
+}
+
+/* The drain, one index entry: gone from its table (removed, promoted: a
+ * change a walk follows) -> out of the index; idle past its timeout now ->
+ * removed, as the walk removes it; refreshed -> its new deadline, in the
+ * index while within the horizon, else left to a walk. */
+static long expire_drain_one(struct bpf_map *map, struct conn_key *k, struct expiry_due *d,
+			     struct expire_ctx *ctx)
+{
+	__u32 state, idle, t = d->table ? CHT_PENDING : CHT_CONFIRMED, timeout;
+	struct conn_entry *e = expire_entry(k, t);
+	__s32 left;
+
+	if (!e) {
+		bpf_map_delete_elem(map, k);
+		return 0;
+	}
+	if (expire_due(e, ctx, &state, &idle)) {
+		change_emit(CH_EXPIRED, t, k, NULL);
+		if (!conn_table_delete(t, k) && state < CS_MAX) {
+			ctx->drained[t][state]++;
+			if (e->flags & F_ENTRY_VM_ORIGIN) { /* the next walk recounts it too */
+				__u32 vm = e->vm_ifindex;
+				struct vm_usage *u = bpf_map_lookup_elem(&lh_vm_usage, &vm);
+
+				if (u && u->counted)
+					__sync_fetch_and_add(&u->counted, -1);
+			}
+		}
+		bpf_map_delete_elem(map, k);
+		return 0;
+	}
+	if (state >= CS_MAX)
+		return 0;
+	timeout = ctx->timeout[state];
+	left = (__s32)(e->last_seen + timeout + 1 - ctx->started);
+	if (left > (__s32)ctx->horizon) {
+		bpf_map_delete_elem(map, k);
+		expire_later(ctx, left);
+		return 0;
+	}
+	d->deadline = ctx->started + left;
+	if (left < ctx->due_left)
+		ctx->due_left = left;
+	return 0;
+}
+
+/* Drains the index when its earliest deadline has come (or the expiry state
+ * is new: whatever an index of before holds is looked at once). Adds what it
+ * removed to st; the deadlines it left out of the index move st->next_due
+ * earlier. Returns 1 when it ran. */
+static __always_inline int expire_drain(struct expiry_stats *st, struct expire_ctx *ctx)
+{
+	__u64 expired = 0;
+
+	if (st->passes && (__s32)(ctx->started - st->due_next) < 0)
+		return 0;
+	ctx->due_left = 1 << 30;
+	ctx->next_left = 1 << 30;
+	bpf_for_each_map_elem(&lh_expiry_due, expire_drain_one, ctx, 0);
+#pragma unroll
+	for (int t = 0; t < 2; t++) {
+		__u64 n = 0;
+#pragma unroll
+		for (int s = 0; s < CS_MAX; s++) {
+			__u32 d = ctx->drained[t][s];
+
+			st->expired[t][s] += d;
+			st->live[t][s] = st->live[t][s] > d ? st->live[t][s] - d : 0;
+			n += d;
+		}
+		if (n)
+			count_table_n(t ? TC_PENDING_EXPIRED : TC_CONFIRMED_EXPIRED, n);
+		expired += n;
+	}
+	st->due_expired += expired;
+	st->due_next = ctx->started + ctx->due_left;
+	st->indexed = bpf_map_sum_elem_count((struct bpf_map *)&lh_expiry_due);
+	if (ctx->next_left < (1 << 30) &&
+	    ctx->next_left < (__s32)(st->next_due + st->lead - ctx->started))
+		st->next_due = ctx->started + ctx->next_left - st->lead;
+	st->drains++;
+	return 1;
 }
 
 /* Before the walk: each VM port counts again from the current `created`. */
@@ -195,20 +344,88 @@ static __always_inline __u64 table_changes(void)
 	return sum;
 }
 
-/* Whether this run may skip the walk: a walk has run, nothing changed since it
- * began (neither the data path nor user space), and the earliest deadline it
- * left is still ahead. Records what the walk, if any, starts from. */
-static __always_inline int expire_skip(struct expiry_stats *st, __u32 now)
+/* Jiffies after a walk began before a change by the data path calls for the
+ * next one: a changed entry is due no sooner than the shortest timeout after
+ * the walk began, and a walk that starts lead before that meets it in time
+ * to file it in the index. 0 when the shortest timeout is within the lead. */
+static __always_inline __u32 expire_change_gap(const struct expire_ctx *ctx, __u32 lead)
 {
-	__u32 zero = 0;
+	__u32 shortest = ctx->timeout[0];
+
+#pragma unroll
+	for (int i = 1; i < CS_MAX; i++)
+		if (ctx->timeout[i] < shortest)
+			shortest = ctx->timeout[i];
+	return shortest > lead ? shortest - lead : 0;
+}
+
+/* Whether this run may skip the walk: a walk has run, user space asked for
+ * none since it began, the next walk's moment (st->next_due) has not come,
+ * and the data path changed nothing -- or too recently to need a walk yet
+ * (expire_change_gap). Records what the walk, if any, starts from. */
+static __always_inline int expire_skip(struct expiry_stats *st, const struct expire_ctx *ctx)
+{
+	__u32 zero = 0, now = ctx->started;
 	__u64 *token = bpf_map_lookup_elem(&lh_expiry_request, &zero);
 	__u64 request = token ? *token : 0, changes = table_changes();
 
 	st->checked = now;
-	if (st->passes && changes == st->changes && request == st->request &&
-	    (__s32)(now - st->next_due) < 0)
+	if (st->passes && request == st->request && (__s32)(now - st->next_due) < 0 &&
+	    (changes == st->changes ||
+	     (__s32)(now - st->started) < (__s32)expire_change_gap(ctx, st->lead)))
 		return 1;
 	st->changes = changes;
 	st->request = request;
 	return 0;
+}
+
+/* One run of lh_expire: the drain when the index has something due, then the
+ * walk when expire_skip finds it needed. Returns 1 when it walked, 2 when it
+ * did not (drained or not), 0 when the agent has not configured the data path
+ * yet (no HZ: no timeout means anything). */
+static __always_inline int expire_run(void)
+{
+	struct expire_ctx ctx = {};
+	struct lh_settings *s;
+	struct expiry_stats *st;
+	__u32 zero = 0, walked;
+
+	s = bpf_map_lookup_elem(&lh_settings, &zero);
+	st = bpf_map_lookup_elem(&lh_expiry, &zero);
+	if (!s || !st || !s->hz)
+		return 0;
+	ctx.started = now32();
+	expire_timeouts(&ctx, s);
+	if (!st->lead)
+		st->lead = EXPIRY_LEAD_MS * (__u64)s->hz / 1000;
+	ctx.horizon = 2 * st->lead;
+	expire_drain(st, &ctx);
+	if (expire_skip(st, &ctx)) {
+		st->skipped++;
+		count_table(TC_EXPIRY_SKIPPED);
+		return 2;
+	}
+	/* what the index holds (the drain above brought st->due_next up to date,
+	 * or it is still ahead) stays in it: the walk's earliest deadline starts there */
+	ctx.due_left = (__s32)(st->due_next - ctx.started);
+	if (!st->passes || ctx.due_left > (1 << 30))
+		ctx.due_left = 1 << 30;
+	ctx.next_left = 1 << 30; /* an empty table: nothing is due for ~12 days at HZ 1000 */
+	ctx.pass = (__u32)st->passes + 1;
+	st->started = ctx.started;
+	bpf_for_each_map_elem(&lh_vm_usage, usage_begin, NULL, 0);
+	expire_table(&lh_conns4, &lh_conns, 0, &ctx, st);
+	expire_table(&lh_pending4, &lh_pending, 1, &ctx, st);
+	bpf_for_each_map_elem(&lh_vm_usage, usage_end, NULL, 0);
+	bpf_for_each_map_elem(&lh_hop_descs, hop_desc_sweep, &ctx.pass, 0);
+	st->finished = now32();
+	walked = st->finished - ctx.started;
+	st->lead = 2 * walked + EXPIRY_LEAD_MS * (__u64)s->hz / 1000;
+	st->next_due = ctx.started + ctx.next_left - st->lead;
+	st->due_next = ctx.started + ctx.due_left;
+	st->indexed = bpf_map_sum_elem_count((struct bpf_map *)&lh_expiry_due);
+	st->due_full += ctx.due_full;
+	st->passes++;
+	count_table(TC_EXPIRY_PASSES);
+	return 1;
 }

@@ -859,41 +859,15 @@ int lh_clock(struct __sk_buff *skb)
 }
 
 /* The expiry pass (expire.h), run by the agent through BPF_PROG_TEST_RUN
- * every few seconds. It walks only when the table changed since the last
- * walk or an entry is due: a table at rest costs nothing, however large.
+ * every second. It drains the deadline index when something in it is due,
+ * and walks only when the table changed since the last walk or the next
+ * walk's moment has come: a table at rest costs nothing, however large.
  * Returns 1 when it walked, 2 when it had no need to, 0 when the agent has
  * not configured the data path yet (no HZ: no timeout means anything). */
 SEC("tc")
 int lh_expire(struct __sk_buff *skb)
 {
-	struct lh_settings *s = settings_get();
-	struct expire_ctx ctx = {};
-	struct expiry_stats *st;
-	__u32 zero = 0, started;
-
-	st = bpf_map_lookup_elem(&lh_expiry, &zero);
-	if (!s || !st || !s->hz)
-		return 0;
-	started = now32();
-	if (expire_skip(st, started)) {
-		st->skipped++;
-		count_table(TC_EXPIRY_SKIPPED);
-		return 2;
-	}
-	expire_timeouts(&ctx, s);
-	ctx.next_left = 1 << 30; /* an empty table: nothing is due for ~12 days at HZ 1000 */
-	ctx.pass = (__u32)st->passes + 1;
-	st->started = started;
-	bpf_for_each_map_elem(&lh_vm_usage, usage_begin, NULL, 0);
-	expire_table(&lh_conns4, &lh_conns, 0, &ctx, st);
-	expire_table(&lh_pending4, &lh_pending, 1, &ctx, st);
-	bpf_for_each_map_elem(&lh_vm_usage, usage_end, NULL, 0);
-	bpf_for_each_map_elem(&lh_hop_descs, hop_desc_sweep, &ctx.pass, 0);
-	st->next_due = started + ctx.next_left;
-	st->finished = now32();
-	st->passes++;
-	count_table(TC_EXPIRY_PASSES);
-	return 1;
+	return expire_run();
 }
 
 /* Each table's element count as the kernel keeps it (exact, including LRU

@@ -69,6 +69,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_expiry SEC(".maps");
 
+/* Full conn_key -> when its entry is due (struct expiry_due): what the last
+ * expiry walks found due within their horizon, so a drain removes each at its
+ * deadline without walking the table (expire.h). Not preallocated: it costs
+ * memory only for the entries in it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, EXPIRY_DUE_SIZE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct conn_key);
+	__type(value, struct expiry_due);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_expiry_due SEC(".maps");
+
 /* 0 -> a token user space changes after it wrote or removed entries itself
  * (flush, upgrade, new timeouts): the next lh_expire walks even if the data
  * path changed nothing. A token, not a flag, so no one needs an atomic op. */
