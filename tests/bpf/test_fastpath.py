@@ -68,7 +68,6 @@ from .harness import (
     bridged,
     check,
     ids,
-    inner_tag,
     prepare,
     routed,
 )
@@ -80,26 +79,34 @@ VM_MACS = (("vm1", MAC_VM_1), ("vm2", MAC_VM_2))
 
 
 def request4(flags: str = "A") -> Packet:
-    return eth(MAC_FW_B, MAC_VM_1) / IP(src=IP_CLIENT_B, dst=IP_VM_1) / TCP(
-        sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags
+    return (
+        eth(MAC_FW_B, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags)
     )
 
 
 def reply4(flags: str = "A", **ip: object) -> Packet:
-    return eth(MAC_VM_1, MAC_FW_A) / IP(src=IP_VM_1, dst=IP_CLIENT_B, **ip) / TCP(
-        sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags
+    return (
+        eth(MAC_VM_1, MAC_FW_A)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B, **ip)
+        / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags)
     )
 
 
 def request6(flags: str = "A") -> Packet:
-    return eth(MAC_FW_B, MAC_VM_1) / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1) / TCP(
-        sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags
+    return (
+        eth(MAC_FW_B, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+        / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags=flags)
     )
 
 
 def reply6(flags: str = "A") -> Packet:
-    return eth(MAC_VM_1, MAC_FW_A) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B) / TCP(
-        sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags
+    return (
+        eth(MAC_VM_1, MAC_FW_A)
+        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+        / TCP(sport=PORT_HTTP, dport=PORT_CLIENT, flags=flags)
     )
 
 
@@ -151,10 +158,9 @@ ROWS: list[tuple[Case, bool]] = [
     ),
     (
         reply_row(
-            "a tagged last hop: its tag pushed back",
+            "a tagged last hop: its tag pushed back (into the skb's metadata)",
             reply4(),
             est(request4(), vlans=(tci(VLAN_C),)),
-            output=inner_tag(bridged(reply4()), tci(VLAN_C)),
         ),
         True,
     ),
@@ -176,8 +182,34 @@ ROWS: list[tuple[Case, bool]] = [
         ),
         True,
     ),
-    (reply_row("a FIN: its state moves", reply4("FA"), est(request4())), False),
-    (reply_row("a RST: its state moves", reply4("R"), est(request4())), False),
+    (
+        reply_row(
+            "a FIN: its state moves",
+            reply4("FA"),
+            est(request4()),
+            after=(
+                est(
+                    request4(),
+                    replies=1,
+                    seen="now",
+                    state=abi.State.TCP_CLOSING,
+                    flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_FIN_ANSWERER,
+                ),
+            ),
+            table_counters={abi.TableCounter.STATE_CHANGES: 1},
+        ),
+        False,
+    ),
+    (
+        reply_row(
+            "a RST: its state moves",
+            reply4("R"),
+            est(request4()),
+            after=(est(request4(), replies=1, seen="now", state=abi.State.TCP_CLOSED),),
+            table_counters={abi.TableCounter.STATE_CHANGES: 1},
+        ),
+        False,
+    ),
     (
         reply_row(
             "IP options: counted by the general path",
@@ -208,8 +240,12 @@ ROWS: list[tuple[Case, bool]] = [
         False,
     ),
     (
-        reply_row("the guest's MAC not yet known: the general path learns it", reply4(),
-                  est(request4()), vm_macs=(("vm2", MAC_VM_2),)),
+        reply_row(
+            "the guest's MAC not yet known: the general path learns it",
+            reply4(),
+            est(request4()),
+            vm_macs=(("vm2", MAC_VM_2),),
+        ),
         False,
     ),
     (
@@ -357,11 +393,13 @@ def _outcome(dp: Datapath, case: Case, prog: str) -> tuple[object, ...]:
 def _established(case: Case) -> Case:
     """The case with its guests' MACs known and its TCP entries established:
     the set-up the fast paths look for."""
-    setup = tuple(
-        e.but(state=EST, table=CONFIRMED) if _is_tcp(e.key) else e for e in case.setup
+    setup = tuple(e.but(state=EST, table=CONFIRMED) if _is_tcp(e.key) else e for e in case.setup)
+    return replace(
+        case,
+        desc=case.desc + " [established, MACs known]",
+        setup=setup,
+        vm_macs=case.vm_macs or VM_MACS,
     )
-    return replace(case, desc=case.desc + " [established, MACs known]", setup=setup,
-                   vm_macs=case.vm_macs or VM_MACS)
 
 
 def _is_tcp(key: Key) -> bool:
