@@ -83,6 +83,9 @@ UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last h
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 L3_UPLINK_PROGRAM = "lh_uplink_l3"  # an uplink whose frames start at their IP header
 MPLS_UPLINK_PROGRAM = "lh_uplink_mpls"  # XDP of an MPLS uplink: labels off, into metadata
+# programs of the object the agent never runs: benchmarks' and tests' (they load
+# them themselves), and lh_uplink_l3, loaded at the first L3 attach
+AGENT_SKIPS = (L3_UPLINK_PROGRAM, "lh_reference", "lh_empty")
 
 
 @dataclass(frozen=True)
@@ -556,7 +559,7 @@ class Datapath:
                 self._path,
                 pin_root=pins.folder,
                 max_entries=sizes,
-                skip=[L3_UPLINK_PROGRAM],  # loaded when an L3 uplink is first attached
+                skip=AGENT_SKIPS,  # lh_uplink_l3: loaded when an L3 uplink is first attached
                 image=self._image,
             )
         except libbpf.BpfError as err:

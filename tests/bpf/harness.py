@@ -616,8 +616,9 @@ def frame_diff(actual: bytes, expected: bytes) -> str:
     )
 
 
-def check(dp: Datapath, case: Case) -> TestRun:
-    """Runs one case on a freshly reset data path and asserts every expectation."""
+def prepare(dp: Datapath, case: Case) -> None:
+    """Resets the data path and writes a case's set-up (interfaces, settings,
+    entries, addresses, quotas, lists, moves, scope)."""
     dp.reset()
     zones, roles, vm_macs = dict(case.zones), dict(case.roles), dict(case.vm_macs)
     extra = dict(case.iface_flags)
@@ -646,6 +647,11 @@ def check(dp: Datapath, case: Case) -> TestRun:
         dp.unreachable_hop(iface, mac)
     if case.scope or case.scope_default != "learn":
         dp.set_scope(case.scope, case.scope_default)
+
+
+def check(dp: Datapath, case: Case) -> TestRun:
+    """Runs one case on a freshly reset data path and asserts every expectation."""
+    prepare(dp, case)
     frame = bytes(case.packet)
     before, tables_before = dp.counter_values(), dp.table_counter_values()
     t0 = dp.clock()
@@ -704,6 +710,7 @@ __all__ = [
     "bridged",
     "check",
     "inner_tag",
+    "prepare",
     "routed",
     "ids",
     "mac_bytes",

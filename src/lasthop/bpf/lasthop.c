@@ -21,6 +21,7 @@
 #include "failover.h"
 #include "scope.h"
 #include "prune.h"
+#include "fastpath.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -395,6 +396,38 @@ __noinline int uplink_icmp_error(struct __sk_buff *skb, __u32 l3_off, __u32 l3_l
 	return CNT_ICMP_ERROR_REDIRECTED << 8 | ret;
 }
 
+/* An uplink packet of a connection (not ICMP but echo), parsed: learned or
+ * refreshed, sent where its entry says, counted. A global function, given
+ * the caller's packet as memory of unknown content: it is verified once,
+ * for any content, so every way through the parser shares one verification
+ * of what follows (p->l3 and the cursor are the caller's; nothing here
+ * needs them: header offsets do). l3: an L3 link's packet (a constant:
+ * uplink_parsed_eth and uplink_parsed_l3). */
+static __always_inline int uplink_parsed(struct __sk_buff *skb, struct pkt *p, int l3)
+{
+	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
+	struct outcome o = { .svc = -1, .table = -1 };
+	int ret = TC_ACT_OK;
+
+	if (!p || !cfg)
+		return TC_ACT_OK;
+	ret = uplink_conn(skb, p, cfg, &o, l3);
+	if (p->frag)
+		frag_remember(p, ret, 1); /* a first fragment: the later ones follow it */
+	count_outcome(cfg->slot, p, &o);
+	return ret;
+}
+
+__noinline int uplink_parsed_eth(struct __sk_buff *skb, struct pkt *p)
+{
+	return uplink_parsed(skb, p, 0);
+}
+
+__noinline int uplink_parsed_l3(struct __sk_buff *skb, struct pkt *p)
+{
+	return uplink_parsed(skb, p, 1);
+}
+
 /* l3: the uplink is an L3 link (no Ethernet header): a constant of each
  * entry point, so each is verified with its own kind of frame only. */
 static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
@@ -423,34 +456,40 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
 		o.reason = CNT_ICMP_OTHER;
 		goto out;
 	}
-	if (p.icmp_kind == ICMP_KIND_ERROR) {
-		ret = uplink_icmp_error(skb, p.l3_off, p.l3_len, c.pos - (void *)(long)skb->data,
-					p.key.zone | p.vlan_count << 16 | l3 << 18 |
-					p.key.family << 24);
-		o.reason = ret >> 8;
-		ret &= 0xff;
-	} else {
+	if (p.icmp_kind != ICMP_KIND_ERROR) {
 		/* a tunnel's or MPLS stack's hop: its descriptor's id in the tags'
-		 * place (never on an L3 link) */
+		 * place (never on an L3 link). Here, not in uplink_parsed: below
+		 * that the calls' stacks would pass the verifier's 512 bytes. */
 		o.reason = l3 ? 0 : hop_learn(skb, (__u32 *)p.vlan_tci);
 		if (o.reason < 0) {
 			o.reason = -o.reason;
 			goto out;
 		}
 		p.hop_ext = o.reason;
-		ret = uplink_conn(skb, &p, cfg, &o, l3);
+		return l3 ? uplink_parsed_l3(skb, &p) : uplink_parsed_eth(skb, &p);
 	}
-	if (p.frag && p.icmp_kind != ICMP_KIND_ERROR)
-		frag_remember(&p, ret, 1); /* a first fragment: the later ones follow it */
+	ret = uplink_icmp_error(skb, p.l3_off, p.l3_len, c.pos - (void *)(long)skb->data,
+				p.key.zone | p.vlan_count << 16 | l3 << 18 | p.key.family << 24);
+	o.reason = ret >> 8;
+	ret &= 0xff;
 out:
 	count_outcome(cfg->slot, &p, &o);
 	return ret;
 }
 
+/* The common case first (fast_refresh), else the general path. */
+static __always_inline int uplink_entry(struct __sk_buff *skb)
+{
+	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
+	int ret = cfg ? fast_refresh(skb, cfg) : FAST_NONE;
+
+	return ret != FAST_NONE ? ret : uplink_main(skb, 0);
+}
+
 SEC("tc")
 int lh_uplink(struct __sk_buff *skb)
 {
-	return uplink_main(skb, 0);
+	return uplink_entry(skb);
 }
 
 /* lh_uplink for an L3 link (link_kind LINK_L3: tun, WireGuard, xfrm, GRE,
@@ -503,14 +542,18 @@ static __always_inline int vm_origin_allowed(const struct pkt *p, __u32 ifindex,
 }
 
 /* A VM packet with no entry: if it opens a connection, remember the VM so
- * the server's replies come back to it (full-proxy VMs sharing an address). */
-static __always_inline int vm_origin_learn(const struct pkt *p, __u32 vm_ifindex)
+ * the server's replies come back to it (full-proxy VMs sharing an address).
+ * A global function: its frame is not on the stack of vmport_parsed's
+ * deepest calls (the verifier allows 512 bytes for a chain of calls). */
+__noinline int vm_origin_learn(const struct pkt *p, __u32 vm_ifindex)
 {
 	struct lh_settings *s = settings_get();
 	struct conn_entry e = {};
 	struct vm_usage *u;
 	int err;
 
+	if (!p)
+		return CNT_MISS;
 	if (!s || (s->flags & F_SET_NO_VM_ORIGIN))
 		return CNT_MISS;
 	if (p->key.proto == IPPROTO_TCP && !is_pure_syn(p))
@@ -684,17 +727,16 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 	return ret;
 }
 
-/* Finds the entry of a VM packet and sends it to the last hop. */
-static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, struct cursor *c,
+/* Finds the entry of a VM packet (an ICMP error: of the packet it quotes)
+ * and sends it to the last hop. */
+static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p,
 				       struct iface_cfg *cfg, struct outcome *o)
 {
 	int hit = CNT_REDIRECTED, ret, pending, confirmed = 0;
 	struct conn_entry *e;
 
-	if (p->icmp_kind == ICMP_KIND_ERROR) {
+	if (p->icmp_kind == ICMP_KIND_ERROR) { /* its key is the quote's (vmport_main) */
 		o->reason = CNT_ICMP_ERROR_MISS;
-		if (icmp_error_key(p, c) < 0)
-			return TC_ACT_OK;
 		hit = CNT_ICMP_ERROR_REDIRECTED;
 	} else if (p->icmp_kind == ICMP_KIND_OTHER) {
 		o->reason = CNT_ICMP_OTHER;
@@ -714,6 +756,24 @@ static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p, str
 	ret = vmport_reply(skb, p, e, cfg, hit, o);
 	if (confirmed && pending)
 		o->table = conn_promote(&p->key, e);
+	return ret;
+}
+
+/* A VM port's packet, parsed (an ICMP error's key: the quoted packet's):
+ * sent to its last hop, or learned, or passed; counted. A global function,
+ * as uplink_parsed: verified once, whichever way the parser went. */
+__noinline int vmport_parsed(struct __sk_buff *skb, struct pkt *p)
+{
+	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_VM_PORT);
+	struct outcome o = { .svc = -1, .table = -1 };
+	int ret;
+
+	if (!p || !cfg)
+		return TC_ACT_OK;
+	ret = vmport_conn(skb, p, cfg, &o);
+	if (p->frag && p->icmp_kind == ICMP_KIND_NONE)
+		frag_remember(p, ret, 0); /* its key reversed: not for an ICMP error's quote */
+	count_outcome(cfg->slot, p, &o);
 	return ret;
 }
 
@@ -738,18 +798,31 @@ static __always_inline int vmport_main(struct __sk_buff *skb)
 		goto out;
 	}
 	vm_mac_learn(skb, cfg, &p.key, 0);
-	ret = vmport_conn(skb, &p, &c, cfg, &o);
-	if (p.frag && p.icmp_kind == ICMP_KIND_NONE)
-		frag_remember(&p, ret, 0); /* its key reversed: not for an ICMP error's quote */
+	/* an ICMP error is about the packet it quotes: its key, read here
+	 * where the cursor is a packet pointer */
+	if (p.icmp_kind == ICMP_KIND_ERROR && icmp_error_key(&p, &c) < 0) {
+		o.reason = CNT_ICMP_ERROR_MISS;
+		goto out;
+	}
+	return vmport_parsed(skb, &p);
 out:
 	count_outcome(cfg->slot, &p, &o);
 	return ret;
 }
 
+/* The common case first (fast_reply), else the general path. */
+static __always_inline int vmport_entry(struct __sk_buff *skb)
+{
+	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_VM_PORT);
+	int ret = cfg ? fast_reply(skb, cfg) : FAST_NONE;
+
+	return ret != FAST_NONE ? ret : vmport_main(skb);
+}
+
 SEC("tc")
 int lh_vmport(struct __sk_buff *skb)
 {
-	return vmport_main(skb);
+	return vmport_entry(skb);
 }
 
 /* Only ICMP and ICMPv6 frames (untagged, IPv6 without extension headers)
@@ -973,6 +1046,23 @@ int lh_reference(struct __sk_buff *skb)
 	return bpf_redirect(e->ifindex, 0);
 }
 
+#ifdef LH_TRACE_REDIRECT
+/* Test builds only: lh_uplink and lh_vmport without their fast path, so the
+ * fast path's test (tests/bpf/test_fastpath.py) can hold it to what the
+ * general path does with the same packet. */
+SEC("tc")
+int lh_uplink_general(struct __sk_buff *skb)
+{
+	return uplink_main(skb, 0);
+}
+
+SEC("tc")
+int lh_vmport_general(struct __sk_buff *skb)
+{
+	return vmport_main(skb);
+}
+#endif
+
 /* The baseline the benchmark compares against: a tc program that does nothing. */
 SEC("tc")
 int lh_empty(struct __sk_buff *skb)
@@ -1002,7 +1092,7 @@ static __always_inline void bench_step(struct __sk_buff *skb, __u32 off)
 SEC("tc")
 int lh_bench_uplink(struct __sk_buff *skb)
 {
-	int ret = uplink_main(skb, 0);
+	int ret = uplink_entry(skb);
 
 	bench_step(skb, BENCH_SADDR_OFF);
 	return ret;
@@ -1011,7 +1101,7 @@ int lh_bench_uplink(struct __sk_buff *skb)
 SEC("tc")
 int lh_bench_vmport(struct __sk_buff *skb)
 {
-	int ret = vmport_main(skb);
+	int ret = vmport_entry(skb);
 
 	bench_step(skb, BENCH_DADDR_OFF);
 	return ret;
@@ -1030,7 +1120,7 @@ int lh_bench_vmport_ttl(struct __sk_buff *skb)
 
 	bpf_skb_load_bytes(skb, BENCH_TTL_OFF, &ttl_word, 2);
 	bpf_skb_load_bytes(skb, BENCH_TTL_OFF + 2, &check, 2);
-	ret = vmport_main(skb);
+	ret = vmport_entry(skb);
 	bpf_skb_store_bytes(skb, BENCH_TTL_OFF, &ttl_word, 2, 0);
 	bpf_skb_store_bytes(skb, BENCH_TTL_OFF + 2, &check, 2, 0);
 	return ret;

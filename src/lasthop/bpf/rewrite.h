@@ -17,15 +17,25 @@ static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
 }
 
 /* Routed hop: TTL or hop limit minus one, IPv4 checksum patched incrementally
- * (RFC 1624, as the kernel's ip_decrease_ttl does). Returns 0, or
+ * (RFC 1624, as the kernel's ip_decrease_ttl does). The IP header is found
+ * by its offset (p->l3_off), not by p->l3: a global function given the
+ * packet as memory has offsets, not pointers. Returns 0, or
  * -CNT_TTL_EXPIRED when the kernel must answer instead. */
-static __always_inline int rewrite_ttl(struct pkt *p, void *data_end)
+static __always_inline int rewrite_ttl(struct __sk_buff *skb, const struct pkt *p)
 {
+	void *data_end = (void *)(long)skb->data_end;
+	void *l3 = (void *)(long)skb->data;
+	__u32 off = p->l3_off;
+
+	asm volatile("" : "+r"(off)); /* checked here, where it is used: the verifier must see it */
+	if (off > PULL_LEN) /* it lies in what parse_packet pulls */
+		return -CNT_MALFORMED;
+	l3 += off;
 	if (p->key.family == FAMILY_V4) {
-		struct iphdr *ip = p->l3;
+		struct iphdr *ip = l3;
 		__u32 check;
 
-		if (!ip || (void *)(ip + 1) > data_end) /* !ip: never parsed that far */
+		if ((void *)(ip + 1) > data_end)
 			return -CNT_MALFORMED;
 		if (ip->ttl <= 1)
 			return -CNT_TTL_EXPIRED;
@@ -34,9 +44,9 @@ static __always_inline int rewrite_ttl(struct pkt *p, void *data_end)
 		ip->check = (__u16)(check + (check >= 0xFFFF));
 		ip->ttl--;
 	} else {
-		struct ipv6hdr *ip6 = p->l3;
+		struct ipv6hdr *ip6 = l3;
 
-		if (!ip6 || (void *)(ip6 + 1) > data_end) /* !ip6: never parsed that far */
+		if ((void *)(ip6 + 1) > data_end)
 			return -CNT_MALFORMED;
 		if (ip6->hop_limit <= 1)
 			return -CNT_TTL_EXPIRED;
@@ -114,7 +124,7 @@ static __always_inline int rewrite_push_eth(struct __sk_buff *skb, struct pkt *p
 {
 	__u16 proto = p->key.family == FAMILY_V4 ? ETH_P_IP : ETH_P_IPV6;
 	struct ethhdr *eth;
-	int err = rewrite_ttl(p, (void *)(long)skb->data_end);
+	int err = rewrite_ttl(skb, p);
 
 	if (err)
 		return err;
@@ -141,7 +151,7 @@ static __always_inline int rewrite_l2(struct __sk_buff *skb, struct pkt *p, int 
 	if (!eth)
 		return -CNT_MALFORMED;
 	if (routed) {
-		err = rewrite_ttl(p, (void *)(long)skb->data_end);
+		err = rewrite_ttl(skb, p);
 		if (err)
 			return err;
 		__builtin_memcpy(eth->h_source, src, ETH_ALEN);
@@ -169,7 +179,7 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 		/* no MAC on an L3 link: the kernel takes the Ethernet header off
 		 * on the redirect (__bpf_redirect_no_mac); the host routes the
 		 * reply into the link, so TTL - 1 whatever the VM port */
-		err = rewrite_ttl(p, (void *)(long)skb->data_end);
+		err = rewrite_ttl(skb, p);
 		if (err)
 			return err;
 	} else {

@@ -68,7 +68,7 @@ __noinline int send_to_vm_at(struct __sk_buff *skb, __u32 vm_ifindex, __u32 l3_o
 		return -CNT_MISS;
 	if (l3_off > PULL_LEN)
 		return -CNT_MALFORMED;
-	q.l3 = (void *)(long)skb->data + l3_off; /* rewrite_ttl checks it against data_end */
+	q.l3_off = l3_off; /* rewrite_ttl checks it against data_end */
 	q.key.family = family;
 	q.vlan_count = tags_l3 & 3;
 	if (tags_l3 >> 2 & 1) {
