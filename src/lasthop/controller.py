@@ -458,6 +458,7 @@ class Controller:
                 key = abi.endpoint_lpm_key(link.index, family, b"", 0)
                 if maps.endpoints.lookup(bytes(key)) is None:  # an allowed ::/0 stays
                     maps.endpoints.update(bytes(key), bytes([abi.ENDPOINT_REFUSED]))
+
     def _link_kind(self, link: Link, role: abi.Role) -> abi.LinkKind:
         """The link's kind, or MPLS for an Ethernet uplink whose config sets mpls."""
         assert self._config is not None
