@@ -97,7 +97,6 @@ TARGETS: dict[str, Target] = {
     "uplink_refresh": Target(1.5, "reference"),
     # issue 9: a reply through a tunnel within 1.3x the same reply on a plain uplink
     "reply_hit_vxlan": Target(1.3, "plain"),
-    "reply_hit_mpls": Target(1.3, "plain"),
     "new_connection": Target(1500.0, "ns"),
     # issue 9: a reply through an L3 uplink within 1.3x the same reply through an Ethernet one
     "reply_hit_l3": Target(1.3, "ethernet"),
@@ -121,10 +120,8 @@ _CLIENT6 = socket.inet_pton(socket.AF_INET6, "2001:db8:100::20")
 _VM6 = socket.inet_pton(socket.AF_INET6, "2001:db8:2::11")
 _PORT_HIT, _PORT_MISS, _PORT_PENDING, _PORT_STREAM = 40001, 40002, 40003, 40004
 _PORT_ROUTED, _PORT_L3 = 40005, 40006  # replies through a routed VM port: Ethernet, L3 uplink
-_PORT_VXLAN, _PORT_MPLS = 40007, 40008
-_VXLAN_HOP_ID = 1  # the bench's lh_hop_descs entries (any ids: the reply only reads them)
-_MPLS_HOP_ID = 2
-_MPLS_LABELS = (16001 << 12 | 5 << 9, 24002 << 12 | 5 << 9)  # reply_hit_mpls: two labels
+_PORT_VXLAN = 40007
+_VXLAN_HOP_ID = 1  # the bench's one lh_hop_descs entry (any id: the reply only reads it)
 _STREAM_CLIENTS = 0x64400000  # 100.64.0.0: the clients of the back-to-back handshakes
 _FILL_BATCH = 8192
 
@@ -415,21 +412,6 @@ class _Bench:
         ctypes.memmove(e.mac, _FW_B, abi.ETH_ALEN)
         self.conns.update(key, bytes(e))
 
-    def mpls_entry(self, key: bytes) -> None:
-        """An established entry whose last hop is firewall B under labels 16001/24002."""
-        desc = abi.HopDesc(kind=int(abi.HopKind.MPLS), mpls_count=len(_MPLS_LABELS))
-        desc.mpls[: len(_MPLS_LABELS)] = _MPLS_LABELS
-        self.obj.map("lh_hop_descs").update(u32(_MPLS_HOP_ID), bytes(desc))
-        e = abi.ConnEntry(
-            ifindex=self.index["up0"],
-            flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_HOP_EXT,
-            packets=1,
-            state=int(abi.State.TCP_ESTABLISHED),
-        )
-        e.vlan_tci[0], e.vlan_tci[1] = _MPLS_HOP_ID & 0xFFFF, _MPLS_HOP_ID >> 16
-        ctypes.memmove(e.mac, _FW_B, abi.ETH_ALEN)
-        self.conns.update(key, bytes(e))
-
     def state(self, m: FamilyMap, key: bytes) -> abi.State | None:
         raw = m.lookup(key)
         return None if raw is None else abi.State(abi.ConnEntry.from_buffer_copy(raw).state)
@@ -546,41 +528,6 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> di
             raise BenchError(f"{name}: the entry left {state.name} (now {b.state(m, key)})")
     if b.conns.lookup(pending) is not None:
         raise BenchError("reply_hit_pending: the pending entry was promoted")
-    return out
-
-
-@dataclass
-class _MplsSingles:
-    mpls: list[int]  # the reply through an MPLS hop (two labels)
-    plain: list[int]  # the same reply through a plain Ethernet hop (reply_hit_v4's)
-    empty: list[int]
-
-
-def _mpls_singles(b: _Bench, n: int) -> _MplsSingles:
-    """n single runs each, interleaved, of the reply through an MPLS hop, the
-    plain reply and lh_empty. Back to back (test run's repeat) cannot time
-    the MPLS reply: repeat runs the one skb again, and the labels the first
-    run pushed make the next a frame lh_vmport passes (not IP); taking them
-    off again in the run would be timed with it. Each single run gets a
-    fresh skb; lh_empty's single runs are the calibration both share."""
-    vm, empty = b.prog("lh_vmport"), b.prog("lh_empty")
-    ctx = b.ctx("vm0")
-    mpls_key = _key4(_CLIENT4, _VM4, _PORT_MPLS, 80)
-    b.mpls_entry(mpls_key)
-    mpls = tcp4_frame(_VM, _FW_A, _VM4, _CLIENT4, 80, _PORT_MPLS)
-    plain = tcp4_frame(_VM, _FW_A, _VM4, _CLIENT4, 80, _PORT_HIT)
-    before = b.snapshot()
-    out = _MplsSingles([], [], [])
-    for _ in range(n):
-        for frame, times in ((mpls, out.mpls), (plain, out.plain)):
-            run = vm.test_run(frame, ctx=ctx)
-            if run.retval != TC_ACT_REDIRECT:
-                raise BenchError(f"reply_hit_mpls: lh_vmport returned {run.retval}, not 7")
-            times.append(run.duration_ns)
-        out.empty.append(empty.test_run(plain, ctx=ctx).duration_ns)
-    b.check("reply_hit_mpls", before, {"vm0 REDIRECTED": 2 * n, "vm0 ENCAP_REDIRECTED": n})
-    if b.state(b.conns, mpls_key) != abi.State.TCP_ESTABLISHED:
-        raise BenchError("reply_hit_mpls: the entry left TCP_ESTABLISHED")
     return out
 
 
@@ -843,8 +790,6 @@ def run(
             try:
                 b = _Bench(obj, index)
                 hot = _back_to_back(b, repeat, rounds, progress)
-                progress(f"{inserts} replies through an MPLS hop and a plain one, single runs")
-                mpls = _mpls_singles(b, inserts)
                 progress(f"{inserts} new entries into tables with room")
                 room = _single_runs(b, "insert_room", inserts, 0)
                 progress(f"{inserts} new confirmed connections (handshakes)")
@@ -919,24 +864,6 @@ def run(
             fig.vs_plain = statistics.median(runs) / plain
             fig.detail += f"; {fig.vs_plain:.2f}x reply_hit_v4 ({plain:.0f} ns), same rounds"
         figures.append(fig)
-
-    # the MPLS reply as single runs: its own time over lh_empty's, and that
-    # over the plain reply's own time over lh_empty's (same runs, interleaved)
-    e_med = statistics.median(mpls.empty)
-    own, own_plain = statistics.median(mpls.mpls) - e_med, statistics.median(mpls.plain) - e_med
-    fig = figure(
-        "reply_hit_mpls",
-        "lh_vmport",
-        "reply hit, TCP v4, MPLS uplink (2 labels)",
-        empty + own,
-        empty + min(mpls.mpls) - min(mpls.empty),
-        "single runs",
-        f"medians: MPLS {statistics.median(mpls.mpls):.0f} ns, plain "
-        f"{statistics.median(mpls.plain):.0f} ns, lh_empty {e_med:.0f} ns",
-    )
-    fig.vs_plain = own / own_plain
-    fig.detail += f"; {fig.vs_plain:.2f}x the plain reply's own time, same runs"
-    figures.append(fig)
 
     def single(name: str, label: str, runs: list[int], base: list[int], detail: str) -> Figure:
         extra = statistics.fmean(runs) - statistics.fmean(base)

@@ -232,52 +232,37 @@ __noinline int hop_learn(struct __sk_buff *skb, __u32 *tags)
 	return encap_learn(skb, cfg, tags);
 }
 
-/* The reply of an MPLS hop: descriptor d's stack put under the Ethernet
- * header, each entry's TTL the IP header's, bottom of stack on the last,
- * type 0x8847. bpf_skb_change_head grows the front (it takes any skb, and
- * costs less than bpf_skb_adjust_room: no GSO or encapsulation bookkeeping;
- * the network header stays on the IP header), then the MACs move to the new
- * front and the entries are written in place. Called before the tags go on
- * (they are pushed as skb metadata, outside the labels). Returns 0 or a
- * negative reason. */
+/* The reply of an MPLS hop: descriptor d's stack pushed under the Ethernet
+ * header (bpf_skb_adjust_room at the MAC header: the skb is still IPv4/IPv6),
+ * each entry's TTL the IP header's, bottom of stack on the last, type
+ * 0x8847. Called before the tags go on (they are pushed as skb metadata).
+ * Returns 0 or a negative reason (-CNT_MPLS_GSO before anything changes). */
 static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_desc *d)
 {
-	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-	__u32 n = d->mpls_count, len, ttl;
-	__u16 *from, *to;
-	__be32 *lse;
+	__be16 type = bpf_htons(ETH_P_MPLS_UC);
+	__be32 lse[MAX_MPLS_LABELS] = {};
+	__u32 n = d->mpls_count, ttl_off;
+	__u8 ttl = 0;
 
 	if (n < 1 || n > MAX_MPLS_LABELS)
 		return -CNT_ENCAP_UNSUPPORTED;
-	if (data + sizeof(struct ethhdr) + sizeof(struct iphdr) > end)
-		return -CNT_REWRITE_FAILED;
 	if (skb->protocol == bpf_htons(ETH_P_IP))
-		ttl = ((struct iphdr *)(data + sizeof(struct ethhdr)))->ttl;
+		ttl_off = sizeof(struct ethhdr) + offsetof(struct iphdr, ttl);
 	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		ttl = ((struct ipv6hdr *)(data + sizeof(struct ethhdr)))->hop_limit;
+		ttl_off = sizeof(struct ethhdr) + offsetof(struct ipv6hdr, hop_limit);
 	else
 		return -CNT_ENCAP_UNSUPPORTED;
-	len = n * MPLS_LSE_LEN;
-	if (bpf_skb_change_head(skb, len, 0))
+	if (bpf_skb_load_bytes(skb, ttl_off, &ttl, 1))
 		return -CNT_REWRITE_FAILED;
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-	/* the old header now starts len bytes in; an IP header follows it */
-	if (data + sizeof(struct ethhdr) + MAX_MPLS_LABELS * MPLS_LSE_LEN > end)
-		return -CNT_REWRITE_FAILED;
-	from = data + len;
-	to = data;
-	if ((void *)(from + ETH_ALEN) > end) /* the check above, again: len is variable */
-		return -CNT_REWRITE_FAILED;
-#pragma unroll
-	for (int i = 0; i < ETH_ALEN; i++) /* both MACs, 2 bytes a step, front first */
-		to[i] = from[i];
-	to[ETH_ALEN] = bpf_htons(ETH_P_MPLS_UC);
-	lse = data + sizeof(struct ethhdr);
 #pragma unroll
 	for (int i = 0; i < MAX_MPLS_LABELS; i++)
 		if (i < n)
 			lse[i] = bpf_htonl((d->mpls[i] & MPLS_KEEP) | ttl |
 					   (i == n - 1 ? MPLS_LS_S_MASK : 0));
+	if (bpf_skb_adjust_room(skb, n * MPLS_LSE_LEN, BPF_ADJ_ROOM_MAC, 0))
+		return -CNT_REWRITE_FAILED;
+	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), lse, n * MPLS_LSE_LEN, 0) ||
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &type, sizeof(type), 0))
+		return -CNT_REWRITE_FAILED;
 	return 0;
 }
