@@ -184,6 +184,7 @@ CONNECTION_FIELDS = {
     "endpoint": str,
     "vni": type(None),  # an int for a tunnel hop
     "geneve_options": str,
+    "mpls": list,  # an MPLS hop's labels, outer first
 }
 
 
