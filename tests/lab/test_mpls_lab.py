@@ -148,12 +148,6 @@ def xdp_program(ns: str, dev: str) -> str | None:
     return prog.get("name")
 
 
-@pytest.mark.xfail(
-    reason="not passing yet (2026-11-30): with the agent up and lh_uplink_mpls attached the "
-    "echo does not come back through MplsPeer, v4 and v6; undiagnosed (the BPF side passes "
-    "tests/bpf/test_mpls.py, veth learning included)",
-    strict=False,
-)
 @pytest.mark.parametrize("family", [4, 6])
 def test_replies_go_back_under_the_labels(mpls_lab: MplsPeer, family: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Without lasthop no echo comes back; with lasthop every echo does, each

@@ -8,6 +8,14 @@ bottom-of-stack bit, its TTLs against the IP TTL).
     client ns: tun NAME  <==  MplsPeer (this process)  ==>  AF_PACKET on DEV (ns B) ──▶ host uplink
                IP packets         push / check + pop          Ethernet / MPLS stack / IP
 
+A reply the host's kernel left to be checksummed on the way out (the VM's
+veth offloads it: CHECKSUM_PARTIAL, which a veth carries to its peer as is)
+reaches this raw socket with its TCP/UDP checksum not filled in, and the
+client's stack would drop it; a NIC would have filled it in before the wire.
+So the peer asks for each frame's packet status (PACKET_AUXDATA) and fills
+in the checksum of a frame marked TP_STATUS_CSUMNOTREADY -- of no other: a
+checksum the data path got wrong still reaches the client wrong.
+
 The tun device lives as long as the peer (closing its fd removes it).
 """
 
@@ -20,6 +28,8 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
+import dpkt
+
 from lasthop.lab.namespaces import open_socket
 from lasthop.lab.tunlink import MAX_PACKET, TunEnd, open_tun
 
@@ -30,6 +40,10 @@ ETH_P_MPLS_UC = 0x8847
 ETH_TYPE = {4: 0x0800, 6: 0x86DD}
 S_BIT = 1 << 8
 DEFAULT_TTL = 64  # the label TTL of what the peer sends (the IP TTL, uniform model)
+SOL_PACKET = 263  # linux/socket.h
+PACKET_AUXDATA = 8  # linux/if_packet.h: a struct tpacket_auxdata with every frame
+TP_STATUS_CSUMNOTREADY = 1 << 3  # the frame's L4 checksum is still the kernel's to fill in
+AUXDATA = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata: tp_status first
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,30 @@ def stack_bytes(labels: tuple[int, ...], tc: int, ttl: int) -> bytes:
     return b"".join(
         struct.pack("!I", label << 12 | tc << 9 | (S_BIT if i == len(labels) - 1 else 0) | ttl)
         for i, label in enumerate(labels)
+    )
+
+
+def checksummed(packet: bytes) -> bytes:
+    """*packet* (IPv4 or IPv6) with its TCP or UDP checksum filled in (dpkt
+    computes a zero one, in IPv4 along with a zero header checksum, which
+    comes out as it was); anything else unchanged."""
+    ip: dpkt.Packet = dpkt.ip.IP(packet) if packet[0] >> 4 == 4 else dpkt.ip6.IP6(packet)
+    if not isinstance(ip.data, (dpkt.tcp.TCP, dpkt.udp.UDP)):
+        return packet
+    ip.data.sum = 0
+    if isinstance(ip, dpkt.ip.IP):
+        ip.sum = 0
+    return bytes(ip)
+
+
+def csum_not_ready(ancdata: list[tuple[int, int, bytes]]) -> bool:
+    """Whether a frame's PACKET_AUXDATA says its checksum is not filled in yet."""
+    return any(
+        level == SOL_PACKET
+        and kind == PACKET_AUXDATA
+        and len(data) >= AUXDATA.size
+        and AUXDATA.unpack_from(data)[0] & TP_STATUS_CSUMNOTREADY
+        for level, kind, data in ancdata
     )
 
 
@@ -89,6 +127,7 @@ class MplsPeer:
                 self.dev_ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
             )
             self._sock.bind((self.dev, 0))  # the name is looked up in the socket's namespace
+            self._sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         except BaseException:
             os.close(self._tun_fd)
             raise
@@ -143,11 +182,15 @@ class MplsPeer:
                 if self._tun_fd in ready:
                     self._to_host(os.read(self._tun_fd, MAX_PACKET))
                 if sock_fd in ready:
-                    data, addr = self._sock.recvfrom(MAX_PACKET)
+                    data, ancdata, _, addr = self._sock.recvmsg(
+                        MAX_PACKET, socket.CMSG_SPACE(AUXDATA.size)
+                    )
                     if addr[2] == socket.PACKET_OUTGOING:
                         continue  # our own frames, seen leaving
                     packet = self._from_host(data)
                     if packet is not None:
+                        if csum_not_ready(ancdata):
+                            packet = checksummed(packet)
                         os.write(self._tun_fd, packet)
             except OSError:  # the tun not up yet, or a packet it refused: dropped
                 continue
