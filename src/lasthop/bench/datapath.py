@@ -340,6 +340,9 @@ class _Bench:
         ):
             cfg = abi.IfaceCfg(role=int(role), slot=slot, link_kind=int(kind), flags=flags)
             ctypes.memmove(cfg.mac, mac, abi.ETH_ALEN)
+            if ifname == "vm0":  # its guest's MAC known, as once it answered from its address
+                cfg.flags |= abi.F_IFACE_VM_MAC
+                ctypes.memmove(cfg.vm_mac, _VM, abi.ETH_ALEN)
             ifaces.update(u32(index[ifname]), bytes(cfg))
         self.slot = {"up0": 1, "vm0": 2, "l3up0": 3, "vmr0": 4}
         self.checks: dict[str, list[Counted]] = {}
