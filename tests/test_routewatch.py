@@ -21,6 +21,7 @@ from lasthop import abi
 from lasthop.failover import EndpointsDown, EndpointSink, FailoverWatch
 from lasthop.neighwatch import NeighbourEvent
 from lasthop.routewatch import (
+    CHECK_SHARE,
     RECHECK_GAP,
     RTM_F_CLONED,
     RTN_BLACKHOLE,
@@ -154,6 +155,9 @@ def test_a_burst_of_changes_makes_one_check_due_at_most_once_per_gap() -> None:
         assert not watch.due(2.0 + RECHECK_GAP / 2)
         assert watch.wait(2.0 + RECHECK_GAP / 2) == pytest.approx(RECHECK_GAP / 2)
         assert watch.due(2.0 + RECHECK_GAP)
+        watch.checked(4.0, took=0.5)  # a long check (many endpoints): the gap grows with it
+        watch.pending = True
+        assert not watch.due(4.0 + 0.5 * CHECK_SHARE - 0.1) and watch.due(4.0 + 0.5 * CHECK_SHARE)
     finally:
         watch.close()
 

@@ -655,9 +655,9 @@ class FailoverWatch:
         if self._routes is not None:
             if self._routes.sock in ready:
                 self._routes.read()
-            if self._routes.due(now):  # at most once per RECHECK_GAP, however many changes
+            if self._routes.due(now):  # at most once per gap, however many changes
                 self.check_routes(now)
-                self._routes.checked(now)
+                self._routes.checked(now, time.monotonic() - now)
         if self._neigh is not None and self._neigh.sock in ready:
             for ev in self._neigh.events():
                 self._neighbour(ev, now)

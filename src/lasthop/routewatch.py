@@ -9,8 +9,9 @@ to do while the routes are steady) and, after a burst of them, asks the
 kernel (RTM_GETROUTE, in the agent's namespace: the host's) for a route to
 each endpoint the data path knows -- the remote endpoints of lh_hop_descs'
 tunnel descriptors, a bounded map, never the connection table. At most one
-such check per RECHECK_GAP seconds, however fast the routes churn (a full
-BGP table's flaps cost the same as one change).
+such check per RECHECK_GAP seconds, or CHECK_SHARE times the last one's
+duration when longer (many endpoints), however fast the routes churn: a
+full BGP table's flaps cost the same as one change.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ EVENT_BUFFER = 1 << 20  # bytes of route events the kernel may queue for us
 RTMGRP_IPV4_ROUTE = 0x40  # linux/rtnetlink.h
 RTMGRP_IPV6_ROUTE = 0x400
 RECHECK_GAP = 0.2  # s: the shortest time between two checks of the endpoints' routes
+CHECK_SHARE = 10  # and at least this many times the last check's duration: <= 1/10 of the thread
 RTM_F_CLONED = 0x200  # a route cache entry (IPv6 exceptions), not a route of a table
 # route types that carry nothing toward their destination (linux/rtnetlink.h)
 RTN_BLACKHOLE, RTN_UNREACHABLE, RTN_PROHIBIT, RTN_THROW = 6, 7, 8, 9
@@ -87,6 +89,7 @@ class RouteWatch:
         self._marshal = MarshalRtnl()
         self.pending = True  # a check is due: the first one seeds
         self.last_check = float("-inf")
+        self.gap = RECHECK_GAP  # s: the time from one check to the next
 
     def close(self) -> None:
         self.sock.close()
@@ -109,15 +112,17 @@ class RouteWatch:
 
     def due(self, now: float) -> bool:
         """Whether to check now: a change is pending and the last check is
-        RECHECK_GAP old. The caller then checks and calls checked()."""
-        return self.pending and now - self.last_check >= RECHECK_GAP
+        gap old. The caller then checks and calls checked()."""
+        return self.pending and now - self.last_check >= self.gap
 
     def wait(self, now: float) -> float | None:
         """Seconds until a pending check is due (the caller's select timeout), or None."""
         if not self.pending:
             return None
-        return max(0.0, self.last_check + RECHECK_GAP - now)
+        return max(0.0, self.last_check + self.gap - now)
 
-    def checked(self, now: float) -> None:
+    def checked(self, now: float, took: float = 0.0) -> None:
+        """A check began at *now* and took *took* seconds."""
         self.pending = False
         self.last_check = now
+        self.gap = max(RECHECK_GAP, CHECK_SHARE * took)
