@@ -656,7 +656,12 @@ class FailoverWatch:
             if self._routes.sock in ready:
                 self._routes.read()
             if self._routes.due(now):  # at most once per gap, however many changes
-                self.check_routes(now)
+                try:
+                    self.check_routes(now)
+                except Exception:  # the next change asks again; fail-over goes on meanwhile
+                    log.exception(
+                        "failover: checking the routes toward the tunnel endpoints failed"
+                    )
                 self._routes.checked(now, time.monotonic() - now)
         if self._neigh is not None and self._neigh.sock in ready:
             for ev in self._neigh.events():
