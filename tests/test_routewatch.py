@@ -22,6 +22,7 @@ from lasthop.failover import EndpointsDown, EndpointSink, FailoverWatch
 from lasthop.neighwatch import NeighbourEvent
 from lasthop.routewatch import (
     CHECK_SHARE,
+    MAX_ROUTE_CHECKS,
     RECHECK_GAP,
     RTM_F_CLONED,
     RTN_BLACKHOLE,
@@ -267,6 +268,33 @@ def test_a_check_asks_each_known_endpoint_once_and_again_those_down_for_no_route
         asked.clear()
         watch.check_routes(1.0, routed)
         assert c.down == set() and set(asked) == {ENDPOINT, OTHER} and c.reads == 2
+    finally:
+        watch._wake_r.close()
+        watch._wake_w.close()
+
+
+def test_a_check_asks_at_most_max_route_checks_and_the_next_check_the_rest() -> None:
+    """Many endpoints (a flood of forged ones fills lh_hop_descs): each check
+    asks at most MAX_ROUTE_CHECKS of them, plus those down for want of a
+    route, and says more are left; successive checks cover them all."""
+    many = {ipaddress.ip_address(0x0AFF0000 + n) for n in range(MAX_ROUTE_CHECKS * 2 + 50)}
+    c = TunnelController(many | {OTHER})
+    watch = FailoverWatch(c)  # type: ignore[arg-type]
+    try:
+        asked: list[Any] = []
+
+        def routed(address: Any) -> bool:
+            asked.append(address)
+            return address != OTHER
+
+        lefts = []
+        for n in range(3):
+            before = len(asked)
+            lefts.append(watch.check_routes(float(n), routed))
+            assert len(asked) - before <= MAX_ROUTE_CHECKS + 1
+        assert lefts == [True, True, False]
+        assert set(asked) == many | {OTHER} and c.down == {OTHER}
+        assert OTHER in asked[-MAX_ROUTE_CHECKS - 1 :], "an unrouted endpoint is asked each time"
     finally:
         watch._wake_r.close()
         watch._wake_w.close()

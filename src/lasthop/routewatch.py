@@ -31,6 +31,7 @@ EVENT_BUFFER = 1 << 20  # bytes of route events the kernel may queue for us
 RTMGRP_IPV4_ROUTE = 0x40  # linux/rtnetlink.h
 RTMGRP_IPV6_ROUTE = 0x400
 RECHECK_GAP = 0.2  # s: the shortest time between two checks of the endpoints' routes
+MAX_ROUTE_CHECKS = 256  # endpoints asked per check (~0.5 ms each): the rest at the next
 CHECK_SHARE = 10  # and at least this many times the last check's duration: <= 1/10 of the thread
 RTM_F_CLONED = 0x200  # a route cache entry (IPv6 exceptions), not a route of a table
 # route types that carry nothing toward their destination (linux/rtnetlink.h)
