@@ -30,6 +30,7 @@ from lasthop.connections import (
     ConnFilter,
     counter_name,
     decode,
+    endpoint_str,
     format_mac,
     ifname,
 )
@@ -573,6 +574,17 @@ class Controller:
                 key = abi.EndpointKey.from_buffer_copy(raw)
                 out.append(ip_address(abi.endpoint_text(key)))
             return out
+
+    def tunnel_endpoints(self) -> set[IPv4Address | IPv6Address]:
+        """The remote endpoints of lh_hop_descs' tunnel descriptors: a bounded
+        map (at most MAX_HOP_DESCS), read in batches; never the connection table."""
+        out: set[IPv4Address | IPv6Address] = set()
+        with self.open_maps() as maps:
+            for _, raw in maps.hop_descs.items():  # at most MAX_HOP_DESCS
+                desc = abi.HopDesc.from_buffer_copy(raw)
+                if desc.kind in (abi.HopKind.TUNNEL4, abi.HopKind.TUNNEL6):
+                    out.add(ip_address(endpoint_str(desc)))
+        return out
 
     @staticmethod
     def _hops_moved_flag(maps: Maps, on: bool, flag: int = abi.F_SET_HOPS_MOVED) -> None:

@@ -35,7 +35,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dpkt
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from lasthop.config import Config
     from lasthop.controller import Controller
     from lasthop.neighwatch import NeighbourEvent, NeighbourWatch
+    from lasthop.routewatch import RouteLookup, RouteWatch
 
 __all__ = [
     "Announcement",
@@ -365,43 +366,92 @@ class EndpointSink:
             self._c.set_endpoint_down(address, down)
 
 
+NEIGHBOUR_FAILED = "neighbour entry failed"  # why an endpoint is down, as logged
+NO_ROUTE = "no route"
+
+
 @dataclass
 class EndpointsDown:
-    """Tunnel endpoints whose neighbour entry failed (item 4 for tunnels), as
+    """Tunnel endpoints that do not answer (item 4 for tunnels), as
     lh_endpoints_down holds them: at most abi.MAX_ENDPOINTS_DOWN, the oldest
-    retired first. An entry naming a MAC again, or deleted (the kernel
-    collects a FAILED entry after a while: the endpoint is tried again), or
-    older than the longest timeout, retires the record."""
+    retired first. Two reasons, either enough: the endpoint's neighbour entry
+    failed (cleared when it names a MAC again, is deleted -- the kernel
+    collects a FAILED entry after a while: the endpoint is tried again -- or
+    is older than the longest timeout), or the host has no route toward it
+    (lasthop.routewatch; cleared when a route is back). The record goes with
+    its last reason."""
 
     sink: EndpointSink
     down: OrderedDict[IPAddress, float] = field(default_factory=OrderedDict)
+    why: dict[IPAddress, set[str]] = field(default_factory=dict)
 
     def see(self, ev: NeighbourEvent, now: float) -> None:
         if ev.mac is None and not ev.deleted:
-            if ev.address in self.down:
-                return
+            self._mark(ev.address, NEIGHBOUR_FAILED, now)
+        elif ev.address in self.down:
+            self._clear(
+                ev.address, NEIGHBOUR_FAILED, "forgotten" if ev.deleted else "answers again"
+            )
+
+    def routes(self, routed: dict[IPAddress, bool], now: float) -> None:
+        """The routes toward the endpoints the data path knows (endpoint ->
+        whether the host routes toward it), as one check found them."""
+        for address, ok in routed.items():
+            if not ok:
+                self._mark(address, NO_ROUTE, now)
+            elif address in self.down:
+                self._clear(address, NO_ROUTE, "a route toward it is back")
+
+    def _mark(self, address: IPAddress, reason: str, now: float) -> None:
+        why = self.why.setdefault(address, set())
+        if reason in why:
+            return
+        why.add(reason)
+        if address not in self.down:
             while len(self.down) >= abi.MAX_ENDPOINTS_DOWN:
                 self._retire(next(iter(self.down)), "no room")
-            self.down[ev.address] = now
-            self.sink.set(ev.address, True)
-            log.warning(
-                "failover: %s does not answer (neighbour entry failed): replies through it as "
-                "a tunnel endpoint take the host's routing until it does",
-                ev.address,
-            )
-        elif ev.address in self.down:
-            self._retire(ev.address, "forgotten" if ev.deleted else "answers again")
+            self.down[address] = now
+            self.sink.set(address, True)
+        log.warning(
+            "failover: %s does not answer (%s): replies through it as "
+            "a tunnel endpoint take the host's routing until it does",
+            address,
+            reason,
+        )
+
+    def _clear(self, address: IPAddress, reason: str, how: str) -> None:
+        why = self.why.get(address, set())
+        why.discard(reason)
+        if not why:
+            self._retire(address, how)
 
     def _retire(self, address: IPAddress, why: str) -> None:
         del self.down[address]
+        self.why.pop(address, None)
         self.sink.set(address, False)
         log.warning("failover: endpoint %s is used again: %s", address, why)
 
+    def unrouted(self) -> set[IPAddress]:
+        """The endpoints down for want of a route (each check asks again)."""
+        return {a for a, why in self.why.items() if NO_ROUTE in why}
+
+    def adopt(self, addresses: Iterable[IPAddress], now: float) -> None:
+        """Records a previous agent left: read as failed neighbours (retired as
+        usual; the first route check marks again those with no route)."""
+        for address in addresses:
+            self.down[address] = now
+            self.why[address] = {NEIGHBOUR_FAILED}
+
     def retire_older(self, now: float, max_age: float) -> int:
+        """Failed-neighbour reasons older than *max_age* go; an endpoint with
+        no route stays down until a route is back. Returns how many retired."""
         old = [a for a, since in self.down.items() if now - since > max_age]
+        retired = 0
         for address in old:
-            self._retire(address, "older than the longest timeout")
-        return len(old)
+            if NEIGHBOUR_FAILED in self.why.get(address, {NEIGHBOUR_FAILED}):
+                self._clear(address, NEIGHBOUR_FAILED, "older than the longest timeout")
+                retired += address not in self.down
+        return retired
 
 
 class ControllerSink(Sink):
@@ -435,6 +485,8 @@ class FailoverWatch:
         # neighbour device (the uplink, or the bridge it is a port of) -> its uplinks
         self._neigh_uplinks: dict[int, tuple[int, ...]] = {}
         self._tunnels = False  # a tunnel uplink is attached: endpoints are followed
+        self._routes: RouteWatch | None = None  # route changes, while _tunnels
+        self._route_cursor: tuple[int, Any] = (0, None)  # the last endpoint a partial check asked
         # (neighbour device, firewall address) -> the MAC its entry last named (None: failed)
         self._neigh_macs: dict[tuple[int, IPAddress], bytes | None] = {}
         self.endpoints = EndpointsDown(EndpointSink(controller))
@@ -442,8 +494,7 @@ class FailoverWatch:
     def start(self) -> None:
         now = time.monotonic()
         self.moves.adopt(self._c.hops_moved(), now)
-        for address in self._c.endpoints_down():  # a previous agent's: retired as usual
-            self.endpoints.down[address] = now
+        self.endpoints.adopt(self._c.endpoints_down(), now)  # a previous agent's
         self._sync_uplinks()
         self._thread = threading.Thread(target=self._run, name="lasthop-failover", daemon=True)
         self._thread.start()
@@ -458,6 +509,8 @@ class FailoverWatch:
         self._socks.clear()
         if self._neigh is not None:
             self._neigh.close()
+        if self._routes is not None:
+            self._routes.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -485,6 +538,7 @@ class FailoverWatch:
             if link.index in attached.values()
         )
         self._follow_neighbours(bool(policies) or self._tunnels)
+        self._follow_routes(self._tunnels)
         self._seed()
 
     def _follow_neighbours(self, wanted: bool) -> None:
@@ -499,6 +553,45 @@ class FailoverWatch:
             self._neigh.close()
             self._neigh = None
             self._neigh_macs.clear()
+
+    def _follow_routes(self, wanted: bool) -> None:
+        """Opens the route event socket while a tunnel uplink is attached (its
+        first check is due at once: the seed); closed, no endpoint stays down
+        for want of a route."""
+        from lasthop.routewatch import RouteWatch
+
+        if wanted and self._routes is None:
+            self._routes = RouteWatch()
+        elif not wanted and self._routes is not None:
+            self._routes.close()
+            self._routes = None
+            self.endpoints.routes(dict.fromkeys(self.endpoints.unrouted(), True), time.monotonic())
+
+    def check_routes(self, now: float, routed: RouteLookup | None = None) -> bool:
+        """One check of the routes toward the endpoints the data path knows
+        (lh_hop_descs' tunnel descriptors) and those down for want of one:
+        *routed* answers, or the kernel (RTM_GETROUTE) when None. At most
+        MAX_ROUTE_CHECKS lookups (~0.5 ms each) beside the unrouted ones, the
+        next in address order after the last: True when some are left for
+        the next check."""
+        from lasthop.routewatch import MAX_ROUTE_CHECKS, endpoint_routed, routed_endpoints
+
+        unrouted = self.endpoints.unrouted()
+        known = sorted(self._c.tunnel_endpoints() - unrouted, key=lambda a: (a.version, a))
+        after = [a for a in known if (a.version, a) > self._route_cursor]
+        pool = after or known  # from the start again once the last partial check reached the end
+        batch, left = pool[:MAX_ROUTE_CHECKS], len(pool) > MAX_ROUTE_CHECKS
+        self._route_cursor = (batch[-1].version, batch[-1]) if left and batch else (0, None)
+        endpoints = unrouted | set(batch)
+        if routed is None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                found = routed_endpoints(endpoints, lambda address: endpoint_routed(ipr, address))
+        else:
+            found = routed_endpoints(endpoints, routed)
+        self.endpoints.routes(found, now)
+        return left
 
     def _neighbour_devices(self, policies: dict[int, Policy]) -> dict[int, tuple[int, ...]]:
         """Neighbour device -> the uplinks its entries speak for: each uplink
@@ -561,8 +654,28 @@ class FailoverWatch:
 
     def _step(self) -> None:
         neigh = [self._neigh.sock] if self._neigh is not None else []
-        ready, _, _ = select.select([self._wake_r, *neigh, *self._socks.values()], [], [], WAIT)
+        routes = [self._routes.sock] if self._routes is not None else []
+        wait = WAIT
+        due = self._routes.wait(time.monotonic()) if self._routes is not None else None
+        if due is not None:  # a route check waits for its gap to end
+            wait = min(wait, due)
+        ready, _, _ = select.select(
+            [self._wake_r, *neigh, *routes, *self._socks.values()], [], [], wait
+        )
         now = time.monotonic()
+        if self._routes is not None:
+            if self._routes.sock in ready:
+                self._routes.read()
+            if self._routes.due(now):  # at most once per gap, however many changes
+                more = False
+                try:
+                    more = self.check_routes(now)
+                except Exception:  # the next change asks again; fail-over goes on meanwhile
+                    log.exception(
+                        "failover: checking the routes toward the tunnel endpoints failed"
+                    )
+                self._routes.checked(now, time.monotonic() - now)
+                self._routes.pending = more  # the rest, after the gap
         if self._neigh is not None and self._neigh.sock in ready:
             for ev in self._neigh.events():
                 self._neighbour(ev, now)

@@ -24,6 +24,7 @@ uplink is attached, marks that address unreachable as an endpoint
 (lh_endpoints_down): replies of entries whose hop is that endpoint take the
 host's routing until its entry names a MAC again or is deleted (the kernel
 collects a FAILED entry after a while: the endpoint is then tried again).
+An endpoint behind a router is followed by its route (lasthop.routewatch).
 
 Neighbour entries of a bridge the uplink is a port of count for the uplink
 (a bridged host holds its neighbours on the bridge).

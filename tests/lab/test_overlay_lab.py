@@ -237,6 +237,47 @@ def test_an_endpoint_whose_neighbour_entry_failed_stops_its_entries_until_it_ans
         )
 
 
+def test_an_endpoint_whose_route_goes_stops_its_entries_until_the_route_is_back(
+    overlay_lab: Lab, lasthop_on: runner.AgentRunner
+) -> None:
+    """The host loses its route toward fw3's endpoint (an unreachable /32 over
+    the underlay's connected /24: what an endpoint behind a router shows when
+    its route goes; no neighbour entry fails, the kernel asks no one): the
+    agent, following route changes, marks the endpoint unreachable and the
+    next replies take the host's path (counted hop_unreachable) instead of the
+    tunnel. The route is deleted again: the endpoint is used again and the
+    connection works.
+
+        cl3 ── fw3 ─ 10.255.0.3 ─ sw ─ up0 ─ vx0 ─ br0 ── vm1
+                      host: unreachable 10.255.0.3/32 (then deleted)
+    """
+    plan = overlay_lab.plan
+    host = plan.host
+    endpoint = plan.firewall(3).endpoint
+
+    def unreachable() -> int:
+        return int(runner.stats(plan)["totals"].get("hop_unreachable", 0))
+
+    with EchoSession(plan, client=3, vm=1) as session:
+        assert session.exchange()
+        before = unreachable()
+        ip_batch(host.ns, [f"route add unreachable {endpoint}/32"])
+        try:
+            assert eventually(
+                lambda: f"{endpoint} does not answer (no route)" in lasthop_on.stderr, 10.0
+            )
+            assert eventually(lambda: not session.exchange(0.5) and unreachable() > before, 20.0)
+            assert f"{endpoint} does not answer (neighbour entry failed)" not in lasthop_on.stderr
+        finally:
+            ip_batch(host.ns, [f"route del unreachable {endpoint}/32"])
+        assert eventually(lambda: f"endpoint {endpoint} is used again" in lasthop_on.stderr, 10.0)
+        after = unreachable()
+        assert eventually(lambda: session.exchange(1.0), 15.0), (
+            "the tunnel's hop was not used again"
+        )
+        assert unreachable() == after, "a reply still took the host's path"
+
+
 @pytest.mark.parametrize(
     ("kind", "argv", "expected"),
     [

@@ -43,7 +43,7 @@ enum lh_const {
 	 * two catch-alls per allow-listing uplink included. */
 	MAX_LISTED_ENDPOINTS = 4096,
 	ENDPOINT_KEY_BITS = 64, /* endpoint_lpm_key bits before the address: uplink, family */
-	MAX_ENDPOINTS_DOWN = 1024, /* tunnel endpoints whose neighbour entry failed (lh_endpoints_down) */
+	MAX_ENDPOINTS_DOWN = 1024, /* tunnel endpoints whose neighbour failed or route went (lh_endpoints_down) */
 	/* Scope rules (lh_scope), the default among them: first match wins. */
 	MAX_SCOPE_RULES  = 64,
 	SCOPE_WORDS      = 10, /* 32-bit words of a scope match key (scope_rule) */

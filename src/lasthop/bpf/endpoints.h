@@ -6,11 +6,12 @@
  * (uplink, endpoint) in lh_endpoints_refused. Only while F_SET_ENDPOINTS
  * says some uplink has a list: otherwise one flag test.
  *
- * And item 4 for tunnels: an endpoint the host's neighbour table says does
- * not answer (its entry FAILED; the agent's lasthop.failover writes it into
- * lh_endpoints_down) stops its entries' use: their replies take the host's
- * routing, counted hop_unreachable, until the entry names a MAC again. Only
- * while F_SET_ENDPOINTS_DOWN says a record exists. */
+ * And item 4 for tunnels: an endpoint that does not answer -- its neighbour
+ * entry FAILED, or the host has no route toward it (lasthop.routewatch); the
+ * agent's lasthop.failover writes it into lh_endpoints_down -- stops its
+ * entries' use: their replies take the host's routing, counted
+ * hop_unreachable, until it answers (and has a route) again. Only while
+ * F_SET_ENDPOINTS_DOWN says a record exists. */
 #pragma once
 
 #include <bpf/bpf_helpers.h>
@@ -43,8 +44,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_endpoints_refused SEC(".maps");
 
-/* (0, family, endpoint address) whose neighbour entry failed; value unused.
- * Written and retired by the agent. */
+/* (0, family, endpoint address) whose neighbour entry failed, or toward which
+ * the host has no route; value unused. Written and retired by the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_ENDPOINTS_DOWN);
