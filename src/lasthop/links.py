@@ -3,7 +3,6 @@ names, indexes, MACs, bridge ports, and a watch for ports coming and going."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import select
 import socket
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from lasthop import abi
 from lasthop.errors import LinkError
+from lasthop.rtevents import event_socket, queued
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -22,7 +22,6 @@ __all__ = ["Link", "LinkError", "Links", "link_kind", "link_kind_name"]
 
 
 log = logging.getLogger("lasthop")
-EVENT_BUFFER = 1 << 20  # bytes of link events the kernel may queue for us
 
 
 @dataclass(frozen=True)
@@ -166,17 +165,11 @@ class Links:
         return [link for link in self.all() if link.master == bridge.index]
 
     def watch(self) -> None:
-        """Starts receiving link events (see :meth:`events`).
-
-        A plain netlink socket, not a second IPRoute: IPRoute reads ahead into
-        its own buffer, so select() on its fd missed events already read."""
+        """Starts receiving link events (see :meth:`events`)."""
         from pyroute2.netlink.rtnl import RTMGRP_LINK
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_BUFFER)
-        sock.bind((0, RTMGRP_LINK))
-        self._events = sock
+        self._events = event_socket(RTMGRP_LINK)
         self._marshal = MarshalRtnl()
 
     def events(
@@ -191,14 +184,8 @@ class Links:
         ready, _, _ = select.select([self._events, *([wake] if wake else [])], [], [], timeout)
         if self._events not in ready:
             return
-        while True:
-            try:
-                data = self._events.recv(1 << 16, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno != errno.ENOBUFS:
-                    raise
+        for data in queued(self._events):
+            if data is None:
                 log.warning("link events were lost (ENOBUFS): rescanning every link")
                 for link in self.all():
                     yield "new", link

@@ -32,7 +32,6 @@ Neighbour entries of a bridge the uplink is a port of count for the uplink
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
@@ -40,12 +39,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from lasthop.rtevents import event_socket, queued
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 __all__ = ["NeighbourEvent", "NeighbourWatch", "neighbour_event"]
 
 log = logging.getLogger("lasthop")
-EVENT_BUFFER = 1 << 20  # bytes of neighbour events the kernel may queue for us
 RTMGRP_NEIGH = 0x4  # linux/rtnetlink.h
 NUD_INCOMPLETE = 0x01
 NUD_REACHABLE = 0x02
@@ -110,14 +110,7 @@ class NeighbourWatch:
     def __init__(self) -> None:
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_BUFFER)
-            self.sock.bind((0, RTMGRP_NEIGH))
-            self.sock.setblocking(False)
-        except BaseException:
-            self.sock.close()
-            raise
+        self.sock = event_socket(RTMGRP_NEIGH)
         self._marshal = MarshalRtnl()
         self.lost_events = False  # the kernel dropped events: the caller dumps again
 
@@ -126,14 +119,8 @@ class NeighbourWatch:
 
     def events(self) -> Iterator[NeighbourEvent]:
         """The events queued now (call when the socket is readable)."""
-        while True:
-            try:
-                data = self.sock.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno != errno.ENOBUFS:
-                    raise
+        for data in queued(self.sock):
+            if data is None:
                 log.warning("neighbour events were lost (ENOBUFS): reading the uplinks' again")
                 self.lost_events = True
                 continue

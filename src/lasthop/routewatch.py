@@ -23,11 +23,12 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from lasthop.rtevents import event_socket, queued
+
 __all__ = ["RouteWatch", "endpoint_routed", "route_changed", "routed_endpoints"]
 
 log = logging.getLogger("lasthop")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-EVENT_BUFFER = 1 << 20  # bytes of route events the kernel may queue for us
 RTMGRP_IPV4_ROUTE = 0x40  # linux/rtnetlink.h
 RTMGRP_IPV6_ROUTE = 0x400
 RECHECK_GAP = 0.2  # s: the shortest time between two checks of the endpoints' routes
@@ -79,14 +80,7 @@ class RouteWatch:
     def __init__(self) -> None:
         from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, EVENT_BUFFER)
-            self.sock.bind((0, RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
-            self.sock.setblocking(False)
-        except BaseException:
-            self.sock.close()
-            raise
+        self.sock = event_socket(RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
         self._marshal = MarshalRtnl()
         self.pending = True  # a check is due: the first one seeds
         self.last_check = float("-inf")
@@ -98,14 +92,8 @@ class RouteWatch:
     def read(self) -> None:
         """Drains the queued events (call when the socket is readable): any
         route change makes a check due. Lost events (ENOBUFS) do too."""
-        while True:
-            try:
-                data = self.sock.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                if err.errno != errno.ENOBUFS:
-                    raise
+        for data in queued(self.sock):
+            if data is None:
                 self.pending = True
                 continue
             if not self.pending:
