@@ -128,15 +128,24 @@ class Echo:
             s.close()
 
 
-def echoed(family: int, tries: int = 20, port: int = 40001) -> bool:
-    """Whether a UDP datagram from the peer's client (source *port*) to the
-    VM comes back (up to *tries* datagrams of one connection, 0.25 s apart)."""
-    s = open_socket(PEER, AF[family], socket.SOCK_DGRAM)
+def echoed(
+    family: int,
+    tries: int = 20,
+    port: int = 40001,
+    *,
+    ns: str = PEER,
+    client: dict[int, str] = CLIENT,
+    vm: dict[int, str] = VM_ADDR,
+) -> bool:
+    """Whether a UDP datagram from the client in *ns* (source *port*) to the
+    VM comes back (up to *tries* datagrams of one connection, 0.25 s apart);
+    by default the peer's client and this lab's VM."""
+    s = open_socket(ns, AF[family], socket.SOCK_DGRAM)
     try:
-        s.bind((CLIENT[family], port))
+        s.bind((client[family], port))
         s.settimeout(0.25)
         for i in range(tries):
-            s.sendto(b"ping %d" % i, (VM_ADDR[family], ECHO_PORT))
+            s.sendto(b"ping %d" % i, (vm[family], ECHO_PORT))
             try:
                 data, _ = s.recvfrom(2048)
             except TimeoutError:

@@ -20,11 +20,11 @@ label's TTL the IP TTL (one less than the VM's: the host routed it).
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 
 import pytest
-from test_l3_lab import AF, ECHO_PORT, Echo  # the same echo service, in our VM namespace
+from test_l3_lab import Echo  # the same echo service, in our VM namespace
+from test_l3_lab import echoed as l3_echoed
 
 from lasthop.lab import runner
 from lasthop.lab.mplspeer import MplsPeer
@@ -105,26 +105,10 @@ def mpls_lab() -> Iterator[MplsPeer]:
         delete([CLIENT_NS, LER, HOST, VM, FW])
 
 
-def echoed(family: int, tries: int = 20, port: int = 40001) -> bool:
-    """Whether a UDP datagram from the client to the VM comes back (up to
-    *tries* datagrams of one connection, 0.25 s apart)."""
-    from lasthop.lab.namespaces import open_socket
-
-    s = open_socket(CLIENT_NS, AF[family], socket.SOCK_DGRAM)
-    try:
-        s.bind((CLIENT[family], port))
-        s.settimeout(0.25)
-        for i in range(tries):
-            s.sendto(b"ping %d" % i, (VM_ADDR[family], ECHO_PORT))
-            try:
-                data, _ = s.recvfrom(2048)
-            except TimeoutError:
-                continue
-            if data.startswith(b"ping"):
-                return True
-        return False
-    finally:
-        s.close()
+def echoed(family: int, tries: int = 20) -> bool:
+    """Whether a UDP datagram from the client behind the label-edge router to
+    the VM comes back (test_l3_lab's echo check, this lab's addresses)."""
+    return l3_echoed(family, tries, ns=CLIENT_NS, client=CLIENT, vm=VM_ADDR)
 
 
 CONFIG = """routed = true
