@@ -93,7 +93,13 @@ static __always_inline int frag_follow_to_vm(struct __sk_buff *skb, struct pkt *
 	return ret;
 }
 
-/* VM port: a later fragment of a reply goes to the last hop its first one went to. */
+/* VM port: a later fragment of a reply goes to the last hop its first one
+ * went to -- fe->hop is a copy of the connection's entry, so a tunnel or MPLS
+ * hop's descriptor id comes with it, and the fragment gets the same tunnel
+ * key or labels (counted encap_redirected too, as the first was), an L3
+ * link's the same TTL - 1. A hop that no longer takes it (descriptor swept,
+ * uplink gone or down, endpoint unreachable, TTL out) passes it unchanged,
+ * counted with that reason, as it would a reply. */
 static __always_inline int frag_follow_to_hop(struct __sk_buff *skb, struct pkt *p,
 					      const struct iface_cfg *vm, int *reason)
 {
@@ -103,8 +109,12 @@ static __always_inline int frag_follow_to_hop(struct __sk_buff *skb, struct pkt 
 	if (!fe || fe->verdict != FRAG_TO_HOP)
 		return TC_ACT_OK;
 	ret = reply_to_last_hop(skb, p, &fe->hop, vm);
-	if (ret < 0)
+	if (ret < 0) {
+		*reason = -ret;
 		return TC_ACT_OK;
+	}
+	if (fe->hop.flags & F_ENTRY_HOP_EXT)
+		count(vm->slot, CNT_ENCAP_REDIRECTED);
 	*reason = CNT_FRAGMENT_FOLLOWED;
 	return ret;
 }
