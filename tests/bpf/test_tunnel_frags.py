@@ -28,14 +28,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from scapy.layers.inet import IP, UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import ICMPv6PacketTooBig, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from lasthop import abi, libbpf
 from packets import (
+    IP6_ROUTER,
+    IP6_VM_1,
     IP_CLIENT_B,
+    IP_ROUTER,
     IP_VM_1,
     MAC_FW_A,
     MAC_FW_B,
@@ -46,6 +49,7 @@ from packets import (
     MPLS_LABEL_B,
     PORT_CLIENT,
     PORT_DNS,
+    l3,
     labelled,
     lse,
     tcp4_reply,
@@ -56,6 +60,7 @@ from packets import (
     udp4_reply,
     udp4_request,
     udp6_fragments,
+    udp6_request,
 )
 
 from .harness import (
@@ -161,6 +166,18 @@ def error_row(desc_: str, kind: abi.LinkKind, hop: abi.HopDesc, entry: Entry, er
     )
 
 
+def ptb_about(fragment: Packet) -> Packet:
+    """A router's "packet too big" about a fragment VM 1 sent (a service's
+    answer: to its address), quoting as much as fits in 1280 bytes."""
+    quote = bytes(l3(fragment))[: 1280 - 48]
+    return (
+        Ether(src=MAC_FW_B, dst=MAC_UPLINK_1)
+        / IPv6(src=IP6_ROUTER, dst=IP6_VM_1)
+        / ICMPv6PacketTooBig(mtu=1280)
+        / Raw(quote)
+    )
+
+
 V4_HOP, V6_HOP = desc4(), desc4(endpoint=0xC0000202, vni=200)
 MPLS_HOP = desc(A60, B60)
 SERVICE4 = held(REQ4, flags=TUNNELLED)
@@ -168,6 +185,7 @@ SERVICE6 = held(REQ6, flags=TUNNELLED)
 OPENED4 = held(REQ4, flags=TUNNELLED | abi.F_ENTRY_VM_ORIGIN)
 FAST4 = held(REQ4, flags=TUNNELLED | abi.F_ENTRY_VM_FAST)
 UDP4 = held(udp4_request(), flags=TUNNELLED, state=ST.UDP_STREAM)
+UDP6 = held(udp6_request(), flags=TUNNELLED, state=ST.UDP_STREAM)
 LEARNED4 = Entry(Key(REQ4), mac=MAC_FW_B, iface="up1", flags=TUNNELLED, packets=3,
                  state=ST.TCP_ESTABLISHED)  # fmt: skip
 
@@ -186,8 +204,13 @@ ERROR_ROWS = [
               K.VXLAN, V4_HOP, LEARNED4, frag_needed(tcp4_reply()), C.ICMP_ERROR_FORWARDED),
     error_row("VXLAN: a quote cut inside its L4 header: passed unchanged, counted",
               K.VXLAN, V4_HOP, SERVICE4,
-              Ether(bytes(frag_needed(tcp4_reply()))[: 14 + 20 + 8 + 20 + 4]),
+              Ether(src=MAC_FW_B, dst=MAC_VM_1) / IP(src=IP_ROUTER, dst=IP_VM_1)
+              / ICMP(type=3, code=4, nexthopmtu=1400) / Raw(bytes(l3(tcp4_reply()))[:24]),
               C.ICMP_ERROR_MISS),
+    error_row("VXLAN: packet too big about a v6 reply's first fragment: its ports name it",
+              K.VXLAN, V6_HOP, UDP6, ptb_about(udp6_fragments()[0])),
+    error_row("VXLAN: packet too big about a later v6 fragment (no ports): passed, counted",
+              K.VXLAN, V6_HOP, UDP6, ptb_about(udp6_fragments()[1]), C.ICMP_ERROR_MISS),
     error_row("MPLS (labels popped): v4 fragmentation needed about a service's reply",
               K.MPLS, MPLS_HOP, SERVICE4, ttl(frag_needed(tcp4_reply(), MAC_UPLINK_1), 60)),
     error_row("MPLS (labels popped): v6 packet too big about a service's reply",
