@@ -96,12 +96,12 @@ static __always_inline int frag_follow_to_vm(struct __sk_buff *skb, struct pkt *
 /* VM port: a later fragment of a reply goes to the last hop its first one
  * went to -- fe->hop is a copy of the connection's entry, so a tunnel or MPLS
  * hop's descriptor id comes with it, and the fragment gets the same tunnel
- * key or labels (counted encap_redirected too, as the first was), an L3
+ * key or labels (*svc := encap_redirected, as the first was), an L3
  * link's the same TTL - 1. A hop that no longer takes it (descriptor swept,
  * uplink gone or down, endpoint unreachable, TTL out) passes it unchanged,
  * counted with that reason, as it would a reply. */
 static __always_inline int frag_follow_to_hop(struct __sk_buff *skb, struct pkt *p,
-					      const struct iface_cfg *vm, int *reason)
+					      const struct iface_cfg *vm, int *reason, int *svc)
 {
 	struct frag_entry *fe = frag_find(p, reason);
 	int ret;
@@ -114,7 +114,7 @@ static __always_inline int frag_follow_to_hop(struct __sk_buff *skb, struct pkt 
 		return TC_ACT_OK;
 	}
 	if (fe->hop.flags & F_ENTRY_HOP_EXT)
-		count(vm->slot, CNT_ENCAP_REDIRECTED);
+		*svc = CNT_ENCAP_REDIRECTED;
 	*reason = CNT_FRAGMENT_FOLLOWED;
 	return ret;
 }

@@ -794,7 +794,7 @@ static __always_inline int vmport_main(struct __sk_buff *skb)
 	if (o.reason < 0) {
 		o.reason = -o.reason;
 		if (p.frag_later)
-			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason);
+			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason, &o.svc);
 		goto out;
 	}
 	vm_mac_learn(skb, cfg, &p.key, 0);
