@@ -24,6 +24,11 @@ and the veth tests' below.
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import os
+import socket
+import struct
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -34,7 +39,11 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
 
 from lasthop import abi, libbpf
+from lasthop.datapath import hop_desc_hash
+from lasthop.lab.tunlink import IFF_NO_PI, IFF_TUN, TUNSETIFF
+from lasthop.libbpf import INGRESS, TcHook
 from packets import (
+    IP6_CLIENT_B,
     IP6_ROUTER,
     IP6_VM_1,
     IP_CLIENT_B,
@@ -80,6 +89,7 @@ from .test_encap import desc4
 from .test_frag import run_later
 from .test_mpls import desc, meta, run_xdp, ttl
 from .test_uplink_icmp import frag_needed, held, to_vm, too_big
+from .test_veth import Capture
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
@@ -401,7 +411,7 @@ MALFORMED = [
     ("a later v6 fragment whose payload length runs past the frame",
      Ether(bytes(udp6_fragments()[1])[: 14 + 40 + 8 + 8])),
     ("a v6 fragment header cut short", Ether(
-        bytes(Ether(src=MAC_VM_1, dst=MAC_FW_A) / IPv6(src="2001:db8:2::11", dst="2001:db8:100::20",
+        bytes(Ether(src=MAC_VM_1, dst=MAC_FW_A) / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B,
                                                        nh=44, plen=4)
               / Raw(bytes(IPv6ExtHdrFragment(offset=10, m=1))[:4])))),
 ]  # fmt: skip
@@ -455,12 +465,7 @@ def test_xdp_takes_the_labels_off_every_fragment_of_a_request(dp: Datapath, fami
     the metadata, the IP TTL the top label's; tc then learns the first and
     sends the later ones after it (the veth test below)."""
     hop_setup(K.MPLS, None, ())(dp)
-    frags = (udp4_fragments if family == 4 else udp6_fragments)(
-        src=IP_CLIENT_B if family == 4 else "2001:db8:100::20",
-        dst=IP_VM_1 if family == 4 else "2001:db8:2::11",
-        sport=PORT_CLIENT, dport=PORT_DNS, src_mac=MAC_FW_B, dst_mac=MAC_VM_1,
-    )  # fmt: skip
-    for frame in frags:
+    for frame in request_fragments(family):
         before = dp.counter_values()
         run = run_xdp(dp, bytes(labelled(frame, (A60, B60))))
         assert run.data.hex() == (meta(A60, B60) + bytes(ttl(frame, 60))).hex()
@@ -468,3 +473,174 @@ def test_xdp_takes_the_labels_off_every_fragment_of_a_request(dp: Datapath, fami
         assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {
             ("up1", C.MPLS_POPPED): 1
         }
+
+
+# ------------------------------------------------- on devices: a tun (L3), a veth with XDP (MPLS)
+#
+# Test run gives lh_uplink_l3 an Ethernet header and lh_uplink no XDP
+# metadata, so these two run on devices: packets written into a tun device
+# (lh_uplink_l3 on its ingress), labelled frames sent into up1 (XDP pops,
+# tc learns); what reaches VM 1 is read at vm1's peer.
+
+SLOT_TUN = 5  # tun0's counter slot (the topology's are 1-4)
+TC_HANDLE, TC_PRIORITY = 1, 1
+
+
+@pytest.fixture
+def tun(dp: Datapath) -> Iterator[tuple[int, int]]:
+    """tun0, an L3 uplink (lh_uplink_l3 on its ingress, slot SLOT_TUN), in
+    the test namespace: its fd and ifindex. Closing the fd removes it (and
+    its qdisc and filter)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    index = 0
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", b"tun0", IFF_TUN | IFF_NO_PI))
+        subprocess.run(["ip", "link", "set", "tun0", "up"], check=True)
+        index = socket.if_nametoindex("tun0")
+        cfg = abi.IfaceCfg(role=int(abi.Role.UPLINK), slot=SLOT_TUN, link_kind=int(K.L3))
+        dp.iface_map.update(index.to_bytes(4, "little"), bytes(cfg))
+        hook = TcHook(index, INGRESS)
+        hook.create()
+        hook.attach(dp.obj.program("lh_uplink_l3").fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        yield fd, index
+    finally:
+        os.close(fd)
+        if index:
+            dp.iface_map.update(index.to_bytes(4, "little"), bytes(abi.IfaceCfg()))  # an array
+
+
+def slot_counts(dp: Datapath, slot: int) -> dict[abi.Counter, int]:
+    out = {}
+    for c in abi.Counter:
+        raw = dp.counters.lookup(abi.counter_key(slot, c))
+        assert raw is not None
+        out[c] = sum(int.from_bytes(v[:8], "little") for v in dp.counters.percpu_values(raw))
+    return out
+
+
+def moved_by(before: dict[abi.Counter, int], after: dict[abi.Counter, int]) -> dict:  # type: ignore[type-arg]
+    return {c: after[c] - before[c] for c in after if after[c] != before[c]}
+
+
+def to_vm_from_l3(packet: Packet) -> bytes:
+    """A packet of an L3 link as VM 1 gets it: an Ethernet header from its
+    port's MAC to the guest's in front, TTL - 1 (the host routes it)."""
+    frame = Ether(src=MAC_VMPORT_1, dst=MAC_VM_1) / l3(packet)
+    return bytes(routed(frame, src=MAC_VMPORT_1, dst=MAC_VM_1))
+
+
+def pin_to_vm1(dp: Datapath, request: Packet, ifindex: int, flags: int = HOP,
+               hop_id: int = 0) -> None:  # fmt: skip
+    """A service connection pinned to vm1 whose last hop is uplink *ifindex*."""
+    e = dp.pack_entry(Entry(Key(request), vm="vm1", flags=flags, packets=3, state=ST.UDP_STREAM))
+    e.ifindex = ifindex
+    if hop_id:
+        e.vlan_tci[0], e.vlan_tci[1] = hop_id & 0xFFFF, hop_id >> 16
+        e.mac[:] = list(bytes.fromhex(MAC_FW_B.replace(":", "")))
+    dp.tables["confirmed"].update(Key(request).pack(), bytes(e))
+
+
+@pytest.mark.parametrize(
+    ("error", "request_"),
+    [(frag_needed(tcp4_reply()), REQ4), (too_big(tcp6_reply()), REQ6)],
+    ids=["v4 fragmentation needed", "v6 packet too big"],
+)
+def test_an_error_from_beyond_an_l3_link_reaches_the_services_vm(
+    dp: Datapath, tun: tuple[int, int], error: Packet, request_: Packet
+) -> None:
+    """An error written into the tun (the L3 peer's side) about a service's
+    reply reaches vm1 with an Ethernet header pushed and TTL - 1: the host's
+    routing would send it to the service's address, not to the VM."""
+    fd, index = tun
+    dp.configure("vm1", vm_mac=MAC_VM_1)
+    pin_to_vm1(dp, request_, index, flags=HOP)
+    capture = Capture("vm1p")
+    try:
+        before = slot_counts(dp, SLOT_TUN)
+        os.write(fd, bytes(l3(error)))
+        capture.expect(to_vm_from_l3(error), timeout=5.0)
+    finally:
+        capture.close()
+    assert moved_by(before, slot_counts(dp, SLOT_TUN)) == {C.ICMP_ERROR_REDIRECTED: 1}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_every_request_fragment_through_an_l3_link_reaches_the_services_vm(
+    dp: Datapath, tun: tuple[int, int], family: int
+) -> None:
+    """The first fragment finds the service's entry (pinned to vm1); the
+    later ones, without ports, follow it: each reaches vm1 framed, TTL - 1."""
+    fd, index = tun
+    frags = request_fragments(family)
+    dp.configure("vm1", vm_mac=MAC_VM_1)
+    pin_to_vm1(dp, frags[0], index, flags=HOP)
+    capture = Capture("vm1p")
+    try:
+        before = slot_counts(dp, SLOT_TUN)
+        for frame in frags:
+            os.write(fd, bytes(l3(frame)))
+            capture.expect(to_vm_from_l3(frame), timeout=5.0)
+    finally:
+        capture.close()
+    assert moved_by(before, slot_counts(dp, SLOT_TUN)) == {
+        C.REFRESHED: 1,
+        C.SVC_PINNED: 1,
+        C.FRAGMENT_FOLLOWED: len(frags) - 1,
+    }
+
+
+def request_fragments(family: int) -> list[Packet]:
+    """A client's fragmented UDP request through firewall B, to VM 1."""
+    if family == 4:
+        return udp4_fragments(src=IP_CLIENT_B, dst=IP_VM_1, sport=PORT_CLIENT, dport=PORT_DNS,
+                              src_mac=MAC_FW_B, dst_mac=MAC_VM_1)  # fmt: skip
+    return udp6_fragments(src=IP6_CLIENT_B, dst=IP6_VM_1, sport=PORT_CLIENT, dport=PORT_DNS,
+                          src_mac=MAC_FW_B, dst_mac=MAC_VM_1)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_every_labelled_request_fragment_reaches_the_services_vm(
+    dp: Datapath, descs: libbpf.Map, family: int
+) -> None:
+    """Through up1 with XDP (generic) and tc: every fragment loses its labels;
+    the first one's stack is the entry's hop (the same descriptor), so it
+    goes to the service's VM, and the later ones follow it -- unlabelled,
+    to the guest's MAC, their IP TTL the top label's."""
+    up1 = dp.ifaces["up1"].ifindex
+    hop = desc(A60, B60)
+    hop_id = hop_desc_hash(hop)
+    descs.update(hop_id.to_bytes(4, "little"), bytes(hop))
+    frags = request_fragments(family)
+    dp.configure("vm1", vm_mac=MAC_VM_1)
+    pin_to_vm1(dp, frags[0], up1, flags=HOP | EXT, hop_id=hop_id)
+    hop_setup(K.MPLS, None, ())(dp)
+    tc = TcHook(up1, INGRESS)
+    tc.create()
+    tc.attach(dp.obj.program(UPLINK).fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+    capture = Capture("vm1p")
+    try:
+        assert libbpf.XdpHook(up1).attach(
+            dp.obj.program("lh_uplink_mpls").fd, flags=libbpf.XDP_FLAGS_SKB_MODE
+        )
+        before = dp.counter_values()
+        for frame in frags:
+            send("up1p", labelled(frame, (A60, B60)))
+            capture.expect(bytes(ttl(frame, 60)), timeout=5.0)
+    finally:
+        capture.close()
+        libbpf.XdpHook(up1).detach("lh_uplink_mpls")
+        tc.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+    after = dp.counter_values()
+    moved = {c: after[(n, c)] - before[(n, c)] for (n, c) in after if n == "up1"}
+    assert {c: v for c, v in moved.items() if v} == {
+        C.MPLS_POPPED: len(frags),
+        C.REFRESHED: 1,
+        C.SVC_PINNED: 1,
+        C.FRAGMENT_FOLLOWED: len(frags) - 1,
+    }
+
+
+def send(ifname: str, frame: Packet) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+        s.bind((ifname, 0))
+        s.send(bytes(frame))
