@@ -644,3 +644,107 @@ def send(ifname: str, frame: Packet) -> None:
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
         s.bind((ifname, 0))
         s.send(bytes(frame))
+
+
+SLOT_VXLAN = 6  # vx1's counter slot
+ENDPOINT, HOST_ENDPOINT = "10.255.0.1", "10.255.0.100"  # fw B's tunnel endpoint, the host's
+
+
+@dataclass(frozen=True)
+class Vxlan:
+    index: int  # vx1: an external VXLAN device, lh_uplink on its ingress
+    underlay_mac: str  # ulh's: the host's underlay leg (ulhp: where the test sends from)
+
+
+@pytest.fixture
+def vxlan(dp: Datapath, test_netns) -> Iterator[Vxlan]:  # type: ignore[no-untyped-def]
+    """vx1 (external, collect-metadata: every packet it decapsulates carries
+    its tunnel key) over the underlay leg ulh (HOST_ENDPOINT), in the test
+    namespace; removed afterwards, with its filter."""
+    test_netns.add_veths([("ulh", "02:00:00:00:05:01")])
+    cfg_key = b""
+    try:
+        subprocess.run(["ip", "addr", "add", f"{HOST_ENDPOINT}/24", "dev", "ulh"], check=True)
+        subprocess.run(["ip", "link", "add", "vx1", "type", "vxlan", "external", "dstport",
+                        "4789"], check=True)  # fmt: skip
+        subprocess.run(["ip", "link", "set", "vx1", "up"], check=True)
+        index = socket.if_nametoindex("vx1")
+        cfg_key = index.to_bytes(4, "little")
+        cfg = abi.IfaceCfg(role=int(abi.Role.UPLINK), slot=SLOT_VXLAN, link_kind=int(K.VXLAN))
+        dp.iface_map.update(cfg_key, bytes(cfg))
+        hook = TcHook(index, INGRESS)
+        hook.create()
+        hook.attach(dp.obj.program(UPLINK).fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        yield Vxlan(index, "02:00:00:00:05:01")
+    finally:
+        test_netns.del_links(["vx1", "ulh"])
+        if cfg_key:
+            dp.iface_map.update(cfg_key, bytes(abi.IfaceCfg()))
+
+
+def encapsulated(inner: Packet, underlay_mac: str) -> Packet:
+    """*inner* as fw B's VXLAN device sends it to the host (VNI 100)."""
+    from scapy.layers.vxlan import VXLAN
+
+    return (
+        Ether(src="02:00:00:00:05:0b", dst=underlay_mac)
+        / IP(src=ENDPOINT, dst=HOST_ENDPOINT, ttl=64)
+        / UDP(sport=49152, dport=4789, chksum=0)
+        / VXLAN(flags="Instance", NextProtocol=0, vni=100)  # scapy's default is VXLAN-GPE
+        / Ether(bytes(inner))
+    )
+
+
+def tunnel_hop(dp: Datapath, descs: libbpf.Map) -> int:
+    """fw B's hop as encap_learn stores it ({ENDPOINT, VNI 100}); its id."""
+    hop = desc4(endpoint=0x0AFF0001, vni=100)
+    hop_id = hop_desc_hash(hop)
+    descs.update(hop_id.to_bytes(4, "little"), bytes(hop))
+    return hop_id
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_every_request_fragment_out_of_the_tunnel_reaches_the_services_vm(
+    dp: Datapath, descs: libbpf.Map, vxlan: Vxlan, family: int
+) -> None:
+    """Each fragment arrives in a VXLAN packet of its own (with the tunnel
+    key, which only the first needs): the first one's endpoint and VNI are the
+    entry's hop, so it goes to the service's VM, and the later ones follow."""
+    frags = request_fragments(family)
+    dp.configure("vm1", vm_mac=MAC_VM_1)
+    pin_to_vm1(dp, frags[0], vxlan.index, flags=HOP | EXT, hop_id=tunnel_hop(dp, descs))
+    capture = Capture("vm1p")
+    try:
+        before = slot_counts(dp, SLOT_VXLAN)
+        for frame in frags:
+            send("ulhp", encapsulated(frame, vxlan.underlay_mac))
+            capture.expect(bytes(frame), timeout=5.0)
+    finally:
+        capture.close()
+    assert moved_by(before, slot_counts(dp, SLOT_VXLAN)) == {
+        C.REFRESHED: 1,
+        C.SVC_PINNED: 1,
+        C.FRAGMENT_FOLLOWED: len(frags) - 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("error", "request_"),
+    [(frag_needed(tcp4_reply(), MAC_VM_1), REQ4), (too_big(tcp6_reply(), MAC_VM_1), REQ6)],
+    ids=["v4 fragmentation needed", "v6 packet too big"],
+)
+def test_an_error_out_of_the_tunnel_reaches_the_services_vm(
+    dp: Datapath, descs: libbpf.Map, vxlan: Vxlan, error: Packet, request_: Packet
+) -> None:
+    """A real VXLAN packet carrying a router's error about a service's reply:
+    decapsulated, it reaches vm1 as the bridge would give it."""
+    dp.configure("vm1", vm_mac=MAC_VM_1)
+    pin_to_vm1(dp, request_, vxlan.index, flags=HOP | EXT, hop_id=tunnel_hop(dp, descs))
+    capture = Capture("vm1p")
+    try:
+        before = slot_counts(dp, SLOT_VXLAN)
+        send("ulhp", encapsulated(error, vxlan.underlay_mac))
+        capture.expect(bytes(to_vm(error)), timeout=5.0)
+    finally:
+        capture.close()
+    assert moved_by(before, slot_counts(dp, SLOT_VXLAN)) == {C.ICMP_ERROR_REDIRECTED: 1}
