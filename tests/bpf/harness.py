@@ -650,9 +650,7 @@ def prepare(dp: Datapath, case: Case) -> None:
         dp.set_scope(case.scope, case.scope_default)
 
 
-def check(
-    dp: Datapath, case: Case, extra: Callable[[Datapath], None] | None = None
-) -> TestRun:
+def check(dp: Datapath, case: Case, extra: Callable[[Datapath], None] | None = None) -> TestRun:
     """Runs one case on a freshly reset data path and asserts every expectation
     (*extra*: more set-up, after the case's own)."""
     prepare(dp, case)

@@ -102,17 +102,6 @@ HOP_ID = 0x00050006  # any id: a reply reads the one its entry names
 A60, B60 = lse(MPLS_LABEL_A), lse(MPLS_LABEL_B)
 
 
-@pytest.fixture
-def descs(dp: Datapath) -> Iterator[libbpf.Map]:
-    """lh_hop_descs, emptied before and after (Datapath.reset leaves it)."""
-    m = dp.obj.map("lh_hop_descs")
-    for key in list(m.keys()):
-        m.delete(key)
-    yield m
-    for key in list(m.keys()):
-        m.delete(key)
-
-
 def hop_setup(kind: abi.LinkKind, hop: abi.HopDesc | None, entries: tuple[Entry, ...]
               ) -> Callable[[Datapath], None]:  # fmt: skip
     """The set-up after a case's own: up1's link kind, the descriptor under
