@@ -214,6 +214,13 @@ ERROR_ROWS = [
               K.MPLS, MPLS_HOP, SERVICE4, ttl(frag_needed(tcp4_reply(), MAC_UPLINK_1), 60)),
     error_row("MPLS (labels popped): v6 packet too big about a service's reply",
               K.MPLS, MPLS_HOP, SERVICE6, ttl(too_big(tcp6_reply(), MAC_UPLINK_1), 60)),
+    error_row("MPLS (labels popped): an error about a connection the VM opened goes to it",
+              K.MPLS, MPLS_HOP, OPENED4, ttl(frag_needed(tcp4_reply()), 60)),
+    error_row("MPLS (labels popped): an error about a fast-path connection goes to its VM",
+              K.MPLS, MPLS_HOP, FAST4, ttl(frag_needed(tcp4_reply()), 60)),
+    error_row("MPLS (labels popped): about a connection no VM port holds: left to routing",
+              K.MPLS, MPLS_HOP, LEARNED4, ttl(frag_needed(tcp4_reply()), 60),
+              C.ICMP_ERROR_FORWARDED),
 ]  # fmt: skip
 
 
