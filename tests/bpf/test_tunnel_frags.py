@@ -234,6 +234,49 @@ def test_an_error_from_beyond_a_tunnel_reaches_the_vm(dp: Datapath, descs: libbp
     check(dp, row.case, hop_setup(row.kind, row.hop, row.case.setup))
 
 
+def time_exceeded_about(fragment: Packet) -> Packet:
+    """A router's "time exceeded" about a fragment VM 1 sent: its IP header
+    and 8 bytes (RFC 792), from beyond fw B."""
+    return (
+        Ether(src=MAC_FW_B, dst=MAC_UPLINK_1)
+        / IP(src=IP_ROUTER, dst=IP_VM_1)
+        / ICMP(type="time-exceeded", code=0)
+        / Raw(bytes(l3(fragment))[:28])
+    )
+
+
+@pytest.mark.parametrize(
+    ("frags", "entry", "about"),
+    [(udp6_fragments(), UDP6, ptb_about), (udp4_fragments(), UDP4, time_exceeded_about)],
+    ids=["v6 packet too big", "v4 time exceeded"],
+)
+def test_an_error_about_a_later_fragment_reaches_the_vm_its_first_came_from(
+    dp: Datapath, descs: libbpf.Map, frags: list[Packet], entry: Entry, about: Callable
+) -> None:  # type: ignore[type-arg]
+    """A service's answer left in fragments (the first by its entry, into the
+    tunnel); an error quoting a later one -- no ports -- finds the VM port
+    through lh_frags' copy of the entry, as the later fragment itself did."""
+    first = Case(
+        "the answer's first fragment",
+        VMPORT,
+        "vm1",
+        frags[0],
+        setup=(entry,),
+        vm_macs=(("vm1", MAC_VM_1),),
+        verdict=TC_ACT_REDIRECT,
+        redirect="up1",
+        output=bridged(frags[0]),
+        after=(entry.but(replies=1, seen="now"),),
+        counters={("vm1", C.REDIRECTED): 1, ("vm1", C.ENCAP_REDIRECTED): 1},
+    )
+    check(dp, first, hop_setup(K.VXLAN, V6_HOP, (entry,)))
+    error = about(frags[1])
+    verdict, data, counters = run_later(dp, UPLINK, "up1", error)
+    assert (verdict, dp.redirected_to()) == (TC_ACT_REDIRECT, "vm1")
+    assert data.hex() == bytes(to_vm(error)).hex()
+    assert counters == {("up1", C.ICMP_ERROR_REDIRECTED): 1}
+
+
 @pytest.mark.parametrize(
     ("error", "entry"),
     [(frag_needed(tcp4_reply(), MAC_UPLINK_1), SERVICE4),
