@@ -26,6 +26,8 @@ from packets import (
 
 pytest.register_assert_rewrite("bpf.harness")
 
+from lasthop.libbpf import Map  # noqa: E402
+
 from .harness import Datapath, Iface  # noqa: E402
 
 FRAG_TABLE_SIZE = 64  # lh_frags in the tests: small, so a flood of fragment ids overflows it
@@ -172,3 +174,14 @@ def dp(loaded: Datapath, test_netns: TestNetns) -> Iterator[Datapath]:
         yield loaded
     finally:
         test_netns.leave()
+
+
+@pytest.fixture
+def descs(dp: Datapath) -> Iterator[Map]:
+    """lh_hop_descs (tunnel and MPLS hops), emptied before and after: Datapath.reset leaves it."""
+    m = dp.obj.map("lh_hop_descs")
+    for key in list(m.keys()):
+        m.delete(key)
+    yield m
+    for key in list(m.keys()):
+        m.delete(key)

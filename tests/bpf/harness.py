@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -649,9 +650,12 @@ def prepare(dp: Datapath, case: Case) -> None:
         dp.set_scope(case.scope, case.scope_default)
 
 
-def check(dp: Datapath, case: Case) -> TestRun:
-    """Runs one case on a freshly reset data path and asserts every expectation."""
+def check(dp: Datapath, case: Case, extra: Callable[[Datapath], None] | None = None) -> TestRun:
+    """Runs one case on a freshly reset data path and asserts every expectation
+    (*extra*: more set-up, after the case's own)."""
     prepare(dp, case)
+    if extra is not None:
+        extra(dp)
     frame = bytes(case.packet)
     before, tables_before = dp.counter_values(), dp.table_counter_values()
     t0 = dp.clock()

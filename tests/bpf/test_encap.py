@@ -125,17 +125,6 @@ ROWS = [
 
 
 @pytest.fixture
-def descs(dp) -> Iterator[object]:  # type: ignore[no-untyped-def]
-    """lh_hop_descs, emptied before and after (Datapath.reset leaves it)."""
-    m = dp.obj.map("lh_hop_descs")
-    for key in list(m.keys()):
-        m.delete(key)
-    yield m
-    for key in list(m.keys()):
-        m.delete(key)
-
-
-@pytest.fixture
 def endpoints_down(dp) -> Iterator[object]:  # type: ignore[no-untyped-def]
     """lh_endpoints_down, emptied before and after."""
     m = dp.obj.map("lh_endpoints_down")

@@ -17,7 +17,6 @@ import ctypes
 import socket
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -228,17 +227,6 @@ def test_xdp_takes_the_label_stack_off(dp: Datapath, row: PopRow) -> None:
 
 
 # ---------------------------------------------------------------- tc: the labels back on
-
-
-@pytest.fixture
-def descs(dp: Datapath) -> Iterator[libbpf.Map]:
-    """lh_hop_descs, emptied before and after (Datapath.reset leaves it)."""
-    m = dp.obj.map("lh_hop_descs")
-    for key in list(m.keys()):
-        m.delete(key)
-    yield m
-    for key in list(m.keys()):
-        m.delete(key)
 
 
 def desc(*entries: Lse, tags: tuple[int, ...] = ()) -> abi.HopDesc:

@@ -156,6 +156,9 @@ def _quoted6(rng: random.Random) -> bytes:
     l4 = rng.choice(
         (_tcp, _udp, lambda r: ICMPv6EchoRequest(id=r.getrandbits(16), seq=r.getrandbits(16)))
     )(rng)
+    if rng.random() < 0.2:  # a fragment's quote: the first (ports after it) or a later one
+        offset = rng.choice((0, 0, rng.randint(1, 8191)))
+        inner = _cat(inner, IPv6ExtHdrFragment(offset=offset, m=1, id=rng.getrandbits(32)))
     raw = bytes(_cat(inner, l4))
     return raw[: rng.choice((48, len(raw), 40 + rng.randint(8, 40)))]
 

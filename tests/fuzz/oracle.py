@@ -270,6 +270,15 @@ def _quoted(r: Reading, data: bytes, q: int, end: int) -> None:
             r.quoted_reason = C.MALFORMED
             return
         family, src, dst, proto, l4 = 6, _addr6(ip6.src), _addr6(ip6.dst), ip6.nh, q + 40
+        if proto == EXT_FRAGMENT:  # a quoted fragment: the first one's ports follow its header
+            if l4 + 8 > end:
+                r.quoted_reason = C.MALFORMED
+                return
+            proto, _, off = struct.unpack("!BBH", data[l4 : l4 + 4])
+            if off & 0xFFF8:
+                r.quoted_reason = C.FRAGMENT
+                return
+            l4 += 8
     if l4 + 8 > end:
         r.quoted_reason = C.MALFORMED
         return

@@ -115,7 +115,7 @@ class Echo:
     def _serve(self, s: socket.socket) -> None:
         while not self.done.is_set():
             try:
-                data, peer = s.recvfrom(2048)
+                data, peer = s.recvfrom(65535)  # whole, however large
             except TimeoutError:
                 continue
             s.sendto(data, peer)

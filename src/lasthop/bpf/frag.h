@@ -6,7 +6,9 @@
  * direction keys on addresses as read, so requests (uplink -> VM) and
  * replies (VM -> last hop) never meet. A later fragment whose first one was
  * not seen -- out of order, or forgotten by the LRU -- passes unchanged and
- * is counted CNT_FRAGMENT_EARLY: the data path holds no packet back. */
+ * is counted CNT_FRAGMENT_EARLY: the data path holds no packet back. An
+ * ICMP error from outside that quotes a later fragment of a VM's reply finds
+ * the connection's VM port the same way (frag_quoted_vm). */
 #pragma once
 
 #include <linux/pkt_cls.h>
@@ -93,9 +95,15 @@ static __always_inline int frag_follow_to_vm(struct __sk_buff *skb, struct pkt *
 	return ret;
 }
 
-/* VM port: a later fragment of a reply goes to the last hop its first one went to. */
+/* VM port: a later fragment of a reply goes to the last hop its first one
+ * went to -- fe->hop is a copy of the connection's entry, so a tunnel or MPLS
+ * hop's descriptor id comes with it, and the fragment gets the same tunnel
+ * key or labels (*svc := encap_redirected, as the first was), an L3
+ * link's the same TTL - 1. A hop that no longer takes it (descriptor swept,
+ * uplink gone or down, endpoint unreachable, TTL out) passes it unchanged,
+ * counted with that reason, as it would a reply. */
 static __always_inline int frag_follow_to_hop(struct __sk_buff *skb, struct pkt *p,
-					      const struct iface_cfg *vm, int *reason)
+					      const struct iface_cfg *vm, int *reason, int *svc)
 {
 	struct frag_entry *fe = frag_find(p, reason);
 	int ret;
@@ -103,8 +111,55 @@ static __always_inline int frag_follow_to_hop(struct __sk_buff *skb, struct pkt 
 	if (!fe || fe->verdict != FRAG_TO_HOP)
 		return TC_ACT_OK;
 	ret = reply_to_last_hop(skb, p, &fe->hop, vm);
-	if (ret < 0)
+	if (ret < 0) {
+		*reason = -ret;
 		return TC_ACT_OK;
+	}
+	if (fe->hop.flags & F_ENTRY_HOP_EXT)
+		*svc = CNT_ENCAP_REDIRECTED;
 	*reason = CNT_FRAGMENT_FOLLOWED;
 	return ret;
+}
+
+/* Uplink: an ICMP error from outside quoting a later fragment of a reply (no
+ * ports: a "packet too big" about each fragment of a VM's large answer). Its
+ * datagram, as the quote's header names it, is the one lh_frags remembered
+ * when its first fragment left a VM port: the copy of the entry says which VM
+ * port holds the connection. c is at the quote, inside q's datagram (q->l3,
+ * q->l3_len, q->key.zone); family: the error's own. Returns that VM port (0: none holds it), or -1
+ * when the datagram is not known (or the quote cannot be read). */
+static __always_inline int frag_quoted_vm(struct cursor *c, const struct pkt *q, __u32 family)
+{
+	struct iphdr *ip = c->pos;
+	struct frag_entry *fe;
+	struct frag_key k = {};
+
+	if ((void *)(ip + 1) > c->end || !in_datagram(c, q, sizeof(*ip)))
+		return -1;
+	if (ip->version == 4) {
+		k.saddr[0] = ip->saddr;
+		k.daddr[0] = ip->daddr;
+		k.id = ip->id;
+		k.proto = ip->protocol;
+		k.family = FAMILY_V4;
+	} else {
+		struct ipv6hdr *ip6 = c->pos;
+		struct { __u8 next; __u8 reserved; __be16 off; __be32 id; } *fh = (void *)(ip6 + 1);
+
+		if ((void *)(fh + 1) > c->end || !in_datagram(c, q, sizeof(*ip6) + sizeof(*fh)) ||
+		    ip6->nexthdr != IPPROTO_FRAGMENT)
+			return -1;
+		__builtin_memcpy(k.saddr, &ip6->saddr, sizeof(k.saddr));
+		__builtin_memcpy(k.daddr, &ip6->daddr, sizeof(k.daddr));
+		k.id = fh->id;
+		k.proto = fh->next;
+		k.family = FAMILY_V6;
+	}
+	if (k.family != family)
+		return -1; /* an ICMPv4 error quoting IPv6, or the other way round */
+	k.zone = q->key.zone;
+	fe = bpf_map_lookup_elem(&lh_frags, &k);
+	if (!fe || fe->verdict != FRAG_TO_HOP)
+		return -1;
+	return fe->hop.vm_ifindex;
 }

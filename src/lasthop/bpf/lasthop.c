@@ -365,11 +365,12 @@ static __always_inline int icmp_error_key(struct pkt *p, struct cursor *c)
 __noinline int uplink_icmp_error(struct __sk_buff *skb, __u32 l3_off, __u32 l3_len,
 				 __u32 quote_off, __u32 meta)
 {
+	__u32 family = meta >> 24 & 0xff;
 	struct iface_cfg *vm;
 	struct conn_entry *e;
 	struct pkt q = {};
 	struct cursor c;
-	int pending, ret;
+	int pending, ret, vm_ifindex;
 
 	if (!skb || l3_off > PULL_LEN || quote_off > PULL_LEN)
 		return CNT_ICMP_ERROR_MISS << 8;
@@ -381,16 +382,27 @@ __noinline int uplink_icmp_error(struct __sk_buff *skb, __u32 l3_off, __u32 l3_l
 	q.l3_link = meta >> 18 & 1;
 	c.pos = (void *)(long)skb->data + quote_off;
 	c.end = (void *)(long)skb->data_end;
-	if (icmp_error_key(&q, &c) < 0 || q.key.family != (meta >> 24 & 0xff))
-		return CNT_ICMP_ERROR_MISS << 8; /* unreadable, or ICMPv4 quoting IPv6 */
-	conn_key_reverse(&q.key); /* the quote left the host: a reply's direction */
-	e = conn_lookup(&q, &pending);
-	if (!e)
-		return CNT_ICMP_ERROR_MISS << 8;
-	vm = iface_get(e->vm_ifindex, ROLE_VM_PORT);
-	if (!e->vm_ifindex || !vm || (vm->flags & F_IFACE_VM_DOWN))
+	ret = icmp_error_key(&q, &c);
+	if (ret == -CNT_FRAGMENT) {
+		/* a later fragment's quote: its datagram's first fragment knew */
+		c.pos = (void *)(long)skb->data + quote_off;
+		vm_ifindex = frag_quoted_vm(&c, &q, family);
+		if (vm_ifindex < 0)
+			return CNT_ICMP_ERROR_MISS << 8;
+		q.key.family = family; /* send_to_vm's: the error's own */
+	} else {
+		if (ret < 0 || q.key.family != family)
+			return CNT_ICMP_ERROR_MISS << 8; /* unreadable, or ICMPv4 quoting IPv6 */
+		conn_key_reverse(&q.key); /* the quote left the host: a reply's direction */
+		e = conn_lookup(&q, &pending);
+		if (!e)
+			return CNT_ICMP_ERROR_MISS << 8;
+		vm_ifindex = e->vm_ifindex;
+	}
+	vm = iface_get(vm_ifindex, ROLE_VM_PORT);
+	if (!vm_ifindex || !vm || (vm->flags & F_IFACE_VM_DOWN))
 		return CNT_ICMP_ERROR_FORWARDED << 8;
-	ret = send_to_vm(skb, &q, e->vm_ifindex);
+	ret = send_to_vm(skb, &q, vm_ifindex);
 	if (ret < 0)
 		return CNT_ICMP_ERROR_FORWARDED << 8;
 	return CNT_ICMP_ERROR_REDIRECTED << 8 | ret;
@@ -794,7 +806,7 @@ static __always_inline int vmport_main(struct __sk_buff *skb)
 	if (o.reason < 0) {
 		o.reason = -o.reason;
 		if (p.frag_later)
-			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason);
+			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason, &o.svc);
 		goto out;
 	}
 	vm_mac_learn(skb, cfg, &p.key, 0);

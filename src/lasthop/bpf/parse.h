@@ -348,6 +348,19 @@ static __always_inline int parse_quoted(struct cursor *c, const struct pkt *p,
 		__builtin_memcpy(key->saddr, &ip6->saddr, 16);
 		__builtin_memcpy(key->daddr, &ip6->daddr, 16);
 		c->pos = ip6 + 1;
+		/* a quoted first fragment (a "packet too big" about a fragmented
+		 * reply) names its connection after its fragment header; a later
+		 * one has no ports */
+		if (key->proto == IPPROTO_FRAGMENT) {
+			struct { __u8 next; __u8 reserved; __be16 off; __be32 id; } *fh = c->pos;
+
+			if ((void *)(fh + 1) > c->end || !in_datagram(c, p, sizeof(*fh)))
+				return -CNT_MALFORMED;
+			if (fh->off & bpf_htons(IP6_OFFSET_))
+				return -CNT_FRAGMENT;
+			key->proto = fh->next;
+			c->pos = fh + 1;
+		}
 	}
 
 	struct { __be16 a; __be16 b; __u8 type; __u8 code; __be16 id; } *l4 = c->pos;

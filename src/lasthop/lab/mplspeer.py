@@ -16,6 +16,10 @@ So the peer asks for each frame's packet status (PACKET_AUXDATA) and fills
 in the checksum of a frame marked TP_STATUS_CSUMNOTREADY -- of no other: a
 checksum the data path got wrong still reaches the client wrong.
 
+With *narrow* set, the client sits behind a link of that MTU: a packet from
+the host too big for it, and not to be fragmented, goes no further; the host
+gets the router's ICMP error (lasthop.lab.pmtu) under the peer's labels.
+
 The tun device lives as long as the peer (closing its fd removes it).
 """
 
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 import dpkt
 
 from lasthop.lab.namespaces import open_socket
+from lasthop.lab.pmtu import Narrow
 from lasthop.lab.tunlink import MAX_PACKET, TunEnd, open_tun
 
 __all__ = ["LabelCheck", "MplsPeer"]
@@ -115,6 +120,7 @@ class MplsPeer:
     tc: int = 5
     received: list[LabelCheck] = field(default_factory=list)
     unlabelled: int = 0  # frames from the host without labels (ARP, ...): not forwarded
+    narrow: Narrow | None = None  # the client's side: a narrower link beyond a router
     _tun_fd: int | None = None
     _sock: socket.socket | None = None
     _stop: tuple[int, int] | None = None
@@ -191,6 +197,10 @@ class MplsPeer:
                     if packet is not None:
                         if csum_not_ready(ancdata):
                             packet = checksummed(packet)
+                        error = self.narrow.error_for(packet) if self.narrow else None
+                        if error is not None:
+                            self._to_host(error)  # the router's answer, under the labels
+                            continue
                         os.write(self._tun_fd, packet)
             except OSError:  # the tun not up yet, or a packet it refused: dropped
                 continue

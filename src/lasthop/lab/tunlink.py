@@ -5,6 +5,10 @@ kernel hands tc an IP packet, skb->protocol saying which family).
 
     ns A: tun NAME_A  <==  TunLink (this process: read one, write the other)  ==>  ns B: tun NAME_B
 
+With *narrow* set, the way from B to A is a link of that MTU behind a router
+(lasthop.lab.pmtu): a packet too big for it, and not to be fragmented, is not
+forwarded; B gets the router's ICMP error instead (a path-MTU test).
+
 The devices live as long as the link: closing their file descriptors (stop)
 removes them, so nothing is left behind.
 """
@@ -19,6 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from lasthop.lab.namespaces import LabError, made_in
+from lasthop.lab.pmtu import Narrow
 
 __all__ = ["TunEnd", "TunLink"]
 
@@ -60,6 +65,7 @@ class TunLink:
     a: TunEnd
     b: TunEnd
     forwarded: dict[str, int] = field(default_factory=lambda: {"a->b": 0, "b->a": 0})
+    narrow: Narrow | None = None  # the way from B to A: a narrower link beyond a router
     _fds: tuple[int, int] | None = None
     _stop: tuple[int, int] | None = None  # a pipe that wakes the thread to end
     _thread: threading.Thread | None = None
@@ -89,6 +95,10 @@ class TunLink:
                 try:
                     packet = os.read(fd, MAX_PACKET)
                     to, way = other[fd]
+                    error = self.narrow.error_for(packet) if way == "b->a" and self.narrow else None
+                    if error is not None:
+                        os.write(fd, error)  # the router's answer, back where it came from
+                        continue
                     os.write(to, packet)
                     self.forwarded[way] += 1
                 except OSError:  # the other end not up yet, or a packet it refused: dropped
