@@ -720,9 +720,7 @@ def run(
     finally:
         agent.stop()
         stack.close()  # our fds, then the namespace (veths, filters)
-        pins.remove()
-        with contextlib.suppress(OSError):
-            pin_root.rmdir()
+        pins.remove()  # and pin_root, left empty
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -106,13 +106,11 @@ def _detach_lasthop(host_ns: str, exists: bool) -> None:
         return
     if exists:
         run([sys.executable, "-m", "lasthop", "detach", "--netns", host_ns], check=False)
-    if folder.exists():  # the namespace is gone (or detach failed): drop the orphaned pins
-        for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-        folder.rmdir()
+    from lasthop.datapath import Pins  # libbpf: only when there are pins
+
+    # the namespace is gone (or detach failed): drop the orphaned pins, and the
+    # pin root if they were the last
+    Pins(folder).remove()
 
 
 def down(name: str, progress: Progress = _quiet) -> list[str]:
