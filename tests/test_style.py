@@ -26,17 +26,13 @@ def test_ruff_format_changes_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def start_mypy() -> subprocess.Popen[str]:
+def mypy(_: Path) -> subprocess.CompletedProcess[str]:
     """mypy as pyproject.toml configures it (strict over src/lasthop). Its own
     cache (.mypy_cache, ignored by git) checks each module again only when it
     or what it imports changed; a fresh clone checks all of it."""
-    return subprocess.Popen(
-        [str(BIN / "mypy")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    return _run(str(BIN / "mypy"))
 
 
-def test_mypy_strict_finds_nothing(background_mypy: subprocess.Popen[str] | None) -> None:
-    # started with the session (conftest.background_mypy): it ran beside the tests before this
-    proc = background_mypy or start_mypy()
-    output, _ = proc.communicate()
-    assert proc.returncode == 0, output
+def test_mypy_strict_finds_nothing(background: subprocess.CompletedProcess[str]) -> None:
+    # started with the session (conftest.BACKGROUND): it ran beside the tests before this
+    assert background.returncode == 0, background.stdout + background.stderr
