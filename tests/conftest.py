@@ -1,14 +1,32 @@
 """Shared test set-up: tests marked ``root`` are skipped, with the reason,
 when the suite does not run as root. Fixtures for one area live in that
-area's own conftest (tests/bpf/conftest.py, ...)."""
+area's own conftest (tests/bpf/conftest.py, ...).
+
+Started with the session (BACKGROUND): work of a test that only reads the
+tree and keeps a core busy for many seconds -- mypy strict over the package
+(~15 s on a fresh clone), the wheel built from a copy of the sources and
+installed in a fresh venv (~12 s) -- runs beside the tests collected before
+it, which mostly wait on the kernel and on subprocesses; the test then
+takes its result (the `background` fixture) and asserts on it as before."""
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+# test (the end of its node id) -> "module:function(tmp folder)" whose result it checks
+BACKGROUND = {
+    "test_style.py::test_mypy_strict_finds_nothing": "test_style:mypy",
+    "test_packaging.py::test_the_wheel_carries_the_object_and_runs_without_a_compiler": (
+        "test_packaging:wheel_installed"
+    ),
+}
 
 if TYPE_CHECKING:
     from agentlib import Sandbox
@@ -35,3 +53,41 @@ def module_box() -> Iterator[Sandbox]:
 
     with sandbox() as box:
         yield box
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_jobs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future[Any]]]:
+    """Each selected test's BACKGROUND job, started as the session starts (in a
+    thread: they wait on subprocesses); the session's end waits for any no test read."""
+    jobs: dict[str, Future[Any]] = {}
+    with ThreadPoolExecutor(max_workers=len(BACKGROUND)) as pool:
+        for test, where in BACKGROUND.items():
+            if any(item.nodeid.endswith(test) for item in request.session.items):
+                work = _job(where)
+                jobs[test] = pool.submit(work, tmp_path_factory.mktemp(work.__name__))
+        yield jobs
+
+
+@pytest.fixture
+def background(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    _background_jobs: dict[str, Future[Any]],
+) -> Any:
+    """What this test's BACKGROUND job returned: waited for, or run now if it
+    was not started (a test selected some other way)."""
+    for test, where in BACKGROUND.items():
+        if request.node.nodeid.endswith(test):
+            if test in _background_jobs:
+                return _background_jobs[test].result()
+            work = _job(where)
+            return work(tmp_path_factory.mktemp(work.__name__))
+    raise LookupError(f"{request.node.nodeid} has no job in conftest.BACKGROUND")
+
+
+def _job(where: str) -> Callable[[Path], Any]:
+    module, name = where.split(":")
+    job: Callable[[Path], Any] = getattr(importlib.import_module(module), name)
+    return job

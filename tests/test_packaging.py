@@ -12,6 +12,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,28 +39,42 @@ def _run(*argv: str | Path, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def test_the_wheel_carries_the_object_and_runs_without_a_compiler(
-    box: Sandbox, tmp_path: Path
-) -> None:
-    src = tmp_path / "src"
+@dataclass(frozen=True)
+class Installed:
+    wheel: Path
+    venv: Path
+
+
+def wheel_installed(tmp: Path) -> Installed:
+    """A wheel built from a clean copy of the sources (no object: its build
+    compiles one) and pip-installed in a fresh venv; started with the session
+    (conftest.BACKGROUND), beside the tests before this one."""
+    src = tmp / "src"
     junk = shutil.ignore_patterns("__pycache__", "*.o", "*.sha256", "*.egg-info")
     shutil.copytree(REPO / "src", src / "src", ignore=junk)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
     assert not (src / "src/lasthop/bpf/lasthop.bpf.o").exists()
     pip = Path(sys.executable).parent / "pip"
-    _run(pip, "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", src)
-    (wheel,) = (tmp_path / "dist").glob("lasthop-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert {"lasthop/bpf/lasthop.bpf.o", "lasthop/bpf/lasthop.bpf.sha256"} <= set(names)
-    assert "lasthop/data/lasthop.service" in names
+    _run(pip, "wheel", "-q", "--no-deps", "-w", tmp / "dist", src)
+    (wheel,) = (tmp / "dist").glob("lasthop-*.whl")
 
     # a fresh environment with nothing in it, into which this pip installs the
     # wheel and its dependencies (seeding the venv's own pip took 12 s, and
     # installing with it 27 s against 13 s; nothing is byte-compiled ahead)
-    venv = tmp_path / "venv"
+    venv = tmp / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", venv)
     _run(pip, "--python", venv / "bin/python", "install", "-q", "--no-compile", wheel)
+    return Installed(wheel, venv)
+
+
+def test_the_wheel_carries_the_object_and_runs_without_a_compiler(
+    box: Sandbox, tmp_path: Path, background: Installed
+) -> None:
+    wheel, venv = background.wheel, background.venv
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"lasthop/bpf/lasthop.bpf.o", "lasthop/bpf/lasthop.bpf.sha256"} <= set(names)
+    assert "lasthop/data/lasthop.service" in names
 
     tools = tmp_path / "tools"
     tools.mkdir()

@@ -18,7 +18,7 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from lasthop import abi
-from lasthop.failover import EndpointsDown, EndpointSink, FailoverWatch
+from lasthop.failover import EndpointsDown, FailoverWatch
 from lasthop.neighwatch import NeighbourEvent
 from lasthop.routewatch import (
     CHECK_SHARE,
@@ -33,12 +33,11 @@ from lasthop.routewatch import (
     endpoint_routed,
     route_changed,
 )
+from test_failover import ENDPOINT, MAC_A, EndpointRecorder  # the same fakes
 
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH = 24, 25, 28
 RTN_UNICAST = 1
-ENDPOINT = ipaddress.ip_address("10.255.0.3")
 OTHER = ipaddress.ip_address("fd00:ff::2")
-MAC_A = bytes.fromhex("02fa0000000a")
 
 
 def route_msg(
@@ -176,17 +175,6 @@ def test_read_drains_the_socket_and_only_route_changes_count() -> None:
 
 
 # -------------------------------------------------------- endpoints down for want of a route
-
-
-class EndpointRecorder(EndpointSink):
-    """lh_endpoints_down as a set."""
-
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.down: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
-
-    def set(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, down: bool) -> None:
-        (self.down.add if down else self.down.discard)(address)
 
 
 def test_an_endpoint_with_no_route_is_down_until_a_route_is_back() -> None:

@@ -70,6 +70,7 @@ log = logging.getLogger("lasthop")
 EXPORT_FORMAT = "lasthop-export/1"  # lasthop export's files: the sync's wire records
 _FRAME = bytes(14)  # test run needs a frame; lh_expire and lh_stats ignore it
 F = TypeVar("F", bound=Callable[..., Any])
+_RefusedKey = TypeVar("_RefusedKey", abi.HopKey, abi.EndpointKey)  # Controller._refused
 
 
 def _locked(method: F) -> F:
@@ -940,28 +941,27 @@ class Controller:
                 expiry_skipped=ex.skipped,
                 last_pass_age_s=Clock.age_s(now, ex.finished, hz) if ex.passes else None,
                 next_due_s=Clock.until_s(now, ex.next_due, hz) if ex.passes else None,
-                untrusted_hops=self._untrusted_hops(maps),
-                untrusted_endpoints=self._untrusted_endpoints(maps),
+                untrusted_hops=self._refused(
+                    maps.hops_refused, abi.HopKey, lambda k: format_mac(bytes(k.mac))
+                ),
+                untrusted_endpoints=self._refused(
+                    maps.endpoints_refused, abi.EndpointKey, abi.endpoint_text
+                ),
             )
 
     @staticmethod
-    def _untrusted_hops(maps: Maps) -> dict[str, dict[str, int]]:
-        """lh_hops_refused, by uplink name (a bounded LRU, not the table)."""
+    def _refused(
+        m: libbpf.Map, key_type: type[_RefusedKey], text: Callable[[_RefusedKey], str]
+    ) -> dict[str, dict[str, int]]:
+        """A refused-senders LRU (lh_hops_refused: frames per uplink and MAC,
+        lh_endpoints_refused: requests per uplink and tunnel endpoint; bounded,
+        not the table) by uplink name, then by *text* of the key."""
         out: dict[str, dict[str, int]] = {}
-        for raw_key, raw_value in maps.hops_refused.items():
-            key = abi.HopKey.from_buffer_copy(raw_key)
-            frames = int.from_bytes(raw_value[:8], "little")
-            out.setdefault(ifname(key.ifindex), {})[format_mac(bytes(key.mac))] = frames
-        return out
-
-    @staticmethod
-    def _untrusted_endpoints(maps: Maps) -> dict[str, dict[str, int]]:
-        """lh_endpoints_refused, by uplink name (a bounded LRU, not the table)."""
-        out: dict[str, dict[str, int]] = {}
-        for raw_key, raw_value in maps.endpoints_refused.items():
-            key = abi.EndpointKey.from_buffer_copy(raw_key)
-            requests = int.from_bytes(raw_value[:8], "little")
-            out.setdefault(ifname(key.ifindex), {})[abi.endpoint_text(key)] = requests
+        for raw_key, raw_value in m.items():
+            key = key_type.from_buffer_copy(raw_key)
+            out.setdefault(ifname(key.ifindex), {})[text(key)] = int.from_bytes(
+                raw_value[:8], "little"
+            )
         return out
 
     @staticmethod

@@ -86,13 +86,25 @@ MPLS_UPLINK_PROGRAM = "lh_uplink_mpls"  # XDP of an MPLS uplink: labels off, int
 # programs of the object the agent never runs: benchmarks' and tests' (they load
 # them themselves), and lh_uplink_l3, loaded at the first L3 attach
 AGENT_SKIPS = (L3_UPLINK_PROGRAM, "lh_reference", "lh_empty")
+PIN_CREATE_TRIES = 100  # Pins.create: a root removed under it is made again this often
 
 
 @dataclass(frozen=True)
 class Pins:
-    """Where one namespace's maps are pinned."""
+    """Where one namespace's maps are pinned: *folder*, one per namespace in
+    the pin root above it (`/sys/fs/bpf/lasthop` unless configured).
+
+    create() makes the root when missing and remove() takes it away once no
+    namespace's folder is left in it, so a host (or a test run) that detached
+    everything keeps nothing in bpffs. The two never race: the root goes only
+    while it is empty (rmdir refuses otherwise), and a create() whose root
+    went between its two mkdirs makes both again."""
 
     folder: Path
+
+    @property
+    def root(self) -> Path:
+        return self.folder.parent
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -100,13 +112,34 @@ class Pins:
     def exist(self) -> bool:
         return self.path("lh_conns").exists()
 
+    def create(self) -> None:
+        for _ in range(PIN_CREATE_TRIES):
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(exist_ok=True)
+                return
+            except FileNotFoundError:  # another namespace's remove() took the empty root
+                continue
+        raise DatapathError(f"cannot create {self.folder}: its parent keeps being removed")
+
     def remove(self) -> list[str]:
+        """Removes every pin (and folder) of this namespace, then the root if
+        that left it empty and it is no mount point; returns the names removed."""
         removed = []
         if self.folder.is_dir():
-            for entry in self.folder.iterdir():
-                entry.unlink()
-                removed.append(entry.name)
+            for entry in sorted(self.folder.rglob("*"), key=lambda p: -len(p.parts)):
+                if entry.is_dir():
+                    entry.rmdir()
+                else:
+                    entry.unlink()
+                removed.append(str(entry.relative_to(self.folder)))
             self.folder.rmdir()
+        if self.root.is_dir() and not os.path.ismount(self.root):
+            try:
+                self.root.rmdir()
+            except OSError as err:  # another namespace's pins, or one made meanwhile: it stays
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.EBUSY):
+                    raise
         return removed
 
 
@@ -544,7 +577,7 @@ class Datapath:
         changes_size: int = abi.CHANGES_RING_SIZE,
         obj_path: Path | None = None,
     ) -> None:
-        os.makedirs(pins.folder, exist_ok=True)
+        pins.create()
         self.pins = pins
         sizes = table_sizes(table_size, pending_size, table_size_v6, pending_size_v6)
         sizes["lh_changes"] = changes_size

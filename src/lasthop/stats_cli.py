@@ -25,8 +25,11 @@ from lasthop import abi
 
 TYPE_CHECKING = False  # typing's, without importing typing (mypy reads it the same)
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
+    from typing import TypeVar
+
+    _Key = TypeVar("_Key", abi.HopKey, abi.EndpointKey)
 
 __all__ = ["OPTIONS", "main", "parse", "read", "render"]
 
@@ -127,6 +130,22 @@ class _Bpf:
             os.close(fd)
 
 
+def _refused(
+    bpf: _Bpf, fd: int, key_type: type[_Key], text: Callable[[_Key], str]
+) -> dict[str, dict[str, int]]:
+    """A refused-senders LRU (lh_hops_refused, lh_endpoints_refused: a u64
+    count per key holding an uplink's ifindex) by uplink name, then by *text*
+    of the key; as Controller.stats reads them."""
+    out: dict[str, dict[str, int]] = {}
+    for raw in bpf.keys(fd, ctypes.sizeof(key_type)):
+        value = bpf.lookup(fd, raw, 8)
+        if value is not None:
+            key = key_type.from_buffer_copy(raw)
+            uplink = _ifname(key.ifindex) if key.ifindex else ""
+            out.setdefault(uplink, {})[text(key)] = int.from_bytes(value, "little")
+    return out
+
+
 def _u32(n: int) -> bytes:
     return n.to_bytes(4, "little")
 
@@ -191,22 +210,10 @@ def read(folder: str) -> dict[str, object]:
         raw = bpf.lookup(pin["lh_settings"], _u32(0), ctypes.sizeof(abi.Settings))
         hz = abi.Settings.from_buffer_copy(raw).hz if raw else 0
         now = bpf.run(bpf.get(f"{folder}/lh_clock"))
-        untrusted: dict[str, dict[str, int]] = {}
-        key_size = ctypes.sizeof(abi.HopKey)
-        for key in bpf.keys(pin["lh_hops_refused"], key_size):
-            value = bpf.lookup(pin["lh_hops_refused"], key, 8)
-            if value is not None:
-                hop = abi.HopKey.from_buffer_copy(key)
-                untrusted.setdefault(_ifname(hop.ifindex) if hop.ifindex else "", {})[
-                    _mac(bytes(hop.mac))] = int.from_bytes(value, "little")  # fmt: skip
-        endpoints: dict[str, dict[str, int]] = {}
-        key_size = ctypes.sizeof(abi.EndpointKey)
-        for key in bpf.keys(pin["lh_endpoints_refused"], key_size):
-            value = bpf.lookup(pin["lh_endpoints_refused"], key, 8)
-            if value is not None:
-                ep = abi.EndpointKey.from_buffer_copy(key)
-                endpoints.setdefault(_ifname(ep.ifindex) if ep.ifindex else "", {})[
-                    abi.endpoint_text(ep)] = int.from_bytes(value, "little")  # fmt: skip
+        untrusted = _refused(bpf, pin["lh_hops_refused"], abi.HopKey,
+                             lambda hop: _mac(bytes(hop.mac)))  # fmt: skip
+        endpoints = _refused(bpf, pin["lh_endpoints_refused"], abi.EndpointKey,
+                             abi.endpoint_text)  # fmt: skip
         capacity = [
             bpf.max_entries(pin[a]) + bpf.max_entries(pin[b])
             for a, b in (("lh_conns4", "lh_conns"), ("lh_pending4", "lh_pending"))

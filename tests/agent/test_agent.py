@@ -14,6 +14,7 @@ from agentlib import (
     PIN_ROOT,
     ROOT_MARKS,
     BridgedSite,
+    Netns,
     PinnedTable,
     Sandbox,
     conn_key,
@@ -188,22 +189,33 @@ CONNECTION_FIELDS = {
 }
 
 
-def test_show_json_shape(box: Sandbox) -> None:
+@pytest.fixture(scope="module")
+def attached(module_box: Sandbox) -> Netns:
+    """A host with `lasthop run --uplink up0 --vm-port vm0` for the module's tests
+    that add entries of their own, read them and take them away again (show,
+    flush): each finds the table empty, whichever ran before."""
+    ns = module_box.host()
+    module_box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    return ns
+
+
+def test_show_json_shape(attached: Netns) -> None:
     """show --json is a list of objects with exactly the fields (and types) docs/cli.md lists."""
-    ns = box.host()
-    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    ns = attached
     table = PinnedTable(ns.pins)
+    keys = [
+        conn_key("2001:db8::1", "2001:db8::2", 1234, 443, proto=TCP, zone=0),
+        conn_key("192.0.2.1", "192.0.2.2", 5000, 53),
+    ]
     try:
-        table.add(
-            conn_key("2001:db8::1", "2001:db8::2", 1234, 443, proto=TCP, zone=0),
-            mac="02:aa:bb:cc:dd:ee",
-            uplink=ns.ifindex("up0"),
-            idle_s=3,
-        )
-        table.add(conn_key("192.0.2.1", "192.0.2.2", 5000, 53), uplink=ns.ifindex("up0"))
+        table.add(keys[0], mac="02:aa:bb:cc:dd:ee", uplink=ns.ifindex("up0"), idle_s=3)
+        table.add(keys[1], uplink=ns.ifindex("up0"))
+        conns = _json("show", "--netns", ns.name, "--json")
+        [limited] = _json("show", "--netns", ns.name, "--json", "--limit", "1")
     finally:
+        for key in keys:  # the agent is the module's
+            table.remove(key)
         table.close()
-    conns = _json("show", "--netns", ns.name, "--json")
     assert isinstance(conns, list) and len(conns) == 2
     for c in conns:
         assert {k: type(v) for k, v in c.items()} == CONNECTION_FIELDS
@@ -223,7 +235,6 @@ def test_show_json_shape(box: Sandbox) -> None:
         "flags": ["hop_known"],
     }
     assert 2.5 < oldest["age_s"] < 60  # seconds, however long the CLI took to start
-    [limited] = _json("show", "--netns", ns.name, "--json", "--limit", "1")
     assert limited["src"] == "192.0.2.1"
 
 
@@ -296,10 +307,9 @@ def test_the_kernel_expires_idle_entries_and_counts_them(box: Sandbox) -> None:
     assert st["table"]["entries"] == 1 and st["table"]["expiry_passes"] >= 1
 
 
-def test_flush_empties_the_table(box: Sandbox) -> None:
+def test_flush_empties_the_table(attached: Netns) -> None:
     """flush removes every entry, says how many, and counts them as agent_removed."""
-    ns = box.host()
-    box.agent("--uplink", "up0", "--vm-port", "vm0", netns=ns)
+    ns = attached
     table = PinnedTable(ns.pins)
     try:
         for port in range(3):

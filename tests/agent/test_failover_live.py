@@ -15,10 +15,12 @@ B. On a hostile segment a MAC the allow-list does not name moves nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +83,52 @@ def site(box: Sandbox) -> Iterator[BridgedSite]:
     s.close()
 
 
+def _config(box: Sandbox, site: BridgedSite, *, follow: bool) -> Path:
+    """fw0 an uplink whose allow-list names the firewall's MAC and NEW_MAC."""
+    config = box.logs / "failover.toml"
+    config.write_text(
+        "[[uplink]]\n"
+        'name = "fw0"\n'
+        f"allow_last_hops = {json.dumps([site.fw_mac, NEW_MAC])}\n"
+        f"follow_failover = {'true' if follow else 'false'}\n"
+        'firewall_addresses = ["10.0.0.1/32"]\n'
+    )
+    return config
+
+
+@contextlib.contextmanager
+def _idle_connection(site: BridgedSite, *, arrives: bool) -> Iterator[Callable[[], None]]:
+    """The firewall's TCP connection to the VM's server, its entry learned
+    from the firewall's MAC, then idle. Yields *late*: the server sends its
+    next bytes, and the client gets them (*arrives*) or times out; the VM
+    port counted hop_followed once, or never."""
+    server = _spawn(site.vm, SERVER, str(site.PORT))
+    client: subprocess.Popen[str] | None = None
+    try:
+        assert _line(server) == "listening"
+        client = _spawn(
+            site.fw, CLIENT, site.VM_IP, str(site.PORT), str(10.0 if arrives else QUIET_S)
+        )
+        assert _line(client) == "connected" and _line(server) == "accepted"
+        wait_for(lambda: _entry_mac(site) == site.fw_mac)  # learned from MAC A
+
+        def late() -> None:
+            assert server.stdin is not None and client is not None
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            assert _line(server) == "sent"
+            assert _line(client) == ("late" if arrives else "timeout")
+            stats = json.loads(lasthop("stats", "--netns", site.host.name, "--json").stdout)
+            assert stats["interfaces"]["vm0"].get("hop_followed", 0) == (1 if arrives else 0)
+
+        yield late
+    finally:
+        for proc in (server, client):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.mark.parametrize(
     ("follow", "announcer", "arrives"),
     [
@@ -93,44 +141,18 @@ def site(box: Sandbox) -> Iterator[BridgedSite]:
 def test_server_first_bytes_reach_the_new_mac(
     box: Sandbox, site: BridgedSite, follow: bool, announcer: str, arrives: bool
 ) -> None:
-    config = box.logs / "failover.toml"
-    config.write_text(
-        "[[uplink]]\n"
-        'name = "fw0"\n'
-        f"allow_last_hops = {json.dumps([site.fw_mac, NEW_MAC])}\n"
-        f"follow_failover = {'true' if follow else 'false'}\n"
-        'firewall_addresses = ["10.0.0.1/32"]\n'
-    )
+    config = _config(box, site, follow=follow)
     agent = box.agent("--config", str(config), "--bridge", "br0", netns=site.host)
-    server = _spawn(site.vm, SERVER, str(site.PORT))
-    client: subprocess.Popen[str] | None = None
-    try:
-        assert _line(server) == "listening"
-        client = _spawn(
-            site.fw, CLIENT, site.VM_IP, str(site.PORT), str(10.0 if arrives else QUIET_S)
-        )
-        assert _line(client) == "connected" and _line(server) == "accepted"
-        wait_for(lambda: _entry_mac(site) == site.fw_mac)  # learned from MAC A
+    with _idle_connection(site, arrives=arrives) as late:
         site.fw.exec("sysctl", "-q", "-w", "net.ipv4.conf.eth0.arp_notify=1")
         site.fw.ip("link", "set", "eth0", "address", announcer)  # the announcement goes out
         log = agent.log
         if follow:  # the agent took the announcement (a move, or a refusal)
             word = "moved from" if arrives else "ignored an announcement"
             wait_for(lambda: word in log.read_text())
-        assert server.stdin is not None
-        server.stdin.write("go\n")
-        server.stdin.flush()
-        assert _line(server) == "sent"
-        assert _line(client) == ("late" if arrives else "timeout")
-        stats = json.loads(lasthop("stats", "--netns", site.host.name, "--json").stdout)
-        assert stats["interfaces"]["vm0"].get("hop_followed", 0) == (1 if arrives else 0)
+        late()
         if arrives:
             assert _entry_mac(site) == NEW_MAC
-    finally:
-        for proc in (server, client):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
 
 
 def _entry_mac(site: BridgedSite) -> str | None:
@@ -162,26 +184,11 @@ def test_a_neighbour_entry_moves_the_hop_with_no_announcement(
     (here `ip neigh replace`; a host that asks learns it the same way): with
     no ARP or NA seen, the idle connection's next bytes go to the new MAC.
     An entry naming a MAC the allow-list does not name moves nothing."""
-    config = box.logs / "failover.toml"
-    config.write_text(
-        "[[uplink]]\n"
-        'name = "fw0"\n'
-        f"allow_last_hops = {json.dumps([site.fw_mac, NEW_MAC])}\n"
-        "follow_failover = true\n"
-        'firewall_addresses = ["10.0.0.1/32"]\n'
-    )
+    config = _config(box, site, follow=True)
     # the owner before the agent starts: its seed dump reads it
     site.host.ip("neigh", "replace", site.FW_IP, "lladdr", site.fw_mac, "dev", "br0")
     agent = box.agent("--config", str(config), "--bridge", "br0", netns=site.host)
-    server = _spawn(site.vm, SERVER, str(site.PORT))
-    client: subprocess.Popen[str] | None = None
-    try:
-        assert _line(server) == "listening"
-        client = _spawn(
-            site.fw, CLIENT, site.VM_IP, str(site.PORT), str(10.0 if arrives else QUIET_S)
-        )
-        assert _line(client) == "connected" and _line(server) == "accepted"
-        wait_for(lambda: _entry_mac(site) == site.fw_mac)
+    with _idle_connection(site, arrives=arrives) as late:
         site.fw.exec("sysctl", "-q", "-w", "net.ipv4.conf.eth0.arp_notify=0")
         site.fw.ip("link", "set", "eth0", "address", entry_mac)  # silently
         site.host.ip("neigh", "replace", site.FW_IP, "lladdr", entry_mac, "dev", "br0")
@@ -190,19 +197,8 @@ def test_a_neighbour_entry_moves_the_hop_with_no_announcement(
         assert "ignored an announcement of 10.0.0.1" not in agent.log.read_text()
         if arrives:
             assert "(entry of the host's neighbour table)" in agent.log.read_text()
-        assert server.stdin is not None
-        server.stdin.write("go\n")
-        server.stdin.flush()
-        assert _line(server) == "sent"
-        assert _line(client) == ("late" if arrives else "timeout")
-        stats = json.loads(lasthop("stats", "--netns", site.host.name, "--json").stdout)
-        assert stats["interfaces"]["vm0"].get("hop_followed", 0) == (1 if arrives else 0)
+        late()
         assert _entry_mac(site) == (NEW_MAC if arrives else site.fw_mac)
-    finally:
-        for proc in (server, client):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
 
 
 HOST_IP = "10.0.0.254"  # the host's own address on br0: its kernel resolves the firewall

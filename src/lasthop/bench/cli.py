@@ -329,10 +329,23 @@ def services(
     show_default=True,
     help="Entries with a short timeout whose removal is timed.",
 )
+@click.option(
+    "--short-timeout",
+    type=click.FloatRange(1),
+    default=table_bench.SHORT_TIMEOUT,
+    show_default=True,
+    help="Seconds those entries' states time out after (udp_new, udp_stream).",
+)
 @json_option
 @strict_option
 def table(
-    entries: int, rest: float, repeat: int, expiring: int, as_json: bool, strict: bool
+    entries: int,
+    rest: float,
+    repeat: int,
+    expiring: int,
+    short_timeout: float,
+    as_json: bool,
+    strict: bool,
 ) -> None:
     """The agent's cost at N live entries: CPU at rest, stats and /metrics
     time, expiry pass and lateness, kernel memory per entry (docs/table.md).
@@ -342,7 +355,12 @@ def table(
     with stop_signals_interrupt(signal.SIGTERM):  # clean up on TERM too
         _figures(
             lambda progress: table_bench.run(
-                entries=entries, rest=rest, repeat=repeat, expiring=expiring, progress=progress
+                entries=entries,
+                rest=rest,
+                repeat=repeat,
+                expiring=expiring,
+                short_timeout=short_timeout,
+                progress=progress,
             ),
             (table_bench.BenchError, BpfError, subprocess.CalledProcessError),
             table_bench.print_results,

@@ -88,7 +88,7 @@ TARGETS: dict[str, float] = {
     "memory_per_entry": 150.0,  # bytes
 }
 API_PORT = 9180  # inside the private netns: nothing else listens there
-SHORT_TIMEOUT = 5  # s: [timeouts] udp_new and udp_stream of the bench's config
+SHORT_TIMEOUT = 5.0  # s: [timeouts] udp_new and udp_stream of the bench's config (default)
 LONG_TIMEOUT = 3600  # s: tcp_midstream, so the pending fill outlives the run
 PENDING_SHARE = 10  # one live entry in ten is a pending (mid-stream) one
 _BATCH = 16384
@@ -177,7 +177,7 @@ def _private_netns(name: str) -> Iterator[None]:
         netns.remove(name)
 
 
-def _config(netns: str, pin_root: Path, entries: int) -> str:
+def _config(netns: str, pin_root: Path, entries: int, short_timeout: float) -> str:
     pending = max(1024, entries // 4)
     return f"""netns = "{netns}"
 table_size = {entries}
@@ -193,8 +193,8 @@ name = "up0"
 name = "vm0"
 
 [timeouts]
-udp_new = {SHORT_TIMEOUT}
-udp_stream = {SHORT_TIMEOUT}
+udp_new = {short_timeout}
+udp_stream = {short_timeout}
 tcp_midstream = {LONG_TIMEOUT}
 """
 
@@ -430,8 +430,11 @@ class _Lateness:
     walks: int  # the agent's walks meanwhile
 
 
-def _lateness(maps: Maps, clock: Clock, k: int, up: int, vm: int, grace: float) -> _Lateness:
-    """K entries with a SHORT_TIMEOUT state (half per table), polled until gone."""
+def _lateness(
+    maps: Maps, clock: Clock, k: int, up: int, vm: int, timeout: float, grace: float
+) -> _Lateness:
+    """K entries in a state that times out after *timeout* s (half per table),
+    polled until gone."""
     half = k // 2
     tables = (
         (maps.pending4, 12, half, abi.State.UDP_NEW),
@@ -447,13 +450,13 @@ def _lateness(maps: Maps, clock: Clock, k: int, up: int, vm: int, grace: float) 
         for i in range(n):
             pending[keys[i * _KEY.size : (i + 1) * _KEY.size]] = (m, t0)
     late: list[float] = []
-    deadline = time.monotonic() + SHORT_TIMEOUT + grace
+    deadline = time.monotonic() + timeout + grace
     while pending and time.monotonic() < deadline:
         time.sleep(0.05)
         now = time.monotonic()
         for key, (m, t0) in list(pending.items()):
             if m.lookup(key) is None:
-                late.append(now - t0 - SHORT_TIMEOUT)
+                late.append(now - t0 - timeout)
                 del pending[key]
     missing = [grace] * len(pending)  # never gone: as late as the whole wait, at least
     for key, (m, _) in pending.items():
@@ -493,6 +496,7 @@ def run(
     rest: float = 30.0,
     repeat: int = 7,
     expiring: int = 1000,
+    short_timeout: float = SHORT_TIMEOUT,
     progress: Progress = lambda msg: None,
 ) -> Results:
     """Measures every figure at *entries* live entries and on the empty table;
@@ -508,7 +512,7 @@ def run(
     pins = Pins(pin_root / name)
     tmp = Path(tempfile.mkdtemp(prefix="lasthop-bench-table-"))
     config = tmp / "lasthop.toml"
-    config.write_text(_config(name, pin_root, entries))
+    config.write_text(_config(name, pin_root, entries, short_timeout))
     agent = AgentProcess(lasthop_argv("run", "--config", str(config)), tmp / "agent.log")
     stack = contextlib.ExitStack()
     try:
@@ -565,7 +569,7 @@ def run(
         progress(f"{entries} entries: timings")
         full = _timings(config, controller, obj, maps, repeat)
         progress(f"{entries} entries: expiry lateness of {expiring} entries")
-        late = _lateness(maps, clock, expiring, up, vm, grace=30.0)
+        late = _lateness(maps, clock, expiring, up, vm, short_timeout, grace=30.0)
         stats = controller.stats()
         per_entry, memlock, capacity = _memory(pins)
         T = abi.TableCounter
@@ -679,7 +683,7 @@ def run(
                 "s",
                 None,
                 TARGETS["expiry_lateness"],
-                f"median {late.median:.2f} s past the {SHORT_TIMEOUT} s timeout; "
+                f"median {late.median:.2f} s past the {short_timeout:g} s timeout; "
                 f"{late.gone} of {late.inserted} gone, {late.drained} of them by the drain "
                 f"at their deadline; {late.walks} walks meanwhile",
             ),
@@ -706,7 +710,7 @@ def run(
                 "rest_s": rest,
                 "repeat": repeat,
                 "expiring": expiring,
-                "short_timeout_s": SHORT_TIMEOUT,
+                "short_timeout_s": short_timeout,
                 "fill_s": round(fill_s, 1),
                 "memlock": memlock,
             },
@@ -720,9 +724,7 @@ def run(
     finally:
         agent.stop()
         stack.close()  # our fds, then the namespace (veths, filters)
-        pins.remove()
-        with contextlib.suppress(OSError):
-            pin_root.rmdir()
+        pins.remove()  # and pin_root, left empty
         shutil.rmtree(tmp, ignore_errors=True)
 
 

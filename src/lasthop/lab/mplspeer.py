@@ -26,17 +26,15 @@ The tun device lives as long as the peer (closing its fd removes it).
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
-import threading
 from dataclasses import dataclass, field
 
 import dpkt
 
 from lasthop.lab.namespaces import open_socket
 from lasthop.lab.pmtu import Narrow
-from lasthop.lab.tunlink import MAX_PACKET, TunEnd, open_tun
+from lasthop.lab.tunlink import MAX_PACKET, Forwarder, TunEnd, open_tun
 
 __all__ = ["LabelCheck", "MplsPeer"]
 
@@ -123,8 +121,7 @@ class MplsPeer:
     narrow: Narrow | None = None  # the client's side: a narrower link beyond a router
     _tun_fd: int | None = None
     _sock: socket.socket | None = None
-    _stop: tuple[int, int] | None = None
-    _thread: threading.Thread | None = None
+    _forwarder: Forwarder | None = None
 
     def start(self) -> MplsPeer:
         self._tun_fd = open_tun(self.tun)
@@ -137,9 +134,7 @@ class MplsPeer:
         except BaseException:
             os.close(self._tun_fd)
             raise
-        self._stop = os.pipe()
-        self._thread = threading.Thread(target=self._forward, name="mplspeer", daemon=True)
-        self._thread.start()
+        self._forwarder = Forwarder("mplspeer", (self._tun_fd, self._sock.fileno()), self._step)
         return self
 
     def _to_host(self, packet: bytes) -> None:
@@ -177,45 +172,34 @@ class MplsPeer:
         )
         return packet
 
-    def _forward(self) -> None:
-        assert self._tun_fd is not None and self._sock is not None and self._stop is not None
-        sock_fd = self._sock.fileno()
-        while True:
-            ready, _, _ = select.select([self._tun_fd, sock_fd, self._stop[0]], [], [])
-            if self._stop[0] in ready:
+    def _step(self, fd: int) -> None:
+        """One packet: from the tun to the host, labelled; or a frame from the host to the tun."""
+        assert self._tun_fd is not None and self._sock is not None
+        if fd == self._tun_fd:
+            self._to_host(os.read(fd, MAX_PACKET))
+            return
+        data, ancdata, _, addr = self._sock.recvmsg(MAX_PACKET, socket.CMSG_SPACE(AUXDATA.size))
+        if addr[2] == socket.PACKET_OUTGOING:
+            return  # our own frames, seen leaving
+        packet = self._from_host(data)
+        if packet is not None:
+            if csum_not_ready(ancdata):
+                packet = checksummed(packet)
+            error = self.narrow.error_for(packet) if self.narrow else None
+            if error is not None:
+                self._to_host(error)  # the router's answer, under the labels
                 return
-            try:
-                if self._tun_fd in ready:
-                    self._to_host(os.read(self._tun_fd, MAX_PACKET))
-                if sock_fd in ready:
-                    data, ancdata, _, addr = self._sock.recvmsg(
-                        MAX_PACKET, socket.CMSG_SPACE(AUXDATA.size)
-                    )
-                    if addr[2] == socket.PACKET_OUTGOING:
-                        continue  # our own frames, seen leaving
-                    packet = self._from_host(data)
-                    if packet is not None:
-                        if csum_not_ready(ancdata):
-                            packet = checksummed(packet)
-                        error = self.narrow.error_for(packet) if self.narrow else None
-                        if error is not None:
-                            self._to_host(error)  # the router's answer, under the labels
-                            continue
-                        os.write(self._tun_fd, packet)
-            except OSError:  # the tun not up yet, or a packet it refused: dropped
-                continue
+            os.write(self._tun_fd, packet)
 
     def stop(self) -> None:
         """Ends the forwarder, closes the socket and removes the tun device."""
-        if self._stop is not None:
-            os.write(self._stop[1], b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._forwarder is not None:
+            self._forwarder.stop()
         if self._sock is not None:
             self._sock.close()
-        for fd in (*((self._tun_fd,) if self._tun_fd is not None else ()), *(self._stop or ())):
-            os.close(fd)
-        self._tun_fd = self._sock = self._stop = self._thread = None
+        if self._tun_fd is not None:
+            os.close(self._tun_fd)
+        self._tun_fd = self._sock = self._forwarder = None
 
     def __enter__(self) -> MplsPeer:
         return self.start()

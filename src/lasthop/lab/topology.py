@@ -29,7 +29,6 @@ from lasthop.lab.namespaces import (
     ip_batch,
     ns_exec,
     pids_in,
-    run,
     stop_pids,
     sysctl,
 )
@@ -99,20 +98,15 @@ def _pin_folder(ns: str) -> Path | None:
     return None
 
 
-def _detach_lasthop(host_ns: str, exists: bool) -> None:
-    """Removes a lasthop data path left attached to the lab's host (pins in bpffs)."""
+def _remove_pins(host_ns: str) -> None:
+    """Removes the pins lasthop left for the lab's host in bpffs (and the pin
+    root, if they were the last). Its programs need no `lasthop detach`: they
+    sit on the host's links, which go with its namespace (down deletes it next)."""
     folder = _pin_folder(host_ns)
-    if folder is None:
-        return
-    if exists:
-        run([sys.executable, "-m", "lasthop", "detach", "--netns", host_ns], check=False)
-    if folder.exists():  # the namespace is gone (or detach failed): drop the orphaned pins
-        for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-            if path.is_dir():
-                path.rmdir()
-            else:
-                path.unlink()
-        folder.rmdir()
+    if folder is not None:
+        from lasthop.datapath import Pins  # libbpf: only when there are pins
+
+        Pins(folder).remove()
 
 
 def down(name: str, progress: Progress = _quiet) -> list[str]:
@@ -125,11 +119,11 @@ def down(name: str, progress: Progress = _quiet) -> list[str]:
         stop_pids([p for p in [st.agent_pid, *st.processes.values()] if p])
     namespaces = lab_namespaces(name)
     host_ns = P.Plan(name).host.ns
-    for ns in (host_ns, P.Plan(name).ns("peer")):  # the HA lab's standby has lasthop too
-        _detach_lasthop(ns, ns in namespaces)
     if namespaces:
         progress(f"removing {len(namespaces)} namespaces of lab {name}")
-    delete(namespaces)
+    delete(namespaces)  # the host's links, and lasthop's filters on them, with it
+    for ns in (host_ns, P.Plan(name).ns("peer")):  # the HA lab's standby has lasthop too
+        _remove_pins(ns)
     for ns in (host_ns, P.Plan(name).ns("peer")):
         _forget_services(ns)
     state.remove(name)

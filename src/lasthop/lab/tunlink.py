@@ -20,12 +20,13 @@ import os
 import select
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lasthop.lab.namespaces import LabError, made_in
 from lasthop.lab.pmtu import Narrow
 
-__all__ = ["TunEnd", "TunLink"]
+__all__ = ["Forwarder", "TunEnd", "TunLink"]
 
 TUNSETIFF = 0x400454CA  # linux/if_tun.h: _IOW('T', 202, int)
 IFF_TUN = 0x0001  # an L3 device: packets start at the IP header
@@ -58,6 +59,38 @@ def open_tun(end: TunEnd) -> int:
         raise LabError(f"tun {end.name} in {end.ns}: {err}") from err
 
 
+class Forwarder:
+    """The thread of a lab forwarder (TunLink, mplspeer.MplsPeer): it waits
+    on *fds* and hands each that is readable to *step*, which moves one
+    packet (an OSError there drops it: the other end not up yet, or a packet
+    it refused), until stop() wakes it through a pipe and joins it. The fds
+    stay their owner's to close."""
+
+    def __init__(self, name: str, fds: tuple[int, ...], step: Callable[[int], None]) -> None:
+        self._fds = fds
+        self._step = step
+        self._stop = os.pipe()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            ready, _, _ = select.select([*self._fds, self._stop[0]], [], [])
+            if self._stop[0] in ready:
+                return
+            for fd in ready:
+                try:
+                    self._step(fd)
+                except OSError:
+                    continue
+
+    def stop(self) -> None:
+        os.write(self._stop[1], b"x")
+        self._thread.join(timeout=5)
+        for fd in self._stop:
+            os.close(fd)
+
+
 @dataclass
 class TunLink:
     """Two tun devices joined by a forwarder thread; packets counted per direction."""
@@ -67,8 +100,7 @@ class TunLink:
     forwarded: dict[str, int] = field(default_factory=lambda: {"a->b": 0, "b->a": 0})
     narrow: Narrow | None = None  # the way from B to A: a narrower link beyond a router
     _fds: tuple[int, int] | None = None
-    _stop: tuple[int, int] | None = None  # a pipe that wakes the thread to end
-    _thread: threading.Thread | None = None
+    _forwarder: Forwarder | None = None
 
     def start(self) -> TunLink:
         fa = open_tun(self.a)
@@ -78,41 +110,28 @@ class TunLink:
             os.close(fa)
             raise
         self._fds = (fa, fb)
-        self._stop = os.pipe()
-        self._thread = threading.Thread(target=self._forward, name="tunlink", daemon=True)
-        self._thread.start()
-        return self
-
-    def _forward(self) -> None:
-        assert self._fds is not None and self._stop is not None
-        fa, fb = self._fds
         other = {fa: (fb, "a->b"), fb: (fa, "b->a")}
-        while True:
-            ready, _, _ = select.select([fa, fb, self._stop[0]], [], [])
-            if self._stop[0] in ready:
+
+        def step(fd: int) -> None:
+            packet = os.read(fd, MAX_PACKET)
+            to, way = other[fd]
+            error = self.narrow.error_for(packet) if way == "b->a" and self.narrow else None
+            if error is not None:
+                os.write(fd, error)  # the router's answer, back where it came from
                 return
-            for fd in ready:
-                try:
-                    packet = os.read(fd, MAX_PACKET)
-                    to, way = other[fd]
-                    error = self.narrow.error_for(packet) if way == "b->a" and self.narrow else None
-                    if error is not None:
-                        os.write(fd, error)  # the router's answer, back where it came from
-                        continue
-                    os.write(to, packet)
-                    self.forwarded[way] += 1
-                except OSError:  # the other end not up yet, or a packet it refused: dropped
-                    continue
+            os.write(to, packet)
+            self.forwarded[way] += 1
+
+        self._forwarder = Forwarder("tunlink", self._fds, step)
+        return self
 
     def stop(self) -> None:
         """Ends the forwarder and removes both devices."""
-        if self._stop is not None:
-            os.write(self._stop[1], b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        for fd in (*(self._fds or ()), *(self._stop or ())):
+        if self._forwarder is not None:
+            self._forwarder.stop()
+        for fd in self._fds or ():
             os.close(fd)
-        self._fds = self._stop = self._thread = None
+        self._fds = self._forwarder = None
 
     def __enter__(self) -> TunLink:
         return self.start()
