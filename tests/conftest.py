@@ -32,6 +32,54 @@ if TYPE_CHECKING:
     from agentlib import Sandbox
 
 
+# where tests leave traces on the host; a run must end with none it did not find there
+TRACE_DIRS = (
+    Path("/run/netns"),  # network namespaces
+    Path("/sys/fs/bpf"),  # pins, pin roots (the benches' own)
+    Path("/sys/fs/bpf/lasthop"),  # the default pin root's namespace folders
+    Path("/run/lasthop"),  # agents' API sockets and services state
+    Path("/run/lasthop-lab"),  # labs' state
+)
+_TRACES = pytest.StashKey[set[str]]()
+_LEFT = pytest.StashKey[list[str]]()
+
+
+def _traces() -> set[str]:
+    found = set()
+    for folder in TRACE_DIRS:
+        try:
+            found |= {str(folder / name) for name in os.listdir(folder)}
+        except OSError:  # not there (or no bpffs): nothing of ours either
+            continue
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() == 0:
+        session.config.stash[_TRACES] = _traces()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run that leaves a namespace, a pin or an agent's file it did not find
+    fails (exit 1), naming each in the summary."""
+    before = session.config.stash.get(_TRACES, None)
+    if before is None:
+        return
+    left = sorted(_traces() - before)
+    session.config.stash[_LEFT] = left
+    if left and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    left = terminalreporter.config.stash.get(_LEFT, [])
+    if left:
+        terminalreporter.section("left behind by this run", red=True)
+        for trace in left:
+            terminalreporter.line(trace)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
         return
