@@ -3,11 +3,12 @@ when the suite does not run as root. Fixtures for one area live in that
 area's own conftest (tests/bpf/conftest.py, ...).
 
 Started with the session (BACKGROUND): work of a test that only reads the
-tree and keeps a core busy for many seconds -- mypy strict over the package
+tree and keeps a core busy for seconds -- mypy strict over the package
 (~15 s on a fresh clone), the wheel built from a copy of the sources and
-installed in a fresh venv (~12 s) -- runs beside the tests collected before
-it, which mostly wait on the kernel and on subprocesses; the test then
-takes its result (the `background` fixture) and asserts on it as before."""
+installed in a fresh venv (~12 s), the fuzzer's two objects (~4 s each) --
+runs beside the tests collected before it, which mostly wait on the kernel
+and on subprocesses; the test then takes its result (the `background`
+fixture) and asserts on it as before."""
 
 from __future__ import annotations
 
@@ -20,16 +21,65 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-# test (the end of its node id) -> "module:function(tmp folder)" whose result it checks
+# work started with the session, two at a time, when a selected test needs it:
+# name -> (what selects it: part of a test's node id, "module:function(tmp folder)")
 BACKGROUND = {
-    "test_style.py::test_mypy_strict_finds_nothing": "test_style:mypy",
-    "test_packaging.py::test_the_wheel_carries_the_object_and_runs_without_a_compiler": (
-        "test_packaging:wheel_installed"
-    ),
+    "mypy": ("test_style.py::test_mypy_strict_finds_nothing", "test_style:mypy"),
+    "wheel": ("test_packaging.py::test_the_wheel", "test_packaging:wheel_installed"),
+    "fuzz_object": ("fuzz/test_fuzz.py::test_programs_keep", "fuzz.runner:fuzz_object"),
+    "broken_object": ("fuzz/test_fuzz.py::test_a_flipped", "fuzz.runner:broken_object"),
 }
 
 if TYPE_CHECKING:
     from agentlib import Sandbox
+
+
+# where tests leave traces on the host; a run must end with none it did not find there
+TRACE_DIRS = (
+    Path("/run/netns"),  # network namespaces
+    Path("/sys/fs/bpf"),  # pins, pin roots (the benches' own)
+    Path("/sys/fs/bpf/lasthop"),  # the default pin root's namespace folders
+    Path("/run/lasthop"),  # agents' API sockets and services state
+    Path("/run/lasthop-lab"),  # labs' state
+)
+_TRACES = pytest.StashKey[set[str]]()
+_LEFT = pytest.StashKey[list[str]]()
+
+
+def _traces() -> set[str]:
+    found = set()
+    for folder in TRACE_DIRS:
+        try:
+            found |= {str(folder / name) for name in os.listdir(folder)}
+        except OSError:  # not there (or no bpffs): nothing of ours either
+            continue
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.geteuid() == 0:
+        session.config.stash[_TRACES] = _traces()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run that leaves a namespace, a pin or an agent's file it did not find
+    fails (exit 1), naming each in the summary."""
+    before = session.config.stash.get(_TRACES, None)
+    if before is None:
+        return
+    left = sorted(_traces() - before)
+    session.config.stash[_LEFT] = left
+    if left and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    left = terminalreporter.config.stash.get(_LEFT, [])
+    if left:
+        terminalreporter.section("left behind by this run", red=True)
+        for trace in left:
+            terminalreporter.line(trace)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,35 +106,30 @@ def module_box() -> Iterator[Sandbox]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _background_jobs(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Future[Any]]]:
-    """Each selected test's BACKGROUND job, started as the session starts (in a
-    thread: they wait on subprocesses); the session's end waits for any no test read."""
-    jobs: dict[str, Future[Any]] = {}
-    with ThreadPoolExecutor(max_workers=len(BACKGROUND)) as pool:
-        for test, where in BACKGROUND.items():
-            if any(item.nodeid.endswith(test) for item in request.session.items):
-                work = _job(where)
-                jobs[test] = pool.submit(work, tmp_path_factory.mktemp(work.__name__))
-        yield jobs
-
-
-@pytest.fixture
 def background(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    _background_jobs: dict[str, Future[Any]],
-) -> Any:
-    """What this test's BACKGROUND job returned: waited for, or run now if it
-    was not started (a test selected some other way)."""
-    for test, where in BACKGROUND.items():
-        if request.node.nodeid.endswith(test):
-            if test in _background_jobs:
-                return _background_jobs[test].result()
-            work = _job(where)
-            return work(tmp_path_factory.mktemp(work.__name__))
-    raise LookupError(f"{request.node.nodeid} has no job in conftest.BACKGROUND")
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], Any]]:
+    """background(name): what BACKGROUND's job *name* returned. Each job a
+    selected test needs starts as the session starts (in a thread: they wait
+    on subprocesses); one no selected test needed runs when asked for. The
+    session's end waits for any job no test read."""
+    jobs: dict[str, Future[Any]] = {}
+
+    def folder(work: Callable[[Path], Any]) -> Path:
+        return tmp_path_factory.mktemp(work.__name__)
+
+    def get(name: str) -> Any:
+        if name in jobs:
+            return jobs[name].result()
+        work = _job(BACKGROUND[name][1])
+        return work(folder(work))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for name, (selects, where) in BACKGROUND.items():
+            if any(selects in item.nodeid for item in request.session.items):
+                work = _job(where)
+                jobs[name] = pool.submit(work, folder(work))
+        yield get
 
 
 def _job(where: str) -> Callable[[Path], Any]:

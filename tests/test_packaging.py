@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,9 +70,10 @@ def wheel_installed(tmp: Path) -> Installed:
 
 
 def test_the_wheel_carries_the_object_and_runs_without_a_compiler(
-    box: Sandbox, tmp_path: Path, background: Installed
+    box: Sandbox, tmp_path: Path, background: Callable[[str], Any]
 ) -> None:
-    wheel, venv = background.wheel, background.venv
+    installed: Installed = background("wheel")
+    wheel, venv = installed.wheel, installed.venv
     names = zipfile.ZipFile(wheel).namelist()
     assert {"lasthop/bpf/lasthop.bpf.o", "lasthop/bpf/lasthop.bpf.sha256"} <= set(names)
     assert "lasthop/data/lasthop.service" in names

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -33,6 +35,7 @@ def mypy(_: Path) -> subprocess.CompletedProcess[str]:
     return _run(str(BIN / "mypy"))
 
 
-def test_mypy_strict_finds_nothing(background: subprocess.CompletedProcess[str]) -> None:
+def test_mypy_strict_finds_nothing(background: Callable[[str], Any]) -> None:
     # started with the session (conftest.BACKGROUND): it ran beside the tests before this
-    assert background.returncode == 0, background.stdout + background.stderr
+    result: subprocess.CompletedProcess[str] = background("mypy")
+    assert result.returncode == 0, result.stdout + result.stderr

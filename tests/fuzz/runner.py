@@ -138,6 +138,16 @@ def build_object(out: Path, broken: bool = False) -> Path:
     return build.build(out, defines=defines)
 
 
+def fuzz_object(folder: Path) -> Path:
+    """The test build in *folder* (started with the session: conftest.BACKGROUND)."""
+    return build_object(folder / "fuzz.bpf.o")
+
+
+def broken_object(folder: Path) -> Path:
+    """The build with the bounds check flipped, in *folder* (conftest.BACKGROUND)."""
+    return build_object(folder / "broken.bpf.o", broken=True)
+
+
 # ---------------------------------------------------------------- the runner
 
 
@@ -444,6 +454,8 @@ __all__ = [
     "Result",
     "UPLINK",
     "VMPORT",
+    "broken_object",
     "build_object",
+    "fuzz_object",
     "sandbox",
 ]

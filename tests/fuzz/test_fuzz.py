@@ -10,13 +10,13 @@ bounds check flipped must be caught.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from . import frames
-from .runner import PROGRAMS, UPLINK, VMPORT, Fuzzer, Result, build_object, sandbox
+from .runner import PROGRAMS, UPLINK, VMPORT, Fuzzer, Result, sandbox
 
 SEED = 13
 CI_CASES = 20_000
@@ -44,15 +44,15 @@ def _fuzzer(obj: Path, ports: tuple[int, int]) -> Iterator[Fuzzer]:
         f.close()
 
 
+# both objects are built as the session starts (conftest.BACKGROUND)
 @pytest.fixture(scope="module")
-def fuzzer(ports: tuple[int, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzer]:
-    yield from _fuzzer(build_object(tmp_path_factory.mktemp("fuzz") / "fuzz.bpf.o"), ports)
+def fuzzer(ports: tuple[int, int], background: Callable[[str], Path]) -> Iterator[Fuzzer]:
+    yield from _fuzzer(background("fuzz_object"), ports)
 
 
 @pytest.fixture(scope="module")
-def broken(ports: tuple[int, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzer]:
-    obj = build_object(tmp_path_factory.mktemp("fuzz") / "broken.bpf.o", broken=True)
-    yield from _fuzzer(obj, ports)
+def broken(ports: tuple[int, int], background: Callable[[str], Path]) -> Iterator[Fuzzer]:
+    yield from _fuzzer(background("broken_object"), ports)
 
 
 def _failure(result: Result) -> str:
