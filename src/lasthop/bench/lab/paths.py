@@ -278,7 +278,7 @@ class BenchPath:
             run([sys.executable, "-m", "lasthop", "flush", "--netns", self.host.ns])
 
     def send(
-        self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0
+        self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0, warmup: int = 0
     ) -> dict[str, int]:
         argv = [
             str(self.tools.sender),
@@ -292,6 +292,7 @@ class BenchPath:
             str(cpu),
         ]
         argv += ["--new", str(new_base)] if new_base >= 0 else ["--flows", str(flows)]
+        argv += ["--warmup", str(warmup)] if warmup else []
         out = ns_exec(self.fw.ns, argv).stdout
         result: dict[str, int] = json.loads(out)
         return result
