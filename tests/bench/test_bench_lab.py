@@ -31,6 +31,7 @@ SYNTHETIC = {
     "direct": (2000, 2000),
     "bridge": (3400, 3500),
     "lasthop": (3600, 4300),
+    "lasthop-device": (3700, 4300),
     "routed": (4700, 4800),
     "lasthop-routed": (4300, 5000),
     "recipe": (7000, 8000),
@@ -223,7 +224,7 @@ def test_quick_run_writes_positive_consistent_figures(
         assert r["sent"] + r["warmup"] == r["reached_vm"] == r["replies"], r
         assert 0 < r["cpu_ns"] <= r["wall_ns"] * 1.01, r  # one thread: no more CPU than time
         assert math.isclose(r["per_request_ns"], (r["cpu_ns"] + r["softirqd_ns"]) / r["sent"])
-    for name in ("lasthop", "lasthop-routed"):
+    for name in ("lasthop", "lasthop-device", "lasthop-routed"):
         answers = sum(r["replies"] for r in runs if r["mode"] == name)
         assert report["checks"][name]["redirected"] >= answers
         assert report["checks"][name]["fast_to_vm"] > 0  # requests skipped the bridge/routing
