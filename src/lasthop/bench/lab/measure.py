@@ -63,7 +63,7 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(reps=6, packets=10_000, connections=4_000, flush_every=3, churn=1, quick=True)
+QUICK = Settings(reps=5, packets=10_000, connections=4_000, flush_every=3, churn=1, quick=True)
 # conntrack's table here holds 262,144: between two flushes, stay well below
 MAX_PER_FLUSH = 200_000
 
