@@ -133,6 +133,7 @@ def test_counters_match_enum_lh_counter(btf: dict[int, dict[str, Any]]) -> None:
         (abi.LinkKind, "lh_link_kind", "LINK_", None),
         (abi.FragVerdict, "lh_frag_verdict", "FRAG_", None),
         (abi.HopKind, "lh_hop_kind", "HOP_", None),
+        (abi.Delivery, "lh_delivery", "DELIVER_", None),
     ],
 )
 def test_enums_match_btf(

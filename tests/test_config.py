@@ -155,6 +155,11 @@ def test_docs_example_is_valid(tmp_path: Path) -> None:
             "scope: at most 63 rules, uplinks with learn = false counted",
         ),
         ('[[vm_port]]\nname = "tap0"\nmpls = true\n', "vm_port", "tap0: mpls is for uplinks"),
+        (
+            '[[uplink]]\nname = "eth0"\npeer_redirect = false\n',
+            "uplink",
+            "eth0: peer_redirect is for VM ports",
+        ),
         ('[[uplink]]\nname = "eth0"\nmpls = "maybe"\n', "uplink[0].mpls", "valid boolean"),
     ],
 )

@@ -70,6 +70,13 @@ class LinkKind(enum.IntEnum):
     MPLS = 4  # Ethernet with MPLS hand-off: lh_uplink_mpls (XDP) pops, lh_uplink learns
 
 
+class Delivery(enum.IntEnum):
+    """enum lh_delivery: how a VM port hands the VM lasthop's frames (iface_cfg.delivery)."""
+
+    DEVICE = 0  # out of the port (bpf_redirect)
+    PEER = 1  # into the guest end of a veth in another namespace (bpf_redirect_peer)
+
+
 class FragVerdict(enum.IntEnum):
     """enum lh_frag_verdict: what a datagram's first fragment did (frag_entry.verdict)."""
 
@@ -349,7 +356,7 @@ class IfaceCfg(ctypes.Structure):
         ("slot", ctypes.c_uint16),
         ("vm_mac", ctypes.c_uint8 * ETH_ALEN),
         ("link_kind", ctypes.c_uint8),  # enum lh_link_kind
-        ("reserved", ctypes.c_uint8),
+        ("delivery", ctypes.c_uint8),  # enum lh_delivery (VM port)
     ]
 
 

@@ -117,6 +117,11 @@ class Interface(_Model):
         "the host's normal path, counted scope_passed (a scope rule ahead of [[scope]])",
     )
 
+    peer_redirect: bool | None = Field(
+        default=None,
+        description="VM port: override the host's peer_redirect for this port",
+    )
+
     mpls: bool = Field(
         default=False,
         description="uplink: the firewalls hand requests over under MPLS labels (up to 3 above "
@@ -270,6 +275,13 @@ class Config(_Model):
     fast_path: bool = Field(
         default=True, description="bridged host: requests skip the bridge to the VM that answered"
     )
+    peer_redirect: bool = Field(
+        default=True,
+        description="a VM port that is a veth with its guest end in another namespace: "
+        "requests lasthop sends to the VM (fast path, services) go straight into the guest "
+        "end's ingress (bpf_redirect_peer), not out of the host end: its egress qdisc, tc "
+        "egress filters and a capture on it do not see them (docs/datapath.md)",
+    )
     vm_origin: bool = Field(
         default=True, description="remember connections VMs open, so servers' replies reach that VM"
     )
@@ -328,6 +340,17 @@ class Config(_Model):
             timeouts = self.timeouts.model_copy(update={"tcp_established": self.idle_timeout})
             object.__setattr__(self, "timeouts", timeouts)
         return self
+
+    @field_validator("uplinks")
+    @classmethod
+    def _no_delivery_on_uplinks(cls, value: list[Interface]) -> list[Interface]:
+        for link in value:
+            if link.peer_redirect is not None:
+                raise ValueError(
+                    f"{link.name}: peer_redirect is for VM ports (how requests reach a VM; "
+                    "replies leave an uplink by its own device)"
+                )
+        return value
 
     @field_validator("vm_ports")
     @classmethod

@@ -40,6 +40,7 @@ KEYS = frozenset(
         "on_vm_down",
         "pending_table_size",
         "pending_table_size_v6",
+        "peer_redirect",
         "pin_root",
         "relearn",
         "routed",

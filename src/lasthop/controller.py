@@ -376,6 +376,8 @@ class Controller:
             cfg.flags |= current.flags & (abi.F_IFACE_VM_MAC | abi.F_IFACE_VM_DOWN)
         if role == abi.Role.VM_PORT and self._vm_addresses(link, maps):
             cfg.flags |= abi.F_IFACE_ADDRS_FIXED
+        if role == abi.Role.VM_PORT:
+            cfg.delivery = self._delivery(link)
         if role == abi.Role.UPLINK and not link.oper_up:  # lasthop.linkwatch follows it from here
             cfg.flags |= abi.F_IFACE_LINK_DOWN
         if role == abi.Role.UPLINK:
@@ -473,6 +475,16 @@ class Controller:
                 )
             return abi.LinkKind.MPLS
         return link.kind
+
+    def _delivery(self, link: Link) -> abi.Delivery:
+        """PEER when VM port *link* is a veth whose guest end is in another
+        namespace and the config (the port's peer_redirect, else the host's)
+        lets frames go straight into that end; else DEVICE."""
+        assert self._config is not None
+        named = [p for p in self._config.vm_ports if p.name == link.name]
+        own = named[0].peer_redirect if named else None
+        wanted = self._config.peer_redirect if own is None else own
+        return abi.Delivery.PEER if wanted and link.peer_elsewhere else abi.Delivery.DEVICE
 
     def _follows_failover(self, link: Link) -> int:
         """F_IFACE_FOLLOW_MOVES when uplink *link*'s config sets follow_failover."""

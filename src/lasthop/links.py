@@ -34,9 +34,15 @@ class Link:
     kind: abi.LinkKind = abi.LinkKind.ETHERNET  # what its frames carry (link_kind below)
     info_kind: str = ""  # IFLA_INFO_KIND ("vxlan", "veth", ...; "" = a plain device)
     external: bool = False  # a tunnel in external (collect-metadata) mode
+    # a veth (or netkit) whose other end is in another namespace (IFLA_LINK_NETNSID):
+    # the data path can deliver into that end's ingress (bpf_redirect_peer)
+    peer_elsewhere: bool = False
 
 
 _OPER_DOWN = ("DOWN", "LOWERLAYERDOWN", "NOTPRESENT")
+# IFLA_INFO_KIND of the devices whose other end bpf_redirect_peer can reach
+# (ndo_get_peer_dev); a tap has none
+PEER_KINDS = ("veth", "netkit")
 # tunnel kind -> its IFLA_INFO_DATA attribute that says "external" (collect metadata)
 _EXTERNAL_ATTR = {
     "vxlan": "IFLA_VXLAN_COLLECT_METADATA",
@@ -96,6 +102,7 @@ def _link(msg: object) -> Link:
         kind=link_kind(msg["ifi_type"], kind, external),  # type: ignore[index]
         info_kind=kind,
         external=external,
+        peer_elsewhere=kind in PEER_KINDS and get("IFLA_LINK_NETNSID") is not None,
     )
 
 

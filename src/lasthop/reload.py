@@ -10,6 +10,7 @@ new config was validated whole before this (a bad one changes nothing).
     expiry_interval, relearn, on_vm_down,     netns, pin_root: where it runs
     vm_origin, vm_origin_quota, fast_path,    bridge, bridge_zone, routed: how
     service, health, api_tokens (re-read)       every interface is attached
+                                              peer_redirect (a vm_port's own: live)
                                               api, api_socket, api_socket_group:
                                                 the listening sockets
                                               sync, sync_cluster, sync_host
@@ -56,6 +57,7 @@ KEPT = frozenset(
         "bridge",
         "bridge_zone",
         "routed",
+        "peer_redirect",
         "api",
         "api_socket",
         "api_socket_group",

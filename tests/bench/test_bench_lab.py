@@ -9,6 +9,7 @@ import json
 import math
 import secrets
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ SYNTHETIC = {
     "direct": (2000, 2000),
     "bridge": (3400, 3500),
     "lasthop": (3600, 4300),
+    "lasthop-device": (3700, 4300),
     "routed": (4700, 4800),
     "lasthop-routed": (4300, 5000),
     "recipe": (7000, 8000),
@@ -73,6 +75,51 @@ def test_ratios_come_from_the_medians_and_targets_compare_them() -> None:
     assert conn.passed  # 2.6 >= 2
     for t in report.targets:
         assert t.ratio.low <= t.ratio.median <= t.ratio.high
+
+
+def _paired_runs(bridge: list[float], lasthop: list[float]) -> list[L.Run]:
+    """Packets runs (per-request ns) of direct (2000 each), bridge and lasthop, one per rep."""
+    runs = []
+    for rep, (b, lh) in enumerate(zip(bridge, lasthop, strict=True)):
+        for mode, ns in (("direct", 2000.0), ("bridge", b), ("lasthop", lh)):
+            for test in ("packets", "connections"):
+                runs.append(L.Run(mode, test, rep, 1000, 1000, 1000, round(ns * 1000), 0, 10**9))
+    return runs
+
+
+def test_a_ratio_is_the_median_of_the_repetitions_paired_ratios() -> None:
+    """Each repetition's lasthop burst is divided by its own bridge burst: a
+    slow repetition (everything 1.5x) moves neither the ratio nor its CI,
+    where the ratio of the medians would mix slow and fast repetitions."""
+    # host cost (ns/packet): bridge 700 and lasthop 490 (0.7x), but rep 1 and 3 slow
+    bridge = [3400, 2000 + 1400 * 1.5, 3400, 2000 + 1400 * 1.5, 3400, 3400]
+    lasthop = [2980, 2000 + 980 * 1.5, 2980, 2000 + 980 * 1.5, 2980, 2980]
+    report = L.summarize(_paired_runs(bridge, lasthop), L.QUICK)
+    (t,) = [r for r in report.targets if (r.target.mode, r.target.base) == ("lasthop", "bridge")]
+    assert t.ratio.median == pytest.approx(0.7)
+    assert t.ratio.ci_low == pytest.approx(0.7) and t.ratio.ci_high == pytest.approx(0.7)
+    assert t.passed and t.judged and t.verdict == "pass"
+
+
+def test_a_ci_across_the_limit_is_unsure() -> None:
+    """Paired ratios that fall on both sides of the limit give a verdict
+    marked unsure: the run cannot tell."""
+    lasthop = [2000 + 1400 * r for r in (0.6, 0.7, 0.75, 0.85, 0.9, 1.0)]
+    report = L.summarize(_paired_runs([3400] * 6, lasthop), L.QUICK)
+    (t,) = [r for r in report.targets if (r.target.mode, r.target.base) == ("lasthop", "bridge")]
+    assert t.ratio.median == pytest.approx(0.8)
+    assert (t.ratio.ci_low, t.ratio.ci_high) == (pytest.approx(0.6), pytest.approx(1.0))
+    assert not t.judged and t.verdict.endswith("(unsure)")
+
+
+@pytest.mark.parametrize(("n", "k"), [(5, 1), (6, 1), (10, 2), (20, 6), (40, 14), (100, 40)])
+def test_median_ci_takes_the_binomial_order_statistics(n: int, k: int) -> None:
+    """The 95% interval of a median of n values is the k-th lowest to the
+    k-th highest (the usual table: n=10 -> 2nd, n=40 -> 14th, n=100 -> 40th)."""
+    from lasthop.bench.lab.report import median_ci
+
+    values = [float(v) for v in range(1, n + 1)]
+    assert median_ci(values) == (k, n + 1 - k)
 
 
 def test_report_files_name_every_mode_and_target(tmp_path: Path) -> None:
@@ -148,29 +195,36 @@ def test_quick_run_writes_positive_consistent_figures(
             figures += ["host_ns_per_packet", "host_ns_per_connection", "connections_per_s"]
         for key in figures:
             f = m[key]
-            assert 0 < f["low"] <= f["median"] <= f["high"], (name, key, f)
+            assert 0 < f["low"] <= f["ci_low"] <= f["median"] <= f["ci_high"] <= f["high"], (
+                name,
+                key,
+                f,
+            )
             assert len(f["values"]) == L.QUICK.reps
         if name != L.BASELINE:  # an odd number of repetitions: the median is one of them
             rate, cost = m["connections_per_s"]["median"], m["host_ns_per_connection"]["median"]
             assert rate == pytest.approx(1e9 / cost)
 
-    for t in report["targets"]:
+    for t in report["targets"]:  # the median of the repetitions' paired ratios
         a, b = modes[t["mode"]], modes[t["base"]]
         if t["metric"] == "packet_ns":
-            want = a["host_ns_per_packet"]["median"] / b["host_ns_per_packet"]["median"]
+            x, y = a["host_ns_per_packet"]["values"], b["host_ns_per_packet"]["values"]
         else:
-            want = b["host_ns_per_connection"]["median"] / a["host_ns_per_connection"]["median"]
-        assert t["ratio"] == pytest.approx(want)
+            y, x = a["host_ns_per_connection"]["values"], b["host_ns_per_connection"]["values"]
+        pairs = [p / q for p, q in zip(x, y, strict=True)]
+        assert t["ratios"] == pytest.approx(pairs)
+        assert t["ratio"] == pytest.approx(statistics.median(pairs))
+        assert t["ratio_ci_low"] <= t["ratio"] <= t["ratio_ci_high"]
         below = t["ratio"] <= t["limit"]
         assert t["passed"] == (below if t["op"] == "<=" else t["ratio"] >= t["limit"])
 
     runs = report["runs"]
     assert len(runs) == L.QUICK.reps * len(L.MODES) * 2
     for r in runs:
-        assert r["sent"] == r["reached_vm"] == r["replies"], r
+        assert r["sent"] + r["warmup"] == r["reached_vm"] == r["replies"], r
         assert 0 < r["cpu_ns"] <= r["wall_ns"] * 1.01, r  # one thread: no more CPU than time
         assert math.isclose(r["per_request_ns"], (r["cpu_ns"] + r["softirqd_ns"]) / r["sent"])
-    for name in ("lasthop", "lasthop-routed"):
+    for name in ("lasthop", "lasthop-device", "lasthop-routed"):
         answers = sum(r["replies"] for r in runs if r["mode"] == name)
         assert report["checks"][name]["redirected"] >= answers
         assert report["checks"][name]["fast_to_vm"] > 0  # requests skipped the bridge/routing

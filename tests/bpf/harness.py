@@ -360,10 +360,13 @@ class Datapath:
         zone: int = 0,
         flags: int = 0,
         vm_mac: str | None = None,
+        delivery: abi.Delivery = abi.Delivery.DEVICE,
     ) -> None:
         iface = self.ifaces[name]
         role = iface.role if role is None else role
-        cfg = abi.IfaceCfg(role=int(role), zone=zone, flags=flags, slot=iface.slot)
+        cfg = abi.IfaceCfg(
+            role=int(role), zone=zone, flags=flags, slot=iface.slot, delivery=int(delivery)
+        )
         ctypes.memmove(cfg.mac, mac_bytes(iface.mac), abi.ETH_ALEN)
         if vm_mac:
             ctypes.memmove(cfg.vm_mac, mac_bytes(vm_mac), abi.ETH_ALEN)

@@ -14,6 +14,7 @@ kernel reports in PACKET_AUXDATA is put back into the captured frame.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import select
 import socket
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from pyroute2 import netns
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet
 
@@ -314,6 +316,87 @@ def test_service_frame_reaches_a_tap_vm_untagged(wire: Wire, test_netns: TestNet
         os.close(fd)  # the tap goes with it
         dp.ifaces = {k: v for k, v in dp.ifaces.items() if k != "wtap"}
         dp.slots.pop("wtap", None)
+
+
+PEER_NS = "lhtwpeer"  # the guest end's namespace: redirect_peer needs another one
+
+
+def _tx_packets(ns: str, dev: str) -> int:
+    out = subprocess.run(
+        ["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
+
+
+@pytest.fixture
+def peer_port(wire: Wire, test_netns: TestNetns) -> Iterator[str]:
+    """VM port wpv: a veth whose guest end (wpvp) is in a namespace of its own."""
+    dp = wire.dp
+    index = test_netns.add_veths([("wpv", MAC_VMPORT_1)])["wpv"]
+    ifaces, by_index = dp.ifaces, dp.by_index
+    subprocess.run(["ip", "netns", "add", PEER_NS], check=True)
+    try:
+        for cmd in (
+            ["ip", "-n", test_netns.name, "link", "set", "wpvp", "netns", PEER_NS],
+            ["ip", "-n", PEER_NS, "link", "set", "wpvp", "up"],
+        ):
+            subprocess.run(cmd, check=True)
+        dp.ifaces = {**ifaces, "wpv": Iface("wpv", index, MAC_VMPORT_1, abi.Role.VM_PORT, 4)}
+        dp.by_index = {**by_index, index: "wpv"}
+        dp.slots["wpv"] = 4
+        yield "wpv"
+    finally:
+        dp.ifaces, dp.by_index = ifaces, by_index
+        dp.slots.pop("wpv", None)
+        test_netns.del_links(["wpv"])  # its guest end goes with it
+        subprocess.run(["ip", "netns", "del", PEER_NS], check=False)
+
+
+@pytest.mark.parametrize(
+    ("delivery", "tags", "tcis", "ad", "through_port"),
+    [
+        pytest.param(abi.Delivery.PEER, (), (), 0, False, id="peer, untagged: into the guest end"),
+        pytest.param(abi.Delivery.DEVICE, (), (), 0, True, id="device: out of the port"),
+        pytest.param(
+            abi.Delivery.PEER,
+            (dot1q(VLAN_C),),
+            (tci(VLAN_C),),
+            0,
+            True,
+            id="peer, tagged: out of the port, untagged",
+        ),  # fmt: skip
+    ],
+)
+def test_frame_for_a_veth_vm_goes_into_its_guest_end(  # type: ignore[no-untyped-def]
+    wire: Wire, test_netns: TestNetns, peer_port: str, delivery, tags, tcis, ad, through_port
+) -> None:
+    """A request for a VM whose port says DELIVER_PEER arrives in the guest's
+    namespace without leaving the host's end of the veth (its tx counter, what
+    a capture or a qdisc there sees, stays); with DELIVER_DEVICE, or a frame
+    that came tagged (its MAC header rewritten), it leaves by the port. The
+    guest gets the same frame either way."""
+    dp = wire.dp
+    dp.reset()
+    dp.configure(peer_port, vm_mac=MAC_VM_1, delivery=delivery)
+    request = tcp4_request("A")
+    dp.put(_pinned(request, peer_port, tcis, ad))
+    before = _tx_packets(test_netns.name, peer_port)
+    pinned = dp.counter_values().get(("wup", C.SVC_PINNED), 0)
+    netns.pushns(PEER_NS)
+    try:
+        capture = Capture("wpvp")
+    finally:
+        netns.popns()
+    try:
+        wire.send("wupp", tagged(request, tags))
+        capture.expect(_to_vm1(tagged(request, tags)))
+    finally:
+        capture.close()
+    assert _tx_packets(test_netns.name, peer_port) - before == int(through_port)
+    assert dp.counter_values()[("wup", C.SVC_PINNED)] == pinned + 1
 
 
 def _open_tap(name: str) -> int:

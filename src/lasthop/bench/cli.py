@@ -160,9 +160,9 @@ def datapath(
 @click.option(
     "--quick",
     is_flag=True,
-    help=f"A short run for CI (~20 s): {lab_bench.QUICK.reps} repetitions, fewer packets.",
+    help=f"A short run for CI (~30 s): {lab_bench.QUICK.reps} repetitions, smaller bursts.",
 )
-@click.option("--reps", type=click.IntRange(1), help="Repetitions (each runs every mode once).")
+@click.option("--reps", type=click.IntRange(1), help="Repetitions (each one burst of every mode).")
 @click.option("--packets", type=click.IntRange(1000), help="Packets per mode and repetition.")
 @click.option(
     "--connections",

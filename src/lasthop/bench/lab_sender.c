@@ -3,7 +3,10 @@
  * Writes COUNT minimum-size Ethernet/IPv4/UDP frames (60 bytes) straight to
  * an interface through an AF_PACKET socket (PACKET_QDISC_BYPASS, sendmmsg in
  * batches), pinned to one CPU, and prints one JSON line:
- *   {"sent": N, "cpu_ns": <this thread's CPU time>, "wall_ns": <elapsed>}
+ *   {"sent": N, "warmup": W, "cpu_ns": <this thread's CPU time>, "wall_ns": <elapsed>}
+ * --warmup W first sends W frames of the same kind, untimed (caches and
+ * the path warm, in the same process: no exec between warm-up and timing);
+ * they are not in "sent".
  *
  * On a veth, each frame's whole journey (the host's forwarding, the
  * reflector's answer, the answer's way back) runs in softirq on this CPU
@@ -13,7 +16,9 @@
  *
  * Flows: --flows F cycles the UDP source port over F values (established
  * flows); --new BASE makes every frame a new flow, numbered from BASE:
- * source 10.64.0.0/10 + id / 50000, source port 10000 + id % 50000.
+ * source 10.64.0.0/10 + id / 50000, source port 10000 + id % 50000. The
+ * warm-up frames of --new take the ids BASE .. BASE + W - 1, the timed ones
+ * the next COUNT.
  *
  * Built with the system's cc by lasthop.bench.lab at bench time.
  */
@@ -45,7 +50,7 @@ struct args {
 	const char *ifname;
 	unsigned char dst_mac[6], src_mac[6];
 	uint32_t src_ip, dst_ip; /* host byte order */
-	unsigned long long count, flows, new_base;
+	unsigned long long count, flows, new_base, warmup;
 	int new_flows, cpu;
 };
 
@@ -57,7 +62,7 @@ static void die(const char *what)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: lab_sender IF DST_MAC SRC_MAC SRC_IP DST_IP COUNT (--flows F | --new BASE) [--cpu N]\n");
+	fprintf(stderr, "usage: lab_sender IF DST_MAC SRC_MAC SRC_IP DST_IP COUNT (--flows F | --new BASE) [--cpu N] [--warmup W]\n");
 	exit(2);
 }
 
@@ -131,6 +136,30 @@ static unsigned long long ns(clockid_t clock)
 	return (unsigned long long)ts.tv_sec * 1000000000ull + ts.tv_nsec;
 }
 
+/* Sends count frames, the first being packet number first of the run. */
+static void send_frames(int fd, const struct args *a, struct mmsghdr *msgs,
+			unsigned char (*frames)[FRAME_LEN], unsigned long long first,
+			unsigned long long count)
+{
+	unsigned long long sent = 0;
+	while (sent < count) {
+		unsigned int n = count - sent < BATCH ? (unsigned int)(count - sent) : BATCH;
+		for (unsigned int j = 0; j < n; j++)
+			set_flow(a, frames[j], first + sent + j);
+		unsigned int done = 0;
+		while (done < n) {
+			int r = sendmmsg(fd, msgs + done, n - done, 0);
+			if (r < 0) {
+				if (errno == EINTR || errno == ENOBUFS || errno == EAGAIN)
+					continue;
+				die("sendmmsg");
+			}
+			done += (unsigned int)r;
+		}
+		sent += n;
+	}
+}
+
 int main(int argc, char **argv)
 {
 	struct args a = {.cpu = 0};
@@ -149,6 +178,8 @@ int main(int argc, char **argv)
 			a.new_flows = 1, a.new_base = strtoull(argv[i + 1], NULL, 10);
 		else if (!strcmp(argv[i], "--cpu"))
 			a.cpu = atoi(argv[i + 1]);
+		else if (!strcmp(argv[i], "--warmup"))
+			a.warmup = strtoull(argv[i + 1], NULL, 10);
 		else
 			usage();
 	}
@@ -181,25 +212,12 @@ int main(int argc, char **argv)
 		msgs[j] = (struct mmsghdr){.msg_hdr = {.msg_name = &to, .msg_namelen = sizeof(to), .msg_iov = &iov[j], .msg_iovlen = 1}};
 	}
 
-	unsigned long long sent = 0, cpu0 = ns(CLOCK_THREAD_CPUTIME_ID), wall0 = ns(CLOCK_MONOTONIC);
-	while (sent < a.count) {
-		unsigned int n = a.count - sent < BATCH ? (unsigned int)(a.count - sent) : BATCH;
-		for (unsigned int j = 0; j < n; j++)
-			set_flow(&a, frames[j], sent + j);
-		unsigned int done = 0;
-		while (done < n) {
-			int r = sendmmsg(fd, msgs + done, n - done, 0);
-			if (r < 0) {
-				if (errno == EINTR || errno == ENOBUFS || errno == EAGAIN)
-					continue;
-				die("sendmmsg");
-			}
-			done += (unsigned int)r;
-		}
-		sent += n;
-	}
+	send_frames(fd, &a, msgs, frames, 0, a.warmup);
+	unsigned long long cpu0 = ns(CLOCK_THREAD_CPUTIME_ID), wall0 = ns(CLOCK_MONOTONIC);
+	send_frames(fd, &a, msgs, frames, a.warmup, a.count);
 	unsigned long long cpu = ns(CLOCK_THREAD_CPUTIME_ID) - cpu0, wall = ns(CLOCK_MONOTONIC) - wall0;
-	printf("{\"sent\": %llu, \"cpu_ns\": %llu, \"wall_ns\": %llu}\n", sent, cpu, wall);
+	printf("{\"sent\": %llu, \"warmup\": %llu, \"cpu_ns\": %llu, \"wall_ns\": %llu}\n", a.count,
+	       a.warmup, cpu, wall);
 	close(fd);
 	return 0;
 }

@@ -63,7 +63,7 @@ struct iface_cfg {
 	__u16 slot;             /* counter slot, 1 .. MAX_IFACES - 1 */
 	__u8  vm_mac[ETH_ALEN]; /* VM port: the guest's MAC, valid with F_IFACE_VM_MAC */
 	__u8  link_kind;        /* enum lh_link_kind */
-	__u8  reserved;
+	__u8  delivery;         /* VM port: enum lh_delivery */
 };
 
 /* lh_frags key: one fragmented datagram, as its IP header names it
@@ -293,5 +293,6 @@ struct lh_abi_enums {
 	enum lh_hop_flag       hop_flag;
 	enum lh_endpoint_verdict endpoint_verdict;
 	struct mpls_meta       mpls_meta; /* frame metadata: no map carries it */
+	enum lh_delivery       delivery;
 };
 struct lh_abi_enums lh_abi_enums __attribute__((section(".lh_btf"), used));

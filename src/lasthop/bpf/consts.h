@@ -122,6 +122,14 @@ enum lh_link_kind {
 			    * the labels, lh_uplink learns them (mpls.h) */
 };
 
+/* How a VM port hands the VM the frames lasthop sends it (iface_cfg
+ * .delivery). Python mirror: lasthop.abi.Delivery. */
+enum lh_delivery {
+	DELIVER_DEVICE = 0, /* out of the port (bpf_redirect): its egress, qdisc, captures */
+	DELIVER_PEER   = 1, /* a veth whose guest end is in another namespace: straight into
+			     * that end's ingress (bpf_redirect_peer), not through the port */
+};
+
 /* What the first fragment of a datagram did (frag_entry .verdict): the
  * later fragments, which carry no ports, do the same. */
 enum lh_frag_verdict {

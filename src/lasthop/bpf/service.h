@@ -81,6 +81,12 @@ __noinline int send_to_vm_at(struct __sk_buff *skb, __u32 vm_ifindex, __u32 l3_o
 	if (err)
 		return err;
 	trace_redirect(vm_ifindex);
+	/* straight into the guest's side of a veth (lh_uplink runs at tc ingress,
+	 * which redirect_peer needs): no second trip through the backlog. Not a
+	 * frame that came tagged or from an L3 link: its MAC header was rebuilt
+	 * here, and the peer's ingress takes the skb as it stands. */
+	if (vm->delivery == DELIVER_PEER && !(tags_l3 & 7))
+		return bpf_redirect_peer(vm_ifindex, 0);
 	return bpf_redirect(vm_ifindex, 0);
 }
 

@@ -13,6 +13,7 @@ the same addresses and MACs (from lasthop.lab.plan); only the host differs:
     direct          no host: fw1's veth goes straight to the VM (the baseline)
     bridge          bridged host, nothing else (the symmetric path: the limit)
     lasthop         the same bridged host with lasthop attached
+    lasthop-device  the same, peer_redirect off (requests out of the VM port)
     routed          routed host, nothing else
     lasthop-routed  the same routed host with lasthop --routed attached
     recipe          the routed host with the lab's conntrack recipe
@@ -24,7 +25,8 @@ each one in place, and another drops the answers in fw1. The whole round trip
 runs in softirq on the sender's CPU, inside its send calls, so the sender
 thread's CPU time (plus ksoftirqd's, in case the kernel deferred some) is the
 CPU the path cost. The host's cost is that minus the direct path's, from the
-same repetition.
+same repetition: a repetition is one burst of every mode back to back, and
+each ratio is the median of the repetitions' paired ratios, with its 95% CI.
 
 The package splits that in three: paths (building each mode's path), measure
 (the interleaved runs), report (the figures and the files). The command is

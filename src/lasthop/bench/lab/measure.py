@@ -1,6 +1,9 @@
-"""The measurements of `lasthop bench lab`: every repetition runs each test
-through every mode's path in turn, and reads the CPU the path cost (the
-sender thread's time plus ksoftirqd's)."""
+"""The measurements of `lasthop bench lab`: every repetition sends one burst
+of each test through every mode's path, back to back (the modes in an order
+that rotates from one repetition to the next), and reads the CPU each burst
+cost (the sender thread's time plus ksoftirqd's). A repetition's bursts are
+the pairs the report's ratios are made of: run within a second of each
+other, they share whatever the machine was doing then."""
 
 from __future__ import annotations
 
@@ -37,19 +40,32 @@ SETTLE_S = 0.2  # after flushing a table: RCU frees the entries before the next 
 
 @dataclass(frozen=True)
 class Settings:
-    reps: int = 5
-    packets: int = 200_000  # per run of the packets test
-    connections: int = 50_000  # new flows per run of the connections test
+    reps: int = 40  # repetitions: each one burst of each test through every mode
+    packets: int = 25_000  # per burst of the packets test
+    connections: int = 10_000  # new flows per burst of the connections test
     flows: int = 1024  # established flows the packets test cycles over
-    warmup: int = 5_000  # packets sent (unmeasured) before each packets run
+    # frames the sender sends untimed before each burst, in the same process:
+    # packets over the known flows (3 per flow: a request, its answer and a
+    # request again make a flow established after a flush), new flows for
+    # the connections test (caches warm, as the timed ones find them)
+    warmup: int = 3_072
+    conn_warmup: int = 1_000
+    flush_every: int = 4  # repetitions between two flushes of every table
     cpu: int = 0  # the sender's CPU
     br_netfilter: bool = False  # the hosts' bridges call the IP netfilter hooks
     churn: int = 2  # fill-and-flush rounds of every table before the first repetition
     quick: bool = False
 
+    @property
+    def per_flush(self) -> int:
+        """New flows a table takes between two flushes (warm-up included)."""
+        return self.flush_every * (self.connections + self.conn_warmup)
+
 
 FULL = Settings()
-QUICK = Settings(reps=3, packets=40_000, connections=10_000, warmup=2_000, churn=1, quick=True)
+QUICK = Settings(reps=5, packets=10_000, connections=4_000, flush_every=3, churn=1, quick=True)
+# conntrack's table here holds 262,144: between two flushes, stay well below
+MAX_PER_FLUSH = 200_000
 
 
 @dataclass(frozen=True)
@@ -59,12 +75,14 @@ class Run:
     mode: str
     test: str  # "packets" or "connections"
     rep: int
-    sent: int  # requests the sender wrote
-    reached_vm: int  # requests the VM received (and answered)
+    sent: int  # requests the sender wrote, timed
+    reached_vm: int  # requests the VM received (and answered), warm-up included
     replies: int  # answers back at fw1
     cpu_ns: int  # the sender thread's CPU time: its own work and the path's softirq work
     softirqd_ns: int  # ksoftirqd's CPU time meanwhile (work the kernel deferred), all CPUs
     wall_ns: int
+    warmup: int = 0  # requests the sender wrote before timing (same flows, same process)
+    position: int = 0  # its place among the repetition's bursts of this test (0 = first)
 
     @property
     def total_ns(self) -> int:
@@ -76,7 +94,7 @@ class Run:
 
     @property
     def lost(self) -> int:
-        return self.sent - self.replies
+        return self.sent + self.warmup - self.replies
 
 
 @dataclass(frozen=True)
@@ -125,14 +143,27 @@ def _exclusive(prefix: str) -> Iterator[None]:
 
 
 def _measure(
-    path: BenchPath, settings: Settings, test: str, rep: int, new_base: int, ksoft: list[int]
+    path: BenchPath,
+    settings: Settings,
+    test: str,
+    rep: int,
+    position: int,
+    new_base: int,
+    ksoft: list[int],
 ) -> Run:
     vm0, fw0 = path.counters()
     soft0 = _cpu_time_ns(ksoft)
     if test == "packets":
-        out = path.send(settings.packets, flows=settings.flows, cpu=settings.cpu)
+        out = path.send(
+            settings.packets, flows=settings.flows, cpu=settings.cpu, warmup=settings.warmup
+        )
     else:
-        out = path.send(settings.connections, new_base=new_base, cpu=settings.cpu)
+        out = path.send(
+            settings.connections,
+            new_base=new_base,
+            cpu=settings.cpu,
+            warmup=settings.conn_warmup,
+        )
     soft = _cpu_time_ns(ksoft) - soft0
     vm1, fw1 = path.counters()
     return Run(
@@ -145,6 +176,8 @@ def _measure(
         out["cpu_ns"],
         soft,
         out["wall_ns"],
+        out.get("warmup", 0),
+        position,
     )
 
 
@@ -160,6 +193,12 @@ def measure_all(
         )
     if not 0 <= settings.cpu < (os.cpu_count() or 1):
         raise BenchError(f"no CPU {settings.cpu} on this machine")
+    if settings.per_flush > MAX_PER_FLUSH:
+        raise BenchError(
+            f"{settings.flush_every} repetitions of {settings.connections:,} new connections "
+            f"(+ {settings.conn_warmup:,} warm-up) between two flushes: at most "
+            f"{MAX_PER_FLUSH:,} (conntrack's table holds 262,144)"
+        )
     started = time.monotonic()
     with (
         _exclusive(prefix),
@@ -184,8 +223,23 @@ def measure_all(
     return Measured(runs, checks, time.monotonic() - started)
 
 
+def _order(paths: list[BenchPath], turn: int) -> list[tuple[int, BenchPath]]:
+    """The modes of one burst of one test: rotated by one at every turn, so
+    each mode is first, second, ... equally often (and follows each other)."""
+    start = turn % len(paths)
+    return list(enumerate(paths[start:] + paths[:start]))
+
+
+def _flush(paths: list[BenchPath]) -> None:
+    for path in paths:
+        path.flush()
+    time.sleep(SETTLE_S)
+
+
 def _interleaved(paths: list[BenchPath], settings: Settings, progress: Progress) -> list[Run]:
-    """Every repetition runs each test through every mode in turn: A B C ... A B C ..."""
+    """Every repetition sends one burst of the packets test through every mode,
+    then one burst of the connections test through every mode, the modes'
+    order rotating; every table is flushed every flush_every repetitions."""
     ksoft = _softirqd_pids()
     runs: list[Run] = []
     next_flow = 0
@@ -195,25 +249,21 @@ def _interleaved(paths: list[BenchPath], settings: Settings, progress: Progress)
     for round_ in range(settings.churn):
         progress(f"churning the tables ({round_ + 1}/{settings.churn})")
         for path in paths:
-            path.send(settings.connections, new_base=next_flow, cpu=settings.cpu)
-            next_flow += settings.connections
-            path.flush()
+            path.send(settings.per_flush, new_base=next_flow, cpu=settings.cpu)
+            next_flow += settings.per_flush
+        _flush(paths)
     for rep in range(settings.reps):
-        progress(f"repetition {rep + 1}/{settings.reps}: {settings.packets} packets per mode")
-        for path in paths:
-            path.send(
-                settings.warmup, flows=settings.flows, cpu=settings.cpu
-            )  # every flow known, caches warm
-            runs.append(_measure(path, settings, "packets", rep, -1, ksoft))
+        if rep and rep % settings.flush_every == 0:
+            _flush(paths)  # the packets bursts' warm-up learns their flows again
         progress(
-            f"repetition {rep + 1}/{settings.reps}: {settings.connections} new connections per mode"
+            f"repetition {rep + 1}/{settings.reps}: {settings.packets:,} packets and "
+            f"{settings.connections:,} new connections through each mode"
         )
-        for path in paths:
-            path.flush()
-        time.sleep(SETTLE_S)
-        for path in paths:
-            runs.append(_measure(path, settings, "connections", rep, next_flow, ksoft))
-            next_flow += settings.connections  # never a flow seen before, in any mode
+        for position, path in _order(paths, rep):
+            runs.append(_measure(path, settings, "packets", rep, position, -1, ksoft))
+        for position, path in _order(paths, rep):
+            runs.append(_measure(path, settings, "connections", rep, position, next_flow, ksoft))
+            next_flow += settings.conn_warmup + settings.connections  # never a flow seen before
     return runs
 
 

@@ -71,6 +71,7 @@ class Mode:
     tag: str  # the lab is <prefix><tag>: namespaces <prefix><tag>-fw1, -host, -vm1
     host: str | None  # None (no host), "bridged", "routed"
     extra: str | None = None  # None, "lasthop", "recipe"
+    peer_redirect: bool = True  # lasthop: requests into the VM's veth end (bpf_redirect_peer)
 
     def plan(self, prefix: str) -> P.Plan:
         return P.Plan(prefix + self.tag, routed=self.host == "routed", sites=[1], vms=[1])
@@ -80,6 +81,7 @@ MODES = (
     Mode("direct", "no host (baseline)", "dir", None),
     Mode("bridge", "plain bridge", "br", "bridged"),
     Mode("lasthop", "lasthop (bridged)", "lh", "bridged", "lasthop"),
+    Mode("lasthop-device", "lasthop (bridged, no peer)", "lhd", "bridged", "lasthop", False),
     Mode("routed", "plain routing", "rt", "routed"),
     Mode("lasthop-routed", "lasthop (routed)", "lhrt", "routed", "lasthop"),
     Mode("recipe", "conntrack recipe (routed)", "rcp", "routed", "recipe"),
@@ -264,7 +266,12 @@ class BenchPath:
         path stays attached and no agent work (aging) lands in a measurement."""
         if not lab_runner.available():
             raise BenchError("the lasthop agent is not importable")
-        agent = lab_runner.AgentRunner(self.plan)
+        extra: tuple[str, ...] = ()
+        if not self.mode.peer_redirect:
+            config = self.tools.sender.parent / f"{self.mode.tag}.toml"
+            config.write_text("peer_redirect = false\n")
+            extra = ("--config", str(config))
+        agent = lab_runner.AgentRunner(self.plan, extra=extra)
         agent.start()
         agent.stop()
         self.lasthop = agent
@@ -278,7 +285,7 @@ class BenchPath:
             run([sys.executable, "-m", "lasthop", "flush", "--netns", self.host.ns])
 
     def send(
-        self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0
+        self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0, warmup: int = 0
     ) -> dict[str, int]:
         argv = [
             str(self.tools.sender),
@@ -292,6 +299,7 @@ class BenchPath:
             str(cpu),
         ]
         argv += ["--new", str(new_base)] if new_base >= 0 else ["--flows", str(flows)]
+        argv += ["--warmup", str(warmup)] if warmup else []
         out = ns_exec(self.fw.ns, argv).stdout
         result: dict[str, int] = json.loads(out)
         return result

@@ -4,6 +4,7 @@ targets, and the tables, Markdown, chart and JSON they are written as."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -65,18 +66,42 @@ TARGETS = (
 )
 
 
+CONFIDENCE = 0.95  # of the interval printed beside each median
+
+
+def median_ci(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the k-th lowest
+    and k-th highest value, k the largest with P(Binomial(n, 1/2) < k) <=
+    (1 - confidence) / 2. It assumes nothing of the noise's shape (which
+    here is skewed: the machine's other work only ever adds). Fewer than 6
+    values cannot reach 95%: then the lowest and highest."""
+    ordered, n = sorted(values), len(values)
+    tail, k, below = (1 - confidence) / 2, 0, 0.0
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n  # P(X <= k) after adding P(X = k)
+        if below > tail:
+            break
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
 @dataclass(frozen=True)
 class Figure:
-    """A median over the repetitions, with the lowest and highest value."""
+    """A median over the repetitions, its 95% confidence interval, and the
+    lowest and highest value."""
 
     median: float
     low: float
     high: float
     values: list[float]
+    ci_low: float = 0.0
+    ci_high: float = 0.0
 
     @classmethod
     def of(cls, values: list[float]) -> Figure:
-        return cls(statistics.median(values), min(values), max(values), values)
+        ci = median_ci(values)
+        return cls(statistics.median(values), min(values), max(values), values, *ci)
 
     @property
     def spread(self) -> float:
@@ -97,15 +122,25 @@ class ModeResult:
 @dataclass
 class TargetResult:
     target: Target
-    ratio: Figure  # the median's ratio as .median; per-repetition ratios as low/high
+    ratio: Figure  # the repetitions' paired ratios: their median, CI and range
+
+    def _meets(self, value: float) -> bool:
+        return value <= self.target.limit if self.target.op == "<=" else value >= self.target.limit
 
     @property
     def passed(self) -> bool:
-        return (
-            self.ratio.median <= self.target.limit
-            if self.target.op == "<="
-            else self.ratio.median >= self.target.limit
-        )
+        """The median ratio meets the limit."""
+        return self._meets(self.ratio.median)
+
+    @property
+    def judged(self) -> bool:
+        """The whole confidence interval lies on the median's side of the
+        limit: the run can tell pass from miss."""
+        return self._meets(self.ratio.ci_low) == self._meets(self.ratio.ci_high)
+
+    @property
+    def verdict(self) -> str:
+        return ("pass" if self.passed else "miss") + ("" if self.judged else " (unsure)")
 
 
 @dataclass
@@ -117,6 +152,8 @@ class Report:
     runs: list[Run]
     elapsed_s: float
     environment: dict[str, Any] = field(default_factory=dict)
+    # (mode, base, metric) -> the paired per-repetition ratios (the table's × columns)
+    ratios: dict[tuple[str, str, str], Figure] = field(default_factory=dict)
 
     @property
     def consistent(self) -> bool:
@@ -127,7 +164,14 @@ class Report:
             return (
                 None
                 if f is None
-                else {"median": f.median, "low": f.low, "high": f.high, "values": f.values}
+                else {
+                    "median": f.median,
+                    "ci_low": f.ci_low,
+                    "ci_high": f.ci_high,
+                    "low": f.low,
+                    "high": f.high,
+                    "values": f.values,
+                }
             )
 
         return {
@@ -153,9 +197,13 @@ class Report:
                     "limit": t.target.limit,
                     "primary": t.target.primary,
                     "ratio": t.ratio.median,
+                    "ratio_ci_low": t.ratio.ci_low,
+                    "ratio_ci_high": t.ratio.ci_high,
                     "ratio_low": t.ratio.low,
                     "ratio_high": t.ratio.high,
+                    "ratios": t.ratio.values,
                     "passed": t.passed,
+                    "judged": t.judged,
                 }
                 for t in self.targets
             ],
@@ -200,14 +248,23 @@ def _environment(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _paired(per: dict[str, list[float]], mode: str, base: str, inverse: bool = False) -> Figure:
+    """mode's figure over base's, repetition by repetition (inverse: base's
+    over mode's): the ratios of bursts that ran back to back."""
+    a, b = per[mode], per[base]
+    pairs = zip(a, b, strict=True)
+    return Figure.of([y / x if inverse else x / y for x, y in pairs])
+
+
 def summarize(
     runs: list[Run],
     settings: Settings,
     checks: dict[str, Any] | None = None,
     elapsed_s: float = 0.0,
 ) -> Report:
-    """Per mode and repetition: the host's cost = the mode's path minus the
-    direct path of the same repetition; then medians over the repetitions."""
+    """Per mode and repetition: the host's cost = the mode's burst minus the
+    direct path's burst of the same repetition; medians over the
+    repetitions; each ratio the median of the repetitions' paired ratios."""
     by: dict[tuple[str, str, int], Run] = {(r.mode, r.test, r.rep): r for r in runs}
     reps = sorted({r.rep for r in runs})
     names = [m.name for m in MODES if any(r.mode == m.name for r in runs)]
@@ -244,22 +301,28 @@ def summarize(
         if t.mode not in modes or t.base not in modes:
             continue
         if t.metric == "packet_ns":
-            a, b = per_pkt[t.mode], per_pkt[t.base]
-            median = statistics.median(a) / statistics.median(b)
-            each = [x / y for x, y in zip(a, b, strict=True)]
+            ratio = _paired(per_pkt, t.mode, t.base)
         else:  # connections per second: the inverse ratio of the costs
-            a, b = per_conn[t.mode], per_conn[t.base]
-            median = statistics.median(b) / statistics.median(a)
-            each = [y / x for x, y in zip(a, b, strict=True)]
-        targets.append(TargetResult(t, Figure(median, min(each), max(each), each)))
-    return Report(settings, modes, targets, checks or {}, runs, elapsed_s, _environment(settings))
+            ratio = _paired(per_conn, t.mode, t.base, inverse=True)
+        targets.append(TargetResult(t, ratio))
+    report = Report(settings, modes, targets, checks or {}, runs, elapsed_s, _environment(settings))
+    report.ratios = {
+        (name, base, metric): _paired(
+            per_pkt if metric == "packet_ns" else per_conn, name, base, metric != "packet_ns"
+        )
+        for name in per_pkt
+        for base in ("bridge", "recipe")
+        if base in per_pkt
+        for metric in ("packet_ns", "conn_per_s")
+    }
+    return report
 
 
 # -- output ---------------------------------------------------------------------------
 
 
 def _fmt(f: Figure | None) -> str:
-    return "–" if f is None else f"{f.median:,.0f} ({f.low:,.0f}–{f.high:,.0f})"
+    return "–" if f is None else f"{f.median:,.0f} ({f.ci_low:,.0f}–{f.ci_high:,.0f})"
 
 
 COLUMNS = (
@@ -274,14 +337,8 @@ COLUMNS = (
 
 
 def _ratio_to(report: Report, name: str, base: str, metric: str) -> str:
-    m, b = report.modes[name], report.modes.get(base)
-    if b is None or m.packet_ns is None or m.conn_ns is None:
-        return "–"
-    if metric == "packet_ns":
-        assert b.packet_ns
-        return f"{m.packet_ns.median / b.packet_ns.median:.2f}×"
-    assert b.conn_ns
-    return f"{b.conn_ns.median / m.conn_ns.median:.2f}×"
+    ratio = report.ratios.get((name, base, metric))
+    return "–" if ratio is None else f"{ratio.median:.2f}×"
 
 
 def _rows(report: Report) -> list[list[str]]:
@@ -302,7 +359,11 @@ def _rows(report: Report) -> list[list[str]]:
 
 
 def _measured(t: TargetResult) -> str:
-    return f"{t.ratio.median:.2f}× ({t.ratio.low:.2f}–{t.ratio.high:.2f})"
+    r = t.ratio
+    return (
+        f"{r.median:.2f}× (95% CI {r.ci_low:.2f}–{r.ci_high:.2f}; "
+        f"{r.low:.2f}–{r.high:.2f} over {len(r.values)})"
+    )
 
 
 def _setup_line(report: Report) -> str:
@@ -310,10 +371,12 @@ def _setup_line(report: Report) -> str:
     return (
         f"`{env.get('command')}` on {env.get('date')}: kernel {env.get('kernel')}, "
         f"{env.get('cpus')} × {env.get('cpu')}; sender on CPU {s.cpu}; bridges "
-        f"{'with' if s.br_netfilter else 'without'} br_netfilter; {s.reps} repetitions, modes "
-        f"interleaved; per mode and repetition {s.packets:,} packets ({FRAME_LEN}-byte UDP over "
-        f"{s.flows} flows, each answered) and {s.connections:,} new connections (a request and "
-        f"its answer each); {report.elapsed_s:.0f} s."
+        f"{'with' if s.br_netfilter else 'without'} br_netfilter; {s.reps} repetitions, each a "
+        f"burst of every mode back to back (order rotating); per burst {s.packets:,} packets "
+        f"({FRAME_LEN}-byte UDP over {s.flows} flows, each answered; {s.warmup:,} untimed first) "
+        f"and {s.connections:,} new connections (a request and its answer each; "
+        f"{s.conn_warmup:,} untimed first); tables flushed every {s.flush_every} repetitions; "
+        f"{report.elapsed_s:.0f} s."
     ) + ACCOUNTING_WARNING.get(env.get("irq_time_accounting"), "")
 
 
@@ -330,7 +393,9 @@ def markdown(report: Report) -> str:
         "",
         _setup_line(report),
         "",
-        "Median over the repetitions (lowest–highest). *host ns/packet*: CPU the host adds per "
+        "Median over the repetitions (its 95% confidence interval). Each × column is the median "
+        "of the repetitions' paired ratios (each repetition's bursts ran back to back). "
+        "*host ns/packet*: CPU the host adds per "
         "packet it forwards (requests and answers alike), over the same traffic on a path "
         "without a host. *host ns/connection*: CPU it adds per new connection. "
         "*connections/s per CPU* = 10⁹ / host ns/connection. Method and noise: "
@@ -349,7 +414,7 @@ def markdown(report: Report) -> str:
     lines += ["", "## Targets", "", "| target | measured | result |", "| --- | ---: | --- |"]
     for t in report.targets:
         scope = "" if t.target.primary else " (routed host, like for like)"
-        result = "**pass**" if t.passed else "**miss**"
+        result = f"**{t.verdict}**"
         lines.append(f"| {t.target.describe()}{scope} | {_measured(t)} | {result} |")
     lines += ["", "## Checks", ""]
     for name, c in report.checks.items():
@@ -386,7 +451,7 @@ def chart(report: Report, path: Path) -> None:
     for ax, (attr, title, unit) in zip(axes, PANELS, strict=True):
         figs: list[Figure] = [getattr(m, attr) for m in shown]
         med = [f.median for f in figs]
-        err = [[f.median - f.low for f in figs], [f.high - f.median for f in figs]]
+        err = [[f.median - f.ci_low for f in figs], [f.ci_high - f.median for f in figs]]
         bars = ax.bar(range(len(shown)), med, yerr=err, capsize=4, color=colours)
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in med], padding=3, fontsize=8)
         ax.set_xticks(range(len(shown)), labels, fontsize=8)
@@ -405,7 +470,7 @@ def chart(report: Report, path: Path) -> None:
         ax.margins(y=0.15)
     fig.suptitle(
         f"lasthop bench lab: median of {report.settings.reps} interleaved repetitions "
-        f"(whiskers: lowest–highest); kernel {report.environment.get('kernel')}",
+        f"(whiskers: 95% CI of the median); kernel {report.environment.get('kernel')}",
         fontsize=10,
     )
     fig.tight_layout()
@@ -425,7 +490,10 @@ def write_results(report: Report, out: Path) -> list[Path]:
 
 def print_report(report: Report, console: Console) -> None:
     console.print(_setup_line(report), highlight=False)
-    table = Table(title="the host's added cost: median (lowest–highest)", title_justify="left")
+    table = Table(
+        title="the host's added cost: median (95% CI); × columns: median of paired ratios",
+        title_justify="left",
+    )
     for col in COLUMNS:
         table.add_column(col, justify="left" if col == "mode" else "right")
     for row in _rows(report):
@@ -439,7 +507,8 @@ def print_report(report: Report, console: Console) -> None:
         targets.add_column(col, justify="right" if col == "measured" else "left")
     for t in report.targets:
         scope = "" if t.target.primary else " [dim](routed host, like for like)[/dim]"
-        result = "[green]pass[/green]" if t.passed else "[red]miss[/red]"
+        colour = ("green" if t.passed else "red") if t.judged else "yellow"
+        result = f"[{colour}]{t.verdict}[/{colour}]"
         targets.add_row(t.target.describe() + scope, _measured(t), result)
     console.print(targets)
     for name, c in report.checks.items():
