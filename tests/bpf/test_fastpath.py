@@ -526,8 +526,8 @@ def desc6(vni: int = 7) -> abi.HopDesc:
     return d
 
 
-GWLB_OPTS = bytes.fromhex(  # three 8-byte-data TLVs of class 0x0108: 32 bytes, the most kept
-    "0108 01 02 0001020304050607 0108 02 02 1011121314151617 0108 03 02 2021222324252627"
+GWLB_OPTS = bytes.fromhex(  # three TLVs of class 0x0108 (8, 8, 4 bytes of data): 32 bytes
+    "0108 01 02 0001020304050607 0108 02 02 1011121314151617 0108 03 01 20212223"
 )
 
 
