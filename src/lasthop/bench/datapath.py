@@ -14,9 +14,27 @@ Per-packet figures (the program run back to back on one frame):
     uplink refresh      lh_uplink on an established entry: state tracking (an ACK),
                         last_seen, packets; same last hop
     reply miss          lh_vmport finds no entry (a TCP segment: nothing is learned)
+    reply hit, VXLAN    reply hit v4, its entry naming a VXLAN endpoint: + the
+                        descriptor's lookup and bpf_skb_set_tunnel_key
+    reply hit, MPLS     reply hit v4 under two labels (lh_bench_vmport_mpls), less
+                        the own cost of taking them off again (see below)
     empty               lh_empty: the cost of running any tc program here
 Each is the median of several rounds of `repeat` runs; rounds interleave the
 programs so that drift hits them all alike.
+
+The MPLS reply: test run's `repeat` runs one skb again and again, and the
+labels one run pushes would make the next run's frame one lh_vmport passes
+(not IP). lh_bench_vmport_mpls therefore takes them off again after each run
+(bpf_skb_adjust_room back, the type IPv4 again), which is timed with it. Its
+cost is measured alone in the same round: lh_bench_mpls_undo does exactly
+that undo, run with repeat 256 on the reply with 8 bytes more after its
+Ethernet header for each run (so each run takes off 8 bytes, as the real
+undo does; the frame comes back as the reply, checked), less lh_empty on the
+same frame with the same repeat; the row is each round's time less that
+round's undo. The error left: the first run of each repeat-256 test run
+follows a syscall, and the undo's first run (it touches more) is colder
+than lh_empty's; spread over 256 runs that is a few ns at most, by which
+the subtracted undo may be too large and the row too low.
 
 New entries: test run repeats one frame, so after the first run an insert
 is a refresh. Inserts are therefore single runs (repeat=1) of distinct
