@@ -484,12 +484,11 @@ out:
 static __always_inline int uplink_entry(struct __sk_buff *skb)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
-	int ret = cfg ? fast_refresh(skb, cfg) : FAST_NONE;
+	int ret;
 
-	if (ret >= 0)
-		return ret;
-	fast_fell_back(skb, ret);
-	return uplink_main(skb, 0, 1);
+	skb->cb[CB_CONFIRMED_MISS] = 0; /* fast_lookup's 1 when it misses */
+	ret = cfg ? fast_refresh(skb, cfg) : FAST_NONE;
+	return ret != FAST_NONE ? ret : uplink_main(skb, 0, 1);
 }
 
 SEC("tc")
@@ -823,12 +822,11 @@ out:
 static __always_inline int vmport_entry(struct __sk_buff *skb)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_VM_PORT);
-	int ret = cfg ? fast_reply(skb, cfg) : FAST_NONE;
+	int ret;
 
-	if (ret >= 0)
-		return ret;
-	fast_fell_back(skb, ret);
-	return vmport_main(skb, 1);
+	skb->cb[CB_CONFIRMED_MISS] = 0; /* fast_lookup's 1 when it misses */
+	ret = cfg ? fast_reply(skb, cfg) : FAST_NONE;
+	return ret != FAST_NONE ? ret : vmport_main(skb, 1);
 }
 
 SEC("tc")
