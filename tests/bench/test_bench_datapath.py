@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -30,6 +32,7 @@ FIGURES = [
     "reply_hit_routed",
     "reply_hit_l3",
     "reply_hit_vxlan",
+    "reply_hit_mpls",
     "insert_room",
     "insert_full",
     "refresh_single",
@@ -73,11 +76,33 @@ def test_l3_reply_is_measured_against_the_ethernet_one(results: datapath.Results
 
 
 def test_tunnel_reply_is_measured_against_the_plain_one(results: datapath.Results) -> None:
-    """The VXLAN uplink's reply carries its ratio to reply_hit_v4 (the same
-    reply on a plain Ethernet uplink), measured in the same rounds."""
-    vxlan, plain = results.figure("reply_hit_vxlan"), results.figure("reply_hit_v4")
-    assert vxlan.vs_plain == pytest.approx(vxlan.ns / plain.ns)
-    assert plain.vs_plain is None and vxlan.vs_ethernet is None
+    """The VXLAN and MPLS uplinks' replies carry their ratio to reply_hit_v4
+    (the same reply on a plain Ethernet uplink), measured in the same rounds."""
+    plain = results.figure("reply_hit_v4")
+    for name in ("reply_hit_vxlan", "reply_hit_mpls"):
+        hop = results.figure(name)
+        assert hop.vs_plain == pytest.approx(hop.ns / plain.ns)
+        assert hop.vs_ethernet is None
+    assert plain.vs_plain is None
+
+
+def test_the_mpls_row_is_its_runs_less_the_undo(results: datapath.Results) -> None:
+    """reply_hit_mpls is, round by round, lh_bench_vmport_mpls's time less the
+    own cost of its undo (lh_bench_mpls_undo less lh_empty) measured in the
+    same round; the detail shows both."""
+    mpls = results.figure("reply_hit_mpls")
+    got = re.fullmatch(
+        r"rounds: \[(.*)\] \(lh_bench_vmport_mpls \[(.*)\] less its undo's own cost "
+        r"\[(.*)\], same rounds\); .*",
+        mpls.detail,
+    )
+    assert got is not None, mpls.detail
+    net, raw, undo = ([float(t) for t in g.split(", ")] for g in got.groups())
+    assert len(net) == len(raw) == len(undo) == SMALL["rounds"]
+    own = [r - u for r, u in zip(raw, undo, strict=True)]
+    assert net == pytest.approx(own, abs=0.5)  # (printed to 1 ns, the undo to 0.1)
+    assert mpls.ns == pytest.approx(statistics.median(own), abs=0.1)
+    assert all(u > 0 for u in undo)  # the undo costs something: it was subtracted
 
 
 def test_targets_are_the_issues(results: datapath.Results) -> None:
@@ -91,6 +116,7 @@ def test_targets_are_the_issues(results: datapath.Results) -> None:
         "new_connection": datapath.Target(1500.0, "ns"),
         "reply_hit_l3": datapath.Target(1.3, "ethernet"),
         "reply_hit_vxlan": datapath.Target(1.3, "plain"),
+        "reply_hit_mpls": datapath.Target(1.3, "plain"),
     }
     for f in results.figures:
         if f.target:
@@ -125,8 +151,8 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
     assert all(c.ok for cs in results.checks.values() for c in cs)
     moved = {run: {c.counter: c.counted for c in cs} for run, cs in results.checks.items()}
     assert moved["back-to-back"] == {
-        "vm0 REDIRECTED": 4 * packets,  # v4, v6, pending, and the VXLAN uplink's reply
-        "vm0 ENCAP_REDIRECTED": packets,  # the VXLAN uplink's reply, into its tunnel
+        "vm0 REDIRECTED": 5 * packets,  # v4, v6, pending, the VXLAN and MPLS uplinks' replies
+        "vm0 ENCAP_REDIRECTED": 2 * packets,  # the VXLAN and MPLS replies: tunnel, labels
         "up0 REFRESHED": packets,
         "vm0 MISS": packets,
         "vmr0 REDIRECTED": 2 * packets,  # the routed replies: Ethernet uplink, L3 uplink

@@ -17,8 +17,11 @@ everything compared: verdict, redirect, output bytes, counters, tables.
 
 from __future__ import annotations
 
+import ctypes
+import ipaddress
 import struct
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -26,6 +29,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
 from scapy.packet import Packet
 
 from lasthop import abi
+from lasthop.libbpf import Map
 from packets import (
     IP6_CLIENT_B,
     IP6_VM_1,
@@ -37,18 +41,31 @@ from packets import (
     MAC_FW_C,
     MAC_VM_1,
     MAC_VM_2,
+    MAC_VMPORT_1,
+    MPLS_LABEL_A,
+    MPLS_LABEL_B,
+    MPLS_LABEL_C,
     PORT_CLIENT,
     PORT_HTTP,
     VLAN_C,
+    VLAN_S,
     dot1q,
     eth,
+    labelled,
+    lse,
     tci,
+    tcp4_reply,
+    tcp4_request,
+    tcp6_reply,
+    tcp6_request,
 )
 
 from . import (
     test_conntrack,
+    test_encap,
     test_failover,
     test_malformed,
+    test_mpls,
     test_scope,
     test_uplink,
     test_vm_untagged,
@@ -68,6 +85,7 @@ from .harness import (
     bridged,
     check,
     ids,
+    inner_tag,
     prepare,
     routed,
 )
@@ -436,3 +454,285 @@ def test_fast_path_does_what_the_general_path_does(dp, case: Case) -> None:  # t
     """lh_uplink / lh_vmport (fast path first) and the general path alone
     leave the same verdict, frame, counters and tables."""
     assert _outcome(dp, case, case.prog) == _outcome(dp, case, GENERAL[case.prog])
+
+
+# ---------------------------------------------------------------- hops beyond a MAC
+#
+#   vm1 ── lh_vmport ── fast_reply: entry (established, F_ENTRY_HOP_EXT, id) ── lh_hop_descs[id]
+#                         ├─ VXLAN/Geneve: dst MAC := hop MAC, bpf_skb_set_tunnel_key (+ options)
+#                         └─ MPLS: dst MAC := hop MAC, labels pushed (TTL := IP TTL), then tags
+#                       ── redirect up1
+#
+# Test run can let a program set a tunnel key but shows no metadata in its
+# output: the test build reads the key back (bpf_skb_get_tunnel_key and
+# _opt, trace_tunnel in bpf/maps.h) as the reply is redirected. Each row runs
+# through lh_vmport (fast path first) and lh_vmport_general from the same
+# set-up: the fast path takes exactly the rows marked, and both leave the
+# same verdict, frame, key, counters and entry.
+
+HOP_ID = 0x00050006  # any id: the reply reads the one its entry names
+ENOENT = 2
+
+
+class TunnelTrace(ctypes.Structure):
+    """struct tunnel_trace (bpf/maps.h, test builds only): keep in sync."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint32),
+        ("opt_len", ctypes.c_int32),
+        ("tunnel_id", ctypes.c_uint32),  # struct bpf_tunnel_key from here
+        ("remote", ctypes.c_uint8 * 16),
+        ("tos", ctypes.c_uint8),
+        ("ttl", ctypes.c_uint8),
+        ("ext", ctypes.c_uint16),
+        ("label", ctypes.c_uint32),
+        ("local", ctypes.c_uint8 * 16),
+        ("opts", ctypes.c_uint8 * abi.GENEVE_OPT_MAX),
+    ]
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """The key a reply left with, as bpf_skb_get_tunnel_key reads it back: a
+    key set for sending has the endpoint as its destination, which the
+    helper (reading keys as received) gives as local_ipv4 / local_ipv6."""
+
+    endpoint: str
+    vni: int
+    ttl: int = 64
+    options: bytes = b""  # no options: bpf_skb_get_tunnel_opt says -ENOENT
+
+
+def tunnel_left(dp: Datapath) -> Tunnel | None:
+    m = dp.obj.map("lh_trace_tunnel")
+    assert m.info.value_size == ctypes.sizeof(TunnelTrace)
+    raw = m.lookup(struct.pack("<I", 0))
+    assert raw is not None
+    t = TunnelTrace.from_buffer_copy(raw)
+    if t.family == 0:
+        return None
+    if t.family == 4:
+        endpoint = str(ipaddress.IPv4Address(int.from_bytes(bytes(t.local)[:4], "little")))
+    else:
+        endpoint = str(ipaddress.IPv6Address(bytes(t.local)))
+    assert t.opt_len == -ENOENT or t.opt_len > 0, t.opt_len
+    return Tunnel(endpoint, t.tunnel_id, t.ttl, bytes(t.opts)[: max(t.opt_len, 0)])
+
+
+def desc6(vni: int = 7) -> abi.HopDesc:
+    """A VXLAN hop with an IPv6 endpoint and no options."""
+    d = abi.HopDesc(kind=int(abi.HopKind.TUNNEL6), vni=vni)
+    ctypes.memmove(d.remote, ipaddress.IPv6Address("fd00:ff00::2").packed, 16)
+    return d
+
+
+GWLB_OPTS = bytes.fromhex(  # three TLVs of class 0x0108 (8, 8, 4 bytes of data): 32 bytes
+    "0108 01 02 0001020304050607 0108 02 02 1011121314151617 0108 03 01 20212223"
+)
+
+
+def desc4_geneve() -> abi.HopDesc:
+    """A Geneve hop with an IPv4 endpoint and 32 bytes of options."""
+    d = test_encap.desc4(endpoint=0xC0000203, vni=9)
+    d.opt_len = len(GWLB_OPTS)
+    ctypes.memmove(d.opts, GWLB_OPTS, len(GWLB_OPTS))
+    return d
+
+
+def with_tags(d: abi.HopDesc, *tags: int) -> abi.HopDesc:
+    """The descriptor with the request's tags (outer first)."""
+    out = abi.HopDesc.from_buffer_copy(bytes(d))
+    for i, t in enumerate(tags):
+        out.vlan_tci[i] = t
+    return out
+
+
+A60, B60 = test_mpls.A60, test_mpls.B60
+A64, B33, C33 = lse(MPLS_LABEL_A, 64), lse(MPLS_LABEL_B, 33), lse(MPLS_LABEL_C, 33, 0)
+SENT = {C.REDIRECTED: 1, C.ENCAP_REDIRECTED: 1}
+
+
+@dataclass(frozen=True)
+class HopRow:
+    desc: str
+    request: Packet  # its entry: established, from firewall B on up1, naming HOP_ID
+    reply: Packet
+    hop: abi.HopDesc | None  # in lh_hop_descs under HOP_ID; None: gone
+    output: Packet | None  # None: passed unchanged
+    counters: dict[abi.Counter, int]  # vm1's
+    fast: bool  # the fast path takes it
+    tunnel: Tunnel | None = None  # the key it leaves with
+    link: abi.LinkKind = abi.LinkKind.VXLAN  # up1's link kind
+    tags: int = 0  # the request's tags (their TCIs in the descriptor); 2: QinQ
+    settings: int = 0
+    down: tuple[str, ...] = ()  # lh_endpoints_down
+    gso_size: int = 0
+    routed: bool = False
+
+
+MPLS = abi.LinkKind.MPLS
+HOP_ROWS = [
+    HopRow(
+        "VXLAN, IPv4 endpoint: the key set, the inner MAC rewritten",
+        tcp4_request(), tcp4_reply(), test_encap.desc4(), bridged(tcp4_reply()), SENT, True,
+        Tunnel("192.0.2.1", 100),
+    ),
+    HopRow(
+        "VXLAN, IPv6 endpoint",
+        tcp6_request(), tcp6_reply(), desc6(), bridged(tcp6_reply()), SENT, True,
+        Tunnel("fd00:ff00::2", 7),
+    ),
+    HopRow(
+        "Geneve, IPv6 endpoint and an option: the option set with the key",
+        tcp6_request(), tcp6_reply(), test_encap.desc6_geneve(), bridged(tcp6_reply()), SENT,
+        True, Tunnel("fd00:ff00::2", 7, options=bytes.fromhex("0108 01 02") + bytes(range(8))),
+        link=abi.LinkKind.GENEVE,
+    ),
+    HopRow(
+        "Geneve, IPv4 endpoint and 32 bytes of options (three TLVs)",
+        tcp4_request(), tcp4_reply(), desc4_geneve(), bridged(tcp4_reply()), SENT, True,
+        Tunnel("192.0.2.3", 9, options=GWLB_OPTS), link=abi.LinkKind.GENEVE,
+    ),
+    HopRow(
+        "VXLAN with an 802.1Q tag inside: the tag pushed (into the skb's metadata)",
+        tcp4_request(), tcp4_reply(), with_tags(test_encap.desc4(), tci(VLAN_C)),
+        bridged(tcp4_reply()), SENT, True, Tunnel("192.0.2.1", 100), tags=1,
+    ),
+    HopRow(
+        "another endpoint marked down: this reply still takes the fast path",
+        tcp4_request(), tcp4_reply(), test_encap.desc4(), bridged(tcp4_reply()), SENT, True,
+        Tunnel("192.0.2.1", 100), settings=abi.F_SET_ENDPOINTS_DOWN, down=("192.0.2.2",),
+    ),
+    HopRow(
+        "MPLS, one label over IPv4: pushed, TTL the IP TTL, bottom of stack",
+        tcp4_request(), tcp4_reply(), test_mpls.desc(A60),
+        labelled(bridged(tcp4_reply()), (A64,)), SENT, True, link=MPLS,
+    ),
+    HopRow(
+        "MPLS, two labels over IPv6 with hop limit 33",
+        tcp6_request(), tcp6_reply(hlim=33), test_mpls.desc(A60, B60),
+        labelled(bridged(tcp6_reply(hlim=33)), (lse(MPLS_LABEL_A, 33), B33)), SENT, True,
+        link=MPLS,
+    ),
+    HopRow(
+        "MPLS, three labels: each TC kept, bottom of stack on the last only",
+        tcp6_request(), tcp6_reply(hlim=33), test_mpls.desc(A60, B60, lse(MPLS_LABEL_C, 60, 0)),
+        labelled(bridged(tcp6_reply(hlim=33)), (lse(MPLS_LABEL_A, 33), B33, C33)), SENT, True,
+        link=MPLS,
+    ),
+    HopRow(
+        "MPLS under QinQ: the labels inside the tags (test run shows the inner tag)",
+        tcp4_request(), tcp4_reply(), test_mpls.desc(A60, tags=(tci(VLAN_S), tci(VLAN_C))),
+        inner_tag(labelled(bridged(tcp4_reply()), (A64,)), tci(VLAN_C)), SENT, True,
+        link=MPLS, tags=2,
+    ),
+    HopRow(
+        "an MPLS descriptor with no label: counted as the general path counts it",
+        tcp4_request(), tcp4_reply(), test_mpls.desc(), bridged(tcp4_reply()),
+        {C.ENCAP_UNSUPPORTED: 1}, True, link=MPLS,
+    ),
+    HopRow(
+        "the descriptor is gone: the general path passes it, counted",
+        tcp4_request(), tcp4_reply(), None, None, {C.HOP_DESC_GONE: 1}, False,
+    ),
+    HopRow(
+        "the endpoint does not answer: the general path passes it, counted",
+        tcp4_request(), tcp4_reply(), test_encap.desc4(), None, {C.HOP_UNREACHABLE: 1}, False,
+        settings=abi.F_SET_ENDPOINTS_DOWN, down=("192.0.2.1",),
+    ),
+    HopRow(
+        "a GSO reply to an MPLS hop: the general path passes it, counted",
+        tcp4_request(), tcp4_reply(), test_mpls.desc(A60), None, {C.MPLS_GSO: 1}, False,
+        link=MPLS, gso_size=1400,
+    ),
+    HopRow(
+        "a descriptor of no kind this code pushes: the general path passes it, counted",
+        tcp4_request(), tcp4_reply(), abi.HopDesc(kind=7), None, {C.ENCAP_UNSUPPORTED: 1}, False,
+    ),
+    HopRow(
+        "a routed VM port: TTL - 1 first, by the general path; the labels carry it",
+        tcp4_request(), tcp4_reply(dst_mac=MAC_VMPORT_1), test_mpls.desc(A60),
+        labelled(routed(tcp4_reply(dst_mac=MAC_VMPORT_1)), (lse(MPLS_LABEL_A, 63),)), SENT,
+        False, link=MPLS, routed=True,
+    ),
+    HopRow(
+        "a hop moved somewhere (fail-over): the general path looks",
+        tcp4_request(), tcp4_reply(), test_encap.desc4(), bridged(tcp4_reply()), SENT, False,
+        Tunnel("192.0.2.1", 100), settings=abi.F_SET_HOPS_MOVED,
+    ),
+]  # fmt: skip
+
+
+@pytest.fixture
+def hop_maps(dp: Datapath) -> Iterator[tuple[Map, Map]]:
+    """lh_hop_descs and lh_endpoints_down, emptied before and after
+    (Datapath.reset leaves them)."""
+    maps = (dp.obj.map("lh_hop_descs"), dp.obj.map("lh_endpoints_down"))
+
+    def empty() -> None:
+        for m in maps:
+            for key in list(m.keys()):
+                m.delete(key)
+
+    empty()
+    yield maps
+    empty()
+
+
+def _hop_outcome(dp: Datapath, maps: tuple[Map, Map], row: HopRow, prog: str) -> tuple[object, ...]:
+    """Everything a run of prog on the row's reply shows, from the row's set-up."""
+    descs, down = maps
+    dp.reset()
+    for m in maps:
+        for key in list(m.keys()):
+            m.delete(key)
+    dp.configure("vm1", flags=abi.F_IFACE_ROUTED if row.routed else 0, vm_mac=MAC_VM_1)
+    test_mpls.set_link_kind(dp, "up1", row.link)
+    dp.set_settings(row.settings)
+    entry = est(row.request, packets=3)
+    e = dp.pack_entry(entry)
+    e.flags |= abi.F_ENTRY_HOP_EXT | (abi.F_ENTRY_OUTER_8021AD if row.tags == 2 else 0)
+    e.vlan_count = row.tags
+    e.vlan_tci[0], e.vlan_tci[1] = HOP_ID & 0xFFFF, HOP_ID >> 16
+    dp.tables[CONFIRMED].update(entry.key.pack(), bytes(e))
+    if row.hop is not None:
+        descs.update(struct.pack("<I", HOP_ID), bytes(row.hop))
+    for address in row.down:
+        down.update(test_encap.endpoint_key(address), b"\x01")
+    dp.obj.map("lh_trace_tunnel").update(struct.pack("<I", 0), bytes(TunnelTrace()))
+    counters, taken = dp.counter_values(), fast_taken(dp)
+    t0 = dp.clock()
+    run = dp.run(prog, bytes(row.reply), "vm1", row.gso_size)
+    t1 = dp.clock()
+    after = dp.counter_values()
+    return (
+        run.retval,
+        dp.redirected_to(),
+        run.data.hex(),
+        {k: after[k] - counters[k] for k in after if after[k] != counters[k]},
+        tunnel_left(dp),
+        dp.table(t0, t1),
+        fast_taken(dp) - taken,
+    )
+
+
+@pytest.mark.parametrize("row", HOP_ROWS, ids=[r.desc for r in HOP_ROWS])
+def test_a_reply_to_a_tunnel_or_mpls_hop(
+    dp: Datapath, hop_maps: tuple[Map, Map], row: HopRow
+) -> None:
+    """The row's reply leaves as it says (verdict, redirect, exact bytes, the
+    key read back, vm1's counters), the fast path takes exactly the rows
+    marked, and the general path alone leaves the same."""
+    verdict, redirect, data, counters, tunnel, table, taken = _hop_outcome(
+        dp, hop_maps, row, VMPORT
+    )
+    sent = C.REDIRECTED in row.counters
+    assert verdict == (TC_ACT_REDIRECT if sent else TC_ACT_OK)
+    assert redirect == ("up1" if sent else None)
+    assert data == bytes(row.reply if row.output is None else row.output).hex()
+    assert counters == {("vm1", c): n for c, n in row.counters.items()}
+    assert tunnel == row.tunnel
+    assert taken == int(row.fast)
+    general = _hop_outcome(dp, hop_maps, row, GENERAL[VMPORT])
+    assert (verdict, redirect, data, counters, tunnel, table) == general[:6]
+    assert general[6] == 0

@@ -14,9 +14,27 @@ Per-packet figures (the program run back to back on one frame):
     uplink refresh      lh_uplink on an established entry: state tracking (an ACK),
                         last_seen, packets; same last hop
     reply miss          lh_vmport finds no entry (a TCP segment: nothing is learned)
+    reply hit, VXLAN    reply hit v4, its entry naming a VXLAN endpoint: + the
+                        descriptor's lookup and bpf_skb_set_tunnel_key
+    reply hit, MPLS     reply hit v4 under two labels (lh_bench_vmport_mpls), less
+                        the own cost of taking them off again (see below)
     empty               lh_empty: the cost of running any tc program here
 Each is the median of several rounds of `repeat` runs; rounds interleave the
 programs so that drift hits them all alike.
+
+The MPLS reply: test run's `repeat` runs one skb again and again, and the
+labels one run pushes would make the next run's frame one lh_vmport passes
+(not IP). lh_bench_vmport_mpls therefore takes them off again after each run
+(bpf_skb_adjust_room back, the type IPv4 again), which is timed with it. Its
+cost is measured alone in the same round: lh_bench_mpls_undo does exactly
+that undo, run with repeat 256 on the reply with 8 bytes more after its
+Ethernet header for each run (so each run takes off 8 bytes, as the real
+undo does; the frame comes back as the reply, checked), less lh_empty on the
+same frame with the same repeat; the row is each round's time less that
+round's undo. The error left: the first run of each repeat-256 test run
+follows a syscall, and the undo's first run (it touches more) is colder
+than lh_empty's; spread over 256 runs that is a few ns at most, by which
+the subtracted undo may be too large and the row too low.
 
 New entries: test run repeats one frame, so after the first run an insert
 is a refresh. Inserts are therefore single runs (repeat=1) of distinct
@@ -95,8 +113,10 @@ TARGETS: dict[str, Target] = {
     "reply_hit_v4": Target(1.5, "reference"),
     "reply_hit_v6": Target(1.5, "reference"),
     "uplink_refresh": Target(1.5, "reference"),
-    # issue 9: a reply through a tunnel within 1.3x the same reply on a plain uplink
+    # issue 9: a reply through a tunnel or under MPLS labels within 1.3x the same
+    # reply on a plain uplink
     "reply_hit_vxlan": Target(1.3, "plain"),
+    "reply_hit_mpls": Target(1.3, "plain"),
     "new_connection": Target(1500.0, "ns"),
     # issue 9: a reply through an L3 uplink within 1.3x the same reply through an Ethernet one
     "reply_hit_l3": Target(1.3, "ethernet"),
@@ -120,8 +140,15 @@ _CLIENT6 = socket.inet_pton(socket.AF_INET6, "2001:db8:100::20")
 _VM6 = socket.inet_pton(socket.AF_INET6, "2001:db8:2::11")
 _PORT_HIT, _PORT_MISS, _PORT_PENDING, _PORT_STREAM = 40001, 40002, 40003, 40004
 _PORT_ROUTED, _PORT_L3 = 40005, 40006  # replies through a routed VM port: Ethernet, L3 uplink
-_PORT_VXLAN = 40007
-_VXLAN_HOP_ID = 1  # the bench's one lh_hop_descs entry (any id: the reply only reads it)
+_PORT_VXLAN, _PORT_MPLS = 40007, 40008
+_VXLAN_HOP_ID = 1  # the bench's lh_hop_descs entries (any ids: the reply only reads them)
+_MPLS_HOP_ID = 2
+_MPLS_LABELS = (16001 << 12 | 5 << 9, 24002 << 12 | 5 << 9)  # label << 12 | TC << 9
+# lh_bench_mpls_undo's calibration: runs per test run (its frame holds 8 bytes
+# to take off for each: test run takes at most a page of data), and test runs
+# per round (at least _UNDO_CALLS_MIN; more with --repeat)
+_UNDO_REPEAT, _UNDO_CALLS_MIN = 256, 16
+_MPLS_LSE_LEN = 4
 _STREAM_CLIENTS = 0x64400000  # 100.64.0.0: the clients of the back-to-back handshakes
 _FILL_BATCH = 8192
 
@@ -400,20 +427,31 @@ class _Bench:
         ctypes.memmove(e.mac, _FW_B, abi.ETH_ALEN)
         m.update(key, bytes(e))
 
-    def tunnel_entry(self, key: bytes) -> None:
-        """An established entry whose last hop is VXLAN endpoint 192.0.2.1, VNI 100."""
-        desc = abi.HopDesc(kind=int(abi.HopKind.TUNNEL4), vni=100)
-        desc.remote[0] = 0xC0000201  # host order, as bpf_tunnel_key holds it
-        self.obj.map("lh_hop_descs").update(u32(_VXLAN_HOP_ID), bytes(desc))
+    def hop_entry(self, key: bytes, hop_id: int, desc: abi.HopDesc) -> None:
+        """An established entry from firewall B on up0 whose last hop is *desc*
+        (stored under *hop_id*)."""
+        self.obj.map("lh_hop_descs").update(u32(hop_id), bytes(desc))
         e = abi.ConnEntry(
             ifindex=self.index["up0"],
             flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_HOP_EXT,
             packets=1,
             state=int(abi.State.TCP_ESTABLISHED),
         )
-        e.vlan_tci[0], e.vlan_tci[1] = _VXLAN_HOP_ID & 0xFFFF, _VXLAN_HOP_ID >> 16
+        e.vlan_tci[0], e.vlan_tci[1] = hop_id & 0xFFFF, hop_id >> 16
         ctypes.memmove(e.mac, _FW_B, abi.ETH_ALEN)
         self.conns.update(key, bytes(e))
+
+    def tunnel_entry(self, key: bytes) -> None:
+        """An established entry whose last hop is VXLAN endpoint 192.0.2.1, VNI 100."""
+        desc = abi.HopDesc(kind=int(abi.HopKind.TUNNEL4), vni=100)
+        desc.remote[0] = 0xC0000201  # host order, as bpf_tunnel_key holds it
+        self.hop_entry(key, _VXLAN_HOP_ID, desc)
+
+    def mpls_entry(self, key: bytes) -> None:
+        """An established entry whose last hop is firewall B under labels 16001/24002."""
+        desc = abi.HopDesc(kind=int(abi.HopKind.MPLS), mpls_count=len(_MPLS_LABELS))
+        desc.mpls[: len(_MPLS_LABELS)] = _MPLS_LABELS
+        self.hop_entry(key, _MPLS_HOP_ID, desc)
 
     def state(self, m: FamilyMap, key: bytes) -> abi.State | None:
         raw = m.lookup(key)
@@ -434,12 +472,49 @@ _HOT_COUNTERS = {
     "reply_hit_routed": "vmr0 REDIRECTED",
     "reply_hit_l3": "vmr0 REDIRECTED",
     "reply_hit_vxlan": "vm0 REDIRECTED",
+    "reply_hit_mpls": "vm0 REDIRECTED",
 }
-_HOT_EXTRA = {"reply_hit_vxlan": "vm0 ENCAP_REDIRECTED"}  # a second counter per run
+_HOT_EXTRA = {  # a second counter per run
+    "reply_hit_vxlan": "vm0 ENCAP_REDIRECTED",
+    "reply_hit_mpls": "vm0 ENCAP_REDIRECTED",
+}
 
 
-def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> dict[str, list[int]]:
-    """Each case `rounds` times, interleaved: name -> per-round ns per packet."""
+def _undo_round(b: _Bench, frame: bytes, calls: int) -> float:
+    """The own cost of lh_bench_vmport_mpls's undo (the labels taken off again),
+    in ns per run: lh_bench_mpls_undo less lh_empty, each run `calls` times with
+    repeat _UNDO_REPEAT on *frame* grown by the 8 bytes every run takes off,
+    interleaved; the medians' difference. Each run must have taken its 8 bytes
+    off (the frame comes back as long as *frame*)."""
+    labels = len(_MPLS_LABELS) * _MPLS_LSE_LEN
+    grown = frame[:14] + bytes(labels * _UNDO_REPEAT) + frame[14:]
+    undo, empty = b.prog("lh_bench_mpls_undo"), b.prog("lh_empty")
+    ctx = b.ctx("vm0")
+    times: dict[str, list[int]] = {"undo": [], "empty": []}
+    for _ in range(calls):
+        run = undo.test_run(grown, repeat=_UNDO_REPEAT, ctx=ctx)
+        if run.retval != TC_ACT_OK or run.data != frame:
+            raise BenchError(
+                f"lh_bench_mpls_undo: returned {run.retval}, left {len(run.data)} bytes "
+                f"(not 0 and {len(frame)}): a run did not take its labels' room off"
+            )
+        times["undo"].append(run.duration_ns)
+        times["empty"].append(empty.test_run(grown, repeat=_UNDO_REPEAT, ctx=ctx).duration_ns)
+    return statistics.median(times["undo"]) - statistics.median(times["empty"])
+
+
+@dataclass
+class _Hot:
+    """The back-to-back runs: name -> per-round ns per packet; and per round,
+    the own cost of reply_hit_mpls's undo (_undo_round), which its rounds
+    still include."""
+
+    rounds: dict[str, list[int]]
+    mpls_undo: list[float]
+
+
+def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> _Hot:
+    """Each case `rounds` times, interleaved (the undo's calibration in each round)."""
     hit4 = _key4(_CLIENT4, _VM4, _PORT_HIT, 80)
     hit6 = _key6(_CLIENT6, _VM6, _PORT_HIT, 80)
     pending = _key4(_CLIENT4, _VM4, _PORT_PENDING, 80)
@@ -450,6 +525,8 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> di
     b.entry(b.pending, pending, abi.State.TCP_SYN_RECV)
     vxlan = _key4(_CLIENT4, _VM4, _PORT_VXLAN, 80)
     b.tunnel_entry(vxlan)
+    mpls = _key4(_CLIENT4, _VM4, _PORT_MPLS, 80)
+    b.mpls_entry(mpls)
     ref = abi.ConnEntry(ifindex=b.index["up0"], flags=abi.F_ENTRY_HOP_KNOWN)
     ctypes.memmove(ref.mac, _FW_B, abi.ETH_ALEN)
     b.obj.map("lh_ref_conns").update(_ref_key(_CLIENT4, _VM4, _PORT_HIT, 80), bytes(ref))
@@ -504,16 +581,30 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> di
             "vm0",
             TC_ACT_REDIRECT,
         ),
+        # the same reply under two MPLS labels: lh_bench_vmport_mpls takes them
+        # off again after each run (repeat runs one skb), which _undo_round
+        # measures alone, in the same rounds, to be subtracted
+        "reply_hit_mpls": (
+            "lh_bench_vmport_mpls",
+            tcp4_frame(_VM, _FW_A, _VM4, _CLIENT4, 80, _PORT_MPLS),
+            "vm0",
+            TC_ACT_REDIRECT,
+        ),
     }
     before = b.snapshot()
     out: dict[str, list[int]] = {name: [] for name in cases}
+    undo: list[float] = []
+    calls = max(_UNDO_CALLS_MIN, repeat // (16 * _UNDO_REPEAT))
     for r in range(rounds):
         progress(f"back-to-back runs: round {r + 1}/{rounds}")
         for name, (prog, frame, ifname, verdict) in cases.items():
             run = b.prog(prog).test_run(frame, repeat=repeat, ctx=b.ctx(ifname))
             if run.retval != verdict:
                 raise BenchError(f"{name}: {prog} returned {run.retval}, not {verdict}")
+            if name == "reply_hit_mpls" and run.data != _FW_B + frame[6:]:
+                raise BenchError(f"{name}: the runs left not the reply, its labels off")
             out[name].append(run.duration_ns)
+        undo.append(_undo_round(b, cases["reply_hit_mpls"][1], calls))
     # the runs did what their names say: each packet counted once, as its case says
     expected: dict[str, int] = {}
     for counter in [*_HOT_COUNTERS.values(), *_HOT_EXTRA.values()]:
@@ -525,13 +616,14 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> di
         "reply_hit_v6": (b.conns, hit6, abi.State.TCP_ESTABLISHED),
         "reply_hit_pending": (b.pending, pending, abi.State.TCP_SYN_RECV),
         "reply_hit_vxlan": (b.conns, vxlan, abi.State.TCP_ESTABLISHED),
+        "reply_hit_mpls": (b.conns, mpls, abi.State.TCP_ESTABLISHED),
     }
     for name, (m, key, state) in states.items():
         if b.state(m, key) != state:
             raise BenchError(f"{name}: the entry left {state.name} (now {b.state(m, key)})")
     if b.conns.lookup(pending) is not None:
         raise BenchError("reply_hit_pending: the pending entry was promoted")
-    return out
+    return _Hot(out, undo)
 
 
 def _client(i: int) -> tuple[bytes, int]:
@@ -816,8 +908,13 @@ def run(
             progress(f"kernel memory of a {memory_entries}-entry table")
             memory = _memory(obj_path, memory_entries)
 
-    empty = statistics.median(hot["empty"])
-    reference = statistics.median(hot["reference"])
+    # reply_hit_mpls: each round's run less its undo's own cost, same round
+    raw_mpls = hot.rounds["reply_hit_mpls"]
+    rounds_ns: dict[str, list[float]] = {name: [float(t) for t in runs]
+                                         for name, runs in hot.rounds.items()}  # fmt: skip
+    rounds_ns["reply_hit_mpls"] = [t - u for t, u in zip(raw_mpls, hot.mpls_undo, strict=True)]
+    empty = statistics.median(rounds_ns["empty"])
+    reference = statistics.median(rounds_ns["reference"])
     labels = {
         "empty": ("empty tc program", "lh_empty"),
         "reference": ("reference: a reply's irreducible work", "lh_reference"),
@@ -829,6 +926,7 @@ def run(
         "reply_hit_routed": ("reply hit, routed, Ethernet uplink (v4)", "lh_vmport"),
         "reply_hit_l3": ("reply hit, routed, L3 uplink (tun) (v4)", "lh_vmport"),
         "reply_hit_vxlan": ("reply hit, TCP v4, VXLAN uplink", "lh_vmport"),
+        "reply_hit_mpls": ("reply hit, TCP v4, MPLS uplink (2 labels)", "lh_vmport"),
     }
 
     def figure(
@@ -848,9 +946,9 @@ def run(
         )
 
     figures: list[Figure] = []
-    ethernet = statistics.median(hot["reply_hit_routed"])
-    plain = statistics.median(hot["reply_hit_v4"])
-    for name, runs in hot.items():
+    ethernet = statistics.median(rounds_ns["reply_hit_routed"])
+    plain = statistics.median(rounds_ns["reply_hit_v4"])
+    for name, runs in rounds_ns.items():
         label, prog = labels[name]
         fig = figure(
             name,
@@ -859,8 +957,13 @@ def run(
             statistics.median(runs),
             min(runs),
             "back-to-back",
-            f"rounds: {runs}",
+            "rounds: [" + ", ".join(f"{t:.0f}" for t in runs) + "]",
         )
+        if name == "reply_hit_mpls":
+            fig.detail += (
+                f" (lh_bench_vmport_mpls {raw_mpls} less its undo's own cost "
+                "[" + ", ".join(f"{u:.1f}" for u in hot.mpls_undo) + "], same rounds)"
+            )
         if name == "reply_hit_l3":
             fig.vs_ethernet = statistics.median(runs) / ethernet
         if name in TARGETS and TARGETS[name].of == "plain":

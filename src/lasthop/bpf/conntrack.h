@@ -77,9 +77,10 @@ static __always_inline long conn_table_delete(int pending, const struct conn_key
 /* Looks key up in table first, then in second (*in_second := 1 when found
  * there, or when neither holds it). */
 static __always_inline struct conn_entry *__conn_lookup2(void *first, void *second,
-							  const void *key, int *in_second)
+							  const void *key, int skip_first,
+							  int *in_second)
 {
-	struct conn_entry *e = bpf_map_lookup_elem(first, key);
+	struct conn_entry *e = skip_first ? NULL : bpf_map_lookup_elem(first, key);
 
 	*in_second = 0;
 	if (e)
@@ -94,7 +95,8 @@ static __always_inline struct conn_entry *__conn_lookup2(void *first, void *seco
  * in both), so the order mostly decides what a miss costs: a TCP segment
  * with SYN set (a new connection, its SYN-ACK, or one sent again) belongs to
  * a connection not yet confirmed, so pending first; any other packet most
- * likely to an established one, so confirmed first. */
+ * likely to an established one, so confirmed first -- unless a fast path
+ * just missed it there (p->confirmed_miss: never for a SYN). */
 static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *pending)
 {
 	int syn = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_);
@@ -105,13 +107,14 @@ static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *
 	if (p->key.family == FAMILY_V4) {
 		conn_key4_of(&k4, &p->key);
 		if (syn)
-			e = __conn_lookup2(&lh_pending4, &lh_conns4, &k4, &second);
+			e = __conn_lookup2(&lh_pending4, &lh_conns4, &k4, 0, &second);
 		else
-			e = __conn_lookup2(&lh_conns4, &lh_pending4, &k4, &second);
+			e = __conn_lookup2(&lh_conns4, &lh_pending4, &k4, p->confirmed_miss,
+					   &second);
 	} else if (syn) {
-		e = __conn_lookup2(&lh_pending, &lh_conns, &p->key, &second);
+		e = __conn_lookup2(&lh_pending, &lh_conns, &p->key, 0, &second);
 	} else {
-		e = __conn_lookup2(&lh_conns, &lh_pending, &p->key, &second);
+		e = __conn_lookup2(&lh_conns, &lh_pending, &p->key, p->confirmed_miss, &second);
 	}
 	*pending = syn ? !second : second;
 	return e;

@@ -186,24 +186,40 @@ static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct 
 	return 0;
 }
 
+/* The id of the descriptor an entry with F_ENTRY_HOP_EXT names (in its vlan_tci). */
+static __always_inline __u32 encap_hop_id(const struct conn_entry *e)
+{
+	return e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
+}
+
+/* Whether the reply skb can follow descriptor d, its endpoint aside: a
+ * kind this code pushes, and an MPLS hop's reply one frame (mpls.h).
+ * Returns 0 or a negative reason. */
+static __always_inline int encap_hop_usable(const struct __sk_buff *skb, const struct hop_desc *d)
+{
+	if (d->kind == HOP_MPLS && skb->gso_size)
+		return -CNT_MPLS_GSO;
+	if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6 && d->kind != HOP_MPLS)
+		return -CNT_ENCAP_UNSUPPORTED;
+	return 0;
+}
+
 /* The descriptor an entry with F_ENTRY_HOP_EXT names, if the reply skb can
  * follow it: looked up before the reply is touched, so a reply that cannot
- * passes unchanged (its endpoint unreachable: endpoints.h; an MPLS hop's reply
- * must be one frame: mpls.h). Returns NULL with *err set otherwise. */
+ * passes unchanged (encap_hop_usable; its endpoint unreachable:
+ * endpoints.h). Returns NULL with *err set otherwise. */
 static __always_inline struct hop_desc *encap_hop_of(const struct __sk_buff *skb,
 						     const struct conn_entry *e, int *err)
 {
-	__u32 id = e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
+	__u32 id = encap_hop_id(e);
 	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &id);
 
-	*err = 0;
-	if (!d)
+	if (!d) {
 		*err = -CNT_HOP_DESC_GONE;
-	else if (d->kind == HOP_MPLS && skb->gso_size)
-		*err = -CNT_MPLS_GSO;
-	else if (d->kind != HOP_TUNNEL4 && d->kind != HOP_TUNNEL6 && d->kind != HOP_MPLS)
-		*err = -CNT_ENCAP_UNSUPPORTED;
-	else if (endpoint_unreachable(d))
+		return NULL;
+	}
+	*err = encap_hop_usable(skb, d);
+	if (!*err && endpoint_unreachable(d))
 		*err = -CNT_HOP_UNREACHABLE;
 	return *err ? NULL : d;
 }
@@ -211,7 +227,7 @@ static __always_inline struct hop_desc *encap_hop_of(const struct __sk_buff *skb
 /* The expiry walk met a live entry: its descriptor is in use. */
 static __always_inline void hop_desc_keep(const struct conn_entry *e, __u32 pass)
 {
-	__u32 id = e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
+	__u32 id = encap_hop_id(e);
 	struct hop_desc *d;
 
 	if (!(e->flags & F_ENTRY_HOP_EXT))

@@ -441,8 +441,9 @@ __noinline int uplink_parsed_l3(struct __sk_buff *skb, struct pkt *p)
 }
 
 /* l3: the uplink is an L3 link (no Ethernet header): a constant of each
- * entry point, so each is verified with its own kind of frame only. */
-static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
+ * entry point, so each is verified with its own kind of frame only.
+ * after_fast: a fast path ran first and left CB_CONFIRMED_MISS (a constant). */
+static __always_inline int uplink_main(struct __sk_buff *skb, int l3, int after_fast)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
 	struct outcome o = { .svc = -1, .table = -1 };
@@ -478,6 +479,7 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
 			goto out;
 		}
 		p.hop_ext = o.reason;
+		p.confirmed_miss = after_fast ? skb->cb[CB_CONFIRMED_MISS] : 0;
 		return l3 ? uplink_parsed_l3(skb, &p) : uplink_parsed_eth(skb, &p);
 	}
 	ret = uplink_icmp_error(skb, p.l3_off, p.l3_len, c.pos - (void *)(long)skb->data,
@@ -489,13 +491,16 @@ out:
 	return ret;
 }
 
-/* The common case first (fast_refresh), else the general path. */
+/* The common case first (fast_refresh), else the general path (told when
+ * the fast path missed the key in the confirmed table). */
 static __always_inline int uplink_entry(struct __sk_buff *skb)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
-	int ret = cfg ? fast_refresh(skb, cfg) : FAST_NONE;
+	int ret;
 
-	return ret != FAST_NONE ? ret : uplink_main(skb, 0);
+	skb->cb[CB_CONFIRMED_MISS] = 0; /* fast_lookup's 1 when it misses */
+	ret = cfg ? fast_refresh(skb, cfg) : FAST_NONE;
+	return ret != FAST_NONE ? ret : uplink_main(skb, 0, 1);
 }
 
 SEC("tc")
@@ -509,7 +514,7 @@ int lh_uplink(struct __sk_buff *skb)
 SEC("tc")
 int lh_uplink_l3(struct __sk_buff *skb)
 {
-	return uplink_main(skb, 1);
+	return uplink_main(skb, 1, 0);
 }
 
 /* XDP on an MPLS uplink (link_kind LINK_MPLS), before lh_uplink: takes the
@@ -789,7 +794,8 @@ __noinline int vmport_parsed(struct __sk_buff *skb, struct pkt *p)
 	return ret;
 }
 
-static __always_inline int vmport_main(struct __sk_buff *skb)
+/* after_fast: as uplink_main's. */
+static __always_inline int vmport_main(struct __sk_buff *skb, int after_fast)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_VM_PORT);
 	struct outcome o = { .svc = -1, .table = -1 };
@@ -816,19 +822,23 @@ static __always_inline int vmport_main(struct __sk_buff *skb)
 		o.reason = CNT_ICMP_ERROR_MISS;
 		goto out;
 	}
+	p.confirmed_miss = after_fast ? skb->cb[CB_CONFIRMED_MISS] : 0;
 	return vmport_parsed(skb, &p);
 out:
 	count_outcome(cfg->slot, &p, &o);
 	return ret;
 }
 
-/* The common case first (fast_reply), else the general path. */
+/* The common case first (fast_reply), else the general path (told when
+ * the fast path missed the key in the confirmed table). */
 static __always_inline int vmport_entry(struct __sk_buff *skb)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_VM_PORT);
-	int ret = cfg ? fast_reply(skb, cfg) : FAST_NONE;
+	int ret;
 
-	return ret != FAST_NONE ? ret : vmport_main(skb);
+	skb->cb[CB_CONFIRMED_MISS] = 0; /* fast_lookup's 1 when it misses */
+	ret = cfg ? fast_reply(skb, cfg) : FAST_NONE;
+	return ret != FAST_NONE ? ret : vmport_main(skb, 1);
 }
 
 SEC("tc")
@@ -1065,13 +1075,13 @@ int lh_reference(struct __sk_buff *skb)
 SEC("tc")
 int lh_uplink_general(struct __sk_buff *skb)
 {
-	return uplink_main(skb, 0);
+	return uplink_main(skb, 0, 0);
 }
 
 SEC("tc")
 int lh_vmport_general(struct __sk_buff *skb)
 {
-	return vmport_main(skb);
+	return vmport_main(skb, 0);
 }
 #endif
 
@@ -1119,42 +1129,61 @@ int lh_bench_vmport(struct __sk_buff *skb)
 	return ret;
 }
 
-/* lh_vmport on a routed reply, its IPv4 TTL and checksum put back after each
- * run (untagged frame), so `repeat` runs see the same packet, not one whose
- * TTL runs out. */
-#define BENCH_TTL_OFF 22 /* Ethernet 14 + offsetof(struct iphdr, ttl) */
-
+/* lh_vmport on a routed reply, its IPv4 TTL put back after each run (+ 1,
+ * the checksum patched as mpls_set_ttl4 does: nothing is kept across the
+ * run, whose stack is lh_vmport's), so `repeat` runs see the same packet,
+ * not one whose TTL runs out. (Untagged frame.) */
 SEC("tc")
 int lh_bench_vmport_ttl(struct __sk_buff *skb)
 {
-	__u16 ttl_word = 0, check = 0;
-	int ret;
+	int ret = vmport_entry(skb);
+	struct ethhdr *eth = eth_of(skb);
+	struct iphdr *ip;
 
-	bpf_skb_load_bytes(skb, BENCH_TTL_OFF, &ttl_word, 2);
-	bpf_skb_load_bytes(skb, BENCH_TTL_OFF + 2, &check, 2);
-	ret = vmport_entry(skb);
-	bpf_skb_store_bytes(skb, BENCH_TTL_OFF, &ttl_word, 2, 0);
-	bpf_skb_store_bytes(skb, BENCH_TTL_OFF + 2, &check, 2, 0);
+	if (ret != TC_ACT_REDIRECT || !eth)
+		return ret;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) <= (void *)(long)skb->data_end)
+		mpls_set_ttl4(ip, ip->ttl + 1);
 	return ret;
 }
 
 /* lh_vmport on a reply through an MPLS hop of BENCH_MPLS_LABELS labels, the
- * labels taken off again after each run (the room given back, the type IPv4
- * again), so `repeat` runs see the same frame. The undo is timed with the
- * run: the figure is an upper bound of the reply's own cost. */
+ * labels taken off again after each run (bench_mpls_undo: the room given
+ * back, the type IPv4 again), so `repeat` runs see the same frame. The undo
+ * is timed with the run: the bench subtracts its cost, measured alone by
+ * lh_bench_mpls_undo in the same rounds. */
 #define BENCH_MPLS_LABELS 2
 #define BENCH_ETH_TYPE_OFF 12
+
+static __always_inline int bench_mpls_undo(struct __sk_buff *skb)
+{
+	__be16 ip = bpf_htons(ETH_P_IP);
+
+	if (bpf_skb_adjust_room(skb, -BENCH_MPLS_LABELS * MPLS_LSE_LEN, BPF_ADJ_ROOM_MAC, 0))
+		return -1;
+	return bpf_skb_store_bytes(skb, BENCH_ETH_TYPE_OFF, &ip, sizeof(ip), 0);
+}
 
 SEC("tc")
 int lh_bench_vmport_mpls(struct __sk_buff *skb)
 {
-	__be16 ip = bpf_htons(ETH_P_IP);
-	int ret = vmport_main(skb);
+	int ret = vmport_entry(skb);
 
-	if (ret == TC_ACT_REDIRECT &&
-	    !bpf_skb_adjust_room(skb, -BENCH_MPLS_LABELS * MPLS_LSE_LEN, BPF_ADJ_ROOM_MAC, 0))
-		bpf_skb_store_bytes(skb, BENCH_ETH_TYPE_OFF, &ip, sizeof(ip), 0);
+	if (ret == TC_ACT_REDIRECT)
+		bench_mpls_undo(skb);
 	return ret;
+}
+
+/* The undo alone: the bench runs it on a frame with BENCH_MPLS_LABELS * 4
+ * bytes after its Ethernet header for each of its `repeat` runs, so every
+ * run takes off as much as lh_bench_vmport_mpls's undo does (the bench
+ * checks the frame's length after). Returns TC_ACT_OK, or TC_ACT_SHOT when
+ * the undo failed. */
+SEC("tc")
+int lh_bench_mpls_undo(struct __sk_buff *skb)
+{
+	return bench_mpls_undo(skb) ? TC_ACT_SHOT : TC_ACT_OK;
 }
 
 SEC("tc")

@@ -247,8 +247,44 @@ static __always_inline void trace_redirect(__u32 ifindex)
 
 	bpf_map_update_elem(&lh_trace, &zero, &ifindex, BPF_ANY);
 }
+
+/* Test builds only: the tunnel key (and Geneve options) a redirected reply
+ * leaves with, read back with bpf_skb_get_tunnel_key: test run can let a
+ * program set a key, never give a packet one, and its output shows no
+ * metadata. (A key set for sending reads back with the endpoint as its
+ * local address: the helper reads a key as received, remote = source.) */
+struct tunnel_trace {
+	__u32 family;  /* 4 or 6: the key read back (BPF_F_TUNINFO_IPV6 for 6); 0: none */
+	__s32 opt_len; /* bpf_skb_get_tunnel_opt: bytes of options, or a negative error */
+	struct bpf_tunnel_key key;
+	__u8  opts[GENEVE_OPT_MAX];
+};
+
+/* Test builds only: 0 -> what the last trace_tunnel read. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tunnel_trace);
+} lh_trace_tunnel SEC(".maps");
+
+static __always_inline void trace_tunnel(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct tunnel_trace *t = bpf_map_lookup_elem(&lh_trace_tunnel, &zero);
+
+	if (!t)
+		return;
+	t->family = 0;
+	if (!bpf_skb_get_tunnel_key(skb, &t->key, sizeof(t->key), 0))
+		t->family = 4;
+	else if (!bpf_skb_get_tunnel_key(skb, &t->key, sizeof(t->key), BPF_F_TUNINFO_IPV6))
+		t->family = 6;
+	t->opt_len = bpf_skb_get_tunnel_opt(skb, t->opts, sizeof(t->opts));
+}
 #else
 static __always_inline void trace_redirect(__u32 ifindex) {}
+static __always_inline void trace_tunnel(struct __sk_buff *skb) {}
 #endif
 
 static __always_inline void count(__u32 slot, __u32 reason)

@@ -235,34 +235,44 @@ __noinline int hop_learn(struct __sk_buff *skb, __u32 *tags)
 /* The reply of an MPLS hop: descriptor d's stack pushed under the Ethernet
  * header (bpf_skb_adjust_room at the MAC header: the skb is still IPv4/IPv6),
  * each entry's TTL the IP header's, bottom of stack on the last, type
- * 0x8847. Called before the tags go on (they are pushed as skb metadata).
- * Returns 0 or a negative reason (-CNT_MPLS_GSO before anything changes). */
+ * 0x8847 -- the entries, the type and the TTL read in place, after the push
+ * (the headers are in the linear part; nothing but skb and d is kept across
+ * the helper's call: lh_vmport's fast path inlines this, and its stack is
+ * what the verifier's 512 bytes for a chain of calls leave). Called before
+ * the tags go on (they are pushed as skb metadata). Returns 0 or a negative
+ * reason (-CNT_ENCAP_UNSUPPORTED before anything changes). */
 static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_desc *d)
 {
-	__be16 type = bpf_htons(ETH_P_MPLS_UC);
-	__be32 lse[MAX_MPLS_LABELS] = {};
-	__u32 n = d->mpls_count, ttl_off;
-	__u8 ttl = 0;
+	void *data, *end;
+	__u32 n = d->mpls_count, ttl;
+	struct ethhdr *eth;
+	__be32 *lse;
+	__u8 *at;
 
-	if (n < 1 || n > MAX_MPLS_LABELS)
+	if (n < 1 || n > MAX_MPLS_LABELS ||
+	    (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)))
 		return -CNT_ENCAP_UNSUPPORTED;
-	if (skb->protocol == bpf_htons(ETH_P_IP))
-		ttl_off = sizeof(struct ethhdr) + offsetof(struct iphdr, ttl);
-	else if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		ttl_off = sizeof(struct ethhdr) + offsetof(struct ipv6hdr, hop_limit);
-	else
-		return -CNT_ENCAP_UNSUPPORTED;
-	if (bpf_skb_load_bytes(skb, ttl_off, &ttl, 1))
+	if (bpf_skb_adjust_room(skb, n * MPLS_LSE_LEN, BPF_ADJ_ROOM_MAC, 0))
 		return -CNT_REWRITE_FAILED;
+	n = d->mpls_count;
+	if (n < 1 || n > MAX_MPLS_LABELS)
+		return -CNT_REWRITE_FAILED; /* (checked above: for the verifier) */
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+	eth = data;
+	lse = data + sizeof(*eth);
+	at = (void *)(lse + n) + (skb->protocol == bpf_htons(ETH_P_IP)
+					 ? offsetof(struct iphdr, ttl)
+					 : offsetof(struct ipv6hdr, hop_limit));
+	/* the entries, and the TTL after them (an IP header follows: never short) */
+	if ((void *)(lse + MAX_MPLS_LABELS) > end || (void *)(at + 1) > end)
+		return -CNT_REWRITE_FAILED;
+	ttl = *at;
 #pragma unroll
 	for (int i = 0; i < MAX_MPLS_LABELS; i++)
 		if (i < n)
 			lse[i] = bpf_htonl((d->mpls[i] & MPLS_KEEP) | ttl |
 					   (i == n - 1 ? MPLS_LS_S_MASK : 0));
-	if (bpf_skb_adjust_room(skb, n * MPLS_LSE_LEN, BPF_ADJ_ROOM_MAC, 0))
-		return -CNT_REWRITE_FAILED;
-	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), lse, n * MPLS_LSE_LEN, 0) ||
-	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &type, sizeof(type), 0))
-		return -CNT_REWRITE_FAILED;
+	eth->h_proto = bpf_htons(ETH_P_MPLS_UC);
 	return 0;
 }

@@ -55,36 +55,43 @@ static __always_inline int rewrite_ttl(struct __sk_buff *skb, const struct pkt *
 	return 0;
 }
 
-/* Puts back the tags the request carried, inner first so the outer ends up
- * outermost. Returns 0 or -CNT_REWRITE_FAILED. */
-static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn_entry *e)
+/* Puts back count tags (tci0 outer, tci1 inner; outer_ad: the outer one is
+ * 802.1ad), inner first so the outer ends up outermost. Returns 0 or
+ * -CNT_REWRITE_FAILED. */
+static __always_inline int rewrite_tags(struct __sk_buff *skb, __u8 count, int outer_ad,
+					__u16 tci0, __u16 tci1)
 {
-	__u16 outer = e->flags & F_ENTRY_OUTER_8021AD ? ETH_P_8021AD_ : ETH_P_8021Q;
+	__u16 outer = outer_ad ? ETH_P_8021AD_ : ETH_P_8021Q;
 
-	if (e->vlan_count >= 2 &&
-	    bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), e->vlan_tci[1]))
+	if (count >= 2 && bpf_skb_vlan_push(skb, bpf_htons(ETH_P_8021Q), tci1))
 		return -CNT_REWRITE_FAILED;
-	if (e->vlan_count >= 1 && bpf_skb_vlan_push(skb, bpf_htons(outer), e->vlan_tci[0]))
+	if (count >= 1 && bpf_skb_vlan_push(skb, bpf_htons(outer), tci0))
 		return -CNT_REWRITE_FAILED;
 	return 0;
 }
 
-/* Reply of an entry whose hop is descriptor id: its tunnel key (and
- * options) set or its MPLS labels pushed, its tags pushed (vlan: the entry's vlan_count |
- * F_ENTRY_OUTER_8021AD's bit << 8). Returns 0 or a negative reason.
- * A global function, verified once: inlined, it doubled every state of
- * lh_vmport's many ways to a reply past the verifier's 1,000,000 insns. */
-__noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
+/* Puts back the tags the request carried (the entry's). */
+static __always_inline int rewrite_vlan(struct __sk_buff *skb, const struct conn_entry *e)
 {
-	struct conn_entry e = {};
-	struct hop_desc *d;
+	return rewrite_tags(skb, e->vlan_count, e->flags & F_ENTRY_OUTER_8021AD, e->vlan_tci[0],
+			    e->vlan_tci[1]);
+}
+
+/* An entry's tags as encap_reply takes them: vlan_count | outer 802.1ad << 8. */
+static __always_inline __u32 encap_vlan(const struct conn_entry *e)
+{
+	return e->vlan_count | !!(e->flags & F_ENTRY_OUTER_8021AD) << 8;
+}
+
+/* Reply of an entry whose hop is descriptor d: its tunnel key (and options)
+ * set or its MPLS labels pushed, then its tags (the descriptor holds them:
+ * the entry's vlan_tci holds the id; vlan_count and outer_ad are the
+ * entry's). Returns 0 or a negative reason. */
+static __always_inline int encap_apply(struct __sk_buff *skb, const struct hop_desc *d,
+				       __u8 vlan_count, int outer_ad)
+{
 	int err;
 
-	if (!skb)
-		return -CNT_REWRITE_FAILED;
-	d = bpf_map_lookup_elem(&lh_hop_descs, &id);
-	if (!d)
-		return -CNT_HOP_DESC_GONE;
 	if (d->kind == HOP_MPLS)
 		err = mpls_push(skb, d); /* before the tags: they go outside the labels */
 	else if (d->kind == HOP_TUNNEL4 || d->kind == HOP_TUNNEL6)
@@ -93,12 +100,21 @@ __noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
 		return -CNT_ENCAP_UNSUPPORTED;
 	if (err)
 		return err;
-	/* the tags are the descriptor's (the entry's vlan_tci holds the id) */
-	e.vlan_tci[0] = d->vlan_tci[0];
-	e.vlan_tci[1] = d->vlan_tci[1];
-	e.vlan_count = vlan & 0xff;
-	e.flags = vlan >> 8 & 1 ? F_ENTRY_OUTER_8021AD : 0;
-	return rewrite_vlan(skb, &e);
+	return rewrite_tags(skb, vlan_count, outer_ad, d->vlan_tci[0], d->vlan_tci[1]);
+}
+
+/* encap_apply of descriptor d (an element of lh_hop_descs, looked up by the
+ * caller), vlan: the entry's vlan_count | F_ENTRY_OUTER_8021AD's bit << 8.
+ * Returns 0 or a negative reason. A global function, verified once: inlined
+ * in the general path, it doubled every state of lh_vmport's many ways to a
+ * reply past the verifier's 1,000,000 insns; the fast path calls it for an
+ * MPLS hop (the push, inlined, took lh_vmport's stack past what the chain
+ * of calls below the general path leaves). */
+__noinline int encap_reply(struct __sk_buff *skb, const struct hop_desc *d, __u32 vlan)
+{
+	if (!skb || !d)
+		return -CNT_REWRITE_FAILED;
+	return encap_apply(skb, d, vlan & 0xff, vlan >> 8 & 1);
 }
 
 /* A frame for a VM port gets what the bridge would give it: no 802.1Q or
@@ -183,14 +199,15 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 		if (err)
 			return err;
 	} else {
-		if ((e->flags & F_ENTRY_HOP_EXT) && !encap_hop_of(skb, e, &err))
+		struct hop_desc *d = NULL;
+
+		if ((e->flags & F_ENTRY_HOP_EXT) && !(d = encap_hop_of(skb, e, &err)))
 			return err; /* its tunnel hop is gone: unchanged, ordinary routing */
 		err = rewrite_l2(skb, p, vm->flags & F_IFACE_ROUTED, up->mac, e->mac);
 		if (err)
 			return err;
-		if (e->flags & F_ENTRY_HOP_EXT)
-			err = encap_reply(skb, e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16,
-					  e->vlan_count | !!(e->flags & F_ENTRY_OUTER_8021AD) << 8);
+		if (d)
+			err = encap_reply(skb, d, encap_vlan(e));
 		else
 			err = rewrite_vlan(skb, e);
 		if (err)
@@ -201,5 +218,6 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 	e->last_seen = now32();
 	e->replies++;
 	trace_redirect(ifindex);
+	trace_tunnel(skb);
 	return bpf_redirect(ifindex, 0);
 }
