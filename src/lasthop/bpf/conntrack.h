@@ -94,7 +94,9 @@ static __always_inline struct conn_entry *__conn_lookup2(void *first, void *seco
  * in both), so the order mostly decides what a miss costs: a TCP segment
  * with SYN set (a new connection, its SYN-ACK, or one sent again) belongs to
  * a connection not yet confirmed, so pending first; any other packet most
- * likely to an established one, so confirmed first. */
+ * likely to an established one, so confirmed first -- or pending alone when
+ * the fast path has just found the confirmed table without it
+ * (p->confirmed_missed: a handshake's last ACK, a mid-stream packet). */
 static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *pending)
 {
 	int syn = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_);
@@ -104,12 +106,19 @@ static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *
 
 	if (p->key.family == FAMILY_V4) {
 		conn_key4_of(&k4, &p->key);
-		if (syn)
+		if (syn) {
 			e = __conn_lookup2(&lh_pending4, &lh_conns4, &k4, &second);
-		else
+		} else if (p->confirmed_missed) {
+			e = bpf_map_lookup_elem(&lh_pending4, &k4);
+			second = 1;
+		} else {
 			e = __conn_lookup2(&lh_conns4, &lh_pending4, &k4, &second);
+		}
 	} else if (syn) {
 		e = __conn_lookup2(&lh_pending, &lh_conns, &p->key, &second);
+	} else if (p->confirmed_missed) {
+		e = bpf_map_lookup_elem(&lh_pending, &p->key);
+		second = 1;
 	} else {
 		e = __conn_lookup2(&lh_conns, &lh_pending, &p->key, &second);
 	}

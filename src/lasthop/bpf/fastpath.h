@@ -45,6 +45,7 @@ static __always_inline void trace_fast(void) {}
 #endif
 
 #define FAST_NONE (-1) /* not the common case: the general path takes the packet */
+#define FAST_MISS (-2) /* FAST_NONE, and the confirmed table has no entry for the key */
 #define FAST_TCP_OFF_ 13 /* the TCP header's flags byte */
 #define FAST_TCP_STOP_ (TCP_FLAG_SYN_ | TCP_FLAG_FIN_ | TCP_FLAG_RST_) /* a state may move */
 
@@ -103,9 +104,10 @@ static __always_inline struct tcphdr *fast_tcp6(struct __sk_buff *skb, struct et
 }
 
 /* The confirmed entry of an established connection, for the segment's key
- * reversed (rev, a reply) or as read; NULL when it is not that. */
+ * reversed (rev, a reply) or as read; NULL when it is not that (*missed := 1
+ * when the confirmed table was looked up and holds no entry for the key). */
 static __always_inline struct conn_entry *fast_lookup(struct __sk_buff *skb, struct ethhdr *eth,
-						       __u16 zone, int rev)
+						       __u16 zone, int rev, int *missed)
 {
 	struct conn_entry *e = NULL;
 	struct tcphdr *th;
@@ -122,6 +124,7 @@ static __always_inline struct conn_entry *fast_lookup(struct __sk_buff *skb, str
 		k.sport = rev ? th->dest : th->source;
 		k.dport = rev ? th->source : th->dest;
 		e = bpf_map_lookup_elem(&lh_conns4, &k);
+		*missed = !e;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct conn_key k = { .proto = IPPROTO_TCP, .family = FAMILY_V6, .zone = zone };
 		struct ipv6hdr *ip6 = NULL;
@@ -134,6 +137,7 @@ static __always_inline struct conn_entry *fast_lookup(struct __sk_buff *skb, str
 		k.sport = rev ? th->dest : th->source;
 		k.dport = rev ? th->source : th->dest;
 		e = bpf_map_lookup_elem(&lh_conns, &k);
+		*missed = !e;
 	}
 	if (!e || e->state != CS_TCP_ESTABLISHED)
 		return NULL;
@@ -157,12 +161,12 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 	struct conn_entry *e;
 	struct iface_cfg *up;
 	__u32 settings, ifindex;
-	int fast, ret;
+	int fast, ret, missed = 0;
 
 	if (!eth || skb->vlan_present ||
 	    (cfg->flags & (F_IFACE_VM_MAC | F_IFACE_ROUTED)) != F_IFACE_VM_MAC)
 		return FAST_NONE;
-	e = fast_lookup(skb, eth, cfg->zone, 1);
+	e = fast_lookup(skb, eth, cfg->zone, 1, &missed);
 	if (!e || (e->flags & (F_ENTRY_HOP_KNOWN | F_ENTRY_HOP_EXT)) != F_ENTRY_HOP_KNOWN)
 		return FAST_NONE;
 	settings = fast_settings();
@@ -197,18 +201,22 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 /* lh_uplink's common case: a request of an established connection that
  * goes on as it came (no VM holds it), from the same last hop (MAC, no tags)
  * on an Ethernet uplink with no list of last hops. Returns TC_ACT_OK, or
- * FAST_NONE. */
+ * FAST_NONE (FAST_MISS: the confirmed table has no entry for the key, which
+ * the general path then need not look up again). */
 static __always_inline int fast_refresh(struct __sk_buff *skb, const struct iface_cfg *cfg)
 {
 	struct ethhdr *eth = eth_of(skb);
 	struct conn_entry *e;
 	__u32 settings;
+	int missed = 0;
 
 	if (!eth || skb->vlan_present || cfg->link_kind != LINK_ETHERNET ||
 	    (cfg->flags & (F_IFACE_HOPS_ALLOW | F_IFACE_HOPS_DENY)) || (eth->h_dest[0] & 1))
 		return FAST_NONE;
-	e = fast_lookup(skb, eth, cfg->zone, 0);
-	if (!e || e->vm_ifindex || e->ifindex != skb->ifindex || e->vlan_count ||
+	e = fast_lookup(skb, eth, cfg->zone, 0, &missed);
+	if (!e)
+		return missed ? FAST_MISS : FAST_NONE;
+	if (e->vm_ifindex || e->ifindex != skb->ifindex || e->vlan_count ||
 	    e->vlan_tci[0] || e->vlan_tci[1] ||
 	    (e->flags & (F_ENTRY_HOP_KNOWN | F_ENTRY_HOP_EXT)) != F_ENTRY_HOP_KNOWN ||
 	    !mac_equal(e->mac, eth->h_source))

@@ -429,8 +429,10 @@ __noinline int uplink_parsed_l3(struct __sk_buff *skb, struct pkt *p)
 }
 
 /* l3: the uplink is an L3 link (no Ethernet header): a constant of each
- * entry point, so each is verified with its own kind of frame only. */
-static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
+ * entry point, so each is verified with its own kind of frame only.
+ * missed: the fast path found no entry for the packet in the confirmed table
+ * (FAST_MISS), so the lookup goes to the pending one alone. */
+static __always_inline int uplink_main(struct __sk_buff *skb, int l3, int missed)
 {
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
 	struct outcome o = { .svc = -1, .table = -1 };
@@ -443,6 +445,7 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3)
 		return TC_ACT_OK;
 	}
 	p.l3_link = l3;
+	p.confirmed_missed = missed;
 	o.reason = parse_packet(skb, &p, &c);
 	p.key.zone = cfg->zone;
 	if (o.reason < 0) {
@@ -483,7 +486,9 @@ static __always_inline int uplink_entry(struct __sk_buff *skb)
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
 	int ret = cfg ? fast_refresh(skb, cfg) : FAST_NONE;
 
-	return ret != FAST_NONE ? ret : uplink_main(skb, 0);
+	if (ret == FAST_NONE || ret == FAST_MISS)
+		return uplink_main(skb, 0, ret == FAST_MISS);
+	return ret;
 }
 
 SEC("tc")
@@ -497,7 +502,7 @@ int lh_uplink(struct __sk_buff *skb)
 SEC("tc")
 int lh_uplink_l3(struct __sk_buff *skb)
 {
-	return uplink_main(skb, 1);
+	return uplink_main(skb, 1, 0);
 }
 
 /* XDP on an MPLS uplink (link_kind LINK_MPLS), before lh_uplink: takes the
@@ -1053,7 +1058,7 @@ int lh_reference(struct __sk_buff *skb)
 SEC("tc")
 int lh_uplink_general(struct __sk_buff *skb)
 {
-	return uplink_main(skb, 0);
+	return uplink_main(skb, 0, 0);
 }
 
 SEC("tc")

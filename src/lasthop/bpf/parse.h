@@ -67,6 +67,8 @@ struct pkt {
 	__u8  l3_link;      /* no Ethernet header: the frame arrived on an L3 link (set before parsing) */
 	__u32 frag_id;      /* fragment: IPv4 identification or IPv6 fragment id, network order */
 	__u8  hop_ext;      /* uplink: vlan_tci holds a hop descriptor's id (encap.h) */
+	__u8  confirmed_missed; /* uplink: the fast path looked the key up in its confirmed
+				 * table and found nothing (conn_lookup need not again) */
 };
 
 /* The frame's Ethernet header, or NULL when the frame is shorter. */
