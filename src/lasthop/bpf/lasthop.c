@@ -463,7 +463,9 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3, int missed
 		/* a tunnel's or MPLS stack's hop: its descriptor's id in the tags'
 		 * place (never on an L3 link). Here, not in uplink_parsed: below
 		 * that the calls' stacks would pass the verifier's 512 bytes. */
-		o.reason = l3 ? 0 : hop_learn(skb, (__u32 *)p.vlan_tci);
+		o.reason = l3 || cfg->link_kind == LINK_ETHERNET
+				   ? 0 /* no hop beyond MAC and tags: no call */
+				   : hop_learn(skb, (__u32 *)p.vlan_tci);
 		if (o.reason < 0) {
 			o.reason = -o.reason;
 			goto out;
@@ -802,7 +804,8 @@ static __always_inline int vmport_main(struct __sk_buff *skb)
 			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason);
 		goto out;
 	}
-	vm_mac_learn(skb, cfg, &p.key, 0);
+	if (!(cfg->flags & F_IFACE_VM_MAC)) /* learned once: no call after */
+		vm_mac_learn(skb, cfg, &p.key, 0);
 	/* an ICMP error is about the packet it quotes: its key, read here
 	 * where the cursor is a packet pointer */
 	if (p.icmp_kind == ICMP_KIND_ERROR && icmp_error_key(&p, &c) < 0) {
