@@ -437,7 +437,7 @@ class ExpiryStats(ctypes.Structure):
         ("due_expired", ctypes.c_uint64),
         ("due_full", ctypes.c_uint64),
         ("indexed", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("soon", ctypes.c_uint32),
     ]
 
 

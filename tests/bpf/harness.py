@@ -49,6 +49,7 @@ VMPORT = "lh_vmport"
 
 CONFIRMED = "confirmed"  # Entry.table: lh_conns4 (IPv4) or lh_conns (IPv6)
 PENDING = "pending"  # Entry.table: lh_pending4 or lh_pending
+EITHER = "either"  # an lh_expiry_due entry the data path filed: whichever table holds it
 
 SLOT0 = "slot0"  # counters of packets on interfaces the agent did not configure
 SEEN_SETUP = 1_000_000_007  # last_seen the rows write: "not touched by this run"
@@ -491,11 +492,13 @@ class Datapath:
         return abi.ExpiryStats.from_buffer_copy(raw[: ctypes.sizeof(abi.ExpiryStats)])
 
     def expiry_index(self) -> dict[bytes, tuple[int, str]]:
-        """lh_expiry_due: full conn_key -> (deadline, the table that held it)."""
+        """lh_expiry_due: full conn_key -> (deadline, the table that held it;
+        EITHER: filed by the data path, which does not say)."""
         out = {}
+        tables = {int(abi.ChangeTable.CONFIRMED): CONFIRMED, int(abi.ChangeTable.PENDING): PENDING}
         for raw_key, raw in self.expiry_due.items():
             d = abi.ExpiryDue.from_buffer_copy(raw[: ctypes.sizeof(abi.ExpiryDue)])
-            out[bytes(raw_key)] = (d.deadline, PENDING if d.table else CONFIRMED)
+            out[bytes(raw_key)] = (d.deadline, tables.get(d.table, EITHER))
         return out
 
     def redirected_to(self) -> str | None:

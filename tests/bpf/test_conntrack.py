@@ -52,6 +52,7 @@ from packets import (
 from .conftest import TestNetns
 from .harness import (
     CONFIRMED,
+    EITHER,
     PENDING,
     TC_ACT_REDIRECT,
     UPLINK,
@@ -972,6 +973,60 @@ def test_an_indexed_entry_refreshed_meanwhile_stays_with_its_new_deadline(dp: Da
     st = dp.expiry_stats()
     assert st.next_due == (far_due - lead) % 2**32
     assert (st.due_next, st.indexed, st.due_expired, st.passes) == (near_due, 1, 0, 1)
+
+
+CHANGE_COUNTERS = (
+    TC.PENDING_INSERTED, TC.PENDING_REMOVED, TC.CONFIRMED_INSERTED, TC.CONFIRMED_REMOVED,
+    TC.STATE_CHANGES,
+)  # fmt: skip  # what lh_expire sums to tell whether the data path changed the table
+
+
+def test_the_data_path_files_an_entry_whose_timeout_is_shorter_than_the_lead(
+    dp: Datapath,
+) -> None:
+    """A walk may not meet an entry due sooner than the lead, so the data path
+    files it itself: a RST moves an established entry to tcp_closed (here 1 s,
+    under the lead of >= 2 s); lh_expiry_due holds it at once, due a timeout
+    after the packet, its table left to the drain (EITHER); with no walk after
+    (the change marked seen), the drain finds it in the confirmed table and
+    removes it at its deadline, counted as expired."""
+    timeouts = TIMEOUTS | {ST.TCP_CLOSED: 1}
+    dp.set_settings(0, hz=HZ, timeouts=timeouts)
+    closing = conn(ST.TCP_ESTABLISHED, CONFIRMED)
+    dp.put(closing, last_seen=dp.clock())
+    dp.put(conn(ST.TCP_ESTABLISHED, CONFIRMED).but(key=keyed(1)), last_seen=dp.clock())
+    assert dp.expire() == WALKED
+    st = dp.expiry_stats()
+    assert st.soon == 1 << ST.TCP_CLOSED and st.lead >= 2 * HZ
+    assert dp.expiry_index() == {}
+    t0 = dp.clock()
+    dp.run(UPLINK, bytes(CLIENT_RST), "up1")
+    t1 = dp.clock()
+    assert remaining(dp)[closing.key.pack()] == (CONFIRMED, ST.TCP_CLOSED)
+    ((key, (due, table)),) = dp.expiry_index().items()
+    assert (key, table) == (closing.key.pack(), EITHER)
+    assert (due - (t0 + HZ + 1)) % 2**32 <= (t1 - t0) % 2**32
+    assert dp.expiry_stats().due_next == due
+    # the walk this change calls for would file it too: mark the change seen
+    st = dp.expiry_stats()
+    counts = dp.table_counter_values()
+    st.changes = sum(counts[c] for c in CHANGE_COUNTERS)
+    dp.expiry.update(bytes(4), bytes(st))
+    verdicts = []
+    while closing.key.pack() in dp.table():
+        t = dp.clock()
+        verdicts.append(dp.expire())
+        if (t - due) % 2**32 >= 2**31:  # before the deadline: still there
+            assert closing.key.pack() in dp.table()
+        wait_clock(dp, (t + 1) % 2**32)
+        assert len(verdicts) < 10_000
+    assert set(verdicts) == {SKIPPED}
+    assert remaining(dp) == {keyed(1).pack(): (CONFIRMED, ST.TCP_ESTABLISHED)}
+    assert dp.expiry_index() == {}
+    st = dp.expiry_stats()
+    assert (st.passes, st.due_expired, st.expired[0][ST.TCP_CLOSED]) == (1, 1, 1)
+    after = dp.table_counter_values()
+    assert after[TC.CONFIRMED_EXPIRED] - counts[TC.CONFIRMED_EXPIRED] == 1
 
 
 def test_without_hz_the_pass_does_nothing(dp: Datapath) -> None:

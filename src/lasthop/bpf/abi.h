@@ -234,13 +234,16 @@ struct expiry_stats {
 	__u64 due_expired;  /* of expired[]: removed by a drain at their deadline */
 	__u64 due_full;     /* entries a walk could not index (lh_expiry_due full) */
 	__u32 indexed;      /* entries in lh_expiry_due after the last walk or drain */
-	__u32 reserved;
+	__u32 soon;         /* 1 << state for each state whose timeout is shorter than lead: a
+			     * walk may not meet such an entry before it is due, so the data
+			     * path files it in lh_expiry_due itself (conntrack.h) */
 };
 
 /* lh_expiry_due value: when an entry the walk found due soon is due. */
 struct expiry_due {
 	__u32 deadline; /* jiffies: the first at which it is idle past its timeout */
-	__u32 table;    /* CHT_CONFIRMED or CHT_PENDING: the table that held it */
+	__u32 table;    /* CHT_CONFIRMED or CHT_PENDING: the table that held it (CHT_EITHER:
+			 * filed by the data path, which did not know; the drain looks) */
 };
 
 /* lh_svc_walk's frame (the test run's data in and out): which service

@@ -137,6 +137,37 @@ static __always_inline __u8 conn_first_state(const struct pkt *p)
 	return CS_UDP_NEW;
 }
 
+/* Entry e of key k (in table t: enum lh_change_table) was just made or moved
+ * to its state by this packet. When that state's timeout is shorter than the
+ * expiry's lead (lh_expiry[0].soon, kept by lh_expire), a walk may not meet
+ * the entry before it is due: file it in lh_expiry_due now, due a timeout from
+ * now, and bring the next drain forward to it (expire.h). Any other state:
+ * one array lookup and a bit test. The due_next write may race a drain that
+ * ends meanwhile and writes its own: the entry then waits for the walk its
+ * change calls for, as before this filing. */
+static __always_inline void conn_file_soon(const struct conn_key *k, const struct conn_entry *e,
+					   __u32 t)
+{
+	struct expiry_due d = { .table = t };
+	struct expiry_stats *st;
+	struct lh_settings *s;
+	__u32 zero = 0, state = e->state;
+	__u64 timeout;
+
+	st = bpf_map_lookup_elem(&lh_expiry, &zero);
+	if (!st || state >= CS_MAX || !(st->soon & (1U << state)))
+		return;
+	s = bpf_map_lookup_elem(&lh_settings, &zero);
+	if (!s)
+		return;
+	timeout = (__u64)s->timeout[state] * s->hz;
+	d.deadline = now32() + (__u32)timeout + 1; /* soon: timeout < lead, far below 2^30 */
+	if (bpf_map_update_elem(&lh_expiry_due, k, &d, BPF_ANY))
+		return; /* full: left to the walks, as they leave it (due_full) */
+	if ((__s32)(d.deadline - st->due_next) < 0)
+		st->due_next = d.deadline;
+}
+
 /* Inserts e for k into its family's pending table. Returns 1 (inserted), 0
  * (another CPU inserted the key a moment ago: left as it wrote it), or
  * -CNT_LEARN_FAILED. */
@@ -150,6 +181,7 @@ static __always_inline int conn_insert(const struct conn_key *k, const struct co
 		return -CNT_LEARN_FAILED;
 	count_table(TC_PENDING_INSERTED);
 	change_emit(CH_LEARNED, CHT_PENDING, k, e);
+	conn_file_soon(k, e, CHT_PENDING);
 	return 1;
 }
 
@@ -254,8 +286,10 @@ static __always_inline int conn_track(struct conn_entry *e, const struct pkt *p,
 	confirmed = conn_step(e, p, from_opener);
 	if (e->state != before)
 		count_table(TC_STATE_CHANGES);
-	if (e->state != before)
+	if (e->state != before) {
 		change_emit(CH_STATE, CHT_EITHER, &p->key, e);
+		conn_file_soon(&p->key, e, CHT_EITHER);
+	}
 	return confirmed;
 }
 

@@ -182,9 +182,15 @@ static __always_inline struct conn_entry *expire_entry(const struct conn_key *k,
 static long expire_drain_one(struct bpf_map *map, struct conn_key *k, struct expiry_due *d,
 			     struct expire_ctx *ctx)
 {
-	__u32 state, idle, t = d->table ? CHT_PENDING : CHT_CONFIRMED, timeout;
+	__u32 state, idle, t = d->table == CHT_CONFIRMED ? CHT_CONFIRMED : CHT_PENDING, timeout;
 	struct conn_entry *e = expire_entry(k, t);
 	__s32 left;
+
+	if (!e && d->table == CHT_EITHER) { /* filed by the data path: either table */
+		t = CHT_CONFIRMED;
+		e = expire_entry(k, t);
+	}
+	d->table = t;
 
 	if (!e) {
 		bpf_map_delete_elem(map, k);
@@ -359,6 +365,19 @@ static __always_inline __u32 expire_change_gap(const struct expire_ctx *ctx, __u
 	return shortest > lead ? shortest - lead : 0;
 }
 
+/* The states whose timeout is shorter than lead (jiffies): their entries
+ * the data path files in the index itself (conn_file_soon). */
+static __always_inline __u32 expire_soon_states(const struct expire_ctx *ctx, __u32 lead)
+{
+	__u32 soon = 0;
+
+#pragma unroll
+	for (int i = 0; i < CS_MAX; i++)
+		if (ctx->timeout[i] < lead)
+			soon |= 1U << i;
+	return soon;
+}
+
 /* Whether this run may skip the walk: a walk has run, user space asked for
  * none since it began, the next walk's moment (st->next_due) has not come,
  * and the data path changed nothing -- or too recently to need a walk yet
@@ -398,6 +417,7 @@ static __always_inline int expire_run(void)
 	expire_timeouts(&ctx, s);
 	if (!st->lead)
 		st->lead = EXPIRY_LEAD_MS * (__u64)s->hz / 1000;
+	st->soon = expire_soon_states(&ctx, st->lead); /* the timeouts may be new */
 	ctx.horizon = 2 * st->lead;
 	expire_drain(st, &ctx);
 	if (expire_skip(st, &ctx)) {
@@ -421,6 +441,7 @@ static __always_inline int expire_run(void)
 	st->finished = now32();
 	walked = st->finished - ctx.started;
 	st->lead = 2 * walked + EXPIRY_LEAD_MS * (__u64)s->hz / 1000;
+	st->soon = expire_soon_states(&ctx, st->lead);
 	st->next_due = ctx.started + ctx.next_left - st->lead;
 	st->due_next = ctx.started + ctx.due_left;
 	st->indexed = bpf_map_sum_elem_count((struct bpf_map *)&lh_expiry_due);

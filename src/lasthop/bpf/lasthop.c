@@ -473,7 +473,9 @@ static __always_inline int uplink_main(struct __sk_buff *skb, int l3, int after_
 		/* a tunnel's or MPLS stack's hop: its descriptor's id in the tags'
 		 * place (never on an L3 link). Here, not in uplink_parsed: below
 		 * that the calls' stacks would pass the verifier's 512 bytes. */
-		o.reason = l3 ? 0 : hop_learn(skb, (__u32 *)p.vlan_tci);
+		o.reason = l3 || cfg->link_kind == LINK_ETHERNET
+				   ? 0 /* no hop beyond MAC and tags: no call */
+				   : hop_learn(skb, (__u32 *)p.vlan_tci);
 		if (o.reason < 0) {
 			o.reason = -o.reason;
 			goto out;
@@ -815,7 +817,8 @@ static __always_inline int vmport_main(struct __sk_buff *skb, int after_fast)
 			ret = frag_follow_to_hop(skb, &p, cfg, &o.reason, &o.svc);
 		goto out;
 	}
-	vm_mac_learn(skb, cfg, &p.key, 0);
+	if (!(cfg->flags & F_IFACE_VM_MAC)) /* learned once: no call after */
+		vm_mac_learn(skb, cfg, &p.key, 0);
 	/* an ICMP error is about the packet it quotes: its key, read here
 	 * where the cursor is a packet pointer */
 	if (p.icmp_kind == ICMP_KIND_ERROR && icmp_error_key(&p, &c) < 0) {
