@@ -63,19 +63,29 @@ class Terminal:
     def close(self) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=10)
+            # read on while it ends: a frame it is still writing (or the
+            # terminal reset after Ctrl-C) blocks in write() on a full pty
+            # that nobody reads, and it would never exit
+            deadline = time.monotonic() + 10
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                self._drain(0.1)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        with contextlib.suppress(OSError):
-            while select.select([self.master], [], [], 0.1)[0]:
-                chunk = os.read(self.master, 65536)
-                if not chunk:
-                    break
-                self.raw += chunk
+        while self._drain(0.1):
+            pass
         os.close(self.master)
         return self.proc.returncode
+
+    def _drain(self, timeout: float) -> bool:
+        """Reads what the terminal holds, waiting up to *timeout*; False when
+        there was nothing (or the command's side is closed)."""
+        with contextlib.suppress(OSError):
+            if select.select([self.master], [], [], timeout)[0]:
+                chunk = os.read(self.master, 65536)
+                self.raw += chunk
+                return bool(chunk)
+        return False
 
 
 def test_top_draws_its_view_and_shows_the_counters_real_traffic_moved(box: Sandbox) -> None:
