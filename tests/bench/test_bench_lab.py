@@ -234,13 +234,16 @@ def test_quick_run_writes_positive_consistent_figures(
 @pytest.mark.netns
 @pytest.mark.bpf
 @pytest.mark.slow
-def test_ctrl_c_removes_every_namespace_pin_and_state() -> None:
+def test_ctrl_c_removes_every_namespace_pin_and_state(tmp_path: Path) -> None:
     """Interrupted once its runs have begun, the bench exits 130 and
     leaves no namespace, lasthop pin, lab state or process behind."""
     prefix = _prefix()
     last = L.MODES[-1].plan(prefix)
+    # far more repetitions than the quick run's: on a quiet machine its runs
+    # ended (and, as root, wrote /nonexistent) while runs_begun() was still
+    # looking, and the Ctrl-C found the bench already gone (exit 0)
     proc = subprocess.Popen(
-        _bench("--quick", "--prefix", prefix, "--out", "/nonexistent"),
+        _bench("--quick", "--reps", "1001", "--prefix", prefix, "--out", str(tmp_path)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -268,3 +271,4 @@ def test_ctrl_c_removes_every_namespace_pin_and_state() -> None:
             proc.kill()
             proc.wait()
     assert _leftovers(prefix) == []
+    assert list(tmp_path.iterdir()) == []  # an interrupted run writes no results
