@@ -24,6 +24,7 @@ holds the link's MTU, asserted) makes the next one fit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -164,19 +165,29 @@ def _l3_agent(tmp_path: Path) -> runner.AgentProcess:
     return runner.AgentProcess(argv, tmp_path / "lasthop.log")
 
 
-@pytest.fixture
-def l3_agent(l3_lab: TunLink, tmp_path: Path) -> Iterator[runner.AgentProcess]:  # noqa: F811
-    echo = Echo(L3_VM)
-    agent = _l3_agent(tmp_path)
+@contextlib.contextmanager
+def _serving(
+    agent: runner.AgentProcess, host: str, vm: str, peer: TunLink | MplsPeer
+) -> Iterator[runner.AgentProcess]:
+    """*agent* started on *host*, an echo in *vm*; afterwards the peer's
+    narrow link, the agent, its filters and pins, the echo and the path MTUs
+    the VM learned are all gone."""
+    echo = Echo(vm)
     try:
         agent.start()
         yield agent
     finally:
-        l3_lab.narrow = None
+        peer.narrow = None
         agent.stop()
-        run(runner.lasthop_argv("detach", "--netns", L3_HOST))
+        run(runner.lasthop_argv("detach", "--netns", host))
         echo.close()
-        forget_path_mtus(L3_VM)
+        forget_path_mtus(vm)
+
+
+@pytest.fixture
+def l3_agent(l3_lab: TunLink, tmp_path: Path) -> Iterator[runner.AgentProcess]:  # noqa: F811
+    with _serving(_l3_agent(tmp_path), L3_HOST, L3_VM, l3_lab) as agent:
+        yield agent
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -213,21 +224,13 @@ def mpls_agent(mpls_lab: MplsPeer, tmp_path: Path) -> Iterator[runner.AgentProce
     ip_batch(LER, [f"link set eth0 mtu {MPLS_MTU}"])
     config = tmp_path / "lasthop.toml"
     config.write_text(MPLS_CONFIG)
-    echo = Echo(MPLS_VM)
     agent = runner.AgentProcess(
         runner.lasthop_argv("run", "--config", str(config), "--netns", MPLS_HOST),
         tmp_path / "lasthop.log",
     )
-    try:
-        agent.start()
+    with _serving(agent, MPLS_HOST, MPLS_VM, mpls_lab):
         mpls_lab.received.clear()
         yield agent
-    finally:
-        mpls_lab.narrow = None
-        agent.stop()
-        run(runner.lasthop_argv("detach", "--netns", MPLS_HOST))
-        echo.close()
-        forget_path_mtus(MPLS_VM)
 
 
 @pytest.mark.parametrize("family", [4, 6])
