@@ -37,6 +37,7 @@ FIGURES = [
     "insert_full",
     "refresh_single",
     "new_connection",
+    "new_connection_room",
     "new_connection_single",
 ]
 
@@ -145,6 +146,7 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
         "back-to-back",
         "insert_room",
         "new_connection_single",
+        "new_connection_room",
         "new_connection",
         "insert_full",
     }
@@ -174,7 +176,12 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
     # back to back: inserts // rounds connections a round; the VM port's
     # address is known by then (VM_ADDR_LEARNED 1 // n = 0)
     streamed = n // SMALL["rounds"] * SMALL["rounds"]
-    assert moved["new_connection"] == {k: v // n * streamed for k, v in handshake.items()}
+    # the same counts with lh_pending4 full (every SYN evicts a made-up entry:
+    # evictions move no counter) and with room
+    for run in ("new_connection", "new_connection_room"):
+        assert moved[run] == {k: v // n * streamed for k, v in handshake.items()}
+    assert "lh_pending4 full (1024: every SYN evicts)" in results.figure("new_connection").detail
+    assert "lh_pending4 with room" in results.figure("new_connection_room").detail
     assert "tables {'lh_conns4': 1024," in results.figure("insert_full").detail
 
 

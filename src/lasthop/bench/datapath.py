@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
 import platform
 import socket
@@ -721,7 +722,14 @@ class _Stream:
     empty: list[int]
 
 
-def _handshake_stream(b: _Bench, n: int, rounds: int, first_round: int = 0) -> _Stream:
+def _handshake_stream(
+    b: _Bench,
+    n: int,
+    rounds: int,
+    first_round: int = 0,
+    name: str = "new_connection",
+    flood: Iterator[bytes] | None = None,
+) -> _Stream:
     """*rounds* times n new connections, each packet of the handshake run
     back to back (repeat = n) by lh_bench_uplink / lh_bench_vmport: the same
     code as lh_uplink / lh_vmport, then the frame's client address is stepped
@@ -729,13 +737,23 @@ def _handshake_stream(b: _Bench, n: int, rounds: int, first_round: int = 0) -> _
     then the n ACKs (promotions). lh_bench_step (the step alone) and lh_empty
     run n times each round as the calibration. *first_round* > 0 starts past
     the clients of earlier calls (lasthop bench sync alternates calls with
-    sync off and on)."""
+    sync off and on). *flood*: keys of made-up pending connections; before
+    each round (untimed) n of them go into lh_pending4, which the caller
+    filled past its size, so the promotions of the round before leave no free
+    node and every SYN of the round evicts, as under a flood (checked,
+    untimed: the table holds no more entries after the SYNs than before).
+    *name*: the run's name in the checks."""
     up, vm = b.prog("lh_bench_uplink"), b.prog("lh_bench_vmport")
     step, empty = b.prog("lh_bench_step"), b.prog("lh_empty")
     up_ctx, vm_ctx = b.ctx("up0"), b.ctx("vm0")
     before = b.snapshot()
     out = _Stream([], [], [], [], [])
+    full = 0  # flood: lh_pending4's entries before the round's SYNs
     for r in range(rounds):
+        if flood is not None:
+            _fill(b.pending.map4, itertools.islice(flood, n), abi.State.TCP_SYN_SENT,
+                  b.index["up0"])  # fmt: skip
+            full = b.pending.map4.count()
         client = (_STREAM_CLIENTS + (first_round + r) * n).to_bytes(4, "big")
         syn = tcp4_frame(_FW_B, _VM, client, _VM4, _PORT_STREAM, 80, TCP_SYN)
         syn_ack = tcp4_frame(_VM, _FW_A, _VM4, client, 80, _PORT_STREAM, _TCP_SYN_ACK)
@@ -749,12 +767,16 @@ def _handshake_stream(b: _Bench, n: int, rounds: int, first_round: int = 0) -> _
         ):
             run = prog.test_run(frame, repeat=n, ctx=ctx)
             if run.retval != verdict:
-                raise BenchError(f"new_connection: {prog.name} returned {run.retval}")
+                raise BenchError(f"{name}: {prog.name} returned {run.retval}")
             times.append(run.duration_ns)
+            if flood is not None and times is out.syn:  # untimed: the SYNs took no free room
+                held = b.pending.map4.count()
+                if held > full:
+                    raise BenchError(f"{name}: lh_pending4 grew {full} -> {held}: not full")
     done = n * rounds
     learned = 0 if before["vm0 VM_ADDR_LEARNED"] else 1
     b.check(
-        "new_connection",
+        name,
         before,
         {
             "up0 LEARNED": done,
@@ -787,10 +809,10 @@ def _fill(m: Map, keys: Iterable[bytes], state: abi.State, ifindex: int) -> int:
     return done
 
 
-def _fill_keys(second: int, n: int) -> Iterator[bytes]:
-    """n conn_key4s (the IPv4 tables' keys) of made-up connections: clients
-    172.<second + i>, port varied."""
-    for i in range(n):
+def _fill_keys(second: int, n: int, start: int = 0) -> Iterator[bytes]:
+    """n conn_key4s (the IPv4 tables' keys) of made-up connections, the
+    *start*-th on: clients 172.<second + i>, port varied."""
+    for i in range(start, start + n):
         saddr = bytes((172, second + ((i >> 16) & 0x0F), (i >> 8) & 0xFF, i & 0xFF))
         k = abi.ConnKey.from_buffer_copy(_key4(saddr, _VM4, 1024 + (i >> 20), 80))
         yield bytes(abi.key4_of(k))
@@ -889,9 +911,17 @@ def run(
                 room = _single_runs(b, "insert_room", inserts, 0)
                 progress(f"{inserts} new confirmed connections (handshakes)")
                 hs = _handshakes(b, inserts, 2 * inserts)
-                progress(f"{inserts} new confirmed connections, back to back")
+                progress(f"{inserts} new confirmed connections, back to back, pending with room")
                 stream_n = max(1, inserts // rounds)
-                stream = _handshake_stream(b, stream_n, rounds)
+                stream_room = _handshake_stream(b, stream_n, rounds, name="new_connection_room")
+                progress(f"{inserts} new confirmed connections, back to back, pending full")
+                overfill = pending + pending // 8
+                _fill(b.pending.map4, _fill_keys(32, overfill), abi.State.TCP_SYN_SENT,
+                      b.index["up0"])  # fmt: skip
+                stream = _handshake_stream(
+                    b, stream_n, rounds, first_round=rounds,
+                    flood=_fill_keys(32, stream_n * rounds, start=overfill),
+                )  # fmt: skip
                 progress(f"filling lh_conns4 ({table}) and lh_pending4 ({pending})")
                 _prefill(b, table, pending)
                 filled = {
@@ -1014,28 +1044,45 @@ def run(
     packets = {"SYN": hs.syn, "SYN-ACK": hs.syn_ack, "ACK": hs.ack}
     conn = sum(empty + statistics.fmean(t) - e_mean for t in packets.values())
     conn_low = sum(empty + statistics.median(t) - e_med for t in packets.values())
+
     # back to back: each packet's run, less the address step (lh_bench_step -
     # lh_empty of the same round); per connection = the three packets' sum
-    steps = [s - e for s, e in zip(stream.step, stream.empty, strict=True)]
-    streamed = {
-        "SYN": [t - s for t, s in zip(stream.syn, steps, strict=True)],
-        "SYN-ACK": [t - s for t, s in zip(stream.syn_ack, steps, strict=True)],
-        "ACK": [t - s for t, s in zip(stream.ack, steps, strict=True)],
-    }
-    per_round = [sum(r) for r in zip(*streamed.values(), strict=True)]
-    figures.append(
-        figure(
-            "new_connection",
+    def streamed_figure(name: str, label: str, st: _Stream, tables: str) -> Figure:
+        steps = [s - e for s, e in zip(st.step, st.empty, strict=True)]
+        streamed = {
+            "SYN": [t - s for t, s in zip(st.syn, steps, strict=True)],
+            "SYN-ACK": [t - s for t, s in zip(st.syn_ack, steps, strict=True)],
+            "ACK": [t - s for t, s in zip(st.ack, steps, strict=True)],
+        }
+        per_round = [sum(r) for r in zip(*streamed.values(), strict=True)]
+        return figure(
+            name,
             "lh_uplink+lh_vmport",
-            "new confirmed connection (3 packets)",
+            label,
             statistics.median(per_round),
             min(per_round),
             "back-to-back",
-            "handshake, per connection, each packet run back to back over "
+            f"handshake, per connection, {tables}, each packet run back to back over "
             f"{stream_n} new connections: "
             + ", ".join(f"{p} {statistics.median(t):.0f} ns" for p, t in streamed.items())
             + f"; the address step {statistics.median(steps):.0f} ns, subtracted; rounds: "
             f"{per_round}",
+        )
+
+    figures.append(
+        streamed_figure(
+            "new_connection",
+            "new confirmed connection (3 packets), full pending",
+            stream,
+            f"lh_pending4 full ({pending}: every SYN evicts)",
+        )
+    )
+    figures.append(
+        streamed_figure(
+            "new_connection_room",
+            "new confirmed connection, pending with room",
+            stream_room,
+            f"lh_pending4 with room ({pending})",
         )
     )
     figures.append(
@@ -1142,7 +1189,7 @@ def print_results(results: Results, console: Any) -> None:
             f"Linux conntrack per entry: {ct} ({m.conntrack_source})"
         )
     for f in results.figures:
-        if f.method == "single runs" or f.name == "new_connection":
+        if f.method == "single runs" or f.name.startswith("new_connection"):
             console.print(f"{f.label}: {f.detail}", style="dim")
         if f.vs_ethernet is not None:
             console.print(
