@@ -107,12 +107,7 @@ static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *
 	if (p->key.family == FAMILY_V4) {
 		conn_key4_of(&k4, &p->key);
 		if (syn)
-#ifdef LH_SYN_SKIP_PENDING
-			e = __conn_lookup2(&lh_pending4, &lh_conns4, &k4,
-					   !(p->tcp_flags & TCP_FLAG_ACK_), &second);
-#else
 			e = __conn_lookup2(&lh_pending4, &lh_conns4, &k4, 0, &second);
-#endif
 		else
 			e = __conn_lookup2(&lh_conns4, &lh_pending4, &k4, p->confirmed_miss,
 					   &second);

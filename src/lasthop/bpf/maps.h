@@ -17,9 +17,6 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, CONN_TABLE_SIZE);
-#ifdef LH_CONNS_NO_PREALLOC
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-#endif
 	__type(key, struct conn_key4);
 	__type(value, struct conn_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
