@@ -50,12 +50,15 @@ A new confirmed connection is a whole handshake: client SYN on the uplink
 (pending insert), the VM's SYN-ACK on the VM port (state, reply), the
 client's ACK with the right ack number on the uplink (promotion into
 lh_conns4); its figure is the sum of the three packets' costs, per
-connection. Measured two ways: back to back (the target's figure), by
-lh_bench_uplink / lh_bench_vmport -- lh_uplink's and lh_vmport's code, then
-a step of the frame's client address, so each of `repeat` runs is the next
-new connection; the step's own cost (lh_bench_step - lh_empty) is
-subtracted -- and as single runs, each packet followed by a single run of
-lh_empty, as the new entries above (cold: each run follows a syscall).
+connection. Measured three ways: back to back with lh_pending4 full (the
+target's figure: filled past its size and topped up before each round, so
+every SYN evicts, as under a flood), back to back with room in it
+(new_connection_room), by lh_bench_uplink / lh_bench_vmport -- lh_uplink's
+and lh_vmport's code, then a step of the frame's client address, so each of
+`repeat` runs is the next new connection; the step's own cost
+(lh_bench_step - lh_empty) is subtracted -- and as single runs, each packet
+followed by a single run of lh_empty, as the new entries above (cold: each
+run follows a syscall).
 """
 
 from __future__ import annotations
