@@ -21,6 +21,7 @@ from typing import Any
 
 from lasthop.bench.frames import quiet
 from lasthop.bench.lab.paths import (
+    EXTRA_MODES,
     MODES,
     BenchError,
     BenchPath,
@@ -55,6 +56,7 @@ class Settings:
     br_netfilter: bool = False  # the hosts' bridges call the IP netfilter hooks
     churn: int = 2  # fill-and-flush rounds of every table before the first repetition
     quick: bool = False
+    extra_modes: tuple[str, ...] = ()  # diagnostic modes to run too (paths.EXTRA_MODES)
 
     @property
     def per_flush(self) -> int:
@@ -193,6 +195,10 @@ def measure_all(
         )
     if not 0 <= settings.cpu < (os.cpu_count() or 1):
         raise BenchError(f"no CPU {settings.cpu} on this machine")
+    extra = {m.name for m in EXTRA_MODES}
+    unknown = [name for name in settings.extra_modes if name not in extra]
+    if unknown:
+        raise BenchError(f"extra mode {unknown[0]!r}: one of {', '.join(sorted(extra))}")
     if settings.per_flush > MAX_PER_FLUSH:
         raise BenchError(
             f"{settings.flush_every} repetitions of {settings.connections:,} new connections "
@@ -210,7 +216,8 @@ def measure_all(
         remove_paths(prefix, progress)
         try:
             paths: list[BenchPath] = []
-            for mode in MODES:
+            chosen = [m for m in EXTRA_MODES if m.name in settings.extra_modes]
+            for mode in (*MODES, *chosen):
                 progress(f"building {mode.name}: {mode.label}")
                 path = BenchPath(mode, tools, prefix, settings.br_netfilter)
                 paths.append(path)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lasthop.bench.lab.measure import Run, Settings
-from lasthop.bench.lab.paths import BASELINE, FRAME_LEN, MODE_BY_NAME, MODES
+from lasthop.bench.lab.paths import BASELINE, FRAME_LEN, MODE_BY_NAME
 
 __all__ = [
     "DEFAULT_OUT",
@@ -267,7 +267,7 @@ def summarize(
     repetitions; each ratio the median of the repetitions' paired ratios."""
     by: dict[tuple[str, str, int], Run] = {(r.mode, r.test, r.rep): r for r in runs}
     reps = sorted({r.rep for r in runs})
-    names = [m.name for m in MODES if any(r.mode == m.name for r in runs)]
+    names = [name for name in MODE_BY_NAME if any(r.mode == name for r in runs)]
     per_pkt: dict[str, list[float]] = {}
     per_conn: dict[str, list[float]] = {}
     modes: dict[str, ModeResult] = {}
