@@ -234,6 +234,44 @@ def test_quick_run_writes_positive_consistent_figures(
 @pytest.mark.netns
 @pytest.mark.bpf
 @pytest.mark.slow
+def test_tcp_run_with_a_smaller_table_answers_every_segment(tmp_path: Path) -> None:
+    """--tcp: every flow's handshake, then ACKs, each answered through every
+    mode (the recipe's conntrack and lasthop's confirmation accept them),
+    lasthop redirected every answer and sent requests by its fast path;
+    --extra-mode adds the bridged lasthop host with a 4,096-entry table."""
+    prefix = _prefix()
+    done = subprocess.run(
+        _bench(
+            *("--quick", "--tcp", "--reps", "1", "--flows", "256", "--packets", "2000"),
+            *("--connections", "500", "--extra-mode", "lasthop-4k", "--json"),
+            *("--prefix", prefix, "--out", str(tmp_path)),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == EXIT_OK, done.stderr[-2000:]
+    assert _leftovers(prefix) == []
+    report = json.loads(done.stdout)
+    assert report["consistent"], report["checks"]
+    assert set(report["modes"]) == {m.name for m in L.MODES} | {"lasthop-4k"}
+    assert report["settings"]["tcp"] is True
+    for r in report["runs"]:
+        # the handshake's SYN and ACK of each of the 256 flows are in the warm-up
+        extra = 2 * 256 if r["test"] == "packets" else 0
+        assert r["warmup"] == (3 * 256 + extra if r["test"] == "packets" else 1000), r
+        assert r["sent"] + r["warmup"] == r["reached_vm"] == r["replies"], r
+    for name in ("lasthop", "lasthop-device", "lasthop-routed", "lasthop-4k"):
+        answers = sum(r["replies"] for r in report["runs"] if r["mode"] == name)
+        assert report["checks"][name]["redirected"] >= answers
+        assert report["checks"][name]["fast_to_vm"] > 0
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.bpf
+@pytest.mark.slow
 def test_ctrl_c_removes_every_namespace_pin_and_state(tmp_path: Path) -> None:
     """Interrupted once its runs have begun, the bench exits 130 and
     leaves no namespace, lasthop pin, lab state or process behind."""

@@ -175,6 +175,11 @@ def datapath(
     help="Established flows the packets test cycles over (default 1,024).",
 )
 @click.option(
+    "--tcp",
+    is_flag=True,
+    help="The packets test sends TCP ACKs of established connections instead of UDP.",
+)
+@click.option(
     "--extra-mode",
     "extra_modes",
     multiple=True,
@@ -209,7 +214,8 @@ def datapath(
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 @click.option("--strict", is_flag=True, help="Exit 1 when a primary target is missed.")
 def lab(quick: bool, reps: int | None, packets: int | None, connections: int | None,
-                flows: int | None, extra_modes: tuple[str, ...], cpu: int, br_netfilter: bool,
+                flows: int | None, tcp: bool, extra_modes: tuple[str, ...], cpu: int,
+                br_netfilter: bool,
                 out: Path, prefix: str, as_json: bool, strict: bool) -> None:  # fmt: skip
     """The host's CPU per packet and new connections per second: plain bridge,
     lasthop, conntrack recipe, side by side (docs/bench-lab.md).
@@ -227,6 +233,7 @@ def lab(quick: bool, reps: int | None, packets: int | None, connections: int | N
         flows=flows or base.flows,
         warmup=3 * (flows or base.flows),
         extra_modes=extra_modes,
+        tcp=tcp,
         cpu=cpu,
         br_netfilter=br_netfilter,
     )

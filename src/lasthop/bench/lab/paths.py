@@ -301,8 +301,19 @@ class BenchPath:
             run([sys.executable, "-m", "lasthop", "flush", "--netns", self.host.ns])
 
     def send(
-        self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0, warmup: int = 0
+        self,
+        count: int,
+        *,
+        flows: int = 0,
+        new_base: int = -1,
+        cpu: int = 0,
+        warmup: int = 0,
+        tcp: bool = False,
+        handshake: bool = False,
     ) -> dict[str, int]:
+        """Sends count frames (after warmup untimed ones) over flows known
+        flows, or new ones from new_base; tcp: ACKs of established TCP
+        connections, each flow's handshake first when handshake."""
         argv = [
             str(self.tools.sender),
             self.fw_if,
@@ -316,6 +327,8 @@ class BenchPath:
         ]
         argv += ["--new", str(new_base)] if new_base >= 0 else ["--flows", str(flows)]
         argv += ["--warmup", str(warmup)] if warmup else []
+        argv += ["--tcp"] if tcp else []
+        argv += ["--handshake"] if handshake else []
         out = ns_exec(self.fw.ns, argv).stdout
         result: dict[str, int] = json.loads(out)
         return result
