@@ -155,11 +155,12 @@ def _bench(*args: str) -> list[str]:
     return [sys.executable, "-m", "lasthop", "bench", "lab", *args]
 
 
-@pytest.fixture
-def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
-    prefix, out = _prefix(), tmp_path / "results"
+def _json_run(out: Path, *args: str) -> dict[str, Any]:
+    """The JSON report of a bench lab run with args (results in out), after
+    checking it ran and left nothing behind."""
+    prefix = _prefix()
     done = subprocess.run(
-        _bench("--quick", "--json", "--out", str(out), "--prefix", prefix),
+        _bench(*args, "--json", "--out", str(out), "--prefix", prefix),
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
@@ -167,7 +168,14 @@ def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     )
     assert done.returncode == EXIT_OK, done.stderr[-2000:]
     assert _leftovers(prefix) == []
-    return json.loads(done.stdout), out
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+@pytest.fixture
+def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    out = tmp_path / "results"
+    return _json_run(out, "--quick"), out
 
 
 @pytest.mark.root
@@ -239,21 +247,11 @@ def test_tcp_run_with_a_smaller_table_answers_every_segment(tmp_path: Path) -> N
     mode (the recipe's conntrack and lasthop's confirmation accept them),
     lasthop redirected every answer and sent requests by its fast path;
     --extra-mode adds the bridged lasthop host with a 4,096-entry table."""
-    prefix = _prefix()
-    done = subprocess.run(
-        _bench(
-            *("--quick", "--tcp", "--reps", "1", "--flows", "256", "--packets", "2000"),
-            *("--connections", "500", "--extra-mode", "lasthop-4k", "--json"),
-            *("--prefix", prefix, "--out", str(tmp_path)),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
+    report = _json_run(
+        tmp_path,
+        *("--quick", "--tcp", "--reps", "1", "--flows", "256", "--packets", "2000"),
+        *("--connections", "500", "--extra-mode", "lasthop-4k"),
     )
-    assert done.returncode == EXIT_OK, done.stderr[-2000:]
-    assert _leftovers(prefix) == []
-    report = json.loads(done.stdout)
     assert report["consistent"], report["checks"]
     assert set(report["modes"]) == {m.name for m in L.MODES} | {"lasthop-4k"}
     assert report["settings"]["tcp"] is True

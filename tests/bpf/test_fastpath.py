@@ -184,6 +184,25 @@ def refresh_row(desc: str, request: Packet, entry: Entry, **kw: object) -> Case:
     return Case(desc, UPLINK, "up1", request, **fields)  # type: ignore[arg-type]
 
 
+VM_FAST_HOP = abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_VM_FAST  # the VM answered: its shortcut
+
+
+def to_vm_row(desc: str, request: Packet, entry: Entry) -> Case:
+    """A request of a connection whose VM answered (entry: vm1, VM_FAST),
+    fast path on: refreshed and sent to vm1 as it came."""
+    return refresh_row(
+        desc,
+        request,
+        entry,
+        settings=abi.F_SET_FAST_PATH,
+        vm_macs=VM_MACS,
+        verdict=TC_ACT_REDIRECT,
+        redirect="vm1",
+        output=request,
+        counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1},
+    )
+
+
 # (case, whether the fast path takes it)
 ROWS: list[tuple[Case, bool]] = [
     (reply_row("v4 reply of an established connection", reply4(), est(request4())), True),
@@ -421,35 +440,18 @@ ROWS: list[tuple[Case, bool]] = [
         False,
     ),
     (
-        refresh_row(
+        to_vm_row(
             "a connection whose VM answered: the fast path sends it to that VM",
             request4(),
-            est(request4(), vm="vm1", flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_VM_FAST),
-            settings=abi.F_SET_FAST_PATH,
-            vm_macs=VM_MACS,
-            verdict=TC_ACT_REDIRECT,
-            redirect="vm1",
-            output=request4(),
-            counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1},
+            est(request4(), vm="vm1", flags=VM_FAST_HOP),
         ),
         True,
     ),
     (
-        refresh_row(
+        to_vm_row(
             "a UDP stream whose VM answered: the fast path sends it to that VM",
             udp_request4(),
-            est(
-                udp_request4(),
-                state=abi.State.UDP_STREAM,
-                vm="vm1",
-                flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_VM_FAST,
-            ),
-            settings=abi.F_SET_FAST_PATH,
-            vm_macs=VM_MACS,
-            verdict=TC_ACT_REDIRECT,
-            redirect="vm1",
-            output=udp_request4(),
-            counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1},
+            est(udp_request4(), state=abi.State.UDP_STREAM, vm="vm1", flags=VM_FAST_HOP),
         ),
         True,
     ),
@@ -457,7 +459,7 @@ ROWS: list[tuple[Case, bool]] = [
         refresh_row(
             "the VM's shortcut, but the frame is for another MAC: the general path forgets it",
             eth(MAC_FW_B, MAC_VM_2) / request4()[IP],
-            est(request4(), vm="vm1", flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_VM_FAST),
+            est(request4(), vm="vm1", flags=VM_FAST_HOP),
             settings=abi.F_SET_FAST_PATH,
             vm_macs=VM_MACS,
             after=(est(request4(), packets=4, seen="now"),),
@@ -468,7 +470,7 @@ ROWS: list[tuple[Case, bool]] = [
         refresh_row(
             "the VM's shortcut with the fast path off: the general path forgets it",
             request4(),
-            est(request4(), vm="vm1", flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_VM_FAST),
+            est(request4(), vm="vm1", flags=VM_FAST_HOP),
             vm_macs=VM_MACS,
             after=(est(request4(), packets=4, seen="now"),),
         ),
