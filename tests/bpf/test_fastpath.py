@@ -130,6 +130,24 @@ def udp_request6() -> Packet:
     )
 
 
+def udp_reply4() -> Packet:
+    return (
+        eth(MAC_VM_1, MAC_FW_A)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B)
+        / UDP(sport=PORT_HTTP, dport=PORT_CLIENT)
+        / b"answer"
+    )
+
+
+def udp_reply6() -> Packet:
+    return (
+        eth(MAC_VM_1, MAC_FW_A)
+        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+        / UDP(sport=PORT_HTTP, dport=PORT_CLIENT)
+        / b"answer"
+    )
+
+
 def request6(flags: str = "A") -> Packet:
     return (
         eth(MAC_FW_B, MAC_VM_1)
@@ -236,6 +254,30 @@ ROWS: list[tuple[Case, bool]] = [
             ),
         ),
         True,
+    ),
+    (
+        reply_row(
+            "v4 UDP reply of a confirmed stream",
+            udp_reply4(),
+            est(udp_request4(), state=abi.State.UDP_STREAM),
+        ),
+        True,
+    ),
+    (
+        reply_row(
+            "v6 UDP reply of a confirmed stream",
+            udp_reply6(),
+            est(udp_request6(), state=abi.State.UDP_STREAM),
+        ),
+        True,
+    ),
+    (
+        reply_row(
+            "a UDP answer of a stream not yet confirmed: the general path's second lookup",
+            udp_reply4(),
+            est(udp_request4(), state=abi.State.UDP_ANSWERED, table=PENDING),
+        ),
+        False,
     ),
     (
         reply_row(

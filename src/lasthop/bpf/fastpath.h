@@ -1,10 +1,11 @@
 /* fastpath.h: the common case first -- an untagged IPv4/IPv6 TCP segment
  * (no SYN, FIN or RST; no IP options, IPv6 extension headers or fragments)
- * of an established connection in the confirmed table. lh_vmport sends such
- * a reply to its last hop (fast_reply: a MAC and tags, or a hop descriptor --
- * a VXLAN/Geneve endpoint or an MPLS stack), lh_uplink refreshes such a
- * request's entry on a plain Ethernet link (fast_refresh; also a UDP
- * datagram of a confirmed stream) and sends it on as it came or straight to
+ * of an established connection in the confirmed table, or a UDP datagram of
+ * a confirmed stream. lh_vmport sends such a reply to its last hop
+ * (fast_reply: a MAC and tags, or a hop descriptor -- a VXLAN/Geneve
+ * endpoint or an MPLS stack), lh_uplink refreshes such a
+ * request's entry on a plain Ethernet link (fast_refresh) and sends it on
+ * as it came or straight to
  * the VM that answered it (vm_fast_send), each with a few checks, one lookup
  * (and the descriptor's); anything else, or
  * any doubt, returns FAST_NONE before a byte or an entry has changed, and the
@@ -235,7 +236,7 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 	if (!eth || skb->vlan_present ||
 	    (cfg->flags & (F_IFACE_VM_MAC | F_IFACE_ROUTED)) != F_IFACE_VM_MAC)
 		return FAST_NONE;
-	e = fast_lookup(skb, eth, cfg->zone, 1, 0);
+	e = fast_lookup(skb, eth, cfg->zone, 1, 1);
 	if (!e || !(e->flags & F_ENTRY_HOP_KNOWN))
 		return FAST_NONE;
 	settings = fast_settings();
