@@ -155,11 +155,12 @@ def _bench(*args: str) -> list[str]:
     return [sys.executable, "-m", "lasthop", "bench", "lab", *args]
 
 
-@pytest.fixture
-def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
-    prefix, out = _prefix(), tmp_path / "results"
+def _json_run(out: Path, *args: str) -> dict[str, Any]:
+    """The JSON report of a bench lab run with args (results in out), after
+    checking it ran and left nothing behind."""
+    prefix = _prefix()
     done = subprocess.run(
-        _bench("--quick", "--json", "--out", str(out), "--prefix", prefix),
+        _bench(*args, "--json", "--out", str(out), "--prefix", prefix),
         capture_output=True,
         text=True,
         timeout=RUN_TIMEOUT,
@@ -167,7 +168,14 @@ def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
     )
     assert done.returncode == EXIT_OK, done.stderr[-2000:]
     assert _leftovers(prefix) == []
-    return json.loads(done.stdout), out
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+@pytest.fixture
+def quick_report(tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    out = tmp_path / "results"
+    return _json_run(out, "--quick"), out
 
 
 @pytest.mark.root
@@ -228,6 +236,34 @@ def test_quick_run_writes_positive_consistent_figures(
         answers = sum(r["replies"] for r in runs if r["mode"] == name)
         assert report["checks"][name]["redirected"] >= answers
         assert report["checks"][name]["fast_to_vm"] > 0  # requests skipped the bridge/routing
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.bpf
+@pytest.mark.slow
+def test_tcp_run_with_a_smaller_table_answers_every_segment(tmp_path: Path) -> None:
+    """--tcp: every flow's handshake, then ACKs, each answered through every
+    mode (the recipe's conntrack and lasthop's confirmation accept them),
+    lasthop redirected every answer and sent requests by its fast path;
+    --extra-mode adds the bridged lasthop host with a 4,096-entry table."""
+    report = _json_run(
+        tmp_path,
+        *("--quick", "--tcp", "--reps", "1", "--flows", "256", "--packets", "2000"),
+        *("--connections", "500", "--extra-mode", "lasthop-4k"),
+    )
+    assert report["consistent"], report["checks"]
+    assert set(report["modes"]) == {m.name for m in L.MODES} | {"lasthop-4k"}
+    assert report["settings"]["tcp"] is True
+    for r in report["runs"]:
+        # the handshake's SYN and ACK of each of the 256 flows are in the warm-up
+        extra = 2 * 256 if r["test"] == "packets" else 0
+        assert r["warmup"] == (3 * 256 + extra if r["test"] == "packets" else 1000), r
+        assert r["sent"] + r["warmup"] == r["reached_vm"] == r["replies"], r
+    for name in ("lasthop", "lasthop-device", "lasthop-routed", "lasthop-4k"):
+        answers = sum(r["replies"] for r in report["runs"] if r["mode"] == name)
+        assert report["checks"][name]["redirected"] >= answers
+        assert report["checks"][name]["fast_to_vm"] > 0
 
 
 @pytest.mark.root

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
 from scapy.packet import Packet
 
@@ -112,6 +112,42 @@ def reply4(flags: str = "A", **ip: object) -> Packet:
     )
 
 
+def udp_request4() -> Packet:
+    return (
+        eth(MAC_FW_B, MAC_VM_1)
+        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / UDP(sport=PORT_CLIENT, dport=PORT_HTTP)
+        / b"query"
+    )
+
+
+def udp_request6() -> Packet:
+    return (
+        eth(MAC_FW_B, MAC_VM_1)
+        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
+        / UDP(sport=PORT_CLIENT, dport=PORT_HTTP)
+        / b"query"
+    )
+
+
+def udp_reply4() -> Packet:
+    return (
+        eth(MAC_VM_1, MAC_FW_A)
+        / IP(src=IP_VM_1, dst=IP_CLIENT_B)
+        / UDP(sport=PORT_HTTP, dport=PORT_CLIENT)
+        / b"answer"
+    )
+
+
+def udp_reply6() -> Packet:
+    return (
+        eth(MAC_VM_1, MAC_FW_A)
+        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+        / UDP(sport=PORT_HTTP, dport=PORT_CLIENT)
+        / b"answer"
+    )
+
+
 def request6(flags: str = "A") -> Packet:
     return (
         eth(MAC_FW_B, MAC_VM_1)
@@ -166,6 +202,25 @@ def refresh_row(desc: str, request: Packet, entry: Entry, **kw: object) -> Case:
     return Case(desc, UPLINK, "up1", request, **fields)  # type: ignore[arg-type]
 
 
+VM_FAST_HOP = abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_VM_FAST  # the VM answered: its shortcut
+
+
+def to_vm_row(desc: str, request: Packet, entry: Entry) -> Case:
+    """A request of a connection whose VM answered (entry: vm1, VM_FAST),
+    fast path on: refreshed and sent to vm1 as it came."""
+    return refresh_row(
+        desc,
+        request,
+        entry,
+        settings=abi.F_SET_FAST_PATH,
+        vm_macs=VM_MACS,
+        verdict=TC_ACT_REDIRECT,
+        redirect="vm1",
+        output=request,
+        counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1},
+    )
+
+
 # (case, whether the fast path takes it)
 ROWS: list[tuple[Case, bool]] = [
     (reply_row("v4 reply of an established connection", reply4(), est(request4())), True),
@@ -199,6 +254,30 @@ ROWS: list[tuple[Case, bool]] = [
             ),
         ),
         True,
+    ),
+    (
+        reply_row(
+            "v4 UDP reply of a confirmed stream",
+            udp_reply4(),
+            est(udp_request4(), state=abi.State.UDP_STREAM),
+        ),
+        True,
+    ),
+    (
+        reply_row(
+            "v6 UDP reply of a confirmed stream",
+            udp_reply6(),
+            est(udp_request6(), state=abi.State.UDP_STREAM),
+        ),
+        True,
+    ),
+    (
+        reply_row(
+            "a UDP answer of a stream not yet confirmed: the general path's second lookup",
+            udp_reply4(),
+            est(udp_request4(), state=abi.State.UDP_ANSWERED, table=PENDING),
+        ),
+        False,
     ),
     (
         reply_row(
@@ -355,6 +434,87 @@ ROWS: list[tuple[Case, bool]] = [
             redirect="vm1",
             output=eth(MAC_FW_B, MAC_VM_1) / request4()[IP],
             counters={("up1", C.REFRESHED): 1, ("up1", C.SVC_PINNED): 1},
+        ),
+        False,
+    ),
+    (
+        refresh_row(
+            "v4 UDP datagram of a confirmed stream",
+            udp_request4(),
+            est(udp_request4(), state=abi.State.UDP_STREAM),
+        ),
+        True,
+    ),
+    (
+        refresh_row(
+            "v6 UDP datagram of a confirmed stream",
+            udp_request6(),
+            est(udp_request6(), state=abi.State.UDP_STREAM),
+        ),
+        True,
+    ),
+    (
+        refresh_row(
+            "a UDP datagram after the answer: the general path confirms the stream",
+            udp_request4(),
+            est(udp_request4(), state=abi.State.UDP_ANSWERED, table=PENDING),
+            after=(est(udp_request4(), state=abi.State.UDP_STREAM, packets=4, seen="now"),),
+            counters={("up1", C.REFRESHED): 1, ("up1", C.CONFIRMED): 1},
+            table_counters={
+                abi.TableCounter.STATE_CHANGES: 1,
+                abi.TableCounter.CONFIRMED_INSERTED: 1,
+                abi.TableCounter.PENDING_PROMOTED: 1,
+            },
+        ),
+        False,
+    ),
+    (
+        refresh_row(
+            "a UDP datagram with a length past its datagram: the general path counts it",
+            eth(MAC_FW_B, MAC_VM_1)
+            / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+            / UDP(sport=PORT_CLIENT, dport=PORT_HTTP, len=40)
+            / b"query",
+            est(udp_request4(), state=abi.State.UDP_STREAM),
+            after=None,
+            counters={("up1", C.MALFORMED): 1},
+        ),
+        False,
+    ),
+    (
+        to_vm_row(
+            "a connection whose VM answered: the fast path sends it to that VM",
+            request4(),
+            est(request4(), vm="vm1", flags=VM_FAST_HOP),
+        ),
+        True,
+    ),
+    (
+        to_vm_row(
+            "a UDP stream whose VM answered: the fast path sends it to that VM",
+            udp_request4(),
+            est(udp_request4(), state=abi.State.UDP_STREAM, vm="vm1", flags=VM_FAST_HOP),
+        ),
+        True,
+    ),
+    (
+        refresh_row(
+            "the VM's shortcut, but the frame is for another MAC: the general path forgets it",
+            eth(MAC_FW_B, MAC_VM_2) / request4()[IP],
+            est(request4(), vm="vm1", flags=VM_FAST_HOP),
+            settings=abi.F_SET_FAST_PATH,
+            vm_macs=VM_MACS,
+            after=(est(request4(), packets=4, seen="now"),),
+        ),
+        False,
+    ),
+    (
+        refresh_row(
+            "the VM's shortcut with the fast path off: the general path forgets it",
+            request4(),
+            est(request4(), vm="vm1", flags=VM_FAST_HOP),
+            vm_macs=VM_MACS,
+            after=(est(request4(), packets=4, seen="now"),),
         ),
         False,
     ),

@@ -170,6 +170,23 @@ def datapath(
     help="New connections per mode and repetition.",
 )
 @click.option(
+    "--flows",
+    type=click.IntRange(1, 50_000),
+    help="Established flows the packets test cycles over (default 1,024).",
+)
+@click.option(
+    "--tcp",
+    is_flag=True,
+    help="The packets test sends TCP ACKs of established connections instead of UDP.",
+)
+@click.option(
+    "--extra-mode",
+    "extra_modes",
+    multiple=True,
+    type=click.Choice([m.name for m in lab_bench.EXTRA_MODES]),
+    help="Also run this diagnostic mode (repeatable): lasthop with a smaller table.",
+)
+@click.option(
     "--cpu",
     type=click.IntRange(0),
     default=0,
@@ -197,8 +214,9 @@ def datapath(
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON report instead of tables.")
 @click.option("--strict", is_flag=True, help="Exit 1 when a primary target is missed.")
 def lab(quick: bool, reps: int | None, packets: int | None, connections: int | None,
-                cpu: int, br_netfilter: bool, out: Path, prefix: str,
-                as_json: bool, strict: bool) -> None:  # fmt: skip
+                flows: int | None, tcp: bool, extra_modes: tuple[str, ...], cpu: int,
+                br_netfilter: bool,
+                out: Path, prefix: str, as_json: bool, strict: bool) -> None:  # fmt: skip
     """The host's CPU per packet and new connections per second: plain bridge,
     lasthop, conntrack recipe, side by side (docs/bench-lab.md).
 
@@ -212,6 +230,10 @@ def lab(quick: bool, reps: int | None, packets: int | None, connections: int | N
         reps=reps or base.reps,
         packets=packets or base.packets,
         connections=connections or base.connections,
+        flows=flows or base.flows,
+        warmup=3 * (flows or base.flows),
+        extra_modes=extra_modes,
+        tcp=tcp,
         cpu=cpu,
         br_netfilter=br_netfilter,
     )

@@ -3,10 +3,10 @@
  * Writes COUNT minimum-size Ethernet/IPv4/UDP frames (60 bytes) straight to
  * an interface through an AF_PACKET socket (PACKET_QDISC_BYPASS, sendmmsg in
  * batches), pinned to one CPU, and prints one JSON line:
- *   {"sent": N, "warmup": W, "cpu_ns": <this thread's CPU time>, "wall_ns": <elapsed>}
+ *   {"sent": N, "warmup": W, "handshake": H, "cpu_ns": <this thread's CPU time>, "wall_ns": <elapsed>}
  * --warmup W first sends W frames of the same kind, untimed (caches and
  * the path warm, in the same process: no exec between warm-up and timing);
- * they are not in "sent".
+ * they are not in "sent" (nor are the handshake's H frames, below).
  *
  * On a veth, each frame's whole journey (the host's forwarding, the
  * reflector's answer, the answer's way back) runs in softirq on this CPU
@@ -20,6 +20,15 @@
  * warm-up frames of --new take the ids BASE .. BASE + W - 1, the timed ones
  * the next COUNT.
  *
+ * --tcp (with --flows): TCP segments instead (60-byte frames: a 20-byte TCP
+ * header, no data), each flow an established connection: with
+ * --handshake, before the warm-up, a SYN per flow (seq TCP_ISN), which the
+ * reflector answers with a SYN-ACK (seq 0, ack TCP_ISN + 1), then the ACK of
+ * it per flow; then every frame is an ACK (seq TCP_ISN + 1, ack 1), which
+ * the reflector answers with seq and ack swapped -- a connection whose both
+ * ends have nothing more to say, as conntrack's window tracking and
+ * lasthop's handshake check accept it. Checksums are computed.
+ *
  * Built with the system's cc by lasthop.bench.lab at bench time.
  */
 #define _GNU_SOURCE
@@ -29,6 +38,7 @@
 #include <net/ethernet.h>
 #include <net/if.h>
 #include <netinet/ip.h>
+#include <netinet/tcp.h>
 #include <netinet/udp.h>
 #include <sched.h>
 #include <stdint.h>
@@ -45,13 +55,15 @@
 #define FLOW_PORT_BASE 10000
 #define NEW_FLOWS_PER_ADDR 50000
 #define NEW_FLOW_NET 0x0a400000u /* 10.64.0.0 */
+#define TCP_ISN 1000u            /* the client's initial sequence number (--tcp) */
 
 struct args {
 	const char *ifname;
 	unsigned char dst_mac[6], src_mac[6];
 	uint32_t src_ip, dst_ip; /* host byte order */
 	unsigned long long count, flows, new_base, warmup;
-	int new_flows, cpu;
+	int new_flows, cpu, tcp, handshake;
+	uint8_t tcp_flags; /* --tcp: the flags of the frames being sent */
 };
 
 static void die(const char *what)
@@ -62,7 +74,7 @@ static void die(const char *what)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: lab_sender IF DST_MAC SRC_MAC SRC_IP DST_IP COUNT (--flows F | --new BASE) [--cpu N] [--warmup W]\n");
+	fprintf(stderr, "usage: lab_sender IF DST_MAC SRC_MAC SRC_IP DST_IP COUNT (--flows F [--tcp [--handshake]] | --new BASE) [--cpu N] [--warmup W]\n");
 	exit(2);
 }
 
@@ -91,6 +103,48 @@ static uint16_t ip_checksum(const void *hdr)
 	return (uint16_t)~sum;
 }
 
+/* The TCP checksum of a segment of tcp_len bytes (header and data) under ip. */
+static uint16_t tcp_checksum(const struct iphdr *ip, const void *tcp, unsigned int tcp_len)
+{
+	const uint16_t *p = tcp;
+	uint32_t sum = 0;
+	sum += (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) + (ip->daddr >> 16);
+	sum += htons(IPPROTO_TCP) + htons((uint16_t)tcp_len);
+	for (unsigned int i = 0; i < tcp_len / 2; i++)
+		sum += p[i];
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+static void build_tcp(const struct args *a, unsigned char *frame)
+{
+	struct iphdr *ip = (void *)(frame + sizeof(struct ether_header));
+	ip->tot_len = htons(sizeof(*ip) + sizeof(struct tcphdr));
+	ip->protocol = IPPROTO_TCP;
+	ip->check = 0;
+	ip->check = ip_checksum(ip);
+	memset(ip + 1, 0, FRAME_LEN - sizeof(struct ether_header) - sizeof(*ip));
+	struct tcphdr *th = (void *)(ip + 1);
+	th->dest = htons(DST_PORT);
+	th->doff = 5;
+	th->window = htons(65535);
+	(void)a;
+}
+
+/* Gives a --tcp frame its flags (and the sequence numbers they go with). */
+static void set_tcp(const struct args *a, unsigned char *frame)
+{
+	struct iphdr *ip = (void *)(frame + sizeof(struct ether_header));
+	struct tcphdr *th = (void *)(ip + 1);
+	int syn = a->tcp_flags == TH_SYN;
+	((uint8_t *)th)[13] = a->tcp_flags;
+	th->seq = htonl(syn ? TCP_ISN : TCP_ISN + 1);
+	th->ack_seq = htonl(syn ? 0 : 1);
+	th->check = 0;
+	th->check = tcp_checksum(ip, th, sizeof(*th));
+}
+
 static void build(const struct args *a, unsigned char *frame)
 {
 	memset(frame, 0, FRAME_LEN);
@@ -111,6 +165,8 @@ static void build(const struct args *a, unsigned char *frame)
 	udp->dest = htons(DST_PORT);
 	udp->len = htons(FRAME_LEN - sizeof(*eth) - sizeof(*ip));
 	udp->check = 0; /* optional for IPv4 */
+	if (a->tcp)
+		build_tcp(a, frame);
 }
 
 /* Gives frame the flow of packet number i. */
@@ -125,8 +181,10 @@ static void set_flow(const struct args *a, unsigned char *frame, unsigned long l
 		ip->check = ip_checksum(ip);
 		udp->source = htons(FLOW_PORT_BASE + id % NEW_FLOWS_PER_ADDR);
 	} else {
-		udp->source = htons(FLOW_PORT_BASE + i % a->flows);
+		udp->source = htons(FLOW_PORT_BASE + i % a->flows); /* TCP's port is there too */
 	}
+	if (a->tcp)
+		set_tcp(a, frame);
 }
 
 static unsigned long long ns(clockid_t clock)
@@ -171,19 +229,33 @@ int main(int argc, char **argv)
 	a.src_ip = parse_ip(argv[4]);
 	a.dst_ip = parse_ip(argv[5]);
 	a.count = strtoull(argv[6], NULL, 10);
-	for (int i = 7; i + 1 < argc; i += 2) {
+	for (int i = 7; i < argc; i++) {
+		const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+		if (!strcmp(argv[i], "--tcp")) {
+			a.tcp = 1;
+			continue;
+		}
+		if (!strcmp(argv[i], "--handshake")) {
+			a.handshake = 1;
+			continue;
+		}
+		if (!value)
+			usage();
 		if (!strcmp(argv[i], "--flows"))
-			a.flows = strtoull(argv[i + 1], NULL, 10);
+			a.flows = strtoull(value, NULL, 10);
 		else if (!strcmp(argv[i], "--new"))
-			a.new_flows = 1, a.new_base = strtoull(argv[i + 1], NULL, 10);
+			a.new_flows = 1, a.new_base = strtoull(value, NULL, 10);
 		else if (!strcmp(argv[i], "--cpu"))
-			a.cpu = atoi(argv[i + 1]);
+			a.cpu = atoi(value);
 		else if (!strcmp(argv[i], "--warmup"))
-			a.warmup = strtoull(argv[i + 1], NULL, 10);
+			a.warmup = strtoull(value, NULL, 10);
 		else
 			usage();
+		i++;
 	}
 	if (!a.new_flows && !a.flows)
+		usage();
+	if ((a.tcp && a.new_flows) || (a.handshake && !a.tcp))
 		usage();
 
 	cpu_set_t set;
@@ -212,12 +284,21 @@ int main(int argc, char **argv)
 		msgs[j] = (struct mmsghdr){.msg_hdr = {.msg_name = &to, .msg_namelen = sizeof(to), .msg_iov = &iov[j], .msg_iovlen = 1}};
 	}
 
+	if (a.handshake) {
+		/* each flow's SYN (answered by the reflector's SYN-ACK within the
+		 * send), then its ACK: established at both ends */
+		a.tcp_flags = TH_SYN;
+		send_frames(fd, &a, msgs, frames, 0, a.flows);
+		a.tcp_flags = TH_ACK;
+		send_frames(fd, &a, msgs, frames, 0, a.flows);
+	}
+	a.tcp_flags = TH_ACK;
 	send_frames(fd, &a, msgs, frames, 0, a.warmup);
 	unsigned long long cpu0 = ns(CLOCK_THREAD_CPUTIME_ID), wall0 = ns(CLOCK_MONOTONIC);
 	send_frames(fd, &a, msgs, frames, a.warmup, a.count);
 	unsigned long long cpu = ns(CLOCK_THREAD_CPUTIME_ID) - cpu0, wall = ns(CLOCK_MONOTONIC) - wall0;
-	printf("{\"sent\": %llu, \"warmup\": %llu, \"cpu_ns\": %llu, \"wall_ns\": %llu}\n", a.count,
-	       a.warmup, cpu, wall);
+	printf("{\"sent\": %llu, \"warmup\": %llu, \"handshake\": %llu, \"cpu_ns\": %llu, \"wall_ns\": %llu}\n",
+	       a.count, a.warmup, a.handshake ? 2 * a.flows : 0, cpu, wall);
 	close(fd);
 	return 0;
 }

@@ -1,10 +1,13 @@
 /* fastpath.h: the common case first -- an untagged IPv4/IPv6 TCP segment
  * (no SYN, FIN or RST; no IP options, IPv6 extension headers or fragments)
- * of an established connection in the confirmed table. lh_vmport sends such
- * a reply to its last hop (fast_reply: a MAC and tags, or a hop descriptor --
- * a VXLAN/Geneve endpoint or an MPLS stack), lh_uplink refreshes such a
- * request's entry on a plain Ethernet link (fast_refresh), each with a few
- * checks, one lookup (and the descriptor's) and no call; anything else, or
+ * of an established connection in the confirmed table, or a UDP datagram of
+ * a confirmed stream. lh_vmport sends such a reply to its last hop
+ * (fast_reply: a MAC and tags, or a hop descriptor -- a VXLAN/Geneve
+ * endpoint or an MPLS stack), lh_uplink refreshes such a
+ * request's entry on a plain Ethernet link (fast_refresh) and sends it on
+ * as it came or straight to
+ * the VM that answered it (vm_fast_send), each with a few checks, one lookup
+ * (and the descriptor's); anything else, or
  * any doubt, returns FAST_NONE before a byte or an entry has changed, and the
  * general path (the same program's global function) handles the packet from
  * the start -- told, when the fast path's lookup missed the confirmed table
@@ -23,6 +26,7 @@
 #include "maps.h"
 #include "parse.h"
 #include "rewrite.h"
+#include "service.h"
 #include "changes.h"
 
 #ifdef LH_TRACE_REDIRECT
@@ -48,6 +52,7 @@ static __always_inline void trace_fast(void) {}
 #endif
 
 #define FAST_NONE (-1) /* not the common case: the general path takes the packet */
+#define FAST_PASS (-2) /* vm_fast_send: left to the kernel (too big, or not sent) */
 #define FAST_TCP_OFF_ 13 /* the TCP header's flags byte */
 #define FAST_TCP_STOP_ (TCP_FLAG_SYN_ | TCP_FLAG_FIN_ | TCP_FLAG_RST_) /* a state may move */
 
@@ -68,79 +73,112 @@ static __always_inline struct tcphdr *fast_tcp(void *l3, __u32 hlen, __u32 l3_le
 	return th;
 }
 
-/* An untagged frame's IPv4 TCP segment as fast_tcp wants it: a 20-byte
+/* The same for UDP (parse_l4's checks: 8 bytes, a length that covers the
+ * header and stays inside the datagram); its ports where TCP has them. */
+static __always_inline struct udphdr *fast_udp(void *l3, __u32 hlen, __u32 l3_len, void *end)
+{
+	struct udphdr *uh = l3 + hlen;
+	__u32 len;
+
+	if ((void *)(uh + 1) > end || hlen + sizeof(*uh) > l3_len)
+		return NULL;
+	len = bpf_ntohs(uh->len);
+	if (len < sizeof(*uh) || hlen + len > l3_len)
+		return NULL;
+	return uh;
+}
+
+/* The ports (source, destination: TCP's and UDP's first 4 bytes) of a
+ * datagram of protocol proto -- TCP, or UDP when udp -- as fast_tcp or
+ * fast_udp accept it; else NULL. */
+static __always_inline __be16 *fast_ports(void *l3, __u32 hlen, __u32 l3_len, void *end,
+					  __u8 proto, int udp)
+{
+	if (proto == IPPROTO_TCP)
+		return (__be16 *)fast_tcp(l3, hlen, l3_len, end);
+	if (udp && proto == IPPROTO_UDP)
+		return (__be16 *)fast_udp(l3, hlen, l3_len, end);
+	return NULL;
+}
+
+/* An untagged frame's IPv4 segment as fast_ports wants it: a 20-byte
  * header (no options), no fragment, its total length within the frame. */
-static __always_inline struct tcphdr *fast_tcp4(struct __sk_buff *skb, struct ethhdr *eth,
-						 struct iphdr **ipp)
+static __always_inline __be16 *fast_l4_4(struct __sk_buff *skb, struct ethhdr *eth,
+					  struct iphdr **ipp, int udp)
 {
 	void *end = (void *)(long)skb->data_end;
 	struct iphdr *ip = (void *)(eth + 1);
 	__u32 tot;
 
-	if ((void *)(ip + 1) > end || *(__u8 *)ip != 0x45 || ip->protocol != IPPROTO_TCP ||
+	if ((void *)(ip + 1) > end || *(__u8 *)ip != 0x45 ||
 	    (ip->frag_off & bpf_htons(IP_MF_ | IP_OFFSET_)))
 		return NULL;
 	tot = bpf_ntohs(ip->tot_len);
 	if (sizeof(*eth) + tot > skb->len)
 		return NULL; /* also tot 0 (BIG TCP): the general path reads it */
 	*ipp = ip;
-	return fast_tcp(ip, sizeof(*ip), tot, end);
+	return fast_ports(ip, sizeof(*ip), tot, end, ip->protocol, udp);
 }
 
-/* The same for IPv6: TCP right after the fixed header, a payload length
- * that is not 0 and within the frame. */
-static __always_inline struct tcphdr *fast_tcp6(struct __sk_buff *skb, struct ethhdr *eth,
-						 struct ipv6hdr **ipp)
+/* The same for IPv6: TCP (or UDP) right after the fixed header, a payload
+ * length that is not 0 and within the frame. */
+static __always_inline __be16 *fast_l4_6(struct __sk_buff *skb, struct ethhdr *eth,
+					  struct ipv6hdr **ipp, int udp)
 {
 	void *end = (void *)(long)skb->data_end;
 	struct ipv6hdr *ip6 = (void *)(eth + 1);
 	__u32 plen;
 
-	if ((void *)(ip6 + 1) > end || ip6->version != 6 || ip6->nexthdr != IPPROTO_TCP)
+	if ((void *)(ip6 + 1) > end || ip6->version != 6)
 		return NULL;
 	plen = bpf_ntohs(ip6->payload_len);
 	if (!plen || sizeof(*eth) + sizeof(*ip6) + plen > skb->len)
 		return NULL;
 	*ipp = ip6;
-	return fast_tcp(ip6, sizeof(*ip6), sizeof(*ip6) + plen, end);
+	return fast_ports(ip6, sizeof(*ip6), sizeof(*ip6) + plen, end, ip6->nexthdr, udp);
 }
 
 /* The confirmed entry of an established connection, for the segment's key
- * reversed (rev, a reply) or as read; NULL when it is not that. When the
- * key was looked up and the confirmed table has no entry, 1 in
- * skb->cb[CB_CONFIRMED_MISS] (the entry point wrote 0 there): the general
- * path then looks in the pending table only (pkt.confirmed_miss). In the
- * packet, not a return code: one more value to carry made clang keep the
- * fast path's entry pointer on the stack, ~24 ns per reply. */
+ * reversed (rev, a reply) or as read; NULL when it is not that. udp (a
+ * constant): a UDP datagram of a confirmed stream (CS_UDP_STREAM, where no
+ * packet moves the state) is one too. When the key was looked up and the
+ * confirmed table has no entry, 1 in skb->cb[CB_CONFIRMED_MISS] (the entry
+ * point wrote 0 there): the general path then looks in the pending table
+ * only (pkt.confirmed_miss). In the packet, not a return code: one more
+ * value to carry made clang keep the fast path's entry pointer on the
+ * stack, ~24 ns per reply. */
 static __always_inline struct conn_entry *fast_lookup(struct __sk_buff *skb, struct ethhdr *eth,
-						       __u16 zone, int rev)
+						       __u16 zone, int rev, int udp)
 {
 	struct conn_entry *e = NULL;
-	struct tcphdr *th;
+	__be16 *ports;
+	__u8 proto;
 
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct conn_key4 k = { .proto = IPPROTO_TCP, .zone = zone };
+		struct conn_key4 k = { .zone = zone };
 		struct iphdr *ip = NULL;
 
-		th = fast_tcp4(skb, eth, &ip);
-		if (!th || !ip)
+		ports = fast_l4_4(skb, eth, &ip, udp);
+		if (!ports || !ip)
 			return NULL;
+		k.proto = proto = ip->protocol;
 		k.saddr = rev ? ip->daddr : ip->saddr;
 		k.daddr = rev ? ip->saddr : ip->daddr;
-		k.sport = rev ? th->dest : th->source;
-		k.dport = rev ? th->source : th->dest;
+		k.sport = rev ? ports[1] : ports[0];
+		k.dport = rev ? ports[0] : ports[1];
 		e = bpf_map_lookup_elem(&lh_conns4, &k);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct conn_key k = { .proto = IPPROTO_TCP, .family = FAMILY_V6, .zone = zone };
+		struct conn_key k = { .family = FAMILY_V6, .zone = zone };
 		struct ipv6hdr *ip6 = NULL;
 
-		th = fast_tcp6(skb, eth, &ip6);
-		if (!th || !ip6)
+		ports = fast_l4_6(skb, eth, &ip6, udp);
+		if (!ports || !ip6)
 			return NULL;
+		k.proto = proto = ip6->nexthdr;
 		__builtin_memcpy(k.saddr, rev ? &ip6->daddr : &ip6->saddr, 16);
 		__builtin_memcpy(k.daddr, rev ? &ip6->saddr : &ip6->daddr, 16);
-		k.sport = rev ? th->dest : th->source;
-		k.dport = rev ? th->source : th->dest;
+		k.sport = rev ? ports[1] : ports[0];
+		k.dport = rev ? ports[0] : ports[1];
 		e = bpf_map_lookup_elem(&lh_conns, &k);
 	} else {
 		return NULL;
@@ -149,7 +187,7 @@ static __always_inline struct conn_entry *fast_lookup(struct __sk_buff *skb, str
 		skb->cb[CB_CONFIRMED_MISS] = 1;
 		return NULL;
 	}
-	if (e->state != CS_TCP_ESTABLISHED)
+	if (e->state != (proto == IPPROTO_TCP ? CS_TCP_ESTABLISHED : CS_UDP_STREAM))
 		return NULL;
 	return e;
 }
@@ -198,7 +236,7 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 	if (!eth || skb->vlan_present ||
 	    (cfg->flags & (F_IFACE_VM_MAC | F_IFACE_ROUTED)) != F_IFACE_VM_MAC)
 		return FAST_NONE;
-	e = fast_lookup(skb, eth, cfg->zone, 1);
+	e = fast_lookup(skb, eth, cfg->zone, 1, 1);
 	if (!e || !(e->flags & F_ENTRY_HOP_KNOWN))
 		return FAST_NONE;
 	settings = fast_settings();
@@ -244,31 +282,72 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 	return ret;
 }
 
-/* lh_uplink's common case: a request of an established connection that
- * goes on as it came (no VM holds it), from the same last hop (MAC, no tags)
- * on an Ethernet uplink with no list of last hops. Returns TC_ACT_OK, or
- * FAST_NONE. */
+/* A request of entry e (F_ENTRY_VM_FAST: its VM has answered) straight to
+ * that VM's port, skipping the bridge (and, on a routed host, the routing)
+ * -- but only when the frame is addressed as the kernel would forward it:
+ * to that port's guest (bridged) or to this uplink (up, routed), so no VM
+ * can claim another's connection. The frame's IP header at l3_off, tags
+ * tags. Returns the redirect's verdict; FAST_PASS when the kernel is to
+ * forward it (a routed frame too big for the VM's link, or one the rewrite
+ * refused: a TTL run out); FAST_NONE, nothing changed, when the shortcut
+ * no longer applies. lh_uplink's general path (uplink_fast) and fast path
+ * (fast_refresh) both send with it. */
+static __always_inline int vm_fast_send(struct __sk_buff *skb, const struct ethhdr *eth,
+					const struct conn_entry *e, const struct iface_cfg *up,
+					__u32 settings, __u32 l3_off, __u32 family, __u32 tags)
+{
+	__u32 vm = e->vm_ifindex, mtu = 0;
+	struct iface_cfg *vmc = iface_get(vm, ROLE_VM_PORT);
+	int routed, ret;
+
+	if (!vmc || !(settings & F_SET_FAST_PATH) ||
+	    (vmc->flags & (F_IFACE_VM_DOWN | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC)
+		return FAST_NONE;
+	routed = vmc->flags & F_IFACE_ROUTED;
+	if (!mac_equal(eth->h_dest, routed ? up->mac : vmc->vm_mac))
+		return FAST_NONE;
+	if (routed && bpf_check_mtu(skb, vm, &mtu, 0, BPF_MTU_CHK_SEGS))
+		return FAST_PASS;
+	ret = send_to_vm_at(skb, vm, l3_off, family, tags); /* bridged: the MAC is already there */
+	return ret < 0 ? FAST_PASS : ret;
+}
+
+/* lh_uplink's common case: a request of an established connection (or of
+ * a confirmed UDP stream) from the same last hop (MAC, no tags) on an
+ * Ethernet uplink with no list of last hops, that goes on as it came (no VM
+ * holds it) or straight to the VM that answered it (vm_fast_send). One
+ * lookup: the general path, which would look the entry up again, sees only
+ * what this one declines. Returns the verdict, or FAST_NONE. */
 static __always_inline int fast_refresh(struct __sk_buff *skb, const struct iface_cfg *cfg)
 {
 	struct ethhdr *eth = eth_of(skb);
 	struct conn_entry *e;
 	__u32 settings;
+	int ret = TC_ACT_OK;
 
 	if (!eth || skb->vlan_present || cfg->link_kind != LINK_ETHERNET ||
 	    (cfg->flags & (F_IFACE_HOPS_ALLOW | F_IFACE_HOPS_DENY)) || (eth->h_dest[0] & 1))
 		return FAST_NONE;
-	e = fast_lookup(skb, eth, cfg->zone, 0);
-	if (!e || e->vm_ifindex || e->ifindex != skb->ifindex || e->vlan_count ||
-	    e->vlan_tci[0] || e->vlan_tci[1] ||
+	e = fast_lookup(skb, eth, cfg->zone, 0, 1);
+	if (!e || e->ifindex != skb->ifindex || e->vlan_count || e->vlan_tci[0] ||
+	    e->vlan_tci[1] ||
 	    (e->flags & (F_ENTRY_HOP_KNOWN | F_ENTRY_HOP_EXT)) != F_ENTRY_HOP_KNOWN ||
-	    !mac_equal(e->mac, eth->h_source))
+	    (e->vm_ifindex && !(e->flags & F_ENTRY_VM_FAST)) || !mac_equal(e->mac, eth->h_source))
 		return FAST_NONE;
 	settings = fast_settings();
 	if (settings & F_SET_SYNC)
 		return FAST_NONE; /* its refresh record needs the full key: the general path */
+	if (e->vm_ifindex) {
+		ret = vm_fast_send(skb, eth, e, cfg, settings, sizeof(*eth),
+				   eth->h_proto == bpf_htons(ETH_P_IP) ? FAMILY_V4 : FAMILY_V6, 0);
+		if (ret == FAST_NONE)
+			return FAST_NONE; /* the general path forgets the shortcut */
+	}
 	e->last_seen = now32();
 	e->packets++;
 	count(cfg->slot, CNT_REFRESHED);
+	if (ret >= 0 && e->vm_ifindex)
+		count(cfg->slot, CNT_FAST_TO_VM);
 	trace_fast();
-	return TC_ACT_OK;
+	return ret >= 0 ? ret : TC_ACT_OK;
 }

@@ -156,35 +156,23 @@ static __always_inline int uplink_pinned_vm(struct conn_entry *e, const struct p
 }
 
 /* A request of a connection whose VM has answered goes straight to that VM's
- * port, skipping the bridge (and, on a routed host, the routing) -- but only
- * when the frame is addressed as the kernel would forward it: to that
- * port's guest (bridged) or to this uplink (routed), so no VM can claim
- * another's connection. A routed frame too big for the VM's link, or whose
- * TTL runs out, is left to the kernel (which answers with ICMP). Returns
- * TC_ACT_REDIRECT, or TC_ACT_OK (with the shortcut forgotten if it no longer
- * applies). */
+ * port (vm_fast_send, which says when). Returns TC_ACT_REDIRECT, or
+ * TC_ACT_OK (with the shortcut forgotten if it no longer applies). */
 static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
 				       struct conn_entry *e, const struct iface_cfg *up,
 				       __u32 settings, int *svc_reason)
 {
 	struct ethhdr *eth = eth_of(skb);
-	__u32 vm = e->vm_ifindex, mtu = 0;
-	struct iface_cfg *vmc = iface_get(vm, ROLE_VM_PORT);
-	int routed, ret;
+	int ret;
 
 	if (!eth || p->l3_link)
 		return TC_ACT_OK; /* from an L3 link: the host routes it */
-	routed = vmc && (vmc->flags & F_IFACE_ROUTED);
-	if (!vmc || !(settings & F_SET_FAST_PATH) ||
-	    (vmc->flags & (F_IFACE_VM_DOWN | F_IFACE_VM_MAC)) != F_IFACE_VM_MAC ||
-	    !mac_equal(eth->h_dest, routed ? up->mac : vmc->vm_mac)) {
+	ret = vm_fast_send(skb, eth, e, up, settings, p->l3_off, p->key.family, p->vlan_count);
+	if (ret == FAST_NONE) {
 		e->vm_ifindex = 0;
 		e->flags &= ~F_ENTRY_VM_FAST;
 		return TC_ACT_OK;
 	}
-	if (routed && bpf_check_mtu(skb, vm, &mtu, 0, BPF_MTU_CHK_SEGS))
-		return TC_ACT_OK;
-	ret = send_to_vm(skb, p, vm); /* bridged: the MAC it writes is already there */
 	if (ret < 0)
 		return TC_ACT_OK;
 	*svc_reason = CNT_FAST_TO_VM;

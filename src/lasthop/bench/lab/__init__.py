@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from lasthop.bench.frames import quiet
 from lasthop.bench.lab.measure import DEFAULT_PREFIX, FULL, QUICK, Run, Settings, measure_all
-from lasthop.bench.lab.paths import BASELINE, MODES, BenchError, Mode, Progress
+from lasthop.bench.lab.paths import BASELINE, EXTRA_MODES, MODES, BenchError, Mode, Progress
 from lasthop.bench.lab.report import (
     DEFAULT_OUT,
     TARGETS,
@@ -51,6 +51,7 @@ __all__ = [
     "BASELINE",
     "DEFAULT_OUT",
     "DEFAULT_PREFIX",
+    "EXTRA_MODES",
     "FULL",
     "MODES",
     "QUICK",

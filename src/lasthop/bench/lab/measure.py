@@ -21,6 +21,7 @@ from typing import Any
 
 from lasthop.bench.frames import quiet
 from lasthop.bench.lab.paths import (
+    EXTRA_MODES,
     MODES,
     BenchError,
     BenchPath,
@@ -55,6 +56,10 @@ class Settings:
     br_netfilter: bool = False  # the hosts' bridges call the IP netfilter hooks
     churn: int = 2  # fill-and-flush rounds of every table before the first repetition
     quick: bool = False
+    extra_modes: tuple[str, ...] = ()  # diagnostic modes to run too (paths.EXTRA_MODES)
+    # the packets test sends TCP ACKs of established connections (a handshake
+    # per flow after every flush) instead of UDP: lasthop's TCP fast path
+    tcp: bool = False
 
     @property
     def per_flush(self) -> int:
@@ -81,7 +86,8 @@ class Run:
     cpu_ns: int  # the sender thread's CPU time: its own work and the path's softirq work
     softirqd_ns: int  # ksoftirqd's CPU time meanwhile (work the kernel deferred), all CPUs
     wall_ns: int
-    warmup: int = 0  # requests the sender wrote before timing (same flows, same process)
+    # requests the sender wrote before timing (same flows, same process; TCP: and handshakes)
+    warmup: int = 0
     position: int = 0  # its place among the repetition's bursts of this test (0 = first)
 
     @property
@@ -150,12 +156,18 @@ def _measure(
     position: int,
     new_base: int,
     ksoft: list[int],
+    handshake: bool = False,
 ) -> Run:
     vm0, fw0 = path.counters()
     soft0 = _cpu_time_ns(ksoft)
     if test == "packets":
         out = path.send(
-            settings.packets, flows=settings.flows, cpu=settings.cpu, warmup=settings.warmup
+            settings.packets,
+            flows=settings.flows,
+            cpu=settings.cpu,
+            warmup=settings.warmup,
+            tcp=settings.tcp,
+            handshake=settings.tcp and handshake,
         )
     else:
         out = path.send(
@@ -176,7 +188,7 @@ def _measure(
         out["cpu_ns"],
         soft,
         out["wall_ns"],
-        out.get("warmup", 0),
+        out.get("warmup", 0) + out.get("handshake", 0),
         position,
     )
 
@@ -193,6 +205,10 @@ def measure_all(
         )
     if not 0 <= settings.cpu < (os.cpu_count() or 1):
         raise BenchError(f"no CPU {settings.cpu} on this machine")
+    extra = {m.name for m in EXTRA_MODES}
+    unknown = [name for name in settings.extra_modes if name not in extra]
+    if unknown:
+        raise BenchError(f"extra mode {unknown[0]!r}: one of {', '.join(sorted(extra))}")
     if settings.per_flush > MAX_PER_FLUSH:
         raise BenchError(
             f"{settings.flush_every} repetitions of {settings.connections:,} new connections "
@@ -210,7 +226,8 @@ def measure_all(
         remove_paths(prefix, progress)
         try:
             paths: list[BenchPath] = []
-            for mode in MODES:
+            chosen = [m for m in EXTRA_MODES if m.name in settings.extra_modes]
+            for mode in (*MODES, *chosen):
                 progress(f"building {mode.name}: {mode.label}")
                 path = BenchPath(mode, tools, prefix, settings.br_netfilter)
                 paths.append(path)
@@ -253,14 +270,15 @@ def _interleaved(paths: list[BenchPath], settings: Settings, progress: Progress)
             next_flow += settings.per_flush
         _flush(paths)
     for rep in range(settings.reps):
-        if rep and rep % settings.flush_every == 0:
+        flushed = rep % settings.flush_every == 0  # (or churned)
+        if rep and flushed:
             _flush(paths)  # the packets bursts' warm-up learns their flows again
         progress(
             f"repetition {rep + 1}/{settings.reps}: {settings.packets:,} packets and "
             f"{settings.connections:,} new connections through each mode"
         )
         for position, path in _order(paths, rep):
-            runs.append(_measure(path, settings, "packets", rep, position, -1, ksoft))
+            runs.append(_measure(path, settings, "packets", rep, position, -1, ksoft, flushed))
         for position, path in _order(paths, rep):
             runs.append(_measure(path, settings, "connections", rep, position, next_flow, ksoft))
             next_flow += settings.conn_warmup + settings.connections  # never a flow seen before

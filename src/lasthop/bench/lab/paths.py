@@ -23,6 +23,7 @@ from lasthop.lab.topology import down as lab_down
 
 __all__ = [
     "BASELINE",
+    "EXTRA_MODES",
     "MODES",
     "MODE_BY_NAME",
     "BenchError",
@@ -72,6 +73,13 @@ class Mode:
     host: str | None  # None (no host), "bridged", "routed"
     extra: str | None = None  # None, "lasthop", "recipe"
     peer_redirect: bool = True  # lasthop: requests into the VM's veth end (bpf_redirect_peer)
+    table_size: int = 0  # lasthop: the confirmed table's size (config table_size); 0 = default
+
+    def config(self) -> str:
+        """The lasthop config (TOML) this mode differs by from the defaults."""
+        lines = [] if self.peer_redirect else ["peer_redirect = false"]
+        lines += [f"table_size = {self.table_size}"] if self.table_size else []
+        return "".join(line + "\n" for line in lines)
 
     def plan(self, prefix: str) -> P.Plan:
         return P.Plan(prefix + self.tag, routed=self.host == "routed", sites=[1], vms=[1])
@@ -86,7 +94,15 @@ MODES = (
     Mode("lasthop-routed", "lasthop (routed)", "lhrt", "routed", "lasthop"),
     Mode("recipe", "conntrack recipe (routed)", "rcp", "routed", "recipe"),
 )
-MODE_BY_NAME = {m.name: m for m in MODES}
+# Diagnostic modes, run only when asked for (--extra-modes): the bridged
+# lasthop host with a smaller confirmed table (the default holds 1,048,576),
+# to see what the table's size -- the pages its buckets and entries spread
+# over -- costs an established flow's lookup (docs/bench-lab.md).
+EXTRA_MODES = (
+    Mode("lasthop-4k", "lasthop (table 4,096)", "lh4k", "bridged", "lasthop", table_size=4096),
+    Mode("lasthop-64k", "lasthop (table 65,536)", "lh64k", "bridged", "lasthop", table_size=65536),
+)
+MODE_BY_NAME = {m.name: m for m in (*MODES, *EXTRA_MODES)}
 BASELINE = "direct"
 
 
@@ -267,9 +283,9 @@ class BenchPath:
         if not lab_runner.available():
             raise BenchError("the lasthop agent is not importable")
         extra: tuple[str, ...] = ()
-        if not self.mode.peer_redirect:
+        if self.mode.config():
             config = self.tools.sender.parent / f"{self.mode.tag}.toml"
-            config.write_text("peer_redirect = false\n")
+            config.write_text(self.mode.config())
             extra = ("--config", str(config))
         agent = lab_runner.AgentRunner(self.plan, extra=extra)
         agent.start()
@@ -285,8 +301,19 @@ class BenchPath:
             run([sys.executable, "-m", "lasthop", "flush", "--netns", self.host.ns])
 
     def send(
-        self, count: int, *, flows: int = 0, new_base: int = -1, cpu: int = 0, warmup: int = 0
+        self,
+        count: int,
+        *,
+        flows: int = 0,
+        new_base: int = -1,
+        cpu: int = 0,
+        warmup: int = 0,
+        tcp: bool = False,
+        handshake: bool = False,
     ) -> dict[str, int]:
+        """Sends count frames (after warmup untimed ones) over flows known
+        flows, or new ones from new_base; tcp: ACKs of established TCP
+        connections, each flow's handshake first when handshake."""
         argv = [
             str(self.tools.sender),
             self.fw_if,
@@ -300,6 +327,8 @@ class BenchPath:
         ]
         argv += ["--new", str(new_base)] if new_base >= 0 else ["--flows", str(flows)]
         argv += ["--warmup", str(warmup)] if warmup else []
+        argv += ["--tcp"] if tcp else []
+        argv += ["--handshake"] if handshake else []
         out = ns_exec(self.fw.ns, argv).stdout
         result: dict[str, int] = json.loads(out)
         return result
@@ -328,7 +357,7 @@ def rx_packets(ns: str, dev: str) -> int:
 
 def remove_paths(prefix: str, progress: Progress) -> None:
     """Removes every namespace, pin, agent and state any bench mode left (by lab name)."""
-    for mode in MODES:
+    for mode in (*MODES, *EXTRA_MODES):
         removed = lab_down(mode.plan(prefix).name)
         if removed:
             progress(f"removed {len(removed)} namespaces of {mode.name}")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lasthop.bench.lab.measure import Run, Settings
-from lasthop.bench.lab.paths import BASELINE, FRAME_LEN, MODE_BY_NAME, MODES
+from lasthop.bench.lab.paths import BASELINE, FRAME_LEN, MODE_BY_NAME
 
 __all__ = [
     "DEFAULT_OUT",
@@ -267,7 +267,7 @@ def summarize(
     repetitions; each ratio the median of the repetitions' paired ratios."""
     by: dict[tuple[str, str, int], Run] = {(r.mode, r.test, r.rep): r for r in runs}
     reps = sorted({r.rep for r in runs})
-    names = [m.name for m in MODES if any(r.mode == m.name for r in runs)]
+    names = [name for name in MODE_BY_NAME if any(r.mode == name for r in runs)]
     per_pkt: dict[str, list[float]] = {}
     per_conn: dict[str, list[float]] = {}
     modes: dict[str, ModeResult] = {}
@@ -373,7 +373,9 @@ def _setup_line(report: Report) -> str:
         f"{env.get('cpus')} × {env.get('cpu')}; sender on CPU {s.cpu}; bridges "
         f"{'with' if s.br_netfilter else 'without'} br_netfilter; {s.reps} repetitions, each a "
         f"burst of every mode back to back (order rotating); per burst {s.packets:,} packets "
-        f"({FRAME_LEN}-byte UDP over {s.flows} flows, each answered; {s.warmup:,} untimed first) "
+        f"({FRAME_LEN}-byte {'TCP ACKs' if s.tcp else 'UDP'} over {s.flows} "
+        f"{'established connections' if s.tcp else 'flows'}, each answered; "
+        f"{s.warmup:,} untimed first) "
         f"and {s.connections:,} new connections (a request and its answer each; "
         f"{s.conn_warmup:,} untimed first); tables flushed every {s.flush_every} repetitions; "
         f"{report.elapsed_s:.0f} s."
