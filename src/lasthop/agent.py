@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 from lasthop import abi
 from lasthop import reload as reload_mod
 from lasthop.apiauth import Tokens
-from lasthop.apisock import Listeners
 from lasthop.config import Config, parse_hostport
 from lasthop.controller import Controller
 from lasthop.errors import ConfigError, LasthopError
@@ -43,10 +42,6 @@ log = logging.getLogger("lasthop")
 TICK = 0.5  # longest wait between two looks at the clock (a signal ends a wait at once)
 
 
-def _import_api() -> None:
-    import lasthop.api  # noqa: F401  (the import is the work)
-
-
 class Agent:
     """*source* re-reads the config for a reload (the file and the command
     line's flags on top); None: this agent cannot reload."""
@@ -64,7 +59,6 @@ class Agent:
         self.source = source
         self.notifier = notifier or Notifier()
         self._app: FastAPI | None = None
-        self._tokens: Tokens | None = None
         self._reload_lock = threading.Lock()
         self._reload_asked = False
         self._stop = False
@@ -80,28 +74,21 @@ class Agent:
         else:
             self._stop = True
 
-    def _listen(self) -> Listeners | None:
-        """The API's sockets for this config (bound, not yet served), or None;
-        its tokens are read here too (a bad file stops the agent before it
-        attaches). No FastAPI yet: see :meth:`_serve`."""
+    def _api(self) -> ApiServer | None:
+        """The API server for this config (bound, not yet serving), or None."""
         unix_path = self.config.api_socket_path(self.controller.netns)
         tcp = parse_hostport(self.config.api) if self.config.api else None
         if unix_path is None and tcp is None:
             return None
-        self._tokens = Tokens.load(self.config.api_tokens)  # ConfigError names the file and entry
-        listeners = Listeners(unix_path=unix_path, tcp=tcp, group=self.config.api_socket_group)
-        listeners.bind()
-        return listeners
+        from lasthop.api import ApiServer, create_app  # FastAPI and uvicorn only when serving
 
-    def _serve(self, listeners: Listeners, imported: threading.Thread) -> ApiServer:
-        """The API server on *listeners*, once *imported* (the thread that
-        imported lasthop.api: FastAPI and uvicorn, ~0.4 s, while the kernel
-        verified the programs) is done."""
-        imported.join()
-        from lasthop.api import ApiServer, create_app
-
-        self._app = create_app(self.controller, tokens=self._tokens, reload=self._reload_json)
-        return ApiServer(self._app, listeners)
+        tokens = Tokens.load(self.config.api_tokens)  # ConfigError names the file and the entry
+        self._app = create_app(self.controller, tokens=tokens, reload=self._reload_json)
+        server = ApiServer(
+            self._app, unix_path=unix_path, tcp=tcp, group=self.config.api_socket_group
+        )
+        server.bind()
+        return server
 
     # -- reload ------------------------------------------------------------
     def reload(self) -> reload_mod.Result:
@@ -156,15 +143,10 @@ class Agent:
         previous_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         c = self.controller
         try:
-            listeners = self._listen()  # before attaching: a second agent in this netns stops here
+            api = self._api()  # before attaching: a second agent in this netns stops here
         except BaseException:
             self._restore(previous, previous_wakeup)
             raise
-        # FastAPI is imported meanwhile: the kernel's verifier, in start(), holds no lock of ours
-        imported = threading.Thread(target=_import_api, name="lasthop-import-api", daemon=True)
-        if listeners is not None:
-            imported.start()
-        api: ApiServer | None = None
         health: HealthMonitor | None = None
         uplinks_watch: UplinkWatch | None = None
         failover: FailoverWatch | None = None
@@ -180,8 +162,6 @@ class Agent:
             uplinks_watch.start()
             failover = FailoverWatch(c)  # a firewall's address moved: replies follow it
             failover.start()
-            if listeners is not None:
-                api = self._serve(listeners, imported)
             where = api.start() if api is not None else []
             uplinks = sorted(attached.uplinks.values())
             vm_ports = sorted(attached.vm_ports.values())
@@ -203,12 +183,8 @@ class Agent:
                 failover.stop()
             if health is not None:
                 health.stop()
-            if imported.is_alive():
-                imported.join()  # not left importing while the interpreter ends
             if api is not None:
                 api.stop()
-            elif listeners is not None:
-                listeners.close()
             self._restore(previous, previous_wakeup)
 
     def _restore(self, handlers: dict[signal.Signals, Any], wakeup_fd: int) -> None:

@@ -9,13 +9,17 @@ default the API listens on a unix socket, /run/lasthop/<netns>.sock;
 
 from __future__ import annotations
 
+import grp
 import itertools
 import logging
+import os
 import socket
+import stat
 import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import uvicorn
@@ -28,18 +32,19 @@ from lasthop import metrics
 from lasthop.apiauth import READ_METHODS, Refused, Tokens
 from lasthop.connections import Connection, ConnFilter, json_array
 from lasthop.controller import Attached, InterfaceInfo, Stats
+from lasthop.endpoint import format_endpoint
 from lasthop.errors import ApiError, ConfigError, LasthopError
 from lasthop.logs import event
 from lasthop.services.api import router as services_router
 from lasthop.services.manager import ServiceManager
 
 if TYPE_CHECKING:
-    from lasthop.apisock import Listeners
     from lasthop.sync import SyncStatus
 
 __all__ = ["ApiError", "ApiServer", "ControllerApi", "create_app"]
 
 API_VERSION = "v1"
+SOCKET_MODE = 0o660
 log = logging.getLogger("lasthop")
 Reload = Callable[[], dict[str, object]]  # the agent's reload: its result as JSON
 
@@ -203,27 +208,95 @@ class _PeerProtocol(H11Protocol):
             self.client = (f"uid {uid}", pid)
 
 
-class ApiServer:
-    """uvicorn serving the app in a daemon thread, on *listeners*
-    (lasthop.apisock: bound by the agent before it attached anything).
+def _bind_unix(path: Path, group: str | None = None) -> socket.socket:
+    """A listening-ready unix socket at *path*; a stale file is replaced, a live
+    one (another agent answering) is an error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ApiError(f"cannot listen on {path}: it exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)  # left by an agent that died
+        else:
+            raise ApiError(f"another lasthop agent answers on {path}: stop it first")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, SOCKET_MODE)
+        if group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+    except OSError as err:
+        sock.close()
+        raise ApiError(f"cannot listen on {path}: {err.strerror}") from None
+    return sock
 
-    :meth:`start` and :meth:`stop`. The thread must be started after the
-    process entered its network namespace: threads inherit the namespace of
-    the thread that creates them.
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise ApiError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as err:
+        sock.close()
+        raise ApiError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    return sock
+
+
+class ApiServer:
+    """uvicorn serving the app in a daemon thread.
+
+    :meth:`bind` first (before the agent changes anything, so a second agent
+    in the same namespace stops early), then :meth:`start` and :meth:`stop`.
+    The thread must be started after the process entered its network
+    namespace: threads inherit the namespace of the thread that creates them.
     """
 
-    def __init__(self, app: FastAPI, listeners: Listeners) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        *,
+        unix_path: Path | None = None,
+        tcp: tuple[str, int] | None = None,
+        group: str | None = None,
+    ) -> None:
         self.app = app
-        self.listeners = listeners
+        self.unix_path = unix_path
+        self.group = group
+        self.tcp = tcp
+        self.addresses: list[str] = []
+        self._sockets: list[socket.socket] = []
+        self._unix_ino = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def addresses(self) -> list[str]:
-        return self.listeners.addresses
+    def bind(self) -> None:
+        try:
+            if self.unix_path is not None:
+                sock = _bind_unix(self.unix_path, self.group)
+                self._sockets.append(sock)
+                self._unix_ino = self.unix_path.stat().st_ino
+                self.addresses.append(f"unix:{self.unix_path}")
+            if self.tcp is not None:
+                self._sockets.append(_bind_tcp(*self.tcp))
+                self.addresses.append(f"http://{format_endpoint(*self.tcp)}")
+        except BaseException:
+            self.stop()
+            raise
 
     def start(self, timeout: float = 10.0) -> list[str]:
         """Serves in the background; returns the addresses once they answer."""
+        if not self._sockets:
+            self.bind()
         config = uvicorn.Config(
             self.app,
             lifespan="off",
@@ -235,7 +308,7 @@ class ApiServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run,
-            kwargs={"sockets": self.listeners.sockets},
+            kwargs={"sockets": self._sockets},
             name="lasthop-api",
             daemon=True,
         )
@@ -253,4 +326,13 @@ class ApiServer:
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(timeout=5.0)
-        self.listeners.close()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        if self.unix_path is not None and self._unix_ino:
+            try:
+                if self.unix_path.stat().st_ino == self._unix_ino:
+                    self.unix_path.unlink()
+            except FileNotFoundError:
+                pass
+            self._unix_ino = 0
