@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import (
     ICMPv6EchoReply,
@@ -39,6 +40,13 @@ from lasthop.datapath import FamilyMap, request_expiry
 from lasthop.libbpf import BpfObject, Map, TestRun
 from lasthop.scope import ScopeRule, compile_rules
 from packets import MAC_FW_B, MAC_UPLINK_1
+
+# what every data-path test module needs: its marks, and the short names its case tables use
+MARKS = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
+C = abi.Counter
+TC = abi.TableCounter
+ST = abi.State
+HOP = abi.F_ENTRY_HOP_KNOWN
 
 TC_ACT_OK = 0
 TC_ACT_SHOT = 2

@@ -53,10 +53,15 @@ from .conftest import TestNetns
 from .harness import (
     CONFIRMED,
     EITHER,
+    HOP,
+    MARKS,
     PENDING,
+    ST,
+    TC,
     TC_ACT_REDIRECT,
     UPLINK,
     VMPORT,
+    C,
     Case,
     Datapath,
     Entry,
@@ -67,13 +72,9 @@ from .harness import (
     ids,
 )
 
-pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
+pytestmark = MARKS
 
-C = abi.Counter
-TC = abi.TableCounter
-ST = abi.State
 ORIG = abi.VmAddrOrigin
-HOP = abi.F_ENTRY_HOP_KNOWN
 ORIGIN = abi.F_ENTRY_VM_ORIGIN
 FIN_O = abi.F_ENTRY_FIN_OPENER
 FIN_A = abi.F_ENTRY_FIN_ANSWERER

@@ -73,11 +73,13 @@ from . import (
 )
 from .harness import (
     CONFIRMED,
+    MARKS,
     PENDING,
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     UPLINK,
     VMPORT,
+    C,
     Case,
     Datapath,
     Entry,
@@ -90,8 +92,8 @@ from .harness import (
     routed,
 )
 
-C = abi.Counter
 EST = abi.State.TCP_ESTABLISHED
+pytestmark = MARKS
 GENERAL = {UPLINK: "lh_uplink_general", VMPORT: "lh_vmport_general"}
 VM_MACS = (("vm1", MAC_VM_1), ("vm2", MAC_VM_2))
 

@@ -42,10 +42,13 @@ from packets import (
 
 from .conftest import FRAG_TABLE_SIZE
 from .harness import (
+    MARKS,
+    ST,
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     UPLINK,
     VMPORT,
+    C,
     Case,
     Datapath,
     Entry,
@@ -55,11 +58,7 @@ from .harness import (
     routed,
 )
 
-pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
-
-C = abi.Counter
-ST = abi.State
-HOP = abi.F_ENTRY_HOP_KNOWN
+pytestmark = MARKS
 
 
 def request4(**kw) -> list[Packet]:  # type: ignore[no-untyped-def]

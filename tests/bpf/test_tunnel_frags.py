@@ -73,10 +73,14 @@ from packets import (
 )
 
 from .harness import (
+    HOP,
+    MARKS,
+    ST,
     TC_ACT_OK,
     TC_ACT_REDIRECT,
     UPLINK,
     VMPORT,
+    C,
     Case,
     Datapath,
     Entry,
@@ -91,12 +95,9 @@ from .test_mpls import desc, meta, run_xdp, ttl
 from .test_uplink_icmp import frag_needed, held, to_vm, too_big
 from .test_veth import Capture
 
-pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
+pytestmark = MARKS
 
-C = abi.Counter
-ST = abi.State
 K = abi.LinkKind
-HOP = abi.F_ENTRY_HOP_KNOWN
 EXT = abi.F_ENTRY_HOP_EXT
 HOP_ID = 0x00050006  # any id: a reply reads the one its entry names
 A60, B60 = lse(MPLS_LABEL_A), lse(MPLS_LABEL_B)
