@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +58,13 @@ def _traces() -> set[str]:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    # A suite started in the background by a non-interactive shell (`pytest &`
+    # in a script) inherits SIGINT ignored, and an ignored signal stays ignored
+    # across exec: the commands the tests press Ctrl-C on (`lasthop top`,
+    # `bench lab`) would then never see KeyboardInterrupt and be killed after
+    # the test's wait. A handled signal is reset to the default at exec.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.geteuid() == 0:
         session.config.stash[_TRACES] = _traces()
 
