@@ -114,37 +114,28 @@ def reply4(flags: str = "A", **ip: object) -> Packet:
     )
 
 
-def udp_request4() -> Packet:
+def _udp_ends(family: int) -> tuple[type[Packet], str, str]:
+    """The IP layer, the client's and the VM's address of a UDP row."""
+    if family == 6:
+        return IPv6, IP6_CLIENT_B, IP6_VM_1
+    return IP, IP_CLIENT_B, IP_VM_1
+
+
+def udp_request(family: int) -> Packet:
+    layer, client, vm = _udp_ends(family)
     return (
         eth(MAC_FW_B, MAC_VM_1)
-        / IP(src=IP_CLIENT_B, dst=IP_VM_1)
+        / layer(src=client, dst=vm)
         / UDP(sport=PORT_CLIENT, dport=PORT_HTTP)
         / b"query"
     )
 
 
-def udp_request6() -> Packet:
-    return (
-        eth(MAC_FW_B, MAC_VM_1)
-        / IPv6(src=IP6_CLIENT_B, dst=IP6_VM_1)
-        / UDP(sport=PORT_CLIENT, dport=PORT_HTTP)
-        / b"query"
-    )
-
-
-def udp_reply4() -> Packet:
+def udp_reply(family: int) -> Packet:
+    layer, client, vm = _udp_ends(family)
     return (
         eth(MAC_VM_1, MAC_FW_A)
-        / IP(src=IP_VM_1, dst=IP_CLIENT_B)
-        / UDP(sport=PORT_HTTP, dport=PORT_CLIENT)
-        / b"answer"
-    )
-
-
-def udp_reply6() -> Packet:
-    return (
-        eth(MAC_VM_1, MAC_FW_A)
-        / IPv6(src=IP6_VM_1, dst=IP6_CLIENT_B)
+        / layer(src=vm, dst=client)
         / UDP(sport=PORT_HTTP, dport=PORT_CLIENT)
         / b"answer"
     )
@@ -260,24 +251,24 @@ ROWS: list[tuple[Case, bool]] = [
     (
         reply_row(
             "v4 UDP reply of a confirmed stream",
-            udp_reply4(),
-            est(udp_request4(), state=abi.State.UDP_STREAM),
+            udp_reply(4),
+            est(udp_request(4), state=abi.State.UDP_STREAM),
         ),
         True,
     ),
     (
         reply_row(
             "v6 UDP reply of a confirmed stream",
-            udp_reply6(),
-            est(udp_request6(), state=abi.State.UDP_STREAM),
+            udp_reply(6),
+            est(udp_request(6), state=abi.State.UDP_STREAM),
         ),
         True,
     ),
     (
         reply_row(
             "a UDP answer of a stream not yet confirmed: the general path's second lookup",
-            udp_reply4(),
-            est(udp_request4(), state=abi.State.UDP_ANSWERED, table=PENDING),
+            udp_reply(4),
+            est(udp_request(4), state=abi.State.UDP_ANSWERED, table=PENDING),
         ),
         False,
     ),
@@ -442,25 +433,25 @@ ROWS: list[tuple[Case, bool]] = [
     (
         refresh_row(
             "v4 UDP datagram of a confirmed stream",
-            udp_request4(),
-            est(udp_request4(), state=abi.State.UDP_STREAM),
+            udp_request(4),
+            est(udp_request(4), state=abi.State.UDP_STREAM),
         ),
         True,
     ),
     (
         refresh_row(
             "v6 UDP datagram of a confirmed stream",
-            udp_request6(),
-            est(udp_request6(), state=abi.State.UDP_STREAM),
+            udp_request(6),
+            est(udp_request(6), state=abi.State.UDP_STREAM),
         ),
         True,
     ),
     (
         refresh_row(
             "a UDP datagram after the answer: the general path confirms the stream",
-            udp_request4(),
-            est(udp_request4(), state=abi.State.UDP_ANSWERED, table=PENDING),
-            after=(est(udp_request4(), state=abi.State.UDP_STREAM, packets=4, seen="now"),),
+            udp_request(4),
+            est(udp_request(4), state=abi.State.UDP_ANSWERED, table=PENDING),
+            after=(est(udp_request(4), state=abi.State.UDP_STREAM, packets=4, seen="now"),),
             counters={("up1", C.REFRESHED): 1, ("up1", C.CONFIRMED): 1},
             table_counters={
                 abi.TableCounter.STATE_CHANGES: 1,
@@ -477,7 +468,7 @@ ROWS: list[tuple[Case, bool]] = [
             / IP(src=IP_CLIENT_B, dst=IP_VM_1)
             / UDP(sport=PORT_CLIENT, dport=PORT_HTTP, len=40)
             / b"query",
-            est(udp_request4(), state=abi.State.UDP_STREAM),
+            est(udp_request(4), state=abi.State.UDP_STREAM),
             after=None,
             counters={("up1", C.MALFORMED): 1},
         ),
@@ -494,8 +485,8 @@ ROWS: list[tuple[Case, bool]] = [
     (
         to_vm_row(
             "a UDP stream whose VM answered: the fast path sends it to that VM",
-            udp_request4(),
-            est(udp_request4(), state=abi.State.UDP_STREAM, vm="vm1", flags=VM_FAST_HOP),
+            udp_request(4),
+            est(udp_request(4), state=abi.State.UDP_STREAM, vm="vm1", flags=VM_FAST_HOP),
         ),
         True,
     ),
