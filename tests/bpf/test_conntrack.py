@@ -896,6 +896,20 @@ def wait_clock(dp: Datapath, jiffy: int, seconds: float = 30) -> None:
         time.sleep(0.02)
 
 
+def expire_until_gone(dp: Datapath, key: bytes, due: int) -> list[int]:
+    """Runs lh_expire once a jiffy until the entry *key* is gone, checking it
+    is still there after every run before its deadline *due*; the verdicts."""
+    verdicts = []
+    while key in dp.table():
+        t = dp.clock()
+        verdicts.append(dp.expire())
+        if (t - due) % 2**32 >= 2**31:  # before the deadline: still there
+            assert key in dp.table()
+        wait_clock(dp, (t + 1) % 2**32)
+        assert len(verdicts) < 10_000
+    return verdicts
+
+
 SOON = 100  # jiffies: well inside the horizon (twice the lead, >= 4 s)
 
 
@@ -923,14 +937,7 @@ def test_an_entry_due_soon_goes_at_its_deadline_without_another_walk(
     assert (st.due_next, st.indexed) == (gone_at, 1)
     assert (st.next_due - now) % 2**32 > TIMEOUTS[ST.TCP_ESTABLISHED] * HZ // 2  # not soon
     before = dp.table_counter_values()
-    verdicts = []
-    while soon.key.pack() in {k for k in dp.table()}:
-        t = dp.clock()
-        verdicts.append(dp.expire())
-        if (t - gone_at) % 2**32 >= 2**31:  # before the deadline: still there
-            assert soon.key.pack() in dp.table()
-        wait_clock(dp, (t + 1) % 2**32)
-        assert len(verdicts) < 10_000
+    verdicts = expire_until_gone(dp, soon.key.pack(), gone_at)
     assert set(verdicts) == {SKIPPED}
     assert remaining(dp) == {keyed(1).pack(): (CONFIRMED, ST.TCP_ESTABLISHED)}
     assert dp.expiry_index() == {}
@@ -1013,14 +1020,7 @@ def test_the_data_path_files_an_entry_whose_timeout_is_shorter_than_the_lead(
     counts = dp.table_counter_values()
     st.changes = sum(counts[c] for c in CHANGE_COUNTERS)
     dp.expiry.update(bytes(4), bytes(st))
-    verdicts = []
-    while closing.key.pack() in dp.table():
-        t = dp.clock()
-        verdicts.append(dp.expire())
-        if (t - due) % 2**32 >= 2**31:  # before the deadline: still there
-            assert closing.key.pack() in dp.table()
-        wait_clock(dp, (t + 1) % 2**32)
-        assert len(verdicts) < 10_000
+    verdicts = expire_until_gone(dp, closing.key.pack(), due)
     assert set(verdicts) == {SKIPPED}
     assert remaining(dp) == {keyed(1).pack(): (CONFIRMED, ST.TCP_ESTABLISHED)}
     assert dp.expiry_index() == {}
