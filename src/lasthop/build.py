@@ -50,18 +50,21 @@ def _multiarch_include() -> list[str]:
     return [f"-I{path}"] if triplet and path.is_dir() else []
 
 
-def build(output: Path = OBJECT, defines: dict[str, str] | None = None) -> Path:
-    """Compiles the object to *output*; *defines* become ``-D`` flags."""
+def build(
+    output: Path = OBJECT, defines: dict[str, str] | None = None, source: Path = SOURCE
+) -> Path:
+    """Compiles *source* (the package's bpf/lasthop.c, or a scratch copy a
+    bench script made) to *output*; *defines* become ``-D`` flags."""
     flags = [f"-D{k}={v}" for k, v in (defines or {}).items()]
     cmd = [
         _clang(), "-O2", "-g", "-target", "bpf", "-Wall", "-Werror",
-        *_multiarch_include(), *flags, "-c", str(SOURCE), "-o", str(output),
+        *_multiarch_include(), *flags, "-c", str(source), "-o", str(output),
     ]  # fmt: skip
     digest = sources_digest()
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise BuildError(f"clang failed:\n{result.stderr}")
-    if output == OBJECT and not defines:
+    if output == OBJECT and source == SOURCE and not defines:
         DIGEST.write_text(digest + "\n")
     return output
 
