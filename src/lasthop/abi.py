@@ -113,6 +113,7 @@ F_ENTRY_VM_FAST = 1 << 3
 F_ENTRY_FIN_OPENER = 1 << 4
 F_ENTRY_FIN_ANSWERER = 1 << 5
 F_ENTRY_HOP_EXT = 1 << 6  # vlan_tci holds the id of its lh_hop_descs descriptor
+F_ENTRY_VM_NEIGH = 1 << 7  # routed VM_FAST: its first request checks the host's neighbour
 # enum lh_hop_flag: lh_hop_moved value .flags
 HOP_UNREACHABLE = 1 << 0  # the hop's neighbour entry failed: its entries are not used
 # enum lh_endpoint_verdict: lh_endpoints value

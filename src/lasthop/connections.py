@@ -44,6 +44,7 @@ _FLAG_NAMES = {
     abi.F_ENTRY_FIN_OPENER: "fin_opener",
     abi.F_ENTRY_FIN_ANSWERER: "fin_answerer",
     abi.F_ENTRY_HOP_EXT: "hop_ext",
+    abi.F_ENTRY_VM_NEIGH: "vm_neigh",
 }
 HopLookup = Callable[[int], abi.HopDesc | None]  # hop id -> its lh_hop_descs descriptor
 

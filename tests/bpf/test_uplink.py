@@ -27,6 +27,7 @@ from packets import (
     IP6_VM_1,
     IP_CLIENT_B,
     IP_VM_1,
+    IP_VM_2,
     MAC_BROADCAST,
     MAC_FW_B,
     MAC_FW_C,
@@ -561,6 +562,29 @@ ROUTED_BIG = ROUTED_REQUEST / Raw(bytes(1600))  # beyond vm1's 1500-byte MTU
 # big" can be modelled here; segments that fit are shown by the PMTU lab test.)
 ROUTED_GRO = ROUTED_REQUEST / Raw(bytes(1470 * 2))
 
+# A routed shortcut bound by the VM's answer (VM_NEIGH): its first request
+# checks that the host's neighbour for the address is the port's guest
+#
+#   fw B ── up1 ── lh_uplink: entry (VM_FAST | VM_NEIGH, vm1) ── bpf_fib_lookup(IP_VM_1)
+#                     │ neighbour = vm1's guest: redirect, check done (VM_NEIGH cleared)
+#                     └ another MAC, or none: unbind, the kernel routes it
+UNCHECKED = BOUND.but(flags=HOP | abi.F_ENTRY_VM_FAST | abi.F_ENTRY_VM_NEIGH)
+# a connection to an address the test host has no route or neighbour for
+ROUTED_NO_NEIGH = (
+    eth(MAC_FW_B, MAC_UPLINK_1)
+    / IP(src=IP_CLIENT_B, dst=IP_VM_2)
+    / TCP(sport=PORT_CLIENT, dport=PORT_HTTP, flags="A", seq=1000)
+)
+UNCHECKED_NO_NEIGH = Entry(
+    Key(ROUTED_NO_NEIGH),
+    mac=MAC_FW_B,
+    iface="up1",
+    flags=HOP | abi.F_ENTRY_VM_FAST | abi.F_ENTRY_VM_NEIGH,
+    packets=3,
+    vm="vm1",
+    state=ST.TCP_ESTABLISHED,
+)
+
 ROUTED_FAST_PATH = [
     Case(
         "routed fast path: a request to the uplink goes straight to the VM, routed",
@@ -576,6 +600,61 @@ ROUTED_FAST_PATH = [
         output=routed(ROUTED_REQUEST, src=MAC_VMPORT_1, dst=MAC_VM_1),
         after=(BOUND.but(packets=4, seen="now"),),
         counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1},
+    ),
+    Case(
+        "routed fast path: the shortcut's first request finds the host's neighbour for the "
+        "address is the port's guest: straight to the VM, the check done",
+        UPLINK,
+        "up1",
+        ROUTED_REQUEST,
+        setup=(UNCHECKED,),
+        settings=FAST,
+        routed=True,
+        vm_macs=(("vm1", MAC_VM_1),),
+        verdict=TC_ACT_REDIRECT,
+        redirect="vm1",
+        output=routed(ROUTED_REQUEST, src=MAC_VMPORT_1, dst=MAC_VM_1),
+        after=(BOUND.but(packets=4, seen="now"),),
+        counters={("up1", C.REFRESHED): 1, ("up1", C.FAST_TO_VM): 1},
+    ),
+    Case(
+        "routed fast path: the shortcut's first request finds the host's neighbour is "
+        "another guest (spoofed answer, or the neighbour changed): unbinds and is routed",
+        UPLINK,
+        "up1",
+        ROUTED_REQUEST,
+        setup=(UNCHECKED,),
+        settings=FAST,
+        routed=True,
+        vm_macs=(("vm1", MAC_VM_2),),
+        after=(BOUND.but(packets=4, seen="now", vm=None, flags=HOP),),
+        counters={("up1", C.REFRESHED): 1},
+    ),
+    Case(
+        "routed fast path: the shortcut's first request finds no neighbour for the address "
+        "(failed, or none): unbinds and is routed",
+        UPLINK,
+        "up1",
+        ROUTED_NO_NEIGH,
+        setup=(UNCHECKED_NO_NEIGH,),
+        settings=FAST,
+        routed=True,
+        vm_macs=(("vm1", MAC_VM_1),),
+        after=(UNCHECKED_NO_NEIGH.but(packets=4, seen="now", vm=None, flags=HOP),),
+        counters={("up1", C.REFRESHED): 1},
+    ),
+    Case(
+        "routed fast path: an unchecked shortcut's frame too big for the VM's link is left "
+        "to the kernel, the check still to come",
+        UPLINK,
+        "up1",
+        ROUTED_BIG,
+        setup=(UNCHECKED,),
+        settings=FAST,
+        routed=True,
+        vm_macs=(("vm1", MAC_VM_1),),
+        after=(UNCHECKED.but(packets=4, seen="now"),),
+        counters={("up1", C.REFRESHED): 1},
     ),
     Case(
         "routed fast path: a frame not addressed to the uplink unbinds and is routed",

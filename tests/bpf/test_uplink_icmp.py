@@ -149,6 +149,11 @@ ROWS = [
               SERVICE4, frag_needed(tcp4_reply(), vlans=(dot1ad(), dot1q()))),
     passed_row("about a connection no VM port holds: left to the bridge",
                frag_needed(tcp4_reply()), C.ICMP_ERROR_FORWARDED, setup=(LEARNED4,)),
+    passed_row("about a routed shortcut whose neighbour check is still to come "
+               "(VM_NEIGH): left to routing",
+               frag_needed(tcp4_reply(), dst_mac=MAC_UPLINK_1), C.ICMP_ERROR_FORWARDED,
+               setup=(held(REQ4, flags=HOP | abi.F_ENTRY_VM_FAST | abi.F_ENTRY_VM_NEIGH),),
+               routed=True),
     passed_row("about a service whose VM is down: left to routing",
                frag_needed(tcp4_reply()), C.ICMP_ERROR_FORWARDED, setup=(SERVICE4,),
                iface_flags=(("vm1", abi.F_IFACE_VM_DOWN),)),

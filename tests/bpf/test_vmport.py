@@ -724,6 +724,7 @@ VM_SENDS = [
 
 FAST = abi.F_SET_FAST_PATH
 VM_FAST = abi.F_ENTRY_VM_FAST
+VM_NEIGH = abi.F_ENTRY_VM_NEIGH
 # another guest (MAC_VM_2) answering from VM 1's address
 SPOOFED_REPLY = eth(MAC_VM_2, MAC_VMPORT_1) / l3(tcp4_reply())
 
@@ -770,7 +771,8 @@ FAST_PATH = [
         counters={("vm1", C.REDIRECTED): 1},
     ),
     Case(
-        "routed fast path: the guest the host routes the VM's address to binds its port",
+        "routed fast path: the guest's reply binds its port, the neighbour check left to "
+        "the first request that takes the shortcut (VM_NEIGH)",
         VMPORT,
         "vm1",
         tcp4_reply(dst_mac=MAC_VMPORT_1),
@@ -781,11 +783,16 @@ FAST_PATH = [
         verdict=TC_ACT_REDIRECT,
         redirect="up1",
         output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
-        after=(reply_to(tcp4_request(), replies=1, seen="now", vm="vm1", flags=HOP | VM_FAST),),
+        after=(
+            reply_to(
+                tcp4_request(), replies=1, seen="now", vm="vm1", flags=HOP | VM_FAST | VM_NEIGH
+            ),
+        ),
         counters={("vm1", C.REDIRECTED): 1},
     ),
     Case(
-        "routed fast path: a guest that is not the host's neighbour for the address binds nothing",
+        "routed fast path: a guest that is not the host's neighbour for the address binds "
+        "only until the first request checks (test_uplink: it unbinds there)",
         VMPORT,
         "vm1",
         SPOOFED_REPLY,
@@ -796,7 +803,30 @@ FAST_PATH = [
         verdict=TC_ACT_REDIRECT,
         redirect="up1",
         output=routed(SPOOFED_REPLY),
-        after=(reply_to(tcp4_request(), replies=1, seen="now"),),
+        after=(
+            reply_to(
+                tcp4_request(), replies=1, seen="now", vm="vm1", flags=HOP | VM_FAST | VM_NEIGH
+            ),
+        ),
+        counters={("vm1", C.REDIRECTED): 1},
+    ),
+    Case(
+        "routed fast path: a bound port's guest answering again checks nothing, binds nothing new",
+        VMPORT,
+        "vm1",
+        tcp4_reply(dst_mac=MAC_VMPORT_1),
+        setup=(reply_to(tcp4_request(), vm="vm1", flags=HOP | VM_FAST | VM_NEIGH),),
+        settings=FAST,
+        routed=True,
+        vm_macs=(("vm1", MAC_VM_1),),
+        verdict=TC_ACT_REDIRECT,
+        redirect="up1",
+        output=routed(tcp4_reply(dst_mac=MAC_VMPORT_1)),
+        after=(
+            reply_to(
+                tcp4_request(), replies=1, seen="now", vm="vm1", flags=HOP | VM_FAST | VM_NEIGH
+            ),
+        ),
         counters={("vm1", C.REDIRECTED): 1},
     ),
 ]

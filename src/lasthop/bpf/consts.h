@@ -190,6 +190,8 @@ enum lh_entry_flag {
 	F_ENTRY_FIN_ANSWERER = 1 << 5, /* TCP: the side that answered sent a FIN */
 	F_ENTRY_HOP_EXT      = 1 << 6, /* last hop has a descriptor in lh_hop_descs: vlan_tci
 					* holds its id (low half first), the tags are in it */
+	F_ENTRY_VM_NEIGH     = 1 << 7, /* with VM_FAST, routed: the shortcut waits for the
+					* neighbour check of its first request (vm_fast_send) */
 };
 
 /* What a fail-over record says of its hop (hop_moved .flags). Python

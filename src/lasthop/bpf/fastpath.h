@@ -282,18 +282,54 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 	return ret;
 }
 
+/* Routed host: does the host's own neighbour entry for a request's
+ * destination (the VM's address: the IP header at l3_off, of family family)
+ * name VM port vm_ifindex's guest? The lookup is the one the kernel makes
+ * for the request: from the uplink it came in on. So a guest that answers
+ * from an address the host routes to another guest takes no connection.
+ * A global function: its 64-byte lookup stays off its callers' stacks.
+ * Returns 1 when it does. */
+__noinline int vm_neigh_is(struct __sk_buff *skb, __u32 vm_ifindex, __u32 l3_off, __u32 family)
+{
+	struct iface_cfg *vm = iface_get(vm_ifindex, ROLE_VM_PORT);
+	struct bpf_fib_lookup fib = {};
+	__u8 dmac[8] __attribute__((aligned(8))); /* mac_equal reads words: not from fib */
+
+	if (!skb || !vm)
+		return 0;
+	fib.ifindex = skb->ifindex;
+	if (family == FAMILY_V4) {
+		fib.family = AF_INET_;
+		if (bpf_skb_load_bytes(skb, l3_off + offsetof(struct iphdr, daddr), &fib.ipv4_dst,
+				       sizeof(fib.ipv4_dst)))
+			return 0;
+	} else {
+		fib.family = AF_INET6_;
+		if (bpf_skb_load_bytes(skb, l3_off + offsetof(struct ipv6hdr, daddr), fib.ipv6_dst,
+				       sizeof(fib.ipv6_dst)))
+			return 0;
+	}
+	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	__builtin_memcpy(dmac, fib.dmac, ETH_ALEN);
+	return mac_equal(dmac, vm->vm_mac);
+}
+
 /* A request of entry e (F_ENTRY_VM_FAST: its VM has answered) straight to
  * that VM's port, skipping the bridge (and, on a routed host, the routing)
  * -- but only when the frame is addressed as the kernel would forward it:
  * to that port's guest (bridged) or to this uplink (up, routed), so no VM
- * can claim another's connection. The frame's IP header at l3_off, tags
- * tags. Returns the redirect's verdict; FAST_PASS when the kernel is to
- * forward it (a routed frame too big for the VM's link, or one the rewrite
- * refused: a TTL run out); FAST_NONE, nothing changed, when the shortcut
- * no longer applies. lh_uplink's general path (uplink_fast) and fast path
- * (fast_refresh) both send with it. */
+ * can claim another's connection; on a routed host, the first request that
+ * takes the shortcut (F_ENTRY_VM_NEIGH) also checks that the host routes
+ * the address to that guest (vm_neigh_is): once per connection, and never
+ * for a connection that sends one request (its answer does not check). The
+ * frame's IP header at l3_off, tags tags. Returns the redirect's verdict;
+ * FAST_PASS when the kernel is to forward it (a routed frame too big for
+ * the VM's link, or one the rewrite refused: a TTL run out); FAST_NONE,
+ * nothing changed, when the shortcut no longer applies. lh_uplink's general
+ * path (uplink_fast) and fast path (fast_refresh) both send with it. */
 static __always_inline int vm_fast_send(struct __sk_buff *skb, const struct ethhdr *eth,
-					const struct conn_entry *e, const struct iface_cfg *up,
+					struct conn_entry *e, const struct iface_cfg *up,
 					__u32 settings, __u32 l3_off, __u32 family, __u32 tags)
 {
 	__u32 vm = e->vm_ifindex, mtu = 0;
@@ -308,6 +344,11 @@ static __always_inline int vm_fast_send(struct __sk_buff *skb, const struct ethh
 		return FAST_NONE;
 	if (routed && bpf_check_mtu(skb, vm, &mtu, 0, BPF_MTU_CHK_SEGS))
 		return FAST_PASS;
+	if (routed && (e->flags & F_ENTRY_VM_NEIGH)) {
+		if (!vm_neigh_is(skb, vm, l3_off, family))
+			return FAST_NONE;
+		e->flags &= ~F_ENTRY_VM_NEIGH;
+	}
 	ret = send_to_vm_at(skb, vm, l3_off, family, tags); /* bridged: the MAC is already there */
 	return ret < 0 ? FAST_PASS : ret;
 }

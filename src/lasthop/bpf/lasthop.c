@@ -170,7 +170,7 @@ static __always_inline int uplink_fast(struct __sk_buff *skb, struct pkt *p,
 	ret = vm_fast_send(skb, eth, e, up, settings, p->l3_off, p->key.family, p->vlan_count);
 	if (ret == FAST_NONE) {
 		e->vm_ifindex = 0;
-		e->flags &= ~F_ENTRY_VM_FAST;
+		e->flags &= ~(F_ENTRY_VM_FAST | F_ENTRY_VM_NEIGH);
 		return TC_ACT_OK;
 	}
 	if (ret < 0)
@@ -385,7 +385,8 @@ __noinline int uplink_icmp_error(struct __sk_buff *skb, __u32 l3_off, __u32 l3_l
 		e = conn_lookup(&q, &pending);
 		if (!e)
 			return CNT_ICMP_ERROR_MISS << 8;
-		vm_ifindex = e->vm_ifindex;
+		/* a routed shortcut not yet checked (vm_fast_send) holds nothing */
+		vm_ifindex = e->flags & F_ENTRY_VM_NEIGH ? 0 : e->vm_ifindex;
 	}
 	vm = iface_get(vm_ifindex, ROLE_VM_PORT);
 	if (!vm_ifindex || !vm || (vm->flags & F_IFACE_VM_DOWN))
@@ -638,44 +639,21 @@ __noinline int vm_mac_learn(struct __sk_buff *skb, struct iface_cfg *cfg,
 	return 1;
 }
 
-/* Routed host: does the host's own neighbour entry for the VM's address (the
- * reversed key's daddr) name this port's guest? The lookup is the one the
- * kernel made for the request: from the uplink it came in on. */
-static __always_inline int vm_owns_address(struct __sk_buff *skb, const struct pkt *p,
-					   const struct conn_entry *e, const struct iface_cfg *cfg)
-{
-	struct bpf_fib_lookup fib = {};
-	__u8 dmac[8] __attribute__((aligned(8))); /* mac_equal reads words: not from fib */
-
-	fib.ifindex = e->ifindex;
-	if (p->key.family == FAMILY_V4) {
-		fib.family = AF_INET_;
-		fib.ipv4_dst = p->key.daddr[0];
-	} else {
-		fib.family = AF_INET6_;
-		__builtin_memcpy(fib.ipv6_dst, p->key.daddr, sizeof(fib.ipv6_dst));
-	}
-	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
-		return 0;
-	__builtin_memcpy(dmac, fib.dmac, ETH_ALEN);
-	return mac_equal(dmac, cfg->vm_mac);
-}
-
 /* May the VM's answer make this port the connection's shortcut (see
  * uplink_fast)? Only a reply from the port's own guest, on an entry not yet
- * bound to a VM -- and on a routed host, from the guest the host itself
- * would route the VM's address to. Read before the reply's headers change;
- * the neighbour check runs once per connection. */
-static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct pkt *p,
-					    const struct conn_entry *e, const struct iface_cfg *cfg)
+ * bound to a VM. On a routed host the shortcut also needs the guest to be
+ * the one the host itself routes the VM's address to: its first request
+ * checks that (F_ENTRY_VM_NEIGH, vm_fast_send), so a connection that never
+ * takes the shortcut never pays the lookup. Read before the reply's
+ * headers change. */
+static __always_inline int vm_fast_eligible(struct __sk_buff *skb, const struct conn_entry *e,
+					    const struct iface_cfg *cfg)
 {
 	struct ethhdr *eth = eth_of(skb);
 
 	if (e->vm_ifindex || !(cfg->flags & F_IFACE_VM_MAC) || !eth)
 		return 0;
-	if (!(settings_flags() & F_SET_FAST_PATH) || !mac_equal(eth->h_source, cfg->vm_mac))
-		return 0;
-	return !(cfg->flags & F_IFACE_ROUTED) || vm_owns_address(skb, p, e, cfg);
+	return (settings_flags() & F_SET_FAST_PATH) && mac_equal(eth->h_source, cfg->vm_mac);
 }
 
 /* A reply (not an ICMP error) of a known connection: track its state, learn
@@ -708,7 +686,7 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 			o->reason = CNT_VM_ORIGIN_PENDING;
 		return TC_ACT_OK;
 	}
-	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, p, e, cfg);
+	fast = hit == CNT_REDIRECTED && vm_fast_eligible(skb, e, cfg);
 	if (failover_needed(settings_flags())) { /* its firewall failed over, or is gone */
 		ret = failover_follow(e, &p->key);
 		if (ret == FOLLOW_UNREACHABLE) {
@@ -726,7 +704,7 @@ static __always_inline int vmport_reply(struct __sk_buff *skb, struct pkt *p,
 	}
 	if (fast) {
 		e->vm_ifindex = skb->ifindex;
-		e->flags |= F_ENTRY_VM_FAST;
+		e->flags |= F_ENTRY_VM_FAST | (cfg->flags & F_IFACE_ROUTED ? F_ENTRY_VM_NEIGH : 0);
 	}
 	if (e->flags & F_ENTRY_HOP_EXT)
 		o->svc = CNT_ENCAP_REDIRECTED;
