@@ -57,6 +57,7 @@ from .harness import (
     VMPORT,
     Datapath,
     Entry,
+    HopSlots,
     Key,
     bridged,
     inner_tag,
@@ -315,7 +316,7 @@ PUSH_ROWS = [
 
 
 @pytest.mark.parametrize("row", PUSH_ROWS, ids=[r.description for r in PUSH_ROWS])
-def test_reply_gets_the_label_stack_back(dp: Datapath, descs: libbpf.Map, row: PushRow) -> None:
+def test_reply_gets_the_label_stack_back(dp: Datapath, descs: HopSlots, row: PushRow) -> None:
     if row.routed:
         dp.configure("vm1", flags=abi.F_IFACE_ROUTED)
     put_mpls_entry(dp, row.request, tags=row.tags, ad=row.tags == 2)
@@ -361,7 +362,7 @@ def _wait_for(pred, what: str, timeout: float = 10.0):  # type: ignore[no-untype
     ids=["ipv4", "ipv6-tagged"],
 )
 def test_a_labelled_request_is_learned_with_its_stack(  # type: ignore[no-untyped-def]
-    dp: Datapath, descs: libbpf.Map, mode: int, request_frame: Packet, tags: tuple[int, ...]
+    dp: Datapath, descs: HopSlots, mode: int, request_frame: Packet, tags: tuple[int, ...]
 ) -> None:
     """Through a veth: XDP takes two labels off, tc learns the connection with
     a descriptor of the stack (labels and TC, no TTL or S bit) and the tags."""
@@ -381,7 +382,8 @@ def test_a_labelled_request_is_learned_with_its_stack(  # type: ignore[no-untype
         hop_id = abi.hop_desc_id(e)
         got = abi.HopDesc.from_buffer_copy(descs.lookup(hop_id.to_bytes(4, "little")))
         want = desc(A60, lse(MPLS_LABEL_B, 61, 2), tags=tags)
-        got.mark = 0
+        assert got.gen & 1 == 0 and abi.hop_id_of(abi.hop_id_slot(hop_id)[0], got.gen) == hop_id
+        got.mark, got.gen = 0, 0
         assert bytes(got) == bytes(want)
         assert moved(dp, before, "up1") == {C.MPLS_POPPED: 1, C.LEARNED: 1}
     finally:
