@@ -26,7 +26,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
-from lasthop import abi, libbpf
+from lasthop import abi
+from lasthop.datapath import hop_desc_hash, libbpf
 from packets import (
     MAC_FW_B,
     MAC_VM_1,
@@ -386,6 +387,38 @@ def test_a_labelled_request_is_learned_with_its_stack(  # type: ignore[no-untype
         got.mark, got.gen = 0, 0
         assert bytes(got) == bytes(want)
         assert moved(dp, before, "up1") == {C.MPLS_POPPED: 1, C.LEARNED: 1}
+    finally:
+        libbpf.XdpHook(up1).detach(XDP)
+        tc.detach(handle=1, priority=1)
+    assert libbpf.XdpHook(up1).query() is None
+
+
+def test_a_labelled_request_whose_slots_are_all_taken_is_not_learned(
+    dp: Datapath, descs: HopSlots
+) -> None:
+    """Slot exhaustion on the data path: the HOP_DESC_PROBES slots of the
+    stack's descriptor hold other hops, so tc refuses the new hop
+    (hop_desc_full), learns no connection and passes the frame; the slots
+    are untouched."""
+    set_link_kind(dp, "up1", abi.LinkKind.MPLS)
+    want = desc(A60, lse(MPLS_LABEL_B, 61, 2))
+    base = hop_desc_hash(want) & abi.HOP_SLOT_MASK
+    window = [(base + i) & abi.HOP_SLOT_MASK for i in range(abi.HOP_DESC_PROBES)]
+    for i, slot in enumerate(window):
+        descs.update(slot.to_bytes(4, "little"), bytes(desc(lse(100 + i, 60))))
+    taken = {slot: bytes(descs.slot(slot)) for slot in window}
+    up1 = dp.ifaces["up1"].ifindex
+    tc = libbpf.TcHook(up1, libbpf.INGRESS)
+    tc.create()
+    tc.attach(dp.obj.program(UPLINK).fd, handle=1, priority=1)
+    try:
+        assert libbpf.XdpHook(up1).attach(dp.obj.program(XDP).fd, flags=XDP_FLAGS_SKB_MODE)
+        before = dp.counter_values()
+        _send("up1p", bytes(labelled(tcp4_request(), (A60, lse(MPLS_LABEL_B, 61, 2)))))
+        _wait_for(lambda: moved(dp, before, "up1").get(C.HOP_DESC_FULL), "hop_desc_full")
+        assert moved(dp, before, "up1") == {C.MPLS_POPPED: 1, C.HOP_DESC_FULL: 1}
+        assert dp.tables[PENDING].lookup(Key(tcp4_request()).pack()) is None
+        assert {slot: bytes(descs.slot(slot)) for slot in window} == taken
     finally:
         libbpf.XdpHook(up1).detach(XDP)
         tc.detach(handle=1, priority=1)

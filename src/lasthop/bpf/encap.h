@@ -286,10 +286,12 @@ static __always_inline void hop_desc_keep(const struct conn_entry *e, __u32 pass
 
 /* After the walk: a descriptor no live entry marked during this pass, nor the
  * data path since it began, is unused: its slot is freed -- the generation
- * made odd by compare-and-swap (a claim or a mark meanwhile: left for the
- * next pass), the content cleared (kind 0: free), the generation even again
- * and 2 on, so no id given for the old hop names the slot any more. (*pass
- * is the pass's mark; every slot is visited, MAX_HOP_DESCS of them.) */
+ * made odd by compare-and-swap (another writer meanwhile: left for the next
+ * pass; a mark by the data path between the test and the swap: the
+ * generation put back, the id still valid), the content cleared (kind 0:
+ * free), the generation even again and 2 on, so no id given for the old hop
+ * names the slot any more. (*pass is the pass's mark; every slot is
+ * visited, MAX_HOP_DESCS of them.) */
 static long hop_desc_sweep(struct bpf_map *map, __u32 *slot, struct hop_desc *d, __u32 *pass)
 {
 	__u64 gen = d->gen;
@@ -298,6 +300,10 @@ static long hop_desc_sweep(struct bpf_map *map, __u32 *slot, struct hop_desc *d,
 		return 0;
 	if (__sync_val_compare_and_swap(&d->gen, gen, gen + 1) != gen)
 		return 0;
+	if (d->mark == *pass) {
+		__sync_fetch_and_add(&d->gen, -1);
+		return 0;
+	}
 	__builtin_memset(d, 0, offsetof(struct hop_desc, reserved2));
 	__sync_fetch_and_add(&d->gen, 1);
 	return 0;
