@@ -240,6 +240,13 @@ def test_the_expiry_pass_sweeps_descriptors_no_entry_names(dp, descs) -> None:  
     assert [int.from_bytes(k, "little") for k in list(descs.keys())] == [HOP_ID]
 
 
+def _agent_maps(dp) -> Maps:  # type: ignore[no-untyped-def]
+    """The maps as the agent has them, lh_hop_put to store descriptors through."""
+    maps = Maps({name: dp.obj.map(name) for name in MAP_NAMES})
+    maps.hop_putter = dp.obj.program("lh_hop_put")
+    return maps
+
+
 def test_a_peers_descriptor_is_stored_as_the_data_path_would_store_it(dp, descs) -> None:  # type: ignore[no-untyped-def]
     """The sync's applier (and import) store a peer's descriptor through
     lh_hop_put, as the data path would: the slot its hash names, or the next
@@ -247,8 +254,7 @@ def test_a_peers_descriptor_is_stored_as_the_data_path_would_store_it(dp, descs)
     0 -> 2: the id's generation bits 1); stored again, the same id. It is
     marked in use by the expiry pass to come (hop_desc_pass), so the sweep of
     a pass under way keeps it."""
-    maps = Maps({name: dp.obj.map(name) for name in MAP_NAMES})
-    maps.hop_putter = dp.obj.program("lh_hop_put")
+    maps = _agent_maps(dp)
     want, other = desc4(), desc4(endpoint=0xC0000209)
     base = hop_desc_hash(want) & abi.HOP_SLOT_MASK
     descs.update(_u32(base), bytes(other))  # another hop holds the hash's slot (generation 0)
@@ -268,8 +274,7 @@ def test_a_hop_whose_slots_are_all_taken_is_refused(dp, descs) -> None:  # type:
     """Slot exhaustion: when the HOP_DESC_PROBES slots a new hop may take all
     hold other hops (or are being written), it is refused, hop_desc_full,
     and no slot is touched; one freed, the hop takes it."""
-    maps = Maps({name: dp.obj.map(name) for name in MAP_NAMES})
-    maps.hop_putter = dp.obj.program("lh_hop_put")
+    maps = _agent_maps(dp)
     want = desc4(endpoint=0xC0000233)
     base = hop_desc_hash(want) & abi.HOP_SLOT_MASK
     window = [(base + i) & abi.HOP_SLOT_MASK for i in range(abi.HOP_DESC_PROBES)]
@@ -291,8 +296,7 @@ def test_a_hop_whose_slots_are_all_taken_is_refused(dp, descs) -> None:  # type:
 def test_lh_hop_put_refuses_a_frame_that_is_no_descriptor(dp, descs) -> None:  # type: ignore[no-untyped-def]
     """A kind the data path does not store (0, or unknown) is refused with a
     clear error; nothing is stored."""
-    maps = Maps({name: dp.obj.map(name) for name in MAP_NAMES})
-    maps.hop_putter = dp.obj.program("lh_hop_put")
+    maps = _agent_maps(dp)
     for kind in (0, 9):
         with pytest.raises(DatapathError, match=rf"not a hop descriptor \(kind {kind}\)"):
             maps.put_hop_desc(abi.HopDesc(kind=kind))

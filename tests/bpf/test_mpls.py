@@ -13,10 +13,12 @@ as rows through lh_vmport with a descriptor put in place.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -354,6 +356,24 @@ def _wait_for(pred, what: str, timeout: float = 10.0):  # type: ignore[no-untype
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.contextmanager
+def _mpls_uplink(dp: Datapath, mode: int) -> Iterator[None]:
+    """up1 an MPLS uplink: lh_uplink on its tc ingress, lh_uplink_mpls as XDP
+    in *mode*; both taken off after."""
+    set_link_kind(dp, "up1", abi.LinkKind.MPLS)
+    up1 = dp.ifaces["up1"].ifindex
+    tc = libbpf.TcHook(up1, libbpf.INGRESS)
+    tc.create()
+    tc.attach(dp.obj.program(UPLINK).fd, handle=1, priority=1)
+    try:
+        assert libbpf.XdpHook(up1).attach(dp.obj.program(XDP).fd, flags=mode)
+        yield
+    finally:
+        libbpf.XdpHook(up1).detach(XDP)
+        tc.detach(handle=1, priority=1)
+    assert libbpf.XdpHook(up1).query() is None
+
+
 @pytest.mark.parametrize(
     "mode", [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], ids=["native", "generic"]
 )
@@ -367,13 +387,7 @@ def test_a_labelled_request_is_learned_with_its_stack(  # type: ignore[no-untype
 ) -> None:
     """Through a veth: XDP takes two labels off, tc learns the connection with
     a descriptor of the stack (labels and TC, no TTL or S bit) and the tags."""
-    set_link_kind(dp, "up1", abi.LinkKind.MPLS)
-    up1 = dp.ifaces["up1"].ifindex
-    tc = libbpf.TcHook(up1, libbpf.INGRESS)
-    tc.create()
-    tc.attach(dp.obj.program(UPLINK).fd, handle=1, priority=1)
-    try:
-        assert libbpf.XdpHook(up1).attach(dp.obj.program(XDP).fd, flags=mode)
+    with _mpls_uplink(dp, mode):
         before = dp.counter_values()
         _send("up1p", bytes(labelled(request_frame, (A60, lse(MPLS_LABEL_B, 61, 2)))))
         key = Key(request_frame).pack()
@@ -387,10 +401,6 @@ def test_a_labelled_request_is_learned_with_its_stack(  # type: ignore[no-untype
         got.mark, got.gen = 0, 0
         assert bytes(got) == bytes(want)
         assert moved(dp, before, "up1") == {C.MPLS_POPPED: 1, C.LEARNED: 1}
-    finally:
-        libbpf.XdpHook(up1).detach(XDP)
-        tc.detach(handle=1, priority=1)
-    assert libbpf.XdpHook(up1).query() is None
 
 
 def test_a_labelled_request_whose_slots_are_all_taken_is_not_learned(
@@ -400,26 +410,16 @@ def test_a_labelled_request_whose_slots_are_all_taken_is_not_learned(
     stack's descriptor hold other hops, so tc refuses the new hop
     (hop_desc_full), learns no connection and passes the frame; the slots
     are untouched."""
-    set_link_kind(dp, "up1", abi.LinkKind.MPLS)
     want = desc(A60, lse(MPLS_LABEL_B, 61, 2))
     base = hop_desc_hash(want) & abi.HOP_SLOT_MASK
     window = [(base + i) & abi.HOP_SLOT_MASK for i in range(abi.HOP_DESC_PROBES)]
     for i, slot in enumerate(window):
         descs.update(slot.to_bytes(4, "little"), bytes(desc(lse(100 + i, 60))))
     taken = {slot: bytes(descs.slot(slot)) for slot in window}
-    up1 = dp.ifaces["up1"].ifindex
-    tc = libbpf.TcHook(up1, libbpf.INGRESS)
-    tc.create()
-    tc.attach(dp.obj.program(UPLINK).fd, handle=1, priority=1)
-    try:
-        assert libbpf.XdpHook(up1).attach(dp.obj.program(XDP).fd, flags=XDP_FLAGS_SKB_MODE)
+    with _mpls_uplink(dp, XDP_FLAGS_SKB_MODE):
         before = dp.counter_values()
         _send("up1p", bytes(labelled(tcp4_request(), (A60, lse(MPLS_LABEL_B, 61, 2)))))
         _wait_for(lambda: moved(dp, before, "up1").get(C.HOP_DESC_FULL), "hop_desc_full")
         assert moved(dp, before, "up1") == {C.MPLS_POPPED: 1, C.HOP_DESC_FULL: 1}
         assert dp.tables[PENDING].lookup(Key(tcp4_request()).pack()) is None
         assert {slot: bytes(descs.slot(slot)) for slot in window} == taken
-    finally:
-        libbpf.XdpHook(up1).detach(XDP)
-        tc.detach(handle=1, priority=1)
-    assert libbpf.XdpHook(up1).query() is None
