@@ -324,10 +324,11 @@ def test_the_wire_version_names_the_structs_it_carries() -> None:
     WIRE_VERSION with it (a peer of another version ignores the batch and
     counts it) and write the new layout here."""
     hop_layout = [(name, getattr(abi.HopDesc, name).offset) for name, *_ in abi.HopDesc._fields_]
-    assert (WIRE_VERSION, RECORD_SIZE, HOP_SIZE) == ("3", 84, 76)
+    assert (WIRE_VERSION, RECORD_SIZE, HOP_SIZE) == ("4", 84, 88)
     assert hop_layout == [
         ("remote", 0), ("vni", 16), ("mpls", 20), ("vlan_tci", 32), ("kind", 36),
         ("mpls_count", 37), ("opt_len", 38), ("reserved", 39), ("opts", 40), ("mark", 72),
+        ("reserved2", 76), ("gen", 80),
     ]  # fmt: skip
 
 
@@ -361,3 +362,17 @@ def test_a_hop_record_naming_an_uplink_this_host_lacks_stores_no_descriptor() ->
     peer = Peer()
     batch = decode_batch(records, names, lambda n: 0, 1000, _settings(), hops, peer.hop_id_of)
     assert (batch.unmapped, batch.hop_refused, batch.writes, peer.stored) == (1, 0, {}, {})
+
+
+def test_an_export_of_the_hash_release_keeps_its_hop_and_other_sizes_are_refused() -> None:
+    """An export written while hop_desc was 76 bytes (WIRE_VERSION 3, no
+    generation) imports with the same content, padded; a hop of any other
+    size is refused, naming both sizes."""
+    desc = _hop(abi.HopKind.TUNNEL4, vni=100)
+    content = abi.HopDesc.mark.offset
+    base = ["1", "0", bytes(abi.ConnKey()).hex(), "up0", "vm0", "02" * 6, [], "0", "0", "0", "0"]
+    base += ["0", "0"]
+    old = decode_record([*base, bytes(desc)[:76].hex()])
+    assert len(old.hop) == HOP_SIZE and old.hop[:content] == bytes(desc)[:content]
+    with pytest.raises(ValueError, match=rf"a hop is {HOP_SIZE} bytes \(76 before release 5\)"):
+        decode_record([*base, bytes(desc)[:80].hex()])

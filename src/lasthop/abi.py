@@ -47,7 +47,10 @@ SCOPE_WORDS = 10  # 32-bit words of a scope match key (ScopeRule)
 CHANGES_RING_SIZE = 1 << 22  # lh_changes, bytes
 FRAG_TABLE_SIZE = 8192  # lh_frags: fragmented datagrams whose first fragment's decision is kept
 SVC_WALK_IFACES = 16  # VM ports one run of lh_svc_walk looks for
-MAX_HOP_DESCS = 16384  # lh_hop_descs: distinct tunnel/MPLS last hops
+HOP_SLOT_BITS = 14  # a hop id's slot bits; the rest are the slot's generation
+MAX_HOP_DESCS = 1 << HOP_SLOT_BITS  # lh_hop_descs: slots for distinct tunnel/MPLS last hops
+HOP_SLOT_MASK = MAX_HOP_DESCS - 1
+HOP_GEN_MASK = (1 << (32 - HOP_SLOT_BITS)) - 1  # a hop id's generation bits: gen >> 1
 GENEVE_OPT_MAX = 32  # Geneve option bytes a hop keeps
 MAX_MPLS_LABELS = 3
 HOP_DESC_PROBES = 4
@@ -259,6 +262,7 @@ class Counter(enum.IntEnum):
     MPLS_POPPED = 52
     MPLS_MALFORMED = 53
     MPLS_GSO = 54
+    HOP_SLOT_BUSY = 59
 
 
 class HopKind(enum.IntEnum):
@@ -362,7 +366,8 @@ class IfaceCfg(ctypes.Structure):
 
 
 class HopDesc(ctypes.Structure):
-    """struct hop_desc: lh_hop_descs value, a last hop beyond MAC and tags."""
+    """struct hop_desc: lh_hop_descs value (an array slot), a last hop beyond
+    MAC and tags, and the slot's generation (hop_id_of)."""
 
     _fields_ = [
         ("remote", ctypes.c_uint32 * 4),  # host order words (bpf_tunnel_key), IPv4 in word 0
@@ -375,6 +380,8 @@ class HopDesc(ctypes.Structure):
         ("reserved", ctypes.c_uint8),
         ("opts", ctypes.c_uint8 * GENEVE_OPT_MAX),
         ("mark", ctypes.c_uint32),
+        ("reserved2", ctypes.c_uint32),
+        ("gen", ctypes.c_uint64),  # odd while being written; an id names it while gen matches
     ]
 
 
@@ -387,6 +394,22 @@ class MplsMeta(ctypes.Structure):
         ("count", ctypes.c_uint8),
         ("reserved", ctypes.c_uint8 * 3),
     ]
+
+
+def hop_id_of(slot: int, gen: int) -> int:
+    """encap.h's hop_id_of: the id naming *slot* while its generation is *gen*."""
+    return (slot & HOP_SLOT_MASK) | ((gen >> 1) & HOP_GEN_MASK) << HOP_SLOT_BITS
+
+
+def hop_id_slot(hop_id: int) -> tuple[int, int]:
+    """The slot an id names and the (smallest) generation that makes it name it."""
+    return hop_id & HOP_SLOT_MASK, (hop_id >> HOP_SLOT_BITS) << 1
+
+
+def hop_id_names(hop_id: int, gen: int) -> bool:
+    """Whether *hop_id* names its slot while the slot's generation is *gen*
+    (encap.h's hop_desc_of: even, its low bits the id's)."""
+    return not gen & 1 and hop_id_of(hop_id, gen) == hop_id
 
 
 def hop_desc_id(entry: ConnEntry) -> int | None:

@@ -64,7 +64,7 @@ MAP_NAMES = (
     "lh_hop_descs",
 )
 # run by the CLI through their pins
-PINNED_PROGRAMS = ("lh_clock", "lh_stats", "lh_svc_walk", "lh_scope_flush")
+PINNED_PROGRAMS = ("lh_clock", "lh_stats", "lh_svc_walk", "lh_scope_flush", "lh_hop_put")
 TABLES = ("confirmed", "pending")  # the index of expiry_stats arrays (both families each)
 # the connection maps: (name, family, table); lh_conns4/lh_pending4 are keyed
 # by the 16-byte conn_key4, lh_conns/lh_pending (IPv6) by conn_key
@@ -273,6 +273,9 @@ class Maps:
         # lh_svc_walk: the agent's object's, or opened from its pin when first run
         self.svc_walker: libbpf.Program | None = None
         self._walker_pin: Path | None = None
+        # lh_hop_put: the same, for put_hop_desc
+        self.hop_putter: libbpf.Program | None = None
+        self._putter_pin: Path | None = None
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
@@ -282,6 +285,7 @@ class Maps:
             )
         maps = cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
         maps._walker_pin = pins.path("lh_svc_walk")
+        maps._putter_pin = pins.path("lh_hop_put")
         return maps
 
     def close(self) -> None:
@@ -290,6 +294,9 @@ class Maps:
         if self._walker_pin is not None and self.svc_walker is not None:
             os.close(self.svc_walker.fd)  # opened from the pin: ours
             self.svc_walker = None
+        if self._putter_pin is not None and self.hop_putter is not None:
+            os.close(self.hop_putter.fd)
+            self.hop_putter = None
 
     def svc_walk(self, request: abi.SvcWalk) -> abi.SvcWalk | None:
         """Has the kernel move or remove the service connections *request*
@@ -308,35 +315,41 @@ class Maps:
         return abi.SvcWalk.from_buffer_copy(run.data[: ctypes.sizeof(abi.SvcWalk)])
 
     def hop_desc(self, hop_id: int) -> abi.HopDesc | None:
-        """The tunnel/MPLS last hop an entry with F_ENTRY_HOP_EXT names, if still there."""
-        raw = self.hop_descs.lookup(_u32(hop_id))
-        return abi.HopDesc.from_buffer_copy(raw) if raw else None
+        """The tunnel/MPLS last hop an entry with F_ENTRY_HOP_EXT names, if its
+        slot still holds it (encap.h's hop_desc_of: the id's generation, even,
+        a kind set)."""
+        raw = self.hop_descs.lookup(_u32(hop_id & abi.HOP_SLOT_MASK))
+        if not raw:
+            return None
+        desc = abi.HopDesc.from_buffer_copy(raw)
+        return desc if abi.hop_id_names(hop_id, desc.gen) and desc.kind else None
 
     def put_hop_desc(self, desc: abi.HopDesc) -> int:
-        """Stores *desc* as the data path would (the same id for the same
-        content, encap.h's hop_desc_resolve, marked in use by the expiry pass
-        under way or next so its sweep keeps it), for `import` and the sync's
-        applier; returns its id."""
-        base = hop_desc_hash(desc)
-        mark = int(self.expiry_stats().passes + 1) & 0xFFFFFFFF  # encap.h's hop_desc_pass
-        marked = abi.HopDesc.from_buffer_copy(bytes(desc))
-        marked.mark = mark
-        for i in range(abi.HOP_DESC_PROBES):
-            hop_id = (base + i) & 0xFFFFFFFF
-            cur = self.hop_desc(hop_id)
-            if cur is None:
-                try:  # never over another hop the data path stored meanwhile
-                    self.hop_descs.update(_u32(hop_id), bytes(marked), libbpf.BPF_NOEXIST)
-                    return hop_id
-                except libbpf.BpfError as err:
-                    if err.errno != errno.EEXIST:
-                        raise
-                cur = self.hop_desc(hop_id)
-            if cur is not None and bytes(cur)[:_HOP_CONTENT] == bytes(desc)[:_HOP_CONTENT]:
-                if cur.mark != mark:
-                    self.hop_descs.update(_u32(hop_id), bytes(marked), libbpf.BPF_EXIST)
-                return hop_id
-        raise DatapathError(f"lh_hop_descs: no free id for hop {base:#x} (table full?)")
+        """Stores *desc* as the data path would (the slot holding the same
+        content, else a free one claimed by compare-and-swap: encap.h's
+        hop_desc_resolve, marked in use by the expiry pass under way or next so
+        its sweep keeps it), through lh_hop_put (test run: user space cannot
+        compare-and-swap a slot), for `import`, the sync's applier and an
+        upgrade; returns its id. Raises DatapathError when its slots are taken."""
+        if self.hop_putter is None and self._putter_pin is not None:
+            if not self._putter_pin.exists():
+                raise DatapathError(
+                    "no lh_hop_put pinned: the attached data path is an older release's "
+                    "(restart `lasthop run` to upgrade it)"
+                )
+            self.hop_putter = libbpf.Program(libbpf.obj_get(self._putter_pin), "lh_hop_put")
+        if self.hop_putter is None:
+            raise DatapathError("lh_hop_put is not loaded")
+        run = self.hop_putter.test_run(bytes(desc))
+        if run.retval == 1:
+            return int(abi.HopDesc.from_buffer_copy(run.data[: ctypes.sizeof(abi.HopDesc)]).mark)
+        if run.retval == 0:
+            raise DatapathError(f"lh_hop_put: not a hop descriptor (kind {desc.kind})")
+        try:
+            reason = abi.Counter(run.retval).name.lower()
+        except ValueError:
+            reason = str(run.retval)
+        raise DatapathError(f"lh_hop_descs: no slot for hop {hop_desc_hash(desc):#x} ({reason})")
 
     # interfaces
     def iface(self, ifindex: int) -> abi.IfaceCfg:
@@ -574,6 +587,17 @@ def hop_desc_hash(desc: abi.HopDesc) -> int:
     return jhash2(struct.unpack(f"={len(raw) // 4}I", raw), 0)
 
 
+def store_hop_desc(descs: libbpf.Map, hop_id: int, desc: abi.HopDesc) -> None:
+    """Writes *desc* into the slot *hop_id* names, with the generation that
+    makes the id name it -- not a claim: only where no program writes
+    lh_hop_descs (tests, the bench, an upgrade before the new programs are
+    attached). The agent's running writers go through Maps.put_hop_desc."""
+    slot, gen = abi.hop_id_slot(hop_id)
+    stored = abi.HopDesc.from_buffer_copy(bytes(desc))
+    stored.gen = gen
+    descs.update(_u32(slot), bytes(stored))
+
+
 def _u32(n: int) -> bytes:
     return bytes(ctypes.c_uint32(n))
 
@@ -622,6 +646,7 @@ class Datapath:
                     ) from err
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})
+        self.maps.hop_putter = self._obj.program("lh_hop_put")
         if carried.apply(self.maps):
             self.maps.request_expiry()
         self.clock_prog = self._obj.program("lh_clock")

@@ -20,6 +20,19 @@ go into the new lh_conns as confirmed connections of state NONE (they expire
 after timeouts.tcp_established, like an established one). A pin whose
 contents the agent rewrites at start anyway (lh_settings) is simply removed.
 
+Release 5 makes lh_hop_descs an array of slots (hop_desc grows a
+generation, 88 bytes) where it was a hash keyed by the id. The old hash's
+descriptors (at most MAX_HOP_DESCS, read once) are carried into the slot
+their id names, with the generation that keeps the id valid (the id's low 14
+bits are the slot, the rest its generation), so the entries that name them
+keep their tunnel or MPLS hop through the upgrade. Two old ids of one slot
+(of n hops, about n * n / 32768 such pairs: 0.3 for 100, 30 for 1,000), and
+the second is stored
+through lh_hop_put under a new id, and the entries naming its old id reply by
+ordinary routing (`hop_desc_gone`) until their next request packet learns it
+again -- as do entries the old data path learns between the read and the
+new programs' attach.
+
 Release 4 gives each interface 64 counter slots in lh_counters (CNT_MAX),
 not 48: key = slot * CNT_MAX + reason, so every old key moves. The old
 per-CPU counts are read before loading, the pin removed, and each count
@@ -42,6 +55,7 @@ __all__ = ["OldEntry", "Upgrade", "prepare"]
 
 log = logging.getLogger("lasthop")
 BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_LRU_HASH = 9
 
 
@@ -84,6 +98,11 @@ class _Tables(Protocol):
     @property
     def counters(self) -> libbpf.Map: ...
 
+    @property
+    def hop_descs(self) -> libbpf.Map: ...
+
+    def put_hop_desc(self, desc: abi.HopDesc) -> int: ...
+
 
 @dataclass
 class Upgrade:
@@ -93,6 +112,8 @@ class Upgrade:
     entries: list[tuple[int, bytes, bytes]]
     # lh_counters of an older CNT_MAX: (new key, every CPU's count as the map holds it)
     counters: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # lh_hop_descs of release 4 (a hash): (old id, the descriptor's content bytes)
+    hops: list[tuple[int, bytes]] = field(default_factory=list)
 
     def apply(self, maps: _Tables) -> int:
         """Writes the carried entries into the new tables (datapath.Maps), each
@@ -115,7 +136,39 @@ class Upgrade:
             )
         for counter_key, counts in self.counters:
             maps.counters.update(counter_key, counts)
+        self._apply_hops(maps)
         return written
+
+    def _apply_hops(self, maps: _Tables) -> None:
+        """The old hash's descriptors, each into the slot its id names with the
+        generation that keeps the id (written directly: the new programs are
+        not attached yet, nothing else writes the array); a second id of one
+        slot (the higher) through lh_hop_put, under a new id."""
+        kept = moved = lost = 0
+        taken: set[int] = set()
+        for old_id, content in sorted(self.hops):  # of two ids of a slot, the lower keeps it
+            desc = abi.HopDesc.from_buffer_copy(content.ljust(ctypes.sizeof(abi.HopDesc), b"\0"))
+            slot, gen = abi.hop_id_slot(old_id)
+            if slot not in taken:
+                taken.add(slot)
+                desc.gen = gen
+                maps.hop_descs.update(bytes(ctypes.c_uint32(slot)), bytes(desc))
+                kept += 1
+                continue
+            try:
+                maps.put_hop_desc(desc)
+                moved += 1
+            except (DatapathError, libbpf.BpfError):
+                lost += 1
+        if self.hops:
+            log.warning(
+                "upgrade: lh_hop_descs is now an array of slots; carried %d hops under "
+                "their ids, %d under new ids (their connections reply by routing until "
+                "their next request), %d without room",
+                kept,
+                moved,
+                lost,
+            )
 
 
 def _carry_counters(folder: Path, upgrade: Upgrade) -> None:
@@ -175,6 +228,27 @@ def _carry_release2(folder: Path, upgrade: Upgrade) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
+def _carry_hop_descs(folder: Path, upgrade: Upgrade) -> None:
+    """Release 4's lh_hop_descs, a hash keyed by the id (or any pin whose
+    value is not this release's hop_desc): every descriptor's content read
+    (at most MAX_HOP_DESCS, once), the pin removed."""
+    pin = folder / "lh_hop_descs"
+    info = libbpf.pinned_info(pin)
+    if info is None:
+        return
+    if info.type == BPF_MAP_TYPE_ARRAY and info.value_size == ctypes.sizeof(abi.HopDesc):
+        return
+    content = abi.HopDesc.mark.offset
+    if info.type == BPF_MAP_TYPE_HASH and info.key_size == 4 and info.value_size >= content:
+        m = libbpf.Map.pinned(pin)
+        try:
+            for key, value in m.items():
+                upgrade.hops.append((int.from_bytes(key, "little"), value[:content]))
+        finally:
+            m.close()
+    pin.unlink()
+
+
 def prepare(folder: Path, changes_size: int) -> Upgrade:
     """Reads and unpins what the new object cannot reuse; call before loading.
     *changes_size*: the lh_changes ring the agent loads (records an earlier
@@ -204,6 +278,7 @@ def prepare(folder: Path, changes_size: int) -> Upgrade:
     if old_tables and not (folder / "lh_conns4").exists():
         _carry_release2(folder, upgrade)
     _carry_counters(folder, upgrade)
+    _carry_hop_descs(folder, upgrade)
     # The agent writes every setting at start; the expiry figures start again.
     for name, struct in (("lh_settings", abi.Settings), ("lh_expiry", abi.ExpiryStats)):
         info = libbpf.pinned_info(folder / name)

@@ -412,6 +412,48 @@ def test_a_48_slot_lh_counters_is_carried_into_64_slots(box: Sandbox) -> None:
         dp.close()
 
 
+def test_a_hashed_lh_hop_descs_is_carried_into_slots_keeping_ids(box: Sandbox) -> None:
+    """lh_hop_descs pinned by release 4 (a hash: id -> 76-byte hop_desc): at
+    load each descriptor goes into the slot its id names with the generation
+    that keeps the id, so entries naming it keep their hop; of two ids of one
+    slot the higher is stored under a new id (its entries: hop_desc_gone until
+    their next request), and the old id names nothing."""
+    ns = box.host()
+    ns.pins.mkdir(parents=True, exist_ok=True)
+
+    def tunnel(endpoint: int) -> abi.HopDesc:
+        d = abi.HopDesc(kind=int(abi.HopKind.TUNNEL4), vni=100, mark=9)
+        d.remote[0] = endpoint
+        return d
+
+    content = abi.HopDesc.mark.offset
+    first, clash, other = 0x12340123, 0x9ABC0123, 0x00051234  # slot 0x123 twice: the lower keeps it
+    hops = {first: tunnel(0xC0000201), clash: tunnel(0xC0000202), other: tunnel(0xC0000203)}
+    m = libbpf.Map(libbpf.map_create(1, "lh_hop_descs", 4, 76, abi.MAX_HOP_DESCS), owned=True)
+    try:
+        for hop_id, desc in hops.items():
+            m.update(hop_id.to_bytes(4, "little"), bytes(desc)[:76])
+        libbpf.obj_pin(m.fd, ns.pins / "lh_hop_descs")
+    finally:
+        m.close()
+    dp = Datapath(Pins(ns.pins), table_size=1024)
+    try:
+        assert dp.maps.hop_descs.info.type == 2  # BPF_MAP_TYPE_ARRAY
+        for hop_id in (first, other):
+            got = dp.maps.hop_desc(hop_id)
+            assert got is not None and bytes(got)[:content] == bytes(hops[hop_id])[:content]
+        assert dp.maps.hop_desc(clash) is None
+        stored = {
+            bytes(d)[:content]: abi.hop_id_of(int.from_bytes(k, "little"), d.gen)
+            for k, raw in dp.maps.hop_descs.items()
+            if (d := abi.HopDesc.from_buffer_copy(raw)).kind
+        }
+        new_id = stored[bytes(hops[clash])[:content]]
+        assert len(stored) == 3 and new_id != clash and dp.maps.hop_desc(new_id) is not None
+    finally:
+        dp.close()
+
+
 def _prog_maps(prog_id: int) -> set[int]:
     """The ids of the maps a loaded program uses (bpftool)."""
     import json

@@ -353,11 +353,16 @@ def _show(ns: Netns) -> list[dict[str, Any]]:
 
 
 def _hops(ns: Netns) -> dict[int, bytes]:
-    """Host *ns*'s lh_hop_descs from its pins: id -> the descriptor's content
-    (its bytes before mark, which only says which expiry pass last kept it)."""
+    """Host *ns*'s lh_hop_descs from its pins: id (slot and generation) -> the
+    descriptor's content (its bytes before mark, which only says which expiry
+    pass last kept it), the slots in use."""
     descs = libbpf.Map.pinned(ns.pins / "lh_hop_descs")
     try:
-        return {int.from_bytes(k, "little"): v[: abi.HopDesc.mark.offset] for k, v in descs.items()}
+        return {
+            abi.hop_id_of(int.from_bytes(k, "little"), d.gen): v[: abi.HopDesc.mark.offset]
+            for k, v in descs.items()
+            if (d := abi.HopDesc.from_buffer_copy(v)).kind and not d.gen & 1
+        }
     finally:
         descs.close()
 
@@ -415,13 +420,21 @@ def test_a_vxlan_last_hop_learned_on_a_appears_on_b_with_an_equal_descriptor() -
                 assert Cluster.api(b, "/v1/sync")["hop_refused"] == 0
 
                 # B loses the entry and the descriptor; A's resync brings both back
-                for name in ("lh_conns4", "lh_pending4", "lh_hop_descs"):
+                for name in ("lh_conns4", "lh_pending4"):
                     m = libbpf.Map.pinned(b.pins / name)
                     try:
                         for key in list(m.keys()):
                             m.delete(key)
                     finally:
                         m.close()
+                m = libbpf.Map.pinned(b.pins / "lh_hop_descs")
+                try:  # an array: each slot freed as the sweep frees it (generation 2 on)
+                    for key, value in m.items():
+                        d = abi.HopDesc.from_buffer_copy(value)
+                        if d.kind:
+                            m.update(key, bytes(abi.HopDesc(gen=d.gen + 2)))
+                finally:
+                    m.close()
                 assert not [c for c in _show(b) if c["sport"] == port]
                 Cluster.api(site.host, "/v1/sync/resync", "POST")
                 shown_b, desc_b = wait_for(on_b, timeout=10)

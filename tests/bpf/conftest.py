@@ -26,9 +26,8 @@ from packets import (
 
 pytest.register_assert_rewrite("bpf.harness")
 
-from lasthop.libbpf import Map  # noqa: E402
 
-from .harness import Datapath, Iface  # noqa: E402
+from .harness import Datapath, HopSlots, Iface  # noqa: E402
 
 FRAG_TABLE_SIZE = 64  # lh_frags in the tests: small, so a flood of fragment ids overflows it
 
@@ -177,11 +176,10 @@ def dp(loaded: Datapath, test_netns: TestNetns) -> Iterator[Datapath]:
 
 
 @pytest.fixture
-def descs(dp: Datapath) -> Iterator[Map]:
-    """lh_hop_descs (tunnel and MPLS hops), emptied before and after: Datapath.reset leaves it."""
-    m = dp.obj.map("lh_hop_descs")
-    for key in list(m.keys()):
-        m.delete(key)
-    yield m
-    for key in list(m.keys()):
-        m.delete(key)
+def descs(dp: Datapath) -> Iterator[HopSlots]:
+    """lh_hop_descs (tunnel and MPLS hops) by id, emptied before and after:
+    Datapath.reset leaves it."""
+    slots = HopSlots(dp.obj.map("lh_hop_descs"))
+    slots.clear()
+    yield slots
+    slots.clear()

@@ -36,7 +36,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
 from lasthop import abi
-from lasthop.datapath import FamilyMap, request_expiry
+from lasthop.datapath import FamilyMap, request_expiry, store_hop_desc
 from lasthop.libbpf import BpfObject, Map, TestRun
 from lasthop.scope import ScopeRule, compile_rules
 from packets import MAC_FW_B, MAC_UPLINK_1
@@ -588,6 +588,47 @@ class Datapath:
                     table=table,
                 )
         return out
+
+
+class HopSlots:
+    """lh_hop_descs (an array of slots) seen by hop id, as the tests write
+    and read it: update(id) stores a descriptor in the slot the id names with
+    the generation that makes the id name it (datapath.store_hop_desc),
+    lookup(id) reads it back while the id still names it, keys() lists the
+    ids of the slots in use, delete(id) frees the slot (its generation moves
+    on, as the sweep's does)."""
+
+    def __init__(self, m: Map) -> None:
+        self.map = m
+
+    def update(self, key: bytes, value: bytes) -> None:
+        store_hop_desc(self.map, int.from_bytes(key, "little"), abi.HopDesc.from_buffer_copy(value))
+
+    def slot(self, slot: int) -> abi.HopDesc:
+        return abi.HopDesc.from_buffer_copy(self.map.lookup(_u32(slot)) or bytes(88))
+
+    def lookup(self, key: bytes) -> bytes | None:
+        hop_id = int.from_bytes(key, "little")
+        d = self.slot(hop_id & abi.HOP_SLOT_MASK)
+        return bytes(d) if d.kind and abi.hop_id_names(hop_id, d.gen) else None
+
+    def keys(self) -> list[bytes]:
+        return [
+            _u32(abi.hop_id_of(int.from_bytes(k, "little"), d.gen))
+            for k, raw in self.map.items()
+            if (d := abi.HopDesc.from_buffer_copy(raw)).kind and not d.gen & 1
+        ]
+
+    def delete(self, key: bytes) -> None:
+        slot, _ = abi.hop_id_slot(int.from_bytes(key, "little"))
+        freed = abi.HopDesc(gen=self.slot(slot).gen + 2)
+        self.map.update(_u32(slot), bytes(freed))
+
+    def clear(self) -> None:
+        """Every slot zero, generations too (a fresh map's)."""
+        for k, raw in self.map.items():
+            if any(raw):
+                self.map.update(k, bytes(len(raw)))
 
 
 def _state(value: int) -> abi.State:

@@ -22,6 +22,7 @@ import pytest
 
 from lasthop import abi
 from lasthop.datapath import MAP_NAMES, Maps, hop_desc_hash, request_expiry
+from lasthop.errors import DatapathError
 from packets import MAC_FW_B, tcp4_reply, tcp4_request, tcp6_reply, tcp6_request
 
 from .harness import CONFIRMED, TC_ACT_OK, TC_ACT_REDIRECT, UPLINK, VMPORT, Entry, Key, bridged
@@ -55,7 +56,10 @@ class Row:
     counters: dict[abi.Counter, int] = field(default_factory=dict)
     down: tuple[str, ...] = ()  # lh_endpoints_down: endpoints whose neighbour entry failed
     settings: int = 0  # lh_settings .flags
+    slot_gen: int | None = None  # the slot's generation, written over the one HOP_ID names
 
+
+_HOP_GEN = abi.hop_id_slot(HOP_ID)[1]  # the generation that makes HOP_ID name its slot
 
 ROWS = [
     Row(
@@ -79,6 +83,32 @@ ROWS = [
         tcp4_request(),
         tcp4_reply(),
         None,
+        TC_ACT_OK,
+        {C.HOP_DESC_GONE: 1},
+    ),
+    Row(
+        "the slot holds a later generation (hop swept, slot claimed again): gone, passed, counted",
+        tcp4_request(),
+        tcp4_reply(),
+        desc4(),
+        TC_ACT_OK,
+        {C.HOP_DESC_GONE: 1},
+        slot_gen=_HOP_GEN + 2,
+    ),
+    Row(
+        "the slot is being written (generation odd): gone, the reply passes unchanged, counted",
+        tcp4_request(),
+        tcp4_reply(),
+        desc4(),
+        TC_ACT_OK,
+        {C.HOP_DESC_GONE: 1},
+        slot_gen=_HOP_GEN + 1,
+    ),
+    Row(
+        "the slot is free (kind 0) under the id's own generation: gone, passed, counted",
+        tcp4_request(),
+        tcp4_reply(),
+        abi.HopDesc(),
         TC_ACT_OK,
         {C.HOP_DESC_GONE: 1},
     ),
@@ -164,6 +194,11 @@ def test_reply_through_a_tunnel(dp, descs, endpoints_down, row: Row) -> None:  #
         endpoints_down.update(endpoint_key(address), b"\x01")
     if row.desc is not None:
         descs.update(_u32(HOP_ID), bytes(row.desc))
+    if row.slot_gen is not None:
+        slot = abi.hop_id_slot(HOP_ID)[0]
+        d = descs.slot(slot)
+        d.gen = row.slot_gen
+        descs.map.update(_u32(slot), bytes(d))
     before = dp.counter_values()
     run = dp.run(VMPORT, bytes(row.reply), "vm1")
     assert run.retval == row.verdict
@@ -205,23 +240,64 @@ def test_the_expiry_pass_sweeps_descriptors_no_entry_names(dp, descs) -> None:  
     assert [int.from_bytes(k, "little") for k in list(descs.keys())] == [HOP_ID]
 
 
-def test_a_peers_descriptor_is_stored_as_the_data_path_would_store_it(dp, descs) -> None:  # type: ignore[no-untyped-def]
-    """The sync's applier (and import) store a peer's descriptor under the id
-    the data path would give it: its hash, or the next free one when another
-    hop holds that (never over it); stored again, the same id. It is marked
-    in use by the expiry pass to come (hop_desc_pass), so the sweep of a pass
-    under way keeps it."""
+def _agent_maps(dp) -> Maps:  # type: ignore[no-untyped-def]
+    """The maps as the agent has them, lh_hop_put to store descriptors through."""
     maps = Maps({name: dp.obj.map(name) for name in MAP_NAMES})
+    maps.hop_putter = dp.obj.program("lh_hop_put")
+    return maps
+
+
+def test_a_peers_descriptor_is_stored_as_the_data_path_would_store_it(dp, descs) -> None:  # type: ignore[no-untyped-def]
+    """The sync's applier (and import) store a peer's descriptor through
+    lh_hop_put, as the data path would: the slot its hash names, or the next
+    free one when another hop holds that (never over it), claimed (generation
+    0 -> 2: the id's generation bits 1); stored again, the same id. It is
+    marked in use by the expiry pass to come (hop_desc_pass), so the sweep of
+    a pass under way keeps it."""
+    maps = _agent_maps(dp)
     want, other = desc4(), desc4(endpoint=0xC0000209)
-    base = hop_desc_hash(want)
-    descs.update(_u32(base), bytes(other))  # another hop holds the hash's id
+    base = hop_desc_hash(want) & abi.HOP_SLOT_MASK
+    descs.update(_u32(base), bytes(other))  # another hop holds the hash's slot (generation 0)
     hop_id = maps.put_hop_desc(want)
-    assert hop_id == (base + 1) & 0xFFFFFFFF
+    assert hop_id == abi.hop_id_of((base + 1) & abi.HOP_SLOT_MASK, 2)
     raw = descs.lookup(_u32(hop_id))
-    assert raw is not None
+    assert raw is not None and maps.hop_desc(hop_id) is not None
     stored = abi.HopDesc.from_buffer_copy(raw)
     assert stored.mark == maps.expiry_stats().passes + 1
-    stored.mark = 0
+    stored.mark, stored.gen = 0, 0
     assert bytes(stored) == bytes(want)
     assert descs.lookup(_u32(base)) == bytes(other)
     assert maps.put_hop_desc(want) == hop_id and len(list(descs.keys())) == 2
+
+
+def test_a_hop_whose_slots_are_all_taken_is_refused(dp, descs) -> None:  # type: ignore[no-untyped-def]
+    """Slot exhaustion: when the HOP_DESC_PROBES slots a new hop may take all
+    hold other hops (or are being written), it is refused, hop_desc_full,
+    and no slot is touched; one freed, the hop takes it."""
+    maps = _agent_maps(dp)
+    want = desc4(endpoint=0xC0000233)
+    base = hop_desc_hash(want) & abi.HOP_SLOT_MASK
+    window = [(base + i) & abi.HOP_SLOT_MASK for i in range(abi.HOP_DESC_PROBES)]
+    for i, slot in enumerate(window):
+        descs.update(_u32(slot), bytes(desc4(endpoint=0xC0000300 + i)))
+    half = descs.slot(window[-1])
+    half.gen = 1  # the last one being written: neither free nor this hop
+    descs.map.update(_u32(window[-1]), bytes(half))
+    before = {s: bytes(descs.slot(s)) for s in window}
+    with pytest.raises(DatapathError, match="hop_desc_full"):
+        maps.put_hop_desc(want)
+    assert {s: bytes(descs.slot(s)) for s in window} == before
+    descs.delete(_u32(window[1]))  # freed as a sweep frees it: generation 0 -> 2
+    hop_id = maps.put_hop_desc(want)
+    assert hop_id == abi.hop_id_of(window[1], 4)
+    assert maps.hop_desc(hop_id) is not None and maps.hop_desc(abi.hop_id_of(window[1], 0)) is None
+
+
+def test_lh_hop_put_refuses_a_frame_that_is_no_descriptor(dp, descs) -> None:  # type: ignore[no-untyped-def]
+    """A kind the data path does not store (0, or unknown) is refused with a
+    clear error; nothing is stored."""
+    maps = _agent_maps(dp)
+    for kind in (0, 9):
+        with pytest.raises(DatapathError, match=rf"not a hop descriptor \(kind {kind}\)"):
+            maps.put_hop_desc(abi.HopDesc(kind=kind))
+    assert list(descs.keys()) == []

@@ -83,6 +83,7 @@ from .harness import (
     Case,
     Datapath,
     Entry,
+    HopSlots,
     Key,
     bridged,
     check,
@@ -816,29 +817,30 @@ HOP_ROWS = [
 ]  # fmt: skip
 
 
+def _empty_hop_maps(maps: tuple[HopSlots, Map]) -> None:
+    descs, down = maps
+    descs.clear()
+    for key in list(down.keys()):
+        down.delete(key)
+
+
 @pytest.fixture
-def hop_maps(dp: Datapath) -> Iterator[tuple[Map, Map]]:
-    """lh_hop_descs and lh_endpoints_down, emptied before and after
+def hop_maps(dp: Datapath) -> Iterator[tuple[HopSlots, Map]]:
+    """lh_hop_descs (by id) and lh_endpoints_down, emptied before and after
     (Datapath.reset leaves them)."""
-    maps = (dp.obj.map("lh_hop_descs"), dp.obj.map("lh_endpoints_down"))
-
-    def empty() -> None:
-        for m in maps:
-            for key in list(m.keys()):
-                m.delete(key)
-
-    empty()
+    maps = (HopSlots(dp.obj.map("lh_hop_descs")), dp.obj.map("lh_endpoints_down"))
+    _empty_hop_maps(maps)
     yield maps
-    empty()
+    _empty_hop_maps(maps)
 
 
-def _hop_outcome(dp: Datapath, maps: tuple[Map, Map], row: HopRow, prog: str) -> tuple[object, ...]:
+def _hop_outcome(
+    dp: Datapath, maps: tuple[HopSlots, Map], row: HopRow, prog: str
+) -> tuple[object, ...]:
     """Everything a run of prog on the row's reply shows, from the row's set-up."""
     descs, down = maps
     dp.reset()
-    for m in maps:
-        for key in list(m.keys()):
-            m.delete(key)
+    _empty_hop_maps(maps)
     dp.configure("vm1", flags=abi.F_IFACE_ROUTED if row.routed else 0, vm_mac=MAC_VM_1)
     test_mpls.set_link_kind(dp, "up1", row.link)
     dp.set_settings(row.settings)
@@ -871,7 +873,7 @@ def _hop_outcome(dp: Datapath, maps: tuple[Map, Map], row: HopRow, prog: str) ->
 
 @pytest.mark.parametrize("row", HOP_ROWS, ids=[r.desc for r in HOP_ROWS])
 def test_a_reply_to_a_tunnel_or_mpls_hop(
-    dp: Datapath, hop_maps: tuple[Map, Map], row: HopRow
+    dp: Datapath, hop_maps: tuple[HopSlots, Map], row: HopRow
 ) -> None:
     """The row's reply leaves as it says (verdict, redirect, exact bytes, the
     key read back, vm1's counters), the fast path takes exactly the rows

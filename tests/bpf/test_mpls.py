@@ -13,10 +13,12 @@ as rows through lh_vmport with a descriptor put in place.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -26,7 +28,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
-from lasthop import abi, libbpf
+from lasthop import abi
+from lasthop.datapath import hop_desc_hash, libbpf
 from packets import (
     MAC_FW_B,
     MAC_VM_1,
@@ -57,6 +60,7 @@ from .harness import (
     VMPORT,
     Datapath,
     Entry,
+    HopSlots,
     Key,
     bridged,
     inner_tag,
@@ -315,7 +319,7 @@ PUSH_ROWS = [
 
 
 @pytest.mark.parametrize("row", PUSH_ROWS, ids=[r.description for r in PUSH_ROWS])
-def test_reply_gets_the_label_stack_back(dp: Datapath, descs: libbpf.Map, row: PushRow) -> None:
+def test_reply_gets_the_label_stack_back(dp: Datapath, descs: HopSlots, row: PushRow) -> None:
     if row.routed:
         dp.configure("vm1", flags=abi.F_IFACE_ROUTED)
     put_mpls_entry(dp, row.request, tags=row.tags, ad=row.tags == 2)
@@ -352,6 +356,24 @@ def _wait_for(pred, what: str, timeout: float = 10.0):  # type: ignore[no-untype
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.contextmanager
+def _mpls_uplink(dp: Datapath, mode: int) -> Iterator[None]:
+    """up1 an MPLS uplink: lh_uplink on its tc ingress, lh_uplink_mpls as XDP
+    in *mode*; both taken off after."""
+    set_link_kind(dp, "up1", abi.LinkKind.MPLS)
+    up1 = dp.ifaces["up1"].ifindex
+    tc = libbpf.TcHook(up1, libbpf.INGRESS)
+    tc.create()
+    tc.attach(dp.obj.program(UPLINK).fd, handle=1, priority=1)
+    try:
+        assert libbpf.XdpHook(up1).attach(dp.obj.program(XDP).fd, flags=mode)
+        yield
+    finally:
+        libbpf.XdpHook(up1).detach(XDP)
+        tc.detach(handle=1, priority=1)
+    assert libbpf.XdpHook(up1).query() is None
+
+
 @pytest.mark.parametrize(
     "mode", [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], ids=["native", "generic"]
 )
@@ -361,17 +383,11 @@ def _wait_for(pred, what: str, timeout: float = 10.0):  # type: ignore[no-untype
     ids=["ipv4", "ipv6-tagged"],
 )
 def test_a_labelled_request_is_learned_with_its_stack(  # type: ignore[no-untyped-def]
-    dp: Datapath, descs: libbpf.Map, mode: int, request_frame: Packet, tags: tuple[int, ...]
+    dp: Datapath, descs: HopSlots, mode: int, request_frame: Packet, tags: tuple[int, ...]
 ) -> None:
     """Through a veth: XDP takes two labels off, tc learns the connection with
     a descriptor of the stack (labels and TC, no TTL or S bit) and the tags."""
-    set_link_kind(dp, "up1", abi.LinkKind.MPLS)
-    up1 = dp.ifaces["up1"].ifindex
-    tc = libbpf.TcHook(up1, libbpf.INGRESS)
-    tc.create()
-    tc.attach(dp.obj.program(UPLINK).fd, handle=1, priority=1)
-    try:
-        assert libbpf.XdpHook(up1).attach(dp.obj.program(XDP).fd, flags=mode)
+    with _mpls_uplink(dp, mode):
         before = dp.counter_values()
         _send("up1p", bytes(labelled(request_frame, (A60, lse(MPLS_LABEL_B, 61, 2)))))
         key = Key(request_frame).pack()
@@ -381,10 +397,29 @@ def test_a_labelled_request_is_learned_with_its_stack(  # type: ignore[no-untype
         hop_id = abi.hop_desc_id(e)
         got = abi.HopDesc.from_buffer_copy(descs.lookup(hop_id.to_bytes(4, "little")))
         want = desc(A60, lse(MPLS_LABEL_B, 61, 2), tags=tags)
-        got.mark = 0
+        assert got.gen & 1 == 0 and abi.hop_id_of(abi.hop_id_slot(hop_id)[0], got.gen) == hop_id
+        got.mark, got.gen = 0, 0
         assert bytes(got) == bytes(want)
         assert moved(dp, before, "up1") == {C.MPLS_POPPED: 1, C.LEARNED: 1}
-    finally:
-        libbpf.XdpHook(up1).detach(XDP)
-        tc.detach(handle=1, priority=1)
-    assert libbpf.XdpHook(up1).query() is None
+
+
+def test_a_labelled_request_whose_slots_are_all_taken_is_not_learned(
+    dp: Datapath, descs: HopSlots
+) -> None:
+    """Slot exhaustion on the data path: the HOP_DESC_PROBES slots of the
+    stack's descriptor hold other hops, so tc refuses the new hop
+    (hop_desc_full), learns no connection and passes the frame; the slots
+    are untouched."""
+    want = desc(A60, lse(MPLS_LABEL_B, 61, 2))
+    base = hop_desc_hash(want) & abi.HOP_SLOT_MASK
+    window = [(base + i) & abi.HOP_SLOT_MASK for i in range(abi.HOP_DESC_PROBES)]
+    for i, slot in enumerate(window):
+        descs.update(slot.to_bytes(4, "little"), bytes(desc(lse(100 + i, 60))))
+    taken = {slot: bytes(descs.slot(slot)) for slot in window}
+    with _mpls_uplink(dp, XDP_FLAGS_SKB_MODE):
+        before = dp.counter_values()
+        _send("up1p", bytes(labelled(tcp4_request(), (A60, lse(MPLS_LABEL_B, 61, 2)))))
+        _wait_for(lambda: moved(dp, before, "up1").get(C.HOP_DESC_FULL), "hop_desc_full")
+        assert moved(dp, before, "up1") == {C.MPLS_POPPED: 1, C.HOP_DESC_FULL: 1}
+        assert dp.tables[PENDING].lookup(Key(tcp4_request()).pack()) is None
+        assert {slot: bytes(descs.slot(slot)) for slot in window} == taken

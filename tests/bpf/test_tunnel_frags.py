@@ -84,6 +84,7 @@ from .harness import (
     Case,
     Datapath,
     Entry,
+    HopSlots,
     Key,
     bridged,
     check,
@@ -115,7 +116,7 @@ def hop_setup(kind: abi.LinkKind, hop: abi.HopDesc | None, entries: tuple[Entry,
         cfg.link_kind = int(kind)
         dp.iface_map.update(key, bytes(cfg))
         if hop is not None:
-            dp.obj.map("lh_hop_descs").update(HOP_ID.to_bytes(4, "little"), bytes(hop))
+            HopSlots(dp.obj.map("lh_hop_descs")).update(HOP_ID.to_bytes(4, "little"), bytes(hop))
         for entry in entries:
             table, k = dp.tables[entry.table], entry.key.pack()
             e = abi.ConnEntry.from_buffer_copy(table.lookup(k)[: ctypes.sizeof(abi.ConnEntry)])
@@ -226,7 +227,7 @@ ERROR_ROWS = [
 
 
 @pytest.mark.parametrize("row", ERROR_ROWS, ids=str)
-def test_an_error_from_beyond_a_tunnel_reaches_the_vm(dp: Datapath, descs: libbpf.Map,
+def test_an_error_from_beyond_a_tunnel_reaches_the_vm(dp: Datapath, descs: HopSlots,
                                                       row: ErrorRow) -> None:  # fmt: skip
     """The error is keyed by its quote (VM 1's reply as it left, before any
     encapsulation): it goes to the VM port that holds the connection, as the
@@ -252,7 +253,7 @@ def time_exceeded_about(fragment: Packet) -> Packet:
     ids=["v6 packet too big", "v4 time exceeded"],
 )
 def test_an_error_about_a_later_fragment_reaches_the_vm_its_first_came_from(
-    dp: Datapath, descs: libbpf.Map, frags: list[Packet], entry: Entry, about: Callable
+    dp: Datapath, descs: HopSlots, frags: list[Packet], entry: Entry, about: Callable
 ) -> None:  # type: ignore[type-arg]
     """A service's answer left in fragments (the first by its entry, into the
     tunnel); an error quoting a later one -- no ports -- finds the VM port
@@ -285,7 +286,7 @@ def test_an_error_about_a_later_fragment_reaches_the_vm_its_first_came_from(
     ids=["v4 fragmentation needed", "v6 packet too big"],
 )  # fmt: skip
 def test_an_error_under_labels_is_popped_then_reaches_the_vm(
-    dp: Datapath, descs: libbpf.Map, error: Packet, entry: Entry
+    dp: Datapath, descs: HopSlots, error: Packet, entry: Entry
 ) -> None:
     """XDP takes the labels off the error (into the metadata; its IP TTL the
     top label's) exactly as off a request; tc then sends the popped frame to
@@ -403,7 +404,7 @@ def first_fragment_case(frags: list[Packet], hop: Hop) -> Case:
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("hop", HOPS, ids=[h.name for h in HOPS])
 def test_every_reply_fragment_goes_by_the_connections_hop(
-    dp: Datapath, descs: libbpf.Map, hop: Hop, family: int
+    dp: Datapath, descs: HopSlots, hop: Hop, family: int
 ) -> None:
     """The first fragment (its ports find the entry) and each later one (no
     ports: lh_frags' copy of the entry) come out alike: the same rewrite,
@@ -420,7 +421,7 @@ def test_every_reply_fragment_goes_by_the_connections_hop(
 
 
 def test_a_later_fragment_whose_descriptor_went_passes_counted(
-    dp: Datapath, descs: libbpf.Map
+    dp: Datapath, descs: HopSlots
 ) -> None:
     """The hop's descriptor is swept between the first fragment and the next
     (no entry names it any more): the later fragment passes unchanged,
@@ -459,7 +460,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("frame", [m[1] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
 def test_a_malformed_later_fragment_of_a_tunnelled_reply_passes_counted(
-    dp: Datapath, descs: libbpf.Map, frame: Packet
+    dp: Datapath, descs: HopSlots, frame: Packet
 ) -> None:
     """After the first fragment went into the tunnel, a later one the parser
     cannot read is neither followed nor changed: passed, counted malformed."""
@@ -473,7 +474,7 @@ def test_a_malformed_later_fragment_of_a_tunnelled_reply_passes_counted(
 
 
 def test_the_later_fragments_of_a_first_one_too_short_for_its_ports_pass(
-    dp: Datapath, descs: libbpf.Map
+    dp: Datapath, descs: HopSlots
 ) -> None:
     """A first fragment holding 4 bytes of its UDP header cannot name the
     connection: it passes (malformed), nothing is remembered, and its later
@@ -640,7 +641,7 @@ def request_fragments(family: int) -> list[Packet]:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_every_labelled_request_fragment_reaches_the_services_vm(
-    dp: Datapath, descs: libbpf.Map, family: int
+    dp: Datapath, descs: HopSlots, family: int
 ) -> None:
     """Through up1 with XDP (generic) and tc: every fragment loses its labels;
     the first one's stack is the entry's hop (the same descriptor), so it
@@ -735,7 +736,7 @@ def encapsulated(inner: Packet, underlay_mac: str) -> Packet:
     )
 
 
-def tunnel_hop(dp: Datapath, descs: libbpf.Map) -> int:
+def tunnel_hop(dp: Datapath, descs: HopSlots) -> int:
     """fw B's hop as encap_learn stores it ({ENDPOINT, VNI 100}); its id."""
     hop = desc4(endpoint=0x0AFF0001, vni=100)
     hop_id = hop_desc_hash(hop)
@@ -745,7 +746,7 @@ def tunnel_hop(dp: Datapath, descs: libbpf.Map) -> int:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_every_request_fragment_out_of_the_tunnel_reaches_the_services_vm(
-    dp: Datapath, descs: libbpf.Map, vxlan: Vxlan, family: int
+    dp: Datapath, descs: HopSlots, vxlan: Vxlan, family: int
 ) -> None:
     """Each fragment arrives in a VXLAN packet of its own (with the tunnel
     key, which only the first needs): the first one's endpoint and VNI are the
@@ -774,7 +775,7 @@ def test_every_request_fragment_out_of_the_tunnel_reaches_the_services_vm(
     ids=["v4 fragmentation needed", "v6 packet too big"],
 )
 def test_an_error_out_of_the_tunnel_reaches_the_services_vm(
-    dp: Datapath, descs: libbpf.Map, vxlan: Vxlan, error: Packet, request_: Packet
+    dp: Datapath, descs: HopSlots, vxlan: Vxlan, error: Packet, request_: Packet
 ) -> None:
     """A real VXLAN packet carrying a router's error about a service's reply:
     decapsulated, it reaches vm1 as the bridge would give it."""

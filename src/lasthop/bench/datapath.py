@@ -145,7 +145,7 @@ _VM6 = socket.inet_pton(socket.AF_INET6, "2001:db8:2::11")
 _PORT_HIT, _PORT_MISS, _PORT_PENDING, _PORT_STREAM = 40001, 40002, 40003, 40004
 _PORT_ROUTED, _PORT_L3 = 40005, 40006  # replies through a routed VM port: Ethernet, L3 uplink
 _PORT_VXLAN, _PORT_MPLS = 40007, 40008
-_VXLAN_HOP_ID = 1  # the bench's lh_hop_descs entries (any ids: the reply only reads them)
+_VXLAN_HOP_ID = 1  # the bench's lh_hop_descs slots (generation 0: the id is the slot)
 _MPLS_HOP_ID = 2
 _MPLS_LABELS = (16001 << 12 | 5 << 9, 24002 << 12 | 5 << 9)  # label << 12 | TC << 9
 # lh_bench_mpls_undo's calibration: runs per test run (its frame holds 8 bytes
@@ -436,8 +436,11 @@ class _Bench:
 
     def hop_entry(self, key: bytes, hop_id: int, desc: abi.HopDesc) -> None:
         """An established entry from firewall B on up0 whose last hop is *desc*
-        (stored under *hop_id*)."""
-        self.obj.map("lh_hop_descs").update(u32(hop_id), bytes(desc))
+        (stored under *hop_id*: an id below MAX_HOP_DESCS is its slot at
+        generation 0, and the same key in an older build's hash, whose value
+        is the first bytes of this one's)."""
+        descs = self.obj.map("lh_hop_descs")
+        descs.update(u32(hop_id), bytes(desc)[: descs.info.value_size])
         e = abi.ConnEntry(
             ifindex=self.index["up0"],
             flags=abi.F_ENTRY_HOP_KNOWN | abi.F_ENTRY_HOP_EXT,

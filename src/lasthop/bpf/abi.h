@@ -85,9 +85,10 @@ struct frag_entry {
 	struct conn_entry hop;  /* FRAG_TO_HOP: a copy of the connection's entry (its last hop) */
 };
 
-/* lh_hop_descs value: a last hop beyond MAC and tags, stored once per
- * distinct hop; entries with F_ENTRY_HOP_EXT name it by id (jhash of the
- * content words, probed on a clash). Everything before .mark is content. */
+/* lh_hop_descs value (an array slot): a last hop beyond MAC and tags, stored
+ * once per distinct hop; entries with F_ENTRY_HOP_EXT name it by id = slot |
+ * (gen >> 1) << HOP_SLOT_BITS (encap.h). The slot is the jhash of the content
+ * words, probed on a clash. Everything before .mark is content. */
 struct hop_desc {
 	__u32 remote[4];   /* tunnel: remote endpoint, IPv4 in word 0, host order (bpf_tunnel_key) */
 	__u32 vni;         /* tunnel: VNI, host order */
@@ -100,6 +101,10 @@ struct hop_desc {
 	__u8  reserved;    /* 0 */
 	__u8  opts[GENEVE_OPT_MAX]; /* Geneve options, as received */
 	__u32 mark;        /* not content: the expiry pass that last found it in use */
+	__u32 reserved2;   /* 0 */
+	__u64 gen;         /* the slot's generation: odd while being written (claimed
+			    * or swept by compare-and-swap), even when stable; an id
+			    * names the slot only while its gen matches (encap.h) */
 };
 
 /* The metadata lh_uplink_mpls (XDP) puts in front of a frame whose label

@@ -56,14 +56,19 @@ enum lh_const {
 	/* VM ports one run of lh_svc_walk looks for (struct svc_walk). */
 	SVC_WALK_IFACES = 16,
 	/* Distinct last hops beyond MAC and tags (tunnel endpoint + VNI + options,
-	 * MPLS stacks): lh_hop_descs, a plain hash -- a full one refuses new hops,
-	 * it never evicts one a connection uses. */
-	MAX_HOP_DESCS    = 16384,
+	 * MPLS stacks): lh_hop_descs, an array of slots -- a hop whose probed
+	 * slots are all taken is refused, one a connection uses is never evicted.
+	 * An id is slot | generation << HOP_SLOT_BITS (32 bits, conn_entry's
+	 * vlan_tci): 14 bits of slot, 18 of generation. */
+	HOP_SLOT_BITS    = 14,
+	MAX_HOP_DESCS    = 1 << HOP_SLOT_BITS,
+	HOP_SLOT_MASK    = MAX_HOP_DESCS - 1,
+	HOP_GEN_MASK     = (1 << (32 - HOP_SLOT_BITS)) - 1, /* an id's generation: gen >> 1 */
 	/* Geneve options kept per hop: AWS GWLB's three TLVs (endpoint id,
 	 * attachment id, flow cookie) take exactly 32 bytes. */
 	GENEVE_OPT_MAX   = 32,
 	MAX_MPLS_LABELS  = 3,                /* label stack entries learned */
-	HOP_DESC_PROBES  = 4,                /* ids tried when two hops hash alike */
+	HOP_DESC_PROBES  = 4,                /* slots tried when two hops hash alike */
 	/* struct mpls_meta .magic: the frame metadata is lh_uplink_mpls's */
 	MPLS_META_MAGIC  = 0x4d504c53,       /* "MPLS" */
 };
@@ -350,6 +355,8 @@ enum lh_counter {
 				       * header under it: passed unchanged */
 	CNT_MPLS_GSO            = 54, /* reply to an MPLS hop larger than a frame (GSO): the kernel
 				       * here cannot segment MPLS, so it is left to routing */
+	CNT_HOP_SLOT_BUSY       = 59, /* a new tunnel/MPLS hop's free slot was claimed by another
+				       * CPU at the same moment: not learned, passed */
 	CNT_MAX                 = 64,
 };
 

@@ -66,38 +66,70 @@ static __always_inline __u32 hop_desc_pass(void)
 	return st ? (__u32)st->passes + 1 : 1;
 }
 
-/* The id of descriptor *d* in lh_hop_descs, inserted when new: its hash, or
- * one of the next HOP_DESC_PROBES - 1 ids when another hop holds it. A full
- * table refuses the new hop; it never replaces one. Returns 0 or
- * -CNT_HOP_DESC_FULL. */
+/* The id naming slot *slot* while its generation is *gen* (even). */
+static __always_inline __u32 hop_id_of(__u32 slot, __u64 gen)
+{
+	return slot | ((__u32)(gen >> 1) & HOP_GEN_MASK) << HOP_SLOT_BITS;
+}
+
+/* Claims the free slot *cur* (kind 0, generation *gen*, even) for *d*: a
+ * compare-and-swap makes the generation odd, so of two CPUs claiming it one
+ * wins, and a reply never takes the half-written slot for its hop; the
+ * content is written, then the generation made even again (an atomic add:
+ * the content is visible before it). Returns 0 with *id* set, or
+ * -CNT_HOP_SLOT_BUSY when another CPU got there first. */
+static __always_inline int hop_slot_claim(struct hop_desc *cur, __u64 gen, __u32 slot,
+					   const struct hop_desc *d, __u32 *id)
+{
+	if (__sync_val_compare_and_swap(&cur->gen, gen, gen + 1) != gen)
+		return -CNT_HOP_SLOT_BUSY;
+	__builtin_memcpy(cur, d, offsetof(struct hop_desc, reserved2));
+	__sync_fetch_and_add(&cur->gen, 1);
+	*id = hop_id_of(slot, gen + 2);
+	return 0;
+}
+
+/* The id of descriptor *d* in lh_hop_descs, stored when new: the slot its
+ * hash names or one of the next HOP_DESC_PROBES - 1, the first that holds
+ * the same content, else the first free one, claimed (hop_slot_claim). Slots
+ * are read only here, on the learning side; a reply reads its entry's slot
+ * (encap_hop_of). A hop whose slots are all taken is refused; one in use is
+ * never replaced. Returns 0, -CNT_HOP_DESC_FULL or -CNT_HOP_SLOT_BUSY. */
 static __always_inline int hop_desc_resolve(struct hop_desc *d, __u32 *id)
 {
-	__u32 h = hop_desc_hash(d), mark = hop_desc_pass();
-	struct hop_desc *cur;
+	__u32 h = hop_desc_hash(d), mark = hop_desc_pass(), free_slot = 0;
+	struct hop_desc *cur, *free_cur = NULL;
+	__u64 gen, free_gen = 0;
 
 	d->mark = mark;
 #pragma unroll
 	for (int i = 0; i < HOP_DESC_PROBES; i++) {
-		__u32 k = h + i;
+		__u32 slot = (h + i) & HOP_SLOT_MASK;
 
-		cur = bpf_map_lookup_elem(&lh_hop_descs, &k);
-		if (!cur) {
-			if (!bpf_map_update_elem(&lh_hop_descs, &k, d, BPF_NOEXIST)) {
-				*id = k;
-				return 0;
+		cur = bpf_map_lookup_elem(&lh_hop_descs, &slot);
+		if (!cur)
+			return -CNT_HOP_DESC_FULL;
+		gen = cur->gen;
+		if (gen & 1)
+			continue; /* being written: neither ours nor free */
+		if (!cur->kind) {
+			if (!free_cur) {
+				free_cur = cur;
+				free_slot = slot;
+				free_gen = gen;
 			}
-			cur = bpf_map_lookup_elem(&lh_hop_descs, &k); /* another CPU raced us */
-			if (!cur)
-				return -CNT_HOP_DESC_FULL;
+			continue;
 		}
-		if (hop_desc_equal(cur, d)) {
+		if (hop_desc_equal(cur, d) && cur->gen == gen) { /* not swept meanwhile */
 			if (cur->mark != mark)
 				cur->mark = mark;
-			*id = k;
+			*id = hop_id_of(slot, gen);
 			return 0;
 		}
 	}
-	return -CNT_HOP_DESC_FULL;
+	if (!free_cur)
+		return -CNT_HOP_DESC_FULL;
+	return hop_slot_claim(free_cur, free_gen, free_slot, d, id);
 }
 
 /* A tunnel uplink's request: its tunnel key (IPv4 remote, else IPv6) and,
@@ -192,6 +224,23 @@ static __always_inline __u32 encap_hop_id(const struct conn_entry *e)
 	return e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
 }
 
+/* The descriptor entry *e* (F_ENTRY_HOP_EXT) names: the slot of lh_hop_descs
+ * its id names (an array read), if that slot still holds the hop the id was
+ * given for -- its generation the id's and even (not being written; gen << 13
+ * keeps gen's low bit at the id's bit 13, where the id has 0), a kind set.
+ * The id is read again after the lookup rather than kept (lh_vmport's chain
+ * has no stack to spare). NULL: the hop is gone. */
+static __always_inline struct hop_desc *hop_desc_of(const struct conn_entry *e)
+{
+	__u32 slot = encap_hop_id(e) & HOP_SLOT_MASK;
+	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
+
+	if (!d || (__u32)d->gen << (HOP_SLOT_BITS - 1) != (encap_hop_id(e) & ~(__u32)HOP_SLOT_MASK) ||
+	    !d->kind)
+		return NULL;
+	return d;
+}
+
 /* Whether the reply skb can follow descriptor d, its endpoint aside: a
  * kind this code pushes, and an MPLS hop's reply one frame (mpls.h).
  * Returns 0 or a negative reason. */
@@ -211,8 +260,7 @@ static __always_inline int encap_hop_usable(const struct __sk_buff *skb, const s
 static __always_inline struct hop_desc *encap_hop_of(const struct __sk_buff *skb,
 						     const struct conn_entry *e, int *err)
 {
-	__u32 id = encap_hop_id(e);
-	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &id);
+	struct hop_desc *d = hop_desc_of(e);
 
 	if (!d) {
 		*err = -CNT_HOP_DESC_GONE;
@@ -227,21 +275,36 @@ static __always_inline struct hop_desc *encap_hop_of(const struct __sk_buff *skb
 /* The expiry walk met a live entry: its descriptor is in use. */
 static __always_inline void hop_desc_keep(const struct conn_entry *e, __u32 pass)
 {
-	__u32 id = encap_hop_id(e);
 	struct hop_desc *d;
 
 	if (!(e->flags & F_ENTRY_HOP_EXT))
 		return;
-	d = bpf_map_lookup_elem(&lh_hop_descs, &id);
+	d = hop_desc_of(e);
 	if (d && d->mark != pass)
 		d->mark = pass;
 }
 
 /* After the walk: a descriptor no live entry marked during this pass, nor the
- * data path since it began, is unused. (*pass is the pass's mark.) */
-static long hop_desc_sweep(struct bpf_map *map, __u32 *id, struct hop_desc *d, __u32 *pass)
+ * data path since it began, is unused: its slot is freed -- the generation
+ * made odd by compare-and-swap (another writer meanwhile: left for the next
+ * pass; a mark by the data path between the test and the swap: the
+ * generation put back, the id still valid), the content cleared (kind 0:
+ * free), the generation even again and 2 on, so no id given for the old hop
+ * names the slot any more. (*pass is the pass's mark; every slot is
+ * visited, MAX_HOP_DESCS of them.) */
+static long hop_desc_sweep(struct bpf_map *map, __u32 *slot, struct hop_desc *d, __u32 *pass)
 {
-	if (d->mark != *pass)
-		bpf_map_delete_elem(map, id);
+	__u64 gen = d->gen;
+
+	if (!d->kind || (gen & 1) || d->mark == *pass)
+		return 0;
+	if (__sync_val_compare_and_swap(&d->gen, gen, gen + 1) != gen)
+		return 0;
+	if (d->mark == *pass) {
+		__sync_fetch_and_add(&d->gen, -1);
+		return 0;
+	}
+	__builtin_memset(d, 0, offsetof(struct hop_desc, reserved2));
+	__sync_fetch_and_add(&d->gen, 1);
 	return 0;
 }

@@ -209,8 +209,7 @@ static __always_inline __u32 fast_settings(void)
 static __always_inline struct hop_desc *fast_hop(const struct __sk_buff *skb,
 						 const struct conn_entry *e, __u32 settings)
 {
-	__u32 id = encap_hop_id(e);
-	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &id);
+	struct hop_desc *d = hop_desc_of(e);
 
 	if (!d || encap_hop_usable(skb, d))
 		return NULL;

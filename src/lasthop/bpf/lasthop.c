@@ -972,6 +972,35 @@ int lh_svc_walk(struct __sk_buff *skb)
 	return 1;
 }
 
+/* Stores a hop descriptor as learning does (hop_desc_resolve: the slot that
+ * holds the same content, else a free one claimed): the frame is a struct
+ * hop_desc, its .mark, .reserved2 and .gen ignored. Run by test run (the
+ * agent's import, the sync's applier, an upgrade: user space cannot
+ * compare-and-swap a slot). Returns 1 with the id written into the frame's
+ * .mark, 0 when the frame is no descriptor (short, or an unknown kind), or
+ * the reason the hop was refused (CNT_HOP_DESC_FULL, CNT_HOP_SLOT_BUSY). */
+SEC("tc")
+int lh_hop_put(struct __sk_buff *skb)
+{
+	struct hop_desc *req = (void *)(long)skb->data;
+	struct hop_desc d;
+	__u32 id = 0;
+	int err;
+
+	if ((void *)(req + 1) > (void *)(long)skb->data_end)
+		return 0;
+	__builtin_memcpy(&d, req, sizeof(d));
+	if (d.kind != HOP_TUNNEL4 && d.kind != HOP_TUNNEL6 && d.kind != HOP_MPLS)
+		return 0;
+	d.reserved2 = 0;
+	d.gen = 0;
+	err = hop_desc_resolve(&d, &id);
+	if (err)
+		return -err;
+	req->mark = id;
+	return 1;
+}
+
 /* `lasthop flush --out-of-scope`: removes, in the kernel, every entry the
  * scope rules in lh_scope now pass (prune.h); returns how many. Run by test run. */
 SEC("tc")

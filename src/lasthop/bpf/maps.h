@@ -136,12 +136,16 @@ struct {
 	__type(value, struct frag_entry);
 } lh_frags SEC(".maps");
 
-/* Hop id -> a last hop beyond MAC and tags (encap.h): tunnel endpoint, VNI,
- * Geneve options, tags. Entries with F_ENTRY_HOP_EXT name one; a plain hash,
- * so a flood of new hops is refused when full, never evicts one in use;
- * lh_expire sweeps those no live entry names. */
+/* Slot -> a last hop beyond MAC and tags (encap.h): tunnel endpoint, VNI,
+ * Geneve options, tags, and the slot's generation. Entries with
+ * F_ENTRY_HOP_EXT name one by id (slot | generation): a reply reads its slot
+ * and checks the generation, no hash lookup. Learning claims a free slot
+ * among the hop's HOP_DESC_PROBES (compare-and-swap on the generation), so a
+ * flood of new hops is refused when they are taken, never evicts one in use;
+ * lh_expire frees the slots no live entry names. The agent stores through
+ * lh_hop_put (test run), never writing a slot itself. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_HOP_DESCS);
 	__type(key, __u32);
 	__type(value, struct hop_desc);

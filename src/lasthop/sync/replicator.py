@@ -215,7 +215,8 @@ def _publish(
     sent = 0
 
     def hop_of(hop_id: int) -> bytes | None:  # read once per publishing a descriptor is used
-        return maps.hop_descs.lookup(_u32(hop_id))
+        desc = maps.hop_desc(hop_id)  # its slot, if the id's generation still holds it
+        return bytes(desc) if desc is not None else None
 
     enc = BatchEncoder(name_of, clock.jiffies(), settings, hop_of)
     pipe = client.pipeline(transaction=False)  # a round trip per PIPELINE messages
@@ -609,10 +610,6 @@ def write_changes(
         applied += 1
     m.request_expiry()  # written from user space: the expiry pass must look
     return applied, unmapped
-
-
-def _u32(n: int) -> bytes:
-    return n.to_bytes(4, "little")
 
 
 def _heartbeat_ts(raw: str | None) -> float | None:

@@ -176,18 +176,22 @@ def decode_record(values: list[object]) -> Change:
 
 
 def _hop_bytes(text: str) -> bytes:
-    """A record's hop field: '' or a whole struct hop_desc in hex."""
+    """A record's hop field: '' or a whole struct hop_desc in hex (an older
+    release's export: 76 bytes, no generation -- its content is the same)."""
     raw = bytes.fromhex(text)
-    if raw and len(raw) != ctypes.sizeof(abi.HopDesc):
-        raise ValueError(f"a hop is {ctypes.sizeof(abi.HopDesc)} bytes, got {len(raw)}")
-    return raw
+    size = ctypes.sizeof(abi.HopDesc)
+    if raw and len(raw) not in (size, _HOP_SIZE_V3):
+        raise ValueError(f"a hop is {size} bytes ({_HOP_SIZE_V3} before release 5), got {len(raw)}")
+    return raw.ljust(size, b"\0") if raw else raw
 
 
 # -- the stream's binary records ---------------------------------------------------
 
-WIRE_VERSION = "3"  # of the binary batch: bump when struct conn_change or hop_desc changes
+WIRE_VERSION = "4"  # of the binary batch: bump when struct conn_change or hop_desc changes
+# (4: hop_desc gained reserved2 and gen, 88 bytes: lh_hop_descs is an array of slots)
 RECORD_SIZE = ctypes.sizeof(abi.ConnChange)
 HOP_SIZE = ctypes.sizeof(abi.HopDesc)
+_HOP_SIZE_V3 = 76  # WIRE_VERSION 3's hop_desc (lh_hop_descs a hash): content and mark
 _HOP_CONTENT = int(abi.HopDesc.mark.offset)  # a descriptor's bytes that travel (mark: 0)
 KEY_SIZE = ctypes.sizeof(abi.ConnKey)
 ENTRY_SIZE = ctypes.sizeof(abi.ConnEntry)
