@@ -7,11 +7,9 @@ that is readable (a file read, ~1 ms), else measured from jiffies counted over
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import time
-import zlib
 from pathlib import Path
 
 from lasthop import libbpf
@@ -30,6 +28,9 @@ def config_hz(proc: Path = PROC_CONFIG, boot: Path = BOOT_CONFIG) -> int | None:
     """The running kernel's CONFIG_HZ from its build config (*proc*, gzipped,
     else *boot*/config-<release>), or None when neither is readable or it
     names no HZ of KNOWN_HZ (then measure it: Clock.measure_hz)."""
+    import gzip  # here: the commands that only read the table never need it
+    import zlib
+
     sources = ((proc, gzip.open), (boot / f"config-{os.uname().release}", open))
     for path, opener in sources:
         try:
