@@ -250,7 +250,7 @@ class Controller:
             config,
             # services: until they are synced; hops moved: as lh_hop_moved, which stays
             keep=abi.F_SET_SERVICES | abi.F_SET_HOPS_MOVED | abi.F_SET_ENDPOINTS_DOWN,
-            hz=Clock(self.datapath.clock_prog.fd).measure_hz(),
+            hz=Clock(self.datapath.clock_prog.fd).hz(),
         )
         for link, zone in uplinks:
             self.attach(link, abi.Role.UPLINK, zone)

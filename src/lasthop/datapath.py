@@ -85,9 +85,13 @@ UPLINK_EGRESS_PROGRAM = "lh_uplink_out"  # host-sent ICMP errors to their last h
 PROGRAM_OF_ROLE = {abi.Role.UPLINK: "lh_uplink", abi.Role.VM_PORT: "lh_vmport"}
 L3_UPLINK_PROGRAM = "lh_uplink_l3"  # an uplink whose frames start at their IP header
 MPLS_UPLINK_PROGRAM = "lh_uplink_mpls"  # XDP of an MPLS uplink: labels off, into metadata
-# programs of the object the agent never runs: benchmarks' and tests' (they load
-# them themselves), and lh_uplink_l3, loaded at the first L3 attach
-AGENT_SKIPS = (L3_UPLINK_PROGRAM, "lh_reference", "lh_empty")
+# programs an agent loads only when first needed, each alone on the first object's
+# maps (Datapath.program_later): lh_uplink_l3 at the first L3 uplink's attach,
+# lh_uplink_out at the first uplink of a routed host (a bridged host never runs it)
+LATER_PROGRAMS = (L3_UPLINK_PROGRAM, UPLINK_EGRESS_PROGRAM)
+# programs of the object the agent does not load at start: those above, and the
+# benchmarks' and tests' (they load them themselves)
+AGENT_SKIPS = (*LATER_PROGRAMS, "lh_reference", "lh_empty")
 PIN_CREATE_TRIES = 100  # Pins.create: a root removed under it is made again this often
 
 
@@ -622,16 +626,16 @@ class Datapath:
         sizes["lh_changes"] = changes_size
         carried = upgrade.prepare(pins.folder, changes_size)  # an older agent's pins
         self._path = obj_path or _object()
-        # the object as loaded now: lh_uplink_l3, loaded later, must come from the
-        # same build as the maps it shares, even if the file is replaced meanwhile
+        # the object as loaded now: LATER_PROGRAMS, loaded later, must come from the
+        # same build as the maps they share, even if the file is replaced meanwhile
         self._image = self._path.read_bytes()
-        self._l3_obj: libbpf.BpfObject | None = None  # lh_uplink_l3's, loaded when first needed
+        self._later: dict[str, libbpf.BpfObject] = {}  # LATER_PROGRAMS loaded so far, by name
         try:
             self._obj = libbpf.BpfObject(
                 self._path,
                 pin_root=pins.folder,
                 max_entries=sizes,
-                skip=AGENT_SKIPS,  # lh_uplink_l3: loaded when an L3 uplink is first attached
+                skip=AGENT_SKIPS,  # LATER_PROGRAMS: loaded when first attached
                 image=self._image,
             )
         except libbpf.BpfError as err:
@@ -673,7 +677,11 @@ class Datapath:
         and with *egress* (an uplink of a routed host) lh_uplink_out at its
         egress; returns the ingress prog id."""
         l3 = role == abi.Role.UPLINK and kind == abi.LinkKind.L3
-        prog = self.l3_program() if l3 else self._obj.program(PROGRAM_OF_ROLE[role])
+        prog = (
+            self.program_later(L3_UPLINK_PROGRAM)
+            if l3
+            else self._obj.program(PROGRAM_OF_ROLE[role])
+        )
         hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
         hook.create()  # clsact: one qdisc holds both hooks
         prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
@@ -686,36 +694,37 @@ class Datapath:
             xdp.detach(MPLS_UPLINK_PROGRAM)
         out_hook = libbpf.TcHook(ifindex, libbpf.EGRESS)
         if egress:
-            out = self._obj.program(UPLINK_EGRESS_PROGRAM)
+            out = self.program_later(UPLINK_EGRESS_PROGRAM)
             out_hook.attach(out.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
         else:  # none, or one a previous run attached with other settings
             out_hook.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
         return prog_id
 
-    @property
-    def l3_loaded(self) -> bool:
-        """Whether lh_uplink_l3 is loaded (an L3 uplink was attached)."""
-        return self._l3_obj is not None
+    def loaded_later(self, name: str) -> bool:
+        """Whether *name*, one of LATER_PROGRAMS, is loaded (first attached)."""
+        return name in self._later
 
-    def l3_program(self) -> libbpf.Program:
-        """lh_uplink_l3, loaded on first use (its verification, ~2 s, is paid
-        only by an agent with an L3 uplink): the object opened again with
-        only that program, every map the first object's own (shared by fd,
+    def program_later(self, name: str) -> libbpf.Program:
+        """*name*, one of LATER_PROGRAMS, loaded on first use (its verification
+        is paid only by an agent that attaches it: lh_uplink_l3 ~2 s, an L3
+        uplink; lh_uplink_out ~0.3 s, a routed host): the object opened again
+        with only that program, every map the first object's own (shared by fd,
         lh_frags and lh_hop_scratch included: docs/datapath.md says why)."""
-        if self._l3_obj is None:
+        assert name in LATER_PROGRAMS, name
+        if name not in self._later:
             try:
-                self._l3_obj = libbpf.BpfObject(
-                    self._path, programs=[L3_UPLINK_PROGRAM], maps_of=self._obj, image=self._image
+                self._later[name] = libbpf.BpfObject(
+                    self._path, programs=[name], maps_of=self._obj, image=self._image
                 )
             except libbpf.BpfError as err:
-                raise DatapathError(f"cannot load {L3_UPLINK_PROGRAM}: {err}") from err
-        return self._l3_obj.program(L3_UPLINK_PROGRAM)
+                raise DatapathError(f"cannot load {name}: {err}") from err
+        return self._later[name].program(name)
 
     def close(self) -> None:
         """Forgets the objects; attached programs and pinned maps stay."""
-        if self._l3_obj is not None:
-            self._l3_obj.close()
-            self._l3_obj = None
+        for obj in self._later.values():
+            obj.close()
+        self._later.clear()
         self._obj.close()
 
 

@@ -37,8 +37,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import dpkt
-
 from lasthop import abi
 from lasthop.connections import format_mac
 
@@ -99,6 +97,8 @@ def parse_announcement(frame: bytes, ifindex: int) -> Announcement | None:
     """The binding an ARP (its sender's) or a neighbour advertisement (its
     target's) states; None for anything else, or when the frame's own source
     MAC is not the one it names (a frame about someone else moves nothing)."""
+    import dpkt  # at the first frame, not at every agent's start (~40 ms of imports)
+
     try:
         eth = dpkt.ethernet.Ethernet(frame)
     except (dpkt.UnpackError, struct.error):

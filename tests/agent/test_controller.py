@@ -17,7 +17,7 @@ from lasthop import abi, libbpf
 from lasthop.config import Config, Interface
 from lasthop.controller import Controller, LinkError, NotAttachedError, TableSizeError
 from lasthop.datapath import TC_HANDLE, TC_PRIORITY, Datapath, Pins, filter_prog_id
-from lasthop.libbpf import INGRESS, TcHook
+from lasthop.libbpf import EGRESS, INGRESS, TcHook
 from lasthop.services import store
 
 pytestmark = ROOT_MARKS
@@ -45,7 +45,8 @@ def _started(ns: Netns, config: Config) -> Controller:
 
 def test_start_attaches_each_role_at_tc_ingress(box: Sandbox) -> None:
     """start() puts lh_uplink on uplinks and lh_vmport on VM ports (TcHook.query sees both) and
-    configures each interface with its role, MAC and a slot of its own."""
+    configures each interface with its role, MAC and a slot of its own; a routed host's
+    uplink also gets lh_uplink_out at its egress, loaded then, on the agent's own maps."""
     ns = box.host(uplinks=1, vm_ports=2)
     c = _started(ns, _config(["up0"], ["vm0", "vm1"], routed=True))
     try:
@@ -67,6 +68,14 @@ def test_start_attaches_each_role_at_tc_ingress(box: Sandbox) -> None:
         }
         assert (info["up0"].routed, info["vm0"].routed) == (False, True)
         assert c.attached.uplinks == {ns.ifindex("up0"): "up0"}
+        dp = c.datapath
+        assert dp is not None and dp.loaded_later("lh_uplink_out")
+        out = {
+            name: TcHook(ns.ifindex(name), EGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
+            for name in ("up0", "vm0")
+        }
+        assert out["up0"] is not None and out["vm0"] is None
+        assert dp.maps.conns4.info.id in _prog_maps(out["up0"])
     finally:
         c.close()
 
@@ -94,7 +103,8 @@ def test_start_names_a_missing_interface(
 
 
 def test_bridge_attaches_every_port_but_the_uplink(box: Sandbox) -> None:
-    """With a bridge, its ports become VM ports, except those named as uplinks."""
+    """With a bridge, its ports become VM ports, except those named as uplinks; a bridged
+    host neither loads nor attaches lh_uplink_out (it sends no ICMP errors about VM traffic)."""
     ns = box.host(uplinks=1, vm_ports=2)
     ns.bridge("br0", "up0", "vm0", "vm1")
     c = _started(ns, _config(["up0"], bridge="br0", bridge_zone=7))
@@ -105,6 +115,9 @@ def test_bridge_attaches_every_port_but_the_uplink(box: Sandbox) -> None:
             "vm0": ("vm_port", 7),
             "vm1": ("vm_port", 7),
         }
+        assert c.datapath is not None and not c.datapath.loaded_later("lh_uplink_out")
+        up0_out = TcHook(ns.ifindex("up0"), EGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
+        assert up0_out is None
     finally:
         c.close()
 
@@ -478,11 +491,11 @@ def test_lh_uplink_l3_is_loaded_only_when_an_l3_uplink_is_attached(box: Sandbox)
     c = _started(ns, _config(["up0"], ["vm0"], routed=True))
     try:
         dp = c.datapath
-        assert dp is not None and not dp.l3_loaded
+        assert dp is not None and not dp.loaded_later("lh_uplink_l3")
         with pytest.raises(libbpf.BpfError, match=r"program lh_uplink_l3 \(not loaded"):
             dp._obj.program("lh_uplink_l3")
         c.reload(_config(["up0", "tun0"], ["vm0"], routed=True))
-        assert dp.l3_loaded
+        assert dp.loaded_later("lh_uplink_l3")
         ids = {n: filter_prog_id(ns.ifindex(n)) for n in ("up0", "vm0", "tun0")}
         assert ids["tun0"] is not None and ids["tun0"] not in (ids["up0"], ids["vm0"])
         assert [i.link_kind for i in c.interfaces() if i.name == "tun0"] == ["l3"]
@@ -490,13 +503,13 @@ def test_lh_uplink_l3_is_loaded_only_when_an_l3_uplink_is_attached(box: Sandbox)
         uplink_maps = _prog_maps(ids["up0"])  # type: ignore[arg-type]
         assert dp.maps.conns4.info.id in l3_maps
         assert l3_maps <= uplink_maps | _prog_maps(ids["vm0"])  # type: ignore[arg-type]
-        loaded = dp._l3_obj
+        loaded = dp._later["lh_uplink_l3"]
         dp.attach(ns.ifindex("tun0"), abi.Role.UPLINK, kind=abi.LinkKind.L3)
-        assert dp._l3_obj is loaded  # loaded once, not again per attach
+        assert dp._later["lh_uplink_l3"] is loaded  # loaded once, not again per attach
         assert filter_prog_id(ns.ifindex("tun0")) == ids["tun0"]
     finally:
         c.close()
-    assert not dp.l3_loaded  # closed with the first object
+    assert not dp.loaded_later("lh_uplink_l3")  # closed with the first object
 
 
 def test_a_program_not_loaded_is_a_clear_error(box: Sandbox) -> None:

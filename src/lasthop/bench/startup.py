@@ -1,16 +1,17 @@
 """`lasthop bench startup`: what loading the data path costs each agent start,
 with every program (as before issue lazyl3) and without those the agent does
-not load at start (AGENT_SKIPS: lh_uplink_l3, loaded at the first L3 attach,
-and the benchmarks' lh_reference and lh_empty), side by side in one run, in turn.
+not load at start (AGENT_SKIPS: LATER_PROGRAMS -- lh_uplink_l3, loaded at the
+first L3 attach, lh_uplink_out at a routed host's first uplink -- and the
+benchmarks' lh_reference and lh_empty), side by side in one run, in turn.
 
     round i:   load A: BpfObject(all programs)          pins under
                load B: BpfObject(skip AGENT_SKIPS)      /sys/fs/bpf/lasthop-bench-startup-<pid>
                (which of A and B goes first alternates; both adopt the same pins, as a restart)
-    then:      Datapath(...) whole, and its first L3 attach's load of lh_uplink_l3 alone
+    then:      Datapath(...) whole, and each of LATER_PROGRAMS' load alone (its first attach)
     once:      every program's "processed N insns" (the verifier's log, level 4)
 
 Figures: the median wall time of each load, the ratio B / A, the Datapath
-construction and the lazy load's time. Needs root (bpffs); attaches nothing.
+construction and each later load's time. Needs root (bpffs); attaches nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lasthop import abi, libbpf
-from lasthop.datapath import AGENT_SKIPS, Datapath, Pins, _object, table_sizes
+from lasthop.datapath import AGENT_SKIPS, LATER_PROGRAMS, Datapath, Pins, _object, table_sizes
 
 __all__ = ["Results", "run", "print_results"]
 
@@ -40,7 +41,8 @@ class Results:
     all_s: list[float] = field(default_factory=list)  # load with every program
     lazy_s: list[float] = field(default_factory=list)  # load as the agent: without AGENT_SKIPS
     datapath_s: list[float] = field(default_factory=list)  # Datapath(...) whole
-    l3_s: list[float] = field(default_factory=list)  # lh_uplink_l3 loaded later, alone
+    # each of LATER_PROGRAMS loaded later, alone
+    later_s: dict[str, list[float]] = field(default_factory=dict)
     processed: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -57,7 +59,7 @@ class Results:
             "load_all_s": self.all_s,
             "load_without_l3_s": self.lazy_s,
             "datapath_s": self.datapath_s,
-            "l3_load_s": self.l3_s,
+            "later_load_s": self.later_s,
             "ratio_without_l3_over_all": self.ratio,
             "processed_insns": self.processed,
         }
@@ -97,9 +99,10 @@ def run(rounds: int = 5, progress: Callable[[str], None] = lambda _: None) -> Re
             dp = Datapath(pins, table_size=abi.CONN_TABLE_SIZE, changes_size=sizes["lh_changes"])
             res.datapath_s.append(time.perf_counter() - t0)
             try:
-                t0 = time.perf_counter()
-                dp.l3_program()  # what the first L3 attach adds
-                res.l3_s.append(time.perf_counter() - t0)
+                for name in LATER_PROGRAMS:  # what each one's first attach adds
+                    t0 = time.perf_counter()
+                    dp.program_later(name)
+                    res.later_s.setdefault(name, []).append(time.perf_counter() - t0)
             finally:
                 dp.close()
         progress("verifier statistics")
@@ -120,9 +123,10 @@ def print_results(res: Results, console: Console) -> None:
         t.add_row(name, f"{med(values):.3f} s", " ".join(f"{v:.3f}" for v in values))
 
     row("load, every program (before)", res.all_s)
-    row("load, as the agent (without lh_uplink_l3, lh_reference, lh_empty)", res.lazy_s)
+    row(f"load, as the agent (without {', '.join(AGENT_SKIPS)})", res.lazy_s)
     row("Datapath(...) whole (now)", res.datapath_s)
-    row("lh_uplink_l3 at the first L3 attach", res.l3_s)
+    for name, values in res.later_s.items():
+        row(f"{name} at its first attach", values)
     t.add_row("ratio now / before", f"{res.ratio:.2f}", "")
     console.print(t)
     p = Table(title="verifier: processed insns per program")

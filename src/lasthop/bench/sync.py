@@ -152,7 +152,7 @@ def _settings(maps: Maps, clock: Clock) -> None:
     from lasthop.config import Timeouts
 
     s = maps.get_settings()
-    s.hz = clock.measure_hz()
+    s.hz = clock.hz()
     for state, seconds in Timeouts().by_state().items():
         s.timeout[state] = round(seconds)
     maps.set_settings(s)
