@@ -243,9 +243,11 @@ def desc(*entries: Lse, tags: tuple[int, ...] = ()) -> abi.HopDesc:
     return d
 
 
-def put_mpls_entry(dp: Datapath, request: Packet, tags: int = 0, ad: bool = False) -> None:
-    """The entry a labelled request leaves: firewall B's MAC on up1, the hop's id."""
-    entry = Entry(Key(request), mac=MAC_FW_B, iface="up1", packets=3)
+def put_mpls_entry(
+    dp: Datapath, request: Packet, tags: int = 0, ad: bool = False, iface: str = "up1"
+) -> None:
+    """The entry a labelled request leaves: firewall B's MAC on *iface*, the hop's id."""
+    entry = Entry(Key(request), mac=MAC_FW_B, iface=iface, packets=3)
     e = dp.pack_entry(entry)
     e.flags |= abi.F_ENTRY_HOP_EXT | (abi.F_ENTRY_OUTER_8021AD if ad else 0)
     e.vlan_count = tags

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import pytest
 from pyroute2 import netns
+from scapy.layers.inet import IP
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet
 
@@ -36,10 +37,15 @@ from packets import (
     MAC_UPLINK_1,
     MAC_VM_1,
     MAC_VMPORT_1,
+    MPLS_LABEL_A,
+    MPLS_LABEL_B,
+    MPLS_LABEL_C,
     VLAN_C,
     VLAN_S,
     dot1ad,
     dot1q,
+    labelled,
+    lse,
     tci,
     tcp4_reply,
     tcp4_request,
@@ -50,6 +56,7 @@ from packets import (
 from .conftest import TestNetns
 from .harness import Datapath, Entry, Iface, Key, bridged, routed, view
 from .test_malformed import BASES, SHORT_L3
+from .test_mpls import HOP_ID, desc, put_mpls_entry
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns]
 
@@ -200,6 +207,51 @@ def test_reply_leaves_with_the_request_tags(wire: Wire, tags, tcis, ad, request_
         capture.expect(bytes(tagged(bridged(reply), tags)))
     finally:
         capture.close()
+
+
+MPLS_STACKS = [
+    pytest.param((lse(MPLS_LABEL_A),), id="1 label"),
+    pytest.param((lse(MPLS_LABEL_A), lse(MPLS_LABEL_B)), id="2 labels"),
+    pytest.param((lse(MPLS_LABEL_A), lse(MPLS_LABEL_B), lse(MPLS_LABEL_C, tc=0)), id="3 labels"),
+]
+
+
+@pytest.mark.parametrize(("tags", "tcis", "ad"), TAGS)
+@pytest.mark.parametrize("stack", MPLS_STACKS)
+@pytest.mark.parametrize(
+    ("request_", "reply"),
+    [
+        pytest.param(tcp4_request(), tcp4_reply(), id="v4"),
+        pytest.param(tcp6_request(), tcp6_reply(hlim=33), id="v6"),
+    ],
+)
+@pytest.mark.parametrize("fast", [False, True], ids=["general path", "fast path"])
+def test_mpls_reply_on_the_wire(wire: Wire, tags, tcis, ad, stack, request_, reply, fast) -> None:  # type: ignore[no-untyped-def]
+    """The reply of an MPLS hop leaves the uplink under the whole label stack,
+    inside the request's tags: the 4n + 14-byte MAC header the push leaves
+    (bpf_skb_change_head) is what tc puts back before the redirect. Each
+    label's TTL is the IP TTL, the bottom-of-stack bit on the last only, the
+    TC as learned."""
+    dp = wire.dp
+    dp.reset()
+    if fast:
+        dp.configure("wvm", vm_mac=MAC_VM_1)
+    descs = dp.obj.map("lh_hop_descs")
+    put_mpls_entry(dp, request_, tags=len(tcis), ad=bool(ad), iface="wup")
+    descs.update(HOP_ID.to_bytes(4, "little"), bytes(desc(*stack, tags=tcis)))
+    ip = Ether(bytes(reply)).payload
+    ttl = ip.ttl if isinstance(ip, IP) else ip.hlim
+    capture = Capture("wupp")
+    try:
+        before = dp.counter_values()
+        wire.send("wvmp", reply)
+        entries = tuple((label, tc, ttl) for label, tc, _ in stack)
+        capture.expect(bytes(labelled(tagged(bridged(reply), tags), entries)))
+        after = dp.counter_values()
+        assert after[("wvm", C.ENCAP_REDIRECTED)] - before[("wvm", C.ENCAP_REDIRECTED)] == 1
+    finally:
+        capture.close()
+        descs.delete(HOP_ID.to_bytes(4, "little"))
 
 
 def test_routed_reply_on_the_wire(wire: Wire) -> None:

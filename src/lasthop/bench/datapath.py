@@ -25,13 +25,14 @@ programs so that drift hits them all alike.
 The MPLS reply: test run's `repeat` runs one skb again and again, and the
 labels one run pushes would make the next run's frame one lh_vmport passes
 (not IP). lh_bench_vmport_mpls therefore takes them off again after each run
-(bpf_skb_adjust_room back, the type IPv4 again), which is timed with it. Its
-cost is measured alone in the same round: lh_bench_mpls_undo does exactly
-that undo, run with repeat 256 on the reply with 8 bytes more after its
-Ethernet header for each run (so each run takes off 8 bytes, as the real
-undo does; the frame comes back as the reply, checked), less lh_empty on the
-same frame with the same repeat; the row is each round's time less that
-round's undo. The error left: the first run of each repeat-256 test run
+(at the head, by VLAN tag helpers: lasthop.c's bench_mpls_undo, which takes
+off a push by bpf_skb_change_head or by bpf_skb_adjust_room alike), which is
+timed with it. Its cost is measured alone in the same round:
+lh_bench_mpls_undo does exactly that undo, run with repeat 256 on the reply
+with 8 bytes more after its Ethernet header for each run (so each run takes
+off 8 bytes, as the real undo does; the frame comes back as the reply,
+checked), less lh_empty on the same frame with the same repeat; the row is
+each round's time less that round's undo. The error left: the first run of each repeat-256 test run
 follows a syscall, and the undo's first run (it touches more) is colder
 than lh_empty's; spread over 256 runs that is a few ns at most, by which
 the subtracted undo may be too large and the row too low.
@@ -490,23 +491,23 @@ _HOT_EXTRA = {  # a second counter per run
 }
 
 
-def _undo_round(b: _Bench, frame: bytes, calls: int) -> float:
+def _undo_round(b: _Bench, frame: bytes, calls: int, prog: str = "lh_bench_mpls_undo") -> float:
     """The own cost of lh_bench_vmport_mpls's undo (the labels taken off again),
-    in ns per run: lh_bench_mpls_undo less lh_empty, each run `calls` times with
-    repeat _UNDO_REPEAT on *frame* grown by the 8 bytes every run takes off,
-    interleaved; the medians' difference. Each run must have taken its 8 bytes
-    off (the frame comes back as long as *frame*)."""
+    in ns per run: *prog* (lh_bench_mpls_undo) less lh_empty, each run `calls`
+    times with repeat _UNDO_REPEAT on *frame* grown by the 8 bytes every run
+    takes off, interleaved; the medians' difference. Each run must have taken
+    its 8 bytes off (the frame comes back as *frame*)."""
     labels = len(_MPLS_LABELS) * _MPLS_LSE_LEN
     grown = frame[:14] + bytes(labels * _UNDO_REPEAT) + frame[14:]
-    undo, empty = b.prog("lh_bench_mpls_undo"), b.prog("lh_empty")
+    undo, empty = b.prog(prog), b.prog("lh_empty")
     ctx = b.ctx("vm0")
     times: dict[str, list[int]] = {"undo": [], "empty": []}
     for _ in range(calls):
         run = undo.test_run(grown, repeat=_UNDO_REPEAT, ctx=ctx)
         if run.retval != TC_ACT_OK or run.data != frame:
             raise BenchError(
-                f"lh_bench_mpls_undo: returned {run.retval}, left {len(run.data)} bytes "
-                f"(not 0 and {len(frame)}): a run did not take its labels' room off"
+                f"{prog}: returned {run.retval}, left {len(run.data)} bytes "
+                f"(not 0 and {len(frame)}, as sent): a run did not take its labels' room off"
             )
         times["undo"].append(run.duration_ns)
         times["empty"].append(empty.test_run(grown, repeat=_UNDO_REPEAT, ctx=ctx).duration_ns)

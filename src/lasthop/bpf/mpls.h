@@ -9,8 +9,8 @@
  * frame and puts it in the frame's metadata (struct mpls_meta), which the
  * kernel hands to tc with the skb (skb->data_meta; generic XDP and veth's
  * native XDP both set it). lh_uplink then learns it (mpls_learn). The reply
- * (lh_vmport) is an IPv4/IPv6 skb, which bpf_skb_adjust_room grows fine:
- * mpls_push, called by encap_reply.
+ * (lh_vmport) gets the stack back by mpls_push, called by encap_reply: room
+ * at the head (bpf_skb_change_head), the Ethernet addresses moved to it.
  *
  * TTL, the uniform model of RFC 3443 (Linux's default, net.mpls.ip_ttl_propagate
  * = 1): taking the stack off, the IP TTL becomes the top label's when that is
@@ -233,40 +233,59 @@ __noinline int hop_learn(struct __sk_buff *skb, __u32 *tags)
 }
 
 /* The reply of an MPLS hop: descriptor d's stack pushed under the Ethernet
- * header (bpf_skb_adjust_room at the MAC header: the skb is still IPv4/IPv6),
- * each entry's TTL the IP header's, bottom of stack on the last, type
- * 0x8847 -- the entries, the type and the TTL read in place, after the push
- * (the headers are in the linear part; nothing but skb and d is kept across
- * the helper's call: lh_vmport's fast path inlines this, and its stack is
- * what the verifier's 512 bytes for a chain of calls leave). Called before
- * the tags go on (they are pushed as skb metadata). Returns 0 or a negative
- * reason (-CNT_ENCAP_UNSUPPORTED before anything changes). */
+ * header -- room made at the head (bpf_skb_change_head: 44-46 ns here, where
+ * bpf_skb_adjust_room at the MAC header took 107-110, docs/datapath.md), the
+ * Ethernet addresses moved to the new start, type 0x8847 and the entries
+ * written after them: each entry's TTL the IP header's, bottom of stack on
+ * the last. The entries, the type and the TTL are read and written in
+ * place, after the helper's call (the headers are in the linear part;
+ * nothing but skb and d is kept across it). The kernel's MAC header is then
+ * the frame's first 4n + 14 bytes and its network header still the IP
+ * header: tc pushes all of it back before the redirect (skb->mac_len,
+ * sch_handle_ingress). A frame whose Ethernet type is not its protocol (a
+ * tag in the data) is not one this pushes. Called before the tags go on
+ * (pushed as skb metadata, then in front of the type as the kernel inserts
+ * them). Returns 0 or a negative reason (-CNT_ENCAP_UNSUPPORTED before
+ * anything changes). */
 static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_desc *d)
 {
-	void *data, *end;
-	__u32 n = d->mpls_count, ttl;
-	struct ethhdr *eth;
+	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+	__u32 n = d->mpls_count, shift, ttl;
+	struct ethhdr *eth = data;
+	__u32 *to, *from;
 	__be32 *lse;
 	__u8 *at;
 
 	if (n < 1 || n > MAX_MPLS_LABELS ||
 	    (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)))
 		return -CNT_ENCAP_UNSUPPORTED;
-	if (bpf_skb_adjust_room(skb, n * MPLS_LSE_LEN, BPF_ADJ_ROOM_MAC, 0))
+	if ((void *)(eth + 1) > end || eth->h_proto != skb->protocol)
+		return -CNT_ENCAP_UNSUPPORTED;
+	if (bpf_skb_change_head(skb, n * MPLS_LSE_LEN, 0))
 		return -CNT_REWRITE_FAILED;
 	n = d->mpls_count;
 	if (n < 1 || n > MAX_MPLS_LABELS)
 		return -CNT_REWRITE_FAILED; /* (checked above: for the verifier) */
+	shift = n * MPLS_LSE_LEN;
 	data = (void *)(long)skb->data;
 	end = (void *)(long)skb->data_end;
 	eth = data;
+	to = data;
+	from = data + shift;
 	lse = data + sizeof(*eth);
-	at = (void *)(lse + n) + (skb->protocol == bpf_htons(ETH_P_IP)
-					 ? offsetof(struct iphdr, ttl)
-					 : offsetof(struct ipv6hdr, hop_limit));
-	/* the entries, and the TTL after them (an IP header follows: never short) */
-	if ((void *)(lse + MAX_MPLS_LABELS) > end || (void *)(at + 1) > end)
+	at = data + sizeof(*eth) + shift + (skb->protocol == bpf_htons(ETH_P_IP)
+					    ? offsetof(struct iphdr, ttl)
+					    : offsetof(struct ipv6hdr, hop_limit));
+	/* the addresses, the entries and the TTL after them (an IP header
+	 * follows the room: never short) */
+	if ((void *)(from + 3) > end || (void *)(lse + MAX_MPLS_LABELS) > end ||
+	    (void *)(at + 1) > end)
 		return -CNT_REWRITE_FAILED;
+	/* the 12 bytes of addresses, 4n bytes to the front, first word first
+	 * (each word read before the ones after it are written) */
+	to[0] = from[0];
+	to[1] = from[1];
+	to[2] = from[2];
 	ttl = *at;
 #pragma unroll
 	for (int i = 0; i < MAX_MPLS_LABELS; i++)
