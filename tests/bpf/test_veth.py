@@ -54,7 +54,7 @@ from packets import (
 )
 
 from .conftest import TestNetns
-from .harness import Datapath, Entry, Iface, Key, bridged, routed, view
+from .harness import Datapath, Entry, HopSlots, Iface, Key, bridged, routed, view
 from .test_malformed import BASES, SHORT_L3
 from .test_mpls import HOP_ID, desc, put_mpls_entry
 
@@ -236,7 +236,7 @@ def test_mpls_reply_on_the_wire(wire: Wire, tags, tcis, ad, stack, request_, rep
     dp.reset()
     if fast:
         dp.configure("wvm", vm_mac=MAC_VM_1)
-    descs = dp.obj.map("lh_hop_descs")
+    descs = HopSlots(dp.obj.map("lh_hop_descs"))
     put_mpls_entry(dp, request_, tags=len(tcis), ad=bool(ad), iface="wup")
     descs.update(HOP_ID.to_bytes(4, "little"), bytes(desc(*stack, tags=tcis)))
     ip = Ether(bytes(reply)).payload
