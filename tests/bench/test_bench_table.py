@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from benchcli import CliRun, invoke
 
+from lasthop import abi
 from lasthop.bench import table
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
@@ -97,3 +98,34 @@ def test_json_output(cli_run: CliRun) -> None:
     assert [f["name"] for f in doc["figures"]] == FIGURES
     assert doc["targets"] == table.TARGETS
     assert doc == json.loads(json.dumps(cli_run.results.to_json()))
+
+
+def _stats(passes: int, started: int, request: int, changes: int, next_due: int) -> abi.ExpiryStats:
+    return abi.ExpiryStats(
+        passes=passes, started=started, request=request, changes=changes, next_due=next_due
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "cause"),
+    [
+        # the walk the rest window is for: its moment (next_due) has come
+        ((3, 100, 7, 50, 900), (4, 900, 7, 50, 2000), "due"),
+        # next_due wraps past 2^32 jiffies: still due
+        ((3, 100, 7, 50, 0xFFFFFF00), (4, 0x10, 7, 50, 2000), "due"),
+        # a new token: asked (the bench's own request, a flush...)
+        ((3, 100, 7, 50, 900), (4, 200, 8, 50, 2000), "asked"),
+        # the data path changed the table
+        ((3, 100, 7, 50, 900), (4, 200, 7, 51, 2000), "changed"),
+        ((3, 100, 7, 50, 900), (4, 950, 8, 51, 2000), "asked+changed+due"),
+        # none of the three: the kernel walked when nothing called for it
+        ((3, 100, 7, 50, 900), (4, 200, 7, 50, 2000), "unexplained"),
+    ],
+)
+def test_a_walk_says_what_called_for_it(
+    before: tuple[int, ...], after: tuple[int, ...], cause: str
+) -> None:
+    """Each walk seen in a rest window is put down to what called for it, from
+    lh_expiry before and after: a new request token, a moved change count, or
+    its start at or past the previous walk's next_due."""
+    assert table._walk_cause(_stats(*before), _stats(*after)) == cause

@@ -223,30 +223,66 @@ def _threads(pid: int) -> dict[str, int]:
 
 
 @dataclass
+class _Walk:
+    ms: float  # its length (lh_expiry started/finished jiffies)
+    cause: str  # what called for it: _walk_cause
+
+
+@dataclass
 class _Rest:
     cpu_pct: float
     sys_pct: float  # the part in the kernel (the expiry pass runs there)
     threads: dict[str, float]
-    passes: list[float]  # ms, the agent's expiry passes seen in the window (jiffies)
+    walks: list[_Walk]  # the agent's expiry walks seen in the window
+
+    @property
+    def passes(self) -> list[float]:
+        """The walks' lengths, ms."""
+        return [w.ms for w in self.walks]
+
+
+def _walk_cause(before: abi.ExpiryStats, after: abi.ExpiryStats) -> str:
+    """What called for the walk *after* records, *before* being lh_expiry as
+    the previous walk left it (docs/table.md, "A table at rest is not
+    walked"): "asked" (a new lh_expiry_request token), "changed" (the data
+    path's change count moved), "due" (the walk began at or past next_due);
+    several joined by "+"; "unexplained" when none holds (a product bug)."""
+    causes = []
+    if after.request != before.request:
+        causes.append("asked")
+    if after.changes != before.changes:
+        causes.append("changed")
+    if before.passes and ((after.started - before.next_due) & 0xFFFFFFFF) < 0x80000000:
+        causes.append("due")
+    return "+".join(causes) or "unexplained"
+
+
+def _walks_text(walks: list[_Walk]) -> str:
+    if not walks:
+        return "no walk in the window"
+    return f"{len(walks)} walks in the window: " + ", ".join(
+        f"{w.ms:.0f} ms ({w.cause})" for w in walks
+    )
 
 
 def _rest(pid: int, maps: Maps, seconds: float, *, churn: bool = False) -> _Rest:
     """The agent's CPU over *seconds* of doing nothing but its own loop, and
-    the durations of the expiry passes it ran meanwhile. With *churn*, the
-    table "changes" every 0.25 s (one more TC_STATE_CHANGES, as the data path
-    counts a new connection or a state move): the agent walks as often as
-    such changes call for, the cost of a busy table."""
+    the expiry walks it ran meanwhile, each with what called for it. With
+    *churn*, the table "changes" every 0.25 s (one more TC_STATE_CHANGES, as
+    the data path counts a new connection or a state move): the agent walks as
+    often as such changes call for, the cost of a busy table."""
     hz = maps.get_settings().hz or 1000
     t0, c0, th0 = time.monotonic(), _user_sys(f"/proc/{pid}/stat"), _threads(pid)
-    passes, seen = [], maps.expiry_stats().passes
+    walks, last = [], maps.expiry_stats()
     while time.monotonic() - t0 < seconds:
         time.sleep(min(0.25, max(0.0, seconds - (time.monotonic() - t0))))
         if churn:
             maps.add_table_counter(abi.TableCounter.STATE_CHANGES, 1)
         ex = maps.expiry_stats()
-        if ex.passes != seen and ex.finished:  # a new pass finished since the last look
-            seen = ex.passes
-            passes.append(((ex.finished - ex.started) & 0xFFFFFFFF) * 1000 / hz)
+        if ex.passes != last.passes and ex.finished:  # a new walk finished since the last look
+            ms = ((ex.finished - ex.started) & 0xFFFFFFFF) * 1000 / hz
+            walks.append(_Walk(ms, _walk_cause(last, ex)))
+            last = ex
     wall = time.monotonic() - t0
     c1, th1 = _user_sys(f"/proc/{pid}/stat"), _threads(pid)
     pct = 100 * (sum(c1) - sum(c0)) / _CLK_TCK / wall
@@ -255,7 +291,7 @@ def _rest(pid: int, maps: Maps, seconds: float, *, churn: bool = False) -> _Rest
         name: round(100 * (th1[name] - th0.get(name, 0)) / _CLK_TCK / wall, 3) for name in th1
     }
     return _Rest(
-        pct, sys_pct, {k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}, passes
+        pct, sys_pct, {k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}, walks
     )
 
 
@@ -578,6 +614,12 @@ def run(
             "live_confirmed": {"expected": n_conns, "counted": stats.confirmed.entries},
             "live_pending": {"expected": n_pending, "counted": stats.pending.entries},
             "expired_gone": {"expected": expiring, "counted": late.gone},
+            # a table at rest is walked only when an entry is due: any other walk
+            # in a rest window means something changed it or asked (not at rest)
+            "rest_walks_not_due": {
+                "expected": 0,
+                "counted": sum(w.cause != "due" for w in base_rest.walks + full_rest.walks),
+            },
             "agent_removed": {
                 "expected": 0,
                 "counted": ev[T.CONFIRMED_REMOVED] + ev[T.PENDING_REMOVED],
@@ -602,7 +644,7 @@ def run(
                 base_rest.cpu_pct,
                 TARGETS["agent_cpu"],
                 f"of which in the kernel {full_rest.sys_pct:.2f} % (empty "
-                f"{base_rest.sys_pct:.2f} %); threads: {top}",
+                f"{base_rest.sys_pct:.2f} %); {_walks_text(full_rest.walks)}; threads: {top}",
             ),
             Figure(
                 "agent_cpu_churn",
