@@ -128,4 +128,4 @@ def test_a_walk_says_what_called_for_it(
     """Each walk seen in a rest window is put down to what called for it, from
     lh_expiry before and after: a new request token, a moved change count, or
     its start at or past the previous walk's next_due."""
-    assert table._walk_cause(_stats(*before), _stats(*after)) == cause
+    assert table._walk_cause(_stats(*before), _stats(*after)).startswith(cause)
