@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,55 @@ def test_a_walk_says_what_called_for_it(
     lh_expiry before and after: a new request token, a moved change count, or
     its start at or past the previous walk's next_due."""
     assert table._walk_cause(_stats(*before), _stats(*after)).startswith(cause)
+
+
+class _ScriptedMaps:
+    """lh_expiry as the bench reads it, one scripted snapshot a look."""
+
+    TOKEN = 77
+
+    def __init__(self, snapshots: list[abi.ExpiryStats]) -> None:
+        self.snapshots = snapshots
+        self.looks = 0
+        self.expiry_request = self
+
+    def expiry_stats(self) -> abi.ExpiryStats:
+        snap = self.snapshots[min(self.looks, len(self.snapshots) - 1)]
+        self.looks += 1
+        return snap
+
+    def request_expiry(self) -> None:
+        pass
+
+    def lookup(self, key: bytes) -> bytes:
+        return self.TOKEN.to_bytes(8, "little")
+
+
+class _Clock:
+    def jiffies(self) -> int:
+        return 300
+
+
+def test_settle_waits_for_the_end_of_the_walk_it_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A walk under way at the asking ends (passes moves, the old token); the
+    next shows the bench's token from its start: _settle returns only once
+    that walk has ended, so no walk runs into the rest window measured next."""
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    old, new = 11, _ScriptedMaps.TOKEN
+
+    def st(passes: int, started: int, finished: int, request: int) -> abi.ExpiryStats:
+        return abi.ExpiryStats(passes=passes, started=started, finished=finished, request=request)
+
+    maps = _ScriptedMaps(
+        [
+            st(5, 250, 240, old),  # seen: a walk under way (began at 250)
+            st(6, 250, 330, old),  # it ended: passes moved, the token is not ours
+            st(6, 550, 330, new),  # the next walk began: our token, not ended
+            st(6, 550, 330, new),
+            st(7, 550, 625, new),  # ended
+        ]
+    )
+    table._settle(maps, _Clock())  # type: ignore[arg-type]
+    assert maps.looks == 5
