@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 from benchcli import CliRun, invoke
 
+from lasthop import abi
 from lasthop.bench import table
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.netns, pytest.mark.slow]
@@ -97,3 +99,86 @@ def test_json_output(cli_run: CliRun) -> None:
     assert [f["name"] for f in doc["figures"]] == FIGURES
     assert doc["targets"] == table.TARGETS
     assert doc == json.loads(json.dumps(cli_run.results.to_json()))
+
+
+def _stats(passes: int, started: int, request: int, changes: int, next_due: int) -> abi.ExpiryStats:
+    return abi.ExpiryStats(
+        passes=passes, started=started, request=request, changes=changes, next_due=next_due
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "cause"),
+    [
+        # the walk the rest window is for: its moment (next_due) has come
+        ((3, 100, 7, 50, 900), (4, 900, 7, 50, 2000), "due"),
+        # next_due wraps past 2^32 jiffies: still due
+        ((3, 100, 7, 50, 0xFFFFFF00), (4, 0x10, 7, 50, 2000), "due"),
+        # a new token: asked (the bench's own request, a flush...)
+        ((3, 100, 7, 50, 900), (4, 200, 8, 50, 2000), "asked"),
+        # the data path changed the table
+        ((3, 100, 7, 50, 900), (4, 200, 7, 51, 2000), "changed"),
+        ((3, 100, 7, 50, 900), (4, 950, 8, 51, 2000), "asked+changed+due"),
+        # none of the three: the kernel walked when nothing called for it
+        ((3, 100, 7, 50, 900), (4, 200, 7, 50, 2000), "unexplained"),
+    ],
+)
+def test_a_walk_says_what_called_for_it(
+    before: tuple[int, ...], after: tuple[int, ...], cause: str
+) -> None:
+    """Each walk seen in a rest window is put down to what called for it, from
+    lh_expiry before and after: a new request token, a moved change count, or
+    its start at or past the previous walk's next_due."""
+    assert table._walk_cause(_stats(*before), _stats(*after)).startswith(cause)
+
+
+class _ScriptedMaps:
+    """lh_expiry as the bench reads it, one scripted snapshot a look."""
+
+    TOKEN = 77
+
+    def __init__(self, snapshots: list[abi.ExpiryStats]) -> None:
+        self.snapshots = snapshots
+        self.looks = 0
+        self.expiry_request = self
+
+    def expiry_stats(self) -> abi.ExpiryStats:
+        snap = self.snapshots[min(self.looks, len(self.snapshots) - 1)]
+        self.looks += 1
+        return snap
+
+    def request_expiry(self) -> None:
+        pass
+
+    def lookup(self, key: bytes) -> bytes:
+        return self.TOKEN.to_bytes(8, "little")
+
+
+class _Clock:
+    def jiffies(self) -> int:
+        return 300
+
+
+def test_settle_waits_for_the_end_of_the_walk_it_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A walk under way at the asking ends (passes moves, the old token); the
+    next shows the bench's token from its start: _settle returns only once
+    that walk has ended, so no walk runs into the rest window measured next."""
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    old, new = 11, _ScriptedMaps.TOKEN
+
+    def st(passes: int, started: int, finished: int, request: int) -> abi.ExpiryStats:
+        return abi.ExpiryStats(passes=passes, started=started, finished=finished, request=request)
+
+    maps = _ScriptedMaps(
+        [
+            st(5, 250, 240, old),  # seen: a walk under way (began at 250)
+            st(6, 250, 330, old),  # it ended: passes moved, the token is not ours
+            st(6, 550, 330, new),  # the next walk began: our token, not ended
+            st(6, 550, 330, new),
+            st(7, 550, 625, new),  # ended
+        ]
+    )
+    table._settle(maps, _Clock())  # type: ignore[arg-type]
+    assert maps.looks == 5
