@@ -328,6 +328,11 @@ class Maps:
         desc = abi.HopDesc.from_buffer_copy(raw)
         return desc if abi.hop_id_names(hop_id, desc.gen) and desc.kind else None
 
+    def store_hop_desc(self, hop_id: int, desc: abi.HopDesc) -> None:
+        """store_hop_desc on lh_hop_descs: *desc* into the slot *hop_id* names,
+        not a claim (only while no program writes the array: an upgrade)."""
+        store_hop_desc(self.hop_descs, hop_id, desc)
+
     def put_hop_desc(self, desc: abi.HopDesc) -> int:
         """Stores *desc* as the data path would (the slot holding the same
         content, else a free one claimed by compare-and-swap: encap.h's

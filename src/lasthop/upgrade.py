@@ -98,8 +98,7 @@ class _Tables(Protocol):
     @property
     def counters(self) -> libbpf.Map: ...
 
-    @property
-    def hop_descs(self) -> libbpf.Map: ...
+    def store_hop_desc(self, hop_id: int, desc: abi.HopDesc) -> None: ...
 
     def put_hop_desc(self, desc: abi.HopDesc) -> int: ...
 
@@ -148,11 +147,10 @@ class Upgrade:
         taken: set[int] = set()
         for old_id, content in sorted(self.hops):  # of two ids of a slot, the lower keeps it
             desc = abi.HopDesc.from_buffer_copy(content.ljust(ctypes.sizeof(abi.HopDesc), b"\0"))
-            slot, gen = abi.hop_id_slot(old_id)
+            slot, _ = abi.hop_id_slot(old_id)
             if slot not in taken:
                 taken.add(slot)
-                desc.gen = gen
-                maps.hop_descs.update(bytes(ctypes.c_uint32(slot)), bytes(desc))
+                maps.store_hop_desc(old_id, desc)
                 kept += 1
                 continue
             try:
