@@ -244,6 +244,11 @@ class _Rest:
         return [w.ms for w in self.walks]
 
 
+def _at_or_after(a: int, b: int) -> bool:
+    """Whether jiffies *a* is at or after *b* (32-bit stamps that wrap)."""
+    return ((a - b) & 0xFFFFFFFF) < 0x80000000
+
+
 def _walk_cause(before: abi.ExpiryStats, after: abi.ExpiryStats) -> str:
     """What called for the walk *after* records, *before* being lh_expiry as
     the previous walk left it (docs/table.md, "A table at rest is not
@@ -257,7 +262,7 @@ def _walk_cause(before: abi.ExpiryStats, after: abi.ExpiryStats) -> str:
         causes.append("asked")
     if after.changes != before.changes:
         causes.append("changed")
-    if before.passes and ((after.started - before.next_due) & 0xFFFFFFFF) < 0x80000000:
+    if before.passes and _at_or_after(after.started, before.next_due):
         causes.append("due")
     if causes:
         return "+".join(causes)
@@ -331,8 +336,8 @@ def _settle(maps: Maps, clock: Clock, timeout: float = 120.0) -> None:
         if (
             ex.passes != seen
             and ex.request == token
-            and ((ex.started - asked) & 0xFFFFFFFF) < 0x80000000  # began after the asking
-            and ((ex.finished - ex.started) & 0xFFFFFFFF) < 0x80000000  # and has ended
+            and _at_or_after(ex.started, asked)  # began after the asking
+            and _at_or_after(ex.finished, ex.started)  # and has ended
         ):
             return
         if time.monotonic() > deadline:
