@@ -607,6 +607,16 @@ def store_hop_desc(descs: libbpf.Map, hop_id: int, desc: abi.HopDesc) -> None:
     descs.update(_u32(slot), bytes(stored))
 
 
+def hops_in_use(descs: libbpf.Map) -> Iterator[tuple[int, abi.HopDesc]]:
+    """The slots of lh_hop_descs that hold a hop, as (the id naming it, its
+    descriptor): a kind set, the generation even (not being written); at most
+    MAX_HOP_DESCS, read in batches."""
+    for key, raw in descs.items():
+        desc = abi.HopDesc.from_buffer_copy(raw)
+        if desc.kind and not desc.gen & 1:
+            yield abi.hop_id_of(int.from_bytes(key, "little"), desc.gen), desc
+
+
 def _u32(n: int) -> bytes:
     return bytes(ctypes.c_uint32(n))
 

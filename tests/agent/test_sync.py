@@ -31,7 +31,7 @@ import redis as redis_client
 
 from agentlib import ROOT_MARKS, BridgedSite, Netns, Sandbox, lasthop, sandbox, wait_for
 from lasthop import abi, libbpf
-from lasthop.datapath import FamilyMap
+from lasthop.datapath import FamilyMap, hops_in_use
 from lasthop.sync import store
 
 pytestmark = [*ROOT_MARKS, pytest.mark.slow]
@@ -358,11 +358,7 @@ def _hops(ns: Netns) -> dict[int, bytes]:
     pass last kept it), the slots in use."""
     descs = libbpf.Map.pinned(ns.pins / "lh_hop_descs")
     try:
-        return {
-            abi.hop_id_of(int.from_bytes(k, "little"), d.gen): v[: abi.HopDesc.mark.offset]
-            for k, v in descs.items()
-            if (d := abi.HopDesc.from_buffer_copy(v)).kind and not d.gen & 1
-        }
+        return {hop_id: bytes(d)[: abi.HopDesc.mark.offset] for hop_id, d in hops_in_use(descs)}
     finally:
         descs.close()
 

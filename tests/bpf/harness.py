@@ -36,7 +36,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
 from lasthop import abi
-from lasthop.datapath import FamilyMap, request_expiry, store_hop_desc
+from lasthop.datapath import FamilyMap, hops_in_use, request_expiry, store_hop_desc
 from lasthop.libbpf import BpfObject, Map, TestRun
 from lasthop.scope import ScopeRule, compile_rules
 from packets import MAC_FW_B, MAC_UPLINK_1
@@ -613,11 +613,7 @@ class HopSlots:
         return bytes(d) if d.kind and abi.hop_id_names(hop_id, d.gen) else None
 
     def keys(self) -> list[bytes]:
-        return [
-            _u32(abi.hop_id_of(int.from_bytes(k, "little"), d.gen))
-            for k, raw in self.map.items()
-            if (d := abi.HopDesc.from_buffer_copy(raw)).kind and not d.gen & 1
-        ]
+        return [_u32(hop_id) for hop_id, _ in hops_in_use(self.map)]
 
     def delete(self, key: bytes) -> None:
         slot, _ = abi.hop_id_slot(int.from_bytes(key, "little"))
