@@ -462,6 +462,9 @@ class ExpiryStats(ctypes.Structure):
         ("due_full", ctypes.c_uint64),
         ("indexed", ctypes.c_uint32),
         ("soon", ctypes.c_uint32),
+        ("soon_since", ctypes.c_uint32),
+        ("filed", ctypes.c_uint64),
+        ("filed_seen", ctypes.c_uint64),
     ]
 
 

@@ -809,6 +809,13 @@ def test_an_entry_refreshed_after_the_pass_read_the_clock_is_kept(dp: Datapath) 
 WALKED, SKIPPED = 1, 2  # lh_expire's verdicts
 
 
+def back_date(dp: Datapath, jiffies: int) -> None:
+    """Moves the last walk's start (and so every moment reckoned from it) back."""
+    st = dp.expiry_stats()
+    st.started = (st.started - jiffies) % 2**32
+    dp.expiry.update(bytes(4), bytes(st))
+
+
 def test_a_table_at_rest_is_not_walked(dp: Datapath) -> None:
     """After a walk, runs that find no change and no entry due skip the walk
     (counted); the live counts the walk left stay; a refresh is no change."""
@@ -836,15 +843,18 @@ def test_a_table_at_rest_is_not_walked(dp: Datapath) -> None:
         ("a state move (FIN)", CLIENT_FIN, {ST.TCP_CLOSING: 1}),
     ],
 )
-def test_a_change_by_the_data_path_makes_the_next_run_walk(
+def test_a_change_by_the_data_path_makes_a_run_walk(
     dp: Datapath, change: str, frame: Packet, live: dict[abi.State, int]
 ) -> None:
-    """With a timeout as short as the lead (tcp_closed 1 s), a changed entry may
-    be due before a later walk could file it: the next run walks."""
-    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS | {ST.TCP_CLOSED: 1})
+    """Once the shortest timeout less the lead has passed since the last walk
+    began, a change (a new entry, a state move) makes the next run walk; with
+    no change, that run skips."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS)
     established = conn(ST.TCP_ESTABLISHED, CONFIRMED)
     dp.put(established if frame is CLIENT_FIN else established.but(key=keyed(1)), dp.clock())
     assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
+    back_date(dp, 10 * HZ)  # the shortest timeout (10 s) has passed
+    assert dp.expire() == SKIPPED  # no change yet
     dp.run(UPLINK, bytes(frame), "up1")
     assert dp.expire() == WALKED, change
     st = dp.expiry_stats()
@@ -858,13 +868,6 @@ def test_a_request_from_user_space_makes_the_next_run_walk(dp: Datapath) -> None
     assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
     request_expiry(dp.expiry_request)
     assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
-
-
-def back_date(dp: Datapath, jiffies: int) -> None:
-    """Moves the last walk's start (and so every moment reckoned from it) back."""
-    st = dp.expiry_stats()
-    st.started = (st.started - jiffies) % 2**32
-    dp.expiry.update(bytes(4), bytes(st))
 
 
 def test_a_change_waits_until_a_walk_can_still_file_it_in_time(dp: Datapath) -> None:
@@ -1028,6 +1031,101 @@ def test_the_data_path_files_an_entry_whose_timeout_is_shorter_than_the_lead(
     assert (st.passes, st.due_expired, st.expired[0][ST.TCP_CLOSED]) == (1, 1, 1)
     after = dp.table_counter_values()
     assert after[TC.CONFIRMED_EXPIRED] - counts[TC.CONFIRMED_EXPIRED] == 1
+
+
+ALL_STATES = (1 << len(ST)) - 1
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "frame", "filed", "gap_s"),
+    [
+        # tcp_closed (1 s) under the lead: filed; the next shortest, 10 s, sets the gap
+        ({ST.TCP_CLOSED: 1}, CLIENT_RST, 1 << ST.TCP_CLOSED, 10),
+        # every state under the lead: every change filed, none calls for a walk
+        (dict.fromkeys(ST, 1), SYN, ALL_STATES, None),
+    ],
+    ids=["rst to tcp_closed", "every state filed"],
+)
+def test_a_change_the_data_path_files_itself_calls_for_no_walk(
+    dp: Datapath, timeouts: dict[abi.State, int], frame: Packet, filed: int, gap_s: int | None
+) -> None:
+    """An entry moved to a state whose timeout is under the lead is in the index
+    as soon as the packet has passed (the data path files it), so no walk need
+    meet it: such a change does not hurry the next walk (before: a walk at the
+    next run, back to back on a changing 10,000,000-entry table). Changes to the
+    other states still call for one, a lead before the shortest of theirs."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS | timeouts)
+    established = conn(ST.TCP_ESTABLISHED, CONFIRMED)  # the RST's; the SYN's is new
+    dp.put(established if frame is CLIENT_RST else established.but(key=keyed(1)), dp.clock())
+    assert dp.expire() == WALKED
+    lead = dp.expiry_stats().lead
+    assert (dp.expiry_stats().soon_since, dp.expire()) == (filed, SKIPPED)
+    dp.run(UPLINK, bytes(frame), "up1")
+    assert Key(frame).pack() in dp.expiry_index()  # filed by the data path
+    assert dp.expire() == SKIPPED
+    if gap_s is None:
+        back_date(dp, 2**29)  # days: still no walk
+        assert dp.expire() == SKIPPED
+        return
+    back_date(dp, gap_s * HZ - lead - MARGIN)
+    assert dp.expire() == SKIPPED
+    back_date(dp, MARGIN)
+    assert dp.expire() == WALKED
+
+
+def test_a_filing_the_index_has_no_room_for_asks_for_a_walk(dp: Datapath) -> None:
+    """lh_expiry_due full: the data path cannot file the entry, so it asks for
+    the walk its change no longer calls for (a new lh_expiry_request token)."""
+    dp.set_settings(0, hz=HZ, timeouts=TIMEOUTS | {ST.TCP_CLOSED: 1})
+    closing = conn(ST.TCP_ESTABLISHED, CONFIRMED)
+    dp.put(closing, last_seen=dp.clock())
+    assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
+    size = dp.expiry_due.info.max_entries
+    keys = b"".join(_index_key(n) for n in range(size))
+    value = bytes(abi.ExpiryDue(deadline=(dp.clock() + 3600 * HZ) % 2**32, table=0))
+    dp.expiry_due.update_batch(keys, value * size, size)
+    token = dp.expiry_request.lookup(bytes(4))
+    dp.run(UPLINK, bytes(CLIENT_RST), "up1")
+    assert remaining(dp)[closing.key.pack()] == (CONFIRMED, ST.TCP_CLOSED)
+    assert closing.key.pack() not in dp.expiry_index()
+    assert dp.expiry_request.lookup(bytes(4)) != token
+    assert dp.expire() == WALKED
+
+
+def _index_key(n: int) -> bytes:
+    """A conn_key no test connection has: 10.255.x.y, n spread over x and y."""
+    k = abi.ConnKey(family=abi.FAMILY_V4, proto=17, sport=1, dport=1)
+    k.saddr[0] = int.from_bytes(bytes([10, 255, n >> 8 & 0xFF, n & 0xFF]), "little")
+    k.daddr[0] = n >> 16
+    return bytes(k)
+
+
+def test_a_filing_a_drain_may_have_hidden_is_drained_at_the_next_run(dp: Datapath) -> None:
+    """A drain or walk stores the index's earliest deadline at its end; a filing
+    by the data path meanwhile may have lowered due_next just before, and be
+    hidden. Every filing is counted (lh_expiry.filed), so a run that finds the
+    count past the one the last drain or walk began with drains again: here
+    the hiding store is written by hand (due_next an hour away) and the entry
+    still goes at its deadline, by the drain, without a walk."""
+    timeouts = TIMEOUTS | {ST.TCP_CLOSED: 1}
+    dp.set_settings(0, hz=HZ, timeouts=timeouts)
+    closing = conn(ST.TCP_ESTABLISHED, CONFIRMED)
+    dp.put(closing, last_seen=dp.clock())
+    assert (dp.expire(), dp.expire()) == (WALKED, SKIPPED)
+    before = dp.expiry_stats()
+    dp.run(UPLINK, bytes(CLIENT_RST), "up1")
+    ((key, (due, _)),) = dp.expiry_index().items()
+    st = dp.expiry_stats()
+    assert (st.filed, st.filed_seen) == (before.filed + 1, before.filed)
+    st.due_next = (dp.clock() + 3600 * HZ) % 2**32  # a drain's store hid the filing
+    dp.expiry.update(bytes(4), bytes(st))
+    drains = st.drains
+    assert dp.expire() == SKIPPED  # the change calls for no walk (tcp_closed is filed)
+    st = dp.expiry_stats()
+    assert (st.drains, st.filed_seen) == (drains + 1, st.filed)
+    assert (st.due_next - due) % 2**32 <= 1  # the entry's deadline again (its last packet's jiffy)
+    assert set(expire_until_gone(dp, key, due)) == {SKIPPED}
+    assert dp.expiry_stats().due_expired == before.due_expired + 1
 
 
 def test_without_hz_the_pass_does_nothing(dp: Datapath) -> None:

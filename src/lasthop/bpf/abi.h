@@ -242,6 +242,12 @@ struct expiry_stats {
 	__u32 soon;         /* 1 << state for each state whose timeout is shorter than lead: a
 			     * walk may not meet such an entry before it is due, so the data
 			     * path files it in lh_expiry_due itself (conntrack.h) */
+	__u32 soon_since;   /* the states of `soon` both when the last walk began and when it
+			     * ended: the data path has filed their entries all along since,
+			     * so a change to one calls for no walk (expire_change_gap) */
+	__u64 filed;        /* entries the data path filed in lh_expiry_due (conn_file_soon) */
+	__u64 filed_seen;   /* `filed` when the last drain or walk began: past it, the next run
+			     * drains (a filing may hide behind that drain's due_next) */
 };
 
 /* lh_expiry_due value: when an entry the walk found due soon is due. */

@@ -137,14 +137,29 @@ static __always_inline __u8 conn_first_state(const struct pkt *p)
 	return CS_UDP_NEW;
 }
 
+/* Asks lh_expire for a walk at its next run, as user space's writers do
+ * (lh_expiry_request: any new token; an add makes one without a random). */
+static __always_inline void expiry_ask(void)
+{
+	__u32 zero = 0;
+	__u64 *token = bpf_map_lookup_elem(&lh_expiry_request, &zero);
+
+	if (token)
+		__sync_fetch_and_add(token, 1);
+}
+
 /* Entry e of key k (in table t: enum lh_change_table) was just made or moved
  * to its state by this packet. When that state's timeout is shorter than the
  * expiry's lead (lh_expiry[0].soon, kept by lh_expire), a walk may not meet
  * the entry before it is due: file it in lh_expiry_due now, due a timeout from
  * now, and bring the next drain forward to it (expire.h). Any other state:
- * one array lookup and a bit test. The due_next write may race a drain that
- * ends meanwhile and writes its own: the entry then waits for the walk its
- * change calls for, as before this filing. */
+ * one array lookup and a bit test. Since such a change calls for no walk
+ * (expire_change_gap), a filing that fails (the index full) asks for one.
+ * The filing is counted last, by an atomic add (a full barrier on x86): a
+ * drain or walk that began before the count moved may store a due_next that
+ * hides this one, and the next run, seeing the count past the one it began
+ * with, drains again; one that began after it sees the index entry and the
+ * lowered due_next. */
 static __always_inline void conn_file_soon(const struct conn_key *k, const struct conn_entry *e,
 					   __u32 t)
 {
@@ -162,10 +177,13 @@ static __always_inline void conn_file_soon(const struct conn_key *k, const struc
 		return;
 	timeout = (__u64)s->timeout[state] * s->hz;
 	d.deadline = now32() + (__u32)timeout + 1; /* soon: timeout < lead, far below 2^30 */
-	if (bpf_map_update_elem(&lh_expiry_due, k, &d, BPF_ANY))
-		return; /* full: left to the walks, as they leave it (due_full) */
+	if (bpf_map_update_elem(&lh_expiry_due, k, &d, BPF_ANY)) {
+		expiry_ask(); /* full: left to a walk, as the walks leave it (due_full) */
+		return;
+	}
 	if ((__s32)(d.deadline - st->due_next) < 0)
 		st->due_next = d.deadline;
+	__sync_fetch_and_add(&st->filed, 1);
 }
 
 /* Inserts e for k into its family's pending table. Returns 1 (inserted), 0

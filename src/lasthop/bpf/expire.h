@@ -43,6 +43,7 @@ struct expire_ctx {
 	__u32 started;   /* jiffies: when this run began */
 	__u32 horizon;   /* jiffies: entries due within this of started are indexed */
 	__u32 due_full;  /* entries the index had no room for */
+	__u64 filed;     /* lh_expiry.filed when this run began */
 };
 
 /* Whether entry e is idle past its state's timeout (*state := its state,
@@ -227,15 +228,18 @@ static long expire_drain_one(struct bpf_map *map, struct conn_key *k, struct exp
 	return 0;
 }
 
-/* Drains the index when its earliest deadline has come (or the expiry state
- * is new: whatever an index of before holds is looked at once). Adds what it
+/* Drains the index when its earliest deadline has come, when the data path
+ * filed entries since the last drain or walk began (a filing may have
+ * lowered due_next just before that drain or walk stored its own: see
+ * conn_file_soon), or when the expiry state is new (whatever an index of
+ * before holds is looked at once). Adds what it
  * removed to st; the deadlines it left out of the index move st->next_due
  * earlier. Returns 1 when it ran. */
 static __always_inline int expire_drain(struct expiry_stats *st, struct expire_ctx *ctx)
 {
 	__u64 expired = 0;
 
-	if (st->passes && (__s32)(ctx->started - st->due_next) < 0)
+	if (st->passes && (__s32)(ctx->started - st->due_next) < 0 && ctx->filed == st->filed_seen)
 		return 0;
 	ctx->due_left = 1 << 30;
 	ctx->next_left = 1 << 30;
@@ -257,6 +261,7 @@ static __always_inline int expire_drain(struct expiry_stats *st, struct expire_c
 	}
 	st->due_expired += expired;
 	st->due_next = ctx->started + ctx->due_left;
+	st->filed_seen = ctx->filed;
 	st->indexed = bpf_map_sum_elem_count((struct bpf_map *)&lh_expiry_due);
 	if (ctx->next_left < (1 << 30) &&
 	    ctx->next_left < (__s32)(st->next_due + st->lead - ctx->started))
@@ -354,15 +359,23 @@ static __always_inline __u64 table_changes(void)
 /* Jiffies after a walk began before a change by the data path calls for the
  * next one: a changed entry is due no sooner than the shortest timeout after
  * the walk began, and a walk that starts lead before that meets it in time
- * to file it in the index. 0 when the shortest timeout is within the lead. */
-static __always_inline __u32 expire_change_gap(const struct expire_ctx *ctx, __u32 lead)
+ * to file it in the index. The states in *filing* (st->soon_since) do not
+ * count: the data path has filed their entries itself since that walk
+ * began, so no walk need meet them. 0 when the shortest timeout is within
+ * the lead; 2^30 (~12 days at HZ 1000) when every state is filed. */
+static __always_inline __u32 expire_change_gap(const struct expire_ctx *ctx, __u32 lead,
+					       __u32 filing)
 {
-	__u32 shortest = ctx->timeout[0];
+	__u32 shortest = 1 << 30;
 
 #pragma unroll
-	for (int i = 1; i < CS_MAX; i++)
-		if (ctx->timeout[i] < shortest)
-			shortest = ctx->timeout[i];
+	for (int i = 0; i < CS_MAX; i++) {
+		/* a filed state's timeout made 2^32 - 1: never the shortest */
+		__u32 t = ctx->timeout[i] | -((filing >> i) & 1);
+
+		if (t < shortest)
+			shortest = t;
+	}
 	return shortest > lead ? shortest - lead : 0;
 }
 
@@ -399,7 +412,7 @@ static __always_inline int expire_skip(struct expiry_stats *st, const struct exp
 	st->checked = now;
 	if (st->passes && request == st->request && (__s32)(now - st->next_due) < 0 &&
 	    (changes == st->changes ||
-	     (__s32)(now - st->started) < (__s32)expire_change_gap(ctx, st->lead)))
+	     (__s32)(now - st->started) < (__s32)expire_change_gap(ctx, st->lead, st->soon_since)))
 		return 1;
 	st->changes = changes;
 	st->request = request;
@@ -415,17 +428,20 @@ static __always_inline int expire_run(void)
 	struct expire_ctx ctx = {};
 	struct lh_settings *s;
 	struct expiry_stats *st;
-	__u32 zero = 0, walked;
+	__u32 zero = 0, walked, soon;
 
 	s = bpf_map_lookup_elem(&lh_settings, &zero);
 	st = bpf_map_lookup_elem(&lh_expiry, &zero);
 	if (!s || !st || !s->hz)
 		return 0;
 	ctx.started = now32();
+	/* an atomic read (a full barrier on x86) before the drain reads the
+	 * index and the walk due_next: see conn_file_soon */
+	ctx.filed = __sync_fetch_and_add(&st->filed, 0);
 	expire_timeouts(&ctx, s);
 	if (!st->lead)
 		st->lead = EXPIRY_LEAD_MS * (__u64)s->hz / 1000;
-	st->soon = expire_soon_states(&ctx, st->lead); /* the timeouts may be new */
+	soon = st->soon = expire_soon_states(&ctx, st->lead); /* the timeouts may be new */
 	ctx.horizon = 2 * st->lead;
 	expire_drain(st, &ctx);
 	if (expire_skip(st, &ctx)) {
@@ -450,8 +466,11 @@ static __always_inline int expire_run(void)
 	walked = st->finished - ctx.started;
 	st->lead = 2 * walked + EXPIRY_LEAD_MS * (__u64)s->hz / 1000;
 	st->soon = expire_soon_states(&ctx, st->lead);
+	/* filed all along since this walk began: soon at its start and now */
+	st->soon_since = soon & st->soon;
 	st->next_due = ctx.started + ctx.next_left - st->lead;
 	st->due_next = ctx.started + ctx.due_left;
+	st->filed_seen = ctx.filed;
 	st->indexed = bpf_map_sum_elem_count((struct bpf_map *)&lh_expiry_due);
 	st->due_full += ctx.due_full;
 	st->passes++;
