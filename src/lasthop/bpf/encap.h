@@ -211,16 +211,20 @@ struct hop_reply {
  * device it is redirected to encapsulates with them. */
 static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct hop_reply *r)
 {
-	__u32 len = r->opt_len;
+	__u64 len = r->opt_len; /* 64 bits: no zero-extended copy tested in its place */
 
 	if (bpf_skb_set_tunnel_key(skb, (struct bpf_tunnel_key *)&r->key, sizeof(r->key),
 				   r->kind == HOP_TUNNEL6 ? BPF_F_TUNINFO_IPV6 : 0))
 		return -CNT_REWRITE_FAILED;
-	if (len > GENEVE_OPT_MAX)
+	if (!len)
+		return 0;
+	/* 1..GENEVE_OPT_MAX in the register the helper gets (as a __u32,
+	 * clang tested a zero-extended copy and passed the original: a bench
+	 * variant was refused, "invalid zero-sized read") */
+	barrier_var(len);
+	if (len < 1 || len > GENEVE_OPT_MAX)
 		return -CNT_REWRITE_FAILED;
-	if (len && bpf_skb_set_tunnel_opt(skb, (void *)r->opts, len))
-		return -CNT_REWRITE_FAILED;
-	return 0;
+	return bpf_skb_set_tunnel_opt(skb, (void *)r->opts, len) ? -CNT_REWRITE_FAILED : 0;
 }
 
 /* The id of the descriptor an entry with F_ENTRY_HOP_EXT names (in its vlan_tci). */
@@ -275,6 +279,33 @@ static __always_inline void hop_torn_hook(struct hop_desc *d)
 static __always_inline void hop_torn_hook(struct hop_desc *d) {}
 #endif
 
+/* A slot's generation, read where it stands: volatile, so the compiler
+ * neither drops the second read nor moves it across the content reads
+ * (barrier() keeps those in place). */
+static __always_inline __u64 hop_gen_read(const struct hop_desc *d)
+{
+	return *(volatile const __u64 *)&d->gen;
+}
+
+/* The second read of a seqlock-style copy: the generation still *gen*. */
+static __always_inline int hop_gen_same(const struct hop_desc *d, __u64 gen)
+{
+	barrier();
+	return LH_BROKEN_HOP_RECHECK || hop_gen_read(d) == gen;
+}
+
+/* A tunnel hop's key (remote, VNI, TTL) from descriptor d into *key (zeroed). */
+static __always_inline void hop_key_fill(const struct hop_desc *d, __u8 kind,
+					 struct bpf_tunnel_key *key)
+{
+	key->tunnel_id = d->vni;
+	key->tunnel_ttl = TUNNEL_TTL_;
+	if (kind == HOP_TUNNEL6)
+		__builtin_memcpy(key->remote_ipv6, d->remote, sizeof(key->remote_ipv6));
+	else
+		key->remote_ipv4 = d->remote[0];
+}
+
 /* What a reply sends for the hop *id* names, copied from its slot *d* into
  * *r*, seqlock-style: the slot's generation read before the reads (it must
  * be the id's, and even), read again after them, and unchanged -- else the
@@ -287,7 +318,7 @@ static __always_inline void hop_torn_hook(struct hop_desc *d) {}
  * reason. */
 static __always_inline int hop_desc_copy(struct hop_desc *d, __u32 id, struct hop_reply *r)
 {
-	__u64 gen = *(volatile __u64 *)&d->gen;
+	__u64 gen = hop_gen_read(d);
 	__u32 n;
 
 	if (!hop_gen_names(gen, id))
@@ -305,18 +336,12 @@ static __always_inline int hop_desc_copy(struct hop_desc *d, __u32 id, struct ho
 			r->lse[i] = d->mpls[i];
 	} else {
 		__builtin_memset(&r->key, 0, sizeof(r->key));
-		r->key.tunnel_id = d->vni;
-		r->key.tunnel_ttl = TUNNEL_TTL_;
-		if (r->kind == HOP_TUNNEL6)
-			__builtin_memcpy(r->key.remote_ipv6, d->remote, sizeof(r->key.remote_ipv6));
-		else
-			r->key.remote_ipv4 = d->remote[0];
+		hop_key_fill(d, r->kind, &r->key);
 		r->opt_len = d->opt_len;
 		if (r->opt_len)
 			__builtin_memcpy(r->opts, d->opts, sizeof(r->opts));
 	}
-	barrier();
-	if (!LH_BROKEN_HOP_RECHECK && *(volatile __u64 *)&d->gen != gen)
+	if (!hop_gen_same(d, gen))
 		return -CNT_HOP_DESC_GONE;
 	if (r->kind != HOP_TUNNEL4 && r->kind != HOP_TUNNEL6 && r->kind != HOP_MPLS)
 		return -CNT_ENCAP_UNSUPPORTED; /* (only a build without the re-check gets here) */

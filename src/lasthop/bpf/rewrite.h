@@ -120,6 +120,40 @@ __noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
 	return rewrite_tags(skb, vlan & 0xff, vlan >> 8 & 1, r.vlan_tci[0], r.vlan_tci[1]);
 }
 
+/* The fast path's reply to a tunnel hop without options (VXLAN), inline:
+ * encap_reply's copy and re-check with only the key (on lh_vmport's stack,
+ * where an options copy would not fit) and the tags, no global call.
+ * Returns 0 or a negative reason (a hop with options or of another kind by
+ * now: gone, as its generation moved). */
+static __always_inline int encap_tunnel_fast(struct __sk_buff *skb, __u32 id, __u32 vlan)
+{
+	__u32 slot = id & HOP_SLOT_MASK, tags;
+	struct bpf_tunnel_key key = {};
+	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
+	__u64 gen;
+	__u8 kind, opts;
+
+	if (!d)
+		return -CNT_HOP_DESC_GONE;
+	gen = hop_gen_read(d);
+	if (!hop_gen_names(gen, id))
+		return -CNT_HOP_DESC_GONE;
+	barrier();
+	hop_torn_hook(d);
+	kind = d->kind;
+	opts = d->opt_len;
+	hop_key_fill(d, kind, &key);
+	tags = d->vlan_tci[0] | (__u32)d->vlan_tci[1] << 16;
+	if (!hop_gen_same(d, gen))
+		return -CNT_HOP_DESC_GONE;
+	if (opts || (kind != HOP_TUNNEL4 && kind != HOP_TUNNEL6))
+		return -CNT_ENCAP_UNSUPPORTED; /* (only a build without the re-check gets here) */
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key),
+				   kind == HOP_TUNNEL6 ? BPF_F_TUNINFO_IPV6 : 0))
+		return -CNT_REWRITE_FAILED;
+	return rewrite_tags(skb, vlan & 0xff, vlan >> 8 & 1, tags & 0xffff, tags >> 16);
+}
+
 /* A frame for a VM port gets what the bridge would give it: no 802.1Q or
  * 802.1ad tag, neither in the data nor in the skb's VLAN metadata (each
  * bpf_skb_vlan_pop takes the outermost tag off, wherever it is, and moves
