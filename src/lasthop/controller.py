@@ -34,7 +34,14 @@ from lasthop.connections import (
     format_mac,
     ifname,
 )
-from lasthop.datapath import Datapath, Maps, Pins, changes_ring_size, detach_filter
+from lasthop.datapath import (
+    Datapath,
+    Maps,
+    Pins,
+    changes_ring_size,
+    detach_filter,
+    hops_in_use,
+)
 from lasthop.errors import (
     ConfigError,
     DatapathError,
@@ -589,12 +596,13 @@ class Controller:
             return out
 
     def tunnel_endpoints(self) -> set[IPv4Address | IPv6Address]:
-        """The remote endpoints of lh_hop_descs' tunnel descriptors: a bounded
-        map (at most MAX_HOP_DESCS), read in batches; never the connection table."""
+        """The remote endpoints of lh_hop_descs' tunnel descriptors, of settled
+        slots only (hops_in_use: a slot being written -- generation odd -- may
+        hold half an endpoint): a bounded map (at most MAX_HOP_DESCS), read in
+        batches; never the connection table."""
         out: set[IPv4Address | IPv6Address] = set()
         with self.open_maps() as maps:
-            for _, raw in maps.hop_descs.items():  # at most MAX_HOP_DESCS
-                desc = abi.HopDesc.from_buffer_copy(raw)
+            for _, desc in hops_in_use(maps.hop_descs):  # at most MAX_HOP_DESCS
                 if desc.kind in (abi.HopKind.TUNNEL4, abi.HopKind.TUNNEL6):
                     out.add(ip_address(endpoint_str(desc)))
         return out

@@ -4,6 +4,7 @@ namespace (the test thread enters it and comes back afterwards)."""
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import threading
 import time
@@ -465,6 +466,29 @@ def test_a_hashed_lh_hop_descs_is_carried_into_slots_keeping_ids(box: Sandbox) -
         assert len(stored) == 3 and new_id != clash and dp.maps.hop_desc(new_id) is not None
     finally:
         dp.close()
+
+
+def test_tunnel_endpoints_reads_only_settled_slots(box: Sandbox) -> None:
+    """tunnel_endpoints names the endpoint of a settled tunnel slot (kind set,
+    generation even), never one of a slot being written (generation odd: its
+    endpoint may be half written) nor of a free or an MPLS one."""
+    ns = box.host(uplinks=1)
+    c = _started(ns, _config(["up0"]))
+    try:
+
+        def slot(n: int, kind: abi.HopKind | int, endpoint: int, gen: int) -> None:
+            d = abi.HopDesc(kind=int(kind), vni=100, gen=gen)
+            d.remote[0] = endpoint
+            assert c.datapath is not None
+            c.datapath.maps.hop_descs.update(n.to_bytes(4, "little"), bytes(d))
+
+        slot(1, abi.HopKind.TUNNEL4, 0xC0000201, 2)  # settled: 192.0.2.1
+        slot(2, abi.HopKind.TUNNEL4, 0xC0000202, 3)  # being written
+        slot(3, 0, 0xC0000203, 4)  # free (a swept slot keeps no content; here: kind 0)
+        slot(4, abi.HopKind.MPLS, 0xC0000204, 2)  # not a tunnel
+        assert c.tunnel_endpoints() == {ipaddress.ip_address("192.0.2.1")}
+    finally:
+        c.close()
 
 
 def _prog_maps(prog_id: int) -> set[int]:

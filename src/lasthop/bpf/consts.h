@@ -111,6 +111,22 @@ enum lh_const {
 #define LH_BROKEN_DATAGRAM_CHECK 0
 #endif
 
+/* Test builds only: 1 drops hop_desc_copy's second read of the slot's
+ * generation (encap.h), so tests/bpf/test_encap.py can show that its torn
+ * rows fail without it. */
+#ifndef LH_BROKEN_HOP_RECHECK
+#define LH_BROKEN_HOP_RECHECK 0
+#endif
+
+/* Test builds only: what hop_torn_hook (encap.h) does to a reply's slot
+ * between hop_desc_copy's check and its reads (lh_test_torn .mode). */
+enum lh_torn_mode {
+	TORN_OFF     = 0,
+	TORN_SWEPT   = 1, /* content cleared, generation + 2: the sweep freed it */
+	TORN_CLAIMED = 2, /* another hop's content, generation + 4: freed and claimed again */
+	TORN_WRITING = 3, /* another hop's content, generation + 3 (odd): being claimed */
+};
+
 #define ENOENT_    2  /* bpf_skb_get_tunnel_opt: the tunnel carried no options */
 #define ETH_ALEN   6  /* as linux/if_ether.h: a #define there, so one here too */
 #define AF_INET_   2  /* bpf_fib_lookup's family: the socket API's values */

@@ -193,29 +193,38 @@ static __always_inline int encap_learn(struct __sk_buff *skb, const struct iface
 	return 1;
 }
 
-/* The tunnel key (and Geneve options) of descriptor d on the reply: the
- * device it is redirected to encapsulates with them. */
-static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct hop_desc *d)
-{
-	struct bpf_tunnel_key key = {};
-	__u64 flags = 0;
-	__u32 len = d->opt_len;
+/* What a reply takes from its hop's slot, copied out of it (hop_desc_copy)
+ * and used from the copy: the slot may be swept and claimed for another hop
+ * while the reply is under way. Not in a map: encap_reply's stack. */
+struct hop_reply {
+	struct bpf_tunnel_key key;   /* tunnel: remote, VNI, TTL, as the reply sets it */
+	__u32 lse[MAX_MPLS_LABELS];  /* MPLS: label and TC of each entry, host order, outer first */
+	__u16 vlan_tci[MAX_VLAN_TAGS]; /* the request's tags (the descriptor's) */
+	__u8  kind;                  /* enum lh_hop_kind */
+	__u8  mpls_count;            /* labels in lse */
+	__u8  opt_len;               /* Geneve options, bytes */
+	__u8  reserved;
+	__u8  opts[GENEVE_OPT_MAX];  /* Geneve options (only when opt_len) */
+};
 
-	key.tunnel_id = d->vni;
-	key.tunnel_ttl = TUNNEL_TTL_;
-	if (d->kind == HOP_TUNNEL6) {
-		__builtin_memcpy(key.remote_ipv6, d->remote, sizeof(key.remote_ipv6));
-		flags = BPF_F_TUNINFO_IPV6;
-	} else {
-		key.remote_ipv4 = d->remote[0];
-	}
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), flags))
+/* The tunnel key (and Geneve options) of a reply's hop, from its copy: the
+ * device it is redirected to encapsulates with them. */
+static __always_inline int encap_set_tunnel(struct __sk_buff *skb, const struct hop_reply *r)
+{
+	__u64 len = r->opt_len; /* 64 bits: no zero-extended copy tested in its place */
+
+	if (bpf_skb_set_tunnel_key(skb, (struct bpf_tunnel_key *)&r->key, sizeof(r->key),
+				   r->kind == HOP_TUNNEL6 ? BPF_F_TUNINFO_IPV6 : 0))
 		return -CNT_REWRITE_FAILED;
-	if (len > GENEVE_OPT_MAX)
+	if (!len)
+		return 0;
+	/* 1..GENEVE_OPT_MAX in the register the helper gets (as a __u32,
+	 * clang tested a zero-extended copy and passed the original: a bench
+	 * variant was refused, "invalid zero-sized read") */
+	barrier_var(len);
+	if (len < 1 || len > GENEVE_OPT_MAX)
 		return -CNT_REWRITE_FAILED;
-	if (len && bpf_skb_set_tunnel_opt(skb, (void *)d->opts, len))
-		return -CNT_REWRITE_FAILED;
-	return 0;
+	return bpf_skb_set_tunnel_opt(skb, (void *)r->opts, len) ? -CNT_REWRITE_FAILED : 0;
 }
 
 /* The id of the descriptor an entry with F_ENTRY_HOP_EXT names (in its vlan_tci). */
@@ -224,21 +233,119 @@ static __always_inline __u32 encap_hop_id(const struct conn_entry *e)
 	return e->vlan_tci[0] | (__u32)e->vlan_tci[1] << 16;
 }
 
+/* Whether generation *gen* of a slot is the one *id* was given for, and
+ * even (not being written): gen << 13 keeps gen's low bit at the id's bit
+ * 13, where the id has 0. */
+static __always_inline int hop_gen_names(__u64 gen, __u32 id)
+{
+	return (__u32)gen << (HOP_SLOT_BITS - 1) == (id & ~(__u32)HOP_SLOT_MASK);
+}
+
 /* The descriptor entry *e* (F_ENTRY_HOP_EXT) names: the slot of lh_hop_descs
  * its id names (an array read), if that slot still holds the hop the id was
- * given for -- its generation the id's and even (not being written; gen << 13
- * keeps gen's low bit at the id's bit 13, where the id has 0), a kind set.
+ * given for -- its generation the id's and even (hop_gen_names), a kind set.
  * The id is read again after the lookup rather than kept (lh_vmport's chain
- * has no stack to spare). NULL: the hop is gone. */
+ * has no stack to spare). NULL: the hop is gone. What the reply then sends
+ * is read again, with the generation checked around it (hop_desc_copy). */
 static __always_inline struct hop_desc *hop_desc_of(const struct conn_entry *e)
 {
 	__u32 slot = encap_hop_id(e) & HOP_SLOT_MASK;
 	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
 
-	if (!d || (__u32)d->gen << (HOP_SLOT_BITS - 1) != (encap_hop_id(e) & ~(__u32)HOP_SLOT_MASK) ||
-	    !d->kind)
+	if (!d || !hop_gen_names(d->gen, encap_hop_id(e)) || !d->kind)
 		return NULL;
 	return d;
+}
+
+#ifdef LH_TRACE_REDIRECT
+/* Test builds only: the change lh_test_torn asks for, made to the reply's
+ * slot between hop_desc_copy's check and its reads, once -- what the sweep
+ * and a learning CPU can do there (tests/bpf/test_encap.py). */
+static __always_inline void hop_torn_hook(struct hop_desc *d)
+{
+	__u32 zero = 0;
+	struct torn_test *t = bpf_map_lookup_elem(&lh_test_torn, &zero);
+
+	if (!t || !t->mode)
+		return;
+	if (t->mode == TORN_SWEPT)
+		__builtin_memset(d, 0, offsetof(struct hop_desc, reserved2));
+	else
+		__builtin_memcpy(d, &t->with, offsetof(struct hop_desc, reserved2));
+	d->gen += t->mode == TORN_SWEPT ? 2 : t->mode == TORN_CLAIMED ? 4 : 3;
+	t->mode = 0;
+}
+#else
+static __always_inline void hop_torn_hook(struct hop_desc *d) {}
+#endif
+
+/* A slot's generation, read where it stands: volatile, so the compiler
+ * neither drops the second read nor moves it across the content reads
+ * (barrier() keeps those in place). */
+static __always_inline __u64 hop_gen_read(const struct hop_desc *d)
+{
+	return *(volatile const __u64 *)&d->gen;
+}
+
+/* The second read of a seqlock-style copy: the generation still *gen*. */
+static __always_inline int hop_gen_same(const struct hop_desc *d, __u64 gen)
+{
+	barrier();
+	return LH_BROKEN_HOP_RECHECK || hop_gen_read(d) == gen;
+}
+
+/* A tunnel hop's key (remote, VNI, TTL) from descriptor d into *key (zeroed). */
+static __always_inline void hop_key_fill(const struct hop_desc *d, __u8 kind,
+					 struct bpf_tunnel_key *key)
+{
+	key->tunnel_id = d->vni;
+	key->tunnel_ttl = TUNNEL_TTL_;
+	if (kind == HOP_TUNNEL6)
+		__builtin_memcpy(key->remote_ipv6, d->remote, sizeof(key->remote_ipv6));
+	else
+		key->remote_ipv4 = d->remote[0];
+}
+
+/* What a reply sends for the hop *id* names, copied from its slot *d* into
+ * *r*, seqlock-style: the slot's generation read before the reads (it must
+ * be the id's, and even), read again after them, and unchanged -- else the
+ * slot was swept, or claimed for another hop, or is being written, between
+ * the check and the reads, and the copy may be cleared, half-written or
+ * another hop's: -CNT_HOP_DESC_GONE, the reply is not sent to it. The
+ * compiler may not move the reads across the two reads of gen (volatile,
+ * barrier()); the CPU neither: x86 keeps loads in order (the claim and the
+ * sweep write content between two atomics). Returns 0 or a negative
+ * reason. */
+static __always_inline int hop_desc_copy(struct hop_desc *d, __u32 id, struct hop_reply *r)
+{
+	__u64 gen = hop_gen_read(d);
+	__u32 n;
+
+	if (!hop_gen_names(gen, id))
+		return -CNT_HOP_DESC_GONE;
+	barrier();
+	hop_torn_hook(d);
+	r->kind = d->kind;
+	r->vlan_tci[0] = d->vlan_tci[0];
+	r->vlan_tci[1] = d->vlan_tci[1];
+	if (r->kind == HOP_MPLS) {
+		n = d->mpls_count;
+		r->mpls_count = n;
+#pragma unroll
+		for (int i = 0; i < MAX_MPLS_LABELS; i++)
+			r->lse[i] = d->mpls[i];
+	} else {
+		__builtin_memset(&r->key, 0, sizeof(r->key));
+		hop_key_fill(d, r->kind, &r->key);
+		r->opt_len = d->opt_len;
+		if (r->opt_len)
+			__builtin_memcpy(r->opts, d->opts, sizeof(r->opts));
+	}
+	if (!hop_gen_same(d, gen))
+		return -CNT_HOP_DESC_GONE;
+	if (r->kind != HOP_TUNNEL4 && r->kind != HOP_TUNNEL6 && r->kind != HOP_MPLS)
+		return -CNT_ENCAP_UNSUPPORTED; /* (only a build without the re-check gets here) */
+	return 0;
 }
 
 /* Whether the reply skb can follow descriptor d, its endpoint aside: a

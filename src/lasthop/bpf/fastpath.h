@@ -254,10 +254,10 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 	fast = !e->vm_ifindex && (settings & F_SET_FAST_PATH) &&
 	       mac_equal(eth->h_source, cfg->vm_mac);
 	__builtin_memcpy(eth->h_dest, e->mac, ETH_ALEN);
-	if (d && d->kind == HOP_MPLS)
-		err = encap_reply(skb, d, encap_vlan(e)); /* global: see there */
+	if (d && (d->kind == HOP_MPLS || d->opt_len))
+		err = encap_reply(skb, encap_hop_id(e), encap_vlan(e)); /* global: see there */
 	else if (d)
-		err = encap_apply(skb, d, e->vlan_count, e->flags & F_ENTRY_OUTER_8021AD);
+		err = encap_tunnel_fast(skb, encap_hop_id(e), encap_vlan(e));
 	else
 		err = e->vlan_count ? rewrite_vlan(skb, e) : 0;
 	if (err) {

@@ -272,6 +272,22 @@ struct {
 	__type(value, struct tunnel_trace);
 } lh_trace_tunnel SEC(".maps");
 
+/* Test builds only: a change to make to the next reply's hop slot between
+ * its check and its reads (hop_torn_hook, encap.h), then mode 0 again. */
+struct torn_test {
+	__u32 mode;            /* enum lh_torn_mode */
+	__u32 reserved;
+	struct hop_desc with;  /* the content TORN_CLAIMED / TORN_WRITING write (up to .mark) */
+};
+
+/* Test builds only: 0 -> the change to make (struct torn_test). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct torn_test);
+} lh_test_torn SEC(".maps");
+
 static __always_inline void trace_tunnel(struct __sk_buff *skb)
 {
 	__u32 zero = 0;

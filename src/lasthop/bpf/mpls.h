@@ -232,25 +232,25 @@ __noinline int hop_learn(struct __sk_buff *skb, __u32 *tags)
 	return encap_learn(skb, cfg, tags);
 }
 
-/* The reply of an MPLS hop: descriptor d's stack pushed under the Ethernet
- * header -- room made at the head (bpf_skb_change_head: 44-46 ns here, where
- * bpf_skb_adjust_room at the MAC header took 107-110, docs/datapath.md), the
- * Ethernet addresses moved to the new start, type 0x8847 and the entries
- * written after them: each entry's TTL the IP header's, bottom of stack on
- * the last. The entries, the type and the TTL are read and written in
- * place, after the helper's call (the headers are in the linear part;
- * nothing but skb and d is kept across it). The kernel's MAC header is then
- * the frame's first 4n + 14 bytes and its network header still the IP
+/* The reply of an MPLS hop: the stack of its descriptor (copied into *r,
+ * hop_desc_copy) pushed under the Ethernet header -- room made at the head
+ * (bpf_skb_change_head: 44-46 ns here, where bpf_skb_adjust_room at the MAC
+ * header took 107-110, docs/datapath.md), the Ethernet addresses moved to
+ * the new start, type 0x8847 and the entries written after them: each
+ * entry's TTL the IP header's, bottom of stack on the last. The entries,
+ * the type and the TTL are read and written in place, after the helper's
+ * call (the headers are in the linear part). The kernel's MAC header is
+ * then the frame's first 4n + 14 bytes and its network header still the IP
  * header: tc pushes all of it back before the redirect (skb->mac_len,
  * sch_handle_ingress). A frame whose Ethernet type is not its protocol (a
  * tag in the data) is not one this pushes. Called before the tags go on
  * (pushed as skb metadata, then in front of the type as the kernel inserts
  * them). Returns 0 or a negative reason (-CNT_ENCAP_UNSUPPORTED before
  * anything changes). */
-static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_desc *d)
+static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_reply *r)
 {
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-	__u32 n = d->mpls_count, shift, ttl;
+	__u32 n = r->mpls_count, shift, ttl;
 	struct ethhdr *eth = data;
 	__u32 *to, *from;
 	__be32 *lse;
@@ -261,12 +261,9 @@ static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_des
 		return -CNT_ENCAP_UNSUPPORTED;
 	if ((void *)(eth + 1) > end || eth->h_proto != skb->protocol)
 		return -CNT_ENCAP_UNSUPPORTED;
-	if (bpf_skb_change_head(skb, n * MPLS_LSE_LEN, 0))
-		return -CNT_REWRITE_FAILED;
-	n = d->mpls_count;
-	if (n < 1 || n > MAX_MPLS_LABELS)
-		return -CNT_REWRITE_FAILED; /* (checked above: for the verifier) */
 	shift = n * MPLS_LSE_LEN;
+	if (bpf_skb_change_head(skb, shift, 0))
+		return -CNT_REWRITE_FAILED;
 	data = (void *)(long)skb->data;
 	end = (void *)(long)skb->data_end;
 	eth = data;
@@ -290,7 +287,7 @@ static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_des
 #pragma unroll
 	for (int i = 0; i < MAX_MPLS_LABELS; i++)
 		if (i < n)
-			lse[i] = bpf_htonl((d->mpls[i] & MPLS_KEEP) | ttl |
+			lse[i] = bpf_htonl((r->lse[i] & MPLS_KEEP) | ttl |
 					   (i == n - 1 ? MPLS_LS_S_MASK : 0));
 	eth->h_proto = bpf_htons(ETH_P_MPLS_UC);
 	return 0;

@@ -83,38 +83,75 @@ static __always_inline __u32 encap_vlan(const struct conn_entry *e)
 	return e->vlan_count | !!(e->flags & F_ENTRY_OUTER_8021AD) << 8;
 }
 
-/* Reply of an entry whose hop is descriptor d: its tunnel key (and options)
- * set or its MPLS labels pushed, then its tags (the descriptor holds them:
- * the entry's vlan_tci holds the id; vlan_count and outer_ad are the
- * entry's). Returns 0 or a negative reason. */
-static __always_inline int encap_apply(struct __sk_buff *skb, const struct hop_desc *d,
-				       __u8 vlan_count, int outer_ad)
+/* The reply of an entry whose hop is the descriptor *id* names (its
+ * vlan_tci, F_ENTRY_HOP_EXT), vlan: the entry's vlan_count |
+ * F_ENTRY_OUTER_8021AD's bit << 8. What the hop needs is copied out of its
+ * slot, the slot's generation checked before and after (hop_desc_copy: a
+ * slot swept or claimed for another hop since the caller's check is
+ * -CNT_HOP_DESC_GONE, nothing changed by this), then the tunnel key (and
+ * options) set or the labels pushed, then the tags (the descriptor holds
+ * them: the entry's vlan_tci holds the id), all from the copy. Returns 0 or
+ * a negative reason. A global function, verified once: inlined in the
+ * general path, it doubled every state of lh_vmport's many ways to a reply
+ * past the verifier's 1,000,000 insns; the fast path calls it too (the
+ * copy and the push, inlined, took lh_vmport's stack past what the chain of
+ * calls below the general path leaves). */
+__noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
 {
+	__u32 slot = id & HOP_SLOT_MASK;
+	struct hop_reply r;
+	struct hop_desc *d;
 	int err;
 
-	if (d->kind == HOP_MPLS)
-		err = mpls_push(skb, d); /* before the tags: they go outside the labels */
-	else if (d->kind == HOP_TUNNEL4 || d->kind == HOP_TUNNEL6)
-		err = encap_set_tunnel(skb, d);
-	else
-		return -CNT_ENCAP_UNSUPPORTED;
+	if (!skb)
+		return -CNT_REWRITE_FAILED;
+	d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
+	if (!d)
+		return -CNT_HOP_DESC_GONE;
+	err = hop_desc_copy(d, id, &r);
 	if (err)
 		return err;
-	return rewrite_tags(skb, vlan_count, outer_ad, d->vlan_tci[0], d->vlan_tci[1]);
+	if (r.kind == HOP_MPLS)
+		err = mpls_push(skb, &r); /* before the tags: they go outside the labels */
+	else
+		err = encap_set_tunnel(skb, &r);
+	if (err)
+		return err;
+	return rewrite_tags(skb, vlan & 0xff, vlan >> 8 & 1, r.vlan_tci[0], r.vlan_tci[1]);
 }
 
-/* encap_apply of descriptor d (an element of lh_hop_descs, looked up by the
- * caller), vlan: the entry's vlan_count | F_ENTRY_OUTER_8021AD's bit << 8.
- * Returns 0 or a negative reason. A global function, verified once: inlined
- * in the general path, it doubled every state of lh_vmport's many ways to a
- * reply past the verifier's 1,000,000 insns; the fast path calls it for an
- * MPLS hop (the push, inlined, took lh_vmport's stack past what the chain
- * of calls below the general path leaves). */
-__noinline int encap_reply(struct __sk_buff *skb, const struct hop_desc *d, __u32 vlan)
+/* The fast path's reply to a tunnel hop without options (VXLAN), inline:
+ * encap_reply's copy and re-check with only the key (on lh_vmport's stack,
+ * where an options copy would not fit) and the tags, no global call.
+ * Returns 0 or a negative reason (a hop with options or of another kind by
+ * now: gone, as its generation moved). */
+static __always_inline int encap_tunnel_fast(struct __sk_buff *skb, __u32 id, __u32 vlan)
 {
-	if (!skb || !d)
+	__u32 slot = id & HOP_SLOT_MASK, tags;
+	struct bpf_tunnel_key key = {};
+	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
+	__u64 gen;
+	__u8 kind, opts;
+
+	if (!d)
+		return -CNT_HOP_DESC_GONE;
+	gen = hop_gen_read(d);
+	if (!hop_gen_names(gen, id))
+		return -CNT_HOP_DESC_GONE;
+	barrier();
+	hop_torn_hook(d);
+	kind = d->kind;
+	opts = d->opt_len;
+	hop_key_fill(d, kind, &key);
+	tags = d->vlan_tci[0] | (__u32)d->vlan_tci[1] << 16;
+	if (!hop_gen_same(d, gen))
+		return -CNT_HOP_DESC_GONE;
+	if (opts || (kind != HOP_TUNNEL4 && kind != HOP_TUNNEL6))
+		return -CNT_ENCAP_UNSUPPORTED; /* (only a build without the re-check gets here) */
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key),
+				   kind == HOP_TUNNEL6 ? BPF_F_TUNINFO_IPV6 : 0))
 		return -CNT_REWRITE_FAILED;
-	return encap_apply(skb, d, vlan & 0xff, vlan >> 8 & 1);
+	return rewrite_tags(skb, vlan & 0xff, vlan >> 8 & 1, tags & 0xffff, tags >> 16);
 }
 
 /* A frame for a VM port gets what the bridge would give it: no 802.1Q or
@@ -207,7 +244,7 @@ static __always_inline int reply_to_last_hop(struct __sk_buff *skb, struct pkt *
 		if (err)
 			return err;
 		if (d)
-			err = encap_reply(skb, d, encap_vlan(e));
+			err = encap_reply(skb, encap_hop_id(e), encap_vlan(e));
 		else
 			err = rewrite_vlan(skb, e);
 		if (err)
