@@ -79,7 +79,7 @@ CONN_MAPS = (
 )
 # config key of each connection map's size
 SIZE_KEYS = {
-    "lh_conns4": "table_size + pending_in_place",
+    "lh_conns4": "table_size",
     "lh_pending4": "pending_table_size",
     "lh_conns": "table_size_v6",
     "lh_pending": "pending_table_size_v6",
@@ -706,6 +706,8 @@ class Datapath:
             )
         except libbpf.BpfError as err:
             for name, key in SIZE_KEYS.items():
+                if name == "lh_conns4" and in_place:  # the quota's room is in it
+                    key = "table_size + pending_in_place"
                 info = libbpf.pinned_info(pins.path(name))
                 size = info.max_entries if info is not None else sizes[name]
                 if size != sizes[name]:
