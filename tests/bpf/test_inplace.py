@@ -25,6 +25,7 @@ from scapy.layers.inet import TCP
 from lasthop import abi
 from packets import IP_VM_1, MAC_FW_B, echo4_request, tcp6_request, udp4_reply, udp4_request
 
+from . import test_conntrack
 from .harness import (
     CONFIRMED,
     MARKS,
@@ -45,6 +46,7 @@ from .test_conntrack import (
     ACK_WRONG,
     DATA,
     ORIG,
+    OTHER,
     SEQ_VM,
     SYN,
     SYN_ACK,
@@ -58,6 +60,7 @@ from .test_conntrack import (
 )
 
 pytestmark = MARKS
+tiny, full = test_conntrack.tiny, test_conntrack.full  # the fixtures of a full lh_conns4
 
 IP = abi.F_ENTRY2_INPLACE
 QUOTA = 4
@@ -322,3 +325,23 @@ def test_the_stats_program_counts_in_place_entries_as_pending(dp: Datapath) -> N
     dp.set_inplace(2)
     assert dp.obj.program("lh_stats").test_run(bytes(64)).retval == 1
     assert list(dp.expiry_stats().elements) == [1, 2]
+
+
+def test_a_full_confirmed_table_sends_a_new_connection_to_the_lru(full: Datapath) -> None:
+    """lh_conns4 full (one entry of room, OTHER in it): the in-place insert
+    fails, its place in the quota is given back, and the SYN takes the LRU."""
+    check(
+        full,
+        q(
+            Case(
+                "the client's SYN, quota free, lh_conns4 full: the pending LRU",
+                UPLINK,
+                "up1",
+                SYN,
+                setup=(OTHER,),
+                after=(OTHER, conn(ST.TCP_SYN_SENT, seen="now")),
+                counters=counted("up1", C.LEARNED),
+                table_counters={TC.PENDING_INSERTED: 1},
+            )
+        ),
+    )
