@@ -165,6 +165,7 @@ CONST_ENUMS = (
     "lh_iface_flag",
     "lh_settings_flag",
     "lh_entry_flag",
+    "lh_entry_flag2",
     "lh_hop_flag",
     "lh_endpoint_verdict",
 )

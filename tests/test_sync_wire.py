@@ -376,3 +376,43 @@ def test_an_export_of_the_hash_release_keeps_its_hop_and_other_sizes_are_refused
     assert len(old.hop) == HOP_SIZE and old.hop[:content] == bytes(desc)[:content]
     with pytest.raises(ValueError, match=rf"a hop is {HOP_SIZE} bytes \(76 before release 5\)"):
         decode_record([*base, bytes(desc)[:80].hex()])
+
+
+class _FakeMap:
+    def __init__(self, rows: list[tuple[bytes, bytes]]) -> None:
+        self.rows = rows
+
+    def items(self) -> object:
+        return iter(self.rows)
+
+
+class _FakeMaps:
+    """Maps.tables() of one IPv4 confirmed table holding *rows* (conn_key4, entry)."""
+
+    def __init__(self, rows: list[tuple[bytes, bytes]]) -> None:
+        from lasthop.datapath import Table
+
+        self._tables = (Table(_FakeMap(rows), abi.FAMILY_V4, abi.ChangeTable.CONFIRMED),)  # type: ignore[arg-type]
+
+    def tables(self) -> tuple[object, ...]:
+        return self._tables
+
+
+def test_a_snapshot_names_an_in_place_entry_pending_without_its_bit() -> None:
+    """An unconfirmed entry waiting in lh_conns4 (F_ENTRY2_INPLACE) goes to a
+    peer or an export as a pending connection, and its bit never travels: the
+    receiver's kernel count knows nothing of it."""
+    from lasthop.sync.replicator import _snapshot
+
+    def row(sport: int, flags2: int) -> tuple[bytes, bytes]:
+        key = abi.ConnKey4(saddr=0x0100000A, daddr=0x0200000A, sport=sport, dport=80, proto=6)
+        return bytes(key), bytes(abi.ConnEntry(state=1, flags2=flags2))
+
+    chunks = list(_snapshot(_FakeMaps([row(1, abi.F_ENTRY2_INPLACE), row(2, 0)])))  # type: ignore[arg-type]
+    size = ctypes.sizeof(abi.ConnChange)
+    records = [abi.ConnChange.from_buffer_copy(r[i : i + size])
+               for r in chunks for i in range(0, len(r), size)]  # fmt: skip
+    assert [(r.key.sport, r.table, r.entry.flags2) for r in records] == [
+        (1, abi.ChangeTable.PENDING, 0),
+        (2, abi.ChangeTable.CONFIRMED, 0),
+    ]

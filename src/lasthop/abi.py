@@ -108,6 +108,7 @@ F_SET_HOPS_MOVED = 1 << 6
 F_SET_SCOPE = 1 << 7
 F_SET_ENDPOINTS = 1 << 8
 F_SET_ENDPOINTS_DOWN = 1 << 9
+F_SET_INPLACE = 1 << 10  # inplace_quota > 0: new connections wait in the confirmed tables
 # enum lh_entry_flag: lh_conns value .flags
 F_ENTRY_HOP_KNOWN = 1 << 0
 F_ENTRY_VM_ORIGIN = 1 << 1
@@ -117,6 +118,8 @@ F_ENTRY_FIN_OPENER = 1 << 4
 F_ENTRY_FIN_ANSWERER = 1 << 5
 F_ENTRY_HOP_EXT = 1 << 6  # vlan_tci holds the id of its lh_hop_descs descriptor
 F_ENTRY_VM_NEIGH = 1 << 7  # routed VM_FAST: its first request checks the host's neighbour
+# enum lh_entry_flag2: lh_conns value .flags2
+F_ENTRY2_INPLACE = 1 << 0  # in a confirmed table, not confirmed yet (counted in lh_inplace)
 # enum lh_hop_flag: lh_hop_moved value .flags
 HOP_UNREACHABLE = 1 << 0  # the hop's neighbour entry failed: its entries are not used
 # enum lh_endpoint_verdict: lh_endpoints value
@@ -159,6 +162,10 @@ class TableCounter(enum.IntEnum):
     STATE_CHANGES = 9
     EXPIRY_SKIPPED = 10
     SYNC_LOST = 11
+    INPLACE_INSERTED = 12
+    INPLACE_CONFIRMED = 13
+    INPLACE_EXPIRED = 14
+    INPLACE_REMOVED = 15
 
 
 TC_MAX = 16
@@ -336,7 +343,8 @@ class ConnEntry(ctypes.Structure):
         ("flags", ctypes.c_uint8),
         ("state", ctypes.c_uint8),
         ("sync_epoch", ctypes.c_uint8),
-        ("reserved", ctypes.c_uint8 * 2),
+        ("flags2", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8),
     ]
 
 
@@ -439,7 +447,37 @@ class Settings(ctypes.Structure):
         ("timeout", ctypes.c_uint32 * CS_MAX),
         ("vm_quota", ctypes.c_uint32),
         ("sync_shift", ctypes.c_uint32),
+        ("inplace_quota", ctypes.c_uint32),
     ]
+
+
+def table_events(ev: dict[TableCounter, int]) -> dict[str, int]:
+    """The table counters as `stats` reports them (both tables' inserted,
+    expired, removed; promoted; evicted from the pending LRU without its
+    element count, which the caller subtracts): an unconfirmed entry waiting
+    in a confirmed table (F_ENTRY2_INPLACE) is a pending connection, its
+    confirmation a promotion (docs/table.md)."""
+    T = TableCounter
+    pending_in = ev[T.PENDING_INSERTED] + ev[T.INPLACE_INSERTED]
+    promoted = ev[T.PENDING_PROMOTED] + ev[T.INPLACE_CONFIRMED]
+    expired = ev[T.PENDING_EXPIRED] + ev[T.INPLACE_EXPIRED]
+    removed = ev[T.PENDING_REMOVED] + ev[T.INPLACE_REMOVED]
+    return {
+        "confirmed_inserted": ev[T.CONFIRMED_INSERTED] + ev[T.INPLACE_CONFIRMED],
+        "confirmed_expired": ev[T.CONFIRMED_EXPIRED],
+        "confirmed_removed": ev[T.CONFIRMED_REMOVED],
+        "pending_inserted": pending_in,
+        "pending_expired": expired,
+        "pending_removed": removed,
+        "promoted": promoted,
+        "pending_left": pending_in - promoted - expired - removed,
+    }
+
+
+class InplaceCount(ctypes.Structure):
+    """struct inplace_count: lh_inplace[0], the in-place entries' count."""
+
+    _fields_ = [("count", ctypes.c_uint64)]
 
 
 class ExpiryStats(ctypes.Structure):
@@ -640,6 +678,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "hop_desc": HopDesc,
     "mpls_meta": MplsMeta,
     "lh_settings": Settings,
+    "inplace_count": InplaceCount,
     "svc_key": SvcKey,
     "svc_info": SvcInfo,
     "expiry_stats": ExpiryStats,

@@ -229,6 +229,15 @@ class Config(_Model):
         le=1 << 27,
         description="new IPv6 connections not yet confirmed (LRU); default pending_table_size / 4",
     )
+    pending_in_place: int = Field(
+        default=0,
+        ge=0,
+        le=1 << 27,
+        description="new IPv4 connections that may wait, unconfirmed, in the confirmed table "
+        "itself (sized table_size + this, so they never take a confirmed connection's room): "
+        "confirmed there by clearing a bit, no move; beyond it, or with sync on, the pending "
+        "LRU as before. 0 = off (docs/table.md)",
+    )
     timeouts: Timeouts = Field(default_factory=Timeouts, description="idle timeouts by state")
     expiry_interval: float = Field(
         default=1.0,

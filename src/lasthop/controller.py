@@ -41,6 +41,7 @@ from lasthop.datapath import (
     changes_ring_size,
     detach_filter,
     hops_in_use,
+    removed_as,
 )
 from lasthop.errors import (
     ConfigError,
@@ -78,6 +79,18 @@ EXPORT_FORMAT = "lasthop-export/1"  # lasthop export's files: the sync's wire re
 _FRAME = bytes(14)  # test run needs a frame; lh_expire and lh_stats ignore it
 F = TypeVar("F", bound=Callable[..., Any])
 _RefusedKey = TypeVar("_RefusedKey", abi.HopKey, abi.EndpointKey)  # Controller._refused
+
+
+def in_place_quota(config: Config) -> int:
+    """lh_settings' inplace_quota: pending_in_place, or 0 with sync on -- a
+    peer's records and an import rewrite entries from user space, which
+    cannot clear an in-place entry's bit atomically (docs/table.md), so with
+    sync the new connections keep to the pending LRU (warned)."""
+    if config.pending_in_place and config.sync:
+        log.warning("pending_in_place is not used with sync on: new connections wait in the "
+                    "pending table")  # fmt: skip
+        return 0
+    return config.pending_in_place
 
 
 def _locked(method: F) -> F:
@@ -251,6 +264,7 @@ class Controller:
             pending_size=config.pending_table_size or 0,
             table_size_v6=config.table_size_v6 or 0,
             pending_size_v6=config.pending_table_size_v6 or 0,
+            in_place=config.pending_in_place,
             changes_size=changes_ring_size(bool(config.sync)),
         )
         self._write_settings(
@@ -290,6 +304,8 @@ class Controller:
         for state, seconds in config.timeouts.by_state().items():
             settings.timeout[state] = round(seconds)
         settings.vm_quota = config.vm_origin_quota
+        settings.inplace_quota = in_place_quota(config)
+        settings.flags |= abi.F_SET_INPLACE if settings.inplace_quota else 0
         maps.set_settings(settings)
 
     @property
@@ -940,22 +956,23 @@ class Controller:
             ex = maps.expiry_stats()
             now, hz = self._now(maps)
             T = abi.TableCounter
+            te = abi.table_events(ev)
+            quota = maps.get_settings().inplace_quota  # room of lh_conns4 kept for pending
             confirmed = self._table_stats(
-                maps.capacity(abi.ChangeTable.CONFIRMED), ex, 0, ev[T.CONFIRMED_INSERTED],
-                ev[T.CONFIRMED_EXPIRED], ev[T.CONFIRMED_REMOVED], 0,
+                maps.capacity(abi.ChangeTable.CONFIRMED) - quota, ex, 0,
+                te["confirmed_inserted"], te["confirmed_expired"], te["confirmed_removed"], 0,
             )  # fmt: skip
-            p_out = ev[T.PENDING_PROMOTED] + ev[T.PENDING_EXPIRED] + ev[T.PENDING_REMOVED]
             pending = self._table_stats(
-                maps.capacity(abi.ChangeTable.PENDING), ex, 1, ev[T.PENDING_INSERTED],
-                ev[T.PENDING_EXPIRED], ev[T.PENDING_REMOVED],
-                max(0, ev[T.PENDING_INSERTED] - p_out - ex.elements[1]),
+                maps.capacity(abi.ChangeTable.PENDING) + quota, ex, 1, te["pending_inserted"],
+                te["pending_expired"], te["pending_removed"],
+                max(0, te["pending_left"] - ex.elements[1]),
             )  # fmt: skip
             return Stats(
                 totals={c.name.lower(): totals[c] for c in abi.Counter},
                 interfaces=interfaces,
                 confirmed=confirmed,
                 pending=pending,
-                promoted=ev[T.PENDING_PROMOTED],
+                promoted=te["promoted"],
                 confirm_refused=ev[T.CONFIRM_REFUSED],
                 expiry_passes=ex.passes,
                 expiry_skipped=ex.skipped,
@@ -1038,14 +1055,17 @@ class Controller:
         with self.open_maps() as maps:
             for table in maps.tables():
                 keys = [k for k, _ in table.map.items()]  # 16 or 40 bytes an entry, not the entries
-                removed = 0
+                removed: dict[abi.TableCounter, int] = {}
                 for k in keys:
-                    if table.map.delete(k):
-                        removed += 1
+                    key = table.conn_key(k)
+                    counter = maps.remove(table, key)
+                    if counter is not None:
+                        removed[counter] = removed.get(counter, 0) + 1
                         if maps.on_change is not None:  # to the peers (sync)
-                            maps.report(abi.ChangeKind.REMOVED, table.which, table.conn_key(k))
-                maps.add_table_counter(table.removed, removed)
-                total += removed
+                            maps.report(abi.ChangeKind.REMOVED, removed_as(counter), key)
+                for counter, n in removed.items():
+                    maps.add_table_counter(counter, n)
+                total += sum(removed.values())
             if total:
                 maps.add_counter(0, abi.Counter.AGENT_REMOVED, total)
                 maps.request_expiry()  # the counts by state are the walk's

@@ -62,9 +62,12 @@ MAP_NAMES = (
     "lh_endpoints_down",
     "lh_scope",
     "lh_hop_descs",
+    "lh_inplace",
 )
 # run by the CLI through their pins
-PINNED_PROGRAMS = ("lh_clock", "lh_stats", "lh_svc_walk", "lh_scope_flush", "lh_hop_put")
+PINNED_PROGRAMS = (
+    "lh_clock", "lh_stats", "lh_svc_walk", "lh_scope_flush", "lh_hop_put", "lh_conn_remove",
+)  # fmt: skip
 TABLES = ("confirmed", "pending")  # the index of expiry_stats arrays (both families each)
 # the connection maps: (name, family, table); lh_conns4/lh_pending4 are keyed
 # by the 16-byte conn_key4, lh_conns/lh_pending (IPv6) by conn_key
@@ -271,6 +274,7 @@ class Maps:
         self.endpoints_down = maps["lh_endpoints_down"]
         self.scope = maps["lh_scope"]
         self.hop_descs = maps["lh_hop_descs"]
+        self.inplace = maps["lh_inplace"]
         # sync on (lasthop.sync): receives a conn_change record for each entry
         # user space removes or rewrites, as the data path's go to lh_changes
         self.on_change: Callable[[bytes], None] | None = None
@@ -280,6 +284,9 @@ class Maps:
         # lh_hop_put: the same, for put_hop_desc
         self.hop_putter: libbpf.Program | None = None
         self._putter_pin: Path | None = None
+        # lh_conn_remove: the same, for remove()
+        self.conn_remover: libbpf.Program | None = None
+        self._remover_pin: Path | None = None
 
     @classmethod
     def open_pinned(cls, pins: Pins) -> Maps:
@@ -290,6 +297,7 @@ class Maps:
         maps = cls({name: libbpf.Map.pinned(pins.path(name)) for name in MAP_NAMES})
         maps._walker_pin = pins.path("lh_svc_walk")
         maps._putter_pin = pins.path("lh_hop_put")
+        maps._remover_pin = pins.path("lh_conn_remove")
         return maps
 
     def close(self) -> None:
@@ -301,6 +309,9 @@ class Maps:
         if self._putter_pin is not None and self.hop_putter is not None:
             os.close(self.hop_putter.fd)
             self.hop_putter = None
+        if self._remover_pin is not None and self.conn_remover is not None:
+            os.close(self.conn_remover.fd)
+            self.conn_remover = None
 
     def svc_walk(self, request: abi.SvcWalk) -> abi.SvcWalk | None:
         """Has the kernel move or remove the service connections *request*
@@ -452,11 +463,31 @@ class Maps:
     def delete(self, key: abi.ConnKey) -> bool:
         """Removes a connection from whichever table holds it; counts and reports the removal."""
         for table in self.tables_for(key):
-            if table.delete(key):
-                self.add_table_counter(table.removed, 1)
-                self.report(abi.ChangeKind.REMOVED, table.which, key)
+            counter = self.remove(table, key)
+            if counter is not None:
+                self.add_table_counter(counter, 1)
+                self.report(abi.ChangeKind.REMOVED, removed_as(counter), key)
                 return True
         return False
+
+    def remove(self, table: Table, key: abi.ConnKey) -> abi.TableCounter | None:
+        """Removes *key* from *table*, neither counted nor reported: the
+        counter its removal belongs under (an unconfirmed entry waiting in a
+        confirmed table, F_ENTRY2_INPLACE: INPLACE_REMOVED, a pending
+        connection), None when the table has no such entry. A confirmed
+        table's entry goes through lh_conn_remove (test run), which gives an
+        in-place entry's place in the quota back exactly once, as user space
+        cannot (the bit is cleared by an atomic fetch-and, and a
+        confirmation on another CPU may race it)."""
+        if table.which == abi.ChangeTable.PENDING:
+            return table.removed if table.delete(key) else None
+        pin = self._remover_pin
+        if self.conn_remover is None and pin is not None and pin.exists():
+            self.conn_remover = libbpf.Program(libbpf.obj_get(pin), "lh_conn_remove")
+        if self.conn_remover is None:  # an older release's data path: no in-place entries
+            return table.removed if table.delete(key) else None
+        run = self.conn_remover.test_run(bytes(key))
+        return _REMOVED_BY.get(run.retval)
 
     def update_entry(self, key: abi.ConnKey, entry: abi.ConnEntry) -> bool:
         """Rewrites an existing entry in place (whichever table); False when gone.
@@ -566,12 +597,19 @@ def default_v6(size_v4: int) -> int:
 
 
 def table_sizes(
-    table_size: int, pending_size: int = 0, table_size_v6: int = 0, pending_size_v6: int = 0
+    table_size: int,
+    pending_size: int = 0,
+    table_size_v6: int = 0,
+    pending_size_v6: int = 0,
+    in_place: int = 0,
 ) -> dict[str, int]:
-    """Each connection map's max_entries from the config's sizes (0: default)."""
+    """Each connection map's max_entries from the config's sizes (0: default).
+    lh_conns4 holds table_size confirmed connections and up to *in_place*
+    (pending_in_place) unconfirmed ones beside them, so those never take the
+    room table_size promises to confirmed connections."""
     pending = pending_size or default_pending(table_size)
     return {
-        "lh_conns4": table_size,
+        "lh_conns4": table_size + in_place,
         "lh_pending4": pending,
         "lh_conns": table_size_v6 or default_v6(table_size),
         "lh_pending": pending_size_v6 or default_v6(pending),
@@ -621,6 +659,18 @@ def _u32(n: int) -> bytes:
     return bytes(ctypes.c_uint32(n))
 
 
+# lh_conn_remove's result -> the counter of the removal
+_REMOVED_BY = {1: abi.TableCounter.CONFIRMED_REMOVED, 2: abi.TableCounter.INPLACE_REMOVED}
+
+
+def removed_as(counter: abi.TableCounter) -> abi.ChangeTable:
+    """The table a removal counted under *counter* reports to the peers: an
+    in-place entry is a pending connection."""
+    if counter == abi.TableCounter.CONFIRMED_REMOVED:
+        return abi.ChangeTable.CONFIRMED
+    return abi.ChangeTable.PENDING
+
+
 class Datapath:
     """The loaded object: programs to attach and the (pinned) maps."""
 
@@ -632,12 +682,13 @@ class Datapath:
         pending_size: int = 0,
         table_size_v6: int = 0,
         pending_size_v6: int = 0,
+        in_place: int = 0,
         changes_size: int = abi.CHANGES_RING_SIZE,
         obj_path: Path | None = None,
     ) -> None:
         pins.create()
         self.pins = pins
-        sizes = table_sizes(table_size, pending_size, table_size_v6, pending_size_v6)
+        sizes = table_sizes(table_size, pending_size, table_size_v6, pending_size_v6, in_place)
         sizes["lh_changes"] = changes_size
         carried = upgrade.prepare(pins.folder, changes_size)  # an older agent's pins
         self._path = obj_path or _object()
@@ -655,6 +706,8 @@ class Datapath:
             )
         except libbpf.BpfError as err:
             for name, key in SIZE_KEYS.items():
+                if name == "lh_conns4" and in_place:  # the quota's room is in it
+                    key = "table_size + pending_in_place"
                 info = libbpf.pinned_info(pins.path(name))
                 size = info.max_entries if info is not None else sizes[name]
                 if size != sizes[name]:
@@ -666,6 +719,7 @@ class Datapath:
             raise DatapathError(f"cannot load the data path: {err}") from err
         self.maps = Maps({name: self._obj.map(name) for name in MAP_NAMES})
         self.maps.hop_putter = self._obj.program("lh_hop_put")
+        self.maps.conn_remover = self._obj.program("lh_conn_remove")
         if carried.apply(self.maps):
             self.maps.request_expiry()
         self.clock_prog = self._obj.program("lh_clock")

@@ -154,6 +154,8 @@ def explain(
         for name, table in (("confirmed", confirmed), ("pending", pending)):
             entry = table.lookup(key)
             if entry is not None:
+                if entry.flags2 & abi.F_ENTRY2_INPLACE:  # waits in the confirmed map
+                    name = "pending"
                 ex.table, ex.opened_by = name, "server" if reverse else "client"
                 ex.connection = decode(key, entry, now, hz, hop=maps.hop_desc)
                 ex.timeout_s = float(settings.timeout[entry.state])

@@ -208,7 +208,8 @@ def read(folder: str) -> dict[str, object]:
         raw = bpf.lookup(pin["lh_expiry"], _u32(0), ctypes.sizeof(abi.ExpiryStats))
         ex = abi.ExpiryStats.from_buffer_copy(raw) if raw else abi.ExpiryStats()
         raw = bpf.lookup(pin["lh_settings"], _u32(0), ctypes.sizeof(abi.Settings))
-        hz = abi.Settings.from_buffer_copy(raw).hz if raw else 0
+        settings = abi.Settings.from_buffer_copy(raw) if raw else abi.Settings()
+        hz, quota = settings.hz, settings.inplace_quota  # quota: lh_conns4's room for pending
         now = bpf.run(bpf.get(f"{folder}/lh_clock"))
         untrusted = _refused(bpf, pin["lh_hops_refused"], abi.HopKey,
                              lambda hop: _mac(bytes(hop.mac)))  # fmt: skip
@@ -235,11 +236,12 @@ def read(folder: str) -> dict[str, object]:
             },  # fmt: skip
         }
 
-    p_out = ev[T.PENDING_PROMOTED] + ev[T.PENDING_EXPIRED] + ev[T.PENDING_REMOVED]
-    evicted = max(0, ev[T.PENDING_INSERTED] - p_out - ex.elements[1])
-    confirmed = table(0, ev[T.CONFIRMED_INSERTED], ev[T.CONFIRMED_EXPIRED],
-                      ev[T.CONFIRMED_REMOVED], 0)  # fmt: skip
-    pending = table(1, ev[T.PENDING_INSERTED], ev[T.PENDING_EXPIRED], ev[T.PENDING_REMOVED],
+    te = abi.table_events(ev)
+    evicted = max(0, te["pending_left"] - ex.elements[1])
+    capacity = [capacity[0] - quota, capacity[1] + quota]
+    confirmed = table(0, te["confirmed_inserted"], te["confirmed_expired"],
+                      te["confirmed_removed"], 0)  # fmt: skip
+    pending = table(1, te["pending_inserted"], te["pending_expired"], te["pending_removed"],
                     evicted)  # fmt: skip
     return {
         "totals": {c.name.lower(): totals[c] for c in abi.Counter},
@@ -248,7 +250,7 @@ def read(folder: str) -> dict[str, object]:
             "entries": ex.elements[0] + ex.elements[1],
             "capacity": capacity[0] + capacity[1],
             "evicted": evicted,
-            "promoted": ev[T.PENDING_PROMOTED],
+            "promoted": te["promoted"],
             "confirm_refused": ev[T.CONFIRM_REFUSED],
             "expiry_passes": ex.passes,
             "expiry_skipped": ex.skipped,

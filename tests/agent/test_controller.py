@@ -274,6 +274,53 @@ def test_stats_names_interfaces_and_reads_the_kernel_counts(box: Sandbox) -> Non
         c.close()
 
 
+def test_in_place_entries_are_pending_and_the_agents_removal_frees_their_quota(
+    box: Sandbox,
+) -> None:
+    """pending_in_place sizes lh_conns4 table_size + quota and sets the quota;
+    stats counts an unconfirmed entry waiting in lh_conns4 as pending (its
+    room too); flush removes it through lh_conn_remove, which takes it off the
+    kernel's count, and counts it inplace_removed."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"], table_size=512, pending_in_place=16))
+    try:
+        maps = c.datapath.maps  # type: ignore[union-attr]
+        assert maps.conns4.info.max_entries == 512 + 16
+        settings = maps.get_settings()
+        assert settings.inplace_quota == 16 and settings.flags & abi.F_SET_INPLACE
+        table = PinnedTable(ns.pins)
+        table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80))
+        table.close()
+        waiting = abi.ConnEntry(state=int(abi.State.TCP_SYN_SENT), flags2=abi.F_ENTRY2_INPLACE)
+        key = conn_key("192.0.2.2", "192.0.2.9", 1, 80)
+        maps.tables_for(key)[0].update(key, waiting)  # as the data path inserts it ...
+        maps.inplace.update(bytes(4), bytes(abi.InplaceCount(count=1)))  # ... and counts it
+        st = c.stats()
+        assert (st.confirmed.entries, st.confirmed.capacity) == (1, 512 + 1024)
+        assert (st.pending.entries, st.pending.capacity) == (1, 1024 + 16 + 1024)
+        assert st.pending.evicted == 0
+        before = maps.table_totals()
+        assert c.flush() == 2
+        after = maps.table_totals()
+        count = abi.InplaceCount.from_buffer_copy(maps.inplace.lookup(bytes(4)) or bytes(8))
+        assert count.count == 0
+        moved = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+        assert moved == {abi.TableCounter.CONFIRMED_REMOVED: 1, abi.TableCounter.INPLACE_REMOVED: 1}
+    finally:
+        c.close()
+
+
+def test_pending_in_place_is_not_used_with_sync(box: Sandbox) -> None:
+    """With sync on, new connections keep to the pending LRU: the quota written is 0."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"], pending_in_place=16, sync="redis://127.0.0.1:1/0"))
+    try:
+        settings = c.datapath.maps.get_settings()  # type: ignore[union-attr]
+        assert settings.inplace_quota == 0 and not settings.flags & abi.F_SET_INPLACE
+    finally:
+        c.close()
+
+
 def test_detach_removes_filters_and_pins(box: Sandbox) -> None:
     """detach() takes our filter off every interface and removes the pins."""
     ns = box.host()

@@ -38,6 +38,7 @@ FIGURES = [
     "refresh_single",
     "new_connection",
     "new_connection_room",
+    "new_connection_flood",
     "new_connection_single",
 ]
 
@@ -148,6 +149,7 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
         "new_connection_single",
         "new_connection_room",
         "new_connection",
+        "new_connection_flood",
         "insert_full",
     }
     assert all(c.ok for cs in results.checks.values() for c in cs)
@@ -159,18 +161,28 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
         "vm0 MISS": packets,
         "vmr0 REDIRECTED": 2 * packets,  # the routed replies: Ethernet uplink, L3 uplink
     }
-    for run in ("insert_room", "insert_full"):
-        assert moved[run] == {"up0 LEARNED": n, "up0 REFRESHED": n, "table PENDING_INSERTED": n}
-    handshake = {
+    # the bench's in-place quota: a quarter of lh_pending4 (1024); SYNs that never
+    # confirm keep their place, so a single run fills it, and the rest take the LRU
+    quota = 1024 // 4
+    assert moved["insert_room"] == {"up0 LEARNED": n, "up0 REFRESHED": n,
+                                    "table INPLACE_INSERTED": quota,
+                                    "table PENDING_INSERTED": n - quota}  # fmt: skip
+    # lh_conns4 full (prefilled): the in-place insert fails, the LRU takes it
+    assert moved["insert_full"] == {"up0 LEARNED": n, "up0 REFRESHED": n,
+                                    "table PENDING_INSERTED": n}  # fmt: skip
+    common = {
         "up0 LEARNED": n,
         "vm0 REDIRECTED": n,
         "up0 REFRESHED": n,
         "up0 CONFIRMED": n,
         "vm0 VM_ADDR_LEARNED": 1,
+        "table STATE_CHANGES": 2 * n,
+    }
+    handshake = common | {"table INPLACE_INSERTED": n, "table INPLACE_CONFIRMED": n}
+    promoted = common | {
         "table PENDING_INSERTED": n,
         "table PENDING_PROMOTED": n,
         "table CONFIRMED_INSERTED": n,
-        "table STATE_CHANGES": 2 * n,
     }
     assert moved["new_connection_single"] == handshake
     # back to back: inserts // rounds connections a round; the VM port's
@@ -180,7 +192,11 @@ def test_runs_did_what_their_names_say(results: datapath.Results) -> None:
     # evictions move no counter) and with room
     for run in ("new_connection", "new_connection_room"):
         assert moved[run] == {k: v // n * streamed for k, v in handshake.items()}
-    assert "lh_pending4 full (1024: every SYN evicts)" in results.figure("new_connection").detail
+    # the flood row: the quota taken, every SYN into the full LRU and promoted
+    assert moved["new_connection_flood"] == {k: v // n * streamed for k, v in promoted.items()}
+    flood = results.figure("new_connection_flood").detail
+    assert "taken (as a flood leaves it): each SYN into lh_pending4, full (1024" in flood
+    assert "quota 256 free" in results.figure("new_connection").detail
     assert "lh_pending4 with room" in results.figure("new_connection_room").detail
     assert "tables {'lh_conns4': 1024," in results.figure("insert_full").detail
 

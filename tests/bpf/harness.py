@@ -195,6 +195,7 @@ class Entry:
     state: abi.State = abi.State.NONE
     seq: int = 0  # TCP: the ACK number that completes the handshake
     table: str = CONFIRMED  # CONFIRMED (lh_conns) or PENDING (lh_pending)
+    flags2: int = 0  # F_ENTRY2_INPLACE: unconfirmed, waiting in the confirmed table
 
     def but(self, **changes: Any) -> Entry:
         return replace(self, **changes)
@@ -215,6 +216,7 @@ class EntryView:
     state: abi.State
     seq: int
     table: str
+    flags2: int
 
 
 # ---------------------------------------------------------------- VM addresses
@@ -257,6 +259,9 @@ class Case:
     # lh_vm_addrs: (VM port, address), CONFIGURED, or (VM port, address, origin)
     vm_addrs: tuple[tuple[str, str] | VmAddr, ...] = ()
     vm_quota: int = 0  # lh_settings .vm_quota
+    inplace_quota: int = 0  # lh_settings .inplace_quota (with F_SET_INPLACE)
+    # lh_inplace's count at set-up; None: the set-up entries with F_ENTRY2_INPLACE
+    inplace: int | None = None
     # lh_vm_usage elements: (VM port, (created, base, counted)); a port with none has none
     vm_usage: tuple[tuple[str, Usage], ...] = ()
     gso_size: int = 0  # run as a GSO skb (GRO-merged) with this segment size
@@ -343,6 +348,7 @@ class Datapath:
         self.scope: Map = obj.map("lh_scope")
         self.trace: Map = obj.map("lh_trace")
         self.frags: Map = obj.map("lh_frags")
+        self.inplace: Map = obj.map("lh_inplace")
         self.slots = {SLOT0: 0} | {i.name: i.slot for i in ifaces.values() if i.slot}
 
     # set-up
@@ -357,6 +363,7 @@ class Datapath:
         for iface in self.ifaces.values():
             self.configure(iface.name)
         self.set_settings(0)
+        self.set_inplace(0)
         self.scope.update(_u32(0), bytes(abi.ScopeRule()))  # no rule: the list ends at once
         self.expiry.update(_u32(0), bytes(abi.ExpiryStats()))
         self.trace.update(_u32(0), _u32(0))
@@ -392,11 +399,26 @@ class Datapath:
         timeouts: dict[abi.State, int] | None = None,
         vm_quota: int = 0,
         sync_shift: int = 0,
+        inplace_quota: int = 0,
     ) -> None:
-        s = abi.Settings(flags=flags, hz=hz, vm_quota=vm_quota, sync_shift=sync_shift)
+        if inplace_quota:
+            flags |= abi.F_SET_INPLACE
+        s = abi.Settings(
+            flags=flags, hz=hz, vm_quota=vm_quota, sync_shift=sync_shift,
+            inplace_quota=inplace_quota,
+        )  # fmt: skip
         for state, seconds in (timeouts or {}).items():
             s.timeout[state] = seconds
         self.settings.update(_u32(0), bytes(s))
+
+    def set_inplace(self, count: int) -> None:
+        """lh_inplace's count of in-place entries."""
+        self.inplace.update(_u32(0), bytes(abi.InplaceCount(count=count)))
+
+    def inplace_count(self) -> int:
+        raw = self.inplace.lookup(_u32(0))
+        assert raw is not None
+        return abi.InplaceCount.from_buffer_copy(raw).count
 
     def put(self, entry: Entry, last_seen: int = SEEN_SETUP) -> None:
         """Writes entry into the table it names (lh_conns or lh_pending)."""
@@ -414,6 +436,7 @@ class Datapath:
             vlan_count=len(entry.vlans),
             state=int(entry.state),
             seq=entry.seq,
+            flags2=entry.flags2,
         )
         ctypes.memmove(e.mac, mac_bytes(entry.mac), abi.ETH_ALEN)
         e.ifindex = self.ifaces[entry.iface].ifindex if entry.iface else 0
@@ -586,6 +609,7 @@ class Datapath:
                     state=_state(e.state),
                     seq=e.seq,
                     table=table,
+                    flags2=e.flags2,
                 )
         return out
 
@@ -655,7 +679,18 @@ def view(entry: Entry) -> EntryView:
         state=entry.state,
         seq=entry.seq,
         table=entry.table,
+        flags2=entry.flags2,
     )
+
+
+def _inplace(entries: tuple[Entry, ...]) -> int:
+    """How many of *entries* wait in place (F_ENTRY2_INPLACE)."""
+    return sum(1 for e in entries if e.flags2 & abi.F_ENTRY2_INPLACE)
+
+
+def dp_inplace_before(case: Case) -> int:
+    """lh_inplace's count as a case sets it up."""
+    return _inplace(case.setup) if case.inplace is None else case.inplace
 
 
 def frame_diff(actual: bytes, expected: bytes) -> str:
@@ -684,9 +719,10 @@ def prepare(dp: Datapath, case: Case) -> None:
             flags=flags | extra.get(name, 0),
             vm_mac=vm_macs.get(name),
         )
-    dp.set_settings(case.settings, vm_quota=case.vm_quota)
+    dp.set_settings(case.settings, vm_quota=case.vm_quota, inplace_quota=case.inplace_quota)
     for entry in case.setup:
         dp.put(entry)
+    dp.set_inplace(_inplace(case.setup) if case.inplace is None else case.inplace)
     for row in case.vm_addrs:
         dp.add_vm_addr(*row)
     for vm, usage in case.vm_usage:
@@ -728,6 +764,8 @@ def check(dp: Datapath, case: Case, extra: Callable[[Datapath], None] | None = N
     assert table_deltas == case.table_counters
     want = case.setup if case.after is None else case.after
     assert dp.table(t0, t1) == {e.key.pack(): view(e) for e in want}
+    # the count moves exactly as in-place entries come and go
+    assert dp.inplace_count() == dp_inplace_before(case) + _inplace(want) - _inplace(case.setup)
     want_addrs = (
         case.vm_addrs_after
         if case.vm_addrs_after is not None

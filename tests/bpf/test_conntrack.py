@@ -988,7 +988,7 @@ def test_an_indexed_entry_refreshed_meanwhile_stays_with_its_new_deadline(dp: Da
 
 CHANGE_COUNTERS = (
     TC.PENDING_INSERTED, TC.PENDING_REMOVED, TC.CONFIRMED_INSERTED, TC.CONFIRMED_REMOVED,
-    TC.STATE_CHANGES,
+    TC.STATE_CHANGES, TC.INPLACE_INSERTED, TC.INPLACE_CONFIRMED, TC.INPLACE_REMOVED,
 )  # fmt: skip  # what lh_expire sums to tell whether the data path changed the table
 
 

@@ -118,17 +118,23 @@ def _receive_all(conn: _Idle, size: int, deadline: float) -> int:
     return got
 
 
+@pytest.mark.parametrize("in_place", [0, FLOOD_TABLE // 4], ids=["lru", "in-place"])
 def test_a_flood_of_spoofed_connections_leaves_idle_established_ones_working(
-    bridged_lab: Lab, tmp_path: Path
+    bridged_lab: Lab, tmp_path: Path, in_place: int
 ) -> None:
     """20 idle established connections through fw2; 5,000 spoofed connections
     x 3 packets (SYN, ACK with data, SYN retransmit or more data) flood the
     uplink from fw3's transit leg, ~20x the pending table; then every server
     speaks first, and every byte reaches its client: no confirmed entry was
-    evicted. (Once the table is flushed, a server's first words are lost.)"""
+    evicted. (Once the table is flushed, a server's first words are lost.)
+    With pending_in_place, the idle connections confirmed in place and the
+    flood takes the quota first, then evicts in the LRU as without it."""
     plan = bridged_lab.plan
     fw3 = plan.firewall(3)
-    toml = f"table_size = {FLOOD_TABLE}\npending_table_size = {FLOOD_TABLE}\n"
+    toml = (
+        f"table_size = {FLOOD_TABLE}\npending_table_size = {FLOOD_TABLE}\n"
+        f"pending_in_place = {in_place}\n"
+    )
     with _agent(bridged_lab, tmp_path, toml), _idle_connections(plan, IDLE_CONNECTIONS) as idle:
         keys = {c.key for c in idle}
 

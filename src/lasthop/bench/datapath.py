@@ -381,6 +381,42 @@ class _Bench:
             ifaces.update(u32(index[ifname]), bytes(cfg))
         self.slot = {"up0": 1, "vm0": 2, "l3up0": 3, "vmr0": 4}
         self.checks: dict[str, list[Counted]] = {}
+        self.inplace = 0  # new connections wait in lh_conns4 while fewer than this do
+        self.inplace_quota(obj.map("lh_pending4").info.max_entries // 4)
+
+    def inplace_quota(self, quota: int) -> None:
+        """New connections wait in the confirmed table while fewer than *quota*
+        do (0: in the LRU, as before in-place entries; an object built before
+        them has no such setting and is left as it is)."""
+        settings = self.obj.map("lh_settings")
+        if settings.info.value_size != ctypes.sizeof(abi.Settings):
+            return
+        self.inplace = quota
+        s = abi.Settings(inplace_quota=quota, flags=abi.F_SET_INPLACE if quota else 0)
+        settings.update(u32(0), bytes(s))
+
+    def inplace_count(self) -> int:
+        """lh_inplace's count (0 for an object built before in-place entries)."""
+        if not self.inplace:
+            return 0
+        raw = self.obj.map("lh_inplace").lookup(u32(0))
+        return abi.InplaceCount.from_buffer_copy(raw).count if raw else 0
+
+    def set_inplace_count(self, count: int) -> None:
+        if self.inplace:
+            self.obj.map("lh_inplace").update(u32(0), bytes(abi.InplaceCount(count=count)))
+
+    def free_inplace(self) -> None:
+        """Removes the unconfirmed entries a run left waiting in lh_conns4 (single
+        runs' SYNs never confirm) and zeroes the count: the next run finds the
+        quota free, as a host in normal operation does (untimed)."""
+        if not self.inplace:
+            return
+        at = abi.ConnEntry.flags2.offset
+        m = self.conns.map4
+        for key in [k for k, v in m.items() if v[at] & abi.F_ENTRY2_INPLACE]:
+            m.delete(key)
+        self.set_inplace_count(0)
 
     def ctx(self, ifname: str) -> bytes:
         ctx = bytearray(_SKB_CTX_SIZE)
@@ -662,13 +698,17 @@ def _single_runs(b: _Bench, run: str, n: int, first: int) -> _Singles:
     up, empty = b.prog("lh_uplink"), b.prog("lh_empty")
     ctx = b.ctx("up0")
     known = tcp4_frame(_FW_B, _VM, _CLIENT4, _VM4, _PORT_HIT, 80)
-    before = b.snapshot()
+    before, count = b.snapshot(), b.inplace_count()
     out = _Singles([], [], [])
     for i in range(first, first + n):
         out.insert.append(up.test_run(_syn(i), ctx=ctx).duration_ns)
         out.empty.append(empty.test_run(_syn(i), ctx=ctx).duration_ns)
         out.refresh.append(up.test_run(known, ctx=ctx).duration_ns)
-    b.check(run, before, {"up0 LEARNED": n, "up0 REFRESHED": n, "table PENDING_INSERTED": n})
+    in_place = b.inplace_count() - count  # the SYNs the quota took (they never confirm)
+    expected = {"up0 LEARNED": n, "up0 REFRESHED": n, "table PENDING_INSERTED": n - in_place}
+    if in_place:
+        expected["table INPLACE_INSERTED"] = in_place
+    b.check(run, before, expected)
     return out
 
 
@@ -711,9 +751,7 @@ def _handshakes(b: _Bench, n: int, first: int) -> _Handshakes:
             "up0 REFRESHED": n,
             "up0 CONFIRMED": n,
             "vm0 VM_ADDR_LEARNED": learned,
-            "table PENDING_INSERTED": n,
-            "table CONFIRMED_INSERTED": n,
-            "table PENDING_PROMOTED": n,
+            **_confirmations(b, n),
             "table STATE_CHANGES": 2 * n,  # SYN_SENT -> SYN_RECV -> ESTABLISHED
         },
     )
@@ -739,6 +777,7 @@ def _handshake_stream(
     first_round: int = 0,
     name: str = "new_connection",
     flood: Iterator[bytes] | None = None,
+    exhausted: bool = False,
 ) -> _Stream:
     """*rounds* times n new connections, each packet of the handshake run
     back to back (repeat = n) by lh_bench_uplink / lh_bench_vmport: the same
@@ -753,10 +792,17 @@ def _handshake_stream(
     node and every SYN of the round evicts, as under a flood (checked,
     untimed: the SYNs grew the table by no more than the free nodes a full
     LRU keeps per CPU, _LRU_SLACK).
+    *exhausted*: the in-place quota taken (lh_inplace's count set to it, as a
+    flood of unconfirmed connections would leave it; restored after), so every
+    SYN takes the pending LRU, as before in-place entries; else the quota is
+    free (b.free_inplace first) and every connection waits and confirms in place.
     *name*: the run's name in the checks."""
     up, vm = b.prog("lh_bench_uplink"), b.prog("lh_bench_vmport")
     step, empty = b.prog("lh_bench_step"), b.prog("lh_empty")
     up_ctx, vm_ctx = b.ctx("up0"), b.ctx("vm0")
+    b.free_inplace()
+    if exhausted:
+        b.set_inplace_count(b.inplace)
     before = b.snapshot()
     out = _Stream([], [], [], [], [])
     full = 0  # flood: lh_pending4's entries before the round's SYNs
@@ -795,13 +841,31 @@ def _handshake_stream(
             "up0 REFRESHED": done,
             "up0 CONFIRMED": done,
             "vm0 VM_ADDR_LEARNED": learned,
-            "table PENDING_INSERTED": done,
-            "table CONFIRMED_INSERTED": done,
-            "table PENDING_PROMOTED": done,
+            **_confirmations(b, done, in_place=not exhausted),
             "table STATE_CHANGES": 2 * done,
         },
     )
+    if exhausted:
+        b.set_inplace_count(0)
     return out
+
+
+def _forget_streams(b: _Bench, n: int, rounds: int) -> None:
+    """Removes the confirmed entries of the first *rounds* rounds of
+    _handshake_stream (n connections each) from lh_conns4."""
+    for i in range(n * rounds):
+        client = (_STREAM_CLIENTS + i).to_bytes(4, "big")
+        b.conns.delete(_key4(client, _VM4, _PORT_STREAM, 80))
+
+
+def _confirmations(b: _Bench, done: int, in_place: bool = True) -> dict[str, int]:
+    """The table counters *done* new connections move when each confirms:
+    inserted and confirmed in place while the quota has room (*in_place*),
+    else inserted into lh_pending4 and promoted."""
+    if b.inplace and in_place:
+        return {"table INPLACE_INSERTED": done, "table INPLACE_CONFIRMED": done}
+    return {"table PENDING_INSERTED": done, "table CONFIRMED_INSERTED": done,
+            "table PENDING_PROMOTED": done}  # fmt: skip
 
 
 def _fill(m: Map, keys: Iterable[bytes], state: abi.State, ifindex: int) -> int:
@@ -921,6 +985,7 @@ def run(
                 progress(f"{inserts} new entries into tables with room")
                 room = _single_runs(b, "insert_room", inserts, 0)
                 progress(f"{inserts} new confirmed connections (handshakes)")
+                b.free_inplace()
                 hs = _handshakes(b, inserts, 2 * inserts)
                 progress(f"{inserts} new confirmed connections, back to back, pending with room")
                 stream_n = max(1, inserts // rounds)
@@ -932,6 +997,16 @@ def run(
                 stream = _handshake_stream(
                     b, stream_n, rounds, first_round=rounds,
                     flood=_fill_keys(32, stream_n * rounds, start=overfill),
+                )  # fmt: skip
+                progress(f"{inserts} new confirmed connections, back to back, quota taken, "
+                         "pending full")  # fmt: skip
+                flood_start = overfill + stream_n * rounds
+                # the two streams' connections out of lh_conns4 (untimed): a third
+                # stream's would not fit in the bench's table
+                _forget_streams(b, stream_n, 2 * rounds)
+                stream_flood = _handshake_stream(
+                    b, stream_n, rounds, first_round=2 * rounds, name="new_connection_flood",
+                    flood=_fill_keys(32, stream_n * rounds, start=flood_start), exhausted=True,
                 )  # fmt: skip
                 progress(f"filling lh_conns4 ({table}) and lh_pending4 ({pending})")
                 _prefill(b, table, pending)
@@ -1080,20 +1155,31 @@ def run(
             f"{per_round}",
         )
 
+    quota = f"in-place quota {b.inplace}" if b.inplace else "no in-place quota (older object)"
     figures.append(
         streamed_figure(
             "new_connection",
-            "new confirmed connection (3 packets), full pending",
+            "new confirmed connection (3 packets), normal: quota free, pending full",
             stream,
-            f"lh_pending4 full ({pending}: every SYN evicts)",
+            f"{quota} free: each waits and confirms in lh_conns4; lh_pending4 full "
+            f"({pending}); the target is held to this row",
         )
     )
     figures.append(
         streamed_figure(
             "new_connection_room",
-            "new confirmed connection, pending with room",
+            "new confirmed connection, quota free, pending with room",
             stream_room,
-            f"lh_pending4 with room ({pending})",
+            f"{quota} free; lh_pending4 with room ({pending})",
+        )
+    )
+    figures.append(
+        streamed_figure(
+            "new_connection_flood",
+            "new confirmed connection, flood: quota taken, pending full",
+            stream_flood,
+            f"{quota} taken (as a flood leaves it): each SYN into lh_pending4, full "
+            f"({pending}: every SYN evicts), promoted by the ACK",
         )
     )
     figures.append(

@@ -50,8 +50,18 @@ struct conn_entry {
 	__u8  flags;        /* F_ENTRY_* */
 	__u8  state;        /* enum conn_state */
 	__u8  sync_epoch;   /* sync on: the epoch (changes.h) of its last refresh record, low 8 bits */
-	__u8  reserved[2];
+	__u8  flags2;       /* F_ENTRY2_*: cleared by 64-bit atomics on the word at
+			     * CONN_ENTRY_WORD2_OFF (conntrack.h), never by a plain store */
+	__u8  reserved;
 };
+
+/* The 8-byte-aligned word of conn_entry that holds flags2, and where flags2
+ * sits in it (little-endian: its byte 6). */
+#define CONN_ENTRY_WORD2_OFF 32
+#define CONN_ENTRY_FLAGS2_SHIFT ((__builtin_offsetof(struct conn_entry, flags2) - \
+				  CONN_ENTRY_WORD2_OFF) * 8)
+_Static_assert(__builtin_offsetof(struct conn_entry, flags2) - CONN_ENTRY_WORD2_OFF < 8,
+	       "flags2 is in the word at CONN_ENTRY_WORD2_OFF");
 
 /* Per-interface settings, written by the agent (lh_ifaces value); vm_mac
  * is also filled in by lh_vmport the first time the VM speaks. */
@@ -215,6 +225,17 @@ struct lh_settings {
 	__u32 timeout[CS_MAX]; /* seconds an entry may stay idle, by enum conn_state */
 	__u32 vm_quota;      /* entries each VM port may open (VM_ORIGIN) */
 	__u32 sync_shift;    /* sync: a refresh epoch is jiffies >> sync_shift (the agent sets it) */
+	__u32 inplace_quota; /* new connections that may wait in the confirmed tables
+			      * (F_ENTRY2_INPLACE, both families), 0 = none: lh_inplace */
+};
+
+/* lh_inplace[0]: the kernel's count of unconfirmed entries in the confirmed
+ * tables (F_ENTRY2_INPLACE), both families. Exact: added to (atomically)
+ * before an insert in place, taken from exactly once when the entry's bit is
+ * cleared (confirmation, or removal: whoever clears the bit, by atomic
+ * fetch-and, takes it off). */
+struct inplace_count {
+	__u64 count;
 };
 
 /* lh_expiry[0]: what the last expiry pass found. Per-state counts are a
@@ -293,6 +314,7 @@ struct lh_abi_enums {
 	enum lh_iface_flag     iface_flag;
 	enum lh_settings_flag  settings_flag;
 	enum lh_entry_flag     entry_flag;
+	enum lh_entry_flag2    entry_flag2;
 	enum conn_state        state;
 	enum lh_table_counter  table_counter;
 	enum vm_addr_origin    vm_addr_origin;

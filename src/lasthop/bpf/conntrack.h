@@ -89,17 +89,30 @@ static __always_inline struct conn_entry *__conn_lookup2(void *first, void *seco
 	return bpf_map_lookup_elem(second, key);
 }
 
-/* The entry of p's key (*pending := 1 when it is in a pending table). A key
- * is in one table (a promotion inserts it into the confirmed one, then
- * deletes it from the pending one; only while another CPU promotes it is it
- * in both), so the order mostly decides what a miss costs: a TCP segment
+/* Whether new connections go into the confirmed tables first (F_SET_INPLACE:
+ * lh_settings' inplace_quota > 0). */
+static __always_inline int inplace_on(void)
+{
+	__u32 zero = 0;
+	struct lh_settings *s = bpf_map_lookup_elem(&lh_settings, &zero);
+
+	return s && (s->flags & F_SET_INPLACE);
+}
+
+/* The entry of p's key (*pending := 1 when it is in a pending table; an
+ * unconfirmed entry in a confirmed table, F_ENTRY2_INPLACE, is not: the
+ * caller tests its bit). A key is in one table (a promotion inserts it into
+ * the confirmed one, then deletes it from the pending one; only while
+ * another CPU promotes it is it in both), so the order mostly decides what a
+ * miss costs. With in-place entries on, the confirmed table holds most new
+ * connections too: confirmed first for every packet. Otherwise a TCP segment
  * with SYN set (a new connection, its SYN-ACK, or one sent again) belongs to
  * a connection not yet confirmed, so pending first; any other packet most
  * likely to an established one, so confirmed first -- unless a fast path
  * just missed it there (p->confirmed_miss: never for a SYN). */
 static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *pending)
 {
-	int syn = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_);
+	int syn = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_) && !inplace_on();
 	struct conn_entry *e;
 	struct conn_key4 k4;
 	int second;
@@ -186,13 +199,90 @@ static __always_inline void conn_file_soon(const struct conn_key *k, const struc
 	__sync_fetch_and_add(&st->filed, 1);
 }
 
-/* Inserts e for k into its family's pending table. Returns 1 (inserted), 0
- * (another CPU inserted the key a moment ago: left as it wrote it), or
- * -CNT_LEARN_FAILED. */
-static __always_inline int conn_insert(const struct conn_key *k, const struct conn_entry *e)
+/* Reserves a place for an unconfirmed entry in a confirmed table: the count
+ * in lh_inplace taken up by one while below the quota (returned, to give the
+ * place back should the insert fail), else NULL. Added first and checked
+ * after, so concurrent inserts never take the count past the quota. */
+static __always_inline struct inplace_count *inplace_reserve(void)
 {
-	long err = conn_table_update(1, k, e, BPF_NOEXIST);
+	__u32 zero = 0;
+	struct lh_settings *s = bpf_map_lookup_elem(&lh_settings, &zero);
+	struct inplace_count *c = bpf_map_lookup_elem(&lh_inplace, &zero);
 
+	if (!s || !c || c->count >= s->inplace_quota)
+		return NULL;
+	if (__sync_fetch_and_add(&c->count, 1) < s->inplace_quota)
+		return c;
+	__sync_fetch_and_add(&c->count, -1);
+	return NULL;
+}
+
+/* Takes the in-place bit off e (atomically, on the 8-byte word that holds
+ * flags2) and gives its place in the quota back. Returns 1 when this call
+ * cleared it, 0 when it was clear already (not in place, or another CPU's
+ * confirmation or removal got there first): each in-place entry leaves the
+ * count exactly once, whichever CPU clears its bit. */
+static __always_inline int inplace_clear(struct conn_entry *e)
+{
+	__u64 *w = (__u64 *)((char *)e + CONN_ENTRY_WORD2_OFF);
+	__u64 bit = (__u64)F_ENTRY2_INPLACE << CONN_ENTRY_FLAGS2_SHIFT;
+	struct inplace_count *c;
+	__u32 zero = 0;
+
+	if (!(e->flags2 & F_ENTRY2_INPLACE))
+		return 0;
+	if (!(__sync_fetch_and_and(w, ~bit) & bit))
+		return 0;
+	c = bpf_map_lookup_elem(&lh_inplace, &zero);
+	if (c)
+		__sync_fetch_and_add(&c->count, -1);
+	return 1;
+}
+
+/* Removes entry e of table t (enum lh_change_table: map, the family's map
+ * of it; key, the map's own key; full, the full conn_key) and reports it
+ * (kind: CH_REMOVED or CH_EXPIRED). An in-place entry of a confirmed table
+ * gives its place in the quota back first (inplace_clear: exactly once,
+ * whichever CPU gets there) and counts as pending. Returns the table it
+ * counted as, or -1 when another CPU removed it first. */
+static __always_inline int conn_remove(void *map, const void *key, const struct conn_key *full,
+				       struct conn_entry *e, __u32 t, __u8 kind)
+{
+	int as = t == CHT_CONFIRMED && inplace_clear(e) ? CHT_PENDING : t;
+
+	change_emit(kind, as, full, NULL); /* before: the key is freed after */
+	return bpf_map_delete_elem(map, key) ? -1 : as;
+}
+
+/* Inserts e for k as a new, unconfirmed connection: an IPv4 one into
+ * lh_conns4 marked F_ENTRY2_INPLACE while the in-place quota has room (not
+ * pings: they never confirm; not IPv6: its tables are small by default, and
+ * sizing lh_conns for the quota too would cost its memory twice), else into
+ * its family's pending table (the LRU).
+ * Returns 1 (inserted), 0 (another CPU inserted the key a moment ago: left
+ * as it wrote it), or -CNT_LEARN_FAILED. */
+static __always_inline int conn_insert(const struct conn_key *k, struct conn_entry *e)
+{
+	struct inplace_count *c;
+	long err;
+
+	if (k->family == FAMILY_V4 && e->state != CS_ICMP_NEW && inplace_on() &&
+	    (c = inplace_reserve())) {
+		e->flags2 |= F_ENTRY2_INPLACE;
+		err = conn_table_update(0, k, e, BPF_NOEXIST);
+		if (!err) {
+			count_table(TC_INPLACE_INSERTED);
+			change_emit(CH_LEARNED, CHT_PENDING, k, e);
+			conn_file_soon(k, e, CHT_CONFIRMED);
+			return 1;
+		}
+		__sync_fetch_and_add(&c->count, -1);
+		e->flags2 &= ~F_ENTRY2_INPLACE;
+		if (err == -17 /* EEXIST */)
+			return 0;
+		/* the confirmed table full: the LRU, as without the quota */
+	}
+	err = conn_table_update(1, k, e, BPF_NOEXIST);
 	if (err == -17 /* EEXIST */)
 		return 0;
 	if (err)
@@ -331,6 +421,34 @@ static __always_inline int conn_promote(const struct conn_key *k, const struct c
 	if (!conn_table_delete(1, k))
 		count_table(TC_PENDING_PROMOTED);
 	return CNT_CONFIRMED;
+}
+
+/* A connection that has proved itself: moved into its family's confirmed
+ * table when it is in the pending one (conn_promote), or, in place there
+ * already (F_ENTRY2_INPLACE), confirmed by clearing its bit: no insert, no
+ * delete. Returns conn_promote's reasons; -1 also when it was confirmed
+ * already or another CPU confirmed or removed it first. */
+static __always_inline int conn_confirm(const struct conn_key *k, struct conn_entry *e,
+					int pending)
+{
+	if (pending)
+		return conn_promote(k, e);
+	if (!inplace_clear(e))
+		return -1;
+	count_table(TC_INPLACE_CONFIRMED);
+	change_emit(CH_PROMOTED, CHT_CONFIRMED, k, e);
+	return CNT_CONFIRMED;
+}
+
+/* Removes an entry of the confirmed table the data path replaces; an
+ * in-place (unconfirmed) one counts as a pending entry removed. */
+static __always_inline void conn_drop_confirmed(const struct conn_key *k, struct conn_entry *e)
+{
+	int inplace = inplace_clear(e);
+
+	if (!conn_table_delete(0, k))
+		count_table(inplace ? TC_INPLACE_REMOVED : TC_CONFIRMED_REMOVED);
+	change_emit(CH_REMOVED, inplace ? CHT_PENDING : CHT_CONFIRMED, k, NULL);
 }
 
 /* Removes a pending entry the data path replaces (counted as removed). */

@@ -199,6 +199,8 @@ enum lh_settings_flag {
 	F_SET_SCOPE         = 1 << 7, /* scope rules in lh_scope: new connections are matched */
 	F_SET_ENDPOINTS     = 1 << 8, /* an uplink lists tunnel endpoints: requests look theirs up */
 	F_SET_ENDPOINTS_DOWN = 1 << 9, /* lh_endpoints_down holds a record: tunnel replies look */
+	F_SET_INPLACE       = 1 << 10, /* inplace_quota > 0: new connections go into the confirmed
+					* tables first, unconfirmed (F_ENTRY2_INPLACE) */
 };
 
 /* lh_conns value .flags */
@@ -213,6 +215,12 @@ enum lh_entry_flag {
 					* holds its id (low half first), the tags are in it */
 	F_ENTRY_VM_NEIGH     = 1 << 7, /* with VM_FAST, routed: the shortcut waits for the
 					* neighbour check of its first request (vm_fast_send) */
+};
+
+/* lh_conns value .flags2 */
+enum lh_entry_flag2 {
+	F_ENTRY2_INPLACE     = 1 << 0, /* in a confirmed table (lh_conns4/lh_conns) but not
+					* confirmed yet: counted in lh_inplace, shown as pending */
 };
 
 /* What a fail-over record says of its hop (hop_moved .flags). Python
@@ -278,6 +286,10 @@ enum lh_table_counter {
 	TC_STATE_CHANGES      = 9, /* an entry moved to another state (the data path) */
 	TC_EXPIRY_SKIPPED     = 10, /* lh_expire runs that did not walk: no change, nothing due */
 	TC_SYNC_LOST          = 11, /* change records lh_changes had no room for (sync on) */
+	TC_INPLACE_INSERTED   = 12, /* new unconfirmed entry in a confirmed table (in place) */
+	TC_INPLACE_CONFIRMED  = 13, /* an in-place entry confirmed: its bit cleared, no move */
+	TC_INPLACE_EXPIRED    = 14, /* an in-place entry removed by lh_expire */
+	TC_INPLACE_REMOVED    = 15, /* an in-place entry removed by the agent or superseded */
 	TC_MAX                = 16,
 };
 

@@ -33,9 +33,11 @@ extern long long bpf_map_sum_elem_count(const struct bpf_map *map) __ksym;
 
 struct expire_ctx {
 	__u32 timeout[CS_MAX]; /* jiffies, by state */
-	__u32 live[CS_MAX];
-	__u32 expired[CS_MAX];
-	__u32 drained[2][CS_MAX]; /* removed by the drain, by table and state */
+	__u32 live[2][CS_MAX];    /* found by the walk, by table and state: an in-place
+				   * entry of a confirmed table counts as pending ([1]) */
+	__u32 removed[2][CS_MAX]; /* removed by the drain, then (zeroed between: the stack's
+				   * 512 bytes) by the walk, by table and state, the same way */
+	__u32 inplace_expired;    /* of those, in-place entries (TC_INPLACE_EXPIRED) */
 	__s32 next_left; /* jiffies from started to the earliest deadline left out of the index */
 	__s32 due_left;  /* jiffies from started to the earliest deadline in the index */
 	__u32 table;     /* the table walked: enum lh_change_table */
@@ -80,7 +82,7 @@ static __always_inline __s32 expire_keep(const struct conn_entry *e, struct expi
 	if (state >= CS_MAX) /* for the verifier: expire_due keeps it below */
 		return 0;
 	timeout = ctx->timeout[state];
-	ctx->live[state]++;
+	ctx->live[ctx->table || (e->flags2 & F_ENTRY2_INPLACE)][state]++;
 	hop_desc_keep(e, ctx->pass);
 	if (e->flags & F_ENTRY_VM_ORIGIN) {
 		__u32 vm = e->vm_ifindex;
@@ -119,20 +121,31 @@ static __always_inline void expire_file(const struct conn_key *k, struct expire_
 		ctx->due_left = left;
 }
 
+/* Removes entry e (key: the map's own, full: the full conn_key) of the table
+ * walked, idle past its timeout, counted by its table and state; 0 when it
+ * was there to remove. An in-place entry counts as pending: conn_remove. */
+static __always_inline long expire_remove(void *map, const void *key, const struct conn_key *full,
+					  struct conn_entry *e, struct expire_ctx *ctx,
+					  __u32 state)
+{
+	int t = conn_remove(map, key, full, e, ctx->table, CH_EXPIRED);
+
+	if (t < 0)
+		return -1;
+	if (state < CS_MAX)
+		ctx->removed[t == CHT_PENDING][state]++;
+	ctx->inplace_expired += t != ctx->table;
+	return 0;
+}
+
 /* An entry of an IPv6 table (conn_key). */
 static long expire_one(struct bpf_map *map, struct conn_key *k, struct conn_entry *e,
 		       struct expire_ctx *ctx)
 {
 	__u32 state, idle;
 
-	if (expire_due(e, ctx, &state, &idle)) {
-		change_emit(CH_EXPIRED, ctx->table, k, NULL); /* before: k is freed after */
-		if (!bpf_map_delete_elem(map, k)) {
-			if (state < CS_MAX)
-				ctx->expired[state]++;
-			return 0;
-		}
-	}
+	if (expire_due(e, ctx, &state, &idle) && !expire_remove(map, k, k, e, ctx, state))
+		return 0;
 	expire_file(k, ctx, expire_keep(e, ctx, state));
 	return 0;
 }
@@ -148,12 +161,8 @@ static long expire_one4(struct bpf_map *map, struct conn_key4 *k4, struct conn_e
 
 	if (expire_due(e, ctx, &state, &idle)) {
 		conn_key_of4(&k, k4);
-		change_emit(CH_EXPIRED, ctx->table, &k, NULL);
-		if (!bpf_map_delete_elem(map, k4)) {
-			if (state < CS_MAX)
-				ctx->expired[state]++;
+		if (!expire_remove(map, k4, &k, e, ctx, state))
 			return 0;
-		}
 	}
 	left = expire_keep(e, ctx, state);
 	if (left > (__s32)ctx->horizon) { /* most entries: no full key needed */
@@ -199,9 +208,12 @@ static long expire_drain_one(struct bpf_map *map, struct conn_key *k, struct exp
 		return 0;
 	}
 	if (expire_due(e, ctx, &state, &idle)) {
-		change_emit(CH_EXPIRED, t, k, NULL);
+		int inplace = t == CHT_CONFIRMED && inplace_clear(e);
+
+		change_emit(CH_EXPIRED, inplace ? CHT_PENDING : t, k, NULL);
 		if (!conn_table_delete(t, k) && state < CS_MAX) {
-			ctx->drained[t][state]++;
+			ctx->removed[t || inplace][state]++;
+			ctx->inplace_expired += inplace;
 			if (e->flags & F_ENTRY_VM_ORIGIN) { /* the next walk recounts it too */
 				__u32 vm = e->vm_ifindex;
 				struct vm_usage *u = bpf_map_lookup_elem(&lh_vm_usage, &vm);
@@ -249,16 +261,21 @@ static __always_inline int expire_drain(struct expiry_stats *st, struct expire_c
 		__u64 n = 0;
 #pragma unroll
 		for (int s = 0; s < CS_MAX; s++) {
-			__u32 d = ctx->drained[t][s];
+			__u32 d = ctx->removed[t][s];
 
 			st->expired[t][s] += d;
 			st->live[t][s] = st->live[t][s] > d ? st->live[t][s] - d : 0;
 			n += d;
 		}
+		if (t)
+			n -= ctx->inplace_expired; /* in place: counted apart */
 		if (n)
 			count_table_n(t ? TC_PENDING_EXPIRED : TC_CONFIRMED_EXPIRED, n);
 		expired += n;
 	}
+	count_table_n(TC_INPLACE_EXPIRED, ctx->inplace_expired);
+	expired += ctx->inplace_expired;
+	ctx->inplace_expired = 0;
 	st->due_expired += expired;
 	st->due_next = ctx->started + ctx->due_left;
 	st->filed_seen = ctx->filed;
@@ -290,26 +307,35 @@ static long usage_end(struct bpf_map *map, __u32 *ifindex, struct vm_usage *u, v
 	return 0;
 }
 
-/* Walks one table, both families (map4: its IPv4 map, map6: its IPv6 one);
- * adds what it found to stats (index t: 0 confirmed, 1 pending). */
-static __always_inline void expire_table(void *map4, void *map6, int t, struct expire_ctx *ctx,
-					 struct expiry_stats *st)
+/* Walks one table, both families (map4: its IPv4 map, map6: its IPv6 one;
+ * t: 0 confirmed, 1 pending), counting what it finds in ctx. */
+static __always_inline void expire_table(void *map4, void *map6, int t, struct expire_ctx *ctx)
 {
-	__u64 expired = 0;
-
 	ctx->table = t;
-	__builtin_memset(ctx->live, 0, sizeof(ctx->live));
-	__builtin_memset(ctx->expired, 0, sizeof(ctx->expired));
 	bpf_for_each_map_elem(map4, expire_one4, ctx, 0);
 	bpf_for_each_map_elem(map6, expire_one, ctx, 0);
+}
+
+/* After walking both tables: what they found into stats (index t: 0
+ * confirmed, 1 pending, in-place entries with the pending ones). */
+static __always_inline void expire_tables_done(struct expire_ctx *ctx, struct expiry_stats *st)
+{
 #pragma unroll
-	for (int s = 0; s < CS_MAX; s++) {
-		st->live[t][s] = ctx->live[s];
-		st->expired[t][s] += ctx->expired[s];
-		expired += ctx->expired[s];
+	for (int t = 0; t < 2; t++) {
+		__u64 expired = 0;
+
+#pragma unroll
+		for (int s = 0; s < CS_MAX; s++) {
+			st->live[t][s] = ctx->live[t][s];
+			st->expired[t][s] += ctx->removed[t][s];
+			expired += ctx->removed[t][s];
+		}
+		if (t)
+			expired -= ctx->inplace_expired; /* in place: counted apart */
+		if (expired)
+			count_table_n(t ? TC_PENDING_EXPIRED : TC_CONFIRMED_EXPIRED, expired);
 	}
-	if (expired)
-		count_table_n(t ? TC_PENDING_EXPIRED : TC_CONFIRMED_EXPIRED, expired);
+	count_table_n(TC_INPLACE_EXPIRED, ctx->inplace_expired);
 }
 
 /* Ages are in jiffies: the agent's timeouts (seconds) times HZ, capped so
@@ -329,7 +355,8 @@ static __always_inline void expire_timeouts(struct expire_ctx *ctx, const struct
  * removals are not in it: a walk does not call for another. */
 static const __u32 change_counters[] = {
 	TC_PENDING_INSERTED, TC_PENDING_REMOVED,   TC_CONFIRMED_INSERTED,
-	TC_CONFIRMED_REMOVED, TC_STATE_CHANGES,
+	TC_CONFIRMED_REMOVED, TC_STATE_CHANGES,	   TC_INPLACE_INSERTED,
+	TC_INPLACE_CONFIRMED, TC_INPLACE_REMOVED,
 };
 
 static long sum_cpu_changes(__u32 cpu, __u64 *sum)
@@ -458,8 +485,12 @@ static __always_inline int expire_run(void)
 	ctx.pass = (__u32)st->passes + 1;
 	st->started = ctx.started;
 	bpf_for_each_map_elem(&lh_vm_usage, usage_begin, NULL, 0);
-	expire_table(&lh_conns4, &lh_conns, 0, &ctx, st);
-	expire_table(&lh_pending4, &lh_pending, 1, &ctx, st);
+	/* the drain's are counted */
+	__builtin_memset(ctx.removed, 0, sizeof(ctx.removed));
+	ctx.inplace_expired = 0;
+	expire_table(&lh_conns4, &lh_conns, 0, &ctx);
+	expire_table(&lh_pending4, &lh_pending, 1, &ctx);
+	expire_tables_done(&ctx, st);
 	bpf_for_each_map_elem(&lh_vm_usage, usage_end, NULL, 0);
 	bpf_for_each_map_elem(&lh_hop_descs, hop_desc_sweep, &ctx.pass, 0);
 	st->finished = now32();

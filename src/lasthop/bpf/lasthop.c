@@ -243,14 +243,12 @@ static __always_inline int uplink_known(struct __sk_buff *skb, struct pkt *p,
  * opened (that one waits for a SYN-ACK), so no VM can claim the connections
  * a client will open by opening their tuples first. */
 static __always_inline void vm_origin_supersede(const struct conn_key *k, int pending,
-						struct outcome *o)
+						struct conn_entry *e, struct outcome *o)
 {
 	if (pending)
 		conn_drop_pending(k);
-	else if (!conn_table_delete(0, k))
-		count_table(TC_CONFIRMED_REMOVED);
-	if (!pending)
-		change_emit(CH_REMOVED, CHT_CONFIRMED, k, NULL);
+	else
+		conn_drop_confirmed(k, e);
 	o->table = CNT_VM_ORIGIN_SUPERSEDED;
 }
 
@@ -311,7 +309,7 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 	}
 	e = conn_lookup(p, &pending);
 	if (e && (e->flags & F_ENTRY_VM_ORIGIN) && is_pure_syn(p)) {
-		vm_origin_supersede(&p->key, pending, o);
+		vm_origin_supersede(&p->key, pending, e, o);
 		e = NULL;
 	}
 	if (!e)
@@ -319,8 +317,8 @@ static __always_inline int uplink_conn(struct __sk_buff *skb, struct pkt *p,
 	state = e->state;
 	confirmed = conn_track(e, p, !(e->flags & F_ENTRY_VM_ORIGIN));
 	ret = uplink_known(skb, p, e, up, src, settings, o);
-	if (confirmed && pending)
-		o->table = conn_promote(&p->key, e);
+	if (confirmed)
+		o->table = conn_confirm(&p->key, e, pending);
 	else if ((settings & F_SET_SYNC) && o->reason == CNT_REFRESHED && e->state == state)
 		change_refresh(&p->key, e); /* nothing else reported it */
 	return ret;
@@ -739,8 +737,8 @@ static __always_inline int vmport_conn(struct __sk_buff *skb, struct pkt *p,
 	if (hit == CNT_REDIRECTED)
 		confirmed = vmport_track(skb, p, e, cfg, o);
 	ret = vmport_reply(skb, p, e, cfg, hit, o);
-	if (confirmed && pending)
-		o->table = conn_promote(&p->key, e);
+	if (confirmed)
+		o->table = conn_confirm(&p->key, e, pending);
 	return ret;
 }
 
@@ -936,20 +934,28 @@ int lh_expire(struct __sk_buff *skb)
 
 /* Each table's element count as the kernel keeps it (exact, including LRU
  * evictions), both families summed, into lh_expiry[0].elements: what `stats` reads instead of
- * walking the table. Run by test run. */
+ * walking the table. The in-place entries (lh_inplace) are pending connections
+ * in the confirmed maps: counted with the pending ones. Run by test run. */
 SEC("tc")
 int lh_stats(struct __sk_buff *skb)
 {
+	struct inplace_count *c;
 	struct expiry_stats *st;
 	__u32 zero = 0;
+	__s64 inplace;
 
 	st = bpf_map_lookup_elem(&lh_expiry, &zero);
-	if (!st)
+	c = bpf_map_lookup_elem(&lh_inplace, &zero);
+	if (!st || !c)
 		return 0;
 	st->elements[0] = bpf_map_sum_elem_count((struct bpf_map *)&lh_conns4) +
 			  bpf_map_sum_elem_count((struct bpf_map *)&lh_conns);
 	st->elements[1] = bpf_map_sum_elem_count((struct bpf_map *)&lh_pending4) +
 			  bpf_map_sum_elem_count((struct bpf_map *)&lh_pending);
+	/* the count is taken before an insert: ahead of the map by inserts under way */
+	inplace = c->count < st->elements[0] ? c->count : st->elements[0];
+	st->elements[0] -= inplace;
+	st->elements[1] += inplace;
 	return 1;
 }
 
@@ -999,6 +1005,39 @@ int lh_hop_put(struct __sk_buff *skb)
 		return -err;
 	req->mark = id;
 	return 1;
+}
+
+/* The agent removes a connection from its family's confirmed table (flush,
+ * services, the sync's removals): the full conn_key is the frame. An
+ * in-place entry gives its place in the quota back (inplace_clear): user
+ * space cannot clear its bit atomically. Run by test run. Returns 0 when the
+ * table has no such entry, 1 when it removed a confirmed one, 2 an in-place
+ * one (a pending connection). Neither counted nor reported: the agent does
+ * both, as for the pending table's removals it makes itself. */
+SEC("tc")
+int lh_conn_remove(struct __sk_buff *skb)
+{
+	struct conn_key *req = (void *)(long)skb->data;
+	struct conn_entry *e;
+	struct conn_key4 k4;
+	struct conn_key k;
+	int inplace;
+
+	if ((void *)(req + 1) > (void *)(long)skb->data_end)
+		return 0;
+	__builtin_memcpy(&k, req, sizeof(k));
+	if (k.family == FAMILY_V4) {
+		conn_key4_of(&k4, &k);
+		e = bpf_map_lookup_elem(&lh_conns4, &k4);
+	} else {
+		e = bpf_map_lookup_elem(&lh_conns, &k);
+	}
+	if (!e)
+		return 0;
+	inplace = inplace_clear(e);
+	if (conn_table_delete(0, &k))
+		return 0; /* another CPU removed it first (and counts it) */
+	return 1 + inplace;
 }
 
 /* `lasthop flush --out-of-scope`: removes, in the kernel, every entry the

@@ -51,6 +51,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lh_pending SEC(".maps");
 
+/* 0 -> the count of unconfirmed entries in lh_conns4 and lh_conns
+ * (F_ENTRY2_INPLACE), against lh_settings' inplace_quota. One word, not per
+ * CPU: the quota needs its exact value at every insert (conntrack.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct inplace_count);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lh_inplace SEC(".maps");
+
 /* enum lh_table_counter -> events, per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

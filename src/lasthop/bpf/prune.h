@@ -24,7 +24,20 @@ struct prune_ctx {
 	__u32 what;    /* enum prune_what */
 	__u32 table;   /* enum lh_change_table of the map walked */
 	__u32 removed; /* entries of that map removed */
+	__u32 inplace; /* of those, in-place (unconfirmed) entries of a confirmed map */
 };
+
+/* Removes entry e found by the walk (conn_remove), counted in ctx. */
+static __always_inline void prune_remove(void *map, const void *key, const struct conn_key *k,
+					 struct conn_entry *e, struct prune_ctx *ctx)
+{
+	int t = conn_remove(map, key, k, e, ctx->table, CH_REMOVED);
+
+	if (t < 0)
+		return;
+	ctx->removed++;
+	ctx->inplace += t != ctx->table;
+}
 
 static __always_inline int prune_wanted(const struct conn_key *k, const struct conn_entry *e,
 					__u32 what)
@@ -38,11 +51,8 @@ static __always_inline int prune_wanted(const struct conn_key *k, const struct c
 static long prune_one(struct bpf_map *map, struct conn_key *k, struct conn_entry *e,
 		      struct prune_ctx *ctx)
 {
-	if (!prune_wanted(k, e, ctx->what))
-		return 0;
-	change_emit(CH_REMOVED, ctx->table, k, NULL);
-	if (!bpf_map_delete_elem(map, k))
-		ctx->removed++;
+	if (prune_wanted(k, e, ctx->what))
+		prune_remove(map, k, k, e, ctx);
 	return 0;
 }
 
@@ -53,11 +63,8 @@ static long prune_one4(struct bpf_map *map, struct conn_key4 *k4, struct conn_en
 	struct conn_key k;
 
 	conn_key_of4(&k, k4);
-	if (!prune_wanted(&k, e, ctx->what))
-		return 0;
-	change_emit(CH_REMOVED, ctx->table, &k, NULL);
-	if (!bpf_map_delete_elem(map, k4))
-		ctx->removed++;
+	if (prune_wanted(&k, e, ctx->what))
+		prune_remove(map, k4, &k, e, ctx);
 	return 0;
 }
 
@@ -69,7 +76,9 @@ static __always_inline __u32 prune_table(void *map4, void *map6, __u32 t, __u32 
 	bpf_for_each_map_elem(map4, prune_one4, &ctx, 0);
 	bpf_for_each_map_elem(map6, prune_one, &ctx, 0);
 	/* no branch on the count: the verifier would follow every value of it */
-	count_table_n(t == CHT_PENDING ? TC_PENDING_REMOVED : TC_CONFIRMED_REMOVED, ctx.removed);
+	count_table_n(t == CHT_PENDING ? TC_PENDING_REMOVED : TC_CONFIRMED_REMOVED,
+		      ctx.removed - ctx.inplace);
+	count_table_n(TC_INPLACE_REMOVED, ctx.inplace);
 	return ctx.removed;
 }
 

@@ -43,6 +43,7 @@ static __always_inline long svc_walk_entry(void *map, const void *key, const str
 {
 	struct svc_info *s = NULL;
 	__u32 vm;
+	int t;
 
 	if (!svc_walk_match(full, e, &ctx->req, &s))
 		return 0;
@@ -53,11 +54,13 @@ static __always_inline long svc_walk_entry(void *map, const void *key, const str
 		change_emit(CH_HOP, ctx->table, full, e);
 		return 0;
 	}
-	change_emit(CH_REMOVED, ctx->table, full, NULL); /* before: the key is freed after */
-	if (!bpf_map_delete_elem(map, key)) {
-		ctx->req.dropped++;
-		count_table(ctx->table == CHT_PENDING ? TC_PENDING_REMOVED : TC_CONFIRMED_REMOVED);
-	}
+	t = conn_remove(map, key, full, e, ctx->table, CH_REMOVED);
+	if (t < 0)
+		return 0;
+	ctx->req.dropped++;
+	count_table(t != (int)ctx->table ? TC_INPLACE_REMOVED
+		    : t == CHT_PENDING ? TC_PENDING_REMOVED
+				       : TC_CONFIRMED_REMOVED);
 	return 0;
 }
 

@@ -153,6 +153,9 @@ class SyncStatus:
         }
 
 
+_FLAGS2 = abi.ConnEntry.flags2.offset  # the byte of F_ENTRY2_* in a conn_entry
+
+
 def _snapshot(maps: Maps) -> Iterator[bytes]:
     """Every live entry as conn_change records (LEARNED, naming its table),
     BATCH records back to back at a time, read in batches; only an
@@ -165,9 +168,16 @@ def _snapshot(maps: Maps) -> Iterator[bytes]:
             if table.family == abi.FAMILY_V4:
                 keys = full_keys4(keys)
             entries = np.frombuffer(b"".join(v for _, v in chunk), dtype=np.uint8)
-            yield records_of(
-                abi.ChangeKind.LEARNED, table.which, keys, entries.reshape(len(chunk), -1)
-            )
+            entries = entries.reshape(len(chunk), -1)
+            if table.which == abi.ChangeTable.CONFIRMED:  # in-place entries are pending
+                inplace = (entries[:, _FLAGS2] & abi.F_ENTRY2_INPLACE) != 0
+                if inplace.any():
+                    entries = entries.copy()
+                    entries[:, _FLAGS2] &= ~abi.F_ENTRY2_INPLACE & 0xFF
+                    yield records_of(abi.ChangeKind.LEARNED, abi.ChangeTable.PENDING,
+                                     keys[inplace], entries[inplace])  # fmt: skip
+                    keys, entries = keys[~inplace], entries[~inplace]
+            yield records_of(abi.ChangeKind.LEARNED, table.which, keys, entries)
 
 
 def _records(chunks: Iterable[bytes]) -> Iterator[bytes]:
@@ -516,6 +526,7 @@ def write_batch(maps: Maps, batch: DecodedBatch) -> int:
     for conns, pending, keys, rows in _by_family(maps, batch.keys):
         confirmed, new = batch.confirmed[rows], batch.new[rows]
         entries = np.ascontiguousarray(batch.entries[rows]).view(np.uint8).reshape(len(rows), -1)
+        entries[:, _FLAGS2] &= ~abi.F_ENTRY2_INPLACE & 0xFF  # written here: never in place
         to_conns = confirmed.copy()
         for i in np.flatnonzero(~confirmed & ~new):  # a state or hop move into pending
             to_conns[i] = conns.lookup(keys[i].tobytes()) is not None
@@ -524,9 +535,10 @@ def write_batch(maps: Maps, batch: DecodedBatch) -> int:
         if confirmed.any() and next(pending.keys(), None) is not None:  # one syscall: empty?
             for key in keys[confirmed]:
                 pending.delete(key.tobytes())
-    for conns, pending, keys, _rows in _by_family(maps, batch.removed):
-        for key in keys:
-            conns.delete(key.tobytes()) or pending.delete(key.tobytes())
+    for key in batch.removed:  # a confirmed map's entry: through lh_conn_remove (maps.remove)
+        k = abi.ConnKey.from_buffer_copy(key.tobytes())
+        confirmed_t, pending_t = maps.tables_for(k)
+        maps.remove(confirmed_t, k) is not None or pending_t.delete(k)
     maps.request_expiry()  # written from user space: the expiry pass must look
     return written
 
@@ -577,10 +589,11 @@ def write_changes(
     for c in changes:
         conns, pending = m.tables_for(c.key)  # its family's
         if c.kind in _REMOVALS:
-            conns.delete(c.key) or pending.delete(c.key)
+            m.remove(conns, c.key) is not None or pending.delete(c.key)
             applied += 1
             continue
         e = c.entry
+        e.flags2 &= ~abi.F_ENTRY2_INPLACE  # written from user space: never in place
         e.ifindex = index_of(c.uplink) if c.uplink else 0
         if c.uplink and not e.ifindex:
             unmapped += 1
@@ -597,8 +610,12 @@ def write_changes(
         state = e.state if e.state < abi.CS_MAX else 0
         e.last_seen = last_seen_for(c.left_ms, now, settings.hz, settings.timeout[state])
         confirmed = c.table == abi.ChangeTable.CONFIRMED
+        here = conns.lookup(c.key)
+        if here is not None and here.flags2 & abi.F_ENTRY2_INPLACE:
+            m.remove(conns, c.key)  # its place in the quota back, before it is overwritten
+            here = None if confirmed else here
         try:
-            if confirmed or conns.lookup(c.key) is not None:
+            if confirmed or here is not None:
                 conns.update(c.key, e)
                 if confirmed:
                     pending.delete(c.key)

@@ -74,11 +74,13 @@ class Mode:
     extra: str | None = None  # None, "lasthop", "recipe"
     peer_redirect: bool = True  # lasthop: requests into the VM's veth end (bpf_redirect_peer)
     table_size: int = 0  # lasthop: the confirmed table's size (config table_size); 0 = default
+    in_place: int = 0  # lasthop: config pending_in_place; 0 = default (off)
 
     def config(self) -> str:
         """The lasthop config (TOML) this mode differs by from the defaults."""
         lines = [] if self.peer_redirect else ["peer_redirect = false"]
         lines += [f"table_size = {self.table_size}"] if self.table_size else []
+        lines += [f"pending_in_place = {self.in_place}"] if self.in_place else []
         return "".join(line + "\n" for line in lines)
 
     def plan(self, prefix: str) -> P.Plan:
@@ -97,10 +99,20 @@ MODES = (
 # Diagnostic modes, run only when asked for (--extra-modes): the bridged
 # lasthop host with a smaller confirmed table (the default holds 1,048,576),
 # to see what the table's size -- the pages its buckets and entries spread
-# over -- costs an established flow's lookup (docs/bench-lab.md).
+# over -- costs an established flow's lookup (docs/bench-lab.md); and the
+# routed lasthop host with new connections confirmed in place
+# (pending_in_place: a quarter of the default pending table, docs/table.md).
 EXTRA_MODES = (
     Mode("lasthop-4k", "lasthop (table 4,096)", "lh4k", "bridged", "lasthop", table_size=4096),
     Mode("lasthop-64k", "lasthop (table 65,536)", "lh64k", "bridged", "lasthop", table_size=65536),
+    Mode(
+        "lasthop-routed-inplace",
+        "lasthop (routed, in place)",
+        "lhri",
+        "routed",
+        "lasthop",
+        in_place=65536,
+    ),  # fmt: skip
 )
 MODE_BY_NAME = {m.name: m for m in (*MODES, *EXTRA_MODES)}
 BASELINE = "direct"
