@@ -38,6 +38,7 @@ KEYS = frozenset(
         "last_hop_names",
         "netns",
         "on_vm_down",
+        "pending_in_place",
         "pending_table_size",
         "pending_table_size_v6",
         "peer_redirect",

@@ -5,8 +5,8 @@ Every key is either applied live by :meth:`lasthop.controller.Controller.reload`
 new config was validated whole before this (a bad one changes nothing).
 
     live                                      kept (restart to change)
-    uplink, vm_port (added, removed, zone,    table_size, pending_table_size:
-      addresses), timeouts, idle_timeout,       the pinned maps' sizes
+    uplink, vm_port (added, removed, zone,    table_size, pending_table_size,
+      addresses), timeouts, idle_timeout,       pending_in_place: the pinned maps' sizes
     expiry_interval, relearn, on_vm_down,     netns, pin_root: where it runs
     vm_origin, vm_origin_quota, fast_path,    bridge, bridge_zone, routed: how
     service, health, api_tokens (re-read)       every interface is attached
@@ -52,6 +52,7 @@ KEPT = frozenset(
         "pending_table_size",
         "table_size_v6",
         "pending_table_size_v6",
+        "pending_in_place",
         "netns",
         "pin_root",
         "bridge",
