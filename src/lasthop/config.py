@@ -229,14 +229,15 @@ class Config(_Model):
         le=1 << 27,
         description="new IPv6 connections not yet confirmed (LRU); default pending_table_size / 4",
     )
-    pending_in_place: int = Field(
-        default=0,
+    pending_in_place: int | None = Field(
+        default=None,
         ge=0,
         le=1 << 27,
         description="new IPv4 connections that may wait, unconfirmed, in the confirmed table "
         "itself (sized table_size + this, so they never take a confirmed connection's room): "
         "confirmed there by clearing a bit, no move; beyond it, or with sync on, the pending "
-        "LRU as before. 0 = off (docs/table.md)",
+        "LRU as before. Default: a quarter of pending_table_size with sync off (0 with sync on, "
+        "or the room a pinned table already has); 0 = off (docs/table.md)",
     )
     timeouts: Timeouts = Field(default_factory=Timeouts, description="idle timeouts by state")
     expiry_interval: float = Field(

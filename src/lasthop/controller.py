@@ -39,6 +39,7 @@ from lasthop.datapath import (
     Maps,
     Pins,
     changes_ring_size,
+    default_in_place,
     detach_filter,
     hops_in_use,
     removed_as,
@@ -81,16 +82,39 @@ F = TypeVar("F", bound=Callable[..., Any])
 _RefusedKey = TypeVar("_RefusedKey", abi.HopKey, abi.EndpointKey)  # Controller._refused
 
 
-def in_place_quota(config: Config) -> int:
-    """lh_settings' inplace_quota: pending_in_place, or 0 with sync on -- a
-    peer's records and an import rewrite entries from user space, which
-    cannot clear an in-place entry's bit atomically (docs/table.md), so with
-    sync the new connections keep to the pending LRU (warned)."""
-    if config.pending_in_place and config.sync:
-        log.warning("pending_in_place is not used with sync on: new connections wait in the "
-                    "pending table")  # fmt: skip
+def in_place_room(config: Config, pinned_conns4: int | None) -> int:
+    """The room lh_conns4 keeps beside table_size for unconfirmed entries:
+    pending_in_place when the config names it; else (the default) a quarter of
+    the pending table with sync off, 0 with sync on -- unless *pinned_conns4*
+    (an older agent's lh_conns4, its max_entries) has another room: kept, so a
+    restart never needs a detach for a default (docs/config.md)."""
+    if config.pending_in_place is not None:
+        return config.pending_in_place
+    room = 0 if config.sync else default_in_place(config.pending_table_size, config.table_size)
+    pinned_room = pinned_conns4 - config.table_size if pinned_conns4 is not None else room
+    if pinned_room != room and pinned_room >= 0:
+        log.info(
+            "the pinned lh_conns4 has room for %d connections waiting in place, the default "
+            "%d: kept (`lasthop detach` and a restart resize it)",
+            pinned_room,
+            room,
+        )
+        return pinned_room
+    return room
+
+
+def in_place_quota(config: Config, room: int) -> int:
+    """lh_settings' inplace_quota: the room lh_conns4 keeps for it, or 0 with
+    sync on -- a peer's records and an import rewrite entries from user space,
+    which cannot clear an in-place entry's bit atomically (docs/table.md), so
+    with sync the new connections keep to the pending LRU (warned when the
+    config asked for it)."""
+    if config.sync:
+        if config.pending_in_place:
+            log.warning("pending_in_place is not used with sync on: new connections wait in "
+                        "the pending table")  # fmt: skip
         return 0
-    return config.pending_in_place
+    return room
 
 
 def _locked(method: F) -> F:
@@ -228,6 +252,7 @@ class Controller:
         self.datapath: Datapath | None = None
         self.attached = Attached()
         self._config: Config | None = None
+        self._in_place_room = 0  # lh_conns4's room for unconfirmed entries, fixed at start
         self._lock = threading.RLock()
         self.replicator: Replicator | None = None
 
@@ -258,13 +283,15 @@ class Controller:
                 if p.index not in up_index and p.index not in known
             ]
         adopted = self.pins.exist()
+        pinned = libbpf.pinned_info(self.pins.path("lh_conns4"))
+        self._in_place_room = in_place_room(config, pinned.max_entries if pinned else None)
         self.datapath = Datapath(
             self.pins,
             table_size=config.table_size,
             pending_size=config.pending_table_size or 0,
             table_size_v6=config.table_size_v6 or 0,
             pending_size_v6=config.pending_table_size_v6 or 0,
-            in_place=config.pending_in_place,
+            in_place=self._in_place_room,
             changes_size=changes_ring_size(bool(config.sync)),
         )
         self._write_settings(
@@ -304,7 +331,7 @@ class Controller:
         for state, seconds in config.timeouts.by_state().items():
             settings.timeout[state] = round(seconds)
         settings.vm_quota = config.vm_origin_quota
-        settings.inplace_quota = in_place_quota(config)
+        settings.inplace_quota = in_place_quota(config, self._in_place_room)
         settings.flags |= abi.F_SET_INPLACE if settings.inplace_quota else 0
         maps.set_settings(settings)
 

@@ -589,6 +589,13 @@ def default_pending(table_size: int) -> int:
     return max(1024, table_size // 4)
 
 
+def default_in_place(pending_size: int | None, table_size: int) -> int:
+    """pending_in_place when the config names none: a quarter of the pending
+    table (65,536 at the default sizes: many times the connections a host
+    opens within their handshakes' round trip)."""
+    return (pending_size or default_pending(table_size)) // 4
+
+
 def default_v6(size_v4: int) -> int:
     """An IPv6 table's size when the config names none: a quarter of the IPv4
     one's (most hosts' connections are IPv4; a preallocated table costs its

@@ -119,8 +119,9 @@ def test_table_size_change_with_pinned_maps_is_a_clear_error(box: Sandbox) -> No
     agent = box.agent("--uplink", "up0", "--table-size", "8192", netns=ns, wait=False)
     assert agent.proc.wait(20) == 2
     err = " ".join(agent.stderr.split())
-    assert "holds 4096 entries, the config asks for 8192" in err
-    assert "keep table_size = 4096, or `lasthop detach` first" in err
+    # each lh_conns4 with its default in-place room: a quarter of the pending table
+    assert "holds 4352 entries, the config asks for 8704" in err
+    assert "keep table_size + pending_in_place = 4352, or `lasthop detach` first" in err
 
 
 def test_bridge_ports_are_followed(box: Sandbox) -> None:
@@ -267,9 +268,10 @@ def test_stats_json_shape(box: Sandbox) -> None:
     assert all(isinstance(v, int) for v in st["totals"].values())
     assert isinstance(st["interfaces"], dict)
     table = st["table"]
-    # table_size 1024: each table, IPv4 and IPv6 (a quarter, at least 1024), 1024
-    assert (table["entries"], table["capacity"], table["evicted"]) == (0, 4 * 1024, 0)
-    for name, capacity in (("confirmed", 2048), ("pending", 2048)):
+    # table_size 1024: each table, IPv4 and IPv6 (a quarter, at least 1024), 1024;
+    # and lh_conns4's room for connections waiting in place, a quarter of lh_pending4
+    assert (table["entries"], table["capacity"], table["evicted"]) == (0, 4 * 1024 + 256, 0)
+    for name, capacity in (("confirmed", 2048), ("pending", 2048 + 256)):
         assert table[name] == {
             "entries": 0,
             "capacity": capacity,

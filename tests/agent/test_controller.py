@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import logging
 import os
 import threading
 import time
@@ -159,11 +160,11 @@ def test_restart_without_an_interface_detaches_it(box: Sandbox) -> None:
 def test_table_size_change_is_a_table_size_error(box: Sandbox) -> None:
     """Asking for another table_size than the pinned table's raises TableSizeError saying both."""
     ns = box.host()
-    _started(ns, _config(["up0"], table_size=2048)).close()
+    _started(ns, _config(["up0"], table_size=2048, pending_in_place=0)).close()
     c = Controller(ns.name)
     try:
         with pytest.raises(TableSizeError, match="holds 2048 entries, the config asks for 4096"):
-            c.start(_config(["up0"], table_size=4096))
+            c.start(_config(["up0"], table_size=4096, pending_in_place=0))
     finally:
         c.close()
 
@@ -267,7 +268,8 @@ def test_stats_names_interfaces_and_reads_the_kernel_counts(box: Sandbox) -> Non
         assert st.interfaces["vm0"] == {"redirected": 4}
         # capacity: IPv4 and IPv6 (a quarter of IPv4's, at least 1024) together
         assert (st.confirmed.entries, st.confirmed.capacity) == (1, 512 + 1024)
-        assert (st.pending.entries, st.pending.capacity) == (1, 1024 + 1024)
+        # pending: lh_pending4 (1024), the in-place room (a quarter of it), lh_pending (1024)
+        assert (st.pending.entries, st.pending.capacity) == (1, 1024 + 256 + 1024)
         assert st.pending.evicted == 10 - 3 - 1  # inserted - promoted - entries
         assert st.totals["learned"] == 10 and st.totals["miss"] == 0
     finally:
@@ -317,6 +319,58 @@ def test_pending_in_place_is_not_used_with_sync(box: Sandbox) -> None:
     try:
         settings = c.datapath.maps.get_settings()  # type: ignore[union-attr]
         assert settings.inplace_quota == 0 and not settings.flags & abi.F_SET_INPLACE
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    ("kw", "size", "quota"),
+    [
+        ({}, 2048 + 256, 256),  # the default: a quarter of the pending table (1024)
+        ({"sync": "redis://127.0.0.1:1/0"}, 2048, 0),  # sync on: no room, no quota
+        ({"pending_in_place": 0}, 2048, 0),  # asked off
+    ],
+    ids=["default", "sync", "off"],
+)
+def test_the_in_place_quota_by_default(
+    box: Sandbox, caplog: pytest.LogCaptureFixture, kw: dict[str, object], size: int, quota: int
+) -> None:
+    """With no pending_in_place, new connections wait in place up to a quarter
+    of the pending table, lh_conns4 sized for it; with sync on, no room and no
+    quota, and no warning (the config asked for nothing)."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"], table_size=2048, pending_table_size=1024, **kw))
+    try:
+        maps = c.datapath.maps  # type: ignore[union-attr]
+        assert maps.conns4.info.max_entries == size
+        settings = maps.get_settings()
+        assert settings.inplace_quota == quota
+        assert bool(settings.flags & abi.F_SET_INPLACE) == bool(quota)
+        assert "pending_in_place" not in caplog.text
+    finally:
+        c.close()
+
+
+def test_a_pinned_table_without_room_keeps_its_size_when_the_quota_is_the_default(
+    box: Sandbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent restarted over an older agent's lh_conns4 (no room beside
+    table_size) starts with the default config, without the quota, and keeps
+    every entry: no detach needed for a default (logged)."""
+    ns = box.host()
+    c = _started(ns, _config(["up0"], table_size=2048, pending_in_place=0))
+    table = PinnedTable(ns.pins)
+    table.add(conn_key("192.0.2.1", "192.0.2.9", 1, 80))
+    table.close()
+    c.close()
+    caplog.set_level(logging.INFO, logger="lasthop")
+    c = _started(ns, _config(["up0"], table_size=2048))
+    try:
+        maps = c.datapath.maps  # type: ignore[union-attr]
+        assert maps.conns4.info.max_entries == 2048
+        assert maps.get_settings().inplace_quota == 0
+        assert c.stats().confirmed.entries == 1
+        assert "room for 0 connections waiting in place" in caplog.text
     finally:
         c.close()
 
