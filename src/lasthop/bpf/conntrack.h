@@ -74,6 +74,18 @@ static __always_inline long conn_table_delete(int pending, const struct conn_key
 	return pending ? bpf_map_delete_elem(&lh_pending4, &k4) : bpf_map_delete_elem(&lh_conns4, &k4);
 }
 
+/* k's entry in its family's confirmed (pending = 0) or pending (1) table, or
+ * NULL. */
+static __always_inline struct conn_entry *conn_table_lookup(int pending, const struct conn_key *k)
+{
+	struct conn_key4 k4;
+
+	if (k->family != FAMILY_V4)
+		return pending ? bpf_map_lookup_elem(&lh_pending, k) : bpf_map_lookup_elem(&lh_conns, k);
+	conn_key4_of(&k4, k);
+	return pending ? bpf_map_lookup_elem(&lh_pending4, &k4) : bpf_map_lookup_elem(&lh_conns4, &k4);
+}
+
 /* Looks key up in table first, then in second (*in_second := 1 when found
  * there, or when neither holds it). */
 static __always_inline struct conn_entry *__conn_lookup2(void *first, void *second,
@@ -252,6 +264,17 @@ static __always_inline int conn_remove(void *map, const void *key, const struct 
 
 	change_emit(kind, as, full, NULL); /* before: the key is freed after */
 	return bpf_map_delete_elem(map, key) ? -1 : as;
+}
+
+/* conn_remove of entry e named by its full key k, in its family's table t
+ * (CHT_CONFIRMED or CHT_PENDING: conn_table_delete picks the map). */
+static __always_inline int conn_table_remove(__u32 t, const struct conn_key *k,
+					     struct conn_entry *e, __u8 kind)
+{
+	int as = t == CHT_CONFIRMED && inplace_clear(e) ? CHT_PENDING : t;
+
+	change_emit(kind, as, k, NULL);
+	return conn_table_delete(t, k) ? -1 : as;
 }
 
 /* Inserts e for k as a new, unconfirmed connection: an IPv4 one into
@@ -444,11 +467,10 @@ static __always_inline int conn_confirm(const struct conn_key *k, struct conn_en
  * in-place (unconfirmed) one counts as a pending entry removed. */
 static __always_inline void conn_drop_confirmed(const struct conn_key *k, struct conn_entry *e)
 {
-	int inplace = inplace_clear(e);
+	int as = conn_table_remove(CHT_CONFIRMED, k, e, CH_REMOVED);
 
-	if (!conn_table_delete(0, k))
-		count_table(inplace ? TC_INPLACE_REMOVED : TC_CONFIRMED_REMOVED);
-	change_emit(CH_REMOVED, inplace ? CHT_PENDING : CHT_CONFIRMED, k, NULL);
+	if (as >= 0)
+		count_table(as == CHT_PENDING ? TC_INPLACE_REMOVED : TC_CONFIRMED_REMOVED);
 }
 
 /* Removes a pending entry the data path replaces (counted as removed). */

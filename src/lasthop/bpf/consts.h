@@ -112,7 +112,7 @@ enum lh_const {
 #endif
 
 /* Test builds only: 1 drops hop_desc_copy's second read of the slot's
- * generation (encap.h), so tests/bpf/test_encap.py can show that its torn
+ * generation (encap.h), so tests/bpf/test_hop_torn.py can show that its torn
  * rows fail without it. */
 #ifndef LH_BROKEN_HOP_RECHECK
 #define LH_BROKEN_HOP_RECHECK 0

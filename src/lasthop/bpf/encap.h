@@ -260,7 +260,7 @@ static __always_inline struct hop_desc *hop_desc_of(const struct conn_entry *e)
 #ifdef LH_TRACE_REDIRECT
 /* Test builds only: the change lh_test_torn asks for, made to the reply's
  * slot between hop_desc_copy's check and its reads, once -- what the sweep
- * and a learning CPU can do there (tests/bpf/test_encap.py). */
+ * and a learning CPU can do there (tests/bpf/test_hop_torn.py). */
 static __always_inline void hop_torn_hook(struct hop_desc *d)
 {
 	__u32 zero = 0;

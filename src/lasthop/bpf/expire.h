@@ -174,17 +174,6 @@ static long expire_one4(struct bpf_map *map, struct conn_key4 *k4, struct conn_e
 	return 0;
 }
 
-/* The entry of index key k in table t (CHT_CONFIRMED or CHT_PENDING), or NULL. */
-static __always_inline struct conn_entry *expire_entry(const struct conn_key *k, __u32 t)
-{
-	struct conn_key4 k4;
-
-	if (k->family != FAMILY_V4)
-		return t ? bpf_map_lookup_elem(&lh_pending, k) : bpf_map_lookup_elem(&lh_conns, k);
-	conn_key4_of(&k4, k);
-	return t ? bpf_map_lookup_elem(&lh_pending4, &k4) : bpf_map_lookup_elem(&lh_conns4, &k4);
-}
-
 /* The drain, one index entry: gone from its table (removed, promoted: a
  * change a walk follows) -> out of the index; idle past its timeout now ->
  * removed, as the walk removes it; refreshed -> its new deadline, in the
@@ -197,10 +186,10 @@ static long expire_drain_one(struct bpf_map *map, struct conn_key *k, struct exp
 	__s32 left;
 
 	t = d->table == CHT_CONFIRMED ? CHT_CONFIRMED : CHT_PENDING;
-	e = expire_entry(k, t);
+	e = conn_table_lookup(t, k);
 	if (!e && d->table == CHT_EITHER) { /* filed by the data path: either table */
 		t = CHT_CONFIRMED;
-		e = expire_entry(k, t);
+		e = conn_table_lookup(t, k);
 	}
 	d->table = t;
 	if (!e) {
@@ -208,12 +197,11 @@ static long expire_drain_one(struct bpf_map *map, struct conn_key *k, struct exp
 		return 0;
 	}
 	if (expire_due(e, ctx, &state, &idle)) {
-		int inplace = t == CHT_CONFIRMED && inplace_clear(e);
+		int as = conn_table_remove(t, k, e, CH_EXPIRED);
 
-		change_emit(CH_EXPIRED, inplace ? CHT_PENDING : t, k, NULL);
-		if (!conn_table_delete(t, k) && state < CS_MAX) {
-			ctx->removed[t || inplace][state]++;
-			ctx->inplace_expired += inplace;
+		if (as >= 0 && state < CS_MAX) {
+			ctx->removed[as == CHT_PENDING][state]++;
+			ctx->inplace_expired += as != (int)t;
 			if (e->flags & F_ENTRY_VM_ORIGIN) { /* the next walk recounts it too */
 				__u32 vm = e->vm_ifindex;
 				struct vm_usage *u = bpf_map_lookup_elem(&lh_vm_usage, &vm);

@@ -1019,19 +1019,13 @@ int lh_conn_remove(struct __sk_buff *skb)
 {
 	struct conn_key *req = (void *)(long)skb->data;
 	struct conn_entry *e;
-	struct conn_key4 k4;
 	struct conn_key k;
 	int inplace;
 
 	if ((void *)(req + 1) > (void *)(long)skb->data_end)
 		return 0;
 	__builtin_memcpy(&k, req, sizeof(k));
-	if (k.family == FAMILY_V4) {
-		conn_key4_of(&k4, &k);
-		e = bpf_map_lookup_elem(&lh_conns4, &k4);
-	} else {
-		e = bpf_map_lookup_elem(&lh_conns, &k);
-	}
+	e = conn_table_lookup(0, &k);
 	if (!e)
 		return 0;
 	inplace = inplace_clear(e);
