@@ -143,13 +143,20 @@ def test_a_connection_learned_on_a_appears_on_b(cluster: Cluster) -> None:
 
     off = lasthop("sync", "status", "--netns", cluster.a.name)  # no --sync, no config key
     assert off.returncode == 1 and "sync is off" in off.stderr
-    out = lasthop(
-        "sync", "status", "--netns", cluster.a.name, "--sync", cluster.redis.url, "--json"
-    )
-    assert out.returncode == 0, out.stderr
-    a_status = json.loads(out.stdout)
+
+    def a_status() -> dict[str, Any] | None:
+        # the CLI reads A's figures from its heartbeat (every HEARTBEAT_S), which
+        # may not yet count what B already applied
+        out = lasthop(
+            "sync", "status", "--netns", cluster.a.name, "--sync", cluster.redis.url, "--json"
+        )
+        assert out.returncode == 0, out.stderr
+        status: dict[str, Any] = json.loads(out.stdout)
+        return status if status["published"] >= 3 else None
+
+    a_st = wait_for(a_status, timeout=10, every=0.25)
     b_status = cluster.api(cluster.b, "/v1/sync")
-    assert a_status["published"] >= 3 and a_status["lost"] == 0
+    assert a_st["published"] >= 3 and a_st["lost"] == 0
     assert b_status["applied"] >= 1  # A's records of one key in one batch travel as one
     [peer] = b_status["peers"].values()
     assert peer["last_seen_s"] < 5 and peer["lag_ms"] is not None
