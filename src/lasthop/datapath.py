@@ -652,13 +652,38 @@ def store_hop_desc(descs: libbpf.Map, hop_id: int, desc: abi.HopDesc) -> None:
     descs.update(_u32(slot), bytes(stored))
 
 
+_HOP_SETTLED_TRIES = 3  # copies of a slot that keeps changing before it is left out
+
+
+def _hop_settled(descs: libbpf.Map, key: bytes, raw: bytes) -> abi.HopDesc | None:
+    """The descriptor of slot *key* as one writer left it, or None (no hop,
+    or the slot kept changing). A copy of a slot is not atomic: one copied
+    while the data path or the agent rewrote it can mix two hops under an
+    even generation read before the write began. Every write moves the
+    generation, so a second copy equal to the first (the sweep's mark, which
+    moves without a write, aside) saw no write in between."""
+    settled = abi.HopDesc.mark.offset
+    for _ in range(_HOP_SETTLED_TRIES):
+        desc = abi.HopDesc.from_buffer_copy(raw)
+        if not desc.kind or desc.gen & 1:
+            return None
+        again = descs.lookup(key)
+        if again is None:
+            return None
+        if again[:settled] == raw[:settled] and abi.HopDesc.from_buffer_copy(again).gen == desc.gen:
+            return desc
+        raw = again
+    return None
+
+
 def hops_in_use(descs: libbpf.Map) -> Iterator[tuple[int, abi.HopDesc]]:
     """The slots of lh_hop_descs that hold a hop, as (the id naming it, its
-    descriptor): a kind set, the generation even (not being written); at most
-    MAX_HOP_DESCS, read in batches."""
+    descriptor): a kind set, the generation even (not being written) and the
+    same in a second copy (_hop_settled); at most MAX_HOP_DESCS, read in
+    batches, then the slots in use once more each."""
     for key, raw in descs.items():
-        desc = abi.HopDesc.from_buffer_copy(raw)
-        if desc.kind and not desc.gen & 1:
+        desc = _hop_settled(descs, key, raw)
+        if desc is not None:
             yield abi.hop_id_of(int.from_bytes(key, "little"), desc.gen), desc
 
 
