@@ -127,19 +127,15 @@ __noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
  * now: gone, as its generation moved). */
 static __always_inline int encap_tunnel_fast(struct __sk_buff *skb, __u32 id, __u32 vlan)
 {
-	__u32 slot = id & HOP_SLOT_MASK, tags;
 	struct bpf_tunnel_key key = {};
-	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
-	__u64 gen;
+	struct hop_desc *d;
+	__u64 gen = 0;
 	__u8 kind, opts;
+	__u32 tags;
 
+	d = hop_copy_begin(id, &gen);
 	if (!d)
 		return -CNT_HOP_DESC_GONE;
-	gen = hop_gen_read(d);
-	if (!hop_gen_names(gen, id))
-		return -CNT_HOP_DESC_GONE;
-	barrier();
-	hop_torn_hook(d);
 	kind = d->kind;
 	opts = d->opt_len;
 	hop_key_fill(d, kind, &key);
@@ -162,18 +158,14 @@ static __always_inline int encap_tunnel_fast(struct __sk_buff *skb, __u32 id, __
  * moved). */
 static __always_inline int encap_mpls_fast(struct __sk_buff *skb, __u32 id)
 {
-	__u32 slot = id & HOP_SLOT_MASK, n, w0, w1, w2;
-	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
-	__u64 gen;
+	struct hop_desc *d;
+	__u32 n, w0, w1, w2;
+	__u64 gen = 0;
 	__u8 kind;
 
+	d = hop_copy_begin(id, &gen);
 	if (!d)
 		return -CNT_HOP_DESC_GONE;
-	gen = hop_gen_read(d);
-	if (!hop_gen_names(gen, id))
-		return -CNT_HOP_DESC_GONE;
-	barrier();
-	hop_torn_hook(d);
 	kind = d->kind;
 	n = d->mpls_count;
 	w0 = mpls_word(d->mpls[0], 0, n);
