@@ -153,7 +153,7 @@ static __always_inline int encap_tunnel_fast(struct __sk_buff *skb, __u32 id, __
 /* The fast path's reply to an MPLS hop when no tags go on (the entry has
  * none), inline: encap_reply's copy and re-check with only the entries,
  * kept in registers (mpls_word) across the push's helper call rather than
- * on lh_vmport's stack, no global call (~9 ns: docs/datapath.md). Returns
+ * on lh_vmport's stack, no global call (10-15 ns: docs/datapath.md). Returns
  * 0 or a negative reason (another kind by now: gone, as its generation
  * moved). */
 static __always_inline int encap_mpls_fast(struct __sk_buff *skb, __u32 id)
