@@ -294,6 +294,25 @@ static __always_inline int hop_gen_same(const struct hop_desc *d, __u64 gen)
 	return LH_BROKEN_HOP_RECHECK || hop_gen_read(d) == gen;
 }
 
+/* The first half of an inline copy (encap_tunnel_fast, encap_mpls_fast):
+ * the slot *id* names, its generation read into *gen* before the content
+ * is -- NULL when the id no longer names it (swept, claimed, or being
+ * written). The copy ends with hop_gen_same(d, *gen). */
+static __always_inline struct hop_desc *hop_copy_begin(__u32 id, __u64 *gen)
+{
+	__u32 slot = id & HOP_SLOT_MASK;
+	struct hop_desc *d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
+
+	if (!d)
+		return NULL;
+	*gen = hop_gen_read(d);
+	if (!hop_gen_names(*gen, id))
+		return NULL;
+	barrier();
+	hop_torn_hook(d);
+	return d;
+}
+
 /* A tunnel hop's key (remote, VNI, TTL) from descriptor d into *key (zeroed). */
 static __always_inline void hop_key_fill(const struct hop_desc *d, __u8 kind,
 					 struct bpf_tunnel_key *key)

@@ -254,7 +254,9 @@ static __always_inline int fast_reply(struct __sk_buff *skb, const struct iface_
 	fast = !e->vm_ifindex && (settings & F_SET_FAST_PATH) &&
 	       mac_equal(eth->h_source, cfg->vm_mac);
 	__builtin_memcpy(eth->h_dest, e->mac, ETH_ALEN);
-	if (d && (d->kind == HOP_MPLS || d->opt_len))
+	if (d && d->kind == HOP_MPLS && !e->vlan_count)
+		err = encap_mpls_fast(skb, encap_hop_id(e)); /* no tags: inline */
+	else if (d && (d->kind == HOP_MPLS || d->opt_len))
 		err = encap_reply(skb, encap_hop_id(e), encap_vlan(e)); /* global: see there */
 	else if (d)
 		err = encap_tunnel_fast(skb, encap_hop_id(e), encap_vlan(e));

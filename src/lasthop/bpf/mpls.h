@@ -232,36 +232,55 @@ __noinline int hop_learn(struct __sk_buff *skb, __u32 *tags)
 	return encap_learn(skb, cfg, tags);
 }
 
-/* The reply of an MPLS hop: the stack of its descriptor (copied into *r,
- * hop_desc_copy) pushed under the Ethernet header -- room made at the head
- * (bpf_skb_change_head: 44-46 ns here, where bpf_skb_adjust_room at the MAC
- * header took 107-110, docs/datapath.md), the Ethernet addresses moved to
- * the new start, type 0x8847 and the entries written after them: each
- * entry's TTL the IP header's, bottom of stack on the last. The entries,
- * the type and the TTL are read and written in place, after the helper's
- * call (the headers are in the linear part). The kernel's MAC header is
- * then the frame's first 4n + 14 bytes and its network header still the IP
- * header: tc pushes all of it back before the redirect (skb->mac_len,
- * sch_handle_ingress). A frame whose Ethernet type is not its protocol (a
- * tag in the data) is not one this pushes. Called before the tags go on
- * (pushed as skb metadata, then in front of the type as the kernel inserts
- * them). Returns 0 or a negative reason (-CNT_ENCAP_UNSUPPORTED before
- * anything changes). */
-static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_reply *r)
+_Static_assert(MAX_MPLS_LABELS == 3, "__mpls_push takes three entries");
+
+/* Label stack entry i of n as a reply pushes it, host order, TTL not yet
+ * in: label and TC as learned, the bottom-of-stack bit on the last entry
+ * only. 0 past n. */
+static __always_inline __u32 mpls_word(__u32 lse, __u32 i, __u32 n)
+{
+	if (i >= n)
+		return 0;
+	return (lse & MPLS_KEEP) | (i == n - 1 ? MPLS_LS_S_MASK : 0);
+}
+
+/* The reply of an MPLS hop: its entries w0, w1, w2 (mpls_word: the first
+ * with the bottom-of-stack bit is the last one pushed, so the count needs
+ * no register of its own across the helper's call) pushed under the
+ * Ethernet header -- room made at the head (bpf_skb_change_head: 44-46 ns
+ * here, where bpf_skb_adjust_room at the MAC header took 107-110,
+ * docs/datapath.md), the Ethernet addresses moved to the new start, type
+ * 0x8847 and the entries written after them: each entry's TTL the IP
+ * header's. The entries, the type and the TTL are read and written in
+ * place, after the helper's call (the headers are in the linear part). The
+ * kernel's MAC header is then the frame's first 4n + 14 bytes and its
+ * network header still the IP header: tc pushes all of it back before the
+ * redirect (skb->mac_len, sch_handle_ingress). A frame whose Ethernet type
+ * is not its protocol (a tag in the data) is not one this pushes. Called
+ * before the tags go on (pushed as skb metadata, then in front of the type
+ * as the kernel inserts them). Returns 0 or a negative reason
+ * (-CNT_ENCAP_UNSUPPORTED before anything changes). */
+static __always_inline int __mpls_push(struct __sk_buff *skb, __u32 w0, __u32 w1, __u32 w2)
 {
 	void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
-	__u32 n = r->mpls_count, shift, ttl;
 	struct ethhdr *eth = data;
+	__u32 shift, ttl;
 	__u32 *to, *from;
 	__be32 *lse;
 	__u8 *at;
 
-	if (n < 1 || n > MAX_MPLS_LABELS ||
-	    (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6)))
+	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(ETH_P_IPV6))
 		return -CNT_ENCAP_UNSUPPORTED;
 	if ((void *)(eth + 1) > end || eth->h_proto != skb->protocol)
 		return -CNT_ENCAP_UNSUPPORTED;
-	shift = n * MPLS_LSE_LEN;
+	if (w0 & MPLS_LS_S_MASK)
+		shift = MPLS_LSE_LEN;
+	else if (w1 & MPLS_LS_S_MASK)
+		shift = 2 * MPLS_LSE_LEN;
+	else if (w2 & MPLS_LS_S_MASK)
+		shift = 3 * MPLS_LSE_LEN;
+	else
+		return -CNT_ENCAP_UNSUPPORTED; /* no last entry: not a stack mpls_word made */
 	if (bpf_skb_change_head(skb, shift, 0))
 		return -CNT_REWRITE_FAILED;
 	data = (void *)(long)skb->data;
@@ -284,11 +303,25 @@ static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_rep
 	to[1] = from[1];
 	to[2] = from[2];
 	ttl = *at;
-#pragma unroll
-	for (int i = 0; i < MAX_MPLS_LABELS; i++)
-		if (i < n)
-			lse[i] = bpf_htonl((r->lse[i] & MPLS_KEEP) | ttl |
-					   (i == n - 1 ? MPLS_LS_S_MASK : 0));
+	lse[0] = bpf_htonl(w0 | ttl);
+	if (!(w0 & MPLS_LS_S_MASK)) {
+		lse[1] = bpf_htonl(w1 | ttl);
+		if (!(w1 & MPLS_LS_S_MASK))
+			lse[2] = bpf_htonl(w2 | ttl);
+	}
 	eth->h_proto = bpf_htons(ETH_P_MPLS_UC);
 	return 0;
+}
+
+/* The reply of an MPLS hop: the stack of its descriptor, copied into *r
+ * (hop_desc_copy), pushed (__mpls_push). Returns 0 or a negative reason
+ * (-CNT_ENCAP_UNSUPPORTED before anything changes). */
+static __always_inline int mpls_push(struct __sk_buff *skb, const struct hop_reply *r)
+{
+	__u32 n = r->mpls_count;
+
+	if (n < 1 || n > MAX_MPLS_LABELS)
+		return -CNT_ENCAP_UNSUPPORTED;
+	return __mpls_push(skb, mpls_word(r->lse[0], 0, n), mpls_word(r->lse[1], 1, n),
+			   mpls_word(r->lse[2], 2, n));
 }
