@@ -275,6 +275,32 @@ ROWS: list[tuple[Case, bool]] = [
     ),
     (
         reply_row(
+            "v6: a UDP answer of a stream not yet confirmed: the pending table holds it",
+            udp_reply(6),
+            est(udp_request(6), state=abi.State.UDP_ANSWERED, table=PENDING),
+        ),
+        False,
+    ),
+    (
+        refresh_row(
+            "v4 UDP request sent again, unanswered: the fast path's pending lookup finds it,"
+            " refreshed (not learned again)",
+            udp_request(4),
+            est(udp_request(4), state=abi.State.UDP_NEW, table=PENDING),
+        ),
+        False,
+    ),
+    (
+        refresh_row(
+            "v6 UDP request sent again, unanswered: the fast path's pending lookup finds it,"
+            " refreshed (not learned again)",
+            udp_request(6),
+            est(udp_request(6), state=abi.State.UDP_NEW, table=PENDING),
+        ),
+        False,
+    ),
+    (
+        reply_row(
             "a FIN: its state moves",
             reply4("FA"),
             est(request4()),

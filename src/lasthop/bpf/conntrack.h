@@ -87,18 +87,19 @@ static __always_inline struct conn_entry *conn_table_lookup(int pending, const s
 }
 
 /* Looks key up in table first, then in second (*in_second := 1 when found
- * there, or when neither holds it). */
+ * there, or when neither holds it). missed (MISS_*): what a fast path's
+ * lookups of the same key just missed, not asked again. */
 static __always_inline struct conn_entry *__conn_lookup2(void *first, void *second,
-							  const void *key, int skip_first,
+							  const void *key, int missed,
 							  int *in_second)
 {
-	struct conn_entry *e = skip_first ? NULL : bpf_map_lookup_elem(first, key);
+	struct conn_entry *e = missed ? NULL : bpf_map_lookup_elem(first, key);
 
 	*in_second = 0;
 	if (e)
 		return e;
 	*in_second = 1;
-	return bpf_map_lookup_elem(second, key);
+	return missed == MISS_BOTH ? NULL : bpf_map_lookup_elem(second, key);
 }
 
 /* Whether new connections go into the confirmed tables first (F_SET_INPLACE:
@@ -121,7 +122,7 @@ static __always_inline int inplace_on(void)
  * with SYN set (a new connection, its SYN-ACK, or one sent again) belongs to
  * a connection not yet confirmed, so pending first; any other packet most
  * likely to an established one, so confirmed first -- unless a fast path
- * just missed it there (p->confirmed_miss: never for a SYN). */
+ * just missed it there, or in both (p->confirmed_miss: never for a SYN). */
 static __always_inline struct conn_entry *conn_lookup(const struct pkt *p, int *pending)
 {
 	int syn = p->key.proto == IPPROTO_TCP && (p->tcp_flags & TCP_FLAG_SYN_) && !inplace_on();

@@ -98,11 +98,17 @@ enum lh_const {
 #define PULL_LEN 128
 
 /* skb->cb word (the tc hook's scratch, as Cilium's ctx_store_meta uses it) in
- * which a fast path leaves 1 when it missed the key in the confirmed table
- * (fastpath.h), for the general path to read at its end: carried in a
- * register across the parse instead, the flag changed clang's code enough
- * to take lh_uplink's verification from 123k to 201k insns. */
+ * which a fast path leaves what its lookups missed (MISS_*: fastpath.h), for
+ * the general path to read at its end: carried in a register across the
+ * parse instead, the flag changed clang's code enough to take lh_uplink's
+ * verification from 123k to 201k insns. */
 #define CB_CONFIRMED_MISS 0
+/* Its values (pkt.confirmed_miss): nothing missed (the entry point's 0: no
+ * lookup, or an entry found); the key missed in the confirmed table but the
+ * pending one holds it; the key in neither table. */
+#define MISS_NONE      0
+#define MISS_CONFIRMED 1
+#define MISS_BOTH      2
 
 /* Test builds only: 1 drops the datagram bound of in_datagram() (parse.h),
  * the check that keeps headers out of the Ethernet padding, so the fuzzer

@@ -487,7 +487,7 @@ static __always_inline int uplink_entry(struct __sk_buff *skb)
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_UPLINK);
 	int ret;
 
-	skb->cb[CB_CONFIRMED_MISS] = 0; /* fast_lookup's 1 when it misses */
+	skb->cb[CB_CONFIRMED_MISS] = MISS_NONE; /* fast_lookup's MISS_* when it misses */
 	ret = cfg ? fast_refresh(skb, cfg) : FAST_NONE;
 	return ret != FAST_NONE ? ret : uplink_main(skb, 0, 1);
 }
@@ -803,7 +803,7 @@ static __always_inline int vmport_entry(struct __sk_buff *skb)
 	struct iface_cfg *cfg = iface_get(skb->ifindex, ROLE_VM_PORT);
 	int ret;
 
-	skb->cb[CB_CONFIRMED_MISS] = 0; /* fast_lookup's 1 when it misses */
+	skb->cb[CB_CONFIRMED_MISS] = MISS_NONE; /* fast_lookup's MISS_* when it misses */
 	ret = cfg ? fast_reply(skb, cfg) : FAST_NONE;
 	return ret != FAST_NONE ? ret : vmport_main(skb, 1);
 }

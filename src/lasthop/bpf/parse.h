@@ -67,8 +67,9 @@ struct pkt {
 	__u8  l3_link;      /* no Ethernet header: the frame arrived on an L3 link (set before parsing) */
 	__u32 frag_id;      /* fragment: IPv4 identification or IPv6 fragment id, network order */
 	__u8  hop_ext;      /* uplink: vlan_tci holds a hop descriptor's id (encap.h) */
-	__u8  confirmed_miss; /* a fast path looked the key up in the confirmed table and
-			       * missed (fastpath.h): conn_lookup asks the pending one only */
+	__u8  confirmed_miss; /* MISS_*: a fast path looked the key up and missed it in the
+			       * confirmed table (fastpath.h): conn_lookup asks the pending one
+			       * only, or (MISS_BOTH) neither */
 };
 
 /* The frame's Ethernet header, or NULL when the frame is shorter. */
