@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
+import pytest
 from rich.console import Console
 
 from lasthop import top
@@ -94,3 +95,25 @@ def test_a_refresh_reads_one_stats_and_a_bounded_sample() -> None:
     top.run(source, title="t", interval=0.1, sample=top.SAMPLE, count=2, console=console)
     assert source.stats_calls == 2
     assert source.read <= 2 * top.SAMPLE
+
+
+def test_macs_and_names_are_shown_as_they_are() -> None:
+    """A MAC holding ':cd:' (rich's emoji code for a disc) and an interface
+    name that looks like markup are printed verbatim, whatever the console."""
+    sample = [_conn("32:e2:3d:cd:65:17", "[bold]up0")]
+    f = top.frame(None, _stats(100, 5, 50), 1.0, sample)
+    console = Console(record=True, width=150)  # rich's defaults: emoji and markup on
+    console.print(top.render(f, "lasthop top"))
+    text = console.export_text()
+    assert "32:e2:3d:cd:65:17" in text and "[bold]up0" in text
+
+
+def test_the_live_view_draws_no_emoji(capsys: pytest.CaptureFixture[str]) -> None:
+    """run with no console given (as the CLI calls it) prints ':cd:' as text."""
+
+    class Disc(Huge):
+        def iter_connections(self) -> Iterator[Connection]:
+            yield _conn("32:e2:3d:cd:65:17", "up0")
+
+    top.run(Disc(), title="t", interval=0.01, sample=10, count=1)
+    assert "32:e2:3d:cd:65:17" in capsys.readouterr().out

@@ -120,7 +120,9 @@ def frame(prev: Stats | None, cur: Stats, dt: float, sample: list[Connection]) -
 
 
 def render(f: Frame, title: str) -> RenderableType:
-    """The screen of one frame."""
+    """The screen of one frame. Names and MACs go in as Text: a string cell
+    is markup, where ':cd:' in a MAC became an emoji and '[...]' in an
+    interface's name a style."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -139,24 +141,24 @@ def render(f: Frame, title: str) -> RenderableType:
     for col in ("state", "confirmed", "pending"):
         states.add_column(col, justify="left" if col == "state" else "right")
     for s, (c, p) in f.states.items():
-        states.add_row(s, str(c), str(p))
+        states.add_row(Text(s), str(c), str(p))
     ifaces = table("uplinks and VM ports (kernel counters)")
     for col in ("interface", "counter", "total", "per s"):
         ifaces.add_column(col, justify="left" if col in ("interface", "counter") else "right")
     for rows, counter in ((f.uplinks, "learned"), (f.vm_ports, "redirected")):
         for name, n, rate in rows:
-            ifaces.add_row(name, counter, str(n), f"{rate:.0f}")
+            ifaces.add_row(Text(name), counter, str(n), f"{rate:.0f}")
     hops = table(f"top last hops (sample of {f.sampled} of {f.entries} entries)")
     for col in ("last-hop MAC", "uplink", "share", "connections"):
         hops.add_column(col, justify="left" if col in ("last-hop MAC", "uplink") else "right")
     for mac, up, n in f.last_hops:
         share = n / f.sampled if f.sampled else 0.0
-        hops.add_row(mac, up, f"{share:.0%}", f"~{round(share * f.entries)}")
+        hops.add_row(Text(mac), Text(up), f"{share:.0%}", f"~{round(share * f.entries)}")
     moved = table("counters that moved (since the last refresh)")
     for col in ("counter", "interface", "moved", "total"):
         moved.add_column(col, justify="left" if col in ("counter", "interface") else "right")
     for counter, iface, d, n in f.moved:
-        moved.add_row(counter, iface, f"{d:+d}", str(n))
+        moved.add_row(Text(counter), Text(iface), f"{d:+d}", str(n))
     return Group(head, states, ifaces, hops, moved)
 
 
@@ -178,8 +180,10 @@ def run(
     console: Console | None = None,
 ) -> None:
     """Refreshes the view every *interval* seconds until Ctrl-C (or *count* refreshes)."""
+    from rich.console import Console
     from rich.live import Live
 
+    console = console or Console(emoji=False)  # the head and titles are strings too
     prev: Stats | None = None
     last = time.monotonic()
     with Live(console=console, auto_refresh=False, transient=False) as live:
