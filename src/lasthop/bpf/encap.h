@@ -325,25 +325,25 @@ static __always_inline void hop_key_fill(const struct hop_desc *d, __u8 kind,
 		key->remote_ipv4 = d->remote[0];
 }
 
-/* What a reply sends for the hop *id* names, copied from its slot *d* into
- * *r*, seqlock-style: the slot's generation read before the reads (it must
- * be the id's, and even), read again after them, and unchanged -- else the
- * slot was swept, or claimed for another hop, or is being written, between
- * the check and the reads, and the copy may be cleared, half-written or
- * another hop's: -CNT_HOP_DESC_GONE, the reply is not sent to it. The
+/* What a reply sends for the hop *id* names, copied from its slot into *r*,
+ * seqlock-style: the slot's generation read before the reads (it must be the
+ * id's, and even: hop_copy_begin), read again after them, and unchanged --
+ * else the slot was swept, or claimed for another hop, or is being written,
+ * between the check and the reads, and the copy may be cleared, half-written
+ * or another hop's: -CNT_HOP_DESC_GONE, the reply is not sent to it. The
  * compiler may not move the reads across the two reads of gen (volatile,
  * barrier()); the CPU neither: x86 keeps loads in order (the claim and the
  * sweep write content between two atomics). Returns 0 or a negative
  * reason. */
-static __always_inline int hop_desc_copy(struct hop_desc *d, __u32 id, struct hop_reply *r)
+static __always_inline int hop_desc_copy(__u32 id, struct hop_reply *r)
 {
-	__u64 gen = hop_gen_read(d);
+	struct hop_desc *d;
+	__u64 gen = 0;
 	__u32 n;
 
-	if (!hop_gen_names(gen, id))
+	d = hop_copy_begin(id, &gen);
+	if (!d)
 		return -CNT_HOP_DESC_GONE;
-	barrier();
-	hop_torn_hook(d);
 	r->kind = d->kind;
 	r->vlan_tci[0] = d->vlan_tci[0];
 	r->vlan_tci[1] = d->vlan_tci[1];

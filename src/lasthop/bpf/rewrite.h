@@ -98,17 +98,12 @@ static __always_inline __u32 encap_vlan(const struct conn_entry *e)
  * calls below the general path leaves). */
 __noinline int encap_reply(struct __sk_buff *skb, __u32 id, __u32 vlan)
 {
-	__u32 slot = id & HOP_SLOT_MASK;
 	struct hop_reply r;
-	struct hop_desc *d;
 	int err;
 
 	if (!skb)
 		return -CNT_REWRITE_FAILED;
-	d = bpf_map_lookup_elem(&lh_hop_descs, &slot);
-	if (!d)
-		return -CNT_HOP_DESC_GONE;
-	err = hop_desc_copy(d, id, &r);
+	err = hop_desc_copy(id, &r);
 	if (err)
 		return err;
 	if (r.kind == HOP_MPLS)
