@@ -138,6 +138,17 @@ static __always_inline __be16 *fast_l4_6(struct __sk_buff *skb, struct ethhdr *e
 	return fast_ports(ip6, sizeof(*ip6), sizeof(*ip6) + plen, end, ip6->nexthdr, udp);
 }
 
+/* After a miss in the confirmed table: asks the family's pending table
+ * for the same key at once and leaves what it held in
+ * skb->cb[CB_CONFIRMED_MISS] (MISS_CONFIRMED or MISS_BOTH, fast_lookup).
+ * Returns NULL, fast_lookup's answer. */
+static __always_inline struct conn_entry *fast_missed(struct __sk_buff *skb, void *pending,
+						       const void *key)
+{
+	skb->cb[CB_CONFIRMED_MISS] = bpf_map_lookup_elem(pending, key) ? MISS_CONFIRMED : MISS_BOTH;
+	return NULL;
+}
+
 /* The confirmed entry of an established connection, for the segment's key
  * reversed (rev, a reply) or as read; NULL when it is not that. udp (a
  * constant): a UDP datagram of a confirmed stream (CS_UDP_STREAM, where no
@@ -174,12 +185,8 @@ static __always_inline struct conn_entry *fast_lookup(struct __sk_buff *skb, str
 		k.sport = rev ? ports[1] : ports[0];
 		k.dport = rev ? ports[0] : ports[1];
 		e = bpf_map_lookup_elem(&lh_conns4, &k);
-		if (!e) {
-			skb->cb[CB_CONFIRMED_MISS] = bpf_map_lookup_elem(&lh_pending4, &k)
-							     ? MISS_CONFIRMED
-							     : MISS_BOTH;
-			return NULL;
-		}
+		if (!e)
+			return fast_missed(skb, &lh_pending4, &k);
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct conn_key k = { .family = FAMILY_V6, .zone = zone };
 		struct ipv6hdr *ip6 = NULL;
@@ -193,12 +200,8 @@ static __always_inline struct conn_entry *fast_lookup(struct __sk_buff *skb, str
 		k.sport = rev ? ports[1] : ports[0];
 		k.dport = rev ? ports[0] : ports[1];
 		e = bpf_map_lookup_elem(&lh_conns, &k);
-		if (!e) {
-			skb->cb[CB_CONFIRMED_MISS] = bpf_map_lookup_elem(&lh_pending, &k)
-							     ? MISS_CONFIRMED
-							     : MISS_BOTH;
-			return NULL;
-		}
+		if (!e)
+			return fast_missed(skb, &lh_pending, &k);
 	} else {
 		return NULL;
 	}
