@@ -31,7 +31,7 @@ import pytest
 
 from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
-from lasthop.datapath import FamilyMap, Pins, request_expiry
+from lasthop.datapath import FamilyMap, Pins, filter_prog_id, request_expiry
 from lasthop.lab.runner import AgentProcess, lasthop_argv
 
 BPFFS = Path("/sys/fs/bpf")
@@ -67,6 +67,35 @@ def sh(*argv: str, check: bool = True, timeout: float = 20.0) -> subprocess.Comp
 def lasthop(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """`lasthop ARGS` as a subprocess (any exit code)."""
     return sh(*lasthop_argv(*args), check=False, timeout=timeout)
+
+
+def tc_program(ns: str, dev: str, point: int = libbpf.INGRESS) -> str | None:
+    """The name of our program on *dev*'s tc hook *point* in namespace *ns* (a tcx
+    link's or a clsact filter's; neither `tc filter show` nor this bpftool lists
+    tcx links), None without one or without *dev*. Asked from a thread that
+    enters *ns*: this one stays where it is."""
+    found: list[str | None] = []
+    failed: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            netns.enter(ns)
+            try:
+                index = socket.if_nametoindex(dev)
+            except OSError:
+                found.append(None)
+                return
+            prog_id = filter_prog_id(index, point)
+            found.append(libbpf.prog_name(prog_id) if prog_id is not None else None)
+        except BaseException as err:  # noqa: BLE001 -- raised again in the caller
+            failed.append(err)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return found[0]
 
 
 class Netns:
@@ -139,10 +168,8 @@ class Netns:
         return found.group(1)
 
     def tc_program(self, dev: str) -> str | None:
-        """The name of our BPF filter on dev's tc ingress (handle 0x4c48), or None."""
-        out = sh("tc", "-n", self.name, "filter", "show", "dev", dev, "ingress", check=False).stdout
-        found = re.search(r"handle 0x4c48 (\w+)", out)
-        return found.group(1) if found else None
+        """The name of our program on dev's tc ingress (tcx link or clsact filter), or None."""
+        return tc_program(self.name, dev)
 
     def delete(self) -> None:
         sh("ip", "netns", "del", self.name, check=False)

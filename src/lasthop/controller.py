@@ -41,6 +41,7 @@ from lasthop.datapath import (
     changes_ring_size,
     default_in_place,
     detach_filter,
+    forget_links,
     hops_in_use,
     removed_as,
 )
@@ -293,6 +294,7 @@ class Controller:
             pending_size_v6=config.pending_table_size_v6 or 0,
             in_place=self._in_place_room,
             changes_size=changes_ring_size(bool(config.sync)),
+            tc_hook=config.tc_hook,
         )
         self._write_settings(
             config,
@@ -709,7 +711,9 @@ class Controller:
         assert self.datapath is not None
         self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
         if self.links.by_index(ifindex) is not None:
-            detach_filter(ifindex)
+            detach_filter(ifindex, self.pins)
+        else:
+            forget_links(ifindex, self.pins)
         name = self.attached.vm_ports.pop(ifindex, None) or self.attached.uplinks.pop(ifindex, None)
         event(log, "detach", interface=name, ifindex=ifindex)
 
@@ -727,7 +731,9 @@ class Controller:
         for ifindex in self.datapath.maps.attached():
             if ifindex not in wanted:
                 if self.links.by_index(ifindex) is not None:
-                    detach_filter(ifindex)
+                    detach_filter(ifindex, self.pins)
+                else:
+                    forget_links(ifindex, self.pins)
                 self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
 
     # -- sync (docs/ha.md) ---------------------------------------------------
@@ -1106,7 +1112,7 @@ class Controller:
         from lasthop.services import store  # pydantic: only when detaching
 
         # every link, not just those the table names: pins may already be gone
-        detached = [link.name for link in self.links.all() if detach_filter(link.index)]
+        detached = [link.name for link in self.links.all() if detach_filter(link.index, self.pins)]
         self.pins.remove()
         store.forget(self.netns)
         return detached

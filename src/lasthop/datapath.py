@@ -3,8 +3,10 @@ pinned, programs attached to interfaces, and typed access to the maps.
 
 Maps are pinned by name under one folder per network namespace; loading the
 object again reuses them, so a restart or upgrade keeps every entry. Programs
-are attached as tc filters with a fixed handle and priority and replaced
-atomically on the next attach.
+are attached to the interfaces' tc hooks through tcx links pinned beside the
+maps (kernel 6.6+), or as clsact filters with a fixed handle and priority
+(older kernels, or `tc_hook = "clsact"`); either is replaced atomically on
+the next attach.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "FamilyMap",
     "TC_HANDLE",
     "TC_PRIORITY",
+    "TC_HOOKS",
 ]
 
 TC_HANDLE = 0x4C48  # "LH"
@@ -95,6 +98,11 @@ LATER_PROGRAMS = (L3_UPLINK_PROGRAM, UPLINK_EGRESS_PROGRAM)
 # programs of the object the agent does not load at start: those above, and the
 # benchmarks' and tests' (they load them themselves)
 AGENT_SKIPS = (*LATER_PROGRAMS, "lh_reference", "lh_empty")
+# the programs lasthop puts on tc hooks: what detach and the queries look for
+TC_PROGRAMS = frozenset({*PROGRAM_OF_ROLE.values(), L3_UPLINK_PROGRAM, UPLINK_EGRESS_PROGRAM})
+# config tc_hook: tcx links, clsact filters, or tcx where the kernel has them
+TC_HOOKS = ("auto", "tcx", "clsact")
+_NO_TCX = (errno.EINVAL, errno.EOPNOTSUPP)  # bpf_link_create on a kernel older than 6.6
 PIN_CREATE_TRIES = 100  # Pins.create: a root removed under it is made again this often
 
 
@@ -717,9 +725,14 @@ class Datapath:
         in_place: int = 0,
         changes_size: int = abi.CHANGES_RING_SIZE,
         obj_path: Path | None = None,
+        tc_hook: str = "auto",
     ) -> None:
+        assert tc_hook in TC_HOOKS, tc_hook
         pins.create()
         self.pins = pins
+        self._tc_hook = tc_hook
+        # tcx links in use: None until the first attach asks the kernel ("auto")
+        self.tcx: bool | None = {"tcx": True, "clsact": False}.get(tc_hook)
         sizes = table_sizes(table_size, pending_size, table_size_v6, pending_size_v6, in_place)
         sizes["lh_changes"] = changes_size
         carried = upgrade.prepare(pins.folder, changes_size)  # an older agent's pins
@@ -783,9 +796,7 @@ class Datapath:
             if l3
             else self._obj.program(PROGRAM_OF_ROLE[role])
         )
-        hook = libbpf.TcHook(ifindex, libbpf.INGRESS)
-        hook.create()  # clsact: one qdisc holds both hooks
-        prog_id = hook.attach(prog.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        prog_id = self._hook(ifindex, libbpf.INGRESS, prog.fd)
         xdp = libbpf.XdpHook(ifindex)
         if role == abi.Role.UPLINK and kind == abi.LinkKind.MPLS:
             xdp.attach(
@@ -793,12 +804,36 @@ class Datapath:
             )  # after tc: it learns what XDP pops
         else:  # none, or one a previous run attached to an MPLS uplink
             xdp.detach(MPLS_UPLINK_PROGRAM)
-        out_hook = libbpf.TcHook(ifindex, libbpf.EGRESS)
         if egress:
-            out = self.program_later(UPLINK_EGRESS_PROGRAM)
-            out_hook.attach(out.fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+            self._hook(ifindex, libbpf.EGRESS, self.program_later(UPLINK_EGRESS_PROGRAM).fd)
         else:  # none, or one a previous run attached with other settings
-            out_hook.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+            _unhook(ifindex, libbpf.EGRESS, self.pins)
+        return prog_id
+
+    def _hook(self, ifindex: int, point: int, prog_fd: int) -> int:
+        """Puts the program on ifindex's tc hook *point*, through a tcx link
+        when the kernel has them (and tc_hook allows), else as a clsact
+        filter; returns its prog id. The other kind, left there by a run with
+        another tc_hook or an older release, goes after the new one is on:
+        meanwhile both are there and the tcx program, run first, decides (ours
+        never return TC_ACT_UNSPEC, the verdict that would run the filter too)."""
+        legacy = libbpf.TcHook(ifindex, point)
+        if self.tcx is not False:
+            try:
+                prog_id = libbpf.TcxHook(ifindex, point, tcx_pin(self.pins, ifindex, point)).attach(
+                    prog_fd
+                )
+            except libbpf.BpfError as err:
+                if self._tc_hook == "tcx" or err.errno not in _NO_TCX:
+                    raise DatapathError(f"cannot attach to ifindex {ifindex}: {err}") from err
+                self.tcx = False  # "auto" on a kernel without tcx: clsact from now on
+            else:
+                self.tcx = True
+                legacy.detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+                return prog_id
+        legacy.create()  # clsact: one qdisc holds both hooks
+        prog_id = legacy.attach(prog_fd, handle=TC_HANDLE, priority=TC_PRIORITY)
+        libbpf.TcxHook(ifindex, point, tcx_pin(self.pins, ifindex, point)).detach()
         return prog_id
 
     def loaded_later(self, name: str) -> bool:
@@ -829,15 +864,41 @@ class Datapath:
         self._obj.close()
 
 
-def detach_filter(ifindex: int) -> bool:
-    """Removes our tc filters from ifindex's ingress and egress (other filters
-    stay); True when there was one."""
+def tcx_pin(pins: Pins, ifindex: int, point: int) -> Path:
+    """Where the tcx link of ifindex's hook *point* is pinned (Pins.remove
+    takes it with the maps)."""
+    return pins.folder / "tcx" / f"{ifindex}-{'ingress' if point == libbpf.INGRESS else 'egress'}"
+
+
+def _unhook(ifindex: int, point: int, pins: Pins) -> bool:
+    """Takes our program off ifindex's tc hook *point*, tcx link and clsact
+    filter alike (other programs and filters stay); True when one was there."""
+    found = libbpf.TcxHook(ifindex, point, tcx_pin(pins, ifindex, point)).detach()
+    found |= libbpf.TcHook(ifindex, point).detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+    return found
+
+
+def forget_links(ifindex: int, pins: Pins) -> None:
+    """Removes the tcx link pins of an interface that went away (its links are
+    defunct: the kernel took them off with the device)."""
+    for point in (libbpf.INGRESS, libbpf.EGRESS):
+        tcx_pin(pins, ifindex, point).unlink(missing_ok=True)
+
+
+def detach_filter(ifindex: int, pins: Pins) -> bool:
+    """Removes our programs from ifindex's tc ingress and egress and its XDP
+    hook (other programs stay); True when there was one."""
     found = False
     for point in (libbpf.INGRESS, libbpf.EGRESS):
-        found |= libbpf.TcHook(ifindex, point).detach(handle=TC_HANDLE, priority=TC_PRIORITY)
+        found |= _unhook(ifindex, point, pins)
     found |= libbpf.XdpHook(ifindex).detach(MPLS_UPLINK_PROGRAM)
     return found
 
 
-def filter_prog_id(ifindex: int) -> int | None:
-    return libbpf.TcHook(ifindex, libbpf.INGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
+def filter_prog_id(ifindex: int, point: int = libbpf.INGRESS) -> int | None:
+    """The prog id of our program on ifindex's tc hook *point* (a tcx link's
+    or a clsact filter's), None when there is none."""
+    for prog_id in libbpf.tcx_prog_ids(ifindex, point):
+        if libbpf.prog_name(prog_id) in TC_PROGRAMS:
+            return prog_id
+    return libbpf.TcHook(ifindex, point).query(handle=TC_HANDLE, priority=TC_PRIORITY)

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import re
+import struct
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ __all__ = [
     "TestRun",
     "RingBuffer",
     "TcHook",
+    "TcxHook",
+    "tcx_prog_ids",
     "obj_get",
     "obj_pin",
     "map_create",
@@ -188,6 +191,10 @@ _sig("bpf_xdp_attach", _int, _int, _int, _u32, _vp)
 _sig("bpf_xdp_detach", _int, _int, _u32, _vp)
 _sig("bpf_xdp_query_id", _int, _int, _int, _c.POINTER(_u32))
 _sig("bpf_prog_get_fd_by_id", _int, _u32)
+_sig("bpf_link_create", _int, _int, _int, _int, _vp)
+_sig("bpf_link_update", _int, _int, _int, _vp)
+_sig("bpf_link_detach", _int, _int)
+_sig("bpf_prog_query", _int, _int, _int, _u32, _c.POINTER(_u32), _c.POINTER(_u32), _c.POINTER(_u32))
 _sig("libbpf_num_possible_cpus", _int)
 
 # libbpf prints through a callback taking a va_list; vsnprintf formats it.
@@ -793,6 +800,118 @@ class TcHook:
                 return False
             raise BpfError(f"bpf_tc_detach(ifindex {self.ifindex})", err)
         return True
+
+
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47  # enum bpf_attach_type (kernel 6.6+)
+_TCX_OF_POINT = {INGRESS: BPF_TCX_INGRESS, EGRESS: BPF_TCX_EGRESS}
+_LINK_INFO_SIZE = 256  # struct bpf_link_info, room to spare
+_LINK_INFO_PROG_ID = 8  # bpf_link_info.prog_id
+_LINK_INFO_TCX = 16  # bpf_link_info.tcx: ifindex, attach_type (0 once the device is gone)
+_QUERY_MAX = 64  # programs one tcx hook query returns
+
+
+def link_info(fd: int) -> tuple[int, int, int]:
+    """(prog_id, ifindex, attach_type) of a tcx link; ifindex 0 when its
+    device went away (the link is defunct)."""
+    info = _c.create_string_buffer(_LINK_INFO_SIZE)
+    size = _u32(_LINK_INFO_SIZE)
+    _check("bpf_obj_get_info_by_fd(link)", _lib.bpf_obj_get_info_by_fd(fd, info, _c.byref(size)))
+    (prog_id,) = struct.unpack_from("=I", info.raw, _LINK_INFO_PROG_ID)
+    ifindex, attach_type = struct.unpack_from("=II", info.raw, _LINK_INFO_TCX)
+    return prog_id, ifindex, attach_type
+
+
+@dataclass(frozen=True)
+class TcxHook:
+    """A tcx hook (ingress or egress) of one interface in the current netns
+    (kernel 6.6+): programs attached through links, run before any clsact
+    filter, without the qdisc's classifier walk. Our link is pinned at
+    *pin*, so it outlives the process that made it, as a tc filter does, and
+    the next attach replaces its program atomically."""
+
+    ifindex: int
+    attach_point: int
+    pin: Path
+
+    @property
+    def attach_type(self) -> int:
+        return _TCX_OF_POINT[self.attach_point]
+
+    def attach(self, prog_fd: int) -> int:
+        """Puts the program on the hook (a new link, or the pinned one's
+        program replaced); returns its prog id. EINVAL from a kernel without tcx."""
+        fd = self._own_link()
+        if fd is None:
+            fd = _check(
+                f"bpf_link_create(tcx, ifindex {self.ifindex})",
+                _lib.bpf_link_create(prog_fd, self.ifindex, self.attach_type, None),
+            )
+            try:
+                self.pin.parent.mkdir(parents=True, exist_ok=True)
+                obj_pin(fd, self.pin)
+            except BaseException:
+                os.close(fd)  # the link goes with its last fd: nothing left attached
+                raise
+        else:
+            try:
+                _check(
+                    f"bpf_link_update(tcx, ifindex {self.ifindex})",
+                    _lib.bpf_link_update(fd, prog_fd, None),
+                )
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            return link_info(fd)[0]
+        finally:
+            os.close(fd)
+
+    def _own_link(self) -> int | None:
+        """An fd of the pinned link when it is still on this hook; a pin of a
+        link whose device went (or of another hook) is removed."""
+        if not self.pin.exists():
+            return None
+        fd = obj_get(self.pin)
+        try:
+            _, ifindex, attach_type = link_info(fd)
+        except BpfError:
+            os.close(fd)
+            raise
+        if (ifindex, attach_type) == (self.ifindex, self.attach_type):
+            return fd
+        os.close(fd)
+        self.pin.unlink()
+        return None
+
+    def detach(self) -> bool:
+        """Takes our link off the hook and removes its pin; True when it was on."""
+        if not self.pin.exists():
+            return False
+        fd = self._own_link()
+        if fd is None:
+            return False
+        try:
+            _check(f"bpf_link_detach(tcx, ifindex {self.ifindex})", _lib.bpf_link_detach(fd))
+        finally:
+            os.close(fd)
+        self.pin.unlink(missing_ok=True)
+        return True
+
+
+def tcx_prog_ids(ifindex: int, attach_point: int) -> list[int]:
+    """Every program on a tcx hook, in run order ([] without tcx or programs)."""
+    ids = (_u32 * _QUERY_MAX)()
+    count = _u32(_QUERY_MAX)
+    flags = _u32(0)
+    ret = _lib.bpf_prog_query(
+        ifindex, _TCX_OF_POINT[attach_point], 0, _c.byref(flags), ids, _c.byref(count)
+    )
+    if ret < 0:
+        err = -ret if ret != -1 else _c.get_errno()
+        if err in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
+            return []
+        raise BpfError(f"bpf_prog_query(tcx, ifindex {ifindex})", err)
+    return list(ids[: count.value])
 
 
 XDP_FLAGS_SKB_MODE = 1 << 1  # linux/if_link.h: the kernel's generic XDP hook

@@ -8,8 +8,8 @@ new config was validated whole before this (a bad one changes nothing).
     uplink, vm_port (added, removed, zone,    table_size, pending_table_size,
       addresses), timeouts, idle_timeout,       pending_in_place: the pinned maps' sizes
     expiry_interval, relearn, on_vm_down,     netns, pin_root: where it runs
-    vm_origin, vm_origin_quota, fast_path,    bridge, bridge_zone, routed: how
-    service, health, api_tokens (re-read)       every interface is attached
+    vm_origin, vm_origin_quota, fast_path,    bridge, bridge_zone, routed, tc_hook:
+    service, health, api_tokens (re-read)       how every interface is attached
                                               peer_redirect (a vm_port's own: live)
                                               api, api_socket, api_socket_group:
                                                 the listening sockets
@@ -58,6 +58,7 @@ KEPT = frozenset(
         "bridge",
         "bridge_zone",
         "routed",
+        "tc_hook",
         "peer_redirect",
         "api",
         "api_socket",

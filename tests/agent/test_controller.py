@@ -18,7 +18,14 @@ from agentlib import ROOT_MARKS, Netns, PinnedTable, Sandbox, back_to_own_netns,
 from lasthop import abi, libbpf
 from lasthop.config import Config, Interface
 from lasthop.controller import Controller, LinkError, NotAttachedError, TableSizeError
-from lasthop.datapath import TC_HANDLE, TC_PRIORITY, Datapath, Pins, filter_prog_id
+from lasthop.datapath import (
+    TC_HANDLE,
+    TC_PRIORITY,
+    TC_PROGRAMS,
+    Datapath,
+    Pins,
+    filter_prog_id,
+)
 from lasthop.libbpf import EGRESS, INGRESS, TcHook
 from lasthop.services import store
 
@@ -45,19 +52,38 @@ def _started(ns: Netns, config: Config) -> Controller:
     return c
 
 
-def test_start_attaches_each_role_at_tc_ingress(box: Sandbox) -> None:
-    """start() puts lh_uplink on uplinks and lh_vmport on VM ports (TcHook.query sees both) and
-    configures each interface with its role, MAC and a slot of its own; a routed host's
-    uplink also gets lh_uplink_out at its egress, loaded then, on the agent's own maps."""
+def _tc_filter(ifindex: int, point: int) -> int | None:
+    """The prog id of our clsact filter on the hook, None without one."""
+    return TcHook(ifindex, point).query(handle=TC_HANDLE, priority=TC_PRIORITY)
+
+
+def _ours_on_tcx(ifindex: int, point: int) -> list[int]:
+    """The prog ids of our programs among the tcx hook's."""
+    return [i for i in libbpf.tcx_prog_ids(ifindex, point) if libbpf.prog_name(i) in TC_PROGRAMS]
+
+
+@pytest.mark.parametrize("tc_hook", ["auto", "clsact"])
+def test_start_attaches_each_role_at_tc_ingress(box: Sandbox, tc_hook: str) -> None:
+    """start() puts lh_uplink on uplinks and lh_vmport on VM ports and configures each
+    interface with its role, MAC and a slot of its own; a routed host's uplink also gets
+    lh_uplink_out at its egress, loaded then, on the agent's own maps. With tc_hook auto
+    (this kernel has tcx) each is a tcx link pinned beside the maps and no clsact filter;
+    with clsact, a filter and no tcx link."""
     ns = box.host(uplinks=1, vm_ports=2)
-    c = _started(ns, _config(["up0"], ["vm0", "vm1"], routed=True))
+    c = _started(ns, _config(["up0"], ["vm0", "vm1"], routed=True, tc_hook=tc_hook))
     try:
-        ids = {
-            name: TcHook(ns.ifindex(name), INGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
-            for name in ("up0", "vm0", "vm1", "up0p")
-        }
+        ids = {name: filter_prog_id(ns.ifindex(name)) for name in ("up0", "vm0", "vm1", "up0p")}
         assert ids["up0"] and ids["vm0"] and ids["vm0"] == ids["vm1"] and ids["up0"] != ids["vm0"]
         assert ids["up0p"] is None
+        tcx = tc_hook == "auto"
+        for name in ("up0", "vm0", "vm1"):
+            index = ns.ifindex(name)
+            assert _ours_on_tcx(index, INGRESS) == ([ids[name]] if tcx else [])
+            assert _tc_filter(index, INGRESS) == (None if tcx else ids[name])
+        assert c.datapath is not None and c.datapath.tcx is tcx
+        pinned = sorted(p.name for p in (ns.pins / "tcx").glob("*"))
+        links = [f"{ns.ifindex(n)}-ingress" for n in ("up0", "vm0", "vm1")]
+        assert pinned == (sorted([*links, f"{ns.ifindex('up0')}-egress"]) if tcx else [])
         info = {i.name: i for i in c.interfaces()}
         assert {n: i.role for n, i in info.items()} == {
             "up0": "uplink",
@@ -72,12 +98,114 @@ def test_start_attaches_each_role_at_tc_ingress(box: Sandbox) -> None:
         assert c.attached.uplinks == {ns.ifindex("up0"): "up0"}
         dp = c.datapath
         assert dp is not None and dp.loaded_later("lh_uplink_out")
-        out = {
-            name: TcHook(ns.ifindex(name), EGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
-            for name in ("up0", "vm0")
-        }
+        out = {name: filter_prog_id(ns.ifindex(name), EGRESS) for name in ("up0", "vm0")}
         assert out["up0"] is not None and out["vm0"] is None
+        assert libbpf.prog_name(out["up0"]) == "lh_uplink_out"
         assert dp.maps.conns4.info.id in _prog_maps(out["up0"])
+    finally:
+        c.close()
+
+
+def _hooks(ns: Netns, name: str) -> dict[str, object]:
+    """What holds our programs on *name*'s tc hooks: tcx link ids (by prog name) and filters."""
+    index = ns.ifindex(name)
+    return {
+        "tcx": [libbpf.prog_name(i) for i in _ours_on_tcx(index, INGRESS)]
+        + [libbpf.prog_name(i) for i in _ours_on_tcx(index, EGRESS)],
+        "clsact": [
+            libbpf.prog_name(i)
+            for i in (_tc_filter(index, INGRESS), _tc_filter(index, EGRESS))
+            if i is not None
+        ],
+    }
+
+
+def test_a_restart_replaces_the_program_on_the_same_link(box: Sandbox) -> None:
+    """The tcx link outlives the agent (pinned): a new agent's attach puts its program on
+    that link (one program per hook, the pin the same link), not a second link beside it."""
+    ns = box.host(uplinks=1, vm_ports=1)
+    config = _config(["up0"], ["vm0"], routed=True)
+    first = _started(ns, config)
+    before = {n: filter_prog_id(ns.ifindex(n)) for n in ("up0", "vm0")}
+    pin = ns.pins / "tcx" / f"{ns.ifindex('up0')}-ingress"
+    link_id = _link_id(pin)
+    first.close()
+    assert {n: filter_prog_id(ns.ifindex(n)) for n in ("up0", "vm0")} == before  # still on
+    second = _started(ns, config)
+    try:
+        after = {n: filter_prog_id(ns.ifindex(n)) for n in ("up0", "vm0")}
+        assert after["up0"] != before["up0"] and after["vm0"] != before["vm0"]  # new programs
+        assert _link_id(pin) == link_id
+        assert _hooks(ns, "up0") == {"tcx": ["lh_uplink", "lh_uplink_out"], "clsact": []}
+        assert _hooks(ns, "vm0") == {"tcx": ["lh_vmport"], "clsact": []}
+    finally:
+        second.close()
+
+
+def _link_id(pin: Path) -> int:
+    fd = libbpf.obj_get(pin)
+    try:
+        info = ctypes.create_string_buffer(256)
+        size = ctypes.c_uint32(256)
+        assert libbpf._lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) == 0
+        return int.from_bytes(info.raw[4:8], "little")  # bpf_link_info.id
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(("first", "then"), [("clsact", "auto"), ("auto", "clsact")])
+def test_changing_tc_hook_leaves_one_kind(box: Sandbox, first: str, then: str) -> None:
+    """A restart with another tc_hook (or after a release that attached clsact filters)
+    puts the programs on the new kind of hook and takes them off the old one: one program
+    per hook, never none (the new is on before the old goes), no pin of a link left."""
+    ns = box.host(uplinks=1, vm_ports=1)
+    _started(ns, _config(["up0"], ["vm0"], routed=True, tc_hook=first)).close()
+    c = _started(ns, _config(["up0"], ["vm0"], routed=True, tc_hook=then))
+    try:
+        kind, other = ("tcx", "clsact") if then == "auto" else ("clsact", "tcx")
+        assert _hooks(ns, "up0") == {kind: ["lh_uplink", "lh_uplink_out"], other: []}
+        assert _hooks(ns, "vm0") == {kind: ["lh_vmport"], other: []}
+        assert bool(list((ns.pins / "tcx").glob("*"))) == (then == "auto")
+    finally:
+        c.close()
+
+
+def test_tc_hook_tcx_on_this_kernel(box: Sandbox) -> None:
+    """tc_hook = "tcx" attaches links (this kernel has them), as auto does."""
+    ns = box.host(uplinks=1, vm_ports=1)
+    c = _started(ns, _config(["up0"], ["vm0"], tc_hook="tcx"))
+    try:
+        assert _hooks(ns, "vm0") == {"tcx": ["lh_vmport"], "clsact": []}
+    finally:
+        c.close()
+
+
+def test_a_pin_of_a_link_whose_device_went_is_replaced(box: Sandbox) -> None:
+    """A pinned link whose interface was deleted is defunct: forget() removes its pin, and a
+    pin that names the ifindex of another hook is not taken for ours."""
+    ns = box.host(uplinks=1, vm_ports=2)
+    c = _started(ns, _config(["up0"], ["vm0", "vm1"]))
+    try:
+        vm1 = ns.ifindex("vm1")
+        pin = ns.pins / "tcx" / f"{vm1}-ingress"
+        assert pin.exists()
+        ns.ip("link", "del", "vm1")
+        c.forget(vm1)
+        assert not pin.exists()
+        # vm0's pin holding another hook's link (up0's, pinned there too): vm0's own
+        # link, unpinned, went; the next attach makes vm0 a link and leaves up0's alone
+        vm0 = ns.ifindex("vm0")
+        vm0_pin = ns.pins / "tcx" / f"{vm0}-ingress"
+        vm0_pin.unlink()
+        assert filter_prog_id(vm0) is None
+        fd = libbpf.obj_get(ns.pins / "tcx" / f"{ns.ifindex('up0')}-ingress")
+        try:
+            libbpf.obj_pin(fd, vm0_pin)
+        finally:
+            os.close(fd)
+        c.attach(c.links.by_index(vm0), abi.Role.VM_PORT)  # type: ignore[arg-type]
+        assert _hooks(ns, "vm0") == {"tcx": ["lh_vmport"], "clsact": []}
+        assert _hooks(ns, "up0") == {"tcx": ["lh_uplink"], "clsact": []}
     finally:
         c.close()
 
@@ -118,8 +246,7 @@ def test_bridge_attaches_every_port_but_the_uplink(box: Sandbox) -> None:
             "vm1": ("vm_port", 7),
         }
         assert c.datapath is not None and not c.datapath.loaded_later("lh_uplink_out")
-        up0_out = TcHook(ns.ifindex("up0"), EGRESS).query(handle=TC_HANDLE, priority=TC_PRIORITY)
-        assert up0_out is None
+        assert filter_prog_id(ns.ifindex("up0"), EGRESS) is None
     finally:
         c.close()
 

@@ -17,13 +17,13 @@ the tun link (TTL one less: the host routed it), v4 and v6.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 
+from agentlib import tc_program
 from lasthop.lab import runner
 from lasthop.lab.namespaces import delete, existing, ip_batch, open_socket, run, sysctl
 from lasthop.lab.tunlink import TunEnd, TunLink
@@ -210,10 +210,3 @@ def test_a_reload_adding_the_l3_link_loads_its_program(l3_lab: TunLink, tmp_path
             run(runner.lasthop_argv("detach", "--netns", HOST))
     finally:
         echo.close()
-
-
-def tc_program(ns: str, dev: str) -> str | None:
-    """The name of our BPF filter on *dev*'s tc ingress (handle 0x4c48), or None."""
-    out = run(["tc", "-n", ns, "filter", "show", "dev", dev, "ingress"], check=False).stdout
-    found = re.search(r"handle 0x4c48 (\w+)", out)
-    return found.group(1) if found else None
