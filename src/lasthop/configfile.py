@@ -54,6 +54,7 @@ KEYS = frozenset(
         "sync_host",
         "table_size",
         "table_size_v6",
+        "tc_hook",
         "timeouts",
         "uplink",
         "uplinks",

@@ -453,6 +453,7 @@ class Controller:
             ifindex=link.index,
             zone=zone,
             slot=slot,
+            hook="tcx" if self.datapath.tcx else "clsact",
         )
 
     def _vm_addresses(self, link: Link, maps: Maps) -> bool:

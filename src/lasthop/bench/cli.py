@@ -184,7 +184,8 @@ def datapath(
     "extra_modes",
     multiple=True,
     type=click.Choice([m.name for m in lab_bench.EXTRA_MODES]),
-    help="Also run this diagnostic mode (repeatable): lasthop with a smaller table.",
+    help="Also run this diagnostic mode (repeatable): lasthop with a smaller table, without "
+    "the in-place quota, or with clsact filters instead of tcx links.",
 )
 @click.option(
     "--cpu",

@@ -75,12 +75,14 @@ class Mode:
     peer_redirect: bool = True  # lasthop: requests into the VM's veth end (bpf_redirect_peer)
     table_size: int = 0  # lasthop: the confirmed table's size (config table_size); 0 = default
     in_place: int | None = None  # lasthop: config pending_in_place; None = the default
+    tc_hook: str = "auto"  # lasthop: config tc_hook (tcx links where the kernel has them)
 
     def config(self) -> str:
         """The lasthop config (TOML) this mode differs by from the defaults."""
         lines = [] if self.peer_redirect else ["peer_redirect = false"]
         lines += [f"table_size = {self.table_size}"] if self.table_size else []
         lines += [] if self.in_place is None else [f"pending_in_place = {self.in_place}"]
+        lines += [] if self.tc_hook == "auto" else [f'tc_hook = "{self.tc_hook}"']
         return "".join(line + "\n" for line in lines)
 
     def plan(self, prefix: str) -> P.Plan:
@@ -102,7 +104,9 @@ MODES = (
 # over -- costs an established flow's lookup (docs/bench-lab.md); and the
 # routed lasthop host without new connections confirmed in place
 # (pending_in_place = 0: every new connection through the pending LRU, as
-# before the default quota, docs/table.md).
+# before the default quota, docs/table.md); and both lasthop hosts with their
+# programs as clsact filters instead of tcx links (tc_hook = "clsact", as
+# before tcx and on kernels older than 6.6: docs/datapath.md, tc hooks).
 EXTRA_MODES = (
     Mode("lasthop-4k", "lasthop (table 4,096)", "lh4k", "bridged", "lasthop", table_size=4096),
     Mode("lasthop-64k", "lasthop (table 65,536)", "lh64k", "bridged", "lasthop", table_size=65536),
@@ -113,6 +117,15 @@ EXTRA_MODES = (
         "routed",
         "lasthop",
         in_place=0,
+    ),  # fmt: skip
+    Mode("lasthop-clsact", "lasthop (clsact)", "lhc", "bridged", "lasthop", tc_hook="clsact"),
+    Mode(
+        "lasthop-routed-clsact",
+        "lasthop (routed, clsact)",
+        "lhrc",
+        "routed",
+        "lasthop",
+        tc_hook="clsact",
     ),  # fmt: skip
 )
 MODE_BY_NAME = {m.name: m for m in (*MODES, *EXTRA_MODES)}
