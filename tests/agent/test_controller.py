@@ -4,6 +4,7 @@ namespace (the test thread enters it and comes back afterwards)."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -26,6 +27,7 @@ from lasthop.datapath import (
     Pins,
     filter_prog_id,
 )
+from lasthop.errors import DatapathError
 from lasthop.libbpf import EGRESS, INGRESS, TcHook
 from lasthop.services import store
 
@@ -176,6 +178,45 @@ def test_tc_hook_tcx_on_this_kernel(box: Sandbox) -> None:
     c = _started(ns, _config(["up0"], ["vm0"], tc_hook="tcx"))
     try:
         assert _hooks(ns, "vm0") == {"tcx": ["lh_vmport"], "clsact": []}
+    finally:
+        c.close()
+
+
+def _no_tcx(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """bpf_link_create as a kernel older than 6.6 answers it (EINVAL: no such attach
+    type); the list records each refused attach's ifindex."""
+    refused: list[int] = []
+
+    def refuse(self: libbpf.TcxHook, prog_fd: int) -> int:
+        refused.append(self.ifindex)
+        raise libbpf.BpfError(f"bpf_link_create(tcx, ifindex {self.ifindex})", errno.EINVAL)
+
+    monkeypatch.setattr(libbpf.TcxHook, "attach", refuse)
+    return refused
+
+
+def test_auto_falls_back_to_clsact_without_tcx(
+    box: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a kernel without tcx, tc_hook auto attaches clsact filters, asking the kernel
+    once (the first attach), not at every interface; tc_hook tcx is a DatapathError
+    naming the interface and the kernel's answer."""
+    refused = _no_tcx(monkeypatch)
+    ns = box.host(uplinks=1, vm_ports=2)
+    c = _started(ns, _config(["up0"], ["vm0", "vm1"], routed=True))
+    try:
+        assert c.datapath is not None and c.datapath.tcx is False
+        assert len(refused) == 1
+        assert _hooks(ns, "up0") == {"tcx": [], "clsact": ["lh_uplink", "lh_uplink_out"]}
+        assert _hooks(ns, "vm1") == {"tcx": [], "clsact": ["lh_vmport"]}
+    finally:
+        c.close()
+    c = Controller(ns.name)
+    try:
+        with pytest.raises(
+            DatapathError, match=r"cannot attach to ifindex \d+: .*Invalid argument"
+        ):
+            c.start(_config(["up0"], ["vm0"], tc_hook="tcx"))
     finally:
         c.close()
 
