@@ -42,6 +42,7 @@ from lasthop.datapath import (
     default_in_place,
     detach_filter,
     forget_links,
+    hook_kind,
     hops_in_use,
     removed_as,
 )
@@ -222,6 +223,9 @@ class InterfaceInfo:
     routed: bool
     link_down: bool = False  # uplink: its link is down, its replies take routing
     link_kind: str = "ethernet"  # what its frames carry: ethernet, vxlan, geneve, l3
+    # what holds its program at tc ingress: a "tcx" link, a "clsact" filter, or
+    # "none" (configured, yet no program there: taken off by hand, or the agent failed)
+    hook: str = "none"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -234,6 +238,7 @@ class InterfaceInfo:
             "routed": self.routed,
             "link_down": self.link_down,
             "link_kind": self.link_kind,
+            "hook": self.hook,
         }
 
 
@@ -961,6 +966,7 @@ class Controller:
                     routed=bool(cfg.flags & abi.F_IFACE_ROUTED),
                     link_down=bool(cfg.flags & abi.F_IFACE_LINK_DOWN),
                     link_kind=link_kind_name(cfg.link_kind),
+                    hook=hook_kind(i),
                 )
                 for i, cfg in sorted(self._host_attached(maps).items())
             ]

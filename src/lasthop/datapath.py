@@ -895,6 +895,14 @@ def detach_filter(ifindex: int, pins: Pins) -> bool:
     return found
 
 
+def hook_kind(ifindex: int, point: int = libbpf.INGRESS) -> str:
+    """What holds our program on ifindex's tc hook *point*: "tcx", "clsact" or "none"."""
+    if any(libbpf.prog_name(i) in TC_PROGRAMS for i in libbpf.tcx_prog_ids(ifindex, point)):
+        return "tcx"
+    found = libbpf.TcHook(ifindex, point).query(handle=TC_HANDLE, priority=TC_PRIORITY)
+    return "none" if found is None else "clsact"
+
+
 def filter_prog_id(ifindex: int, point: int = libbpf.INGRESS) -> int | None:
     """The prog id of our program on ifindex's tc hook *point* (a tcx link's
     or a clsact filter's), None when there is none."""

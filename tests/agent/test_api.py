@@ -71,7 +71,14 @@ STATS = Stats(
     next_due_s=25.0,
 )
 IFACE = InterfaceInfo(
-    name="up0", ifindex=2, role="uplink", zone=0, slot=1, mac="02:00:00:00:00:01", routed=False
+    name="up0",
+    ifindex=2,
+    role="uplink",
+    zone=0,
+    slot=1,
+    mac="02:00:00:00:00:01",
+    routed=False,
+    hook="tcx",
 )
 
 
@@ -186,6 +193,7 @@ def test_interfaces() -> None:
             "routed": False,
             "link_down": False,
             "link_kind": "ethernet",
+            "hook": "tcx",
         }
     ]
 

@@ -97,6 +97,8 @@ def test_start_attaches_each_role_at_tc_ingress(box: Sandbox, tc_hook: str) -> N
             i.slot for i in info.values()
         }
         assert (info["up0"].routed, info["vm0"].routed) == (False, True)
+        kind = "tcx" if tcx else "clsact"
+        assert {n: i.hook for n, i in info.items()} == {"up0": kind, "vm0": kind, "vm1": kind}
         assert c.attached.uplinks == {ns.ifindex("up0"): "up0"}
         dp = c.datapath
         assert dp is not None and dp.loaded_later("lh_uplink_out")
@@ -239,6 +241,7 @@ def test_a_pin_of_a_link_whose_device_went_is_replaced(box: Sandbox) -> None:
         vm0_pin = ns.pins / "tcx" / f"{vm0}-ingress"
         vm0_pin.unlink()
         assert filter_prog_id(vm0) is None
+        assert [i.hook for i in c.interfaces() if i.name == "vm0"] == ["none"]  # as it is
         fd = libbpf.obj_get(ns.pins / "tcx" / f"{ns.ifindex('up0')}-ingress")
         try:
             libbpf.obj_pin(fd, vm0_pin)
