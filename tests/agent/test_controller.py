@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from agentlib import ROOT_MARKS, Netns, PinnedTable, Sandbox, back_to_own_netns, conn_key, sandbox
+from agentlib import (
+    ROOT_MARKS,
+    Netns,
+    PinnedTable,
+    Sandbox,
+    back_to_own_netns,
+    conn_key,
+    sandbox,
+    wait_for,
+)
 from lasthop import abi, libbpf
 from lasthop.config import Config, Interface
 from lasthop.controller import Controller, LinkError, NotAttachedError, TableSizeError
@@ -239,8 +248,8 @@ def test_a_pin_of_a_link_whose_device_went_is_replaced(box: Sandbox) -> None:
         # link, unpinned, went; the next attach makes vm0 a link and leaves up0's alone
         vm0 = ns.ifindex("vm0")
         vm0_pin = ns.pins / "tcx" / f"{vm0}-ingress"
-        vm0_pin.unlink()
-        assert filter_prog_id(vm0) is None
+        vm0_pin.unlink()  # its last reference: the kernel releases the link in a work item
+        wait_for(lambda: filter_prog_id(vm0) is None)
         assert [i.hook for i in c.interfaces() if i.name == "vm0"] == ["none"]  # as it is
         fd = libbpf.obj_get(ns.pins / "tcx" / f"{ns.ifindex('up0')}-ingress")
         try:
