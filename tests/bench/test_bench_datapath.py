@@ -33,6 +33,8 @@ FIGURES = [
     "reply_hit_l3",
     "reply_hit_vxlan",
     "reply_hit_mpls",
+    "reference_vxlan",
+    "reference_mpls",
     "insert_room",
     "insert_full",
     "refresh_single",
@@ -86,6 +88,29 @@ def test_tunnel_reply_is_measured_against_the_plain_one(results: datapath.Result
         assert hop.vs_plain == pytest.approx(hop.ns / plain.ns)
         assert hop.vs_ethernet is None
     assert plain.vs_plain is None
+
+
+def test_tunnel_replies_carry_the_floor_of_their_helper(results: datapath.Results) -> None:
+    """Each tunnel reply carries its floor: the reference with the helper that
+    reply needs (the tunnel key set, the labels pushed), over the reference;
+    the floors are rows of their own, the MPLS one less the same undo as the
+    MPLS reply, round by round."""
+    reference = results.figure("reference")
+    for name, floor_name in (("reply_hit_vxlan", "reference_vxlan"),
+                             ("reply_hit_mpls", "reference_mpls")):  # fmt: skip
+        hop, floor = results.figure(name), results.figure(floor_name)
+        assert hop.floor == pytest.approx(floor.ns / reference.ns)
+        assert floor.floor is None and floor.target is None
+    assert results.figure("reference_vxlan").program == "lh_bench_ref_vxlan"
+    mpls, ref_mpls = results.figure("reply_hit_mpls"), results.figure("reference_mpls")
+    undo = re.search(r"less its undo's own cost \[(.*?)\]", mpls.detail)
+    ref_undo = re.search(r"lh_bench_ref_mpls \[(.*?)\] less its undo's own cost \[(.*?)\]",
+                         ref_mpls.detail)  # fmt: skip
+    assert undo is not None and ref_undo is not None, (mpls.detail, ref_mpls.detail)
+    assert ref_undo.group(2) == undo.group(1)  # the same undo, subtracted from both
+    raw = [float(t) for t in ref_undo.group(1).split(", ")]
+    own = [r - float(u) for r, u in zip(raw, ref_undo.group(2).split(", "), strict=True)]
+    assert ref_mpls.ns == pytest.approx(statistics.median(own), abs=0.1)
 
 
 def test_the_mpls_row_is_its_runs_less_the_undo(results: datapath.Results) -> None:

@@ -18,6 +18,13 @@ Per-packet figures (the program run back to back on one frame):
                         descriptor's lookup and bpf_skb_set_tunnel_key
     reply hit, MPLS     reply hit v4 under two labels (lh_bench_vmport_mpls), less
                         the own cost of taking them off again (see below)
+    reference + key     lh_reference and bpf_skb_set_tunnel_key (lh_bench_ref_vxlan):
+                        a VXLAN reply's floor, the one helper it cannot do without
+    reference + push    lh_reference and two labels pushed by bpf_skb_change_head
+                        (lh_bench_ref_mpls), less the same undo as the MPLS reply:
+                        an MPLS reply's floor. Each ÷ the reference is the lowest
+                        ratio such a reply can have to a plain one (the tunnel
+                        targets' "floor" in the output)
     empty               lh_empty: the cost of running any tc program here
 Each is the median of several rounds of `repeat` runs; rounds interleave the
 programs so that drift hits them all alike.
@@ -218,6 +225,9 @@ class Figure:
     detail: str = ""
     vs_ethernet: float | None = None  # an L3 uplink's reply: ns / the Ethernet uplink's
     vs_plain: float | None = None  # tunnel rows: ns / reply_hit_v4's ns of the same rounds
+    # tunnel rows: their floor's ns / lh_reference's (reference_vxlan, reference_mpls):
+    # the lowest vs_plain the helper the reply needs allows
+    floor: float | None = None
 
     @property
     def ok(self) -> bool | None:
@@ -520,11 +530,18 @@ _HOT_COUNTERS = {
     "reply_hit_l3": "vmr0 REDIRECTED",
     "reply_hit_vxlan": "vm0 REDIRECTED",
     "reply_hit_mpls": "vm0 REDIRECTED",
+    "reference_vxlan": None,  # as the reference: its verdict is checked
+    "reference_mpls": None,
 }
 _HOT_EXTRA = {  # a second counter per run
     "reply_hit_vxlan": "vm0 ENCAP_REDIRECTED",
     "reply_hit_mpls": "vm0 ENCAP_REDIRECTED",
 }
+
+
+# the cases whose every run pushes labels and takes them off again: by their program
+_PUSHED = {"reply_hit_mpls": "lh_bench_vmport_mpls", "reference_mpls": "lh_bench_ref_mpls"}
+_FLOOR_OF = {"reply_hit_vxlan": "reference_vxlan", "reply_hit_mpls": "reference_mpls"}
 
 
 def _undo_round(b: _Bench, frame: bytes, calls: int, prog: str = "lh_bench_mpls_undo") -> float:
@@ -637,6 +654,10 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> _H
             "vm0",
             TC_ACT_REDIRECT,
         ),
+        # the tunnel targets' floors: the reference and the helper each reply
+        # needs (its push undone as lh_bench_vmport_mpls's, the same undo subtracted)
+        "reference_vxlan": ("lh_bench_ref_vxlan", reply4, "vm0", TC_ACT_REDIRECT),
+        "reference_mpls": ("lh_bench_ref_mpls", reply4, "vm0", TC_ACT_REDIRECT),
     }
     before = b.snapshot()
     out: dict[str, list[int]] = {name: [] for name in cases}
@@ -648,7 +669,7 @@ def _back_to_back(b: _Bench, repeat: int, rounds: int, progress: Progress) -> _H
             run = b.prog(prog).test_run(frame, repeat=repeat, ctx=b.ctx(ifname))
             if run.retval != verdict:
                 raise BenchError(f"{name}: {prog} returned {run.retval}, not {verdict}")
-            if name == "reply_hit_mpls" and run.data != _FW_B + frame[6:]:
+            if name in _PUSHED and run.data != _FW_B + frame[6:]:
                 raise BenchError(f"{name}: the runs left not the reply, its labels off")
             out[name].append(run.duration_ns)
         undo.append(_undo_round(b, cases["reply_hit_mpls"][1], calls))
@@ -1024,11 +1045,12 @@ def run(
             progress(f"kernel memory of a {memory_entries}-entry table")
             memory = _memory(obj_path, memory_entries)
 
-    # reply_hit_mpls: each round's run less its undo's own cost, same round
-    raw_mpls = hot.rounds["reply_hit_mpls"]
+    # reply_hit_mpls, reference_mpls: each round's run less its undo's own cost, same round
     rounds_ns: dict[str, list[float]] = {name: [float(t) for t in runs]
                                          for name, runs in hot.rounds.items()}  # fmt: skip
-    rounds_ns["reply_hit_mpls"] = [t - u for t, u in zip(raw_mpls, hot.mpls_undo, strict=True)]
+    for name in _PUSHED:
+        raw = hot.rounds[name]
+        rounds_ns[name] = [t - u for t, u in zip(raw, hot.mpls_undo, strict=True)]
     empty = statistics.median(rounds_ns["empty"])
     reference = statistics.median(rounds_ns["reference"])
     labels = {
@@ -1043,6 +1065,8 @@ def run(
         "reply_hit_l3": ("reply hit, routed, L3 uplink (tun) (v4)", "lh_vmport"),
         "reply_hit_vxlan": ("reply hit, TCP v4, VXLAN uplink", "lh_vmport"),
         "reply_hit_mpls": ("reply hit, TCP v4, MPLS uplink (2 labels)", "lh_vmport"),
+        "reference_vxlan": ("reference + tunnel key (VXLAN's floor)", "lh_bench_ref_vxlan"),
+        "reference_mpls": ("reference + 2 labels pushed (MPLS's floor)", "lh_bench_ref_mpls"),
     }
 
     def figure(
@@ -1075,9 +1099,9 @@ def run(
             "back-to-back",
             "rounds: [" + ", ".join(f"{t:.0f}" for t in runs) + "]",
         )
-        if name == "reply_hit_mpls":
+        if name in _PUSHED:
             fig.detail += (
-                f" (lh_bench_vmport_mpls {raw_mpls} less its undo's own cost "
+                f" ({_PUSHED[name]} {hot.rounds[name]} less its undo's own cost "
                 "[" + ", ".join(f"{u:.1f}" for u in hot.mpls_undo) + "], same rounds)"
             )
         if name == "reply_hit_l3":
@@ -1085,6 +1109,16 @@ def run(
         if name in TARGETS and TARGETS[name].of == "plain":
             fig.vs_plain = statistics.median(runs) / plain
             fig.detail += f"; {fig.vs_plain:.2f}x reply_hit_v4 ({plain:.0f} ns), same rounds"
+            floor = statistics.median(rounds_ns[_FLOOR_OF[name]])
+            fig.floor = floor / reference
+            allowed = (TARGETS[name].limit - 1) * plain
+            fig.detail += (
+                f"; floor {fig.floor:.2f}x: {_FLOOR_OF[name]} {floor:.0f} ns ÷ the reference "
+                f"{reference:.0f} ns, the lowest ratio to a plain reply with the helper it "
+                f"needs: the helper {floor - reference:.0f} ns, the target leaves "
+                f"{allowed:.0f} ns over this plain reply, the reply takes "
+                f"{statistics.median(runs) - plain:.0f} ns"
+            )
         figures.append(fig)
 
     def single(name: str, label: str, runs: list[int], base: list[int], detail: str) -> Figure:
@@ -1261,7 +1295,8 @@ def print_results(results: Results, console: Any) -> None:
             f"{f.vs_empty:.2f}",
             f"{f.vs_reference:.2f}",
             (f.target.text() if f.target else "")
-            + (f" (is {f.vs_plain:.2f}×)" if f.vs_plain is not None else ""),
+            + (f" (is {f.vs_plain:.2f}×)" if f.vs_plain is not None else "")
+            + (f" floor {f.floor:.2f}×" if f.floor is not None else ""),
             _mark(f.ok),
             f.method,
         )
@@ -1288,6 +1323,13 @@ def print_results(results: Results, console: Any) -> None:
     for f in results.figures:
         if f.method == "single runs" or f.name.startswith("new_connection"):
             console.print(f"{f.label}: {f.detail}", style="dim")
+        if f.floor is not None and f.vs_plain is not None:
+            console.print(
+                f"{f.label}: {f.vs_plain:.2f}× the plain reply (target "
+                f"{f.target.text() if f.target else '-'}) {_mark(f.ok)}; "
+                + "floor "
+                + f.detail.split("; floor ", 1)[-1]
+            )
         if f.vs_ethernet is not None:
             console.print(
                 f"{f.label}: {f.vs_ethernet:.2f}× the same reply through an Ethernet uplink "
