@@ -88,7 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from lasthop import abi, build
-from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, tcp4_frame, tcp6_frame, u32
+from lasthop.bench.frames import TCP_ACK, TCP_SYN, quiet, skb_ctx, tcp4_frame, tcp6_frame, u32
 from lasthop.datapath import CONN_MAPS, MAP_NAMES, FamilyMap, default_pending, table_sizes
 from lasthop.libbpf import BpfError, BpfObject, Map, Program, num_possible_cpus
 
@@ -140,8 +140,6 @@ TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 _TCP_SYN_ACK = TCP_SYN | TCP_ACK
 _SYN_ACK_SEQ = 1000  # frames.tcp4_frame's sequence number: the ACK acknowledges 1001
 _ACK_OFF = 14 + 20 + 8  # the ack number of an untagged IPv4/TCP frame
-_SKB_CTX_SIZE = 192
-_SKB_IFINDEX_OFF = 40
 _UPLINK_MAC = bytes.fromhex("020000000101")
 _VMPORT_MAC = bytes.fromhex("020000000201")
 _FW_A = bytes.fromhex("02fa0000000a")
@@ -429,9 +427,7 @@ class _Bench:
         self.set_inplace_count(0)
 
     def ctx(self, ifname: str) -> bytes:
-        ctx = bytearray(_SKB_CTX_SIZE)
-        struct.pack_into("<I", ctx, _SKB_IFINDEX_OFF, self.index[ifname])
-        return bytes(ctx)
+        return skb_ctx(self.index[ifname])
 
     def prog(self, name: str) -> Program:
         return self.obj.program(name)

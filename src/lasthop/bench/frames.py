@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["TCP_ACK", "TCP_SYN", "csum", "quiet", "tcp4_frame", "tcp6_frame", "u32"]
+__all__ = ["TCP_ACK", "TCP_SYN", "csum", "quiet", "skb_ctx", "tcp4_frame", "tcp6_frame", "u32"]
 
 TCP_ACK, TCP_SYN = 0x10, 0x02
+_SKB_CTX_SIZE = 192  # struct __sk_buff, as a test run's context
+_SKB_IFINDEX_OFF = 40  # __sk_buff.ifindex
+
+
+def skb_ctx(ifindex: int) -> bytes:
+    """A test run's __sk_buff context: the frame arrived on *ifindex*."""
+    ctx = bytearray(_SKB_CTX_SIZE)
+    struct.pack_into("<I", ctx, _SKB_IFINDEX_OFF, ifindex)
+    return bytes(ctx)
 
 
 def csum(data: bytes) -> int:

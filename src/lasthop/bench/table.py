@@ -21,6 +21,15 @@ Figures (each also measured on the empty table first, as its baseline):
                         a FIN or a new connection would; a run walks once the
                         shortest timeout less the lead has passed since the
                         last walk began (docs/table.md)
+    ... under a flood   the same while a thread of the bench floods the uplink
+                        with new connections as fast as one CPU can (TCP SYNs
+                        from spoofed clients: lh_bench_uplink, lh_uplink's code
+                        stepping the client address each run, test-run on the
+                        agent's pinned maps), at the end of the run: the
+                        in-place quota fills, then every SYN evicts from the
+                        pending LRU (the mid-stream fill goes with it); the
+                        check flood_confirmed_kept counts what left lh_conns4's
+                        confirmed entries meanwhile (none may)
     stats --json        wall time of `lasthop stats --json` (a new process each
                         time: Python's start is part of it), median of several;
                         in turn, round by round, the same through click
@@ -61,6 +70,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -69,7 +79,8 @@ from pathlib import Path
 from typing import Any
 
 from lasthop import abi, libbpf
-from lasthop.build import ensure_object
+from lasthop.bench.frames import TCP_SYN, skb_ctx, tcp4_frame
+from lasthop.build import build, ensure_object
 from lasthop.clock import Clock
 from lasthop.config import Config
 from lasthop.datapath import MAP_NAMES, OBJECT_ENV, SIZE_KEYS, Maps, Pins
@@ -100,6 +111,8 @@ _FW_MAC = bytes.fromhex("02fa0000000a")
 _VM4 = bytes((192, 0, 2, 11))
 _KEY = struct.Struct("<4s4s2s2sBxH")  # struct conn_key4: the IPv4 tables' key
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+FLOOD_BATCH = 20_000  # new connections per test run of the flood
+_FLOOD_CLIENTS = 0x64400000  # 100.64.0.0/10: the flood's spoofed clients
 
 Progress = Callable[[str], None]
 
@@ -310,6 +323,53 @@ def _rest(pid: int, maps: Maps, seconds: float, *, churn: bool = False) -> _Rest
     return _Rest(
         pct, sys_pct, {k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}, walks
     )
+
+
+@dataclass
+class _Flood:
+    rest: _Rest  # the agent meanwhile
+    syns: int  # new connections the data path took
+    seconds: float
+
+
+def _flood(pid: int, maps: Maps, pins: Pins, sizes: dict[str, int], up: int, seconds: float,
+           tmp: Path) -> _Flood:  # fmt: skip
+    """The agent over *seconds* while a thread floods the uplink with new
+    connections (module docstring): lh_bench_uplink, from a bench build of the
+    sources, on the agent's pinned maps, FLOOD_BATCH spoofed clients a test run."""
+    obj_path = build(tmp / "bench.bpf.o", {"LH_BENCH": "1"})
+    obj = libbpf.BpfObject(
+        obj_path, pin_root=pins.folder, max_entries=sizes, programs=["lh_bench_uplink"]
+    )
+    prog, ctx = obj.program("lh_bench_uplink"), skb_ctx(up)
+    stop, failed, syns = threading.Event(), [], [0]
+
+    def flood() -> None:
+        client = _FLOOD_CLIENTS
+        try:
+            while not stop.is_set():
+                frame = tcp4_frame(_FW_MAC, bytes.fromhex(_VM_MAC.replace(":", "")),
+                                   client.to_bytes(4, "big"), _VM4, 40000, 80, TCP_SYN)  # fmt: skip
+                run = prog.test_run(frame, repeat=FLOOD_BATCH, ctx=ctx)
+                if run.retval != 0:  # TC_ACT_OK: learned and passed to the bridge
+                    raise BenchError(f"flood: lh_bench_uplink returned {run.retval}")
+                syns[0] += FLOOD_BATCH
+                client += FLOOD_BATCH
+        except BaseException as err:  # noqa: BLE001 -- raised again below
+            failed.append(err)
+
+    thread = threading.Thread(target=flood, name="flood")
+    started = time.monotonic()
+    thread.start()
+    try:
+        rest = _rest(pid, maps, seconds)
+    finally:
+        stop.set()
+        thread.join()
+        obj.close()
+    if failed:
+        raise failed[0]
+    return _Flood(rest, syns[0], time.monotonic() - started)
 
 
 def _settle(maps: Maps, clock: Clock, timeout: float = 120.0) -> None:
@@ -660,6 +720,17 @@ def run(
                 "counted": ev[T.CONFIRMED_REMOVED] + ev[T.PENDING_REMOVED],
             },
         }
+        # last: the flood evicts the pending fill (and would spoil the checks above)
+        progress(f"{entries} entries: agent under a flood of new connections for {rest:g} s")
+        before = maps.table_totals()
+        flooded = _flood(pid, maps, pins, sizes, up, rest, tmp)
+        after = maps.table_totals()
+        gone = (T.CONFIRMED_EXPIRED, T.CONFIRMED_REMOVED)
+        checks["flood_confirmed_kept"] = {
+            "expected": 0,
+            "counted": sum(after[c] - before[c] for c in gone),
+            "syns": flooded.syns,
+        }
         for c in checks.values():
             c["ok"] = c["expected"] == c["counted"]
         agent_passes = full_churn.passes
@@ -690,6 +761,18 @@ def run(
                 None,
                 f"a data-path change every 0.25 s; of which in the kernel "
                 f"{full_churn.sys_pct:.2f} %; {len(full_churn.passes)} passes seen",
+            ),
+            Figure(
+                "agent_cpu_flood",
+                "agent CPU, under a flood",
+                flooded.rest.cpu_pct,
+                "%",
+                None,
+                None,
+                f"{flooded.syns / flooded.seconds:,.0f} new connections/s from one CPU "
+                f"({flooded.syns:,} in {flooded.seconds:.1f} s: {FLOOD_BATCH:,}-SYN test "
+                f"runs of lh_bench_uplink); of which in the kernel {flooded.rest.sys_pct:.2f} %; "
+                f"{_walks_text(flooded.rest.walks)}",
             ),
             Figure(
                 "stats_cli",
