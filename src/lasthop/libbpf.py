@@ -223,9 +223,15 @@ def _take_log() -> str:
     return text
 
 
+def _errno(ret: int) -> int:
+    """The errno of a failed call's return: libbpf's -errno, or a plain -1
+    with errno set."""
+    return -ret if ret != -1 else _c.get_errno()
+
+
 def _check(call: str, ret: int, *, log: bool = False) -> int:
     if ret < 0:
-        raise BpfError(call, -ret if ret != -1 else _c.get_errno(), _take_log() if log else "")
+        raise BpfError(call, _errno(ret), _take_log() if log else "")
     return ret
 
 
@@ -323,7 +329,7 @@ class Map:
         vbuf = _c.create_string_buffer(self._value_size)
         ret = _lib.bpf_map_lookup_elem(self.fd, kbuf, vbuf)
         if ret < 0:
-            err = -ret if ret != -1 else _c.get_errno()
+            err = _errno(ret)
             if err == errno.ENOENT:
                 return None
             raise BpfError("bpf_map_lookup_elem", err)
@@ -338,7 +344,7 @@ class Map:
         kbuf = _c.create_string_buffer(bytes(key), self.info.key_size)
         ret = _lib.bpf_map_delete_elem(self.fd, kbuf)
         if ret < 0:
-            err = -ret if ret != -1 else _c.get_errno()
+            err = _errno(ret)
             if err == errno.ENOENT:
                 return False
             raise BpfError("bpf_map_delete_elem", err)
@@ -370,7 +376,7 @@ class Map:
         while True:
             ret = _lib.bpf_map_get_next_key(self.fd, prev, nxt)
             if ret < 0:
-                err = -ret if ret != -1 else _c.get_errno()
+                err = _errno(ret)
                 if err == errno.ENOENT:
                     return
                 raise BpfError("bpf_map_get_next_key", err)
@@ -397,7 +403,7 @@ class Map:
                 _c.byref(count),
                 _c.byref(opts),
             )
-            err = 0 if ret >= 0 else (-ret if ret != -1 else _c.get_errno())
+            err = 0 if ret >= 0 else _errno(ret)
             if err and err not in (errno.ENOENT,):
                 if err in (
                     errno.EINVAL,
@@ -428,7 +434,7 @@ class Map:
         ret = _lib.bpf_map_lookup_batch(
             self.fd, None, token, keys, vals, _c.byref(n), _c.byref(opts)
         )
-        err = 0 if ret >= 0 else (-ret if ret != -1 else _c.get_errno())
+        err = 0 if ret >= 0 else _errno(ret)
         if err and err != errno.ENOENT:
             raise BpfError("bpf_map_lookup_batch", err)
         return vals.raw[: n.value * vs]
@@ -795,7 +801,7 @@ class TcHook:
         opts = _TcOpts(sz=_c.sizeof(_TcOpts), handle=handle, priority=priority)
         ret = _lib.bpf_tc_detach(_c.byref(self._hook()), _c.byref(opts))
         if ret < 0:
-            err = -ret if ret != -1 else _c.get_errno()
+            err = _errno(ret)
             if err in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
                 return False
             raise BpfError(f"bpf_tc_detach(ifindex {self.ifindex})", err)
@@ -841,30 +847,23 @@ class TcxHook:
         """Puts the program on the hook (a new link, or the pinned one's
         program replaced); returns its prog id. EINVAL from a kernel without tcx."""
         fd = self._own_link()
-        if fd is None:
-            fd = _check(
-                f"bpf_link_create(tcx, ifindex {self.ifindex})",
-                _lib.bpf_link_create(prog_fd, self.ifindex, self.attach_type, None),
-            )
-            try:
-                self.pin.parent.mkdir(parents=True, exist_ok=True)
-                obj_pin(fd, self.pin)
-            except BaseException:
-                os.close(fd)  # the link goes with its last fd: nothing left attached
-                raise
-        else:
-            try:
+        try:  # a new link, unpinned, goes with this fd: nothing left attached
+            if fd is not None:
                 _check(
                     f"bpf_link_update(tcx, ifindex {self.ifindex})",
                     _lib.bpf_link_update(fd, prog_fd, None),
                 )
-            except BaseException:
-                os.close(fd)
-                raise
-        try:
+            else:
+                fd = _check(
+                    f"bpf_link_create(tcx, ifindex {self.ifindex})",
+                    _lib.bpf_link_create(prog_fd, self.ifindex, self.attach_type, None),
+                )
+                self.pin.parent.mkdir(parents=True, exist_ok=True)
+                obj_pin(fd, self.pin)
             return link_info(fd)[0]
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     def _own_link(self) -> int | None:
         """An fd of the pinned link when it is still on this hook; a pin of a
@@ -885,8 +884,6 @@ class TcxHook:
 
     def detach(self) -> bool:
         """Takes our link off the hook and removes its pin; True when it was on."""
-        if not self.pin.exists():
-            return False
         fd = self._own_link()
         if fd is None:
             return False
@@ -907,7 +904,7 @@ def tcx_prog_ids(ifindex: int, attach_point: int) -> list[int]:
         ifindex, _TCX_OF_POINT[attach_point], 0, _c.byref(flags), ids, _c.byref(count)
     )
     if ret < 0:
-        err = -ret if ret != -1 else _c.get_errno()
+        err = _errno(ret)
         if err in (errno.EINVAL, errno.ENODEV, errno.ENOENT):
             return []
         raise BpfError(f"bpf_prog_query(tcx, ifindex {ifindex})", err)
@@ -964,7 +961,7 @@ class XdpHook:
         prog_id = _u32(0)
         ret = _lib.bpf_xdp_query_id(self.ifindex, mode, _c.byref(prog_id))
         if ret < 0:
-            err = -ret if ret != -1 else _c.get_errno()
+            err = _errno(ret)
             if err in (errno.ENODEV, errno.ENOENT):
                 return None
             raise BpfError(f"bpf_xdp_query_id(ifindex {self.ifindex})", err)
@@ -980,7 +977,7 @@ class XdpHook:
                 continue
             ret = _lib.bpf_xdp_detach(self.ifindex, mode, None)
             if ret < 0:
-                err = -ret if ret != -1 else _c.get_errno()
+                err = _errno(ret)
                 if err == errno.ENODEV:
                     return found
                 raise BpfError(f"bpf_xdp_detach(ifindex {self.ifindex})", err)
