@@ -716,10 +716,7 @@ class Controller:
         be reused, and take our filter off it if it still exists."""
         assert self.datapath is not None
         self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
-        if self.links.by_index(ifindex) is not None:
-            detach_filter(ifindex, self.pins)
-        else:
-            forget_links(ifindex, self.pins)
+        self._take_off(ifindex)
         name = self.attached.vm_ports.pop(ifindex, None) or self.attached.uplinks.pop(ifindex, None)
         event(log, "detach", interface=name, ifindex=ifindex)
 
@@ -736,11 +733,16 @@ class Controller:
         wanted = set(self.attached.uplinks) | set(self.attached.vm_ports)
         for ifindex in self.datapath.maps.attached():
             if ifindex not in wanted:
-                if self.links.by_index(ifindex) is not None:
-                    detach_filter(ifindex, self.pins)
-                else:
-                    forget_links(ifindex, self.pins)
+                self._take_off(ifindex)
                 self.datapath.maps.set_iface(ifindex, abi.IfaceCfg())
+
+    def _take_off(self, ifindex: int) -> None:
+        """Our programs off an interface we no longer use; when it is gone (the
+        kernel took its links with it), the pins of its links."""
+        if self.links.by_index(ifindex) is not None:
+            detach_filter(ifindex, self.pins)
+        else:
+            forget_links(ifindex, self.pins)
 
     # -- sync (docs/ha.md) ---------------------------------------------------
     def start_sync(self, config: Config) -> None:

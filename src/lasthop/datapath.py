@@ -818,11 +818,10 @@ class Datapath:
         meanwhile both are there and the tcx program, run first, decides (ours
         never return TC_ACT_UNSPEC, the verdict that would run the filter too)."""
         legacy = libbpf.TcHook(ifindex, point)
+        tcx = libbpf.TcxHook(ifindex, point, tcx_pin(self.pins, ifindex, point))
         if self.tcx is not False:
             try:
-                prog_id = libbpf.TcxHook(ifindex, point, tcx_pin(self.pins, ifindex, point)).attach(
-                    prog_fd
-                )
+                prog_id = tcx.attach(prog_fd)
             except libbpf.BpfError as err:
                 if self._tc_hook == "tcx" or err.errno not in _NO_TCX:
                     raise DatapathError(f"cannot attach to ifindex {ifindex}: {err}") from err
@@ -833,7 +832,7 @@ class Datapath:
                 return prog_id
         legacy.create()  # clsact: one qdisc holds both hooks
         prog_id = legacy.attach(prog_fd, handle=TC_HANDLE, priority=TC_PRIORITY)
-        libbpf.TcxHook(ifindex, point, tcx_pin(self.pins, ifindex, point)).detach()
+        tcx.detach()
         return prog_id
 
     def loaded_later(self, name: str) -> bool:
@@ -895,9 +894,17 @@ def detach_filter(ifindex: int, pins: Pins) -> bool:
     return found
 
 
+def _ours_on_tcx(ifindex: int, point: int) -> int | None:
+    """The prog id of our program among the tcx hook's, None without one."""
+    for prog_id in libbpf.tcx_prog_ids(ifindex, point):
+        if libbpf.prog_name(prog_id) in TC_PROGRAMS:
+            return prog_id
+    return None
+
+
 def hook_kind(ifindex: int, point: int = libbpf.INGRESS) -> str:
     """What holds our program on ifindex's tc hook *point*: "tcx", "clsact" or "none"."""
-    if any(libbpf.prog_name(i) in TC_PROGRAMS for i in libbpf.tcx_prog_ids(ifindex, point)):
+    if _ours_on_tcx(ifindex, point) is not None:
         return "tcx"
     found = libbpf.TcHook(ifindex, point).query(handle=TC_HANDLE, priority=TC_PRIORITY)
     return "none" if found is None else "clsact"
@@ -906,7 +913,7 @@ def hook_kind(ifindex: int, point: int = libbpf.INGRESS) -> str:
 def filter_prog_id(ifindex: int, point: int = libbpf.INGRESS) -> int | None:
     """The prog id of our program on ifindex's tc hook *point* (a tcx link's
     or a clsact filter's), None when there is none."""
-    for prog_id in libbpf.tcx_prog_ids(ifindex, point):
-        if libbpf.prog_name(prog_id) in TC_PROGRAMS:
-            return prog_id
+    found = _ours_on_tcx(ifindex, point)
+    if found is not None:
+        return found
     return libbpf.TcHook(ifindex, point).query(handle=TC_HANDLE, priority=TC_PRIORITY)
