@@ -32,6 +32,7 @@ import pytest
 from lasthop import abi, libbpf, netns
 from lasthop.clock import Clock
 from lasthop.datapath import FamilyMap, Pins, filter_prog_id, request_expiry
+from lasthop.lab.namespaces import made_in
 from lasthop.lab.runner import AgentProcess, lasthop_argv
 
 BPFFS = Path("/sys/fs/bpf")
@@ -74,28 +75,16 @@ def tc_program(ns: str, dev: str, point: int = libbpf.INGRESS) -> str | None:
     link's or a clsact filter's; neither `tc filter show` nor this bpftool lists
     tcx links), None without one or without *dev*. Asked from a thread that
     enters *ns*: this one stays where it is."""
-    found: list[str | None] = []
-    failed: list[BaseException] = []
 
-    def ask() -> None:
+    def ask() -> str | None:
         try:
-            netns.enter(ns)
-            try:
-                index = socket.if_nametoindex(dev)
-            except OSError:
-                found.append(None)
-                return
-            prog_id = filter_prog_id(index, point)
-            found.append(libbpf.prog_name(prog_id) if prog_id is not None else None)
-        except BaseException as err:  # noqa: BLE001 -- raised again in the caller
-            failed.append(err)
+            index = socket.if_nametoindex(dev)
+        except OSError:
+            return None
+        prog_id = filter_prog_id(index, point)
+        return libbpf.prog_name(prog_id) if prog_id is not None else None
 
-    thread = threading.Thread(target=ask)
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return found[0]
+    return made_in(ns, ask)
 
 
 class Netns:

@@ -344,12 +344,14 @@ def _flood(pid: int, maps: Maps, pins: Pins, sizes: dict[str, int], up: int, sec
     prog, ctx = obj.program("lh_bench_uplink"), skb_ctx(up)
     stop, failed, syns = threading.Event(), [], [0]
 
+    vm_mac = bytes.fromhex(_VM_MAC.replace(":", ""))
+
     def flood() -> None:
         client = _FLOOD_CLIENTS
         try:
             while not stop.is_set():
-                frame = tcp4_frame(_FW_MAC, bytes.fromhex(_VM_MAC.replace(":", "")),
-                                   client.to_bytes(4, "big"), _VM4, 40000, 80, TCP_SYN)  # fmt: skip
+                frame = tcp4_frame(_FW_MAC, vm_mac, client.to_bytes(4, "big"), _VM4, 40000, 80,
+                                   TCP_SYN)  # fmt: skip
                 run = prog.test_run(frame, repeat=FLOOD_BATCH, ctx=ctx)
                 if run.retval != 0:  # TC_ACT_OK: learned and passed to the bridge
                     raise BenchError(f"flood: lh_bench_uplink returned {run.retval}")
